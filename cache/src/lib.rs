@@ -1,0 +1,2 @@
+//! The store: content store, snapshots, image store, archives.
+#![forbid(unsafe_code)]

@@ -1,0 +1,1 @@
+//! Shell-word expansion (BuildKit lexer semantics).

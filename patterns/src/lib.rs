@@ -1,0 +1,2 @@
+//! Path patterns with moby `.dockerignore` semantics.
+#![forbid(unsafe_code)]

@@ -1,0 +1,1 @@
+//! Linux execution: namespaces, overlay, pivot_root, exec.
