@@ -80,7 +80,10 @@ impl ContainerConfig {
     pub fn env_set(&mut self, key: &str, value: &str) {
         let env = self.env.get_or_insert_with(Vec::new);
         let entry = format!("{key}={value}");
-        match env.iter_mut().find(|kv| kv.split_once('=').map(|(k, _)| k).unwrap_or(kv) == key) {
+        match env
+            .iter_mut()
+            .find(|kv| kv.split_once('=').map(|(k, _)| k).unwrap_or(kv) == key)
+        {
             Some(slot) => *slot = entry,
             None => env.push(entry),
         }
@@ -112,7 +115,10 @@ pub struct RootFs {
 
 impl Default for RootFs {
     fn default() -> Self {
-        RootFs { kind: "layers".into(), diff_ids: Vec::new() }
+        RootFs {
+            kind: "layers".into(),
+            diff_ids: Vec::new(),
+        }
     }
 }
 

@@ -37,8 +37,14 @@ impl Digest {
 
     /// Parses `sha256:<64 lowercase hex>`.
     pub fn parse(s: &str) -> Result<Digest, DigestError> {
-        let hex_part = s.strip_prefix("sha256:").ok_or_else(|| DigestError(s.to_string()))?;
-        if hex_part.len() != 64 || !hex_part.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        let hex_part = s
+            .strip_prefix("sha256:")
+            .ok_or_else(|| DigestError(s.to_string()))?;
+        if hex_part.len() != 64
+            || !hex_part
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(DigestError(s.to_string()));
         }
         let mut out = [0u8; 32];
@@ -119,8 +125,12 @@ impl Vertex {
     /// and maps ordered by key (all maps in ops are `BTreeMap`s), so equal ops encode equally.
     pub fn encode(&self) -> Vec<u8> {
         // Serializing plain data with string keys cannot fail.
-        serde_json::to_vec(&Canonical { v: ENCODING_VERSION, op: &self.op, inputs: &self.inputs })
-            .unwrap_or_default()
+        serde_json::to_vec(&Canonical {
+            v: ENCODING_VERSION,
+            op: &self.op,
+            inputs: &self.inputs,
+        })
+        .unwrap_or_default()
     }
 
     /// sha256 of [`Vertex::encode`].
@@ -211,7 +221,11 @@ mod tests {
     use super::*;
 
     fn scratch() -> Vertex {
-        Vertex { op: Op::Source(SourceOp::Scratch), inputs: vec![], meta: Meta::default() }
+        Vertex {
+            op: Op::Source(SourceOp::Scratch),
+            inputs: vec![],
+            meta: Meta::default(),
+        }
     }
 
     #[test]
@@ -219,7 +233,11 @@ mod tests {
         let a = scratch();
         let mut b = scratch();
         b.meta.name = "something else".into();
-        b.meta.location = Some(SourceLocation { file: "Dockerfile".into(), start_line: 3, end_line: 4 });
+        b.meta.location = Some(SourceLocation {
+            file: "Dockerfile".into(),
+            start_line: 3,
+            end_line: 4,
+        });
         assert_eq!(a.digest(), b.digest());
     }
 
@@ -265,7 +283,11 @@ mod tests {
     fn topo_order_puts_inputs_first() {
         let mut g = Graph::default();
         let s = g.add(scratch());
-        let m = g.add(Vertex { op: Op::Merge(MergeOp {}), inputs: vec![s, s], meta: Meta::default() });
+        let m = g.add(Vertex {
+            op: Op::Merge(MergeOp {}),
+            inputs: vec![s, s],
+            meta: Meta::default(),
+        });
         assert_eq!(g.topo_order(&[m]), vec![s, m]);
     }
 }

@@ -86,7 +86,11 @@ impl Platform {
             other => other,
         };
         let variant = (architecture == "arm64").then(|| "v8".to_string());
-        Platform { os: "linux".into(), architecture: architecture.into(), variant }
+        Platform {
+            os: "linux".into(),
+            architecture: architecture.into(),
+            variant,
+        }
     }
 
     /// Parses `os/arch[/variant]`.
@@ -98,7 +102,11 @@ impl Platform {
         if os.is_empty() || architecture.is_empty() || parts.next().is_some() {
             return None;
         }
-        Some(Platform { os, architecture, variant })
+        Some(Platform {
+            os,
+            architecture,
+            variant,
+        })
     }
 }
 
@@ -252,11 +260,32 @@ pub enum CacheSharing {
 pub enum MountKind {
     Bind,
     /// Persistent directory kept in the store across builds; `input` seeds it when first created.
-    Cache { id: String, sharing: CacheSharing, mode: u32, uid: u32, gid: u32 },
-    Tmpfs { size: Option<u64> },
+    Cache {
+        id: String,
+        sharing: CacheSharing,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Tmpfs {
+        size: Option<u64>,
+    },
     /// Never part of a layer or a cache key: only the id is in the digest.
-    Secret { id: String, env: Option<String>, required: bool, mode: u32, uid: u32, gid: u32 },
-    Ssh { id: String, required: bool, mode: u32, uid: u32, gid: u32 },
+    Secret {
+        id: String,
+        env: Option<String>,
+        required: bool,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Ssh {
+        id: String,
+        required: bool,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
 }
 
 /// A sequence of file changes applied to `input` (`None` = scratch).
