@@ -44,7 +44,11 @@ fn conformance() {
     let mut total = 0;
     let mut failed = 0;
     for (name, outcome) in &sections {
-        eprintln!("{name}: {} cases, {} failures", outcome.cases, outcome.failures.len());
+        eprintln!(
+            "{name}: {} cases, {} failures",
+            outcome.cases,
+            outcome.failures.len()
+        );
         for f in outcome.failures.iter().take(50) {
             eprintln!("---- {name} ----\n{f}");
         }
