@@ -5,5 +5,6 @@
 #![forbid(unsafe_code)]
 
 pub mod instructions;
+pub mod lower;
 pub mod parser;
 pub mod shell;

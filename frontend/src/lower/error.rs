@@ -1,0 +1,227 @@
+//! Lowering errors. Every error carries the Dockerfile position it is about and renders like a
+//! compiler diagnostic: `Dockerfile:LINE:COL: message`, then the line, then a caret.
+
+use std::fmt;
+
+/// A failure reported by an [`super::ImageResolver`], kept as the error cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ResolverError(pub String);
+
+/// What went wrong while lowering, without the position (see [`FrontendError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum LowerError {
+    #[error("the dockerfile cannot be empty")]
+    Empty,
+    #[error("{message}")]
+    Parse { message: String },
+    #[error("dockerfile contains no stages to build")]
+    NoStages,
+    #[error("no build stage in current context: {keyword} must come after FROM")]
+    InstructionBeforeFrom { keyword: String },
+    #[error("failed to expand `{word}`")]
+    Expand {
+        word: String,
+        #[source]
+        source: crate::shell::ShellError,
+    },
+    #[error("base name ({image}) should not be blank")]
+    BlankBaseName { image: String },
+    #[error("failed to parse platform `{value}`: expected os/arch[/variant]")]
+    BadPlatform { value: String },
+    #[error("target stage \"{target}\" could not be found{}", suggestion_text(.suggestion))]
+    UnknownTarget {
+        target: String,
+        suggestion: Option<String>,
+    },
+    #[error("invalid stage index {index}")]
+    BadStageIndex { index: String },
+    #[error("cannot copy from stage \"{from}\", it needs to be defined before current stage \"{stage}\"")]
+    LaterStage { from: String, stage: String },
+    #[error("circular dependency detected on stage: {stage}")]
+    Circular { stage: String },
+    #[error(
+        "variable expansion is not supported for --from, define a new stage with FROM using ARG from global scope as a workaround"
+    )]
+    FromVariable { from: String },
+    #[error("When using {keyword} with more than one source file, the destination must be a directory and end with a /")]
+    MultipleSourcesNeedDir { keyword: String },
+    #[error("{keyword} requires at least one source")]
+    NoSources { keyword: String },
+    #[error("invalid --chown value `{value}`: {reason}")]
+    BadChown { value: String, reason: String },
+    #[error("invalid --chmod value `{value}`: expected octal bits (0755) or symbolic mode (u+x,g-w)")]
+    BadChmod { value: String },
+    #[error("invalid --checksum value `{value}`: expected sha256:<64 hex digits>")]
+    BadChecksum {
+        value: String,
+        #[source]
+        source: kiln_dag::DigestError,
+    },
+    #[error("--checksum is only supported for HTTP(S) sources, not `{source_path}`")]
+    ChecksumNotHttp { source_path: String },
+    #[error("invalid --mount value `{spec}`: {reason}")]
+    BadMount { spec: String, reason: String },
+    #[error("invalid --network value `{value}`: expected default, none or host")]
+    BadNetwork { value: String },
+    #[error("invalid --security value `{value}`: expected sandbox or insecure")]
+    BadSecurity { value: String },
+    #[error("invalid HEALTHCHECK --{flag} value `{value}`: {reason}")]
+    BadHealthcheck {
+        flag: String,
+        value: String,
+        reason: String,
+    },
+    #[error("VOLUME specified can not be an empty string")]
+    EmptyVolume,
+    #[error("invalid port `{port}`: {reason}")]
+    BadPort { port: String, reason: String },
+    #[error("invalid STOPSIGNAL `{signal}`: not a signal name or number")]
+    BadSignal { signal: String },
+    #[error("{keyword} isn't allowed as an ONBUILD trigger")]
+    BadOnbuild { keyword: String },
+    #[error("invalid ONBUILD trigger `{trigger}` from the base image: {message}")]
+    TriggerParse { trigger: String, message: String },
+    #[error("failed to resolve image `{reference}`")]
+    ResolveImage {
+        reference: String,
+        #[source]
+        source: ResolverError,
+    },
+    #[error("{instruction} requires a command")]
+    EmptyCommand { instruction: String },
+}
+
+fn suggestion_text(s: &Option<String>) -> String {
+    match s {
+        Some(s) => format!(" (did you mean {s}?)"),
+        None => String::new(),
+    }
+}
+
+/// A lowering error at a Dockerfile position (1-based line and column; 0 when the error is not
+/// tied to a line, such as an unknown `--target`).
+#[derive(Debug)]
+pub struct FrontendError {
+    /// The Dockerfile's name as given in [`super::LowerOptions::dockerfile_name`].
+    pub file: String,
+    /// 1-based line, 0 when unknown.
+    pub line: u32,
+    /// 1-based column (in characters), 0 when unknown.
+    pub column: u32,
+    /// What went wrong.
+    pub kind: Box<LowerError>,
+}
+
+impl FrontendError {
+    /// The compiler-style rendering: `FILE:LINE:COL: message`, then the offending line of
+    /// `source` (the Dockerfile bytes that were lowered), then a caret under the column.
+    ///
+    /// The causes of the error (a resolver's reason, a shell expansion error) follow the message
+    /// on the first line, separated by `: `, since the caller prints only this text.
+    pub fn render(&self, source: &[u8]) -> String {
+        let mut out = self.to_string();
+        let mut cause = std::error::Error::source(&*self.kind);
+        while let Some(c) = cause {
+            out.push_str(": ");
+            out.push_str(&c.to_string());
+            cause = c.source();
+        }
+        if self.line == 0 {
+            return out;
+        }
+        let text = String::from_utf8_lossy(source);
+        let idx = self.line.saturating_sub(1) as usize;
+        let line = text.split('\n').nth(idx).unwrap_or("");
+        let line = line.trim_end_matches(['\r', '\n']);
+        let line = if idx == 0 {
+            line.strip_prefix('\u{feff}').unwrap_or(line)
+        } else {
+            line
+        };
+        let shown: String = line.chars().take(200).collect();
+        let mut caret: String = line
+            .chars()
+            .take((self.column.saturating_sub(1) as usize).min(200))
+            .map(|c| if c == '\t' { '\t' } else { ' ' })
+            .collect();
+        caret.push('^');
+        out.push('\n');
+        out.push_str(&shown);
+        out.push('\n');
+        out.push_str(&caret);
+        out
+    }
+}
+
+impl fmt::Display for FrontendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file, self.kind)
+        } else {
+            write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.kind)
+        }
+    }
+}
+
+impl std::error::Error for FrontendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&*self.kind)
+    }
+}
+
+/// The closest candidate to `word` by edit distance (case-insensitive), if it is close enough.
+pub(crate) fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let w = word.to_ascii_lowercase();
+    let mut best: Option<(usize, &str)> = None;
+    for c in candidates {
+        let d = edit_distance(&w, &c.to_ascii_lowercase());
+        if best.is_none_or(|(bd, _)| d < bd) {
+            best = Some((d, c));
+        }
+    }
+    let (d, c) = best?;
+    let limit = (w.chars().count() / 3).max(2);
+    (d > 0 && d <= limit).then(|| c.to_string())
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(suggest("biuld", ["build", "test"]), Some("build".into()));
+        assert_eq!(suggest("zzzzzz", ["build", "test"]), None);
+        assert_eq!(suggest("build", ["build"]), None);
+    }
+
+    #[test]
+    fn render_has_caret() {
+        let e = FrontendError {
+            file: "Dockerfile".into(),
+            line: 2,
+            column: 3,
+            kind: Box::new(LowerError::EmptyVolume),
+        };
+        assert_eq!(
+            e.render(b"FROM a\n\tCOPY a\n"),
+            "Dockerfile:2:3: VOLUME specified can not be an empty string\n\tCOPY a\n\t ^"
+        );
+    }
+}

@@ -1,0 +1,234 @@
+//! Lowering: typed Dockerfile instructions → build [`Graph`] + image config + warnings.
+//!
+//! The steps follow BuildKit's dockerfile2llb:
+//! 1. split the instructions into the global ARG scope and stages; expand every `FROM` with the
+//!    global args (predefined platform args plus declared meta args);
+//! 2. find the target stage (`--target`, or the last one) and the stages reachable from it
+//!    through `FROM <stage>`, `COPY --from`, `RUN --mount from=` and ONBUILD triggers;
+//! 3. lower the reachable stages in file order; every other stage produces no vertex.
+//!
+//! What goes into digests: only op fields (see `kiln_dag`). Progress names, stage names and
+//! source lines are [`kiln_dag::Meta`]. Proxy build args that a stage does not declare are kept
+//! out of the ops altogether and returned in [`Lowered::proxy_env`] for the solver to add at run
+//! time, so they never change a digest or the history.
+
+mod dispatch;
+pub mod error;
+mod mounts;
+mod stages;
+pub mod values;
+
+use std::collections::BTreeMap;
+
+use kiln_dag::image::ImageConfig;
+use kiln_dag::{Digest, Graph, Platform};
+
+pub use error::{FrontendError, LowerError, ResolverError};
+
+use crate::instructions::Located;
+
+/// Everything the caller decides about a build.
+#[derive(Clone, Debug)]
+pub struct LowerOptions {
+    /// The Dockerfile's name, for error messages and source locations (`Dockerfile`).
+    pub dockerfile_name: String,
+    /// `--build-arg NAME=value`.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`; `None` = the last stage.
+    pub target: Option<String>,
+    /// The target platform (also the build platform for now).
+    pub platform: Platform,
+    /// `--label`, added to the final image.
+    pub labels: BTreeMap<String, String>,
+    /// `--no-cache`: every vertex ignores cached results.
+    pub no_cache: bool,
+    /// `--no-cache-filter`: stages (by name or index) whose vertices ignore cached results.
+    pub no_cache_filter: Vec<String>,
+    /// `.dockerignore` patterns, put on the context source's `exclude`.
+    pub dockerignore: Vec<String>,
+    /// `--build-context name=...`: replaces stages and images of that name.
+    pub named_contexts: BTreeMap<String, NamedContext>,
+}
+
+impl Default for LowerOptions {
+    fn default() -> Self {
+        LowerOptions {
+            dockerfile_name: "Dockerfile".into(),
+            build_args: BTreeMap::new(),
+            target: None,
+            platform: Platform::host(),
+            labels: BTreeMap::new(),
+            no_cache: false,
+            no_cache_filter: Vec::new(),
+            dockerignore: Vec::new(),
+            named_contexts: BTreeMap::new(),
+        }
+    }
+}
+
+/// A `--build-context` value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NamedContext {
+    /// A local directory, transferred as the local source `name`.
+    Local { name: String },
+    /// An image reference (`docker-image://...`).
+    Image { reference: String },
+}
+
+/// Looks up base images: the caller's bridge to the image store or a registry.
+pub trait ImageResolver {
+    /// Resolves `reference` for `platform`. `Err` is a human-readable reason.
+    fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String>;
+}
+
+/// What an [`ImageResolver`] found.
+#[derive(Clone, Debug)]
+pub struct ResolvedImage {
+    /// The normalised reference (`docker.io/library/busybox:latest`).
+    pub reference: String,
+    /// The manifest digest, when known.
+    pub digest: Option<Digest>,
+    pub config: ImageConfig,
+}
+
+/// A non-fatal finding (BuildKit's lint rules).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warning {
+    /// BuildKit's rule name (`JSONArgsRecommended`).
+    pub rule: String,
+    pub message: String,
+    /// 1-based line, 0 when not tied to a line.
+    pub line: u32,
+}
+
+impl std::fmt::Display for Warning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} (line {})", self.rule, self.message, self.line)
+    }
+}
+
+/// The result of lowering.
+#[derive(Clone, Debug)]
+pub struct Lowered {
+    pub graph: Graph,
+    /// The target stage's filesystem.
+    pub root: Digest,
+    /// The image config of the target stage, base image fields and history included; the
+    /// rootfs `diff_ids` are the base image's, left for the exporter to extend.
+    pub config: ImageConfig,
+    pub warnings: Vec<Warning>,
+    /// The target stage's name, if it has one.
+    pub stage_name: Option<String>,
+    /// `KEY=VALUE` proxy build args (HTTP_PROXY & co.) given on the command line. The solver
+    /// adds each to every exec whose env does not already set that key; they are in no digest.
+    pub proxy_env: Vec<String>,
+    /// The shared build context source vertex, if any step reads the context.
+    pub context: Option<Digest>,
+}
+
+/// Parses and lowers a Dockerfile.
+pub fn lower(
+    dockerfile: &[u8],
+    opts: &LowerOptions,
+    resolver: &dyn ImageResolver,
+) -> Result<Lowered, FrontendError> {
+    let text = String::from_utf8_lossy(dockerfile);
+    if text.trim().is_empty() {
+        return Err(FrontendError {
+            file: opts.dockerfile_name.clone(),
+            line: 0,
+            column: 0,
+            kind: Box::new(LowerError::Empty),
+        });
+    }
+    let (escape, located) = parse_source(dockerfile).map_err(|e| FrontendError {
+        file: opts.dockerfile_name.clone(),
+        line: e.line,
+        column: if e.line == 0 { 0 } else { e.column },
+        kind: Box::new(LowerError::Parse { message: e.message }),
+    })?;
+    let trigger_parser = |trigger: &str| -> Result<Located, String> {
+        let (_, mut located) = parse_source(trigger.as_bytes()).map_err(|e| e.message)?;
+        if located.len() != 1 {
+            return Err("onbuild trigger should be a single expression".into());
+        }
+        Ok(located.remove(0))
+    };
+    let mut cx = dispatch::Lowerer::new(escape, &text, opts, resolver, &trigger_parser);
+    cx.run(located)
+}
+
+/// A parser or instruction-typer failure, positioned.
+struct SourceError {
+    line: u32,
+    column: u32,
+    message: String,
+}
+
+/// Runs the parser and the instruction typer.
+fn parse_source(bytes: &[u8]) -> Result<(char, Vec<Located>), SourceError> {
+    let df = crate::parser::parse(bytes).map_err(|e| SourceError {
+        line: e.line,
+        column: e.column,
+        message: e.message,
+    })?;
+    let located = crate::instructions::parse_all(&df).map_err(|e| {
+        let line = e.line();
+        let text = String::from_utf8_lossy(bytes);
+        let line_text = text.lines().nth(line.saturating_sub(1) as usize).unwrap_or("");
+        let mut column = first_column(line_text);
+        if let Some(needle) = instruction_error_needle(&e) {
+            if let Some(pos) = line_text.find(&needle) {
+                column = line_text[..pos].chars().count() as u32 + 1;
+            }
+        }
+        // The typer's messages start with `line N: `; the position is rendered separately.
+        let full = e.to_string();
+        let prefix = format!("line {line}: ");
+        let message = full.strip_prefix(&prefix).unwrap_or(&full).to_string();
+        SourceError {
+            line,
+            column,
+            message,
+        }
+    })?;
+    Ok((df.escape, located))
+}
+
+/// The text the caret of an instruction error should point at, when narrower than the line.
+fn instruction_error_needle(e: &crate::instructions::InstructionError) -> Option<String> {
+    use crate::instructions::InstructionError as E;
+    match e {
+        E::UnknownFlag { flag, .. }
+        | E::DuplicateFlag { flag, .. }
+        | E::MissingFlagValue { flag, .. }
+        | E::InvalidBool { flag, .. } => Some(format!("--{flag}")),
+        E::InvalidDuration { flag, .. } | E::DurationTooShort { flag, .. } => Some(format!("--{flag}")),
+        E::InvalidRetries { .. } => Some("--retries".into()),
+        E::InvalidMount { .. } => Some("--mount".into()),
+        E::InvalidStageName { name, .. } => Some(name.clone()),
+        _ => None,
+    }
+}
+
+/// 1-based column of the first non-blank character of `line`.
+pub(crate) fn first_column(line: &str) -> u32 {
+    line.chars().take_while(|c| c.is_whitespace()).count() as u32 + 1
+}
+
+/// Lowers already typed instructions. `source` is the Dockerfile text (for error carets),
+/// `escape` its escape character, `parse_trigger` parses one ONBUILD trigger.
+pub fn lower_instructions(
+    instructions: &[Located],
+    escape: char,
+    source: &str,
+    opts: &LowerOptions,
+    resolver: &dyn ImageResolver,
+    parse_trigger: &dyn Fn(&str) -> Result<Located, String>,
+) -> Result<Lowered, FrontendError> {
+    let mut cx = dispatch::Lowerer::new(escape, source, opts, resolver, parse_trigger);
+    cx.run(instructions.to_vec())
+}
+
+#[cfg(test)]
+mod tests;
