@@ -1,0 +1,1080 @@
+//! Tests of layer tars: round trips, overlay diffs on a real mount, determinism, hardlinks,
+//! special files, hostile archives, and timings. Tests that mount need root and say so.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use kiln_dag::Digest;
+use rustix::fs::{self as rfs, AtFlags, FileType, Gid, Mode, Timespec, Timestamps, Uid, XattrFlags, CWD};
+
+use super::tarfmt::{self, Kind, Spec};
+use super::*;
+
+fn is_root() -> bool {
+    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Node {
+    kind: char,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    content: Option<Vec<u8>>,
+    link: Option<Vec<u8>>,
+    rdev: u64,
+    mtime: Option<i64>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+fn xattrs_of(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut names = vec![0u8; 4096];
+    let n = rfs::llistxattr(path, &mut names[..]).unwrap();
+    let mut out = Vec::new();
+    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let mut value = vec![0u8; 4096];
+        let len = rfs::lgetxattr(path, name, &mut value[..]).unwrap();
+        value.truncate(len);
+        out.push((name.to_vec(), value));
+    }
+    out.sort();
+    out
+}
+
+/// Every path below `root` (not `root` itself) with its type, metadata, content and xattrs.
+fn dump(root: &Path, mtimes: bool) -> BTreeMap<Vec<u8>, Node> {
+    fn walk(root: &Path, dir: &Path, mtimes: bool, out: &mut BTreeMap<Vec<u8>, Node>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let ft = FileType::from_raw_mode(meta.mode());
+            let kind = match ft {
+                FileType::RegularFile => 'f',
+                FileType::Directory => 'd',
+                FileType::Symlink => 'l',
+                FileType::CharacterDevice => 'c',
+                FileType::BlockDevice => 'b',
+                FileType::Fifo => 'p',
+                _ => '?',
+            };
+            let rel = path.strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
+            out.insert(
+                rel,
+                Node {
+                    kind,
+                    mode: meta.mode() & 0o7777,
+                    uid: meta.uid(),
+                    gid: meta.gid(),
+                    size: if kind == 'f' { meta.len() } else { 0 },
+                    content: (kind == 'f').then(|| fs::read(&path).unwrap()),
+                    link: (kind == 'l')
+                        .then(|| fs::read_link(&path).unwrap().as_os_str().as_bytes().to_vec()),
+                    rdev: meta.rdev(),
+                    mtime: (mtimes && kind != 'l').then(|| meta.mtime()),
+                    xattrs: xattrs_of(&path),
+                },
+            );
+            if kind == 'd' {
+                walk(root, &path, mtimes, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, mtimes, &mut out);
+    out
+}
+
+fn set_mtime(path: &Path, secs: i64) {
+    let t = Timespec {
+        tv_sec: secs,
+        tv_nsec: 0,
+    };
+    rfs::utimensat(
+        CWD,
+        path,
+        &Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    rfs::chownat(
+        CWD,
+        path,
+        Some(Uid::from_raw(uid)),
+        Some(Gid::from_raw(gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+}
+
+fn file(path: &Path, content: &[u8], mode: u32) {
+    fs::write(path, content).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn mkdir(path: &Path, mode: u32) {
+    fs::create_dir_all(path).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A tree with every kind of entry and attribute a layer carries.
+fn sample_tree(dir: &Path) {
+    mkdir(&dir.join("bin"), 0o755);
+    file(&dir.join("bin/sh"), b"#!/bin/busybox\n", 0o4755);
+    mkdir(&dir.join("etc"), 0o755);
+    file(&dir.join("etc/passwd"), b"root:x:0:0::/root:/bin/sh\n", 0o644);
+    mkdir(&dir.join("home/user"), 0o700);
+    chown(&dir.join("home/user"), 1000, 1000);
+    file(&dir.join("home/user/.profile"), b"export A=1\n", 0o600);
+    chown(&dir.join("home/user/.profile"), 1000, 1000);
+    mkdir(&dir.join("tmp"), 0o1777);
+    mkdir(&dir.join("srv/setgid"), 0o2775);
+    chown(&dir.join("srv/setgid"), 0, 50);
+    let long_dir = dir.join("usr/lib").join("d".repeat(60)).join("e".repeat(60));
+    mkdir(&long_dir, 0o755);
+    file(&long_dir.join("f".repeat(80)), b"long path", 0o644);
+    std::os::unix::fs::symlink("/bin/busybox", dir.join("bin/ls")).unwrap();
+    std::os::unix::fs::symlink("../etc/passwd", dir.join("bin/passwd-link")).unwrap();
+    std::os::unix::fs::symlink("t".repeat(200), dir.join("long-target")).unwrap();
+    file(&dir.join("hard1"), b"shared inode", 0o640);
+    fs::hard_link(dir.join("hard1"), dir.join("etc/hard2")).unwrap();
+    mkdir(&dir.join("dev"), 0o755);
+    rfs::mknodat(
+        CWD,
+        dir.join("dev/null"),
+        FileType::CharacterDevice,
+        Mode::from_raw_mode(0o666),
+        rfs::makedev(1, 3),
+    )
+    .unwrap();
+    rfs::mknodat(
+        CWD,
+        dir.join("dev/loop0"),
+        FileType::BlockDevice,
+        Mode::from_raw_mode(0o660),
+        rfs::makedev(7, 0),
+    )
+    .unwrap();
+    chown(&dir.join("dev/loop0"), 0, 6);
+    rfs::mknodat(
+        CWD,
+        dir.join("fifo"),
+        FileType::Fifo,
+        Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    fs::set_permissions(dir.join("fifo"), fs::Permissions::from_mode(0o620)).unwrap();
+    file(&dir.join("ping"), b"\x7fELF", 0o755);
+    // cap_net_raw (bit 13), VFS_CAP_REVISION_2 with the effective flag.
+    let cap = [1u8, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    rfs::lsetxattr(dir.join("ping"), "security.capability", &cap, XattrFlags::empty()).unwrap();
+    file(&dir.join("attrs"), b"x", 0o644);
+    rfs::lsetxattr(
+        dir.join("attrs"),
+        "user.kiln",
+        b"v\x00\xffbinary",
+        XattrFlags::empty(),
+    )
+    .unwrap();
+    rfs::lsetxattr(dir.join("attrs"), "user.empty", b"", XattrFlags::empty()).unwrap();
+    rfs::lsetxattr(dir.join("etc"), "user.dir", b"yes", XattrFlags::empty()).unwrap();
+    file(
+        &dir.join("big"),
+        &(0..200_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>(),
+        0o644,
+    );
+    file(&dir.join("empty"), b"", 0o444);
+    file(&dir.join(OsStr::from_bytes(b"caf\xe9")), b"latin-1 name", 0o644);
+    set_all_mtimes(dir, 1_600_000_000);
+}
+
+/// Gives every path below `dir` a distinct fixed mtime, children before their dirs.
+fn set_all_mtimes(dir: &Path, base: i64) {
+    let paths: Vec<Vec<u8>> = dump(dir, false).into_keys().collect();
+    for (i, rel) in paths.iter().enumerate().rev() {
+        set_mtime(&dir.join(OsStr::from_bytes(rel)), base + i as i64 * 7);
+    }
+}
+
+fn tar_of(dir: &Path, opts: &DiffOptions) -> (Vec<u8>, LayerStats) {
+    let mut out = Vec::new();
+    let stats = write_tree(dir, &mut out, opts).unwrap();
+    (out, stats)
+}
+
+fn delete_opts(name: &str) -> ApplyOptions {
+    ApplyOptions {
+        whiteouts: WhiteoutMode::Delete,
+        archive_name: name.into(),
+        ..ApplyOptions::default()
+    }
+}
+
+/// (name, typeflag, link) of every entry, as the `tar` crate reads them.
+fn listing(tar: &[u8]) -> Vec<(String, char, String)> {
+    let mut archive = tar::Archive::new(tar);
+    archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let link = e
+                .link_name_bytes()
+                .map(|l| String::from_utf8_lossy(&l).into_owned())
+                .unwrap_or_default();
+            (
+                String::from_utf8_lossy(&e.path_bytes()).into_owned(),
+                char::from(e.header().entry_type().as_byte()),
+                link,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn round_trip_keeps_everything_and_is_reproducible() {
+    let src = tempfile::tempdir().unwrap();
+    sample_tree(src.path());
+    let (tar1, stats) = tar_of(src.path(), &DiffOptions::default());
+    assert_eq!(stats.diff_id, Digest::of(&tar1));
+    assert_eq!(stats.size, tar1.len() as u64);
+
+    let dst = tempfile::tempdir().unwrap();
+    let applied = apply(&tar1[..], dst.path(), &delete_opts("round-trip.tar")).unwrap();
+    assert_eq!(applied.diff_id, stats.diff_id);
+    assert_eq!(applied.entries, stats.entries);
+    let (want, got) = (dump(src.path(), true), dump(dst.path(), true));
+    for (path, node) in &want {
+        assert_eq!(got.get(path), Some(node), "{}", String::from_utf8_lossy(path));
+    }
+    assert_eq!(want.len(), got.len());
+    let (h1, h2) = (
+        fs::metadata(dst.path().join("hard1")).unwrap(),
+        fs::metadata(dst.path().join("etc/hard2")).unwrap(),
+    );
+    assert_eq!((h1.ino(), h1.nlink()), (h2.ino(), 2));
+
+    // Writing the copy gives the same bytes: the format depends on nothing but the tree.
+    let (tar2, stats2) = tar_of(dst.path(), &DiffOptions::default());
+    assert!(tar1 == tar2, "re-archived tree differs");
+    assert_eq!(stats.diff_id, stats2.diff_id);
+
+    // Another tar reader agrees on names, types and links.
+    let entries = listing(&tar1);
+    let find = |name: &str| {
+        entries
+            .iter()
+            .find(|e| e.0 == name)
+            .unwrap_or_else(|| panic!("{name} missing"))
+            .clone()
+    };
+    assert_eq!(find("bin/").1, '5');
+    assert_eq!(find("bin/ls"), ("bin/ls".into(), '2', "/bin/busybox".into()));
+    // Walk order puts etc/hard2 first: it carries the data, hard1 links to it.
+    assert_eq!(find("etc/hard2").1, '0');
+    assert_eq!(find("hard1"), ("hard1".into(), '1', "etc/hard2".into()));
+    assert_eq!(find("long-target").2, "t".repeat(200));
+    assert_eq!(find("dev/null").1, '3');
+    assert_eq!(find("dev/loop0").1, '4');
+    assert_eq!(find("fifo").1, '6');
+    let long = format!("usr/lib/{}/{}/{}", "d".repeat(60), "e".repeat(60), "f".repeat(80));
+    assert_eq!(find(&long).1, '0');
+    // Depth first, children sorted by name, each dir before its contents.
+    let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+    let pos = |n: &str| names.iter().position(|x| *x == n).unwrap();
+    assert!(
+        pos("big") < pos("bin/") && pos("bin/") < pos("bin/ls") && pos("bin/ls") < pos("bin/passwd-link")
+    );
+    assert!(names[0] == "attrs" && pos("etc/") < pos("etc/hard2") && pos("etc/passwd") < pos("fifo"));
+}
+
+#[test]
+fn equal_trees_give_identical_tars_and_epoch_clamps() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    for d in [a.path(), b.path()] {
+        mkdir(&d.join("x/y"), 0o755);
+        file(&d.join("x/y/z"), b"z", 0o644);
+        file(&d.join("x/old"), b"o", 0o644);
+    }
+    set_all_mtimes(a.path(), 2_000_000_000);
+    set_all_mtimes(b.path(), 2_000_000_000);
+    set_mtime(&a.path().join("x/old"), 1000);
+    set_mtime(&b.path().join("x/old"), 1000);
+    assert_eq!(
+        tar_of(a.path(), &DiffOptions::default()).0,
+        tar_of(b.path(), &DiffOptions::default()).0
+    );
+
+    // Different mtimes differ, until SOURCE_DATE_EPOCH clamps them.
+    set_all_mtimes(b.path(), 2_100_000_000);
+    set_mtime(&b.path().join("x/old"), 1000);
+    assert_ne!(
+        tar_of(a.path(), &DiffOptions::default()).0,
+        tar_of(b.path(), &DiffOptions::default()).0
+    );
+    let opts = DiffOptions {
+        source_date_epoch: Some(1_700_000_000),
+        exclude: vec![],
+    };
+    let (ta, tb) = (tar_of(a.path(), &opts).0, tar_of(b.path(), &opts).0);
+    assert_eq!(ta, tb);
+    let mut archive = tar::Archive::new(&ta[..]);
+    let mtimes: Vec<(String, u64)> = archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                String::from_utf8_lossy(&e.path_bytes()).into_owned(),
+                e.header().mtime().unwrap(),
+            )
+        })
+        .collect();
+    for (name, mtime) in mtimes {
+        assert_eq!(
+            mtime,
+            if name == "x/old" { 1000 } else { 1_700_000_000 },
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn exclude_leaves_out_subtrees() {
+    let d = tempfile::tempdir().unwrap();
+    mkdir(&d.path().join("proc/1"), 0o755);
+    mkdir(&d.path().join("etc"), 0o755);
+    file(&d.path().join("etc/hosts"), b"h", 0o644);
+    file(&d.path().join("etc/resolv.conf"), b"r", 0o644);
+    let opts = DiffOptions {
+        source_date_epoch: None,
+        exclude: vec!["/proc".into(), "./etc/resolv.conf".into()],
+    };
+    let names: Vec<String> = listing(&tar_of(d.path(), &opts).0)
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(names, vec!["etc/", "etc/hosts"]);
+}
+
+#[test]
+fn synthetic_upper_dir_whiteouts() {
+    let upper = tempfile::tempdir().unwrap();
+    let u = upper.path();
+    mkdir(&u.join("opaque"), 0o755);
+    rfs::lsetxattr(
+        u.join("opaque"),
+        "trusted.overlay.opaque",
+        b"y",
+        XattrFlags::empty(),
+    )
+    .unwrap();
+    rfs::lsetxattr(u.join("opaque"), "user.keep", b"1", XattrFlags::empty()).unwrap();
+    file(&u.join("opaque/-first"), b"a", 0o644);
+    mkdir(&u.join("rootless"), 0o755);
+    rfs::lsetxattr(
+        u.join("rootless"),
+        "user.overlay.opaque",
+        b"y",
+        XattrFlags::empty(),
+    )
+    .unwrap();
+    mkdir(&u.join("notopaque"), 0o755);
+    rfs::lsetxattr(
+        u.join("notopaque"),
+        "trusted.overlay.opaque",
+        b"x",
+        XattrFlags::empty(),
+    )
+    .unwrap();
+    // The kernel hard-links whiteouts: a link count of 2 must not make a tar hardlink.
+    rfs::mknodat(
+        CWD,
+        u.join("gone"),
+        FileType::CharacterDevice,
+        Mode::empty(),
+        rfs::makedev(0, 0),
+    )
+    .unwrap();
+    fs::hard_link(u.join("gone"), u.join("opaque/gone-too")).unwrap();
+    let mut tar = Vec::new();
+    let stats = write_diff(u, &mut tar, &DiffOptions::default()).unwrap();
+    let entries = listing(&tar);
+    let got: Vec<(&str, char)> = entries.iter().map(|e| (e.0.as_str(), e.1)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (".wh.gone", '0'),
+            ("notopaque/", '5'),
+            ("opaque/", '5'),
+            ("opaque/.wh..wh..opq", '0'),
+            ("opaque/-first", '0'),
+            ("opaque/.wh.gone-too", '0'),
+            ("rootless/", '5'),
+            ("rootless/.wh..wh..opq", '0'),
+        ]
+    );
+    assert_eq!(stats.entries, 8);
+    // No overlay xattr travels; others do.
+    let mut archive = tar::Archive::new(&tar[..]);
+    for e in archive.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+        let keys: Vec<String> = match e.pax_extensions().unwrap() {
+            Some(exts) => exts.map(|x| x.unwrap().key().unwrap().to_string()).collect(),
+            None => vec![],
+        };
+        assert!(keys.iter().all(|k| !k.contains("overlay")), "{name}: {keys:?}");
+        if name == "opaque/" {
+            assert_eq!(keys, vec!["SCHILY.xattr.user.keep"]);
+        }
+    }
+    // write_tree does not interpret: the device stays a device.
+    let plain = listing(&tar_of(u, &DiffOptions::default()).0);
+    assert!(plain.contains(&("gone".into(), '3', String::new())));
+    // Overlay features whose data is elsewhere are refused.
+    rfs::lsetxattr(
+        u.join("opaque/-first"),
+        "trusted.overlay.metacopy",
+        b"",
+        XattrFlags::empty(),
+    )
+    .unwrap();
+    let err = write_diff(u, &mut Vec::new(), &DiffOptions::default()).unwrap_err();
+    assert!(matches!(err, WriteError::UnsupportedOverlay { .. }), "{err}");
+    assert!(err.to_string().contains("opaque/-first"), "{err}");
+}
+
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn mount_overlay(lowers: &[&Path], upper: &Path, work: &Path, merged: &Path) -> Mount {
+    let lower: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        upper.display(),
+        work.display()
+    );
+    let status = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(merged)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount -t overlay failed");
+    Mount(merged.to_path_buf())
+}
+
+fn mount_overlay_ro(lowers: &[&Path], merged: &Path) -> Mount {
+    let lower: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+    let opts = format!("lowerdir={}", lower.join(":"));
+    let status = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(merged)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount -t overlay (read-only) failed");
+    Mount(merged.to_path_buf())
+}
+
+/// Needs root: mounts a real overlay, changes files in it, diffs the upper dir, and checks that
+/// lower + diff gives the merged view, in both whiteout modes.
+#[test]
+fn real_overlay_diff_matches_merged_view() {
+    if !is_root() {
+        eprintln!("skipped: needs root to mount overlayfs");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let p = |n: &str| {
+        let path = t.path().join(n);
+        fs::create_dir_all(&path).unwrap();
+        path
+    };
+    let (lower, upper, work, merged) = (p("lower"), p("upper"), p("work"), p("merged"));
+    let base = p("base-src");
+    sample_tree(&base);
+    mkdir(&base.join("var/cache/apt"), 0o755);
+    file(&base.join("var/cache/apt/pkgcache.bin"), b"cache", 0o644);
+    file(&base.join("var/cache/apt/srcpkgcache.bin"), b"cache", 0o644);
+    mkdir(&base.join("opt/app/sub"), 0o755);
+    file(&base.join("opt/app/sub/old"), b"old", 0o644);
+    let (base_tar, _) = tar_of(&base, &DiffOptions::default());
+    apply(&base_tar[..], &lower, &delete_opts("base.tar")).unwrap();
+
+    let view = {
+        let _m = mount_overlay(&[&lower], &upper, &work, &merged);
+        let m = &merged;
+        file(&m.join("new-file"), b"new", 0o600);
+        fs::write(m.join("etc/passwd"), b"root:x:0:0::/root:/bin/ash\n").unwrap();
+        fs::remove_file(m.join("big")).unwrap();
+        fs::remove_file(m.join("bin/ls")).unwrap();
+        fs::remove_dir_all(m.join("var/cache/apt")).unwrap();
+        fs::remove_dir_all(m.join("opt/app")).unwrap();
+        mkdir(&m.join("opt/app"), 0o750);
+        file(&m.join("opt/app/fresh"), b"fresh", 0o644);
+        fs::set_permissions(m.join("bin/sh"), fs::Permissions::from_mode(0o755)).unwrap();
+        chown(&m.join("empty"), 5, 5);
+        std::os::unix::fs::symlink("new-file", m.join("to-new")).unwrap();
+        fs::rename(m.join("attrs"), m.join("attrs-renamed")).unwrap();
+        dump(m, true)
+    };
+
+    let mut diff = Vec::new();
+    let stats = write_diff(&upper, &mut diff, &DiffOptions::default()).unwrap();
+    let entries = listing(&diff);
+    let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+    for want in [
+        ".wh.attrs",
+        ".wh.big",
+        "bin/.wh.ls",
+        "var/cache/.wh.apt",
+        "opt/app/",
+        "opt/app/.wh..wh..opq",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    let pos = |n: &str| names.iter().position(|x| *x == n).unwrap();
+    assert_eq!(pos("opt/app/.wh..wh..opq"), pos("opt/app/") + 1);
+    assert!(
+        !names.iter().any(|n| n.starts_with("home")),
+        "untouched dirs must not be in the diff"
+    );
+
+    // Delete mode: a full copy of the lower tree plus the diff is the merged view.
+    let full = p("full");
+    apply(&base_tar[..], &full, &delete_opts("base.tar")).unwrap();
+    let applied = apply(&diff[..], &full, &delete_opts("diff.tar")).unwrap();
+    assert_eq!(applied.diff_id, stats.diff_id);
+    assert_eq!(dump(&full, true), view);
+
+    // Overlay mode: the diff as a new lower dir over the old one, mounted, is the merged view.
+    let snap = p("snap");
+    let overlay_opts = ApplyOptions {
+        whiteouts: WhiteoutMode::Overlay,
+        ..delete_opts("diff.tar")
+    };
+    apply(&diff[..], &snap, &overlay_opts).unwrap();
+    let ro = p("ro");
+    let _m = mount_overlay_ro(&[&snap, &lower], &ro);
+    assert_eq!(dump(&ro, true), view);
+}
+
+/// Builds a tar from specs (PAX headers included as kiln writes them) plus regular-file data.
+fn craft(entries: &[(Spec<'_>, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (spec, data) in entries {
+        tarfmt::encode(spec, &mut out);
+        out.extend_from_slice(data);
+        out.resize(out.len() + tarfmt::padding(data.len() as u64), 0);
+    }
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+fn spec<'a>(path: &'a str, kind: Kind, link: &'a str, size: u64) -> Spec<'a> {
+    Spec {
+        path: path.as_bytes(),
+        link: link.as_bytes(),
+        kind,
+        mode: if kind == Kind::Dir { 0o755 } else { 0o644 },
+        uid: 0,
+        gid: 0,
+        size,
+        mtime: 1_600_000_000,
+        dev_major: 0,
+        dev_minor: 0,
+        xattrs: &[],
+    }
+}
+
+/// A dest dir next to an `outside` dir holding a sentinel file.
+struct Arena {
+    _t: tempfile::TempDir,
+    dest: PathBuf,
+    outside: PathBuf,
+}
+
+impl Arena {
+    fn new() -> Arena {
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("dest");
+        let outside = t.path().join("outside");
+        fs::create_dir(&dest).unwrap();
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("sentinel"), b"untouched").unwrap();
+        Arena { _t: t, dest, outside }
+    }
+
+    fn assert_outside_untouched(&self) {
+        let names: Vec<_> = fs::read_dir(&self.outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("sentinel")]);
+        assert_eq!(fs::read(self.outside.join("sentinel")).unwrap(), b"untouched");
+        let meta = fs::metadata(self.outside.join("sentinel")).unwrap();
+        assert_eq!((meta.nlink(), meta.mode() & 0o7777), (1, 0o644));
+    }
+
+    fn apply(&self, tar: &[u8], mode: WhiteoutMode) -> Result<ApplyStats, ApplyError> {
+        let opts = ApplyOptions {
+            whiteouts: mode,
+            ..delete_opts("hostile.tar")
+        };
+        let result = apply(tar, &self.dest, &opts);
+        self.assert_outside_untouched();
+        result
+    }
+}
+
+fn expect_err(result: Result<ApplyStats, ApplyError>, entry: &str) -> ApplyError {
+    let err = result.expect_err("hostile archive was accepted");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("hostile.tar") && msg.contains(entry),
+        "message lacks archive or `{entry}`: {msg}"
+    );
+    err
+}
+
+#[test]
+fn hostile_dot_dot_and_absolute_names() {
+    let a = Arena::new();
+    let tar = craft(&[(spec("../outside/sentinel", Kind::Regular, "", 3), b"bad")]);
+    assert!(matches!(
+        expect_err(a.apply(&tar, WhiteoutMode::Delete), "../outside/sentinel"),
+        ApplyError::DotDot { .. }
+    ));
+    let tar = craft(&[(spec("ok/../../outside/x", Kind::Regular, "", 0), b"")]);
+    assert!(matches!(
+        expect_err(a.apply(&tar, WhiteoutMode::Delete), "ok/../../outside/x"),
+        ApplyError::DotDot { .. }
+    ));
+    let abs = format!("{}/sentinel", a.outside.display());
+    let tar = craft(&[(spec(&abs, Kind::Regular, "", 3), b"bad")]);
+    assert!(matches!(
+        expect_err(a.apply(&tar, WhiteoutMode::Delete), &abs),
+        ApplyError::AbsolutePath { .. }
+    ));
+    // Long (PAX) names are checked the same way.
+    let long = format!("{}/../../outside/y", "a".repeat(120));
+    let tar = craft(&[(spec(&long, Kind::Dir, "", 0), b"")]);
+    assert!(matches!(
+        expect_err(a.apply(&tar, WhiteoutMode::Delete), "../outside/y"),
+        ApplyError::DotDot { .. }
+    ));
+}
+
+#[test]
+fn hostile_symlink_parents_are_never_followed() {
+    let outside = |a: &Arena| a.outside.display().to_string();
+    for (target, mode) in [
+        ("ABS", WhiteoutMode::Delete),
+        ("../outside", WhiteoutMode::Overlay),
+        ("..", WhiteoutMode::Delete),
+    ] {
+        let a = Arena::new();
+        let target = if target == "ABS" {
+            outside(&a)
+        } else {
+            target.to_string()
+        };
+        // Symlink, then a file, a dir, a whiteout and an opaque marker through it.
+        let cases: [(Spec<'_>, &[u8]); 4] = [
+            (spec("evil/sentinel", Kind::Regular, "", 3), b"bad"),
+            (spec("evil/newdir", Kind::Dir, "", 0), b""),
+            (spec("evil/.wh.sentinel", Kind::Regular, "", 0), b""),
+            (spec("evil/.wh..wh..opq", Kind::Regular, "", 0), b""),
+        ];
+        for case in cases {
+            let name = String::from_utf8_lossy(case.0.path).into_owned();
+            let tar = craft(&[(spec("evil", Kind::Symlink, &target, 0), b""), case]);
+            let err = expect_err(a.apply(&tar, mode), &name);
+            assert!(matches!(err, ApplyError::CrossesSymlink { .. }), "{err}");
+        }
+        // A symlink is created verbatim, and a later entry replaces it instead of writing through it.
+        let tar = craft(&[
+            (spec("evil", Kind::Symlink, &target, 0), b""),
+            (spec("evil", Kind::Regular, "", 4), b"safe"),
+        ]);
+        a.apply(&tar, mode).unwrap();
+        assert_eq!(fs::read(a.dest.join("evil")).unwrap(), b"safe");
+    }
+    // An absolute target pointing into the image is fine as a symlink.
+    let a = Arena::new();
+    let tar = craft(&[(spec("bin/ls", Kind::Symlink, "/bin/busybox", 0), b"")]);
+    a.apply(&tar, WhiteoutMode::Delete).unwrap();
+    assert_eq!(
+        fs::read_link(a.dest.join("bin/ls")).unwrap(),
+        Path::new("/bin/busybox")
+    );
+}
+
+#[test]
+fn hostile_hardlinks() {
+    let a = Arena::new();
+    let outside_abs = format!("{}/sentinel", a.outside.display());
+    for (target, escapes) in [
+        ("../outside/sentinel", true),
+        (outside_abs.as_str(), true),
+        ("missing", false),
+        ("lnk/sentinel", true),
+    ] {
+        let tar = craft(&[
+            (
+                spec("lnk", Kind::Symlink, &a.outside.display().to_string(), 0),
+                b"",
+            ),
+            (spec("h", Kind::Hardlink, target, 0), b""),
+        ]);
+        let err = expect_err(a.apply(&tar, WhiteoutMode::Delete), "h");
+        match err {
+            ApplyError::LinkEscapes { .. } if escapes => {}
+            ApplyError::LinkTargetMissing { .. } if !escapes => {}
+            other => panic!("{target}: unexpected {other}"),
+        }
+    }
+    // Hardlinks inside the archive work, with `./` prefixes too.
+    let tar = craft(&[
+        (spec("./d/f", Kind::Regular, "", 2), b"hi"),
+        (spec("./g", Kind::Hardlink, "./d/f", 0), b""),
+    ]);
+    a.apply(&tar, WhiteoutMode::Delete).unwrap();
+    let (f, g) = (
+        fs::metadata(a.dest.join("d/f")).unwrap(),
+        fs::metadata(a.dest.join("g")).unwrap(),
+    );
+    assert_eq!((f.ino(), f.nlink()), (g.ino(), 2));
+}
+
+#[test]
+fn hostile_headers() {
+    let a = Arena::new();
+    // A PAX header claiming 2 MiB.
+    let mut tar = Vec::new();
+    let mut pax = spec("././@PaxHeader", Kind::Regular, "", 2 << 20);
+    pax.mode = 0o644;
+    tarfmt::encode(&pax, &mut tar);
+    tar[156] = b'x';
+    fix_checksum(&mut tar[..512]);
+    tar.extend_from_slice(&[b'9'; 4096]);
+    let err = expect_err(a.apply(&tar, WhiteoutMode::Delete), "@PaxHeader");
+    assert!(matches!(err, ApplyError::HeaderTooLarge { .. }), "{err}");
+    // The same as a GNU long name.
+    tar[156] = b'L';
+    fix_checksum(&mut tar[..512]);
+    assert!(matches!(
+        a.apply(&tar, WhiteoutMode::Delete),
+        Err(ApplyError::HeaderTooLarge { .. })
+    ));
+    // A corrupt checksum.
+    let mut tar = craft(&[(spec("file", Kind::Regular, "", 1), b"x")]);
+    tar[0] = b'g';
+    assert!(matches!(
+        expect_err(a.apply(&tar, WhiteoutMode::Delete), "gile"),
+        ApplyError::BadChecksum { .. }
+    ));
+    // Truncated data.
+    let tar = craft(&[(spec("file", Kind::Regular, "", 100_000), b"x")]);
+    let tar = &tar[..1024];
+    assert!(matches!(
+        expect_err(a.apply(tar, WhiteoutMode::Delete), "file"),
+        ApplyError::UnexpectedEof { .. }
+    ));
+    // A bare `.wh.`.
+    let tar = craft(&[(spec("d/.wh.", Kind::Regular, "", 0), b"")]);
+    assert!(matches!(
+        expect_err(a.apply(&tar, WhiteoutMode::Delete), "d/.wh."),
+        ApplyError::InvalidWhiteout { .. }
+    ));
+    // Sparse files and unknown types.
+    let mut tar = craft(&[(spec("sparse", Kind::Regular, "", 0), b"")]);
+    tar[156] = b'S';
+    fix_checksum(&mut tar[..512]);
+    assert!(matches!(
+        expect_err(a.apply(&tar, WhiteoutMode::Delete), "sparse"),
+        ApplyError::UnsupportedType { .. }
+    ));
+    // An archive cannot set overlay xattrs.
+    let xattrs = vec![(b"trusted.overlay.redirect".to_vec(), b"/etc".to_vec())];
+    let mut d = spec("dir", Kind::Dir, "", 0);
+    d.xattrs = &xattrs;
+    a.apply(&craft(&[(d, b"")]), WhiteoutMode::Overlay).unwrap();
+    assert!(xattrs_of(&a.dest.join("dir")).is_empty());
+}
+
+fn fix_checksum(block: &mut [u8]) {
+    block[148..156].copy_from_slice(b"        ");
+    let sum: u32 = block.iter().map(|&b| u32::from(b)).sum();
+    block[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+}
+
+#[test]
+fn whiteouts_in_both_modes() {
+    let a = Arena::new();
+    let d = &a.dest;
+    mkdir(&d.join("keep"), 0o755);
+    file(&d.join("keep/a"), b"a", 0o644);
+    mkdir(&d.join("op/old/deep"), 0o755);
+    file(&d.join("op/old-file"), b"o", 0o644);
+    file(&d.join("gone"), b"g", 0o644);
+    mkdir(&d.join("gone-dir/x"), 0o755);
+    let tar = craft(&[
+        (spec(".wh.gone", Kind::Regular, "", 0), b""),
+        (spec(".wh.gone-dir", Kind::Regular, "", 0), b""),
+        (spec(".wh.never-existed", Kind::Regular, "", 0), b""),
+        (spec("nope/.wh.x", Kind::Regular, "", 0), b""),
+        (spec("op/", Kind::Dir, "", 0), b""),
+        (spec("op/new", Kind::Regular, "", 1), b"n"),
+        (spec("op/.wh..wh..opq", Kind::Regular, "", 0), b""),
+        (spec("same/", Kind::Dir, "", 0), b""),
+        (spec("same/f", Kind::Regular, "", 1), b"f"),
+        (spec("same/.wh.f", Kind::Regular, "", 0), b""),
+    ]);
+    let stats = a.apply(&tar, WhiteoutMode::Delete).unwrap();
+    assert_eq!(stats.entries, 10);
+    let names: Vec<Vec<u8>> = dump(d, false).into_keys().collect();
+    let names: Vec<&str> = names.iter().map(|n| std::str::from_utf8(n).unwrap()).collect();
+    assert_eq!(names, vec!["keep", "keep/a", "op", "op/new", "same", "same/f"]);
+
+    let b = Arena::new();
+    b.apply(&tar, WhiteoutMode::Overlay).unwrap();
+    let nodes = dump(&b.dest, false);
+    for wh in ["gone", "gone-dir", "never-existed", "nope/x"] {
+        let n = &nodes[wh.as_bytes()];
+        assert_eq!((n.kind, n.rdev), ('c', 0), "{wh}");
+    }
+    assert_eq!(
+        nodes[&b"same/f"[..]].kind,
+        'f',
+        "a whiteout does not hide its own layer"
+    );
+    assert_eq!(
+        nodes[&b"op"[..]].xattrs,
+        vec![(b"trusted.overlay.opaque".to_vec(), b"y".to_vec())]
+    );
+    assert_eq!(nodes[&b"op/new"[..]].content.as_deref(), Some(&b"n"[..]));
+}
+
+#[test]
+fn dir_over_dir_keeps_contents_other_types_replace() {
+    let a = Arena::new();
+    let d = &a.dest;
+    mkdir(&d.join("dir"), 0o700);
+    file(&d.join("dir/child"), b"c", 0o644);
+    mkdir(&d.join("was-dir/sub"), 0o755);
+    file(&d.join("was-file"), b"f", 0o644);
+    std::os::unix::fs::symlink("dir", d.join("was-link")).unwrap();
+    let mut dir = spec("dir", Kind::Dir, "", 0);
+    dir.mode = 0o1777;
+    dir.uid = 7;
+    let tar = craft(&[
+        (dir, b""),
+        (spec("was-dir", Kind::Regular, "", 1), b"1"),
+        (spec("was-file", Kind::Dir, "", 0), b""),
+        (spec("was-link", Kind::Dir, "", 0), b""),
+    ]);
+    a.apply(&tar, WhiteoutMode::Delete).unwrap();
+    let nodes = dump(d, true);
+    let n = &nodes[&b"dir"[..]];
+    assert_eq!(
+        (n.kind, n.mode, n.uid, n.mtime),
+        ('d', 0o1777, 7, Some(1_600_000_000))
+    );
+    assert!(nodes.contains_key(&b"dir/child"[..]));
+    assert_eq!(nodes[&b"was-dir"[..]].kind, 'f');
+    assert_eq!(nodes[&b"was-file"[..]].kind, 'd');
+    assert_eq!(nodes[&b"was-link"[..]].kind, 'd');
+    assert!(!nodes.contains_key(&b"was-dir/sub"[..]));
+}
+
+/// Re-runs this test binary as `nobody` to apply a device node without privilege.
+#[test]
+fn device_nodes_need_privilege() {
+    if let Ok(dest) = std::env::var("KILN_LAYER_TEST_UNPRIVILEGED_DEST") {
+        // The child: running as nobody.
+        let mut dev = spec("dev/null", Kind::Char, "", 0);
+        dev.dev_major = 1;
+        dev.dev_minor = 3;
+        let tar = craft(&[(spec("dev", Kind::Dir, "", 0), b""), (dev, b"")]);
+        let opts = ApplyOptions {
+            same_owner: false,
+            ..delete_opts("hostile.tar")
+        };
+        let err = apply(&tar[..], Path::new(&dest), &opts).unwrap_err();
+        assert!(matches!(err, ApplyError::DeviceNotPermitted { .. }), "{err}");
+        assert!(err.to_string().contains("hostile.tar") && err.to_string().contains("dev/null"));
+        // Fifos and whiteouts need no privilege.
+        let tar = craft(&[
+            (spec("fifo", Kind::Fifo, "", 0), b""),
+            (spec(".wh.x", Kind::Regular, "", 0), b""),
+        ]);
+        let opts = ApplyOptions {
+            whiteouts: WhiteoutMode::Overlay,
+            ..opts
+        };
+        apply(&tar[..], Path::new(&dest), &opts).unwrap();
+        return;
+    }
+    if !is_root() {
+        eprintln!("skipped: needs root to switch to an unprivileged user");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    fs::set_permissions(t.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new(exe)
+        .args([
+            "--exact",
+            "layer::tests::device_nodes_need_privilege",
+            "--test-threads=1",
+        ])
+        .uid(65534)
+        .gid(65534)
+        .env("KILN_LAYER_TEST_UNPRIVILEGED_DEST", t.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "child failed:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!t.path().join("dev/null").exists());
+    assert_eq!(fs::symlink_metadata(t.path().join("x")).unwrap().rdev(), 0);
+}
+
+#[test]
+fn sniff_detects_every_compression() {
+    let data: Vec<u8> = (0..50_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let gz = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&data).unwrap();
+        e.finish().unwrap()
+    };
+    let zst = zstd::encode_all(&data[..], 3).unwrap();
+    let bz = {
+        let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+        e.write_all(&data).unwrap();
+        e.finish().unwrap()
+    };
+    let xz = {
+        let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
+        e.write_all(&data).unwrap();
+        e.finish().unwrap()
+    };
+    for (blob, kind) in [
+        (gz, Compression::Gzip),
+        (zst, Compression::Zstd),
+        (bz, Compression::Bzip2),
+        (xz, Compression::Xz),
+        (data.clone(), Compression::None),
+    ] {
+        assert_eq!(Compression::detect(&blob[..6]), kind);
+        let mut out = Vec::new();
+        sniff(std::io::Cursor::new(blob))
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        assert!(out == data, "{kind:?} round trip");
+    }
+    let mut out = Vec::new();
+    sniff(&b"ab"[..]).unwrap().read_to_end(&mut out).unwrap();
+    assert_eq!(out, b"ab");
+}
+
+/// Timings (printed; run with `--nocapture`): the diff of a small upper dir, and applying a
+/// 20k-file layer.
+#[test]
+fn timings() {
+    let upper = tempfile::tempdir().unwrap();
+    mkdir(&upper.path().join("etc"), 0o755);
+    for i in 0..8 {
+        file(&upper.path().join(format!("etc/f{i}")), b"small file\n", 0o644);
+    }
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let runs = 200;
+    let start = Instant::now();
+    for _ in 0..runs {
+        buf.clear();
+        write_diff(upper.path(), &mut buf, &DiffOptions::default()).unwrap();
+    }
+    let per = start.elapsed() / runs;
+    println!("write_diff of a 9-entry upper dir: {per:?} per run");
+
+    let src = tempfile::tempdir().unwrap();
+    let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
+    for d in 0..200 {
+        for f in 0..100 {
+            entries.push((
+                format!("d{d:03}/f{f:03}"),
+                format!("content {d} {f}\n").into_bytes(),
+            ));
+        }
+    }
+    let mut tar = Vec::new();
+    for d in 0..200 {
+        let name = format!("d{d:03}/");
+        tarfmt::encode(&spec(&name, Kind::Dir, "", 0), &mut tar);
+        for (path, data) in entries.iter().skip(d * 100).take(100) {
+            tarfmt::encode(&spec(path, Kind::Regular, "", data.len() as u64), &mut tar);
+            tar.extend_from_slice(data);
+            tar.resize(tar.len() + tarfmt::padding(data.len() as u64), 0);
+        }
+    }
+    tar.extend_from_slice(&[0u8; 1024]);
+    // GNU tar on the same archive, as a baseline for this machine and file system.
+    let gnu = tempfile::tempdir().unwrap();
+    let tar_file = gnu.path().join("layer.tar");
+    fs::write(&tar_file, &tar).unwrap();
+    fs::create_dir(gnu.path().join("x")).unwrap();
+    let start = Instant::now();
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(gnu.path().join("x"))
+        .arg("-xf")
+        .arg(&tar_file)
+        .status();
+    if status.is_ok_and(|s| s.success()) {
+        println!("GNU tar -x of the same layer: {:?}", start.elapsed());
+    }
+    let start = Instant::now();
+    let stats = apply(&tar[..], src.path(), &delete_opts("20k.tar")).unwrap();
+    println!(
+        "apply of a {}-entry layer ({} bytes): {:?}",
+        stats.entries,
+        tar.len(),
+        start.elapsed()
+    );
+    assert_eq!(stats.entries, 20_200);
+    assert_eq!(
+        fs::read(src.path().join("d199/f099")).unwrap(),
+        b"content 199 99\n"
+    );
+    let start = Instant::now();
+    let (_, wstats) = tar_of(src.path(), &DiffOptions::default());
+    println!("write_tree of the same 20k files: {:?}", start.elapsed());
+    assert_eq!(wstats.entries, 20_200);
+}

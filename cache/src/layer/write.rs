@@ -1,0 +1,493 @@
+//! Writing a directory (an overlayfs upper dir, or any tree) as a reproducible layer tar.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, Metadata};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use kiln_dag::Digest;
+use sha2::{Digest as _, Sha256};
+
+use super::tarfmt::{self, Kind, Spec};
+use super::{DiffOptions, LayerStats};
+
+/// Errors of [`write_diff`] and [`write_tree`].
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The dir to write is not a directory.
+    #[error("`{path}` is not a directory")]
+    NotADirectory { path: PathBuf },
+    /// A directory could not be listed.
+    #[error("failed to list `{path}`")]
+    ReadDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A file's metadata could not be read.
+    #[error("failed to stat `{path}`")]
+    Stat {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A file's xattr names could not be listed.
+    #[error("failed to list the xattrs of `{path}`")]
+    ListXattrs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// An xattr value could not be read.
+    #[error("failed to read xattr `{name}` of `{path}`")]
+    GetXattr {
+        path: PathBuf,
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The upper dir uses an overlayfs feature whose result cannot be turned into a layer (metacopy
+    /// or redirect_dir: the data lives in a lower dir).
+    #[error("`{path}` carries overlayfs xattr `{xattr}` (metacopy/redirect_dir are not supported)")]
+    UnsupportedOverlay { path: PathBuf, xattr: String },
+    /// A symlink's target could not be read.
+    #[error("failed to read the symlink `{path}`")]
+    ReadLink {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A regular file could not be opened.
+    #[error("failed to open `{path}`")]
+    OpenFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A regular file could not be read.
+    #[error("failed to read `{path}`")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A regular file shrank between its stat and its read.
+    #[error("`{path}` changed while being archived: expected {expected} bytes, read {actual}")]
+    FileChanged {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    /// The output could not be written.
+    #[error("failed to write the layer tar of `{path}`")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A writer that hashes and counts what goes through it.
+struct HashWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<W: Write> Write for HashWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes an overlayfs upper dir as an OCI layer tar: 0/0 character devices become `.wh.NAME`,
+/// directories marked opaque (`trusted.overlay.opaque=y` or `user.overlay.opaque=y`) get a
+/// `DIR/.wh..wh..opq` right after them, overlayfs' own xattrs are dropped. Reads only `upper`.
+pub fn write_diff<W: Write>(upper: &Path, out: W, opts: &DiffOptions) -> Result<LayerStats, WriteError> {
+    run(upper, out, opts, true)
+}
+
+/// Writes a plain directory as a layer tar in the same format as [`write_diff`], without
+/// interpreting whiteouts (a 0/0 character device is written as a device).
+pub fn write_tree<W: Write>(dir: &Path, out: W, opts: &DiffOptions) -> Result<LayerStats, WriteError> {
+    run(dir, out, opts, false)
+}
+
+fn run<W: Write>(root: &Path, out: W, opts: &DiffOptions, overlay: bool) -> Result<LayerStats, WriteError> {
+    let meta = fs::metadata(root).map_err(|source| WriteError::Stat {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(WriteError::NotADirectory {
+            path: root.to_path_buf(),
+        });
+    }
+    let exclude = opts.exclude.iter().filter_map(|p| normalize(p)).collect();
+    let mut walker = Walker {
+        root,
+        overlay,
+        source_date_epoch: opts.source_date_epoch,
+        exclude,
+        links: HashMap::new(),
+        out: BufWriter::with_capacity(
+            64 * 1024,
+            HashWriter {
+                inner: out,
+                hasher: Sha256::new(),
+                count: 0,
+            },
+        ),
+        entries: 0,
+        header: Vec::with_capacity(2048),
+        list: vec![0u8; 1024],
+    };
+    walker.walk_dir(root, Vec::new())?;
+    let write_err = |source| WriteError::Write {
+        path: root.to_path_buf(),
+        source,
+    };
+    walker
+        .out
+        .write_all(&[0u8; 2 * tarfmt::BLOCK])
+        .map_err(write_err)?;
+    let mut hashed = walker.out.into_inner().map_err(|e| write_err(e.into_error()))?;
+    hashed.flush().map_err(write_err)?;
+    Ok(LayerStats {
+        diff_id: Digest(hashed.hasher.finalize().into()),
+        size: hashed.count,
+        entries: walker.entries,
+    })
+}
+
+/// An exclude path as relative bytes without `./`, leading or trailing slashes.
+fn normalize(path: &Path) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(n) => {
+                if !out.is_empty() {
+                    out.push(b'/');
+                }
+                out.extend_from_slice(n.as_bytes());
+            }
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => return None,
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+struct Child {
+    name: Vec<u8>,
+    /// The name the entry gets in the tar (`.wh.NAME` for whiteouts): the sort key.
+    tar_name: Vec<u8>,
+    meta: Metadata,
+    whiteout: bool,
+}
+
+struct Xattrs {
+    list: Vec<(Vec<u8>, Vec<u8>)>,
+    opaque: bool,
+}
+
+struct Walker<'a, W: Write> {
+    root: &'a Path,
+    overlay: bool,
+    source_date_epoch: Option<i64>,
+    exclude: HashSet<Vec<u8>>,
+    /// (dev, inode) of every multiply-linked non-directory already written, to its tar name.
+    links: HashMap<(u64, u64), Vec<u8>>,
+    out: BufWriter<HashWriter<W>>,
+    entries: u64,
+    header: Vec<u8>,
+    list: Vec<u8>,
+}
+
+impl<W: Write> Walker<'_, W> {
+    fn mtime(&self, meta: &Metadata) -> i64 {
+        match self.source_date_epoch {
+            Some(epoch) => meta.mtime().min(epoch),
+            None => meta.mtime(),
+        }
+    }
+
+    fn emit(&mut self, spec: &Spec<'_>) -> Result<(), WriteError> {
+        self.header.clear();
+        tarfmt::encode(spec, &mut self.header);
+        self.entries += 1;
+        let root = self.root;
+        self.out
+            .write_all(&self.header)
+            .map_err(|source| WriteError::Write {
+                path: root.to_path_buf(),
+                source,
+            })
+    }
+
+    /// Writes an empty regular file with fixed metadata: whiteouts and opaque markers.
+    fn emit_marker(&mut self, path: &[u8], mtime: i64) -> Result<(), WriteError> {
+        self.emit(&Spec {
+            path,
+            link: b"",
+            kind: Kind::Regular,
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime,
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: &[],
+        })
+    }
+
+    fn walk_dir(&mut self, abs: &Path, prefix: Vec<u8>) -> Result<(), WriteError> {
+        let read_dir = fs::read_dir(abs).map_err(|source| WriteError::ReadDir {
+            path: abs.to_path_buf(),
+            source,
+        })?;
+        let mut children = Vec::new();
+        for entry in read_dir {
+            let entry = entry.map_err(|source| WriteError::ReadDir {
+                path: abs.to_path_buf(),
+                source,
+            })?;
+            let name = entry.file_name().as_bytes().to_vec();
+            if !self.exclude.is_empty() {
+                let mut rel = prefix.clone();
+                rel.extend_from_slice(&name);
+                if self.exclude.contains(&rel) {
+                    continue;
+                }
+            }
+            let meta = entry.metadata().map_err(|source| WriteError::Stat {
+                path: entry.path(),
+                source,
+            })?;
+            let whiteout = self.overlay && meta.file_type().is_char_device() && meta.rdev() == 0;
+            let tar_name = if whiteout {
+                [&b".wh."[..], &name].concat()
+            } else {
+                name.clone()
+            };
+            children.push(Child {
+                name,
+                tar_name,
+                meta,
+                whiteout,
+            });
+        }
+        children.sort_by(|a, b| a.tar_name.cmp(&b.tar_name));
+        for child in children {
+            self.entry(abs, &prefix, child)?;
+        }
+        Ok(())
+    }
+
+    fn entry(&mut self, dir: &Path, prefix: &[u8], child: Child) -> Result<(), WriteError> {
+        let abs = dir.join(std::ffi::OsStr::from_bytes(&child.name));
+        let meta = &child.meta;
+        let mtime = self.mtime(meta);
+        let mut rel = prefix.to_vec();
+        rel.extend_from_slice(&child.tar_name);
+        if child.whiteout {
+            return self.emit_marker(&rel, mtime);
+        }
+        let file_type = meta.file_type();
+        if file_type.is_socket() {
+            tracing::debug!(path = %abs.display(), "skipping a socket: tar cannot hold it");
+            return Ok(());
+        }
+        let xattrs = self.xattrs(&abs)?;
+        let mut spec = Spec {
+            path: &rel,
+            link: b"",
+            kind: Kind::Regular,
+            mode: meta.mode(),
+            uid: u64::from(meta.uid()),
+            gid: u64::from(meta.gid()),
+            size: 0,
+            mtime,
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: &xattrs.list,
+        };
+        if file_type.is_dir() {
+            let mut path = rel.clone();
+            path.push(b'/');
+            spec.path = &path;
+            spec.kind = Kind::Dir;
+            self.emit(&spec)?;
+            if xattrs.opaque {
+                let mut marker = path.clone();
+                marker.extend_from_slice(b".wh..wh..opq");
+                self.emit_marker(&marker, mtime)?;
+            }
+            return self.walk_dir(&abs, path);
+        }
+        let is_whiteout_device = file_type.is_char_device() && meta.rdev() == 0;
+        if meta.nlink() > 1 && !is_whiteout_device {
+            let key = (meta.dev(), meta.ino());
+            if let Some(first) = self.links.get(&key) {
+                let first = first.clone();
+                spec.kind = Kind::Hardlink;
+                spec.link = &first;
+                spec.xattrs = &[];
+                return self.emit(&spec);
+            }
+            self.links.insert(key, rel.clone());
+        }
+        if file_type.is_file() {
+            spec.size = meta.len();
+            self.emit(&spec)?;
+            return self.copy_file(&abs, meta.len());
+        }
+        if file_type.is_symlink() {
+            let target = fs::read_link(&abs).map_err(|source| WriteError::ReadLink {
+                path: abs.clone(),
+                source,
+            })?;
+            let target = target.as_os_str().as_bytes().to_vec();
+            spec.kind = Kind::Symlink;
+            spec.link = &target;
+            return self.emit(&spec);
+        }
+        if file_type.is_char_device() || file_type.is_block_device() {
+            spec.kind = if file_type.is_char_device() {
+                Kind::Char
+            } else {
+                Kind::Block
+            };
+            spec.dev_major = rustix::fs::major(meta.rdev());
+            spec.dev_minor = rustix::fs::minor(meta.rdev());
+            return self.emit(&spec);
+        }
+        spec.kind = Kind::Fifo;
+        self.emit(&spec)
+    }
+
+    fn copy_file(&mut self, path: &Path, size: u64) -> Result<(), WriteError> {
+        if size > 0 {
+            let file = File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)
+                .map_err(|source| WriteError::OpenFile {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            let copied =
+                io::copy(&mut file.take(size), &mut self.out).map_err(|source| WriteError::ReadFile {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            if copied != size {
+                return Err(WriteError::FileChanged {
+                    path: path.to_path_buf(),
+                    expected: size,
+                    actual: copied,
+                });
+            }
+        }
+        let pad = tarfmt::padding(size);
+        let root = self.root;
+        self.out
+            .write_all(&[0u8; tarfmt::BLOCK][..pad])
+            .map_err(|source| WriteError::Write {
+                path: root.to_path_buf(),
+                source,
+            })
+    }
+
+    /// Lists the xattrs to record (overlayfs' own left out, sorted by name) and whether the
+    /// entry is an opaque overlayfs directory.
+    fn xattrs(&mut self, path: &Path) -> Result<Xattrs, WriteError> {
+        let mut out = Xattrs {
+            list: Vec::new(),
+            opaque: false,
+        };
+        let len = loop {
+            match rustix::fs::llistxattr(path, &mut self.list[..]) {
+                Ok(n) => break n,
+                Err(rustix::io::Errno::RANGE) => {
+                    let need = rustix::fs::llistxattr_query(path).map_err(|e| WriteError::ListXattrs {
+                        path: path.to_path_buf(),
+                        source: e.into(),
+                    })?;
+                    self.list.resize(need.max(self.list.len() * 2), 0);
+                }
+                Err(rustix::io::Errno::NOTSUP) => return Ok(out),
+                Err(e) => {
+                    return Err(WriteError::ListXattrs {
+                        path: path.to_path_buf(),
+                        source: e.into(),
+                    })
+                }
+            }
+        };
+        if len == 0 {
+            return Ok(out);
+        }
+        let names: Vec<Vec<u8>> = self.list[..len]
+            .split(|&b| b == 0)
+            .filter(|n| !n.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect();
+        for name in names {
+            let overlay_key = name
+                .strip_prefix(b"trusted.overlay.")
+                .or_else(|| name.strip_prefix(b"user.overlay."));
+            if let Some(key) = overlay_key {
+                if self.overlay {
+                    match key {
+                        b"opaque" => out.opaque = get_xattr(path, &name)? == b"y",
+                        b"metacopy" | b"redirect" => {
+                            return Err(WriteError::UnsupportedOverlay {
+                                path: path.to_path_buf(),
+                                xattr: String::from_utf8_lossy(&name).into_owned(),
+                            })
+                        }
+                        _ => {}
+                    }
+                }
+                continue;
+            }
+            let value = get_xattr(path, &name)?;
+            out.list.push((name, value));
+        }
+        out.list.sort();
+        Ok(out)
+    }
+}
+
+fn get_xattr(path: &Path, name: &[u8]) -> Result<Vec<u8>, WriteError> {
+    let err = |e: rustix::io::Errno| WriteError::GetXattr {
+        path: path.to_path_buf(),
+        name: String::from_utf8_lossy(name).into_owned(),
+        source: e.into(),
+    };
+    let mut buf = vec![0u8; 256];
+    loop {
+        match rustix::fs::lgetxattr(path, name, &mut buf[..]) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) => {
+                let need = rustix::fs::lgetxattr_query(path, name).map_err(err)?;
+                buf.resize(need.max(buf.len() * 2), 0);
+            }
+            Err(e) => return Err(err(e)),
+        }
+    }
+}

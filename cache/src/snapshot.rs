@@ -1,0 +1,762 @@
+//! Snapshots: unpacked layers as directories usable as overlayfs lower dirs.
+//!
+//! Layout under the snapshots dir `DIR`:
+//!
+//! | path | what |
+//! |---|---|
+//! | `DIR/<hex>/fs` | a committed snapshot's tree, in overlay form (whiteouts are 0/0 char devices, opaque dirs carry `trusted.overlay.opaque=y`) |
+//! | `DIR/<hex>/meta.json` | `{"parent": key or null, "diff_id": digest, "size": bytes}` |
+//! | `DIR/tmp/<name>` | work in progress: an unpack, or a mutable snapshot's `upper` and `work` |
+//! | `DIR/locks/<hex>.lock` | per-key lock serialising unpacks of the same key |
+//!
+//! `<hex>` is the key's sha256 hex: a chain ID for image layers, or any key the build engine
+//! chooses for its results.
+//!
+//! Architecture invariant: a committed snapshot appears by one `rename(2)` of a complete directory,
+//! so `DIR/<hex>` either does not exist or is whole; a committed snapshot is never modified. Every
+//! `DIR/tmp` entry is held by an `flock` of its owner while in use, which is how
+//! [`Snapshots::cleanup_stale_tmp`] tells a killed process's leftovers from live work.
+
+use std::fs::{self, File, TryLockError};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use kiln_dag::Digest;
+use serde::{Deserialize, Serialize};
+
+use crate::layer::{self, ApplyError, ApplyOptions, WhiteoutMode};
+
+/// Errors of the snapshot store.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A directory could not be created.
+    #[error("failed to create directory `{path}`")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A lock could not be taken.
+    #[error("failed to lock `{path}`")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A directory could not be listed.
+    #[error("failed to list `{path}`")]
+    ReadDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Applying the layer tar failed.
+    #[error("failed to unpack snapshot {key}")]
+    Apply {
+        key: Digest,
+        #[source]
+        source: ApplyError,
+    },
+    /// The layer's sha256 is not the expected diff ID.
+    #[error("snapshot {key}: layer diff ID is {actual}, expected {expected}")]
+    DiffIdMismatch {
+        key: Digest,
+        expected: Digest,
+        actual: Digest,
+    },
+    /// `meta.json` could not be written.
+    #[error("failed to write `{path}`")]
+    WriteMeta {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A rename failed.
+    #[error("failed to rename `{from}` to `{to}`")]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A directory could not be removed.
+    #[error("failed to remove `{path}`")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A snapshot (or a parent in its chain) does not exist.
+    #[error("snapshot {key} does not exist")]
+    Missing { key: Digest },
+    /// The parent chain is longer than any overlay stack can be (or loops).
+    #[error("snapshot {key}: parent chain is longer than {limit}")]
+    ChainTooDeep { key: Digest, limit: usize },
+}
+
+type Result<T, E = SnapshotError> = std::result::Result<T, E>;
+
+/// Longest parent chain followed (the kernel stacks at most 500 lower dirs).
+const MAX_CHAIN: usize = 4096;
+
+/// The snapshot store under one directory.
+#[derive(Clone, Debug)]
+pub struct Snapshots {
+    dir: PathBuf,
+}
+
+/// A committed, immutable snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The key it was committed under.
+    pub key: Digest,
+    /// Its tree (`DIR/<hex>/fs`), an overlayfs lower dir.
+    pub path: PathBuf,
+    /// The snapshot below it, if any.
+    pub parent: Option<Digest>,
+    /// Digest of the uncompressed layer tar it holds.
+    pub diff_id: Digest,
+    /// Size of that layer tar in bytes.
+    pub size: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    parent: Option<Digest>,
+    diff_id: Digest,
+    size: u64,
+}
+
+/// A writable snapshot: an overlayfs `upper` and `work` dir over a parent's lower dirs. Dropping
+/// it uncommitted removes it.
+#[derive(Debug)]
+pub struct MutableSnapshot {
+    root: PathBuf,
+    store: PathBuf,
+    upper: PathBuf,
+    work: PathBuf,
+    parent: Option<Digest>,
+    lowers: Vec<PathBuf>,
+    /// Held while the snapshot lives, marks `root` as in use.
+    lock: Option<File>,
+}
+
+fn unique_name() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        nanos,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        Err(source) => Err(SnapshotError::CreateDir {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn remove(path: &Path) -> Result<()> {
+    layer::remove_tree(path).map_err(|source| SnapshotError::Remove {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Whether a rename failed because the target directory already exists (someone else committed).
+fn target_taken(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST))
+}
+
+fn write_meta(dir: &Path, meta: &Meta) -> Result<()> {
+    let path = dir.join("meta.json");
+    let bytes = serde_json::to_vec(meta).map_err(|e| SnapshotError::WriteMeta {
+        path: path.clone(),
+        source: e.into(),
+    })?;
+    fs::write(&path, bytes).map_err(|source| SnapshotError::WriteMeta { path, source })
+}
+
+impl Snapshots {
+    /// Opens (creating as needed) the snapshot store in `dir`.
+    pub fn open(dir: &Path) -> Result<Snapshots> {
+        fs::create_dir_all(dir).map_err(|source| SnapshotError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        create_dir(&dir.join("tmp"))?;
+        create_dir(&dir.join("locks"))?;
+        Ok(Snapshots {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The directory holding the snapshots.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn tmp(&self) -> PathBuf {
+        self.dir.join("tmp")
+    }
+
+    /// Creates a locked directory under `DIR/tmp`. It is created under a `.new-` name, locked, then
+    /// renamed, so [`Snapshots::cleanup_stale_tmp`] never sees it unlocked.
+    fn new_temp(&self) -> Result<(PathBuf, File)> {
+        let name = unique_name();
+        let staging = self.tmp().join(format!(".new-{name}"));
+        create_dir(&staging)?;
+        let lock = File::open(&staging).map_err(|source| SnapshotError::Lock {
+            path: staging.clone(),
+            source,
+        })?;
+        lock.lock().map_err(|source| SnapshotError::Lock {
+            path: staging.clone(),
+            source,
+        })?;
+        let path = self.tmp().join(name);
+        fs::rename(&staging, &path).map_err(|source| SnapshotError::Rename {
+            from: staging.clone(),
+            to: path.clone(),
+            source,
+        })?;
+        Ok((path, lock))
+    }
+
+    fn snapshot_dir(&self, key: &Digest) -> PathBuf {
+        self.dir.join(key.hex())
+    }
+
+    /// The committed snapshot `key`, if there is one.
+    pub fn get(&self, key: &Digest) -> Option<Snapshot> {
+        let dir = self.snapshot_dir(key);
+        let bytes = fs::read(dir.join("meta.json")).ok()?;
+        let meta: Meta = serde_json::from_slice(&bytes).ok()?;
+        Some(Snapshot {
+            key: *key,
+            path: dir.join("fs"),
+            parent: meta.parent,
+            diff_id: meta.diff_id,
+            size: meta.size,
+        })
+    }
+
+    /// The fs dirs of `key` and all its ancestors, top first (the order of overlayfs' `lowerdir`).
+    pub fn lower_dirs(&self, key: &Digest) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        let mut next = Some(*key);
+        while let Some(k) = next {
+            if out.len() >= MAX_CHAIN {
+                return Err(SnapshotError::ChainTooDeep {
+                    key: *key,
+                    limit: MAX_CHAIN,
+                });
+            }
+            let snap = self.get(&k).ok_or(SnapshotError::Missing { key: k })?;
+            out.push(snap.path);
+            next = snap.parent;
+        }
+        Ok(out)
+    }
+
+    /// Unpacks an uncompressed layer tar as snapshot `key` on top of `parent`, verifying its diff
+    /// ID when given. Whiteouts are stored in overlay form. If `key` exists already (or another
+    /// process commits it first) that snapshot is returned and the reader is left unread or
+    /// its work discarded.
+    pub fn unpack<R: io::Read>(
+        &self,
+        key: &Digest,
+        parent: Option<&Digest>,
+        layer_reader: R,
+        diff_id: Option<&Digest>,
+    ) -> Result<Snapshot> {
+        let key = *key;
+        if let Some(existing) = self.get(&key) {
+            return Ok(existing);
+        }
+        if let Some(p) = parent {
+            if self.get(p).is_none() {
+                return Err(SnapshotError::Missing { key: *p });
+            }
+        }
+        let lock_path = self.dir.join("locks").join(format!("{}.lock", key.hex()));
+        let key_lock = File::create(&lock_path).map_err(|source| SnapshotError::Lock {
+            path: lock_path.clone(),
+            source,
+        })?;
+        key_lock.lock().map_err(|source| SnapshotError::Lock {
+            path: lock_path.clone(),
+            source,
+        })?;
+        if let Some(existing) = self.get(&key) {
+            return Ok(existing);
+        }
+        let (tmp, tmp_lock) = self.new_temp()?;
+        let result = self.unpack_into(&tmp, key, parent, layer_reader, diff_id);
+        let result = result.and_then(|meta| self.publish(&tmp, key, meta));
+        if tmp.exists() {
+            // Failed, or lost the race: our copy goes.
+            match (&result, remove(&tmp)) {
+                (Ok(_), Err(e)) => return Err(e),
+                (Err(_), Err(e)) => tracing::warn!(error = %e, "failed to remove a failed unpack"),
+                _ => {}
+            }
+        }
+        drop(tmp_lock);
+        drop(key_lock);
+        result
+    }
+
+    fn unpack_into<R: io::Read>(
+        &self,
+        tmp: &Path,
+        key: Digest,
+        parent: Option<&Digest>,
+        reader: R,
+        diff_id: Option<&Digest>,
+    ) -> Result<Meta> {
+        let fs_dir = tmp.join("fs");
+        create_dir(&fs_dir)?;
+        let root_owned = fs::metadata(&fs_dir).map(|m| m.uid() == 0).unwrap_or(false);
+        let opts = ApplyOptions {
+            whiteouts: WhiteoutMode::Overlay,
+            archive_name: format!("layer {}", diff_id.unwrap_or(&key)),
+            same_owner: root_owned,
+            ..ApplyOptions::default()
+        };
+        let stats =
+            layer::apply(reader, &fs_dir, &opts).map_err(|source| SnapshotError::Apply { key, source })?;
+        if let Some(expected) = diff_id {
+            if stats.diff_id != *expected {
+                return Err(SnapshotError::DiffIdMismatch {
+                    key,
+                    expected: *expected,
+                    actual: stats.diff_id,
+                });
+            }
+        }
+        let meta = Meta {
+            parent: parent.copied(),
+            diff_id: stats.diff_id,
+            size: stats.size,
+        };
+        write_meta(tmp, &meta)?;
+        Ok(meta)
+    }
+
+    /// Renames a complete temp dir to `DIR/<hex>`; when another process won, returns theirs.
+    fn publish(&self, tmp: &Path, key: Digest, meta: Meta) -> Result<Snapshot> {
+        let target = self.snapshot_dir(&key);
+        match fs::rename(tmp, &target) {
+            Ok(()) => Ok(Snapshot {
+                key,
+                path: target.join("fs"),
+                parent: meta.parent,
+                diff_id: meta.diff_id,
+                size: meta.size,
+            }),
+            Err(e) if target_taken(&e) => self.get(&key).ok_or(SnapshotError::Missing { key }),
+            Err(source) => Err(SnapshotError::Rename {
+                from: tmp.to_path_buf(),
+                to: target,
+                source,
+            }),
+        }
+    }
+
+    /// A new writable snapshot over `parent` (or over nothing), its `upper` and `work` dirs on the
+    /// same file system as the committed snapshots.
+    pub fn prepare(&self, parent: Option<&Digest>) -> Result<MutableSnapshot> {
+        let lowers = match parent {
+            Some(p) => self.lower_dirs(p)?,
+            None => Vec::new(),
+        };
+        let (root, lock) = self.new_temp()?;
+        let snapshot = MutableSnapshot {
+            upper: root.join("upper"),
+            work: root.join("work"),
+            root,
+            store: self.dir.clone(),
+            parent: parent.copied(),
+            lowers,
+            lock: Some(lock),
+        };
+        create_dir(&snapshot.upper)?;
+        create_dir(&snapshot.work)?;
+        Ok(snapshot)
+    }
+
+    /// Every committed snapshot, sorted by key.
+    pub fn list(&self) -> Result<Vec<Snapshot>> {
+        let read_dir = fs::read_dir(&self.dir).map_err(|source| SnapshotError::ReadDir {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let mut out = Vec::new();
+        for entry in read_dir {
+            let entry = entry.map_err(|source| SnapshotError::ReadDir {
+                path: self.dir.clone(),
+                source,
+            })?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Ok(key) = Digest::parse(&format!("sha256:{name}")) else {
+                continue;
+            };
+            if let Some(snap) = self.get(&key) {
+                out.push(snap);
+            }
+        }
+        out.sort_by_key(|s| s.key);
+        Ok(out)
+    }
+
+    /// Removes a committed snapshot (its children, if any, become unusable: the caller removes
+    /// from the top down). `false` when there was none.
+    pub fn remove(&self, key: &Digest) -> Result<bool> {
+        let dir = self.snapshot_dir(key);
+        let lock = match File::open(&dir) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => return Err(SnapshotError::Lock { path: dir, source }),
+        };
+        lock.lock().map_err(|source| SnapshotError::Lock {
+            path: dir.clone(),
+            source,
+        })?;
+        let doomed = self.tmp().join(format!(".rm-{}", unique_name()));
+        match fs::rename(&dir, &doomed) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => {
+                return Err(SnapshotError::Rename {
+                    from: dir,
+                    to: doomed,
+                    source,
+                })
+            }
+        }
+        remove(&doomed)?;
+        Ok(true)
+    }
+
+    /// Removes temp dirs left behind by killed processes: those whose owner's lock is no longer
+    /// held. Returns how many were removed.
+    pub fn cleanup_stale_tmp(&self) -> Result<usize> {
+        let tmp = self.tmp();
+        let read_dir = fs::read_dir(&tmp).map_err(|source| SnapshotError::ReadDir {
+            path: tmp.clone(),
+            source,
+        })?;
+        let mut removed = 0;
+        for entry in read_dir {
+            let entry = entry.map_err(|source| SnapshotError::ReadDir {
+                path: tmp.clone(),
+                source,
+            })?;
+            let path = entry.path();
+            if entry.file_name().as_encoded_bytes().starts_with(b".new-") {
+                // Between its creation and its lock: only an old one is a leftover.
+                let age = entry
+                    .metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.elapsed().ok());
+                if age.is_none_or(|a| a < Duration::from_secs(600)) {
+                    continue;
+                }
+            }
+            let Ok(handle) = File::open(&path) else { continue };
+            match handle.try_lock() {
+                Ok(()) => {
+                    remove(&path)?;
+                    removed += 1;
+                }
+                Err(TryLockError::WouldBlock) => {}
+                Err(TryLockError::Error(source)) => return Err(SnapshotError::Lock { path, source }),
+            }
+        }
+        Ok(removed)
+    }
+}
+
+impl MutableSnapshot {
+    /// The overlayfs upper dir.
+    pub fn upper(&self) -> &Path {
+        &self.upper
+    }
+
+    /// The overlayfs work dir.
+    pub fn work(&self) -> &Path {
+        &self.work
+    }
+
+    /// The snapshot this one is over.
+    pub fn parent(&self) -> Option<&Digest> {
+        self.parent.as_ref()
+    }
+
+    /// The lower dirs for the overlay mount, top first (empty without a parent).
+    pub fn lower_dirs(&self) -> &[PathBuf] {
+        &self.lowers
+    }
+
+    /// Commits the upper dir as the immutable snapshot `key` (`diff_id` and `size` describe the
+    /// layer tar the caller wrote from it). The overlay must be unmounted. If `key` was committed
+    /// meanwhile by someone else, this one is discarded and theirs returned.
+    pub fn commit(mut self, key: &Digest, diff_id: &Digest, size: u64) -> Result<Snapshot> {
+        let (key, diff_id) = (*key, *diff_id);
+        let fs_dir = self.root.join("fs");
+        fs::rename(&self.upper, &fs_dir).map_err(|source| SnapshotError::Rename {
+            from: self.upper.clone(),
+            to: fs_dir.clone(),
+            source,
+        })?;
+        remove(&self.work)?;
+        let meta = Meta {
+            parent: self.parent,
+            diff_id,
+            size,
+        };
+        write_meta(&self.root, &meta)?;
+        let store = Snapshots {
+            dir: self.store.clone(),
+        };
+        let result = store.publish(&self.root, key, meta);
+        if result.is_ok() && !self.root.exists() {
+            self.lock = None;
+        }
+        // Drop removes `root` if it is still there (lost the race, or failed).
+        result
+    }
+
+    /// Removes the mutable snapshot (a failure is logged: what is left is a stale temp dir that
+    /// [`Snapshots::cleanup_stale_tmp`] removes later).
+    pub fn discard(self) {
+        drop(self);
+    }
+}
+
+impl Drop for MutableSnapshot {
+    fn drop(&mut self) {
+        if let Some(lock) = self.lock.take() {
+            if let Err(e) = remove(&self.root) {
+                tracing::warn!(path = %self.root.display(), error = %e, "failed to remove a mutable snapshot");
+            }
+            drop(lock);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::{Arc, Barrier};
+
+    fn layer_tar(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let src = tempfile::tempdir().unwrap();
+        for (name, data) in files {
+            let path = src.path().join(name);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, data).unwrap();
+        }
+        let mut tar = Vec::new();
+        let opts = layer::DiffOptions {
+            source_date_epoch: Some(0),
+            exclude: vec![],
+        };
+        layer::write_tree(src.path(), &mut tar, &opts).unwrap();
+        tar
+    }
+
+    fn tmp_entries(store: &Snapshots) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(store.tmp())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn unpack_verifies_and_chains() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Snapshots::open(&t.path().join("snapshots")).unwrap();
+        let base = layer_tar(&[("etc/os-release", b"kiln"), ("gone", b"x")]);
+        let base_id = Digest::of(&base);
+        let s1 = store.unpack(&base_id, None, &base[..], Some(&base_id)).unwrap();
+        assert_eq!(fs::read(s1.path.join("etc/os-release")).unwrap(), b"kiln");
+        assert_eq!(
+            (s1.diff_id, s1.size, s1.parent),
+            (base_id, base.len() as u64, None)
+        );
+        assert_eq!(store.get(&base_id), Some(s1.clone()));
+
+        // A wrong diff ID fails and leaves nothing behind.
+        let top = layer_tar(&[("app", b"1")]);
+        let chain = Digest::of(format!("{base_id} {}", Digest::of(&top)).as_bytes());
+        let err = store
+            .unpack(&chain, Some(&base_id), &top[..], Some(&Digest::of(b"other")))
+            .unwrap_err();
+        assert!(matches!(err, SnapshotError::DiffIdMismatch { .. }), "{err}");
+        assert!(store.get(&chain).is_none());
+        assert!(tmp_entries(&store).is_empty());
+        // A missing parent is refused.
+        let err = store
+            .unpack(&chain, Some(&Digest::of(b"nope")), &top[..], None)
+            .unwrap_err();
+        assert!(matches!(err, SnapshotError::Missing { .. }), "{err}");
+
+        let s2 = store.unpack(&chain, Some(&base_id), &top[..], None).unwrap();
+        assert_eq!(s2.diff_id, Digest::of(&top));
+        assert_eq!(
+            store.lower_dirs(&chain).unwrap(),
+            vec![s2.path.clone(), s1.path.clone()]
+        );
+        assert_eq!(store.list().unwrap().len(), 2);
+        // Unpacking an existing key reads nothing.
+        let again = store
+            .unpack(&chain, Some(&base_id), std::io::empty(), None)
+            .unwrap();
+        assert_eq!(again, s2);
+
+        assert!(store.remove(&chain).unwrap());
+        assert!(!store.remove(&chain).unwrap());
+        assert!(store.get(&chain).is_none());
+        assert!(matches!(
+            store.lower_dirs(&chain),
+            Err(SnapshotError::Missing { .. })
+        ));
+        assert!(tmp_entries(&store).is_empty());
+    }
+
+    #[test]
+    fn prepare_commit_discard_drop() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Snapshots::open(t.path()).unwrap();
+        let base = layer_tar(&[("a", b"a")]);
+        let base_id = Digest::of(&base);
+        let s1 = store.unpack(&base_id, None, &base[..], None).unwrap();
+
+        let m = store.prepare(Some(&base_id)).unwrap();
+        assert_eq!(m.lower_dirs(), &[s1.path.clone()][..]);
+        assert!(m.upper().is_dir() && m.work().is_dir());
+        assert_eq!(m.upper().parent(), m.work().parent());
+        fs::write(m.upper().join("b"), b"b").unwrap();
+        // What overlayfs leaves in the work dir: work/work with mode 000.
+        fs::create_dir(m.work().join("work")).unwrap();
+        fs::set_permissions(m.work().join("work"), fs::Permissions::from_mode(0o000)).unwrap();
+        let key = Digest::of(b"step");
+        let committed = m.commit(&key, &Digest::of(b"diff"), 42).unwrap();
+        assert_eq!(fs::read(committed.path.join("b")).unwrap(), b"b");
+        assert_eq!(committed.parent, Some(base_id));
+        assert_eq!(store.get(&key), Some(committed.clone()));
+        assert_eq!(
+            store.lower_dirs(&key).unwrap(),
+            vec![committed.path.clone(), s1.path.clone()]
+        );
+        assert!(tmp_entries(&store).is_empty());
+
+        let m = store.prepare(None).unwrap();
+        fs::create_dir(m.work().join("work")).unwrap();
+        fs::set_permissions(m.work().join("work"), fs::Permissions::from_mode(0o000)).unwrap();
+        m.discard();
+        assert!(tmp_entries(&store).is_empty());
+        {
+            let m = store.prepare(None).unwrap();
+            fs::write(m.upper().join("x"), b"x").unwrap();
+            assert_eq!(tmp_entries(&store).len(), 1);
+        }
+        assert!(
+            tmp_entries(&store).is_empty(),
+            "drop removes an uncommitted snapshot"
+        );
+
+        // Committing a key someone else committed first gives theirs and cleans up.
+        let m = store.prepare(None).unwrap();
+        fs::write(m.upper().join("mine"), b"").unwrap();
+        let theirs = m.commit(&key, &Digest::of(b"other"), 1).unwrap();
+        assert_eq!(theirs, committed);
+        assert!(tmp_entries(&store).is_empty());
+        assert!(matches!(
+            store.prepare(Some(&Digest::of(b"absent"))),
+            Err(SnapshotError::Missing { .. })
+        ));
+    }
+
+    #[test]
+    fn racing_unpacks_end_with_one_snapshot() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Snapshots::open(t.path()).unwrap();
+        let files: Vec<(String, Vec<u8>)> = (0..300).map(|i| (format!("d/f{i}"), vec![b'x'; i])).collect();
+        let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
+        let tar = Arc::new(layer_tar(&refs));
+        let key = Digest::of(&tar);
+        let barrier = Arc::new(Barrier::new(4));
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let (store, tar, barrier) = (store.clone(), tar.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    store.unpack(&key, None, &tar[..], Some(&key)).unwrap()
+                })
+            })
+            .collect();
+        let results: Vec<Snapshot> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert!(results.iter().all(|s| *s == results[0]));
+        assert_eq!(fs::read_dir(results[0].path.join("d")).unwrap().count(), 300);
+        assert_eq!(store.list().unwrap().len(), 1);
+        assert!(tmp_entries(&store).is_empty());
+
+        // Racing commits of the same key.
+        let barrier = Arc::new(Barrier::new(3));
+        let step = Digest::of(b"racing step");
+        let handles: Vec<_> = (0..3)
+            .map(|i| {
+                let (store, barrier) = (store.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let m = store.prepare(Some(&key)).unwrap();
+                    fs::write(m.upper().join("who"), format!("{i}")).unwrap();
+                    barrier.wait();
+                    m.commit(&step, &Digest::of(b"d"), 1).unwrap()
+                })
+            })
+            .collect();
+        let results: Vec<Snapshot> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert!(results.iter().all(|s| *s == results[0]));
+        assert!(fs::read(results[0].path.join("who")).is_ok());
+        assert!(tmp_entries(&store).is_empty());
+    }
+
+    #[test]
+    fn cleanup_removes_only_unlocked_leftovers() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Snapshots::open(t.path()).unwrap();
+        let live = store.prepare(None).unwrap();
+        // A killed process's leftovers: a dir nobody holds a lock on, with a mode-000 work dir.
+        let dead = store.tmp().join("12345-1-0");
+        fs::create_dir_all(dead.join("work/work")).unwrap();
+        fs::set_permissions(dead.join("work/work"), fs::Permissions::from_mode(0o000)).unwrap();
+        // One that is being created right now.
+        fs::create_dir(store.tmp().join(".new-999-1-0")).unwrap();
+        assert_eq!(store.cleanup_stale_tmp().unwrap(), 1);
+        assert!(!dead.exists());
+        assert!(live.upper().is_dir());
+        assert!(store.tmp().join(".new-999-1-0").exists());
+        drop(live);
+        assert_eq!(tmp_entries(&store), vec![".new-999-1-0".to_string()]);
+    }
+}
