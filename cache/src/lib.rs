@@ -1,2 +1,17 @@
-//! The store: content store, snapshots, image store, archives.
+//! The store: content store, snapshots, build cache index, image store, archives, GC.
 #![forbid(unsafe_code)]
+
+pub mod archive;
+pub mod buildcache;
+pub mod content;
+pub mod gc;
+pub mod images;
+pub mod layer;
+pub mod reference;
+pub mod snapshot;
+pub mod store;
+pub mod verify;
+
+pub use kiln_dag::Digest;
+pub use oci_spec;
+pub use store::Store;

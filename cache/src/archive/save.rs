@@ -1,0 +1,256 @@
+//! `kiln save`: images to a tar stream, as a docker-archive that is also an OCI image layout
+//! (the form Docker Engine 25+ writes, which older engines load through `manifest.json`), or as
+//! a plain OCI image layout.
+//!
+//! Blobs are streamed from the content store straight into the tar (no copies), each blob once
+//! however many images share it, and re-hashed on the way so a damaged store never produces an
+//! archive that claims a digest its content does not have.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Read, Write};
+
+use kiln_dag::Digest;
+use oci_spec::image::{Descriptor, MediaType};
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+
+use crate::content::ContentError;
+use crate::images::{oci_digest, Image};
+use crate::reference::Reference;
+use crate::store::Store;
+
+/// A failure writing an archive.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// A blob could not be opened.
+    #[error("failed to open blob {digest}")]
+    Open {
+        /// The blob.
+        digest: Digest,
+        /// The cause.
+        #[source]
+        source: ContentError,
+    },
+    /// Writing an entry to the output failed.
+    #[error("failed to write archive entry `{entry}`")]
+    Write {
+        /// The tar entry.
+        entry: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A blob's content does not match its digest.
+    #[error(
+        "blob {digest} in the store is damaged: its content hashes to {actual}; run `kiln store verify`"
+    )]
+    Damaged {
+        /// The blob's name.
+        digest: Digest,
+        /// What it hashes to.
+        actual: Digest,
+    },
+    /// Encoding a JSON file failed.
+    #[error("failed to encode `{entry}`")]
+    Encode {
+        /// The tar entry.
+        entry: String,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The layout of the archive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// OCI layout plus `manifest.json` and `repositories` for `docker load`.
+    Docker,
+    /// OCI layout only, tags as `org.opencontainers.image.ref.name` annotations.
+    Oci,
+}
+
+/// One image to save and the tags to save it under (none: saved by ID only).
+#[derive(Clone, Debug)]
+pub struct SaveItem {
+    /// The image.
+    pub image: Image,
+    /// Its tags in the archive.
+    pub tags: Vec<Reference>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct DockerManifestEntry {
+    config: String,
+    repo_tags: Vec<String>,
+    layers: Vec<String>,
+}
+
+fn blob_path(d: &Digest) -> String {
+    format!("blobs/sha256/{}", d.hex())
+}
+
+fn header(size: u64, kind: tar::EntryType, mode: u32) -> tar::Header {
+    // ustar holds sizes below 8 GiB; GNU's binary size field holds the rest.
+    let mut h = if size < (1 << 33) {
+        tar::Header::new_ustar()
+    } else {
+        tar::Header::new_gnu()
+    };
+    h.set_size(size);
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Writes `items` as a tar archive in `format` to `out`, streaming blobs from the store.
+pub fn save(store: &Store, items: &[SaveItem], format: Format, out: impl Write) -> Result<(), SaveError> {
+    let mut tar = tar::Builder::new(io::BufWriter::with_capacity(1 << 20, out));
+    let write_err = |entry: &str| {
+        let entry = entry.to_string();
+        move |source| SaveError::Write { entry, source }
+    };
+    for dir in ["blobs/", "blobs/sha256/"] {
+        let mut h = header(0, tar::EntryType::Directory, 0o755);
+        tar.append_data(&mut h, dir, io::empty())
+            .map_err(write_err(dir))?;
+    }
+    let mut written = BTreeSet::new();
+    for item in items {
+        let img = &item.image;
+        for d in img
+            .layers
+            .iter()
+            .map(|l| l.digest)
+            .chain([img.config_digest, img.manifest_digest])
+        {
+            if !written.insert(d) {
+                continue;
+            }
+            let entry = blob_path(&d);
+            let file = store
+                .content()
+                .open(&d)
+                .map_err(|source| SaveError::Open { digest: d, source })?;
+            let size = file
+                .metadata()
+                .map_err(|e| SaveError::Open {
+                    digest: d,
+                    source: ContentError::Open {
+                        digest: d,
+                        path: store.content().path(&d),
+                        source: e,
+                    },
+                })?
+                .len();
+            let mut h = header(size, tar::EntryType::Regular, 0o444);
+            let mut reader = HashingReader {
+                inner: file,
+                hasher: Sha256::new(),
+            };
+            tar.append_data(&mut h, &entry, &mut reader)
+                .map_err(write_err(&entry))?;
+            let actual = Digest(reader.hasher.finalize().into());
+            if actual != d {
+                return Err(SaveError::Damaged { digest: d, actual });
+            }
+        }
+    }
+
+    let add_json = |tar: &mut tar::Builder<_>, name: &str, bytes: &[u8]| -> Result<(), SaveError> {
+        let mut h = header(bytes.len() as u64, tar::EntryType::Regular, 0o644);
+        tar.append_data(&mut h, name, bytes).map_err(write_err(name))
+    };
+    add_json(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+
+    let mut manifests = Vec::new();
+    for item in items {
+        let img = &item.image;
+        let mut desc = Descriptor::new(
+            MediaType::ImageManifest,
+            img.manifest_bytes.len() as u64,
+            oci_digest(&img.manifest_digest),
+        );
+        if let Some(mt) = img.manifest.media_type() {
+            desc.set_media_type(mt.clone());
+        }
+        if item.tags.is_empty() {
+            manifests.push(desc);
+            continue;
+        }
+        for t in &item.tags {
+            let mut d = desc.clone();
+            let mut ann = std::collections::HashMap::new();
+            ann.insert("io.containerd.image.name".to_string(), t.to_string());
+            ann.insert(
+                "org.opencontainers.image.ref.name".to_string(),
+                t.tag().unwrap_or("latest").to_string(),
+            );
+            d.set_annotations(Some(ann));
+            manifests.push(d);
+        }
+    }
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    });
+    let bytes = serde_json::to_vec(&index).map_err(|source| SaveError::Encode {
+        entry: "index.json".into(),
+        source,
+    })?;
+    add_json(&mut tar, "index.json", &bytes)?;
+
+    if format == Format::Docker {
+        let mut entries = Vec::new();
+        let mut repositories: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for item in items {
+            let img = &item.image;
+            entries.push(DockerManifestEntry {
+                config: blob_path(&img.config_digest),
+                repo_tags: item.tags.iter().map(|t| t.familiar()).collect(),
+                layers: img.layers.iter().map(|l| blob_path(&l.digest)).collect(),
+            });
+            for t in &item.tags {
+                if let Some(tag) = t.tag() {
+                    repositories
+                        .entry(t.familiar_repository())
+                        .or_default()
+                        .insert(tag.to_string(), img.config_digest.hex());
+                }
+            }
+        }
+        let bytes = serde_json::to_vec(&entries).map_err(|source| SaveError::Encode {
+            entry: "manifest.json".into(),
+            source,
+        })?;
+        add_json(&mut tar, "manifest.json", &bytes)?;
+        if !repositories.is_empty() {
+            let bytes = serde_json::to_vec(&repositories).map_err(|source| SaveError::Encode {
+                entry: "repositories".into(),
+                source,
+            })?;
+            add_json(&mut tar, "repositories", &bytes)?;
+        }
+    }
+    let mut inner = tar.into_inner().map_err(write_err("end of archive"))?;
+    inner.flush().map_err(write_err("end of archive"))?;
+    Ok(())
+}

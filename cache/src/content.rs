@@ -1,0 +1,451 @@
+//! The content store: blobs addressed by sha256 under `ROOT/blobs/sha256/<hex>`.
+//!
+//! Architecture invariant: a blob is visible under its digest only after it was fully written to
+//! a temp file in `ROOT/ingest/`, fsynced, verified against the expected digest and renamed into
+//! place. A crash leaves at most a temp file in `ingest/`, never a partial blob under a real name.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kiln_dag::Digest;
+use sha2::{Digest as _, Sha256};
+
+/// Size of the copy buffer used when streaming blobs.
+const BUF_SIZE: usize = 1 << 20;
+
+/// A failure of the content store.
+#[derive(Debug, thiserror::Error)]
+pub enum ContentError {
+    /// The store directories could not be created.
+    #[error("failed to create directory `{path}`")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A temp file could not be created in `ingest/`.
+    #[error("failed to create temp file `{path}`")]
+    CreateTemp {
+        /// The temp file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The blob's source could not be read.
+    #[error("failed to read blob content (after {read} bytes)")]
+    ReadInput {
+        /// Bytes read before the failure.
+        read: u64,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The temp file could not be written or synced.
+    #[error("failed to write `{path}`")]
+    Write {
+        /// The temp file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The content does not hash to the expected digest.
+    #[error("digest mismatch: expected {expected}, got {actual} ({size} bytes)")]
+    Mismatch {
+        /// The digest the caller announced.
+        expected: Digest,
+        /// The digest of the bytes received.
+        actual: Digest,
+        /// Bytes received.
+        size: u64,
+    },
+    /// The verified temp file could not be renamed into place.
+    #[error("failed to rename `{from}` to `{to}`")]
+    Rename {
+        /// The temp file.
+        from: PathBuf,
+        /// The blob path.
+        to: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A blob could not be opened or examined.
+    #[error("failed to open blob {digest} at `{path}`")]
+    Open {
+        /// The blob's digest.
+        digest: Digest,
+        /// The blob path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The blob directory could not be listed.
+    #[error("failed to list `{path}`")]
+    List {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A blob could not be removed.
+    #[error("failed to delete `{path}`")]
+    Delete {
+        /// The blob path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A blob was larger than the caller allows to read into memory.
+    #[error("blob {digest} is {size} bytes, more than the {limit} bytes allowed here")]
+    TooLarge {
+        /// The blob's digest.
+        digest: Digest,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A blob could not be read back.
+    #[error("failed to read blob `{path}`")]
+    ReadBlob {
+        /// The blob path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The blob store under a store root. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ContentStore {
+    blobs: PathBuf,
+    ingest: PathBuf,
+}
+
+/// A blob written and verified in `ingest/` but not yet visible under its digest.
+///
+/// [`Staged::commit`] renames it into place; dropping it uncommitted removes the temp file.
+#[derive(Debug)]
+pub struct Staged {
+    temp: PathBuf,
+    dest: PathBuf,
+    digest: Digest,
+    size: u64,
+    committed: bool,
+}
+
+impl Staged {
+    /// The digest of the staged content.
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+
+    /// The size of the staged content in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The temp file holding the content, for reading it back before committing.
+    pub fn temp_path(&self) -> &Path {
+        &self.temp
+    }
+
+    /// Makes the blob visible under its digest (an existing blob with that digest is kept).
+    pub fn commit(mut self) -> Result<Digest, ContentError> {
+        if self.dest.exists() {
+            // Same digest, same content: keep the existing file, drop ours.
+            let _ = fs::remove_file(&self.temp);
+        } else {
+            fs::rename(&self.temp, &self.dest).map_err(|source| ContentError::Rename {
+                from: self.temp.clone(),
+                to: self.dest.clone(),
+                source,
+            })?;
+            if let Some(dir) = self.dest.parent() {
+                // Persist the rename; a failure here only weakens crash safety, not correctness.
+                if let Ok(d) = File::open(dir) {
+                    let _ = d.sync_all();
+                }
+            }
+        }
+        self.committed = true;
+        Ok(self.digest)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl ContentStore {
+    /// The content store of the store rooted at `root`, creating its directories.
+    pub fn at(root: &Path) -> Result<ContentStore, ContentError> {
+        let blobs = root.join("blobs").join("sha256");
+        let ingest = root.join("ingest");
+        for dir in [&blobs, &ingest] {
+            fs::create_dir_all(dir).map_err(|source| ContentError::CreateDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        Ok(ContentStore { blobs, ingest })
+    }
+
+    /// Where the blob `digest` lives (whether or not it exists).
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.blobs.join(digest.hex())
+    }
+
+    /// The directory temp files are written to.
+    pub fn ingest_dir(&self) -> &Path {
+        &self.ingest
+    }
+
+    /// Whether the blob exists.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.path(digest).is_file()
+    }
+
+    /// The blob's size in bytes.
+    pub fn size(&self, digest: &Digest) -> Result<u64, ContentError> {
+        let path = self.path(digest);
+        fs::metadata(&path)
+            .map(|m| m.len())
+            .map_err(|source| ContentError::Open {
+                digest: *digest,
+                path,
+                source,
+            })
+    }
+
+    /// Opens the blob for reading.
+    pub fn open(&self, digest: &Digest) -> Result<File, ContentError> {
+        let path = self.path(digest);
+        File::open(&path).map_err(|source| ContentError::Open {
+            digest: *digest,
+            path,
+            source,
+        })
+    }
+
+    /// Reads a whole blob into memory, refusing blobs larger than `limit` bytes.
+    pub fn read_limited(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>, ContentError> {
+        let mut file = self.open(digest)?;
+        let size = self.size(digest)?;
+        if size > limit {
+            return Err(ContentError::TooLarge {
+                digest: *digest,
+                size,
+                limit,
+            });
+        }
+        let mut out = Vec::with_capacity(size as usize);
+        file.read_to_end(&mut out)
+            .map_err(|source| ContentError::ReadBlob {
+                path: self.path(digest),
+                source,
+            })?;
+        Ok(out)
+    }
+
+    /// Stores `bytes` and returns their digest.
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<Digest, ContentError> {
+        let digest = Digest::of(bytes);
+        if self.contains(&digest) {
+            return Ok(digest);
+        }
+        self.write_blob(bytes, Some(&digest)).map(|(d, _)| d)
+    }
+
+    /// Streams `reader` into the store: through sha256 into a temp file, fsync, verify against
+    /// `expected` (when given), rename into place. Returns the digest and size.
+    pub fn write_blob(
+        &self,
+        reader: impl Read,
+        expected: Option<&Digest>,
+    ) -> Result<(Digest, u64), ContentError> {
+        let staged = self.stage(reader, expected)?;
+        let size = staged.size();
+        let digest = staged.commit()?;
+        Ok((digest, size))
+    }
+
+    /// Like [`ContentStore::write_blob`] but leaves the verified blob in `ingest/` until
+    /// [`Staged::commit`], so a multi-blob operation can verify everything before publishing.
+    pub fn stage(&self, mut reader: impl Read, expected: Option<&Digest>) -> Result<Staged, ContentError> {
+        let (temp, file) = self.create_temp()?;
+        let mut staged = Staged {
+            temp: temp.clone(),
+            dest: PathBuf::new(),
+            digest: Digest([0; 32]),
+            size: 0,
+            committed: false,
+        };
+        let mut writer = std::io::BufWriter::with_capacity(BUF_SIZE, file);
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut size = 0u64;
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(ContentError::ReadInput { read: size, source }),
+            };
+            hasher.update(&buf[..n]);
+            writer
+                .write_all(&buf[..n])
+                .map_err(|source| ContentError::Write {
+                    path: temp.clone(),
+                    source,
+                })?;
+            size += n as u64;
+        }
+        let file = writer.into_inner().map_err(|e| ContentError::Write {
+            path: temp.clone(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(|source| ContentError::Write {
+            path: temp.clone(),
+            source,
+        })?;
+        let actual = Digest(hasher.finalize().into());
+        if let Some(expected) = expected {
+            if *expected != actual {
+                return Err(ContentError::Mismatch {
+                    expected: *expected,
+                    actual,
+                    size,
+                });
+            }
+        }
+        staged.digest = actual;
+        staged.size = size;
+        staged.dest = self.path(&actual);
+        Ok(staged)
+    }
+
+    fn create_temp(&self) -> Result<(PathBuf, File), ContentError> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        loop {
+            let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+            let path = self
+                .ingest
+                .join(format!("{}-{nanos:09}-{n}.tmp", std::process::id()));
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(f) => return Ok((path, f)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(source) => return Err(ContentError::CreateTemp { path, source }),
+            }
+        }
+    }
+
+    /// Every blob in the store, sorted. Files whose names are not sha256 hex are skipped (and
+    /// reported by `verify`).
+    pub fn list(&self) -> Result<Vec<Digest>, ContentError> {
+        let mut out = Vec::new();
+        let entries = fs::read_dir(&self.blobs).map_err(|source| ContentError::List {
+            path: self.blobs.clone(),
+            source,
+        })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| ContentError::List {
+                path: self.blobs.clone(),
+                source,
+            })?;
+            let name = entry.file_name();
+            if let Some(d) = name
+                .to_str()
+                .and_then(|n| Digest::parse(&format!("sha256:{n}")).ok())
+            {
+                out.push(d);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes a blob; removing a missing blob is not an error.
+    pub fn delete(&self, digest: &Digest) -> Result<(), ContentError> {
+        let path = self.path(digest);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(ContentError::Delete { path, source }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_verify_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = ContentStore::at(dir.path()).unwrap();
+        let d = cs.put_bytes(b"hello").unwrap();
+        assert_eq!(d, Digest::of(b"hello"));
+        assert!(cs.contains(&d));
+        assert_eq!(cs.size(&d).unwrap(), 5);
+        assert_eq!(cs.read_limited(&d, 10).unwrap(), b"hello");
+        assert!(matches!(
+            cs.read_limited(&d, 2),
+            Err(ContentError::TooLarge { .. })
+        ));
+        assert_eq!(cs.list().unwrap(), vec![d]);
+        cs.delete(&d).unwrap();
+        assert!(!cs.contains(&d));
+        cs.delete(&d).unwrap();
+    }
+
+    #[test]
+    fn mismatch_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = ContentStore::at(dir.path()).unwrap();
+        let wrong = Digest::of(b"other");
+        let err = cs.write_blob(&b"hello"[..], Some(&wrong)).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&wrong.to_string()) && msg.contains(&Digest::of(b"hello").to_string()),
+            "{msg}"
+        );
+        assert!(cs.list().unwrap().is_empty());
+        assert_eq!(fs::read_dir(cs.ingest_dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn staged_blob_is_invisible_until_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = ContentStore::at(dir.path()).unwrap();
+        let staged = cs.stage(&b"abc"[..], None).unwrap();
+        let d = staged.digest();
+        assert!(!cs.contains(&d));
+        assert_eq!(fs::read(staged.temp_path()).unwrap(), b"abc");
+        drop(staged);
+        assert!(!cs.contains(&d));
+        assert_eq!(fs::read_dir(cs.ingest_dir()).unwrap().count(), 0);
+        let staged = cs.stage(&b"abc"[..], Some(&d)).unwrap();
+        staged.commit().unwrap();
+        assert!(cs.contains(&d));
+    }
+}

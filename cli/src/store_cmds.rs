@@ -1,0 +1,921 @@
+//! Store subcommands: import, load, save, images, tag, rmi, inspect, history, image prune,
+//! system df, store verify. Flags and output follow Docker's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{self, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use kiln_cache::archive::import::{import_rootfs, ImportOptions};
+use kiln_cache::archive::load::load;
+use kiln_cache::archive::save::{save, Format, SaveItem};
+use kiln_cache::gc::{self, PruneOptions};
+use kiln_cache::images::{Image, ImageError, ImageStore};
+use kiln_cache::reference::Reference;
+use kiln_cache::store::Store;
+use kiln_cache::Digest;
+
+use crate::Globals;
+
+/// The store commands, flattened into kiln's top level.
+#[derive(Subcommand, Debug)]
+pub enum StoreCmd {
+    /// Import the contents from a tarball to create a filesystem image
+    Import(ImportArgs),
+    /// Load an image from a tar archive or STDIN
+    Load(LoadArgs),
+    /// Save one or more images to a tar archive (streamed to STDOUT by default)
+    Save(SaveArgs),
+    /// List images
+    Images(ImagesArgs),
+    /// Create a tag TARGET_IMAGE that refers to SOURCE_IMAGE
+    Tag(TagArgs),
+    /// Remove one or more images
+    Rmi(RmiArgs),
+    /// Return low-level information on images
+    Inspect(InspectArgs),
+    /// Show the history of an image
+    History(HistoryArgs),
+    /// Manage images
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Manage kiln
+    #[command(subcommand)]
+    System(SystemCmd),
+    /// Check the store
+    #[command(subcommand, name = "store")]
+    StoreGroup(StoreGroupCmd),
+}
+
+/// `kiln image ...`.
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// List images
+    #[command(alias = "list")]
+    Ls(ImagesArgs),
+    /// Remove one or more images
+    #[command(alias = "remove")]
+    Rm(RmiArgs),
+    /// Remove unused images
+    Prune(PruneArgs),
+    /// Display detailed information on one or more images
+    Inspect(InspectArgs),
+    /// Show the history of an image
+    History(HistoryArgs),
+    /// Create a tag TARGET_IMAGE that refers to SOURCE_IMAGE
+    Tag(TagArgs),
+    /// Import the contents from a tarball to create a filesystem image
+    Import(ImportArgs),
+    /// Load an image from a tar archive or STDIN
+    Load(LoadArgs),
+    /// Save one or more images to a tar archive
+    Save(SaveArgs),
+}
+
+/// `kiln system ...`.
+#[derive(Subcommand, Debug)]
+pub enum SystemCmd {
+    /// Show kiln disk usage
+    Df,
+}
+
+/// `kiln store ...`.
+#[derive(Subcommand, Debug)]
+pub enum StoreGroupCmd {
+    /// Re-hash every blob and check every image reference; exits 1 on damage
+    Verify,
+}
+
+/// `kiln import`.
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// Rootfs tarball (plain, gzip, zstd, bzip2 or xz), or `-` for STDIN
+    file: String,
+    /// Repository and tag for the image
+    reference: Option<String>,
+    /// Set commit message for imported image
+    #[arg(short, long)]
+    message: Option<String>,
+}
+
+/// `kiln load`.
+#[derive(Args, Debug)]
+pub struct LoadArgs {
+    /// Read from tar archive file, instead of STDIN
+    #[arg(short, long)]
+    input: Option<PathBuf>,
+    /// Suppress the load output
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+/// Archive format of `kiln save`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SaveFormat {
+    /// docker-archive that is also an OCI layout (loads into any Docker)
+    Docker,
+    /// OCI image layout
+    Oci,
+}
+
+/// `kiln save`.
+#[derive(Args, Debug)]
+pub struct SaveArgs {
+    /// Write to a file, instead of STDOUT
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Archive format
+    #[arg(long, value_enum, default_value = "docker")]
+    format: SaveFormat,
+    /// Images to save
+    #[arg(required = true)]
+    images: Vec<String>,
+}
+
+/// `kiln images`.
+#[derive(Args, Debug)]
+pub struct ImagesArgs {
+    /// Show all images (kiln keeps no intermediate images, so this changes nothing)
+    #[arg(short, long)]
+    all: bool,
+    /// Only show image IDs
+    #[arg(short, long)]
+    quiet: bool,
+    /// Show digests
+    #[arg(long)]
+    digests: bool,
+    /// Don't truncate output
+    #[arg(long)]
+    no_trunc: bool,
+    /// Only images of this repository (and tag)
+    repository: Option<String>,
+}
+
+/// `kiln tag`.
+#[derive(Args, Debug)]
+pub struct TagArgs {
+    /// SOURCE_IMAGE[:TAG]
+    source: String,
+    /// TARGET_IMAGE[:TAG]
+    target: String,
+}
+
+/// `kiln rmi`.
+#[derive(Args, Debug)]
+pub struct RmiArgs {
+    /// Force removal of the image
+    #[arg(short, long)]
+    force: bool,
+    /// Images to remove
+    #[arg(required = true)]
+    images: Vec<String>,
+}
+
+/// `kiln inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Images to inspect
+    #[arg(required = true)]
+    images: Vec<String>,
+}
+
+/// `kiln history`.
+#[derive(Args, Debug)]
+pub struct HistoryArgs {
+    /// Image
+    image: String,
+    /// Don't truncate output
+    #[arg(long)]
+    no_trunc: bool,
+    /// Only show image IDs
+    #[arg(short, long)]
+    quiet: bool,
+    /// Print sizes and dates in human readable format
+    #[arg(short = 'H', long, default_value_t = true, action = clap::ArgAction::Set)]
+    human: bool,
+}
+
+/// `kiln image prune`.
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// Remove all unused images, not just dangling ones
+    #[arg(short, long)]
+    all: bool,
+    /// Do not prompt for confirmation
+    #[arg(short, long)]
+    force: bool,
+    /// Fail instead of waiting when builds hold the store
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// Runs one store command.
+pub fn run(cmd: StoreCmd, g: &Globals) -> anyhow::Result<ExitCode> {
+    let store = Store::open(&g.root)
+        .with_context(|| format!("failed to open the store at `{}`", g.root.display()))?;
+    match cmd {
+        StoreCmd::Import(a) | StoreCmd::Image(ImageCmd::Import(a)) => cmd_import(&store, a),
+        StoreCmd::Load(a) | StoreCmd::Image(ImageCmd::Load(a)) => cmd_load(&store, a),
+        StoreCmd::Save(a) | StoreCmd::Image(ImageCmd::Save(a)) => cmd_save(&store, a),
+        StoreCmd::Images(a) | StoreCmd::Image(ImageCmd::Ls(a)) => cmd_images(&store, a),
+        StoreCmd::Tag(a) | StoreCmd::Image(ImageCmd::Tag(a)) => cmd_tag(&store, a),
+        StoreCmd::Rmi(a) | StoreCmd::Image(ImageCmd::Rm(a)) => cmd_rmi(&store, a),
+        StoreCmd::Inspect(a) | StoreCmd::Image(ImageCmd::Inspect(a)) => cmd_inspect(&store, a),
+        StoreCmd::History(a) | StoreCmd::Image(ImageCmd::History(a)) => cmd_history(&store, a),
+        StoreCmd::Image(ImageCmd::Prune(a)) => cmd_prune(&store, a),
+        StoreCmd::System(SystemCmd::Df) => cmd_df(&store),
+        StoreCmd::StoreGroup(StoreGroupCmd::Verify) => cmd_verify(&store),
+    }
+}
+
+fn cmd_import(store: &Store, a: ImportArgs) -> anyhow::Result<ExitCode> {
+    let reference = a.reference.as_deref().map(Reference::parse).transpose()?;
+    let opts = ImportOptions {
+        message: a.message,
+        reference,
+    };
+    let image = if a.file == "-" {
+        import_rootfs(store, io::stdin().lock(), "-", &opts)?
+    } else {
+        let f = File::open(&a.file).with_context(|| format!("failed to open `{}`", a.file))?;
+        import_rootfs(store, f, &a.file, &opts)?
+    };
+    println!("{}", image.id());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_load(store: &Store, a: LoadArgs) -> anyhow::Result<ExitCode> {
+    let loaded = match &a.input {
+        Some(path) => {
+            let f = File::open(path).with_context(|| format!("failed to open `{}`", path.display()))?;
+            load(store, f, &path.display().to_string())?
+        }
+        None => {
+            if io::stdin().is_terminal() {
+                bail!("requested load from stdin, but stdin is a terminal; use -i FILE or redirect");
+            }
+            load(store, io::stdin().lock(), "-")?
+        }
+    };
+    let mut out = io::stdout().lock();
+    for img in loaded {
+        if img.tags.is_empty() {
+            writeln!(out, "Loaded image ID: {}", img.id)?;
+        }
+        for t in img.tags {
+            writeln!(out, "Loaded image: {}", t.familiar())?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether the user wrote a tag or digest (Reference::parse adds `latest` when they did not).
+fn names_tag(input: &str) -> bool {
+    let last = input.rsplit('/').next().unwrap_or(input);
+    last.contains(':') || input.contains('@')
+}
+
+fn cmd_save(store: &Store, a: SaveArgs) -> anyhow::Result<ExitCode> {
+    let images = store.images();
+    let index = images.index()?;
+    // Manifest digest -> tags, in argument order.
+    let mut order: Vec<Digest> = Vec::new();
+    let mut tags: BTreeMap<Digest, Vec<Reference>> = BTreeMap::new();
+    for name in &a.images {
+        let mut add = |m: Digest, t: Option<Reference>| {
+            if !order.contains(&m) {
+                order.push(m);
+            }
+            let list = tags.entry(m).or_default();
+            if let Some(t) = t {
+                if !list.contains(&t) {
+                    list.push(t);
+                }
+            }
+        };
+        // `repo` without a tag saves every tag of the repository, as `docker save` does.
+        if let Ok(r) = Reference::parse(name) {
+            if !names_tag(name) {
+                let repo = r.repository();
+                let matching: Vec<(String, Digest)> = index
+                    .tags
+                    .iter()
+                    .filter(|(t, _)| {
+                        Reference::parse(t)
+                            .map(|t| t.repository() == repo)
+                            .unwrap_or(false)
+                    })
+                    .map(|(t, d)| (t.clone(), *d))
+                    .collect();
+                if !matching.is_empty() {
+                    for (t, d) in matching {
+                        add(d, Reference::parse(&t).ok());
+                    }
+                    continue;
+                }
+            }
+        }
+        let m = images.resolve_digest(name)?;
+        let tag = Reference::parse(name)
+            .ok()
+            .filter(|r| r.tag().is_some() && r.digest().is_none() && index.tags.contains_key(&r.to_string()));
+        add(m, tag);
+    }
+    let mut items = Vec::new();
+    for m in order {
+        items.push(SaveItem {
+            image: images.get(&m)?,
+            tags: tags.remove(&m).unwrap_or_default(),
+        });
+    }
+    let format = match a.format {
+        SaveFormat::Docker => Format::Docker,
+        SaveFormat::Oci => Format::Oci,
+    };
+    match &a.output {
+        Some(path) => {
+            // Write next to the destination and rename, so a failed save leaves no partial file.
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let temp = dir.join(format!(".{name}.kiln-{}.tmp", std::process::id()));
+            let file =
+                File::create(&temp).with_context(|| format!("failed to create `{}`", temp.display()))?;
+            let result = save(store, &items, format, &file)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| {
+                    file.sync_all()
+                        .with_context(|| format!("failed to write `{}`", temp.display()))?;
+                    std::fs::rename(&temp, path).with_context(|| {
+                        format!("failed to rename `{}` to `{}`", temp.display(), path.display())
+                    })
+                });
+            if result.is_err() {
+                let _ = std::fs::remove_file(&temp);
+            }
+            result.with_context(|| format!("failed to save to `{}`", path.display()))?;
+        }
+        None => {
+            let stdout = io::stdout();
+            if stdout.is_terminal() {
+                bail!("cowardly refusing to save to a terminal. Use the -o flag or redirect");
+            }
+            save(store, &items, format, stdout.lock())?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Docker's `units.HumanSizeWithPrecision(size, 3)`: decimal units, 3 significant digits.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 9] = ["B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < UNITS.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    let s = if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    };
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    };
+    format!("{s}{}", UNITS[i])
+}
+
+/// Docker's `units.HumanDuration` + " ago".
+pub fn human_ago(created: Option<&str>) -> String {
+    let Some(t) = created
+        .and_then(|c| time::OffsetDateTime::parse(c, &time::format_description::well_known::Rfc3339).ok())
+    else {
+        return "N/A".to_string();
+    };
+    let secs = (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0);
+    let (m, h) = (secs / 60, secs / 3600);
+    let d = match () {
+        _ if secs < 1 => "Less than a second".to_string(),
+        _ if secs == 1 => "1 second".to_string(),
+        _ if secs < 60 => format!("{secs} seconds"),
+        _ if m == 1 => "About a minute".to_string(),
+        _ if m < 60 => format!("{m} minutes"),
+        _ if h == 1 => "About an hour".to_string(),
+        _ if h < 48 => format!("{h} hours"),
+        _ if h < 24 * 7 * 2 => format!("{} days", h / 24),
+        _ if h < 24 * 30 * 2 => format!("{} weeks", h / 24 / 7),
+        _ if h < 24 * 365 * 2 => format!("{} months", h / 24 / 30),
+        _ => format!("{} years", h / 24 / 365),
+    };
+    format!("{d} ago")
+}
+
+/// Prints rows as Docker's tabwriter does: columns padded to their widest cell plus 3 spaces.
+fn print_table(rows: &[Vec<String>]) -> io::Result<()> {
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut widths = vec![0; cols];
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = io::stdout().lock();
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            line.push_str(c);
+            if i + 1 < r.len() {
+                line.push_str(&" ".repeat(widths[i] - c.chars().count() + 3));
+            }
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+fn short(d: &Digest, no_trunc: bool) -> String {
+    if no_trunc {
+        d.to_string()
+    } else {
+        d.hex()[..12].to_string()
+    }
+}
+
+fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
+    let _ = a.all;
+    let images = store.images();
+    let filter = match &a.repository {
+        Some(f) => Some((Reference::parse(f)?, names_tag(f))),
+        None => None,
+    };
+    let mut rows: Vec<(Option<String>, Vec<String>, Digest)> = Vec::new();
+    for (manifest, _, tags) in images.list()? {
+        let img = match images.get(&manifest) {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("warning: skipping image {manifest}: {e}");
+                continue;
+            }
+        };
+        let entries: Vec<Option<&Reference>> = if tags.is_empty() {
+            vec![None]
+        } else {
+            tags.iter().map(Some).collect()
+        };
+        for t in entries {
+            if let Some((f, with_tag)) = &filter {
+                let Some(t) = t else { continue };
+                if t.repository() != f.repository() || (*with_tag && t.tag() != f.tag()) {
+                    continue;
+                }
+            }
+            let (repo, tag) = match t {
+                Some(t) => (t.familiar_repository(), t.tag().unwrap_or("<none>").to_string()),
+                None => ("<none>".to_string(), "<none>".to_string()),
+            };
+            let mut row = vec![repo, tag];
+            if a.digests {
+                row.push(manifest.to_string());
+            }
+            row.push(short(&img.id(), a.no_trunc));
+            row.push(human_ago(img.config.created.as_deref()));
+            row.push(human_size(img.size()));
+            rows.push((img.config.created.clone(), row, img.id()));
+        }
+    }
+    // Newest first, as Docker lists them.
+    rows.sort_by(|x, y| y.0.cmp(&x.0).then_with(|| x.1.cmp(&y.1)));
+    if a.quiet {
+        let mut seen = BTreeSet::new();
+        for (_, _, id) in rows {
+            if seen.insert(id) {
+                println!("{}", short(&id, a.no_trunc));
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut header = vec!["REPOSITORY".to_string(), "TAG".to_string()];
+    if a.digests {
+        header.push("DIGEST".to_string());
+    }
+    header.extend(["IMAGE ID", "CREATED", "SIZE"].map(String::from));
+    let mut table = vec![header];
+    table.extend(rows.into_iter().map(|r| r.1));
+    print_table(&table)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_tag(store: &Store, a: TagArgs) -> anyhow::Result<ExitCode> {
+    let images = store.images();
+    let m = images.resolve_digest(&a.source)?;
+    let target = Reference::parse(&a.target)?;
+    images.tag(&target, &m)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_rmi(store: &Store, a: RmiArgs) -> anyhow::Result<ExitCode> {
+    let images = store.images();
+    let mut failed = false;
+    let mut out = io::stdout().lock();
+    for name in &a.images {
+        match rmi_one(&images, name, a.force, &mut out) {
+            Ok(()) => {}
+            Err(e) => {
+                eprintln!("Error: {e:#}");
+                failed = true;
+            }
+        }
+    }
+    if let Err(e) = gc::collect_if_idle(store) {
+        eprintln!("warning: unreferenced blobs were not removed: {e:#}");
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn rmi_one(images: &ImageStore, name: &str, force: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let manifest = images.resolve_digest(name)?;
+    let image = images.get(&manifest)?;
+    let index = images.index()?;
+    let tags = index.tags_of(&manifest);
+    let containers = images.containers_using(&image)?;
+    // By tag: untag; delete only when it was the last tag.
+    let by_tag = Reference::parse(name)
+        .ok()
+        .filter(|r| r.digest().is_none() && index.tags.get(&r.to_string()) == Some(&manifest));
+    if let Some(r) = by_tag {
+        if tags.len() > 1 {
+            images.untag(&r)?;
+            writeln!(out, "Untagged: {}", r.familiar())?;
+            return Ok(());
+        }
+        if let Some(c) = containers.first() {
+            if !force {
+                bail!(
+                    "conflict: unable to remove repository reference \"{name}\" (must force) - container {} is using its referenced image {}",
+                    &c[..c.len().min(12)],
+                    image.short_id()
+                );
+            }
+            images.untag(&r)?;
+            writeln!(out, "Untagged: {}", r.familiar())?;
+            return Ok(());
+        }
+        images.delete(&manifest)?;
+        writeln!(out, "Untagged: {}", r.familiar())?;
+        writeln!(out, "Deleted: {}", image.id())?;
+        return Ok(());
+    }
+    // By ID or digest: refuse when it would drop several tags, unless forced.
+    if tags.len() > 1 && !force {
+        bail!(
+            "conflict: unable to delete {} (must be forced) - image is referenced in multiple repositories",
+            image.short_id()
+        );
+    }
+    if let Some(c) = containers.first() {
+        bail!(
+            "conflict: unable to delete {} (cannot be forced) - image is being used by container {}",
+            image.short_id(),
+            &c[..c.len().min(12)]
+        );
+    }
+    images.delete(&manifest)?;
+    for t in tags {
+        writeln!(out, "Untagged: {}", t.familiar())?;
+    }
+    writeln!(out, "Deleted: {}", image.id())?;
+    Ok(())
+}
+
+fn inspect_json(images: &ImageStore, image: &Image) -> Result<serde_json::Value, ImageError> {
+    let index = images.index()?;
+    let record = index.images.get(&image.manifest_digest).cloned();
+    let tags: Vec<String> = index
+        .tags_of(&image.manifest_digest)
+        .iter()
+        .map(|t| t.familiar())
+        .collect();
+    let mut repos: Vec<String> = index
+        .tags_of(&image.manifest_digest)
+        .iter()
+        .map(|t| format!("{}@{}", t.familiar_repository(), image.manifest_digest))
+        .collect();
+    repos.dedup();
+    let c = &image.config;
+    let comment = c
+        .history
+        .last()
+        .and_then(|h| h.comment.clone())
+        .unwrap_or_default();
+    let mut v = serde_json::json!({
+        "Id": image.id().to_string(),
+        "RepoTags": tags,
+        "RepoDigests": repos,
+        "Parent": "",
+        "Comment": comment,
+        "Created": c.created.clone().unwrap_or_default(),
+        "DockerVersion": "",
+        "Author": c.author.clone().unwrap_or_default(),
+        "Config": c.config,
+        "Architecture": c.architecture,
+        "Os": c.os,
+        "Size": image.size(),
+        "VirtualSize": image.size(),
+        "RootFS": {
+            "Type": c.rootfs.kind,
+            "Layers": c.rootfs.diff_ids,
+        },
+        "Metadata": {
+            "LastTagTime": record.and_then(|r| r.last_tag_time).unwrap_or_else(|| "0001-01-01T00:00:00Z".to_string()),
+        },
+        "Descriptor": {
+            "mediaType": image.manifest.media_type().as_ref().map(|m| m.to_string()).unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_string()),
+            "digest": image.manifest_digest.to_string(),
+            "size": image.manifest_bytes.len(),
+        },
+    });
+    if let (Some(variant), Some(obj)) = (&c.variant, v.as_object_mut()) {
+        obj.insert("Variant".to_string(), serde_json::Value::String(variant.clone()));
+    }
+    Ok(v)
+}
+
+fn cmd_inspect(store: &Store, a: InspectArgs) -> anyhow::Result<ExitCode> {
+    let images = store.images();
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for name in &a.images {
+        match images.resolve(name).and_then(|img| inspect_json(&images, &img)) {
+            Ok(v) => out.push(v),
+            Err(ImageError::NotFound(n)) => errors.push(format!("Error: No such object: {n}")),
+            Err(e) => errors.push(format!("Error: {e}")),
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    for e in &errors {
+        eprintln!("{e}");
+    }
+    Ok(if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn ellipsis(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max - 1).collect();
+    out.push('…');
+    out
+}
+
+fn cmd_history(store: &Store, a: HistoryArgs) -> anyhow::Result<ExitCode> {
+    let image = store.images().resolve(&a.image)?;
+    let mut layers = image.layers.iter();
+    // (created, created_by, size, comment), oldest first.
+    let mut entries: Vec<(Option<String>, String, u64, String)> = Vec::new();
+    for h in &image.config.history {
+        let size = if h.empty_layer {
+            0
+        } else {
+            layers.next().map(|l| l.descriptor.size()).unwrap_or(0)
+        };
+        entries.push((
+            h.created.clone(),
+            h.created_by.clone().unwrap_or_default(),
+            size,
+            h.comment.clone().unwrap_or_default(),
+        ));
+    }
+    for l in layers {
+        entries.push((
+            image.config.created.clone(),
+            String::new(),
+            l.descriptor.size(),
+            String::new(),
+        ));
+    }
+    entries.reverse();
+    let id = short(&image.id(), a.no_trunc);
+    if a.quiet {
+        for (i, _) in entries.iter().enumerate() {
+            println!("{}", if i == 0 { id.as_str() } else { "<missing>" });
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut table = vec![["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]
+        .map(String::from)
+        .to_vec()];
+    for (i, (created, by, size, comment)) in entries.into_iter().enumerate() {
+        let by = by.replace(['\n', '\t'], " ");
+        table.push(vec![
+            if i == 0 {
+                id.clone()
+            } else {
+                "<missing>".to_string()
+            },
+            if a.human {
+                human_ago(created.as_deref())
+            } else {
+                created.unwrap_or_default()
+            },
+            if a.no_trunc { by } else { ellipsis(&by, 45) },
+            if a.human {
+                human_size(size)
+            } else {
+                size.to_string()
+            },
+            comment,
+        ]);
+    }
+    print_table(&table)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_prune(store: &Store, a: PruneArgs) -> anyhow::Result<ExitCode> {
+    if !a.force {
+        let what = if a.all {
+            "all images without at least one container associated to them"
+        } else {
+            "all dangling images"
+        };
+        eprint!("WARNING! This will remove {what}.\nAre you sure you want to continue? [y/N] ");
+        let mut answer = String::new();
+        io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let report = gc::prune(
+        store,
+        PruneOptions {
+            all: a.all,
+            wait: !a.no_wait,
+        },
+        || {
+            eprintln!("waiting for running builds to release the store...");
+        },
+    )?;
+    let mut out = io::stdout().lock();
+    if !report.deleted_images.is_empty() || !report.untagged.is_empty() {
+        writeln!(out, "Deleted Images:")?;
+        for t in &report.untagged {
+            writeln!(out, "untagged: {}", t.familiar())?;
+        }
+        for d in &report.deleted_images {
+            writeln!(out, "deleted: {d}")?;
+        }
+        writeln!(out)?;
+    }
+    writeln!(out, "Total reclaimed space: {}", human_size(report.reclaimed))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries.flatten().map(|e| dir_size(&e.path())).sum()
+}
+
+fn cmd_df(store: &Store) -> anyhow::Result<ExitCode> {
+    let images = store.images();
+    let mut all_blobs: BTreeMap<Digest, u64> = BTreeMap::new();
+    let mut active_blobs: BTreeSet<Digest> = BTreeSet::new();
+    let (mut total, mut active) = (0usize, 0usize);
+    for (manifest, _, _) in images.list()? {
+        let Ok(img) = images.get(&manifest) else { continue };
+        total += 1;
+        let used = !images.containers_using(&img)?.is_empty();
+        if used {
+            active += 1;
+        }
+        for d in img.blobs() {
+            let size = store.content().size(&d).unwrap_or(0);
+            all_blobs.insert(d, size);
+            if used {
+                active_blobs.insert(d);
+            }
+        }
+    }
+    let size: u64 = all_blobs.values().sum();
+    let reclaimable: u64 = all_blobs
+        .iter()
+        .filter(|(d, _)| !active_blobs.contains(d))
+        .map(|(_, s)| s)
+        .sum();
+    let percent = |part: u64, whole: u64| {
+        (part * 100)
+            .checked_div(whole)
+            .map(|p| format!(" ({p}%)"))
+            .unwrap_or_default()
+    };
+    let containers = std::fs::read_dir(store.containers_dir())
+        .map(|e| e.flatten().count())
+        .unwrap_or(0);
+    let cache = dir_size(&store.cache_dir()) + dir_size(&store.snapshots_dir());
+    let table = vec![
+        ["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"]
+            .map(String::from)
+            .to_vec(),
+        vec![
+            "Images".into(),
+            total.to_string(),
+            active.to_string(),
+            human_size(size),
+            format!("{}{}", human_size(reclaimable), percent(reclaimable, size)),
+        ],
+        vec![
+            "Containers".into(),
+            containers.to_string(),
+            "0".into(),
+            human_size(dir_size(&store.containers_dir())),
+            "0B".into(),
+        ],
+        vec![
+            "Local Volumes".into(),
+            "0".into(),
+            "0".into(),
+            "0B".into(),
+            "0B".into(),
+        ],
+        vec![
+            "Build Cache".into(),
+            "0".into(),
+            "0".into(),
+            human_size(cache),
+            human_size(cache),
+        ],
+    ];
+    print_table(&table)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_verify(store: &Store) -> anyhow::Result<ExitCode> {
+    let report = kiln_cache::verify::verify(store)?;
+    for p in &report.problems {
+        eprintln!("damaged: {p}");
+    }
+    println!(
+        "checked {} blobs, {} images, {} tags: {}",
+        report.blobs,
+        report.images,
+        report.tags,
+        if report.problems.is_empty() {
+            "ok".to_string()
+        } else {
+            format!("{} problems", report.problems.len())
+        }
+    );
+    Ok(if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_like_docker() {
+        assert_eq!(human_size(0), "0B");
+        assert_eq!(human_size(512), "512B");
+        assert_eq!(human_size(1234), "1.23kB");
+        assert_eq!(human_size(4_870_000), "4.87MB");
+        assert_eq!(human_size(12_300_000), "12.3MB");
+        assert_eq!(human_size(100_000_000), "100MB");
+    }
+
+    #[test]
+    fn ellipsis_truncates() {
+        assert_eq!(ellipsis("abc", 45), "abc");
+        assert_eq!(ellipsis(&"x".repeat(50), 45).chars().count(), 45);
+    }
+}

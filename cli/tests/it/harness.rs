@@ -1,0 +1,111 @@
+//! Test harness: a temp store root per test, a `kiln` command builder, the busybox base image.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// A temp directory holding a store root and scratch space, removed on drop.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+#[allow(dead_code)]
+impl Env {
+    pub fn new() -> Env {
+        Env {
+            dir: tempfile::Builder::new()
+                .prefix("kiln-it-")
+                .tempdir()
+                .expect("temp dir"),
+        }
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `kiln --root ROOT ARGS...`, not yet run.
+    pub fn kiln(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.arg("--root").arg(self.root()).args(args);
+        c
+    }
+
+    /// Runs kiln and returns its output, panicking with both streams framed if it fails.
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let out = self.kiln(args).output().expect("spawn kiln");
+        if !out.status.success() {
+            panic!("kiln {args:?} failed ({})\n{}", out.status, frame(&out));
+        }
+        out
+    }
+
+    /// Runs kiln expecting failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.kiln(args).output().expect("spawn kiln");
+        if out.status.success() {
+            panic!("kiln {args:?} should have failed\n{}", frame(&out));
+        }
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Imports the busybox base as `busybox:local`.
+    pub fn with_busybox(&self) {
+        let tar = busybox_tar();
+        self.ok(&["import", tar.to_str().expect("utf-8 path"), "busybox:local"]);
+    }
+}
+
+/// Both output streams in framed blocks, for failure messages.
+pub fn frame(out: &Output) -> String {
+    format!(
+        "---- stdout ----\n{}\n---- stderr ----\n{}\n----------------",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
+}
+
+/// A busybox rootfs tarball made once per test run by testdata/make-busybox-rootfs.sh.
+pub fn busybox_tar() -> PathBuf {
+    static TAR: OnceLock<PathBuf> = OnceLock::new();
+    TAR.get_or_init(|| {
+        let out = std::env::temp_dir().join(format!("kiln-it-busybox-{}.tar", std::process::id()));
+        let status = Command::new("bash")
+            .arg(workspace().join("testdata/make-busybox-rootfs.sh"))
+            .arg(&out)
+            .status()
+            .expect("run make-busybox-rootfs.sh");
+        assert!(
+            status.success(),
+            "testdata/make-busybox-rootfs.sh failed (needs busybox-static)"
+        );
+        out
+    })
+    .clone()
+}
+
+/// Panics unless running as root (namespaces, overlayfs, chown need it).
+pub fn require_root() {
+    assert!(
+        nix_uid() == 0,
+        "this test needs root (namespaces, overlayfs); run the suite as root as CI does"
+    );
+}
+
+fn nix_uid() -> u32 {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(u32::MAX)
+}
