@@ -1,0 +1,1362 @@
+//! The ordered list of setup steps a container's first process runs between `clone` and `execve`.
+//!
+//! [`build`] is pure: it turns prepared inputs (paths already resolved inside the root, user
+//! already resolved, descriptors already open) into [`Step`]s whose strings are all allocated up
+//! front. [`run`] executes them against a [`Sys`] without allocating, so it is safe in the child of
+//! a multithreaded process, and it reports the index of the failing step and its errno so the
+//! parent can name the step.
+
+use std::ffi::CString;
+use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::spec::Security;
+use crate::sys::{Errno, ExecArgs, FileKind, MsFlags, Sys};
+use crate::users::ResolvedUser;
+
+/// Longest option string `mount(2)` accepts: one page including the NUL.
+pub const MAX_MOUNT_DATA: usize = 4095;
+
+/// `/proc` and `/sys` paths hidden from a default container (containerd's and Docker's list).
+pub const MASKED_PATHS: [&str; 11] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// `/proc` paths made read-only in a default container.
+pub const READONLY_PATHS: [&str; 5] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// Default search path when the environment has no `PATH`.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Character devices created in the container's `/dev`: name, major, minor (Docker's set).
+const DEVICES: [(&str, u32, u32); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+/// Symlinks created in the container's `/dev`: link name, target.
+const DEV_LINKS: [(&str, &str); 5] = [
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+];
+
+/// Errors of plan building.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// A string for the kernel contains a NUL byte.
+    #[error("{what} contains a NUL byte: {value:?}")]
+    Nul {
+        /// Which value.
+        what: String,
+        /// The value.
+        value: String,
+    },
+    /// No command was given.
+    #[error("the container has no command to run")]
+    NoArgs,
+}
+
+/// How the root filesystem is mounted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootMount {
+    /// overlayfs: lower dirs top first (the runtime's stub layer last, if any).
+    Overlay {
+        /// Lower dirs, top first.
+        lower: Vec<PathBuf>,
+        /// Upper dir.
+        upper: PathBuf,
+        /// Work dir.
+        work: PathBuf,
+    },
+    /// A recursive bind mount of a directory.
+    Bind(PathBuf),
+}
+
+/// The network namespace step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetPlan {
+    /// Stay in the host's namespace.
+    Host,
+    /// A new namespace (created by `clone`); bring `lo` up.
+    New,
+    /// `setns` into the namespace open at this descriptor.
+    Join(RawFd),
+}
+
+/// What an extra mount mounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountKind {
+    /// Recursive bind mount of a host path.
+    Bind {
+        /// Host path.
+        source: PathBuf,
+        /// Remount read-only.
+        readonly: bool,
+    },
+    /// tmpfs.
+    Tmpfs {
+        /// Size in bytes.
+        size: Option<u64>,
+        /// Root mode.
+        mode: Option<u32>,
+    },
+    /// overlayfs; read-only without `upper`.
+    Overlay {
+        /// Lower dirs, top first.
+        lower: Vec<PathBuf>,
+        /// Upper and work dirs.
+        upper: Option<(PathBuf, PathBuf)>,
+    },
+}
+
+/// An extra mount with its target resolved inside the root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedMount {
+    /// Symlink-free target relative to the root.
+    pub target: PathBuf,
+    /// What to mount.
+    pub kind: MountKind,
+    /// The target is a directory (else a file, for binds of files).
+    pub target_is_dir: bool,
+    /// Components (relative to the root) that must be created in the child because they lie
+    /// inside an earlier mount, parents first.
+    pub create_first: Vec<PathBuf>,
+}
+
+/// A path the child creates in the merged root view before mounting over it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Create {
+    /// Relative to the root.
+    pub rel: PathBuf,
+    /// A directory (else an empty file).
+    pub dir: bool,
+}
+
+/// A file or directory of the runtime's own, created in a tmpfs over the run dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScratchEntry {
+    /// A directory (mode 755).
+    Dir(PathBuf),
+    /// A file (mode 644) and its content.
+    File(PathBuf, Vec<u8>),
+}
+
+/// Everything [`build`] needs, already resolved.
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    /// Host path of the runtime's run dir: the child mounts a tmpfs over it (in its private mount
+    /// namespace, so nothing is written to the host's disk) and creates `scratch` in it.
+    pub run_dir: PathBuf,
+    /// The runtime's files and dirs in the run dir: the root mount point, the stub lower layer,
+    /// the `/etc` files. Absolute host paths under `run_dir`, parents first.
+    pub scratch: Vec<ScratchEntry>,
+    /// Host path of the mount point of the container's root.
+    pub root: PathBuf,
+    /// The root filesystem.
+    pub rootfs: RootMount,
+    /// Remount the root read-only.
+    pub readonly_rootfs: bool,
+    /// Network namespace handling.
+    pub network: NetPlan,
+    /// Hostname.
+    pub hostname: String,
+    /// Mount points missing from the root view, created in the merged view (parents first).
+    pub create: Vec<Create>,
+    /// Resolved targets of `/proc`, `/dev`, `/sys`, relative to the root.
+    pub proc_dir: PathBuf,
+    /// See `proc_dir`.
+    pub dev_dir: PathBuf,
+    /// See `proc_dir`.
+    pub sys_dir: PathBuf,
+    /// Bind mounts of the runtime's `/etc` files: host source, target relative to the root.
+    pub etc_binds: Vec<(PathBuf, PathBuf)>,
+    /// Extra mounts, in order.
+    pub mounts: Vec<PlannedMount>,
+    /// Security profile.
+    pub security: Security,
+    /// Capabilities the container keeps.
+    pub caps: u64,
+    /// Highest capability number of the kernel.
+    pub last_cap: u32,
+    /// Credentials.
+    pub user: ResolvedUser,
+    /// Working directory (absolute, inside the container).
+    pub cwd: String,
+    /// argv.
+    pub args: Vec<String>,
+    /// Environment.
+    pub env: Vec<String>,
+    /// Descriptors to become stdin, stdout, stderr.
+    pub stdio: [RawFd; 3],
+}
+
+/// One kernel operation of the child.
+#[derive(Debug)]
+pub enum Op {
+    /// Set the umask.
+    Umask(u32),
+    /// Default signal dispositions, nothing blocked.
+    ResetSignals,
+    /// Join a namespace.
+    SetNs {
+        /// Namespace descriptor.
+        fd: RawFd,
+        /// `CLONE_NEW*` type.
+        nstype: i32,
+    },
+    /// `mount(2)`.
+    Mount {
+        /// Source.
+        source: Option<CString>,
+        /// Target.
+        target: CString,
+        /// Filesystem type.
+        fstype: Option<CString>,
+        /// Flags.
+        flags: MsFlags,
+        /// Options.
+        data: Option<CString>,
+    },
+    /// An overlay mount with the new mount API.
+    OverlayFsconfig {
+        /// Target.
+        target: CString,
+        /// Lower dirs, top first.
+        lower: Vec<CString>,
+        /// Upper and work dir; none for a read-only overlay.
+        upper_work: Option<(CString, CString)>,
+    },
+    /// Bring up `lo`.
+    LoopbackUp,
+    /// Set the hostname.
+    SetHostname(CString),
+    /// Create a directory; an existing one is fine when `allow_exists`.
+    Mkdir {
+        /// Path.
+        path: CString,
+        /// Mode.
+        mode: u32,
+        /// Tolerate `EEXIST`.
+        allow_exists: bool,
+    },
+    /// Create a directory owned by `uid:gid` unless it exists.
+    MkdirOwned {
+        /// Path.
+        path: CString,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+    },
+    /// Create an empty file unless something exists there.
+    CreateFile(CString),
+    /// Create or truncate a file with this content.
+    WriteFile {
+        /// Path.
+        path: CString,
+        /// Content.
+        data: Vec<u8>,
+    },
+    /// Create a character device.
+    Mknod {
+        /// Path.
+        path: CString,
+        /// `S_IFCHR | perm`.
+        mode: u32,
+        /// Device number.
+        dev: u64,
+    },
+    /// Create a symlink.
+    Symlink {
+        /// Link target.
+        target: CString,
+        /// Link path.
+        link: CString,
+    },
+    /// Hide a path: `/dev/null` over files, a read-only tmpfs over directories; absent is fine.
+    Mask {
+        /// Path.
+        path: CString,
+        /// The `/dev/null` to bind.
+        devnull: CString,
+    },
+    /// Bind a path onto itself read-only; absent is fine.
+    Readonly(CString),
+    /// `chdir(2)`.
+    Chdir(CString),
+    /// `pivot_root(".", ".")` and a lazy unmount of the old root.
+    PivotRoot,
+    /// Drop every capability above from the bounding set except `keep`.
+    DropBounding {
+        /// Kept capabilities.
+        keep: u64,
+        /// Highest capability number.
+        last_cap: u32,
+    },
+    /// `PR_SET_NO_NEW_PRIVS`.
+    NoNewPrivs,
+    /// Supplementary groups.
+    SetGroups(Vec<u32>),
+    /// Group id.
+    SetGid(u32),
+    /// User id.
+    SetUid(u32),
+    /// Effective and permitted capabilities; inheritable empty.
+    Capset(u64),
+    /// Make `from` the descriptor `to`.
+    Dup2 {
+        /// Source descriptor.
+        from: RawFd,
+        /// Target number.
+        to: RawFd,
+    },
+    /// Everything from 3 up close-on-exec.
+    CloexecFrom(u32),
+    /// Try each candidate path with `execve` in order, like `execvp`.
+    Exec {
+        /// Candidate paths.
+        candidates: Vec<CString>,
+        /// argv and envp.
+        args: ExecArgs,
+    },
+}
+
+/// A step: the operation and what it is, for error messages.
+#[derive(Debug)]
+pub struct Step {
+    /// The operation.
+    pub op: Op,
+    /// Human description naming the path involved, e.g. "mounting proc at `/proc`".
+    pub what: String,
+}
+
+/// The whole setup sequence.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Steps in order; the last is the exec.
+    pub steps: Vec<Step>,
+}
+
+fn cstr(what: &str, bytes: &[u8]) -> Result<CString, PlanError> {
+    CString::new(bytes).map_err(|_| PlanError::Nul {
+        what: what.to_string(),
+        value: String::from_utf8_lossy(bytes).into_owned(),
+    })
+}
+
+fn cpath(path: &Path) -> Result<CString, PlanError> {
+    cstr("path", path.as_os_str().as_bytes())
+}
+
+/// Shows a root-relative path as the container sees it.
+fn shown(rel: &Path) -> String {
+    format!("/{}", rel.display())
+}
+
+/// Escapes a path for overlay's `lowerdir=`/`upperdir=` option syntax.
+fn escape_overlay(path: &Path, out: &mut Vec<u8>) {
+    for &b in path.as_os_str().as_bytes() {
+        if matches!(b, b'\\' | b':' | b',') {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+}
+
+/// The overlay option string for `mount(2)`, or `None` if it exceeds one page.
+pub fn overlay_options(lower: &[PathBuf], upper: Option<(&Path, &Path)>) -> Option<Vec<u8>> {
+    let mut out = b"lowerdir=".to_vec();
+    for (i, l) in lower.iter().enumerate() {
+        if i > 0 {
+            out.push(b':');
+        }
+        escape_overlay(l, &mut out);
+    }
+    if let Some((upper, work)) = upper {
+        out.extend_from_slice(b",upperdir=");
+        escape_overlay(upper, &mut out);
+        out.extend_from_slice(b",workdir=");
+        escape_overlay(work, &mut out);
+    }
+    (out.len() <= MAX_MOUNT_DATA).then_some(out)
+}
+
+struct Builder {
+    steps: Vec<Step>,
+}
+
+impl Builder {
+    fn push(&mut self, op: Op, what: impl Into<String>) {
+        self.steps.push(Step {
+            op,
+            what: what.into(),
+        });
+    }
+
+    fn mount(
+        &mut self,
+        source: Option<&[u8]>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&[u8]>,
+        what: String,
+    ) -> Result<(), PlanError> {
+        let op = Op::Mount {
+            source: source.map(|s| cstr("mount source", s)).transpose()?,
+            target: cpath(target)?,
+            fstype: fstype
+                .map(|s| cstr("filesystem type", s.as_bytes()))
+                .transpose()?,
+            flags,
+            data: data.map(|s| cstr("mount options", s)).transpose()?,
+        };
+        self.push(op, what);
+        Ok(())
+    }
+
+    fn overlay(
+        &mut self,
+        target: &Path,
+        lower: &[PathBuf],
+        upper: Option<(&Path, &Path)>,
+        what: String,
+    ) -> Result<(), PlanError> {
+        match overlay_options(lower, upper) {
+            Some(data) => {
+                let flags = if upper.is_some() {
+                    MsFlags::empty()
+                } else {
+                    MsFlags::MS_RDONLY
+                };
+                self.mount(
+                    Some(b"overlay"),
+                    target,
+                    Some("overlay"),
+                    flags,
+                    Some(&data),
+                    what,
+                )
+            }
+            None => {
+                let op = Op::OverlayFsconfig {
+                    target: cpath(target)?,
+                    lower: lower.iter().map(|l| cpath(l)).collect::<Result<_, _>>()?,
+                    upper_work: match upper {
+                        Some((u, w)) => Some((cpath(u)?, cpath(w)?)),
+                        None => None,
+                    },
+                };
+                self.push(op, what);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The candidate paths for `argv[0]`: itself if it contains a `/`, else each `PATH` entry.
+pub fn exec_candidates(argv0: &str, env: &[String]) -> Vec<String> {
+    if argv0.contains('/') {
+        return vec![argv0.to_string()];
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH);
+    path.split(':')
+        .map(|dir| {
+            let dir = if dir.is_empty() { "." } else { dir };
+            format!("{}/{argv0}", dir.trim_end_matches('/'))
+        })
+        .collect()
+}
+
+/// Absolute prefixes of a cleaned container path: `/a/b` gives `/a`, `/a/b`.
+fn prefixes(path: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for c in Path::new(path).components() {
+        match c {
+            Component::Normal(n) => {
+                cur.push('/');
+                cur.push_str(&n.to_string_lossy());
+                out.push(cur.clone());
+            }
+            Component::ParentDir => {
+                if let Some(i) = cur.rfind('/') {
+                    cur.truncate(i);
+                }
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Builds the setup sequence.
+pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
+    if input.args.is_empty() {
+        return Err(PlanError::NoArgs);
+    }
+    let mut b = Builder { steps: Vec::new() };
+    let root = &input.root;
+    let at = |rel: &Path| root.join(rel);
+    let insecure = input.security == Security::Insecure;
+    let nosuid_noexec_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
+
+    b.push(Op::ResetSignals, "resetting signal handlers");
+    b.push(Op::Umask(0), "setting the umask");
+    if let NetPlan::Join(fd) = input.network {
+        b.push(
+            Op::SetNs {
+                fd,
+                nstype: libc::CLONE_NEWNET,
+            },
+            "joining the network namespace",
+        );
+    }
+    b.mount(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+        "making mounts private".to_string(),
+    )?;
+    if input.network == NetPlan::New {
+        b.push(Op::LoopbackUp, "bringing up the loopback interface");
+    }
+    b.push(
+        Op::SetHostname(cstr("hostname", input.hostname.as_bytes())?),
+        format!("setting hostname {:?}", input.hostname),
+    );
+    b.mount(
+        Some(b"tmpfs"),
+        &input.run_dir,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(b"mode=700,size=1m"),
+        format!("mounting tmpfs at `{}`", input.run_dir.display()),
+    )?;
+    for entry in &input.scratch {
+        match entry {
+            ScratchEntry::Dir(path) => b.push(
+                Op::Mkdir {
+                    path: cpath(path)?,
+                    mode: 0o755,
+                    allow_exists: false,
+                },
+                format!("creating `{}`", path.display()),
+            ),
+            ScratchEntry::File(path, data) => b.push(
+                Op::WriteFile {
+                    path: cpath(path)?,
+                    data: data.clone(),
+                },
+                format!("writing `{}`", path.display()),
+            ),
+        }
+    }
+
+    match &input.rootfs {
+        RootMount::Overlay { lower, upper, work } => b.overlay(
+            root,
+            lower,
+            Some((upper, work)),
+            format!("mounting overlay at `/` ({} lower dirs)", lower.len()),
+        )?,
+        RootMount::Bind(dir) => b.mount(
+            Some(dir.as_os_str().as_bytes()),
+            root,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+            format!("bind-mounting `{}` at `/`", dir.display()),
+        )?,
+    }
+    for c in &input.create {
+        let path = cpath(&at(&c.rel))?;
+        if c.dir {
+            b.push(
+                Op::Mkdir {
+                    path,
+                    mode: 0o755,
+                    allow_exists: true,
+                },
+                format!("creating mount point `{}`", shown(&c.rel)),
+            );
+        } else {
+            b.push(
+                Op::CreateFile(path),
+                format!("creating mount point `{}`", shown(&c.rel)),
+            );
+        }
+    }
+
+    // /proc
+    b.mount(
+        Some(b"proc"),
+        &at(&input.proc_dir),
+        Some("proc"),
+        nosuid_noexec_nodev,
+        None,
+        format!("mounting proc at `{}`", shown(&input.proc_dir)),
+    )?;
+
+    // /dev
+    let dev = at(&input.dev_dir);
+    b.mount(
+        Some(b"tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some(b"mode=755,size=65536k"),
+        format!("mounting tmpfs at `{}`", shown(&input.dev_dir)),
+    )?;
+    for (name, major, minor) in DEVICES {
+        b.push(
+            Op::Mknod {
+                path: cpath(&dev.join(name))?,
+                mode: libc::S_IFCHR | 0o666,
+                dev: libc::makedev(major, minor),
+            },
+            format!("creating device `/dev/{name}`"),
+        );
+    }
+    for (name, target) in DEV_LINKS {
+        b.push(
+            Op::Symlink {
+                target: cstr("link", target.as_bytes())?,
+                link: cpath(&dev.join(name))?,
+            },
+            format!("creating symlink `/dev/{name}`"),
+        );
+    }
+    for (name, mode) in [("pts", 0o755), ("shm", 0o1777), ("mqueue", 0o755)] {
+        b.push(
+            Op::Mkdir {
+                path: cpath(&dev.join(name))?,
+                mode,
+                allow_exists: false,
+            },
+            format!("creating directory `/dev/{name}`"),
+        );
+    }
+    b.mount(
+        Some(b"devpts"),
+        &dev.join("pts"),
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some(b"newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        "mounting devpts at `/dev/pts`".to_string(),
+    )?;
+    b.mount(
+        Some(b"shm"),
+        &dev.join("shm"),
+        Some("tmpfs"),
+        nosuid_noexec_nodev,
+        Some(b"mode=1777,size=65536k"),
+        "mounting tmpfs at `/dev/shm`".to_string(),
+    )?;
+    b.mount(
+        Some(b"mqueue"),
+        &dev.join("mqueue"),
+        Some("mqueue"),
+        nosuid_noexec_nodev,
+        None,
+        "mounting mqueue at `/dev/mqueue`".to_string(),
+    )?;
+
+    // /sys
+    let sys_flags = if insecure {
+        nosuid_noexec_nodev
+    } else {
+        nosuid_noexec_nodev | MsFlags::MS_RDONLY
+    };
+    b.mount(
+        Some(b"sysfs"),
+        &at(&input.sys_dir),
+        Some("sysfs"),
+        sys_flags,
+        None,
+        format!("mounting sysfs at `{}`", shown(&input.sys_dir)),
+    )?;
+
+    // /etc files
+    for (source, target) in &input.etc_binds {
+        b.mount(
+            Some(source.as_os_str().as_bytes()),
+            &at(target),
+            None,
+            MsFlags::MS_BIND,
+            None,
+            format!("bind-mounting `{}` at `{}`", source.display(), shown(target)),
+        )?;
+    }
+
+    // Extra mounts.
+    for m in &input.mounts {
+        for (i, rel) in m.create_first.iter().enumerate() {
+            let path = cpath(&at(rel))?;
+            let last = i + 1 == m.create_first.len();
+            if last && !m.target_is_dir {
+                b.push(
+                    Op::CreateFile(path),
+                    format!("creating mount point `{}`", shown(rel)),
+                );
+            } else {
+                b.push(
+                    Op::Mkdir {
+                        path,
+                        mode: 0o755,
+                        allow_exists: true,
+                    },
+                    format!("creating mount point `{}`", shown(rel)),
+                );
+            }
+        }
+        let target = at(&m.target);
+        let t = shown(&m.target);
+        match &m.kind {
+            MountKind::Bind { source, readonly } => {
+                b.mount(
+                    Some(source.as_os_str().as_bytes()),
+                    &target,
+                    None,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None,
+                    format!("bind-mounting `{}` at `{t}`", source.display()),
+                )?;
+                if *readonly {
+                    b.mount(
+                        None,
+                        &target,
+                        None,
+                        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                        None,
+                        format!("making `{t}` read-only"),
+                    )?;
+                }
+            }
+            MountKind::Tmpfs { size, mode } => {
+                let mut data = format!("mode={:o}", mode.unwrap_or(0o1777));
+                if let Some(size) = size {
+                    data.push_str(&format!(",size={size}"));
+                }
+                b.mount(
+                    Some(b"tmpfs"),
+                    &target,
+                    Some("tmpfs"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_STRICTATIME,
+                    Some(data.as_bytes()),
+                    format!("mounting tmpfs at `{t}`"),
+                )?;
+            }
+            MountKind::Overlay { lower, upper } => match (lower.as_slice(), upper) {
+                ([only], None) => {
+                    b.mount(
+                        Some(only.as_os_str().as_bytes()),
+                        &target,
+                        None,
+                        MsFlags::MS_BIND | MsFlags::MS_REC,
+                        None,
+                        format!("bind-mounting `{}` at `{t}`", only.display()),
+                    )?;
+                    b.mount(
+                        None,
+                        &target,
+                        None,
+                        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                        None,
+                        format!("making `{t}` read-only"),
+                    )?;
+                }
+                (_, upper) => {
+                    let pair = upper.as_ref().map(|(u, w)| (u.as_path(), w.as_path()));
+                    let what = match pair {
+                        Some(_) => format!("mounting overlay at `{t}`"),
+                        None => format!("mounting read-only overlay at `{t}`"),
+                    };
+                    b.overlay(&target, lower, pair, what)?;
+                }
+            },
+        }
+    }
+
+    if !insecure {
+        let devnull = cpath(&dev.join("null"))?;
+        for p in MASKED_PATHS {
+            let rel = Path::new(p.trim_start_matches('/'));
+            b.push(
+                Op::Mask {
+                    path: cpath(&at(rel))?,
+                    devnull: devnull.clone(),
+                },
+                format!("masking `{p}`"),
+            );
+        }
+        for p in READONLY_PATHS {
+            let rel = Path::new(p.trim_start_matches('/'));
+            b.push(Op::Readonly(cpath(&at(rel))?), format!("making `{p}` read-only"));
+        }
+    }
+    if input.readonly_rootfs {
+        b.mount(
+            None,
+            root,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None,
+            "making `/` read-only".to_string(),
+        )?;
+    }
+
+    b.push(Op::Chdir(cpath(root)?), format!("entering `{}`", root.display()));
+    b.push(Op::PivotRoot, "pivoting to the new root");
+    b.push(Op::Chdir(c"/".to_owned()), "entering `/`");
+
+    // Working directory, created and owned by the user like BuildKit does.
+    let cwd = if input.cwd.is_empty() {
+        "/".to_string()
+    } else {
+        input.cwd.clone()
+    };
+    for p in prefixes(&cwd) {
+        b.push(
+            Op::MkdirOwned {
+                path: cstr("working directory", p.as_bytes())?,
+                uid: input.user.uid,
+                gid: input.user.gid,
+            },
+            format!("creating working directory `{p}`"),
+        );
+    }
+    b.push(
+        Op::Chdir(cstr("working directory", cwd.as_bytes())?),
+        format!("changing to working directory `{cwd}`"),
+    );
+
+    for (to, from) in input.stdio.iter().enumerate() {
+        let name = ["stdin", "stdout", "stderr"][to];
+        b.push(
+            Op::Dup2 {
+                from: *from,
+                to: to as RawFd,
+            },
+            format!("setting up {name}"),
+        );
+    }
+
+    b.push(
+        Op::DropBounding {
+            keep: input.caps,
+            last_cap: input.last_cap,
+        },
+        "dropping capabilities from the bounding set",
+    );
+    if !insecure {
+        b.push(Op::NoNewPrivs, "setting no_new_privs");
+    }
+    b.push(
+        Op::SetGroups(input.user.additional_gids.clone()),
+        format!("setting supplementary groups {:?}", input.user.additional_gids),
+    );
+    b.push(
+        Op::SetGid(input.user.gid),
+        format!("switching to gid {}", input.user.gid),
+    );
+    b.push(
+        Op::SetUid(input.user.uid),
+        format!("switching to uid {}", input.user.uid),
+    );
+    if input.user.uid == 0 {
+        b.push(Op::Capset(input.caps), "setting capabilities");
+    }
+    b.push(Op::Umask(0o022), "setting the umask");
+    b.push(Op::CloexecFrom(3), "closing inherited descriptors");
+
+    let argv = input
+        .args
+        .iter()
+        .map(|a| cstr("argument", a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let envp = input
+        .env
+        .iter()
+        .map(|e| cstr("environment variable", e.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let candidates = exec_candidates(&input.args[0], &input.env)
+        .iter()
+        .map(|c| cstr("executable path", c.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    b.push(
+        Op::Exec {
+            candidates,
+            args: ExecArgs::new(argv, envp),
+        },
+        format!("executing `{}`", input.args[0]),
+    );
+    Ok(Plan { steps: b.steps })
+}
+
+fn tolerate(result: Result<(), Errno>, ok: Errno) -> Result<(), Errno> {
+    match result {
+        Err(e) if e == ok => Ok(()),
+        other => other,
+    }
+}
+
+fn run_op<S: Sys>(sys: &S, op: &Op) -> Result<(), Errno> {
+    match op {
+        Op::Umask(m) => {
+            sys.umask(*m);
+            Ok(())
+        }
+        Op::ResetSignals => sys.reset_signals(),
+        Op::SetNs { fd, nstype } => sys.setns(*fd, *nstype),
+        Op::Mount {
+            source,
+            target,
+            fstype,
+            flags,
+            data,
+        } => sys.mount(
+            source.as_deref(),
+            target,
+            fstype.as_deref(),
+            *flags,
+            data.as_deref(),
+        ),
+        Op::OverlayFsconfig {
+            target,
+            lower,
+            upper_work,
+        } => sys.mount_overlay_fsconfig(
+            target,
+            lower,
+            upper_work.as_ref().map(|(u, w)| (u.as_c_str(), w.as_c_str())),
+        ),
+        Op::LoopbackUp => sys.loopback_up(),
+        Op::SetHostname(name) => sys.sethostname(name),
+        Op::Mkdir {
+            path,
+            mode,
+            allow_exists,
+        } => {
+            let r = sys.mkdir(path, *mode);
+            if *allow_exists {
+                tolerate(r, Errno::EEXIST)
+            } else {
+                r
+            }
+        }
+        Op::MkdirOwned { path, uid, gid } => match sys.mkdir(path, 0o755) {
+            Ok(()) => sys.lchown(path, *uid, *gid),
+            Err(Errno::EEXIST) => Ok(()),
+            Err(e) => Err(e),
+        },
+        Op::CreateFile(path) => tolerate(sys.create_file(path, 0o644), Errno::EEXIST),
+        Op::WriteFile { path, data } => sys.write_file(path, data, 0o644),
+        Op::Mknod { path, mode, dev } => sys.mknod(path, *mode, *dev),
+        Op::Symlink { target, link } => sys.symlink(target, link),
+        Op::Mask { path, devnull } => match sys.stat_kind(path) {
+            Err(Errno::ENOENT) => Ok(()),
+            Err(e) => Err(e),
+            Ok(FileKind::Dir) => sys.mount(Some(c"tmpfs"), path, Some(c"tmpfs"), MsFlags::MS_RDONLY, None),
+            Ok(FileKind::Other) => sys.mount(Some(devnull), path, None, MsFlags::MS_BIND, None),
+        },
+        Op::Readonly(path) => {
+            match sys.mount(Some(path), path, None, MsFlags::MS_BIND | MsFlags::MS_REC, None) {
+                Err(Errno::ENOENT) => Ok(()),
+                Err(e) => Err(e),
+                Ok(()) => sys.mount(
+                    None,
+                    path,
+                    None,
+                    MsFlags::MS_BIND
+                        | MsFlags::MS_REMOUNT
+                        | MsFlags::MS_RDONLY
+                        | MsFlags::MS_NOSUID
+                        | MsFlags::MS_NODEV
+                        | MsFlags::MS_NOEXEC,
+                    None,
+                ),
+            }
+        }
+        Op::Chdir(path) => sys.chdir(path),
+        Op::PivotRoot => {
+            sys.pivot_root(c".", c".")?;
+            sys.umount2(c".", libc::MNT_DETACH)
+        }
+        Op::DropBounding { keep, last_cap } => {
+            for cap in 0..=*last_cap {
+                if keep & (1u64 << cap) == 0 {
+                    tolerate(sys.capbset_drop(cap), Errno::EINVAL)?;
+                }
+            }
+            Ok(())
+        }
+        Op::NoNewPrivs => sys.set_no_new_privs(),
+        Op::SetGroups(gids) => sys.setgroups(gids),
+        Op::SetGid(gid) => sys.setresgid(*gid),
+        Op::SetUid(uid) => sys.setresuid(*uid),
+        Op::Capset(caps) => sys.capset(*caps, *caps, 0),
+        Op::Dup2 { from, to } => sys.dup2(*from, *to),
+        Op::CloexecFrom(first) => sys.cloexec_from(*first),
+        Op::Exec { candidates, args } => {
+            let mut saved = Errno::ENOENT;
+            for path in candidates {
+                match sys.execve(path, args) {
+                    Ok(()) => return Ok(()),
+                    Err(e @ Errno::EACCES) => saved = e,
+                    Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(saved)
+        }
+    }
+}
+
+/// Runs the plan. Does not allocate (with [`crate::sys::RealSys`]). On failure returns the index of
+/// the failing step and the errno. With the real kernel it only returns on failure: the last step
+/// replaces the process.
+pub fn run<S: Sys>(sys: &S, plan: &Plan) -> Result<(), (usize, Errno)> {
+    for (i, step) in plan.steps.iter().enumerate() {
+        run_op(sys, &step.op).map_err(|e| (i, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::RecordingSys;
+
+    fn input() -> PlanInput {
+        PlanInput {
+            run_dir: PathBuf::from("/s"),
+            scratch: vec![
+                ScratchEntry::Dir("/s/root".into()),
+                ScratchEntry::Dir("/s/etc".into()),
+                ScratchEntry::File("/s/etc/hosts".into(), b"127.0.0.1 localhost\n".to_vec()),
+            ],
+            root: PathBuf::from("/s/root"),
+            rootfs: RootMount::Overlay {
+                lower: vec![
+                    PathBuf::from("/l/2"),
+                    PathBuf::from("/l/1"),
+                    PathBuf::from("/s/stub"),
+                ],
+                upper: PathBuf::from("/u"),
+                work: PathBuf::from("/w"),
+            },
+            readonly_rootfs: false,
+            network: NetPlan::New,
+            hostname: "box".to_string(),
+            create: vec![],
+            proc_dir: PathBuf::from("proc"),
+            dev_dir: PathBuf::from("dev"),
+            sys_dir: PathBuf::from("sys"),
+            etc_binds: vec![(PathBuf::from("/s/etc/hosts"), PathBuf::from("etc/hosts"))],
+            mounts: vec![],
+            security: Security::Default,
+            caps: crate::caps::DOCKER_DEFAULT_MASK,
+            last_cap: 40,
+            user: ResolvedUser {
+                uid: 1000,
+                gid: 1000,
+                additional_gids: vec![10],
+                home: "/home/app".into(),
+            },
+            cwd: "/app/src".to_string(),
+            args: vec!["sh".into(), "-c".into(), "true".into()],
+            env: vec!["PATH=/usr/bin:/bin".into()],
+            stdio: [10, 11, 12],
+        }
+    }
+
+    fn calls(input: &PlanInput) -> Vec<String> {
+        let plan = build(input).unwrap();
+        let fake = RecordingSys::new();
+        run(&fake, &plan).unwrap();
+        fake.calls()
+    }
+
+    fn index_from(calls: &[String], prefix: &str, from: usize) -> usize {
+        calls
+            .iter()
+            .skip(from)
+            .position(|c| c.starts_with(prefix))
+            .map(|i| i + from)
+            .unwrap_or_else(|| panic!("no call `{prefix}` after {from} in {calls:#?}"))
+    }
+
+    #[test]
+    fn default_sequence_is_ordered() {
+        let c = calls(&input());
+        assert_eq!(c[0], "reset_signals");
+        assert_eq!(c[1], "umask 0");
+        assert!(c[2].starts_with("mount - / - MS_REC|MS_PRIVATE"), "{}", c[2]);
+        assert_eq!(c[3], "loopback_up");
+        assert_eq!(c[4], "sethostname box");
+        assert_eq!(c[5], "mount tmpfs /s tmpfs MS_NOSUID|MS_NODEV mode=700,size=1m");
+        assert_eq!(
+            &c[6..9],
+            [
+                "mkdir /s/root 755",
+                "mkdir /s/etc 755",
+                "write /s/etc/hosts 644 \"127.0.0.1 localhost\\n\""
+            ]
+        );
+        assert_eq!(
+            c[9],
+            "mount overlay /s/root overlay 0 lowerdir=/l/2:/l/1:/s/stub,upperdir=/u,workdir=/w"
+        );
+        let order = [
+            "mount proc /s/root/proc proc",
+            "mount tmpfs /s/root/dev tmpfs",
+            "mknod /s/root/dev/null 20666 0x103",
+            "symlink /proc/self/fd /s/root/dev/fd",
+            "mount devpts /s/root/dev/pts devpts",
+            "mount shm /s/root/dev/shm tmpfs",
+            "mount sysfs /s/root/sys sysfs MS_RDONLY|MS_NOSUID|MS_NODEV|MS_NOEXEC",
+            "mount /s/etc/hosts /s/root/etc/hosts - MS_BIND",
+            "stat /s/root/proc/kcore",
+            "mount /s/root/dev/null /s/root/proc/kcore - MS_BIND",
+            "mount /s/root/proc/sys /s/root/proc/sys - MS_BIND|MS_REC",
+            "chdir /s/root",
+            "pivot_root . .",
+            "umount2 . 2",
+            "chdir /",
+            "mkdir /app 755",
+            "lchown /app 1000:1000",
+            "mkdir /app/src 755",
+            "chdir /app/src",
+            "dup2 10 0",
+            "dup2 12 2",
+            "capbset_drop 2",
+            "no_new_privs",
+            "setgroups [10]",
+            "setresgid 1000",
+            "setresuid 1000",
+            "umask 22",
+            "cloexec_from 3",
+            "execve /usr/bin/sh [\"sh\", \"-c\", \"true\"]",
+        ];
+        let mut last = 0;
+        for want in order {
+            last = index_from(&c, want, last);
+        }
+        // Non-root: no capset, the kernel clears the sets on setuid and exec.
+        assert!(!c.iter().any(|l| l.starts_with("capset")));
+        // Docker's caps stay in the bounding set.
+        for kept in crate::caps::DOCKER_DEFAULT_CAPS {
+            assert!(!c.contains(&format!("capbset_drop {kept}")), "dropped {kept}");
+        }
+        assert!(c.contains(&"capbset_drop 21".to_string()));
+        // Every masked path is looked at.
+        for p in MASKED_PATHS {
+            assert!(c.contains(&format!("stat /s/root{p}")), "{p} not masked");
+        }
+    }
+
+    #[test]
+    fn insecure_root_keeps_everything() {
+        let mut i = input();
+        i.security = Security::Insecure;
+        i.caps = 0x1ffffffffff;
+        i.user = ResolvedUser {
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![],
+            home: "/root".into(),
+        };
+        i.network = NetPlan::Host;
+        let c = calls(&i);
+        assert!(!c
+            .iter()
+            .any(|l| l.starts_with("stat ") || l == "no_new_privs" || l == "loopback_up"));
+        assert!(!c.iter().any(|l| l.starts_with("capbset_drop")));
+        assert!(c.contains(&"capset eff=0x1ffffffffff prm=0x1ffffffffff inh=0x0".to_string()));
+        assert!(c
+            .iter()
+            .any(|l| l.starts_with("mount sysfs /s/root/sys sysfs MS_NOSUID|MS_NODEV|MS_NOEXEC")));
+    }
+
+    #[test]
+    fn masks_pick_tmpfs_for_dirs_and_skip_missing() {
+        let plan = build(&input()).unwrap();
+        let fake = RecordingSys::new();
+        fake.add_dir("/s/root/proc/acpi");
+        fake.fail_on("stat /s/root/proc/scsi", Errno::ENOENT);
+        fake.fail_on("mount /s/root/proc/irq", Errno::ENOENT);
+        run(&fake, &plan).unwrap();
+        let c = fake.calls();
+        assert!(c.contains(&"mount tmpfs /s/root/proc/acpi tmpfs MS_RDONLY -".to_string()));
+        assert!(!c.iter().any(|l| l.contains("/proc/scsi - MS_BIND")));
+        assert!(!c.iter().any(|l| l.starts_with("mount - /s/root/proc/irq")));
+    }
+
+    #[test]
+    fn failure_reports_the_step() {
+        let plan = build(&input()).unwrap();
+        let fake = RecordingSys::new();
+        fake.fail_on("mount overlay", Errno::EINVAL);
+        let (i, e) = run(&fake, &plan).unwrap_err();
+        assert_eq!(e, Errno::EINVAL);
+        assert_eq!(plan.steps[i].what, "mounting overlay at `/` (3 lower dirs)");
+        // Nothing after the failing step ran.
+        assert_eq!(
+            fake.calls().last().map(String::as_str),
+            Some("mount overlay /s/root overlay 0 lowerdir=/l/2:/l/1:/s/stub,upperdir=/u,workdir=/w")
+        );
+    }
+
+    #[test]
+    fn exec_walks_path_like_execvp() {
+        let plan = build(&input()).unwrap();
+        let fake = RecordingSys::new();
+        fake.fail_on("execve /usr/bin/sh", Errno::ENOENT);
+        run(&fake, &plan).unwrap();
+        assert!(fake
+            .calls()
+            .last()
+            .is_some_and(|l| l.starts_with("execve /bin/sh")));
+
+        let fake = RecordingSys::new();
+        fake.fail_on("execve /usr/bin/sh", Errno::EACCES);
+        fake.fail_on("execve /bin/sh", Errno::ENOENT);
+        let (i, e) = run(&fake, &plan).unwrap_err();
+        assert_eq!(
+            (plan.steps[i].what.as_str(), e),
+            ("executing `sh`", Errno::EACCES)
+        );
+        assert_eq!(exec_candidates("/x/y", &[]), vec!["/x/y"]);
+        assert_eq!(exec_candidates("ls", &[]).len(), DEFAULT_PATH.split(':').count());
+    }
+
+    #[test]
+    fn many_lower_dirs_use_the_new_mount_api() {
+        let mut i = input();
+        let lower: Vec<PathBuf> = (0..200)
+            .map(|n| PathBuf::from(format!("/var/lib/kiln/snapshots/{n:064}/fs")))
+            .collect();
+        i.rootfs = RootMount::Overlay {
+            lower,
+            upper: "/u".into(),
+            work: "/w".into(),
+        };
+        let c = calls(&i);
+        assert!(
+            c.contains(&"fsmount overlay /s/root lower=200 upper=/u work=/w".to_string()),
+            "{c:#?}"
+        );
+    }
+
+    #[test]
+    fn overlay_options_escape_and_limit() {
+        let o = overlay_options(&[PathBuf::from("/a:b"), PathBuf::from("/c,d")], None).unwrap();
+        assert_eq!(o, b"lowerdir=/a\\:b:/c\\,d");
+        let long: Vec<PathBuf> = (0..100).map(|n| PathBuf::from(format!("/{n:060}"))).collect();
+        assert!(overlay_options(&long, None).is_none());
+    }
+
+    #[test]
+    fn extra_mounts_and_created_points() {
+        let mut i = input();
+        i.rootfs = RootMount::Bind(PathBuf::from("/rootdir"));
+        i.readonly_rootfs = true;
+        i.create = vec![
+            Create {
+                rel: "cache".into(),
+                dir: true,
+            },
+            Create {
+                rel: "cache/x".into(),
+                dir: true,
+            },
+        ];
+        i.mounts = vec![
+            PlannedMount {
+                target: "cache/x".into(),
+                kind: MountKind::Tmpfs {
+                    size: Some(1 << 20),
+                    mode: None,
+                },
+                target_is_dir: true,
+                create_first: vec![],
+            },
+            PlannedMount {
+                target: "cache/x/f".into(),
+                kind: MountKind::Bind {
+                    source: "/host/f".into(),
+                    readonly: true,
+                },
+                target_is_dir: false,
+                create_first: vec!["cache/x/f".into()],
+            },
+        ];
+        let c = calls(&i);
+        let order = [
+            "mount /rootdir /s/root - MS_BIND|MS_REC",
+            "mkdir /s/root/cache 755",
+            "mkdir /s/root/cache/x 755",
+            "mount proc",
+            "mount tmpfs /s/root/cache/x tmpfs MS_NOSUID|MS_NODEV|MS_STRICTATIME mode=1777,size=1048576",
+            "create /s/root/cache/x/f 644",
+            "mount /host/f /s/root/cache/x/f - MS_BIND|MS_REC",
+            "mount - /s/root/cache/x/f - MS_RDONLY|MS_REMOUNT|MS_BIND",
+            "mount - /s/root - MS_RDONLY|MS_REMOUNT|MS_BIND",
+            "pivot_root",
+        ];
+        let mut last = 0;
+        for want in order {
+            last = index_from(&c, want, last);
+        }
+    }
+
+    #[test]
+    fn join_network_and_nul_bytes() {
+        let mut i = input();
+        i.network = NetPlan::Join(7);
+        let c = calls(&i);
+        assert_eq!(c[2], "setns 7 0x40000000");
+        i.env.push("BAD=\0".into());
+        assert!(matches!(build(&i), Err(PlanError::Nul { .. })));
+        i.args.clear();
+        assert!(matches!(build(&i), Err(PlanError::NoArgs)));
+    }
+
+    #[test]
+    fn prefixes_of_cwd() {
+        assert_eq!(prefixes("/a/b/../c"), vec!["/a", "/a/c"]);
+        assert_eq!(prefixes("/"), Vec::<String>::new());
+    }
+}

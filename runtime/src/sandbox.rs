@@ -1,0 +1,682 @@
+//! Starting, waiting for and killing a container process.
+//!
+//! [`start`] prepares everything in the parent (user, mount targets, the runtime's stub layer,
+//! `/etc` files, the setup [`Plan`]), then clones one child into new mount, pid, uts, ipc (and
+//! optionally network) namespaces. The child runs the plan and execs the command as pid 1 of its
+//! pid namespace; a setup failure comes back through a close-on-exec pipe as (step index, errno).
+//!
+//! Cleanup: all mounts live in the child's private mount namespace and vanish with it; when pid 1
+//! exits the kernel kills the rest of its pid namespace; [`Running::wait`] (or dropping a
+//! [`Running`], which kills first) removes the runtime's temporary dir under `scratch`.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::caps::{CapsError, HostCaps};
+use crate::layers::{LayerError, RootView};
+use crate::plan::{
+    self, Create, MountKind, NetPlan, Plan, PlanError, PlanInput, PlannedMount, RootMount, ScratchEntry,
+};
+use crate::spec::{ContainerSpec, MountSpec, Network, Rootfs};
+use crate::sys::{self, Cloned, Errno, Exit, RealSys};
+use crate::users::{self, UserError};
+
+/// The kernel's limit on overlay lower dirs.
+pub const MAX_LOWER_DIRS: usize = 500;
+
+/// Errors of starting, waiting for and killing containers.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// Reading the runtime's own capabilities failed.
+    #[error("failed to read the host's capabilities")]
+    HostCaps(#[source] CapsError),
+    /// Creating the runtime's temporary dir failed.
+    #[error("failed to create `{path}`")]
+    CreateScratch {
+        /// The dir.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// More lower dirs than the kernel allows.
+    #[error("the root filesystem has {count} lower dirs; the kernel allows at most {MAX_LOWER_DIRS}")]
+    TooManyLayers {
+        /// Lower dirs given (plus the runtime's own).
+        count: usize,
+    },
+    /// Resolving the `USER` spec failed.
+    #[error("resolving user `{user}`")]
+    User {
+        /// The spec.
+        user: String,
+        /// The cause.
+        #[source]
+        source: UserError,
+    },
+    /// Resolving a mount target inside the root failed.
+    #[error("resolving mount target `{target}` inside the root")]
+    ResolveTarget {
+        /// The target.
+        target: String,
+        /// The cause.
+        #[source]
+        source: LayerError,
+    },
+    /// A bind-mount source is missing or unreadable.
+    #[error("failed to inspect bind-mount source `{path}`")]
+    MountSource {
+        /// The source.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Opening the network namespace to join failed.
+    #[error("failed to open network namespace `{path}`")]
+    OpenNetns {
+        /// The namespace file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Errno,
+    },
+    /// Opening `/dev/null` for stdin failed.
+    #[error("failed to open `/dev/null` for stdin")]
+    OpenDevNull(#[source] Errno),
+    /// Duplicating a stdio descriptor failed.
+    #[error("failed to duplicate the {name} descriptor")]
+    DupStdio {
+        /// stdin, stdout or stderr.
+        name: &'static str,
+        /// The cause.
+        #[source]
+        source: Errno,
+    },
+    /// Building the setup plan failed.
+    #[error("invalid container spec")]
+    Plan(#[source] PlanError),
+    /// Creating the status pipe failed.
+    #[error("failed to create the status pipe")]
+    Pipe(#[source] Errno),
+    /// `clone` failed.
+    #[error("failed to create the container process")]
+    Clone(#[source] Errno),
+    /// Reading the child's status failed.
+    #[error("failed to read the container's setup status")]
+    ReadStatus(#[source] Errno),
+    /// A setup step in the container failed before the command started.
+    #[error("container setup failed: {step}")]
+    Setup {
+        /// The step, naming its path, e.g. "mounting overlay at `/` (3 lower dirs)".
+        step: String,
+        /// The errno.
+        #[source]
+        source: Errno,
+    },
+    /// The command could not be executed (not found in `PATH`, not executable, ...).
+    #[error("failed to execute `{command}` in the container")]
+    Exec {
+        /// argv[0].
+        command: String,
+        /// The errno.
+        #[source]
+        source: Errno,
+    },
+    /// `waitpid` failed.
+    #[error("failed to wait for container process {pid}")]
+    Wait {
+        /// The pid.
+        pid: i32,
+        /// The cause.
+        #[source]
+        source: Errno,
+    },
+    /// `kill` failed.
+    #[error("failed to send signal {signal} to container process {pid}")]
+    Kill {
+        /// The pid.
+        pid: i32,
+        /// The signal.
+        signal: i32,
+        /// The cause.
+        #[source]
+        source: Errno,
+    },
+    /// Removing the runtime's temporary files failed.
+    #[error("failed to remove `{path}`")]
+    Cleanup {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How a container process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code, if it exited.
+    pub code: Option<i32>,
+    /// Signal number, if a signal killed it.
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    /// Exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(c), _) => write!(f, "exit code: {c}"),
+            (None, Some(s)) => write!(f, "killed by signal {s}"),
+            (None, None) => write!(f, "unknown status"),
+        }
+    }
+}
+
+/// Removes the runtime's files on drop unless disarmed.
+#[derive(Debug)]
+struct Cleanup {
+    run_dir: PathBuf,
+    /// Paths created inside a `Rootfs::Dir` root, removed again (deepest first).
+    created_in_dir: Vec<PathBuf>,
+}
+
+impl Cleanup {
+    fn run(&mut self) -> Result<(), RuntimeError> {
+        for path in std::mem::take(&mut self.created_in_dir).iter().rev() {
+            let result = match std::fs::symlink_metadata(path) {
+                Ok(md) if md.is_dir() => std::fs::remove_dir(path),
+                Ok(md) if md.len() == 0 => std::fs::remove_file(path),
+                _ => Ok(()),
+            };
+            // A dir the command filled is left alone, like BuildKit's mount stubs.
+            if let Err(e) = result {
+                if e.raw_os_error() != Some(libc::ENOTEMPTY) {
+                    return Err(RuntimeError::Cleanup {
+                        path: path.clone(),
+                        source: e,
+                    });
+                }
+            }
+        }
+        let dir = std::mem::take(&mut self.run_dir);
+        if dir.as_os_str().is_empty() {
+            return Ok(());
+        }
+        // The runtime's files lived in a tmpfs of the container's mount namespace: normally only
+        // the empty mount point is left.
+        let result = match std::fs::remove_dir(&dir) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => std::fs::remove_dir_all(&dir),
+            other => other,
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(RuntimeError::Cleanup { path: dir, source }),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = self.run();
+    }
+}
+
+/// A started container process.
+#[derive(Debug)]
+pub struct Running {
+    pid: i32,
+    created: Vec<PathBuf>,
+    cleanup: Cleanup,
+    reaped: bool,
+}
+
+impl Running {
+    /// The host pid of the container's pid 1.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Paths (relative to the root) the runtime had to create in the container's root view because
+    /// no lower layer could hold them (for `Rootfs::Overlay` these are in the upper dir; the layer
+    /// writer should leave them out of the layer). Usually empty.
+    pub fn created_paths(&self) -> &[PathBuf] {
+        &self.created
+    }
+
+    /// Sends a signal to the container's pid 1. Note that pid 1 ignores signals it has no handler
+    /// for, except `SIGKILL` (and `SIGSTOP`).
+    pub fn kill(&self, signal: i32) -> Result<(), RuntimeError> {
+        sys::kill(self.pid, signal).map_err(|source| RuntimeError::Kill {
+            pid: self.pid,
+            signal,
+            source,
+        })
+    }
+
+    fn finish(&mut self, exit: Exit) -> Result<ExitStatus, RuntimeError> {
+        self.reaped = true;
+        self.cleanup.run()?;
+        Ok(match exit {
+            Exit::Code(c) => ExitStatus {
+                code: Some(c),
+                signal: None,
+            },
+            Exit::Signal(s) => ExitStatus {
+                code: None,
+                signal: Some(s),
+            },
+            Exit::Running => ExitStatus {
+                code: None,
+                signal: None,
+            },
+        })
+    }
+
+    /// Waits for the container to exit (the kernel has then killed the rest of its pid namespace
+    /// and dropped its mounts) and removes the runtime's temporary files.
+    pub fn wait(mut self) -> Result<ExitStatus, RuntimeError> {
+        let exit = sys::wait_pid(self.pid, true).map_err(|source| RuntimeError::Wait {
+            pid: self.pid,
+            source,
+        })?;
+        self.finish(exit)
+    }
+
+    /// Non-blocking [`Running::wait`]: `None` while the container runs.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, RuntimeError> {
+        if self.reaped {
+            return Ok(None);
+        }
+        match sys::wait_pid(self.pid, false).map_err(|source| RuntimeError::Wait {
+            pid: self.pid,
+            source,
+        })? {
+            Exit::Running => Ok(None),
+            exit => self.finish(exit).map(Some),
+        }
+    }
+}
+
+impl Drop for Running {
+    /// A container dropped without `wait` (a cancelled step) is killed and reaped.
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = sys::kill(self.pid, libc::SIGKILL);
+            let _ = sys::wait_pid(self.pid, true);
+            self.reaped = true;
+        }
+    }
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn create_run_dir(scratch: &Path) -> Result<PathBuf, RuntimeError> {
+    loop {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = scratch.join(format!("kiln-run-{}-{n}", std::process::id()));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(source) => return Err(RuntimeError::CreateScratch { path: dir, source }),
+        }
+    }
+}
+
+/// Lexical absolute form of a container path.
+fn absolute(path: &str) -> String {
+    if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
+    }
+}
+
+/// Where a mount point comes from when the root lacks it.
+struct Targets<'a> {
+    view: &'a RootView,
+    overlay: bool,
+    stub: PathBuf,
+    /// Entries of the stub layer (host paths under `stub`), parents first.
+    stub_entries: Vec<ScratchEntry>,
+    /// Targets mounted so far (relative), to detect nesting.
+    mounted: Vec<PathBuf>,
+    create: Vec<Create>,
+}
+
+impl Targets<'_> {
+    /// Resolves `target`, arranges for it to exist, and returns the resolved relative path and the
+    /// components to create inside an enclosing earlier mount.
+    fn place(&mut self, target: &str, is_dir: bool) -> Result<(PathBuf, Vec<PathBuf>), RuntimeError> {
+        let target = absolute(target);
+        let resolved = self
+            .view
+            .resolve(&target)
+            .map_err(|source| RuntimeError::ResolveTarget {
+                target: target.clone(),
+                source,
+            })?;
+        let rel = resolved.rel.clone();
+        let enclosing = self
+            .mounted
+            .iter()
+            .filter(|m| rel.starts_with(m) && rel != **m)
+            .max_by_key(|m| m.as_os_str().len());
+        let mut create_first = Vec::new();
+        if let Some(parent) = enclosing {
+            let mut cur = parent.clone();
+            if let Ok(rest) = rel.strip_prefix(parent) {
+                for c in rest.components() {
+                    cur.push(c);
+                    create_first.push(cur.clone());
+                }
+            }
+        } else if !resolved.exists() {
+            let comps: Vec<_> = rel.components().collect();
+            if self.overlay && resolved.visible_from_below {
+                let mut host = self.stub.clone();
+                for (i, c) in comps.iter().enumerate() {
+                    host.push(c);
+                    let entry = if i + 1 == comps.len() && !is_dir {
+                        ScratchEntry::File(host.clone(), Vec::new())
+                    } else {
+                        ScratchEntry::Dir(host.clone())
+                    };
+                    let known = self.stub_entries.iter().any(|e| match e {
+                        ScratchEntry::Dir(p) | ScratchEntry::File(p, _) => *p == host,
+                    });
+                    if !known {
+                        self.stub_entries.push(entry);
+                    }
+                }
+            } else {
+                let mut cur = PathBuf::new();
+                for (i, c) in comps.iter().enumerate() {
+                    cur.push(c);
+                    if i >= resolved.existing {
+                        let dir = i + 1 < comps.len() || is_dir;
+                        if !self.create.iter().any(|x| x.rel == cur) {
+                            self.create.push(Create {
+                                rel: cur.clone(),
+                                dir,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        self.mounted.push(rel.clone());
+        Ok((rel, create_first))
+    }
+}
+
+fn dup_stdio(fd: &OwnedFd, name: &'static str) -> Result<OwnedFd, RuntimeError> {
+    sys::dup_above_stdio(fd.as_fd()).map_err(|source| RuntimeError::DupStdio { name, source })
+}
+
+/// Everything prepared in the parent, owned until the child has exec'd.
+struct Prepared {
+    plan: Plan,
+    created: Vec<PathBuf>,
+    created_in_dir: Vec<PathBuf>,
+    namespaces: libc::c_int,
+    _keep: Vec<OwnedFd>,
+}
+
+fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError> {
+    let host = HostCaps::read().map_err(RuntimeError::HostCaps)?;
+    let root = run_dir.join("root");
+    let stub = run_dir.join("lower");
+    let etc_dir = run_dir.join("etc");
+    let mut scratch = vec![
+        ScratchEntry::Dir(root.clone()),
+        ScratchEntry::Dir(etc_dir.clone()),
+    ];
+    let (view, overlay) = match &spec.rootfs {
+        Rootfs::Overlay { lower, .. } => {
+            if lower.len() + 1 > MAX_LOWER_DIRS {
+                return Err(RuntimeError::TooManyLayers {
+                    count: lower.len() + 1,
+                });
+            }
+            (RootView::Layers(lower.clone()), true)
+        }
+        Rootfs::Dir(dir) => (RootView::Dir(dir.clone()), false),
+    };
+    let user = users::resolve_user_in(&view, &spec.user).map_err(|source| RuntimeError::User {
+        user: spec.user.clone(),
+        source,
+    })?;
+
+    let mut targets = Targets {
+        view: &view,
+        overlay,
+        stub: stub.clone(),
+        stub_entries: Vec::new(),
+        mounted: Vec::new(),
+        create: Vec::new(),
+    };
+    let (proc_dir, _) = targets.place("/proc", true)?;
+    let (dev_dir, _) = targets.place("/dev", true)?;
+    let (sys_dir, _) = targets.place("/sys", true)?;
+
+    let mut etc_binds = Vec::new();
+    for (name, content) in [
+        ("hosts", &spec.etc_files.hosts),
+        ("resolv.conf", &spec.etc_files.resolv_conf),
+        ("hostname", &spec.etc_files.hostname),
+    ] {
+        let Some(content) = content else { continue };
+        let host_path = etc_dir.join(name);
+        scratch.push(ScratchEntry::File(host_path.clone(), content.as_bytes().to_vec()));
+        let (rel, _) = targets.place(&format!("/etc/{name}"), false)?;
+        etc_binds.push((host_path, rel));
+    }
+
+    let mut mounts = Vec::new();
+    for m in &spec.mounts {
+        let (kind, is_dir) = match m {
+            MountSpec::Bind { source, readonly, .. } => {
+                let md = std::fs::metadata(source).map_err(|e| RuntimeError::MountSource {
+                    path: source.clone(),
+                    source: e,
+                })?;
+                (
+                    MountKind::Bind {
+                        source: source.clone(),
+                        readonly: *readonly,
+                    },
+                    md.is_dir(),
+                )
+            }
+            MountSpec::Tmpfs { size, mode, .. } => (
+                MountKind::Tmpfs {
+                    size: *size,
+                    mode: *mode,
+                },
+                true,
+            ),
+            MountSpec::Overlay { lower, upper, .. } => (
+                MountKind::Overlay {
+                    lower: lower.clone(),
+                    upper: upper.clone(),
+                },
+                true,
+            ),
+        };
+        let (target, create_first) = targets.place(m.target(), is_dir)?;
+        mounts.push(PlannedMount {
+            target,
+            kind,
+            target_is_dir: is_dir,
+            create_first,
+        });
+    }
+    let stub_used = !targets.stub_entries.is_empty();
+    let create = targets.create;
+    let lower_empty = matches!(&spec.rootfs, Rootfs::Overlay { lower, .. } if lower.is_empty());
+    if stub_used || lower_empty {
+        scratch.push(ScratchEntry::Dir(stub.clone()));
+        scratch.extend(targets.stub_entries);
+    }
+
+    let rootfs = match &spec.rootfs {
+        Rootfs::Overlay { lower, upper, work } => {
+            let mut lower = lower.clone();
+            if stub_used || lower_empty {
+                lower.push(stub.clone());
+            }
+            RootMount::Overlay {
+                lower,
+                upper: upper.clone(),
+                work: work.clone(),
+            }
+        }
+        Rootfs::Dir(dir) => RootMount::Bind(dir.clone()),
+    };
+    let created: Vec<PathBuf> = create.iter().map(|c| c.rel.clone()).collect();
+    let created_in_dir = match &spec.rootfs {
+        Rootfs::Dir(dir) => created.iter().map(|rel| dir.join(rel)).collect(),
+        Rootfs::Overlay { .. } => Vec::new(),
+    };
+
+    let mut keep = Vec::new();
+    let mut namespaces = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    let network = match &spec.network {
+        Network::Host => NetPlan::Host,
+        Network::None => {
+            namespaces |= libc::CLONE_NEWNET;
+            NetPlan::New
+        }
+        Network::Join(path) => {
+            let fd = sys::open_cloexec(path).map_err(|source| RuntimeError::OpenNetns {
+                path: path.clone(),
+                source,
+            })?;
+            let raw = sys::raw(&fd);
+            keep.push(fd);
+            NetPlan::Join(raw)
+        }
+    };
+
+    let stdin = match &spec.stdin {
+        Some(fd) => dup_stdio(fd, "stdin")?,
+        None => sys::open_cloexec(Path::new("/dev/null")).map_err(RuntimeError::OpenDevNull)?,
+    };
+    let stdout = dup_stdio(&spec.stdout, "stdout")?;
+    let stderr = dup_stdio(&spec.stderr, "stderr")?;
+    let stdio = [sys::raw(&stdin), sys::raw(&stdout), sys::raw(&stderr)];
+    keep.extend([stdin, stdout, stderr]);
+
+    let mut env = spec.env.clone();
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", user.home));
+    }
+    let caps = host.for_security(spec.security);
+    let input = PlanInput {
+        run_dir: run_dir.to_path_buf(),
+        scratch,
+        root,
+        rootfs,
+        readonly_rootfs: spec.readonly_rootfs,
+        network,
+        hostname: spec.hostname.clone(),
+        create,
+        proc_dir,
+        dev_dir,
+        sys_dir,
+        etc_binds,
+        mounts,
+        security: spec.security,
+        caps,
+        last_cap: host.last_cap,
+        user,
+        cwd: absolute(&spec.cwd),
+        args: spec.args.clone(),
+        env,
+        stdio,
+    };
+    let plan = plan::build(&input).map_err(RuntimeError::Plan)?;
+    Ok(Prepared {
+        plan,
+        created,
+        created_in_dir,
+        namespaces,
+        _keep: keep,
+    })
+}
+
+/// Starts `spec`'s command in a new container. `scratch` is a directory for the runtime's
+/// temporary files: the runtime makes its own subdirectory there and removes it when the container
+/// is waited for (or on any error).
+pub fn start(spec: ContainerSpec, scratch: &Path) -> Result<Running, RuntimeError> {
+    let run_dir = create_run_dir(scratch)?;
+    let mut cleanup = Cleanup {
+        run_dir: run_dir.clone(),
+        created_in_dir: Vec::new(),
+    };
+    let command = spec.args.first().cloned().unwrap_or_default();
+    let prepared = prepare(spec, &run_dir)?;
+    cleanup.created_in_dir = prepared.created_in_dir.clone();
+
+    let (status_read, status_write) = sys::pipe_cloexec().map_err(RuntimeError::Pipe)?;
+    match sys::clone_child(prepared.namespaces).map_err(RuntimeError::Clone)? {
+        Cloned::Child => {
+            // In the child of a possibly multithreaded process: no allocation from here on.
+            if let Err((index, errno)) = plan::run(&RealSys, &prepared.plan) {
+                let mut report = [0u8; 8];
+                report[..4].copy_from_slice(&(index as u32).to_le_bytes());
+                report[4..].copy_from_slice(&(errno as i32).to_le_bytes());
+                let _ = sys::write_all(status_write.as_fd(), &report);
+            }
+            sys::exit_child(127)
+        }
+        Cloned::Parent(pid) => {
+            drop(status_write);
+            let mut running = Running {
+                pid,
+                created: prepared.created.clone(),
+                cleanup,
+                reaped: false,
+            };
+            let mut report = [0u8; 8];
+            let n = match sys::read_full(status_read.as_fd(), &mut report) {
+                Ok(n) => n,
+                Err(e) => return Err(RuntimeError::ReadStatus(e)), // `running` drops: kill, reap, clean
+            };
+            if n == 0 {
+                return Ok(running);
+            }
+            let _ = sys::wait_pid(pid, true);
+            running.reaped = true;
+            let _ = running.cleanup.run();
+            if n != report.len() {
+                return Err(RuntimeError::ReadStatus(Errno::EIO));
+            }
+            let index = u32::from_le_bytes([report[0], report[1], report[2], report[3]]) as usize;
+            let errno = Errno::from_raw(i32::from_le_bytes([report[4], report[5], report[6], report[7]]));
+            let step = prepared
+                .plan
+                .steps
+                .get(index)
+                .map_or_else(|| format!("step {index}"), |s| s.what.clone());
+            if index + 1 == prepared.plan.steps.len() {
+                return Err(RuntimeError::Exec {
+                    command,
+                    source: errno,
+                });
+            }
+            Err(RuntimeError::Setup { step, source: errno })
+        }
+    }
+}

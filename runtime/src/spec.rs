@@ -1,0 +1,202 @@
+//! The fully-resolved description of one container process.
+//!
+//! The runtime knows nothing of Dockerfiles or the store: callers turn RUN steps (or `kiln run`)
+//! into a [`ContainerSpec`] and hand it to [`crate::start`].
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+/// The root filesystem of the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rootfs {
+    /// An overlay: `lower` is the parent snapshot chain, top layer first; writes land in `upper`.
+    /// `work` is the overlay work dir (same filesystem as `upper`, owned by the caller).
+    Overlay {
+        /// Lower dirs, top first (at most 499: the runtime may add one of its own at the bottom).
+        lower: Vec<PathBuf>,
+        /// The upper dir that receives every change.
+        upper: PathBuf,
+        /// The overlay work dir.
+        work: PathBuf,
+    },
+    /// A plain directory used as the root in place (bind-mounted).
+    Dir(PathBuf),
+}
+
+/// An extra mount, applied in order after the standard ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountSpec {
+    /// A recursive bind mount of a host path (file or directory).
+    Bind {
+        /// Host path.
+        source: PathBuf,
+        /// Absolute path inside the container.
+        target: String,
+        /// Remount read-only.
+        readonly: bool,
+    },
+    /// A fresh tmpfs.
+    Tmpfs {
+        /// Absolute path inside the container.
+        target: String,
+        /// Size limit in bytes (`None`: the kernel default, half of RAM).
+        size: Option<u64>,
+        /// Mode of the tmpfs root (`None`: 1777 like Docker).
+        mode: Option<u32>,
+    },
+    /// An overlay of snapshot dirs, e.g. a `RUN --mount=type=bind,from=stage` whose source is a
+    /// snapshot chain. Without `upper` it is read-only.
+    Overlay {
+        /// Lower dirs, top first.
+        lower: Vec<PathBuf>,
+        /// Upper and work dir for a writable overlay.
+        upper: Option<(PathBuf, PathBuf)>,
+        /// Absolute path inside the container.
+        target: String,
+    },
+}
+
+impl MountSpec {
+    /// The absolute path inside the container.
+    pub fn target(&self) -> &str {
+        match self {
+            MountSpec::Bind { target, .. }
+            | MountSpec::Tmpfs { target, .. }
+            | MountSpec::Overlay { target, .. } => target,
+        }
+    }
+}
+
+/// The network namespace of the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Network {
+    /// Share the host's network namespace (`RUN --network=default` and `host`).
+    Host,
+    /// A new network namespace with only the loopback interface, brought up.
+    None,
+    /// Join an existing network namespace (a file such as `/run/netns/x` or `/proc/PID/ns/net`).
+    Join(PathBuf),
+}
+
+/// The security profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// Docker's default capabilities, masked and read-only `/proc` paths, read-only `/sys`,
+    /// `no_new_privs`.
+    Default,
+    /// `--security=insecure`: every capability, nothing masked, `/sys` writable.
+    Insecure,
+}
+
+/// Contents of the files bind-mounted over `/etc/hosts`, `/etc/resolv.conf` and `/etc/hostname`.
+/// `None` leaves the image's file alone. The runtime writes them into its scratch dir; they are
+/// never part of the container's layer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcFiles {
+    /// `/etc/hosts`.
+    pub hosts: Option<String>,
+    /// `/etc/resolv.conf`.
+    pub resolv_conf: Option<String>,
+    /// `/etc/hostname`.
+    pub hostname: Option<String>,
+}
+
+impl EtcFiles {
+    /// The files BuildKit gives a RUN step: a hosts file naming `localhost` and `hostname`, the
+    /// host's resolv.conf (with loopback nameservers replaced by public ones when the container
+    /// has its own network namespace, where the host's loopback resolver is unreachable), and the
+    /// hostname.
+    pub fn for_build(hostname: &str, host_resolv_conf: &str, network: &Network) -> EtcFiles {
+        let hosts = format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+        let resolv_conf = match network {
+            Network::Host => host_resolv_conf.to_string(),
+            Network::None | Network::Join(_) => {
+                let mut out = String::new();
+                let mut has_server = false;
+                for line in host_resolv_conf.lines() {
+                    let mut words = line.split_whitespace();
+                    if words.next() == Some("nameserver") {
+                        let addr = words.next().unwrap_or("");
+                        if addr.starts_with("127.") || addr == "::1" {
+                            continue;
+                        }
+                        has_server = true;
+                    }
+                    out.push_str(line);
+                    out.push('\n');
+                }
+                if !has_server {
+                    out.push_str("nameserver 8.8.8.8\nnameserver 8.8.4.4\n");
+                }
+                out
+            }
+        };
+        EtcFiles {
+            hosts: Some(hosts),
+            resolv_conf: Some(resolv_conf),
+            hostname: Some(format!("{hostname}\n")),
+        }
+    }
+}
+
+/// Everything needed to run one process in a container.
+#[derive(Debug)]
+pub struct ContainerSpec {
+    /// The root filesystem.
+    pub rootfs: Rootfs,
+    /// Mount the root filesystem read-only.
+    pub readonly_rootfs: bool,
+    /// argv; `argv[0]` without a `/` is looked up in the container's `PATH` inside the rootfs.
+    pub args: Vec<String>,
+    /// Environment, `KEY=VALUE`. `HOME` is added from the user's passwd entry when missing.
+    pub env: Vec<String>,
+    /// Working directory, created (owned by the user) if missing, like Docker and BuildKit.
+    pub cwd: String,
+    /// `USER` as written: `""`, `name`, `uid`, `name:group`, `uid:gid`; resolved inside the rootfs.
+    pub user: String,
+    /// The container's hostname.
+    pub hostname: String,
+    /// Extra mounts, in order.
+    pub mounts: Vec<MountSpec>,
+    /// The network namespace.
+    pub network: Network,
+    /// The security profile.
+    pub security: Security,
+    /// Contents of `/etc/hosts`, `/etc/resolv.conf`, `/etc/hostname`.
+    pub etc_files: EtcFiles,
+    /// Standard input (`None`: `/dev/null`).
+    pub stdin: Option<OwnedFd>,
+    /// Standard output.
+    pub stdout: OwnedFd,
+    /// Standard error.
+    pub stderr: OwnedFd,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn for_build_drops_loopback_nameservers_in_own_netns() {
+        let host = "search example.com\nnameserver 127.0.0.53\noptions edns0\n";
+        let files = EtcFiles::for_build("box", host, &Network::None);
+        assert_eq!(
+            files.resolv_conf.as_deref(),
+            Some("search example.com\noptions edns0\nnameserver 8.8.8.8\nnameserver 8.8.4.4\n")
+        );
+        let files = EtcFiles::for_build("box", host, &Network::Host);
+        assert_eq!(files.resolv_conf.as_deref(), Some(host));
+        assert!(files
+            .hosts
+            .as_deref()
+            .is_some_and(|h| h.starts_with("127.0.0.1\tlocalhost box\n")));
+        assert_eq!(files.hostname.as_deref(), Some("box\n"));
+    }
+
+    #[test]
+    fn for_build_keeps_real_nameservers() {
+        let host = "nameserver 10.0.0.2\nnameserver ::1\n";
+        let files = EtcFiles::for_build("h", host, &Network::None);
+        assert_eq!(files.resolv_conf.as_deref(), Some("nameserver 10.0.0.2\n"));
+    }
+}

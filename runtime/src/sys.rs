@@ -1,0 +1,936 @@
+//! Every kernel call the runtime makes, behind the [`Sys`] trait.
+//!
+//! [`RealSys`] issues the system calls; [`RecordingSys`] records them as text so that the order of
+//! mounts, credential changes and the final exec can be unit-tested without root.
+//!
+//! Architecture Invariant: this is the only module of the workspace that contains `unsafe`.
+//! Every `unsafe` block carries a `// SAFETY:` comment.
+//!
+//! Methods of [`Sys`] run in the forked child of a multithreaded process: they must not allocate
+//! and may only issue async-signal-safe system calls. Everything they need (paths as `CStr`,
+//! argv and envp arrays) is computed before the fork.
+
+use std::cell::RefCell;
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use libc::c_char;
+pub use nix::errno::Errno;
+pub use nix::mount::MsFlags;
+
+/// argv and envp for `execve`, with their NULL-terminated pointer arrays built ahead of the fork.
+pub struct ExecArgs {
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    argv_ptrs: Vec<*const c_char>,
+    envp_ptrs: Vec<*const c_char>,
+}
+
+impl std::fmt::Debug for ExecArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecArgs")
+            .field("argv", &self.argv)
+            .field("envp", &self.envp)
+            .finish()
+    }
+}
+
+impl ExecArgs {
+    /// Builds the pointer arrays. The pointers point into the `CString` heap buffers, which do not
+    /// move when the `ExecArgs` value moves.
+    pub fn new(argv: Vec<CString>, envp: Vec<CString>) -> Self {
+        let mut argv_ptrs: Vec<*const c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let mut envp_ptrs: Vec<*const c_char> = envp.iter().map(|a| a.as_ptr()).collect();
+        envp_ptrs.push(std::ptr::null());
+        ExecArgs {
+            argv,
+            envp,
+            argv_ptrs,
+            envp_ptrs,
+        }
+    }
+
+    /// The argument vector.
+    pub fn argv(&self) -> &[CString] {
+        &self.argv
+    }
+
+    /// The environment, `KEY=VALUE` strings.
+    pub fn envp(&self) -> &[CString] {
+        &self.envp
+    }
+}
+
+/// What `stat` found at a path, as far as the sandbox cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// A directory.
+    Dir,
+    /// Anything else.
+    Other,
+}
+
+/// The kernel calls made while setting up a container, in the child, before `execve`.
+///
+/// Implementations used in the child must not allocate.
+pub trait Sys {
+    /// `mount(2)`.
+    fn mount(
+        &self,
+        source: Option<&CStr>,
+        target: &CStr,
+        fstype: Option<&CStr>,
+        flags: MsFlags,
+        data: Option<&CStr>,
+    ) -> Result<(), Errno>;
+    /// Mounts an overlay with the new mount API (`fsopen`, `fsconfig` with `lowerdir+`, `fsmount`,
+    /// `move_mount`), which has no one-page limit on the lower dirs.
+    fn mount_overlay_fsconfig(
+        &self,
+        target: &CStr,
+        lower: &[CString],
+        upper_work: Option<(&CStr, &CStr)>,
+    ) -> Result<(), Errno>;
+    /// `umount2(2)`.
+    fn umount2(&self, target: &CStr, flags: i32) -> Result<(), Errno>;
+    /// `setns(2)`.
+    fn setns(&self, fd: RawFd, nstype: i32) -> Result<(), Errno>;
+    /// `sethostname(2)`.
+    fn sethostname(&self, name: &CStr) -> Result<(), Errno>;
+    /// `unshare(2)` with the given `CLONE_*` flags.
+    fn unshare(&self, flags: libc::c_int) -> Result<(), Errno>;
+    /// Sets `IFF_UP` on the loopback interface of the current network namespace.
+    fn loopback_up(&self) -> Result<(), Errno>;
+    /// `mkdir(2)`.
+    fn mkdir(&self, path: &CStr, mode: u32) -> Result<(), Errno>;
+    /// `mknod(2)`.
+    fn mknod(&self, path: &CStr, mode: u32, dev: u64) -> Result<(), Errno>;
+    /// `symlink(2)`.
+    fn symlink(&self, target: &CStr, link: &CStr) -> Result<(), Errno>;
+    /// Creates an empty regular file, failing with `EEXIST` if anything is there.
+    fn create_file(&self, path: &CStr, mode: u32) -> Result<(), Errno>;
+    /// Creates (or truncates) a regular file with `data` as its content.
+    fn write_file(&self, path: &CStr, data: &[u8], mode: u32) -> Result<(), Errno>;
+    /// `lchown(2)`.
+    fn lchown(&self, path: &CStr, uid: u32, gid: u32) -> Result<(), Errno>;
+    /// `stat(2)`, reduced to directory or not.
+    fn stat_kind(&self, path: &CStr) -> Result<FileKind, Errno>;
+    /// `chdir(2)`.
+    fn chdir(&self, path: &CStr) -> Result<(), Errno>;
+    /// `pivot_root(2)`.
+    fn pivot_root(&self, new_root: &CStr, put_old: &CStr) -> Result<(), Errno>;
+    /// `umask(2)`.
+    fn umask(&self, mask: u32);
+    /// `prctl(PR_CAPBSET_DROP, cap)`.
+    fn capbset_drop(&self, cap: u32) -> Result<(), Errno>;
+    /// `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
+    fn set_no_new_privs(&self) -> Result<(), Errno>;
+    /// `setgroups(2)`.
+    fn setgroups(&self, gids: &[u32]) -> Result<(), Errno>;
+    /// `setresgid(2)` with all three ids equal.
+    fn setresgid(&self, gid: u32) -> Result<(), Errno>;
+    /// `setresuid(2)` with all three ids equal.
+    fn setresuid(&self, uid: u32) -> Result<(), Errno>;
+    /// `capset(2)` of the calling thread, 64-bit masks.
+    fn capset(&self, effective: u64, permitted: u64, inheritable: u64) -> Result<(), Errno>;
+    /// `dup2(2)`; the new descriptor does not have `FD_CLOEXEC`.
+    fn dup2(&self, old: RawFd, new: RawFd) -> Result<(), Errno>;
+    /// Resets the dispositions of the standard signals (1 to 31) to `SIG_DFL` and unblocks all
+    /// signals. Real-time signals need no reset: `execve` resets caught ones, and none is ignored.
+    fn reset_signals(&self) -> Result<(), Errno>;
+    /// Marks every descriptor from `first` on close-on-exec (`close_range` with
+    /// `CLOSE_RANGE_CLOEXEC`). Kernels without it are tolerated.
+    fn cloexec_from(&self, first: u32) -> Result<(), Errno>;
+    /// `execve(2)`. Returns only on failure; the recording fake returns `Ok(())` to stand for a
+    /// successful exec.
+    fn execve(&self, path: &CStr, args: &ExecArgs) -> Result<(), Errno>;
+}
+
+/// The real kernel.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RealSys;
+
+fn check(ret: libc::c_int) -> Result<(), Errno> {
+    if ret == -1 {
+        Err(Errno::last())
+    } else {
+        Ok(())
+    }
+}
+
+fn check_long(ret: libc::c_long) -> Result<libc::c_long, Errno> {
+    if ret == -1 {
+        Err(Errno::last())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn opt_ptr(s: Option<&CStr>) -> *const c_char {
+    s.map_or(std::ptr::null(), CStr::as_ptr)
+}
+
+const FSOPEN_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+const CAP_V3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+fn close_quietly(fd: libc::c_int) {
+    // SAFETY: `fd` is a descriptor this module opened and owns; closing it twice is avoided by
+    // every caller.
+    unsafe {
+        libc::close(fd);
+    }
+}
+
+impl RealSys {
+    fn fsconfig_string(fs: libc::c_int, key: &CStr, value: &CStr) -> Result<(), Errno> {
+        // SAFETY: fsconfig with FSCONFIG_SET_STRING reads two NUL-terminated strings that outlive
+        // the call; `fs` is an fs context descriptor.
+        check_long(unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fs,
+                FSCONFIG_SET_STRING,
+                key.as_ptr(),
+                value.as_ptr(),
+                0 as libc::c_int,
+            )
+        })
+        .map(|_| ())
+    }
+}
+
+impl Sys for RealSys {
+    fn mount(
+        &self,
+        source: Option<&CStr>,
+        target: &CStr,
+        fstype: Option<&CStr>,
+        flags: MsFlags,
+        data: Option<&CStr>,
+    ) -> Result<(), Errno> {
+        // SAFETY: all pointers are NUL-terminated strings or NULL and outlive the call.
+        check(unsafe {
+            libc::mount(
+                opt_ptr(source),
+                target.as_ptr(),
+                opt_ptr(fstype),
+                flags.bits(),
+                opt_ptr(data).cast(),
+            )
+        })
+    }
+
+    fn mount_overlay_fsconfig(
+        &self,
+        target: &CStr,
+        lower: &[CString],
+        upper_work: Option<(&CStr, &CStr)>,
+    ) -> Result<(), Errno> {
+        // SAFETY: fsopen reads a NUL-terminated filesystem name.
+        let fs = check_long(unsafe { libc::syscall(libc::SYS_fsopen, c"overlay".as_ptr(), FSOPEN_CLOEXEC) })?
+            as libc::c_int;
+        let configure = || -> Result<libc::c_int, Errno> {
+            for dir in lower {
+                Self::fsconfig_string(fs, c"lowerdir+", dir)?;
+            }
+            if let Some((upper, work)) = upper_work {
+                Self::fsconfig_string(fs, c"upperdir", upper)?;
+                Self::fsconfig_string(fs, c"workdir", work)?;
+            }
+            // SAFETY: FSCONFIG_CMD_CREATE takes no key or value pointers.
+            check_long(unsafe {
+                libc::syscall(
+                    libc::SYS_fsconfig,
+                    fs,
+                    FSCONFIG_CMD_CREATE,
+                    std::ptr::null::<c_char>(),
+                    std::ptr::null::<c_char>(),
+                    0 as libc::c_int,
+                )
+            })?;
+            // SAFETY: fsmount takes the fs context descriptor and plain flags.
+            let mnt = check_long(unsafe {
+                libc::syscall(libc::SYS_fsmount, fs, FSMOUNT_CLOEXEC, 0 as libc::c_uint)
+            })? as libc::c_int;
+            Ok(mnt)
+        };
+        let result = configure();
+        close_quietly(fs);
+        let mnt = result?;
+        // SAFETY: move_mount reads two NUL-terminated paths; `mnt` is the detached mount descriptor.
+        let moved = check_long(unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                mnt,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                target.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            )
+        });
+        close_quietly(mnt);
+        moved.map(|_| ())
+    }
+
+    fn umount2(&self, target: &CStr, flags: i32) -> Result<(), Errno> {
+        // SAFETY: `target` is NUL-terminated and outlives the call.
+        check(unsafe { libc::umount2(target.as_ptr(), flags) })
+    }
+
+    fn setns(&self, fd: RawFd, nstype: i32) -> Result<(), Errno> {
+        // SAFETY: setns takes a descriptor number and flags; no memory is passed.
+        check(unsafe { libc::setns(fd, nstype) })
+    }
+
+    fn unshare(&self, flags: libc::c_int) -> Result<(), Errno> {
+        // SAFETY: unshare takes only an integer and affects the calling thread's namespaces.
+        check(unsafe { libc::unshare(flags) })
+    }
+
+    fn sethostname(&self, name: &CStr) -> Result<(), Errno> {
+        let bytes = name.to_bytes();
+        // SAFETY: the pointer and length describe the bytes of `name`.
+        check(unsafe { libc::sethostname(bytes.as_ptr().cast(), bytes.len()) })
+    }
+
+    fn loopback_up(&self) -> Result<(), Errno> {
+        // SAFETY: socket takes plain integers.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        check(sock)?;
+        // SAFETY: ifreq is a plain C struct for which all-zero bytes is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        req.ifr_name[0] = b'l' as c_char;
+        req.ifr_name[1] = b'o' as c_char;
+        // SAFETY: SIOCGIFFLAGS writes the flags into `req`, which is a valid ifreq.
+        let got = check(unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req as *mut libc::ifreq) });
+        let result = got.and_then(|()| {
+            // SAFETY: after SIOCGIFFLAGS the flags member of the union is the initialised one.
+            unsafe {
+                req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            }
+            // SAFETY: SIOCSIFFLAGS reads `req`, a valid ifreq.
+            check(unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS, &req as *const libc::ifreq) })
+        });
+        close_quietly(sock);
+        result
+    }
+
+    fn mkdir(&self, path: &CStr, mode: u32) -> Result<(), Errno> {
+        // SAFETY: `path` is NUL-terminated.
+        check(unsafe { libc::mkdir(path.as_ptr(), mode) })
+    }
+
+    fn mknod(&self, path: &CStr, mode: u32, dev: u64) -> Result<(), Errno> {
+        // SAFETY: `path` is NUL-terminated.
+        check(unsafe { libc::mknod(path.as_ptr(), mode, dev) })
+    }
+
+    fn symlink(&self, target: &CStr, link: &CStr) -> Result<(), Errno> {
+        // SAFETY: both strings are NUL-terminated.
+        check(unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) })
+    }
+
+    fn create_file(&self, path: &CStr, mode: u32) -> Result<(), Errno> {
+        // SAFETY: `path` is NUL-terminated; the returned descriptor is closed below.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                mode as libc::c_uint,
+            )
+        };
+        check(fd)?;
+        close_quietly(fd);
+        Ok(())
+    }
+
+    fn write_file(&self, path: &CStr, data: &[u8], mode: u32) -> Result<(), Errno> {
+        // SAFETY: `path` is NUL-terminated; the returned descriptor is closed below.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_CREAT | libc::O_TRUNC | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                mode as libc::c_uint,
+            )
+        };
+        check(fd)?;
+        let mut done = 0;
+        let mut result = Ok(());
+        while done < data.len() {
+            // SAFETY: the pointer and length describe the unwritten tail of `data`.
+            let n = unsafe { libc::write(fd, data[done..].as_ptr().cast(), data.len() - done) };
+            if n < 0 {
+                let e = Errno::last();
+                if e != Errno::EINTR {
+                    result = Err(e);
+                    break;
+                }
+            } else if n == 0 {
+                result = Err(Errno::EIO);
+                break;
+            } else {
+                done += n as usize;
+            }
+        }
+        close_quietly(fd);
+        result
+    }
+
+    fn lchown(&self, path: &CStr, uid: u32, gid: u32) -> Result<(), Errno> {
+        // SAFETY: `path` is NUL-terminated.
+        check(unsafe { libc::lchown(path.as_ptr(), uid, gid) })
+    }
+
+    fn stat_kind(&self, path: &CStr) -> Result<FileKind, Errno> {
+        // SAFETY: `stat` is a plain C struct; all-zero is valid and the kernel overwrites it.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `path` is NUL-terminated and `st` is a valid out pointer.
+        check(unsafe { libc::stat(path.as_ptr(), &mut st) })?;
+        Ok(if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            FileKind::Dir
+        } else {
+            FileKind::Other
+        })
+    }
+
+    fn chdir(&self, path: &CStr) -> Result<(), Errno> {
+        // SAFETY: `path` is NUL-terminated.
+        check(unsafe { libc::chdir(path.as_ptr()) })
+    }
+
+    fn pivot_root(&self, new_root: &CStr, put_old: &CStr) -> Result<(), Errno> {
+        // SAFETY: both strings are NUL-terminated.
+        check_long(unsafe { libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr()) })
+            .map(|_| ())
+    }
+
+    fn umask(&self, mask: u32) {
+        // SAFETY: umask takes a plain integer and cannot fail.
+        unsafe {
+            libc::umask(mask);
+        }
+    }
+
+    fn capbset_drop(&self, cap: u32) -> Result<(), Errno> {
+        // SAFETY: prctl with PR_CAPBSET_DROP takes plain integers.
+        check(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) })
+    }
+
+    fn set_no_new_privs(&self) -> Result<(), Errno> {
+        // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes plain integers.
+        check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) })
+    }
+
+    fn setgroups(&self, gids: &[u32]) -> Result<(), Errno> {
+        // SAFETY: the pointer and length describe `gids`. The raw syscall, like `setresgid`:
+        // glibc's wrapper broadcasts the change to every thread it knows of and waits for them,
+        // and in a child cloned from a multithreaded process those threads do not exist, so it
+        // would wait forever.
+        check_long(unsafe { libc::syscall(libc::SYS_setgroups, gids.len(), gids.as_ptr()) }).map(|_| ())
+    }
+
+    fn setresgid(&self, gid: u32) -> Result<(), Errno> {
+        // SAFETY: plain integers. The raw syscall sets only this thread's ids; the child has one
+        // thread, and glibc's wrapper would try to signal threads that do not exist here.
+        check_long(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) }).map(|_| ())
+    }
+
+    fn setresuid(&self, uid: u32) -> Result<(), Errno> {
+        // SAFETY: plain integers; see `setresgid` for why the raw syscall is used.
+        check_long(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) }).map(|_| ())
+    }
+
+    fn capset(&self, effective: u64, permitted: u64, inheritable: u64) -> Result<(), Errno> {
+        let header = CapHeader {
+            version: CAP_V3,
+            pid: 0,
+        };
+        let data = [
+            CapData {
+                effective: effective as u32,
+                permitted: permitted as u32,
+                inheritable: inheritable as u32,
+            },
+            CapData {
+                effective: (effective >> 32) as u32,
+                permitted: (permitted >> 32) as u32,
+                inheritable: (inheritable >> 32) as u32,
+            },
+        ];
+        // SAFETY: capset v3 reads one header and two data structs, all valid for the call.
+        check_long(unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) })
+            .map(|_| ())
+    }
+
+    fn dup2(&self, old: RawFd, new: RawFd) -> Result<(), Errno> {
+        if old == new {
+            // dup2 onto itself keeps FD_CLOEXEC; clear it instead.
+            // SAFETY: fcntl with F_SETFD takes plain integers.
+            return check(unsafe { libc::fcntl(old, libc::F_SETFD, 0) });
+        }
+        // SAFETY: dup2 takes plain descriptor numbers.
+        check(unsafe { libc::dup2(old, new) })
+    }
+
+    fn reset_signals(&self) -> Result<(), Errno> {
+        for sig in 1..32 {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            // SAFETY: sigaction is a plain C struct; all-zero means SIG_DFL, empty mask, no flags.
+            let action: libc::sigaction = unsafe { std::mem::zeroed() };
+            // SAFETY: `action` is valid for reading; the old action is not requested. Signals the C
+            // library reserves fail with EINVAL, which is ignored.
+            unsafe {
+                libc::sigaction(sig, &action, std::ptr::null_mut());
+            }
+        }
+        // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t.
+        unsafe {
+            libc::sigemptyset(&mut set);
+        }
+        // SAFETY: `set` is initialised; the old mask is not requested.
+        check(unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) })
+    }
+
+    fn cloexec_from(&self, first: u32) -> Result<(), Errno> {
+        const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+        // SAFETY: close_range takes plain integers.
+        match check_long(unsafe {
+            libc::syscall(libc::SYS_close_range, first, u32::MAX, CLOSE_RANGE_CLOEXEC)
+        }) {
+            Ok(_) | Err(Errno::ENOSYS) | Err(Errno::EINVAL) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn execve(&self, path: &CStr, args: &ExecArgs) -> Result<(), Errno> {
+        // SAFETY: `path` is NUL-terminated; argv and envp are NULL-terminated arrays of pointers
+        // into CStrings owned by `args`, which outlives the call.
+        unsafe {
+            libc::execve(path.as_ptr(), args.argv_ptrs.as_ptr(), args.envp_ptrs.as_ptr());
+        }
+        Err(Errno::last())
+    }
+}
+
+/// A fake kernel that records every call as a line of text and fails the calls it is told to.
+#[derive(Debug, Default)]
+pub struct RecordingSys {
+    calls: RefCell<Vec<String>>,
+    fail: RefCell<Vec<(String, Errno)>>,
+    dirs: RefCell<Vec<String>>,
+}
+
+impl RecordingSys {
+    /// A fake on which every call succeeds and every path `stat`s as a regular file.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes the first call whose recorded line starts with `prefix` fail with `errno`.
+    pub fn fail_on(&self, prefix: &str, errno: Errno) {
+        self.fail.borrow_mut().push((prefix.to_string(), errno));
+    }
+
+    /// Makes `stat_kind` report `path` as a directory.
+    pub fn add_dir(&self, path: &str) {
+        self.dirs.borrow_mut().push(path.to_string());
+    }
+
+    /// The calls recorded so far.
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.borrow().clone()
+    }
+
+    fn record(&self, line: String) -> Result<(), Errno> {
+        let mut fail = self.fail.borrow_mut();
+        let hit = fail
+            .iter()
+            .position(|(prefix, _)| line.starts_with(prefix.as_str()));
+        self.calls.borrow_mut().push(line);
+        match hit {
+            Some(i) => Err(fail.remove(i).1),
+            None => Ok(()),
+        }
+    }
+}
+
+fn show(s: &CStr) -> String {
+    s.to_string_lossy().into_owned()
+}
+
+fn show_flags(flags: MsFlags) -> String {
+    if flags.is_empty() {
+        return "0".to_string();
+    }
+    flags
+        .iter_names()
+        .map(|(name, _)| name)
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+fn show_opt(s: Option<&CStr>) -> String {
+    s.map_or_else(|| "-".to_string(), show)
+}
+
+impl Sys for RecordingSys {
+    fn mount(
+        &self,
+        source: Option<&CStr>,
+        target: &CStr,
+        fstype: Option<&CStr>,
+        flags: MsFlags,
+        data: Option<&CStr>,
+    ) -> Result<(), Errno> {
+        self.record(format!(
+            "mount {} {} {} {} {}",
+            show_opt(source),
+            show(target),
+            show_opt(fstype),
+            show_flags(flags),
+            show_opt(data)
+        ))
+    }
+
+    fn mount_overlay_fsconfig(
+        &self,
+        target: &CStr,
+        lower: &[CString],
+        upper_work: Option<(&CStr, &CStr)>,
+    ) -> Result<(), Errno> {
+        let (upper, work) =
+            upper_work.map_or(("-".to_string(), "-".to_string()), |(u, w)| (show(u), show(w)));
+        self.record(format!(
+            "fsmount overlay {} lower={} upper={upper} work={work}",
+            show(target),
+            lower.len()
+        ))
+    }
+
+    fn umount2(&self, target: &CStr, flags: i32) -> Result<(), Errno> {
+        self.record(format!("umount2 {} {flags}", show(target)))
+    }
+
+    fn setns(&self, fd: RawFd, nstype: i32) -> Result<(), Errno> {
+        self.record(format!("setns {fd} {nstype:#x}"))
+    }
+
+    fn unshare(&self, flags: libc::c_int) -> Result<(), Errno> {
+        self.record(format!("unshare {flags:#x}"))
+    }
+
+    fn sethostname(&self, name: &CStr) -> Result<(), Errno> {
+        self.record(format!("sethostname {}", show(name)))
+    }
+
+    fn loopback_up(&self) -> Result<(), Errno> {
+        self.record("loopback_up".to_string())
+    }
+
+    fn mkdir(&self, path: &CStr, mode: u32) -> Result<(), Errno> {
+        self.record(format!("mkdir {} {mode:o}", show(path)))
+    }
+
+    fn mknod(&self, path: &CStr, mode: u32, dev: u64) -> Result<(), Errno> {
+        self.record(format!("mknod {} {mode:o} {dev:#x}", show(path)))
+    }
+
+    fn symlink(&self, target: &CStr, link: &CStr) -> Result<(), Errno> {
+        self.record(format!("symlink {} {}", show(target), show(link)))
+    }
+
+    fn create_file(&self, path: &CStr, mode: u32) -> Result<(), Errno> {
+        self.record(format!("create {} {mode:o}", show(path)))
+    }
+
+    fn write_file(&self, path: &CStr, data: &[u8], mode: u32) -> Result<(), Errno> {
+        self.record(format!(
+            "write {} {mode:o} {:?}",
+            show(path),
+            String::from_utf8_lossy(data)
+        ))
+    }
+
+    fn lchown(&self, path: &CStr, uid: u32, gid: u32) -> Result<(), Errno> {
+        self.record(format!("lchown {} {uid}:{gid}", show(path)))
+    }
+
+    fn stat_kind(&self, path: &CStr) -> Result<FileKind, Errno> {
+        let p = show(path);
+        self.record(format!("stat {p}"))?;
+        Ok(if self.dirs.borrow().contains(&p) {
+            FileKind::Dir
+        } else {
+            FileKind::Other
+        })
+    }
+
+    fn chdir(&self, path: &CStr) -> Result<(), Errno> {
+        self.record(format!("chdir {}", show(path)))
+    }
+
+    fn pivot_root(&self, new_root: &CStr, put_old: &CStr) -> Result<(), Errno> {
+        self.record(format!("pivot_root {} {}", show(new_root), show(put_old)))
+    }
+
+    fn umask(&self, mask: u32) {
+        // umask cannot fail; a configured failure is ignored.
+        let _ = self.record(format!("umask {mask:o}"));
+    }
+
+    fn capbset_drop(&self, cap: u32) -> Result<(), Errno> {
+        self.record(format!("capbset_drop {cap}"))
+    }
+
+    fn set_no_new_privs(&self) -> Result<(), Errno> {
+        self.record("no_new_privs".to_string())
+    }
+
+    fn setgroups(&self, gids: &[u32]) -> Result<(), Errno> {
+        self.record(format!("setgroups {gids:?}"))
+    }
+
+    fn setresgid(&self, gid: u32) -> Result<(), Errno> {
+        self.record(format!("setresgid {gid}"))
+    }
+
+    fn setresuid(&self, uid: u32) -> Result<(), Errno> {
+        self.record(format!("setresuid {uid}"))
+    }
+
+    fn capset(&self, effective: u64, permitted: u64, inheritable: u64) -> Result<(), Errno> {
+        self.record(format!(
+            "capset eff={effective:#x} prm={permitted:#x} inh={inheritable:#x}"
+        ))
+    }
+
+    fn dup2(&self, old: RawFd, new: RawFd) -> Result<(), Errno> {
+        self.record(format!("dup2 {old} {new}"))
+    }
+
+    fn reset_signals(&self) -> Result<(), Errno> {
+        self.record("reset_signals".to_string())
+    }
+
+    fn cloexec_from(&self, first: u32) -> Result<(), Errno> {
+        self.record(format!("cloexec_from {first}"))
+    }
+
+    fn execve(&self, path: &CStr, args: &ExecArgs) -> Result<(), Errno> {
+        let argv: Vec<String> = args.argv().iter().map(|a| show(a)).collect();
+        self.record(format!("execve {} {argv:?}", show(path)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Calls made by the parent process around the child.
+
+/// Result of [`clone_child`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cloned {
+    /// In the parent: the child's pid.
+    Parent(i32),
+    /// In the child.
+    Child,
+}
+
+/// Creates a child process in new namespaces (`clone(2)` without a new stack, so it behaves like
+/// `fork`). All signals are blocked around the call so no handler of the parent runs in the child;
+/// the child must reset dispositions and unblock them itself ([`Sys::reset_signals`]).
+///
+/// In the child only async-signal-safe calls may follow: the parent may be multithreaded.
+pub fn clone_child(namespaces: libc::c_int) -> Result<Cloned, Errno> {
+    // SAFETY: sigset_t is plain data, initialised by sigfillset/ by pthread_sigmask below.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `all` is a valid sigset_t.
+    unsafe {
+        libc::sigfillset(&mut all);
+    }
+    // SAFETY: both sets are valid; `old` receives the current mask.
+    check(unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) })?;
+    let flags = namespaces as libc::c_long | libc::SIGCHLD as libc::c_long;
+    // SAFETY: clone without CLONE_VM and with a NULL stack duplicates the address space like fork;
+    // the child runs on its own copy of this stack and only makes async-signal-safe calls.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags,
+            0 as libc::c_long,
+            0 as libc::c_long,
+            0 as libc::c_long,
+            0 as libc::c_long,
+        )
+    };
+    if ret == 0 {
+        return Ok(Cloned::Child);
+    }
+    let err = Errno::last();
+    // SAFETY: `old` holds the mask saved above.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+    }
+    if ret < 0 {
+        Err(err)
+    } else {
+        Ok(Cloned::Parent(ret as i32))
+    }
+}
+
+/// Ends the child immediately, without running destructors or `atexit` handlers.
+pub fn exit_child(code: i32) -> ! {
+    // SAFETY: _exit is async-signal-safe and never returns.
+    unsafe { libc::_exit(code) }
+}
+
+/// Writes all of `buf` to `fd`, retrying on `EINTR`. Async-signal-safe.
+pub fn write_all(fd: BorrowedFd<'_>, buf: &[u8]) -> Result<(), Errno> {
+    let mut done = 0;
+    while done < buf.len() {
+        match nix::unistd::write(fd, &buf[done..]) {
+            Ok(0) => return Err(Errno::EPIPE),
+            Ok(n) => done += n,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads until `buf` is full or end of file; returns the number of bytes read.
+pub fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
+    let mut done = 0;
+    while done < buf.len() {
+        match nix::unistd::read(fd, &mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// A pipe with both ends close-on-exec: (read, write).
+pub fn pipe_cloexec() -> Result<(OwnedFd, OwnedFd), Errno> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+}
+
+/// Duplicates `fd` to a close-on-exec descriptor numbered 3 or higher.
+pub fn dup_above_stdio(fd: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    let new = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Opens a path read-only with `O_CLOEXEC` (for `/dev/null` and namespace files).
+pub fn open_cloexec(path: &Path) -> Result<OwnedFd, Errno> {
+    nix::fcntl::open(
+        path,
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+}
+
+/// How a waited-for process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Exited with a status code.
+    Code(i32),
+    /// Killed by a signal.
+    Signal(i32),
+    /// Still running (only from a non-blocking wait).
+    Running,
+}
+
+/// `waitpid(2)` for one child, retrying on `EINTR`.
+pub fn wait_pid(pid: i32, block: bool) -> Result<Exit, Errno> {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let flags = if block { None } else { Some(WaitPidFlag::WNOHANG) };
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(pid), flags) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(Exit::Code(code)),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(Exit::Signal(sig as i32)),
+            Ok(WaitStatus::StillAlive) => return Ok(Exit::Running),
+            Ok(_) => {
+                if !block {
+                    return Ok(Exit::Running);
+                }
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `kill(2)` with a raw signal number.
+pub fn kill(pid: i32, sig: i32) -> Result<(), Errno> {
+    let signal = nix::sys::signal::Signal::try_from(sig)?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+}
+
+/// The permitted capability set of the calling thread.
+pub fn permitted_caps() -> Result<u64, Errno> {
+    let mut header = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget v3 writes two data structs into `data` and may update the header.
+    check_long(unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut CapHeader, data.as_mut_ptr()) })?;
+    Ok(u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32))
+}
+
+/// Whether `path` is a directory marked opaque for overlayfs (`trusted.overlay.opaque=y` or
+/// `user.overlay.opaque=y`). Missing attributes and errors count as not opaque.
+pub fn is_overlay_opaque(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(cpath) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    [c"trusted.overlay.opaque", c"user.overlay.opaque"]
+        .iter()
+        .any(|name| {
+            let mut value = [0u8; 4];
+            // SAFETY: `cpath` and `name` are NUL-terminated; `value` is writable for its length.
+            let n = unsafe {
+                libc::lgetxattr(
+                    cpath.as_ptr(),
+                    name.as_ptr(),
+                    value.as_mut_ptr().cast(),
+                    value.len(),
+                )
+            };
+            n == 1 && value[0] == b'y'
+        })
+}
+
+/// The raw number of a descriptor, for recording in plans.
+pub fn raw(fd: &OwnedFd) -> RawFd {
+    fd.as_raw_fd()
+}
