@@ -1,0 +1,785 @@
+//! COPY/ADD of one action: source selection (wildcards, `--parents`), destination rules, and
+//! the tree copy itself (directories first, then files in parallel, then directory metadata).
+
+use std::collections::HashMap;
+use std::fs::{self, File, FileTimes, Metadata, OpenOptions, Permissions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use kiln_dag::CopyAction;
+use kiln_patterns::Matcher;
+use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use rayon::prelude::*;
+
+use super::chmod::ModeSpec;
+use super::resolve::{self, Resolved};
+use super::{owner, unpack, wildcard, FileOpError, FileOpOptions, SourceRoot};
+
+/// What one copy action applies to every entry it writes.
+struct Config<'a> {
+    dest_root: &'a Path,
+    src: &'a SourceRoot,
+    chown: Option<(u32, u32)>,
+    mode: Option<ModeSpec>,
+    exclude: Option<Matcher>,
+    timestamp: Option<SystemTime>,
+}
+
+impl Config<'_> {
+    /// Whether the context filter hides the source-root-relative path `rel` (a directory
+    /// below which something may be re-included stays visible).
+    fn hidden(&self, rel: &str, is_dir: bool) -> Result<bool, FileOpError> {
+        Ok(self.src.hides(rel)? && !(is_dir && self.src.may_show_below(rel)))
+    }
+
+    /// `(excluded, descend)` of an `--exclude` check on a path relative to the copied source.
+    fn excluded(&self, rel: &str, is_dir: bool) -> Result<(bool, bool), FileOpError> {
+        let Some(m) = &self.exclude else {
+            return Ok((false, true));
+        };
+        let hit = m.matches(rel).map_err(|source| FileOpError::Pattern {
+            path: rel.to_string(),
+            source,
+        })?;
+        Ok((hit, !hit || (is_dir && m.may_reinclude_below(rel))))
+    }
+
+    fn owner_of(&self, meta: &Metadata) -> (u32, u32) {
+        match self.chown {
+            Some(o) => o,
+            None if self.src.normalize_owner => (0, 0),
+            None => (meta.uid(), meta.gid()),
+        }
+    }
+}
+
+/// Runs one COPY/ADD action.
+pub(super) fn copy_action(
+    dest_root: &Path,
+    src: &SourceRoot,
+    action: &CopyAction,
+    opts: &FileOpOptions,
+) -> Result<(), FileOpError> {
+    let chown = action
+        .owner
+        .as_ref()
+        .map(|o| owner::resolve_owner(dest_root, o))
+        .transpose()?;
+    let mode = action.mode.as_ref().map(ModeSpec::parse).transpose()?;
+    let exclude = if action.exclude.is_empty() {
+        None
+    } else {
+        Some(
+            Matcher::new(&action.exclude).map_err(|source| FileOpError::ExcludePatterns {
+                patterns: action.exclude.clone(),
+                source,
+            })?,
+        )
+    };
+    let cfg = Config {
+        dest_root,
+        src,
+        chown,
+        mode,
+        exclude,
+        timestamp: opts.timestamp,
+    };
+    let dest_is_dir = action.dest_is_dir || resolve::names_dir(&action.dest);
+    let dest = resolve::clean(&action.dest);
+
+    if !action.create_dest_path {
+        let p = resolve::in_root(dest_root, &dest, true, None)?.host;
+        let parent = p.parent().unwrap_or(dest_root);
+        fs::symlink_metadata(parent).map_err(|source| FileOpError::MissingDestParent {
+            path: action.dest.clone(),
+            source,
+        })?;
+    }
+    if action.parents {
+        return copy_parents(&cfg, action, &dest, dest_is_dir);
+    }
+
+    let hidden = |rel: &str, is_dir: bool| cfg.hidden(rel, is_dir);
+    let mut sources: Vec<String> = Vec::new();
+    let (prefix, pattern) = wildcard::split(&action.src);
+    if !action.allow_wildcard || pattern.is_empty() {
+        sources.push(resolve::clean(&action.src));
+    } else {
+        let found = expand(&cfg, &prefix, &pattern, action.follow_symlinks)?;
+        if found.is_empty() {
+            if action.allow_empty_wildcard {
+                return Ok(());
+            }
+            return Err(FileOpError::NoMatches {
+                pattern: resolve::clean(&action.src),
+            });
+        }
+        sources.extend(found);
+    }
+
+    for source in sources {
+        let resolved = resolve::in_root(&src.path, &source, action.follow_symlinks, Some(&hidden))?;
+        let meta = source_meta(&cfg, &resolved, &source)?;
+        if action.attempt_unpack && meta.is_file() && unpack::is_archive(&resolved.host)? {
+            let target = resolve::in_root(dest_root, &dest, true, None)?.host;
+            mkdir_all(dest_root, &target, 0o755, chown, cfg.timestamp)?;
+            unpack::unpack(&resolved.host, &target, chown, cfg.timestamp)?;
+            continue;
+        }
+        let ensure = if dest_is_dir {
+            dest.clone()
+        } else {
+            resolve::parent_of(&dest)
+        };
+        let ensure = resolve::in_root(dest_root, &ensure, true, None)?.host;
+        mkdir_all(dest_root, &ensure, 0o755, chown, cfg.timestamp)?;
+        let target = resolve::in_root(dest_root, &dest, true, None)?.host;
+        let target = prepare_target(&cfg, &meta, &source, target, action.dir_contents_only)?;
+        copy_tree(&cfg, &resolved, meta, &target, false)?;
+    }
+    Ok(())
+}
+
+/// The wildcard matches of `pattern` below `prefix`, as container paths, minus those an
+/// `--exclude` pattern names (matched relative to the prefix).
+fn expand(
+    cfg: &Config<'_>,
+    prefix: &str,
+    pattern: &[String],
+    follow: bool,
+) -> Result<Vec<String>, FileOpError> {
+    let hidden = |rel: &str, is_dir: bool| cfg.hidden(rel, is_dir);
+    let base = resolve::in_root(&cfg.src.path, prefix, follow, Some(&hidden))?;
+    match fs::symlink_metadata(&base.host) {
+        Ok(m) if m.is_dir() && !cfg.hidden(&base.rel, true)? => {}
+        Ok(m) if !m.is_dir() => return Ok(Vec::new()),
+        Ok(_) => {
+            return Err(FileOpError::SourceNotFound {
+                path: prefix.to_string(),
+            })
+        }
+        Err(e) if resolve::is_missing(&e) => {
+            return Err(FileOpError::SourceNotFound {
+                path: prefix.to_string(),
+            })
+        }
+        Err(source) => {
+            return Err(FileOpError::Stat {
+                path: base.host,
+                source,
+            })
+        }
+    }
+    let mut out = Vec::new();
+    for m in wildcard::expand(&base, pattern, Some(&hidden))? {
+        let below = m
+            .rel
+            .strip_prefix(&base.rel)
+            .unwrap_or(&m.rel)
+            .trim_start_matches('/');
+        let is_dir = m.host.is_dir();
+        if cfg.exclude.is_some() && cfg.excluded(below, is_dir)?.0 {
+            continue;
+        }
+        out.push(format!("/{}", m.rel));
+    }
+    Ok(out)
+}
+
+/// `lstat` of a resolved source; a missing or filtered-out source is "not found".
+fn source_meta(cfg: &Config<'_>, resolved: &Resolved, named: &str) -> Result<Metadata, FileOpError> {
+    let meta = match fs::symlink_metadata(&resolved.host) {
+        Ok(m) => m,
+        Err(e) if resolve::is_missing(&e) => {
+            return Err(FileOpError::SourceNotFound {
+                path: resolve::clean(named),
+            });
+        }
+        Err(source) => {
+            return Err(FileOpError::Stat {
+                path: resolved.host.clone(),
+                source,
+            })
+        }
+    };
+    if cfg.hidden(&resolved.rel, meta.is_dir())? {
+        return Err(FileOpError::SourceNotFound {
+            path: resolve::clean(named),
+        });
+    }
+    Ok(meta)
+}
+
+/// BuildKit's `prepareTargetDir`: where the source lands, creating the directories above it.
+fn prepare_target(
+    cfg: &Config<'_>,
+    src_meta: &Metadata,
+    src_path: &str,
+    dest: PathBuf,
+    contents_only: bool,
+) -> Result<PathBuf, FileOpError> {
+    let dest_meta = match fs::symlink_metadata(&dest) {
+        Ok(m) => Some(m),
+        Err(e) if resolve::is_missing(&e) => None,
+        Err(source) => return Err(FileOpError::Stat { path: dest, source }),
+    };
+    let src_dir = src_meta.is_dir();
+    let dest_dir = dest_meta.as_ref().is_some_and(Metadata::is_dir);
+    let mut dest = dest;
+    if (!contents_only && src_dir && dest_meta.is_some()) || (!src_dir && dest_dir) {
+        dest.push(resolve::base_name(src_path));
+    }
+    let parent = if contents_only && src_dir && dest_meta.is_none() {
+        dest.clone()
+    } else {
+        dest.parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| cfg.dest_root.to_path_buf())
+    };
+    mkdir_all(cfg.dest_root, &parent, 0o755, cfg.chown, cfg.timestamp)?;
+    Ok(dest)
+}
+
+/// `COPY --parents`: the part of the source after a `/./` pivot (or all of it) is recreated
+/// below `dest`, each created directory taking its source directory's metadata.
+fn copy_parents(
+    cfg: &Config<'_>,
+    action: &CopyAction,
+    dest: &str,
+    dest_is_dir: bool,
+) -> Result<(), FileOpError> {
+    let raw = if action.src.starts_with('/') {
+        action.src.clone()
+    } else {
+        format!("/{}", action.src)
+    };
+    let (pivot, pattern) = match raw.find("/./") {
+        Some(i) => (resolve::clean(&raw[..i]), raw[i + 3..].to_string()),
+        None => ("/".to_string(), raw.clone()),
+    };
+    let hidden = |rel: &str, is_dir: bool| cfg.hidden(rel, is_dir);
+    let pivot_res = resolve::in_root(&cfg.src.path, &pivot, true, Some(&hidden))?;
+    let pivot_meta = source_meta(cfg, &pivot_res, &pivot)?;
+    if !pivot_meta.is_dir() {
+        return Err(FileOpError::NotADirectory { path: pivot_res.host });
+    }
+    let comps: Vec<String> = resolve::clean_components(&pattern)
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let matches: Vec<Resolved> = match comps.iter().position(|c| wildcard::has_wildcards(c)) {
+        Some(i) if action.allow_wildcard => {
+            let lit = comps[..i].join("/");
+            let base = resolve::in_root(&pivot_res.host, &lit, false, None)?;
+            let base = Resolved {
+                rel: join_rel(&pivot_res.rel, &base.rel),
+                host: base.host,
+            };
+            match fs::symlink_metadata(&base.host) {
+                Ok(m) if m.is_dir() => wildcard::expand(&base, &comps[i..], Some(&hidden))?,
+                Ok(_) => Vec::new(),
+                Err(_) => {
+                    return Err(FileOpError::SourceNotFound {
+                        path: resolve::clean(&format!("{pivot}/{lit}")),
+                    })
+                }
+            }
+        }
+        _ => {
+            let r = resolve::in_root(&pivot_res.host, &comps.join("/"), false, None)?;
+            let r = Resolved {
+                rel: join_rel(&pivot_res.rel, &r.rel),
+                host: r.host,
+            };
+            if fs::symlink_metadata(&r.host).is_err() || cfg.hidden(&r.rel, r.host.is_dir())? {
+                return Err(FileOpError::SourceNotFound {
+                    path: resolve::clean(&raw),
+                });
+            }
+            vec![r]
+        }
+    };
+    if matches.is_empty() && !action.allow_empty_wildcard {
+        return Err(FileOpError::NoMatches {
+            pattern: resolve::clean(&raw),
+        });
+    }
+    if dest_is_dir {
+        let ensure = resolve::in_root(cfg.dest_root, dest, true, None)?.host;
+        mkdir_all(cfg.dest_root, &ensure, 0o755, cfg.chown, cfg.timestamp)?;
+    }
+    let target = resolve::in_root(cfg.dest_root, dest, true, None)?.host;
+    let target = prepare_target(cfg, &pivot_meta, &pivot, target, true)?;
+    for m in matches {
+        let below = m
+            .rel
+            .strip_prefix(&pivot_res.rel)
+            .unwrap_or(&m.rel)
+            .trim_start_matches('/')
+            .to_string();
+        if below.is_empty() {
+            continue;
+        }
+        let meta = source_meta(cfg, &m, &format!("/{}", m.rel))?;
+        // Directories between the pivot and the match, created like the source's.
+        let parts: Vec<&str> = below.split('/').collect();
+        let mut src_dir = pivot_res.host.clone();
+        let mut dst_dir = target.clone();
+        for part in &parts[..parts.len() - 1] {
+            src_dir.push(part);
+            dst_dir.push(part);
+            let dmeta = fs::symlink_metadata(&src_dir).map_err(|source| FileOpError::Stat {
+                path: src_dir.clone(),
+                source,
+            })?;
+            if create_dir_like(&dst_dir, &dmeta, true)? {
+                apply_info(cfg, &dmeta, &dst_dir)?;
+            }
+        }
+        dst_dir.push(parts[parts.len() - 1]);
+        copy_tree(cfg, &m, meta, &dst_dir, true)?;
+    }
+    Ok(())
+}
+
+fn join_rel(a: &str, b: &str) -> String {
+    match (a.is_empty(), b.is_empty()) {
+        (true, _) => b.to_string(),
+        (_, true) => a.to_string(),
+        _ => format!("{a}/{b}"),
+    }
+}
+
+/// One entry of a planned tree copy.
+struct Node {
+    src: PathBuf,
+    dst: PathBuf,
+    meta: Metadata,
+    parent: Option<usize>,
+    /// False for a directory excluded by a filter but walked because something below it may
+    /// be included; it is created only when something is.
+    included: bool,
+    /// The earlier node this regular file is a hard link of, within this copy.
+    link_to: Option<usize>,
+}
+
+/// Copies the entry `src` (already resolved, `meta` its `lstat`) to `target` with BuildKit's
+/// rules: an existing directory is merged (its metadata replaced only when
+/// `overwrite_metadata`), anything else is replaced, a file never replaces a directory.
+fn copy_tree(
+    cfg: &Config<'_>,
+    src: &Resolved,
+    meta: Metadata,
+    target: &Path,
+    overwrite_metadata: bool,
+) -> Result<(), FileOpError> {
+    let mut nodes = vec![Node {
+        src: src.host.clone(),
+        dst: target.to_path_buf(),
+        meta,
+        parent: None,
+        included: true,
+        link_to: None,
+    }];
+    if nodes[0].meta.is_dir() {
+        plan(cfg, &src.rel, &mut nodes)?;
+    }
+    let keep = prune(&nodes);
+
+    // Directories, parents first. `fresh[i]`: created by this copy, so nothing is inside yet.
+    let mut fresh = vec![false; nodes.len()];
+    let mut info = vec![false; nodes.len()];
+    for (i, node) in nodes.iter().enumerate() {
+        if !keep[i] || !node.meta.is_dir() {
+            continue;
+        }
+        let created = if node.parent.is_some_and(|p| fresh[p]) {
+            fs::create_dir(&node.dst).map_err(|source| FileOpError::CreateDir {
+                path: node.dst.clone(),
+                source,
+            })?;
+            true
+        } else {
+            create_dir_like(&node.dst, &node.meta, i > 0 || overwrite_metadata)?
+        };
+        fresh[i] = created;
+        info[i] = if i == 0 {
+            created || overwrite_metadata
+        } else {
+            node.included || created
+        };
+    }
+
+    // Files, symlinks and special files, in parallel; hard links after their first name.
+    let parent_fresh = |n: &Node| n.parent.is_some_and(|p| fresh[p]);
+    nodes
+        .par_iter()
+        .enumerate()
+        .filter(|(i, n)| keep[*i] && !n.meta.is_dir() && n.link_to.is_none())
+        .try_for_each(|(_, n)| copy_entry(cfg, n, parent_fresh(n)))?;
+    for (i, n) in nodes.iter().enumerate() {
+        if let (true, Some(leader)) = (keep[i], n.link_to) {
+            if !parent_fresh(n) {
+                ensure_empty_file_target(&n.dst)?;
+            }
+            fs::hard_link(&nodes[leader].dst, &n.dst).map_err(|source| FileOpError::HardLink {
+                path: n.dst.clone(),
+                target: nodes[leader].dst.clone(),
+                source,
+            })?;
+            apply_info(cfg, &n.meta, &n.dst)?;
+        }
+    }
+
+    // Directory metadata last, children before parents, so their times stick.
+    for (i, n) in nodes.iter().enumerate().rev() {
+        if keep[i] && info[i] && n.meta.is_dir() {
+            apply_info(cfg, &n.meta, &n.dst)?;
+        }
+    }
+    // An existing top directory keeps its owner and mode but takes the source's times
+    // (BuildKit's `restoreFileTimestamp`).
+    if nodes[0].meta.is_dir() && !info[0] {
+        let (atime, mtime) = times_of(cfg, &nodes[0].meta);
+        set_times(&nodes[0].dst, atime, mtime)?;
+    }
+    Ok(())
+}
+
+/// Walks the directory `nodes[0]` in name order, appending its entries in pre-order.
+fn plan(cfg: &Config<'_>, root_rel: &str, nodes: &mut Vec<Node>) -> Result<(), FileOpError> {
+    let mut inodes: HashMap<(u64, u64), usize> = HashMap::new();
+    // (node index, path relative to the copied source)
+    let mut stack: Vec<(usize, String)> = vec![(0, String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let rd = fs::read_dir(&nodes[dir].src).map_err(|source| FileOpError::ReadDir {
+            path: nodes[dir].src.clone(),
+            source,
+        })?;
+        let mut entries = Vec::new();
+        for e in rd {
+            let e = e.map_err(|source| FileOpError::ReadDir {
+                path: nodes[dir].src.clone(),
+                source,
+            })?;
+            entries.push(e);
+        }
+        entries.sort_by_key(|e| e.file_name());
+        let mut subdirs = Vec::new();
+        for e in entries {
+            let name = e.file_name();
+            let meta = e.metadata().map_err(|source| FileOpError::Stat {
+                path: e.path(),
+                source,
+            })?;
+            let is_dir = meta.is_dir();
+            let name_str = name.to_string_lossy();
+            let child_rel = if rel.is_empty() {
+                name_str.to_string()
+            } else {
+                format!("{rel}/{name_str}")
+            };
+            let ctx_rel = join_rel(root_rel, &child_rel);
+            let mut included = true;
+            if cfg.src.filter.is_some() && cfg.src.hides(&ctx_rel)? {
+                if !(is_dir && cfg.src.may_show_below(&ctx_rel)) {
+                    continue;
+                }
+                included = false;
+            }
+            let (excluded, descend) = cfg.excluded(&child_rel, is_dir)?;
+            if excluded {
+                if !(is_dir && descend) {
+                    continue;
+                }
+                included = false;
+            }
+            let mut link_to = None;
+            if meta.is_file() && meta.nlink() > 1 {
+                let key = (meta.dev(), meta.ino());
+                match inodes.get(&key) {
+                    Some(&leader) => link_to = Some(leader),
+                    None => {
+                        inodes.insert(key, nodes.len());
+                    }
+                }
+            }
+            let idx = nodes.len();
+            nodes.push(Node {
+                src: nodes[dir].src.join(&name),
+                dst: nodes[dir].dst.join(&name),
+                meta,
+                parent: Some(dir),
+                included,
+                link_to,
+            });
+            if is_dir {
+                subdirs.push((idx, child_rel));
+            }
+        }
+        // Reversed so the stack pops them in name order.
+        stack.extend(subdirs.into_iter().rev());
+    }
+    // Every node follows its parent, which is all the later phases rely on.
+    Ok(())
+}
+
+/// Which nodes to write: all included entries and every directory above one.
+fn prune(nodes: &[Node]) -> Vec<bool> {
+    let mut keep: Vec<bool> = nodes.iter().map(|n| n.included).collect();
+    keep[0] = true;
+    for i in (1..nodes.len()).rev() {
+        if keep[i] {
+            if let Some(p) = nodes[i].parent {
+                keep[p] = true;
+            }
+        }
+    }
+    keep
+}
+
+/// BuildKit's `copyDirectoryOnly`: creates `dst` if missing (returns true), refuses a
+/// non-directory, and on an existing directory copies the source's mode when `overwrite`.
+fn create_dir_like(dst: &Path, meta: &Metadata, overwrite: bool) -> Result<bool, FileOpError> {
+    match fs::symlink_metadata(dst) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir(dst).map_err(|source| FileOpError::CreateDir {
+                path: dst.to_path_buf(),
+                source,
+            })?;
+            Ok(true)
+        }
+        Err(source) => Err(FileOpError::Stat {
+            path: dst.to_path_buf(),
+            source,
+        }),
+        Ok(m) if !m.is_dir() => Err(FileOpError::NotADirectory {
+            path: dst.to_path_buf(),
+        }),
+        Ok(_) => {
+            if overwrite {
+                set_mode(dst, meta.mode() & 0o7777)?;
+            }
+            Ok(false)
+        }
+    }
+}
+
+/// Removes what is at `dst` unless it is a directory (an error) or missing.
+fn ensure_empty_file_target(dst: &Path) -> Result<(), FileOpError> {
+    match fs::symlink_metadata(dst) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(FileOpError::Stat {
+            path: dst.to_path_buf(),
+            source,
+        }),
+        Ok(m) if m.is_dir() => Err(FileOpError::ReplaceDirectory {
+            path: dst.to_path_buf(),
+        }),
+        Ok(_) => fs::remove_file(dst).map_err(|source| FileOpError::Remove {
+            path: dst.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Writes one non-directory entry and its metadata.
+fn copy_entry(cfg: &Config<'_>, n: &Node, parent_fresh: bool) -> Result<(), FileOpError> {
+    if !parent_fresh {
+        ensure_empty_file_target(&n.dst)?;
+    }
+    let ft = n.meta.file_type();
+    if ft.is_file() {
+        return copy_file(cfg, n);
+    }
+    if ft.is_symlink() {
+        let link = fs::read_link(&n.src).map_err(|source| FileOpError::ReadLink {
+            path: n.src.clone(),
+            source,
+        })?;
+        std::os::unix::fs::symlink(&link, &n.dst).map_err(|source| FileOpError::Symlink {
+            path: n.dst.clone(),
+            source,
+        })?;
+    } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() || ft.is_socket() {
+        let kind = SFlag::from_bits_truncate(n.meta.mode() & libc::S_IFMT);
+        let perm = Mode::from_bits_truncate(n.meta.mode() & 0o7777);
+        nix::sys::stat::mknod(&n.dst, kind, perm, n.meta.rdev()).map_err(|e| FileOpError::Mknod {
+            path: n.dst.clone(),
+            source: e.into(),
+        })?;
+    }
+    apply_info(cfg, &n.meta, &n.dst)
+}
+
+/// Copies a regular file's content (`copy_file_range` where the kernel can) and sets its
+/// owner, mode and times through the open descriptor.
+fn copy_file(cfg: &Config<'_>, n: &Node) -> Result<(), FileOpError> {
+    let err = |source| FileOpError::CopyFile {
+        from: n.src.clone(),
+        to: n.dst.clone(),
+        source,
+    };
+    let mut from = File::open(&n.src).map_err(err)?;
+    let mut to = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&n.dst)
+        .map_err(err)?;
+    io::copy(&mut from, &mut to).map_err(err)?;
+    let (uid, gid) = cfg.owner_of(&n.meta);
+    std::os::unix::fs::fchown(&to, Some(uid), Some(gid)).map_err(|source| FileOpError::Chown {
+        path: n.dst.clone(),
+        uid,
+        gid,
+        source,
+    })?;
+    let mode = target_mode(cfg, &n.meta);
+    to.set_permissions(Permissions::from_mode(mode))
+        .map_err(|source| FileOpError::Chmod {
+            path: n.dst.clone(),
+            mode,
+            source,
+        })?;
+    let (atime, mtime) = times_of(cfg, &n.meta);
+    to.set_times(FileTimes::new().set_accessed(atime).set_modified(mtime))
+        .map_err(|source| FileOpError::Times {
+            path: n.dst.clone(),
+            source,
+        })
+}
+
+fn target_mode(cfg: &Config<'_>, meta: &Metadata) -> u32 {
+    match &cfg.mode {
+        Some(spec) => spec.apply(meta.mode(), meta.is_dir()),
+        None => meta.mode() & 0o7777,
+    }
+}
+
+fn times_of(cfg: &Config<'_>, meta: &Metadata) -> (SystemTime, SystemTime) {
+    if let Some(t) = cfg.timestamp {
+        return (t, t);
+    }
+    let m = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+    (meta.accessed().unwrap_or(m), m)
+}
+
+/// BuildKit's `copyFileInfo`: owner, mode (not on symlinks) and times of a written entry.
+fn apply_info(cfg: &Config<'_>, meta: &Metadata, path: &Path) -> Result<(), FileOpError> {
+    let (uid, gid) = cfg.owner_of(meta);
+    lchown(path, uid, gid)?;
+    if !meta.file_type().is_symlink() {
+        set_mode(path, target_mode(cfg, meta))?;
+    }
+    let (atime, mtime) = times_of(cfg, meta);
+    set_times(path, atime, mtime)
+}
+
+/// `lchown` naming the path on failure.
+pub(super) fn lchown(path: &Path, uid: u32, gid: u32) -> Result<(), FileOpError> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|source| FileOpError::Chown {
+        path: path.to_path_buf(),
+        uid,
+        gid,
+        source,
+    })
+}
+
+/// `chmod` (never used on symlinks) naming the path on failure.
+pub(super) fn set_mode(path: &Path, mode: u32) -> Result<(), FileOpError> {
+    fs::set_permissions(path, Permissions::from_mode(mode)).map_err(|source| FileOpError::Chmod {
+        path: path.to_path_buf(),
+        mode,
+        source,
+    })
+}
+
+/// Sets access and modification times without following a symlink at `path`.
+pub(super) fn set_times(path: &Path, atime: SystemTime, mtime: SystemTime) -> Result<(), FileOpError> {
+    let a = timespec(atime);
+    let m = timespec(mtime);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &a,
+        &m,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| FileOpError::Times {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })
+}
+
+fn timespec(t: SystemTime) -> TimeSpec {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => TimeSpec::from_duration(d),
+        Err(e) => TimeSpec::from_duration(e.duration()) * -1,
+    }
+}
+
+/// Creates `path` and its missing parents inside `root` with `mode`, each new directory owned
+/// by `owner` (root when none) and given `timestamp`. `path` must already be resolved inside
+/// `root`; an existing non-directory on the way is an error.
+pub(super) fn mkdir_all(
+    root: &Path,
+    path: &Path,
+    mode: u32,
+    owner: Option<(u32, u32)>,
+    timestamp: Option<SystemTime>,
+) -> Result<(), FileOpError> {
+    let Ok(rel) = path.strip_prefix(root) else {
+        return Err(FileOpError::NotADirectory {
+            path: path.to_path_buf(),
+        });
+    };
+    let mut cur = root.to_path_buf();
+    for comp in rel.components() {
+        cur.push(comp);
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.is_dir() => continue,
+            Ok(_) => return Err(FileOpError::NotADirectory { path: cur }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(FileOpError::Stat { path: cur, source }),
+        }
+        fs::create_dir(&cur).map_err(|source| FileOpError::CreateDir {
+            path: cur.clone(),
+            source,
+        })?;
+        set_mode(&cur, mode)?;
+        if let Some((uid, gid)) = owner {
+            lchown(&cur, uid, gid)?;
+        }
+        if let Some(t) = timestamp {
+            set_times(&cur, t, t)?;
+        }
+    }
+    Ok(())
+}
+
+/// `rm -rf` of one path (a symlink is removed, not followed); missing is fine.
+pub(super) fn remove_all(path: &Path) -> Result<(), FileOpError> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(FileOpError::Stat {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let res = if meta.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    };
+    res.map_err(|source| FileOpError::Remove {
+        path: path.to_path_buf(),
+        source,
+    })
+}
