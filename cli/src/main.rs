@@ -1,2 +1,119 @@
+//! `kiln`: build, store and run OCI images without a daemon.
 #![forbid(unsafe_code)]
-fn main() {}
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod build_cmd;
+mod debug_cmd;
+mod progress;
+mod run_cmd;
+mod store_cmds;
+
+/// Options every subcommand sees.
+#[derive(Debug, Clone)]
+pub struct Globals {
+    /// The store root.
+    pub root: PathBuf,
+    /// `--debug`: show why steps were not cached, and more.
+    pub debug: bool,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Daemonless Dockerfile builder and container runner"
+)]
+struct Cli {
+    /// Store root (default: $KILN_ROOT, else /var/lib/kiln as root, else $XDG_DATA_HOME/kiln)
+    #[arg(long, global = true, env = "KILN_ROOT")]
+    root: Option<PathBuf>,
+    /// Log debug information to stderr
+    #[arg(long, global = true)]
+    debug: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    #[command(flatten)]
+    Store(store_cmds::StoreCmd),
+    /// Build an image from a Dockerfile
+    Build(build_cmd::BuildArgs),
+    /// Run a command in a new container
+    Run(run_cmd::RunArgs),
+    /// Inspect what the frontend makes of a Dockerfile
+    #[command(subcommand)]
+    Debug(debug_cmd::DebugCmd),
+}
+
+fn default_root() -> PathBuf {
+    if nix_is_root() {
+        return PathBuf::from("/var/lib/kiln");
+    }
+    match std::env::var_os("XDG_DATA_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("kiln"),
+        _ => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".local/share/kiln"))
+            .unwrap_or_else(|| PathBuf::from("/var/lib/kiln")),
+    }
+}
+
+fn nix_is_root() -> bool {
+    // /proc/self is owned by the process's effective uid.
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = if cli.debug { "debug" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    let globals = Globals {
+        root: cli.root.unwrap_or_else(default_root),
+        debug: cli.debug,
+    };
+    // Builds and containers mount overlays from this process: a mount namespace of our own makes
+    // every such mount vanish with the process, however it ends. It must be entered while the
+    // process still has one thread.
+    if matches!(cli.cmd, Cmd::Build(_) | Cmd::Run(_)) {
+        if let Err(e) = kiln_runtime::host::enter_private_mount_namespace() {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    let result = match cli.cmd {
+        Cmd::Store(c) => store_cmds::run(c, &globals),
+        Cmd::Build(a) => build_cmd::run(a, &globals),
+        Cmd::Run(a) => run_cmd::run(a, &globals),
+        Cmd::Debug(c) => debug_cmd::run(c, &globals),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,611 @@
+//! `kiln build`: Dockerfile → image in the local store (or an archive / directory).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+
+use crate::Globals;
+
+/// `kiln build` flags (Docker's names).
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Name and optionally a tag (name:tag); repeatable
+    #[arg(short = 't', long = "tag")]
+    pub tags: Vec<String>,
+    /// Name of the Dockerfile (default: PATH/Dockerfile; `-` reads it from stdin)
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<String>,
+    /// Set a build-time variable (KEY=VALUE, or KEY to take it from the environment)
+    #[arg(long = "build-arg")]
+    pub build_args: Vec<String>,
+    /// Set the target build stage to build
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Do not use cache when building the image
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Do not cache the specified stages
+    #[arg(long = "no-cache-filter", value_delimiter = ',')]
+    pub no_cache_filter: Vec<String>,
+    /// Set metadata for an image (KEY=VALUE)
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Set target platform for build (only the host's platform is supported)
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Set type of progress output (auto, tty, plain, quiet, rawjson)
+    #[arg(long, default_value = "auto")]
+    pub progress: String,
+    /// Suppress the build output and print image ID on success
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+    /// Write the image ID to the file
+    #[arg(long)]
+    pub iidfile: Option<PathBuf>,
+    /// Write build result metadata to the file
+    #[arg(long = "metadata-file")]
+    pub metadata_file: Option<PathBuf>,
+    /// Output destination (type=image|docker|oci|tar|local,dest=PATH)
+    #[arg(short = 'o', long = "output")]
+    pub outputs: Vec<String>,
+    /// Maximum number of steps run at once (default: number of CPUs)
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Allow extra privileged entitlement (network.host, security.insecure)
+    #[arg(long = "allow")]
+    pub allow: Vec<String>,
+    /// Secret to expose to the build (id=ID,src=FILE or id=ID,env=VAR)
+    #[arg(long = "secret")]
+    pub secrets: Vec<String>,
+    /// SSH agent socket or keys to expose to the build (default|ID[=SOCKET])
+    #[arg(long = "ssh")]
+    pub ssh: Vec<String>,
+    /// Build context directory (`-` reads a tar archive or a Dockerfile from stdin)
+    pub context: String,
+}
+
+/// What the frontend needs, read from disk and flags.
+pub struct BuildInputs {
+    pub context: PathBuf,
+    pub dockerfile_name: String,
+    pub dockerfile: Vec<u8>,
+    pub dockerignore: Vec<String>,
+    pub build_args: BTreeMap<String, String>,
+    pub target: Option<String>,
+}
+
+/// Parses `KEY=VALUE` (or `KEY`, taking the value from the environment; absent = not set).
+pub fn parse_kv_args(args: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for a in args {
+        match a.split_once('=') {
+            Some(("", _)) => bail!("invalid {what} `{a}`: empty name"),
+            Some((k, v)) => {
+                out.insert(k.to_string(), v.to_string());
+            }
+            None => {
+                if let Ok(v) = std::env::var(a) {
+                    out.insert(a.clone(), v);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl BuildInputs {
+    /// Reads the Dockerfile and the applicable `.dockerignore` for a context directory.
+    pub fn read(
+        context: &Path,
+        file: Option<&str>,
+        build_args: &[String],
+        target: Option<String>,
+        _g: &Globals,
+    ) -> anyhow::Result<BuildInputs> {
+        let meta = std::fs::metadata(context).with_context(|| {
+            format!(
+                "unable to prepare context: path `{}` not found",
+                context.display()
+            )
+        })?;
+        if !meta.is_dir() {
+            bail!(
+                "unable to prepare context: `{}` is not a directory",
+                context.display()
+            );
+        }
+        let (dockerfile_name, dockerfile, df_path) = match file {
+            Some("-") => {
+                let mut buf = Vec::new();
+                std::io::stdin()
+                    .read_to_end(&mut buf)
+                    .context("failed to read the Dockerfile from stdin")?;
+                ("Dockerfile".to_string(), buf, None)
+            }
+            Some(f) => {
+                let p = PathBuf::from(f);
+                let bytes = std::fs::read(&p).with_context(|| {
+                    format!(
+                        "failed to read dockerfile: open {}: no such file or directory",
+                        p.display()
+                    )
+                })?;
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| f.to_string());
+                (name, bytes, Some(p))
+            }
+            None => {
+                let p = context.join("Dockerfile");
+                let bytes = std::fs::read(&p).with_context(|| {
+                    format!(
+                        "failed to read dockerfile: open {}: no such file or directory",
+                        p.display()
+                    )
+                })?;
+                ("Dockerfile".to_string(), bytes, Some(p))
+            }
+        };
+        // `<Dockerfile>.dockerignore` beside the Dockerfile wins over the context's `.dockerignore`.
+        let specific = df_path.as_ref().map(|p| {
+            let mut s = p.as_os_str().to_owned();
+            s.push(".dockerignore");
+            PathBuf::from(s)
+        });
+        let ignore_file = match specific {
+            Some(s) if s.is_file() => s,
+            _ => context.join(".dockerignore"),
+        };
+        let dockerignore = match std::fs::read(&ignore_file) {
+            Ok(bytes) => kiln_patterns::read_dockerignore(&bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("failed to read `{}`", ignore_file.display())),
+        };
+        kiln_patterns::Matcher::new(&dockerignore)
+            .with_context(|| format!("invalid pattern in `{}`", ignore_file.display()))?;
+        Ok(BuildInputs {
+            context: context.to_path_buf(),
+            dockerfile_name,
+            dockerfile,
+            dockerignore,
+            build_args: parse_kv_args(build_args, "build argument")?,
+            target,
+        })
+    }
+}
+
+/// Bridges the frontend to the image store.
+struct StoreResolver<'a> {
+    store: &'a kiln_cache::Store,
+}
+
+impl kiln_frontend::lower::ImageResolver for StoreResolver<'_> {
+    fn resolve(
+        &self,
+        reference: &str,
+        _platform: &kiln_dag::Platform,
+    ) -> Result<kiln_frontend::lower::ResolvedImage, String> {
+        let reference_norm = kiln_cache::reference::Reference::parse(reference)
+            .map(|r| r.to_string())
+            .unwrap_or_else(|_| reference.to_string());
+        let image = self.store.images().resolve(reference).map_err(|e| {
+            format!("{reference_norm}: not found in the local store ({e}); pulling from registries is not available")
+        })?;
+        Ok(kiln_frontend::lower::ResolvedImage {
+            reference: reference_norm,
+            digest: Some(image.manifest_digest),
+            config: image.config,
+        })
+    }
+}
+
+/// Lowers the Dockerfile; the error is the rendered compiler-style message.
+pub fn lower(inputs: &BuildInputs, g: &Globals) -> Result<kiln_frontend::lower::Lowered, String> {
+    let store = kiln_cache::Store::open(&g.root).map_err(|e| format!("error: {e}\n"))?;
+    lower_with(inputs, &store, &LowerExtras::default())
+}
+
+/// Lowering options that only `kiln build` sets.
+#[derive(Default)]
+pub struct LowerExtras {
+    pub labels: BTreeMap<String, String>,
+    pub no_cache: bool,
+    pub no_cache_filter: Vec<String>,
+}
+
+fn lower_with(
+    inputs: &BuildInputs,
+    store: &kiln_cache::Store,
+    extras: &LowerExtras,
+) -> Result<kiln_frontend::lower::Lowered, String> {
+    let opts = kiln_frontend::lower::LowerOptions {
+        dockerfile_name: inputs.dockerfile_name.clone(),
+        build_args: inputs.build_args.clone(),
+        target: inputs.target.clone(),
+        labels: extras.labels.clone(),
+        no_cache: extras.no_cache,
+        no_cache_filter: extras.no_cache_filter.clone(),
+        dockerignore: inputs.dockerignore.clone(),
+        ..Default::default()
+    };
+    kiln_frontend::lower::lower(&inputs.dockerfile, &opts, &StoreResolver { store })
+        .map_err(|e| e.render(&inputs.dockerfile))
+}
+
+/// A parsed `-o` value.
+#[derive(Debug, PartialEq, Eq)]
+enum OutputSpec {
+    Image,
+    Docker(Option<PathBuf>),
+    Oci(Option<PathBuf>),
+    Tar(Option<PathBuf>),
+    Local(PathBuf),
+}
+
+fn parse_output(s: &str) -> anyhow::Result<OutputSpec> {
+    // `-o DIR` is `type=local,dest=DIR`; `-o -` is a tar on stdout.
+    if !s.contains('=') {
+        return Ok(if s == "-" {
+            OutputSpec::Tar(None)
+        } else {
+            OutputSpec::Local(PathBuf::from(s))
+        });
+    }
+    let mut kind = None;
+    let mut dest = None;
+    for part in s.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .with_context(|| format!("invalid output `{s}`: `{part}` is not KEY=VALUE"))?;
+        match k.trim() {
+            "type" => kind = Some(v.trim().to_string()),
+            "dest" => dest = Some(v.trim().to_string()),
+            "name" | "push" | "compression" | "oci-mediatypes" => {}
+            other => bail!("invalid output `{s}`: unknown key `{other}`"),
+        }
+    }
+    let dest_path = dest.filter(|d| d != "-").map(PathBuf::from);
+    match kind.as_deref() {
+        Some("image") | None => Ok(OutputSpec::Image),
+        Some("docker") => Ok(OutputSpec::Docker(dest_path)),
+        Some("oci") => Ok(OutputSpec::Oci(dest_path)),
+        Some("tar") => Ok(OutputSpec::Tar(dest_path)),
+        Some("local") => match dest_path {
+            Some(d) => Ok(OutputSpec::Local(d)),
+            None => bail!("invalid output `{s}`: type=local needs dest=DIR"),
+        },
+        Some(other) => {
+            bail!("invalid output `{s}`: unknown type `{other}` (expected image, docker, oci, tar or local)")
+        }
+    }
+}
+
+fn parse_secrets(specs: &[String]) -> anyhow::Result<BTreeMap<String, kiln_solver::engine::Secret>> {
+    let mut out = BTreeMap::new();
+    for s in specs {
+        let mut id = None;
+        let mut src = None;
+        let mut env = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("id", v)) => id = Some(v.to_string()),
+                Some(("src" | "source", v)) => src = Some(v.to_string()),
+                Some(("env", v)) => env = Some(v.to_string()),
+                Some(("type", "file" | "env")) => {}
+                _ => bail!("invalid --secret `{s}`: expected id=ID,src=FILE or id=ID,env=VAR"),
+            }
+        }
+        let id = id
+            .or_else(|| env.clone())
+            .with_context(|| format!("invalid --secret `{s}`: missing id"))?;
+        let data = match (src, env) {
+            (Some(path), _) => {
+                std::fs::read(&path).with_context(|| format!("failed to read secret file `{path}`"))?
+            }
+            (None, Some(var)) => std::env::var(&var)
+                .with_context(|| format!("secret `{id}`: environment variable `{var}` is not set"))?
+                .into_bytes(),
+            (None, None) => match std::env::var(&id) {
+                Ok(v) => v.into_bytes(),
+                Err(_) => bail!("invalid --secret `{s}`: give src=FILE or env=VAR"),
+            },
+        };
+        out.insert(id, kiln_solver::engine::Secret { data });
+    }
+    Ok(out)
+}
+
+fn parse_ssh(specs: &[String]) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+    let mut out = BTreeMap::new();
+    for s in specs {
+        let (id, path) = match s.split_once('=') {
+            Some((id, path)) => (id.to_string(), PathBuf::from(path)),
+            None => {
+                let sock = std::env::var_os("SSH_AUTH_SOCK")
+                    .with_context(|| format!("--ssh {s}: SSH_AUTH_SOCK is not set"))?;
+                (s.clone(), PathBuf::from(sock))
+            }
+        };
+        out.insert(id, path);
+    }
+    Ok(out)
+}
+
+fn source_date_epoch(build_args: &BTreeMap<String, String>) -> anyhow::Result<Option<i64>> {
+    let raw = build_args
+        .get("SOURCE_DATE_EPOCH")
+        .cloned()
+        .or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok());
+    match raw {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => v
+            .parse::<i64>()
+            .map(Some)
+            .with_context(|| format!("invalid SOURCE_DATE_EPOCH `{v}`")),
+    }
+}
+
+/// `kiln build`.
+pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+
+    let host = kiln_dag::Platform::host();
+    if let Some(p) = &args.platform {
+        let wanted = kiln_dag::Platform::parse(p)
+            .with_context(|| format!("invalid --platform `{p}`: expected os/arch[/variant]"))?;
+        if wanted.os != host.os || wanted.architecture != host.architecture {
+            bail!("--platform {p} is not supported: kiln builds for the host platform ({host}) only");
+        }
+    }
+    let mut allow_network_host = false;
+    let mut allow_insecure = false;
+    for a in args.allow.iter().flat_map(|a| a.split(',')) {
+        match a.trim() {
+            "network.host" => allow_network_host = true,
+            "security.insecure" => allow_insecure = true,
+            other => bail!("invalid --allow `{other}`: expected network.host or security.insecure"),
+        }
+    }
+    let outputs = args
+        .outputs
+        .iter()
+        .map(|o| parse_output(o))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let tags = args
+        .tags
+        .iter()
+        .map(|t| kiln_cache::reference::Reference::parse(t).with_context(|| format!("invalid tag `{t}`")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let labels = parse_kv_args(&args.labels, "label")?;
+    let secrets = parse_secrets(&args.secrets)?;
+    let ssh = parse_ssh(&args.ssh)?;
+    let progress_mode: crate::progress::ProgressMode = if args.quiet {
+        crate::progress::ProgressMode::Quiet
+    } else {
+        args.progress.parse()?
+    };
+
+    if args.context == "-" {
+        bail!("reading the build context from stdin is not supported yet: pass a directory");
+    }
+    let context = PathBuf::from(&args.context);
+    let inputs = BuildInputs::read(
+        &context,
+        args.file.as_deref(),
+        &args.build_args,
+        args.target.clone(),
+        g,
+    )?;
+    let epoch = source_date_epoch(&inputs.build_args)?;
+
+    let store = std::sync::Arc::new(kiln_cache::Store::open(&g.root)?);
+    let _hold = store.hold()?;
+    let extras = LowerExtras {
+        labels,
+        no_cache: args.no_cache,
+        no_cache_filter: args.no_cache_filter.clone(),
+    };
+    let lowered = match lower_with(&inputs, &store, &extras) {
+        Ok(l) => l,
+        Err(msg) => {
+            eprint!("{msg}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+
+    let mut contexts = BTreeMap::new();
+    contexts.insert("context".to_string(), inputs.context.clone());
+    let engine_opts = kiln_solver::engine::EngineOptions {
+        contexts,
+        secrets,
+        ssh,
+        allow_network_host,
+        allow_insecure,
+        proxy_env: lowered.proxy_env.clone(),
+        source_date_epoch: epoch,
+    };
+    let graph = std::sync::Arc::new(lowered.graph.clone());
+    let engine = std::sync::Arc::new(kiln_solver::engine::Engine::new(
+        store.clone(),
+        graph.clone(),
+        engine_opts,
+    )?);
+    let jobs = args.jobs.unwrap_or(0);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start tokio")?;
+    let debug = g.debug;
+    let root = lowered.root;
+    let result = rt.block_on(async move {
+        let display = crate::progress::start(progress_mode, debug);
+        for w in &lowered.warnings {
+            display.sink().warn(format!("{} (line {})", w.message, w.line));
+        }
+        let cancel = kiln_solver::scheduler::CancelToken::new();
+        let on_ctrl_c = cancel.clone();
+        let ctrl_c = tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                on_ctrl_c.cancel();
+            }
+        });
+        let solved = kiln_solver::scheduler::solve(
+            &graph,
+            &[root],
+            engine.clone(),
+            kiln_solver::scheduler::SolveOptions { jobs },
+            display.sink(),
+            cancel,
+        )
+        .await;
+        ctrl_c.abort();
+        match &solved {
+            Ok(_) => display.finish(None).await,
+            Err(e) => display.finish(Some(e)).await,
+        }
+        solved.map(|mut r| (r.remove(0), lowered))
+    });
+    let (resolved, lowered) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}", describe_failure(&e, &inputs));
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let kiln_solver::engine::Output::Fs(layers) = &resolved.output else {
+        bail!("the build result is not a filesystem");
+    };
+    let created = match epoch {
+        Some(s) => kiln_cache::images::rfc3339(s),
+        None => kiln_cache::images::now_rfc3339(),
+    };
+    let exported = kiln_solver::engine::export_image(&store, layers, &lowered.config, &created)?;
+    let image = exported.image;
+    for t in &tags {
+        store.images().tag(t, &image.manifest_digest)?;
+    }
+    for o in &outputs {
+        write_output(&store, o, &image, &tags, layers)?;
+    }
+    let id = image.id().to_string();
+    if let Some(p) = &args.iidfile {
+        std::fs::write(p, &id).with_context(|| format!("failed to write `{}`", p.display()))?;
+    }
+    if let Some(p) = &args.metadata_file {
+        let meta = serde_json::json!({
+            "containerimage.config.digest": image.config_digest.to_string(),
+            "containerimage.digest": image.manifest_digest.to_string(),
+            "image.name": tags.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","),
+        });
+        std::fs::write(p, serde_json::to_vec_pretty(&meta)?)
+            .with_context(|| format!("failed to write `{}`", p.display()))?;
+    }
+    if args.quiet {
+        println!("{id}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The failure line BuildKit users know: the step, its Dockerfile location, the cause.
+fn describe_failure(e: &kiln_solver::scheduler::SolveError, inputs: &BuildInputs) -> String {
+    use std::fmt::Write as _;
+    // The outermost error only names the vertex; the causes say what went wrong.
+    let mut chain = Vec::new();
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = src {
+        chain.push(err.to_string());
+        src = err.source();
+    }
+    let Some(v) = e.vertex() else {
+        return format!("ERROR: failed to solve: {}", chain.join(": "));
+    };
+    let mut out = format!("ERROR: failed to solve: {}: {}", v.name, chain[1..].join(": "));
+    if let Some(loc) = &v.location {
+        let lines: Vec<&[u8]> = inputs.dockerfile.split(|b| *b == b'\n').collect();
+        out.push('\n');
+        for n in loc.start_line..=loc.end_line {
+            if let Some(l) = lines.get((n as usize).saturating_sub(1)) {
+                let _ = writeln!(
+                    out,
+                    "{}:{}: {}",
+                    inputs.dockerfile_name,
+                    n,
+                    String::from_utf8_lossy(l)
+                );
+            }
+        }
+    }
+    out.trim_end().to_string()
+}
+
+fn write_output(
+    store: &kiln_cache::Store,
+    o: &OutputSpec,
+    image: &kiln_cache::images::Image,
+    tags: &[kiln_cache::reference::Reference],
+    layers: &[kiln_cache::buildcache::Layer],
+) -> anyhow::Result<()> {
+    use kiln_cache::archive::save::{save, Format, SaveItem};
+    let open = |dest: &Option<PathBuf>| -> anyhow::Result<Box<dyn std::io::Write>> {
+        Ok(match dest {
+            Some(p) => Box::new(
+                std::fs::File::create(p).with_context(|| format!("failed to create `{}`", p.display()))?,
+            ),
+            None => Box::new(std::io::stdout().lock()),
+        })
+    };
+    match o {
+        OutputSpec::Image => Ok(()),
+        OutputSpec::Docker(dest) | OutputSpec::Oci(dest) => {
+            let format = if matches!(o, OutputSpec::Docker(_)) {
+                Format::Docker
+            } else {
+                Format::Oci
+            };
+            let item = SaveItem {
+                image: image.clone(),
+                tags: tags.to_vec(),
+            };
+            save(store, &[item], format, open(dest)?)?;
+            Ok(())
+        }
+        OutputSpec::Local(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("failed to create `{}`", dir.display()))?;
+            flatten_into(store, layers, dir)
+        }
+        OutputSpec::Tar(dest) => {
+            let tmp = tempfile::Builder::new()
+                .prefix("export-")
+                .tempdir_in(store.root().join("tmp"))?;
+            flatten_into(store, layers, tmp.path())?;
+            let opts = kiln_cache::layer::DiffOptions::default();
+            kiln_cache::layer::write_tree(tmp.path(), open(dest)?, &opts)?;
+            Ok(())
+        }
+    }
+}
+
+/// Applies `layers` in order to `dir`, whiteouts deleting what they hide.
+fn flatten_into(
+    store: &kiln_cache::Store,
+    layers: &[kiln_cache::buildcache::Layer],
+    dir: &Path,
+) -> anyhow::Result<()> {
+    for l in layers {
+        let file = store.content().open(&l.blob)?;
+        let reader = kiln_cache::layer::sniff(file)?;
+        let opts = kiln_cache::layer::ApplyOptions {
+            whiteouts: kiln_cache::layer::WhiteoutMode::Delete,
+            archive_name: l.blob.to_string(),
+            ..Default::default()
+        };
+        kiln_cache::layer::apply(reader, dir, &opts)?;
+    }
+    Ok(())
+}

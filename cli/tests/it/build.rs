@@ -1,0 +1,224 @@
+//! `kiln build` end to end: real namespaces, overlayfs and the store. Needs root.
+
+use std::path::Path;
+
+use crate::harness::{frame, require_root, Env};
+
+fn write(dir: &Path, rel: &str, text: &str) {
+    let p = dir.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, text).unwrap();
+}
+
+fn setup() -> (Env, std::path::PathBuf) {
+    require_root();
+    let env = Env::new();
+    env.with_busybox();
+    let ctx = env.path("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    (env, ctx)
+}
+
+fn build(env: &Env, ctx: &Path, tag: &str, extra: &[&str]) -> String {
+    let mut args = vec!["build", "--progress=plain", "-t", tag];
+    args.extend_from_slice(extra);
+    let ctx = ctx.to_str().unwrap();
+    args.push(ctx);
+    let out = env.ok(&args);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `kiln run --rm IMAGE ARGS...` stdout.
+fn run(env: &Env, image: &str, args: &[&str]) -> String {
+    let mut a = vec!["run", "--rm", "--network", "none", image];
+    a.extend_from_slice(args);
+    String::from_utf8(env.ok(&a).stdout).unwrap()
+}
+
+/// The image's layer diff IDs.
+fn layers(env: &Env, image: &str) -> Vec<String> {
+    let out = env.ok(&["inspect", image]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["RootFS"]["Layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn builds_and_runs_a_two_stage_image() {
+    let (env, ctx) = setup();
+    write(&ctx, "Dockerfile", "FROM busybox:local AS b\nWORKDIR /src\nCOPY hello.txt .\nRUN tr a-z A-Z < hello.txt > up.txt\n\nFROM busybox:local\nCOPY --from=b /src/up.txt /up.txt\nCMD [\"cat\", \"/up.txt\"]\n");
+    write(&ctx, "hello.txt", "hello\n");
+    build(&env, &ctx, "t/two", &[]);
+    assert_eq!(run(&env, "t/two", &[]), "HELLO\n");
+}
+
+#[test]
+fn unchanged_rebuild_runs_nothing_and_touch_keeps_cache() {
+    let (env, ctx) = setup();
+    write(
+        &ctx,
+        "Dockerfile",
+        "FROM busybox:local\nCOPY a.txt /a.txt\nRUN cat /proc/sys/kernel/random/uuid > /stamp\n",
+    );
+    write(&ctx, "a.txt", "a\n");
+    build(&env, &ctx, "t/c", &[]);
+    let first = layers(&env, "t/c");
+    let stamp = run(&env, "t/c", &["cat", "/stamp"]);
+    let log = build(&env, &ctx, "t/c", &[]);
+    assert!(log.contains("CACHED"), "second build should be cached:\n{log}");
+    assert_eq!(layers(&env, "t/c"), first);
+    // A new mtime is not a change.
+    let f = std::fs::File::options()
+        .write(true)
+        .open(ctx.join("a.txt"))
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(60))
+        .unwrap();
+    build(&env, &ctx, "t/c", &[]);
+    assert_eq!(layers(&env, "t/c"), first);
+    assert_eq!(run(&env, "t/c", &["cat", "/stamp"]), stamp);
+    // --no-cache runs the step again.
+    build(&env, &ctx, "t/c", &["--no-cache"]);
+    assert_ne!(run(&env, "t/c", &["cat", "/stamp"]), stamp);
+}
+
+#[test]
+fn changing_one_file_reruns_only_steps_after_its_copy() {
+    let (env, ctx) = setup();
+    write(
+        &ctx,
+        "Dockerfile",
+        "FROM busybox:local\nCOPY a.txt /a.txt\nRUN cat /proc/sys/kernel/random/uuid > /s1\nCOPY b.txt /b.txt\nRUN cat /proc/sys/kernel/random/uuid > /s2\n",
+    );
+    write(&ctx, "a.txt", "a\n");
+    write(&ctx, "b.txt", "b\n");
+    build(&env, &ctx, "t/e", &[]);
+    let before = run(&env, "t/e", &["cat", "/s1", "/s2"]);
+    write(&ctx, "b.txt", "B\n");
+    build(&env, &ctx, "t/e", &[]);
+    let after = run(&env, "t/e", &["cat", "/s1", "/s2"]);
+    let (b1, b2) = before.split_once('\n').unwrap();
+    let (a1, a2) = after.split_once('\n').unwrap();
+    assert_eq!(a1, b1, "the step before COPY b.txt must stay cached");
+    assert_ne!(a2, b2, "the step after COPY b.txt must run again");
+    assert_eq!(run(&env, "t/e", &["cat", "/b.txt"]), "B\n");
+}
+
+#[test]
+fn build_arg_of_one_stage_leaves_the_other_cached() {
+    let (env, ctx) = setup();
+    write(
+        &ctx,
+        "Dockerfile",
+        "FROM busybox:local AS a\nRUN cat /proc/sys/kernel/random/uuid > /a\n\
+         FROM busybox:local AS b\nARG X\nRUN echo $X > /b && cat /proc/sys/kernel/random/uuid >> /b\n\
+         FROM busybox:local\nCOPY --from=a /a /a\nCOPY --from=b /b /b\n",
+    );
+    build(&env, &ctx, "t/arg", &["--build-arg", "X=1"]);
+    let a1 = run(&env, "t/arg", &["cat", "/a"]);
+    let b1 = run(&env, "t/arg", &["cat", "/b"]);
+    build(&env, &ctx, "t/arg", &["--build-arg", "X=2"]);
+    assert_eq!(run(&env, "t/arg", &["cat", "/a"]), a1);
+    let b2 = run(&env, "t/arg", &["cat", "/b"]);
+    assert_ne!(b2, b1);
+    assert!(b2.starts_with("2\n"), "{b2}");
+}
+
+#[test]
+fn independent_stages_run_at_the_same_time() {
+    let (env, ctx) = setup();
+    let stage = |n: u32| {
+        format!("FROM busybox:local AS s{n}\nRUN cut -d' ' -f1 /proc/uptime > /t{n} && sleep 1 && cut -d' ' -f1 /proc/uptime >> /t{n}\n")
+    };
+    write(
+        &ctx,
+        "Dockerfile",
+        &format!(
+            "{}{}FROM busybox:local\nCOPY --from=s1 /t1 /t1\nCOPY --from=s2 /t2 /t2\n",
+            stage(1),
+            stage(2)
+        ),
+    );
+    build(&env, &ctx, "t/par", &["--jobs", "2"]);
+    // /proc/uptime is not namespaced: both stages read the same clock.
+    let parse = |s: String| -> (f64, f64) {
+        let mut it = s.lines().map(|l| l.trim().parse::<f64>().unwrap());
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    let (s1, e1) = parse(run(&env, "t/par", &["cat", "/t1"]));
+    let (s2, e2) = parse(run(&env, "t/par", &["cat", "/t2"]));
+    assert!(
+        s1 < e2 && s2 < e1,
+        "the two sleeps did not overlap: {s1}-{e1} vs {s2}-{e2}"
+    );
+}
+
+#[test]
+fn failing_build_leaves_nothing_behind() {
+    let (env, ctx) = setup();
+    write(
+        &ctx,
+        "Dockerfile",
+        "FROM busybox:local\nRUN echo partial > /p && sleep 0.2 && exit 3\n",
+    );
+    let out = env
+        .kiln(&["build", "--progress=plain", "-t", "t/f", ctx.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "build should fail\n{}", frame(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("did not complete successfully: exit code: 3"),
+        "{err}"
+    );
+    assert!(err.contains("Dockerfile:2"), "the error names the line:\n{err}");
+    let root = env.root();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(root.to_str().unwrap()),
+        "mounts left behind:\n{mounts}"
+    );
+    let tmp = root.join("tmp");
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+    let snap_tmp = root.join("snapshots/tmp");
+    let left: Vec<_> = std::fs::read_dir(&snap_tmp)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.iter().all(|p| p.extension().is_some_and(|e| e == "lock")),
+        "temporary snapshots left: {left:?}"
+    );
+    // No process of the build survives (they ran `sleep` in the container).
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read_to_string(p.path().join("cmdline")) {
+            assert!(
+                !cmd.contains("sleep\u{0}0.2"),
+                "leftover process {}",
+                p.path().display()
+            );
+        }
+    }
+}
+
+#[test]
+fn copy_outside_context_fails_with_the_line() {
+    let (env, ctx) = setup();
+    write(&ctx, "Dockerfile", "FROM busybox:local\n\nCOPY ../x /x\n");
+    let err = env.fails(&["build", "-t", "t/o", ctx.to_str().unwrap()]);
+    assert!(err.contains("Dockerfile:3"), "{err}");
+}
+
+#[test]
+fn parse_errors_name_file_line_and_column() {
+    let (env, ctx) = setup();
+    write(&ctx, "Dockerfile", "FROM busybox:local\nCOPY --bogus=1 a /a\n");
+    let err = env.fails(&["build", "-t", "t/p", ctx.to_str().unwrap()]);
+    assert!(err.contains("Dockerfile:2:"), "{err}");
+}

@@ -1,0 +1,7 @@
+//! kiln's integration tests: one binary, a temp store per test, real processes.
+//! Tests that need root, dockerd, a registry or skopeo say so when those are missing (and fail).
+#![allow(clippy::unwrap_used)]
+
+mod build;
+mod harness;
+mod store;

@@ -1,0 +1,537 @@
+//! The build context, read in place: a sorted index of every path that `.dockerignore` lets
+//! through, each with a content hash, and cache keys for the paths a COPY selects.
+//!
+//! Hashing goes through a stat cache (inode, size, mtime, ctime → content hash) kept under the
+//! store root, so an unchanged context is re-checked with one `lstat` per path and no reads. The
+//! mtime is only ever a cache *validator*: it never enters a key, so touching a file or cloning
+//! the repository again yields the same keys.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use kiln_patterns::Matcher;
+use rayon::prelude::*;
+
+/// What kind of filesystem object a context entry is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    /// Fifos, sockets, devices: copied as they are, hashed by metadata only.
+    Special,
+}
+
+/// One path of the context.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// Relative to the context root, `/`-separated, no leading `/`.
+    pub path: String,
+    pub kind: Kind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// Symlink target, verbatim.
+    pub link: String,
+    /// blake3 of the file's content (files only; zero otherwise).
+    pub content: [u8; 32],
+}
+
+impl Entry {
+    /// What a cache key sees of this entry: path, type, mode, owner, link target and content.
+    fn feed(&self, h: &mut blake3::Hasher) {
+        h.update(self.path.as_bytes());
+        h.update(&[0, self.kind as u8]);
+        h.update(&self.mode.to_le_bytes());
+        h.update(&self.uid.to_le_bytes());
+        h.update(&self.gid.to_le_bytes());
+        h.update(self.link.as_bytes());
+        h.update(&[0]);
+        h.update(&self.content);
+    }
+}
+
+/// Reading the context failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error("failed to read build context directory `{path}`")]
+    ReadDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to stat `{path}` in the build context")]
+    Stat {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to read `{path}` in the build context")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid .dockerignore pattern")]
+    Pattern(#[source] kiln_patterns::PatternError),
+    #[error("build context path `{0}` is not valid UTF-8")]
+    NotUtf8(PathBuf),
+}
+
+/// The indexed context.
+#[derive(Debug)]
+pub struct ContextIndex {
+    pub root: PathBuf,
+    /// Sorted by `path` (byte order), parents before children.
+    pub entries: Vec<Entry>,
+}
+
+/// A stat-cache record: validators plus the content hash they vouch for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StatRecord {
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    hash: [u8; 32],
+}
+
+/// Persistent stat cache for one context directory.
+#[derive(Debug, Default)]
+pub struct StatCache {
+    records: HashMap<String, StatRecord>,
+    dirty: bool,
+}
+
+const STAT_MAGIC: &[u8; 8] = b"KILNSC01";
+
+impl StatCache {
+    /// Loads the cache file; a missing or unreadable file gives an empty cache (it is only a cache).
+    pub fn load(path: &Path) -> StatCache {
+        let Ok(bytes) = std::fs::read(path) else {
+            return StatCache::default();
+        };
+        Self::decode(&bytes).unwrap_or_default()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<StatCache> {
+        let mut rest = bytes.strip_prefix(STAT_MAGIC.as_slice())?;
+        let mut records = HashMap::new();
+        let take = |n: usize, rest: &mut &[u8]| -> Option<Vec<u8>> {
+            if rest.len() < n {
+                return None;
+            }
+            let (a, b) = rest.split_at(n);
+            *rest = b;
+            Some(a.to_vec())
+        };
+        while !rest.is_empty() {
+            let len = u32::from_le_bytes(take(4, &mut rest)?.try_into().ok()?) as usize;
+            let path = String::from_utf8(take(len, &mut rest)?).ok()?;
+            let nums = take(32, &mut rest)?;
+            let n = |i: usize| u64::from_le_bytes(nums[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+            let hash: [u8; 32] = take(32, &mut rest)?.try_into().ok()?;
+            records.insert(
+                path,
+                StatRecord {
+                    ino: n(0),
+                    size: n(1),
+                    mtime_ns: n(2) as i64,
+                    ctime_ns: n(3) as i64,
+                    hash,
+                },
+            );
+        }
+        Some(StatCache {
+            records,
+            dirty: false,
+        })
+    }
+
+    /// Writes the cache atomically if it changed. Failures are ignored: the cache is an optimisation.
+    pub fn save(&self, path: &Path) {
+        if !self.dirty {
+            return;
+        }
+        let mut out = Vec::with_capacity(self.records.len() * 100);
+        out.extend_from_slice(STAT_MAGIC);
+        for (p, r) in &self.records {
+            out.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            out.extend_from_slice(p.as_bytes());
+            for v in [r.ino, r.size, r.mtime_ns as u64, r.ctime_ns as u64] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.extend_from_slice(&r.hash);
+        }
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let ok = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(&out))
+            .is_ok();
+        if ok {
+            let _ = std::fs::rename(&tmp, path);
+        } else {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+}
+
+struct Walked {
+    rel: String,
+    abs: PathBuf,
+    meta: std::fs::Metadata,
+}
+
+fn mtime_ns(m: &std::fs::Metadata) -> i64 {
+    m.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.mtime_nsec())
+}
+
+fn ctime_ns(m: &std::fs::Metadata) -> i64 {
+    m.ctime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.ctime_nsec())
+}
+
+/// Lists `dir` (context-relative `rel`) and recurses in parallel, skipping ignored paths.
+fn walk(dir: &Path, rel: &str, matcher: &Matcher, out: &mut Vec<Walked>) -> Result<(), ContextError> {
+    let rd = std::fs::read_dir(dir).map_err(|source| ContextError::ReadDir {
+        path: dir.into(),
+        source,
+    })?;
+    let mut subdirs = Vec::new();
+    for ent in rd {
+        let ent = ent.map_err(|source| ContextError::ReadDir {
+            path: dir.into(),
+            source,
+        })?;
+        let name = ent.file_name();
+        let name = name.to_str().ok_or_else(|| ContextError::NotUtf8(ent.path()))?;
+        let child_rel = if rel.is_empty() {
+            name.to_string()
+        } else {
+            format!("{rel}/{name}")
+        };
+        let abs = ent.path();
+        let meta = std::fs::symlink_metadata(&abs).map_err(|source| ContextError::Stat {
+            path: abs.clone(),
+            source,
+        })?;
+        let excluded = !matcher.is_empty() && matcher.matches(&child_rel).map_err(ContextError::Pattern)?;
+        if meta.is_dir() {
+            if excluded && !matcher.may_reinclude_below(&child_rel) {
+                continue;
+            }
+            subdirs.push((abs.clone(), child_rel.clone()));
+            if !excluded {
+                out.push(Walked {
+                    rel: child_rel,
+                    abs,
+                    meta,
+                });
+            }
+        } else if !excluded {
+            out.push(Walked {
+                rel: child_rel,
+                abs,
+                meta,
+            });
+        }
+    }
+    let nested: Vec<Result<Vec<Walked>, ContextError>> = subdirs
+        .par_iter()
+        .map(|(abs, rel)| {
+            let mut v = Vec::new();
+            walk(abs, rel, matcher, &mut v).map(|_| v)
+        })
+        .collect();
+    for n in nested {
+        out.extend(n?);
+    }
+    Ok(())
+}
+
+fn hash_file(path: &Path) -> Result<[u8; 32], ContextError> {
+    let mut f = std::fs::File::open(path).map_err(|source| ContextError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf).map_err(|source| ContextError::Read {
+            path: path.into(),
+            source,
+        })?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
+impl ContextIndex {
+    /// Walks `root`, leaving out what `ignore` (the `.dockerignore` patterns) excludes, and hashes
+    /// every file whose stat validators changed since `cache` saw it.
+    pub fn scan(root: &Path, ignore: &[String], cache: &mut StatCache) -> Result<ContextIndex, ContextError> {
+        let matcher = Matcher::new(ignore).map_err(ContextError::Pattern)?;
+        let mut walked = Vec::new();
+        walk(root, "", &matcher, &mut walked)?;
+        walked.sort_unstable_by(|a, b| a.rel.cmp(&b.rel));
+        let cached = &cache.records;
+        let hashed: Vec<Result<(Entry, Option<StatRecord>), ContextError>> = walked
+            .par_iter()
+            .map(|w| {
+                let m = &w.meta;
+                let ft = m.file_type();
+                let (kind, link) = if ft.is_file() {
+                    (Kind::File, String::new())
+                } else if ft.is_dir() {
+                    (Kind::Dir, String::new())
+                } else if ft.is_symlink() {
+                    let t = std::fs::read_link(&w.abs).map_err(|source| ContextError::Read {
+                        path: w.abs.clone(),
+                        source,
+                    })?;
+                    (Kind::Symlink, t.to_string_lossy().into_owned())
+                } else {
+                    (Kind::Special, String::new())
+                };
+                let mut fresh = None;
+                let content = if kind == Kind::File {
+                    let rec = StatRecord {
+                        ino: m.ino(),
+                        size: m.len(),
+                        mtime_ns: mtime_ns(m),
+                        ctime_ns: ctime_ns(m),
+                        hash: [0; 32],
+                    };
+                    match cached.get(&w.rel) {
+                        Some(c) if StatRecord { hash: c.hash, ..rec } == *c => c.hash,
+                        _ => {
+                            let hash = hash_file(&w.abs)?;
+                            fresh = Some(StatRecord { hash, ..rec });
+                            hash
+                        }
+                    }
+                } else {
+                    [0; 32]
+                };
+                let entry = Entry {
+                    path: w.rel.clone(),
+                    kind,
+                    mode: m.permissions().mode() & 0o7777,
+                    uid: m.uid(),
+                    gid: m.gid(),
+                    size: if kind == Kind::File { m.len() } else { 0 },
+                    link,
+                    content,
+                };
+                Ok((entry, fresh))
+            })
+            .collect();
+        let mut entries = Vec::with_capacity(hashed.len());
+        let mut seen = std::collections::HashSet::with_capacity(hashed.len());
+        for r in hashed {
+            let (entry, fresh) = r?;
+            if let Some(rec) = fresh {
+                cache.records.insert(entry.path.clone(), rec);
+                cache.dirty = true;
+            }
+            if entry.kind == Kind::File {
+                seen.insert(entry.path.clone());
+            }
+            entries.push(entry);
+        }
+        let before = cache.records.len();
+        cache.records.retain(|p, _| seen.contains(p));
+        cache.dirty |= cache.records.len() != before;
+        Ok(ContextIndex {
+            root: root.to_path_buf(),
+            entries,
+        })
+    }
+
+    /// Key material for the whole context.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"context-all\0");
+        for e in &self.entries {
+            e.feed(&mut h);
+        }
+        *h.finalize().as_bytes()
+    }
+
+    /// The entries at `prefix` and below it (`prefix` empty = everything).
+    fn subtree(&self, prefix: &str) -> &[Entry] {
+        if prefix.is_empty() {
+            return &self.entries;
+        }
+        let start = self.entries.partition_point(|e| e.path.as_str() < prefix);
+        let mut end = start;
+        while end < self.entries.len() {
+            let p = &self.entries[end].path;
+            let inside =
+                p == prefix || (p.starts_with(prefix) && p.as_bytes().get(prefix.len()) == Some(&b'/'));
+            if !inside {
+                // Siblings like `prefix-x` or `prefix.txt` sort between `prefix` and `prefix/`:
+                // skip them rather than stop.
+                if p.starts_with(prefix) {
+                    end += 1;
+                    continue;
+                }
+                break;
+            }
+            end += 1;
+        }
+        &self.entries[start..end]
+    }
+
+    /// Key material for what a COPY source `src` (context-relative, possibly a wildcard) can read:
+    /// the entries below the longest wildcard-free directory prefix of `src`, plus, for symlinks
+    /// among them, the entries their targets lead to inside the context.
+    pub fn select_digest(&self, src: &str) -> [u8; 32] {
+        let clean = clean_rel(src);
+        let prefix = literal_prefix(&clean);
+        let mut h = blake3::Hasher::new();
+        h.update(b"context-select\0");
+        h.update(prefix.as_bytes());
+        h.update(&[0]);
+        let mut followed = Vec::new();
+        for e in self.subtree(&prefix) {
+            e.feed(&mut h);
+            if e.kind == Kind::Symlink {
+                followed.push(resolve_link(&e.path, &e.link));
+            }
+        }
+        // Links inside the selection may point elsewhere in the context: what they lead to is
+        // readable through them, so it is part of the key too (bounded against link cycles).
+        let mut rounds = 0;
+        while let Some(target) = followed.pop() {
+            rounds += 1;
+            if rounds > 64 {
+                break;
+            }
+            h.update(b"\0link\0");
+            h.update(target.as_bytes());
+            for e in self.subtree(&target) {
+                e.feed(&mut h);
+                if e.kind == Kind::Symlink {
+                    followed.push(resolve_link(&e.path, &e.link));
+                }
+            }
+        }
+        *h.finalize().as_bytes()
+    }
+}
+
+/// Cleans a context-relative path: no leading `/`, no `.` segments, `..` clamped at the root.
+pub fn clean_rel(p: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for seg in p.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            s => parts.push(s),
+        }
+    }
+    parts.join("/")
+}
+
+/// The path segments before the first one containing a wildcard character.
+fn literal_prefix(clean: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    for seg in clean.split('/').filter(|s| !s.is_empty()) {
+        if seg.contains(['*', '?', '[', '\\']) {
+            break;
+        }
+        out.push(seg);
+    }
+    out.join("/")
+}
+
+/// Where a symlink at `path` with target `link` points, as a context-relative path.
+fn resolve_link(path: &str, link: &str) -> String {
+    if link.starts_with('/') {
+        return clean_rel(link);
+    }
+    let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
+    clean_rel(&format!("{parent}/{link}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(root: &Path, rel: &str, data: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+
+    #[test]
+    fn keys_follow_content_not_mtime() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "a.txt", "a");
+        write(d.path(), "src/b.txt", "b");
+        write(d.path(), "src-x", "c");
+        let mut cache = StatCache::default();
+        let i1 = ContextIndex::scan(d.path(), &[], &mut cache).unwrap();
+        let (all, a, src) = (i1.digest(), i1.select_digest("a.txt"), i1.select_digest("src"));
+        // touch: same keys
+        let f = std::fs::File::options()
+            .write(true)
+            .open(d.path().join("a.txt"))
+            .unwrap();
+        f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+            .unwrap();
+        let i2 = ContextIndex::scan(d.path(), &[], &mut cache).unwrap();
+        assert_eq!(
+            (all, a, src),
+            (i2.digest(), i2.select_digest("a.txt"), i2.select_digest("src"))
+        );
+        // edit src/b.txt: `a.txt` key unchanged, `src` and the whole context changed
+        write(d.path(), "src/b.txt", "B");
+        let i3 = ContextIndex::scan(d.path(), &[], &mut cache).unwrap();
+        assert_eq!(a, i3.select_digest("a.txt"));
+        assert_ne!(src, i3.select_digest("src"));
+        assert_ne!(all, i3.digest());
+        // `src-x` is a sibling, not part of `src`
+        write(d.path(), "src-x", "changed");
+        let i4 = ContextIndex::scan(d.path(), &[], &mut cache).unwrap();
+        assert_eq!(i3.select_digest("src"), i4.select_digest("src"));
+    }
+
+    #[test]
+    fn ignored_paths_are_invisible_and_cache_round_trips() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "keep", "1");
+        write(d.path(), "node_modules/x/y", "2");
+        let mut cache = StatCache::default();
+        let i = ContextIndex::scan(d.path(), &["node_modules".to_string()], &mut cache).unwrap();
+        let paths: Vec<_> = i.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, vec!["keep"]);
+        let file = d.path().join("cache.bin");
+        cache.save(&file);
+        let loaded = StatCache::load(&file);
+        assert_eq!(loaded.records, cache.records);
+    }
+
+    #[test]
+    fn wildcard_selects_prefix_dir() {
+        assert_eq!(literal_prefix("src/*.rs"), "src");
+        assert_eq!(literal_prefix("*.txt"), "");
+        assert_eq!(clean_rel("/./a/../b/"), "b");
+        assert_eq!(resolve_link("a/b", "../c"), "c");
+        assert_eq!(resolve_link("a/b", "/etc"), "etc");
+    }
+}

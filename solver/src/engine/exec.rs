@@ -1,0 +1,461 @@
+//! RUN: a process in a container over an overlay of the input's layers.
+
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_dag::{CacheSharing, ExecOp, Mount, MountKind, NetworkMode, SecurityMode, Vertex};
+use kiln_runtime::{ContainerSpec, EtcFiles, MountSpec, Network, Rootfs, Security};
+
+use super::mounts::{self, HostMount};
+use super::{Engine, EngineError, Output};
+use crate::progress::Stream;
+use crate::scheduler::{ExecCtx, Resolved, SolveError};
+
+/// BuildKit's hostname for RUN containers.
+const HOSTNAME: &str = "buildkitsandbox";
+
+/// A RUN step failed in a way the user caused.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("process \"{command}\" did not complete successfully: exit code: {code}")]
+    ExitCode { command: String, code: i32 },
+    #[error("process \"{command}\" was killed by signal {signal}")]
+    Signal { command: String, signal: i32 },
+    #[error("network mode \"host\" requires the `network.host` entitlement: pass --allow network.host")]
+    NetworkHostNotAllowed,
+    #[error("security mode \"insecure\" requires the `security.insecure` entitlement: pass --allow security.insecure")]
+    InsecureNotAllowed,
+    #[error("secret {0} not found: pass it with --secret id={0},src=FILE")]
+    SecretNotFound(String),
+    #[error("no SSH agent socket for id {0}: pass --ssh {0}")]
+    SshNotFound(String),
+    #[error("failed to start the container")]
+    Start(#[source] kiln_runtime::RuntimeError),
+    #[error("failed to wait for the container")]
+    Wait(#[source] kiln_runtime::RuntimeError),
+    #[error("failed to prepare the cache mount `{id}` at `{path}`")]
+    CacheMount {
+        id: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to prepare the secret `{id}`")]
+    SecretFile {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to create output pipes")]
+    Pipe(#[source] std::io::Error),
+}
+
+impl From<ExecError> for SolveError {
+    fn from(e: ExecError) -> SolveError {
+        SolveError::op(e)
+    }
+}
+
+/// Things that must live until the container has exited.
+#[derive(Default)]
+struct Held {
+    mounts: Vec<HostMount>,
+    locks: Vec<std::fs::File>,
+    dirs: Vec<tempfile::TempDir>,
+}
+
+impl Engine {
+    pub(super) async fn exec(
+        &self,
+        _v: &Vertex,
+        e: &ExecOp,
+        inputs: &[Resolved<Output>],
+        ctx: &ExecCtx,
+    ) -> Result<Output, SolveError> {
+        let network = match e.network {
+            NetworkMode::Default => Network::Host,
+            NetworkMode::None => Network::None,
+            NetworkMode::Host if self.opts.allow_network_host => Network::Host,
+            NetworkMode::Host => return Err(ExecError::NetworkHostNotAllowed.into()),
+        };
+        let security = match e.security {
+            SecurityMode::Sandbox => Security::Default,
+            SecurityMode::Insecure if self.opts.allow_insecure => Security::Insecure,
+            SecurityMode::Insecure => return Err(ExecError::InsecureNotAllowed.into()),
+        };
+        let base = match e.mounts.first().and_then(|m| m.input) {
+            Some(i) => Self::fs_input(inputs, i)?,
+            None => Vec::new(),
+        };
+        let mut lower = self.lower_dirs(&base).await?;
+        if lower.is_empty() {
+            lower.push(self.empty.clone());
+        }
+        let mutable = self.snapshots.prepare(None).map_err(EngineError::Snapshots)?;
+
+        let mut env = e.env.clone();
+        for kv in &self.opts.proxy_env {
+            let key = kv.split_once('=').map(|(k, _)| k).unwrap_or(kv);
+            if !env
+                .iter()
+                .any(|x| x.split_once('=').map(|(k, _)| k).unwrap_or(x) == key)
+            {
+                env.push(kv.clone());
+            }
+        }
+        let mut held = Held::default();
+        let mut specs = Vec::new();
+        for m in e.mounts.iter().skip(1) {
+            self.mount_spec(m, inputs, &mut env, &mut held, &mut specs)
+                .await?;
+        }
+
+        let (out_r, out_w) = std::io::pipe().map_err(ExecError::Pipe)?;
+        let (err_r, err_w) = std::io::pipe().map_err(ExecError::Pipe)?;
+        let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let spec = ContainerSpec {
+            rootfs: Rootfs::Overlay {
+                lower,
+                upper: mutable.upper().to_path_buf(),
+                work: mutable.work().to_path_buf(),
+            },
+            readonly_rootfs: false,
+            args: e.args.clone(),
+            env,
+            cwd: if e.cwd.is_empty() {
+                "/".into()
+            } else {
+                e.cwd.clone()
+            },
+            user: e.user.clone(),
+            hostname: HOSTNAME.into(),
+            mounts: specs,
+            etc_files: EtcFiles::for_build(HOSTNAME, &host_resolv, &network),
+            network,
+            security,
+            stdin: None,
+            stdout: OwnedFd::from(out_w),
+            stderr: OwnedFd::from(err_w),
+        };
+        let scratch = self.scratch_dir("run-")?;
+        let running = tokio::task::spawn_blocking(move || kiln_runtime::start(spec, &scratch))
+            .await
+            .map_err(|e| EngineError::Join(e.to_string()))?
+            .map_err(ExecError::Start)?;
+
+        let forward = |reader: std::io::PipeReader, stream: Stream| {
+            let progress = ctx.progress().clone();
+            tokio::task::spawn_blocking(move || {
+                let mut reader = reader;
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => progress.log(stream, buf[..n].to_vec()),
+                    }
+                }
+            })
+        };
+        let out_task = forward(out_r, Stream::Stdout);
+        let err_task = forward(err_r, Stream::Stderr);
+
+        let pid = running.pid();
+        let created = running.created_paths().to_vec();
+        let mut wait = tokio::task::spawn_blocking(move || running.wait());
+        let status = tokio::select! {
+            r = &mut wait => r,
+            _ = ctx.cancel().cancelled() => {
+                let _ = kiln_runtime::sys::kill(pid, SIGKILL);
+                let _ = wait.await;
+                let _ = out_task.await;
+                let _ = err_task.await;
+                drop(held);
+                mutable.discard();
+                return Err(SolveError::Cancelled);
+            }
+        };
+        let _ = out_task.await;
+        let _ = err_task.await;
+        drop(held);
+        let status = match status.map_err(|e| EngineError::Join(e.to_string())) {
+            Ok(Ok(s)) => s,
+            Ok(Err(err)) => {
+                mutable.discard();
+                return Err(ExecError::Wait(err).into());
+            }
+            Err(err) => {
+                mutable.discard();
+                return Err(err.into());
+            }
+        };
+        let command = e.args.join(" ");
+        if let Some(signal) = status.signal {
+            mutable.discard();
+            return Err(ExecError::Signal { command, signal }.into());
+        }
+        if status.code != Some(0) {
+            mutable.discard();
+            return Err(ExecError::ExitCode {
+                command,
+                code: status.code.unwrap_or(-1),
+            }
+            .into());
+        }
+        let exclude = created;
+        let this: &Engine = self;
+        let layers = tokio::task::block_in_place(|| this.commit_layer(&base, mutable, exclude))?;
+        Ok(Output::Fs(Arc::new(layers)))
+    }
+
+    /// Turns one `RUN --mount` into a runtime mount (and maybe env entries).
+    async fn mount_spec(
+        &self,
+        m: &Mount,
+        inputs: &[Resolved<Output>],
+        env: &mut Vec<String>,
+        held: &mut Held,
+        out: &mut Vec<MountSpec>,
+    ) -> Result<(), SolveError> {
+        let target = m.target.clone();
+        match &m.kind {
+            MountKind::Bind => {
+                let source = match m.input {
+                    None => {
+                        let d = tempfile::tempdir_in(self.scratch.path()).map_err(|source| {
+                            EngineError::CreateDir {
+                                path: self.scratch.path().into(),
+                                source,
+                            }
+                        })?;
+                        let p = d.path().to_path_buf();
+                        held.dirs.push(d);
+                        p
+                    }
+                    Some(i) => match Self::input(inputs, i)? {
+                        Output::Local(ctx) => super::confined(&ctx.root, &m.selector),
+                        Output::Fs(layers) => {
+                            let lower = self.lower_dirs(layers).await?;
+                            let lower = if lower.is_empty() {
+                                vec![self.empty.clone()]
+                            } else {
+                                lower
+                            };
+                            let view = self.writable_or_ro_view(&lower, m.readonly, held)?;
+                            super::confined(&view, &m.selector)
+                        }
+                    },
+                };
+                if m.readonly {
+                    out.push(MountSpec::Bind {
+                        source,
+                        target,
+                        readonly: true,
+                    });
+                } else {
+                    // Writes to a bind mount are discarded: give it a throw-away upper dir.
+                    let upper = self.scratch_dir("bind-upper-")?;
+                    let work = self.scratch_dir("bind-work-")?;
+                    out.push(MountSpec::Overlay {
+                        lower: vec![source],
+                        upper: Some((upper, work)),
+                        target,
+                    });
+                }
+            }
+            MountKind::Cache {
+                id,
+                sharing,
+                mode,
+                uid,
+                gid,
+            } => {
+                let dir = self
+                    .cache_mount_dir(id, *sharing, *mode, *uid, *gid, m, inputs, held)
+                    .await?;
+                out.push(MountSpec::Bind {
+                    source: dir,
+                    target,
+                    readonly: m.readonly,
+                });
+            }
+            MountKind::Tmpfs { size } => out.push(MountSpec::Tmpfs {
+                target,
+                size: *size,
+                mode: None,
+            }),
+            MountKind::Secret {
+                id,
+                env: var,
+                required,
+                mode,
+                uid,
+                gid,
+            } => {
+                let Some(secret) = self.opts.secrets.get(id) else {
+                    if *required {
+                        return Err(ExecError::SecretNotFound(id.clone()).into());
+                    }
+                    return Ok(());
+                };
+                if let Some(var) = var {
+                    env.push(format!("{var}={}", String::from_utf8_lossy(&secret.data)));
+                }
+                if !target.is_empty() {
+                    let d = tempfile::tempdir_in(self.scratch.path()).map_err(|source| {
+                        ExecError::SecretFile {
+                            id: id.clone(),
+                            source,
+                        }
+                    })?;
+                    let file = d.path().join("secret");
+                    write_private(&file, &secret.data, *mode, *uid, *gid).map_err(|source| {
+                        ExecError::SecretFile {
+                            id: id.clone(),
+                            source,
+                        }
+                    })?;
+                    held.dirs.push(d);
+                    out.push(MountSpec::Bind {
+                        source: file,
+                        target,
+                        readonly: true,
+                    });
+                }
+            }
+            MountKind::Ssh { id, required, .. } => {
+                let Some(sock) = self.opts.ssh.get(id) else {
+                    if *required {
+                        return Err(ExecError::SshNotFound(id.clone()).into());
+                    }
+                    return Ok(());
+                };
+                env.retain(|kv| !kv.starts_with("SSH_AUTH_SOCK="));
+                env.push(format!("SSH_AUTH_SOCK={target}"));
+                out.push(MountSpec::Bind {
+                    source: sock.clone(),
+                    target,
+                    readonly: false,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A view of `lower` for a bind mount's selector: the dir itself or an overlay mounted here.
+    fn writable_or_ro_view(
+        &self,
+        lower: &[PathBuf],
+        _readonly: bool,
+        held: &mut Held,
+    ) -> Result<PathBuf, SolveError> {
+        match mounts::read_only_view(self.scratch.path(), &self.empty, lower)? {
+            mounts::View::Dir(p) => Ok(p),
+            mounts::View::Mounted(m) => {
+                let p = m.path.clone();
+                held.mounts.push(m);
+                Ok(p)
+            }
+        }
+    }
+
+    /// The persistent directory of a cache mount, created (and seeded from `from`) on first use.
+    #[allow(clippy::too_many_arguments)]
+    async fn cache_mount_dir(
+        &self,
+        id: &str,
+        sharing: CacheSharing,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        m: &Mount,
+        inputs: &[Resolved<Output>],
+        held: &mut Held,
+    ) -> Result<PathBuf, SolveError> {
+        let base = self.store.cache_dir().join("mounts");
+        let name = blake3::hash(id.as_bytes()).to_hex().to_string();
+        let dir = base.join(&name);
+        let err = |source| ExecError::CacheMount {
+            id: id.into(),
+            path: base.join(&name),
+            source,
+        };
+        std::fs::create_dir_all(&base).map_err(err)?;
+        let lock_file = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(base.join(format!("{name}.lock")))
+            .map_err(err)?;
+        let dir = match sharing {
+            CacheSharing::Shared => {
+                lock_file.lock_shared().map_err(err)?;
+                held.locks.push(lock_file);
+                dir
+            }
+            CacheSharing::Locked => {
+                let f = lock_file;
+                tokio::task::block_in_place(|| f.lock()).map_err(err)?;
+                held.locks.push(f);
+                dir
+            }
+            CacheSharing::Private => {
+                if lock_file.try_lock().is_ok() {
+                    held.locks.push(lock_file);
+                    dir
+                } else {
+                    // In use: this run gets a directory of its own, dropped afterwards.
+                    let d = tempfile::tempdir_in(self.scratch.path()).map_err(err)?;
+                    let p = d.path().join("cache");
+                    held.dirs.push(d);
+                    p
+                }
+            }
+        };
+        if !dir.exists() {
+            let tmp = base.join(format!(".{name}.{}.new", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp).map_err(err)?;
+            if let Some(i) = m.input {
+                let seed = match Self::input(inputs, i)? {
+                    Output::Local(ctx) => super::confined(&ctx.root, &m.selector),
+                    Output::Fs(layers) => {
+                        let lower = self.lower_dirs(layers).await?;
+                        let view = self.writable_or_ro_view(&lower, true, held)?;
+                        super::confined(&view, &m.selector)
+                    }
+                };
+                super::file::copy_tree_into(&seed, &tmp)?;
+            }
+            std::os::unix::fs::lchown(&tmp, Some(uid), Some(gid)).map_err(err)?;
+            std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .map_err(err)?;
+            if let Err(e) = std::fs::rename(&tmp, &dir) {
+                let _ = std::fs::remove_dir_all(&tmp);
+                if !dir.exists() {
+                    return Err(err(e).into());
+                }
+            }
+        }
+        Ok(dir)
+    }
+}
+
+/// Kills a container's pid 1 (which ignores signals it has no handler for, but not this one).
+const SIGKILL: i32 = 9;
+
+/// Writes a secret file readable only by its owner.
+fn write_private(path: &std::path::Path, data: &[u8], mode: u32, uid: u32, gid: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)?;
+    std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+    Ok(())
+}

@@ -1,0 +1,533 @@
+//! The build engine: the [`Executor`] that runs kiln's ops against the store and the runtime.
+//!
+//! A vertex's result ([`Output`]) is either a filesystem, a stack of layers (bottom first), each an
+//! unpacked snapshot directory plus its layer blob, or the build context read in place. Exec and
+//! file ops stack one new layer on their input: the overlay upper dir of the step becomes the
+//! snapshot, and [`kiln_cache::layer::write_diff`] turns it into the layer blob right away, so the
+//! exporter only writes a config and a manifest.
+//!
+//! Mounts made in kiln's own process (overlay views for file ops and sub-path binds) need a
+//! private mount namespace: the CLI enters one before starting threads
+//! ([`kiln_runtime::enter_private_mount_namespace`]), so whatever a killed build leaves mounted
+//! disappears with the process.
+
+mod exec;
+mod export;
+mod file;
+mod mounts;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use kiln_cache::layer;
+use kiln_cache::snapshot::Snapshots;
+use kiln_cache::Store;
+use kiln_dag::{Digest, FileAction, Graph, Op, SourceOp, Vertex};
+
+pub use export::{export_image, ExportError, Exported};
+
+use crate::cachekey::CacheKey;
+use crate::context::{ContextIndex, StatCache};
+use crate::scheduler::{ExecCtx, Executor, Resolved, SolveError};
+use kiln_cache::buildcache::{CacheIndex, Layer, Record};
+
+/// Media type of kiln's own (uncompressed) layer blobs.
+pub const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// The build context (or a named local context), read in place.
+#[derive(Debug)]
+pub struct LocalContext {
+    pub name: String,
+    pub root: PathBuf,
+    pub index: ContextIndex,
+    pub ignore: Vec<String>,
+}
+
+/// A vertex's result.
+#[derive(Clone, Debug)]
+pub enum Output {
+    /// A filesystem: layers, bottom first (empty = scratch).
+    Fs(Arc<Vec<Layer>>),
+    /// A local directory read in place.
+    Local(Arc<LocalContext>),
+}
+
+/// A secret's value, from `--secret id=ID,src=FILE|env=VAR`.
+#[derive(Clone, Debug)]
+pub struct Secret {
+    pub data: Vec<u8>,
+}
+
+/// What the engine needs besides the graph.
+#[derive(Debug, Default, Clone)]
+pub struct EngineOptions {
+    /// Local context directories by name (`context` is the build context).
+    pub contexts: BTreeMap<String, PathBuf>,
+    pub secrets: BTreeMap<String, Secret>,
+    /// SSH agent sockets by id (`default` for `--ssh default`).
+    pub ssh: BTreeMap<String, PathBuf>,
+    /// `--allow network.host`.
+    pub allow_network_host: bool,
+    /// `--allow security.insecure`.
+    pub allow_insecure: bool,
+    /// Proxy variables given as build args but not declared: in every RUN's environment, never
+    /// in a key.
+    pub proxy_env: Vec<String>,
+    /// SOURCE_DATE_EPOCH: clamps layer mtimes and the image's created time.
+    pub source_date_epoch: Option<i64>,
+}
+
+/// Errors of the concrete ops.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("failed to create `{path}`")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to open the snapshot store")]
+    Snapshots(#[source] kiln_cache::snapshot::SnapshotError),
+    #[error("failed to read the build context `{name}`")]
+    Context {
+        name: String,
+        #[source]
+        source: crate::context::ContextError,
+    },
+    #[error("local context `{0}` was not provided")]
+    UnknownContext(String),
+    #[error("failed to resolve image `{reference}`")]
+    Image {
+        reference: String,
+        #[source]
+        source: Box<kiln_cache::images::ImageError>,
+    },
+    #[error("failed to unpack layer {blob}")]
+    Unpack {
+        blob: Digest,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("layer {blob} of the cached result is missing from the store")]
+    MissingBlob { blob: Digest },
+    #[error("input {0} of the op is not a filesystem")]
+    NotAFilesystem(usize),
+    #[error("input {index} is missing: the vertex has {count} inputs")]
+    NoSuchInput { index: usize, count: usize },
+    #[error("{0} sources are not supported yet")]
+    Unsupported(&'static str),
+    #[error("failed to write the layer of this step")]
+    WriteLayer(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("failed to commit the snapshot of this step")]
+    Commit(#[source] kiln_cache::snapshot::SnapshotError),
+    #[error("failed to record the cache entry")]
+    Index(#[source] kiln_cache::buildcache::IndexError),
+    #[error("failed to mount `{path}`")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("a blocking task failed: {0}")]
+    Join(String),
+}
+
+impl From<EngineError> for SolveError {
+    fn from(e: EngineError) -> SolveError {
+        SolveError::op(e)
+    }
+}
+
+/// The executor. One per build.
+pub struct Engine {
+    store: Arc<Store>,
+    graph: Arc<Graph>,
+    opts: EngineOptions,
+    snapshots: Snapshots,
+    index: CacheIndex,
+    /// Per-build scratch space (mount points, secret files), removed on drop.
+    scratch: tempfile::TempDir,
+    /// An empty directory (the lower dir of a scratch-based overlay).
+    empty: PathBuf,
+    contexts: Mutex<HashMap<String, Arc<LocalContext>>>,
+    /// Serialises unpacking per snapshot key within this process.
+    unpack_lock: tokio::sync::Mutex<()>,
+}
+
+impl Engine {
+    /// Prepares an engine for one build of `graph`.
+    pub fn new(store: Arc<Store>, graph: Arc<Graph>, opts: EngineOptions) -> Result<Engine, EngineError> {
+        let snapshots = Snapshots::open(&store.snapshots_dir()).map_err(EngineError::Snapshots)?;
+        let index = CacheIndex::open(&store.cache_dir().join("index")).map_err(EngineError::Index)?;
+        let tmp_parent = store.root().join("tmp");
+        std::fs::create_dir_all(&tmp_parent).map_err(|source| EngineError::CreateDir {
+            path: tmp_parent.clone(),
+            source,
+        })?;
+        let scratch = tempfile::Builder::new()
+            .prefix("build-")
+            .tempdir_in(&tmp_parent)
+            .map_err(|source| EngineError::CreateDir {
+                path: tmp_parent.clone(),
+                source,
+            })?;
+        let empty = scratch.path().join("empty");
+        std::fs::create_dir_all(&empty).map_err(|source| EngineError::CreateDir {
+            path: empty.clone(),
+            source,
+        })?;
+        Ok(Engine {
+            store,
+            graph,
+            opts,
+            snapshots,
+            index,
+            scratch,
+            empty,
+            contexts: Mutex::new(HashMap::new()),
+            unpack_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// A fresh directory under the build's scratch space.
+    fn scratch_dir(&self, prefix: &str) -> Result<PathBuf, EngineError> {
+        let d = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(self.scratch.path())
+            .map_err(|source| EngineError::CreateDir {
+                path: self.scratch.path().into(),
+                source,
+            })?;
+        Ok(d.keep())
+    }
+
+    /// Scans (once per build) the local context `name`.
+    fn local_context(&self, name: &str, ignore: &[String]) -> Result<Arc<LocalContext>, EngineError> {
+        let key = format!("{name}\0{}", ignore.join("\0"));
+        if let Some(c) = self.contexts.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(c.clone());
+        }
+        let root = self
+            .opts
+            .contexts
+            .get(name)
+            .ok_or_else(|| EngineError::UnknownContext(name.into()))?;
+        let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
+        let cache_file = self.store.cache_dir().join("context").join(
+            blake3::hash(root.as_os_str().as_encoded_bytes())
+                .to_hex()
+                .as_str(),
+        );
+        let mut stat_cache = StatCache::load(&cache_file);
+        let index =
+            ContextIndex::scan(&root, ignore, &mut stat_cache).map_err(|source| EngineError::Context {
+                name: name.into(),
+                source,
+            })?;
+        stat_cache.save(&cache_file);
+        let ctx = Arc::new(LocalContext {
+            name: name.into(),
+            root,
+            index,
+            ignore: ignore.to_vec(),
+        });
+        self.contexts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, ctx.clone());
+        Ok(ctx)
+    }
+
+    /// Makes sure every layer of `layers` is unpacked and returns their directories, TOP FIRST
+    /// (overlay's lowerdir order).
+    async fn lower_dirs(&self, layers: &[Layer]) -> Result<Vec<PathBuf>, EngineError> {
+        let mut out = Vec::with_capacity(layers.len());
+        for l in layers.iter().rev() {
+            out.push(self.ensure_unpacked(l).await?);
+        }
+        Ok(out)
+    }
+
+    async fn ensure_unpacked(&self, l: &Layer) -> Result<PathBuf, EngineError> {
+        if let Some(s) = self.snapshots.get(&l.snapshot) {
+            return Ok(s.path);
+        }
+        let _guard = self.unpack_lock.lock().await;
+        if let Some(s) = self.snapshots.get(&l.snapshot) {
+            return Ok(s.path);
+        }
+        let file = self
+            .store
+            .content()
+            .open(&l.blob)
+            .map_err(|_| EngineError::MissingBlob { blob: l.blob })?;
+        let snapshots = self.snapshots.clone();
+        let (key, blob, diff_id) = (l.snapshot, l.blob, l.diff_id);
+        tokio::task::spawn_blocking(move || {
+            let reader = layer::sniff(file).map_err(|e| EngineError::Unpack {
+                blob,
+                source: Box::new(e),
+            })?;
+            snapshots
+                .unpack(&key, None, reader, Some(&diff_id))
+                .map(|s| s.path)
+                .map_err(|e| EngineError::Unpack {
+                    blob,
+                    source: Box::new(e),
+                })
+        })
+        .await
+        .map_err(|e| EngineError::Join(e.to_string()))?
+    }
+
+    /// The layers of an image in the store, without unpacking anything.
+    fn image_layers(&self, reference: &str, digest: Option<&Digest>) -> Result<Vec<Layer>, EngineError> {
+        let images = self.store.images();
+        let image = match digest {
+            Some(d) => images.get(d),
+            None => images.resolve(reference),
+        }
+        .map_err(|source| EngineError::Image {
+            reference: reference.into(),
+            source: Box::new(source),
+        })?;
+        let chain = image.chain_ids();
+        Ok(image
+            .layers
+            .iter()
+            .zip(chain)
+            .map(|(l, chain_id)| Layer {
+                snapshot: chain_id,
+                blob: l.digest,
+                diff_id: l.diff_id,
+                size: l.descriptor.size(),
+                media_type: l.descriptor.media_type().to_string(),
+            })
+            .collect())
+    }
+
+    fn input(inputs: &[Resolved<Output>], index: usize) -> Result<&Output, EngineError> {
+        inputs
+            .get(index)
+            .map(|r| &r.output)
+            .ok_or(EngineError::NoSuchInput {
+                index,
+                count: inputs.len(),
+            })
+    }
+
+    fn fs_input(inputs: &[Resolved<Output>], index: usize) -> Result<Vec<Layer>, EngineError> {
+        match Self::input(inputs, index)? {
+            Output::Fs(l) => Ok(l.as_ref().clone()),
+            Output::Local(_) => Err(EngineError::NotAFilesystem(index)),
+        }
+    }
+
+    /// Writes the upper dir of a finished step as a layer blob, commits it as a snapshot keyed
+    /// by its chain ID on top of `base`, and returns the new stack.
+    fn commit_layer(
+        &self,
+        base: &[Layer],
+        mutable: kiln_cache::snapshot::MutableSnapshot,
+        exclude: Vec<PathBuf>,
+    ) -> Result<Vec<Layer>, EngineError> {
+        let opts = layer::DiffOptions {
+            source_date_epoch: self.opts.source_date_epoch,
+            exclude,
+        };
+        let content = self.store.content();
+        let tmp = tempfile::NamedTempFile::new_in(content.ingest_dir()).map_err(|source| {
+            EngineError::CreateDir {
+                path: content.ingest_dir().into(),
+                source,
+            }
+        })?;
+        let writer = std::io::BufWriter::with_capacity(256 * 1024, tmp.as_file());
+        let stats = layer::write_diff(mutable.upper(), writer, &opts)
+            .map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
+        let file = tmp.reopen().map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
+        let (blob, size) = content
+            .write_blob(
+                std::io::BufReader::with_capacity(256 * 1024, file),
+                Some(&stats.diff_id),
+            )
+            .map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
+        let chain = match base.last() {
+            None => stats.diff_id,
+            Some(_) => {
+                let mut id = base[0].diff_id;
+                for l in &base[1..] {
+                    id = Digest::of(format!("{id} {}", l.diff_id).as_bytes());
+                }
+                Digest::of(format!("{id} {}", stats.diff_id).as_bytes())
+            }
+        };
+        let snapshot = match self.snapshots.get(&chain) {
+            Some(_) => {
+                mutable.discard();
+                chain
+            }
+            None => {
+                mutable
+                    .commit(&chain, &stats.diff_id, size)
+                    .map_err(EngineError::Commit)?
+                    .key
+            }
+        };
+        let mut out = base.to_vec();
+        out.push(Layer {
+            snapshot,
+            blob,
+            diff_id: stats.diff_id,
+            size,
+            media_type: LAYER_TAR.into(),
+        });
+        Ok(out)
+    }
+
+    /// The copy actions of a file op that read from a local context, with the input they read.
+    fn context_copies<'a>(&self, v: &'a Vertex) -> Vec<(usize, &'a str)> {
+        let Op::File(f) = &v.op else { return Vec::new() };
+        f.actions
+            .iter()
+            .filter_map(|a| match a {
+                FileAction::Copy(c) if self.is_local(v, c.source_input) => {
+                    Some((c.source_input, c.src.as_str()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn is_local(&self, v: &Vertex, input: usize) -> bool {
+        v.inputs
+            .get(input)
+            .and_then(|d| self.graph.get(d))
+            .is_some_and(|iv| matches!(iv.op, Op::Source(SourceOp::Local(_))))
+    }
+}
+
+impl Executor for Engine {
+    type Output = Output;
+
+    fn content_inputs(&self, v: &Vertex) -> Vec<usize> {
+        let mut out: Vec<usize> = self.context_copies(v).into_iter().map(|(i, _)| i).collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    async fn content_key(
+        &self,
+        v: &Vertex,
+        inputs: &[Resolved<Output>],
+    ) -> Result<Option<CacheKey>, SolveError> {
+        match &v.op {
+            Op::Source(SourceOp::Local(l)) => {
+                let ctx = self.local_context(&l.name, &l.exclude)?;
+                Ok(Some(CacheKey(ctx.index.digest())))
+            }
+            Op::File(_) => {
+                let copies = self.context_copies(v);
+                if copies.is_empty() {
+                    return Ok(None);
+                }
+                let positions = self.content_inputs(v);
+                let mut h = blake3::Hasher::new();
+                h.update(b"copy-sources\0");
+                for (input, src) in copies {
+                    let pos = positions.iter().position(|p| *p == input).unwrap_or(0);
+                    let Some(Resolved {
+                        output: Output::Local(ctx),
+                        ..
+                    }) = inputs.get(pos)
+                    else {
+                        return Err(EngineError::NotAFilesystem(input).into());
+                    };
+                    h.update(&(input as u64).to_le_bytes());
+                    h.update(src.as_bytes());
+                    h.update(&ctx.index.select_digest(src));
+                }
+                Ok(Some(CacheKey(*h.finalize().as_bytes())))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn lookup(&self, key: &CacheKey, v: &Vertex) -> Result<Option<Output>, SolveError> {
+        match &v.op {
+            Op::Source(SourceOp::Scratch) => Ok(Some(Output::Fs(Arc::new(Vec::new())))),
+            Op::Source(SourceOp::Local(l)) => {
+                Ok(Some(Output::Local(self.local_context(&l.name, &l.exclude)?)))
+            }
+            Op::Source(SourceOp::Image(i)) => Ok(Some(Output::Fs(Arc::new(
+                self.image_layers(&i.reference, i.resolved_digest.as_ref())?,
+            )))),
+            _ => {
+                let Some(record) = self.index.get(&key.hex()) else {
+                    return Ok(None);
+                };
+                // A record whose blobs were pruned is a miss; missing snapshots are re-unpacked
+                // from the blobs when needed.
+                if record
+                    .layers
+                    .iter()
+                    .any(|l| !self.store.content().contains(&l.blob))
+                {
+                    return Ok(None);
+                }
+                Ok(Some(Output::Fs(Arc::new(record.layers))))
+            }
+        }
+    }
+
+    async fn execute(
+        &self,
+        v: &Vertex,
+        inputs: &[Resolved<Output>],
+        ctx: &ExecCtx,
+    ) -> Result<Output, SolveError> {
+        match &v.op {
+            Op::Source(SourceOp::Scratch) => Ok(Output::Fs(Arc::new(Vec::new()))),
+            Op::Source(SourceOp::Local(l)) => Ok(Output::Local(self.local_context(&l.name, &l.exclude)?)),
+            Op::Source(SourceOp::Image(i)) => Ok(Output::Fs(Arc::new(
+                self.image_layers(&i.reference, i.resolved_digest.as_ref())?,
+            ))),
+            Op::Source(SourceOp::Git(_)) => Err(EngineError::Unsupported("git").into()),
+            Op::Source(SourceOp::Http(_)) => Err(EngineError::Unsupported("http").into()),
+            Op::Merge(_) => {
+                let mut out = Vec::new();
+                for i in 0..inputs.len() {
+                    out.extend(Self::fs_input(inputs, i)?);
+                }
+                Ok(Output::Fs(Arc::new(out)))
+            }
+            Op::Exec(e) => self.exec(v, e, inputs, ctx).await,
+            Op::File(f) => self.file(f, inputs, ctx).await,
+        }
+    }
+
+    async fn record(&self, key: &CacheKey, v: &Vertex, out: &Output) -> Result<(), SolveError> {
+        match (&v.op, out) {
+            (Op::Exec(_) | Op::File(_) | Op::Merge(_), Output::Fs(layers)) => {
+                let record = Record {
+                    layers: layers.as_ref().clone(),
+                    description: v.meta.name.clone(),
+                };
+                self.index.put(&key.hex(), &record).map_err(EngineError::Index)?;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `rel` (a mount selector) below `root`, lexically confined to it.
+fn confined(root: &Path, rel: &str) -> PathBuf {
+    root.join(crate::context::clean_rel(rel))
+}
