@@ -369,29 +369,22 @@ impl ContextIndex {
         *h.finalize().as_bytes()
     }
 
-    /// The entries at `prefix` and below it (`prefix` empty = everything).
-    fn subtree(&self, prefix: &str) -> &[Entry] {
-        if prefix.is_empty() {
-            return &self.entries;
-        }
-        let start = self.entries.partition_point(|e| e.path.as_str() < prefix);
-        let mut end = start;
-        while end < self.entries.len() {
-            let p = &self.entries[end].path;
-            let inside =
-                p == prefix || (p.starts_with(prefix) && p.as_bytes().get(prefix.len()) == Some(&b'/'));
-            if !inside {
-                // Siblings like `prefix-x` or `prefix.txt` sort between `prefix` and `prefix/`:
-                // skip them rather than stop.
-                if p.starts_with(prefix) {
-                    end += 1;
-                    continue;
-                }
-                break;
-            }
-            end += 1;
-        }
-        &self.entries[start..end]
+    /// The entries at `prefix` and below it (`prefix` empty = everything). Siblings such as
+    /// `prefix-x` sort between `prefix` and `prefix/...`, so they are skipped, not a stop.
+    fn subtree<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a Entry> + 'a {
+        let start = if prefix.is_empty() {
+            0
+        } else {
+            self.entries.partition_point(|e| e.path.as_str() < prefix)
+        };
+        self.entries[start..]
+            .iter()
+            .take_while(move |e| e.path.starts_with(prefix))
+            .filter(move |e| {
+                prefix.is_empty()
+                    || e.path.len() == prefix.len()
+                    || e.path.as_bytes().get(prefix.len()) == Some(&b'/')
+            })
     }
 
     /// Key material for what a COPY source `src` (context-relative, possibly a wildcard) can read:
