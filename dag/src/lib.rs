@@ -60,7 +60,8 @@ pub struct DigestError(pub String);
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}", self.hex())
+        let mut buf = [0u8; 71];
+        f.write_str(self.write_prefixed(&mut buf))
     }
 }
 
@@ -70,9 +71,21 @@ impl fmt::Debug for Digest {
     }
 }
 
+impl Digest {
+    /// `sha256:<hex>` written into a stack buffer (no allocation: vertex encoding hashes one per
+    /// input, thousands per graph).
+    fn write_prefixed<'a>(&self, buf: &'a mut [u8; 71]) -> &'a str {
+        buf[..7].copy_from_slice(b"sha256:");
+        // Cannot fail: the output slice is exactly twice the input's length.
+        let _ = hex::encode_to_slice(self.0, &mut buf[7..]);
+        std::str::from_utf8(&buf[..]).unwrap_or("")
+    }
+}
+
 impl Serialize for Digest {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        let mut buf = [0u8; 71];
+        s.serialize_str(self.write_prefixed(&mut buf))
     }
 }
 

@@ -3,6 +3,8 @@
 //! [`parse_instruction`]. Words that undergo expansion stay as written here; lowering expands
 //! them in the right environment.
 
+use std::borrow::Cow;
+
 use thiserror::Error;
 
 use crate::parser::gotext::{is_sep, to_lower, to_upper, trim_space};
@@ -398,13 +400,16 @@ impl Flags {
     }
 }
 
-/// BuildKit's `nodeArgs`: the arguments, or for ONBUILD the trigger's keyword and arguments.
-fn node_args(node: &Node) -> Vec<String> {
+/// BuildKit's `nodeArgs`: the arguments, or for ONBUILD the trigger's keyword and arguments
+/// (borrowed from the node except in that case).
+fn node_args(node: &Node) -> Cow<'_, [String]> {
     match &node.next {
-        Some(child) => std::iter::once(child.keyword.clone())
-            .chain(node_args(child))
-            .collect(),
-        None => node.args.clone(),
+        Some(child) => Cow::Owned(
+            std::iter::once(child.keyword.clone())
+                .chain(node_args(child).iter().cloned())
+                .collect(),
+        ),
+        None => Cow::Borrowed(&node.args),
     }
 }
 
@@ -666,10 +671,11 @@ fn copy_spec(node: &Node, instruction: &'static str, flags: &Flags) -> Result<Co
 pub fn parse_instruction(node: &Node) -> Result<Located, InstructionError> {
     use FlagKind::{Bool, Str, Strs};
     let line = node.span.start_line;
-    let args = node_args(node);
+    let args_cow = node_args(node);
+    let args: &[String] = &args_cow;
     let no_flags = || Flags::parse(node, &[]);
     let exactly_one = |instruction| -> Result<String, InstructionError> {
-        match args.as_slice() {
+        match args {
             [one] => Ok(one.clone()),
             _ => Err(count_error(line, instruction, "exactly one argument")),
         }
@@ -683,7 +689,7 @@ pub fn parse_instruction(node: &Node) -> Result<Located, InstructionError> {
     };
     let instruction = match node.keyword.as_str() {
         "from" => {
-            let name = match args.as_slice() {
+            let name = match args {
                 [_, as_word, name] if as_word.eq_ignore_ascii_case("as") => {
                     let lower = to_lower(name);
                     let mut chars = lower.chars();
@@ -715,7 +721,7 @@ pub fn parse_instruction(node: &Node) -> Result<Located, InstructionError> {
                 .map(|m| parse_mount(m, line))
                 .collect::<Result<Vec<_>, _>>()?;
             Instruction::Run {
-                cmd: command_line(&args, node.json),
+                cmd: command_line(args, node.json),
                 mounts,
                 network: flags.string("network"),
                 security: flags.string("security"),
@@ -724,11 +730,11 @@ pub fn parse_instruction(node: &Node) -> Result<Located, InstructionError> {
         }
         "cmd" => {
             no_flags()?;
-            Instruction::Cmd(command_line(&args, node.json))
+            Instruction::Cmd(command_line(args, node.json))
         }
         "entrypoint" => {
             no_flags()?;
-            Instruction::Entrypoint(command_line(&args, node.json))
+            Instruction::Entrypoint(command_line(args, node.json))
         }
         "shell" => {
             no_flags()?;
@@ -738,7 +744,7 @@ pub fn parse_instruction(node: &Node) -> Result<Located, InstructionError> {
             if !node.json {
                 return Err(InstructionError::ShellNotJson { line });
             }
-            Instruction::Shell(args)
+            Instruction::Shell(args.to_vec())
         }
         "label" => {
             no_flags()?;
@@ -771,7 +777,7 @@ pub fn parse_instruction(node: &Node) -> Result<Located, InstructionError> {
         "expose" => {
             at_least_one("EXPOSE")?;
             no_flags()?;
-            let mut ports = args.clone();
+            let mut ports = args.to_vec();
             ports.sort();
             Instruction::Expose(ports)
         }
@@ -779,7 +785,7 @@ pub fn parse_instruction(node: &Node) -> Result<Located, InstructionError> {
             at_least_one("VOLUME")?;
             no_flags()?;
             let mut volumes = Vec::with_capacity(args.len());
-            for v in &args {
+            for v in args {
                 let v = trim_space(v);
                 if v.is_empty() {
                     return Err(InstructionError::EmptyVolume { line });
@@ -792,7 +798,7 @@ pub fn parse_instruction(node: &Node) -> Result<Located, InstructionError> {
             at_least_one("ARG")?;
             no_flags()?;
             let mut pairs = Vec::with_capacity(args.len());
-            for a in &args {
+            for a in args {
                 match a.split_once('=') {
                     Some(("", _)) => {
                         return Err(InstructionError::BlankName {
@@ -954,7 +960,13 @@ pub fn parse_instruction(node: &Node) -> Result<Located, InstructionError> {
 
 /// [`parse_instruction`] for every node, in order; stops at the first error.
 pub fn parse_all(df: &Dockerfile) -> Result<Vec<Located>, InstructionError> {
-    df.nodes.iter().map(parse_instruction).collect()
+    // Sized up front: `collect` over a fallible iterator cannot know the length and would grow
+    // (and move) the vector of large `Located` values repeatedly.
+    let mut out = Vec::with_capacity(df.nodes.len());
+    for node in &df.nodes {
+        out.push(parse_instruction(node)?);
+    }
+    Ok(out)
 }
 
 impl InstructionError {

@@ -1,6 +1,7 @@
 //! The lowering driver: stage planning, reachability, and one function per instruction.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 
 use kiln_dag::image::{HealthConfig, History, ImageConfig};
 use kiln_dag::{
@@ -201,16 +202,16 @@ impl<'a> Lowerer<'a> {
     }
 
     fn step_meta(&self, p: &mut Progress, loc: &Located, text: &str) -> Meta {
-        let mut name = String::new();
+        let mut name = String::with_capacity(p.stage_label.len() + text.len() + 24);
         if p.total > 0 {
             p.step += 1;
-            let width = p.total.to_string().len();
+            let width = p.total.ilog10() as usize + 1;
             name.push('[');
             if !p.stage_label.is_empty() {
                 name.push_str(&p.stage_label);
                 name.push(' ');
             }
-            name.push_str(&format!("{:>width$}/{}] ", p.step, p.total));
+            let _ = write!(name, "{:>width$}/{}] ", p.step, p.total);
             if p.in_trigger {
                 name.push_str("ONBUILD ");
             }
@@ -1513,8 +1514,36 @@ impl<'a> Lowerer<'a> {
                 return Err(self.err(loc, Some("--security"), LowerError::BadSecurity { value: v }));
             }
         };
+        // History: `RUN |N K=V ... args # buildkit`.
+        let mut build_env: Vec<(&str, &str)> = Vec::with_capacity(st.args.len());
+        for (k, v) in &st.args {
+            let value = env_get(&st.run_env, k).or(v.as_deref()).unwrap_or_default();
+            match build_env.iter_mut().find(|(bk, _)| bk == k) {
+                Some(slot) => slot.1 = value,
+                None => build_env.push((k, value)),
+            }
+        }
+        // `RUN ` + the parts joined with spaces + ` # buildkit`, written in place.
+        let mut created_by = String::from("RUN ");
+        let mut sep = "";
+        if !build_env.is_empty() {
+            let _ = write!(created_by, "|{}", build_env.len());
+            sep = " ";
+            for (k, v) in &build_env {
+                created_by.push(' ');
+                created_by.push_str(k);
+                created_by.push('=');
+                created_by.push_str(v);
+            }
+        }
+        for a in &args {
+            created_by.push_str(sep);
+            created_by.push_str(a);
+            sep = " ";
+        }
+        created_by.push_str(" # buildkit");
         let op = Op::Exec(ExecOp {
-            args: args.clone(),
+            args,
             env: Self::exec_env(st),
             cwd: workdir,
             user: st.config.config.user.clone(),
@@ -1522,28 +1551,11 @@ impl<'a> Lowerer<'a> {
             security,
             mounts,
         });
-        let name = format!("{}{name_suffix}", Self::display_text(loc));
+        let mut name = Self::display_text(loc);
+        name.push_str(&name_suffix);
         let meta = self.step_meta(p, loc, &name);
         st.fs = self.add(op, inputs, meta);
-        // History: `RUN |N K=V ... args # buildkit`.
-        let mut build_env: Vec<(String, String)> = Vec::new();
-        for (k, v) in &st.args {
-            let value = env_get(&st.run_env, k)
-                .map(str::to_string)
-                .or_else(|| v.clone())
-                .unwrap_or_default();
-            match build_env.iter_mut().find(|(bk, _)| bk == k) {
-                Some(slot) => slot.1 = value,
-                None => build_env.push((k.clone(), value)),
-            }
-        }
-        let mut parts = Vec::new();
-        if !build_env.is_empty() {
-            parts.push(format!("|{}", build_env.len()));
-            parts.extend(build_env.iter().map(|(k, v)| format!("{k}={v}")));
-        }
-        parts.extend(args);
-        Self::history(st, format!("RUN {} # buildkit", parts.join(" ")), true);
+        Self::history(st, created_by, true);
         Ok(())
     }
 

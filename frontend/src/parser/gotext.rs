@@ -53,11 +53,17 @@ pub(crate) fn split_sep_once(s: &str) -> (&str, Option<&str>) {
 
 /// Go's `strings.ToLower`: a per-character mapping (no context-dependent rules).
 pub(crate) fn to_lower(s: &str) -> String {
+    if s.is_ascii() {
+        return s.to_ascii_lowercase();
+    }
     s.chars().map(|c| c.to_lowercase().next().unwrap_or(c)).collect()
 }
 
 /// Go's `strings.ToUpper`: a per-character mapping.
 pub(crate) fn to_upper(s: &str) -> String {
+    if s.is_ascii() {
+        return s.to_ascii_uppercase();
+    }
     s.chars()
         .map(|c| {
             let mut up = c.to_uppercase();

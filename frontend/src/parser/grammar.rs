@@ -247,6 +247,69 @@ pub fn parse_words(text: &str, esc: char) -> Vec<String> {
             .map(str::to_string)
             .collect();
     }
+    // One pass over the characters (the grammar is spelled out as a chumsky parser in
+    // `parse_words_reference`, which the tests hold this loop to):
+    // * a double-quoted part keeps its quotes and every character up to the closing quote; the
+    //   escape character keeps itself and the next character; an unclosed quote runs to the end;
+    // * a single-quoted part is kept verbatim, escapes included, up to the closing quote;
+    // * outside quotes the escape character keeps itself and the next one;
+    // * an escape character at the very end of the text is dropped; empty words are dropped.
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if is_space(c) {
+            if in_word {
+                words.push(std::mem::take(&mut word));
+                in_word = false;
+            }
+            continue;
+        }
+        in_word = true;
+        if c == '"' {
+            word.push('"');
+            while let Some(q) = chars.next() {
+                if q == esc {
+                    if let Some(next) = chars.next() {
+                        word.push(q);
+                        word.push(next);
+                    }
+                } else {
+                    word.push(q);
+                    if q == '"' {
+                        break;
+                    }
+                }
+            }
+        } else if c == '\'' {
+            word.push('\'');
+            for q in chars.by_ref() {
+                word.push(q);
+                if q == '\'' {
+                    break;
+                }
+            }
+        } else if c == esc {
+            if let Some(next) = chars.next() {
+                word.push(c);
+                word.push(next);
+            }
+        } else {
+            word.push(c);
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    words.retain(|w| !w.is_empty());
+    words
+}
+
+/// The word splitter's grammar as a chumsky parser: the specification `parse_words` is tested
+/// against.
+#[cfg(test)]
+fn parse_words_reference(text: &str, esc: char) -> Vec<String> {
     let space = any::<&str, Ex>().filter(|c: &char| is_space(*c));
     let esc_pair = just(esc).then(any()).to_slice().map(str::to_string);
     let esc_end = just(esc).then(end()).to(String::new());
@@ -367,6 +430,35 @@ mod tests {
         assert_eq!(parse_words("x\\", '\\'), vec!["x"]);
         assert_eq!(parse_words("\\", '\\'), Vec::<String>::new());
         assert_eq!(parse_words("\"a\\\" b\" c", '\\'), vec!["\"a\\\" b\"", "c"]);
+    }
+
+    #[test]
+    fn words_match_the_grammar() {
+        // Every combination of the characters that matter, up to length 5, both escapes.
+        let alphabet = ['a', ' ', '"', '\'', '\\', '`', '\t', '=', 'é'];
+        let mut inputs = vec![String::new()];
+        let mut frontier = vec![String::new()];
+        for _ in 0..5 {
+            let mut next = Vec::new();
+            for prefix in &frontier {
+                for c in alphabet {
+                    let mut s = prefix.clone();
+                    s.push(c);
+                    next.push(s);
+                }
+            }
+            inputs.extend(next.iter().cloned());
+            frontier = next;
+        }
+        for text in &inputs {
+            for esc in ['\\', '`'] {
+                assert_eq!(
+                    parse_words(text, esc),
+                    parse_words_reference(text, esc),
+                    "{text:?} with escape {esc:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -379,6 +379,7 @@ pub fn parse(bytes: &[u8]) -> Result<Dockerfile, ParseError> {
             end_line: line_no,
         };
         node.span = span;
+        node.original = joined;
         if let Some(child) = node.next.as_deref_mut() {
             child.span = span;
         }
@@ -420,10 +421,15 @@ fn node_from_line(line: &str, esc: char, depth: usize) -> Result<Node, ParseErro
         }
         None => ("", Vec::new()),
     };
+    // `original` is the whole line; the caller moves its own copy in for a top-level node.
     let mut node = Node {
         keyword: to_lower(cmd),
         flags,
-        original: line.to_string(),
+        original: if depth == 0 {
+            String::new()
+        } else {
+            line.to_string()
+        },
         ..Node::default()
     };
     match node.keyword.as_str() {
