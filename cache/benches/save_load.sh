@@ -55,3 +55,17 @@ t_kiln_load=$(best kiln_load)
 printf 'image: %s MB, best of %s runs\n' "$size_mb" "$runs"
 printf 'save: kiln %.3fs  tar -c + sha256 %.3fs  ratio %.2f\n' "$t_kiln_save" "$t_base_save" "$(echo "$t_kiln_save / $t_base_save" | bc -l)"
 printf 'load: kiln %.3fs  tar -x + sha256 %.3fs  ratio %.2f\n' "$t_kiln_load" "$t_base_load" "$(echo "$t_kiln_load / $t_base_load" | bc -l)"
+
+# The same image through Docker, side by side, when a daemon is reachable.
+if /usr/bin/docker info >/dev/null 2>&1; then
+  ref="kiln-bench-$$:1"
+  /usr/bin/docker import "$work/rootfs.tar" "$ref" >/dev/null
+  docker_save() { /usr/bin/docker save -o "$work/docker.tar" "$ref"; }
+  docker_load() { /usr/bin/docker rmi "$ref" >/dev/null && /usr/bin/docker load -i "$work/docker.tar"; }
+  t_docker_save=$(best docker_save)
+  t_docker_load=$(best docker_load)
+  /usr/bin/docker rmi "$ref" >/dev/null 2>&1 || true
+  printf 'docker save %.3fs (kiln %.2fx faster)  docker load %.3fs (kiln %.2fx faster)\n' \
+    "$t_docker_save" "$(echo "$t_docker_save / $t_kiln_save" | bc -l)" \
+    "$t_docker_load" "$(echo "$t_docker_load / $t_kiln_load" | bc -l)"
+fi

@@ -51,7 +51,7 @@ pub struct BuildArgs {
     /// Output destination (type=image|docker|oci|tar|local,dest=PATH)
     #[arg(short = 'o', long = "output")]
     pub outputs: Vec<String>,
-    /// Maximum number of steps run at once (default: number of CPUs)
+    /// Maximum number of steps run at once (default: 4 per CPU)
     #[arg(long)]
     pub jobs: Option<usize>,
     /// Allow extra privileged entitlement (network.host, security.insecure)
@@ -150,8 +150,28 @@ impl BuildInputs {
                 ("Dockerfile".to_string(), bytes, Some(p))
             }
         };
+        BuildInputs::from_parts(
+            context,
+            dockerfile_name,
+            dockerfile,
+            df_path.as_deref(),
+            build_args,
+            target,
+        )
+    }
+
+    /// Inputs from an already read Dockerfile: `df_path` (where it was read from, if a file)
+    /// locates a `<Dockerfile>.dockerignore`; otherwise the context's `.dockerignore` applies.
+    pub fn from_parts(
+        context: &Path,
+        dockerfile_name: String,
+        dockerfile: Vec<u8>,
+        df_path: Option<&Path>,
+        build_args: &[String],
+        target: Option<String>,
+    ) -> anyhow::Result<BuildInputs> {
         // `<Dockerfile>.dockerignore` beside the Dockerfile wins over the context's `.dockerignore`.
-        let specific = df_path.as_ref().map(|p| {
+        let specific = df_path.map(|p| {
             let mut s = p.as_os_str().to_owned();
             s.push(".dockerignore");
             PathBuf::from(s)
@@ -330,6 +350,14 @@ fn parse_ssh(specs: &[String]) -> anyhow::Result<BTreeMap<String, PathBuf>> {
                 (s.clone(), PathBuf::from(sock))
             }
         };
+        let meta = std::fs::metadata(&path)
+            .with_context(|| format!("--ssh {s}: cannot use `{}`", path.display()))?;
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            bail!(
+                "--ssh {s}: `{}` is not a Unix socket (only SSH agent sockets are supported, not key files)",
+                path.display()
+            );
+        }
         out.insert(id, path);
     }
     Ok(out)
@@ -390,21 +418,34 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
         args.progress.parse()?
     };
 
-    if args.context == "-" {
-        bail!("reading the build context from stdin is not supported yet: pass a directory");
-    }
-    let context = PathBuf::from(&args.context);
-    let inputs = BuildInputs::read(
-        &context,
-        args.file.as_deref(),
-        &args.build_args,
-        args.target.clone(),
-        g,
-    )?;
-    let epoch = source_date_epoch(&inputs.build_args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start tokio")?;
+    // Ctrl-C (or SIGTERM) cancels the build from here on: steps are killed, temporary files
+    // and mounts removed, and kiln exits non-zero.
+    let cancel = kiln_solver::scheduler::CancelToken::new();
+    let signals = watch_signals(&rt, &cancel)?;
 
     let store = std::sync::Arc::new(kiln_cache::Store::open(&g.root)?);
     let _hold = store.hold()?;
+    let stdin_context = if args.context == "-" {
+        Some(StdinContext::read(&rt, &store, &cancel)?)
+    } else {
+        None
+    };
+    let inputs = match &stdin_context {
+        Some(s) => s.inputs(args.file.as_deref(), &args.build_args, args.target.clone())?,
+        None => BuildInputs::read(
+            Path::new(&args.context),
+            args.file.as_deref(),
+            &args.build_args,
+            args.target.clone(),
+            g,
+        )?,
+    };
+    let epoch = source_date_epoch(&inputs.build_args)?;
+
     let extras = LowerExtras {
         labels,
         no_cache: args.no_cache,
@@ -435,36 +476,29 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
         graph.clone(),
         engine_opts,
     )?);
-    let jobs = args.jobs.unwrap_or(0);
+    // Steps mostly wait on processes and disks rather than on CPU (BuildKit sets no limit at all),
+    // so by default several steps per CPU may run at once; file copies share one rayon pool.
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| 4 * std::thread::available_parallelism().map(usize::from).unwrap_or(1));
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("failed to start tokio")?;
     let debug = g.debug;
     let root = lowered.root;
+    let solve_cancel = cancel.clone();
     let result = rt.block_on(async move {
         let display = crate::progress::start(progress_mode, debug);
         for w in &lowered.warnings {
             display.sink().warn(format!("{} (line {})", w.message, w.line));
         }
-        let cancel = kiln_solver::scheduler::CancelToken::new();
-        let on_ctrl_c = cancel.clone();
-        let ctrl_c = tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                on_ctrl_c.cancel();
-            }
-        });
         let solved = kiln_solver::scheduler::solve(
             &graph,
             &[root],
             engine.clone(),
             kiln_solver::scheduler::SolveOptions { jobs },
             display.sink(),
-            cancel,
+            solve_cancel,
         )
         .await;
-        ctrl_c.abort();
         match &solved {
             Ok(_) => display.finish(None).await,
             Err(e) => display.finish(Some(e)).await,
@@ -478,6 +512,10 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
             return Ok(ExitCode::from(1));
         }
     };
+    if cancel.is_cancelled() {
+        eprintln!("ERROR: failed to solve: cancelled");
+        return Ok(ExitCode::from(1));
+    }
     let kiln_solver::engine::Output::Fs(layers) = &resolved.output else {
         bail!("the build result is not a filesystem");
     };
@@ -509,7 +547,28 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
     if args.quiet {
         println!("{id}");
     }
+    signals.abort();
     Ok(ExitCode::SUCCESS)
+}
+
+/// Cancels `cancel` on SIGINT or SIGTERM. The handlers are installed before this returns, so a
+/// signal from then on no longer kills the process outright.
+fn watch_signals(
+    rt: &tokio::runtime::Runtime,
+    cancel: &kiln_solver::scheduler::CancelToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let _enter = rt.enter();
+    let mut int = signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?;
+    let cancel = cancel.clone();
+    Ok(rt.spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        cancel.cancel();
+    }))
 }
 
 /// The failure line BuildKit users know: the step, its Dockerfile location, the cause.
@@ -608,4 +667,277 @@ fn flatten_into(
         kiln_cache::layer::apply(reader, dir, &opts)?;
     }
     Ok(())
+}
+
+/// A build context read from stdin (`kiln build -`): a tar archive (plain or compressed)
+/// extracted under the store's `tmp/`, or a lone Dockerfile with an empty context. The
+/// directory is removed when this is dropped, however the build ends.
+struct StdinContext {
+    dir: tempfile::TempDir,
+    /// The Dockerfile itself when stdin was not an archive.
+    dockerfile: Option<Vec<u8>>,
+}
+
+/// A reader that fails once `cancel` fires, so a long copy or extraction stops early.
+struct CancellableReader<R> {
+    inner: R,
+    cancel: kiln_solver::scheduler::CancelToken,
+}
+
+impl<R: Read> Read for CancellableReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.cancel.is_cancelled() {
+            return Err(std::io::Error::other("cancelled"));
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// Whether a 512-byte block is a tar header (valid checksum) or the zero block of an empty archive.
+fn is_tar_header(block: &[u8]) -> bool {
+    if block.len() != 512 {
+        return false;
+    }
+    if block.iter().all(|b| *b == 0) {
+        return true;
+    }
+    let field = &block[148..156];
+    let digits: Vec<u8> = field
+        .iter()
+        .copied()
+        .skip_while(|b| *b == b' ')
+        .take_while(|b| (b'0'..=b'7').contains(b))
+        .collect();
+    if digits.is_empty() {
+        return false;
+    }
+    let Some(recorded) = std::str::from_utf8(&digits)
+        .ok()
+        .and_then(|d| u64::from_str_radix(d, 8).ok())
+    else {
+        return false;
+    };
+    let unsigned: u64 = block
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u64::from(*b)
+            }
+        })
+        .sum();
+    let signed: i64 = block
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                i64::from(*b as i8)
+            }
+        })
+        .sum();
+    recorded == unsigned || i64::try_from(recorded).is_ok_and(|r| r == signed)
+}
+
+impl StdinContext {
+    /// Spools stdin into a fresh directory under `tmp/` of the store and, when it is an archive,
+    /// extracts it as the context. Fails (removing the directory) if `cancel` fires first.
+    fn read(
+        rt: &tokio::runtime::Runtime,
+        store: &kiln_cache::Store,
+        cancel: &kiln_solver::scheduler::CancelToken,
+    ) -> anyhow::Result<StdinContext> {
+        use std::io::IsTerminal as _;
+        if std::io::stdin().is_terminal() {
+            bail!("the build context is `-` but stdin is a terminal: pipe a tar archive or a Dockerfile into kiln");
+        }
+        let tmp_parent = store.root().join("tmp");
+        std::fs::create_dir_all(&tmp_parent)
+            .with_context(|| format!("failed to create `{}`", tmp_parent.display()))?;
+        let dir = tempfile::Builder::new()
+            .prefix("stdin-")
+            .tempdir_in(&tmp_parent)
+            .with_context(|| format!("failed to create a directory in `{}`", tmp_parent.display()))?;
+        let spool_path = dir.path().join("stdin");
+        let spool = std::fs::File::create(&spool_path)
+            .with_context(|| format!("failed to create `{}`", spool_path.display()))?;
+        // The copy runs on a blocking thread so that a cancel can abandon a stalled stdin.
+        let reader_cancel = cancel.clone();
+        let copy = rt.spawn_blocking(move || {
+            let mut reader = CancellableReader {
+                inner: std::io::stdin().lock(),
+                cancel: reader_cancel,
+            };
+            let mut writer = std::io::BufWriter::new(spool);
+            std::io::copy(&mut reader, &mut writer)?;
+            std::io::Write::flush(&mut writer)
+        });
+        let copied = rt.block_on(async {
+            tokio::select! {
+                r = copy => Some(r),
+                _ = cancel.cancelled() => None,
+            }
+        });
+        match copied {
+            None => bail!("cancelled while reading the build context from stdin"),
+            Some(Err(e)) => bail!("failed to read the build context from stdin: {e}"),
+            Some(Ok(r)) => r.context("failed to read the build context from stdin")?,
+        }
+
+        let open = || {
+            std::fs::File::open(&spool_path)
+                .with_context(|| format!("failed to open `{}`", spool_path.display()))
+        };
+        let mut magic = [0u8; 6];
+        let have = open()?
+            .read(&mut magic)
+            .context("failed to read the build context from stdin")?;
+        let compression = kiln_cache::layer::Compression::detect(&magic[..have]);
+        let is_archive = if compression != kiln_cache::layer::Compression::None {
+            true
+        } else {
+            let mut block = Vec::with_capacity(512);
+            open()?
+                .take(512)
+                .read_to_end(&mut block)
+                .context("failed to read the build context from stdin")?;
+            is_tar_header(&block)
+        };
+        let context = dir.path().join("context");
+        std::fs::create_dir(&context).with_context(|| format!("failed to create `{}`", context.display()))?;
+        let dockerfile = if is_archive {
+            let reader = kiln_cache::layer::sniff(CancellableReader {
+                inner: open()?,
+                cancel: cancel.clone(),
+            })
+            .context("failed to read the build context from stdin")?;
+            let opts = kiln_cache::layer::ApplyOptions {
+                whiteouts: kiln_cache::layer::WhiteoutMode::Delete,
+                archive_name: "build context from stdin".to_string(),
+                ..Default::default()
+            };
+            kiln_cache::layer::apply(reader, &context, &opts)
+                .context("failed to extract the build context from stdin")?;
+            None
+        } else {
+            Some(
+                std::fs::read(&spool_path)
+                    .with_context(|| format!("failed to read `{}`", spool_path.display()))?,
+            )
+        };
+        std::fs::remove_file(&spool_path)
+            .with_context(|| format!("failed to remove `{}`", spool_path.display()))?;
+        Ok(StdinContext { dir, dockerfile })
+    }
+
+    /// The extracted (or empty) context directory.
+    fn context(&self) -> PathBuf {
+        self.dir.path().join("context")
+    }
+
+    /// The frontend inputs: the Dockerfile from stdin, or `file` (default `Dockerfile`) inside
+    /// the extracted archive.
+    fn inputs(
+        &self,
+        file: Option<&str>,
+        build_args: &[String],
+        target: Option<String>,
+    ) -> anyhow::Result<BuildInputs> {
+        let context = self.context();
+        if file == Some("-") {
+            bail!("invalid argument: can't use stdin for both the build context and the Dockerfile (`-f -` with context `-`)");
+        }
+        if let Some(df) = &self.dockerfile {
+            if let Some(f) = file {
+                eprintln!("WARNING: --file {f} is ignored: the Dockerfile was read from stdin");
+            }
+            return BuildInputs::from_parts(
+                &context,
+                "Dockerfile".to_string(),
+                df.clone(),
+                None,
+                build_args,
+                target,
+            );
+        }
+        let rel = file.unwrap_or("Dockerfile");
+        let clean = kiln_solver::context::clean_rel(rel);
+        let path = context.join(&clean);
+        let real_ctx = std::fs::canonicalize(&context)
+            .with_context(|| format!("failed to resolve `{}`", context.display()))?;
+        let bytes = match std::fs::canonicalize(&path) {
+            Ok(real) if real.starts_with(&real_ctx) => std::fs::read(&real)
+                .with_context(|| format!("failed to read dockerfile `{rel}` from the context on stdin"))?,
+            Ok(_) => bail!("failed to read dockerfile: `{rel}` points outside the build context from stdin"),
+            Err(_) => bail!("failed to read dockerfile: `{rel}` not found in the build context from stdin"),
+        };
+        let name = Path::new(rel)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| rel.to_string());
+        BuildInputs::from_parts(&context, name, bytes, Some(&path), build_args, target)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(name: &str) -> Vec<u8> {
+        let mut h = vec![0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[124..136].copy_from_slice(b"00000000000\0");
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        h
+    }
+
+    #[test]
+    fn tar_headers_are_told_from_dockerfiles() {
+        assert!(is_tar_header(&header("Dockerfile")));
+        assert!(is_tar_header(&[0u8; 512]), "an empty archive");
+        let mut bad = header("Dockerfile");
+        bad[0] = b'X';
+        assert!(!is_tar_header(&bad), "checksum mismatch");
+        let mut df = b"FROM busybox\nRUN echo hi\n".to_vec();
+        df.resize(512, b' ');
+        assert!(!is_tar_header(&df));
+        assert!(!is_tar_header(b"FROM busybox\n"), "short input");
+    }
+
+    #[test]
+    fn outputs_parse_like_docker() {
+        assert_eq!(
+            parse_output("type=local,dest=out").unwrap(),
+            OutputSpec::Local("out".into())
+        );
+        assert_eq!(parse_output("out").unwrap(), OutputSpec::Local("out".into()));
+        assert_eq!(parse_output("-").unwrap(), OutputSpec::Tar(None));
+        assert_eq!(
+            parse_output("type=docker,dest=i.tar").unwrap(),
+            OutputSpec::Docker(Some("i.tar".into()))
+        );
+        assert!(parse_output("type=local").is_err());
+        assert!(parse_output("type=registry").is_err());
+    }
+
+    #[test]
+    fn ssh_needs_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "not a socket").unwrap();
+        let err = parse_ssh(&[format!("default={}", file.display())]).unwrap_err();
+        assert!(format!("{err:#}").contains("not a Unix socket"), "{err:#}");
+        let sock = dir.path().join("agent.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let got = parse_ssh(&[format!("default={}", sock.display())]).unwrap();
+        assert_eq!(got.get("default"), Some(&sock));
+    }
 }

@@ -3,5 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod build;
+mod build_flags;
+mod debug;
 mod harness;
 mod store;

@@ -300,6 +300,9 @@ impl Engine {
                     return Ok(());
                 };
                 if let Some(var) = var {
+                    // The secret wins over an ENV of the same name, as in BuildKit.
+                    let prefix = format!("{var}=");
+                    env.retain(|kv| !kv.starts_with(&prefix) && kv != var);
                     env.push(format!("{var}={}", String::from_utf8_lossy(&secret.data)));
                 }
                 if !target.is_empty() {

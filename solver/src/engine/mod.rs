@@ -390,13 +390,19 @@ impl Engine {
         Ok(out)
     }
 
-    /// The copy actions of a file op that read from a local context, with the input they read.
-    fn context_copies<'a>(&self, v: &'a Vertex) -> Vec<(usize, &'a str)> {
+    /// The copy actions of a file op keyed by what they read, with the input they read: copies
+    /// from a local context (keyed by the selected files), and copies from a filesystem that is
+    /// built again this time (`--no-cache`, `--no-cache-filter`), whose cache key says nothing
+    /// about its new result (keyed by the result's layers, so a stage that now gives different
+    /// files is copied again, as BuildKit's content-based keys do).
+    fn content_copies<'a>(&self, v: &'a Vertex) -> Vec<(usize, &'a str)> {
         let Op::File(f) = &v.op else { return Vec::new() };
         f.actions
             .iter()
             .filter_map(|a| match a {
-                FileAction::Copy(c) if self.is_local(v, c.source_input) => {
+                FileAction::Copy(c)
+                    if self.is_local(v, c.source_input) || self.is_rebuilt(v, c.source_input) =>
+                {
                     Some((c.source_input, c.src.as_str()))
                 }
                 _ => None,
@@ -410,13 +416,21 @@ impl Engine {
             .and_then(|d| self.graph.get(d))
             .is_some_and(|iv| matches!(iv.op, Op::Source(SourceOp::Local(_))))
     }
+
+    /// Whether input `input` of `v` is an op that ignores the cache (so it runs again).
+    fn is_rebuilt(&self, v: &Vertex, input: usize) -> bool {
+        v.inputs
+            .get(input)
+            .and_then(|d| self.graph.get(d))
+            .is_some_and(|iv| iv.meta.ignore_cache && !matches!(iv.op, Op::Source(_)))
+    }
 }
 
 impl Executor for Engine {
     type Output = Output;
 
     fn content_inputs(&self, v: &Vertex) -> Vec<usize> {
-        let mut out: Vec<usize> = self.context_copies(v).into_iter().map(|(i, _)| i).collect();
+        let mut out: Vec<usize> = self.content_copies(v).into_iter().map(|(i, _)| i).collect();
         out.sort_unstable();
         out.dedup();
         out
@@ -433,7 +447,7 @@ impl Executor for Engine {
                 Ok(Some(CacheKey(ctx.index.digest())))
             }
             Op::File(_) => {
-                let copies = self.context_copies(v);
+                let copies = self.content_copies(v);
                 if copies.is_empty() {
                     return Ok(None);
                 }
@@ -442,16 +456,22 @@ impl Executor for Engine {
                 h.update(b"copy-sources\0");
                 for (input, src) in copies {
                     let pos = positions.iter().position(|p| *p == input).unwrap_or(0);
-                    let Some(Resolved {
-                        output: Output::Local(ctx),
-                        ..
-                    }) = inputs.get(pos)
-                    else {
-                        return Err(EngineError::NotAFilesystem(input).into());
-                    };
                     h.update(&(input as u64).to_le_bytes());
                     h.update(src.as_bytes());
-                    h.update(&ctx.index.select_digest(src));
+                    match inputs.get(pos).map(|r| &r.output) {
+                        Some(Output::Local(ctx)) => {
+                            h.update(&ctx.index.select_digest(src));
+                        }
+                        Some(Output::Fs(layers)) => {
+                            h.update(b"\0layers\0");
+                            h.update(&(layers.len() as u64).to_le_bytes());
+                            for l in layers.iter() {
+                                h.update(l.diff_id.to_string().as_bytes());
+                                h.update(b"\0");
+                            }
+                        }
+                        None => return Err(EngineError::NotAFilesystem(input).into()),
+                    }
                 }
                 Ok(Some(CacheKey(*h.finalize().as_bytes())))
             }
