@@ -191,6 +191,68 @@ impl Drop for Staged {
     }
 }
 
+/// See [`ContentStore::writer`]. Dropped without `finish`, its temp file is removed.
+pub struct BlobWriter {
+    staged: Staged,
+    file: std::io::BufWriter<File>,
+    hasher: Sha256,
+    blobs: PathBuf,
+}
+
+impl std::fmt::Debug for BlobWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobWriter")
+            .field("temp", &self.staged.temp)
+            .finish()
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.staged.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl BlobWriter {
+    /// Flushes and fsyncs the blob and checks it against `expected` (when given).
+    pub fn finish(self, expected: Option<&Digest>) -> Result<Staged, ContentError> {
+        let BlobWriter {
+            mut staged,
+            file,
+            hasher,
+            blobs,
+        } = self;
+        let file = file.into_inner().map_err(|e| ContentError::Write {
+            path: staged.temp.clone(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(|source| ContentError::Write {
+            path: staged.temp.clone(),
+            source,
+        })?;
+        let actual = Digest(hasher.finalize().into());
+        if let Some(expected) = expected {
+            if *expected != actual {
+                return Err(ContentError::Mismatch {
+                    expected: *expected,
+                    actual,
+                    size: staged.size,
+                });
+            }
+        }
+        staged.digest = actual;
+        staged.dest = blobs.join(actual.hex());
+        Ok(staged)
+    }
+}
+
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl ContentStore {
@@ -284,6 +346,25 @@ impl ContentStore {
         let size = staged.size();
         let digest = staged.commit()?;
         Ok((digest, size))
+    }
+
+    /// A writer into a new blob: bytes go through sha256 into a temp file in `ingest/`;
+    /// [`BlobWriter::finish`] fsyncs and verifies them and returns the [`Staged`] blob. For
+    /// producers that write (a layer tar being generated) rather than hand over a reader.
+    pub fn writer(&self) -> Result<BlobWriter, ContentError> {
+        let (temp, file) = self.create_temp()?;
+        Ok(BlobWriter {
+            staged: Staged {
+                temp,
+                dest: PathBuf::new(),
+                digest: Digest([0; 32]),
+                size: 0,
+                committed: false,
+            },
+            file: std::io::BufWriter::with_capacity(BUF_SIZE, file),
+            hasher: Sha256::new(),
+            blobs: self.blobs.clone(),
+        })
     }
 
     /// Like [`ContentStore::write_blob`] but leaves the verified blob in `ingest/` until
@@ -398,6 +479,25 @@ impl ContentStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blob_writer_verifies_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = ContentStore::at(dir.path()).unwrap();
+        let mut w = cs.writer().unwrap();
+        w.write_all(b"layer ").unwrap();
+        w.write_all(b"bytes").unwrap();
+        let staged = w.finish(Some(&Digest::of(b"layer bytes"))).unwrap();
+        assert_eq!(staged.size(), 11);
+        assert!(!cs.contains(&staged.digest()), "not visible before commit");
+        let d = staged.commit().unwrap();
+        assert_eq!(cs.read_limited(&d, 100).unwrap(), b"layer bytes");
+        // A wrong expected digest fails and leaves no temp file behind.
+        let mut w = cs.writer().unwrap();
+        w.write_all(b"other").unwrap();
+        assert!(matches!(w.finish(Some(&d)), Err(ContentError::Mismatch { .. })));
+        assert_eq!(std::fs::read_dir(cs.ingest_dir()).unwrap().count(), 0);
+    }
 
     #[test]
     fn write_verify_and_read_back() {

@@ -11,71 +11,15 @@ pub mod save;
 
 use std::io::{self, Read};
 
-/// The compression of a stream, sniffed from its magic bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Compression {
-    /// Not compressed.
-    None,
-    /// gzip (`1f 8b`).
-    Gzip,
-    /// zstd (`28 b5 2f fd`).
-    Zstd,
-    /// bzip2 (`BZh`).
-    Bzip2,
-    /// xz (`fd 37 7a 58 5a 00`).
-    Xz,
-}
+pub use crate::layer::Compression;
 
-impl Compression {
-    /// Recognises the compression from the first bytes of a stream.
-    pub fn sniff(head: &[u8]) -> Compression {
-        if head.starts_with(&[0x1f, 0x8b]) {
-            Compression::Gzip
-        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-            Compression::Zstd
-        } else if head.starts_with(b"BZh") {
-            Compression::Bzip2
-        } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
-            Compression::Xz
-        } else {
-            Compression::None
-        }
-    }
-
-    /// The name used in messages.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Compression::None => "uncompressed",
-            Compression::Gzip => "gzip",
-            Compression::Zstd => "zstd",
-            Compression::Bzip2 => "bzip2",
-            Compression::Xz => "xz",
-        }
-    }
-}
-
-/// Sniffs the compression of `reader` and returns it with a reader of the decompressed bytes.
-pub fn decompress<'a>(mut reader: impl Read + 'a) -> io::Result<(Compression, Box<dyn Read + 'a>)> {
-    let mut head = [0u8; 6];
-    let mut got = 0;
-    while got < head.len() {
-        match reader.read(&mut head[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    let kind = Compression::sniff(&head[..got]);
-    let whole = io::BufReader::with_capacity(1 << 20, io::Cursor::new(head[..got].to_vec()).chain(reader));
-    let out: Box<dyn Read + 'a> = match kind {
-        Compression::None => Box::new(whole),
-        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(whole)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(whole)?),
-        Compression::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(whole)),
-        Compression::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(whole)),
-    };
-    Ok((kind, out))
+/// Sniffs the compression of `reader` and returns it with a reader of the decompressed bytes
+/// (see [`crate::layer::decoder`]).
+pub fn decompress<'a>(reader: impl Read + 'a) -> io::Result<(Compression, Box<dyn Read + 'a>)> {
+    let (kind, decoder) = crate::layer::decoder(reader).map_err(|e| match e {
+        crate::layer::SniffError::ReadMagic(e) | crate::layer::SniffError::Zstd(e) => e,
+    })?;
+    Ok((kind, Box::new(decoder)))
 }
 
 /// A reader that counts the bytes it passes on.

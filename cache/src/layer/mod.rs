@@ -33,7 +33,7 @@ use std::path::PathBuf;
 use kiln_dag::Digest;
 
 pub use apply::{apply, ApplyError};
-pub use sniff::{sniff, Compression, SniffError};
+pub use sniff::{decoder, sniff, Compression, Decoder, SniffError, Sniffed};
 pub use write::{write_diff, write_tree, WriteError};
 
 pub(crate) use fsutil::remove_tree;

@@ -1,8 +1,9 @@
-//! Compression detection by magic bytes.
+//! Compression detection by magic bytes, and the matching decoder. The one place kiln reads
+//! compressed tars: layer blobs, `import`ed rootfs tarballs, `load`ed archives and contexts.
 
-use std::io::{self, Cursor, Read};
+use std::io::{self, BufRead, BufReader, Chain, Cursor, Read};
 
-/// The compression of a layer blob, as told by its first bytes.
+/// The compression of a stream, as told by its first bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
     /// Not compressed (a plain tar).
@@ -18,7 +19,7 @@ pub enum Compression {
 }
 
 impl Compression {
-    /// Detects the compression from the first bytes of a blob (six are enough).
+    /// Detects the compression from the first bytes of a stream (six are enough).
     pub fn detect(prefix: &[u8]) -> Compression {
         if prefix.starts_with(&[0x1f, 0x8b]) {
             Compression::Gzip
@@ -30,6 +31,17 @@ impl Compression {
             Compression::Xz
         } else {
             Compression::None
+        }
+    }
+
+    /// The name used in messages and media type suffixes.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Compression::None => "uncompressed",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+            Compression::Bzip2 => "bzip2",
+            Compression::Xz => "xz",
         }
     }
 }
@@ -45,9 +57,33 @@ pub enum SniffError {
     Zstd(#[source] io::Error),
 }
 
-/// Detects gzip, zstd, bzip2, xz or an uncompressed stream by its magic bytes and returns a reader
-/// of the decompressed bytes.
-pub fn sniff<R: Read + Send + 'static>(mut reader: R) -> Result<Box<dyn Read + Send>, SniffError> {
+/// The stream [`decoder`] reads from: the sniffed bytes put back in front of the rest, buffered.
+pub type Sniffed<R> = BufReader<Chain<Cursor<Vec<u8>>, R>>;
+
+/// A reader of the decompressed bytes of a stream (`Send` when the stream is).
+pub enum Decoder<R: BufRead> {
+    Plain(R),
+    Gzip(flate2::bufread::MultiGzDecoder<R>),
+    Zstd(zstd::stream::read::Decoder<'static, R>),
+    Bzip2(bzip2::bufread::MultiBzDecoder<R>),
+    Xz(liblzma::bufread::XzDecoder<R>),
+}
+
+impl<R: BufRead> Read for Decoder<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Decoder::Plain(r) => r.read(buf),
+            Decoder::Gzip(r) => r.read(buf),
+            Decoder::Zstd(r) => r.read(buf),
+            Decoder::Bzip2(r) => r.read(buf),
+            Decoder::Xz(r) => r.read(buf),
+        }
+    }
+}
+
+/// Reads the first bytes of `reader`, detects its compression and returns it with a reader of
+/// the decompressed bytes. Errors: reading the first bytes (`ReadMagic`) or starting zstd.
+pub fn decoder<R: Read>(mut reader: R) -> Result<(Compression, Decoder<Sniffed<R>>), SniffError> {
     let mut magic = [0u8; 6];
     let mut have = 0;
     while have < magic.len() {
@@ -58,14 +94,23 @@ pub fn sniff<R: Read + Send + 'static>(mut reader: R) -> Result<Box<dyn Read + S
             Err(e) => return Err(SniffError::ReadMagic(e)),
         }
     }
-    let prefix = magic[..have].to_vec();
-    let kind = Compression::detect(&prefix);
-    let whole = Cursor::new(prefix).chain(reader);
-    Ok(match kind {
-        Compression::None => Box::new(whole),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(whole)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(whole).map_err(SniffError::Zstd)?),
-        Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(whole)),
-        Compression::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(whole)),
-    })
+    let kind = Compression::detect(&magic[..have]);
+    let whole = BufReader::with_capacity(1 << 20, Cursor::new(magic[..have].to_vec()).chain(reader));
+    let decoder = match kind {
+        Compression::None => Decoder::Plain(whole),
+        Compression::Gzip => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(whole)),
+        Compression::Zstd => {
+            Decoder::Zstd(zstd::stream::read::Decoder::with_buffer(whole).map_err(SniffError::Zstd)?)
+        }
+        Compression::Bzip2 => Decoder::Bzip2(bzip2::bufread::MultiBzDecoder::new(whole)),
+        Compression::Xz => Decoder::Xz(liblzma::bufread::XzDecoder::new_multi_decoder(whole)),
+    };
+    Ok((kind, decoder))
+}
+
+/// Detects gzip, zstd, bzip2, xz or an uncompressed stream by its magic bytes and returns a reader
+/// of the decompressed bytes.
+pub fn sniff<R: Read + Send + 'static>(reader: R) -> Result<Box<dyn Read + Send>, SniffError> {
+    let (_, d) = decoder(reader)?;
+    Ok(Box::new(d))
 }

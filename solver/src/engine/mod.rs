@@ -340,22 +340,21 @@ impl Engine {
             source_date_epoch: self.opts.source_date_epoch,
             exclude,
         };
-        let content = self.store.content();
-        let tmp = tempfile::NamedTempFile::new_in(content.ingest_dir()).map_err(|source| {
-            EngineError::CreateDir {
-                path: content.ingest_dir().into(),
-                source,
-            }
-        })?;
-        let writer = std::io::BufWriter::with_capacity(256 * 1024, tmp.as_file());
-        let stats = layer::write_diff(mutable.upper(), writer, &opts)
+        // The tar goes straight into the content store (hashed, fsynced, verified against the
+        // diff ID the writer computed): one pass over the data, no temp copy.
+        let mut writer = self
+            .store
+            .content()
+            .writer()
             .map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
-        let file = tmp.reopen().map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
-        let (blob, size) = content
-            .write_blob(
-                std::io::BufReader::with_capacity(256 * 1024, file),
-                Some(&stats.diff_id),
-            )
+        let stats = layer::write_diff(mutable.upper(), &mut writer, &opts)
+            .map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
+        let staged = writer
+            .finish(Some(&stats.diff_id))
+            .map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
+        let size = staged.size();
+        let blob = staged
+            .commit()
             .map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
         let chain = match base.last() {
             None => stats.diff_id,
