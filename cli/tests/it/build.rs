@@ -222,3 +222,32 @@ fn parse_errors_name_file_line_and_column() {
     let err = env.fails(&["build", "-t", "t/p", ctx.to_str().unwrap()]);
     assert!(err.contains("Dockerfile:2:"), "{err}");
 }
+
+#[test]
+fn dockerfile_specific_dockerignore_wins_over_the_contexts() {
+    let (env, ctx) = setup();
+    write(&ctx, "build/app.Dockerfile", "FROM busybox:local\nCOPY . /c/\n");
+    write(&ctx, "build/app.Dockerfile.dockerignore", "secret.txt\n");
+    write(&ctx, ".dockerignore", "public.txt\n");
+    write(&ctx, "secret.txt", "s\n");
+    write(&ctx, "public.txt", "p\n");
+    let df = ctx.join("build/app.Dockerfile");
+    build(&env, &ctx, "t/ign", &["-f", df.to_str().unwrap()]);
+    let listing = run(&env, "t/ign", &["ls", "/c"]);
+    assert!(
+        listing.contains("public.txt"),
+        "the context's .dockerignore must not apply:\n{listing}"
+    );
+    assert!(
+        !listing.contains("secret.txt"),
+        "app.Dockerfile.dockerignore must apply:\n{listing}"
+    );
+    // Without the Dockerfile-specific file, the context's .dockerignore applies.
+    write(&ctx, "Dockerfile", "FROM busybox:local\nCOPY . /c/\n");
+    build(&env, &ctx, "t/ign2", &[]);
+    let listing = run(&env, "t/ign2", &["ls", "/c"]);
+    assert!(
+        !listing.contains("public.txt") && listing.contains("secret.txt"),
+        "{listing}"
+    );
+}
