@@ -370,56 +370,28 @@ impl ContentStore {
     /// Like [`ContentStore::write_blob`] but leaves the verified blob in `ingest/` until
     /// [`Staged::commit`], so a multi-blob operation can verify everything before publishing.
     pub fn stage(&self, mut reader: impl Read, expected: Option<&Digest>) -> Result<Staged, ContentError> {
-        let (temp, file) = self.create_temp()?;
-        let mut staged = Staged {
-            temp: temp.clone(),
-            dest: PathBuf::new(),
-            digest: Digest([0; 32]),
-            size: 0,
-            committed: false,
-        };
-        let mut writer = std::io::BufWriter::with_capacity(BUF_SIZE, file);
-        let mut hasher = Sha256::new();
+        let mut writer = self.writer()?;
         let mut buf = vec![0u8; BUF_SIZE];
-        let mut size = 0u64;
         loop {
             let n = match reader.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(ContentError::ReadInput { read: size, source }),
+                Err(source) => {
+                    return Err(ContentError::ReadInput {
+                        read: writer.staged.size,
+                        source,
+                    })
+                }
             };
-            hasher.update(&buf[..n]);
             writer
                 .write_all(&buf[..n])
                 .map_err(|source| ContentError::Write {
-                    path: temp.clone(),
+                    path: writer.staged.temp.clone(),
                     source,
                 })?;
-            size += n as u64;
         }
-        let file = writer.into_inner().map_err(|e| ContentError::Write {
-            path: temp.clone(),
-            source: e.into_error(),
-        })?;
-        file.sync_all().map_err(|source| ContentError::Write {
-            path: temp.clone(),
-            source,
-        })?;
-        let actual = Digest(hasher.finalize().into());
-        if let Some(expected) = expected {
-            if *expected != actual {
-                return Err(ContentError::Mismatch {
-                    expected: *expected,
-                    actual,
-                    size,
-                });
-            }
-        }
-        staged.digest = actual;
-        staged.size = size;
-        staged.dest = self.path(&actual);
-        Ok(staged)
+        writer.finish(expected)
     }
 
     fn create_temp(&self) -> Result<(PathBuf, File), ContentError> {
