@@ -130,26 +130,8 @@ impl FrontendError {
         if self.line == 0 {
             return out;
         }
-        let text = String::from_utf8_lossy(source);
-        let idx = self.line.saturating_sub(1) as usize;
-        let line = text.split('\n').nth(idx).unwrap_or("");
-        let line = line.trim_end_matches(['\r', '\n']);
-        let line = if idx == 0 {
-            line.strip_prefix('\u{feff}').unwrap_or(line)
-        } else {
-            line
-        };
-        let shown: String = line.chars().take(200).collect();
-        let mut caret: String = line
-            .chars()
-            .take((self.column.saturating_sub(1) as usize).min(200))
-            .map(|c| if c == '\t' { '\t' } else { ' ' })
-            .collect();
-        caret.push('^');
         out.push('\n');
-        out.push_str(&shown);
-        out.push('\n');
-        out.push_str(&caret);
+        out.push_str(&crate::parser::source_excerpt(source, self.line, self.column));
         out
     }
 }

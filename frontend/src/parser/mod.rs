@@ -196,27 +196,36 @@ impl ParseError {
 
     /// `FILE:LINE:COL: message`, then the offending source line, then a caret under the column.
     pub fn render(&self, file_name: &str, source: &[u8]) -> String {
-        let text = String::from_utf8_lossy(source);
-        let idx = usize::try_from(self.line.max(1) - 1).unwrap_or(0);
-        let line = text.split('\n').nth(idx).unwrap_or("");
-        let line = line.trim_end_matches(['\r', '\n']);
-        let line = if idx == 0 {
-            line.strip_prefix('\u{feff}').unwrap_or(line)
-        } else {
-            line
-        };
-        let shown: String = line.chars().take(200).collect();
-        let mut caret: String = line
-            .chars()
-            .take(usize::try_from(self.column.max(1) - 1).unwrap_or(0).min(200))
-            .map(|c| if c == '\t' { '\t' } else { ' ' })
-            .collect();
-        caret.push('^');
         format!(
-            "{file_name}:{}:{}: {}\n{shown}\n{caret}",
-            self.line, self.column, self.message
+            "{file_name}:{}:{}: {}\n{}",
+            self.line,
+            self.column,
+            self.message,
+            source_excerpt(source, self.line, self.column)
         )
     }
+}
+
+/// The 1-based `line` of `source` (BOM dropped, at most 200 characters) and, below it, a caret
+/// under the 1-based `column` (tabs kept so it lines up). Shared by every frontend error.
+pub fn source_excerpt(source: &[u8], line: u32, column: u32) -> String {
+    let text = String::from_utf8_lossy(source);
+    let idx = usize::try_from(line.max(1) - 1).unwrap_or(0);
+    let line = text.split('\n').nth(idx).unwrap_or("");
+    let line = line.trim_end_matches(['\r', '\n']);
+    let line = if idx == 0 {
+        line.strip_prefix('\u{feff}').unwrap_or(line)
+    } else {
+        line
+    };
+    let shown: String = line.chars().take(200).collect();
+    let mut caret: String = line
+        .chars()
+        .take(usize::try_from(column.max(1) - 1).unwrap_or(0).min(200))
+        .map(|c| if c == '\t' { '\t' } else { ' ' })
+        .collect();
+    caret.push('^');
+    format!("{shown}\n{caret}")
 }
 
 /// The line continuation rule: the line ends with the escape character, optionally followed by
