@@ -230,6 +230,7 @@ fn run_inner(args: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         },
         stdout: dup(std::io::stdout().as_fd())?,
         stderr: dup(std::io::stderr().as_fd())?,
+        options: Default::default(),
     };
     let scratch = dir.join("runtime");
     std::fs::create_dir_all(&scratch).with_context(|| format!("failed to create `{}`", scratch.display()))?;

@@ -76,6 +76,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             stdin: None,
             stdout: devnull()?,
             stderr: devnull()?,
+            options: Default::default(),
         };
         let t = Instant::now();
         let running = start(spec, &scratch)?;

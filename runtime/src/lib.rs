@@ -23,6 +23,7 @@
 //!     stdin: None,
 //!     stdout,
 //!     stderr,
+//!     options: RunOptions::default(),
 //! };
 //! let status = start(spec, std::path::Path::new("/tmp/scratch"))?.wait()?;
 //! assert!(status.success());
@@ -44,5 +45,5 @@ pub mod sys;
 pub mod users;
 
 pub use sandbox::{start, ExitStatus, Running, RuntimeError};
-pub use spec::{ContainerSpec, EtcFiles, MountSpec, Network, Rootfs, Security};
+pub use spec::{CgroupSpec, ContainerSpec, EtcFiles, MountSpec, Network, Rootfs, RunOptions, Security};
 pub use users::{lookup_group, lookup_user, resolve_user, ResolvedUser, UserError};

@@ -170,6 +170,39 @@ pub struct ContainerSpec {
     pub stdout: OwnedFd,
     /// Standard error.
     pub stderr: OwnedFd,
+    /// Options used by `kiln run` (terminal, init, capabilities, resource limits); the build
+    /// engine leaves them at their defaults.
+    pub options: RunOptions,
+}
+
+/// Container options beyond what a build step needs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunOptions {
+    /// `stdin` is a pty slave: the process starts a new session and takes it as its controlling
+    /// terminal (`docker run -t`).
+    pub controlling_tty: bool,
+    /// Run a minimal init as pid 1 that forwards signals to the process and reaps zombies
+    /// (`docker run --init`).
+    pub init: bool,
+    /// Capabilities added to the default set, upper case without the `CAP_` prefix, or `ALL`.
+    pub cap_add: Vec<String>,
+    /// Capabilities removed from the default set, same spelling, or `ALL`.
+    pub cap_drop: Vec<String>,
+    /// Resource limits applied through a cgroup of the container's own (`None`: no cgroup).
+    pub cgroup: Option<CgroupSpec>,
+}
+
+/// A cgroup for one container, created before the process runs and removed after it exits.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CgroupSpec {
+    /// Name of the cgroup under kiln's parent group (e.g. the container ID).
+    pub name: String,
+    /// `--memory` in bytes.
+    pub memory: Option<u64>,
+    /// `--cpus`: CPU quota in CPUs (e.g. 0.5).
+    pub cpus: Option<f64>,
+    /// `--pids-limit`.
+    pub pids: Option<i64>,
 }
 
 #[cfg(test)]

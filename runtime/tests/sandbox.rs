@@ -104,6 +104,7 @@ impl Fixture {
             stdin: None,
             stdout,
             stderr,
+            options: Default::default(),
         }
     }
 

@@ -138,6 +138,7 @@ impl Engine {
             stdin: None,
             stdout: OwnedFd::from(out_w),
             stderr: OwnedFd::from(err_w),
+            options: Default::default(),
         };
         let scratch = self.scratch_dir("run-")?;
         let running = tokio::task::spawn_blocking(move || kiln_runtime::start(spec, &scratch))
