@@ -87,6 +87,9 @@ pub struct ContextIndex {
     pub root: PathBuf,
     /// Sorted by `path` (byte order), parents before children.
     pub entries: Vec<Entry>,
+    /// Paths `.dockerignore` excludes (files, and directories below which nothing is
+    /// re-included), sorted; a view of the context hides them.
+    pub hidden: Vec<String>,
 }
 
 /// A stat-cache record: validators plus the content hash they vouch for.
@@ -185,6 +188,8 @@ struct Walked {
     rel: String,
     abs: PathBuf,
     meta: std::fs::Metadata,
+    /// Excluded by `.dockerignore` (and, for a directory, nothing below can be re-included).
+    hidden: bool,
 }
 
 fn mtime_ns(m: &std::fs::Metadata) -> i64 {
@@ -226,6 +231,12 @@ fn walk(dir: &Path, rel: &str, matcher: &Matcher, out: &mut Vec<Walked>) -> Resu
         let excluded = !matcher.is_empty() && matcher.matches(&child_rel).map_err(ContextError::Pattern)?;
         if meta.is_dir() {
             if excluded && !matcher.may_reinclude_below(&child_rel) {
+                out.push(Walked {
+                    rel: child_rel,
+                    abs,
+                    meta,
+                    hidden: true,
+                });
                 continue;
             }
             subdirs.push((abs.clone(), child_rel.clone()));
@@ -234,13 +245,15 @@ fn walk(dir: &Path, rel: &str, matcher: &Matcher, out: &mut Vec<Walked>) -> Resu
                     rel: child_rel,
                     abs,
                     meta,
+                    hidden: false,
                 });
             }
-        } else if !excluded {
+        } else {
             out.push(Walked {
                 rel: child_rel,
                 abs,
                 meta,
+                hidden: excluded,
             });
         }
     }
@@ -284,6 +297,14 @@ impl ContextIndex {
         let matcher = Matcher::new(ignore).map_err(ContextError::Pattern)?;
         let mut walked = Vec::new();
         walk(root, "", &matcher, &mut walked)?;
+        let mut hidden: Vec<String> = Vec::new();
+        walked.retain(|w| {
+            if w.hidden {
+                hidden.push(w.rel.clone());
+            }
+            !w.hidden
+        });
+        hidden.sort_unstable();
         walked.sort_unstable_by(|a, b| a.rel.cmp(&b.rel));
         let cached = &cache.records;
         let hashed: Vec<Result<(Entry, Option<StatRecord>), ContextError>> = walked
@@ -356,6 +377,7 @@ impl ContextIndex {
         Ok(ContextIndex {
             root: root.to_path_buf(),
             entries,
+            hidden,
         })
     }
 

@@ -251,3 +251,30 @@ fn dockerfile_specific_dockerignore_wins_over_the_contexts() {
         "{listing}"
     );
 }
+
+#[test]
+fn bind_mount_of_the_context_hides_dockerignored_paths() {
+    let (env, ctx) = setup();
+    write(
+        &ctx,
+        "Dockerfile",
+        "FROM busybox:local\nRUN --mount=type=bind,target=/ctx find /ctx | sort > /seen\n",
+    );
+    write(&ctx, ".dockerignore", "secret.txt\nlogs\n!logs/keep.txt\n");
+    write(&ctx, "secret.txt", "s\n");
+    write(&ctx, "app.txt", "a\n");
+    write(&ctx, "logs/keep.txt", "k\n");
+    write(&ctx, "logs/drop.txt", "d\n");
+    build(&env, &ctx, "t/bindign", &[]);
+    let seen = run(&env, "t/bindign", &["cat", "/seen"]);
+    assert!(
+        seen.contains("/ctx/app.txt") && seen.contains("/ctx/logs/keep.txt"),
+        "{seen}"
+    );
+    assert!(
+        !seen.contains("secret.txt") && !seen.contains("drop.txt"),
+        "{seen}"
+    );
+    // The context itself is untouched and the view is gone.
+    assert!(ctx.join("secret.txt").exists() && ctx.join("logs/drop.txt").exists());
+}

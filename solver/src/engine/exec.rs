@@ -235,7 +235,10 @@ impl Engine {
                         p
                     }
                     Some(i) => match Self::input(inputs, i)? {
-                        Output::Local(ctx) => super::confined(&ctx.root, &m.selector),
+                        Output::Local(ctx) => {
+                            let view = self.context_view(ctx, held)?;
+                            super::confined(&view, &m.selector)
+                        }
                         Output::Fs(layers) => {
                             let lower = self.lower_dirs(layers).await?;
                             let lower = if lower.is_empty() {
@@ -348,6 +351,18 @@ impl Engine {
     }
 
     /// A view of `lower` for a bind mount's selector: the dir itself or an overlay mounted here.
+    /// The context as BuildKit would have transferred it: `.dockerignore`d paths hidden.
+    fn context_view(&self, ctx: &super::LocalContext, held: &mut Held) -> Result<PathBuf, SolveError> {
+        match mounts::context_view(self.scratch.path(), &ctx.root, &ctx.index.hidden)? {
+            mounts::View::Dir(p) => Ok(p),
+            mounts::View::Mounted(m) => {
+                let p = m.path.clone();
+                held.mounts.push(m);
+                Ok(p)
+            }
+        }
+    }
+
     fn writable_or_ro_view(
         &self,
         lower: &[PathBuf],
@@ -423,7 +438,10 @@ impl Engine {
             std::fs::create_dir_all(&tmp).map_err(err)?;
             if let Some(i) = m.input {
                 let seed = match Self::input(inputs, i)? {
-                    Output::Local(ctx) => super::confined(&ctx.root, &m.selector),
+                    Output::Local(ctx) => {
+                        let view = self.context_view(ctx, held)?;
+                        super::confined(&view, &m.selector)
+                    }
                     Output::Fs(layers) => {
                         let lower = self.lower_dirs(layers).await?;
                         let view = self.writable_or_ro_view(&lower, true, held)?;

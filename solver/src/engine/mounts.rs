@@ -8,14 +8,20 @@ use super::EngineError;
 #[derive(Debug)]
 pub(super) struct HostMount {
     pub path: PathBuf,
+    /// A scratch tree the mount uses (e.g. a lower dir of its own), removed after the unmount.
+    remove_after: Option<PathBuf>,
 }
 
 impl Drop for HostMount {
     fn drop(&mut self) {
         if let Err(e) = kiln_runtime::host::unmount(&self.path) {
             tracing::warn!("failed to unmount {}: {e}", self.path.display());
+            return;
         }
         let _ = std::fs::remove_dir(&self.path);
+        if let Some(dir) = &self.remove_after {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -38,7 +44,10 @@ pub(super) fn overlay(
         path: target.clone(),
         source: Box::new(e),
     })?;
-    Ok(HostMount { path: target })
+    Ok(HostMount {
+        path: target,
+        remove_after: None,
+    })
 }
 
 /// A read-only view of a stack of lower dirs: the directory itself when there is one (an
@@ -63,4 +72,86 @@ pub(super) fn read_only_view(scratch: &Path, empty: &Path, lower: &[PathBuf]) ->
         [one] => Ok(View::Dir(one.clone())),
         many => Ok(View::Mounted(overlay(scratch, many, None)?)),
     }
+}
+
+/// A read-only view of a local context directory without the paths `.dockerignore` hides, as
+/// BuildKit's transferred context would be: the directory itself when nothing is hidden, else an
+/// overlay whose top layer holds a whiteout for each hidden path.
+pub(super) fn context_view(scratch: &Path, root: &Path, hidden: &[String]) -> Result<View, EngineError> {
+    if hidden.is_empty() {
+        return Ok(View::Dir(root.to_path_buf()));
+    }
+    let wh = tempfile::Builder::new()
+        .prefix("ctx-wh-")
+        .tempdir_in(scratch)
+        .map_err(|source| EngineError::CreateDir {
+            path: scratch.into(),
+            source,
+        })?
+        .keep();
+    let made =
+        whiteouts(&wh, root, hidden).and_then(|()| overlay(scratch, &[wh.clone(), root.to_path_buf()], None));
+    match made {
+        Ok(mut m) => {
+            m.remove_after = Some(wh);
+            Ok(View::Mounted(m))
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&wh);
+            Err(e)
+        }
+    }
+}
+
+/// Fills `wh` with a whiteout (char device 0:0) for each hidden path, creating the parent
+/// directories with the mode and owner they have under `root` (the top layer's directory
+/// attributes are what the overlay shows).
+fn whiteouts(wh: &Path, root: &Path, hidden: &[String]) -> Result<(), EngineError> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source: std::io::Error| EngineError::CreateDir { path, source }
+    };
+    let mut made: Vec<(PathBuf, std::time::SystemTime)> = Vec::new();
+    for rel in hidden {
+        let mut parent_rel = PathBuf::new();
+        let components: Vec<&str> = rel.split('/').collect();
+        let Some((name, parents)) = components.split_last() else {
+            continue;
+        };
+        for p in parents {
+            parent_rel.push(p);
+            let dst = wh.join(&parent_rel);
+            if dst.exists() {
+                continue;
+            }
+            let meta = std::fs::symlink_metadata(root.join(&parent_rel)).map_err(err(&dst))?;
+            std::fs::create_dir(&dst).map_err(err(&dst))?;
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+                .map_err(err(&dst))?;
+            std::os::unix::fs::lchown(&dst, Some(meta.uid()), Some(meta.gid())).map_err(err(&dst))?;
+            if let Ok(t) = meta.modified() {
+                made.push((dst, t));
+            }
+        }
+        let dst = wh.join(&parent_rel).join(name);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &dst,
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::empty(),
+            0,
+        )
+        .map_err(|e| EngineError::CreateDir {
+            path: dst.clone(),
+            source: e.into(),
+        })?;
+    }
+    // Children are in place: now the directories can get their original mtimes.
+    for (dir, t) in made {
+        std::fs::File::open(&dir)
+            .and_then(|f| f.set_modified(t))
+            .map_err(err(&dir))?;
+    }
+    Ok(())
 }
