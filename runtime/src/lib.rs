@@ -35,13 +35,18 @@
 #![deny(unsafe_code)]
 
 pub mod caps;
+pub mod cgroup;
+pub mod exec;
 pub mod host;
+pub mod init;
 pub mod layers;
+pub mod net;
 pub mod plan;
 pub mod sandbox;
 pub mod spec;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod tty;
 pub mod users;
 
 pub use sandbox::{start, ExitStatus, Running, RuntimeError};

@@ -212,6 +212,76 @@ pub struct PlanInput {
     pub env: Vec<String>,
     /// Descriptors to become stdin, stdout, stderr.
     pub stdio: [RawFd; 3],
+    /// `cgroup.procs` files the process writes itself to first (the container's cgroup).
+    pub cgroup_procs: Vec<PathBuf>,
+    /// The process starts a new session with stdin as its controlling terminal.
+    pub controlling_tty: bool,
+    /// The terminal bound at `/dev/console` and reopened from there, if stdin is a pty.
+    pub console: Option<Console>,
+    /// Run [`crate::init`] as pid 1 and the command as its child.
+    pub init: bool,
+    /// Device nodes copied from the host's `/dev` (`--privileged`).
+    pub devices: Vec<Device>,
+    /// The runtime's own argument area, overwritten to name the init when `PR_SET_MM` is not
+    /// permitted.
+    pub arg_area: Option<crate::init::ArgArea>,
+}
+
+/// The terminal of a container with a controlling tty, as Docker shows it: bind-mounted at
+/// `/dev/console` and reopened from there, so that `ttyname` inside finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Console {
+    /// Host path of the pty slave (e.g. `/dev/pts/3`).
+    pub source: PathBuf,
+    /// The stdio descriptors (0, 1, 2) that are this terminal.
+    pub reopen: Vec<RawFd>,
+}
+
+/// A device node of the host, recreated in the container's `/dev`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// Path relative to `/dev` (e.g. `loop0`, `net/tun`).
+    pub rel: PathBuf,
+    /// File type (`S_IFCHR` or `S_IFBLK`) and permission bits.
+    pub mode: u32,
+    /// Device number.
+    pub rdev: u64,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+}
+
+/// Everything [`build_exec`] needs to start a process in a running container.
+#[derive(Debug, Clone)]
+pub struct ExecPlanInput {
+    /// `cgroup.procs` files to join (host paths).
+    pub cgroup_procs: Vec<PathBuf>,
+    /// Namespace descriptors to join, with their `CLONE_NEW*` type and a name for messages, in
+    /// order (the mount namespace last).
+    pub namespaces: Vec<(RawFd, i32, &'static str)>,
+    /// The container's root directory (`/proc/PID/root`), open.
+    pub root_fd: RawFd,
+    /// Pipe to which the intermediate process reports the pid of the process that execs.
+    pub report_fd: RawFd,
+    /// Capabilities the process keeps.
+    pub caps: u64,
+    /// Highest capability number of the kernel.
+    pub last_cap: u32,
+    /// Set `no_new_privs`.
+    pub no_new_privs: bool,
+    /// Credentials.
+    pub user: ResolvedUser,
+    /// Working directory (absolute, inside the container; must exist).
+    pub cwd: String,
+    /// argv.
+    pub args: Vec<String>,
+    /// Environment.
+    pub env: Vec<String>,
+    /// Descriptors to become stdin, stdout, stderr.
+    pub stdio: [RawFd; 3],
+    /// New session with stdin as the controlling terminal.
+    pub controlling_tty: bool,
 }
 
 /// One kernel operation of the child.
@@ -336,6 +406,49 @@ pub enum Op {
     },
     /// Everything from 3 up close-on-exec.
     CloexecFrom(u32),
+    /// Write `0` to a cgroup's `cgroup.procs`, moving the caller into it.
+    JoinCgroup(CString),
+    /// Name the process and point its `/proc/self/cmdline` elsewhere (best effort).
+    SetTitle {
+        /// `/proc/self/comm`.
+        comm: CString,
+        /// NUL-separated arguments.
+        cmdline: Vec<u8>,
+        /// Without `CAP_SYS_RESOURCE`: bytes to copy over the argument area at this address.
+        overwrite: Option<(usize, Vec<u8>)>,
+    },
+    /// Change owner without following symlinks.
+    Lchown {
+        /// Path.
+        path: CString,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+    },
+    /// Open a path onto several stdio descriptors.
+    OpenOnto {
+        /// Path.
+        path: CString,
+        /// Descriptor numbers.
+        targets: Vec<RawFd>,
+    },
+    /// `setsid(2)`.
+    SetSid,
+    /// `TIOCSCTTY` on a descriptor.
+    ControllingTty(RawFd),
+    /// `fchdir` to a descriptor and `chroot(".")`.
+    ChrootFd(RawFd),
+    /// Fork; the caller stays behind as the container's init.
+    SpawnInit {
+        /// The command's process group takes the terminal's foreground.
+        foreground_tty: bool,
+    },
+    /// Fork a sibling that goes on; the caller reports its pid and exits.
+    ForkSibling {
+        /// Where to report the pid.
+        report_fd: RawFd,
+    },
     /// Try each candidate path with `execve` in order, like `execvp`.
     Exec {
         /// Candidate paths.
@@ -531,6 +644,19 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
     let nosuid_noexec_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
 
     b.push(Op::ResetSignals, "resetting signal handlers");
+    join_cgroups(&mut b, &input.cgroup_procs)?;
+    if input.init {
+        b.push(
+            Op::SetTitle {
+                comm: crate::init::COMM.to_owned(),
+                cmdline: crate::init::cmdline(&input.args),
+                overwrite: input
+                    .arg_area
+                    .map(|area| (area.arg_start, crate::init::proctitle(&input.args, &area))),
+            },
+            "naming the init process",
+        );
+    }
     b.push(Op::Umask(0), "setting the umask");
     if let NetPlan::Join(fd) = input.network {
         b.push(
@@ -692,6 +818,55 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
         None,
         "mounting mqueue at `/dev/mqueue`".to_string(),
     )?;
+    for d in &input.devices {
+        let mut parent = PathBuf::new();
+        let comps: Vec<_> = d.rel.components().collect();
+        for c in comps.iter().take(comps.len().saturating_sub(1)) {
+            parent.push(c);
+            b.push(
+                Op::Mkdir {
+                    path: cpath(&dev.join(&parent))?,
+                    mode: 0o755,
+                    allow_exists: true,
+                },
+                format!("creating directory `/dev/{}`", parent.display()),
+            );
+        }
+        let path = cpath(&dev.join(&d.rel))?;
+        b.push(
+            Op::Mknod {
+                path: path.clone(),
+                mode: d.mode,
+                dev: d.rdev,
+            },
+            format!("creating device `/dev/{}`", d.rel.display()),
+        );
+        if d.uid != 0 || d.gid != 0 {
+            b.push(
+                Op::Lchown {
+                    path,
+                    uid: d.uid,
+                    gid: d.gid,
+                },
+                format!("changing the owner of `/dev/{}`", d.rel.display()),
+            );
+        }
+    }
+    if let Some(console) = &input.console {
+        let target = dev.join("console");
+        b.push(
+            Op::CreateFile(cpath(&target)?),
+            "creating `/dev/console`".to_string(),
+        );
+        b.mount(
+            Some(console.source.as_os_str().as_bytes()),
+            &target,
+            None,
+            MsFlags::MS_BIND,
+            None,
+            format!("bind-mounting `{}` at `/dev/console`", console.source.display()),
+        )?;
+    }
 
     // /sys
     let sys_flags = if insecure {
@@ -841,28 +1016,77 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
     b.push(Op::PivotRoot, "pivoting to the new root");
     b.push(Op::Chdir(c"/".to_owned()), "entering `/`");
 
-    // Working directory, created and owned by the user like BuildKit does.
-    let cwd = if input.cwd.is_empty() {
+    process_tail(
+        &mut b,
+        &Process {
+            user: &input.user,
+            cwd: &input.cwd,
+            create_cwd: true,
+            stdio: input.stdio,
+            console_reopen: input.console.as_ref().map(|c| c.reopen.as_slice()),
+            controlling_tty: input.controlling_tty,
+            caps: input.caps,
+            last_cap: input.last_cap,
+            no_new_privs: !insecure,
+            init: input.init,
+            args: &input.args,
+            env: &input.env,
+        },
+    )?;
+    Ok(Plan { steps: b.steps })
+}
+
+fn join_cgroups(b: &mut Builder, procs: &[PathBuf]) -> Result<(), PlanError> {
+    for p in procs {
+        b.push(
+            Op::JoinCgroup(cpath(p)?),
+            format!("joining cgroup `{}`", p.parent().unwrap_or(p).display()),
+        );
+    }
+    Ok(())
+}
+
+/// The part of a process's setup after its root is in place, shared by containers and exec.
+struct Process<'a> {
+    user: &'a ResolvedUser,
+    cwd: &'a str,
+    create_cwd: bool,
+    stdio: [RawFd; 3],
+    console_reopen: Option<&'a [RawFd]>,
+    controlling_tty: bool,
+    caps: u64,
+    last_cap: u32,
+    no_new_privs: bool,
+    init: bool,
+    args: &'a [String],
+    env: &'a [String],
+}
+
+fn process_tail(b: &mut Builder, p: &Process<'_>) -> Result<(), PlanError> {
+    // Working directory, created and owned by the user like BuildKit does (for containers).
+    let cwd = if p.cwd.is_empty() {
         "/".to_string()
     } else {
-        input.cwd.clone()
+        p.cwd.to_string()
     };
-    for p in prefixes(&cwd) {
-        b.push(
-            Op::MkdirOwned {
-                path: cstr("working directory", p.as_bytes())?,
-                uid: input.user.uid,
-                gid: input.user.gid,
-            },
-            format!("creating working directory `{p}`"),
-        );
+    if p.create_cwd {
+        for dir in prefixes(&cwd) {
+            b.push(
+                Op::MkdirOwned {
+                    path: cstr("working directory", dir.as_bytes())?,
+                    uid: p.user.uid,
+                    gid: p.user.gid,
+                },
+                format!("creating working directory `{dir}`"),
+            );
+        }
     }
     b.push(
         Op::Chdir(cstr("working directory", cwd.as_bytes())?),
         format!("changing to working directory `{cwd}`"),
     );
 
-    for (to, from) in input.stdio.iter().enumerate() {
+    for (to, from) in p.stdio.iter().enumerate() {
         let name = ["stdin", "stdout", "stderr"][to];
         b.push(
             Op::Dup2 {
@@ -872,46 +1096,61 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
             format!("setting up {name}"),
         );
     }
+    if let Some(targets) = p.console_reopen {
+        b.push(
+            Op::OpenOnto {
+                path: c"/dev/console".to_owned(),
+                targets: targets.to_vec(),
+            },
+            "opening the terminal at `/dev/console`",
+        );
+    }
+    if p.controlling_tty {
+        b.push(Op::SetSid, "starting a new session");
+        b.push(Op::ControllingTty(0), "making stdin the controlling terminal");
+    }
 
     b.push(
         Op::DropBounding {
-            keep: input.caps,
-            last_cap: input.last_cap,
+            keep: p.caps,
+            last_cap: p.last_cap,
         },
         "dropping capabilities from the bounding set",
     );
-    if !insecure {
+    if p.no_new_privs {
         b.push(Op::NoNewPrivs, "setting no_new_privs");
     }
     b.push(
-        Op::SetGroups(input.user.additional_gids.clone()),
-        format!("setting supplementary groups {:?}", input.user.additional_gids),
+        Op::SetGroups(p.user.additional_gids.clone()),
+        format!("setting supplementary groups {:?}", p.user.additional_gids),
     );
-    b.push(
-        Op::SetGid(input.user.gid),
-        format!("switching to gid {}", input.user.gid),
-    );
-    b.push(
-        Op::SetUid(input.user.uid),
-        format!("switching to uid {}", input.user.uid),
-    );
-    if input.user.uid == 0 {
-        b.push(Op::Capset(input.caps), "setting capabilities");
+    b.push(Op::SetGid(p.user.gid), format!("switching to gid {}", p.user.gid));
+    b.push(Op::SetUid(p.user.uid), format!("switching to uid {}", p.user.uid));
+    if p.user.uid == 0 {
+        b.push(Op::Capset(p.caps), "setting capabilities");
     }
     b.push(Op::Umask(0o022), "setting the umask");
+    if p.init {
+        b.push(
+            Op::SpawnInit {
+                foreground_tty: p.controlling_tty,
+            },
+            "starting the init process",
+        );
+    }
     b.push(Op::CloexecFrom(3), "closing inherited descriptors");
 
-    let argv = input
+    let argv = p
         .args
         .iter()
         .map(|a| cstr("argument", a.as_bytes()))
         .collect::<Result<Vec<_>, _>>()?;
-    let envp = input
+    let envp = p
         .env
         .iter()
         .map(|e| cstr("environment variable", e.as_bytes()))
         .collect::<Result<Vec<_>, _>>()?;
-    let candidates = exec_candidates(&input.args[0], &input.env)
+    let candidates = exec_candidates(&p.args[0], p.env)
         .iter()
         .map(|c| cstr("executable path", c.as_bytes()))
         .collect::<Result<Vec<_>, _>>()?;
@@ -920,8 +1159,56 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
             candidates,
             args: ExecArgs::new(argv, envp),
         },
-        format!("executing `{}`", input.args[0]),
+        format!("executing `{}`", p.args[0]),
     );
+    Ok(())
+}
+
+/// Builds the sequence that starts a process in a running container (`kiln exec`): the first
+/// process joins the container's cgroups and namespaces and forks a sibling (so that the new
+/// process is inside the pid namespace and still the caller's child), which enters the container's
+/// root and runs the usual tail: working directory, stdio, terminal, capabilities, credentials,
+/// exec.
+pub fn build_exec(input: &ExecPlanInput) -> Result<Plan, PlanError> {
+    if input.args.is_empty() {
+        return Err(PlanError::NoArgs);
+    }
+    let mut b = Builder { steps: Vec::new() };
+    b.push(Op::ResetSignals, "resetting signal handlers");
+    join_cgroups(&mut b, &input.cgroup_procs)?;
+    for (fd, nstype, name) in &input.namespaces {
+        b.push(
+            Op::SetNs {
+                fd: *fd,
+                nstype: *nstype,
+            },
+            format!("joining the container's {name} namespace"),
+        );
+    }
+    b.push(
+        Op::ForkSibling {
+            report_fd: input.report_fd,
+        },
+        "forking into the container's pid namespace",
+    );
+    b.push(Op::ChrootFd(input.root_fd), "entering the container's root");
+    process_tail(
+        &mut b,
+        &Process {
+            user: &input.user,
+            cwd: &input.cwd,
+            create_cwd: false,
+            stdio: input.stdio,
+            console_reopen: None,
+            controlling_tty: input.controlling_tty,
+            caps: input.caps,
+            last_cap: input.last_cap,
+            no_new_privs: input.no_new_privs,
+            init: false,
+            args: &input.args,
+            env: &input.env,
+        },
+    )?;
     Ok(Plan { steps: b.steps })
 }
 
@@ -1029,6 +1316,24 @@ fn run_op<S: Sys>(sys: &S, op: &Op) -> Result<(), Errno> {
         Op::Capset(caps) => sys.capset(*caps, *caps, 0),
         Op::Dup2 { from, to } => sys.dup2(*from, *to),
         Op::CloexecFrom(first) => sys.cloexec_from(*first),
+        Op::JoinCgroup(path) => sys.write_existing(path, b"0"),
+        // Cosmetic: without CAP_SYS_RESOURCE only the name changes.
+        Op::SetTitle {
+            comm,
+            cmdline,
+            overwrite,
+        } => {
+            let overwrite = overwrite.as_ref().map(|(addr, bytes)| (*addr, bytes.as_slice()));
+            let _ = sys.set_title(comm, cmdline, overwrite);
+            Ok(())
+        }
+        Op::Lchown { path, uid, gid } => sys.lchown(path, *uid, *gid),
+        Op::OpenOnto { path, targets } => sys.open_onto(path, targets),
+        Op::SetSid => sys.setsid(),
+        Op::ControllingTty(fd) => sys.set_controlling_tty(*fd),
+        Op::ChrootFd(fd) => sys.chroot_fd(*fd),
+        Op::SpawnInit { foreground_tty } => sys.spawn_init(*foreground_tty),
+        Op::ForkSibling { report_fd } => sys.fork_sibling(*report_fd),
         Op::Exec { candidates, args } => {
             let mut saved = Errno::ENOENT;
             for path in candidates {
@@ -1099,6 +1404,12 @@ mod tests {
             args: vec!["sh".into(), "-c".into(), "true".into()],
             env: vec!["PATH=/usr/bin:/bin".into()],
             stdio: [10, 11, 12],
+            cgroup_procs: vec![],
+            controlling_tty: false,
+            console: None,
+            init: false,
+            devices: vec![],
+            arg_area: None,
         }
     }
 
@@ -1352,6 +1663,130 @@ mod tests {
         assert!(matches!(build(&i), Err(PlanError::Nul { .. })));
         i.args.clear();
         assert!(matches!(build(&i), Err(PlanError::NoArgs)));
+    }
+
+    #[test]
+    fn tty_init_cgroup_and_devices() {
+        let mut i = input();
+        i.user = ResolvedUser {
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![],
+            home: "/root".into(),
+        };
+        i.cgroup_procs = vec![PathBuf::from("/cg/memory/kiln/x/cgroup.procs")];
+        i.controlling_tty = true;
+        i.console = Some(Console {
+            source: "/dev/pts/7".into(),
+            reopen: vec![0, 1, 2],
+        });
+        i.init = true;
+        i.arg_area = Some(crate::init::ArgArea {
+            arg_start: 1000,
+            arg_end: 1010,
+            env_start: 1010,
+            env_end: 1100,
+        });
+        i.devices = vec![Device {
+            rel: "net/tun".into(),
+            mode: libc::S_IFCHR | 0o666,
+            rdev: libc::makedev(10, 200),
+            uid: 0,
+            gid: 5,
+        }];
+        let c = calls(&i);
+        assert_eq!(c[0], "reset_signals");
+        assert_eq!(c[1], "write_existing /cg/memory/kiln/x/cgroup.procs \"0\"");
+        assert_eq!(
+            c[2],
+            "set_title kiln-init \"kiln-init\\0--\\0sh\\0-c\\0true\\0\" \
+             overwrite=Some((1000, \"kiln-init -- sh -c true\\0\"))"
+        );
+        let order = [
+            "mount mqueue",
+            "mkdir /s/root/dev/net 755",
+            "mknod /s/root/dev/net/tun 20666 0xac8",
+            "lchown /s/root/dev/net/tun 0:5",
+            "create /s/root/dev/console 644",
+            "mount /dev/pts/7 /s/root/dev/console - MS_BIND",
+            "pivot_root",
+            "dup2 12 2",
+            "open_onto /dev/console [0, 1, 2]",
+            "setsid",
+            "tiocsctty 0",
+            "capbset_drop",
+            "setresuid 0",
+            "capset",
+            "umask 22",
+            "spawn_init tty=true",
+            "cloexec_from 3",
+            "execve /usr/bin/sh",
+        ];
+        let mut last = 0;
+        for want in order {
+            last = index_from(&c, want, last);
+        }
+    }
+
+    #[test]
+    fn exec_plan_joins_then_forks_then_enters_the_root() {
+        let input = ExecPlanInput {
+            cgroup_procs: vec![PathBuf::from("/cg/pids/kiln/x/cgroup.procs")],
+            namespaces: vec![
+                (20, libc::CLONE_NEWIPC, "ipc"),
+                (21, libc::CLONE_NEWPID, "pid"),
+                (22, libc::CLONE_NEWNS, "mnt"),
+            ],
+            root_fd: 23,
+            report_fd: 24,
+            caps: crate::caps::DOCKER_DEFAULT_MASK,
+            last_cap: 40,
+            no_new_privs: true,
+            user: ResolvedUser {
+                uid: 1000,
+                gid: 1000,
+                additional_gids: vec![],
+                home: "/home/app".into(),
+            },
+            cwd: "/work".into(),
+            args: vec!["ls".into()],
+            env: vec!["PATH=/bin".into()],
+            stdio: [30, 31, 32],
+            controlling_tty: true,
+        };
+        let plan = build_exec(&input).unwrap();
+        let fake = RecordingSys::new();
+        run(&fake, &plan).unwrap();
+        let c = fake.calls();
+        let want = [
+            "reset_signals",
+            "write_existing /cg/pids/kiln/x/cgroup.procs \"0\"",
+            "setns 20 0x8000000",
+            "setns 21 0x20000000",
+            "setns 22 0x20000",
+            "fork_sibling 24",
+            "chroot_fd 23",
+            "chdir /work",
+            "dup2 30 0",
+            "dup2 31 1",
+            "dup2 32 2",
+            "setsid",
+            "tiocsctty 0",
+        ];
+        assert_eq!(c[..want.len()], want);
+        // The working directory of an exec is not created.
+        assert!(!c.iter().any(|l| l.starts_with("mkdir")));
+        assert!(c.contains(&"no_new_privs".to_string()));
+        assert_eq!(c.last().map(String::as_str), Some("execve /bin/ls [\"ls\"]"));
+        let (i, e) = {
+            let fake = RecordingSys::new();
+            fake.fail_on("setns 21", Errno::EPERM);
+            run(&fake, &plan).unwrap_err()
+        };
+        assert_eq!(
+            (plan.steps[i].what.as_str(), e),
+            ("joining the container's pid namespace", Errno::EPERM)
+        );
     }
 
     #[test]

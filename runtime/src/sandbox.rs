@@ -15,12 +15,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::caps::{CapsError, HostCaps};
+use crate::cgroup::{Cgroup, CgroupError};
 use crate::layers::{LayerError, RootView};
 use crate::plan::{
-    self, Create, MountKind, NetPlan, Plan, PlanError, PlanInput, PlannedMount, RootMount, ScratchEntry,
+    self, Console, Create, Device, MountKind, NetPlan, Plan, PlanError, PlanInput, PlannedMount, RootMount,
+    ScratchEntry,
 };
+use crate::spec::Security;
 use crate::spec::{ContainerSpec, MountSpec, Network, Rootfs};
 use crate::sys::{self, Cloned, Errno, Exit, RealSys};
+use crate::tty::TtyError;
 use crate::users::{self, UserError};
 
 /// The kernel's limit on overlay lower dirs.
@@ -32,6 +36,51 @@ pub enum RuntimeError {
     /// Reading the runtime's own capabilities failed.
     #[error("failed to read the host's capabilities")]
     HostCaps(#[source] CapsError),
+    /// A `--cap-add`/`--cap-drop` value is not a capability.
+    #[error("invalid capability option")]
+    Caps(#[source] CapsError),
+    /// Creating the container's cgroup or writing its limits failed.
+    #[error("failed to set up the container's cgroup")]
+    Cgroup(#[source] CgroupError),
+    /// Listing the host's devices for a privileged container failed.
+    #[error("failed to list host devices in `{path}`")]
+    HostDevices {
+        /// The dir.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A terminal operation failed.
+    #[error("terminal operation failed")]
+    Tty(#[source] TtyError),
+    /// Opening or reading a file of the target of an exec failed.
+    #[error("failed to read `{path}`")]
+    ExecTarget {
+        /// The file under `/proc/PID`.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Opening a namespace of the target of an exec failed.
+    #[error("failed to open namespace `{path}`")]
+    OpenNs {
+        /// The namespace file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Errno,
+    },
+    /// Looking up the cgroups of the target of an exec failed.
+    #[error("failed to find the cgroups of container process {pid}")]
+    ExecCgroups {
+        /// The pid.
+        pid: i32,
+        /// The cause.
+        #[source]
+        source: CgroupError,
+    },
     /// Creating the runtime's temporary dir failed.
     #[error("failed to create `{path}`")]
     CreateScratch {
@@ -119,7 +168,7 @@ pub enum RuntimeError {
     /// The command could not be executed (not found in `PATH`, not executable, ...).
     #[error("failed to execute `{command}` in the container")]
     Exec {
-        /// argv[0].
+        /// `argv[0]`.
         command: String,
         /// The errno.
         #[source]
@@ -239,6 +288,7 @@ pub struct Running {
     created: Vec<PathBuf>,
     cleanup: Cleanup,
     reaped: bool,
+    cgroup: Option<Cgroup>,
 }
 
 impl Running {
@@ -264,9 +314,38 @@ impl Running {
         })
     }
 
+    /// A process started by [`crate::exec::exec`]: nothing to clean up but the process.
+    pub(crate) fn exec_process(pid: i32) -> Running {
+        Running {
+            pid,
+            created: Vec::new(),
+            cleanup: Cleanup {
+                run_dir: PathBuf::new(),
+                created_in_dir: Vec::new(),
+            },
+            reaped: false,
+            cgroup: None,
+        }
+    }
+
+    /// The container's cgroup dirs (one per hierarchy; empty without `RunOptions::cgroup`).
+    pub fn cgroup_dirs(&self) -> &[PathBuf] {
+        self.cgroup.as_ref().map_or(&[], |c| c.dirs())
+    }
+
     fn finish(&mut self, exit: Exit) -> Result<ExitStatus, RuntimeError> {
         self.reaped = true;
         self.cleanup.run()?;
+        if let Some(cgroup) = self.cgroup.take() {
+            // The exit status matters more than a cgroup dir still draining: report it, and leave
+            // the dir to `cgroup::remove` (e.g. by the supervisor) later.
+            if let Err(e) = cgroup.remove() {
+                let cause = std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                tracing::warn!("container cgroup left behind: {e}: {cause}");
+            }
+        }
         Ok(match exit {
             Exit::Code(c) => ExitStatus {
                 code: Some(c),
@@ -430,7 +509,82 @@ struct Prepared {
     created: Vec<PathBuf>,
     created_in_dir: Vec<PathBuf>,
     namespaces: libc::c_int,
+    cgroup: Option<Cgroup>,
     _keep: Vec<OwnedFd>,
+}
+
+/// Device dirs of the host not copied into a privileged container, and devices the runtime makes
+/// itself (Docker skips the same dirs and `/dev/console`).
+const SKIP_DEV_DIRS: [&str; 7] = ["pts", "shm", "fd", "mqueue", ".lxc", ".lxd-mounts", ".udev"];
+const SKIP_DEVICES: [&str; 8] = [
+    "null", "zero", "full", "random", "urandom", "tty", "console", "ptmx",
+];
+
+/// The character and block devices under the host's `dir` (Docker's `--privileged` copies them).
+pub(crate) fn host_devices(dir: &Path) -> Result<Vec<Device>, RuntimeError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let path = dir.join(&rel);
+        let entries = std::fs::read_dir(&path).map_err(|source| RuntimeError::HostDevices {
+            path: path.clone(),
+            source,
+        })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| RuntimeError::HostDevices {
+                path: path.clone(),
+                source,
+            })?;
+            let name = entry.file_name();
+            let child = rel.join(&name);
+            let Ok(md) = std::fs::symlink_metadata(entry.path()) else {
+                continue; // vanished meanwhile
+            };
+            let ft = md.file_type();
+            if ft.is_dir() {
+                if !SKIP_DEV_DIRS.iter().any(|d| name == *d) {
+                    stack.push(child);
+                }
+            } else if ft.is_char_device() || ft.is_block_device() {
+                if rel.as_os_str().is_empty() && SKIP_DEVICES.iter().any(|d| name == *d) {
+                    continue;
+                }
+                out.push(Device {
+                    rel: child,
+                    mode: md.mode(),
+                    rdev: md.rdev(),
+                    uid: md.uid(),
+                    gid: md.gid(),
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.rel.cmp(&b.rel));
+    Ok(out)
+}
+
+/// If stdin is a pty slave of the host's devpts, where it lives and which stdio slots share it.
+fn console_for(stdio: &[&OwnedFd; 3]) -> Option<Console> {
+    let id = |fd: &OwnedFd| {
+        nix::sys::stat::fstat(fd.as_fd())
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino, st.st_rdev))
+    };
+    let stdin = id(stdio[0])?;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", sys::raw(stdio[0]))).ok()?;
+    if !link.starts_with("/dev/pts/") {
+        return None;
+    }
+    let st = nix::sys::stat::stat(&link).ok()?;
+    if (st.st_dev, st.st_ino, st.st_rdev) != stdin {
+        return None;
+    }
+    let reopen = (0..3)
+        .filter(|&i| id(stdio[i]) == Some(stdin))
+        .map(|i| i as i32)
+        .collect();
+    Some(Console { source: link, reopen })
 }
 
 fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError> {
@@ -582,7 +736,25 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         env.push(format!("HOME={}", user.home));
     }
-    let caps = host.for_security(spec.security);
+    let opts = &spec.options;
+    let caps = host
+        .with_changes(spec.security, &opts.cap_add, &opts.cap_drop)
+        .map_err(RuntimeError::Caps)?;
+    let devices = match spec.security {
+        Security::Insecure => host_devices(Path::new("/dev"))?,
+        Security::Default => Vec::new(),
+    };
+    let console = match &spec.stdin {
+        Some(stdin) if opts.controlling_tty => console_for(&[stdin, &spec.stdout, &spec.stderr]),
+        _ => None,
+    };
+    let cgroup = opts
+        .cgroup
+        .as_ref()
+        .map(Cgroup::create)
+        .transpose()
+        .map_err(RuntimeError::Cgroup)?;
+    let cgroup_procs = cgroup.as_ref().map(Cgroup::procs_files).unwrap_or_default();
     let input = PlanInput {
         run_dir: run_dir.to_path_buf(),
         scratch,
@@ -605,6 +777,16 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
         args: spec.args.clone(),
         env,
         stdio,
+        cgroup_procs,
+        controlling_tty: opts.controlling_tty,
+        console,
+        init: opts.init,
+        devices,
+        arg_area: if opts.init {
+            crate::init::own_arg_area()
+        } else {
+            None
+        },
     };
     let plan = plan::build(&input).map_err(RuntimeError::Plan)?;
     Ok(Prepared {
@@ -612,6 +794,7 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
         created,
         created_in_dir,
         namespaces,
+        cgroup,
         _keep: keep,
     })
 }
@@ -626,7 +809,7 @@ pub fn start(spec: ContainerSpec, scratch: &Path) -> Result<Running, RuntimeErro
         created_in_dir: Vec::new(),
     };
     let command = spec.args.first().cloned().unwrap_or_default();
-    let prepared = prepare(spec, &run_dir)?;
+    let mut prepared = prepare(spec, &run_dir)?;
     cleanup.created_in_dir = prepared.created_in_dir.clone();
 
     let (status_read, status_write) = sys::pipe_cloexec().map_err(RuntimeError::Pipe)?;
@@ -634,10 +817,7 @@ pub fn start(spec: ContainerSpec, scratch: &Path) -> Result<Running, RuntimeErro
         Cloned::Child => {
             // In the child of a possibly multithreaded process: no allocation from here on.
             if let Err((index, errno)) = plan::run(&RealSys, &prepared.plan) {
-                let mut report = [0u8; 8];
-                report[..4].copy_from_slice(&(index as u32).to_le_bytes());
-                report[4..].copy_from_slice(&(errno as i32).to_le_bytes());
-                let _ = sys::write_all(status_write.as_fd(), &report);
+                report_failure(&status_write, index, errno);
             }
             sys::exit_child(127)
         }
@@ -648,6 +828,7 @@ pub fn start(spec: ContainerSpec, scratch: &Path) -> Result<Running, RuntimeErro
                 created: prepared.created.clone(),
                 cleanup,
                 reaped: false,
+                cgroup: prepared.cgroup.take(),
             };
             let mut report = [0u8; 8];
             let n = match sys::read_full(status_read.as_fd(), &mut report) {
@@ -660,23 +841,36 @@ pub fn start(spec: ContainerSpec, scratch: &Path) -> Result<Running, RuntimeErro
             let _ = sys::wait_pid(pid, true);
             running.reaped = true;
             let _ = running.cleanup.run();
-            if n != report.len() {
-                return Err(RuntimeError::ReadStatus(Errno::EIO));
-            }
-            let index = u32::from_le_bytes([report[0], report[1], report[2], report[3]]) as usize;
-            let errno = Errno::from_raw(i32::from_le_bytes([report[4], report[5], report[6], report[7]]));
-            let step = prepared
-                .plan
-                .steps
-                .get(index)
-                .map_or_else(|| format!("step {index}"), |s| s.what.clone());
-            if index + 1 == prepared.plan.steps.len() {
-                return Err(RuntimeError::Exec {
-                    command,
-                    source: errno,
-                });
-            }
-            Err(RuntimeError::Setup { step, source: errno })
+            Err(setup_error(&prepared.plan, &report[..n], command))
         }
     }
+}
+
+/// Writes a setup failure (step index, errno) to the status pipe. Async-signal-safe.
+pub(crate) fn report_failure(status_write: &OwnedFd, index: usize, errno: Errno) {
+    let mut report = [0u8; 8];
+    report[..4].copy_from_slice(&(index as u32).to_le_bytes());
+    report[4..].copy_from_slice(&(errno as i32).to_le_bytes());
+    let _ = sys::write_all(status_write.as_fd(), &report);
+}
+
+/// The error for a report read from the status pipe.
+pub(crate) fn setup_error(plan: &Plan, report: &[u8], command: String) -> RuntimeError {
+    let [a, b, c, d, e, f, g, h] = match <[u8; 8]>::try_from(report) {
+        Ok(r) => r,
+        Err(_) => return RuntimeError::ReadStatus(Errno::EIO),
+    };
+    let index = u32::from_le_bytes([a, b, c, d]) as usize;
+    let errno = Errno::from_raw(i32::from_le_bytes([e, f, g, h]));
+    let step = plan
+        .steps
+        .get(index)
+        .map_or_else(|| format!("step {index}"), |s| s.what.clone());
+    if index + 1 == plan.steps.len() {
+        return RuntimeError::Exec {
+            command,
+            source: errno,
+        };
+    }
+    RuntimeError::Setup { step, source: errno }
 }

@@ -146,6 +146,33 @@ pub trait Sys {
     /// `execve(2)`. Returns only on failure; the recording fake returns `Ok(())` to stand for a
     /// successful exec.
     fn execve(&self, path: &CStr, args: &ExecArgs) -> Result<(), Errno>;
+    /// `setsid(2)`: the caller leads a new session and process group.
+    fn setsid(&self) -> Result<(), Errno>;
+    /// `ioctl(fd, TIOCSCTTY, 0)`: the terminal open at `fd` becomes the controlling terminal of the
+    /// caller's session.
+    fn set_controlling_tty(&self, fd: RawFd) -> Result<(), Errno>;
+    /// Opens `path` read-write with `O_NOCTTY`, makes it each of `targets` (without
+    /// `FD_CLOEXEC`) and closes the original descriptor.
+    fn open_onto(&self, path: &CStr, targets: &[RawFd]) -> Result<(), Errno>;
+    /// Writes `data` to an existing file without creating or truncating it (a cgroup's
+    /// `cgroup.procs`).
+    fn write_existing(&self, path: &CStr, data: &[u8]) -> Result<(), Errno>;
+    /// `fchdir(fd)` then `chroot(".")`: enters the root directory open at `fd`.
+    fn chroot_fd(&self, fd: RawFd) -> Result<(), Errno>;
+    /// Names the process (`PR_SET_NAME`, `/proc/self/comm`) and points `/proc/self/cmdline` at
+    /// `cmdline` (NUL-separated, NUL-terminated; `PR_SET_MM`, which needs `CAP_SYS_RESOURCE`).
+    /// `cmdline` must stay alive and unmoved for the life of the process.
+    /// Without that capability, `overwrite` (an address and bytes) is copied over the process's
+    /// own argument area instead (see [`crate::init::proctitle`]).
+    fn set_title(&self, comm: &CStr, cmdline: &[u8], overwrite: Option<(usize, &[u8])>) -> Result<(), Errno>;
+    /// Forks; the calling process becomes a minimal init ([`crate::init`]) that forwards signals to
+    /// the new process, reaps zombies and exits with the new process's status: it never returns.
+    /// Returns in the new process only. With `foreground_tty`, the new process gets a process
+    /// group of its own and makes it the foreground group of the terminal on stdin.
+    fn spawn_init(&self, foreground_tty: bool) -> Result<(), Errno>;
+    /// Forks a sibling (`CLONE_PARENT`: its parent is the caller's parent); the caller writes the
+    /// sibling's pid (4 bytes, little endian) to `report_fd` and exits. Returns in the sibling.
+    fn fork_sibling(&self, report_fd: RawFd) -> Result<(), Errno>;
 }
 
 /// The real kernel.
@@ -216,6 +243,32 @@ impl RealSys {
             )
         })
         .map(|_| ())
+    }
+}
+
+/// `PR_SET_NAME`, then `PR_SET_MM` of the argument area.
+fn set_mm_args(comm: &CStr, cmdline: &[u8]) -> Result<(), Errno> {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string (truncated to 15 bytes).
+    check(unsafe { libc::prctl(libc::PR_SET_NAME, comm.as_ptr() as libc::c_ulong, 0, 0, 0) })?;
+    if cmdline.is_empty() {
+        return Ok(());
+    }
+    let start = cmdline.as_ptr() as libc::c_ulong;
+    let end = start + cmdline.len() as libc::c_ulong;
+    let set = |opt: libc::c_int, addr: libc::c_ulong| {
+        // SAFETY: PR_SET_MM only records the address; `cmdline` outlives the process's use of
+        // it (the caller guarantees it stays alive and unmoved).
+        check(unsafe { libc::prctl(libc::PR_SET_MM, opt as libc::c_ulong, addr, 0, 0) })
+    };
+    // The kernel keeps arg_start <= arg_end after each call: the order depends on where the
+    // new range lies relative to the old one.
+    match set(libc::PR_SET_MM_ARG_START, start) {
+        Ok(()) => set(libc::PR_SET_MM_ARG_END, end),
+        Err(Errno::EINVAL) => {
+            set(libc::PR_SET_MM_ARG_END, end)?;
+            set(libc::PR_SET_MM_ARG_START, start)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -534,6 +587,106 @@ impl Sys for RealSys {
         }
         Err(Errno::last())
     }
+
+    fn setsid(&self) -> Result<(), Errno> {
+        // SAFETY: setsid takes no arguments.
+        check(unsafe { libc::setsid() })
+    }
+
+    fn set_controlling_tty(&self, fd: RawFd) -> Result<(), Errno> {
+        // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal the terminal).
+        check(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0 as libc::c_int) })
+    }
+
+    fn open_onto(&self, path: &CStr, targets: &[RawFd]) -> Result<(), Errno> {
+        // SAFETY: `path` is NUL-terminated; the descriptor is closed below.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+        check(fd)?;
+        let mut result = Ok(());
+        for &target in targets {
+            // SAFETY: dup2 takes plain descriptor numbers; the copy has no FD_CLOEXEC.
+            if let Err(e) = check(unsafe { libc::dup2(fd, target) }) {
+                result = Err(e);
+                break;
+            }
+        }
+        if !targets.contains(&fd) {
+            close_quietly(fd);
+        }
+        result
+    }
+
+    fn write_existing(&self, path: &CStr, data: &[u8]) -> Result<(), Errno> {
+        // SAFETY: `path` is NUL-terminated; the descriptor is closed below.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+        check(fd)?;
+        // SAFETY: the pointer and length describe `data`. cgroup files take one write.
+        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        let result = if n < 0 {
+            Err(Errno::last())
+        } else if n as usize != data.len() {
+            Err(Errno::EIO)
+        } else {
+            Ok(())
+        };
+        close_quietly(fd);
+        result
+    }
+
+    fn chroot_fd(&self, fd: RawFd) -> Result<(), Errno> {
+        // SAFETY: fchdir takes a descriptor number.
+        check(unsafe { libc::fchdir(fd) })?;
+        // SAFETY: "." is a NUL-terminated string.
+        check(unsafe { libc::chroot(c".".as_ptr()) })
+    }
+
+    fn set_title(&self, comm: &CStr, cmdline: &[u8], overwrite: Option<(usize, &[u8])>) -> Result<(), Errno> {
+        let result = set_mm_args(comm, cmdline);
+        match (result, overwrite) {
+            (Err(_), Some((addr, bytes))) => {
+                // SAFETY: `addr` and the length of `bytes` lie inside the process's argument and
+                // environment area, as the kernel reported it in /proc/self/stat before the clone
+                // (`crate::init::proctitle` never produces more bytes than that area holds). The
+                // area is part of the writable stack mapping; this process (the container's first,
+                // about to become its init) has its own copy and never reads its argv again.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len());
+                }
+                Ok(())
+            }
+            (result, _) => result,
+        }
+    }
+    fn spawn_init(&self, foreground_tty: bool) -> Result<(), Errno> {
+        crate::init::spawn(foreground_tty)
+    }
+
+    fn fork_sibling(&self, report_fd: RawFd) -> Result<(), Errno> {
+        let flags = (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_long;
+        // SAFETY: clone without CLONE_VM and with a NULL stack behaves like fork; the caller is the
+        // single-threaded child of a clone and both sides only make async-signal-safe calls.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                flags,
+                0 as libc::c_long,
+                0 as libc::c_long,
+                0 as libc::c_long,
+                0 as libc::c_long,
+            )
+        };
+        if ret < 0 {
+            return Err(Errno::last());
+        }
+        if ret == 0 {
+            return Ok(());
+        }
+        let pid = (ret as i32).to_le_bytes();
+        // SAFETY: `report_fd` is a pipe descriptor the plan keeps open for this step.
+        let fd = unsafe { BorrowedFd::borrow_raw(report_fd) };
+        let code = if write_all(fd, &pid).is_ok() { 0 } else { 1 };
+        exit_child(code)
+    }
 }
 
 /// A fake kernel that records every call as a line of text and fails the calls it is told to.
@@ -744,6 +897,47 @@ impl Sys for RecordingSys {
         let argv: Vec<String> = args.argv().iter().map(|a| show(a)).collect();
         self.record(format!("execve {} {argv:?}", show(path)))
     }
+
+    fn setsid(&self) -> Result<(), Errno> {
+        self.record("setsid".to_string())
+    }
+
+    fn set_controlling_tty(&self, fd: RawFd) -> Result<(), Errno> {
+        self.record(format!("tiocsctty {fd}"))
+    }
+
+    fn open_onto(&self, path: &CStr, targets: &[RawFd]) -> Result<(), Errno> {
+        self.record(format!("open_onto {} {targets:?}", show(path)))
+    }
+
+    fn write_existing(&self, path: &CStr, data: &[u8]) -> Result<(), Errno> {
+        self.record(format!(
+            "write_existing {} {:?}",
+            show(path),
+            String::from_utf8_lossy(data)
+        ))
+    }
+
+    fn chroot_fd(&self, fd: RawFd) -> Result<(), Errno> {
+        self.record(format!("chroot_fd {fd}"))
+    }
+
+    fn set_title(&self, comm: &CStr, cmdline: &[u8], overwrite: Option<(usize, &[u8])>) -> Result<(), Errno> {
+        self.record(format!(
+            "set_title {} {:?} overwrite={:?}",
+            show(comm),
+            String::from_utf8_lossy(cmdline),
+            overwrite.map(|(addr, b)| (addr, String::from_utf8_lossy(b).into_owned()))
+        ))
+    }
+
+    fn spawn_init(&self, foreground_tty: bool) -> Result<(), Errno> {
+        self.record(format!("spawn_init tty={foreground_tty}"))
+    }
+
+    fn fork_sibling(&self, report_fd: RawFd) -> Result<(), Errno> {
+        self.record(format!("fork_sibling {report_fd}"))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -904,6 +1098,59 @@ pub fn permitted_caps() -> Result<u64, Errno> {
     // SAFETY: capget v3 writes two data structs into `data` and may update the header.
     check_long(unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut CapHeader, data.as_mut_ptr()) })?;
     Ok(u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32))
+}
+
+/// Closes every descriptor from `first` on (`close_range`); kernels without it are tolerated.
+/// Async-signal-safe.
+pub fn close_from(first: u32) {
+    // SAFETY: close_range takes plain integers; the caller owns every descriptor it closes (the
+    // init after its fork, which needs none of them).
+    unsafe {
+        libc::syscall(libc::SYS_close_range, first, u32::MAX, 0 as libc::c_uint);
+    }
+}
+
+/// Blocks every signal of the calling thread (`pthread_sigmask`). Async-signal-safe.
+pub fn block_all_signals() -> Result<(), Errno> {
+    nix::sys::signal::SigSet::all().thread_set_mask()
+}
+
+/// Unblocks every signal of the calling thread. Async-signal-safe.
+pub fn unblock_all_signals() -> Result<(), Errno> {
+    nix::sys::signal::SigSet::empty().thread_set_mask()
+}
+
+/// Puts the caller in a process group of its own and makes that group the foreground group of the
+/// terminal on stdin (`setpgid(0, 0)`, `tcsetpgrp(0, ...)`). Call with `SIGTTOU` blocked.
+/// Async-signal-safe.
+pub fn foreground_on_stdin() -> Result<(), Errno> {
+    // SAFETY: setpgid, getpgrp and tcsetpgrp take plain integers.
+    unsafe {
+        check(libc::setpgid(0, 0))?;
+        check(libc::tcsetpgrp(0, libc::getpgrp()))
+    }
+}
+
+/// `TIOCGWINSZ`: the window size of the terminal at `fd`, as (rows, columns).
+pub fn get_winsize(fd: BorrowedFd<'_>) -> Result<(u16, u16), Errno> {
+    // SAFETY: winsize is a plain C struct; all-zero is valid and the kernel overwrites it.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one winsize into `ws`.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws as *mut libc::winsize) })?;
+    Ok((ws.ws_row, ws.ws_col))
+}
+
+/// `TIOCSWINSZ`: sets the window size of the terminal at `fd` (the kernel sends `SIGWINCH` to
+/// its foreground process group).
+pub fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> Result<(), Errno> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from `ws`.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws as *const libc::winsize) })
 }
 
 /// Whether `path` is a directory marked opaque for overlayfs (`trusted.overlay.opaque=y` or

@@ -1,0 +1,208 @@
+//! The host side shared by every bridged container: the bridge with the gateway address, IPv4
+//! forwarding, and the iptables rules for NAT and forwarding (shelling out to `iptables`, as
+//! Docker does).
+//!
+//! [`ensure`] is idempotent and safe against concurrent callers: it runs under the state lock and
+//! skips all work when the marker file says the bridge it configured is still the one present.
+
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+use std::process::Command;
+
+use super::ipam::{self, IpamError, StateLock};
+use super::netlink::{Netlink, NetlinkError};
+use super::NetConfig;
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// Setting up or removing the bridge failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error(transparent)]
+    Lock(#[from] IpamError),
+    #[error("failed to set up bridge `{bridge}`: {source}")]
+    Netlink {
+        bridge: String,
+        #[source]
+        source: NetlinkError,
+    },
+    #[error("bridge `{bridge}` vanished while it was being set up")]
+    Vanished { bridge: String },
+    #[error("failed to enable IPv4 forwarding in `{IP_FORWARD}`: {0}")]
+    Forwarding(#[source] io::Error),
+    #[error("failed to run `iptables {args}` (is iptables installed?): {source}")]
+    IptablesSpawn {
+        args: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`iptables {args}` failed: {stderr}")]
+    Iptables { args: String, stderr: String },
+    #[error("failed to write marker `{path}`: {source}")]
+    Marker {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The iptables rules of one bridge: (table, chain, rule). Inserted at the top of their chain so
+/// that a DROP policy or Docker's isolation chains later in FORWARD do not reach our traffic.
+fn rules(config: &NetConfig) -> Vec<(&'static str, &'static str, Vec<String>)> {
+    let br = config.bridge.clone();
+    let subnet = config.subnet.to_string();
+    let args = |s: &[&str]| s.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    vec![
+        (
+            "nat",
+            "POSTROUTING",
+            args(&["-s", &subnet, "!", "-o", &br, "-j", "MASQUERADE"]),
+        ),
+        ("filter", "FORWARD", args(&["-i", &br, "-j", "ACCEPT"])),
+        (
+            "filter",
+            "FORWARD",
+            args(&[
+                "-o",
+                &br,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "RELATED,ESTABLISHED",
+                "-j",
+                "ACCEPT",
+            ]),
+        ),
+    ]
+}
+
+fn iptables(args: &[String]) -> Result<bool, BridgeError> {
+    let shown = args.join(" ");
+    let out = Command::new("iptables")
+        .arg("-w")
+        .args(args)
+        .output()
+        .map_err(|source| BridgeError::IptablesSpawn {
+            args: shown.clone(),
+            source,
+        })?;
+    if out.status.success() {
+        return Ok(true);
+    }
+    // `-C` answers 1 when the rule is missing; anything else is a real failure.
+    if args.iter().any(|a| a == "-C") && out.status.code() == Some(1) {
+        return Ok(false);
+    }
+    Err(BridgeError::Iptables {
+        args: shown,
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    })
+}
+
+fn rule_args(op: &str, table: &str, chain: &str, rule: &[String]) -> Vec<String> {
+    let mut v = vec![
+        "-t".to_string(),
+        table.to_string(),
+        op.to_string(),
+        chain.to_string(),
+    ];
+    if op == "-I" {
+        v.push("1".to_string());
+    }
+    v.extend(rule.iter().cloned());
+    v
+}
+
+fn marker_path(config: &NetConfig) -> PathBuf {
+    config.state_dir.join(format!("{}.bridge", config.bridge))
+}
+
+/// Makes sure the bridge exists, is up with the gateway address, forwarding is on and the NAT
+/// and FORWARD rules are in place. Takes the state lock itself.
+pub fn ensure(config: &NetConfig) -> Result<(), BridgeError> {
+    let lock = ipam::lock(&config.state_dir, &config.bridge)?;
+    ensure_locked(&lock, config).map(|_| ())
+}
+
+/// [`ensure`] for a caller that already holds the state lock; returns the bridge's index.
+pub(crate) fn ensure_locked(_lock: &StateLock, config: &NetConfig) -> Result<u32, BridgeError> {
+    let br = &config.bridge;
+    let nl_err = |source| BridgeError::Netlink {
+        bridge: br.clone(),
+        source,
+    };
+    let mut nl = Netlink::open().map_err(nl_err)?;
+    let marker = marker_path(config);
+    let existing = nl.link_index(br).map_err(nl_err)?;
+    if let Some(index) = existing {
+        let recorded = fs::read_to_string(&marker).ok();
+        if recorded.as_deref().map(str::trim) == Some(&index.to_string()) {
+            return Ok(index);
+        }
+    }
+    let index = match existing {
+        Some(index) => index,
+        None => {
+            match nl.create_bridge(br) {
+                Ok(()) => {}
+                Err(e) if e.errno() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(nl_err(e)),
+            }
+            nl.link_index(br)
+                .map_err(nl_err)?
+                .ok_or_else(|| BridgeError::Vanished { bridge: br.clone() })?
+        }
+    };
+    let gateway = config.subnet.gateway();
+    let has = nl
+        .addresses(index, br)
+        .map_err(nl_err)?
+        .contains(&(gateway, config.subnet.prefix_len));
+    if !has {
+        match nl.add_address(index, br, gateway, config.subnet.prefix_len) {
+            Ok(()) => {}
+            Err(e) if e.errno() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(nl_err(e)),
+        }
+    }
+    nl.set_up(index, br).map_err(nl_err)?;
+    if fs::read_to_string(IP_FORWARD)
+        .map(|s| s.trim() != "1")
+        .unwrap_or(true)
+    {
+        fs::write(IP_FORWARD, "1\n").map_err(BridgeError::Forwarding)?;
+    }
+    for (table, chain, rule) in rules(config) {
+        if !iptables(&rule_args("-C", table, chain, &rule))? {
+            iptables(&rule_args("-I", table, chain, &rule))?;
+        }
+    }
+    fs::write(&marker, format!("{index}\n")).map_err(|source| BridgeError::Marker {
+        path: marker.clone(),
+        source,
+    })?;
+    Ok(index)
+}
+
+/// Deletes the bridge and its iptables rules (for tests and `kiln system reset`-like cleanup;
+/// containers never call it). Idempotent.
+pub fn remove(config: &NetConfig) -> Result<(), BridgeError> {
+    let _lock = ipam::lock(&config.state_dir, &config.bridge)?;
+    for (table, chain, rule) in rules(config) {
+        while iptables(&rule_args("-C", table, chain, &rule))? {
+            iptables(&rule_args("-D", table, chain, &rule))?;
+        }
+    }
+    let mut nl = Netlink::open().map_err(|source| BridgeError::Netlink {
+        bridge: config.bridge.clone(),
+        source,
+    })?;
+    nl.delete_link(&config.bridge)
+        .map_err(|source| BridgeError::Netlink {
+            bridge: config.bridge.clone(),
+            source,
+        })?;
+    let _ = fs::remove_file(marker_path(config));
+    Ok(())
+}
