@@ -13,6 +13,16 @@
 //! | inputs | the number of key inputs, then each input's cache key, in input order | an input rebuilt to a different result changes every key downstream; order matters (mount 0 vs 1) |
 //! | content | `0`, or `1` and the content key the op computed from the files it reads | COPY/ADD from the context and local sources are keyed by the bytes, modes and owners of the files they select, so touching a file or changing an unrelated one keeps the key |
 //!
+//! The content key of a remote source (see `engine/remote.rs`):
+//!
+//! | source | content key material | why |
+//! | --- | --- | --- |
+//! | Git (`ADD git-url`, a Git named context) | `git`, the commit SHA the ref resolves to (`git ls-remote`; a full SHA is used as is, no network), the subdir, the keep-git-dir flag | a moved branch or tag changes the key; an unchanged repository costs one `ls-remote` and no fetch; cloning again (new mtimes) never does |
+//! | HTTP with `--checksum` | `http`, `checksum`, the pinned digest | no request at all, as BuildKit; the download is verified against it when it runs |
+//! | HTTP without a checksum | `http`, `content`, the sha256 of the bytes the URL serves now, `Last-Modified` (seconds) when sent | BuildKit re-checks the URL every build: with an ETag remembered under `ROOT/cache/http/` the check is a conditional request (`304` = same digest, no download); the mtime is in the layer, so it is in the key too |
+//!
+//! The URL, remote, ref, file name, mode and owner are op fields, so they are in the op part.
+//!
 //! Inputs the op reads by content (see [`crate::scheduler::Executor::content_inputs`]) are left
 //! out of the `inputs` part: the content key replaces them, which is the point of it.
 //!

@@ -701,7 +701,7 @@ impl<'a> Lowerer<'a> {
             else {
                 return Err(self.bare_err(LowerError::NoStages));
             };
-            let st = self.context_state(&stage.from, &nc, &platform, &p)?;
+            let st = self.context_state(&stage.from, &nc, &platform, &p, true)?;
             self.stages[index].body = stage.body;
             self.done[index] = Some(st);
             return Ok(());
@@ -734,7 +734,7 @@ impl<'a> Lowerer<'a> {
                     let Some(nc) = self.opts.named_contexts.get(name).cloned() else {
                         return Err(self.bare_err(LowerError::NoStages));
                     };
-                    self.context_state(&stage.from, &nc, &platform, &p)?
+                    self.context_state(&stage.from, &nc, &platform, &p, true)?
                 }
                 Base::Image(reference) => {
                     let r = self.resolve_image(&stage.from, reference, &platform)?;
@@ -771,12 +771,16 @@ impl<'a> Lowerer<'a> {
         Ok(())
     }
 
+    /// The state a named context gives. `as_rootfs`: the context is a stage's base (`FROM
+    /// name`), so a local directory is copied into a filesystem of its own; as a `--from`
+    /// source it is read in place.
     fn context_state(
         &mut self,
         loc: &Located,
         nc: &NamedContext,
         platform: &Platform,
         p: &Progress,
+        as_rootfs: bool,
     ) -> Result<StageState, FrontendError> {
         match nc {
             NamedContext::Local { name } => {
@@ -785,7 +789,56 @@ impl<'a> Lowerer<'a> {
                     include: Vec::new(),
                     exclude: Vec::new(),
                 }));
-                let fs = self.internal(op, Vec::new(), &format!("load build context {name}"), p);
+                let mut fs = self.internal(op, Vec::new(), &format!("load build context {name}"), p);
+                if as_rootfs {
+                    let copy = Op::File(FileOp {
+                        input: None,
+                        actions: vec![FileAction::Copy(CopyAction {
+                            source_input: 0,
+                            src: "/".into(),
+                            dest: "/".into(),
+                            owner: None,
+                            mode: None,
+                            follow_symlinks: false,
+                            dir_contents_only: true,
+                            allow_wildcard: false,
+                            allow_empty_wildcard: false,
+                            create_dest_path: true,
+                            dest_is_dir: true,
+                            attempt_unpack: false,
+                            exclude: Vec::new(),
+                            parents: false,
+                        })],
+                    });
+                    fs = self.internal(copy, vec![fs], &format!("copy build context {name}"), p);
+                }
+                let config = Self::empty_config(platform);
+                let run_env = env_from_config(&config);
+                Ok(StageState {
+                    fs,
+                    config,
+                    run_env,
+                    args: Vec::new(),
+                })
+            }
+            NamedContext::Git {
+                remote,
+                reference,
+                subdir,
+                keep_git_dir,
+            } => {
+                let op = Op::Source(SourceOp::Git(GitSource {
+                    remote: remote.clone(),
+                    reference: reference.clone(),
+                    subdir: subdir.clone(),
+                    keep_git_dir: *keep_git_dir,
+                }));
+                let fs = self.internal(
+                    op,
+                    Vec::new(),
+                    &format!("load git source {remote}#{reference}"),
+                    p,
+                );
                 let config = Self::empty_config(platform);
                 let run_env = env_from_config(&config);
                 Ok(StageState {
@@ -838,7 +891,7 @@ impl<'a> Lowerer<'a> {
             },
             FromRef::Context(nc) => {
                 let platform = self.stage_platform(current);
-                Ok(self.context_state(loc, &nc, &platform, p)?.fs)
+                Ok(self.context_state(loc, &nc, &platform, p, false)?.fs)
             }
             FromRef::Image(reference) => {
                 let platform = self.stage_platform(current);

@@ -73,6 +73,15 @@ pub enum NamedContext {
     Local { name: String },
     /// An image reference (`docker-image://...`).
     Image { reference: String },
+    /// A Git repository (`https://host/repo.git#ref:subdir`, `git@…`, `git://…`), fetched by the
+    /// solver as a Git source and keyed by the commit the ref resolves to.
+    Git {
+        remote: String,
+        /// Branch, tag or commit; empty = the remote's HEAD.
+        reference: String,
+        subdir: String,
+        keep_git_dir: bool,
+    },
 }
 
 /// Looks up base images: the caller's bridge to the image store or a registry.

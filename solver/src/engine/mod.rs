@@ -15,6 +15,7 @@ mod exec;
 mod export;
 mod file;
 mod mounts;
+mod remote;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use kiln_cache::Store;
 use kiln_dag::{Digest, FileAction, Graph, Op, SourceOp, Vertex};
 
 pub use export::{export_image, ExportError, Exported};
+pub use remote::RemoteError;
 
 use crate::cachekey::CacheKey;
 use crate::context::{ContextIndex, StatCache};
@@ -153,6 +155,8 @@ pub struct Engine {
     contexts: Mutex<HashMap<String, Arc<LocalContext>>>,
     /// Serialises unpacking per snapshot key within this process.
     unpack_lock: tokio::sync::Mutex<()>,
+    /// Git and HTTP sources: resolved commits and downloads made for keys.
+    remote: remote::RemoteState,
 }
 
 impl Engine {
@@ -187,6 +191,7 @@ impl Engine {
             empty,
             contexts: Mutex::new(HashMap::new()),
             unpack_lock: tokio::sync::Mutex::new(()),
+            remote: remote::RemoteState::default(),
         })
     }
 
@@ -445,6 +450,8 @@ impl Executor for Engine {
                 let ctx = self.local_context(&l.name, &l.exclude)?;
                 Ok(Some(CacheKey(ctx.index.digest())))
             }
+            Op::Source(SourceOp::Git(g)) => Ok(Some(self.git_key(g).await?)),
+            Op::Source(SourceOp::Http(h)) => Ok(Some(self.http_key(h).await?)),
             Op::File(_) => {
                 let copies = self.content_copies(v);
                 if copies.is_empty() {
@@ -517,8 +524,8 @@ impl Executor for Engine {
             Op::Source(SourceOp::Image(i)) => Ok(Output::Fs(Arc::new(
                 self.image_layers(&i.reference, i.resolved_digest.as_ref())?,
             ))),
-            Op::Source(SourceOp::Git(_)) => Err(EngineError::Unsupported("git").into()),
-            Op::Source(SourceOp::Http(_)) => Err(EngineError::Unsupported("http").into()),
+            Op::Source(SourceOp::Git(g)) => self.git_exec(g, ctx).await,
+            Op::Source(SourceOp::Http(h)) => self.http_exec(h, ctx).await,
             Op::Merge(_) => {
                 let mut out = Vec::new();
                 for i in 0..inputs.len() {
@@ -533,7 +540,10 @@ impl Executor for Engine {
 
     async fn record(&self, key: &CacheKey, v: &Vertex, out: &Output) -> Result<(), SolveError> {
         match (&v.op, out) {
-            (Op::Exec(_) | Op::File(_) | Op::Merge(_), Output::Fs(layers)) => {
+            (
+                Op::Exec(_) | Op::File(_) | Op::Merge(_) | Op::Source(SourceOp::Git(_) | SourceOp::Http(_)),
+                Output::Fs(layers),
+            ) => {
                 let record = Record {
                     layers: layers.as_ref().clone(),
                     description: v.meta.name.clone(),

@@ -232,7 +232,8 @@ fn prepare_target(
     if (!contents_only && src_dir && dest_meta.is_some()) || (!src_dir && dest_dir) {
         dest.push(resolve::base_name(src_path));
     }
-    let parent = if contents_only && src_dir && dest_meta.is_none() {
+    // The root itself (`COPY . /`) has no parent inside the destination: it is its own.
+    let parent = if (contents_only && src_dir && dest_meta.is_none()) || dest == cfg.dest_root {
         dest.clone()
     } else {
         dest.parent()
