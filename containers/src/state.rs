@@ -1,0 +1,246 @@
+//! The mutable state of a container (`ROOT/containers/<id>/state.json`), written atomically,
+//! and the checks that tell a live supervisor from a stale record.
+
+use std::fs;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Docker's container statuses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Created, never started.
+    #[default]
+    Created,
+    /// The process runs.
+    Running,
+    /// Waiting to be started again by the restart policy.
+    Restarting,
+    /// The process ended.
+    Exited,
+    /// The supervisor vanished while the process was alive: nobody owns it any more.
+    Dead,
+}
+
+impl Status {
+    /// The lower-case word Docker uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Restarting => "restarting",
+            Status::Exited => "exited",
+            Status::Dead => "dead",
+        }
+    }
+}
+
+/// What changes while a container lives.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct ContainerState {
+    /// The status.
+    pub status: Status,
+    /// Whether the process runs (`status == running`).
+    pub running: bool,
+    /// Host pid of the container's pid 1 (0 when not running).
+    pub pid: i32,
+    /// Exit code of the last run (128+signal for a signal).
+    pub exit_code: i32,
+    /// When the last run started (RFC 3339, empty if never).
+    pub started_at: String,
+    /// When the last run ended (RFC 3339, empty if never).
+    pub finished_at: String,
+    /// Restarts done by the restart policy since the last `start`.
+    pub restart_count: u32,
+    /// Pid of the supervisor process (0 when none).
+    pub supervisor_pid: i32,
+    /// The supervisor's start time in clock ticks after boot (`/proc/PID/stat` field 22), so a
+    /// reused pid is not mistaken for it.
+    pub supervisor_start: u64,
+    /// Why the last start failed, or why the state was settled.
+    pub error: String,
+    /// The user stopped the container (`stop`, `kill`, `rm -f`): the restart policy does not
+    /// apply to the coming exit.
+    pub stop_requested: bool,
+    /// The process was killed by the OOM killer.
+    #[serde(rename = "OOMKilled")]
+    pub oom_killed: bool,
+    /// The network endpoint the network code set up (its serde form), if any.
+    pub network: Option<serde_json::Value>,
+}
+
+/// A failure reading or writing `state.json`.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading failed.
+    #[error("failed to read `{path}`")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not a state.
+    #[error("failed to parse `{path}`")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Writing failed.
+    #[error("failed to write `{path}`")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Reads `dir/state.json` (a missing file is a `created` state).
+pub fn read(dir: &Path) -> Result<ContainerState, StateError> {
+    let path = dir.join("state.json");
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ContainerState::default()),
+        Err(source) => return Err(StateError::Read { path, source }),
+    };
+    serde_json::from_slice(&bytes).map_err(|source| StateError::Parse { path, source })
+}
+
+/// Writes `dir/state.json` atomically (temp file + rename).
+pub fn write(dir: &Path, st: &ContainerState) -> Result<(), StateError> {
+    let path = dir.join("state.json");
+    let bytes = serde_json::to_vec(st).map_err(|source| StateError::Parse {
+        path: path.clone(),
+        source,
+    })?;
+    write_atomic(&path, &bytes).map_err(|source| StateError::Write { path, source })
+}
+
+/// Writes `path` through a temp file in the same directory renamed over it.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The start time of `pid` in clock ticks after boot, `None` if no such process (or a zombie).
+pub fn process_start(pid: i32) -> Option<u64> {
+    if pid <= 0 {
+        return None;
+    }
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `comm` may contain spaces and parentheses: fields restart after the last `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    // After `)`: state is field 3; starttime is field 22.
+    fields.nth(18)?.parse().ok()
+}
+
+/// Whether the supervisor recorded in `st` is still the live process it was.
+pub fn supervisor_alive(st: &ContainerState) -> bool {
+    st.supervisor_pid > 0 && process_start(st.supervisor_pid) == Some(st.supervisor_start)
+}
+
+/// Reports a state whose supervisor is gone as it really is: `exited` when the process is gone
+/// too, `dead` when the process outlived its supervisor. A state that is not running is returned
+/// unchanged.
+pub fn settle(mut st: ContainerState) -> ContainerState {
+    if !matches!(st.status, Status::Running | Status::Restarting) || supervisor_alive(&st) {
+        return st;
+    }
+    let process_alive = st.pid > 0 && process_start(st.pid).is_some();
+    st.running = false;
+    st.supervisor_pid = 0;
+    if process_alive {
+        st.status = Status::Dead;
+        st.error = "the container's supervisor exited while the container was running".into();
+    } else {
+        st.status = Status::Exited;
+        st.pid = 0;
+        if st.error.is_empty() {
+            st.error = "the container's supervisor exited unexpectedly".into();
+        }
+        if st.exit_code == 0 {
+            st.exit_code = 255;
+        }
+        if st.finished_at.is_empty() {
+            st.finished_at = crate::now_rfc3339();
+        }
+    }
+    st
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_missing_is_created() {
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(read(t.path()).unwrap().status, Status::Created);
+        let st = ContainerState {
+            status: Status::Exited,
+            exit_code: 3,
+            ..Default::default()
+        };
+        write(t.path(), &st).unwrap();
+        assert_eq!(read(t.path()).unwrap(), st);
+        let json = fs::read_to_string(t.path().join("state.json")).unwrap();
+        assert!(
+            json.contains("\"Status\":\"exited\"") && json.contains("\"OOMKilled\""),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn stale_running_state_settles() {
+        let me = std::process::id() as i32;
+        let live = ContainerState {
+            status: Status::Running,
+            running: true,
+            pid: me,
+            supervisor_pid: me,
+            supervisor_start: process_start(me).unwrap(),
+            ..Default::default()
+        };
+        assert_eq!(settle(live.clone()), live);
+        // A supervisor pid whose start time does not match is a different process.
+        let stale = ContainerState {
+            supervisor_start: live.supervisor_start + 1,
+            pid: 0,
+            ..live.clone()
+        };
+        let s = settle(stale);
+        assert_eq!(s.status, Status::Exited);
+        assert!(!s.running && !s.error.is_empty());
+        let orphan = ContainerState {
+            supervisor_pid: 0,
+            ..live
+        };
+        assert_eq!(settle(orphan).status, Status::Dead);
+    }
+}
