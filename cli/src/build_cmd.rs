@@ -63,7 +63,14 @@ pub struct BuildArgs {
     /// SSH agent socket or keys to expose to the build (default|ID[=SOCKET])
     #[arg(long = "ssh")]
     pub ssh: Vec<String>,
-    /// Build context directory (`-` reads a tar archive or a Dockerfile from stdin)
+    /// Always attempt to pull a newer version of the base images
+    #[arg(long)]
+    pub pull: bool,
+    /// Additional build context (name=PATH|docker-image://REF|oci-layout://PATH|GIT-URL|URL)
+    #[arg(long = "build-context")]
+    pub build_contexts: Vec<String>,
+    /// Build context: a directory, `-` (a tar archive or a Dockerfile on stdin), a Git URL or
+    /// an http(s) URL (a tarball or a Dockerfile)
     pub context: String,
 }
 
@@ -201,20 +208,23 @@ impl BuildInputs {
 /// Bridges the frontend to the image store.
 struct StoreResolver<'a> {
     store: &'a kiln_cache::Store,
+    /// `--pull`: re-resolve every tag against its registry.
+    pull: bool,
 }
 
 impl kiln_frontend::lower::ImageResolver for StoreResolver<'_> {
     fn resolve(
         &self,
         reference: &str,
-        _platform: &kiln_dag::Platform,
+        platform: &kiln_dag::Platform,
     ) -> Result<kiln_frontend::lower::ResolvedImage, String> {
         let reference_norm = kiln_cache::reference::Reference::parse(reference)
             .map(|r| r.to_string())
             .unwrap_or_else(|_| reference.to_string());
-        let image = self.store.images().resolve(reference).map_err(|e| {
-            format!("{reference_norm}: not found in the local store ({e}); pulling from registries is not available")
-        })?;
+        let image = match self.store.images().resolve(reference) {
+            Ok(image) if !self.pull => image,
+            local => crate::registry_cmds::pull_for_build(self.store, reference, platform, local)?,
+        };
         Ok(kiln_frontend::lower::ResolvedImage {
             reference: reference_norm,
             digest: Some(image.manifest_digest),
@@ -235,6 +245,9 @@ pub struct LowerExtras {
     pub labels: BTreeMap<String, String>,
     pub no_cache: bool,
     pub no_cache_filter: Vec<String>,
+    pub pull: bool,
+    /// `--build-context` values.
+    pub named_contexts: BTreeMap<String, kiln_frontend::lower::NamedContext>,
 }
 
 fn lower_with(
@@ -250,9 +263,10 @@ fn lower_with(
         no_cache: extras.no_cache,
         no_cache_filter: extras.no_cache_filter.clone(),
         dockerignore: inputs.dockerignore.clone(),
+        named_contexts: extras.named_contexts.clone(),
         ..Default::default()
     };
-    kiln_frontend::lower::lower(&inputs.dockerfile, &opts, &StoreResolver { store })
+    kiln_frontend::lower::lower(&inputs.dockerfile, &opts, &StoreResolver { store, pull: extras.pull })
         .map_err(|e| e.render(&inputs.dockerfile))
 }
 
@@ -434,9 +448,17 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
     } else {
         None
     };
-    let inputs = match &stdin_context {
-        Some(s) => s.inputs(args.file.as_deref(), &args.build_args, args.target.clone())?,
-        None => BuildInputs::read(
+    let keep_git = crate::remote_ctx::keep_git_dir(&args.build_args);
+    let remote_context = if stdin_context.is_none() && crate::remote_ctx::is_remote(&args.context) {
+        Some(crate::remote_ctx::Fetched::fetch(&args.context, &store, keep_git)?)
+    } else {
+        None
+    };
+    let named = crate::remote_ctx::NamedContexts::resolve(&args.build_contexts, &store, keep_git)?;
+    let inputs = match (&stdin_context, &remote_context) {
+        (Some(s), _) => s.inputs(args.file.as_deref(), &args.build_args, args.target.clone())?,
+        (None, Some(r)) => r.inputs(args.file.as_deref(), &args.build_args, args.target.clone())?,
+        (None, None) => BuildInputs::read(
             Path::new(&args.context),
             args.file.as_deref(),
             &args.build_args,
@@ -450,6 +472,8 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
         labels,
         no_cache: args.no_cache,
         no_cache_filter: args.no_cache_filter.clone(),
+        pull: args.pull,
+        named_contexts: named.lower.clone(),
     };
     let lowered = match lower_with(&inputs, &store, &extras) {
         Ok(l) => l,
@@ -459,7 +483,7 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
         }
     };
 
-    let mut contexts = BTreeMap::new();
+    let mut contexts = named.dirs.clone();
     contexts.insert("context".to_string(), inputs.context.clone());
     let engine_opts = kiln_solver::engine::EngineOptions {
         contexts,
@@ -693,55 +717,6 @@ impl<R: Read> Read for CancellableReader<R> {
     }
 }
 
-/// Whether a 512-byte block is a tar header (valid checksum) or the zero block of an empty archive.
-fn is_tar_header(block: &[u8]) -> bool {
-    if block.len() != 512 {
-        return false;
-    }
-    if block.iter().all(|b| *b == 0) {
-        return true;
-    }
-    let field = &block[148..156];
-    let digits: Vec<u8> = field
-        .iter()
-        .copied()
-        .skip_while(|b| *b == b' ')
-        .take_while(|b| (b'0'..=b'7').contains(b))
-        .collect();
-    if digits.is_empty() {
-        return false;
-    }
-    let Some(recorded) = std::str::from_utf8(&digits)
-        .ok()
-        .and_then(|d| u64::from_str_radix(d, 8).ok())
-    else {
-        return false;
-    };
-    let unsigned: u64 = block
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            if (148..156).contains(&i) {
-                32
-            } else {
-                u64::from(*b)
-            }
-        })
-        .sum();
-    let signed: i64 = block
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            if (148..156).contains(&i) {
-                32
-            } else {
-                i64::from(*b as i8)
-            }
-        })
-        .sum();
-    recorded == unsigned || i64::try_from(recorded).is_ok_and(|r| r == signed)
-}
-
 impl StdinContext {
     /// Spools stdin into a fresh directory under `tmp/` of the store and, when it is an archive,
     /// extracts it as the context. Fails (removing the directory) if `cancel` fires first.
@@ -787,46 +762,26 @@ impl StdinContext {
             Some(Ok(r)) => r.context("failed to read the build context from stdin")?,
         }
 
-        let open = || {
-            std::fs::File::open(&spool_path)
-                .with_context(|| format!("failed to open `{}`", spool_path.display()))
-        };
-        let mut magic = [0u8; 6];
-        let have = open()?
-            .read(&mut magic)
+        let kind = kiln_source::archive::classify_file(&spool_path)
             .context("failed to read the build context from stdin")?;
-        let compression = kiln_cache::layer::Compression::detect(&magic[..have]);
-        let is_archive = if compression != kiln_cache::layer::Compression::None {
-            true
-        } else {
-            let mut block = Vec::with_capacity(512);
-            open()?
-                .take(512)
-                .read_to_end(&mut block)
-                .context("failed to read the build context from stdin")?;
-            is_tar_header(&block)
-        };
         let context = dir.path().join("context");
         std::fs::create_dir(&context).with_context(|| format!("failed to create `{}`", context.display()))?;
-        let dockerfile = if is_archive {
-            let reader = kiln_cache::layer::sniff(CancellableReader {
-                inner: open()?,
-                cancel: cancel.clone(),
-            })
-            .context("failed to read the build context from stdin")?;
-            let opts = kiln_cache::layer::ApplyOptions {
-                whiteouts: kiln_cache::layer::WhiteoutMode::Delete,
-                archive_name: "build context from stdin".to_string(),
-                ..Default::default()
-            };
-            kiln_cache::layer::apply(reader, &context, &opts)
-                .context("failed to extract the build context from stdin")?;
-            None
-        } else {
-            Some(
+        let dockerfile = match kind {
+            kiln_source::archive::ContextKind::Archive(_) => {
+                let file = std::fs::File::open(&spool_path)
+                    .with_context(|| format!("failed to open `{}`", spool_path.display()))?;
+                let reader = CancellableReader {
+                    inner: file,
+                    cancel: cancel.clone(),
+                };
+                kiln_source::archive::extract(reader, &context, "build context from stdin")
+                    .context("failed to extract the build context from stdin")?;
+                None
+            }
+            kiln_source::archive::ContextKind::Plain => Some(
                 std::fs::read(&spool_path)
                     .with_context(|| format!("failed to read `{}`", spool_path.display()))?,
-            )
+            ),
         };
         std::fs::remove_file(&spool_path)
             .with_context(|| format!("failed to remove `{}`", spool_path.display()))?;
@@ -885,32 +840,6 @@ impl StdinContext {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn header(name: &str) -> Vec<u8> {
-        let mut h = vec![0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[100..108].copy_from_slice(b"0000644\0");
-        h[124..136].copy_from_slice(b"00000000000\0");
-        h[156] = b'0';
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
-        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-        h
-    }
-
-    #[test]
-    fn tar_headers_are_told_from_dockerfiles() {
-        assert!(is_tar_header(&header("Dockerfile")));
-        assert!(is_tar_header(&[0u8; 512]), "an empty archive");
-        let mut bad = header("Dockerfile");
-        bad[0] = b'X';
-        assert!(!is_tar_header(&bad), "checksum mismatch");
-        let mut df = b"FROM busybox\nRUN echo hi\n".to_vec();
-        df.resize(512, b' ');
-        assert!(!is_tar_header(&df));
-        assert!(!is_tar_header(b"FROM busybox\n"), "short input");
-    }
 
     #[test]
     fn outputs_parse_like_docker() {

@@ -7,8 +7,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod build_cmd;
+mod container_cmds;
+mod container_fs_cmds;
 mod debug_cmd;
 mod progress;
+mod registry_cmds;
+mod remote_ctx;
 mod run_cmd;
 mod store_cmds;
 
@@ -49,6 +53,18 @@ enum Cmd {
     /// Inspect what the frontend makes of a Dockerfile
     #[command(subcommand)]
     Debug(debug_cmd::DebugCmd),
+    #[command(flatten)]
+    Containers(container_cmds::ContainerCmd),
+    #[command(flatten)]
+    ContainerFs(container_fs_cmds::FsCmd),
+    /// Download an image from a registry
+    Pull(registry_cmds::PullArgs),
+    /// Upload an image to a registry
+    Push(registry_cmds::PushArgs),
+    /// Log in to a registry
+    Login(registry_cmds::LoginArgs),
+    /// Log out from a registry
+    Logout(registry_cmds::LogoutArgs),
 }
 
 fn default_root() -> PathBuf {
@@ -88,17 +104,30 @@ fn main() -> ExitCode {
     // Builds and containers mount overlays from this process: a mount namespace of our own makes
     // every such mount vanish with the process, however it ends. It must be entered while the
     // process still has one thread.
-    if matches!(cli.cmd, Cmd::Build(_) | Cmd::Run(_)) {
+    let private_mounts = match &cli.cmd {
+        Cmd::Build(_) | Cmd::Run(_) => true,
+        Cmd::Containers(c) => c.needs_private_mounts(),
+        Cmd::ContainerFs(c) => c.needs_private_mounts(),
+        _ => false,
+    };
+    if private_mounts {
         if let Err(e) = kiln_runtime::host::enter_private_mount_namespace() {
             eprintln!("error: {e}");
             return ExitCode::from(1);
         }
     }
     let result = match cli.cmd {
+        Cmd::Store(store_cmds::StoreCmd::Inspect(a)) => container_cmds::inspect_or_image(a.images, &globals),
         Cmd::Store(c) => store_cmds::run(c, &globals),
         Cmd::Build(a) => build_cmd::run(a, &globals),
         Cmd::Run(a) => run_cmd::run(a, &globals),
         Cmd::Debug(c) => debug_cmd::run(c, &globals),
+        Cmd::Containers(c) => container_cmds::run(c, &globals),
+        Cmd::ContainerFs(c) => container_fs_cmds::run(c, &globals),
+        Cmd::Pull(a) => registry_cmds::pull(a, &globals),
+        Cmd::Push(a) => registry_cmds::push(a, &globals),
+        Cmd::Login(a) => registry_cmds::login(a),
+        Cmd::Logout(a) => registry_cmds::logout(a),
     };
     match result {
         Ok(code) => code,

@@ -1,31 +1,29 @@
-//! `kiln run`: a container from an image, in the foreground, with Docker's CMD/ENTRYPOINT rules.
+//! `kiln run` and `kiln create`: Docker's flags turned into a container record, then (for `run`)
+//! the container started, detached under a supervisor of its own (`-d`) or in the foreground
+//! with this process as its supervisor.
 
-use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::os::fd::AsFd as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use clap::Args;
-use kiln_cache::layer;
-use kiln_cache::snapshot::Snapshots;
-use kiln_dag::image::ContainerConfig;
+use kiln_containers::lifecycle::{self, CreateRequest, LifecycleError};
+use kiln_containers::supervisor::{self, Mode, Outcome, EXIT_RUNNER};
+use kiln_containers::{Containers, HostConfig, RestartPolicy};
 
 use crate::Globals;
 
-/// Docker's exit codes for failures of the runner itself.
-const EXIT_RUNNER: u8 = 125;
-const EXIT_CANNOT_EXEC: u8 = 126;
-const EXIT_NOT_FOUND: u8 = 127;
-
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-#[derive(Args, Debug)]
-#[command(disable_help_flag = true)]
-pub struct RunArgs {
-    /// Print help (`-h` is --hostname, as in Docker)
-    #[arg(long, action = clap::ArgAction::Help)]
-    pub help: Option<bool>,
-    /// Automatically remove the container when it exits
+/// The flags `kiln create` and `kiln run` share (Docker's spelling).
+#[derive(Args, Debug, Clone)]
+pub struct CreateFlags {
+    /// Keep STDIN open even if not attached
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Allocate a pseudo-TTY
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Automatically remove the container and its associated anonymous volumes when it exits
     #[arg(long)]
     pub rm: bool,
     /// Assign a name to the container
@@ -34,6 +32,9 @@ pub struct RunArgs {
     /// Set environment variables (KEY=VALUE, or KEY to take it from the environment)
     #[arg(short = 'e', long = "env")]
     pub env: Vec<String>,
+    /// Read in a file of environment variables
+    #[arg(long = "env-file")]
+    pub env_file: Vec<PathBuf>,
     /// Working directory inside the container
     #[arg(short = 'w', long = "workdir")]
     pub workdir: Option<String>,
@@ -46,12 +47,66 @@ pub struct RunArgs {
     /// Container host name
     #[arg(short = 'h', long)]
     pub hostname: Option<String>,
-    /// Network: `host` (the default for now: the host's network) or `none` (loopback only)
-    #[arg(long, default_value = "host")]
+    /// Connect a container to a network (bridge, host, none)
+    #[arg(long, alias = "net", default_value = "default")]
     pub network: String,
-    /// Keep STDIN open
-    #[arg(short = 'i', long)]
-    pub interactive: bool,
+    /// Restart policy to apply when a container exits (no, always, unless-stopped, on-failure[:N])
+    #[arg(long, default_value = "no")]
+    pub restart: String,
+    /// Signal to stop the container
+    #[arg(long = "stop-signal")]
+    pub stop_signal: Option<String>,
+    /// Timeout (in seconds) to stop a container
+    #[arg(long = "stop-timeout")]
+    pub stop_timeout: Option<u64>,
+    /// Add Linux capabilities
+    #[arg(long = "cap-add")]
+    pub cap_add: Vec<String>,
+    /// Drop Linux capabilities
+    #[arg(long = "cap-drop")]
+    pub cap_drop: Vec<String>,
+    /// Give extended privileges to this container
+    #[arg(long)]
+    pub privileged: bool,
+    /// Run an init inside the container that forwards signals and reaps processes
+    #[arg(long)]
+    pub init: bool,
+    /// Memory limit (e.g. 512m, 1g)
+    #[arg(short = 'm', long)]
+    pub memory: Option<String>,
+    /// Number of CPUs
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Tune container pids limit (set -1 for unlimited)
+    #[arg(long = "pids-limit")]
+    pub pids_limit: Option<i64>,
+    /// Mount the container's root filesystem as read only
+    #[arg(long = "read-only")]
+    pub read_only: bool,
+    /// Bind mount a volume
+    #[arg(short = 'v', long = "volume")]
+    pub volume: Vec<String>,
+    /// Attach a filesystem mount to the container
+    #[arg(long)]
+    pub mount: Vec<String>,
+    /// Mount a tmpfs directory
+    #[arg(long)]
+    pub tmpfs: Vec<String>,
+    /// Mount volumes from the specified container(s)
+    #[arg(long = "volumes-from")]
+    pub volumes_from: Vec<String>,
+    /// Publish a container's port(s) to the host
+    #[arg(short = 'p', long = "publish")]
+    pub publish: Vec<String>,
+    /// Publish all exposed ports to random ports
+    #[arg(short = 'P', long = "publish-all")]
+    pub publish_all: bool,
+    /// Add link to another container
+    #[arg(long)]
+    pub link: Vec<String>,
+    /// Add a custom host-to-IP mapping (host:ip)
+    #[arg(long = "add-host")]
+    pub add_host: Vec<String>,
     /// The image to run
     pub image: String,
     /// Command and arguments
@@ -59,246 +114,216 @@ pub struct RunArgs {
     pub args: Vec<String>,
 }
 
-/// The argv Docker runs: ENTRYPOINT + (arguments or CMD), with `--entrypoint` overriding.
-pub fn command_line(cfg: &ContainerConfig, entrypoint: Option<&str>, args: &[String]) -> Vec<String> {
-    let entry: Vec<String> = match entrypoint {
-        Some("") => Vec::new(),
-        Some(e) => vec![e.to_string()],
-        None => cfg.entrypoint.clone().unwrap_or_default(),
+/// `kiln run`.
+#[derive(Args, Debug)]
+#[command(disable_help_flag = true)]
+pub struct RunArgs {
+    /// Print help (`-h` is --hostname, as in Docker)
+    #[arg(long, action = clap::ArgAction::Help)]
+    pub help: Option<bool>,
+    /// Run container in background and print container ID
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    #[command(flatten)]
+    pub flags: CreateFlags,
+}
+
+/// `kiln create`.
+#[derive(Args, Debug)]
+#[command(disable_help_flag = true)]
+pub struct CreateArgs {
+    /// Print help (`-h` is --hostname, as in Docker)
+    #[arg(long, action = clap::ArgAction::Help)]
+    pub help: Option<bool>,
+    #[command(flatten)]
+    pub flags: CreateFlags,
+}
+
+/// Docker's `RAMInBytes`: a number with an optional b/k/m/g/t/p suffix (binary units).
+pub fn parse_memory(s: &str) -> anyhow::Result<u64> {
+    let lower = s.trim().to_ascii_lowercase();
+    let body = lower
+        .strip_suffix('b')
+        .filter(|b| !b.is_empty())
+        .unwrap_or(&lower);
+    let (num, mult) = match body.chars().last() {
+        Some('k') => (&body[..body.len() - 1], 1u64 << 10),
+        Some('m') => (&body[..body.len() - 1], 1 << 20),
+        Some('g') => (&body[..body.len() - 1], 1 << 30),
+        Some('t') => (&body[..body.len() - 1], 1 << 40),
+        Some('p') => (&body[..body.len() - 1], 1 << 50),
+        _ => (body, 1),
     };
-    // An overridden entrypoint drops the image's CMD, as in Docker.
-    let cmd: Vec<String> = if !args.is_empty() {
-        args.to_vec()
-    } else if entrypoint.is_some() {
-        Vec::new()
-    } else {
-        cfg.cmd.clone().unwrap_or_default()
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)
+        .with_context(|| format!("invalid size: '{s}'"))?;
+    Ok((n * mult as f64) as u64)
+}
+
+/// `--env-file`: `KEY=VALUE` or `KEY` lines; `#` comments and blank lines are skipped.
+fn read_env_file(path: &PathBuf) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("open {}: no such file or directory", path.display()))?;
+    Ok(text
+        .lines()
+        .map(|l| l.trim_start())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .collect())
+}
+
+/// The request `kiln create`/`kiln run` make of the flags.
+pub fn create_request(f: &CreateFlags) -> anyhow::Result<CreateRequest> {
+    let mut env = Vec::new();
+    for file in &f.env_file {
+        env.extend(read_env_file(file)?);
+    }
+    env.extend(f.env.iter().cloned());
+    let mut mounts = Vec::new();
+    for (flag, values) in [
+        ("volume", &f.volume),
+        ("mount", &f.mount),
+        ("tmpfs", &f.tmpfs),
+        ("volumes-from", &f.volumes_from),
+    ] {
+        for v in values {
+            mounts.push(serde_json::json!({ "Flag": flag, "Value": v }));
+        }
+    }
+    let host = HostConfig {
+        auto_remove: f.rm,
+        restart_policy: RestartPolicy::parse(&f.restart)?,
+        network_mode: f.network.clone(),
+        port_bindings: f.publish.clone(),
+        publish_all_ports: f.publish_all,
+        mounts,
+        cap_add: f.cap_add.iter().map(|c| cap_name(c)).collect(),
+        cap_drop: f.cap_drop.iter().map(|c| cap_name(c)).collect(),
+        privileged: f.privileged,
+        init: f.init,
+        memory: f.memory.as_deref().map(parse_memory).transpose()?,
+        cpus: f.cpus,
+        pids_limit: f.pids_limit,
+        read_only_rootfs: f.read_only,
+        stop_signal: f.stop_signal.clone().unwrap_or_default(),
+        stop_timeout: f.stop_timeout,
+        tty: f.tty,
+        open_stdin: f.interactive,
+        links: f.link.clone(),
+        hostname: String::new(),
+        extra_hosts: f.add_host.clone(),
     };
-    let mut argv = entry;
-    argv.extend(cmd);
-    argv
+    if let Some(s) = &f.stop_signal {
+        lifecycle::parse_signal(s)?;
+    }
+    Ok(CreateRequest {
+        name: f.name.clone(),
+        image: f.image.clone(),
+        entrypoint: f.entrypoint.clone(),
+        cmd: f.args.clone(),
+        env,
+        workdir: f.workdir.clone(),
+        user: f.user.clone(),
+        hostname: f.hostname.clone(),
+        host,
+    })
 }
 
-fn container_env(cfg: &ContainerConfig, extra: &[String]) -> Vec<String> {
-    let mut env: Vec<String> = cfg.env.clone().unwrap_or_default();
-    for kv in extra {
-        let (k, v) = match kv.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => match std::env::var(kv) {
-                Ok(v) => (kv.clone(), v),
-                Err(_) => continue,
-            },
-        };
-        env.retain(|e| e.split_once('=').map(|(ek, _)| ek).unwrap_or(e) != k);
-        env.push(format!("{k}={v}"));
-    }
-    if !env.iter().any(|e| e.starts_with("PATH=")) {
-        env.insert(0, format!("PATH={DEFAULT_PATH}"));
-    }
-    if !env.iter().any(|e| e.starts_with("HOME=")) {
-        env.push("HOME=/root".into());
-    }
-    env
+fn cap_name(c: &str) -> String {
+    let up = c.to_ascii_uppercase();
+    up.strip_prefix("CAP_").map(str::to_string).unwrap_or(up)
 }
 
-fn new_id() -> String {
-    let mut h = blake3::Hasher::new();
-    h.update(&std::process::id().to_le_bytes());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    h.update(&now.as_nanos().to_le_bytes());
-    h.finalize().to_hex().to_string()
+/// Prints a failure of `run`/`create` as Docker does and returns its exit code.
+fn fail(e: &anyhow::Error) -> ExitCode {
+    let code = match e.downcast_ref::<LifecycleError>() {
+        Some(LifecycleError::StartFailed { code, .. }) => *code,
+        _ => EXIT_RUNNER,
+    };
+    eprintln!("kiln: Error: {e:#}");
+    ExitCode::from(code)
 }
 
-/// Unpacks (if needed) the image's layers and returns their directories, top first.
-fn image_lower_dirs(
-    store: &kiln_cache::Store,
-    image: &kiln_cache::images::Image,
-) -> anyhow::Result<Vec<PathBuf>> {
-    let snapshots = Snapshots::open(&store.snapshots_dir())?;
-    let mut dirs = Vec::new();
-    for (l, chain) in image.layers.iter().zip(image.chain_ids()) {
-        let snap = match snapshots.get(&chain) {
-            Some(s) => s,
-            None => {
-                let file = store.content().open(&l.digest)?;
-                snapshots
-                    .unpack(&chain, None, layer::sniff(file)?, Some(&l.diff_id))
-                    .with_context(|| format!("failed to unpack layer {}", l.digest))?
-            }
-        };
-        dirs.push(snap.path);
+/// `kiln create`.
+pub fn create(args: CreateArgs, g: &Globals) -> anyhow::Result<ExitCode> {
+    match create_inner(&args.flags, g) {
+        Ok(rec) => {
+            println!("{}", rec.id);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Ok(fail(&e)),
     }
-    dirs.reverse();
-    Ok(dirs)
+}
+
+fn create_inner(f: &CreateFlags, g: &Globals) -> anyhow::Result<kiln_containers::ContainerRecord> {
+    let req = create_request(f)?;
+    let store = kiln_cache::Store::open(&g.root)?;
+    let containers = Containers::open(&g.root)?;
+    Ok(lifecycle::create(&containers, &store, req)?)
 }
 
 /// `kiln run`.
 pub fn run(args: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     match run_inner(args, g) {
         Ok(code) => Ok(code),
-        Err(e) => {
-            eprintln!("kiln: {e:#}");
-            let text = format!("{e:#}");
-            let code = if text.contains("no such file or directory") || text.contains("not found in $PATH") {
-                EXIT_NOT_FOUND
-            } else if text.contains("permission denied") {
-                EXIT_CANNOT_EXEC
-            } else {
-                EXIT_RUNNER
-            };
-            Ok(ExitCode::from(code))
-        }
+        Err(e) => Ok(fail(&e)),
     }
 }
 
 fn run_inner(args: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
-    let network = match args.network.as_str() {
-        "none" => kiln_runtime::Network::None,
-        "host" => kiln_runtime::Network::Host,
-        other => bail!("network {other} not found: kiln run supports --network host and --network none"),
-    };
-    let store = kiln_cache::Store::open(&g.root)?;
-    let image = store
-        .images()
-        .resolve(&args.image)
-        .with_context(|| format!("Unable to find image '{}' locally", args.image))?;
-    let cfg = image.config.config.clone();
-    let argv = command_line(&cfg, args.entrypoint.as_deref(), &args.args);
-    if argv.is_empty() {
-        bail!("no command specified");
+    let rec = create_inner(&args.flags, g)?;
+    let containers = Containers::open(&g.root)?;
+    if args.detach {
+        let spawned = lifecycle::start_detached(
+            &rec.id,
+            crate::container_cmds::supervisor_command(g, &rec.id, false)?,
+        )?;
+        spawned.wait_running()?;
+        println!("{}", rec.id);
+        return Ok(ExitCode::SUCCESS);
     }
-    let mut lower = image_lower_dirs(&store, &image)?;
-    let id = new_id();
-    let dir = store.containers_dir().join(&id);
-    std::fs::create_dir_all(dir.join("upper"))
-        .with_context(|| format!("failed to create `{}`", dir.display()))?;
-    std::fs::create_dir_all(dir.join("work"))?;
-    let empty = dir.join("empty");
-    if lower.is_empty() {
-        std::fs::create_dir_all(&empty)?;
-        lower.push(empty.clone());
-    }
-    let record = serde_json::json!({
-        "Id": id,
-        "Name": args.name.clone().unwrap_or_default(),
-        "Image": image.manifest_digest.to_string(),
-        "ImageID": image.id().to_string(),
-        "Path": argv.first(),
-        "Args": argv.get(1..).unwrap_or_default(),
-    });
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&record)?)?;
-    let cleanup = Cleanup {
-        dir: dir.clone(),
-        remove: args.rm,
-    };
-
-    let hostname = args.hostname.clone().unwrap_or_else(|| id[..12].to_string());
-    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let dup = |fd: std::os::fd::BorrowedFd<'_>| -> anyhow::Result<OwnedFd> {
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| {
         fd.try_clone_to_owned()
             .context("failed to duplicate a standard stream")
     };
-    use std::os::fd::AsFd;
-    let spec = kiln_runtime::ContainerSpec {
-        rootfs: kiln_runtime::Rootfs::Overlay {
-            lower,
-            upper: dir.join("upper"),
-            work: dir.join("work"),
-        },
-        readonly_rootfs: false,
-        args: argv,
-        env: container_env(&cfg, &args.env),
-        cwd: args.workdir.clone().unwrap_or_else(|| {
-            if cfg.working_dir.is_empty() {
-                "/".into()
-            } else {
-                cfg.working_dir.clone()
-            }
-        }),
-        user: args.user.clone().unwrap_or_else(|| cfg.user.clone()),
-        hostname: hostname.clone(),
-        mounts: Vec::new(),
-        etc_files: kiln_runtime::EtcFiles::for_build(&hostname, &host_resolv, &network),
-        network,
-        security: kiln_runtime::Security::Default,
-        stdin: if args.interactive {
+    let mode = Mode::Foreground {
+        stdin: if args.flags.interactive {
             Some(dup(std::io::stdin().as_fd())?)
         } else {
             None
         },
         stdout: dup(std::io::stdout().as_fd())?,
         stderr: dup(std::io::stderr().as_fd())?,
-        options: Default::default(),
     };
-    let scratch = dir.join("runtime");
-    std::fs::create_dir_all(&scratch).with_context(|| format!("failed to create `{}`", scratch.display()))?;
-    let running = kiln_runtime::start(spec, &scratch)?;
-    let status = running.wait()?;
-    drop(cleanup);
-    Ok(match (status.code, status.signal) {
-        (Some(c), _) => ExitCode::from((c & 0xff) as u8),
-        (None, Some(s)) => ExitCode::from((128 + s).clamp(0, 255) as u8),
-        (None, None) => ExitCode::from(EXIT_RUNNER),
-    })
-}
-
-/// Removes a `--rm` container's directory however the run ends.
-struct Cleanup {
-    dir: PathBuf,
-    remove: bool,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if self.remove {
-            remove_container_dir(&self.dir);
+    match supervisor::supervise(&containers, &rec.id, mode)? {
+        Outcome::Exited(code) => Ok(ExitCode::from((code & 0xff) as u8)),
+        Outcome::StartFailed { code, message } => {
+            if rec.host.auto_remove {
+                let _ = containers.remove_dir(&rec.id);
+            }
+            Err(LifecycleError::StartFailed {
+                id: rec.id.clone(),
+                code,
+                message,
+            }
+            .into())
         }
     }
-}
-
-fn remove_container_dir(dir: &Path) {
-    // overlay leaves `work/work` with mode 000.
-    let ww = dir.join("work/work");
-    let _ = std::fs::set_permissions(&ww, std::os::unix::fs::PermissionsExt::from_mode(0o700));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn cfg(entry: Option<&[&str]>, cmd: Option<&[&str]>) -> ContainerConfig {
-        ContainerConfig {
-            entrypoint: entry.map(|e| e.iter().map(|s| s.to_string()).collect()),
-            cmd: cmd.map(|e| e.iter().map(|s| s.to_string()).collect()),
-            ..Default::default()
-        }
-    }
-
     #[test]
-    fn docker_command_rules() {
-        let c = cfg(Some(&["/bin/echo", "e"]), Some(&["c"]));
-        assert_eq!(command_line(&c, None, &[]), ["/bin/echo", "e", "c"]);
-        assert_eq!(command_line(&c, None, &["x".into()]), ["/bin/echo", "e", "x"]);
-        assert_eq!(command_line(&c, Some("/bin/true"), &[]), ["/bin/true"]);
-        assert_eq!(command_line(&c, Some(""), &["ls".into()]), ["ls"]);
-        let shell_entry = cfg(Some(&["/bin/sh", "-c", "echo hi"]), None);
-        assert_eq!(
-            command_line(&shell_entry, None, &["ignored".into()]),
-            ["/bin/sh", "-c", "echo hi", "ignored"]
-        );
-    }
-
-    #[test]
-    fn env_defaults_path_and_overrides() {
-        let c = ContainerConfig {
-            env: Some(vec!["A=1".into(), "PATH=/x".into()]),
-            ..Default::default()
-        };
-        let env = container_env(&c, &["A=2".into()]);
-        assert!(env.contains(&"A=2".to_string()) && env.contains(&"PATH=/x".to_string()));
-        assert!(!env.contains(&"A=1".to_string()));
+    fn memory_sizes_like_docker() {
+        assert_eq!(parse_memory("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_memory("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_memory("1GB").unwrap(), 1 << 30);
+        assert_eq!(parse_memory("4096").unwrap(), 4096);
+        assert_eq!(parse_memory("1.5k").unwrap(), 1536);
+        assert!(parse_memory("lots").is_err());
     }
 }

@@ -179,7 +179,7 @@ pub struct RmiArgs {
 pub struct InspectArgs {
     /// Images to inspect
     #[arg(required = true)]
-    images: Vec<String>,
+    pub images: Vec<String>,
 }
 
 /// `kiln history`.

@@ -4,6 +4,10 @@
 
 mod build;
 mod build_flags;
+mod containers;
+mod container_fs;
 mod debug;
 mod harness;
+mod remote;
+mod registry;
 mod store;

@@ -1,0 +1,987 @@
+//! Container lifecycle commands: `start`, `stop`, `kill`, `restart`, `rm`, `ps`, `logs`,
+//! `attach`, `wait`, `top`, `inspect` (containers), `container prune`, `version`, `info`, and the
+//! hidden `container-supervise` that a detached container runs under.
+
+use std::io::{self, BufRead as _, Write as _};
+use std::os::fd::AsFd as _;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, ExitCode};
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use kiln_containers::lifecycle::{self, LifecycleError};
+use kiln_containers::logs::{self, Stream};
+use kiln_containers::supervisor::{self, Mode, FRAME_EXIT, FRAME_STDERR, FRAME_STDOUT};
+use kiln_containers::{ContainerRecord, ContainerState, Containers, RecordError, Status};
+
+use crate::store_cmds::human_ago;
+use crate::Globals;
+
+/// Container subcommands (flattened into the top level, as in Docker).
+#[derive(Subcommand, Debug)]
+pub enum ContainerCmd {
+    /// Create a new container
+    Create(Box<crate::run_cmd::CreateArgs>),
+    /// Start one or more stopped containers
+    Start(StartArgs),
+    /// Stop one or more running containers
+    Stop(StopArgs),
+    /// Kill one or more running containers
+    Kill(KillArgs),
+    /// Restart one or more containers
+    Restart(StopArgs),
+    /// Remove one or more containers
+    Rm(RmArgs),
+    /// List containers
+    Ps(PsArgs),
+    /// Fetch the logs of a container
+    Logs(LogsArgs),
+    /// Attach local standard input, output, and error streams to a running container
+    Attach(AttachArgs),
+    /// Block until one or more containers stop, then print their exit codes
+    Wait(NamesArgs),
+    /// Display the running processes of a container
+    Top(TopArgs),
+    /// Execute a command in a running container
+    Exec(ExecArgs),
+    /// Manage containers
+    #[command(subcommand)]
+    Container(ContainerGroup),
+    /// Show the kiln version information
+    Version,
+    /// Display system-wide information
+    Info,
+    /// Run a container under this process as its supervisor (started by `run -d` and `start`)
+    #[command(name = "container-supervise", hide = true)]
+    Supervise(SuperviseArgs),
+}
+
+/// `kiln container ...`.
+#[derive(Subcommand, Debug)]
+pub enum ContainerGroup {
+    /// Remove all stopped containers
+    Prune(PruneArgs),
+}
+
+/// Container names or IDs.
+#[derive(Args, Debug)]
+pub struct NamesArgs {
+    /// Containers
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+/// `kiln start`.
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    /// Attach STDOUT/STDERR and forward signals
+    #[arg(short = 'a', long)]
+    pub attach: bool,
+    /// Attach container's STDIN
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Containers
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+/// `kiln stop` / `kiln restart`.
+#[derive(Args, Debug)]
+pub struct StopArgs {
+    /// Seconds to wait before killing the container
+    #[arg(short = 't', long = "time")]
+    pub time: Option<u64>,
+    /// Signal to send to the container
+    #[arg(short = 's', long)]
+    pub signal: Option<String>,
+    /// Containers
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+/// `kiln kill`.
+#[derive(Args, Debug)]
+pub struct KillArgs {
+    /// Signal to send to the container
+    #[arg(short = 's', long, default_value = "KILL")]
+    pub signal: String,
+    /// Containers
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+/// `kiln rm`.
+#[derive(Args, Debug)]
+pub struct RmArgs {
+    /// Force the removal of a running container (uses SIGKILL)
+    #[arg(short = 'f', long)]
+    pub force: bool,
+    /// Remove anonymous volumes associated with the container
+    #[arg(short = 'v', long)]
+    pub volumes: bool,
+    /// Containers
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+/// `kiln ps`.
+#[derive(Args, Debug)]
+pub struct PsArgs {
+    /// Show all containers (default shows just running)
+    #[arg(short = 'a', long)]
+    pub all: bool,
+    /// Only display container IDs
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+    /// Show the latest created container (includes all states)
+    #[arg(short = 'l', long)]
+    pub latest: bool,
+    /// Show n last created containers (includes all states)
+    #[arg(short = 'n', long = "last")]
+    pub last: Option<usize>,
+    /// Don't truncate output
+    #[arg(long = "no-trunc")]
+    pub no_trunc: bool,
+}
+
+/// `kiln logs`.
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    /// Follow log output
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Show timestamps
+    #[arg(short = 't', long)]
+    pub timestamps: bool,
+    /// Number of lines to show from the end of the logs ("all" for every line)
+    #[arg(short = 'n', long, default_value = "all")]
+    pub tail: String,
+    /// Container
+    pub container: String,
+}
+
+/// `kiln attach`.
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    /// Do not attach STDIN
+    #[arg(long = "no-stdin")]
+    pub no_stdin: bool,
+    /// Container
+    pub container: String,
+}
+
+/// `kiln top`.
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    /// Container
+    pub container: String,
+}
+
+/// `kiln exec`.
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// Detached mode: run command in the background
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Keep STDIN open even if not attached
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Allocate a pseudo-TTY
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Set environment variables
+    #[arg(short = 'e', long = "env")]
+    pub env: Vec<String>,
+    /// Working directory inside the container
+    #[arg(short = 'w', long = "workdir")]
+    pub workdir: Option<String>,
+    /// Username or UID (format: "<name|uid>[:<group|gid>]")
+    #[arg(short = 'u', long = "user")]
+    pub user: Option<String>,
+    /// Give extended privileges to the command
+    #[arg(long)]
+    pub privileged: bool,
+    /// Container
+    pub container: String,
+    /// Command and arguments
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// `kiln container prune`.
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// Do not prompt for confirmation
+    #[arg(short = 'f', long)]
+    pub force: bool,
+}
+
+/// `kiln container-supervise`.
+#[derive(Args, Debug)]
+pub struct SuperviseArgs {
+    /// Wait for an attach client before starting the process
+    #[arg(long = "wait-attach")]
+    pub wait_attach: bool,
+    /// The container ID
+    pub id: String,
+}
+
+impl ContainerCmd {
+    /// Whether the command mounts filesystems and needs a private mount namespace (entered
+    /// while the process is single-threaded).
+    pub fn needs_private_mounts(&self) -> bool {
+        matches!(self, ContainerCmd::Supervise(_))
+    }
+}
+
+/// The command that supervises container `id` detached: this binary's `container-supervise`.
+pub fn supervisor_command(g: &Globals, id: &str, wait_attach: bool) -> anyhow::Result<Command> {
+    let exe = std::env::current_exe().context("failed to find the kiln executable")?;
+    let mut c = Command::new(exe);
+    c.arg("--root").arg(&g.root).arg("container-supervise");
+    if g.debug {
+        c.arg("--debug");
+    }
+    if wait_attach {
+        c.arg("--wait-attach");
+    }
+    c.arg(id);
+    Ok(c)
+}
+
+/// Runs a container command.
+pub fn run(cmd: ContainerCmd, g: &Globals) -> anyhow::Result<ExitCode> {
+    if let ContainerCmd::Create(a) = cmd {
+        return crate::run_cmd::create(*a, g);
+    }
+    let containers = Containers::open(&g.root)?;
+    let result = match cmd {
+        ContainerCmd::Create(_) => Ok(ExitCode::SUCCESS),
+        ContainerCmd::Start(a) => cmd_start(&containers, g, a),
+        ContainerCmd::Stop(a) => each(&containers, &a.containers, |rec| {
+            lifecycle::stop(&containers, &with_signal(rec, a.signal.as_deref()), a.time)
+        }),
+        ContainerCmd::Restart(a) => each(&containers, &a.containers, |rec| {
+            lifecycle::stop(&containers, &with_signal(rec, a.signal.as_deref()), a.time)?;
+            start_one(&containers, g, rec)
+        }),
+        ContainerCmd::Kill(a) => each(&containers, &a.containers, |rec| {
+            lifecycle::kill(&containers, rec, &a.signal)
+        }),
+        ContainerCmd::Rm(a) => each(&containers, &a.containers, |rec| {
+            lifecycle::remove(&containers, rec, a.force)
+        }),
+        ContainerCmd::Ps(a) => cmd_ps(&containers, a),
+        ContainerCmd::Logs(a) => cmd_logs(&containers, a),
+        ContainerCmd::Attach(a) => cmd_attach(&containers, a),
+        ContainerCmd::Wait(a) => cmd_wait(&containers, a),
+        ContainerCmd::Top(a) => cmd_top(&containers, a),
+        ContainerCmd::Exec(a) => cmd_exec(&containers, a),
+        ContainerCmd::Container(ContainerGroup::Prune(a)) => cmd_prune(&containers, a),
+        ContainerCmd::Version => cmd_version(),
+        ContainerCmd::Info => cmd_info(&containers, g),
+        ContainerCmd::Supervise(a) => cmd_supervise(&containers, a),
+    };
+    match result {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn with_signal(rec: &ContainerRecord, signal: Option<&str>) -> ContainerRecord {
+    let mut r = rec.clone();
+    if let Some(s) = signal {
+        r.host.stop_signal = s.to_string();
+    }
+    r
+}
+
+/// Applies `f` to each named container, printing the name as given on success like Docker; the
+/// failures are printed and make the exit code 1.
+fn each(
+    containers: &Containers,
+    names: &[String],
+    mut f: impl FnMut(&ContainerRecord) -> Result<(), LifecycleError>,
+) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    for name in names {
+        let result = containers
+            .lookup(name)
+            .map_err(LifecycleError::from)
+            .and_then(|rec| f(&rec));
+        match result {
+            Ok(()) => println!("{name}"),
+            Err(e) => {
+                eprintln!("Error: {}", supervisor::error_chain(&e));
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn start_one(containers: &Containers, g: &Globals, rec: &ContainerRecord) -> Result<(), LifecycleError> {
+    if !lifecycle::prepare_start(containers, &rec.id)? {
+        return Ok(());
+    }
+    let cmd = supervisor_command(g, &rec.id, false).map_err(|e| LifecycleError::Spawn {
+        id: rec.id.clone(),
+        source: io::Error::other(format!("{e:#}")),
+    })?;
+    lifecycle::start_detached(&rec.id, cmd)?.wait_running()
+}
+
+fn cmd_start(containers: &Containers, g: &Globals, a: StartArgs) -> anyhow::Result<ExitCode> {
+    if !a.attach && !a.interactive {
+        return each(containers, &a.containers, |rec| start_one(containers, g, rec));
+    }
+    if a.containers.len() > 1 {
+        anyhow::bail!("you cannot start and attach multiple containers at once");
+    }
+    let rec = containers.lookup(&a.containers[0])?;
+    if !lifecycle::prepare_start(containers, &rec.id)? {
+        return attach_stream(containers, &rec, a.interactive);
+    }
+    let mut spawned = lifecycle::start_detached(&rec.id, supervisor_command(g, &rec.id, true)?)?;
+    spawned.wait_listening()?;
+    let (_dir, path) = supervisor::socket_path(&containers.dir(&rec.id))?;
+    let conn =
+        UnixStream::connect(&path).with_context(|| format!("failed to attach to container {}", rec.id))?;
+    if let Err(e) = spawned.wait_running() {
+        let code = match &e {
+            LifecycleError::StartFailed { code, .. } => *code,
+            _ => supervisor::EXIT_RUNNER,
+        };
+        eprintln!("Error: {e}");
+        return Ok(ExitCode::from(code));
+    }
+    pump_attached(conn, a.interactive && rec.host.open_stdin)
+}
+
+/// Attaches to a running container's socket and streams until it stops.
+fn attach_stream(containers: &Containers, rec: &ContainerRecord, stdin: bool) -> anyhow::Result<ExitCode> {
+    let st = containers.state(&rec.id)?;
+    if !matches!(st.status, Status::Running | Status::Restarting) {
+        anyhow::bail!("You cannot attach to a stopped container, start it first");
+    }
+    let (_dir, path) = supervisor::socket_path(&containers.dir(&rec.id))?;
+    let conn =
+        UnixStream::connect(&path).with_context(|| format!("failed to attach to container {}", rec.id))?;
+    pump_attached(conn, stdin && rec.host.open_stdin)
+}
+
+fn pump_attached(conn: UnixStream, forward_stdin: bool) -> anyhow::Result<ExitCode> {
+    if forward_stdin {
+        let mut w = conn.try_clone()?;
+        std::thread::spawn(move || {
+            let _ = io::copy(&mut io::stdin().lock(), &mut w);
+            let _ = w.shutdown(std::net::Shutdown::Write);
+        });
+    } else {
+        let _ = conn.shutdown(std::net::Shutdown::Write);
+    }
+    let mut r = io::BufReader::new(conn);
+    let mut code = 0;
+    while let Some((kind, data)) = supervisor::read_frame(&mut r)? {
+        match kind {
+            FRAME_STDOUT => {
+                let mut o = io::stdout().lock();
+                o.write_all(&data)?;
+                o.flush()?;
+            }
+            FRAME_STDERR => io::stderr().lock().write_all(&data)?,
+            FRAME_EXIT => {
+                if let Ok(b) = <[u8; 4]>::try_from(data.as_slice()) {
+                    code = i32::from_be_bytes(b);
+                }
+                break;
+            }
+            _ => {}
+        }
+    }
+    Ok(ExitCode::from((code & 0xff) as u8))
+}
+
+fn cmd_attach(containers: &Containers, a: AttachArgs) -> anyhow::Result<ExitCode> {
+    let rec = containers.lookup(&a.container)?;
+    attach_stream(containers, &rec, !a.no_stdin)
+}
+
+fn cmd_wait(containers: &Containers, a: NamesArgs) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    for name in &a.containers {
+        match containers
+            .lookup(name)
+            .map_err(LifecycleError::from)
+            .and_then(|rec| lifecycle::wait_exit(containers, &rec))
+        {
+            Ok(code) => println!("{code}"),
+            Err(e) => {
+                eprintln!("Error: {}", supervisor::error_chain(&e));
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Docker's `HumanDuration` (as in "Up 3 seconds").
+fn human_duration(since: &str) -> String {
+    let ago = human_ago(Some(since));
+    ago.strip_suffix(" ago").unwrap_or(&ago).to_string()
+}
+
+/// The STATUS column of `ps`.
+pub fn status_text(st: &ContainerState) -> String {
+    match st.status {
+        Status::Created => "Created".into(),
+        Status::Running => format!("Up {}", human_duration(&st.started_at)),
+        Status::Restarting => format!(
+            "Restarting ({}) {}",
+            st.exit_code,
+            human_ago(Some(&st.finished_at))
+        ),
+        Status::Exited => format!("Exited ({}) {}", st.exit_code, human_ago(Some(&st.finished_at))),
+        Status::Dead => "Dead".into(),
+    }
+}
+
+/// The COMMAND column: the argv joined, cut to 20 characters with `…`, quoted.
+fn command_text(rec: &ContainerRecord, no_trunc: bool) -> String {
+    let cmd = rec.args.join(" ");
+    let cmd = if !no_trunc && cmd.chars().count() > 20 {
+        let mut s: String = cmd.chars().take(19).collect();
+        s.push('…');
+        s
+    } else {
+        cmd
+    };
+    format!("\"{}\"", cmd.replace('"', "\\\""))
+}
+
+/// The PORTS column from `-p` specs: `[ip:]host:ctr[/proto]` as `ip:host->ctr/proto`.
+fn ports_text(rec: &ContainerRecord) -> String {
+    rec.host
+        .port_bindings
+        .iter()
+        .map(|p| {
+            let (spec, proto) = p.split_once('/').unwrap_or((p, "tcp"));
+            let parts: Vec<&str> = spec.rsplitn(3, ':').collect();
+            match parts.as_slice() {
+                [ctr, host, ip] => format!("{ip}:{host}->{ctr}/{proto}"),
+                [ctr, host] => format!("0.0.0.0:{host}->{ctr}/{proto}"),
+                _ => format!("{spec}/{proto}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn print_table(rows: &[Vec<String>]) -> io::Result<()> {
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut widths = vec![0; cols];
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = io::stdout().lock();
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            line.push_str(c);
+            if i + 1 < r.len() {
+                line.push_str(&" ".repeat(widths[i] - c.chars().count() + 3));
+            }
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+fn cmd_ps(containers: &Containers, a: PsArgs) -> anyhow::Result<ExitCode> {
+    let mut rows = Vec::new();
+    let limit = if a.latest { Some(1) } else { a.last };
+    let all = a.all || limit.is_some();
+    for rec in containers.list()?.into_iter().take(limit.unwrap_or(usize::MAX)) {
+        let st = match containers.state(&rec.id) {
+            Ok(s) => s,
+            Err(RecordError::NoSuchContainer(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if !all && !matches!(st.status, Status::Running | Status::Restarting) {
+            continue;
+        }
+        let id = if a.no_trunc {
+            rec.id.clone()
+        } else {
+            rec.short_id().to_string()
+        };
+        if a.quiet {
+            println!("{id}");
+            continue;
+        }
+        rows.push(vec![
+            id,
+            rec.image_name.clone(),
+            command_text(&rec, a.no_trunc),
+            human_ago(Some(&rec.created)),
+            status_text(&st),
+            ports_text(&rec),
+            rec.name.clone(),
+        ]);
+    }
+    if !a.quiet {
+        let head = [
+            "CONTAINER ID",
+            "IMAGE",
+            "COMMAND",
+            "CREATED",
+            "STATUS",
+            "PORTS",
+            "NAMES",
+        ];
+        rows.insert(0, head.map(String::from).to_vec());
+        print_table(&rows)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_logs(containers: &Containers, a: LogsArgs) -> anyhow::Result<ExitCode> {
+    let rec = containers.lookup(&a.container)?;
+    let tail = match a.tail.as_str() {
+        "all" | "-1" => None,
+        n => Some(
+            n.parse::<usize>()
+                .with_context(|| format!("invalid tail value: {n}"))?,
+        ),
+    };
+    let path = logs::log_path(&containers.dir(&rec.id), &rec.id);
+    let done = || {
+        containers
+            .state(&rec.id)
+            .map(|s| !matches!(s.status, Status::Running | Status::Restarting))
+            .unwrap_or(true)
+    };
+    logs::stream(&path, tail, a.follow, done, |e| {
+        let text = if a.timestamps {
+            format!("{} {}", e.time, e.log)
+        } else {
+            e.log.clone()
+        };
+        match e.stream {
+            Stream::Stdout => {
+                let mut o = io::stdout().lock();
+                o.write_all(text.as_bytes())?;
+                o.flush()
+            }
+            Stream::Stderr => io::stderr().lock().write_all(text.as_bytes()),
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn user_name(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.get(2) == Some(&uid.to_string().as_str())).then(|| f[0].to_string())
+        })
+        .unwrap_or_else(|| uid.to_string())
+}
+
+fn cmd_top(containers: &Containers, a: TopArgs) -> anyhow::Result<ExitCode> {
+    let rec = containers.lookup(&a.container)?;
+    let procs = lifecycle::top(containers, &rec)?;
+    const HZ: u64 = 100;
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<i64>().ok())
+        })
+        .unwrap_or(0);
+    let mut rows = vec![["UID", "PID", "PPID", "C", "STIME", "TTY", "TIME", "CMD"]
+        .map(String::from)
+        .to_vec()];
+    for p in procs {
+        let start = boot + (p.start_ticks / HZ) as i64;
+        let stime = time::OffsetDateTime::from_unix_timestamp(start)
+            .map(|t| format!("{:02}:{:02}", t.hour(), t.minute()))
+            .unwrap_or_default();
+        let cpu = p.cpu_ticks / HZ;
+        let tty = if p.tty == 0 {
+            "?".to_string()
+        } else {
+            let minor = (p.tty & 0xff) | ((p.tty >> 12) & 0xfff00);
+            format!("pts/{minor}")
+        };
+        rows.push(vec![
+            user_name(p.uid),
+            p.pid.to_string(),
+            p.ppid.to_string(),
+            "0".into(),
+            stime,
+            tty,
+            format!("{:02}:{:02}:{:02}", cpu / 3600, cpu / 60 % 60, cpu % 60),
+            p.cmd,
+        ]);
+    }
+    print_table(&rows)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_exec(containers: &Containers, a: ExecArgs) -> anyhow::Result<ExitCode> {
+    use kiln_runtime::tty;
+    let rec = containers.lookup(&a.container)?;
+    let st = containers.state(&rec.id)?;
+    if st.status != Status::Running || st.pid <= 0 {
+        anyhow::bail!("container {} is not running", rec.id);
+    }
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| {
+        fd.try_clone_to_owned()
+            .context("failed to duplicate a standard stream")
+    };
+    let null = || -> anyhow::Result<std::os::fd::OwnedFd> {
+        Ok(std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?
+            .into())
+    };
+    let env = lifecycle::container_env(rec.config.env.as_deref().unwrap_or_default(), &a.env);
+    // With -t the process gets a pty slave and this process copies between it and the terminal.
+    let mut master = None;
+    let (stdin, stdout, stderr) = if a.tty {
+        let (m, slave) = tty::open_pty()?;
+        if let Ok((rows, cols)) = tty::get_winsize(io::stdout()) {
+            let _ = tty::set_winsize(&m, rows, cols);
+        }
+        master = Some(m);
+        (Some(slave.try_clone()?), slave.try_clone()?, slave)
+    } else if a.detach {
+        (None, null()?, null()?)
+    } else {
+        let stdin = if a.interactive {
+            Some(dup(io::stdin().as_fd())?)
+        } else {
+            None
+        };
+        (stdin, dup(io::stdout().as_fd())?, dup(io::stderr().as_fd())?)
+    };
+    let spec = kiln_runtime::exec::ExecSpec {
+        pid: st.pid,
+        args: a.command.clone(),
+        env,
+        cwd: a
+            .workdir
+            .clone()
+            .unwrap_or_else(|| rec.config.working_dir.clone()),
+        user: a.user.clone().unwrap_or_else(|| rec.config.user.clone()),
+        privileged: a.privileged || rec.host.privileged,
+        controlling_tty: a.tty,
+        stdin,
+        stdout,
+        stderr,
+    };
+    let running = match kiln_runtime::exec::exec(spec) {
+        Ok(r) => r,
+        Err(e) => {
+            let code = supervisor::start_failure_code(&e);
+            eprintln!("Error: {}", supervisor::error_chain(&e));
+            return Ok(ExitCode::from(code));
+        }
+    };
+    if a.detach {
+        // The process lives on in the container (its pid 1 adopts it when this process exits).
+        std::mem::forget(running);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut _raw = None;
+    let mut copied = None;
+    if let Some(m) = master {
+        if a.interactive {
+            if tty::is_tty(io::stdin()) {
+                _raw = tty::RawMode::enable(io::stdin()).ok();
+            }
+            let mut w = std::fs::File::from(m.try_clone()?);
+            std::thread::spawn(move || {
+                let _ = io::copy(&mut io::stdin().lock(), &mut w);
+            });
+        }
+        let mut r = std::fs::File::from(m);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        copied = Some(rx);
+        std::thread::spawn(move || {
+            let _done = tx;
+            let mut out = io::stdout();
+            let mut buf = [0u8; 8192];
+            // EIO once the last slave descriptor closes.
+            while let Ok(n) = std::io::Read::read(&mut r, &mut buf) {
+                if n == 0 || out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let status = running.wait()?;
+    if let Some(rx) = copied {
+        // The copy ends when the terminal's last slave descriptor is gone.
+        let _ = rx.recv_timeout(std::time::Duration::from_secs(2));
+    }
+    drop(_raw);
+    let code = match (status.code, status.signal) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        (None, None) => 255,
+    };
+    Ok(ExitCode::from((code & 0xff) as u8))
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    std::fs::read_dir(path)
+        .map(|es| es.flatten().map(|e| dir_size(&e.path())).sum())
+        .unwrap_or(0)
+}
+
+fn cmd_prune(containers: &Containers, a: PruneArgs) -> anyhow::Result<ExitCode> {
+    if !a.force {
+        eprint!(
+            "WARNING! This will remove all stopped containers.\nAre you sure you want to continue? [y/N] "
+        );
+        let mut answer = String::new();
+        io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let sizes: Vec<(String, u64)> = containers
+        .list()?
+        .iter()
+        .map(|r| (r.id.clone(), dir_size(&r.rootfs.upper)))
+        .collect();
+    let removed = lifecycle::prune(containers)?;
+    if !removed.is_empty() {
+        println!("Deleted Containers:");
+        for id in &removed {
+            println!("{id}");
+        }
+        println!();
+    }
+    let total: u64 = sizes
+        .iter()
+        .filter(|(id, _)| removed.contains(id))
+        .map(|(_, s)| s)
+        .sum();
+    println!("Total reclaimed space: {}", crate::store_cmds::human_size(total));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Docker-like `inspect` JSON of one container.
+pub fn inspect_json(containers: &Containers, rec: &ContainerRecord) -> anyhow::Result<serde_json::Value> {
+    let st = containers.state(&rec.id)?;
+    let hostname = if rec.host.hostname.is_empty() {
+        rec.short_id().to_string()
+    } else {
+        rec.host.hostname.clone()
+    };
+    let mut config = serde_json::to_value(&rec.config)?;
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert("Hostname".into(), hostname.into());
+        obj.insert("Image".into(), rec.image_name.clone().into());
+        obj.insert("Tty".into(), rec.host.tty.into());
+        obj.insert("OpenStdin".into(), rec.host.open_stdin.into());
+        obj.insert("AttachStdout".into(), true.into());
+        obj.insert("AttachStderr".into(), true.into());
+    }
+    let dir = containers.dir(&rec.id);
+    Ok(serde_json::json!({
+        "Id": rec.id,
+        "Created": rec.created,
+        "Path": rec.path(),
+        "Args": rec.args.get(1..).unwrap_or_default(),
+        "State": {
+            "Status": st.status.as_str(),
+            "Running": st.status == Status::Running,
+            "Paused": false,
+            "Restarting": st.status == Status::Restarting,
+            "OOMKilled": st.oom_killed,
+            "Dead": st.status == Status::Dead,
+            "Pid": st.pid,
+            "ExitCode": st.exit_code,
+            "Error": st.error,
+            "StartedAt": if st.started_at.is_empty() { "0001-01-01T00:00:00Z" } else { &st.started_at },
+            "FinishedAt": if st.finished_at.is_empty() { "0001-01-01T00:00:00Z" } else { &st.finished_at },
+        },
+        "Image": rec.image_id.unwrap_or(rec.image).to_string(),
+        "ResolvConfPath": "",
+        "HostnamePath": "",
+        "HostsPath": "",
+        "LogPath": logs::log_path(&dir, &rec.id),
+        "Name": format!("/{}", rec.name),
+        "RestartCount": st.restart_count,
+        "Driver": "overlay",
+        "Platform": "linux",
+        "HostConfig": rec.host,
+        "GraphDriver": {
+            "Name": "overlay",
+            "Data": {
+                "LowerDir": rec.rootfs.lower.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":"),
+                "UpperDir": rec.rootfs.upper,
+                "WorkDir": rec.rootfs.work,
+            },
+        },
+        "Mounts": [],
+        "Config": config,
+        "NetworkSettings": {
+            "Ports": {},
+            "Networks": st.network.clone().unwrap_or(serde_json::json!({})),
+        },
+    }))
+}
+
+/// `kiln inspect NAME...`: containers by name or ID; when no name is a container, the image
+/// inspect handles them all.
+pub fn inspect_or_image(names: Vec<String>, g: &Globals) -> anyhow::Result<ExitCode> {
+    let containers = Containers::open(&g.root)?;
+    let mut found = Vec::new();
+    let mut missing = Vec::new();
+    for n in &names {
+        match containers.lookup(n) {
+            Ok(rec) => found.push(inspect_json(&containers, &rec)?),
+            Err(RecordError::NoSuchContainer(_)) => missing.push(n.clone()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if found.is_empty() {
+        return crate::store_cmds::run(
+            crate::store_cmds::StoreCmd::Inspect(crate::store_cmds::InspectArgs { images: names }),
+            g,
+        );
+    }
+    println!("{}", serde_json::to_string_pretty(&found)?);
+    for m in &missing {
+        eprintln!("Error: No such object: {m}");
+    }
+    Ok(if missing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn cmd_version() -> anyhow::Result<ExitCode> {
+    println!("Client:");
+    println!(" Version:           {}", env!("CARGO_PKG_VERSION"));
+    println!(" OS/Arch:           linux/{}", docker_arch());
+    println!(" Daemon:            none (kiln is daemonless)");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn docker_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+fn cmd_info(containers: &Containers, g: &Globals) -> anyhow::Result<ExitCode> {
+    let (mut running, mut stopped, mut total) = (0, 0, 0);
+    for rec in containers.list()? {
+        total += 1;
+        match containers.state(&rec.id).map(|s| s.status) {
+            Ok(Status::Running | Status::Restarting) => running += 1,
+            _ => stopped += 1,
+        }
+    }
+    let store = kiln_cache::Store::open(&g.root)?;
+    let images = store.images().index().map(|i| i.images.len()).unwrap_or(0);
+    let overlay = std::fs::read_to_string("/proc/filesystems")
+        .map(|f| f.lines().any(|l| l.split_whitespace().last() == Some("overlay")))
+        .unwrap_or(false);
+    let cgroup = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        "2"
+    } else if Path::new("/sys/fs/cgroup").exists() {
+        "1"
+    } else {
+        "none"
+    };
+    let userns = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > 0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("Containers: {total}");
+    println!(" Running: {running}");
+    println!(" Paused: 0");
+    println!(" Stopped: {stopped}");
+    println!("Images: {images}");
+    println!("Storage Driver: overlay (supported: {})", yes_no(overlay));
+    println!("Cgroup Version: {cgroup}");
+    println!("User Namespaces: {}", yes_no(userns));
+    println!("Kernel Version: {}", kernel.trim());
+    println!("Architecture: {}", std::env::consts::ARCH);
+    println!("Kiln Root Dir: {}", g.root.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn cmd_supervise(containers: &Containers, a: SuperviseArgs) -> anyhow::Result<ExitCode> {
+    // A session of our own: the supervisor survives the CLI and its terminal.
+    let _ = nix::unistd::setsid();
+    // Standard output is the readiness pipe to the starting CLI: keep it as `ready` only, so the
+    // CLI sees its end as soon as the report is written.
+    let ready = io::stdout().as_fd().try_clone_to_owned()?;
+    let devnull = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    nix::unistd::dup2_stdout(&devnull)?;
+    let mode = Mode::Detached {
+        ready: Some(std::fs::File::from(ready)),
+        wait_attach: a.wait_attach,
+    };
+    match supervisor::supervise(containers, &a.id, mode) {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            let msg = supervisor::error_chain(&e);
+            let _ = containers.update_state(&a.id, |st| {
+                if st.status == Status::Running || st.status == Status::Restarting {
+                    st.status = Status::Exited;
+                    st.running = false;
+                }
+                st.error = msg.clone();
+            });
+            Err(e.into())
+        }
+    }
+}
