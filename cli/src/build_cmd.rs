@@ -266,8 +266,15 @@ fn lower_with(
         named_contexts: extras.named_contexts.clone(),
         ..Default::default()
     };
-    kiln_frontend::lower::lower(&inputs.dockerfile, &opts, &StoreResolver { store, pull: extras.pull })
-        .map_err(|e| e.render(&inputs.dockerfile))
+    kiln_frontend::lower::lower(
+        &inputs.dockerfile,
+        &opts,
+        &StoreResolver {
+            store,
+            pull: extras.pull,
+        },
+    )
+    .map_err(|e| e.render(&inputs.dockerfile))
 }
 
 /// A parsed `-o` value.
@@ -450,7 +457,11 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
     };
     let keep_git = crate::remote_ctx::keep_git_dir(&args.build_args);
     let remote_context = if stdin_context.is_none() && crate::remote_ctx::is_remote(&args.context) {
-        Some(crate::remote_ctx::Fetched::fetch(&args.context, &store, keep_git)?)
+        Some(crate::remote_ctx::Fetched::fetch(
+            &args.context,
+            &store,
+            keep_git,
+        )?)
     } else {
         None
     };

@@ -4,10 +4,10 @@
 
 mod build;
 mod build_flags;
-mod containers;
 mod container_fs;
+mod containers;
 mod debug;
 mod harness;
-mod remote;
 mod registry;
+mod remote;
 mod store;

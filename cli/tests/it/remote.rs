@@ -734,7 +734,11 @@ RUN [\"/bin/busybox\", \"sh\", \"-c\", \"/bin/busybox cat /local.txt > /ran.txt\
     build_local(
         &env,
         &out,
-        &["--build-context", &format!("web={tarball}"), ctx.to_str().unwrap()],
+        &[
+            "--build-context",
+            &format!("web={tarball}"),
+            ctx.to_str().unwrap(),
+        ],
     );
     assert_eq!(read(&out.join("hello.txt")), "hello from a tarball");
 
