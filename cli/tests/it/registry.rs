@@ -153,6 +153,10 @@ struct Faults {
     truncate_once: Option<String>,
     /// Answer this many manifest requests with 500 first.
     fail_manifests: usize,
+    /// Answer this many manifest requests with 429 (Retry-After: 0) first.
+    throttle_manifests: usize,
+    /// Answer every manifest request with this status line (e.g. `403 Forbidden`).
+    deny_manifests: Option<&'static str>,
 }
 
 /// An HTTP/1.1 proxy in front of a registry, one request per connection.
@@ -318,6 +322,27 @@ fn handle(
         f.fail_manifests -= 1;
         drop(f);
         respond(&conn, "500 Internal Server Error", &[], b"injected failure");
+        return;
+    }
+    if path.contains("/manifests/") && f.throttle_manifests > 0 {
+        f.throttle_manifests -= 1;
+        drop(f);
+        respond(
+            &conn,
+            "429 Too Many Requests",
+            &[("Retry-After", "0".into())],
+            br#"{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}"#,
+        );
+        return;
+    }
+    if let Some(status) = f.deny_manifests.filter(|_| path.contains("/manifests/")) {
+        drop(f);
+        respond(
+            &conn,
+            status,
+            &[("Content-Type", "application/json".into())],
+            br#"{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}"#,
+        );
         return;
     }
     let blob_fault = if method == "GET" {
@@ -707,4 +732,49 @@ fn corrupt_and_truncated_blobs_and_server_errors() {
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn forbidden_throttled_and_unreachable_registries() {
+    require_root();
+    let reg = Registry::start(None);
+    let a = Env::new();
+    a.with_busybox();
+    let image = format!("{}/faults/deny:v1", reg.addr);
+    ok(&a, &["tag", "busybox:local", &image]);
+    ok(&a, &["push", &image]);
+    let proxy = Proxy::start(&reg.addr, Faults::default());
+    let via = format!("{}/faults/deny:v1", proxy.addr);
+    let b = Env::new();
+
+    // 403: final, one line naming the reference, nothing stored.
+    proxy.faults.lock().unwrap().deny_manifests = Some("403 Forbidden");
+    let err = fails(&b, &["pull", &via]);
+    assert!(err.contains(&via) && err.contains("403"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one error line: {err}");
+    assert!(
+        blob_files(&b.root()).is_empty(),
+        "nothing may be stored after a 403"
+    );
+    proxy.faults.lock().unwrap().deny_manifests = None;
+
+    // 429 is retried (Retry-After honoured); when it persists the pull fails clearly.
+    proxy.faults.lock().unwrap().throttle_manifests = 2;
+    ok(&b, &["pull", &via]);
+    assert_eq!(proxy.faults.lock().unwrap().throttle_manifests, 0);
+    let c = Env::new();
+    proxy.faults.lock().unwrap().throttle_manifests = 100;
+    let err = fails(&c, &["pull", &via]);
+    assert!(err.contains(&via) && err.contains("429"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one error line: {err}");
+    proxy.faults.lock().unwrap().throttle_manifests = 0;
+    ok(&c, &["pull", &via]);
+
+    // An unreachable host (a closed loopback port): a clear error naming the reference, and the
+    // store stays usable.
+    let closed = format!("127.0.0.1:{}/faults/deny:v1", free_port());
+    let err = fails(&c, &["pull", &closed]);
+    assert!(err.contains(&closed), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one error line: {err}");
+    ok(&c, &["store", "verify"]);
 }
