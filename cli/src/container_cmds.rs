@@ -45,6 +45,8 @@ pub enum ContainerCmd {
     Top(TopArgs),
     /// Execute a command in a running container
     Exec(ExecArgs),
+    /// List port mappings or a specific mapping for the container
+    Port(PortArgs),
     /// Manage containers
     #[command(subcommand)]
     Container(ContainerGroup),
@@ -209,6 +211,15 @@ pub struct ExecArgs {
     pub command: Vec<String>,
 }
 
+/// `kiln port`.
+#[derive(Args, Debug)]
+pub struct PortArgs {
+    /// Container
+    pub container: String,
+    /// A private port, `PORT[/PROTO]`
+    pub private_port: Option<String>,
+}
+
 /// `kiln container prune`.
 #[derive(Args, Debug)]
 pub struct PruneArgs {
@@ -270,7 +281,7 @@ pub fn run(cmd: ContainerCmd, g: &Globals) -> anyhow::Result<ExitCode> {
             lifecycle::kill(&containers, rec, &a.signal)
         }),
         ContainerCmd::Rm(a) => each(&containers, &a.containers, |rec| {
-            lifecycle::remove(&containers, rec, a.force)
+            lifecycle::remove(&containers, rec, a.force, a.volumes)
         }),
         ContainerCmd::Ps(a) => cmd_ps(&containers, a),
         ContainerCmd::Logs(a) => cmd_logs(&containers, a),
@@ -278,6 +289,7 @@ pub fn run(cmd: ContainerCmd, g: &Globals) -> anyhow::Result<ExitCode> {
         ContainerCmd::Wait(a) => cmd_wait(&containers, a),
         ContainerCmd::Top(a) => cmd_top(&containers, a),
         ContainerCmd::Exec(a) => cmd_exec(&containers, a),
+        ContainerCmd::Port(a) => cmd_port(&containers, a),
         ContainerCmd::Container(ContainerGroup::Prune(a)) => cmd_prune(&containers, a),
         ContainerCmd::Version => cmd_version(),
         ContainerCmd::Info => cmd_info(&containers, g),
@@ -471,22 +483,79 @@ fn command_text(rec: &ContainerRecord, no_trunc: bool) -> String {
     format!("\"{}\"", cmd.replace('"', "\\\""))
 }
 
-/// The PORTS column from `-p` specs: `[ip:]host:ctr[/proto]` as `ip:host->ctr/proto`.
-fn ports_text(rec: &ContainerRecord) -> String {
-    rec.host
-        .port_bindings
-        .iter()
-        .map(|p| {
-            let (spec, proto) = p.split_once('/').unwrap_or((p, "tcp"));
-            let parts: Vec<&str> = spec.rsplitn(3, ':').collect();
-            match parts.as_slice() {
-                [ctr, host, ip] => format!("{ip}:{host}->{ctr}/{proto}"),
-                [ctr, host] => format!("0.0.0.0:{host}->{ctr}/{proto}"),
-                _ => format!("{spec}/{proto}"),
+/// The PORTS column: the live bindings of a running container.
+fn ports_text(st: &ContainerState) -> String {
+    if st.status != Status::Running {
+        return String::new();
+    }
+    kiln_runtime::net::format_ports(&st.ports)
+}
+
+/// `kiln port CONTAINER [PRIVATE_PORT[/PROTO]]`: Docker's `80/tcp -> 0.0.0.0:8080` lines, or
+/// only the host addresses of one private port.
+fn cmd_port(containers: &Containers, a: PortArgs) -> anyhow::Result<ExitCode> {
+    let rec = containers.lookup(&a.container)?;
+    let st = containers.state(&rec.id)?;
+    if st.status != Status::Running {
+        anyhow::bail!("container {} is not running", rec.id);
+    }
+    let mut ports = st.ports.clone();
+    ports.sort_by_key(|p| (p.container_port, p.protocol, p.host_port));
+    match &a.private_port {
+        None => {
+            for p in &ports {
+                println!("{}/{} -> {}", p.container_port, p.protocol, host_addr(p));
             }
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+        }
+        Some(want) => {
+            let (port, proto) = want.split_once('/').unwrap_or((want, "tcp"));
+            let port: u16 = port
+                .parse()
+                .with_context(|| format!("Error: invalid port ({want})"))?;
+            let found: Vec<_> = ports
+                .iter()
+                .filter(|p| p.container_port == port && p.protocol.to_string() == proto)
+                .collect();
+            if found.is_empty() {
+                anyhow::bail!("No public port '{port}/{proto}' published for {}", a.container);
+            }
+            for p in found {
+                println!("{}", host_addr(p));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ip:port` of a published port (`[ip]:port` for IPv6).
+fn host_addr(p: &kiln_runtime::net::PublishedPort) -> String {
+    std::net::SocketAddr::new(p.host_ip, p.host_port).to_string()
+}
+
+/// Docker's `NetworkSettings.Ports`: `"80/tcp": [{"HostIp": .., "HostPort": ".."}]`, with
+/// the exposed but unpublished ports as `null`.
+fn ports_json(rec: &ContainerRecord, st: &ContainerState) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for exposed in rec.config.exposed_ports.iter().flat_map(|m| m.keys()) {
+        let key = if exposed.contains('/') {
+            exposed.clone()
+        } else {
+            format!("{exposed}/tcp")
+        };
+        map.insert(key, serde_json::Value::Null);
+    }
+    for p in &st.ports {
+        let key = format!("{}/{}", p.container_port, p.protocol);
+        let entry =
+            serde_json::json!({ "HostIp": p.host_ip.to_string(), "HostPort": p.host_port.to_string() });
+        match map.get_mut(&key).and_then(|v| v.as_array_mut()) {
+            Some(list) => list.push(entry),
+            None => {
+                map.insert(key, serde_json::Value::Array(vec![entry]));
+            }
+        }
+    }
+    serde_json::Value::Object(map)
 }
 
 fn print_table(rows: &[Vec<String>]) -> io::Result<()> {
@@ -539,7 +608,7 @@ fn cmd_ps(containers: &Containers, a: PsArgs) -> anyhow::Result<ExitCode> {
             command_text(&rec, a.no_trunc),
             human_ago(Some(&rec.created)),
             status_text(&st),
-            ports_text(&rec),
+            ports_text(&st),
             rec.name.clone(),
         ]);
     }
@@ -671,6 +740,9 @@ fn cmd_exec(containers: &Containers, a: ExecArgs) -> anyhow::Result<ExitCode> {
         let (m, slave) = tty::open_pty()?;
         if let Ok((rows, cols)) = tty::get_winsize(io::stdout()) {
             let _ = tty::set_winsize(&m, rows, cols);
+        }
+        if !a.detach {
+            supervisor::forward_winch(m.try_clone()?)?;
         }
         master = Some(m);
         (Some(slave.try_clone()?), slave.try_clone()?, slave)
@@ -816,6 +888,49 @@ pub fn inspect_json(containers: &Containers, rec: &ContainerRecord) -> anyhow::R
         obj.insert("AttachStderr".into(), true.into());
     }
     let dir = containers.dir(&rec.id);
+    let mounts: Vec<serde_json::Value> = kiln_containers::mounts::load(containers.root(), &rec.id)?
+        .iter()
+        .map(|m| m.inspect_json())
+        .collect();
+    let endpoint = st
+        .network
+        .clone()
+        .and_then(|v| serde_json::from_value::<kiln_runtime::net::Endpoint>(v).ok());
+    let (ip, prefix, gateway, mac) = match &endpoint {
+        Some(ep) => (
+            ep.ip.to_string(),
+            ep.prefix_len,
+            ep.gateway.to_string(),
+            ep.mac.clone(),
+        ),
+        None => (String::new(), 0, String::new(), String::new()),
+    };
+    let mut networks = serde_json::Map::new();
+    let mode = rec.host.network_mode.as_str();
+    let net_name = if matches!(mode, "" | "default") {
+        "bridge"
+    } else {
+        mode
+    };
+    networks.insert(
+        net_name.to_string(),
+        serde_json::json!({
+            "IPAddress": ip,
+            "IPPrefixLen": prefix,
+            "Gateway": gateway,
+            "MacAddress": mac,
+            "Links": if rec.host.links.is_empty() { serde_json::Value::Null } else { serde_json::json!(rec.host.links) },
+        }),
+    );
+    let network_settings = serde_json::json!({
+        "Ports": ports_json(rec, &st),
+        "IPAddress": ip,
+        "IPPrefixLen": prefix,
+        "Gateway": gateway,
+        "MacAddress": mac,
+        "SandboxKey": endpoint.as_ref().map(|e| e.netns.display().to_string()).unwrap_or_default(),
+        "Networks": networks,
+    });
     Ok(serde_json::json!({
         "Id": rec.id,
         "Created": rec.created,
@@ -852,12 +967,9 @@ pub fn inspect_json(containers: &Containers, rec: &ContainerRecord) -> anyhow::R
                 "WorkDir": rec.rootfs.work,
             },
         },
-        "Mounts": [],
+        "Mounts": mounts,
         "Config": config,
-        "NetworkSettings": {
-            "Ports": {},
-            "Networks": st.network.clone().unwrap_or(serde_json::json!({})),
-        },
+        "NetworkSettings": network_settings,
     }))
 }
 

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Args;
 use kiln_containers::lifecycle::{self, CreateRequest, LifecycleError};
-use kiln_containers::supervisor::{self, Mode, Outcome, EXIT_RUNNER};
+use kiln_containers::supervisor::{self, Mode, Outcome, SignalProxy, EXIT_RUNNER};
 use kiln_containers::{Containers, HostConfig, RestartPolicy};
 
 use crate::Globals;
@@ -107,11 +107,25 @@ pub struct CreateFlags {
     /// Add a custom host-to-IP mapping (host:ip)
     #[arg(long = "add-host")]
     pub add_host: Vec<String>,
+    /// Pull image before running ("always", "missing", "never")
+    #[arg(long, value_enum, default_value_t = PullPolicy::Missing)]
+    pub pull: PullPolicy,
     /// The image to run
     pub image: String,
     /// Command and arguments
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
+}
+
+/// `--pull` of `run` and `create`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Always pull before running.
+    Always,
+    /// Pull when the image is not in the store.
+    Missing,
+    /// Never pull.
+    Never,
 }
 
 /// `kiln run`.
@@ -181,17 +195,10 @@ pub fn create_request(f: &CreateFlags) -> anyhow::Result<CreateRequest> {
         env.extend(read_env_file(file)?);
     }
     env.extend(f.env.iter().cloned());
-    let mut mounts = Vec::new();
-    for (flag, values) in [
-        ("volume", &f.volume),
-        ("mount", &f.mount),
-        ("tmpfs", &f.tmpfs),
-        ("volumes-from", &f.volumes_from),
-    ] {
-        for v in values {
-            mounts.push(serde_json::json!({ "Flag": flag, "Value": v }));
-        }
-    }
+    let mounts = kiln_containers::mounts::parse_flags(&f.volume, &f.mount, &f.tmpfs, &f.volumes_from)?
+        .iter()
+        .map(kiln_containers::mounts::MountRequest::to_value)
+        .collect();
     let host = HostConfig {
         auto_remove: f.rm,
         restart_policy: RestartPolicy::parse(&f.restart)?,
@@ -261,18 +268,83 @@ fn create_inner(f: &CreateFlags, g: &Globals) -> anyhow::Result<kiln_containers:
     let req = create_request(f)?;
     let store = kiln_cache::Store::open(&g.root)?;
     let containers = Containers::open(&g.root)?;
-    Ok(lifecycle::create(&containers, &store, req)?)
+    if f.pull == PullPolicy::Always {
+        pull_image(&store, &f.image)?;
+    }
+    match lifecycle::create(&containers, &store, req.clone()) {
+        // `--pull missing`: Docker's notice, the pull, then the create again.
+        Err(LifecycleError::UnknownImage(..)) if f.pull == PullPolicy::Missing => {
+            eprintln!("Unable to find image '{}' locally", f.image);
+            pull_image(&store, &f.image)?;
+            Ok(lifecycle::create(&containers, &store, req)?)
+        }
+        other => Ok(other?),
+    }
+}
+
+/// Pulls `image` for `run`/`create`, with `kiln pull`'s progress lines on standard error.
+fn pull_image(store: &kiln_cache::Store, image: &str) -> anyhow::Result<()> {
+    use kiln_source::registry;
+    let r = kiln_cache::reference::Reference::parse(image)
+        .with_context(|| format!("invalid reference format `{image}`"))?;
+    let what = match (r.digest(), r.tag()) {
+        (Some(d), _) => d.to_string(),
+        (None, Some(t)) => t.to_string(),
+        (None, None) => "latest".into(),
+    };
+    eprintln!("{what}: Pulling from {}", r.path());
+    let client = crate::registry_cmds::client(&[]);
+    let opts = registry::PullOptions {
+        platform: kiln_dag::Platform::host(),
+        jobs: 4,
+    };
+    let pulled = registry::pull(&client, store, &r, &opts, &StderrProgress)
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("failed to pull {}", r.familiar()))?;
+    eprintln!("Digest: {}", pulled.digest);
+    if pulled.up_to_date {
+        eprintln!("Status: Image is up to date for {}", r.familiar());
+    } else {
+        eprintln!("Status: Downloaded newer image for {}", r.familiar());
+    }
+    Ok(())
+}
+
+/// `kiln pull`'s per-layer lines, on standard error (standard output is the container's).
+struct StderrProgress;
+
+impl kiln_source::registry::TransferProgress for StderrProgress {
+    fn event(&self, event: kiln_source::registry::TransferEvent) {
+        use kiln_source::registry::TransferEvent;
+        let (digest, what) = match &event {
+            TransferEvent::Exists { digest } => (digest, "Already exists".to_string()),
+            TransferEvent::Retrying { digest, error } => (digest, format!("Retrying ({error})")),
+            TransferEvent::Done { digest } => (digest, "Pull complete".to_string()),
+            _ => return,
+        };
+        eprintln!("{}: {what}", &digest.hex()[..12]);
+    }
 }
 
 /// `kiln run`.
 pub fn run(args: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
-    match run_inner(args, g) {
+    // A foreground run forwards the signals it gets to the container: they are blocked before
+    // any thread starts, so that only the proxy's thread receives them.
+    let signals = if args.detach {
+        None
+    } else {
+        match SignalProxy::block() {
+            Ok(p) => Some(p),
+            Err(e) => return Ok(fail(&e.into())),
+        }
+    };
+    match run_inner(args, signals, g) {
         Ok(code) => Ok(code),
         Err(e) => Ok(fail(&e)),
     }
 }
 
-fn run_inner(args: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
+fn run_inner(args: RunArgs, signals: Option<SignalProxy>, g: &Globals) -> anyhow::Result<ExitCode> {
     let rec = create_inner(&args.flags, g)?;
     let containers = Containers::open(&g.root)?;
     if args.detach {
@@ -296,11 +368,13 @@ fn run_inner(args: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         },
         stdout: dup(std::io::stdout().as_fd())?,
         stderr: dup(std::io::stderr().as_fd())?,
+        signals,
     };
     match supervisor::supervise(&containers, &rec.id, mode)? {
         Outcome::Exited(code) => Ok(ExitCode::from((code & 0xff) as u8)),
         Outcome::StartFailed { code, message } => {
             if rec.host.auto_remove {
+                supervisor::release_volumes(&containers, &rec.id);
                 let _ = containers.remove_dir(&rec.id);
             }
             Err(LifecycleError::StartFailed {

@@ -92,6 +92,13 @@ pub enum LifecycleError {
     /// `kill`/`top`/`exec` on a container that does not run (Docker's message).
     #[error("container {0} is not running")]
     NotRunning(String),
+    /// A mount request that cannot be satisfied (Docker's message, e.g. a missing bind source
+    /// or a duplicate mount point).
+    #[error(transparent)]
+    Mounts(#[from] crate::mounts::MountError),
+    /// A recorded mount request or a network setting is not valid.
+    #[error(transparent)]
+    Supervisor(#[from] Box<supervisor::SupervisorError>),
     /// Reading `/proc` for `top` failed.
     #[error("failed to read `{path}`")]
     Proc {
@@ -251,7 +258,25 @@ pub fn create(
         },
         id,
     };
+    supervisor::net_mode(&rec).map_err(Box::new)?;
+    supervisor::port_specs(&rec).map_err(Box::new)?;
+    let requests = supervisor::mount_requests(&rec).map_err(Box::new)?;
+    let image_volumes = supervisor::image_volumes(&rec);
     containers.create(&rec)?;
+    // Volumes are made and bind sources checked now, as Docker does at create; the mounts are
+    // resolved again (to the same volumes) at each start.
+    if !requests.is_empty() || !image_volumes.is_empty() {
+        if let Err(e) = crate::mounts::resolve_mounts(
+            containers.root(),
+            &rec.id,
+            &requests,
+            &image_volumes,
+            &rec.rootfs.lower,
+        ) {
+            let _ = containers.remove_dir(&rec.id);
+            return Err(e.into());
+        }
+    }
     Ok(rec)
 }
 
@@ -443,8 +468,14 @@ pub fn kill(containers: &Containers, rec: &ContainerRecord, sig: &str) -> Result
     signal(&rec.id, pid, sig)
 }
 
-/// `kiln rm [-f]`: a running container needs `force` (then it is killed first).
-pub fn remove(containers: &Containers, rec: &ContainerRecord, force: bool) -> Result<(), LifecycleError> {
+/// `kiln rm [-f] [-v]`: a running container needs `force` (then it is killed first); `volumes`
+/// also drops its anonymous volumes no other container uses.
+pub fn remove(
+    containers: &Containers,
+    rec: &ContainerRecord,
+    force: bool,
+    volumes: bool,
+) -> Result<(), LifecycleError> {
     let st = containers.state(&rec.id)?;
     match st.status {
         Status::Running | Status::Restarting if !force => {
@@ -480,6 +511,19 @@ pub fn remove(containers: &Containers, rec: &ContainerRecord, force: bool) -> Re
         Err(RecordError::NoSuchContainer(_)) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
+    // An endpoint left by a supervisor that died without tearing it down.
+    if let Some(ep) = state::read(&containers.dir(&rec.id))
+        .ok()
+        .and_then(|s| s.network)
+        .and_then(|v| serde_json::from_value::<kiln_runtime::net::Endpoint>(v).ok())
+    {
+        if let Err(e) = kiln_runtime::net::teardown(&ep) {
+            tracing::warn!("{}", supervisor::error_chain(&e));
+        }
+    }
+    if volumes {
+        supervisor::release_volumes(containers, &rec.id);
+    }
     containers.remove_dir(&rec.id)?;
     Ok(())
 }

@@ -68,8 +68,11 @@ pub struct ContainerState {
     /// The process was killed by the OOM killer.
     #[serde(rename = "OOMKilled")]
     pub oom_killed: bool,
-    /// The network endpoint the network code set up (its serde form), if any.
+    /// The network endpoint the network code set up (its serde form), if any: present while
+    /// the container runs on the bridge.
     pub network: Option<serde_json::Value>,
+    /// The ports published for the current run (`-p`, `-P`), empty when not running.
+    pub ports: Vec<kiln_runtime::net::PublishedPort>,
 }
 
 /// A failure reading or writing `state.json`.

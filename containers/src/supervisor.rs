@@ -16,16 +16,21 @@
 
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
+use std::net::Ipv4Addr;
 use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kiln_runtime::net::{self, Endpoint, NetConfig, NetRequest, PortProxy, PortSpec};
 use kiln_runtime::{ContainerSpec, RuntimeError};
+use nix::sys::signal::{SigSet, Signal};
 
 use crate::logs::{self, LogWriter, Stream};
+use crate::mounts::{self, MountError, MountRequest};
 use crate::record::{ContainerRecord, Containers, RecordError};
 use crate::state::{self, Status};
 
@@ -84,14 +89,76 @@ pub enum SupervisorError {
     /// The recorded network mode is not one the runtime can set up.
     #[error("network {0} not found")]
     Network(String),
-    /// The record asks for mounts, which are resolved by the volume code.
-    #[error("mounts of container {id} cannot be resolved: {reason}")]
+    /// `--network container:<name>`, which kiln does not implement.
+    #[error("network mode {0}: joining another container's network is not supported")]
+    NetworkContainer(String),
+    /// Connecting the container to the bridge failed.
+    #[error("failed to connect container {id} to the bridge network")]
+    NetSetup {
+        /// The container.
+        id: String,
+        /// The cause.
+        #[source]
+        source: net::NetError,
+    },
+    /// A recorded `-p` or an image `EXPOSE` is not a port spec.
+    #[error("invalid port specification `{spec}`")]
+    PortSpec {
+        /// The spec.
+        spec: String,
+        /// The cause.
+        #[source]
+        source: net::PortSpecError,
+    },
+    /// Publishing the container's ports on the host failed.
+    #[error("failed to publish the ports of container {id}")]
+    Publish {
+        /// The container.
+        id: String,
+        /// The cause.
+        #[source]
+        source: net::ProxyError,
+    },
+    /// A `--link` names a container that is not running on the bridge (Docker's message).
+    #[error("Cannot link to a non running container: /{name} AS /{child}/{alias}")]
+    LinkNotRunning {
+        /// The linked container.
+        name: String,
+        /// This container's name.
+        child: String,
+        /// The alias.
+        alias: String,
+    },
+    /// A `--link` names no container.
+    #[error("could not get container for {name}")]
+    Link {
+        /// The link target as written.
+        name: String,
+        /// The cause.
+        #[source]
+        source: RecordError,
+    },
+    /// A recorded mount request is not in the volume code's form.
+    #[error("invalid mount request recorded for container {id}")]
+    MountRecord {
+        /// The container.
+        id: String,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Resolving the container's mounts failed.
+    #[error("failed to set up the mounts of container {id}")]
     Mounts {
         /// The container.
         id: String,
-        /// Why.
-        reason: String,
+        /// The cause.
+        #[source]
+        source: Box<MountError>,
     },
+    /// Blocking the signals a foreground run forwards failed.
+    #[error("failed to block signals for forwarding them to the container")]
+    BlockSignals(#[source] nix::errno::Errno),
     /// Waiting for the container failed.
     #[error("failed to wait for container {id}")]
     Wait {
@@ -126,6 +193,8 @@ pub enum Mode {
         stdout: OwnedFd,
         /// Standard error.
         stderr: OwnedFd,
+        /// The signal proxy of the CLI (Docker's `--sig-proxy=true`), if it blocked them.
+        signals: Option<SignalProxy>,
     },
 }
 
@@ -291,43 +360,249 @@ fn open_stdio(tty: bool, open_stdin: bool) -> Result<Io, SupervisorError> {
     })
 }
 
-/// The runtime's network for the recorded `--network`. `default` and `bridge` share the host's
-/// network until the bridge driver is wired in here.
-pub fn network_for(record: &ContainerRecord) -> Result<kiln_runtime::Network, SupervisorError> {
+/// The network modes `--network` accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetMode {
+    /// A namespace of its own on the bridge (`bridge`, Docker's default).
+    Bridge,
+    /// The host's network.
+    Host,
+    /// A namespace with only a loopback interface.
+    None,
+}
+
+/// The network mode of the recorded `--network` (`default` and empty mean `bridge`).
+pub fn net_mode(record: &ContainerRecord) -> Result<NetMode, SupervisorError> {
     match record.host.network_mode.as_str() {
-        "" | "default" | "bridge" | "host" => Ok(kiln_runtime::Network::Host),
-        "none" => Ok(kiln_runtime::Network::None),
+        "" | "default" | "bridge" => Ok(NetMode::Bridge),
+        "host" => Ok(NetMode::Host),
+        "none" => Ok(NetMode::None),
+        other if other.starts_with("container:") => Err(SupervisorError::NetworkContainer(other.to_string())),
         other => Err(SupervisorError::Network(other.to_string())),
     }
 }
 
-/// The runtime mounts for the recorded `-v/--mount/--tmpfs/--volumes-from` requests (resolved
-/// by the volume code once it is wired in here).
-fn mounts_for(record: &ContainerRecord) -> Result<Vec<kiln_runtime::MountSpec>, SupervisorError> {
-    if record.host.mounts.is_empty() {
-        return Ok(Vec::new());
+/// The runtime's network for the recorded `--network` when it needs no endpoint (`host`,
+/// `none`); a bridged container joins the namespace of its [`Endpoint`] instead.
+pub fn network_for(record: &ContainerRecord) -> Result<kiln_runtime::Network, SupervisorError> {
+    match net_mode(record)? {
+        NetMode::Host => Ok(kiln_runtime::Network::Host),
+        NetMode::None | NetMode::Bridge => Ok(kiln_runtime::Network::None),
     }
-    Err(SupervisorError::Mounts {
+}
+
+/// The ports a bridged container publishes: its `-p` specs, plus with `-P` every port the
+/// image exposes (on a random host port).
+pub fn port_specs(record: &ContainerRecord) -> Result<Vec<PortSpec>, SupervisorError> {
+    let mut specs = Vec::new();
+    for p in &record.host.port_bindings {
+        specs.push(PortSpec::parse(p).map_err(|source| SupervisorError::PortSpec {
+            spec: p.clone(),
+            source,
+        })?);
+    }
+    if record.host.publish_all_ports {
+        for exposed in record.config.exposed_ports.iter().flat_map(|m| m.keys()) {
+            specs.push(
+                PortSpec::from_exposed(exposed).map_err(|source| SupervisorError::PortSpec {
+                    spec: exposed.clone(),
+                    source,
+                })?,
+            );
+        }
+    }
+    Ok(specs)
+}
+
+/// The `--link NAME[:ALIAS]` entries of `record` as (name, alias, address): each linked
+/// container must run on the bridge.
+fn links_for(
+    containers: &Containers,
+    record: &ContainerRecord,
+) -> Result<Vec<(String, String, Ipv4Addr)>, SupervisorError> {
+    let mut out = Vec::new();
+    for link in &record.host.links {
+        let (name, alias) = link.split_once(':').unwrap_or((link, link));
+        let name = name.strip_prefix('/').unwrap_or(name);
+        let other = containers.lookup(name).map_err(|source| SupervisorError::Link {
+            name: name.to_string(),
+            source,
+        })?;
+        let not_running = || SupervisorError::LinkNotRunning {
+            name: other.name.clone(),
+            child: record.name.clone(),
+            alias: alias.to_string(),
+        };
+        let st = containers.state(&other.id)?;
+        if st.status != Status::Running {
+            return Err(not_running());
+        }
+        let ep = st
+            .network
+            .as_ref()
+            .and_then(|v| serde_json::from_value::<Endpoint>(v.clone()).ok())
+            .ok_or_else(not_running)?;
+        out.push((other.name.clone(), alias.to_string(), ep.ip));
+    }
+    Ok(out)
+}
+
+/// The network of one run of a container and what to undo when the run ends.
+struct RunNet {
+    network: kiln_runtime::Network,
+    etc_files: kiln_runtime::EtcFiles,
+    endpoint: Option<Endpoint>,
+    proxy: Option<PortProxy>,
+}
+
+impl RunNet {
+    /// The endpoint's serde form and the published ports, for the state.
+    fn state(&self) -> (Option<serde_json::Value>, Vec<net::PublishedPort>) {
+        (
+            self.endpoint.as_ref().and_then(|e| serde_json::to_value(e).ok()),
+            self.proxy
+                .as_ref()
+                .map(|p| p.ports().to_vec())
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Stops publishing and disconnects the endpoint (once the container's processes are gone).
+    fn finish(self) {
+        drop(self.proxy);
+        if let Some(ep) = self.endpoint {
+            if let Err(e) = net::teardown(&ep) {
+                tracing::warn!("{}", error_chain(&e));
+            }
+        }
+    }
+}
+
+/// Sets up the network of one run: for a bridged container a new endpoint (namespace, veth,
+/// address), its published ports and its `/etc` files; for `host` and `none` the build
+/// sandbox's defaults. The endpoint's namespace file is bind-mounted in this process's mount
+/// namespace; other processes reach the namespace as `/proc/<pid>/ns/net` of the container.
+fn setup_network(
+    containers: &Containers,
+    record: &ContainerRecord,
+    hostname: &str,
+) -> Result<RunNet, SupervisorError> {
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let mode = net_mode(record)?;
+    if mode != NetMode::Bridge {
+        let network = network_for(record)?;
+        return Ok(RunNet {
+            etc_files: kiln_runtime::EtcFiles::for_build(hostname, &host_resolv, &network),
+            network,
+            endpoint: None,
+            proxy: None,
+        });
+    }
+    let links = links_for(containers, record)?;
+    let specs = port_specs(record)?;
+    let request = NetRequest {
+        config: NetConfig::default(),
+        ip: None,
+    };
+    let endpoint = net::setup(&record.id, &request).map_err(|source| SupervisorError::NetSetup {
         id: record.id.clone(),
-        reason: "volume and bind mounts are not supported by this build".into(),
+        source,
+    })?;
+    let proxy = if specs.is_empty() {
+        None
+    } else {
+        match net::publish(&specs, endpoint.ip) {
+            Ok(p) => Some(p),
+            Err(source) => {
+                let _ = net::teardown(&endpoint);
+                return Err(SupervisorError::Publish {
+                    id: record.id.clone(),
+                    source,
+                });
+            }
+        }
+    };
+    Ok(RunNet {
+        network: endpoint.network(),
+        etc_files: net::etc_files(hostname, &endpoint, &links, &host_resolv),
+        endpoint: Some(endpoint),
+        proxy,
     })
 }
 
-/// The full spec the runtime runs for `record` with the given stdio.
-fn container_spec(
+/// The mount requests recorded for `record` (`HostConfig.Mounts`).
+pub fn mount_requests(record: &ContainerRecord) -> Result<Vec<MountRequest>, SupervisorError> {
+    record
+        .host
+        .mounts
+        .iter()
+        .map(MountRequest::from_value)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| SupervisorError::MountRecord {
+            id: record.id.clone(),
+            source,
+        })
+}
+
+/// The image's `VOLUME` paths of `record`.
+pub fn image_volumes(record: &ContainerRecord) -> Vec<String> {
+    record
+        .config
+        .volumes
+        .iter()
+        .flat_map(|m| m.keys().cloned())
+        .collect()
+}
+
+/// The runtime mounts for the recorded `-v/--mount/--tmpfs/--volumes-from` requests and the
+/// image's `VOLUME`s (anonymous volumes), resolved by the volume code at each start.
+fn mounts_for(
+    store_root: &Path,
     record: &ContainerRecord,
+) -> Result<Vec<kiln_runtime::MountSpec>, SupervisorError> {
+    let requests = mount_requests(record)?;
+    let image_volumes = image_volumes(record);
+    if requests.is_empty() && image_volumes.is_empty() {
+        return Ok(Vec::new());
+    }
+    mounts::resolve(
+        store_root,
+        &record.id,
+        &requests,
+        &image_volumes,
+        &record.rootfs.lower,
+    )
+    .map_err(|source| SupervisorError::Mounts {
+        id: record.id.clone(),
+        source: Box::new(source),
+    })
+}
+
+/// The container's hostname: `--hostname`, else the short ID.
+fn hostname_of(record: &ContainerRecord) -> String {
+    if record.host.hostname.is_empty() {
+        record.short_id().to_string()
+    } else {
+        record.host.hostname.clone()
+    }
+}
+
+/// The container's stdio for one run.
+struct Stdio {
     stdin: Option<OwnedFd>,
     stdout: OwnedFd,
     stderr: OwnedFd,
     controlling_tty: bool,
+}
+
+/// The full spec the runtime runs for `record` with the given stdio and network.
+fn container_spec(
+    record: &ContainerRecord,
+    mounts: Vec<kiln_runtime::MountSpec>,
+    stdio: Stdio,
+    net: &RunNet,
 ) -> Result<ContainerSpec, SupervisorError> {
-    let network = network_for(record)?;
-    let hostname = if record.host.hostname.is_empty() {
-        record.short_id().to_string()
-    } else {
-        record.host.hostname.clone()
-    };
-    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let hostname = hostname_of(record);
     let mut env = record.config.env.clone().unwrap_or_default();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.insert(0, format!("PATH={DEFAULT_PATH}"));
@@ -369,26 +644,122 @@ fn container_spec(
             record.config.working_dir.clone()
         },
         user: record.config.user.clone(),
-        hostname: hostname.clone(),
-        mounts: mounts_for(record)?,
-        etc_files: kiln_runtime::EtcFiles::for_build(&hostname, &host_resolv, &network),
-        network,
+        hostname,
+        mounts,
+        etc_files: net.etc_files.clone(),
+        network: net.network.clone(),
         security: if h.privileged {
             kiln_runtime::Security::Insecure
         } else {
             kiln_runtime::Security::Default
         },
-        stdin,
-        stdout,
-        stderr,
+        stdin: stdio.stdin,
+        stdout: stdio.stdout,
+        stderr: stdio.stderr,
         options: kiln_runtime::RunOptions {
-            controlling_tty,
+            controlling_tty: stdio.controlling_tty,
             init: h.init,
             cap_add: h.cap_add.clone(),
             cap_drop: h.cap_drop.clone(),
             cgroup,
         },
     })
+}
+
+/// Resizes the pty `master` to the size of this process's terminal on each `SIGWINCH`
+/// (`kiln exec -t`). Blocks `SIGWINCH` in the calling thread: call it before the process starts
+/// other threads, so that they inherit the mask and the forwarding thread receives the signal.
+pub fn forward_winch(master: OwnedFd) -> Result<(), SupervisorError> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGWINCH);
+    set.thread_block().map_err(SupervisorError::BlockSignals)?;
+    std::thread::spawn(move || loop {
+        if set.wait().is_ok() {
+            if let Ok((rows, cols)) = kiln_runtime::tty::get_winsize(std::io::stdout()) {
+                let _ = kiln_runtime::tty::set_winsize(&master, rows, cols);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The signals a foreground `kiln run` forwards to its container (Docker's `--sig-proxy`).
+pub const PROXIED_SIGNALS: [Signal; 6] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+/// Forwards the signals a foreground `kiln run` receives to its container, and resizes the
+/// container's pty on `SIGWINCH`. [`SignalProxy::block`] must run before the process starts
+/// any thread, so that every thread inherits the blocked mask and only the proxy's thread
+/// (`sigwait`) receives these signals: the CLI is never killed by them, and the container is
+/// never left without its supervisor because of them.
+#[derive(Debug)]
+pub struct SignalProxy {
+    set: SigSet,
+    pid: Arc<AtomicI32>,
+    started: Arc<AtomicBool>,
+    pty: Arc<Mutex<Option<OwnedFd>>>,
+}
+
+impl SignalProxy {
+    /// Blocks [`PROXIED_SIGNALS`] and `SIGWINCH` in the calling thread and starts the thread
+    /// that forwards them. A terminating signal that arrives before the container has started
+    /// ends this process with `128 + signal`, as it would have without the proxy.
+    pub fn block() -> Result<SignalProxy, SupervisorError> {
+        let mut set = SigSet::empty();
+        for s in PROXIED_SIGNALS {
+            set.add(s);
+        }
+        set.add(Signal::SIGWINCH);
+        set.thread_block().map_err(SupervisorError::BlockSignals)?;
+        let proxy = SignalProxy {
+            set,
+            pid: Arc::new(AtomicI32::new(0)),
+            started: Arc::new(AtomicBool::new(false)),
+            pty: Arc::new(Mutex::new(None)),
+        };
+        let (set, pid, started, pty) = (set, proxy.pid.clone(), proxy.started.clone(), proxy.pty.clone());
+        std::thread::spawn(move || loop {
+            let Ok(sig) = set.wait() else { continue };
+            if sig == Signal::SIGWINCH {
+                let pty = pty.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(master) = pty.as_ref() {
+                    if let Ok((rows, cols)) = kiln_runtime::tty::get_winsize(std::io::stdout()) {
+                        let _ = kiln_runtime::tty::set_winsize(master, rows, cols);
+                    }
+                }
+                continue;
+            }
+            let target = pid.load(Ordering::SeqCst);
+            if target > 0 {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(target), sig);
+            } else if !started.load(Ordering::SeqCst) && !matches!(sig, Signal::SIGUSR1 | Signal::SIGUSR2) {
+                std::process::exit(128 + sig as i32);
+            }
+        });
+        Ok(proxy)
+    }
+
+    /// The signals blocked.
+    pub fn signals(&self) -> SigSet {
+        self.set
+    }
+
+    fn running(&self, pid: i32, pty: Option<OwnedFd>) {
+        self.started.store(true, Ordering::SeqCst);
+        *self.pty.lock().unwrap_or_else(|p| p.into_inner()) = pty;
+        self.pid.store(pid, Ordering::SeqCst);
+    }
+
+    fn stopped(&self) {
+        self.pid.store(0, Ordering::SeqCst);
+        *self.pty.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
 }
 
 /// Docker's restart delay: 100 ms doubling per restart up to a minute, back to 100 ms after a
@@ -499,13 +870,14 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
     let log = Arc::new(LogWriter::open(&logs::log_path(&dir, id))?);
     let hub = Arc::new(Hub::default());
 
-    let (mut ready, wait_attach, mut fg) = match mode {
-        Mode::Detached { ready, wait_attach } => (ready, wait_attach, None),
+    let (mut ready, wait_attach, mut fg, signals) = match mode {
+        Mode::Detached { ready, wait_attach } => (ready, wait_attach, None, None),
         Mode::Foreground {
             stdin,
             stdout,
             stderr,
-        } => (None, false, Some((stdin, stdout, stderr))),
+            signals,
+        } => (None, false, Some((stdin, stdout, stderr)), signals),
     };
 
     // The attach socket (a foreground run is attached already).
@@ -569,13 +941,35 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             }
             (w, _) => *hub.stdin.lock().unwrap_or_else(|p| p.into_inner()) = w.map(File::from),
         }
-        let spec = container_spec(&record, child_stdin, child_stdout, child_stderr, controlling_tty)?;
+        let stdio = Stdio {
+            stdin: child_stdin,
+            stdout: child_stdout,
+            stderr: child_stderr,
+            controlling_tty,
+        };
         let started = Instant::now();
-        let running = match kiln_runtime::start(spec, &scratch) {
+        let prepared = mounts_for(containers.root(), &record).and_then(|mounts| {
+            let net = setup_network(containers, &record, &hostname_of(&record))?;
+            match container_spec(&record, mounts, stdio, &net) {
+                Ok(spec) => Ok((spec, net)),
+                Err(e) => {
+                    net.finish();
+                    Err(e)
+                }
+            }
+        });
+        let started_run = prepared
+            .map_err(|e| (start_failure_code_of(&e), error_chain(&e)))
+            .and_then(|(spec, net)| match kiln_runtime::start(spec, &scratch) {
+                Ok(r) => Ok((r, net)),
+                Err(e) => {
+                    net.finish();
+                    Err((start_failure_code(&e), error_chain(&e)))
+                }
+            });
+        let (running, run_net) = match started_run {
             Ok(r) => r,
-            Err(e) => {
-                let code = start_failure_code(&e);
-                let message = error_chain(&e);
+            Err((code, message)) => {
                 containers.update_state(id, |st| {
                     st.status = if st.started_at.is_empty() {
                         Status::Created
@@ -588,13 +982,21 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
                     st.error = message.clone();
                     st.supervisor_pid = me;
                     st.supervisor_start = me_start;
+                    st.network = None;
+                    st.ports.clear();
                 })?;
                 report(&mut ready, &format!("err {code} {}", message.replace('\n', " ")));
                 break Outcome::StartFailed { code, message };
             }
         };
         let pid = running.pid();
+        let (endpoint_state, ports_state) = run_net.state();
+        if let Some(p) = signals.as_ref() {
+            p.running(pid, pty_master.as_ref().and_then(|m| m.try_clone().ok()));
+        }
         containers.update_state(id, |st| {
+            st.network = endpoint_state;
+            st.ports = ports_state;
             st.status = Status::Running;
             st.running = true;
             st.pid = pid;
@@ -623,6 +1025,9 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             id: id.to_string(),
             source: Box::new(source),
         });
+        if let Some(p) = signals.as_ref() {
+            p.stopped();
+        }
         for p in pumps {
             let _ = p.join();
         }
@@ -641,6 +1046,8 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             st.running = false;
             st.pid = 0;
             st.exit_code = code;
+            st.network = None;
+            st.ports.clear();
             st.finished_at = crate::now_rfc3339();
             st.status = if restart {
                 Status::Restarting
@@ -649,6 +1056,9 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             };
         })?;
         drop(_lock);
+        // Every process of the container has exited (its pid namespace died with pid 1): the
+        // endpoint goes; a restart sets up a new one.
+        run_net.finish();
         if st.status != Status::Restarting {
             break Outcome::Exited(code);
         }
@@ -670,9 +1080,32 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
     }
     if record.host.auto_remove {
         let _lock = containers.lock(id)?;
+        release_volumes(containers, id);
         containers.remove_dir(id)?;
     }
     Ok(outcome)
+}
+
+/// Drops the anonymous volumes of container `id` that no other container uses (`--rm`,
+/// `rm -v`); a failure is logged, as Docker does.
+pub fn release_volumes(containers: &Containers, id: &str) {
+    match mounts::load(containers.root(), id) {
+        Ok(m) if m.is_empty() => {}
+        Ok(_) => {
+            if let Err(e) = mounts::release(containers.root(), id) {
+                tracing::warn!("{}", error_chain(&e));
+            }
+        }
+        Err(e) => tracing::warn!("{}", error_chain(&e)),
+    }
+}
+
+/// Docker's exit code for a supervisor step that failed before the runtime ran: 125.
+fn start_failure_code_of(err: &SupervisorError) -> u8 {
+    match err {
+        SupervisorError::Wait { source, .. } | SupervisorError::Pty(source) => start_failure_code(source),
+        _ => EXIT_RUNNER,
+    }
 }
 
 /// Sleeps `wait` unless the user stops the container meanwhile; false if stopped.

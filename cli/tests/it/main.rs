@@ -10,4 +10,5 @@ mod debug;
 mod harness;
 mod registry;
 mod remote;
+mod run_options;
 mod store;
