@@ -558,28 +558,6 @@ fn ports_json(rec: &ContainerRecord, st: &ContainerState) -> serde_json::Value {
     serde_json::Value::Object(map)
 }
 
-fn print_table(rows: &[Vec<String>]) -> io::Result<()> {
-    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let mut widths = vec![0; cols];
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    let mut out = io::stdout().lock();
-    for r in rows {
-        let mut line = String::new();
-        for (i, c) in r.iter().enumerate() {
-            line.push_str(c);
-            if i + 1 < r.len() {
-                line.push_str(&" ".repeat(widths[i] - c.chars().count() + 3));
-            }
-        }
-        writeln!(out, "{}", line.trim_end())?;
-    }
-    Ok(())
-}
-
 fn cmd_ps(containers: &Containers, a: PsArgs) -> anyhow::Result<ExitCode> {
     let mut rows = Vec::new();
     let limit = if a.latest { Some(1) } else { a.last };
@@ -623,7 +601,7 @@ fn cmd_ps(containers: &Containers, a: PsArgs) -> anyhow::Result<ExitCode> {
             "NAMES",
         ];
         rows.insert(0, head.map(String::from).to_vec());
-        print_table(&rows)?;
+        crate::store_cmds::print_table(&rows)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -711,7 +689,7 @@ fn cmd_top(containers: &Containers, a: TopArgs) -> anyhow::Result<ExitCode> {
             p.cmd,
         ]);
     }
-    print_table(&rows)?;
+    crate::store_cmds::print_table(&rows)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -424,7 +424,7 @@ pub fn human_ago(created: Option<&str>) -> String {
 }
 
 /// Prints rows as Docker's tabwriter does: columns padded to their widest cell plus 3 spaces.
-fn print_table(rows: &[Vec<String>]) -> io::Result<()> {
+pub(crate) fn print_table(rows: &[Vec<String>]) -> io::Result<()> {
     let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
     let mut widths = vec![0; cols];
     for r in rows {

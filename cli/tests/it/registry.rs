@@ -13,13 +13,13 @@ use std::sync::{Arc, Mutex};
 use crate::harness::{frame, require_root, workspace, Env};
 
 /// A registry process, killed on drop.
-struct Registry {
+pub(crate) struct Registry {
     pid: String,
-    addr: String,
+    pub(crate) addr: String,
 }
 
 impl Registry {
-    fn start(htpasswd: Option<&str>) -> Registry {
+    pub(crate) fn start(htpasswd: Option<&str>) -> Registry {
         let port = free_port();
         let script = workspace()
             .parent()

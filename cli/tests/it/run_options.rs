@@ -3,12 +3,11 @@
 //! signal proxy. Root, busybox; traffic only to loopback and to the containers' own addresses.
 
 use std::io::{Read as _, Write as _};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::net::TcpStream;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{frame, require_root, workspace, Env};
+use crate::harness::{frame, require_root, Env};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -466,66 +465,10 @@ fn link_adds_a_hosts_entry_for_a_running_container() {
     );
 }
 
-/// A registry process on loopback, killed on drop.
-struct Registry {
-    pid: String,
-    addr: String,
-}
-
-impl Registry {
-    fn start() -> Registry {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        let script = workspace()
-            .parent()
-            .map(|p| p.join("shared/peers/start-registry.sh"))
-            .filter(|p| p.exists())
-            .unwrap_or_else(|| PathBuf::from("/work/shared/peers/start-registry.sh"));
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg(port.to_string())
-            .output()
-            .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "this test needs the reference registry (docker-registry): {} failed\n{}",
-            script.display(),
-            frame(&out)
-        );
-        let text = stdout(&out);
-        let last = text.lines().last().unwrap_or("").to_string();
-        let (pid, addr) = last
-            .split_once(' ')
-            .unwrap_or_else(|| panic!("unexpected start-registry.sh output: {text}"));
-        let reg = Registry {
-            pid: pid.to_string(),
-            addr: addr.to_string(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect(&reg.addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the registry at {} did not start",
-                reg.addr
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        reg
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(&self.pid).status();
-    }
-}
-
 #[test]
 fn run_pulls_an_unknown_image() {
     require_root();
-    let reg = Registry::start();
+    let reg = crate::registry::Registry::start(None);
     let a = Env::new();
     a.with_busybox();
     let image = format!("{}/kiln/runpull:v1", reg.addr);
