@@ -10,5 +10,6 @@ mod debug;
 mod harness;
 mod registry;
 mod remote;
+mod run_flags;
 mod run_options;
 mod store;
