@@ -198,6 +198,9 @@ impl Snapshots {
         })?;
         create_dir(&dir.join("tmp"))?;
         create_dir(&dir.join("locks"))?;
+        // Each mutable snapshot is a tree of its own (a COPY may fill it with thousands of
+        // files): let ext4 place it away from its churned parent (see `store::spread_children`).
+        crate::store::spread_children(&dir.join("tmp"));
         Ok(Snapshots {
             dir: dir.to_path_buf(),
         })

@@ -106,7 +106,7 @@ const SPREAD_DIRS: [&str; 3] = ["snapshots", "containers", "tmp"];
 /// whose block groups have seen heavy churn this decides how fast a COPY can create files:
 /// creating 5,000 files under an unflagged directory took 4.7 s on the development VM and 0.15 s
 /// under a flagged one. Best effort: filesystems without the flag are left alone.
-fn spread_children(dir: &Path) {
+pub(crate) fn spread_children(dir: &Path) {
     use rustix::fs::{ioctl_getflags, ioctl_setflags, IFlags};
     let Ok(f) = File::open(dir) else { return };
     match ioctl_getflags(&f) {
