@@ -1004,6 +1004,7 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             st.finished_at.clear();
             st.error.clear();
             st.exit_code = 0;
+            st.oom_killed = false;
             st.supervisor_pid = me;
             st.supervisor_start = me_start;
         })?;
@@ -1033,7 +1034,9 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
         }
         log.flush()?;
         hub.close_stdin();
-        let code = exit_code(status?);
+        let status = status?;
+        let oom_killed = status.oom_killed;
+        let code = exit_code(status);
         let ran_for = started.elapsed();
 
         let _lock = containers.lock(id)?;
@@ -1046,6 +1049,7 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             st.running = false;
             st.pid = 0;
             st.exit_code = code;
+            st.oom_killed = oom_killed;
             st.network = None;
             st.ports.clear();
             st.finished_at = crate::now_rfc3339();

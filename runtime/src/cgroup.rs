@@ -505,6 +505,17 @@ impl Cgroup {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// How many processes the kernel's OOM killer killed in this cgroup: `oom_kill` of
+    /// `memory.events` (v2) or `memory.oom_control` (v1, kernel 4.13+); 0 where neither exists.
+    pub fn oom_kills(&self) -> u64 {
+        self.dirs
+            .iter()
+            .flat_map(|d| [d.join("memory.events"), d.join("memory.oom_control")])
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .map(|text| parse_oom_kills(&text))
+            .sum()
+    }
+
     /// Removes the cgroup's dirs, waiting briefly while the kernel drains exiting tasks.
     pub fn remove(mut self) -> Result<(), CgroupError> {
         self.remove_dirs()
@@ -515,6 +526,14 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         let _ = self.remove_dirs();
     }
+}
+
+/// The `oom_kill N` line of a `memory.events` / `memory.oom_control` file.
+fn parse_oom_kills(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("oom_kill "))
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .sum()
 }
 
 fn remove_dir_patiently(dir: &Path) -> Result<(), CgroupError> {
@@ -566,6 +585,20 @@ pub fn join_targets_of(pid: i32) -> Result<Vec<PathBuf>, CgroupError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn oom_kill_counters_of_both_versions() {
+        assert_eq!(
+            parse_oom_kills("low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\noom_group_kill 0\n"),
+            2
+        );
+        assert_eq!(
+            parse_oom_kills("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n"),
+            1
+        );
+        assert_eq!(parse_oom_kills("oom_kill_disable 0\nunder_oom 0\n"), 0);
+    }
+
     use super::*;
 
     const HYBRID: &str = "\

@@ -212,6 +212,8 @@ pub struct ExitStatus {
     pub code: Option<i32>,
     /// Signal number, if a signal killed it.
     pub signal: Option<i32>,
+    /// The kernel's OOM killer killed a process of the container's cgroup (`--memory`).
+    pub oom_killed: bool,
 }
 
 impl ExitStatus {
@@ -336,6 +338,7 @@ impl Running {
     fn finish(&mut self, exit: Exit) -> Result<ExitStatus, RuntimeError> {
         self.reaped = true;
         self.cleanup.run()?;
+        let oom_killed = self.cgroup.as_ref().is_some_and(|c| c.oom_kills() > 0);
         if let Some(cgroup) = self.cgroup.take() {
             // The exit status matters more than a cgroup dir still draining: report it, and leave
             // the dir to `cgroup::remove` (e.g. by the supervisor) later.
@@ -350,14 +353,17 @@ impl Running {
             Exit::Code(c) => ExitStatus {
                 code: Some(c),
                 signal: None,
+                oom_killed,
             },
             Exit::Signal(s) => ExitStatus {
                 code: None,
                 signal: Some(s),
+                oom_killed,
             },
             Exit::Running => ExitStatus {
                 code: None,
                 signal: None,
+                oom_killed,
             },
         })
     }

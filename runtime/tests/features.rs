@@ -80,6 +80,7 @@ fn code(c: i32) -> ExitStatus {
     ExitStatus {
         code: Some(c),
         signal: None,
+        oom_killed: false,
     }
 }
 

@@ -112,7 +112,8 @@ fn exit_codes_and_stderr() {
         out.status,
         ExitStatus {
             code: Some(3),
-            signal: None
+            signal: None,
+            oom_killed: false,
         }
     );
     assert!(!out.status.success());
@@ -138,7 +139,8 @@ fn killed_by_a_signal() {
         status,
         ExitStatus {
             code: None,
-            signal: Some(libc::SIGKILL)
+            signal: Some(libc::SIGKILL),
+            oom_killed: false,
         }
     );
 }

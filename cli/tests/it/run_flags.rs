@@ -307,3 +307,40 @@ fn stop_signal_stop_timeout_restart_and_version() {
     let version = String::from_utf8_lossy(&env.ok(&["version"]).stdout).into_owned();
     assert!(version.contains(env!("CARGO_PKG_VERSION")), "{version}");
 }
+
+#[test]
+fn the_oom_killer_is_reported_in_state() {
+    let env = setup();
+    let out = env
+        .kiln(&[
+            "run",
+            "--name",
+            "oomer",
+            "--network",
+            "none",
+            "--memory",
+            "8m",
+            "busybox:local",
+            "sh",
+            "-c",
+            "x=$(head -c 60000000 /dev/zero | tr '\\0' a); echo survived",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(137), "{}", frame(&out));
+    let state = inspect(&env, "oomer")["State"].clone();
+    assert_eq!(state["OOMKilled"], true, "{state}");
+    assert_eq!(state["ExitCode"], 137, "{state}");
+    env.ok(&[
+        "run",
+        "--name",
+        "fine",
+        "--network",
+        "none",
+        "--memory",
+        "64m",
+        "busybox:local",
+        "true",
+    ]);
+    assert_eq!(inspect(&env, "fine")["State"]["OOMKilled"], false);
+}
