@@ -3,7 +3,7 @@
 //!
 //! Depends on the store (images, snapshots) and the runtime (namespaces, overlay); knows nothing
 //! of Dockerfiles.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod fs;
 pub mod lifecycle;

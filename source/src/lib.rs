@@ -3,7 +3,7 @@
 //!
 //! The crate fetches bytes and verifies them; it writes only into the store's content store and
 //! into destination directories it is given. It knows nothing of Dockerfiles or the runtime.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod archive;
 pub mod git;
