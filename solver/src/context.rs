@@ -224,7 +224,8 @@ fn walk(dir: &Path, rel: &str, matcher: &Matcher, out: &mut Vec<Walked>) -> Resu
             format!("{rel}/{name}")
         };
         let abs = ent.path();
-        let meta = std::fs::symlink_metadata(&abs).map_err(|source| ContextError::Stat {
+        // Relative to the open directory (statx on its fd): no walk of the whole path per entry.
+        let meta = ent.metadata().map_err(|source| ContextError::Stat {
             path: abs.clone(),
             source,
         })?;
