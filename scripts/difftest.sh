@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Runs the shared differential tests (BuildKit's recorded results) against kiln.
+# Runs the shared differential tests (BuildKit's recorded results) against kiln, plus kiln's own
+# cases in testdata/difftest/cases (recorded the same way: `difftest.py record` with Docker 20.10's
+# BuildKit on the development machine).
 #
 # The shared case folders arrive read-only (files 0444 or 0555, dirs 0555) while BuildKit recorded
 # them from a writable checkout, and context modes end up in the image: the cases are copied and
@@ -20,7 +22,8 @@ trap 'rm -rf "$work"' EXIT
 cp -r "$shared/difftest/cases" "$work/cases"
 chmod -R u+w "$work/cases"
 set +e
-python3 "$shared/difftest/difftest.py" check --kiln "$kiln" --cases "$work/cases" "$@" | tee "$work/out"
+python3 "$shared/difftest/difftest.py" check --kiln "$kiln" --cases "$work/cases" \
+  --cases testdata/difftest/cases "$@" | tee "$work/out"
 status=${PIPESTATUS[0]}
 set -e
 [ "$status" -eq 0 ] && exit 0

@@ -65,13 +65,8 @@ pub(super) fn is_archive(path: &Path) -> Result<bool, FileOpError> {
 }
 
 /// Extracts the archive at `path` into the directory `dest`. Entries keep the archive's
-/// owners unless `chown` is given; a timestamp, when given, replaces every entry's times.
-pub(super) fn unpack(
-    path: &Path,
-    dest: &Path,
-    chown: Option<(u32, u32)>,
-    timestamp: Option<SystemTime>,
-) -> Result<(), FileOpError> {
+/// owners; a timestamp, when given, replaces every entry's times.
+pub(super) fn unpack(path: &Path, dest: &Path, timestamp: Option<SystemTime>) -> Result<(), FileOpError> {
     let err = |source| FileOpError::Archive {
         path: path.to_path_buf(),
         source,
@@ -182,13 +177,10 @@ pub(super) fn unpack(
                 })
             }
         }
-        let (uid, gid) = match chown {
-            Some(o) => o,
-            None => (
-                header.uid().map_err(err)? as u32,
-                header.gid().map_err(err)? as u32,
-            ),
-        };
+        let (uid, gid) = (
+            header.uid().map_err(err)? as u32,
+            header.gid().map_err(err)? as u32,
+        );
         lchown(&target, uid, gid)?;
         if chmod {
             set_mode(&target, mode)?;
