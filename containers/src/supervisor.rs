@@ -662,6 +662,8 @@ fn container_spec(
             cap_add: h.cap_add.clone(),
             cap_drop: h.cap_drop.clone(),
             cgroup,
+            // docker run: the user's own gid is also a supplementary group.
+            groups: kiln_runtime::Groups::WithPrimary,
         },
     })
 }

@@ -94,11 +94,14 @@ pub fn exec(spec: ExecSpec) -> Result<Running, RuntimeError> {
     };
 
     let root = proc_dir.join("root");
-    let user = users::resolve_user_in(&RootView::Dir(root.clone()), &spec.user).map_err(|source| {
-        RuntimeError::User {
-            user: spec.user.clone(),
-            source,
-        }
+    let user = users::resolve_user_in(
+        &RootView::Dir(root.clone()),
+        &spec.user,
+        users::Groups::WithPrimary,
+    )
+    .map_err(|source| RuntimeError::User {
+        user: spec.user.clone(),
+        source,
     })?;
     let mut env = spec.env.clone();
     if !env.iter().any(|e| e.starts_with("HOME=")) {

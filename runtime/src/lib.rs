@@ -51,4 +51,4 @@ pub mod users;
 
 pub use sandbox::{start, ExitStatus, Running, RuntimeError};
 pub use spec::{CgroupSpec, ContainerSpec, EtcFiles, MountSpec, Network, Rootfs, RunOptions, Security};
-pub use users::{lookup_group, lookup_user, resolve_user, ResolvedUser, UserError};
+pub use users::{lookup_group, lookup_user, resolve_user, Groups, ResolvedUser, UserError};

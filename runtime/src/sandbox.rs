@@ -613,9 +613,11 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
         }
         Rootfs::Dir(dir) => (RootView::Dir(dir.clone()), false),
     };
-    let user = users::resolve_user_in(&view, &spec.user).map_err(|source| RuntimeError::User {
-        user: spec.user.clone(),
-        source,
+    let user = users::resolve_user_in(&view, &spec.user, spec.options.groups).map_err(|source| {
+        RuntimeError::User {
+            user: spec.user.clone(),
+            source,
+        }
     })?;
 
     let mut targets = Targets {

@@ -190,6 +190,9 @@ pub struct RunOptions {
     pub cap_drop: Vec<String>,
     /// Resource limits applied through a cgroup of the container's own (`None`: no cgroup).
     pub cgroup: Option<CgroupSpec>,
+    /// Supplementary groups of a user named without a group: BuildKit's RUN gives the groups
+    /// listing the user; `docker run` puts the user's own gid first.
+    pub groups: crate::users::Groups,
 }
 
 /// A cgroup for one container, created before the process runs and removed after it exits.

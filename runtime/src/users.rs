@@ -5,7 +5,8 @@
 //! - `uid:gid` with both numeric needs no files and gets no supplementary groups;
 //! - a numeric uid need not exist in passwd (its gid is then 0); a name must exist;
 //! - a user given without a group gets its passwd gid and, as supplementary groups, every group
-//!   of `/etc/group` that lists it as a member;
+//!   of `/etc/group` that lists it as a member (BuildKit's RUN), preceded by its passwd gid for
+//!   `docker run` and `docker exec` ([`Groups::WithPrimary`]);
 //! - an explicit group (name or number) replaces the gid and gives no supplementary groups.
 
 use std::path::Path;
@@ -159,10 +160,26 @@ fn numeric(id: &str, spec: &str) -> Result<Option<u32>, UserError> {
     }
 }
 
+/// Which supplementary groups a user named without a group gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Groups {
+    /// The groups of `/etc/group` that list the user: what BuildKit gives a RUN step.
+    #[default]
+    Members,
+    /// The user's passwd gid, then those groups: what `docker run` and `docker exec` give.
+    WithPrimary,
+}
+
 /// Resolves a `USER` spec against the `/etc/passwd` and `/etc/group` of a root view.
-pub fn resolve_user_in(view: &RootView, spec: &str) -> Result<ResolvedUser, UserError> {
+pub fn resolve_user_in(view: &RootView, spec: &str, groups: Groups) -> Result<ResolvedUser, UserError> {
+    if spec.is_empty() && groups == Groups::Members {
+        // A RUN without USER: root with no supplementary groups at all (BuildKit).
+        let mut root = resolve_user_in(view, "", Groups::WithPrimary)?;
+        root.additional_gids.clear();
+        return Ok(root);
+    }
     if spec.is_empty() {
-        return Ok(resolve_user_in(view, "0").unwrap_or(ResolvedUser {
+        return Ok(resolve_user_in(view, "0", groups).unwrap_or(ResolvedUser {
             uid: 0,
             gid: 0,
             additional_gids: Vec::new(),
@@ -241,10 +258,13 @@ pub fn resolve_user_in(view: &RootView, spec: &str) -> Result<ResolvedUser, User
             }
         };
     } else if let Some(name) = matched_name {
-        // Like Docker: the primary group first, then every group listing the user.
-        let groups = read_group(view)?;
-        user.additional_gids = vec![user.gid];
-        for g in groups.iter().filter(|g| g.members.contains(&name)) {
+        // Every group listing the user, after the primary group for docker run / exec.
+        let listed = read_group(view)?;
+        user.additional_gids = match groups {
+            Groups::Members => Vec::new(),
+            Groups::WithPrimary => vec![user.gid],
+        };
+        for g in listed.iter().filter(|g| g.members.contains(&name)) {
             if !user.additional_gids.contains(&g.gid) {
                 user.additional_gids.push(g.gid);
             }
@@ -254,8 +274,8 @@ pub fn resolve_user_in(view: &RootView, spec: &str) -> Result<ResolvedUser, User
 }
 
 /// Resolves a `USER` spec (`""`, `name`, `uid`, `name:group`, `uid:gid`, ...) inside `root`.
-pub fn resolve_user(root: &Path, spec: &str) -> Result<ResolvedUser, UserError> {
-    resolve_user_in(&RootView::Dir(root.to_path_buf()), spec)
+pub fn resolve_user(root: &Path, spec: &str, groups: Groups) -> Result<ResolvedUser, UserError> {
+    resolve_user_in(&RootView::Dir(root.to_path_buf()), spec, groups)
 }
 
 /// Looks a user name up in `root`'s `/etc/passwd`: `(uid, gid)` or `None`.
@@ -303,61 +323,108 @@ mod tests {
     fn names_numbers_and_groups() {
         let t = root();
         let r = t.path();
-        assert_eq!(resolve_user(r, "").unwrap(), user(0, 0, &[0, 10], "/root"));
-        assert_eq!(resolve_user(r, "root").unwrap(), user(0, 0, &[0, 10], "/root"));
         assert_eq!(
-            resolve_user(r, "app").unwrap(),
+            resolve_user(r, "", Groups::WithPrimary).unwrap(),
+            user(0, 0, &[0, 10], "/root")
+        );
+        assert_eq!(
+            resolve_user(r, "root", Groups::WithPrimary).unwrap(),
+            user(0, 0, &[0, 10], "/root")
+        );
+        assert_eq!(
+            resolve_user(r, "app", Groups::WithPrimary).unwrap(),
             user(1000, 1000, &[1000, 10, 29], "/home/app")
         );
         assert_eq!(
-            resolve_user(r, "1000").unwrap(),
+            resolve_user(r, "1000", Groups::WithPrimary).unwrap(),
             user(1000, 1000, &[1000, 10, 29], "/home/app")
         );
         assert_eq!(
-            resolve_user(r, "1000:1000").unwrap(),
+            resolve_user(r, "1000:1000", Groups::WithPrimary).unwrap(),
             user(1000, 1000, &[], "/home/app")
         );
         assert_eq!(
-            resolve_user(r, "app:staff").unwrap(),
+            resolve_user(r, "app:staff", Groups::WithPrimary).unwrap(),
             user(1000, 50, &[], "/home/app")
         );
         assert_eq!(
-            resolve_user(r, "app:77").unwrap(),
+            resolve_user(r, "app:77", Groups::WithPrimary).unwrap(),
             user(1000, 77, &[], "/home/app")
         );
-        assert_eq!(resolve_user(r, "4242").unwrap(), user(4242, 0, &[], "/"));
-        assert_eq!(resolve_user(r, "4242:4343").unwrap(), user(4242, 4343, &[], "/"));
         assert_eq!(
-            resolve_user(r, "daemon:wheel").unwrap(),
+            resolve_user(r, "4242", Groups::WithPrimary).unwrap(),
+            user(4242, 0, &[], "/")
+        );
+        assert_eq!(
+            resolve_user(r, "4242:4343", Groups::WithPrimary).unwrap(),
+            user(4242, 4343, &[], "/")
+        );
+        assert_eq!(
+            resolve_user(r, "daemon:wheel", Groups::WithPrimary).unwrap(),
             user(1, 10, &[], "/usr/sbin")
+        );
+    }
+
+    #[test]
+    fn buildkit_run_gives_only_the_groups_listing_the_user() {
+        let t = root();
+        let r = t.path();
+        assert_eq!(
+            resolve_user(r, "app", Groups::Members).unwrap(),
+            user(1000, 1000, &[10, 29], "/home/app")
+        );
+        assert_eq!(
+            resolve_user(r, "1000", Groups::Members).unwrap(),
+            user(1000, 1000, &[10, 29], "/home/app")
+        );
+        assert_eq!(
+            resolve_user(r, "", Groups::Members).unwrap(),
+            user(0, 0, &[], "/root")
+        );
+        assert_eq!(
+            resolve_user(r, "root", Groups::Members).unwrap(),
+            user(0, 0, &[10], "/root")
+        );
+        assert_eq!(
+            resolve_user(r, "app:staff", Groups::Members).unwrap(),
+            user(1000, 50, &[], "/home/app")
         );
     }
 
     #[test]
     fn unknown_names_are_errors() {
         let t = root();
-        let err = resolve_user(t.path(), "foo").unwrap_err();
+        let err = resolve_user(t.path(), "foo", Groups::WithPrimary).unwrap_err();
         assert_eq!(
             err.to_string(),
             "unable to find user foo: no matching entries in passwd file"
         );
-        let err = resolve_user(t.path(), "app:nogroup").unwrap_err();
+        let err = resolve_user(t.path(), "app:nogroup", Groups::WithPrimary).unwrap_err();
         assert_eq!(
             err.to_string(),
             "unable to find group nogroup: no matching entries in group file"
         );
-        let err = resolve_user(t.path(), "99999999999").unwrap_err();
+        let err = resolve_user(t.path(), "99999999999", Groups::WithPrimary).unwrap_err();
         assert!(err.to_string().contains("must be in range 0-2147483647"), "{err}");
     }
 
     #[test]
     fn missing_files_allow_numeric_ids_only() {
         let t = tempfile::tempdir().unwrap();
-        assert_eq!(resolve_user(t.path(), "").unwrap(), user(0, 0, &[], "/"));
-        assert_eq!(resolve_user(t.path(), "12").unwrap(), user(12, 0, &[], "/"));
-        assert_eq!(resolve_user(t.path(), "12:34").unwrap(), user(12, 34, &[], "/"));
+        assert_eq!(
+            resolve_user(t.path(), "", Groups::WithPrimary).unwrap(),
+            user(0, 0, &[], "/")
+        );
+        assert_eq!(
+            resolve_user(t.path(), "12", Groups::WithPrimary).unwrap(),
+            user(12, 0, &[], "/")
+        );
+        assert_eq!(
+            resolve_user(t.path(), "12:34", Groups::WithPrimary).unwrap(),
+            user(12, 34, &[], "/")
+        );
         assert!(matches!(
-            resolve_user(t.path(), "app"),
+            resolve_user(t.path(), "app", Groups::WithPrimary),
             Err(UserError::NoSuchUser { .. })
         ));
         assert_eq!(lookup_user(t.path(), "app").unwrap(), None);
