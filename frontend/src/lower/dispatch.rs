@@ -1644,16 +1644,11 @@ impl<'a> Lowerer<'a> {
             st.config.config.working_dir.clone()
         };
         let dest_full = values::resolve_dest(&workdir, &dest_raw);
+        // Several sources and a destination without `/` are not an error for the reference
+        // BuildKit: each source is copied to that path in turn (the last file wins; a directory
+        // after a file fails with "cannot copy to non-directory"), or into it if it is an
+        // existing directory.
         let dest_is_dir = dest_full.ends_with('/');
-        if total_sources > 1 && !dest_is_dir {
-            return Err(self.err(
-                loc,
-                None,
-                LowerError::MultipleSourcesNeedDir {
-                    keyword: keyword.into(),
-                },
-            ));
-        }
         let dest = if dest_full.len() > 1 {
             dest_full.trim_end_matches('/').to_string()
         } else {

@@ -44,8 +44,6 @@ pub enum LowerError {
         "variable expansion is not supported for --from, define a new stage with FROM using ARG from global scope as a workaround"
     )]
     FromVariable { from: String },
-    #[error("When using {keyword} with more than one source file, the destination must be a directory and end with a /")]
-    MultipleSourcesNeedDir { keyword: String },
     #[error("{keyword} requires at least one source")]
     NoSources { keyword: String },
     #[error("invalid --chown value `{value}`: {reason}")]

@@ -437,13 +437,27 @@ fn copy_lowering_shape() {
         l.graph.get(&v.inputs[1]).unwrap().op,
         Op::Source(SourceOp::Local(_))
     ));
-    let e = lower_with(
+    // Several sources to a path without `/`: each is copied to that path in turn, as the
+    // reference BuildKit does (not a directory).
+    let l = lower_with(
         &[from(1, "busybox:local", None), copy(&["a", "b"], "/file")],
         "",
         &LowerOptions::default(),
     )
-    .unwrap_err();
-    assert!(matches!(*e.kind, LowerError::MultipleSourcesNeedDir { .. }));
+    .unwrap();
+    let v = l.graph.get(&l.root).unwrap();
+    let Op::File(f) = &v.op else {
+        panic!("not a file op: {:?}", v.op)
+    };
+    let dests: Vec<(&str, bool)> = f
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            kiln_dag::FileAction::Copy(c) => Some((c.dest.as_str(), c.dest_is_dir)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dests, [("/file", false), ("/file", false)]);
 }
 
 #[test]
