@@ -191,10 +191,6 @@ pub enum FileOpError {
     },
     #[error("invalid --chmod value `{value}`: {reason}")]
     InvalidChmod { value: String, reason: String },
-    #[error("unable to find user {name} in {file}")]
-    UnknownUser { name: String, file: String },
-    #[error("unable to find group {name} in {file}")]
-    UnknownGroup { name: String, file: String },
     #[error("failed to read {file} of the destination")]
     ReadIdFile {
         file: String,

@@ -13,15 +13,16 @@ use super::resolve;
 use super::FileOpError;
 
 /// The numeric `(uid, gid)` an [`Owner`] names in the filesystem at `root`.
+///
+/// As BuildKit's file ops do, a name that the database does not list is not an error: an unknown
+/// user is uid 0 (with gid 0), an unknown group leaves the user's primary gid. A database file
+/// that is missing altogether is an error.
 pub(super) fn resolve_owner(root: &Path, owner: &Owner) -> Result<(u32, u32), FileOpError> {
     let (uid, primary_gid) = match &owner.user {
         IdSpec::Id(id) => (*id, *id),
         IdSpec::Name(name) => match name.parse::<u32>() {
             Ok(id) => (id, id),
-            Err(_) => lookup_user(root, name)?.ok_or_else(|| FileOpError::UnknownUser {
-                name: name.clone(),
-                file: "/etc/passwd".into(),
-            })?,
+            Err(_) => lookup_user(root, name)?.unwrap_or((0, 0)),
         },
     };
     let gid = match &owner.group {
@@ -29,10 +30,7 @@ pub(super) fn resolve_owner(root: &Path, owner: &Owner) -> Result<(u32, u32), Fi
         Some(IdSpec::Id(id)) => *id,
         Some(IdSpec::Name(name)) => match name.parse::<u32>() {
             Ok(id) => id,
-            Err(_) => lookup_group(root, name)?.ok_or_else(|| FileOpError::UnknownGroup {
-                name: name.clone(),
-                file: "/etc/group".into(),
-            })?,
+            Err(_) => lookup_group(root, name)?.unwrap_or(primary_gid),
         },
     };
     Ok((uid, gid))
