@@ -70,13 +70,6 @@ fn run(env: &Env, image: &str, args: &[&str]) -> String {
     String::from_utf8(env.ok(&a).stdout).unwrap()
 }
 
-/// The image's config from `kiln inspect`.
-fn inspect(env: &Env, image: &str) -> serde_json::Value {
-    let out = env.ok(&["inspect", image]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v[0].clone()
-}
-
 /// Entries left in the store's `tmp/` (none after any build, however it ended).
 fn tmp_leftovers(env: &Env) -> Vec<PathBuf> {
     std::fs::read_dir(env.root().join("tmp"))
@@ -472,7 +465,7 @@ fn iidfile_and_metadata_file_match_the_image() {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
     let digest = v["containerimage.digest"].as_str().unwrap();
     assert!(digest.starts_with("sha256:") && digest.len() == 71, "{v}");
-    let info = inspect(&env, "t/iid");
+    let info = env.inspect("t/iid");
     assert_eq!(info["Id"].as_str().unwrap(), from_file);
     let repo_digests = info["RepoDigests"].to_string();
     assert!(repo_digests.contains(digest), "{repo_digests} vs {digest}");
@@ -560,7 +553,7 @@ fn labels_platform_and_target_flags() {
             "other=2",
         ],
     );
-    let info = inspect(&env, "t/lbl");
+    let info = env.inspect("t/lbl");
     assert_eq!(info["Config"]["Labels"]["org.example.k"], "v 1", "{info}");
     assert_eq!(info["Config"]["Labels"]["other"], "2", "{info}");
 

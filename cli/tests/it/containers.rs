@@ -1,9 +1,9 @@
 //! Containers: `run` (foreground and `-d`), the supervisor, and the lifecycle commands, with real
 //! processes in real namespaces on the busybox base.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::harness::{frame, require_root, Env};
+use crate::harness::{eventually, frame, require_root, Env};
 
 fn setup() -> Env {
     require_root();
@@ -14,21 +14,6 @@ fn setup() -> Env {
 
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn inspect(env: &Env, name: &str) -> serde_json::Value {
-    let out = env.ok(&["inspect", name]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect prints JSON");
-    v[0].clone()
-}
-
-/// Polls `f` every 20 ms until it holds, panicking with `what` after `secs` seconds.
-fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn ids(env: &Env) -> Vec<String> {
@@ -49,7 +34,7 @@ fn detached_run_ps_logs_stop_rm() {
         "busybox:local",
         "sh",
         "-c",
-        "echo hello; echo oops >&2; exec sleep 100",
+        "echo hello; sleep 0.2; echo oops >&2; exec sleep 100",
     ]);
     let id = stdout(&out).trim().to_string();
     assert!(
@@ -84,11 +69,14 @@ fn detached_run_ps_logs_stop_rm() {
         row.contains("busybox:local") && row.contains("Up ") && row.ends_with("web"),
         "{row}"
     );
-    assert!(row.contains("\"sh -c echo hello; e…\""), "{row}");
+    assert!(row.contains("\"sh -c echo hello; s…\""), "{row}");
 
-    eventually(10, "the log", || stdout(&env.ok(&["logs", "web"])) == "hello\n");
-    let logs = env.ok(&["logs", "web"]);
-    assert_eq!(String::from_utf8_lossy(&logs.stderr), "oops\n");
+    // stdout and stderr are separate pipes: the test writes them 0.2 s apart so that their order
+    // in the log is defined.
+    eventually(10, "the log", || {
+        let logs = env.ok(&["logs", "web"]);
+        stdout(&logs) == "hello\n" && String::from_utf8_lossy(&logs.stderr) == "oops\n"
+    });
     let stamped = stdout(&env.ok(&["logs", "-t", "web"]));
     assert!(
         stamped.ends_with("Z hello\n") && stamped.starts_with("20"),
@@ -112,7 +100,7 @@ fn detached_run_ps_logs_stop_rm() {
     // sleep as pid 1 ignores SIGTERM: SIGKILL after the timeout.
     let stop = env.ok(&["stop", "-t", "1", "web"]);
     assert_eq!(stdout(&stop), "web\n");
-    let state = &inspect(&env, "web")["State"];
+    let state = &env.inspect("web")["State"];
     assert_eq!(state["ExitCode"], 137, "{state}");
     assert_eq!(state["Status"], "exited");
     assert_eq!(state["Running"], false);
@@ -139,7 +127,7 @@ fn stop_signal_exit_143() {
         "trap 'exit 143' TERM; while true; do sleep 0.05; done",
     ]);
     env.ok(&["stop", "-t", "10", "trapper"]);
-    assert_eq!(inspect(&env, "trapper")["State"]["ExitCode"], 143);
+    assert_eq!(env.inspect("trapper")["State"]["ExitCode"], 143);
 }
 
 #[test]
@@ -202,9 +190,9 @@ fn restart_on_failure_counts_restarts() {
         "echo run; exit 3",
     ]);
     eventually(20, "the retries to end", || {
-        inspect(&env, "flaky")["State"]["Status"] == "exited"
+        env.inspect("flaky")["State"]["Status"] == "exited"
     });
-    let v = inspect(&env, "flaky");
+    let v = env.inspect("flaky");
     assert_eq!(v["RestartCount"], 2, "{v}");
     assert_eq!(v["State"]["ExitCode"], 3);
     assert_eq!(v["HostConfig"]["RestartPolicy"]["Name"], "on-failure");
@@ -227,13 +215,13 @@ fn restart_always_restarts_until_stopped() {
         "echo x; sleep 0.1",
     ]);
     eventually(20, "two restarts", || {
-        inspect(&env, "looper")["RestartCount"].as_u64().unwrap_or(0) >= 2
+        env.inspect("looper")["RestartCount"].as_u64().unwrap_or(0) >= 2
     });
     env.ok(&["stop", "-t", "1", "looper"]);
-    let after = inspect(&env, "looper");
+    let after = env.inspect("looper");
     assert_eq!(after["State"]["Status"], "exited", "{after}");
     std::thread::sleep(Duration::from_millis(700));
-    let later = inspect(&env, "looper");
+    let later = env.inspect("looper");
     assert_eq!(
         later["RestartCount"], after["RestartCount"],
         "no restart after stop"
@@ -261,7 +249,7 @@ fn wait_prints_the_exit_code() {
 fn inspect_state_pid_is_live_and_rm_force_kills() {
     let env = setup();
     env.ok(&["run", "-d", "--name", "sleeper", "busybox:local", "sleep", "100"]);
-    let v = inspect(&env, "sleeper");
+    let v = env.inspect("sleeper");
     assert_eq!(v["Name"], "/sleeper");
     assert_eq!(v["Path"], "sleep");
     assert_eq!(v["Args"], serde_json::json!(["100"]));
@@ -392,13 +380,13 @@ fn a_dead_supervisor_is_not_reported_running() {
     )
     .unwrap();
     let sup = state["SupervisorPid"].as_i64().unwrap();
-    let pid = inspect(&env, "orphan")["State"]["Pid"].as_i64().unwrap();
+    let pid = env.inspect("orphan")["State"]["Pid"].as_i64().unwrap();
     std::process::Command::new("kill")
         .args(["-9", &sup.to_string()])
         .status()
         .unwrap();
     eventually(5, "the supervisor to die", || {
-        inspect(&env, "orphan")["State"]["Status"] == "dead"
+        env.inspect("orphan")["State"]["Status"] == "dead"
     });
     assert!(!stdout(&env.ok(&["ps"])).contains("orphan"));
     env.ok(&["rm", "-f", "orphan"]);

@@ -53,6 +53,17 @@ impl Env {
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
+    /// The first object `kiln inspect NAME` prints (a container or an image).
+    pub fn inspect(&self, name: &str) -> serde_json::Value {
+        let out = self.ok(&["inspect", name]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect prints JSON");
+        if v.is_array() {
+            v[0].clone()
+        } else {
+            v
+        }
+    }
+
     /// Imports the busybox base as `busybox:local`.
     pub fn with_busybox(&self) {
         let tar = busybox_tar();
@@ -108,4 +119,13 @@ fn nix_uid() -> u32 {
     std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
         .unwrap_or(u32::MAX)
+}
+
+/// Polls `f` every 20 ms until it holds, panicking with `what` after `secs` seconds.
+pub fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !f() {
+        assert!(std::time::Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

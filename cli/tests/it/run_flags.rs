@@ -2,9 +2,8 @@
 //! files): resources, capabilities, privileged, init, identity, environment, stop behaviour.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
-use crate::harness::{frame, require_root, Env};
+use crate::harness::{eventually, frame, require_root, Env};
 
 fn setup() -> Env {
     require_root();
@@ -19,20 +18,6 @@ fn sh(env: &Env, flags: &[&str], script: &str) -> String {
     args.extend_from_slice(flags);
     args.extend_from_slice(&["busybox:local", "sh", "-c", script]);
     String::from_utf8_lossy(&env.ok(&args).stdout).into_owned()
-}
-
-fn inspect(env: &Env, name: &str) -> serde_json::Value {
-    let out = env.ok(&["inspect", name]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect prints JSON");
-    v[0].clone()
-}
-
-fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// `CapEff` of the container's shell, as a number.
@@ -96,7 +81,7 @@ fn memory_cpus_and_pids_limits_land_in_the_containers_cgroup() {
         "sleep",
         "60",
     ]);
-    let pid = inspect(&env, "lim")["State"]["Pid"].as_i64().unwrap();
+    let pid = env.inspect("lim")["State"]["Pid"].as_i64().unwrap();
     assert!(pid > 0);
     let mem =
         std::fs::read_to_string(cgroup_file(pid, "memory", "memory.limit_in_bytes", "memory.max")).unwrap();
@@ -263,7 +248,7 @@ fn stop_signal_stop_timeout_restart_and_version() {
         "trap 'echo got usr1; exit 3' USR1; while true; do sleep 0.1; done",
     ]);
     env.ok(&["stop", "sig"]);
-    assert_eq!(inspect(&env, "sig")["State"]["ExitCode"], 3);
+    assert_eq!(env.inspect("sig")["State"]["ExitCode"], 3);
     let logs = String::from_utf8_lossy(&env.ok(&["logs", "sig"]).stdout).into_owned();
     assert!(logs.contains("got usr1"), "{logs}");
 
@@ -283,7 +268,7 @@ fn stop_signal_stop_timeout_restart_and_version() {
         "trap '' TERM; while true; do sleep 0.1; done",
     ]);
     env.ok(&["stop", "stubborn"]);
-    assert_eq!(inspect(&env, "stubborn")["State"]["ExitCode"], 137);
+    assert_eq!(env.inspect("stubborn")["State"]["ExitCode"], 137);
 
     // restart: a new process, still running.
     env.ok(&[
@@ -297,9 +282,9 @@ fn stop_signal_stop_timeout_restart_and_version() {
         "sleep",
         "60",
     ]);
-    let before = inspect(&env, "again")["State"]["Pid"].as_i64().unwrap();
+    let before = env.inspect("again")["State"]["Pid"].as_i64().unwrap();
     env.ok(&["restart", "-t", "1", "again"]);
-    let state = inspect(&env, "again")["State"].clone();
+    let state = env.inspect("again")["State"].clone();
     assert_eq!(state["Running"], true, "{state}");
     assert_ne!(state["Pid"].as_i64().unwrap(), before);
     env.ok(&["rm", "-f", "sig", "stubborn", "again"]);
@@ -328,7 +313,7 @@ fn the_oom_killer_is_reported_in_state() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(137), "{}", frame(&out));
-    let state = inspect(&env, "oomer")["State"].clone();
+    let state = env.inspect("oomer")["State"].clone();
     assert_eq!(state["OOMKilled"], true, "{state}");
     assert_eq!(state["ExitCode"], 137, "{state}");
     env.ok(&[
@@ -342,5 +327,5 @@ fn the_oom_killer_is_reported_in_state() {
         "busybox:local",
         "true",
     ]);
-    assert_eq!(inspect(&env, "fine")["State"]["OOMKilled"], false);
+    assert_eq!(env.inspect("fine")["State"]["OOMKilled"], false);
 }

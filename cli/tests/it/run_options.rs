@@ -41,16 +41,6 @@ fn containers(env: &Env) -> Vec<String> {
         .collect()
 }
 
-fn inspect(env: &Env, name: &str) -> serde_json::Value {
-    let v: serde_json::Value =
-        serde_json::from_slice(&env.ok(&["inspect", name]).stdout).expect("inspect json");
-    if v.is_array() {
-        v[0].clone()
-    } else {
-        v
-    }
-}
-
 /// The host address `kiln port NAME PORT` prints.
 fn published(env: &Env, name: &str, port: &str) -> String {
     stdout(&env.ok(&["port", name, port])).trim().to_string()
@@ -262,7 +252,7 @@ fn volumes_from_shares_another_containers_volumes() {
         ],
     );
     assert_eq!(out.trim(), "shared-data");
-    let mounts = &inspect(&env, "src")["Mounts"];
+    let mounts = &env.inspect("src")["Mounts"];
     assert_eq!(mounts[0]["Destination"], "/shared", "{mounts}");
     assert_eq!(mounts[0]["Type"], "volume", "{mounts}");
     // `--rm` of the borrower kept the volume; `rm -v` of its owner drops it.
@@ -366,7 +356,7 @@ fn published_port_answers_on_loopback_and_shows_in_port_ps_inspect() {
     assert!(body.contains("hello-from-kiln"), "{body}");
     let ps = stdout(&env.ok(&["ps"]));
     assert!(ps.contains(&format!("{addr}->8080/tcp")), "{ps}");
-    let info = inspect(&env, "web");
+    let info = env.inspect("web");
     let ip = info["NetworkSettings"]["IPAddress"].as_str().unwrap().to_string();
     assert!(ip.starts_with("10.88."), "{info}");
     let host_port = addr.rsplit(':').next().unwrap();
@@ -419,7 +409,7 @@ fn link_adds_a_hosts_entry_for_a_running_container() {
     let env = Env::new();
     env.with_busybox();
     run(&env, &["-d", "--name", "db", "busybox:local", "sleep", "60"]);
-    let ip = inspect(&env, "db")["NetworkSettings"]["IPAddress"]
+    let ip = env.inspect("db")["NetworkSettings"]["IPAddress"]
         .as_str()
         .unwrap()
         .to_string();
@@ -549,7 +539,7 @@ fn foreground_run_forwards_sigterm_to_the_container() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(code, Some(7));
-    let info = inspect(&env, "sig");
+    let info = env.inspect("sig");
     assert_eq!(info["State"]["Status"], "exited", "{info}");
     assert_eq!(info["State"]["ExitCode"], 7, "{info}");
 }
