@@ -172,6 +172,23 @@ pub fn live_snapshots(store: &Store) -> Result<BTreeSet<Digest>, ImageError> {
     Ok(live)
 }
 
+/// Removes lineage records (`cache/lineage/<vertex>`: the snapshot a copy last produced) whose
+/// snapshot is gone. Best effort: a stale record only means no files to link.
+fn prune_lineage(store: &Store, snapshots: &Snapshots) {
+    let Ok(dir) = std::fs::read_dir(store.cache_dir().join("lineage")) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let live = std::fs::read_to_string(entry.path())
+            .ok()
+            .and_then(|hex| Digest::parse(&format!("sha256:{}", hex.trim())).ok())
+            .is_some_and(|key| snapshots.get(&key).is_some());
+        if !live {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Deletes blobs not in [`live_blobs`], snapshots not in [`live_snapshots`] (nor below one),
 /// and stale temp files. The caller holds the GC lock.
 fn sweep(store: &Store) -> Result<Swept, GcError> {
@@ -207,6 +224,7 @@ fn sweep(store: &Store) -> Result<Swept, GcError> {
         }
     }
     snapshots.cleanup_stale_tmp().map_err(GcError::Snapshots)?;
+    prune_lineage(store, &snapshots);
     Ok(Swept {
         blobs,
         snapshots: removed,
@@ -328,9 +346,20 @@ mod tests {
             .unwrap()
             .commit(&orphan, &Digest::of(b"x"), 5)
             .unwrap();
+        let lineage = store.cache_dir().join("lineage");
+        std::fs::create_dir_all(&lineage).unwrap();
+        std::fs::write(lineage.join("a"), chain.hex()).unwrap();
+        std::fs::write(lineage.join("b"), orphan.hex()).unwrap();
+        std::fs::write(lineage.join("c"), "garbage").unwrap();
         let report = prune(&store, PruneOptions::default(), || {}).unwrap();
         assert_eq!(report.deleted_snapshots, vec![orphan]);
         assert!(snaps.get(&chain).is_some());
         assert!(snaps.get(&orphan).is_none());
+        let mut left: Vec<_> = std::fs::read_dir(&lineage)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["a"], "lineage records of removed snapshots go with them");
     }
 }

@@ -6,6 +6,7 @@
 //! |---|---|
 //! | `DIR/<hex>/fs` | a committed snapshot's tree, in overlay form (whiteouts are 0/0 char devices, opaque dirs carry `trusted.overlay.opaque=y`) |
 //! | `DIR/<hex>/meta.json` | `{"parent": key or null, "diff_id": digest, "size": bytes}` |
+//! | `DIR/<hex>/<name>.att` | an attachment: opaque bytes its producer wrote with the snapshot (the build engine's file index) |
 //! | `DIR/tmp/<name>` | work in progress: an unpack, or a mutable snapshot's `upper` and `work` |
 //! | `DIR/locks/<hex>.lock` | per-key lock serialising unpacks of the same key |
 //!
@@ -256,6 +257,20 @@ impl Snapshots {
         })
     }
 
+    /// The attachment `name` written with the committed snapshot `key`, if both exist.
+    pub fn attachment(&self, key: &Digest, name: &str) -> Option<Vec<u8>> {
+        if !valid_attachment_name(name) {
+            return None;
+        }
+        fs::read(self.snapshot_dir(key).join(format!("{name}.att"))).ok()
+    }
+
+    /// Where the attachment `name` of the committed snapshot `key` is, if it exists.
+    pub fn attachment_path(&self, key: &Digest, name: &str) -> Option<PathBuf> {
+        let path = self.snapshot_dir(key).join(format!("{name}.att"));
+        (valid_attachment_name(name) && path.is_file()).then_some(path)
+    }
+
     /// The fs dirs of `key` and all its ancestors, top first (the order of overlayfs' `lowerdir`).
     pub fn lower_dirs(&self, key: &Digest) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
@@ -495,7 +510,24 @@ impl Snapshots {
     }
 }
 
+/// Attachment names are short lowercase words, so they can never name `fs` or `meta.json`.
+fn valid_attachment_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 32 && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+}
+
 impl MutableSnapshot {
+    /// Stores `bytes` as the attachment `name`, committed (and removed) with the snapshot.
+    pub fn attach(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.root.join(format!("{name}.att"));
+        if !valid_attachment_name(name) {
+            return Err(SnapshotError::WriteMeta {
+                path,
+                source: io::Error::new(io::ErrorKind::InvalidInput, "invalid attachment name"),
+            });
+        }
+        fs::write(&path, bytes).map_err(|source| SnapshotError::WriteMeta { path, source })
+    }
+
     /// The overlayfs upper dir.
     pub fn upper(&self) -> &Path {
         &self.upper
@@ -659,12 +691,19 @@ mod tests {
         assert!(m.upper().is_dir() && m.work().is_dir());
         assert_eq!(m.upper().parent(), m.work().parent());
         fs::write(m.upper().join("b"), b"b").unwrap();
+        m.attach("files", b"index").unwrap();
+        assert!(m.attach("fs", b"").is_ok(), "stored as fs.att, never the tree");
+        assert!(m.attach("../x", b"").is_err());
+        assert!(m.attach("meta.json", b"").is_err());
         // What overlayfs leaves in the work dir: work/work with mode 000.
         fs::create_dir(m.work().join("work")).unwrap();
         fs::set_permissions(m.work().join("work"), fs::Permissions::from_mode(0o000)).unwrap();
         let key = Digest::of(b"step");
         let committed = m.commit(&key, &Digest::of(b"diff"), 42).unwrap();
         assert_eq!(fs::read(committed.path.join("b")).unwrap(), b"b");
+        assert_eq!(store.attachment(&key, "files").as_deref(), Some(&b"index"[..]));
+        assert_eq!(store.attachment(&key, "absent"), None);
+        assert_eq!(store.attachment(&key, "../meta.json"), None);
         assert_eq!(committed.parent, Some(base_id));
         assert_eq!(store.get(&key), Some(committed.clone()));
         assert_eq!(

@@ -9,7 +9,11 @@
 //!                           exclusive while garbage collection runs
 //! ROOT/snapshots/           unpacked layers (see `snapshot`)
 //! ROOT/containers/<id>/     container records (`config.json` with an `Image` field)
-//! ROOT/cache/               build cache
+//! ROOT/cache/index/         build cache records (see `buildcache`)
+//! ROOT/cache/context/       per-context stat caches (inode, size, times -> content hash)
+//! ROOT/cache/lineage/<hex>  a copy vertex's last result snapshot, whose file index lets the
+//!                           next run hard-link unchanged files (pruned with its snapshot)
+//! ROOT/cache/http/          HTTP source validators (ETag, Last-Modified)
 //! ```
 //!
 //! All locks are `flock`s on open files: they are released when the handle is dropped and die

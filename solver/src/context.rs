@@ -38,6 +38,19 @@ pub struct Entry {
     pub link: String,
     /// blake3 of the file's content (files only; zero otherwise).
     pub content: [u8; 32],
+    /// The stat validators `content` was computed (or confirmed) under: inode, mtime and ctime
+    /// in nanoseconds. A reader that sees the same values (and size) may trust `content`.
+    pub validators: (u64, i64, i64),
+}
+
+impl Entry {
+    /// Whether `meta` (an `lstat` of this entry's path) still shows the file `content` describes.
+    pub fn still_matches(&self, meta: &std::fs::Metadata) -> bool {
+        self.kind == Kind::File
+            && meta.is_file()
+            && meta.len() == self.size
+            && self.validators == (meta.ino(), mtime_ns(meta), ctime_ns(meta))
+    }
 }
 
 impl Entry {
@@ -355,6 +368,7 @@ impl ContextIndex {
                     size: if kind == Kind::File { m.len() } else { 0 },
                     link,
                     content,
+                    validators: (m.ino(), mtime_ns(m), ctime_ns(m)),
                 };
                 Ok((entry, fresh))
             })
@@ -380,6 +394,14 @@ impl ContextIndex {
             entries,
             hidden,
         })
+    }
+
+    /// The entry at the context-relative path `rel`, if the index has one.
+    pub fn get(&self, rel: &str) -> Option<&Entry> {
+        self.entries
+            .binary_search_by(|e| e.path.as_str().cmp(rel))
+            .ok()
+            .map(|i| &self.entries[i])
     }
 
     /// Key material for the whole context.

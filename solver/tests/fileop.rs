@@ -1106,7 +1106,10 @@ fn timestamp_option_sets_times() {
         d.path(),
         &ctx(c.path()),
         &actions,
-        &FileOpOptions { timestamp: Some(t) },
+        &FileOpOptions {
+            timestamp: Some(t),
+            ..FileOpOptions::default()
+        },
     )
     .unwrap();
     for p in ["out", "out/f"] {

@@ -22,6 +22,7 @@
 
 mod apply;
 mod fsutil;
+mod same;
 mod sniff;
 mod tarfmt;
 #[cfg(test)]
@@ -33,6 +34,7 @@ use std::path::PathBuf;
 use kiln_dag::Digest;
 
 pub use apply::{apply, ApplyError};
+pub use same::same_tree;
 pub use sniff::{decoder, sniff, Compression, Decoder, SniffError, Sniffed};
 pub use write::{write_diff, write_tree, WriteError};
 

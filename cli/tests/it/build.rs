@@ -278,3 +278,96 @@ fn bind_mount_of_the_context_hides_dockerignored_paths() {
     // The context itself is untouched and the view is gone.
     assert!(ctx.join("secret.txt").exists() && ctx.join("logs/drop.txt").exists());
 }
+
+/// Committed snapshots that carry a copy's file index, oldest first.
+fn indexed_snapshots(env: &Env) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<(std::time::SystemTime, std::path::PathBuf)> =
+        std::fs::read_dir(env.root().join("snapshots"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join("files.att").is_file())
+            .map(|p| {
+                (
+                    std::fs::metadata(p.join("meta.json"))
+                        .unwrap()
+                        .modified()
+                        .unwrap(),
+                    p,
+                )
+            })
+            .collect();
+    v.sort();
+    v.into_iter().map(|(_, p)| p).collect()
+}
+
+#[test]
+fn copy_links_unchanged_files_and_writes_the_layer_a_fresh_store_writes() {
+    use std::os::unix::fs::MetadataExt;
+    let (env, ctx) = setup();
+    write(
+        &ctx,
+        "Dockerfile",
+        "FROM busybox:local\nCOPY . /ctx/\nRUN cat /ctx/src/a /ctx/src/b > /ab\n",
+    );
+    for i in 0..40 {
+        write(&ctx, &format!("src/d{}/f{i}", i % 4), &format!("file {i}"));
+    }
+    write(&ctx, "src/a", "a");
+    write(&ctx, "src/b", "b");
+    write(&ctx, "src/dup1", "same");
+    write(&ctx, "src/dup2", "same");
+    build(&env, &ctx, "t/l", &[]);
+    let first = layers(&env, "t/l");
+    write(&ctx, "src/b", "B");
+    build(&env, &ctx, "t/l", &[]);
+    let second = layers(&env, "t/l");
+    assert_ne!(first[1], second[1]);
+    assert_eq!(run(&env, "t/l", &["cat", "/ab"]), "aB");
+
+    // The second result shares the unchanged files' inodes with the first; the changed file
+    // and two identical files are inodes of their own.
+    let snaps = indexed_snapshots(&env);
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    let ino = |s: &Path, rel: &str| std::fs::metadata(s.join("fs/ctx").join(rel)).unwrap().ino();
+    assert_eq!(ino(&snaps[0], "src/a"), ino(&snaps[1], "src/a"));
+    assert_eq!(ino(&snaps[0], "src/d1/f5"), ino(&snaps[1], "src/d1/f5"));
+    assert_eq!(ino(&snaps[0], "Dockerfile"), ino(&snaps[1], "Dockerfile"));
+    assert_ne!(ino(&snaps[0], "src/b"), ino(&snaps[1], "src/b"));
+    assert_ne!(ino(&snaps[1], "src/dup1"), ino(&snaps[1], "src/dup2"));
+
+    // A fresh store (nothing to link from) writes the same COPY layer.
+    let fresh = Env::new();
+    fresh.with_busybox();
+    build(&fresh, &ctx, "t/l", &[]);
+    assert_eq!(layers(&fresh, "t/l")[1], second[1]);
+
+    // --no-cache copies again, finds the same tree as the last result and keeps that one:
+    // the same layer, no new COPY snapshot, nothing left in the temp dirs.
+    let out = build(&env, &ctx, "t/l", &["--no-cache"]);
+    assert!(!out.contains("CACHED"), "{out}");
+    assert_eq!(layers(&env, "t/l")[1], second[1]);
+    assert_eq!(indexed_snapshots(&env), snaps);
+    let left: Vec<_> = std::fs::read_dir(env.root().join("snapshots/tmp"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_none_or(|e| e != "lock"))
+        .collect();
+    assert!(left.is_empty(), "temporary snapshots left: {left:?}");
+    assert_eq!(run(&env, "t/l", &["cat", "/ab"]), "aB");
+
+    // Every file links, but a directory's mode changed: a different tree, a new layer, the one
+    // a fresh store writes.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(ctx.join("src/d1"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    build(&env, &ctx, "t/l", &["--no-cache"]);
+    let third = layers(&env, "t/l");
+    assert_ne!(third[1], second[1]);
+    build(&fresh, &ctx, "t/l", &["--no-cache"]);
+    assert_eq!(layers(&fresh, "t/l")[1], third[1]);
+    assert_eq!(
+        run(&env, "t/l", &["stat", "-c", "%a", "/ctx/src/d1"]).trim(),
+        "700"
+    );
+}

@@ -3,10 +3,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kiln_dag::{CopyAction, FileAction, FileOp};
+use kiln_cache::buildcache::Layer;
+use kiln_cache::layer;
+use kiln_cache::snapshot::Snapshot;
+use kiln_dag::{CopyAction, Digest, FileAction, FileOp, Vertex};
 
 use super::mounts::{self, View};
 use super::{Engine, EngineError, Output};
+use crate::fileop::link::{Donors, FileIndex, Linking};
 use crate::fileop::{self, FileOpOptions, SourceRoot};
 use crate::scheduler::{ExecCtx, Resolved, SolveError};
 
@@ -19,6 +23,7 @@ impl From<fileop::FileOpError> for SolveError {
 impl Engine {
     pub(super) async fn file(
         &self,
+        v: &Vertex,
         f: &FileOp,
         inputs: &[Resolved<Output>],
         ctx: &ExecCtx,
@@ -71,25 +76,147 @@ impl Engine {
             roots.push(root);
         }
         let actions = f.actions.clone();
+        let digest = v.digest();
+        let (linking, donor) = match self.linking(&digest, f, inputs, mutable.upper()) {
+            Some((l, d)) => (Some(l), d),
+            None => (None, None),
+        };
         let opts = FileOpOptions {
             timestamp: self
                 .opts
                 .source_date_epoch
                 .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.max(0) as u64)),
+            linking: linking.clone(),
         };
         if ctx.cancel().is_cancelled() {
             return Err(SolveError::Cancelled);
         }
+        let started = std::time::Instant::now();
         let applied = tokio::task::block_in_place(|| fileop::apply(&dest, &roots, &actions, &opts));
         drop(views);
         drop(dest_mount);
+        tracing::debug!(elapsed = ?started.elapsed(), "file actions applied");
         if let Err(e) = applied {
             mutable.discard();
             return Err(e.into());
         }
         let this: &Engine = self;
+        let index = linking.as_ref().map(|l| {
+            tracing::debug!(linked = l.linked(), "files linked from an earlier result");
+            (l.take_index(), l.linked())
+        });
+        // With SOURCE_DATE_EPOCH the tar clamps times, so a result's diff ID depends on more
+        // than its tree: such results neither record an index nor reuse a donor's diff ID.
+        let index = index.filter(|_| self.opts.source_date_epoch.is_none());
+        if let (Some((index, linked)), Some(donor)) = (&index, &donor) {
+            let started = std::time::Instant::now();
+            let same = *linked == index.0.len()
+                && !index.0.is_empty()
+                && super::chain_id(&base, &donor.diff_id) == donor.key
+                && self.store.content().contains(&donor.diff_id)
+                && tokio::task::block_in_place(|| layer::same_tree(mutable.upper(), &donor.path));
+            tracing::debug!(same, linked, files = index.0.len(), elapsed = ?started.elapsed(), "result compared with the earlier one");
+            if same {
+                // The same tree over the same base: the earlier snapshot and layer are this
+                // result (what writing the tar would have found, by its diff ID).
+                let started = std::time::Instant::now();
+                tokio::task::block_in_place(|| mutable.discard());
+                tracing::debug!(elapsed = ?started.elapsed(), "duplicate result removed");
+                let mut layers = base.clone();
+                layers.push(Layer {
+                    snapshot: donor.key,
+                    blob: donor.diff_id,
+                    diff_id: donor.diff_id,
+                    size: donor.size,
+                    media_type: super::LAYER_TAR.into(),
+                });
+                return Ok(Output::Fs(Arc::new(layers)));
+            }
+        }
+        if let Some((index, _)) = index.as_ref().filter(|(i, _)| !i.0.is_empty()) {
+            if let Err(e) = mutable.attach(FILE_INDEX, &index.encode()) {
+                tracing::debug!(error = %e, "file index not stored");
+            }
+        }
+        let started = std::time::Instant::now();
         let layers = tokio::task::block_in_place(|| this.commit_layer(&base, mutable, Vec::new()))?;
+        tracing::debug!(elapsed = ?started.elapsed(), "file op layer committed");
+        if let (Some(_), Some(top)) = (&index, layers.last()) {
+            self.set_lineage(&digest, &top.snapshot);
+        }
         Ok(Output::Fs(Arc::new(layers)))
+    }
+
+    /// Linking for a file op (vertex digest `vertex`) that is one copy from a local context: its
+    /// files are keyed, and those the last result of this same vertex holds identically are
+    /// linked from it.
+    fn linking(
+        &self,
+        vertex: &Digest,
+        f: &FileOp,
+        inputs: &[Resolved<Output>],
+        upper: &Path,
+    ) -> Option<(Arc<Linking>, Option<Snapshot>)> {
+        let [FileAction::Copy(c)] = f.actions.as_slice() else {
+            return None;
+        };
+        let Output::Local(ctx) = &inputs.get(c.source_input)?.output else {
+            return None;
+        };
+        let donor = self.lineage(vertex).and_then(|key| {
+            let snap = self.snapshots.get(&key)?;
+            let index = FileIndex::decode(&self.snapshots.attachment(&key, FILE_INDEX)?)?;
+            Some((snap, index))
+        });
+        let (donors, donor) = match donor {
+            Some((snap, index)) => (Some(Donors::new(snap.path.clone(), index)), Some(snap)),
+            None => (None, None),
+        };
+        let known: Arc<LocalContextContent> = Arc::new(LocalContextContent(ctx.clone()));
+        let linking = Linking::new(c.source_input, known, upper.to_path_buf(), donors);
+        Some((Arc::new(linking), donor))
+    }
+
+    fn lineage_path(&self, vertex: &Digest) -> PathBuf {
+        self.store.cache_dir().join("lineage").join(vertex.hex())
+    }
+
+    /// The snapshot the last run of `vertex` produced, if recorded.
+    fn lineage(&self, vertex: &Digest) -> Option<Digest> {
+        let text = std::fs::read_to_string(self.lineage_path(vertex)).ok()?;
+        Digest::parse(&format!("sha256:{}", text.trim())).ok()
+    }
+
+    /// Records `snapshot` as the last result of `vertex` when it carries a file index (a result
+    /// deduplicated into a snapshot without one keeps the older record). Best effort: the
+    /// record only saves work.
+    fn set_lineage(&self, vertex: &Digest, snapshot: &Digest) {
+        if self.snapshots.attachment_path(snapshot, FILE_INDEX).is_none() {
+            return;
+        }
+        let path = self.lineage_path(vertex);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, snapshot.hex()))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::debug!(error = %e, "lineage not recorded");
+        }
+    }
+}
+
+/// The attachment name of a copy result's [`FileIndex`].
+const FILE_INDEX: &str = "files";
+
+/// A local context's index as the copy's content oracle.
+struct LocalContextContent(Arc<super::LocalContext>);
+
+impl fileop::link::KnownContent for LocalContextContent {
+    fn content(&self, rel: &str, meta: &std::fs::Metadata) -> Option<[u8; 32]> {
+        self.0.index.content(rel, meta)
     }
 }
 

@@ -159,6 +159,13 @@ pub struct Engine {
     remote: remote::RemoteState,
 }
 
+/// The chain ID of `diff_id` over the layers `base`: the key of the snapshot holding it.
+fn chain_id(base: &[Layer], diff_id: &Digest) -> Digest {
+    let mut ids = base.iter().map(|l| l.diff_id).chain(std::iter::once(*diff_id));
+    let first = ids.next().unwrap_or(*diff_id);
+    ids.fold(first, |id, next| Digest::of(format!("{id} {next}").as_bytes()))
+}
+
 impl Engine {
     /// Prepares an engine for one build of `graph`.
     pub fn new(store: Arc<Store>, graph: Arc<Graph>, opts: EngineOptions) -> Result<Engine, EngineError> {
@@ -361,16 +368,7 @@ impl Engine {
         let blob = staged
             .commit()
             .map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
-        let chain = match base.last() {
-            None => stats.diff_id,
-            Some(_) => {
-                let mut id = base[0].diff_id;
-                for l in &base[1..] {
-                    id = Digest::of(format!("{id} {}", l.diff_id).as_bytes());
-                }
-                Digest::of(format!("{id} {}", stats.diff_id).as_bytes())
-            }
-        };
+        let chain = chain_id(base, &stats.diff_id);
         let snapshot = match self.snapshots.get(&chain) {
             Some(_) => {
                 mutable.discard();
@@ -534,7 +532,7 @@ impl Executor for Engine {
                 Ok(Output::Fs(Arc::new(out)))
             }
             Op::Exec(e) => self.exec(v, e, inputs, ctx).await,
-            Op::File(f) => self.file(f, inputs, ctx).await,
+            Op::File(f) => self.file(v, f, inputs, ctx).await,
         }
     }
 

@@ -15,6 +15,7 @@ use nix::sys::time::TimeSpec;
 use rayon::prelude::*;
 
 use super::chmod::ModeSpec;
+use super::link::Linking;
 use super::resolve::{self, Resolved};
 use super::{owner, unpack, wildcard, FileOpError, FileOpOptions, SourceRoot};
 
@@ -26,6 +27,9 @@ struct Config<'a> {
     mode: Option<ModeSpec>,
     exclude: Option<Matcher>,
     timestamp: Option<SystemTime>,
+    /// Keys (and links from donors) the files this action writes; only for an action that
+    /// writes each destination path once (one source, no `--parents`).
+    linking: Option<&'a Linking>,
 }
 
 impl Config<'_> {
@@ -79,13 +83,14 @@ pub(super) fn copy_action(
             })?,
         )
     };
-    let cfg = Config {
+    let mut cfg = Config {
         dest_root,
         src,
         chown,
         mode,
         exclude,
         timestamp: opts.timestamp,
+        linking: None,
     };
     let dest_is_dir = action.dest_is_dir || resolve::names_dir(&action.dest);
     let dest = resolve::clean(&action.dest);
@@ -101,8 +106,11 @@ pub(super) fn copy_action(
     if action.parents {
         return copy_parents(&cfg, action, &dest, dest_is_dir);
     }
+    let linking = opts
+        .linking
+        .as_deref()
+        .filter(|l| l.source_input == action.source_input);
 
-    let hidden = |rel: &str, is_dir: bool| cfg.hidden(rel, is_dir);
     let mut sources: Vec<String> = Vec::new();
     let (prefix, pattern) = wildcard::split(&action.src);
     if !action.allow_wildcard || pattern.is_empty() {
@@ -119,6 +127,10 @@ pub(super) fn copy_action(
         }
         sources.extend(found);
     }
+    if sources.len() == 1 {
+        cfg.linking = linking;
+    }
+    let hidden = |rel: &str, is_dir: bool| cfg.hidden(rel, is_dir);
 
     for source in sources {
         let resolved = resolve::in_root(&src.path, &source, action.follow_symlinks, Some(&hidden))?;
@@ -138,10 +150,13 @@ pub(super) fn copy_action(
             resolve::parent_of(&dest)
         };
         let ensure = resolve::in_root(dest_root, &ensure, true, None)?.host;
+        let ensured = fs::symlink_metadata(&ensure).is_err();
         mkdir_all(dest_root, &ensure, 0o755, chown, cfg.timestamp)?;
         let target = resolve::in_root(dest_root, &dest, true, None)?.host;
-        let target = prepare_target(&cfg, &meta, &source, target, action.dir_contents_only)?;
-        copy_tree(&cfg, &resolved, meta, &target, false)?;
+        let (target, created) = prepare_target(&cfg, &meta, &source, target, action.dir_contents_only)?;
+        // Whether the copy's top directory is one this action just made (and so empty).
+        let fresh = created || (ensured && target == ensure);
+        copy_tree(&cfg, &resolved, meta, &target, false, fresh)?;
     }
     Ok(())
 }
@@ -217,13 +232,14 @@ fn source_meta(cfg: &Config<'_>, resolved: &Resolved, named: &str) -> Result<Met
 }
 
 /// BuildKit's `prepareTargetDir`: where the source lands, creating the directories above it.
+/// True with it when that is a directory this call created (so it is empty).
 fn prepare_target(
     cfg: &Config<'_>,
     src_meta: &Metadata,
     src_path: &str,
     dest: PathBuf,
     contents_only: bool,
-) -> Result<PathBuf, FileOpError> {
+) -> Result<(PathBuf, bool), FileOpError> {
     let dest_meta = match fs::symlink_metadata(&dest) {
         Ok(m) => Some(m),
         Err(e) if resolve::is_missing(&e) => None,
@@ -243,8 +259,9 @@ fn prepare_target(
             .map(Path::to_path_buf)
             .unwrap_or_else(|| cfg.dest_root.to_path_buf())
     };
+    let created = parent == dest && fs::symlink_metadata(&dest).is_err();
     mkdir_all(cfg.dest_root, &parent, 0o755, cfg.chown, cfg.timestamp)?;
-    Ok(dest)
+    Ok((dest, created))
 }
 
 /// `COPY --parents`: the part of the source after a `/./` pivot (or all of it) is recreated
@@ -316,7 +333,7 @@ fn copy_parents(
         mkdir_all(cfg.dest_root, &ensure, 0o755, cfg.chown, cfg.timestamp)?;
     }
     let target = resolve::in_root(cfg.dest_root, dest, true, None)?.host;
-    let target = prepare_target(cfg, &pivot_meta, &pivot, target, true)?;
+    let (target, _) = prepare_target(cfg, &pivot_meta, &pivot, target, true)?;
     for m in matches {
         let below = m
             .rel
@@ -344,7 +361,7 @@ fn copy_parents(
             }
         }
         dst_dir.push(parts[parts.len() - 1]);
-        copy_tree(cfg, &m, meta, &dst_dir, true)?;
+        copy_tree(cfg, &m, meta, &dst_dir, true, false)?;
     }
     Ok(())
 }
@@ -379,6 +396,7 @@ fn copy_tree(
     meta: Metadata,
     target: &Path,
     overwrite_metadata: bool,
+    target_fresh: bool,
 ) -> Result<(), FileOpError> {
     let mut nodes = vec![Node {
         src: src.host.clone(),
@@ -409,7 +427,7 @@ fn copy_tree(
         } else {
             create_dir_like(&node.dst, &node.meta, i > 0 || overwrite_metadata)?
         };
-        fresh[i] = created;
+        fresh[i] = created || (i == 0 && target_fresh);
         info[i] = if i == 0 {
             created || overwrite_metadata
         } else {
@@ -597,7 +615,7 @@ fn copy_entry(cfg: &Config<'_>, n: &Node, parent_fresh: bool) -> Result<(), File
     }
     let ft = n.meta.file_type();
     if ft.is_file() {
-        return copy_file(cfg, n);
+        return copy_file(cfg, n, parent_fresh);
     }
     if ft.is_symlink() {
         let link = fs::read_link(&n.src).map_err(|source| FileOpError::ReadLink {
@@ -619,9 +637,51 @@ fn copy_entry(cfg: &Config<'_>, n: &Node, parent_fresh: bool) -> Result<(), File
     apply_info(cfg, &n.meta, &n.dst)
 }
 
+/// Writes a regular file: a link to a donor's identical file when there is one (only into a
+/// directory this copy created), else a copy. Keyed files are recorded for the result's index.
+fn copy_file(cfg: &Config<'_>, n: &Node, parent_fresh: bool) -> Result<(), FileOpError> {
+    // A hard-linked source keeps its links within the copy (`link_to`); its first name is
+    // written, never shared with a donor, so the later names' metadata writes touch only it.
+    let keyed = match cfg.linking {
+        Some(l) if parent_fresh && n.meta.nlink() == 1 => n
+            .src
+            .strip_prefix(&cfg.src.path)
+            .ok()
+            .and_then(|r| r.to_str())
+            .zip(n.dst.strip_prefix(cfg.dest_root).ok())
+            .and_then(|(src_rel, dst_rel)| {
+                let mtime = times_of(cfg, &n.meta).1;
+                let key = l.key(
+                    src_rel,
+                    &n.meta,
+                    target_mode(cfg, &n.meta),
+                    cfg.owner_of(&n.meta),
+                    nanos(mtime),
+                )?;
+                Some((l, key, dst_rel))
+            }),
+        _ => None,
+    };
+    if let Some((l, key, rel)) = keyed {
+        if !l.try_link(&key, rel) {
+            write_file(cfg, n)?;
+        }
+        l.record(rel, key);
+        return Ok(());
+    }
+    write_file(cfg, n)
+}
+
+fn nanos(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+    }
+}
+
 /// Copies a regular file's content (`copy_file_range` where the kernel can) and sets its
 /// owner, mode and times through the open descriptor.
-fn copy_file(cfg: &Config<'_>, n: &Node) -> Result<(), FileOpError> {
+fn write_file(cfg: &Config<'_>, n: &Node) -> Result<(), FileOpError> {
     let err = |source| FileOpError::CopyFile {
         from: n.src.clone(),
         to: n.dst.clone(),

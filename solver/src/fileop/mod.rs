@@ -13,6 +13,7 @@
 
 mod chmod;
 mod copy;
+pub mod link;
 mod owner;
 mod resolve;
 mod unpack;
@@ -83,6 +84,9 @@ pub struct FileOpOptions {
     /// (BuildKit's file-op timestamp, used for reproducible builds). When unset, copies keep
     /// their source's times and new entries get the current time.
     pub timestamp: Option<SystemTime>,
+    /// Keys the files copied from one input and links unchanged ones from an earlier result
+    /// (see [`link`]).
+    pub linking: Option<std::sync::Arc<link::Linking>>,
 }
 
 /// A file action failed.

@@ -1,0 +1,306 @@
+//! Hard links instead of copies: a COPY from the build context links each unchanged file from
+//! an earlier result of the same instruction rather than writing it again.
+//!
+//! A committed snapshot is never modified (overlayfs copies a lower file up before changing
+//! it), so two snapshots may share the inode of a file they hold identically. What makes two
+//! written files interchangeable is a [`FileKey`]: the source's content hash and everything the
+//! copy sets on the result (size, mode, owner, mtime). A copy records the key of every file it
+//! writes into a [`FileIndex`], stored with the result; the next run of the same instruction
+//! loads it as [`Donors`] and links a file whose key it finds instead of creating one. Creating
+//! a file allocates an inode and writes its data; a link does neither.
+//!
+//! Invariants:
+//! - A link goes only into a directory this copy created (so nothing was there, and on an
+//!   overlay the directory is a plain upper directory: writing into the upper dir is what the
+//!   overlay would have done).
+//! - A donor file is linked at most once per op, and an index never lists two names of one
+//!   inode: two linked files never become hard links of each other inside one layer, which
+//!   would change the layer's tar.
+//! - Only files whose content hash was computed under the stat validators the copy still sees
+//!   are keyed (the stat cache's trust model). Anything else is copied as before.
+//! - Atime is not part of the key (layer tars carry no atime).
+
+use std::collections::HashMap;
+use std::fs::Metadata;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Tells a copy what a source file holds without reading it.
+pub trait KnownContent: Send + Sync {
+    /// The content hash of the source-root-relative `rel`, when `meta` (its `lstat` now) shows
+    /// the file unchanged since it was hashed.
+    fn content(&self, rel: &str, meta: &Metadata) -> Option<[u8; 32]>;
+}
+
+impl KnownContent for crate::context::ContextIndex {
+    fn content(&self, rel: &str, meta: &Metadata) -> Option<[u8; 32]> {
+        self.get(rel).filter(|e| e.still_matches(meta)).map(|e| e.content)
+    }
+}
+
+/// Everything that makes two regular files written by a copy interchangeable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    /// blake3 of the content.
+    pub content: [u8; 32],
+    pub size: u64,
+    /// Permission bits (`& 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+}
+
+/// The regular files a copy wrote, by path relative to the result's root.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileIndex(pub Vec<(String, FileKey)>);
+
+const MAGIC: &[u8; 8] = b"KILNFI01";
+
+impl FileIndex {
+    /// The index as bytes ([`FileIndex::decode`] reads them back).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(MAGIC.len() + self.0.len() * 128);
+        out.extend_from_slice(MAGIC);
+        for (path, k) in &self.0 {
+            out.extend_from_slice(&(path.len() as u32).to_le_bytes());
+            out.extend_from_slice(path.as_bytes());
+            out.extend_from_slice(&k.content);
+            out.extend_from_slice(&k.size.to_le_bytes());
+            out.extend_from_slice(&k.mode.to_le_bytes());
+            out.extend_from_slice(&k.uid.to_le_bytes());
+            out.extend_from_slice(&k.gid.to_le_bytes());
+            out.extend_from_slice(&k.mtime_ns.to_le_bytes());
+        }
+        out
+    }
+
+    /// Reads [`FileIndex::encode`]'s bytes; anything malformed is `None` (the index is only an
+    /// optimisation: without it, files are copied).
+    pub fn decode(bytes: &[u8]) -> Option<FileIndex> {
+        fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            if rest.len() < n {
+                return None;
+            }
+            let (a, b) = rest.split_at(n);
+            *rest = b;
+            Some(a)
+        }
+        fn array<const N: usize>(rest: &mut &[u8]) -> Option<[u8; N]> {
+            take(rest, N)?.try_into().ok()
+        }
+        let mut rest = bytes.strip_prefix(MAGIC.as_slice())?;
+        let mut out = Vec::new();
+        while !rest.is_empty() {
+            let len = u32::from_le_bytes(array(&mut rest)?) as usize;
+            let path = std::str::from_utf8(take(&mut rest, len)?).ok()?;
+            if !is_relative_normal(path) {
+                return None;
+            }
+            let key = FileKey {
+                content: array(&mut rest)?,
+                size: u64::from_le_bytes(array(&mut rest)?),
+                mode: u32::from_le_bytes(array(&mut rest)?),
+                uid: u32::from_le_bytes(array(&mut rest)?),
+                gid: u32::from_le_bytes(array(&mut rest)?),
+                mtime_ns: i64::from_le_bytes(array(&mut rest)?),
+            };
+            out.push((path.to_string(), key));
+        }
+        Some(FileIndex(out))
+    }
+}
+
+/// A path a donor may name: relative, no `.`/`..` or empty components (a damaged index must
+/// not make a link point outside the donor).
+fn is_relative_normal(path: &str) -> bool {
+    !path.is_empty()
+        && !path.starts_with('/')
+        && path.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// The files of an earlier result that a copy may link, by key; each is handed out once.
+#[derive(Debug)]
+pub struct Donors {
+    root: PathBuf,
+    by_key: HashMap<FileKey, (Vec<String>, AtomicUsize)>,
+}
+
+impl Donors {
+    /// The files `index` lists below `root` (an immutable snapshot's tree).
+    pub fn new(root: PathBuf, index: FileIndex) -> Donors {
+        let mut by_key: HashMap<FileKey, (Vec<String>, AtomicUsize)> = HashMap::with_capacity(index.0.len());
+        for (path, key) in index.0 {
+            by_key
+                .entry(key)
+                .or_insert_with(|| (Vec::new(), AtomicUsize::new(0)))
+                .0
+                .push(path);
+        }
+        Donors { root, by_key }
+    }
+
+    /// A not yet used donor file with `key`.
+    fn take(&self, key: &FileKey) -> Option<PathBuf> {
+        let (paths, next) = self.by_key.get(key)?;
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        paths.get(i).map(|p| self.root.join(p))
+    }
+}
+
+/// Linking state of one file op: where its writes land, what it may link, what it wrote.
+pub struct Linking {
+    /// The input position whose copies are keyed (the build context).
+    pub source_input: usize,
+    known: Arc<dyn KnownContent>,
+    /// Where the op's writes land on disk: the overlay's upper dir (or the destination root
+    /// itself when nothing is below it).
+    upper: PathBuf,
+    donors: Option<Donors>,
+    written: Mutex<Vec<(String, FileKey)>>,
+    linked: AtomicUsize,
+}
+
+impl std::fmt::Debug for Linking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Linking")
+            .field("source_input", &self.source_input)
+            .field("upper", &self.upper)
+            .field("donors", &self.donors.as_ref().map(|d| d.by_key.len()))
+            .finish()
+    }
+}
+
+impl Linking {
+    /// Keys the copies reading input `source_input` (whose contents `known` vouches for),
+    /// writing into `upper`, linking from `donors` when given.
+    pub fn new(
+        source_input: usize,
+        known: Arc<dyn KnownContent>,
+        upper: PathBuf,
+        donors: Option<Donors>,
+    ) -> Linking {
+        Linking {
+            source_input,
+            known,
+            upper,
+            donors,
+            written: Mutex::new(Vec::new()),
+            linked: AtomicUsize::new(0),
+        }
+    }
+
+    /// The key of a file the copy is about to write, when its content is known.
+    pub(super) fn key(
+        &self,
+        src_rel: &str,
+        src_meta: &Metadata,
+        mode: u32,
+        owner: (u32, u32),
+        mtime_ns: i64,
+    ) -> Option<FileKey> {
+        let content = self.known.content(src_rel, src_meta)?;
+        Some(FileKey {
+            content,
+            size: src_meta.len(),
+            mode: mode & 0o7777,
+            uid: owner.0,
+            gid: owner.1,
+            mtime_ns,
+        })
+    }
+
+    /// Links a donor file with `key` at `rel` (relative to the destination root, in a
+    /// directory this copy created). False when there is none or linking failed (then the
+    /// caller copies; the failed attempt left nothing behind).
+    pub(super) fn try_link(&self, key: &FileKey, rel: &Path) -> bool {
+        let Some(donors) = &self.donors else {
+            return false;
+        };
+        let Some(from) = donors.take(key) else {
+            return false;
+        };
+        match std::fs::hard_link(&from, self.upper.join(rel)) {
+            Ok(()) => {
+                self.linked.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                // EMLINK (an inode shared by too many results), a donor removed meanwhile:
+                // the copy writes the file instead.
+                tracing::debug!(from = %from.display(), error = %e, "link from an earlier result failed");
+                false
+            }
+        }
+    }
+
+    /// Records that the file `rel` (relative to the destination root) was written with `key`.
+    pub(super) fn record(&self, rel: &Path, key: FileKey) {
+        if let Some(rel) = rel.to_str().filter(|r| is_relative_normal(r)) {
+            self.written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((rel.to_string(), key));
+        }
+    }
+
+    /// How many files were linked rather than written.
+    pub fn linked(&self) -> usize {
+        self.linked.load(Ordering::Relaxed)
+    }
+
+    /// The index of every keyed file written, sorted by path.
+    pub fn take_index(&self) -> FileIndex {
+        let mut v = std::mem::take(&mut *self.written.lock().unwrap_or_else(|e| e.into_inner()));
+        v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        FileIndex(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> FileKey {
+        FileKey {
+            content: [n; 32],
+            size: n as u64,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_ns: -5,
+        }
+    }
+
+    #[test]
+    fn index_round_trips_and_rejects_damage() {
+        let idx = FileIndex(vec![("a/b".into(), key(1)), ("c".into(), key(2))]);
+        let bytes = idx.encode();
+        assert_eq!(FileIndex::decode(&bytes), Some(idx));
+        assert_eq!(FileIndex::decode(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(FileIndex::decode(b"KILNFI02"), None);
+        assert_eq!(FileIndex::decode(MAGIC), Some(FileIndex::default()));
+        for bad in ["../x", "/abs", "a//b", "a/./b", ""] {
+            let b = FileIndex(vec![(bad.into(), key(1))]).encode();
+            assert_eq!(FileIndex::decode(&b), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn donors_hand_out_each_file_once() {
+        let d = Donors::new(
+            PathBuf::from("/d"),
+            FileIndex(vec![
+                ("x".into(), key(1)),
+                ("y".into(), key(1)),
+                ("z".into(), key(2)),
+            ]),
+        );
+        assert_eq!(d.take(&key(1)), Some(PathBuf::from("/d/x")));
+        assert_eq!(d.take(&key(1)), Some(PathBuf::from("/d/y")));
+        assert_eq!(d.take(&key(1)), None);
+        assert_eq!(d.take(&key(2)), Some(PathBuf::from("/d/z")));
+        assert_eq!(d.take(&key(3)), None);
+    }
+}

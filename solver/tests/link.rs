@@ -1,0 +1,264 @@
+//! COPY from the build context linking unchanged files from an earlier result
+//! (`kiln_solver::fileop::link`). Run as root: owners are set.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_dag::{CopyAction, FileAction, IdSpec, Owner};
+use kiln_solver::context::{ContextIndex, StatCache};
+use kiln_solver::fileop::link::{Donors, FileIndex, Linking};
+use kiln_solver::fileop::{apply, FileOpOptions, SourceRoot};
+
+fn copy(src: &str, dest: &str) -> CopyAction {
+    CopyAction {
+        source_input: 0,
+        src: src.into(),
+        dest: dest.into(),
+        owner: None,
+        mode: None,
+        follow_symlinks: true,
+        dir_contents_only: true,
+        allow_wildcard: true,
+        allow_empty_wildcard: true,
+        create_dest_path: true,
+        dest_is_dir: dest.ends_with('/'),
+        attempt_unpack: false,
+        exclude: Vec::new(),
+        parents: false,
+    }
+}
+
+fn write(root: &Path, rel: &str, data: &str) {
+    let p = root.join(rel);
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(p, data).unwrap();
+}
+
+/// One COPY of the context `ctx` into a fresh `dest`, linking from `donor` (a previous
+/// result's tree and index). Returns the index of what it wrote and how many files it linked.
+fn copy_with(
+    ctx: &Path,
+    dest: &Path,
+    action: CopyAction,
+    donor: Option<(&Path, &FileIndex)>,
+) -> (FileIndex, usize) {
+    let index = ContextIndex::scan(ctx, &[], &mut StatCache::default()).unwrap();
+    let donors = donor.map(|(root, idx)| Donors::new(root.to_path_buf(), idx.clone()));
+    let linking = Arc::new(Linking::new(0, Arc::new(index), dest.to_path_buf(), donors));
+    let opts = FileOpOptions {
+        linking: Some(linking.clone()),
+        ..FileOpOptions::default()
+    };
+    fs::create_dir_all(dest).unwrap();
+    apply(
+        dest,
+        &[SourceRoot::context(ctx, None)],
+        &[FileAction::Copy(action)],
+        &opts,
+    )
+    .unwrap();
+    (linking.take_index(), linking.linked())
+}
+
+fn ino(p: PathBuf) -> u64 {
+    fs::symlink_metadata(p).unwrap().ino()
+}
+
+/// Type, mode, owner, mtime and content of every entry: what a layer would record.
+fn describe(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = fs::symlink_metadata(&p).unwrap();
+            let data = if m.is_file() {
+                fs::read(&p).unwrap()
+            } else {
+                Vec::new()
+            };
+            out.push(format!(
+                "{} {:o} {}:{} {} {:?}",
+                p.strip_prefix(root).unwrap().display(),
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.mtime(),
+                data
+            ));
+            if m.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn unchanged_files_are_linked_changed_ones_written() {
+    let t = tempfile::tempdir().unwrap();
+    let ctx = t.path().join("ctx");
+    write(&ctx, "a/one", "1");
+    write(&ctx, "a/two", "2");
+    write(&ctx, "b/three", "3");
+    write(&ctx, "top", "t");
+
+    let first = t.path().join("first");
+    let (idx1, linked) = copy_with(&ctx, &first, copy(".", "/app/"), None);
+    assert_eq!(linked, 0);
+    let paths: Vec<&str> = idx1.0.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(paths, ["app/a/one", "app/a/two", "app/b/three", "app/top"]);
+
+    write(&ctx, "a/two", "changed");
+    let second = t.path().join("second");
+    let (idx2, linked) = copy_with(&ctx, &second, copy(".", "/app/"), Some((&first, &idx1)));
+    assert_eq!(linked, 3);
+    assert_eq!(idx2.0.len(), 4);
+    for unchanged in ["app/a/one", "app/b/three", "app/top"] {
+        assert_eq!(
+            ino(first.join(unchanged)),
+            ino(second.join(unchanged)),
+            "{unchanged}"
+        );
+    }
+    assert_ne!(ino(first.join("app/a/two")), ino(second.join("app/a/two")));
+    assert_eq!(fs::read_to_string(second.join("app/a/two")).unwrap(), "changed");
+    assert_eq!(
+        fs::read_to_string(first.join("app/a/two")).unwrap(),
+        "2",
+        "the donor is untouched"
+    );
+
+    // The linked result is what a plain copy gives.
+    let plain = t.path().join("plain");
+    fs::create_dir_all(&plain).unwrap();
+    apply(
+        &plain,
+        &[SourceRoot::context(&ctx, None)],
+        &[FileAction::Copy(copy(".", "/app/"))],
+        &FileOpOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(describe(&second), describe(&plain));
+}
+
+#[test]
+fn metadata_changes_and_identical_files_are_not_shared() {
+    let t = tempfile::tempdir().unwrap();
+    let ctx = t.path().join("ctx");
+    write(&ctx, "d/same1", "same");
+    write(&ctx, "d/same2", "same");
+    write(&ctx, "d/mode", "m");
+    let t0 = fs::FileTimes::new().set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(7));
+    for f in ["d/same1", "d/same2"] {
+        fs::File::options()
+            .write(true)
+            .open(ctx.join(f))
+            .unwrap()
+            .set_times(t0)
+            .unwrap();
+    }
+    let first = t.path().join("first");
+    let (idx1, _) = copy_with(&ctx, &first, copy(".", "/x/"), None);
+
+    fs::set_permissions(ctx.join("d/mode"), fs::Permissions::from_mode(0o600)).unwrap();
+    let second = t.path().join("second");
+    let (_, linked) = copy_with(&ctx, &second, copy(".", "/x/"), Some((&first, &idx1)));
+    // same1 and same2 have one key; each donor file is handed out once, so the two names do
+    // not become hard links of each other.
+    assert_eq!(linked, 2);
+    assert_ne!(ino(second.join("x/d/same1")), ino(second.join("x/d/same2")));
+    assert_ne!(ino(first.join("x/d/mode")), ino(second.join("x/d/mode")));
+    assert_eq!(
+        fs::metadata(second.join("x/d/mode")).unwrap().mode() & 0o777,
+        0o600
+    );
+
+    // --chown changes every key: nothing is linked.
+    let chowned = t.path().join("chowned");
+    let owner = Owner {
+        user: IdSpec::Id(1234),
+        group: Some(IdSpec::Id(1234)),
+    };
+    let action = CopyAction {
+        owner: Some(owner),
+        ..copy(".", "/x/")
+    };
+    let (_, linked) = copy_with(&ctx, &chowned, action, Some((&first, &idx1)));
+    assert_eq!(linked, 0);
+    assert_eq!(fs::metadata(chowned.join("x/d/same1")).unwrap().uid(), 1234);
+}
+
+#[test]
+fn only_fresh_directories_and_validated_sources_are_linked() {
+    let t = tempfile::tempdir().unwrap();
+    let ctx = t.path().join("ctx");
+    write(&ctx, "f", "f");
+    write(&ctx, "sub/g", "g");
+    let first = t.path().join("first");
+    let (idx1, _) = copy_with(&ctx, &first, copy(".", "/x/"), None);
+    assert_eq!(idx1.0.len(), 2);
+
+    // The destination directory exists already: files directly in it are written (and not
+    // recorded); files in directories the copy creates are linked.
+    let second = t.path().join("second");
+    fs::create_dir_all(second.join("x")).unwrap();
+    let (idx2, linked) = copy_with(&ctx, &second, copy(".", "/x/"), Some((&first, &idx1)));
+    assert_eq!(linked, 1);
+    assert_eq!(
+        idx2.0.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
+        ["x/sub/g"]
+    );
+    assert_eq!(ino(first.join("x/sub/g")), ino(second.join("x/sub/g")));
+
+    // A source that changes after the context was indexed is copied as it is now, unkeyed.
+    let index = ContextIndex::scan(&ctx, &[], &mut StatCache::default()).unwrap();
+    write(&ctx, "sub/g", "G");
+    let third = t.path().join("third");
+    fs::create_dir_all(&third).unwrap();
+    let linking = Arc::new(Linking::new(
+        0,
+        Arc::new(index),
+        third.clone(),
+        Some(Donors::new(first.clone(), idx1.clone())),
+    ));
+    let opts = FileOpOptions {
+        linking: Some(linking.clone()),
+        ..FileOpOptions::default()
+    };
+    apply(
+        &third,
+        &[SourceRoot::context(&ctx, None)],
+        &[FileAction::Copy(copy(".", "/x/"))],
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(fs::read_to_string(third.join("x/sub/g")).unwrap(), "G");
+    let idx3 = linking.take_index();
+    assert_eq!(
+        idx3.0.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
+        ["x/f"]
+    );
+    assert_eq!(ino(first.join("x/f")), ino(third.join("x/f")));
+}
+
+#[test]
+fn several_sources_are_copied_not_linked() {
+    let t = tempfile::tempdir().unwrap();
+    let ctx = t.path().join("ctx");
+    write(&ctx, "a/x", "1");
+    write(&ctx, "b/x", "2");
+    let first = t.path().join("first");
+    let (idx1, _) = copy_with(&ctx, &first, copy("a", "/d/"), None);
+    assert_eq!(idx1.0.len(), 1);
+    // `COPY a b /d/`-like wildcard: both write d/x, the last one wins; nothing is keyed.
+    let second = t.path().join("second");
+    let (idx2, linked) = copy_with(&ctx, &second, copy("[ab]", "/d/"), Some((&first, &idx1)));
+    assert_eq!((idx2.0.len(), linked), (0, 0));
+    assert_eq!(fs::read_to_string(second.join("d/x")).unwrap(), "2");
+}
