@@ -19,7 +19,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             None => kiln_cache::layer::write_diff(dir, std::io::sink(), &opts)?,
         };
-        println!("{:?}: {} bytes, {} entries", t.elapsed(), stats.size, stats.entries);
+        println!(
+            "{:?}: {} bytes, {} entries",
+            t.elapsed(),
+            stats.size,
+            stats.entries
+        );
     }
     Ok(())
 }
