@@ -1,31 +1,37 @@
 //! Deciding that two trees give the same layer tar without reading file contents.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
-use std::fs::{self, Metadata};
+use std::ffi::{CStr, CString};
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 
 use rayon::prelude::*;
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, Stat};
+
+use super::fsutil::dir_flags;
 
 /// Whether the trees `a` and `b` would be written as the same layer tar, decided from metadata
 /// alone: the same names, and for each the same type, mode, owner, mtime (to the nanosecond),
-/// size, symlink target, device number and extended attributes (those the tar records), with every regular file being
-/// the very same inode in both trees (a shared inode has one content). The roots' own
-/// attributes are compared, not their times or modes (a tar has no entry for its root).
+/// symlink target, device number and extended attributes (those the tar records), with every
+/// regular file being the very same inode in both trees (a shared inode has one content). The
+/// roots' own attributes are compared, not their times or modes (a tar has no entry for its
+/// root). Everything is read relative to directory descriptors, never through a symlink.
 ///
 /// Anything else (a regular file that is a different inode, an unreadable entry) is `false`:
 /// the caller writes the tar and compares digests instead.
 pub fn same_tree(a: &Path, b: &Path) -> bool {
-    let same = xattrs(a)
-        .and_then(|x| Ok(x == xattrs(b)?))
-        .and_then(|same| match same {
-            true => same_children(a, b),
-            false => {
+    let open = |p: &Path| rfs::open(p, dir_flags(), Mode::empty());
+    let same = open(a)
+        .and_then(|fa| Ok((fa, open(b)?)))
+        .map_err(io::Error::from)
+        .and_then(|(fa, fb)| {
+            if dir_xattrs(fa.as_fd())? != dir_xattrs(fb.as_fd())? {
                 tracing::debug!(a = %a.display(), b = %b.display(), "roots' attributes differ");
-                Ok(false)
+                return Ok(false);
             }
+            same_children(fa, fb, a)
         });
     match same {
         Ok(same) => same,
@@ -36,66 +42,88 @@ pub fn same_tree(a: &Path, b: &Path) -> bool {
     }
 }
 
-fn names(dir: &Path) -> io::Result<Vec<OsString>> {
-    let mut v = fs::read_dir(dir)?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<io::Result<Vec<_>>>()?;
-    v.sort_unstable();
-    Ok(v)
+fn names(dir: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
+    let mut out = Vec::new();
+    let mut reader = rfs::Dir::read_from(dir)?;
+    while let Some(entry) = reader.read() {
+        let name = entry?.file_name().to_owned();
+        if name.as_bytes() != b"." && name.as_bytes() != b".." {
+            out.push(name);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
 }
 
-fn same_children(a: &Path, b: &Path) -> io::Result<bool> {
-    let names_a = names(a)?;
-    if names_a != names(b)? {
-        tracing::debug!(a = %a.display(), b = %b.display(), "directories list different names");
+/// Compares the children of the directories `a` and `b` (`path`: `a`'s path, for the log).
+fn same_children(a: OwnedFd, b: OwnedFd, path: &Path) -> io::Result<bool> {
+    let names_a = names(a.as_fd())?;
+    if names_a != names(b.as_fd())? {
+        tracing::debug!(dir = %path.display(), "directories list different names");
         return Ok(false);
     }
     let mut subdirs = Vec::new();
     for name in &names_a {
-        let (pa, pb) = (a.join(name), b.join(name));
-        let (ma, mb) = (fs::symlink_metadata(&pa)?, fs::symlink_metadata(&pb)?);
-        if !same_entry(&pa, &ma, &pb, &mb)? {
-            tracing::debug!(a = %pa.display(), b = %pb.display(), "trees differ");
+        let sa = rfs::statat(&a, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        let sb = rfs::statat(&b, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        if !same_entry(a.as_fd(), b.as_fd(), name, &sa, &sb)? {
+            tracing::debug!(dir = %path.display(), name = ?name, "trees differ");
             return Ok(false);
         }
-        if ma.is_dir() {
-            subdirs.push((pa, pb));
+        if FileType::from_raw_mode(sa.st_mode) == FileType::Directory {
+            let da = rfs::openat(&a, name.as_c_str(), dir_flags(), Mode::empty())?;
+            let db = rfs::openat(&b, name.as_c_str(), dir_flags(), Mode::empty())?;
+            if dir_xattrs(da.as_fd())? != dir_xattrs(db.as_fd())? {
+                tracing::debug!(dir = %path.display(), name = ?name, "directory attributes differ");
+                return Ok(false);
+            }
+            subdirs.push((da, db, name));
         }
     }
     subdirs
-        .par_iter()
-        .map(|(pa, pb)| same_children(pa, pb))
+        .into_par_iter()
+        .map(|(da, db, name)| same_children(da, db, &path.join(std::ffi::OsStr::from_bytes(name.as_bytes()))))
         .try_fold(|| true, |acc, r| r.map(|same| acc && same))
         .try_reduce(|| true, |x, y| Ok(x && y))
 }
 
-fn same_entry(pa: &Path, a: &Metadata, pb: &Path, b: &Metadata) -> io::Result<bool> {
-    let same_meta = a.mode() == b.mode()
-        && a.uid() == b.uid()
-        && a.gid() == b.gid()
-        && a.mtime() == b.mtime()
-        && a.mtime_nsec() == b.mtime_nsec();
+fn same_entry(a: BorrowedFd<'_>, b: BorrowedFd<'_>, name: &CStr, sa: &Stat, sb: &Stat) -> io::Result<bool> {
+    let same_meta = sa.st_mode == sb.st_mode
+        && sa.st_uid == sb.st_uid
+        && sa.st_gid == sb.st_gid
+        && sa.st_mtime == sb.st_mtime
+        && sa.st_mtime_nsec == sb.st_mtime_nsec;
     if !same_meta {
         return Ok(false);
     }
-    let ft = a.file_type();
-    if ft.is_file() {
+    match FileType::from_raw_mode(sa.st_mode) {
         // One inode: one content and one set of attributes.
-        return Ok(a.dev() == b.dev() && a.ino() == b.ino());
+        FileType::RegularFile => Ok(sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino),
+        // Compared (attributes included) when the walk opens it.
+        FileType::Directory => Ok(true),
+        FileType::Symlink => Ok(rfs::readlinkat(a, name, Vec::new())?
+            == rfs::readlinkat(b, name, Vec::new())?
+            && entry_xattrs(a, name)? == entry_xattrs(b, name)?),
+        _ => Ok(sa.st_rdev == sb.st_rdev && entry_xattrs(a, name)? == entry_xattrs(b, name)?),
     }
-    if ft.is_symlink() && fs::read_link(pa)? != fs::read_link(pb)? {
-        return Ok(false);
-    }
-    if !ft.is_dir() && !ft.is_symlink() && a.rdev() != b.rdev() {
-        return Ok(false);
-    }
-    Ok(xattrs(pa)? == xattrs(pb)?)
 }
 
-/// Every extended attribute of `path` (not following a symlink), by name.
-fn xattrs(path: &Path) -> io::Result<BTreeMap<Vec<u8>, Vec<u8>>> {
+type Xattrs = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// Whether a layer tar records the attribute `name`: overlayfs' bookkeeping (`uuid`, `origin`,
+/// `impure`...) it does not; `opaque` it does (as a marker entry); `metacopy` and `redirect`
+/// are kept so that trees the writer refuses are never called the same.
+fn recorded(name: &[u8]) -> bool {
+    let overlay = name
+        .strip_prefix(b"trusted.overlay.")
+        .or_else(|| name.strip_prefix(b"user.overlay."));
+    overlay.is_none_or(|k| matches!(k, b"opaque" | b"metacopy" | b"redirect"))
+}
+
+/// The recorded attributes of an open directory.
+fn dir_xattrs(fd: BorrowedFd<'_>) -> io::Result<Xattrs> {
     let mut out = BTreeMap::new();
-    let need = match rustix::fs::llistxattr_query(path) {
+    let need = match rfs::flistxattr_query(fd) {
         Ok(n) => n,
         Err(rustix::io::Errno::NOTSUP) => return Ok(out),
         Err(e) => return Err(e.into()),
@@ -104,21 +132,45 @@ fn xattrs(path: &Path) -> io::Result<BTreeMap<Vec<u8>, Vec<u8>>> {
         return Ok(out);
     }
     let mut list = vec![0u8; need];
-    let len = rustix::fs::llistxattr(path, &mut list[..])?;
-    for name in list[..len].split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        // Overlayfs' bookkeeping (`uuid`, `origin`, `impure`...) is not in a layer tar; only
-        // `opaque` is (as a marker entry). `metacopy` and `redirect` are kept so that trees
-        // the writer refuses are never called the same.
-        let overlay = name
-            .strip_prefix(b"trusted.overlay.")
-            .or_else(|| name.strip_prefix(b"user.overlay."));
-        if overlay.is_some_and(|k| !matches!(k, b"opaque" | b"metacopy" | b"redirect")) {
-            continue;
-        }
-        let name_c = std::ffi::CString::new(name).map_err(io::Error::other)?;
-        let size = rustix::fs::lgetxattr_query(path, name_c.as_c_str())?;
-        let mut value = vec![0u8; size];
-        let n = rustix::fs::lgetxattr(path, name_c.as_c_str(), &mut value[..])?;
+    let len = rfs::flistxattr(fd, &mut list[..])?;
+    for name in list[..len]
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty() && recorded(n))
+    {
+        let name_c = CString::new(name).map_err(io::Error::other)?;
+        let mut value = vec![0u8; rfs::fgetxattr_query(fd, name_c.as_c_str())?];
+        let n = rfs::fgetxattr(fd, name_c.as_c_str(), &mut value[..])?;
+        value.truncate(n);
+        out.insert(name.to_vec(), value);
+    }
+    Ok(out)
+}
+
+/// The recorded attributes of a symlink or special file `name` in the directory `dir`, read
+/// through the descriptor's `/proc` link (`l*xattr` does not follow the last component).
+fn entry_xattrs(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Xattrs> {
+    use std::os::fd::AsRawFd;
+    let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    path.extend_from_slice(name.to_bytes());
+    let path = std::path::PathBuf::from(std::ffi::OsString::from_vec(path));
+    let mut out = BTreeMap::new();
+    let need = match rfs::llistxattr_query(&path) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::NOTSUP) => return Ok(out),
+        Err(e) => return Err(e.into()),
+    };
+    if need == 0 {
+        return Ok(out);
+    }
+    let mut list = vec![0u8; need];
+    let len = rfs::llistxattr(&path, &mut list[..])?;
+    for name in list[..len]
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty() && recorded(n))
+    {
+        let name_c = CString::new(name).map_err(io::Error::other)?;
+        let mut value = vec![0u8; rfs::lgetxattr_query(&path, name_c.as_c_str())?];
+        let n = rfs::lgetxattr(&path, name_c.as_c_str(), &mut value[..])?;
         value.truncate(n);
         out.insert(name.to_vec(), value);
     }
@@ -128,6 +180,7 @@ fn xattrs(path: &Path) -> io::Result<BTreeMap<Vec<u8>, Vec<u8>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::PermissionsExt;
 
     fn write_diff_id(dir: &Path) -> kiln_dag::Digest {
@@ -163,6 +216,26 @@ mod tests {
         let (_t, a, b) = pair();
         assert!(same_tree(&a, &b));
         assert_eq!(write_diff_id(&a), write_diff_id(&b));
+        // Overlayfs' own bookkeeping is not in the tar (needs root: trusted.* attributes).
+        if rustix::fs::setxattr(&b, "trusted.overlay.uuid", b"x", rustix::fs::XattrFlags::empty()).is_ok() {
+            rustix::fs::setxattr(
+                b.join("d"),
+                "trusted.overlay.impure",
+                b"y",
+                rustix::fs::XattrFlags::empty(),
+            )
+            .unwrap();
+            assert!(same_tree(&a, &b));
+            assert_eq!(write_diff_id(&a), write_diff_id(&b));
+            rustix::fs::setxattr(
+                b.join("d"),
+                "trusted.overlay.opaque",
+                b"y",
+                rustix::fs::XattrFlags::empty(),
+            )
+            .unwrap();
+            assert!(!same_tree(&a, &b), "an opaque marker is in the tar");
+        }
     }
 
     #[test]

@@ -119,9 +119,7 @@ impl Engine {
             if same {
                 // The same tree over the same base: the earlier snapshot and layer are this
                 // result (what writing the tar would have found, by its diff ID).
-                let started = std::time::Instant::now();
-                tokio::task::block_in_place(|| mutable.discard());
-                tracing::debug!(elapsed = ?started.elapsed(), "duplicate result removed");
+                self.discard_beside(mutable);
                 let mut layers = base.clone();
                 layers.push(Layer {
                     snapshot: donor.key,

@@ -157,6 +157,18 @@ pub struct Engine {
     unpack_lock: tokio::sync::Mutex<()>,
     /// Git and HTTP sources: resolved commits and downloads made for keys.
     remote: remote::RemoteState,
+    /// Removals of duplicate results running beside the build; joined when the engine is
+    /// dropped, so they finish before the build command does.
+    removals: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let pending = std::mem::take(self.removals.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for h in pending {
+            let _ = h.join();
+        }
+    }
 }
 
 /// The chain ID of `diff_id` over the layers `base`: the key of the snapshot holding it.
@@ -199,11 +211,26 @@ impl Engine {
             contexts: Mutex::new(HashMap::new()),
             unpack_lock: tokio::sync::Mutex::new(()),
             remote: remote::RemoteState::default(),
+            removals: Mutex::new(Vec::new()),
         })
     }
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// Removes a mutable snapshot whose result turned out to exist already, on a thread of its
+    /// own: the steps after it need not wait for its unlinks (a large tree takes a while). The
+    /// engine's drop waits for it.
+    fn discard_beside(&self, mutable: kiln_cache::snapshot::MutableSnapshot) {
+        match std::thread::Builder::new()
+            .name("kiln-discard".into())
+            .spawn(move || mutable.discard())
+        {
+            Ok(h) => self.removals.lock().unwrap_or_else(|e| e.into_inner()).push(h),
+            // No thread: the closure (and the snapshot) was dropped, which removed it inline.
+            Err(e) => tracing::debug!(error = %e, "removal thread not started"),
+        }
     }
 
     /// A fresh directory under the build's scratch space.
@@ -371,7 +398,7 @@ impl Engine {
         let chain = chain_id(base, &stats.diff_id);
         let snapshot = match self.snapshots.get(&chain) {
             Some(_) => {
-                mutable.discard();
+                self.discard_beside(mutable);
                 chain
             }
             None => {

@@ -398,9 +398,16 @@ fn copy_tree(
     overwrite_metadata: bool,
     target_fresh: bool,
 ) -> Result<(), FileOpError> {
+    // Below a directory this action created everything is new: a linking copy writes that
+    // subtree straight into the overlay's upper dir, where it lands anyway, instead of going
+    // through the overlay (see `link`: only a single-source action links).
+    let target = match (cfg.linking, target_fresh) {
+        (Some(l), true) => l.in_upper(target, cfg.dest_root),
+        _ => target.to_path_buf(),
+    };
     let mut nodes = vec![Node {
         src: src.host.clone(),
-        dst: target.to_path_buf(),
+        dst: target,
         meta,
         parent: None,
         included: true,
@@ -648,7 +655,7 @@ fn copy_file(cfg: &Config<'_>, n: &Node, parent_fresh: bool) -> Result<(), FileO
             .strip_prefix(&cfg.src.path)
             .ok()
             .and_then(|r| r.to_str())
-            .zip(n.dst.strip_prefix(cfg.dest_root).ok())
+            .zip(l.relative(&n.dst, cfg.dest_root))
             .and_then(|(src_rel, dst_rel)| {
                 let mtime = times_of(cfg, &n.meta).1;
                 let key = l.key(

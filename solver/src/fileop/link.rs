@@ -191,6 +191,23 @@ impl Linking {
         }
     }
 
+    /// Where `path` (below the destination root `dest_root`, as the copy resolved it) is in the
+    /// upper dir; `path` itself when it is not below `dest_root`.
+    pub(super) fn in_upper(&self, path: &Path, dest_root: &Path) -> PathBuf {
+        match path.strip_prefix(dest_root) {
+            Ok(rel) => self.upper.join(rel),
+            Err(_) => path.to_path_buf(),
+        }
+    }
+
+    /// `path` relative to the destination's root, whether it is written through the
+    /// destination root `dest_root` or straight into the upper dir.
+    pub(super) fn relative<'p>(&self, path: &'p Path, dest_root: &Path) -> Option<&'p Path> {
+        path.strip_prefix(&self.upper)
+            .or_else(|_| path.strip_prefix(dest_root))
+            .ok()
+    }
+
     /// The key of a file the copy is about to write, when its content is known.
     pub(super) fn key(
         &self,
