@@ -646,12 +646,12 @@ fn write_output(
     layers: &[kiln_cache::buildcache::Layer],
 ) -> anyhow::Result<()> {
     use kiln_cache::archive::save::{save, Format, SaveItem};
-    let open = |dest: &Option<PathBuf>| -> anyhow::Result<Box<dyn std::io::Write>> {
+    let open = |dest: &Option<PathBuf>| -> anyhow::Result<Box<dyn std::io::Write + Send>> {
         Ok(match dest {
             Some(p) => Box::new(
                 std::fs::File::create(p).with_context(|| format!("failed to create `{}`", p.display()))?,
             ),
-            None => Box::new(std::io::stdout().lock()),
+            None => Box::new(std::io::stdout()),
         })
     };
     match o {

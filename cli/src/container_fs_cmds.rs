@@ -332,7 +332,7 @@ fn export(a: ExportArgs, g: &Globals) -> anyhow::Result<ExitCode> {
             if io::stdout().is_terminal() {
                 bail!("cowardly refusing to save to a terminal. Use the -o flag or redirect");
             }
-            let mut w = io::BufWriter::new(io::stdout().lock());
+            let mut w = io::BufWriter::new(io::stdout());
             cfs::export(&rec.rootfs, &mut w)?;
             w.flush().context("failed to write the tar")?;
         }

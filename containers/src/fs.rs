@@ -661,7 +661,7 @@ pub fn mount_view(rootfs: &RootfsPaths, writable: bool) -> Result<View> {
 /// Writes the container's merged filesystem as a tar (`kiln export`). kiln's mount points are
 /// there as the empty files and directories the runtime created; volumes are not included.
 /// Needs a private mount namespace (see [`mount_view`]).
-pub fn export<W: Write>(rootfs: &RootfsPaths, out: W) -> Result<LayerStats> {
+pub fn export<W: Write + Send>(rootfs: &RootfsPaths, out: W) -> Result<LayerStats> {
     let view = mount_view(rootfs, false)?;
     layer::write_tree(view.path(), out, &DiffOptions::default()).map_err(FsError::Tar)
 }

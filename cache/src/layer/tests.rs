@@ -1078,3 +1078,66 @@ fn timings() {
     println!("write_tree of the same 20k files: {:?}", start.elapsed());
     assert_eq!(wstats.entries, 20_200);
 }
+
+#[test]
+fn large_files_cross_chunks_and_write_failures_surface() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("tree");
+    fs::create_dir(&dir).unwrap();
+    // Sizes around the 1 MiB hand-off to the hashing thread, one odd-sized.
+    let big: Vec<u8> = (0..(3 << 20) + 777).map(|i: u32| (i % 251) as u8).collect();
+    file(&dir.join("a"), &big[..(1 << 20) - 100], 0o644);
+    file(&dir.join("b"), &big, 0o644);
+    file(&dir.join("c"), b"small", 0o600);
+    set_all_mtimes(&dir, 1_000_000);
+    let (tar, stats) = tar_of(&dir, &DiffOptions::default());
+    assert_eq!(stats.size, tar.len() as u64);
+    assert_eq!(stats.diff_id, Digest::of(&tar));
+    let mut archive = tar::Archive::new(&tar[..]);
+    let mut seen = Vec::new();
+    for e in archive.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        seen.push((name, data.len()));
+        match seen.last().map(|(n, _)| n.as_str()) {
+            Some("a") => assert_eq!(data, &big[..(1 << 20) - 100]),
+            Some("b") => assert_eq!(data, big),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            ("a".to_string(), (1 << 20) - 100),
+            ("b".into(), big.len()),
+            ("c".into(), 5)
+        ]
+    );
+
+    /// Accepts `left` bytes, then fails.
+    struct Failing {
+        left: usize,
+    }
+    impl Write for Failing {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.left == 0 {
+                return Err(std::io::Error::other("disk full"));
+            }
+            let n = buf.len().min(self.left);
+            self.left -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    for left in [0, 100, 2 << 20] {
+        let err = write_tree(&dir, Failing { left }, &DiffOptions::default()).unwrap_err();
+        assert!(
+            matches!(&err, WriteError::Write { source, .. } if source.to_string() == "disk full"),
+            "{left}: {err:?}"
+        );
+    }
+}
