@@ -456,7 +456,7 @@ fn synthetic_upper_dir_whiteouts() {
         XattrFlags::empty(),
     )
     .unwrap();
-    let err = write_diff(u, &mut Vec::new(), &DiffOptions::default()).unwrap_err();
+    let err = write_diff(u, Vec::new(), &DiffOptions::default()).unwrap_err();
     assert!(matches!(err, WriteError::UnsupportedOverlay { .. }), "{err}");
     assert!(err.to_string().contains("opaque/-first"), "{err}");
 }
