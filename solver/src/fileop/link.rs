@@ -22,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::fs::Metadata;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -124,6 +125,8 @@ fn is_relative_normal(path: &str) -> bool {
 #[derive(Debug)]
 pub struct Donors {
     root: PathBuf,
+    /// `root` opened, so links name their source relative to it (shorter path walks).
+    root_fd: Option<OwnedFd>,
     by_key: HashMap<FileKey, (Vec<String>, AtomicUsize)>,
 }
 
@@ -138,15 +141,32 @@ impl Donors {
                 .0
                 .push(path);
         }
-        Donors { root, by_key }
+        let root_fd = open_dir(&root);
+        Donors {
+            root,
+            root_fd,
+            by_key,
+        }
     }
 
-    /// A not yet used donor file with `key`.
-    fn take(&self, key: &FileKey) -> Option<PathBuf> {
+    /// A not yet used donor file with `key`, relative to `root`.
+    fn take(&self, key: &FileKey) -> Option<&str> {
         let (paths, next) = self.by_key.get(key)?;
         let i = next.fetch_add(1, Ordering::Relaxed);
-        paths.get(i).map(|p| self.root.join(p))
+        paths.get(i).map(String::as_str)
     }
+}
+
+/// `dir` opened as a directory (never through a symlink), for `*at` calls; `None` when it
+/// cannot be (callers then use full paths).
+fn open_dir(dir: &Path) -> Option<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()
 }
 
 /// Linking state of one file op: where its writes land, what it may link, what it wrote.
@@ -157,6 +177,7 @@ pub struct Linking {
     /// Where the op's writes land on disk: the overlay's upper dir (or the destination root
     /// itself when nothing is below it).
     upper: PathBuf,
+    upper_fd: Option<OwnedFd>,
     donors: Option<Donors>,
     written: Mutex<Vec<(String, FileKey)>>,
     linked: AtomicUsize,
@@ -184,6 +205,7 @@ impl Linking {
         Linking {
             source_input,
             known,
+            upper_fd: open_dir(&upper),
             upper,
             donors,
             written: Mutex::new(Vec::new()),
@@ -238,7 +260,12 @@ impl Linking {
         let Some(from) = donors.take(key) else {
             return false;
         };
-        match std::fs::hard_link(&from, self.upper.join(rel)) {
+        let linked = match (&donors.root_fd, &self.upper_fd) {
+            (Some(src), Some(dst)) => rustix::fs::linkat(src, from, dst, rel, rustix::fs::AtFlags::empty())
+                .map_err(std::io::Error::from),
+            _ => std::fs::hard_link(donors.root.join(from), self.upper.join(rel)),
+        };
+        match linked {
             Ok(()) => {
                 self.linked.fetch_add(1, Ordering::Relaxed);
                 true
@@ -246,7 +273,7 @@ impl Linking {
             Err(e) => {
                 // EMLINK (an inode shared by too many results), a donor removed meanwhile:
                 // the copy writes the file instead.
-                tracing::debug!(from = %from.display(), error = %e, "link from an earlier result failed");
+                tracing::debug!(from, error = %e, "link from an earlier result failed");
                 false
             }
         }
@@ -314,10 +341,10 @@ mod tests {
                 ("z".into(), key(2)),
             ]),
         );
-        assert_eq!(d.take(&key(1)), Some(PathBuf::from("/d/x")));
-        assert_eq!(d.take(&key(1)), Some(PathBuf::from("/d/y")));
+        assert_eq!(d.take(&key(1)), Some("x"));
+        assert_eq!(d.take(&key(1)), Some("y"));
         assert_eq!(d.take(&key(1)), None);
-        assert_eq!(d.take(&key(2)), Some(PathBuf::from("/d/z")));
+        assert_eq!(d.take(&key(2)), Some("z"));
         assert_eq!(d.take(&key(3)), None);
     }
 }
