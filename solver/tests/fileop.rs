@@ -14,6 +14,9 @@ use std::path::Path;
 use kiln_dag::{Chmod, CopyAction, FileAction, IdSpec, MkdirAction, MkfileAction, Owner, RmAction};
 use kiln_solver::fileop::{apply, FileOpError, FileOpOptions, SourceRoot};
 
+mod common;
+use common::cp;
+
 /// Every path below `root` described as the difftest compares it: type, mode, owner, content
 /// or link target.
 fn tree(root: &Path) -> BTreeMap<String, String> {
@@ -108,26 +111,6 @@ fn base_root() -> tempfile::TempDir {
         0o644,
     );
     d
-}
-
-/// COPY as the Dockerfile frontend lowers it (one action per source).
-fn cp(src: &str, dest: &str) -> CopyAction {
-    CopyAction {
-        source_input: 0,
-        src: src.into(),
-        dest: dest.into(),
-        owner: None,
-        mode: None,
-        follow_symlinks: true,
-        dir_contents_only: true,
-        allow_wildcard: true,
-        allow_empty_wildcard: true,
-        create_dest_path: true,
-        dest_is_dir: dest.ends_with('/'),
-        attempt_unpack: false,
-        exclude: Vec::new(),
-        parents: false,
-    }
 }
 
 fn add(src: &str, dest: &str) -> CopyAction {

@@ -9,28 +9,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kiln_dag::{CopyAction, FileAction, IdSpec, Owner};
+
+mod common;
+use common::cp as copy;
 use kiln_solver::context::{ContextIndex, StatCache};
 use kiln_solver::fileop::link::{Donors, FileIndex, Linking};
 use kiln_solver::fileop::{apply, FileOpOptions, SourceRoot};
-
-fn copy(src: &str, dest: &str) -> CopyAction {
-    CopyAction {
-        source_input: 0,
-        src: src.into(),
-        dest: dest.into(),
-        owner: None,
-        mode: None,
-        follow_symlinks: true,
-        dir_contents_only: true,
-        allow_wildcard: true,
-        allow_empty_wildcard: true,
-        create_dest_path: true,
-        dest_is_dir: dest.ends_with('/'),
-        attempt_unpack: false,
-        exclude: Vec::new(),
-        parents: false,
-    }
-}
 
 fn write(root: &Path, rel: &str, data: &str) {
     let p = root.join(rel);
@@ -47,6 +31,17 @@ fn copy_with(
     donor: Option<(&Path, &FileIndex)>,
 ) -> (FileIndex, usize) {
     let index = ContextIndex::scan(ctx, &[], &mut StatCache::default()).unwrap();
+    copy_indexed(index, ctx, dest, action, donor)
+}
+
+/// [`copy_with`] trusting `index`, made earlier, for what the context holds.
+fn copy_indexed(
+    index: ContextIndex,
+    ctx: &Path,
+    dest: &Path,
+    action: CopyAction,
+    donor: Option<(&Path, &FileIndex)>,
+) -> (FileIndex, usize) {
     let donors = donor.map(|(root, idx)| Donors::new(root.to_path_buf(), idx.clone()));
     let linking = Arc::new(Linking::new(0, Arc::new(index), dest.to_path_buf(), donors));
     let opts = FileOpOptions {
@@ -220,26 +215,8 @@ fn only_fresh_directories_and_validated_sources_are_linked() {
     let index = ContextIndex::scan(&ctx, &[], &mut StatCache::default()).unwrap();
     write(&ctx, "sub/g", "G");
     let third = t.path().join("third");
-    fs::create_dir_all(&third).unwrap();
-    let linking = Arc::new(Linking::new(
-        0,
-        Arc::new(index),
-        third.clone(),
-        Some(Donors::new(first.clone(), idx1.clone())),
-    ));
-    let opts = FileOpOptions {
-        linking: Some(linking.clone()),
-        ..FileOpOptions::default()
-    };
-    apply(
-        &third,
-        &[SourceRoot::context(&ctx, None)],
-        &[FileAction::Copy(copy(".", "/x/"))],
-        &opts,
-    )
-    .unwrap();
+    let (idx3, _) = copy_indexed(index, &ctx, &third, copy(".", "/x/"), Some((&first, &idx1)));
     assert_eq!(fs::read_to_string(third.join("x/sub/g")).unwrap(), "G");
-    let idx3 = linking.take_index();
     assert_eq!(
         idx3.0.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
         ["x/f"]

@@ -122,32 +122,12 @@ fn recorded(name: &[u8]) -> bool {
 
 /// The recorded attributes of an open directory.
 fn dir_xattrs(fd: BorrowedFd<'_>) -> io::Result<Xattrs> {
-    let mut out = BTreeMap::new();
-    let need = match rfs::flistxattr_query(fd) {
-        Ok(n) => n,
-        Err(rustix::io::Errno::NOTSUP) => return Ok(out),
-        Err(e) => return Err(e.into()),
-    };
-    if need == 0 {
-        return Ok(out);
-    }
-    let mut list = vec![0u8; need];
-    let len = rfs::flistxattr(fd, &mut list[..])?;
-    for name in list[..len]
-        .split(|&b| b == 0)
-        .filter(|n| !n.is_empty() && recorded(n))
-    {
-        let name_c = CString::new(name).map_err(io::Error::other)?;
-        let mut value = vec![0u8; rfs::fgetxattr_query(fd, name_c.as_c_str())?];
-        let n = rfs::fgetxattr(fd, name_c.as_c_str(), &mut value[..])?;
-        value.truncate(n);
-        out.insert(name.to_vec(), value);
-    }
-    Ok(out)
+    entry_xattrs(fd, c".")
 }
 
-/// The recorded attributes of a symlink or special file `name` in the directory `dir`, read
-/// through the descriptor's `/proc` link (`l*xattr` does not follow the last component).
+/// The recorded attributes of `name` in the directory `dir` (`.`: the directory itself), read
+/// through the descriptor's `/proc` link: the `l*xattr` calls do not follow the last
+/// component, and there is no `*xattrat` call for a symlink on every kernel.
 fn entry_xattrs(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Xattrs> {
     use std::os::fd::AsRawFd;
     let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
