@@ -42,13 +42,13 @@ fn copy_indexed(
     action: CopyAction,
     donor: Option<(&Path, &FileIndex)>,
 ) -> (FileIndex, usize) {
+    fs::create_dir_all(dest).unwrap();
     let donors = donor.map(|(root, idx)| Donors::new(root.to_path_buf(), idx.clone()));
     let linking = Arc::new(Linking::new(0, Arc::new(index), dest.to_path_buf(), donors));
     let opts = FileOpOptions {
         linking: Some(linking.clone()),
         ..FileOpOptions::default()
     };
-    fs::create_dir_all(dest).unwrap();
     apply(
         dest,
         &[SourceRoot::context(ctx, None)],
@@ -238,4 +238,73 @@ fn several_sources_are_copied_not_linked() {
     let (idx2, linked) = copy_with(&ctx, &second, copy("[ab]", "/d/"), Some((&first, &idx1)));
     assert_eq!((idx2.0.len(), linked), (0, 0));
     assert_eq!(fs::read_to_string(second.join("d/x")).unwrap(), "2");
+}
+
+#[test]
+fn deferred_links_wait_for_make_pending_and_keep_directory_times() {
+    use kiln_cache::layer::{same_tree, same_tree_assuming};
+    let t = tempfile::tempdir().unwrap();
+    let ctx = t.path().join("ctx");
+    write(&ctx, "d/one", "1");
+    write(&ctx, "d/e/two", "2");
+    write(&ctx, "top", "t");
+    let first = t.path().join("first");
+    let (idx1, _) = copy_with(&ctx, &first, copy(".", "/x/"), None);
+
+    let deferred = |dest: &Path| {
+        fs::create_dir_all(dest).unwrap();
+        let index = ContextIndex::scan(&ctx, &[], &mut StatCache::default()).unwrap();
+        let donors = Donors::new(first.clone(), idx1.clone());
+        let linking =
+            Arc::new(Linking::new(0, Arc::new(index), dest.to_path_buf(), Some(donors)).deferring());
+        let opts = FileOpOptions {
+            linking: Some(linking.clone()),
+            ..FileOpOptions::default()
+        };
+        apply(
+            dest,
+            &[SourceRoot::context(&ctx, None)],
+            &[FileAction::Copy(copy(".", "/x/"))],
+            &opts,
+        )
+        .unwrap();
+        linking
+    };
+
+    // Unchanged: nothing is linked yet, and the tree is the donor's once the links count.
+    let second = t.path().join("second");
+    let linking = deferred(&second);
+    assert_eq!(linking.linked(), 3);
+    assert!(!second.join("x/d/one").exists());
+    let pending = linking.pending_in_place();
+    assert!(pending.contains(b"x/d/e/two".as_slice()), "{pending:?}");
+    assert!(!same_tree(&second, &first));
+    assert!(same_tree_assuming(&second, &first, &|rel| pending.contains(rel)));
+    // Made: the donor's inodes, and the directories' times as the copy set them.
+    linking.make_pending().unwrap();
+    assert!(same_tree(&second, &first));
+    assert_eq!(ino(first.join("x/d/e/two")), ino(second.join("x/d/e/two")));
+    assert_eq!(describe(&second), describe(&first));
+
+    // A changed file: the rest is pending, the comparison fails, and the made result is what a
+    // plain copy writes.
+    write(&ctx, "d/one", "changed");
+    let third = t.path().join("third");
+    let linking = deferred(&third);
+    assert_eq!(linking.linked(), 2);
+    let pending = linking.pending_in_place();
+    assert!(!same_tree_assuming(&third, &first, &|rel| pending.contains(rel)));
+    linking.make_pending().unwrap();
+    let plain = t.path().join("plain");
+    copy_with(&ctx, &plain, copy(".", "/x/"), None);
+    assert_eq!(describe(&third), describe(&plain));
+    assert_eq!(ino(first.join("x/top")), ino(third.join("x/top")));
+
+    // A donor file gone by the time the links are made (a store damaged under a build: GC
+    // waits for builds): neither a link nor a copy of it can be made, and the error names it.
+    let fourth = t.path().join("fourth");
+    let linking = deferred(&fourth);
+    fs::remove_file(first.join("x/top")).unwrap();
+    let err = linking.make_pending().unwrap_err().to_string();
+    assert!(err.contains("top"), "{err}");
 }

@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use kiln_dag::Digest;
 
 pub use apply::{apply, ApplyError};
-pub use same::same_tree;
+pub use same::{same_tree, same_tree_assuming};
 pub use sniff::{decoder, sniff, Compression, Decoder, SniffError, Sniffed};
 pub use write::{write_diff, write_tree, WriteError};
 

@@ -22,6 +22,13 @@ use super::fsutil::dir_flags;
 /// Anything else (a regular file that is a different inode, an unreadable entry) is `false`:
 /// the caller writes the tar and compares digests instead.
 pub fn same_tree(a: &Path, b: &Path) -> bool {
+    same_tree_assuming(a, b, &|_| false)
+}
+
+/// [`same_tree`], counting a regular file of `b` that `a` lacks as present in `a` (the very
+/// same inode) when `linked` says so of its path relative to the roots (`dir/name` bytes): for a
+/// tree whose links to `b`'s files are not made yet.
+pub fn same_tree_assuming(a: &Path, b: &Path, linked: &(dyn Fn(&[u8]) -> bool + Sync)) -> bool {
     let open = |p: &Path| rfs::open(p, dir_flags(), Mode::empty());
     let same = open(a)
         .and_then(|fa| Ok((fa, open(b)?)))
@@ -31,7 +38,7 @@ pub fn same_tree(a: &Path, b: &Path) -> bool {
                 tracing::debug!(a = %a.display(), b = %b.display(), "roots' attributes differ");
                 return Ok(false);
             }
-            same_children(fa, fb, a)
+            same_children(fa, fb, a, Vec::new(), linked)
         });
     match same {
         Ok(same) => same,
@@ -55,15 +62,41 @@ fn names(dir: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
     Ok(out)
 }
 
-/// Compares the children of the directories `a` and `b` (`path`: `a`'s path, for the log).
-fn same_children(a: OwnedFd, b: OwnedFd, path: &Path) -> io::Result<bool> {
+/// Compares the children of the directories `a` and `b` (`path`: `a`'s path, for the log;
+/// `rel`: their path below the roots, empty or ending in `/`).
+fn same_children(
+    a: OwnedFd,
+    b: OwnedFd,
+    path: &Path,
+    rel: Vec<u8>,
+    linked: &(dyn Fn(&[u8]) -> bool + Sync),
+) -> io::Result<bool> {
     let names_a = names(a.as_fd())?;
-    if names_a != names(b.as_fd())? {
+    let names_b = names(b.as_fd())?;
+    let mut shared = Vec::with_capacity(names_b.len());
+    let mut ia = names_a.iter().peekable();
+    for name in &names_b {
+        if ia.next_if(|n| *n < name).is_some() {
+            tracing::debug!(dir = %path.display(), "directories list different names");
+            return Ok(false);
+        }
+        if ia.next_if(|n| *n == name).is_some() {
+            shared.push(name);
+            continue;
+        }
+        let full = [&rel[..], name.as_bytes()].concat();
+        let sb = rfs::statat(&b, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        if !(linked(&full) && FileType::from_raw_mode(sb.st_mode) == FileType::RegularFile) {
+            tracing::debug!(dir = %path.display(), name = ?name, "directories list different names");
+            return Ok(false);
+        }
+    }
+    if ia.next().is_some() {
         tracing::debug!(dir = %path.display(), "directories list different names");
         return Ok(false);
     }
     let mut subdirs = Vec::new();
-    for name in &names_a {
+    for name in shared {
         let sa = rfs::statat(&a, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?;
         let sb = rfs::statat(&b, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?;
         if !same_entry(a.as_fd(), b.as_fd(), name, &sa, &sb)? {
@@ -82,7 +115,11 @@ fn same_children(a: OwnedFd, b: OwnedFd, path: &Path) -> io::Result<bool> {
     }
     subdirs
         .into_par_iter()
-        .map(|(da, db, name)| same_children(da, db, &path.join(std::ffi::OsStr::from_bytes(name.as_bytes()))))
+        .map(|(da, db, name)| {
+            let sub = [&rel[..], name.as_bytes(), b"/"].concat();
+            let at = path.join(std::ffi::OsStr::from_bytes(name.as_bytes()));
+            same_children(da, db, &at, sub, linked)
+        })
         .try_fold(|| true, |acc, r| r.map(|same| acc && same))
         .try_reduce(|| true, |x, y| Ok(x && y))
 }
@@ -216,6 +253,29 @@ mod tests {
             .unwrap();
             assert!(!same_tree(&a, &b), "an opaque marker is in the tar");
         }
+    }
+
+    #[test]
+    fn files_to_be_linked_count_as_present() {
+        let (_t, a, b) = pair();
+        let t0 =
+            fs::FileTimes::new().set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000));
+        fs::remove_file(a.join("d/f")).unwrap();
+        fs::remove_file(a.join("d/e/g")).unwrap();
+        for d in ["d/e", "d"] {
+            fs::File::open(a.join(d)).unwrap().set_times(t0).unwrap();
+        }
+        assert!(!same_tree(&a, &b));
+        let both = |rel: &[u8]| rel == b"d/f" || rel == b"d/e/g";
+        assert!(same_tree_assuming(&a, &b, &both));
+        assert!(
+            !same_tree_assuming(&a, &b, &|rel| rel == b"d/f"),
+            "d/e/g is missing"
+        );
+        // Only a regular file can be linked: a missing directory or symlink is a difference.
+        fs::remove_file(a.join("d/l")).unwrap();
+        fs::File::open(a.join("d")).unwrap().set_times(t0).unwrap();
+        assert!(!same_tree_assuming(&a, &b, &|rel| both(rel) || rel == b"d/l"));
     }
 
     #[test]

@@ -114,7 +114,10 @@ impl Engine {
                 && !index.0.is_empty()
                 && super::chain_id(&base, &donor.diff_id) == donor.key
                 && self.store.content().contains(&donor.diff_id)
-                && tokio::task::block_in_place(|| layer::same_tree(mutable.upper(), &donor.path));
+                && tokio::task::block_in_place(|| {
+                    let pending = linking.as_ref().map(|l| l.pending_in_place()).unwrap_or_default();
+                    layer::same_tree_assuming(mutable.upper(), &donor.path, &|rel| pending.contains(rel))
+                });
             tracing::debug!(same, linked, files = index.0.len(), elapsed = ?started.elapsed(), "result compared with the earlier one");
             if same {
                 // The same tree over the same base: the earlier snapshot and layer are this
@@ -130,6 +133,15 @@ impl Engine {
                 });
                 return Ok(Output::Fs(Arc::new(layers)));
             }
+        }
+        // Not the earlier tree: make the links the copy put off.
+        if let Some(l) = &linking {
+            let started = std::time::Instant::now();
+            if let Err(e) = tokio::task::block_in_place(|| l.make_pending()) {
+                mutable.discard();
+                return Err(e.into());
+            }
+            tracing::debug!(elapsed = ?started.elapsed(), "pending links made");
         }
         if let Some((index, _)) = index.as_ref().filter(|(i, _)| !i.0.is_empty()) {
             if let Err(e) = mutable.attach(FILE_INDEX, &index.encode()) {
@@ -171,7 +183,12 @@ impl Engine {
             None => (None, None),
         };
         let known: Arc<LocalContextContent> = Arc::new(LocalContextContent(ctx.clone()));
-        let linking = Linking::new(c.source_input, known, upper.to_path_buf(), donors);
+        let mut linking = Linking::new(c.source_input, known, upper.to_path_buf(), donors);
+        // The result may be the donor's own tree (found by comparing, with SOURCE_DATE_EPOCH
+        // unset): links are then made only once that is ruled out.
+        if donor.is_some() && self.opts.source_date_epoch.is_none() {
+            linking = linking.deferring();
+        }
         Some((Arc::new(linking), donor))
     }
 

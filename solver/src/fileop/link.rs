@@ -157,6 +157,39 @@ impl Donors {
     }
 }
 
+/// Writes `to` as a copy of the donor file `from`, with `key`'s owner, mode and mtime (the
+/// fallback of a link that could not be made).
+fn copy_donor_file(from: &Path, to: &Path, key: &FileKey) -> Result<(), super::FileOpError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let err = |source| super::FileOpError::CopyFile {
+        from: from.to_path_buf(),
+        to: to.to_path_buf(),
+        source,
+    };
+    let mut src = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(from)
+        .map_err(err)?;
+    let mut dst = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)
+        .map_err(err)?;
+    std::io::copy(&mut src, &mut dst).map_err(err)?;
+    std::os::unix::fs::fchown(&dst, Some(key.uid), Some(key.gid)).map_err(err)?;
+    dst.set_permissions(std::fs::Permissions::from_mode(key.mode))
+        .map_err(err)?;
+    let mtime = if key.mtime_ns >= 0 {
+        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(key.mtime_ns as u64)
+    } else {
+        std::time::UNIX_EPOCH - std::time::Duration::from_nanos(key.mtime_ns.unsigned_abs())
+    };
+    dst.set_times(std::fs::FileTimes::new().set_accessed(mtime).set_modified(mtime))
+        .map_err(err)
+}
+
 /// `dir` opened as a directory (never through a symlink), for `*at` calls; `None` when it
 /// cannot be (callers then use full paths).
 fn open_dir(dir: &Path) -> Option<OwnedFd> {
@@ -181,6 +214,10 @@ pub struct Linking {
     donors: Option<Donors>,
     written: Mutex<Vec<(String, FileKey)>>,
     linked: AtomicUsize,
+    /// Put links off until [`Linking::make_pending`] (see [`Linking::deferring`]).
+    defer: bool,
+    /// Links chosen but not made yet: donor path, destination path, key.
+    pending: Mutex<Vec<(String, PathBuf, FileKey)>>,
 }
 
 impl std::fmt::Debug for Linking {
@@ -210,6 +247,112 @@ impl Linking {
             donors,
             written: Mutex::new(Vec::new()),
             linked: AtomicUsize::new(0),
+            defer: false,
+            pending: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Chooses links during the copy but makes them only in [`Linking::make_pending`]. A copy
+    /// whose result may turn out to be the donor's own tree (compared with
+    /// [`kiln_cache::layer::same_tree_assuming`]) then never makes links it would remove
+    /// again. Until they are made, the directories the links go into lack those files.
+    pub fn deferring(mut self) -> Linking {
+        self.defer = true;
+        self
+    }
+
+    /// Whether a link to the donor file at the same path is pending at `rel` (relative to the
+    /// destination root): what [`kiln_cache::layer::same_tree_assuming`] may count as present.
+    pub fn pending_in_place(&self) -> std::collections::HashSet<Vec<u8>> {
+        use std::os::unix::ffi::OsStrExt;
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(from, to, _)| Path::new(from) == to.as_path())
+            .map(|(_, to, _)| to.as_os_str().as_bytes().to_vec())
+            .collect()
+    }
+
+    /// Makes the pending links. A link that fails (an inode linked too often, a donor removed
+    /// meanwhile) is written as a copy of the donor's file with the key's owner, mode and
+    /// times. The directories linked into keep the times the copy gave them.
+    pub fn make_pending(&self) -> Result<(), super::FileOpError> {
+        use rayon::prelude::*;
+        use rustix::fs::{AtFlags, Timestamps};
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let Some(donors) = &self.donors else {
+            return Ok(());
+        };
+        let mut dirs: Vec<&Path> = pending
+            .iter()
+            .map(|(_, to, _)| {
+                to.parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."))
+            })
+            .collect();
+        dirs.dedup();
+        dirs.sort_unstable();
+        dirs.dedup();
+        let opened;
+        let upper = match &self.upper_fd {
+            Some(fd) => fd,
+            None => {
+                opened = open_dir(&self.upper).ok_or_else(|| super::FileOpError::ReadDir {
+                    path: self.upper.clone(),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                })?;
+                &opened
+            }
+        };
+        let stat_err = |dir: &Path, source| super::FileOpError::Stat {
+            path: self.upper.join(dir),
+            source,
+        };
+        let times: Vec<(&Path, Timestamps)> = dirs
+            .iter()
+            .map(|d| {
+                let st = rustix::fs::statat(upper, *d, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| stat_err(d, e.into()))?;
+                let ts = |sec: i64, nsec: u64| rustix::fs::Timespec {
+                    tv_sec: sec,
+                    tv_nsec: nsec as _,
+                };
+                Ok((
+                    *d,
+                    Timestamps {
+                        last_access: ts(st.st_atime, st.st_atime_nsec as u64),
+                        last_modification: ts(st.st_mtime, st.st_mtime_nsec as u64),
+                    },
+                ))
+            })
+            .collect::<Result<_, super::FileOpError>>()?;
+        pending.par_iter().try_for_each(|(from, to, key)| {
+            if self.link_now(donors, from, to).is_ok() {
+                return Ok(());
+            }
+            copy_donor_file(&donors.root.join(from), &self.upper.join(to), key)
+        })?;
+        for (dir, ts) in times {
+            rustix::fs::utimensat(upper, dir, &ts, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
+                super::FileOpError::Times {
+                    path: self.upper.join(dir),
+                    source: e.into(),
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    fn link_now(&self, donors: &Donors, from: &str, rel: &Path) -> std::io::Result<()> {
+        match (&donors.root_fd, &self.upper_fd) {
+            (Some(src), Some(dst)) => rustix::fs::linkat(src, from, dst, rel, rustix::fs::AtFlags::empty())
+                .map_err(std::io::Error::from),
+            _ => std::fs::hard_link(donors.root.join(from), self.upper.join(rel)),
         }
     }
 
@@ -260,12 +403,16 @@ impl Linking {
         let Some(from) = donors.take(key) else {
             return false;
         };
-        let linked = match (&donors.root_fd, &self.upper_fd) {
-            (Some(src), Some(dst)) => rustix::fs::linkat(src, from, dst, rel, rustix::fs::AtFlags::empty())
-                .map_err(std::io::Error::from),
-            _ => std::fs::hard_link(donors.root.join(from), self.upper.join(rel)),
-        };
-        match linked {
+        if self.defer {
+            self.pending.lock().unwrap_or_else(|e| e.into_inner()).push((
+                from.to_string(),
+                rel.to_path_buf(),
+                *key,
+            ));
+            self.linked.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        match self.link_now(donors, from, rel) {
             Ok(()) => {
                 self.linked.fetch_add(1, Ordering::Relaxed);
                 true
