@@ -308,3 +308,138 @@ fn deferred_links_wait_for_make_pending_and_keep_directory_times() {
     let err = linking.make_pending().unwrap_err().to_string();
     assert!(err.contains("top"), "{err}");
 }
+
+#[test]
+fn copies_from_layers_link_files_whose_metadata_they_keep() {
+    use std::os::unix::fs::MetadataExt;
+    let t = tempfile::tempdir().unwrap();
+    // One layer tree as the source filesystem (its own merged view).
+    let layer = t.path().join("layer");
+    write(&layer, "data/plain", "p");
+    write(&layer, "data/sub/deep", "d");
+    write(&layer, "data/pair1", "h");
+    fs::hard_link(layer.join("data/pair1"), layer.join("data/pair2")).unwrap();
+    write(&layer, "data/attr", "x");
+    rustix::fs::setxattr(
+        layer.join("data/attr"),
+        "user.k",
+        b"v",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("plain", layer.join("data/link")).unwrap();
+
+    let run = |dest: &Path, action: CopyAction| {
+        fs::create_dir_all(dest).unwrap();
+        let linking =
+            Arc::new(Linking::from_layers(0, std::slice::from_ref(&layer), dest.to_path_buf()).unwrap());
+        let opts = FileOpOptions {
+            linking: Some(linking.clone()),
+            ..FileOpOptions::default()
+        };
+        apply(
+            dest,
+            &[SourceRoot::filesystem(&layer)],
+            &[FileAction::Copy(action)],
+            &opts,
+        )
+        .unwrap();
+        linking.linked()
+    };
+    let dest = t.path().join("dest");
+    assert_eq!(run(&dest, copy("/data", "/copy")), 2);
+    for f in ["plain", "sub/deep"] {
+        assert_eq!(
+            ino(layer.join("data").join(f)),
+            ino(dest.join("copy").join(f)),
+            "{f}"
+        );
+    }
+    // Written, not linked: a hard-link pair (kept a pair of its own), a file with attributes.
+    let pair1 = fs::metadata(dest.join("copy/pair1")).unwrap();
+    assert_ne!(pair1.ino(), ino(layer.join("data/pair1")));
+    assert_eq!(pair1.ino(), ino(dest.join("copy/pair2")));
+    assert_ne!(ino(dest.join("copy/attr")), ino(layer.join("data/attr")));
+    assert_eq!(fs::read_link(dest.join("copy/link")).unwrap(), Path::new("plain"));
+
+    // The linked result is what a plain copy writes (attributes aside: a copy drops them).
+    let plain = t.path().join("plain");
+    fs::create_dir_all(&plain).unwrap();
+    apply(
+        &plain,
+        &[SourceRoot::filesystem(&layer)],
+        &[FileAction::Copy(copy("/data", "/copy"))],
+        &FileOpOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(describe(&dest), describe(&plain));
+
+    // --chown changes the owner: nothing is linked.
+    let owned = t.path().join("owned");
+    let action = CopyAction {
+        owner: Some(Owner {
+            user: IdSpec::Id(7),
+            group: Some(IdSpec::Id(7)),
+        }),
+        ..copy("/data", "/copy")
+    };
+    assert_eq!(run(&owned, action), 0);
+    assert_eq!(fs::metadata(owned.join("copy/plain")).unwrap().uid(), 7);
+}
+
+#[test]
+fn copies_from_stacked_layers_link_what_the_merged_view_shows() {
+    use std::process::Command;
+    let t = tempfile::tempdir().unwrap();
+    let (top, low, merged) = (
+        t.path().join("top"),
+        t.path().join("low"),
+        t.path().join("merged"),
+    );
+    write(&low, "data/f", "old");
+    write(&low, "data/g", "only below");
+    write(&low, "data/w", "deleted above");
+    write(&top, "data/f", "new");
+    nix::sys::stat::mknod(
+        &top.join("data/w"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::empty(),
+        0,
+    )
+    .unwrap();
+    fs::create_dir_all(&merged).unwrap();
+    let opts = format!("lowerdir={}:{}", top.display(), low.display());
+    let st = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(&merged)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting the overlay needs root");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _m = Unmount(merged.clone());
+
+    let dest = t.path().join("dest");
+    fs::create_dir_all(&dest).unwrap();
+    let linking = Arc::new(Linking::from_layers(0, &[top.clone(), low.clone()], dest.clone()).unwrap());
+    let opts = FileOpOptions {
+        linking: Some(linking.clone()),
+        ..FileOpOptions::default()
+    };
+    apply(
+        &dest,
+        &[SourceRoot::filesystem(&merged)],
+        &[FileAction::Copy(copy("/data", "/copy"))],
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(linking.linked(), 2);
+    assert_eq!(fs::read_to_string(dest.join("copy/f")).unwrap(), "new");
+    assert_eq!(ino(top.join("data/f")), ino(dest.join("copy/f")));
+    assert_eq!(ino(low.join("data/g")), ino(dest.join("copy/g")));
+    assert!(!dest.join("copy/w").exists(), "a whited-out file is not copied");
+}

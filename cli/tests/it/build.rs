@@ -371,3 +371,41 @@ fn copy_links_unchanged_files_and_writes_the_layer_a_fresh_store_writes() {
         "700"
     );
 }
+
+#[test]
+fn copy_from_a_stage_links_its_files_unless_it_changes_them() {
+    use std::os::unix::fs::MetadataExt;
+    let (env, ctx) = setup();
+    write(
+        &ctx,
+        "Dockerfile",
+        "FROM busybox:local AS a\n\
+         RUN mkdir -p /data/sub && echo one > /data/one && echo two > /data/sub/two \
+         && chmod 640 /data/one && chown 12:34 /data/sub/two && ln /data/one /data/hard\n\
+         FROM busybox:local\n\
+         COPY --from=a /data /copy\n\
+         COPY --from=a --chown=5:6 /data/sub /owned\n\
+         RUN stat -c '%n %h %a %u:%g' /copy/one /copy/hard /copy/sub/two /owned/two > /stat\n",
+    );
+    build(&env, &ctx, "t/m", &[]);
+    assert_eq!(
+        run(&env, "t/m", &["cat", "/stat"]),
+        "/copy/one 2 640 0:0\n/copy/hard 2 640 0:0\n/copy/sub/two 2 644 12:34\n/owned/two 1 644 5:6\n"
+    );
+    // /copy/sub/two is the stage's own file (two names: the stage's and the copy's); the
+    // hard-linked pair is a pair of the copy's own; the chowned copy is a file of its own.
+    let snaps = env.root().join("snapshots");
+    let inodes = |rel: &str| -> Vec<u64> {
+        std::fs::read_dir(&snaps)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::symlink_metadata(e.path().join("fs").join(rel)).ok())
+            .map(|m| m.ino())
+            .collect()
+    };
+    let stage = inodes("data/sub/two");
+    assert_eq!(stage.len(), 1);
+    assert_eq!(inodes("copy/sub/two"), stage);
+    assert_ne!(inodes("copy/one"), inodes("data/one"));
+    assert_ne!(inodes("owned/two"), stage);
+}

@@ -52,6 +52,8 @@ impl Engine {
         // One source root per input position (only those the actions read are prepared).
         let mut views: Vec<View> = Vec::new();
         let mut roots: Vec<SourceRoot> = Vec::with_capacity(inputs.len());
+        // Each filesystem input's layer trees, top first.
+        let mut layer_dirs: Vec<Vec<PathBuf>> = vec![Vec::new(); inputs.len()];
         for (i, input) in inputs.iter().enumerate() {
             let used = f
                 .actions
@@ -70,6 +72,7 @@ impl Engine {
                     let view = mounts::read_only_view(self.scratch.path(), &self.empty, &lower)?;
                     let root = SourceRoot::filesystem(view.path().to_path_buf());
                     views.push(view);
+                    layer_dirs[i] = lower;
                     root
                 }
             };
@@ -77,7 +80,7 @@ impl Engine {
         }
         let actions = f.actions.clone();
         let digest = v.digest();
-        let (linking, donor) = match self.linking(&digest, f, inputs, mutable.upper()) {
+        let (linking, donor) = match self.linking(&digest, f, inputs, &layer_dirs, mutable.upper()) {
             Some((l, d)) => (Some(l), d),
             None => (None, None),
         };
@@ -157,21 +160,28 @@ impl Engine {
         Ok(Output::Fs(Arc::new(layers)))
     }
 
-    /// Linking for a file op (vertex digest `vertex`) that is one copy from a local context: its
-    /// files are keyed, and those the last result of this same vertex holds identically are
-    /// linked from it.
+    /// Linking for a file op (vertex digest `vertex`) that is one copy. From a local context,
+    /// its files are keyed, and those the last result of this same vertex holds identically are
+    /// linked from it. From a filesystem (`layer_dirs`: each input's layer trees), files whose
+    /// metadata the copy keeps are linked from the layers themselves.
     fn linking(
         &self,
         vertex: &Digest,
         f: &FileOp,
         inputs: &[Resolved<Output>],
+        layer_dirs: &[Vec<PathBuf>],
         upper: &Path,
     ) -> Option<(Arc<Linking>, Option<Snapshot>)> {
         let [FileAction::Copy(c)] = f.actions.as_slice() else {
             return None;
         };
-        let Output::Local(ctx) = &inputs.get(c.source_input)?.output else {
-            return None;
+        let ctx = match &inputs.get(c.source_input)?.output {
+            Output::Local(ctx) => ctx,
+            Output::Fs(_) => {
+                let layers = layer_dirs.get(c.source_input).filter(|l| !l.is_empty())?;
+                let linking = Linking::from_layers(c.source_input, layers, upper.to_path_buf())?;
+                return Some((Arc::new(linking), None));
+            }
         };
         let donor = self.lineage(vertex).and_then(|key| {
             let snap = self.snapshots.get(&key)?;

@@ -444,11 +444,14 @@ fn copy_tree(
 
     // Files, symlinks and special files, in parallel; hard links after their first name.
     let parent_fresh = |n: &Node| n.parent.is_some_and(|p| fresh[p]);
+    // Files other names in this copy will be hard links of: their inode gets those names'
+    // metadata writes, so it is never one shared with a source layer.
+    let leaders: std::collections::HashSet<usize> = nodes.iter().filter_map(|n| n.link_to).collect();
     nodes
         .par_iter()
         .enumerate()
         .filter(|(i, n)| keep[*i] && !n.meta.is_dir() && n.link_to.is_none())
-        .try_for_each(|(_, n)| copy_entry(cfg, n, parent_fresh(n)))?;
+        .try_for_each(|(i, n)| copy_entry(cfg, n, parent_fresh(n), leaders.contains(&i)))?;
     for (i, n) in nodes.iter().enumerate() {
         if let (true, Some(leader)) = (keep[i], n.link_to) {
             if !parent_fresh(n) {
@@ -616,13 +619,13 @@ fn ensure_empty_file_target(dst: &Path) -> Result<(), FileOpError> {
 }
 
 /// Writes one non-directory entry and its metadata.
-fn copy_entry(cfg: &Config<'_>, n: &Node, parent_fresh: bool) -> Result<(), FileOpError> {
+fn copy_entry(cfg: &Config<'_>, n: &Node, parent_fresh: bool, leader: bool) -> Result<(), FileOpError> {
     if !parent_fresh {
         ensure_empty_file_target(&n.dst)?;
     }
     let ft = n.meta.file_type();
     if ft.is_file() {
-        return copy_file(cfg, n, parent_fresh);
+        return copy_file(cfg, n, parent_fresh, leader);
     }
     if ft.is_symlink() {
         let link = fs::read_link(&n.src).map_err(|source| FileOpError::ReadLink {
@@ -646,7 +649,26 @@ fn copy_entry(cfg: &Config<'_>, n: &Node, parent_fresh: bool) -> Result<(), File
 
 /// Writes a regular file: a link to a donor's identical file when there is one (only into a
 /// directory this copy created), else a copy. Keyed files are recorded for the result's index.
-fn copy_file(cfg: &Config<'_>, n: &Node, parent_fresh: bool) -> Result<(), FileOpError> {
+fn copy_file(cfg: &Config<'_>, n: &Node, parent_fresh: bool, leader: bool) -> Result<(), FileOpError> {
+    // From an image's or a stage's layers: the very file, when the copy keeps its metadata.
+    if let Some(l) = cfg.linking.filter(|l| l.reads_layers()) {
+        let keeps_metadata =
+            cfg.chown.is_none() && cfg.mode.is_none() && cfg.timestamp.is_none() && !cfg.src.normalize_owner;
+        if parent_fresh && keeps_metadata && !leader {
+            let rels = n
+                .src
+                .strip_prefix(&cfg.src.path)
+                .ok()
+                .and_then(|r| r.to_str())
+                .zip(l.relative(&n.dst, cfg.dest_root));
+            if let Some((src_rel, dst_rel)) = rels {
+                if l.link_from_layers(src_rel, &n.meta, dst_rel) {
+                    return Ok(());
+                }
+            }
+        }
+        return write_file(cfg, n);
+    }
     // A hard-linked source keeps its links within the copy (`link_to`); its first name is
     // written, never shared with a donor, so the later names' metadata writes touch only it.
     let keyed = match cfg.linking {

@@ -206,7 +206,10 @@ fn open_dir(dir: &Path) -> Option<OwnedFd> {
 pub struct Linking {
     /// The input position whose copies are keyed (the build context).
     pub source_input: usize,
-    known: Arc<dyn KnownContent>,
+    /// For a copy from the build context: what its files hold.
+    known: Option<Arc<dyn KnownContent>>,
+    /// For a copy from an image's or a stage's filesystem: its layers, top first, opened.
+    layers: Vec<OwnedFd>,
     /// Where the op's writes land on disk: the overlay's upper dir (or the destination root
     /// itself when nothing is below it).
     upper: PathBuf,
@@ -226,6 +229,7 @@ impl std::fmt::Debug for Linking {
             .field("source_input", &self.source_input)
             .field("upper", &self.upper)
             .field("donors", &self.donors.as_ref().map(|d| d.by_key.len()))
+            .field("layers", &self.layers.len())
             .finish()
     }
 }
@@ -241,7 +245,8 @@ impl Linking {
     ) -> Linking {
         Linking {
             source_input,
-            known,
+            known: Some(known),
+            layers: Vec::new(),
             upper_fd: open_dir(&upper),
             upper,
             donors,
@@ -250,6 +255,87 @@ impl Linking {
             defer: false,
             pending: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Links the files a copy reads from the filesystem made of `layers` (immutable snapshot
+    /// trees, top first) instead of writing them, when the copy keeps their owner, mode and
+    /// times: each file is linked from the layer its merged view shows it from. Nothing is
+    /// recorded (an index serves copies from the build context).
+    pub fn from_layers(source_input: usize, layers: &[PathBuf], upper: PathBuf) -> Option<Linking> {
+        let layers = layers.iter().map(|l| open_dir(l)).collect::<Option<Vec<_>>>()?;
+        Some(Linking {
+            source_input,
+            known: None,
+            layers,
+            upper_fd: open_dir(&upper),
+            upper,
+            donors: None,
+            written: Mutex::new(Vec::new()),
+            linked: AtomicUsize::new(0),
+            defer: false,
+            pending: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Whether this links from source layers (see [`Linking::from_layers`]).
+    pub(super) fn reads_layers(&self) -> bool {
+        !self.layers.is_empty()
+    }
+
+    /// Links the regular file at `src_rel` of the source filesystem (whose merged view showed
+    /// it with `src_meta`) at `rel` of the destination. False (nothing done) unless the
+    /// topmost layer holding that path holds that very inode, reached without a symlink, with
+    /// no extended attributes (a copy does not carry them).
+    pub(super) fn link_from_layers(&self, src_rel: &str, src_meta: &Metadata, rel: &Path) -> bool {
+        use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+        use std::os::unix::fs::MetadataExt;
+        let Some(upper) = &self.upper_fd else {
+            return false;
+        };
+        let resolve = ResolveFlags::BENEATH
+            | ResolveFlags::NO_SYMLINKS
+            | ResolveFlags::NO_MAGICLINKS
+            | ResolveFlags::NO_XDEV;
+        for layer in &self.layers {
+            let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            let found = match rustix::fs::openat2(layer, src_rel, flags, Mode::empty(), resolve) {
+                Ok(fd) => fd,
+                Err(rustix::io::Errno::NOENT) => continue,
+                Err(_) => return false,
+            };
+            let same = rustix::fs::fstat(&found).is_ok_and(|st| {
+                FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+                    && st.st_ino == src_meta.ino()
+                    && st.st_size as u64 == src_meta.len()
+            });
+            if !same {
+                return false;
+            }
+            // A regular file (checked above), opened to list its attributes.
+            let no_xattrs = rustix::fs::openat2(
+                layer,
+                src_rel,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+                resolve,
+            )
+            .and_then(|f| rustix::fs::flistxattr_query(&f))
+            .is_ok_and(|n| n == 0);
+            if !no_xattrs {
+                return false;
+            }
+            return match rustix::fs::linkat(layer, src_rel, upper, rel, AtFlags::empty()) {
+                Ok(()) => {
+                    self.linked.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(e) => {
+                    tracing::debug!(src_rel, error = %e, "link from a source layer failed");
+                    false
+                }
+            };
+        }
+        false
     }
 
     /// Chooses links during the copy but makes them only in [`Linking::make_pending`]. A copy
@@ -382,7 +468,7 @@ impl Linking {
         owner: (u32, u32),
         mtime_ns: i64,
     ) -> Option<FileKey> {
-        let content = self.known.content(src_rel, src_meta)?;
+        let content = self.known.as_ref()?.content(src_rel, src_meta)?;
         Some(FileKey {
             content,
             size: src_meta.len(),
