@@ -14,6 +14,7 @@ step "clippy";   cargo clippy --workspace --all-targets --release -- -D warnings
 step "build";    cargo build --release -p kiln
 if [ -d "$shared/difftest" ]; then
   step "difftest"; bash scripts/difftest.sh
+  step "difftest, every case rebuilt with --no-cache"; KILN=scripts/kiln-rebuild.sh bash scripts/difftest.sh
 fi
 step "fuzz targets compile"; (cd fuzz && cargo check --release -q)
 step "tests";    cargo test --workspace --release
