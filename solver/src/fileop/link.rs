@@ -311,16 +311,10 @@ impl Linking {
             if !same {
                 return false;
             }
-            // A regular file (checked above), opened to list its attributes.
-            let no_xattrs = rustix::fs::openat2(
-                layer,
-                src_rel,
-                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-                resolve,
-            )
-            .and_then(|f| rustix::fs::flistxattr_query(&f))
-            .is_ok_and(|n| n == 0);
+            // Its attributes, through the descriptor's /proc link (a path descriptor cannot list
+            // them itself; the link names the very file just checked).
+            let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&found));
+            let no_xattrs = rustix::fs::listxattr_query(proc.as_str()).is_ok_and(|n| n == 0);
             if !no_xattrs {
                 return false;
             }
