@@ -224,6 +224,23 @@ mod tests {
             for d in ["d/e", "d"] {
                 fs::File::open(root.join(d)).unwrap().set_times(t0).unwrap();
             }
+            // The symlinks' own times too: made a moment apart, they can straddle a tick of the
+            // coarse clock file times come from.
+            let ts = rustix::fs::Timespec {
+                tv_sec: 1000,
+                tv_nsec: 0,
+            };
+            let times = rustix::fs::Timestamps {
+                last_access: ts,
+                last_modification: ts,
+            };
+            rustix::fs::utimensat(
+                rustix::fs::CWD,
+                root.join("d/l"),
+                &times,
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .unwrap();
         }
         (t, a, b)
     }
