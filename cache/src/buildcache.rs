@@ -22,6 +22,11 @@ pub struct Layer {
     pub diff_id: Digest,
     pub size: u64,
     pub media_type: String,
+    /// When the build made this result (RFC 3339), which a cache hit keeps: the image history
+    /// dates each layer by it, as BuildKit dates a layer by its cache record. None for an
+    /// image's own layers (their history says).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
 }
 
 /// The stored result of one cache key.

@@ -554,11 +554,8 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
     let kiln_solver::engine::Output::Fs(layers) = &resolved.output else {
         bail!("the build result is not a filesystem");
     };
-    let created = match epoch {
-        Some(s) => kiln_cache::images::rfc3339(s),
-        None => kiln_cache::images::now_rfc3339(),
-    };
-    let exported = kiln_solver::engine::export_image(&store, layers, &lowered.config, &created)?;
+    let epoch_time = epoch.map(kiln_cache::images::rfc3339);
+    let exported = kiln_solver::engine::export_image(&store, layers, &lowered.config, epoch_time.as_deref())?;
     let image = exported.image;
     for t in &tags {
         store.images().tag(t, &image.manifest_digest)?;

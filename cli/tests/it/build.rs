@@ -409,3 +409,57 @@ fn copy_from_a_stage_links_its_files_unless_it_changes_them() {
     assert_ne!(inodes("copy/one"), inodes("data/one"));
     assert_ne!(inodes("owned/two"), stage);
 }
+
+#[test]
+fn cached_rebuild_keeps_the_image_id_and_history_times() {
+    let (env, ctx) = setup();
+    write(&ctx, "f", "1");
+    write(
+        &ctx,
+        "Dockerfile",
+        "FROM busybox:local\nENV B=0\nRUN echo hi > /x\nENV A=1\nCOPY f /f\nCMD [\"sh\"]\n",
+    );
+    let id = |env: &Env| env.inspect("t/h")["Id"].as_str().unwrap().to_string();
+    let history = |env: &Env| -> Vec<String> {
+        let out = env.ok(&["save", "t/h"]);
+        let mut archive = tar::Archive::new(&out.stdout[..]);
+        let mut files = std::collections::HashMap::new();
+        for e in archive.entries().unwrap() {
+            let mut e = e.unwrap();
+            let path = e.path().unwrap().to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+            files.insert(path, data);
+        }
+        let manifest: serde_json::Value = serde_json::from_slice(&files["manifest.json"]).unwrap();
+        let config = &files[manifest[0]["Config"].as_str().unwrap()];
+        let v: serde_json::Value = serde_json::from_slice(config).unwrap();
+        let mut times: Vec<String> = v["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["created"].as_str().unwrap().to_string())
+            .collect();
+        times.push(v["created"].as_str().unwrap().to_string());
+        times
+    };
+    build(&env, &ctx, "t/h", &[]);
+    let (id1, h1) = (id(&env), history(&env));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    build(&env, &ctx, "t/h", &[]);
+    assert_eq!(id(&env), id1, "a fully cached rebuild is the same image");
+    // Dated as BuildKit dates them: ENV B and ENV A by the RUN's layer, CMD by the COPY's, the
+    // image by the last entry.
+    assert_eq!(h1[1], h1[2]);
+    assert_eq!(h1[3], h1[2]);
+    assert_eq!(h1[5], h1[4]);
+    assert_eq!(h1[6], h1[5]);
+
+    write(&ctx, "f", "2");
+    build(&env, &ctx, "t/h", &[]);
+    let h2 = history(&env);
+    assert_ne!(id(&env), id1);
+    assert_eq!(h2[..4], h1[..4], "the cached steps keep their times");
+    assert!(h2[4] > h1[4], "the COPY ran again: {h2:?}");
+    assert_eq!(h2[6], h2[4]);
+}

@@ -133,6 +133,8 @@ impl Engine {
                     diff_id: donor.diff_id,
                     size: donor.size,
                     media_type: super::LAYER_TAR.into(),
+                    // Made now, like any result of a step that ran.
+                    created: Some(kiln_cache::images::now_rfc3339()),
                 });
                 return Ok(Output::Fs(Arc::new(layers)));
             }

@@ -346,6 +346,7 @@ impl Engine {
                 diff_id: l.diff_id,
                 size: l.descriptor.size(),
                 media_type: l.descriptor.media_type().to_string(),
+                created: None,
             })
             .collect())
     }
@@ -415,6 +416,7 @@ impl Engine {
             diff_id: stats.diff_id,
             size,
             media_type: LAYER_TAR.into(),
+            created: Some(kiln_cache::images::now_rfc3339()),
         });
         Ok(out)
     }
