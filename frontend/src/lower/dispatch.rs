@@ -1111,14 +1111,20 @@ impl<'a> Lowerer<'a> {
                 }
                 p.healthcheck_set = true;
                 let hc = self.healthcheck(loc, h)?;
-                // BuildKit formats the config pointer with `%q`: `&{[...] "5s" ... '\x02'}`.
+                // BuildKit formats the config pointer with `%q`: `&{[...] "5s" ... '\x02'}`. The
+                // reference (Docker 20.10's) has no start interval field; the one newer BuildKit
+                // prints after the start period is shown only when `--start-interval` is given.
+                let start_interval = match hc.start_interval {
+                    0 => String::new(),
+                    d => format!("{} ", values::go_quote(&values::go_duration(d))),
+                };
                 let msg = format!(
-                    "HEALTHCHECK &{{{} {} {} {} {} {}}}",
+                    "HEALTHCHECK &{{{} {} {} {} {}{}}}",
                     values::go_quote_list(&hc.test),
                     values::go_quote(&values::go_duration(hc.interval)),
                     values::go_quote(&values::go_duration(hc.timeout)),
                     values::go_quote(&values::go_duration(hc.start_period)),
-                    values::go_quote(&values::go_duration(hc.start_interval)),
+                    start_interval,
                     values::go_quote_int(hc.retries)
                 );
                 st.config.config.healthcheck = Some(hc);

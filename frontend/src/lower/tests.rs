@@ -161,7 +161,7 @@ fn expose_volume_healthcheck_forms() {
         [
             "EXPOSE map[443/udp:{} 80/tcp:{}]",
             "VOLUME [/v1 /v2]",
-            "HEALTHCHECK &{[\"CMD-SHELL\" \"true\"] \"5s\" \"0s\" \"0s\" \"0s\" '\\x02'}",
+            "HEALTHCHECK &{[\"CMD-SHELL\" \"true\"] \"5s\" \"0s\" \"0s\" '\\x02'}",
         ]
     );
     let none = lower_ok(&[
@@ -169,6 +169,26 @@ fn expose_volume_healthcheck_forms() {
         at(2, Instruction::Healthcheck(Healthcheck::None), "HEALTHCHECK NONE"),
     ]);
     assert_eq!(none.config.config.healthcheck.as_ref().unwrap().test, ["NONE"]);
+    // `--start-interval` (newer than the reference BuildKit) adds newer BuildKit's field.
+    let newer = lower_ok(&[
+        from(1, "busybox:local", None),
+        at(
+            2,
+            Instruction::Healthcheck(Healthcheck::Cmd {
+                cmd: CommandLine::Exec(vec!["true".into()]),
+                interval: None,
+                timeout: None,
+                start_period: None,
+                start_interval: Some("2s".into()),
+                retries: None,
+            }),
+            "HEALTHCHECK --start-interval=2s CMD [\"true\"]",
+        ),
+    ]);
+    assert_eq!(
+        created_by(&newer),
+        ["HEALTHCHECK &{[\"CMD\" \"true\"] \"0s\" \"0s\" \"0s\" \"2s\" '\\x00'}"]
+    );
 }
 
 #[test]
