@@ -1134,19 +1134,27 @@ impl<'a> Lowerer<'a> {
             Instruction::Arg(pairs) => {
                 let mut parts = Vec::new();
                 for (key, default) in pairs {
+                    // Expanded whether or not a --build-arg overrides it, as BuildKit expands
+                    // the instruction before dispatching it.
+                    let default = match default {
+                        Some(d) => Some(self.expand(loc, d, &st.run_env)?),
+                        None => None,
+                    };
                     let mut value = None;
                     if let Some(v) = self.opts.build_args.get(key) {
                         value = Some(v.clone());
-                    } else if let Some(d) = default {
-                        value = Some(self.expand(loc, d, &st.run_env)?);
+                    } else if let Some(d) = &default {
+                        value = Some(d.clone());
                     } else if let Some(v) = env_get(&self.global_args, key) {
                         value = Some(v.to_string());
                     }
                     if let Some(v) = &value {
                         env_set(&mut st.run_env, key, v);
                     }
-                    parts.push(match &value {
-                        Some(v) => format!("{key}={v}"),
+                    // The history shows the instruction's own default (expanded), not the value
+                    // a --build-arg gave: `ARG B` stays `ARG B`, as in BuildKit.
+                    parts.push(match &default {
+                        Some(d) => format!("{key}={d}"),
                         None => key.clone(),
                     });
                     st.args.push((key.clone(), value));
@@ -1573,15 +1581,17 @@ impl<'a> Lowerer<'a> {
                 return Err(self.err(loc, Some("--security"), LowerError::BadSecurity { value: v }));
             }
         };
-        // History: `RUN |N K=V ... args # buildkit`.
-        let mut build_env: Vec<(&str, &str)> = Vec::with_capacity(st.args.len());
-        for (k, v) in &st.args {
-            let value = env_get(&st.run_env, k).or(v.as_deref()).unwrap_or_default();
-            match build_env.iter_mut().find(|(bk, _)| bk == k) {
-                Some(slot) => slot.1 = value,
-                None => build_env.push((k, value)),
-            }
-        }
+        // History: `RUN |N K=V ... args # buildkit`: every ARG declared so far, in order, a name
+        // declared twice listed twice, each with the name's value now (the reference BuildKit's
+        // `RUN |4 TAG=local A=second B=given A=second`).
+        let build_env: Vec<(&str, &str)> = st
+            .args
+            .iter()
+            .map(|(k, v)| {
+                let value = env_get(&st.run_env, k).or(v.as_deref()).unwrap_or_default();
+                (k.as_str(), value)
+            })
+            .collect();
         // `RUN ` + the parts joined with spaces + ` # buildkit`, written in place.
         let mut created_by = String::from("RUN ");
         let mut sep = "";
