@@ -1676,10 +1676,10 @@ impl<'a> Lowerer<'a> {
         }
         let owner = match &spec.chown {
             Some(c) => {
+                // Not in the history: the reference BuildKit (Docker 20.10's) writes
+                // `COPY a.txt /o/` for `COPY --chown=1000:1000 a.txt /o/` (newer BuildKit adds
+                // the flag).
                 let v = self.expand(loc, c, env)?;
-                if !v.is_empty() {
-                    history_flags.push(format!("--chown={v}"));
-                }
                 if v.is_empty() {
                     None
                 } else {
@@ -1699,8 +1699,8 @@ impl<'a> Lowerer<'a> {
         };
         let mode = match &spec.chmod {
             Some(c) => {
+                // Not in the history either, as for --chown.
                 let v = self.expand(loc, c, env)?;
-                history_flags.push(format!("--chmod={v}"));
                 Some(values::parse_chmod(&v).ok_or_else(|| {
                     self.err(loc, Some("--chmod"), LowerError::BadChmod { value: v.clone() })
                 })?)
