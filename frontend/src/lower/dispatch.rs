@@ -710,6 +710,9 @@ impl<'a> Lowerer<'a> {
                 Base::Stage(b) => match self.done.get(*b).cloned().flatten() {
                     Some(mut s) => {
                         s.config.config.on_build = None;
+                        // The parent's ARG values stay in the environment, but its declarations
+                        // are its own: the child's RUN history lists only the child's ARGs.
+                        s.args.clear();
                         s
                     }
                     None => {
@@ -1018,13 +1021,15 @@ impl<'a> Lowerer<'a> {
                     }
                 };
                 let msg = format!("{kw} {}", values::go_quote_list(&args));
+                // An empty list is no command at all: BuildKit's config has `null`, not `[]`.
+                let args = Some(args).filter(|a| !a.is_empty());
                 if is_cmd {
                     p.cmd_set = true;
-                    st.config.config.cmd = Some(args);
+                    st.config.config.cmd = args;
                     st.config.config.args_escaped = true;
                 } else {
                     p.entrypoint_set = true;
-                    st.config.config.entrypoint = Some(args);
+                    st.config.config.entrypoint = args;
                     if !p.cmd_set {
                         st.config.config.cmd = None;
                     }
@@ -1180,13 +1185,17 @@ impl<'a> Lowerer<'a> {
                 } else {
                     st.config.config.working_dir.as_str()
                 };
-                let wd = if path.starts_with('/') {
-                    values::clean_path(&path)
+                // BuildKit keeps an absolute path as written (`/app/` stays `/app/` in the
+                // config and the history) and joins a relative one onto the current directory,
+                // cleaned. The directory made, and every use of it, is the cleaned path.
+                let written = if path.starts_with('/') {
+                    path.clone()
                 } else {
                     values::clean_path(&format!("{base}/{path}"))
                 };
-                st.config.config.working_dir = wd.clone();
-                let layer = wd != "/";
+                let wd = values::clean_path(&written);
+                st.config.config.working_dir = written.clone();
+                let layer = written != "/";
                 if layer {
                     let owner = if st.config.config.user.is_empty() {
                         None
@@ -1202,12 +1211,12 @@ impl<'a> Lowerer<'a> {
                             owner,
                         })],
                     });
-                    let meta = self.step_meta(p, loc, &format!("WORKDIR {wd}"));
+                    let meta = self.step_meta(p, loc, &format!("WORKDIR {written}"));
                     st.fs = self.add(op, vec![st.fs], meta);
                 } else if p.total > 0 {
                     p.step += 1;
                 }
-                Self::history(st, format!("WORKDIR {wd}"), layer);
+                Self::history(st, format!("WORKDIR {written}"), layer);
                 Ok(())
             }
             Instruction::Run {
@@ -1424,7 +1433,7 @@ impl<'a> Lowerer<'a> {
         let workdir = if st.config.config.working_dir.is_empty() {
             "/".to_string()
         } else {
-            st.config.config.working_dir.clone()
+            values::clean_path(&st.config.config.working_dir)
         };
         for (i, spec) in mount_specs.iter().enumerate() {
             let raw = spec
@@ -1657,7 +1666,7 @@ impl<'a> Lowerer<'a> {
         let workdir = if st.config.config.working_dir.is_empty() {
             "/".to_string()
         } else {
-            st.config.config.working_dir.clone()
+            values::clean_path(&st.config.config.working_dir)
         };
         let dest_full = values::resolve_dest(&workdir, &dest_raw);
         // Several sources and a destination without `/` are not an error for the reference
