@@ -318,16 +318,8 @@ impl Linking {
             if !no_xattrs {
                 return false;
             }
-            return match rustix::fs::linkat(layer, src_rel, upper, rel, AtFlags::empty()) {
-                Ok(()) => {
-                    self.linked.fetch_add(1, Ordering::Relaxed);
-                    true
-                }
-                Err(e) => {
-                    tracing::debug!(src_rel, error = %e, "link from a source layer failed");
-                    false
-                }
-            };
+            let made = rustix::fs::linkat(layer, src_rel, upper, rel, AtFlags::empty());
+            return self.counted(made.map_err(Into::into), src_rel);
         }
         false
     }
@@ -492,15 +484,20 @@ impl Linking {
             self.linked.fetch_add(1, Ordering::Relaxed);
             return true;
         }
-        match self.link_now(donors, from, rel) {
+        self.counted(self.link_now(donors, from, rel), from)
+    }
+
+    /// Counts a link made from `from`; a failed one is logged and false, and the caller writes
+    /// the file instead (EMLINK: an inode shared by too many results; a donor removed
+    /// meanwhile).
+    fn counted(&self, made: std::io::Result<()>, from: &str) -> bool {
+        match made {
             Ok(()) => {
                 self.linked.fetch_add(1, Ordering::Relaxed);
                 true
             }
             Err(e) => {
-                // EMLINK (an inode shared by too many results), a donor removed meanwhile:
-                // the copy writes the file instead.
-                tracing::debug!(from, error = %e, "link from an earlier result failed");
+                tracing::debug!(from, error = %e, "link failed; writing the file instead");
                 false
             }
         }
