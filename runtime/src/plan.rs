@@ -1064,13 +1064,12 @@ struct Process<'a> {
 
 fn process_tail(b: &mut Builder, p: &Process<'_>) -> Result<(), PlanError> {
     // Working directory, created and owned by the user like BuildKit does (for containers).
-    let cwd = if p.cwd.is_empty() {
-        "/".to_string()
-    } else {
-        p.cwd.to_string()
-    };
+    // Lexically cleaned, as Docker cleans a container's working directory: `/a/../b/` is `/b`
+    // whether or not `/a` exists.
+    let dirs = prefixes(&p.cwd);
+    let cwd = dirs.last().cloned().unwrap_or_else(|| "/".to_string());
     if p.create_cwd {
-        for dir in prefixes(&cwd) {
+        for dir in dirs {
             b.push(
                 Op::MkdirOwned {
                     path: cstr("working directory", dir.as_bytes())?,
@@ -1787,6 +1786,15 @@ mod tests {
             (plan.steps[i].what.as_str(), e),
             ("joining the container's pid namespace", Errno::EPERM)
         );
+    }
+
+    #[test]
+    fn working_directory_is_cleaned_lexically() {
+        let mut i = input();
+        i.cwd = "/gone/../app/./src/".into();
+        let c = calls(&i);
+        assert!(c.iter().any(|l| l == "chdir /app/src"), "{c:?}");
+        assert!(!c.iter().any(|l| l.contains("gone")), "{c:?}");
     }
 
     #[test]
