@@ -1066,7 +1066,7 @@ fn process_tail(b: &mut Builder, p: &Process<'_>) -> Result<(), PlanError> {
     // Working directory, created and owned by the user like BuildKit does (for containers).
     // Lexically cleaned, as Docker cleans a container's working directory: `/a/../b/` is `/b`
     // whether or not `/a` exists.
-    let dirs = prefixes(&p.cwd);
+    let dirs = prefixes(p.cwd);
     let cwd = dirs.last().cloned().unwrap_or_else(|| "/".to_string());
     if p.create_cwd {
         for dir in dirs {
