@@ -164,8 +164,9 @@ impl Engine {
 
     /// Linking for a file op (vertex digest `vertex`) that is one copy. From a local context,
     /// its files are keyed, and those the last result of this same vertex holds identically are
-    /// linked from it. From a filesystem (`layer_dirs`: each input's layer trees), files whose
-    /// metadata the copy keeps are linked from the layers themselves.
+    /// linked from it. From a filesystem (`layer_dirs`: each input's layer trees) onto scratch
+    /// (`COPY --link`), files whose metadata the copy keeps are linked from the layers
+    /// themselves.
     fn linking(
         &self,
         vertex: &Digest,
@@ -179,11 +180,15 @@ impl Engine {
         };
         let ctx = match &inputs.get(c.source_input)?.output {
             Output::Local(ctx) => ctx,
-            Output::Fs(_) => {
+            // Only a copy onto scratch (`COPY --link`, merged afterwards), where BuildKit's own
+            // diffapply hard-links too: after a plain `COPY --from` a RUN sees link counts of 1
+            // in BuildKit, and so it does here.
+            Output::Fs(_) if f.input.is_none() => {
                 let layers = layer_dirs.get(c.source_input).filter(|l| !l.is_empty())?;
                 let linking = Linking::from_layers(c.source_input, layers, upper.to_path_buf())?;
                 return Some((Arc::new(linking), None));
             }
+            Output::Fs(_) => return None,
         };
         let donor = self.lineage(vertex).and_then(|key| {
             let snap = self.snapshots.get(&key)?;
