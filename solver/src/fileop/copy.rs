@@ -150,8 +150,7 @@ pub(super) fn copy_action(
             resolve::parent_of(&dest)
         };
         let ensure = resolve::in_root(dest_root, &ensure, true, None)?.host;
-        let ensured = fs::symlink_metadata(&ensure).is_err();
-        mkdir_all(dest_root, &ensure, 0o755, chown, cfg.timestamp)?;
+        let ensured = mkdir_all(dest_root, &ensure, 0o755, chown, cfg.timestamp)?;
         let target = resolve::in_root(dest_root, &dest, true, None)?.host;
         let (target, created) = prepare_target(&cfg, &meta, &source, target, action.dir_contents_only)?;
         // Whether the copy's top directory is one this action just made (and so empty).
@@ -259,9 +258,8 @@ fn prepare_target(
             .map(Path::to_path_buf)
             .unwrap_or_else(|| cfg.dest_root.to_path_buf())
     };
-    let created = parent == dest && fs::symlink_metadata(&dest).is_err();
-    mkdir_all(cfg.dest_root, &parent, 0o755, cfg.chown, cfg.timestamp)?;
-    Ok((dest, created))
+    let made = mkdir_all(cfg.dest_root, &parent, 0o755, cfg.chown, cfg.timestamp)?;
+    Ok((dest.clone(), made && parent == dest))
 }
 
 /// `COPY --parents`: the part of the source after a `/./` pivot (or all of it) is recreated
@@ -817,24 +815,29 @@ fn timespec(t: SystemTime) -> TimeSpec {
 
 /// Creates `path` and its missing parents inside `root` with `mode`, each new directory owned
 /// by `owner` (root when none) and given `timestamp`. `path` must already be resolved inside
-/// `root`; an existing non-directory on the way is an error.
+/// `root`; an existing non-directory on the way is an error. True when `path` itself was
+/// created (so it is empty).
 pub(super) fn mkdir_all(
     root: &Path,
     path: &Path,
     mode: u32,
     owner: Option<(u32, u32)>,
     timestamp: Option<SystemTime>,
-) -> Result<(), FileOpError> {
+) -> Result<bool, FileOpError> {
     let Ok(rel) = path.strip_prefix(root) else {
         return Err(FileOpError::NotADirectory {
             path: path.to_path_buf(),
         });
     };
     let mut cur = root.to_path_buf();
+    let mut made = false;
     for comp in rel.components() {
         cur.push(comp);
         match fs::symlink_metadata(&cur) {
-            Ok(m) if m.is_dir() => continue,
+            Ok(m) if m.is_dir() => {
+                made = false;
+                continue;
+            }
             Ok(_) => return Err(FileOpError::NotADirectory { path: cur }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(source) => return Err(FileOpError::Stat { path: cur, source }),
@@ -850,8 +853,9 @@ pub(super) fn mkdir_all(
         if let Some(t) = timestamp {
             set_times(&cur, t, t)?;
         }
+        made = true;
     }
-    Ok(())
+    Ok(made)
 }
 
 /// `rm -rf` of one path (a symlink is removed, not followed); missing is fine.

@@ -267,7 +267,7 @@ fn mkdir(root: &Path, action: &MkdirAction, opts: &FileOpOptions) -> Result<(), 
     let path = resolve::in_root(root, &action.path, true, None)?.host;
     let mode = action.mode & 0o777;
     if action.make_parents {
-        return copy::mkdir_all(root, &path, mode, owner, opts.timestamp);
+        return copy::mkdir_all(root, &path, mode, owner, opts.timestamp).map(|_| ());
     }
     match std::fs::create_dir(&path) {
         Ok(()) => {}
