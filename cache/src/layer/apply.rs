@@ -321,10 +321,6 @@ fn timestamps(mtime: (i64, u32)) -> Timestamps {
     }
 }
 
-fn is_overlay_xattr(name: &[u8]) -> bool {
-    name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
-}
-
 impl<R: Read> Applier<'_, R> {
     /// Reads one header block; `false` at a clean end of stream.
     fn read_block(&mut self, block: &mut [u8; BLOCK]) -> Result<bool, ApplyError> {
@@ -811,7 +807,7 @@ impl<R: Read> Applier<'_, R> {
                 .map_err(|err| fail!(Chmod, ctx, source: err.into()))?,
         }
         for (key, value) in &e.xattrs {
-            if is_overlay_xattr(key) {
+            if super::overlay_xattr_key(key).is_some() {
                 continue;
             }
             let set = match name {

@@ -40,6 +40,13 @@ pub use write::{write_diff, write_tree, WriteError};
 
 pub(crate) use fsutil::remove_tree;
 
+/// The key of one of overlayfs' own extended attributes (`trusted.overlay.KEY`, or
+/// `user.overlay.KEY` for a userxattr mount); `None` for any other name.
+fn overlay_xattr_key(name: &[u8]) -> Option<&[u8]> {
+    name.strip_prefix(b"trusted.overlay.")
+        .or_else(|| name.strip_prefix(b"user.overlay."))
+}
+
 /// How whiteouts in a layer tar are applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WhiteoutMode {

@@ -151,10 +151,7 @@ type Xattrs = BTreeMap<Vec<u8>, Vec<u8>>;
 /// `impure`...) it does not; `opaque` it does (as a marker entry); `metacopy` and `redirect`
 /// are kept so that trees the writer refuses are never called the same.
 fn recorded(name: &[u8]) -> bool {
-    let overlay = name
-        .strip_prefix(b"trusted.overlay.")
-        .or_else(|| name.strip_prefix(b"user.overlay."));
-    overlay.is_none_or(|k| matches!(k, b"opaque" | b"metacopy" | b"redirect"))
+    super::overlay_xattr_key(name).is_none_or(|k| matches!(k, b"opaque" | b"metacopy" | b"redirect"))
 }
 
 /// The recorded attributes of an open directory.

@@ -547,10 +547,7 @@ impl Walker<'_> {
             .map(<[u8]>::to_vec)
             .collect();
         for name in names {
-            let overlay_key = name
-                .strip_prefix(b"trusted.overlay.")
-                .or_else(|| name.strip_prefix(b"user.overlay."));
-            if let Some(key) = overlay_key {
+            if let Some(key) = super::overlay_xattr_key(&name) {
                 if self.overlay {
                     match key {
                         b"opaque" => out.opaque = get_xattr(path, &name)? == b"y",
