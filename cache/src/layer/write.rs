@@ -136,14 +136,20 @@ impl Pipe {
                 .unwrap_or(usize::MAX)
                 .min(CHUNK - start);
             self.buf.resize(start + want, 0);
-            let got = r.read(&mut self.buf[start..]);
-            let n = *got.as_ref().unwrap_or(&0);
-            self.buf.truncate(start + n);
-            match got {
-                Ok(0) => break,
-                Ok(n) => total += n as u64,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+            match r.read(&mut self.buf[start..]) {
+                Ok(n) => {
+                    self.buf.truncate(start + n);
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                Err(e) => {
+                    self.buf.truncate(start);
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
             }
         }
         Ok(total)

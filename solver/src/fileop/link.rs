@@ -367,7 +367,6 @@ impl Linking {
                     .unwrap_or(Path::new("."))
             })
             .collect();
-        dirs.dedup();
         dirs.sort_unstable();
         dirs.dedup();
         let opened;
