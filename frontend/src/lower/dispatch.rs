@@ -54,6 +54,17 @@ struct StageState {
     args: Vec<(String, Option<String>)>,
 }
 
+impl StageState {
+    /// The directory steps run in and resolve relative paths against: the config's working
+    /// directory, lexically cleaned (the config keeps an absolute WORKDIR as written).
+    fn cwd(&self) -> String {
+        match self.config.config.working_dir.as_str() {
+            "" => "/".to_string(),
+            wd => values::clean_path(wd),
+        }
+    }
+}
+
 /// Per-stage progress bookkeeping (not inherited by child stages).
 struct Progress {
     display: String,
@@ -1180,18 +1191,13 @@ impl<'a> Lowerer<'a> {
                     );
                 }
                 p.workdir_set = true;
-                let base = if st.config.config.working_dir.is_empty() {
-                    "/"
-                } else {
-                    st.config.config.working_dir.as_str()
-                };
                 // BuildKit keeps an absolute path as written (`/app/` stays `/app/` in the
                 // config and the history) and joins a relative one onto the current directory,
                 // cleaned. The directory made, and every use of it, is the cleaned path.
                 let written = if path.starts_with('/') {
                     path.clone()
                 } else {
-                    values::clean_path(&format!("{base}/{path}"))
+                    values::clean_path(&format!("{}/{path}", st.cwd()))
                 };
                 let wd = values::clean_path(&written);
                 st.config.config.working_dir = written.clone();
@@ -1430,11 +1436,7 @@ impl<'a> Lowerer<'a> {
         if shell_form {
             args = Self::with_shell(&st.config, &args[0]);
         }
-        let workdir = if st.config.config.working_dir.is_empty() {
-            "/".to_string()
-        } else {
-            values::clean_path(&st.config.config.working_dir)
-        };
+        let workdir = st.cwd();
         for (i, spec) in mount_specs.iter().enumerate() {
             let raw = spec
                 .options
@@ -1663,11 +1665,7 @@ impl<'a> Lowerer<'a> {
                 },
             ));
         }
-        let workdir = if st.config.config.working_dir.is_empty() {
-            "/".to_string()
-        } else {
-            values::clean_path(&st.config.config.working_dir)
-        };
+        let workdir = st.cwd();
         let dest_full = values::resolve_dest(&workdir, &dest_raw);
         // Several sources and a destination without `/` are not an error for the reference
         // BuildKit: each source is copied to that path in turn (the last file wins; a directory
