@@ -12,12 +12,22 @@ fn setup() -> Env {
     env
 }
 
-/// stdout of `kiln run --rm --network none FLAGS... busybox:local sh -c SCRIPT`.
-fn sh(env: &Env, flags: &[&str], script: &str) -> String {
+/// The arguments of `kiln run --rm --network none FLAGS... busybox:local sh -c SCRIPT`.
+fn sh_args<'a>(flags: &[&'a str], script: &'a str) -> Vec<&'a str> {
     let mut args = vec!["run", "--rm", "--network", "none"];
     args.extend_from_slice(flags);
     args.extend_from_slice(&["busybox:local", "sh", "-c", script]);
-    String::from_utf8_lossy(&env.ok(&args).stdout).into_owned()
+    args
+}
+
+/// stdout of [`sh_args`] run, which must succeed.
+fn sh(env: &Env, flags: &[&str], script: &str) -> String {
+    String::from_utf8_lossy(&env.ok(&sh_args(flags, script)).stdout).into_owned()
+}
+
+/// [`sh_args`] run, as it ends.
+fn sh_output(env: &Env, flags: &[&str], script: &str) -> std::process::Output {
+    env.kiln(&sh_args(flags, script)).output().unwrap()
 }
 
 /// `CapEff` of the container's shell, as a number.
@@ -101,40 +111,14 @@ fn memory_cpus_and_pids_limits_land_in_the_containers_cgroup() {
     // The pids limit holds inside: 30 background sleeps cannot all start under a limit of 10,
     // and the same script runs clean without the limit.
     let script = "for i in $(seq 1 30); do sleep 5 & done; echo looped";
-    let limited = env
-        .kiln(&[
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "--pids-limit",
-            "10",
-            "busybox:local",
-            "sh",
-            "-c",
-            script,
-        ])
-        .output()
-        .unwrap();
+    let limited = sh_output(&env, &["--pids-limit", "10"], script);
     let err = String::from_utf8_lossy(&limited.stderr);
     assert!(
         err.contains("fork"),
         "the 10th process must fail to fork\n{}",
         frame(&limited)
     );
-    let free = env
-        .kiln(&[
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "busybox:local",
-            "sh",
-            "-c",
-            script,
-        ])
-        .output()
-        .unwrap();
+    let free = sh_output(&env, &[], script);
     assert!(
         free.status.success() && !String::from_utf8_lossy(&free.stderr).contains("fork"),
         "{}",

@@ -27,6 +27,17 @@ fn run_status(env: &Env, args: &[&str]) -> Output {
     env.kiln(&full).output().expect("spawn kiln")
 }
 
+/// A run whose shell printed `printed`, then failed (exit 1) writing to a read-only file system.
+fn assert_refused_write(out: &Output, printed: &str) {
+    assert_eq!(out.status.code(), Some(1), "{}", frame(out));
+    assert_eq!(stdout(out).trim(), printed);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
+        "{}",
+        frame(out)
+    );
+}
+
 fn volumes(env: &Env) -> Vec<String> {
     stdout(&env.ok(&["volume", "ls", "-q"]))
         .lines()
@@ -120,13 +131,7 @@ fn read_only_bind_refuses_writes_and_rw_bind_writes_through() {
             "cat /x/in.txt; echo no > /x/new",
         ],
     );
-    assert_eq!(out.status.code(), Some(1), "{}", frame(&out));
-    assert_eq!(stdout(&out).trim(), "from-host");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
-        "{}",
-        frame(&out)
-    );
+    assert_refused_write(&out, "from-host");
     assert!(!host.join("new").exists());
     let rw = format!("{}:/x", host.display());
     run(
@@ -213,13 +218,7 @@ fn tmpfs_and_read_only_rootfs() {
             "echo ok > /t/f && cat /t/f && touch /rootfile",
         ],
     );
-    assert_eq!(out.status.code(), Some(1), "{}", frame(&out));
-    assert_eq!(stdout(&out).trim(), "ok");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
-        "{}",
-        frame(&out)
-    );
+    assert_refused_write(&out, "ok");
 }
 
 #[test]
