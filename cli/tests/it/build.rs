@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::harness::{frame, require_root, Env};
+use crate::harness::{busybox_env, frame, Env};
 
 fn write(dir: &Path, rel: &str, text: &str) {
     let p = dir.join(rel);
@@ -11,9 +11,7 @@ fn write(dir: &Path, rel: &str, text: &str) {
 }
 
 fn setup() -> (Env, std::path::PathBuf) {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     let ctx = env.path("ctx");
     std::fs::create_dir_all(&ctx).unwrap();
     (env, ctx)

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use kiln_containers::mounts::{self, MountRequest};
 
-use crate::harness::{require_root, Env};
+use crate::harness::{busybox_env, Env};
 
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -81,9 +81,7 @@ fn volume_commands() {
 
 #[test]
 fn diff_export_commit() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     ran(
         &env,
         "c1",
@@ -146,9 +144,7 @@ fn diff_export_commit() {
 
 #[test]
 fn cp_both_ways_stays_inside() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     let host = env.path("host");
     fs::create_dir_all(&host).unwrap();
     fs::write(host.join("secret"), "host secret").unwrap();
@@ -266,9 +262,7 @@ fn run_with_mounts(
 
 #[test]
 fn mounts_seen_inside() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     let v = |s: &str| mounts::parse_volume_arg(s).unwrap();
 
     // A named volume keeps data between two containers.

@@ -3,14 +3,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{eventually, frame, require_root, Env};
-
-fn setup() -> Env {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
-    env
-}
+use crate::harness::{busybox_env, eventually, frame, Env};
 
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -25,7 +18,7 @@ fn ids(env: &Env) -> Vec<String> {
 
 #[test]
 fn detached_run_ps_logs_stop_rm() {
-    let env = setup();
+    let env = busybox_env();
     let out = env.ok(&[
         "run",
         "-d",
@@ -115,7 +108,7 @@ fn detached_run_ps_logs_stop_rm() {
 
 #[test]
 fn stop_signal_exit_143() {
-    let env = setup();
+    let env = busybox_env();
     env.ok(&[
         "run",
         "-d",
@@ -132,7 +125,7 @@ fn stop_signal_exit_143() {
 
 #[test]
 fn name_conflict_leaves_nothing_behind() {
-    let env = setup();
+    let env = busybox_env();
     let first = stdout(&env.ok(&["create", "--name", "dup", "busybox:local", "true"]));
     let out = env
         .kiln(&["run", "--name", "dup", "busybox:local", "true"])
@@ -156,7 +149,7 @@ fn name_conflict_leaves_nothing_behind() {
 
 #[test]
 fn rm_flag_removes_the_container() {
-    let env = setup();
+    let env = busybox_env();
     let out = env.ok(&["run", "--rm", "busybox:local", "sh", "-c", "echo hi"]);
     assert_eq!(stdout(&out), "hi\n");
     assert!(ids(&env).is_empty());
@@ -176,7 +169,7 @@ fn rm_flag_removes_the_container() {
 
 #[test]
 fn restart_on_failure_counts_restarts() {
-    let env = setup();
+    let env = busybox_env();
     env.ok(&[
         "run",
         "-d",
@@ -201,7 +194,7 @@ fn restart_on_failure_counts_restarts() {
 
 #[test]
 fn restart_always_restarts_until_stopped() {
-    let env = setup();
+    let env = busybox_env();
     env.ok(&[
         "run",
         "-d",
@@ -231,7 +224,7 @@ fn restart_always_restarts_until_stopped() {
 
 #[test]
 fn wait_prints_the_exit_code() {
-    let env = setup();
+    let env = busybox_env();
     env.ok(&[
         "run",
         "-d",
@@ -247,7 +240,7 @@ fn wait_prints_the_exit_code() {
 
 #[test]
 fn inspect_state_pid_is_live_and_rm_force_kills() {
-    let env = setup();
+    let env = busybox_env();
     env.ok(&["run", "-d", "--name", "sleeper", "busybox:local", "sleep", "100"]);
     let v = env.inspect("sleeper");
     assert_eq!(v["Name"], "/sleeper");
@@ -281,7 +274,7 @@ fn inspect_state_pid_is_live_and_rm_force_kills() {
 
 #[test]
 fn kill_sends_the_signal() {
-    let env = setup();
+    let env = busybox_env();
     env.ok(&[
         "run",
         "-d",
@@ -300,7 +293,7 @@ fn kill_sends_the_signal() {
 
 #[test]
 fn start_attach_streams_and_returns_the_code() {
-    let env = setup();
+    let env = busybox_env();
     env.ok(&[
         "create",
         "--name",
@@ -323,7 +316,7 @@ fn start_attach_streams_and_returns_the_code() {
 
 #[test]
 fn interactive_stdin_reaches_the_container() {
-    let env = setup();
+    let env = busybox_env();
     use std::io::Write as _;
     let mut child = env
         .kiln(&["run", "-i", "--rm", "busybox:local", "tr", "a-z", "A-Z"])
@@ -338,7 +331,7 @@ fn interactive_stdin_reaches_the_container() {
 
 #[test]
 fn exit_codes_follow_docker() {
-    let env = setup();
+    let env = busybox_env();
     let code = |args: &[&str]| env.kiln(args).output().unwrap();
     let out = code(&["run", "--rm", "busybox:local", "sh", "-c", "exit 3"]);
     assert_eq!(out.status.code(), Some(3));
@@ -361,7 +354,7 @@ fn exit_codes_follow_docker() {
 
 #[test]
 fn a_gone_container_is_an_error() {
-    let env = setup();
+    let env = busybox_env();
     for cmd in ["stop", "rm", "logs", "start", "kill", "wait", "top", "attach"] {
         let out = env.kiln(&[cmd, "ghost"]).output().unwrap();
         assert!(!out.status.success(), "{cmd}: {}", frame(&out));
@@ -373,7 +366,7 @@ fn a_gone_container_is_an_error() {
 
 #[test]
 fn a_dead_supervisor_is_not_reported_running() {
-    let env = setup();
+    let env = busybox_env();
     let id = stdout(&env.ok(&["run", "-d", "--name", "orphan", "busybox:local", "sleep", "100"]));
     let state: serde_json::Value = serde_json::from_slice(
         &std::fs::read(env.root().join(format!("containers/{}/state.json", id.trim()))).unwrap(),
@@ -397,7 +390,7 @@ fn a_dead_supervisor_is_not_reported_running() {
 
 #[test]
 fn prune_removes_stopped_containers() {
-    let env = setup();
+    let env = busybox_env();
     let done = stdout(&env.ok(&["create", "--name", "idle", "busybox:local", "true"]));
     env.ok(&["run", "-d", "--name", "busy", "busybox:local", "sleep", "100"]);
     let out = stdout(&env.ok(&["container", "prune", "-f"]));
@@ -416,7 +409,7 @@ fn prune_removes_stopped_containers() {
 
 #[test]
 fn exec_runs_in_the_container() {
-    let env = setup();
+    let env = busybox_env();
     env.ok(&[
         "run",
         "-d",
@@ -461,7 +454,7 @@ fn exec_runs_in_the_container() {
 
 #[test]
 fn tty_gives_the_container_a_terminal() {
-    let env = setup();
+    let env = busybox_env();
     let script = "test -t 0 && test -t 1 && test -t 2 && echo terminal; echo err >&2";
     let out = env.ok(&["run", "--rm", "-t", "busybox:local", "sh", "-c", script]);
     // One stream: stderr arrives on stdout, as through a terminal.

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::harness::{frame, require_root, Env};
+use crate::harness::{busybox_env, frame, Env};
 
 /// The BuildKit conformance corpus: `KILN_CONFORMANCE_DIR`, else `../shared/conformance` from
 /// the workspace root (as the frontend's conformance test finds it).
@@ -129,9 +129,7 @@ fn graph(env: &Env, ctx: &Path, args: &[&str]) -> String {
 
 #[test]
 fn graph_is_one_line_per_vertex_and_stable() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     let ctx = graph_context(&env);
     let first = graph(&env, &ctx, &[]);
     let second = graph(&env, &ctx, &[]);
@@ -160,9 +158,7 @@ fn graph_is_one_line_per_vertex_and_stable() {
 
 #[test]
 fn graph_changes_only_with_used_build_args() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     let ctx = graph_context(&env);
     let plain = graph(&env, &ctx, &[]);
     let explicit_default = graph(&env, &ctx, &["--build-arg", "USED=default"]);
@@ -188,9 +184,7 @@ fn graph_changes_only_with_used_build_args() {
 
 #[test]
 fn graph_target_selects_a_stage() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     let ctx = graph_context(&env);
     let base = graph(&env, &ctx, &["--target", "base"]);
     assert_eq!(base.lines().count(), 2, "{base}");

@@ -71,6 +71,14 @@ impl Env {
     }
 }
 
+/// A fresh store with the busybox base imported; the caller's test needs root (it says so).
+pub fn busybox_env() -> Env {
+    require_root();
+    let env = Env::new();
+    env.with_busybox();
+    env
+}
+
 /// Both output streams in framed blocks, for failure messages.
 pub fn frame(out: &Output) -> String {
     format!(

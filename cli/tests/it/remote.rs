@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::harness::{require_root, Env};
+use crate::harness::{busybox_env, require_root, Env};
 
 // ---------------------------------------------------------------- git repositories
 
@@ -566,9 +566,7 @@ fn file_server(env: &Env) -> Files {
 
 #[test]
 fn http_tarball_and_dockerfile_contexts() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     let files = file_server(&env);
     for name in ["ctx.tar.gz", "ctx.tar.bz2", "ctx.tar.xz", "ctx.tar"] {
         let out = env.path(&format!("out-{name}"));
@@ -679,9 +677,7 @@ fn add_from_url_mode_mtime_retries_truncation_and_checksum() {
 
 #[test]
 fn named_contexts_for_from_copy_and_run_mount() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     let repos = make_repos(&env);
     let daemon = Daemon::start(&repos.srv);
     let files = file_server(&env);

@@ -3,14 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::harness::{eventually, frame, require_root, Env};
-
-fn setup() -> Env {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
-    env
-}
+use crate::harness::{busybox_env, eventually, frame, Env};
 
 /// The arguments of `kiln run --rm --network none FLAGS... busybox:local sh -c SCRIPT`.
 fn sh_args<'a>(flags: &[&'a str], script: &'a str) -> Vec<&'a str> {
@@ -73,7 +66,7 @@ fn cgroup_file(pid: i64, controller: &str, v1_file: &str, v2_file: &str) -> Path
 
 #[test]
 fn memory_cpus_and_pids_limits_land_in_the_containers_cgroup() {
-    let env = setup();
+    let env = busybox_env();
     env.ok(&[
         "run",
         "-d",
@@ -128,7 +121,7 @@ fn memory_cpus_and_pids_limits_land_in_the_containers_cgroup() {
 
 #[test]
 fn capabilities_privileged_and_init() {
-    let env = setup();
+    let env = busybox_env();
     let default = cap_eff(&env, &[]);
     assert_ne!(default, 0);
     assert_eq!(default & (1 << 12), 0, "NET_ADMIN is not a default capability");
@@ -158,7 +151,7 @@ fn capabilities_privileged_and_init() {
 
 #[test]
 fn identity_environment_and_entrypoint() {
-    let env = setup();
+    let env = busybox_env();
     assert_eq!(sh(&env, &["-h", "box1"], "hostname").trim(), "box1");
     assert_eq!(
         sh(&env, &["--hostname", "box2"], "cat /etc/hostname").trim(),
@@ -216,7 +209,7 @@ fn identity_environment_and_entrypoint() {
 
 #[test]
 fn stop_signal_stop_timeout_restart_and_version() {
-    let env = setup();
+    let env = busybox_env();
     env.ok(&[
         "run",
         "-d",
@@ -279,7 +272,7 @@ fn stop_signal_stop_timeout_restart_and_version() {
 
 #[test]
 fn the_oom_killer_is_reported_in_state() {
-    let env = setup();
+    let env = busybox_env();
     let out = env
         .kiln(&[
             "run",

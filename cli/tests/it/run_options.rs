@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{frame, require_root, Env};
+use crate::harness::{busybox_env, frame, require_root, Env};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -85,9 +85,7 @@ const HTTPD: &str =
 
 #[test]
 fn named_volume_persists_across_runs() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     run(
         &env,
         &[
@@ -112,9 +110,7 @@ fn named_volume_persists_across_runs() {
 
 #[test]
 fn read_only_bind_refuses_writes_and_rw_bind_writes_through() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     let host = env.path("hostdir");
     std::fs::create_dir_all(&host).unwrap();
     std::fs::write(host.join("in.txt"), "from-host\n").unwrap();
@@ -151,9 +147,7 @@ fn read_only_bind_refuses_writes_and_rw_bind_writes_through() {
 
 #[test]
 fn bad_mount_specs_fail_at_create_and_leave_nothing() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     let missing = env.path("no-such-dir");
     let spec = format!("{}:/x", missing.display());
     let out = run_status(
@@ -189,9 +183,7 @@ fn bad_mount_specs_fail_at_create_and_leave_nothing() {
 
 #[test]
 fn tmpfs_and_read_only_rootfs() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     let out = run(
         &env,
         &[
@@ -223,9 +215,7 @@ fn tmpfs_and_read_only_rootfs() {
 
 #[test]
 fn volumes_from_shares_another_containers_volumes() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     run(
         &env,
         &[
@@ -262,9 +252,7 @@ fn volumes_from_shares_another_containers_volumes() {
 
 #[test]
 fn anonymous_volumes_go_with_rm() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     run(
         &env,
         &[
@@ -287,9 +275,7 @@ fn anonymous_volumes_go_with_rm() {
 
 #[test]
 fn bridge_gives_an_address_and_reaches_the_gateway() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     let out = run(
         &env,
         &[
@@ -330,9 +316,7 @@ fn bridge_gives_an_address_and_reaches_the_gateway() {
 
 #[test]
 fn published_port_answers_on_loopback_and_shows_in_port_ps_inspect() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     run(
         &env,
         &[
@@ -377,9 +361,7 @@ fn published_port_answers_on_loopback_and_shows_in_port_ps_inspect() {
 
 #[test]
 fn publish_all_uses_the_images_exposed_ports() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     let ctx = env.path("ctx");
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::write(ctx.join("Dockerfile"), "FROM busybox:local\nEXPOSE 8080\n").unwrap();
@@ -404,9 +386,7 @@ fn publish_all_uses_the_images_exposed_ports() {
 
 #[test]
 fn link_adds_a_hosts_entry_for_a_running_container() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     run(&env, &["-d", "--name", "db", "busybox:local", "sleep", "60"]);
     let ip = env.inspect("db")["NetworkSettings"]["IPAddress"]
         .as_str()
@@ -502,9 +482,7 @@ fn run_pulls_an_unknown_image() {
 
 #[test]
 fn foreground_run_forwards_sigterm_to_the_container() {
-    require_root();
-    let env = Env::new();
-    env.with_busybox();
+    let env = busybox_env();
     let mut child = env
         .kiln(&[
             "run",
