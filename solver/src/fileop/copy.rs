@@ -258,8 +258,8 @@ fn prepare_target(
             .map(Path::to_path_buf)
             .unwrap_or_else(|| cfg.dest_root.to_path_buf())
     };
-    let made = mkdir_all(cfg.dest_root, &parent, 0o755, cfg.chown, cfg.timestamp)?;
-    Ok((dest.clone(), made && parent == dest))
+    let fresh = mkdir_all(cfg.dest_root, &parent, 0o755, cfg.chown, cfg.timestamp)? && parent == dest;
+    Ok((dest, fresh))
 }
 
 /// `COPY --parents`: the part of the source after a `/./` pivot (or all of it) is recreated
