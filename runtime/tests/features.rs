@@ -490,6 +490,14 @@ fn exec_joins_the_running_container() {
     );
     assert_eq!(bg.line(), "ready");
     let pid = bg.running.pid();
+    // "ready" is printed before busybox sh execs its last command; wait for
+    // the exec so the container's pid 1 has a settled command line.
+    let cmdline = format!("/proc/{pid}/cmdline");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::read(&cmdline).unwrap_or_default() != b"sleep\x0030\x00" {
+        assert!(Instant::now() < deadline, "pid 1 never became `sleep 30`");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 
     let (out_r, out_w) = pipe();
     let (err_r, err_w) = pipe();
@@ -505,7 +513,6 @@ fn exec_joins_the_running_container() {
         own > 1 && own < 100,
         "pid {own} is not in the container's namespace"
     );
-    // busybox sh execs its last command: the container's pid 1 is now `sleep 30`.
     assert_eq!(lines[4].trim_end(), "sleep 30");
     assert_eq!(
         cap_eff(&out),
