@@ -195,7 +195,8 @@ impl Drop for Staged {
 pub struct BlobWriter {
     staged: Staged,
     file: std::io::BufWriter<File>,
-    hasher: Sha256,
+    /// `None` for [`ContentStore::prehashed_writer`]: the producer hashes.
+    hasher: Option<Sha256>,
     blobs: PathBuf,
 }
 
@@ -210,7 +211,9 @@ impl std::fmt::Debug for BlobWriter {
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.file.write(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(&buf[..n]);
+        }
         self.staged.size += n as u64;
         Ok(n)
     }
@@ -221,7 +224,8 @@ impl Write for BlobWriter {
 }
 
 impl BlobWriter {
-    /// Flushes and fsyncs the blob and checks it against `expected` (when given).
+    /// Flushes and fsyncs the blob and checks it against `expected` (when given). A prehashed
+    /// writer's blob is named by `expected`, which it requires.
     pub fn finish(self, expected: Option<&Digest>) -> Result<Staged, ContentError> {
         let BlobWriter {
             mut staged,
@@ -237,7 +241,20 @@ impl BlobWriter {
             path: staged.temp.clone(),
             source,
         })?;
-        let actual = Digest(hasher.finalize().into());
+        let actual = match (hasher, expected) {
+            (Some(hasher), _) => Digest(hasher.finalize().into()),
+            // A prehashed writer's producer computed the digest over the bytes it wrote.
+            (None, Some(expected)) => *expected,
+            (None, None) => {
+                return Err(ContentError::Write {
+                    path: staged.temp.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "a prehashed blob needs its digest",
+                    ),
+                })
+            }
+        };
         if let Some(expected) = expected {
             if *expected != actual {
                 return Err(ContentError::Mismatch {
@@ -352,6 +369,17 @@ impl ContentStore {
     /// [`BlobWriter::finish`] fsyncs and verifies them and returns the [`Staged`] blob. For
     /// producers that write (a layer tar being generated) rather than hand over a reader.
     pub fn writer(&self) -> Result<BlobWriter, ContentError> {
+        self.new_writer(true)
+    }
+
+    /// A writer for a producer that computes the sha256 of the very bytes it writes (the layer
+    /// writer's diff ID): the bytes are not hashed a second time, and [`BlobWriter::finish`]
+    /// takes the producer's digest as the blob's, so it must be given one.
+    pub fn prehashed_writer(&self) -> Result<BlobWriter, ContentError> {
+        self.new_writer(false)
+    }
+
+    fn new_writer(&self, hashing: bool) -> Result<BlobWriter, ContentError> {
         let (temp, file) = self.create_temp()?;
         Ok(BlobWriter {
             staged: Staged {
@@ -362,7 +390,7 @@ impl ContentStore {
                 committed: false,
             },
             file: std::io::BufWriter::with_capacity(BUF_SIZE, file),
-            hasher: Sha256::new(),
+            hasher: hashing.then(Sha256::new),
             blobs: self.blobs.clone(),
         })
     }
@@ -468,6 +496,25 @@ mod tests {
         let mut w = cs.writer().unwrap();
         w.write_all(b"other").unwrap();
         assert!(matches!(w.finish(Some(&d)), Err(ContentError::Mismatch { .. })));
+        assert_eq!(std::fs::read_dir(cs.ingest_dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn prehashed_writer_is_named_by_the_producers_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = ContentStore::at(dir.path()).unwrap();
+        let mut w = cs.prehashed_writer().unwrap();
+        w.write_all(b"tar bytes").unwrap();
+        let d = w
+            .finish(Some(&Digest::of(b"tar bytes")))
+            .unwrap()
+            .commit()
+            .unwrap();
+        assert_eq!(cs.read_limited(&d, 100).unwrap(), b"tar bytes");
+        // Without a digest there is no name: refused, nothing left behind.
+        let mut w = cs.prehashed_writer().unwrap();
+        w.write_all(b"x").unwrap();
+        assert!(matches!(w.finish(None), Err(ContentError::Write { .. })));
         assert_eq!(std::fs::read_dir(cs.ingest_dir()).unwrap().count(), 0);
     }
 

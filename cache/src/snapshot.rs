@@ -611,7 +611,7 @@ mod tests {
         let mut tar = Vec::new();
         let opts = layer::DiffOptions {
             source_date_epoch: Some(0),
-            exclude: vec![],
+            ..Default::default()
         };
         layer::write_tree(src.path(), &mut tar, &opts).unwrap();
         tar

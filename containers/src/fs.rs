@@ -679,10 +679,11 @@ pub fn commit(
     let opts = DiffOptions {
         source_date_epoch: None,
         exclude: created_mount_points(rootfs, mount_targets),
+        donor: None,
     };
     let mut writer = store
         .content()
-        .writer()
+        .prehashed_writer()
         .map_err(|e| FsError::StoreLayer(Box::new(e)))?;
     let stats = layer::write_diff(&rootfs.upper, &mut writer, &opts).map_err(FsError::Tar)?;
     let staged = writer

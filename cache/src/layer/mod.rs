@@ -24,6 +24,7 @@ mod apply;
 mod fsutil;
 mod same;
 mod sniff;
+mod splice;
 mod tarfmt;
 #[cfg(test)]
 mod tests;
@@ -36,7 +37,8 @@ use kiln_dag::Digest;
 pub use apply::{apply, ApplyError};
 pub use same::{same_tree, same_tree_assuming};
 pub use sniff::{decoder, sniff, Compression, Decoder, SniffError, Sniffed};
-pub use write::{write_diff, write_tree, WriteError};
+pub use splice::{Donor, TarIndex};
+pub use write::{write_diff, write_diff_indexed, write_tree, WriteError};
 
 pub(crate) use fsutil::remove_tree;
 
@@ -66,6 +68,9 @@ pub struct DiffOptions {
     /// Paths relative to the walked dir to leave out with everything below them (e.g. mount
     /// points the sandbox created).
     pub exclude: Vec<PathBuf>,
+    /// An earlier layer tar whose entries [`write_diff`] copies for the files the tree shares
+    /// with it by inode (ignored by [`write_tree`] and with `source_date_epoch`).
+    pub donor: Option<std::sync::Arc<Donor>>,
 }
 
 /// What [`write_diff`] and [`write_tree`] wrote.
@@ -77,6 +82,8 @@ pub struct LayerStats {
     pub size: u64,
     /// Number of entries (files, dirs, links, devices, whiteouts), not counting PAX headers.
     pub entries: u64,
+    /// Of those, the entries copied from [`DiffOptions::donor`].
+    pub reused: u64,
 }
 
 /// Options for [`apply`].

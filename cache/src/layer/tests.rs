@@ -330,7 +330,7 @@ fn equal_trees_give_identical_tars_and_epoch_clamps() {
     );
     let opts = DiffOptions {
         source_date_epoch: Some(1_700_000_000),
-        exclude: vec![],
+        ..Default::default()
     };
     let (ta, tb) = (tar_of(a.path(), &opts).0, tar_of(b.path(), &opts).0);
     assert_eq!(ta, tb);
@@ -365,6 +365,7 @@ fn exclude_leaves_out_subtrees() {
     let opts = DiffOptions {
         source_date_epoch: None,
         exclude: vec!["/proc".into(), "./etc/resolv.conf".into()],
+        ..Default::default()
     };
     let names: Vec<String> = listing(&tar_of(d.path(), &opts).0)
         .into_iter()
@@ -1140,4 +1141,99 @@ fn large_files_cross_chunks_and_write_failures_surface() {
             "{left}: {err:?}"
         );
     }
+}
+
+#[test]
+fn entries_of_shared_inodes_are_copied_from_the_donor_tar() {
+    if !is_root() {
+        eprintln!("skipping: sample_tree sets owners and needs root");
+        return;
+    }
+    let top = tempfile::tempdir().unwrap();
+    let (a, b) = (top.path().join("a"), top.path().join("b"));
+    fs::create_dir(&a).unwrap();
+    sample_tree(&a);
+    let blob_path = top.path().join("a.tar");
+    let (a_stats, a_index) =
+        write_diff_indexed(&a, fs::File::create(&blob_path).unwrap(), &DiffOptions::default()).unwrap();
+    assert_eq!(a_stats.reused, 0);
+    assert!(
+        a_index.entries.contains_key(&b"etc/hard2"[..]),
+        "the first name of a link pair"
+    );
+    assert!(
+        !a_index.entries.contains_key(&b"hard1"[..]),
+        "a hardlink entry is not indexed"
+    );
+
+    // The next tree links A's files (as a linked copy does), with changes: a file rewritten (a
+    // new inode, same path), a file moved (same inode, new path), a file added, and both names of
+    // A's link pair.
+    let status = Command::new("cp").arg("-al").arg(&a).arg(&b).status().unwrap();
+    assert!(status.success());
+    fs::remove_file(b.join("etc/passwd")).unwrap();
+    file(&b.join("etc/passwd"), b"root:x:0:0::/root:/bin/ash\n", 0o644);
+    fs::rename(b.join("big"), b.join("big2")).unwrap();
+    file(&b.join("added"), b"new", 0o600);
+
+    let donor = Donor::new(fs::File::open(&blob_path).unwrap(), a_index.clone()).unwrap();
+    let with_donor = DiffOptions {
+        donor: Some(std::sync::Arc::new(donor)),
+        ..Default::default()
+    };
+    let mut reused_tar = Vec::new();
+    let (stats, index) = write_diff_indexed(&b, &mut reused_tar, &with_donor).unwrap();
+    let mut fresh_tar = Vec::new();
+    let (fresh_stats, fresh_index) = write_diff_indexed(&b, &mut fresh_tar, &DiffOptions::default()).unwrap();
+    assert!(reused_tar == fresh_tar, "copying entries changed the tar");
+    assert_eq!(stats.diff_id, fresh_stats.diff_id);
+    assert_eq!(index, fresh_index, "the index of a tar written with reuse");
+
+    // Reused: every indexed file of A still at its path with its inode.
+    let same = a_index
+        .entries
+        .iter()
+        .filter(|(path, span)| {
+            fs::symlink_metadata(b.join(OsStr::from_bytes(path)))
+                .is_ok_and(|m| m.is_file() && m.ino() == span.ino)
+        })
+        .count() as u64;
+    assert_eq!(stats.reused, same);
+    assert_eq!(
+        stats.reused + 3,
+        a_index.len() as u64 + 1,
+        "all but passwd, big; not added"
+    );
+    assert_eq!(fresh_stats.reused, 0);
+
+    // A clamped write never reuses (the donor's times are the files' own).
+    let clamped = DiffOptions {
+        source_date_epoch: Some(1_000_000_000),
+        ..with_donor
+    };
+    assert_eq!(write_diff(&b, std::io::sink(), &clamped).unwrap().reused, 0);
+}
+
+#[test]
+fn a_donor_blob_shorter_than_its_index_is_never_read_past_its_end() {
+    let top = tempfile::tempdir().unwrap();
+    let a = top.path().join("a");
+    fs::create_dir(&a).unwrap();
+    file(&a.join("one"), &[1u8; 3000], 0o644);
+    file(&a.join("two"), &[2u8; 10], 0o644);
+    let blob_path = top.path().join("a.tar");
+    let (_, index) =
+        write_diff_indexed(&a, fs::File::create(&blob_path).unwrap(), &DiffOptions::default()).unwrap();
+    // Cut the blob inside `two`'s entry: only `one` stays reusable.
+    let blob = fs::OpenOptions::new().write(true).open(&blob_path).unwrap();
+    blob.set_len(index.entries[&b"two"[..]].offset + 512).unwrap();
+    let donor = Donor::new(fs::File::open(&blob_path).unwrap(), index).unwrap();
+    let opts = DiffOptions {
+        donor: Some(std::sync::Arc::new(donor)),
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    let stats = write_diff(&a, &mut out, &opts).unwrap();
+    assert_eq!(stats.reused, 1);
+    assert_eq!(out, tar_of(&a, &DiffOptions::default()).0);
 }

@@ -333,6 +333,9 @@ fn copy_links_unchanged_files_and_writes_the_layer_a_fresh_store_writes() {
     assert_eq!(ino(&snaps[0], "Dockerfile"), ino(&snaps[1], "Dockerfile"));
     assert_ne!(ino(&snaps[0], "src/b"), ino(&snaps[1], "src/b"));
     assert_ne!(ino(&snaps[1], "src/dup1"), ino(&snaps[1], "src/dup2"));
+    // Each records where its files sit in its tar: the second copied the linked files' entries
+    // from the first's tar (and still wrote the layer a fresh store writes, below).
+    assert!(snaps.iter().all(|s| s.join("tar.att").is_file()), "{snaps:?}");
 
     // A fresh store (nothing to link from) writes the same COPY layer.
     let fresh = Env::new();

@@ -153,8 +153,14 @@ impl Engine {
                 tracing::debug!(error = %e, "file index not stored");
             }
         }
+        // A linked copy's tar records where its files' entries sit; the files it linked from
+        // the last result are copied from that result's tar rather than read again.
+        let indexed = index
+            .as_ref()
+            .map(|_| donor.as_ref().and_then(|d| self.tar_donor(d)));
         let started = std::time::Instant::now();
-        let layers = tokio::task::block_in_place(|| this.commit_layer(&base, mutable, Vec::new()))?;
+        let layers =
+            tokio::task::block_in_place(|| this.commit_layer_with(&base, mutable, Vec::new(), indexed))?;
         tracing::debug!(elapsed = ?started.elapsed(), "file op layer committed");
         if let (Some(_), Some(top)) = (&index, layers.last()) {
             self.set_lineage(&digest, &top.snapshot);
@@ -207,6 +213,14 @@ impl Engine {
             linking = linking.deferring();
         }
         Some((Arc::new(linking), donor))
+    }
+
+    /// The tar of `donor` (an earlier linked copy's snapshot) with its index, when both are
+    /// in the store.
+    fn tar_donor(&self, donor: &Snapshot) -> Option<Arc<layer::Donor>> {
+        let index = layer::TarIndex::decode(&self.snapshots.attachment(&donor.key, super::TAR_INDEX)?)?;
+        let blob = self.store.content().open(&donor.diff_id).ok()?;
+        layer::Donor::new(blob, index).ok().map(Arc::new)
     }
 
     fn lineage_path(&self, vertex: &Digest) -> PathBuf {

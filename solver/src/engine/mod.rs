@@ -37,6 +37,10 @@ use kiln_cache::buildcache::{CacheIndex, Layer, Record};
 /// Media type of kiln's own (uncompressed) layer blobs.
 pub const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 
+/// The attachment name of a linked copy's [`layer::TarIndex`]: where each file's entry sits in
+/// its layer tar, for the next run of the same step to copy.
+const TAR_INDEX: &str = "tar";
+
 /// The build context (or a named local context), read in place.
 #[derive(Debug)]
 pub struct LocalContext {
@@ -376,19 +380,51 @@ impl Engine {
         mutable: kiln_cache::snapshot::MutableSnapshot,
         exclude: Vec<PathBuf>,
     ) -> Result<Vec<Layer>, EngineError> {
+        self.commit_layer_with(base, mutable, exclude, None)
+    }
+
+    /// [`Engine::commit_layer`] for a linked copy: the tar's file entries are recorded beside
+    /// the snapshot (as [`TAR_INDEX`]), and entries of files linked from `donor` (the last
+    /// result of the same step) are copied from its tar.
+    fn commit_layer_with(
+        &self,
+        base: &[Layer],
+        mutable: kiln_cache::snapshot::MutableSnapshot,
+        exclude: Vec<PathBuf>,
+        indexed: Option<Option<Arc<layer::Donor>>>,
+    ) -> Result<Vec<Layer>, EngineError> {
         let opts = layer::DiffOptions {
             source_date_epoch: self.opts.source_date_epoch,
             exclude,
+            donor: indexed.clone().flatten(),
         };
-        // The tar goes straight into the content store (hashed, fsynced, verified against the
-        // diff ID the writer computed): one pass over the data, no temp copy.
+        // The tar goes straight into the content store (fsynced, named by the diff ID the
+        // writer computed over the bytes it wrote): one pass over the data, no temp copy, one
+        // hash.
         let mut writer = self
             .store
             .content()
-            .writer()
+            .prehashed_writer()
             .map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
-        let stats = layer::write_diff(mutable.upper(), &mut writer, &opts)
-            .map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
+        let stats = match indexed {
+            None => layer::write_diff(mutable.upper(), &mut writer, &opts),
+            Some(_) => {
+                layer::write_diff_indexed(mutable.upper(), &mut writer, &opts).map(|(stats, index)| {
+                    if let Err(e) = mutable.attach(TAR_INDEX, &index.encode()) {
+                        tracing::debug!(error = %e, "tar index not stored");
+                    }
+                    stats
+                })
+            }
+        }
+        .map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
+        if opts.donor.is_some() {
+            tracing::debug!(
+                reused = stats.reused,
+                entries = stats.entries,
+                "entries copied from the earlier tar"
+            );
+        }
         let staged = writer
             .finish(Some(&stats.diff_id))
             .map_err(|e| EngineError::WriteLayer(Box::new(e)))?;

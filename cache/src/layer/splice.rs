@@ -1,0 +1,175 @@
+//! Reusing an earlier layer tar's entries for files a new tree shares with it by inode.
+//!
+//! A committed snapshot is never modified, and a linked copy hard-links unchanged files from the
+//! last result of the same step into the new one. Such a file is the same inode, with the same
+//! data and metadata, as when the earlier layer tar was written, and it sits at the same path: its
+//! tar entry (PAX header, ustar header, data, padding) is byte for byte the earlier one. The writer
+//! copies those bytes from the earlier blob, one sequential read for a run of them, instead of
+//! opening, reading and listing the xattrs of every file again.
+//!
+//! A [`TarIndex`] records where each regular file's entry sits in a written tar and which inode
+//! it was written from; a [`Donor`] pairs one with its blob.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+
+/// Where one regular file's entry sits in a layer tar, and the inode it was written from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Span {
+    pub(super) ino: u64,
+    /// Offset of the entry's first header (its PAX header when it has one).
+    pub(super) offset: u64,
+    /// Headers, data and padding.
+    pub(super) len: u64,
+}
+
+/// The regular-file entries of a layer tar written by
+/// [`write_diff_indexed`](super::write_diff_indexed): tar path → inode, offset and length.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TarIndex {
+    /// Device of the tree the tar was written from (inode numbers are only unique within one).
+    pub(super) dev: u64,
+    pub(super) entries: HashMap<Vec<u8>, Span>,
+}
+
+const MAGIC: &[u8; 8] = b"kilntar1";
+
+impl TarIndex {
+    /// Number of file entries recorded.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no file entry is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// A compact binary form, for storing the index beside its snapshot.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut paths: Vec<_> = self.entries.iter().collect();
+        paths.sort_by(|a, b| a.0.cmp(b.0));
+        let mut out = Vec::with_capacity(MAGIC.len() + 8 + paths.len() * 64);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&self.dev.to_le_bytes());
+        for (path, span) in paths {
+            out.extend_from_slice(&(path.len() as u32).to_le_bytes());
+            out.extend_from_slice(path);
+            out.extend_from_slice(&span.ino.to_le_bytes());
+            out.extend_from_slice(&span.offset.to_le_bytes());
+            out.extend_from_slice(&span.len.to_le_bytes());
+        }
+        out
+    }
+
+    /// Reads [`TarIndex::encode`]'s bytes; anything malformed is `None` (the index only saves
+    /// work: without it, files are read again).
+    pub fn decode(bytes: &[u8]) -> Option<TarIndex> {
+        fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            if rest.len() < n {
+                return None;
+            }
+            let (a, b) = rest.split_at(n);
+            *rest = b;
+            Some(a)
+        }
+        fn u64_of(rest: &mut &[u8]) -> Option<u64> {
+            Some(u64::from_le_bytes(take(rest, 8)?.try_into().ok()?))
+        }
+        let mut rest = bytes.strip_prefix(MAGIC.as_slice())?;
+        let dev = u64_of(&mut rest)?;
+        let mut entries = HashMap::new();
+        while !rest.is_empty() {
+            let len = u32::from_le_bytes(take(&mut rest, 4)?.try_into().ok()?) as usize;
+            let path = take(&mut rest, len)?.to_vec();
+            let span = Span {
+                ino: u64_of(&mut rest)?,
+                offset: u64_of(&mut rest)?,
+                len: u64_of(&mut rest)?,
+            };
+            if path.is_empty()
+                || !span.offset.is_multiple_of(512)
+                || !span.len.is_multiple_of(512)
+                || span.len == 0
+            {
+                return None;
+            }
+            entries.insert(path, span);
+        }
+        Some(TarIndex { dev, entries })
+    }
+}
+
+/// An earlier layer tar (uncompressed, as the store keeps locally built layers) with its index:
+/// the entries a new write copies for files it shares with the earlier tree by inode.
+pub struct Donor {
+    pub(super) blob: File,
+    pub(super) index: TarIndex,
+}
+
+impl Donor {
+    /// Pairs `index` with the `blob` it describes. Entries reaching past the blob's end are
+    /// dropped (a blob that does not match its index is never read past its end).
+    pub fn new(blob: File, mut index: TarIndex) -> std::io::Result<Donor> {
+        let size = blob.metadata()?.len();
+        index
+            .entries
+            .retain(|_, s| s.offset.checked_add(s.len).is_some_and(|end| end <= size));
+        Ok(Donor { blob, index })
+    }
+
+    /// The entry to copy for the regular file at tar path `path` with inode `ino` on device
+    /// `dev`, if the earlier tar wrote that very inode there.
+    pub(super) fn entry(&self, dev: u64, path: &[u8], ino: u64) -> Option<Span> {
+        if dev != self.index.dev {
+            return None;
+        }
+        self.index.entries.get(path).filter(|s| s.ino == ino).copied()
+    }
+}
+
+impl fmt::Debug for Donor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Donor")
+            .field("entries", &self.index.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_round_trips_and_rejects_damage() {
+        let mut index = TarIndex {
+            dev: 7,
+            ..Default::default()
+        };
+        index.entries.insert(
+            b"a/b".to_vec(),
+            Span {
+                ino: 3,
+                offset: 1024,
+                len: 1536,
+            },
+        );
+        index.entries.insert(
+            b"c".to_vec(),
+            Span {
+                ino: 9,
+                offset: 0,
+                len: 512,
+            },
+        );
+        let bytes = index.encode();
+        assert_eq!(TarIndex::decode(&bytes), Some(index));
+        assert_eq!(TarIndex::decode(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(TarIndex::decode(b"kilntar0"), None);
+        let mut odd = bytes.clone();
+        // The first entry's offset (after magic, dev, name length and "a/b", ino) off a block.
+        odd[8 + 8 + 4 + 3 + 8] = 1;
+        assert_eq!(TarIndex::decode(&odd), None);
+    }
+}
