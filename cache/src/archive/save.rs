@@ -107,15 +107,89 @@ fn header(size: u64, kind: tar::EntryType, mode: u32) -> tar::Header {
     h
 }
 
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
+/// Size of the chunks a blob is read in.
+const CHUNK: usize = 1 << 20;
+
+/// A blob read on a thread of its own, which also hashes it, so that hashing one blob (a core's
+/// work for a large layer) overlaps writing it into the archive. The chunks come through
+/// [`Read`]; [`PipedBlob::finish`] gives the hash of everything read.
+struct PipedBlob<'scope> {
+    chunks: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    /// Chunks handed back for reuse.
+    spent: std::sync::mpsc::Sender<Vec<u8>>,
+    current: Vec<u8>,
+    at: usize,
+    hashing: std::thread::ScopedJoinHandle<'scope, Sha256>,
 }
 
-impl<R: Read> Read for HashingReader<R> {
+impl<'scope> PipedBlob<'scope> {
+    fn start<'env>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        mut file: std::fs::File,
+    ) -> io::Result<Self> {
+        let (tx, chunks) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
+        let (spent, reuse) = std::sync::mpsc::channel::<Vec<u8>>();
+        let hashing = std::thread::Builder::new()
+            .name("kiln-save-hash".into())
+            .spawn_scoped(scope, move || {
+                let mut hasher = Sha256::new();
+                loop {
+                    let mut buf = reuse.try_recv().unwrap_or_default();
+                    buf.resize(CHUNK, 0);
+                    match file.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            hasher.update(&buf);
+                            if tx.send(Ok(buf)).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            break;
+                        }
+                    }
+                }
+                hasher
+            })?;
+        Ok(PipedBlob {
+            chunks,
+            spent,
+            current: Vec::new(),
+            at: 0,
+            hashing,
+        })
+    }
+
+    /// The sha256 of what the thread read (all of the blob, once `Read` returned 0).
+    fn finish(self) -> Digest {
+        drop(self.chunks);
+        let hasher = self
+            .hashing
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        Digest(hasher.finalize().into())
+    }
+}
+
+impl Read for PipedBlob<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        while self.at == self.current.len() {
+            match self.chunks.recv() {
+                Ok(Ok(chunk)) => {
+                    let done = std::mem::replace(&mut self.current, chunk);
+                    let _ = self.spent.send(done);
+                    self.at = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
         Ok(n)
     }
 }
@@ -161,13 +235,12 @@ pub fn save(store: &Store, items: &[SaveItem], format: Format, out: impl Write) 
                 })?
                 .len();
             let mut h = header(size, tar::EntryType::Regular, 0o444);
-            let mut reader = HashingReader {
-                inner: file,
-                hasher: Sha256::new(),
-            };
-            tar.append_data(&mut h, &entry, &mut reader)
-                .map_err(write_err(&entry))?;
-            let actual = Digest(reader.hasher.finalize().into());
+            let actual = std::thread::scope(|scope| {
+                let mut reader = PipedBlob::start(scope, file).map_err(write_err(&entry))?;
+                tar.append_data(&mut h, &entry, &mut reader)
+                    .map_err(write_err(&entry))?;
+                Ok::<_, SaveError>(reader.finish())
+            })?;
             if actual != d {
                 return Err(SaveError::Damaged { digest: d, actual });
             }
