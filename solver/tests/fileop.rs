@@ -1130,3 +1130,94 @@ fn copies_a_large_tree_quickly() {
     // Well under a second on an idle machine; the bound leaves room for a loaded one.
     assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
 }
+
+#[test]
+fn deep_trees_keep_every_entry_and_every_hard_link_group() {
+    // Deeper than the levels listed in parallel, with hard links across sibling subtrees, across
+    // the parallel and the sequential levels, and excluded names at every depth.
+    let stage = tempfile::tempdir().unwrap();
+    let s = stage.path();
+    let mut deep = String::from("s");
+    for level in 0..9 {
+        deep = format!("{deep}/l{level}");
+        mkdir(s, &deep, 0o750 + (level % 2) * 5);
+        for side in ["a", "b", "c"] {
+            write(
+                s,
+                &format!("{deep}/{side}-{level}.txt"),
+                &format!("{side}{level}"),
+                0o644,
+            );
+            write(
+                s,
+                &format!("{deep}/{side}/f{level}"),
+                &format!("{side}/{level}"),
+                0o600,
+            );
+            write(s, &format!("{deep}/{side}/skip.tmp"), "x", 0o600);
+        }
+    }
+    let link = |from: &str, to: &str| fs::hard_link(s.join(from), s.join(to)).unwrap();
+    link("s/l0/a/f0", "s/l0/b/linked-a0");
+    link("s/l0/a/f0", "s/l0/l1/l2/l3/l4/l5/c/linked-a0");
+    link("s/l0/l1/l2/l3/l4/l5/l6/l7/b/f7", "s/l0/c/linked-b7");
+    link(
+        "s/l0/l1/l2/l3/l4/l5/l6/b/f6",
+        "s/l0/l1/l2/l3/l4/l5/l6/l7/l8/a/linked-b6",
+    );
+    let d = base_root();
+    let ex = CopyAction {
+        exclude: vec!["**/*.tmp".into()],
+        ..cp("/s", "/out")
+    };
+    run(d.path(), &[SourceRoot::filesystem(s)], vec![ex]).unwrap();
+
+    let want: BTreeMap<String, String> = tree(s)
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("s/") && !k.ends_with(".tmp"))
+        .map(|(k, v)| (format!("out{}", &k[1..]), v))
+        .collect();
+    let got: BTreeMap<String, String> = tree(d.path())
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("out/"))
+        .collect();
+    assert_eq!(got, want);
+
+    // The same names share an inode as in the source, and no others.
+    let groups = |root: &Path, prefix: &str| {
+        let mut by_ino: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        for rel in tree(root).keys().filter(|k| k.starts_with(prefix)) {
+            let m = fs::symlink_metadata(root.join(rel)).unwrap();
+            if m.is_file() {
+                by_ino
+                    .entry(m.ino())
+                    .or_default()
+                    .push(rel[prefix.len()..].to_string());
+            }
+        }
+        let mut g: Vec<Vec<String>> = by_ino.into_values().filter(|v| v.len() > 1).collect();
+        g.sort();
+        g
+    };
+    let source_groups = groups(s, "s/");
+    assert_eq!(source_groups.len(), 3, "{source_groups:?}");
+    assert_eq!(groups(d.path(), "out/"), source_groups);
+
+    // Excluded directories are walked for what a later pattern takes back, and only the
+    // directories above something taken are created.
+    let ex = CopyAction {
+        exclude: vec!["**/l1".into(), "!**/l6/a/f6".into()],
+        ..cp("/s", "/part")
+    };
+    run(d.path(), &[SourceRoot::filesystem(s)], vec![ex]).unwrap();
+    let got: Vec<String> = tree(d.path())
+        .into_keys()
+        .filter(|k| k.starts_with("part/") && k.contains("/l1"))
+        .collect();
+    let chain = "part/l0/l1/l2/l3/l4/l5/l6";
+    let mut want: Vec<String> = (1..=6)
+        .map(|n| chain.split('/').take(n + 2).collect::<Vec<_>>().join("/"))
+        .collect();
+    want.extend([format!("{chain}/a"), format!("{chain}/a/f6")]);
+    assert_eq!(got, want);
+}

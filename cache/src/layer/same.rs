@@ -49,16 +49,19 @@ pub fn same_tree_assuming(a: &Path, b: &Path, linked: &(dyn Fn(&[u8]) -> bool + 
     }
 }
 
-fn names(dir: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
+/// The names in `dir`, sorted, with the type the listing reports (`Unknown` where the
+/// filesystem does not say).
+fn names(dir: BorrowedFd<'_>) -> io::Result<Vec<(CString, FileType)>> {
     let mut out = Vec::new();
     let mut reader = rfs::Dir::read_from(dir)?;
     while let Some(entry) = reader.read() {
-        let name = entry?.file_name().to_owned();
+        let entry = entry?;
+        let name = entry.file_name().to_owned();
         if name.as_bytes() != b"." && name.as_bytes() != b".." {
-            out.push(name);
+            out.push((name, entry.file_type()));
         }
     }
-    out.sort_unstable();
+    out.sort_unstable_by(|x, y| x.0.cmp(&y.0));
     Ok(out)
 }
 
@@ -74,8 +77,8 @@ fn same_children(
     let names_a = names(a.as_fd())?;
     let names_b = names(b.as_fd())?;
     let mut shared = Vec::with_capacity(names_b.len());
-    let mut ia = names_a.iter().peekable();
-    for name in &names_b {
+    let mut ia = names_a.iter().map(|(n, _)| n).peekable();
+    for (name, kind) in &names_b {
         if ia.next_if(|n| *n < name).is_some() {
             tracing::debug!(dir = %path.display(), "directories list different names");
             return Ok(false);
@@ -85,8 +88,13 @@ fn same_children(
             continue;
         }
         let full = [&rel[..], name.as_bytes()].concat();
-        let sb = rfs::statat(&b, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?;
-        if !(linked(&full) && FileType::from_raw_mode(sb.st_mode) == FileType::RegularFile) {
+        let kind = match kind {
+            FileType::Unknown => {
+                FileType::from_raw_mode(rfs::statat(&b, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?.st_mode)
+            }
+            known => *known,
+        };
+        if !(kind == FileType::RegularFile && linked(&full)) {
             tracing::debug!(dir = %path.display(), name = ?name, "directories list different names");
             return Ok(false);
         }

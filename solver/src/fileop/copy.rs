@@ -373,6 +373,7 @@ fn join_rel(a: &str, b: &str) -> String {
 }
 
 /// One entry of a planned tree copy.
+#[derive(Clone)]
 struct Node {
     src: PathBuf,
     dst: PathBuf,
@@ -479,82 +480,130 @@ fn copy_tree(
     Ok(())
 }
 
-/// Walks the directory `nodes[0]` in name order, appending its entries in pre-order.
+/// Directory levels below a copied directory whose subdirectories are listed in parallel;
+/// deeper ones are walked with an explicit stack, so a deep context never deepens recursion.
+const PARALLEL_LEVELS: usize = 4;
+
+/// Walks the directory `nodes[0]` in name order, appending its entries in pre-order: a
+/// directory's entries, then each subdirectory's in turn (what the later phases rely on is that
+/// every node follows its parent, and that the first name of a hard-linked file comes first).
 fn plan(cfg: &Config<'_>, root_rel: &str, nodes: &mut Vec<Node>) -> Result<(), FileOpError> {
+    let below = subtree(cfg, root_rel, nodes[0].clone(), String::new(), 0)?;
+    nodes.extend(below);
     let mut inodes: HashMap<(u64, u64), usize> = HashMap::new();
-    // (node index, path relative to the copied source)
-    let mut stack: Vec<(usize, String)> = vec![(0, String::new())];
-    while let Some((dir, rel)) = stack.pop() {
-        let rd = fs::read_dir(&nodes[dir].src).map_err(|source| FileOpError::ReadDir {
+    for (i, node) in nodes.iter_mut().enumerate().skip(1) {
+        if node.meta.is_file() && node.meta.nlink() > 1 {
+            match inodes.entry((node.meta.dev(), node.meta.ino())) {
+                std::collections::hash_map::Entry::Occupied(leader) => node.link_to = Some(*leader.get()),
+                std::collections::hash_map::Entry::Vacant(first) => {
+                    first.insert(i);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The nodes below the directory `root` (source-relative `rel`), in plan order, numbered as if
+/// `root` were node 0 and they followed it.
+fn subtree(
+    cfg: &Config<'_>,
+    root_rel: &str,
+    root: Node,
+    rel: String,
+    depth: usize,
+) -> Result<Vec<Node>, FileOpError> {
+    let mut nodes = vec![root];
+    if depth >= PARALLEL_LEVELS {
+        let mut stack: Vec<(usize, String)> = vec![(0, rel)];
+        while let Some((dir, rel)) = stack.pop() {
+            let subdirs = list_children(cfg, root_rel, &mut nodes, dir, &rel)?;
+            // Reversed so the stack pops them in name order.
+            stack.extend(subdirs.into_iter().rev());
+        }
+    } else {
+        let subdirs = list_children(cfg, root_rel, &mut nodes, 0, &rel)?;
+        let below: Vec<Result<Vec<Node>, FileOpError>> = subdirs
+            .par_iter()
+            .map(|(i, rel)| subtree(cfg, root_rel, nodes[*i].clone(), rel.clone(), depth + 1))
+            .collect();
+        for ((dir, _), sub) in subdirs.iter().zip(below) {
+            let base = nodes.len();
+            nodes.extend(sub?.into_iter().map(|mut n| {
+                n.parent = n.parent.map(|p| if p == 0 { *dir } else { p - 1 + base });
+                n
+            }));
+        }
+    }
+    nodes.remove(0);
+    Ok(nodes)
+}
+
+/// Lists the directory `nodes[dir]` (source-relative `rel`) in name order, appending the
+/// entries the copy takes; returns the subdirectories appended, with their relative paths.
+fn list_children(
+    cfg: &Config<'_>,
+    root_rel: &str,
+    nodes: &mut Vec<Node>,
+    dir: usize,
+    rel: &str,
+) -> Result<Vec<(usize, String)>, FileOpError> {
+    let rd = fs::read_dir(&nodes[dir].src).map_err(|source| FileOpError::ReadDir {
+        path: nodes[dir].src.clone(),
+        source,
+    })?;
+    let mut entries = Vec::new();
+    for e in rd {
+        let e = e.map_err(|source| FileOpError::ReadDir {
             path: nodes[dir].src.clone(),
             source,
         })?;
-        let mut entries = Vec::new();
-        for e in rd {
-            let e = e.map_err(|source| FileOpError::ReadDir {
-                path: nodes[dir].src.clone(),
-                source,
-            })?;
-            entries.push(e);
-        }
-        entries.sort_by_key(|e| e.file_name());
-        let mut subdirs = Vec::new();
-        for e in entries {
-            let name = e.file_name();
-            let meta = e.metadata().map_err(|source| FileOpError::Stat {
-                path: e.path(),
-                source,
-            })?;
-            let is_dir = meta.is_dir();
-            let name_str = name.to_string_lossy();
-            let child_rel = if rel.is_empty() {
-                name_str.to_string()
-            } else {
-                format!("{rel}/{name_str}")
-            };
-            let ctx_rel = join_rel(root_rel, &child_rel);
-            let mut included = true;
-            if cfg.src.filter.is_some() && cfg.src.hides(&ctx_rel)? {
-                if !(is_dir && cfg.src.may_show_below(&ctx_rel)) {
-                    continue;
-                }
-                included = false;
-            }
-            let (excluded, descend) = cfg.excluded(&child_rel, is_dir)?;
-            if excluded {
-                if !(is_dir && descend) {
-                    continue;
-                }
-                included = false;
-            }
-            let mut link_to = None;
-            if meta.is_file() && meta.nlink() > 1 {
-                let key = (meta.dev(), meta.ino());
-                match inodes.get(&key) {
-                    Some(&leader) => link_to = Some(leader),
-                    None => {
-                        inodes.insert(key, nodes.len());
-                    }
-                }
-            }
-            let idx = nodes.len();
-            nodes.push(Node {
-                src: nodes[dir].src.join(&name),
-                dst: nodes[dir].dst.join(&name),
-                meta,
-                parent: Some(dir),
-                included,
-                link_to,
-            });
-            if is_dir {
-                subdirs.push((idx, child_rel));
-            }
-        }
-        // Reversed so the stack pops them in name order.
-        stack.extend(subdirs.into_iter().rev());
+        entries.push(e);
     }
-    // Every node follows its parent, which is all the later phases rely on.
-    Ok(())
+    entries.sort_by_key(|e| e.file_name());
+    let mut subdirs = Vec::new();
+    for e in entries {
+        let name = e.file_name();
+        let meta = e.metadata().map_err(|source| FileOpError::Stat {
+            path: e.path(),
+            source,
+        })?;
+        let is_dir = meta.is_dir();
+        let name_str = name.to_string_lossy();
+        let child_rel = if rel.is_empty() {
+            name_str.to_string()
+        } else {
+            format!("{rel}/{name_str}")
+        };
+        let ctx_rel = join_rel(root_rel, &child_rel);
+        let mut included = true;
+        if cfg.src.filter.is_some() && cfg.src.hides(&ctx_rel)? {
+            if !(is_dir && cfg.src.may_show_below(&ctx_rel)) {
+                continue;
+            }
+            included = false;
+        }
+        let (excluded, descend) = cfg.excluded(&child_rel, is_dir)?;
+        if excluded {
+            if !(is_dir && descend) {
+                continue;
+            }
+            included = false;
+        }
+        let idx = nodes.len();
+        nodes.push(Node {
+            src: nodes[dir].src.join(&name),
+            dst: nodes[dir].dst.join(&name),
+            meta,
+            parent: Some(dir),
+            included,
+            link_to: None,
+        });
+        if is_dir {
+            subdirs.push((idx, child_rel));
+        }
+    }
+    Ok(subdirs)
 }
 
 /// Which nodes to write: all included entries and every directory above one.
