@@ -189,20 +189,23 @@ pub(crate) fn ensure_locked(_lock: &StateLock, config: &NetConfig) -> Result<u32
 /// containers never call it). Idempotent.
 pub fn remove(config: &NetConfig) -> Result<(), BridgeError> {
     let _lock = ipam::lock(&config.state_dir, &config.bridge)?;
-    for (table, chain, rule) in rules(config) {
-        while iptables(&rule_args("-C", table, chain, &rule))? {
-            iptables(&rule_args("-D", table, chain, &rule))?;
+    // The link goes even when the rules cannot be removed (iptables missing or failing): a
+    // bridge left holding the gateway address would capture the subnet's routes from the next
+    // bridge made on it. The first error is still reported.
+    let rules_removed = (|| {
+        for (table, chain, rule) in rules(config) {
+            while iptables(&rule_args("-C", table, chain, &rule))? {
+                iptables(&rule_args("-D", table, chain, &rule))?;
+            }
         }
-    }
-    let mut nl = Netlink::open().map_err(|source| BridgeError::Netlink {
-        bridge: config.bridge.clone(),
-        source,
-    })?;
-    nl.delete_link(&config.bridge)
+        Ok(())
+    })();
+    let link_removed = Netlink::open()
+        .and_then(|mut nl| nl.delete_link(&config.bridge).map(|_| ()))
         .map_err(|source| BridgeError::Netlink {
             bridge: config.bridge.clone(),
             source,
-        })?;
+        });
     let _ = fs::remove_file(marker_path(config));
-    Ok(())
+    rules_removed.and(link_removed)
 }
