@@ -1348,6 +1348,21 @@ fn run_op<S: Sys>(sys: &S, op: &Op) -> Result<(), Errno> {
     }
 }
 
+impl Plan {
+    /// Whether the plan can run in a child that shares the caller's memory until it execs
+    /// ([`crate::sys::spawn_shared`]): it ends in `execve`, never forks to keep running this
+    /// program, and writes no memory of its own process (the title's argv overwrite does).
+    pub fn runs_in_shared_memory(&self) -> bool {
+        matches!(self.steps.last().map(|s| &s.op), Some(Op::Exec { .. }))
+            && self.steps.iter().all(|s| {
+                !matches!(
+                    s.op,
+                    Op::SpawnInit { .. } | Op::ForkSibling { .. } | Op::SetTitle { .. }
+                )
+            })
+    }
+}
+
 /// Runs the plan. Does not allocate (with [`crate::sys::RealSys`]). On failure returns the index of
 /// the failing step and the errno. With the real kernel it only returns on failure: the last step
 /// replaces the process.
@@ -1795,6 +1810,22 @@ mod tests {
         let c = calls(&i);
         assert!(c.iter().any(|l| l == "chdir /app/src"), "{c:?}");
         assert!(!c.iter().any(|l| l.contains("gone")), "{c:?}");
+    }
+
+    #[test]
+    fn shared_memory_only_for_plans_that_end_in_exec_without_forking() {
+        // A build step's container: straight to execve, fit for a CLONE_VM child.
+        assert!(build(&input()).unwrap().runs_in_shared_memory());
+        // An init keeps running this program (it forks and waits) and overwrites its argv.
+        let mut i = input();
+        i.init = true;
+        let plan = build(&i).unwrap();
+        assert!(plan.steps.iter().any(|s| matches!(s.op, Op::SpawnInit { .. })));
+        assert!(!plan.runs_in_shared_memory());
+        // A plan that stops short of execve never returns control to a suspended parent.
+        let mut plan = build(&input()).unwrap();
+        plan.steps.pop();
+        assert!(!plan.runs_in_shared_memory());
     }
 
     #[test]

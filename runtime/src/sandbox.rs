@@ -821,7 +821,23 @@ pub fn start(spec: ContainerSpec, scratch: &Path) -> Result<Running, RuntimeErro
     cleanup.created_in_dir = prepared.created_in_dir.clone();
 
     let (status_read, status_write) = sys::pipe_cloexec().map_err(RuntimeError::Pipe)?;
-    match sys::clone_child(prepared.namespaces).map_err(RuntimeError::Clone)? {
+    // A plan that goes straight to execve runs in a child sharing this address space
+    // (posix_spawn's way): a fork would copy this multithreaded process's page tables only for
+    // execve to tear them down, about 0.7 ms of every build step. An init plan forks.
+    let cloned = if prepared.plan.runs_in_shared_memory() {
+        let plan = &prepared.plan;
+        let status = &status_write;
+        sys::spawn_shared(prepared.namespaces, &mut || {
+            if let Err((index, errno)) = plan::run(&RealSys, plan) {
+                report_failure(status, index, errno);
+            }
+            sys::exit_child(127)
+        })
+        .map(Cloned::Parent)
+    } else {
+        sys::clone_child(prepared.namespaces)
+    };
+    match cloned.map_err(RuntimeError::Clone)? {
         Cloned::Child => {
             // In the child of a possibly multithreaded process: no allocation from here on.
             if let Err((index, errno)) = plan::run(&RealSys, &prepared.plan) {

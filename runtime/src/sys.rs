@@ -996,6 +996,94 @@ pub fn clone_child(namespaces: libc::c_int) -> Result<Cloned, Errno> {
     }
 }
 
+/// Runs `child` in a new process in new namespaces that shares this address space until it
+/// executes a program or exits (`clone(2)` with `CLONE_VM | CLONE_VFORK`, as `posix_spawn`
+/// does): no page tables are copied and none torn down at `execve`, which `fork` costs a
+/// multithreaded process on every container start. The calling thread is suspended until then;
+/// the other threads run on. `child` runs on a stack of its own (with a guard page) and must make
+/// only async-signal-safe calls, write no memory but its own stack, and end in `execve` or
+/// [`exit_child`]: a child that returns or panics exits with 127. All signals are blocked around
+/// the call, as for [`clone_child`].
+///
+/// A child that keeps running this program (an init that forks and waits) must use
+/// [`clone_child`]: this one would hold the caller's thread until it ends.
+pub fn spawn_shared(namespaces: libc::c_int, child: &mut dyn FnMut()) -> Result<i32, Errno> {
+    const STACK: usize = 256 * 1024;
+    // SAFETY: sysconf has no preconditions.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as usize,
+        _ => 4096,
+    };
+    // SAFETY: a fresh anonymous private mapping; checked for MAP_FAILED below.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            STACK + page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(Errno::last());
+    }
+    struct Unmap(*mut libc::c_void, usize);
+    impl Drop for Unmap {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made above, no longer used: the child has exec'd or exited.
+            unsafe {
+                libc::munmap(self.0, self.1);
+            }
+        }
+    }
+    let _unmap = Unmap(base, STACK + page);
+    // The lowest page is the guard: an overflow faults instead of writing below the stack.
+    // SAFETY: the first page of the mapping made above.
+    check(unsafe { libc::mprotect(base, page, libc::PROT_NONE) })?;
+
+    extern "C" fn trampoline(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` points at the `&mut dyn FnMut()` below, alive while the parent is
+        // suspended (CLONE_VFORK).
+        let child = unsafe { &mut *(arg as *mut &mut dyn FnMut()) };
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child));
+        exit_child(127)
+    }
+
+    // SAFETY: sigset_t is plain data, initialised by sigfillset/ by pthread_sigmask below.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `all` is a valid sigset_t.
+    unsafe {
+        libc::sigfillset(&mut all);
+    }
+    // SAFETY: both sets are valid; `old` receives the current mask.
+    check(unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) })?;
+    let mut arg: &mut dyn FnMut() = child;
+    // SAFETY: the stack top is the end of a live mapping (16-byte aligned: mmap returns page
+    // aligned memory); `trampoline` receives a pointer to `arg`, which outlives the child's use
+    // of it since CLONE_VFORK suspends this thread until the child execs or exits.
+    let ret = unsafe {
+        libc::clone(
+            trampoline,
+            (base as *mut u8).add(STACK + page) as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | namespaces | libc::SIGCHLD,
+            &mut arg as *mut &mut dyn FnMut() as *mut libc::c_void,
+        )
+    };
+    let err = Errno::last();
+    // SAFETY: `old` holds the mask saved above.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+    }
+    if ret < 0 {
+        Err(err)
+    } else {
+        Ok(ret)
+    }
+}
+
 /// Ends the child immediately, without running destructors or `atexit` handlers.
 pub fn exit_child(code: i32) -> ! {
     // SAFETY: _exit is async-signal-safe and never returns.
@@ -1180,4 +1268,50 @@ pub fn is_overlay_opaque(path: &Path) -> bool {
 /// The raw number of a descriptor, for recording in plans.
 pub fn raw(fd: &OwnedFd) -> RawFd {
     fd.as_raw_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spawn_shared_child_runs_before_the_parent_resumes() {
+        // The child writes the parent's memory and exits; CLONE_VFORK holds the parent until
+        // then, so the write is there to see.
+        let mut seen = 0u32;
+        let pid = spawn_shared(0, &mut || {
+            seen = 42;
+            exit_child(7)
+        })
+        .unwrap();
+        assert_eq!(wait_pid(pid, true).unwrap(), Exit::Code(7));
+        assert_eq!(seen, 42);
+    }
+
+    #[test]
+    fn spawn_shared_child_that_execs_reports_the_programs_status() {
+        let sh = c"/bin/sh";
+        let arg0 = c"sh";
+        let dash_c = c"-c";
+        let script = c"exit 3";
+        let argv = [arg0.as_ptr(), dash_c.as_ptr(), script.as_ptr(), std::ptr::null()];
+        let envp = [std::ptr::null::<libc::c_char>()];
+        let pid = spawn_shared(0, &mut || {
+            // SAFETY: NUL-terminated arrays of pointers to live C strings.
+            unsafe {
+                libc::execve(sh.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            }
+            exit_child(126)
+        })
+        .unwrap();
+        assert_eq!(wait_pid(pid, true).unwrap(), Exit::Code(3));
+    }
+
+    #[test]
+    fn spawn_shared_child_that_returns_or_panics_exits_127() {
+        let pid = spawn_shared(0, &mut || {}).unwrap();
+        assert_eq!(wait_pid(pid, true).unwrap(), Exit::Code(127));
+        let pid = spawn_shared(0, &mut || panic!("child panics")).unwrap();
+        assert_eq!(wait_pid(pid, true).unwrap(), Exit::Code(127));
+    }
 }
