@@ -160,26 +160,34 @@ impl Staged {
         &self.temp
     }
 
-    /// Makes the blob visible under its digest (an existing blob with that digest is kept).
-    pub fn commit(mut self) -> Result<Digest, ContentError> {
-        if self.dest.exists() {
+    /// Makes the blob visible under its digest (an existing blob with that digest is kept) and
+    /// persists the rename.
+    pub fn commit(self) -> Result<Digest, ContentError> {
+        let dest = self.dest.clone();
+        let (digest, renamed) = self.commit_unsynced_dir()?;
+        if renamed {
+            sync_dir_of(&dest);
+        }
+        Ok(digest)
+    }
+
+    /// [`Staged::commit`] without persisting the rename; returns whether it renamed (false when
+    /// the blob was already there), in which case the caller syncs the blob directory.
+    pub(crate) fn commit_unsynced_dir(mut self) -> Result<(Digest, bool), ContentError> {
+        let renamed = if self.dest.exists() {
             // Same digest, same content: keep the existing file, drop ours.
             let _ = fs::remove_file(&self.temp);
+            false
         } else {
             fs::rename(&self.temp, &self.dest).map_err(|source| ContentError::Rename {
                 from: self.temp.clone(),
                 to: self.dest.clone(),
                 source,
             })?;
-            if let Some(dir) = self.dest.parent() {
-                // Persist the rename; a failure here only weakens crash safety, not correctness.
-                if let Ok(d) = File::open(dir) {
-                    let _ = d.sync_all();
-                }
-            }
-        }
+            true
+        };
         self.committed = true;
-        Ok(self.digest)
+        Ok((self.digest, renamed))
     }
 }
 
@@ -227,6 +235,14 @@ impl BlobWriter {
     /// Flushes and fsyncs the blob and checks it against `expected` (when given). A prehashed
     /// writer's blob is named by `expected`, which it requires.
     pub fn finish(self, expected: Option<&Digest>) -> Result<Staged, ContentError> {
+        let Unsynced { staged, file } = self.finish_unsynced(expected)?;
+        sync(&file, &staged.temp)?;
+        Ok(staged)
+    }
+
+    /// [`BlobWriter::finish`] without the fsync, which the caller hands to a
+    /// [`crate::durable::Durable`] writer to do off its critical path.
+    pub fn finish_unsynced(self, expected: Option<&Digest>) -> Result<Unsynced, ContentError> {
         let BlobWriter {
             mut staged,
             file,
@@ -236,10 +252,6 @@ impl BlobWriter {
         let file = file.into_inner().map_err(|e| ContentError::Write {
             path: staged.temp.clone(),
             source: e.into_error(),
-        })?;
-        file.sync_all().map_err(|source| ContentError::Write {
-            path: staged.temp.clone(),
-            source,
         })?;
         let actual = match (hasher, expected) {
             (Some(hasher), _) => Digest(hasher.finalize().into()),
@@ -266,7 +278,62 @@ impl BlobWriter {
         }
         staged.digest = actual;
         staged.dest = blobs.join(actual.hex());
-        Ok(staged)
+        Ok(Unsynced { staged, file })
+    }
+}
+
+/// A blob written and verified in `ingest/` whose fsync is still to come: only
+/// [`Unsynced::sync`] gives the [`Staged`] blob that can be made visible. Dropped, its temp file
+/// is removed.
+#[derive(Debug)]
+pub struct Unsynced {
+    staged: Staged,
+    file: File,
+}
+
+impl Unsynced {
+    /// The digest of the content.
+    pub fn digest(&self) -> Digest {
+        self.staged.digest
+    }
+
+    /// The size of the content in bytes.
+    pub fn size(&self) -> u64 {
+        self.staged.size
+    }
+
+    /// Whether a blob with this digest is already in the store (committing then only drops the
+    /// temp file, and syncing it is wasted work).
+    pub fn already_stored(&self) -> bool {
+        self.staged.dest.is_file()
+    }
+
+    /// Fsyncs the temp file.
+    pub fn sync(self) -> Result<Staged, ContentError> {
+        sync(&self.file, &self.staged.temp)?;
+        Ok(self.staged)
+    }
+
+    /// Where the blob will live once committed.
+    pub fn dest(&self) -> &Path {
+        &self.staged.dest
+    }
+}
+
+fn sync(file: &File, path: &Path) -> Result<(), ContentError> {
+    file.sync_all().map_err(|source| ContentError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Persists renames into `path`'s directory; a failure only weakens crash safety, not
+/// correctness.
+pub(crate) fn sync_dir_of(path: &Path) {
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod archive;
 pub mod buildcache;
 pub mod content;
+pub mod durable;
 pub mod gc;
 pub mod images;
 pub mod layer;

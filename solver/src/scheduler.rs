@@ -92,6 +92,13 @@ pub trait Executor: Send + Sync + 'static {
         v: &Vertex,
         out: &Self::Output,
     ) -> impl Future<Output = Result<(), SolveError>> + Send;
+
+    /// Called once every vertex has succeeded, before [`solve`] returns: completes whatever
+    /// `execute` and `record` left running behind the build (making results durable), so the
+    /// caller may refer to them. Default: nothing to complete.
+    fn finish(&self) -> impl Future<Output = Result<(), SolveError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// A vertex's result together with its cache key.
@@ -365,6 +372,7 @@ pub async fn solve<E: Executor>(
         return Err(SolveError::Cancelled);
     }
     run.drive(&cancel).await?;
+    run.exec.finish().await?;
     roots
         .iter()
         .map(|r| {

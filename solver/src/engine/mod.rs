@@ -87,6 +87,8 @@ pub struct EngineOptions {
 /// Errors of the concrete ops.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    #[error("failed to store the build's results")]
+    Durable(#[source] kiln_cache::durable::DurableError),
     #[error("failed to create `{path}`")]
     CreateDir {
         path: PathBuf,
@@ -164,6 +166,9 @@ pub struct Engine {
     /// Removals of duplicate results running beside the build; joined when the engine is
     /// dropped, so they finish before the build command does.
     removals: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Fsyncs layer blobs and writes cache records behind the build (see
+    /// [`kiln_cache::durable`]); flushed by [`Executor::finish`], drained on drop.
+    durable: kiln_cache::durable::Durable,
 }
 
 impl Drop for Engine {
@@ -216,6 +221,7 @@ impl Engine {
             unpack_lock: tokio::sync::Mutex::new(()),
             remote: remote::RemoteState::default(),
             removals: Mutex::new(Vec::new()),
+            durable: kiln_cache::durable::Durable::new(),
         })
     }
 
@@ -398,9 +404,10 @@ impl Engine {
             exclude,
             donor: indexed.clone().flatten(),
         };
-        // The tar goes straight into the content store (fsynced, named by the diff ID the
-        // writer computed over the bytes it wrote): one pass over the data, no temp copy, one
-        // hash.
+        // The tar goes straight into the content store (named by the diff ID the writer
+        // computed over the bytes it wrote): one pass over the data, no temp copy, one hash. Its
+        // fsync and rename into place run behind the build; the next step needs only the
+        // snapshot.
         let mut writer = self
             .store
             .content()
@@ -425,13 +432,12 @@ impl Engine {
                 "entries copied from the earlier tar"
             );
         }
-        let staged = writer
-            .finish(Some(&stats.diff_id))
+        let unsynced = writer
+            .finish_unsynced(Some(&stats.diff_id))
             .map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
-        let size = staged.size();
-        let blob = staged
-            .commit()
-            .map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
+        let size = unsynced.size();
+        let blob = unsynced.digest();
+        self.durable.commit(unsynced);
         let chain = chain_id(base, &stats.diff_id);
         let snapshot = match self.snapshots.get(&chain) {
             Some(_) => {
@@ -601,6 +607,10 @@ impl Executor for Engine {
         }
     }
 
+    async fn finish(&self) -> Result<(), SolveError> {
+        tokio::task::block_in_place(|| self.durable.flush()).map_err(|e| EngineError::Durable(e).into())
+    }
+
     async fn record(&self, key: &CacheKey, v: &Vertex, out: &Output) -> Result<(), SolveError> {
         match (&v.op, out) {
             (
@@ -611,7 +621,10 @@ impl Executor for Engine {
                     layers: layers.as_ref().clone(),
                     description: v.meta.name.clone(),
                 };
-                self.index.put(&key.hex(), &record).map_err(EngineError::Index)?;
+                // After the blobs it names are durable (they were queued before it).
+                let (index, key) = (self.index.clone(), key.hex());
+                self.durable
+                    .then(move || index.put(&key, &record).map_err(Into::into));
                 Ok(())
             }
             _ => Ok(()),
