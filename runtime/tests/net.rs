@@ -150,13 +150,23 @@ fn tcp_roundtrip(stream: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
 }
 
 fn udp_roundtrip(sock: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    // Answers this socket was already given: a retry below can bring a late second copy of one,
+    // which belongs to the earlier exchange, not to this one.
+    static ANSWERED: Mutex<Vec<(SocketAddr, Vec<u8>)>> = Mutex::new(Vec::new());
+    let local = sock.local_addr().unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let mut buf = [0u8; 2048];
     // UDP may drop the first datagram while neighbours resolve: retry a few times.
     for _ in 0..10 {
         sock.send_to(msg, to).unwrap();
-        if let Ok((n, _)) = sock.recv_from(&mut buf) {
-            return buf[..n].to_vec();
+        while let Ok((n, _)) = sock.recv_from(&mut buf) {
+            let got = buf[..n].to_vec();
+            let mut answered = ANSWERED.lock().unwrap();
+            if answered.iter().any(|(s, a)| *s == local && *a == got) {
+                continue;
+            }
+            answered.push((local, got.clone()));
+            return got;
         }
     }
     panic!("no UDP answer from {to}");
