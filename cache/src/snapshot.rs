@@ -5,16 +5,23 @@
 //! | path | what |
 //! |---|---|
 //! | `DIR/<hex>/fs` | a committed snapshot's tree, in overlay form (whiteouts are 0/0 char devices, opaque dirs carry `trusted.overlay.opaque=y`) |
-//! | `DIR/<hex>/meta.json` | `{"parent": key or null, "diff_id": digest, "size": bytes}` |
+//! | `DIR/<hex>/meta.json` | `{"parent": key or null, "diff_id": digest, "size": bytes, "unsynced_boot": boot ID}` |
 //! | `DIR/<hex>/<name>.att` | an attachment: opaque bytes its producer wrote with the snapshot (the build engine's file index) |
 //! | `DIR/tmp/<name>` | work in progress: an unpack, or a mutable snapshot's `upper` and `work` |
 //! | `DIR/locks/<hex>.lock` | per-key lock serialising unpacks of the same key |
+//! | `DIR/retired/<boot>-<name>` | a stale snapshot replaced in boot `<boot>` |
 //!
 //! `<hex>` is the key's sha256 hex: a chain ID for image layers, or any key the build engine
 //! chooses for its results.
 //!
 //! Architecture invariant: a committed snapshot appears by one `rename(2)` of a complete directory,
-//! so `DIR/<hex>` either does not exist or is whole; a committed snapshot is never modified. Every
+//! so `DIR/<hex>` either does not exist or is whole; a committed snapshot is never modified. A
+//! committed mutable snapshot (a build step's result, whose overlay was mounted `volatile`) was
+//! never synced: it records the boot it was made in, and in any other boot it counts as absent
+//! (a crash may have lost its files) and is made again from its layer blob, which is durable.
+//! The stale one is moved to `DIR/retired/<boot>-<name>`, not removed, since a container started
+//! in this boot may run on it; [`Snapshots::cleanup_stale_tmp`] removes those of earlier boots.
+//! Every
 //! `DIR/tmp` entry is held by an `flock` of its owner while in use, which is how
 //! [`Snapshots::cleanup_stale_tmp`] tells a killed process's leftovers from live work.
 
@@ -129,6 +136,31 @@ struct Meta {
     parent: Option<Digest>,
     diff_id: Digest,
     size: u64,
+    /// The boot ID of the boot that made the snapshot without syncing it; it is valid in no
+    /// other boot (a crash may have lost its files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unsynced_boot: Option<String>,
+}
+
+impl Meta {
+    fn valid(&self) -> bool {
+        match &self.unsynced_boot {
+            None => true,
+            Some(made) => boot_id() == Some(made.as_str()),
+        }
+    }
+}
+
+/// This boot's ID (`/proc/sys/kernel/random/boot_id`), if the kernel tells.
+fn boot_id() -> Option<&'static str> {
+    static BOOT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    })
+    .as_deref()
 }
 
 /// A writable snapshot: an overlayfs `upper` and `work` dir over a parent's lower dirs. Dropping
@@ -248,6 +280,9 @@ impl Snapshots {
         let dir = self.snapshot_dir(key);
         let bytes = fs::read(dir.join("meta.json")).ok()?;
         let meta: Meta = serde_json::from_slice(&bytes).ok()?;
+        if !meta.valid() {
+            return None;
+        }
         Some(Snapshot {
             key: *key,
             path: dir.join("fs"),
@@ -369,6 +404,7 @@ impl Snapshots {
             parent: parent.copied(),
             diff_id: stats.diff_id,
             size: stats.size,
+            unsynced_boot: None,
         };
         write_meta(tmp, &meta)?;
         Ok(meta)
@@ -377,20 +413,43 @@ impl Snapshots {
     /// Renames a complete temp dir to `DIR/<hex>`; when another process won, returns theirs.
     fn publish(&self, tmp: &Path, key: Digest, meta: Meta) -> Result<Snapshot> {
         let target = self.snapshot_dir(&key);
-        match fs::rename(tmp, &target) {
-            Ok(()) => Ok(Snapshot {
-                key,
-                path: target.join("fs"),
-                parent: meta.parent,
-                diff_id: meta.diff_id,
-                size: meta.size,
-            }),
-            Err(e) if target_taken(&e) => self.get(&key).ok_or(SnapshotError::Missing { key }),
-            Err(source) => Err(SnapshotError::Rename {
-                from: tmp.to_path_buf(),
-                to: target,
-                source,
-            }),
+        let mut replaced_stale = false;
+        loop {
+            match fs::rename(tmp, &target) {
+                Ok(()) => {
+                    return Ok(Snapshot {
+                        key,
+                        path: target.join("fs"),
+                        parent: meta.parent,
+                        diff_id: meta.diff_id,
+                        size: meta.size,
+                    })
+                }
+                Err(e) if target_taken(&e) => {
+                    if let Some(theirs) = self.get(&key) {
+                        return Ok(theirs);
+                    }
+                    if replaced_stale {
+                        return Err(SnapshotError::Missing { key });
+                    }
+                    // A snapshot of an earlier boot that was never synced: move it aside (a
+                    // racing publisher may have done so already) and take its place. A
+                    // container of this boot may have it mounted as a lower dir, which a rename
+                    // leaves working: it is removed only in a later boot.
+                    replaced_stale = true;
+                    let retired = self.retired();
+                    create_dir(&retired)?;
+                    let boot = boot_id().unwrap_or("unknown");
+                    let _ = fs::rename(&target, retired.join(format!("{boot}-{}", unique_name())));
+                }
+                Err(source) => {
+                    return Err(SnapshotError::Rename {
+                        from: tmp.to_path_buf(),
+                        to: target,
+                        source,
+                    })
+                }
+            }
         }
     }
 
@@ -470,15 +529,32 @@ impl Snapshots {
         Ok(true)
     }
 
-    /// Removes temp dirs left behind by killed processes: those whose owner's lock is no longer
-    /// held. Returns how many were removed.
+    fn retired(&self) -> PathBuf {
+        self.dir.join("retired")
+    }
+
+    /// Removes temp dirs left behind by killed processes (those whose owner's lock is no longer
+    /// held) and the stale snapshots retired in earlier boots. Returns how many were removed.
     pub fn cleanup_stale_tmp(&self) -> Result<usize> {
+        let mut removed = 0;
+        if let Ok(read_dir) = fs::read_dir(self.retired()) {
+            let this_boot = boot_id().map(|b| format!("{b}-"));
+            for entry in read_dir.flatten() {
+                let name = entry.file_name();
+                let current = this_boot
+                    .as_deref()
+                    .is_some_and(|p| name.as_encoded_bytes().starts_with(p.as_bytes()));
+                if !current {
+                    remove(&entry.path())?;
+                    removed += 1;
+                }
+            }
+        }
         let tmp = self.tmp();
         let read_dir = fs::read_dir(&tmp).map_err(|source| SnapshotError::ReadDir {
             path: tmp.clone(),
             source,
         })?;
-        let mut removed = 0;
         for entry in read_dir {
             let entry = entry.map_err(|source| SnapshotError::ReadDir {
                 path: tmp.clone(),
@@ -564,6 +640,7 @@ impl MutableSnapshot {
             parent: self.parent,
             diff_id,
             size,
+            unsynced_boot: boot_id().map(str::to_string),
         };
         write_meta(&self.root, &meta)?;
         let store = Snapshots {
@@ -737,6 +814,68 @@ mod tests {
             store.prepare(Some(&Digest::of(b"absent"))),
             Err(SnapshotError::Missing { .. })
         ));
+    }
+
+    #[test]
+    fn a_build_result_of_another_boot_is_absent_and_replaced() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Snapshots::open(t.path()).unwrap();
+        let tar = layer_tar(&[("a", b"a")]);
+        let id = Digest::of(&tar);
+        store.unpack(&id, None, &tar[..], None).unwrap();
+        let meta_of = |key: &Digest| -> serde_json::Value {
+            serde_json::from_slice(&fs::read(t.path().join(key.hex()).join("meta.json")).unwrap()).unwrap()
+        };
+        assert!(
+            meta_of(&id).get("unsynced_boot").is_none(),
+            "an unpack is not boot-scoped"
+        );
+
+        let m = store.prepare(Some(&id)).unwrap();
+        fs::write(m.upper().join("b"), b"b").unwrap();
+        let key = Digest::of(b"step");
+        let committed = m.commit(&key, &Digest::of(b"diff"), 1).unwrap();
+        let mut meta = meta_of(&key);
+        assert_eq!(meta["unsynced_boot"].as_str(), boot_id(), "records this boot");
+        assert_eq!(store.get(&key), Some(committed.clone()));
+
+        // As after a crash and a reboot: its files may be gone, its record names another boot.
+        meta["unsynced_boot"] = "00000000-0000-0000-0000-000000000000".into();
+        fs::write(
+            t.path().join(key.hex()).join("meta.json"),
+            serde_json::to_vec(&meta).unwrap(),
+        )
+        .unwrap();
+        fs::remove_file(committed.path.join("b")).unwrap();
+        assert_eq!(store.get(&key), None);
+        assert!(matches!(
+            store.prepare(Some(&key)),
+            Err(SnapshotError::Missing { .. })
+        ));
+
+        // Made again, it takes the stale one's place; the stale one is retired, not removed,
+        // until a later boot.
+        let m = store.prepare(Some(&id)).unwrap();
+        fs::write(m.upper().join("b"), b"b").unwrap();
+        let again = m.commit(&key, &Digest::of(b"diff"), 1).unwrap();
+        assert_eq!(again.path, committed.path);
+        assert_eq!(fs::read(again.path.join("b")).unwrap(), b"b");
+        assert_eq!(store.get(&key), Some(again));
+        assert!(tmp_entries(&store).is_empty());
+        let retired: Vec<_> = fs::read_dir(t.path().join("retired"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(retired.len(), 1);
+        assert_eq!(
+            store.cleanup_stale_tmp().unwrap(),
+            0,
+            "retired in this boot: kept"
+        );
+        let from_earlier_boot = t.path().join("retired").join("earlier-boot-x");
+        fs::rename(retired[0].path(), &from_earlier_boot).unwrap();
+        assert_eq!(store.cleanup_stale_tmp().unwrap(), 1);
+        assert!(!from_earlier_boot.exists());
     }
 
     #[test]

@@ -653,7 +653,7 @@ pub fn mount_view(rootfs: &RootfsPaths, writable: bool) -> Result<View> {
         view.extra = Some(empty);
     }
     let uw = writable.then_some((rootfs.upper.as_path(), rootfs.work.as_path()));
-    kiln_runtime::host::mount_overlay(&view.path, &lower, uw).map_err(FsError::Mount)?;
+    kiln_runtime::host::mount_overlay(&view.path, &lower, uw, false).map_err(FsError::Mount)?;
     view.mounted = true;
     Ok(view)
 }

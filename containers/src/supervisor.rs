@@ -664,6 +664,8 @@ fn container_spec(
             cgroup,
             // docker run: the user's own gid is also a supplementary group.
             groups: kiln_runtime::Groups::WithPrimary,
+            // A container's changes survive a crash, as docker's do.
+            volatile_upper: false,
         },
     })
 }

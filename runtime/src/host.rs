@@ -47,20 +47,41 @@ pub fn enter_private_mount_namespace() -> Result<(), HostError> {
         .map_err(HostError::MakePrivate)
 }
 
+/// Whether this kernel's overlayfs takes the `volatile` option (Linux 5.10 and later).
+pub fn volatile_overlays_supported() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .ok()
+            .and_then(|r| {
+                let mut parts = r.trim().split(['.', '-']);
+                let major: u32 = parts.next()?.parse().ok()?;
+                let minor: u32 = parts.next()?.parse().ok()?;
+                Some((major, minor) >= (5, 10))
+            })
+            .unwrap_or(false)
+    })
+}
+
 /// Mounts an overlay of `lower` (top first) at `target`: writable through `upper_work`
 /// (upper dir, work dir), read-only without it (then at least two lower dirs are needed).
+/// `volatile` mounts a writable overlay with overlayfs' `volatile` option where the kernel has
+/// it: no sync reaches the upper filesystem, not even the one the unmount would make of that
+/// whole filesystem. Only for an upper dir whose durability the caller handles itself.
 pub fn mount_overlay(
     target: &Path,
     lower: &[PathBuf],
     upper_work: Option<(&Path, &Path)>,
+    volatile: bool,
 ) -> Result<(), HostError> {
+    let volatile = volatile && upper_work.is_some() && volatile_overlays_supported();
     let sys = RealSys;
     let t = cpath(target)?;
     let err = |source| HostError::Overlay {
         path: target.to_path_buf(),
         source,
     };
-    match overlay_options(lower, upper_work) {
+    match overlay_options(lower, upper_work, volatile) {
         Some(data) => {
             let data = CString::new(data).map_err(|_| HostError::Nul(target.to_path_buf()))?;
             let flags = if upper_work.is_some() {
@@ -78,8 +99,13 @@ pub fn mount_overlay(
                 Some((u, w)) => Some((cpath(u)?, cpath(w)?)),
                 None => None,
             };
-            sys.mount_overlay_fsconfig(&t, &lower, uw.as_ref().map(|(u, w)| (u.as_c_str(), w.as_c_str())))
-                .map_err(err)
+            sys.mount_overlay_fsconfig(
+                &t,
+                &lower,
+                uw.as_ref().map(|(u, w)| (u.as_c_str(), w.as_c_str())),
+                volatile,
+            )
+            .map_err(err)
         }
     }
 }

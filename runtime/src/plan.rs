@@ -91,6 +91,8 @@ pub enum RootMount {
         upper: PathBuf,
         /// Work dir.
         work: PathBuf,
+        /// Mount with `volatile` (see [`crate::spec::RunOptions::volatile_upper`]).
+        volatile: bool,
     },
     /// A recursive bind mount of a directory.
     Bind(PathBuf),
@@ -319,6 +321,8 @@ pub enum Op {
         lower: Vec<CString>,
         /// Upper and work dir; none for a read-only overlay.
         upper_work: Option<(CString, CString)>,
+        /// Set overlayfs' `volatile` flag.
+        volatile: bool,
     },
     /// Bring up `lo`.
     LoopbackUp,
@@ -500,8 +504,10 @@ fn escape_overlay(path: &Path, out: &mut Vec<u8>) {
     }
 }
 
-/// The overlay option string for `mount(2)`, or `None` if it exceeds one page.
-pub fn overlay_options(lower: &[PathBuf], upper: Option<(&Path, &Path)>) -> Option<Vec<u8>> {
+/// The overlay option string for `mount(2)`, or `None` if it exceeds one page. `volatile` (with
+/// an upper dir) adds overlayfs' option of that name: no sync reaches the upper filesystem, not
+/// even at unmount.
+pub fn overlay_options(lower: &[PathBuf], upper: Option<(&Path, &Path)>, volatile: bool) -> Option<Vec<u8>> {
     let mut out = b"lowerdir=".to_vec();
     for (i, l) in lower.iter().enumerate() {
         if i > 0 {
@@ -514,6 +520,9 @@ pub fn overlay_options(lower: &[PathBuf], upper: Option<(&Path, &Path)>) -> Opti
         escape_overlay(upper, &mut out);
         out.extend_from_slice(b",workdir=");
         escape_overlay(work, &mut out);
+        if volatile {
+            out.extend_from_slice(b",volatile");
+        }
     }
     (out.len() <= MAX_MOUNT_DATA).then_some(out)
 }
@@ -557,9 +566,10 @@ impl Builder {
         target: &Path,
         lower: &[PathBuf],
         upper: Option<(&Path, &Path)>,
+        volatile: bool,
         what: String,
     ) -> Result<(), PlanError> {
-        match overlay_options(lower, upper) {
+        match overlay_options(lower, upper, volatile) {
             Some(data) => {
                 let flags = if upper.is_some() {
                     MsFlags::empty()
@@ -583,6 +593,7 @@ impl Builder {
                         Some((u, w)) => Some((cpath(u)?, cpath(w)?)),
                         None => None,
                     },
+                    volatile: volatile && upper.is_some(),
                 };
                 self.push(op, what);
                 Ok(())
@@ -711,10 +722,16 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
     }
 
     match &input.rootfs {
-        RootMount::Overlay { lower, upper, work } => b.overlay(
+        RootMount::Overlay {
+            lower,
+            upper,
+            work,
+            volatile,
+        } => b.overlay(
             root,
             lower,
             Some((upper, work)),
+            *volatile,
             format!("mounting overlay at `/` ({} lower dirs)", lower.len()),
         )?,
         RootMount::Bind(dir) => b.mount(
@@ -978,7 +995,7 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
                         Some(_) => format!("mounting overlay at `{t}`"),
                         None => format!("mounting read-only overlay at `{t}`"),
                     };
-                    b.overlay(&target, lower, pair, what)?;
+                    b.overlay(&target, lower, pair, false, what)?;
                 }
             },
         }
@@ -1243,10 +1260,12 @@ fn run_op<S: Sys>(sys: &S, op: &Op) -> Result<(), Errno> {
             target,
             lower,
             upper_work,
+            volatile,
         } => sys.mount_overlay_fsconfig(
             target,
             lower,
             upper_work.as_ref().map(|(u, w)| (u.as_c_str(), w.as_c_str())),
+            *volatile,
         ),
         Op::LoopbackUp => sys.loopback_up(),
         Op::SetHostname(name) => sys.sethostname(name),
@@ -1395,6 +1414,7 @@ mod tests {
                 ],
                 upper: PathBuf::from("/u"),
                 work: PathBuf::from("/w"),
+                volatile: false,
             },
             readonly_rootfs: false,
             network: NetPlan::New,
@@ -1597,20 +1617,28 @@ mod tests {
             lower,
             upper: "/u".into(),
             work: "/w".into(),
+            volatile: true,
         };
         let c = calls(&i);
         assert!(
-            c.contains(&"fsmount overlay /s/root lower=200 upper=/u work=/w".to_string()),
+            c.contains(&"fsmount overlay /s/root lower=200 upper=/u work=/w volatile".to_string()),
             "{c:#?}"
         );
     }
 
     #[test]
     fn overlay_options_escape_and_limit() {
-        let o = overlay_options(&[PathBuf::from("/a:b"), PathBuf::from("/c,d")], None).unwrap();
+        let o = overlay_options(&[PathBuf::from("/a:b"), PathBuf::from("/c,d")], None, true).unwrap();
         assert_eq!(o, b"lowerdir=/a\\:b:/c\\,d");
         let long: Vec<PathBuf> = (0..100).map(|n| PathBuf::from(format!("/{n:060}"))).collect();
-        assert!(overlay_options(&long, None).is_none());
+        assert!(overlay_options(&long, None, false).is_none());
+        let o = overlay_options(
+            &[PathBuf::from("/l")],
+            Some((Path::new("/u"), Path::new("/w"))),
+            true,
+        )
+        .unwrap();
+        assert_eq!(o, b"lowerdir=/l,upperdir=/u,workdir=/w,volatile");
     }
 
     #[test]
@@ -1810,6 +1838,18 @@ mod tests {
         let c = calls(&i);
         assert!(c.iter().any(|l| l == "chdir /app/src"), "{c:?}");
         assert!(!c.iter().any(|l| l.contains("gone")), "{c:?}");
+    }
+
+    #[test]
+    fn volatile_root_overlay_mounts_with_the_option() {
+        let mut i = input();
+        if let RootMount::Overlay { volatile, .. } = &mut i.rootfs {
+            *volatile = true;
+        }
+        let c = calls(&i);
+        let want =
+            "mount overlay /s/root overlay 0 lowerdir=/l/2:/l/1:/s/stub,upperdir=/u,workdir=/w,volatile";
+        assert!(c.iter().any(|c| c == want), "{c:#?}");
     }
 
     #[test]

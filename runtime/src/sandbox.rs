@@ -702,6 +702,7 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
                 lower,
                 upper: upper.clone(),
                 work: work.clone(),
+                volatile: spec.options.volatile_upper && crate::host::volatile_overlays_supported(),
             }
         }
         Rootfs::Dir(dir) => RootMount::Bind(dir.clone()),

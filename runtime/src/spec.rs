@@ -193,6 +193,13 @@ pub struct RunOptions {
     /// Supplementary groups of a user named without a group: BuildKit's RUN gives the groups
     /// listing the user; `docker run` puts the user's own gid first.
     pub groups: crate::users::Groups,
+    /// The root overlay's upper dir is scratch whose durability the caller sees to (a build
+    /// step's result, which the build writes out and fsyncs as a layer blob): it is mounted
+    /// `volatile` where the kernel allows, so that neither an `fsync` inside the container nor
+    /// the unmount at its exit syncs the whole upper filesystem, which with other writers' dirty
+    /// data pending can take hundreds of milliseconds. Off for `kiln run`, whose containers
+    /// keep their changes across a crash.
+    pub volatile_upper: bool,
 }
 
 /// A cgroup for one container, created before the process runs and removed after it exits.

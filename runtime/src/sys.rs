@@ -92,6 +92,7 @@ pub trait Sys {
         target: &CStr,
         lower: &[CString],
         upper_work: Option<(&CStr, &CStr)>,
+        volatile: bool,
     ) -> Result<(), Errno>;
     /// `umount2(2)`.
     fn umount2(&self, target: &CStr, flags: i32) -> Result<(), Errno>;
@@ -200,6 +201,7 @@ fn opt_ptr(s: Option<&CStr>) -> *const c_char {
 }
 
 const FSOPEN_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_SET_FLAG: libc::c_uint = 0;
 const FSCONFIG_SET_STRING: libc::c_uint = 1;
 const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 const FSMOUNT_CLOEXEC: libc::c_uint = 1;
@@ -298,6 +300,7 @@ impl Sys for RealSys {
         target: &CStr,
         lower: &[CString],
         upper_work: Option<(&CStr, &CStr)>,
+        volatile: bool,
     ) -> Result<(), Errno> {
         // SAFETY: fsopen reads a NUL-terminated filesystem name.
         let fs = check_long(unsafe { libc::syscall(libc::SYS_fsopen, c"overlay".as_ptr(), FSOPEN_CLOEXEC) })?
@@ -309,6 +312,19 @@ impl Sys for RealSys {
             if let Some((upper, work)) = upper_work {
                 Self::fsconfig_string(fs, c"upperdir", upper)?;
                 Self::fsconfig_string(fs, c"workdir", work)?;
+                if volatile {
+                    // SAFETY: FSCONFIG_SET_FLAG reads one NUL-terminated key; no value.
+                    check_long(unsafe {
+                        libc::syscall(
+                            libc::SYS_fsconfig,
+                            fs,
+                            FSCONFIG_SET_FLAG,
+                            c"volatile".as_ptr(),
+                            std::ptr::null::<c_char>(),
+                            0 as libc::c_int,
+                        )
+                    })?;
+                }
             }
             // SAFETY: FSCONFIG_CMD_CREATE takes no key or value pointers.
             check_long(unsafe {
@@ -774,13 +790,15 @@ impl Sys for RecordingSys {
         target: &CStr,
         lower: &[CString],
         upper_work: Option<(&CStr, &CStr)>,
+        volatile: bool,
     ) -> Result<(), Errno> {
         let (upper, work) =
             upper_work.map_or(("-".to_string(), "-".to_string()), |(u, w)| (show(u), show(w)));
         self.record(format!(
-            "fsmount overlay {} lower={} upper={upper} work={work}",
+            "fsmount overlay {} lower={} upper={upper} work={work}{}",
             show(target),
-            lower.len()
+            lower.len(),
+            if volatile { " volatile" } else { "" }
         ))
     }
 

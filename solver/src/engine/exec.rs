@@ -138,7 +138,12 @@ impl Engine {
             stdin: None,
             stdout: OwnedFd::from(out_w),
             stderr: OwnedFd::from(err_w),
-            options: Default::default(),
+            // The upper dir becomes this step's snapshot and layer blob, whose durability the
+            // build sees to (the blob is fsynced; the snapshot is trusted only within this boot).
+            options: kiln_runtime::RunOptions {
+                volatile_upper: true,
+                ..Default::default()
+            },
         };
         let scratch = self.scratch_dir("run-")?;
         let running = tokio::task::spawn_blocking(move || kiln_runtime::start(spec, &scratch))

@@ -26,7 +26,8 @@ impl Drop for HostMount {
 }
 
 /// Mounts an overlay of `lower` (top first) at a fresh directory under `scratch`, read-only
-/// unless `upper_work` is given.
+/// unless `upper_work` is given. A writable one is a file op's result, mounted `volatile` as a
+/// RUN step's root is (see `kiln_runtime::RunOptions::volatile_upper`).
 pub(super) fn overlay(
     scratch: &Path,
     lower: &[PathBuf],
@@ -40,7 +41,7 @@ pub(super) fn overlay(
             source,
         })?
         .keep();
-    kiln_runtime::host::mount_overlay(&target, lower, upper_work).map_err(|e| EngineError::Mount {
+    kiln_runtime::host::mount_overlay(&target, lower, upper_work, true).map_err(|e| EngineError::Mount {
         path: target.clone(),
         source: Box::new(e),
     })?;
