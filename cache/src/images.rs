@@ -381,9 +381,7 @@ impl ImageStore {
             path: path.clone(),
             source,
         })?;
-        if let Ok(d) = fs::File::open(self.store.root()) {
-            let _ = d.sync_all();
-        }
+        crate::content::sync_dir_of(&path);
         Ok(())
     }
 

@@ -21,8 +21,8 @@
 //! (a crash may have lost its files) and is made again from its layer blob, which is durable.
 //! The stale one is moved to `DIR/retired/<boot>-<name>`, not removed, since a container started
 //! in this boot may run on it; [`Snapshots::cleanup_stale_tmp`] removes those of earlier boots.
-//! Every
-//! `DIR/tmp` entry is held by an `flock` of its owner while in use, which is how
+//!
+//! Every `DIR/tmp` entry is held by an `flock` of its owner while in use, which is how
 //! [`Snapshots::cleanup_stale_tmp`] tells a killed process's leftovers from live work.
 
 use std::fs::{self, File, TryLockError};

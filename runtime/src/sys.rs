@@ -970,22 +970,24 @@ pub enum Cloned {
     Child,
 }
 
+/// [`block_all_signals`], returning the mask the thread had, for [`restore_signal_mask`].
+fn block_all_signals_saving() -> Result<nix::sys::signal::SigSet, Errno> {
+    use nix::sys::signal::{SigSet, SigmaskHow};
+    SigSet::all().thread_swap_mask(SigmaskHow::SIG_SETMASK)
+}
+
+/// Puts back a mask [`block_all_signals_saving`] returned.
+fn restore_signal_mask(old: &nix::sys::signal::SigSet) {
+    let _ = old.thread_set_mask();
+}
+
 /// Creates a child process in new namespaces (`clone(2)` without a new stack, so it behaves like
 /// `fork`). All signals are blocked around the call so no handler of the parent runs in the child;
 /// the child must reset dispositions and unblock them itself ([`Sys::reset_signals`]).
 ///
 /// In the child only async-signal-safe calls may follow: the parent may be multithreaded.
 pub fn clone_child(namespaces: libc::c_int) -> Result<Cloned, Errno> {
-    // SAFETY: sigset_t is plain data, initialised by sigfillset/ by pthread_sigmask below.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: see above.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `all` is a valid sigset_t.
-    unsafe {
-        libc::sigfillset(&mut all);
-    }
-    // SAFETY: both sets are valid; `old` receives the current mask.
-    check(unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) })?;
+    let old = block_all_signals_saving()?;
     let flags = namespaces as libc::c_long | libc::SIGCHLD as libc::c_long;
     // SAFETY: clone without CLONE_VM and with a NULL stack duplicates the address space like fork;
     // the child runs on its own copy of this stack and only makes async-signal-safe calls.
@@ -1003,10 +1005,7 @@ pub fn clone_child(namespaces: libc::c_int) -> Result<Cloned, Errno> {
         return Ok(Cloned::Child);
     }
     let err = Errno::last();
-    // SAFETY: `old` holds the mask saved above.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-    }
+    restore_signal_mask(&old);
     if ret < 0 {
         Err(err)
     } else {
@@ -1068,16 +1067,7 @@ pub fn spawn_shared(namespaces: libc::c_int, child: &mut dyn FnMut()) -> Result<
         exit_child(127)
     }
 
-    // SAFETY: sigset_t is plain data, initialised by sigfillset/ by pthread_sigmask below.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: see above.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `all` is a valid sigset_t.
-    unsafe {
-        libc::sigfillset(&mut all);
-    }
-    // SAFETY: both sets are valid; `old` receives the current mask.
-    check(unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) })?;
+    let old = block_all_signals_saving()?;
     let mut arg: &mut dyn FnMut() = child;
     // SAFETY: the stack top is the end of a live mapping (16-byte aligned: mmap returns page
     // aligned memory); `trampoline` receives a pointer to `arg`, which outlives the child's use
@@ -1091,10 +1081,7 @@ pub fn spawn_shared(namespaces: libc::c_int, child: &mut dyn FnMut()) -> Result<
         )
     };
     let err = Errno::last();
-    // SAFETY: `old` holds the mask saved above.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-    }
+    restore_signal_mask(&old);
     if ret < 0 {
         Err(err)
     } else {
