@@ -44,6 +44,9 @@ enum Job {
 pub struct Durable {
     tx: Mutex<Option<Sender<Job>>>,
     worker: Mutex<Option<JoinHandle<()>>>,
+    /// The queue's state when there is no worker (it never started, or it died): jobs then run
+    /// on the caller's thread, and a failure still holds back later actions and reaches flush.
+    inline: Mutex<State>,
 }
 
 impl std::fmt::Debug for Durable {
@@ -69,6 +72,7 @@ impl Durable {
         Durable {
             tx: Mutex::new(worker.as_ref().map(|_| tx)),
             worker: Mutex::new(worker),
+            inline: Mutex::new(State::default()),
         }
     }
 
@@ -98,21 +102,28 @@ impl Durable {
     }
 
     fn send(&self, job: Job) {
-        let job = {
-            let guard = match self.tx.lock() {
+        let (job, worker_died) = {
+            let mut guard = match self.tx.lock() {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
             match guard.as_ref() {
                 Some(tx) => match tx.send(job) {
                     Ok(()) => return,
-                    Err(mpsc::SendError(job)) => job,
+                    Err(mpsc::SendError(job)) => {
+                        // Its queue went with it: nothing queued later may be trusted.
+                        guard.take();
+                        (job, true)
+                    }
                 },
-                None => job,
+                None => (job, false),
             }
         };
         // No worker: do it here, in order (the caller's thread is the queue).
-        let mut state = State::default();
+        let mut state = self.inline.lock().unwrap_or_else(|p| p.into_inner());
+        if worker_died {
+            state.fail(DurableError::Action("the background writer stopped".into()));
+        }
         state.run(vec![job]);
     }
 }
@@ -264,6 +275,21 @@ mod tests {
         assert!(ran.lock().unwrap().is_empty());
         // Reported once; the queue goes on being drained.
         durable.flush().unwrap();
+    }
+
+    #[test]
+    fn after_the_worker_dies_no_action_runs_and_flush_fails() {
+        let durable = Durable::new();
+        durable.then(|| panic!("an action panics"));
+        assert!(durable.flush().is_err());
+        let ran = Arc::new(Mutex::new(false));
+        let r = ran.clone();
+        durable.then(move || {
+            *r.lock().unwrap() = true;
+            Ok(())
+        });
+        assert!(durable.flush().is_err());
+        assert!(!*ran.lock().unwrap(), "a record after a lost queue was written");
     }
 
     #[test]
