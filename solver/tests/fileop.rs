@@ -478,6 +478,9 @@ o4: file 644 42:42 "a\n"
     );
 }
 
+/// The created destination `oct` takes `--chmod` as in current BuildKit; Docker 20.10's
+/// BuildKit, which recorded the difftests, left it 0755 (see
+/// `chmod_applies_to_created_destination_directories`).
 #[test]
 fn chmod_case() {
     let c = tempfile::tempdir().unwrap();
@@ -523,7 +526,7 @@ sym: dir 755 0:0
 sym/sub: dir 755 0:0
 sym/sub/y: file 700 0:0 "y"
 sym/x: file 744 0:0 "x"
-oct: dir 755 0:0
+oct: dir 700 0:0
 oct/sub: dir 700 0:0
 oct/sub/y: file 700 0:0 "y"
 oct/x: file 700 0:0 "x"
@@ -831,6 +834,104 @@ out/x/b/two.txt: file 644 0:0 "2"
 pivot: dir 755 0:0
 pivot/z: dir 755 0:0
 pivot/z/deep.txt: file 644 0:0 "d"
+"##;
+    assert_eq!(got, want, "\n--- got ---\n{got}--- want ---\n{want}");
+}
+
+/// BuildKit cuts a `--parents` source at its first `/./` (`./x/./y/*.txt`: pivot `x`, pattern
+/// `y/*.txt`; the leading `./` is no pivot), matches the pattern with `.dockerignore` semantics
+/// (`**` across any number of directories, including none), lets the pivot itself hold
+/// wildcards, and requires a wildcard-free source to exist.
+#[test]
+fn parents_pivot_double_star_and_wildcard_pivots() {
+    let c = tempfile::tempdir().unwrap();
+    write(c.path(), "x/y/a.txt", "a", 0o644);
+    write(c.path(), "x/y/b.md", "b", 0o644);
+    write(c.path(), "x/y/sub/c.txt", "c", 0o644);
+    mkdir(c.path(), "x/y", 0o750);
+    write(c.path(), "deep/g.txt", "g", 0o644);
+    write(c.path(), "deep/h.md", "h", 0o644);
+    write(c.path(), "deep/d1/d2/f.txt", "f", 0o600);
+    mkdir(c.path(), "deep/d1", 0o711);
+    write(c.path(), "t/a/b/c/d/e/bay", "bay", 0o644);
+    write(c.path(), "t/a/b/c/d/foo", "foo", 0o644);
+    write(c.path(), "t/a/b2/c/d/e/bar", "bar", 0o644);
+    write(c.path(), "t/a/other/c/d/e/no", "no", 0o644);
+    let d = base_root();
+    let par = |a: CopyAction| CopyAction { parents: true, ..a };
+    run(
+        d.path(),
+        &ctx(c.path()),
+        vec![
+            par(cp("./x/./y/*.txt", "/p1/")),
+            par(cp("deep/**/*.txt", "/p2/")),
+            par(cp("/t/a/b*/./c/**/e", "/p3/")),
+            par(cp("./x/y/sub", "/p4")),
+            par(cp("x/y/*.none", "/p5/")),
+        ],
+    )
+    .unwrap();
+    let t = tree(d.path());
+    let got: String = ["p1", "p2", "p3", "p4", "p5"]
+        .iter()
+        .map(|p| show(&t, p))
+        .collect();
+    let want = r##"p1: dir 755 0:0
+p1/y: dir 750 0:0
+p1/y/a.txt: file 644 0:0 "a"
+p2: dir 755 0:0
+p2/deep: dir 755 0:0
+p2/deep/d1: dir 711 0:0
+p2/deep/d1/d2: dir 755 0:0
+p2/deep/d1/d2/f.txt: file 600 0:0 "f"
+p2/deep/g.txt: file 644 0:0 "g"
+p3: dir 755 0:0
+p3/c: dir 755 0:0
+p3/c/d: dir 755 0:0
+p3/c/d/e: dir 755 0:0
+p3/c/d/e/bar: file 644 0:0 "bar"
+p3/c/d/e/bay: file 644 0:0 "bay"
+p4: dir 755 0:0
+p4/x: dir 755 0:0
+p4/x/y: dir 750 0:0
+p4/x/y/sub: dir 755 0:0
+p4/x/y/sub/c.txt: file 644 0:0 "c"
+p5: dir 755 0:0
+"##;
+    assert_eq!(got, want, "\n--- got ---\n{got}--- want ---\n{want}");
+    let missing = run(d.path(), &ctx(c.path()), vec![par(cp("x/./nope.txt", "/p6/"))]).unwrap_err();
+    assert_eq!(missing.to_string(), "\"/x/nope.txt\": not found");
+}
+
+/// `--chmod` also applies to the directories a COPY creates for its destination (BuildKit since
+/// fsutil's fix for moby/buildkit#4945), verbatim (no umask); existing ones keep their mode.
+#[test]
+fn chmod_applies_to_created_destination_directories() {
+    let c = tempfile::tempdir().unwrap();
+    write(c.path(), "f", "f", 0o644);
+    write(c.path(), "dir/g", "g", 0o644);
+    let d = base_root();
+    let with = |a: CopyAction, m: Chmod| CopyAction { mode: Some(m), ..a };
+    run(
+        d.path(),
+        &ctx(c.path()),
+        vec![
+            with(cp("/f", "/new/deep/f"), Chmod::Octal(0o640)),
+            with(cp("/dir", "/made/"), Chmod::Octal(0o777)),
+            with(cp("/f", "/tmp/sub/"), Chmod::Symbolic("go-rx".into())),
+        ],
+    )
+    .unwrap();
+    let t = tree(d.path());
+    let got: String = ["new", "made", "tmp"].iter().map(|p| show(&t, p)).collect();
+    let want = r##"new: dir 640 0:0
+new/deep: dir 640 0:0
+new/deep/f: file 640 0:0 "f"
+made: dir 777 0:0
+made/g: file 777 0:0 "g"
+tmp: dir 755 0:0
+tmp/sub: dir 700 0:0
+tmp/sub/f: file 600 0:0 "f"
 "##;
     assert_eq!(got, want, "\n--- got ---\n{got}--- want ---\n{want}");
 }

@@ -26,6 +26,9 @@ struct Config<'a> {
     chown: Option<(u32, u32)>,
     mode: Option<ModeSpec>,
     exclude: Option<Matcher>,
+    /// `COPY --parents`: only paths (relative to the copied directory) that match, or lie
+    /// below a match, are copied; the directories above them are created like their sources.
+    include: Option<Matcher>,
     timestamp: Option<SystemTime>,
     /// Keys (and links from donors) the files this action writes; only for an action that
     /// writes each destination path once (one source, no `--parents`).
@@ -49,6 +52,15 @@ impl Config<'_> {
             source,
         })?;
         Ok((hit, !hit || (is_dir && m.may_reinclude_below(rel))))
+    }
+
+    /// The mode of a directory this copy creates for the destination (not one it copies):
+    /// 0755, or `--chmod` applied to it, as BuildKit (fsutil since 2025) creates them.
+    fn created_dir_mode(&self) -> u32 {
+        match &self.mode {
+            Some(spec) => spec.apply(0o040755, true),
+            None => 0o755,
+        }
     }
 
     fn owner_of(&self, meta: &Metadata) -> (u32, u32) {
@@ -89,6 +101,7 @@ pub(super) fn copy_action(
         chown,
         mode,
         exclude,
+        include: None,
         timestamp: opts.timestamp,
         linking: None,
     };
@@ -104,7 +117,7 @@ pub(super) fn copy_action(
         })?;
     }
     if action.parents {
-        return copy_parents(&cfg, action, &dest, dest_is_dir);
+        return copy_parents(cfg, action, &dest, dest_is_dir);
     }
     let linking = opts
         .linking
@@ -150,7 +163,7 @@ pub(super) fn copy_action(
             resolve::parent_of(&dest)
         };
         let ensure = resolve::in_root(dest_root, &ensure, true, None)?.host;
-        let ensured = mkdir_all(dest_root, &ensure, 0o755, chown, cfg.timestamp)?;
+        let ensured = mkdir_all(dest_root, &ensure, cfg.created_dir_mode(), chown, cfg.timestamp)?;
         let target = resolve::in_root(dest_root, &dest, true, None)?.host;
         let (target, created) = prepare_target(&cfg, &meta, &source, target, action.dir_contents_only)?;
         // Whether the copy's top directory is one this action just made (and so empty).
@@ -258,108 +271,84 @@ fn prepare_target(
             .map(Path::to_path_buf)
             .unwrap_or_else(|| cfg.dest_root.to_path_buf())
     };
-    let fresh = mkdir_all(cfg.dest_root, &parent, 0o755, cfg.chown, cfg.timestamp)? && parent == dest;
+    let fresh = mkdir_all(
+        cfg.dest_root,
+        &parent,
+        cfg.created_dir_mode(),
+        cfg.chown,
+        cfg.timestamp,
+    )? && parent == dest;
     Ok((dest, fresh))
 }
 
-/// `COPY --parents`: the part of the source after a `/./` pivot (or all of it) is recreated
-/// below `dest`, each created directory taking its source directory's metadata.
+/// `COPY --parents` as BuildKit runs it: the source is cut at its first `/./` into a pivot
+/// directory and a pattern (no pivot: the root and the whole source). The pivot (which may hold
+/// wildcards) is copied into the destination keeping only the paths the pattern selects, with
+/// `.dockerignore` semantics (`*` within one name, `**` across any number of directories); the
+/// directories leading to them are created like their sources. A source without wildcards must
+/// exist; a pattern that selects nothing copies nothing.
 fn copy_parents(
-    cfg: &Config<'_>,
+    mut cfg: Config<'_>,
     action: &CopyAction,
     dest: &str,
     dest_is_dir: bool,
 ) -> Result<(), FileOpError> {
-    let raw = if action.src.starts_with('/') {
-        action.src.clone()
-    } else {
-        format!("/{}", action.src)
+    let (pivot_raw, pattern_raw) = match action.src.find("/./") {
+        Some(i) => (&action.src[..i], &action.src[i + 3..]),
+        None => ("/", action.src.as_str()),
     };
-    let (pivot, pattern) = match raw.find("/./") {
-        Some(i) => (resolve::clean(&raw[..i]), raw[i + 3..].to_string()),
-        None => ("/".to_string(), raw.clone()),
-    };
+    let pivot = resolve::clean(&format!("/{pivot_raw}"));
+    let pattern = resolve::clean(&format!("/{pattern_raw}"))
+        .trim_start_matches('/')
+        .to_string();
     let hidden = |rel: &str, is_dir: bool| cfg.hidden(rel, is_dir);
-    let pivot_res = resolve::in_root(&cfg.src.path, &pivot, true, Some(&hidden))?;
-    let pivot_meta = source_meta(cfg, &pivot_res, &pivot)?;
-    if !pivot_meta.is_dir() {
-        return Err(FileOpError::NotADirectory { path: pivot_res.host });
+    if !wildcard::has_wildcards(&pivot) && !wildcard::has_wildcards(&pattern) {
+        let required = resolve::clean(&format!("{pivot}/{pattern}"));
+        let r = resolve::in_root(&cfg.src.path, &required, action.follow_symlinks, Some(&hidden))?;
+        source_meta(&cfg, &r, &required)?;
     }
-    let comps: Vec<String> = resolve::clean_components(&pattern)
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let matches: Vec<Resolved> = match comps.iter().position(|c| wildcard::has_wildcards(c)) {
-        Some(i) if action.allow_wildcard => {
-            let lit = comps[..i].join("/");
-            let base = resolve::in_root(&pivot_res.host, &lit, false, None)?;
-            let base = Resolved {
-                rel: join_rel(&pivot_res.rel, &base.rel),
-                host: base.host,
-            };
-            match fs::symlink_metadata(&base.host) {
-                Ok(m) if m.is_dir() => wildcard::expand(&base, &comps[i..], Some(&hidden))?,
-                Ok(_) => Vec::new(),
-                Err(_) => {
-                    return Err(FileOpError::SourceNotFound {
-                        path: resolve::clean(&format!("{pivot}/{lit}")),
-                    })
-                }
-            }
-        }
-        _ => {
-            let r = resolve::in_root(&pivot_res.host, &comps.join("/"), false, None)?;
-            let r = Resolved {
-                rel: join_rel(&pivot_res.rel, &r.rel),
-                host: r.host,
-            };
-            if fs::symlink_metadata(&r.host).is_err() || cfg.hidden(&r.rel, r.host.is_dir())? {
-                return Err(FileOpError::SourceNotFound {
-                    path: resolve::clean(&raw),
-                });
-            }
-            vec![r]
+    let pivots: Vec<String> = {
+        let (prefix, comps) = wildcard::split(&pivot);
+        if comps.is_empty() || !action.allow_wildcard {
+            vec![pivot.clone()]
+        } else {
+            expand(&cfg, &prefix, &comps, action.follow_symlinks)?
         }
     };
-    if matches.is_empty() && !action.allow_empty_wildcard {
-        return Err(FileOpError::NoMatches {
-            pattern: resolve::clean(&raw),
-        });
+    if pivots.is_empty() && !action.allow_empty_wildcard {
+        return Err(FileOpError::NoMatches { pattern: pivot });
     }
-    if dest_is_dir {
-        let ensure = resolve::in_root(cfg.dest_root, dest, true, None)?.host;
-        mkdir_all(cfg.dest_root, &ensure, 0o755, cfg.chown, cfg.timestamp)?;
-    }
-    let target = resolve::in_root(cfg.dest_root, dest, true, None)?.host;
-    let (target, _) = prepare_target(cfg, &pivot_meta, &pivot, target, true)?;
-    for m in matches {
-        let below = m
-            .rel
-            .strip_prefix(&pivot_res.rel)
-            .unwrap_or(&m.rel)
-            .trim_start_matches('/')
-            .to_string();
-        if below.is_empty() {
-            continue;
-        }
-        let meta = source_meta(cfg, &m, &format!("/{}", m.rel))?;
-        // Directories between the pivot and the match, created like the source's.
-        let parts: Vec<&str> = below.split('/').collect();
-        let mut src_dir = pivot_res.host.clone();
-        let mut dst_dir = target.clone();
-        for part in &parts[..parts.len() - 1] {
-            src_dir.push(part);
-            dst_dir.push(part);
-            let dmeta = fs::symlink_metadata(&src_dir).map_err(|source| FileOpError::Stat {
-                path: src_dir.clone(),
+    if !pattern.is_empty() {
+        cfg.include = Some(Matcher::new(std::slice::from_ref(&pattern)).map_err(|source| {
+            FileOpError::ExcludePatterns {
+                patterns: vec![pattern.clone()],
                 source,
-            })?;
-            if create_dir_like(&dst_dir, &dmeta, true)? {
-                apply_info(cfg, &dmeta, &dst_dir)?;
             }
-        }
-        dst_dir.push(parts[parts.len() - 1]);
-        copy_tree(cfg, &m, meta, &dst_dir, true, false)?;
+        })?);
+    }
+    let ensure = if dest_is_dir {
+        dest.to_string()
+    } else {
+        resolve::parent_of(dest)
+    };
+    let ensure = resolve::in_root(cfg.dest_root, &ensure, true, None)?.host;
+    let mut ensured = mkdir_all(
+        cfg.dest_root,
+        &ensure,
+        cfg.created_dir_mode(),
+        cfg.chown,
+        cfg.timestamp,
+    )?;
+    let hidden = |rel: &str, is_dir: bool| cfg.hidden(rel, is_dir);
+    for p in pivots {
+        let resolved = resolve::in_root(&cfg.src.path, &p, action.follow_symlinks, Some(&hidden))?;
+        let meta = source_meta(&cfg, &resolved, &p)?;
+        let target = resolve::in_root(cfg.dest_root, dest, true, None)?.host;
+        let (target, created) = prepare_target(&cfg, &meta, &p, target, true)?;
+        // Only the first pivot lands in a directory nothing was written to yet.
+        let fresh = created || (ensured && target == ensure);
+        ensured = false;
+        copy_tree(&cfg, &resolved, meta, &target, false, fresh)?;
     }
     Ok(())
 }
@@ -589,6 +578,20 @@ fn list_children(
                 continue;
             }
             included = false;
+        }
+        if let Some(inc) = &cfg.include {
+            // Selected: the path or a directory above it matches. A directory that is not is
+            // still walked for matches below it, and created only if one is found.
+            let selected = inc.matches(&child_rel).map_err(|source| FileOpError::Pattern {
+                path: child_rel.clone(),
+                source,
+            })?;
+            if !selected {
+                if !is_dir {
+                    continue;
+                }
+                included = false;
+            }
         }
         let idx = nodes.len();
         nodes.push(Node {
