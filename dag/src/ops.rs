@@ -50,6 +50,9 @@ impl Op {
                 if e.security != SecurityMode::Sandbox {
                     s.push_str(" security=insecure");
                 }
+                if let Some(h) = &e.hostname {
+                    s.push_str(&format!(" hostname={h}"));
+                }
                 for m in &e.mounts {
                     s.push_str(&format!(" mount[{}]", m.summary()));
                 }
@@ -214,6 +217,10 @@ pub struct ExecOp {
     pub security: SecurityMode,
     /// `mounts[0]` is the root filesystem (`target` = `/`).
     pub mounts: Vec<Mount>,
+    /// The hostname the process sees (`BUILDKIT_SANDBOX_HOSTNAME`); `None` = BuildKit's
+    /// `buildkitsandbox`. Left out of the encoding when unset, so existing digests stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
 }
 
 /// A filesystem attached to a RUN step.

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod instructions;
+pub mod lint;
 pub mod lower;
 pub mod parser;
 pub mod shell;

@@ -186,6 +186,7 @@ fn add_meta(g: &mut Graph, name: &str, inputs: &[Digest], ignore_cache: bool) ->
             network: NetworkMode::Default,
             security: SecurityMode::Sandbox,
             mounts: vec![],
+            hostname: None,
         }),
         inputs: inputs.to_vec(),
         meta: Meta {

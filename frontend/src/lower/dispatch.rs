@@ -14,12 +14,21 @@ use super::error::{suggest, FrontendError, LowerError, ResolverError};
 use super::mounts::{parse_mount, MountType};
 use super::stages::{self, Base, Stage};
 use super::values::{self, DEFAULT_PATH};
-use super::{first_column, ImageResolver, LowerOptions, Lowered, NamedContext, ResolvedImage, Warning};
+use super::{
+    first_column, ImageResolver, LowerOptions, Lowered, NamedContext, Outline, OutlineArg, OutlineMount,
+    ResolvedImage,
+};
 use crate::instructions::{CommandLine, CopySpec, Healthcheck, Instruction, Located};
+use crate::lint::{self, Linter, Rule};
 use crate::parser::Heredoc;
+use crate::parser::Span;
 
 const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
 const PROXY_ARGS: &[&str] = &["http_proxy", "https_proxy", "ftp_proxy", "no_proxy", "all_proxy"];
+/// Build arguments BuildKit never puts in the environment (and never reports as undefined).
+const NON_ENV_ARGS: &[&str] = &["BUILDKIT_SBOM_SCAN_CONTEXT", "BUILDKIT_SBOM_SCAN_STAGE"];
+/// `--build-arg BUILDKIT_SANDBOX_HOSTNAME=name`: the hostname RUN steps see.
+const HOSTNAME_ARG: &str = "BUILDKIT_SANDBOX_HOSTNAME";
 
 type Env = Vec<(String, String)>;
 
@@ -52,6 +61,49 @@ struct StageState {
     run_env: Env,
     /// Declared ARGs and their values, for the `|N K=V` history prefix.
     args: Vec<(String, Option<String>)>,
+    /// Every ARG declared in this stage or the stages it is based on (BuildKit's `buildArgs`):
+    /// names that are never reported as undefined.
+    declared: BTreeSet<String>,
+    /// A WORKDIR was set in this stage or a stage it is based on (WorkdirRelativePath).
+    workdir_set: bool,
+    /// What the stage contributes to the outline.
+    outline: StageOutline,
+}
+
+/// What one stage contributes to the outline of a target.
+#[derive(Clone, Debug, Default)]
+struct StageOutline {
+    /// ARGs declared in the stage (inherited global ones keep their global definition).
+    args: Vec<OutlineArg>,
+    /// Global ARGs the stage uses (in its FROM line, or redeclared without a default).
+    globals: BTreeSet<String>,
+    secrets: Vec<OutlineMount>,
+    ssh: Vec<OutlineMount>,
+}
+
+impl StageState {
+    fn new(fs: Digest, config: ImageConfig) -> StageState {
+        StageState {
+            fs,
+            config,
+            run_env: Env::new(),
+            args: Vec::new(),
+            declared: BTreeSet::new(),
+            workdir_set: false,
+            outline: StageOutline::default(),
+        }
+    }
+}
+
+/// A global ARG, for the outline.
+#[derive(Clone, Debug)]
+struct GlobalArg {
+    name: String,
+    value: Option<String>,
+    description: String,
+    line: u32,
+    /// Global ARGs its default refers to.
+    deps: BTreeSet<String>,
 }
 
 impl StageState {
@@ -72,10 +124,11 @@ struct Progress {
     total: usize,
     step: usize,
     ignore_cache: bool,
-    cmd_set: bool,
-    entrypoint_set: bool,
-    healthcheck_set: bool,
-    workdir_set: bool,
+    /// Where the last CMD / ENTRYPOINT / HEALTHCHECK was (MultipleInstructionsDisallowed points
+    /// at the one that gets ignored).
+    cmd_at: Option<Span>,
+    entrypoint_at: Option<Span>,
+    healthcheck_at: Option<Span>,
     in_trigger: bool,
 }
 
@@ -93,13 +146,19 @@ pub struct Lowerer<'a> {
     parse_trigger: &'a dyn Fn(&str) -> Result<Located, String>,
     lexer: crate::shell::Lexer,
     graph: Graph,
-    warnings: Vec<Warning>,
+    lint: Linter,
     global_args: Env,
+    /// Global ARGs as declared (for the outline).
+    global_decl: Vec<GlobalArg>,
+    /// The Dockerfile lines (for description comments).
+    source_lines: Vec<String>,
     stages: Vec<Stage>,
     resolved: BTreeMap<String, ResolvedImage>,
     context: Option<Digest>,
     done: Vec<Option<StageState>>,
     single_stage: bool,
+    /// Stages whose ONBUILD triggers were resolved.
+    triggers_done: BTreeSet<usize>,
 }
 
 impl<'a> Lowerer<'a> {
@@ -109,6 +168,7 @@ impl<'a> Lowerer<'a> {
         opts: &'a LowerOptions,
         resolver: &'a dyn ImageResolver,
         parse_trigger: &'a dyn Fn(&str) -> Result<Located, String>,
+        lint: Linter,
     ) -> Self {
         Lowerer {
             lines: source.lines().collect(),
@@ -117,13 +177,16 @@ impl<'a> Lowerer<'a> {
             parse_trigger,
             lexer: crate::shell::Lexer::new(escape),
             graph: Graph::default(),
-            warnings: Vec::new(),
+            lint,
             global_args: Env::new(),
+            global_decl: Vec::new(),
+            source_lines: source.lines().map(str::to_string).collect(),
             stages: Vec::new(),
             resolved: BTreeMap::new(),
             context: None,
             done: Vec::new(),
             single_stage: false,
+            triggers_done: BTreeSet::new(),
         }
     }
 
@@ -147,6 +210,7 @@ impl<'a> Lowerer<'a> {
             line,
             column: if line == 0 { 0 } else { column },
             kind: Box::new(kind),
+            warnings: self.lint.warnings().to_vec(),
         }
     }
 
@@ -156,6 +220,7 @@ impl<'a> Lowerer<'a> {
             line: 0,
             column: 0,
             kind: Box::new(kind),
+            warnings: self.lint.warnings().to_vec(),
         }
     }
 
@@ -178,12 +243,48 @@ impl<'a> Lowerer<'a> {
         })
     }
 
-    fn warn(&mut self, rule: &str, message: String, line: u32) {
-        self.warnings.push(Warning {
-            rule: rule.to_string(),
-            message,
-            line,
-        });
+    fn warn(&mut self, rule: &'static Rule, message: String, span: Span) {
+        self.lint.run(rule, message, span);
+    }
+
+    /// Expands one word of an instruction in a stage, reporting the variables it uses that are
+    /// neither set nor declared (UndefinedVar).
+    fn expand_in(&mut self, loc: &Located, word: &str, st: &StageState) -> Result<String, FrontendError> {
+        let escape = self.lexer.escape();
+        if !word.contains(['$', '\'', '"', escape]) {
+            return Ok(word.to_string());
+        }
+        let env = &st.run_env;
+        let lookup = |k: &str| env_get(env, k).map(str::to_string);
+        let expanded = self
+            .lexer
+            .process_word_with_matches(word, &lookup)
+            .map_err(|source| {
+                self.err(
+                    loc,
+                    Some(word),
+                    LowerError::Expand {
+                        word: word.to_string(),
+                        source,
+                    },
+                )
+            })?;
+        self.report_undefined(loc, &expanded.unmatched, st);
+        Ok(expanded.result)
+    }
+
+    fn report_undefined(&mut self, loc: &Located, unmatched: &BTreeSet<String>, st: &StageState) {
+        for name in unmatched {
+            if st.declared.contains(name) || NON_ENV_ARGS.contains(&name.as_str()) {
+                continue;
+            }
+            let keys: Vec<String> = st.run_env.iter().map(|(k, _)| k.clone()).collect();
+            let message = match lint::suggest(name, &keys) {
+                Some(s) => format!("Usage of undefined variable '${name}' (did you mean ${s}?)"),
+                None => format!("Usage of undefined variable '${name}'"),
+            };
+            self.warn(&lint::UNDEFINED_VAR, message, loc.span);
+        }
     }
 
     fn location(&self, loc: &Located) -> Option<SourceLocation> {
@@ -302,33 +403,71 @@ impl<'a> Lowerer<'a> {
         if raw_stages.is_empty() {
             return Err(self.bare_err(LowerError::NoStages));
         }
-        self.global_args = self.predefined_args();
+        // TARGETSTAGE: the stage being built, `default` when it has no name.
+        let target_name = match &self.opts.target {
+            Some(t) => t.clone(),
+            None => match raw_stages.last().map(|(from, _)| &from.instruction) {
+                Some(Instruction::From { name: Some(n), .. }) => n.clone(),
+                _ => "default".to_string(),
+            },
+        };
+        self.global_args = self.predefined_args(&target_name);
+        self.check_default_base_names(&globals, &raw_stages);
+        let mut prev_end = 0;
         for g in &globals {
+            let comments = lint::prev_comments(
+                &self.source_lines.iter().map(String::as_str).collect::<Vec<_>>(),
+                g.span.start_line,
+                prev_end,
+            );
+            prev_end = g.span.end_line;
             let Instruction::Arg(pairs) = &g.instruction else {
                 continue;
             };
             for (key, default) in pairs {
+                let mut deps = BTreeSet::new();
                 let value = match self.opts.build_args.get(key) {
                     Some(v) => Some(v.clone()),
                     None => match default {
-                        Some(d) => Some(self.expand(g, d, &self.global_args.clone())?),
+                        Some(d) => {
+                            let (v, matched) = self.expand_global(g, d)?;
+                            deps = matched;
+                            Some(v)
+                        }
                         None => None,
                     },
                 };
-                if let Some(v) = value {
-                    env_set(&mut self.global_args, key, &v);
+                if let Some(v) = &value {
+                    env_set(&mut self.global_args, key, v);
                 }
+                self.global_decl.retain(|a| &a.name != key);
+                self.global_decl.push(GlobalArg {
+                    name: key.clone(),
+                    value,
+                    description: lint::description_for(&comments, key),
+                    line: g.span.start_line,
+                    deps,
+                });
             }
         }
         self.plan_stages(raw_stages)?;
         self.single_stage = self.stages.len() == 1;
         let target = self.find_target()?;
         self.plan_dependencies()?;
-        let reachable = self.resolve_triggers(target)?;
+        let mut reachable = self.resolve_triggers(target)?;
+        if self.opts.all_stages {
+            for i in 0..self.stages.len() {
+                reachable.extend(self.resolve_triggers(i)?);
+            }
+        }
         self.done = vec![None; self.stages.len()];
         for index in reachable.iter().copied() {
             self.lower_stage(index)?;
         }
+        if let Some(rules) = self.lint.violations() {
+            return Err(self.bare_err(LowerError::LintViolation { rules }));
+        }
+        let outline = self.outline(target);
         let Some(mut state) = self.done[target].take() else {
             return Err(self.bare_err(LowerError::NoStages));
         };
@@ -348,14 +487,167 @@ impl<'a> Lowerer<'a> {
             graph: std::mem::take(&mut self.graph),
             root: state.fs,
             config: state.config,
-            warnings: std::mem::take(&mut self.warnings),
+            warnings: self.lint.take_warnings(),
             stage_name: self.stages[target].name.clone(),
             proxy_env,
             context: self.context,
+            outline,
         })
     }
 
-    fn predefined_args(&self) -> Env {
+    /// Expands a global ARG's default in the global scope; also returns the global ARGs it used.
+    fn expand_global(&self, loc: &Located, word: &str) -> Result<(String, BTreeSet<String>), FrontendError> {
+        let env = &self.global_args;
+        let lookup = |k: &str| env_get(env, k).map(str::to_string);
+        let ex = self
+            .lexer
+            .process_word_with_matches(word, &lookup)
+            .map_err(|source| {
+                self.err(
+                    loc,
+                    Some(word),
+                    LowerError::Expand {
+                        word: word.to_string(),
+                        source,
+                    },
+                )
+            })?;
+        Ok((ex.result, ex.matched))
+    }
+
+    /// InvalidDefaultArgInFrom: each FROM, expanded with the global ARGs' defaults alone (no
+    /// `--build-arg`), must name a valid image.
+    fn check_default_base_names(&mut self, globals: &[Located], raw: &[stages::RawStage]) {
+        let mut env = self.global_args.clone();
+        for g in globals {
+            let Instruction::Arg(pairs) = &g.instruction else {
+                continue;
+            };
+            for (key, default) in pairs {
+                if let Some(d) = default {
+                    let lookup = |k: &str| env_get(&env, k).map(str::to_string);
+                    let Ok(v) = self.lexer.process_word(d, &lookup) else {
+                        return;
+                    };
+                    env_set(&mut env, key, &v);
+                }
+            }
+        }
+        for (from, _) in raw {
+            let Instruction::From { image, .. } = &from.instruction else {
+                continue;
+            };
+            let lookup = |k: &str| env_get(&env, k).map(str::to_string);
+            let Ok(name) = self.lexer.process_word(image, &lookup) else {
+                return;
+            };
+            if !lint::valid_reference(&name) {
+                self.warn(
+                    &lint::INVALID_DEFAULT_ARG_IN_FROM,
+                    format!("Default value for ARG {image} results in empty or invalid base image name"),
+                    from.span,
+                );
+            }
+        }
+    }
+
+    /// The outline of `target`: the ARGs, secrets and SSH sockets of the stages it needs,
+    /// each name once (the target's own first), in Dockerfile order.
+    fn outline(&self, target: usize) -> Outline {
+        // The target, then its base chain, then the other stages it needs.
+        let mut order = vec![target];
+        let mut cur = target;
+        while let Base::Stage(b) = self.stages[cur].base {
+            order.push(b);
+            cur = b;
+        }
+        for i in stages::reachable(&self.stages, target) {
+            if !order.contains(&i) {
+                order.push(i);
+            }
+        }
+        let mut out = Outline {
+            name: self.stages[target].name.clone().unwrap_or_default(),
+            description: self.stage_description(target),
+            ..Outline::default()
+        };
+        let mut seen_args = BTreeSet::new();
+        let (mut seen_secrets, mut seen_ssh) = (BTreeSet::new(), BTreeSet::new());
+        let mut globals_used = BTreeSet::new();
+        for i in &order {
+            let Some(st) = self.done.get(*i).and_then(Option::as_ref) else {
+                continue;
+            };
+            for a in &st.outline.args {
+                if seen_args.insert(a.name.clone()) {
+                    out.args.push(a.clone());
+                }
+            }
+            globals_used.extend(st.outline.globals.iter().cloned());
+            for m in &st.outline.secrets {
+                if seen_secrets.insert(m.name.clone()) {
+                    out.secrets.push(m.clone());
+                }
+            }
+            for m in &st.outline.ssh {
+                if seen_ssh.insert(m.name.clone()) {
+                    out.ssh.push(m.clone());
+                }
+            }
+        }
+        // Global ARGs used, and the global ARGs their defaults use.
+        let mut todo: Vec<String> = globals_used.into_iter().collect();
+        let mut used = BTreeSet::new();
+        while let Some(name) = todo.pop() {
+            if !used.insert(name.clone()) {
+                continue;
+            }
+            if let Some(g) = self.global_decl.iter().find(|g| g.name == name) {
+                todo.extend(g.deps.iter().cloned());
+            }
+        }
+        for g in &self.global_decl {
+            if used.contains(&g.name) && seen_args.insert(g.name.clone()) {
+                out.args.push(OutlineArg {
+                    name: g.name.clone(),
+                    value: g.value.clone().unwrap_or_default(),
+                    description: g.description.clone(),
+                    line: g.line,
+                });
+            }
+        }
+        out.args.sort_by_key(|a| a.line);
+        out.secrets.sort_by_key(|m| m.line);
+        out.ssh.sort_by_key(|m| m.line);
+        out
+    }
+
+    /// The `# name description` comment above a stage's FROM.
+    fn stage_description(&self, i: usize) -> String {
+        let Some(name) = &self.stages[i].name else {
+            return String::new();
+        };
+        let from = &self.stages[i].from;
+        let prev_end = self.prev_end_line(from.span.start_line);
+        let lines: Vec<&str> = self.source_lines.iter().map(String::as_str).collect();
+        lint::description_for(&lint::prev_comments(&lines, from.span.start_line, prev_end), name)
+    }
+
+    /// The last line of the instruction before the one starting at `line` (0 if none).
+    fn prev_end_line(&self, line: u32) -> u32 {
+        let mut end = 0;
+        for st in &self.stages {
+            for l in std::iter::once(&st.from).chain(st.body.iter()) {
+                if l.span.end_line < line {
+                    end = end.max(l.span.end_line);
+                }
+            }
+        }
+        end
+    }
+
+    /// The automatic global ARGs: the target and build platforms, and TARGETSTAGE.
+    fn predefined_args(&self, target_stage: &str) -> Env {
         let p = &self.opts.platform;
         let variant = p.variant.clone().unwrap_or_default();
         let mut env = Env::new();
@@ -365,6 +657,7 @@ impl<'a> Lowerer<'a> {
             env.push((format!("{prefix}ARCH"), p.architecture.clone()));
             env.push((format!("{prefix}VARIANT"), variant.clone()));
         }
+        env.push(("TARGETSTAGE".into(), target_stage.to_string()));
         env
     }
 
@@ -379,7 +672,26 @@ impl<'a> Lowerer<'a> {
             else {
                 continue;
             };
-            let base_name = self.expand(&from, image, &globals)?;
+            // Names a FROM may use: the automatic ARGs and every global ARG, with a value or not.
+            let mut known: Vec<String> = globals.iter().map(|(k, _)| k.clone()).collect();
+            known.extend(self.global_decl.iter().map(|g| g.name.clone()));
+            let lookup = |k: &str| env_get(&globals, k).map(str::to_string);
+            let name_match = self.lexer.process_word_with_matches(image, &lookup);
+            if let Ok(m) = &name_match {
+                self.report_from_args(&from, &m.unmatched, &known);
+            }
+            let name_match = name_match.map_err(|source| {
+                self.err(
+                    &from,
+                    Some(image),
+                    LowerError::Expand {
+                        word: image.clone(),
+                        source,
+                    },
+                )
+            })?;
+            let mut from_args = name_match.matched.clone();
+            let base_name = name_match.result;
             if base_name.is_empty() {
                 return Err(self.err(
                     &from,
@@ -389,22 +701,29 @@ impl<'a> Lowerer<'a> {
             }
             let platform = match platform {
                 Some(p) => {
-                    let v = self.expand(&from, p, &globals)?;
+                    let m = self.lexer.process_word_with_matches(p, &lookup);
+                    if let Ok(m) = &m {
+                        self.report_from_args(&from, &m.unmatched, &known);
+                        self.check_from_platform(&from, p, m, name.as_deref().unwrap_or(""), &globals);
+                    }
+                    let m = m.map_err(|source| {
+                        self.err(
+                            &from,
+                            Some(p),
+                            LowerError::Expand {
+                                word: p.clone(),
+                                source,
+                            },
+                        )
+                    })?;
+                    from_args.extend(m.matched.iter().cloned());
+                    let v = m.result;
                     Some(Platform::parse(&v).ok_or_else(|| {
                         self.err(&from, Some(p), LowerError::BadPlatform { value: v.clone() })
                     })?)
                 }
                 None => None,
             };
-            if let Some(n) = name {
-                if n.chars().any(|c| c.is_ascii_uppercase()) {
-                    self.warn(
-                        "StageNameCasing",
-                        format!("Stage name '{n}' should be lowercase"),
-                        from.span.start_line,
-                    );
-                }
-            }
             let lower = base_name.to_ascii_lowercase();
             let base = if let Some(i) = self
                 .stages
@@ -436,9 +755,63 @@ impl<'a> Lowerer<'a> {
                 platform,
                 deps,
                 replaced,
+                from_args,
             });
         }
         Ok(())
+    }
+
+    /// UndefinedArgInFrom: a FROM line's variables must be global ARGs (or automatic ones).
+    fn report_from_args(&mut self, from: &Located, unmatched: &BTreeSet<String>, known: &[String]) {
+        for arg in unmatched {
+            if known.contains(arg) {
+                continue;
+            }
+            let message = match lint::suggest(arg, known) {
+                Some(s) => format!("FROM argument '{arg}' is not declared (did you mean {s}?)"),
+                None => format!("FROM argument '{arg}' is not declared"),
+            };
+            self.warn(&lint::UNDEFINED_ARG_IN_FROM, message, from.span);
+        }
+    }
+
+    /// RedundantTargetPlatform and FromPlatformFlagConstDisallowed on `FROM --platform=`.
+    fn check_from_platform(
+        &mut self,
+        from: &Located,
+        written: &str,
+        m: &crate::shell::Expanded,
+        stage_name: &str,
+        globals: &Env,
+    ) {
+        if m.matched.len() == 1
+            && m.unmatched.is_empty()
+            && m.matched.contains("TARGETPLATFORM")
+            && env_get(globals, "TARGETPLATFORM") == Some(m.result.as_str())
+        {
+            self.warn(
+                &lint::REDUNDANT_TARGET_PLATFORM,
+                format!("Setting platform to predefined {written} in FROM is redundant as this is the default behavior"),
+                from.span,
+            );
+        }
+        if !m.matched.is_empty() || !m.unmatched.is_empty() {
+            return;
+        }
+        let Some(p) = Platform::parse(&m.result) else {
+            return;
+        };
+        if stage_name.contains(&p.os) || stage_name.contains(&p.architecture) {
+            return;
+        }
+        self.warn(
+            &lint::FROM_PLATFORM_FLAG_CONST_DISALLOWED,
+            format!(
+                "FROM --platform flag should not use constant value {}",
+                crate::parser::gotext::quote(&m.result)
+            ),
+            from.span,
+        );
     }
 
     fn find_target(&self) -> Result<usize, FrontendError> {
@@ -550,12 +923,11 @@ impl<'a> Lowerer<'a> {
 
     /// Reachability, with ONBUILD triggers of reachable stages added (they may add deps).
     fn resolve_triggers(&mut self, target: usize) -> Result<BTreeSet<usize>, FrontendError> {
-        let mut initialised = BTreeSet::new();
         loop {
             let reachable = stages::reachable(&self.stages, target);
             let mut new_deps = false;
             for &i in &reachable {
-                if !initialised.insert(i) || self.stages[i].replaced {
+                if !self.triggers_done.insert(i) || self.stages[i].replaced {
                     continue;
                 }
                 let triggers: Vec<String> = match self.stages[i].base.clone() {
@@ -696,10 +1068,9 @@ impl<'a> Lowerer<'a> {
             total: counted + usize::from(image_step),
             step: 0,
             ignore_cache,
-            cmd_set: false,
-            entrypoint_set: false,
-            healthcheck_set: false,
-            workdir_set: false,
+            cmd_at: None,
+            entrypoint_at: None,
+            healthcheck_at: None,
             in_trigger: false,
         };
         let platform = self.stage_platform(index);
@@ -724,6 +1095,9 @@ impl<'a> Lowerer<'a> {
                         // The parent's ARG values stay in the environment, but its declarations
                         // are its own: the child's RUN history lists only the child's ARGs.
                         s.args.clear();
+                        // What the stage adds to the outline is its own; the base's is counted
+                        // with the base.
+                        s.outline = StageOutline::default();
                         s
                     }
                     None => {
@@ -737,12 +1111,7 @@ impl<'a> Lowerer<'a> {
                 },
                 Base::Scratch => {
                     let fs = self.add(Op::Source(SourceOp::Scratch), Vec::new(), Meta::default());
-                    StageState {
-                        fs,
-                        config: Self::empty_config(&platform),
-                        run_env: Env::new(),
-                        args: Vec::new(),
-                    }
+                    StageState::new(fs, Self::empty_config(&platform))
                 }
                 Base::Context(name) => {
                     let Some(nc) = self.opts.named_contexts.get(name).cloned() else {
@@ -752,6 +1121,7 @@ impl<'a> Lowerer<'a> {
                 }
                 Base::Image(reference) => {
                     let r = self.resolve_image(&stage.from, reference, &platform)?;
+                    self.check_base_platform(&stage.from, reference, &platform, &r);
                     let shown = match &r.digest {
                         Some(d) => format!("FROM {}@{}", r.reference, d),
                         None => format!("FROM {}", r.reference),
@@ -761,15 +1131,11 @@ impl<'a> Lowerer<'a> {
                     let mut config = r.config.clone();
                     config.created = None;
                     config.config.on_build = None;
-                    StageState {
-                        fs,
-                        config,
-                        run_env: Env::new(),
-                        args: Vec::new(),
-                    }
+                    StageState::new(fs, config)
                 }
             }
         };
+        st.outline.globals.extend(stage.from_args.iter().cloned());
         if !matches!(stage.base, Base::Stage(_)) {
             if st.config.config.env_get("PATH").is_none() {
                 st.config.config.env_set("PATH", DEFAULT_PATH);
@@ -783,6 +1149,31 @@ impl<'a> Lowerer<'a> {
         self.stages[index].body = stage.body;
         self.done[index] = Some(st);
         Ok(())
+    }
+
+    /// InvalidBaseImagePlatform: the image found for a FROM is of another OS or architecture
+    /// than the stage is built for.
+    fn check_base_platform(&mut self, from: &Located, name: &str, expected: &Platform, r: &ResolvedImage) {
+        let c = &r.config;
+        if c.os.is_empty() || c.architecture.is_empty() {
+            return;
+        }
+        let want =
+            lint::normalize_platform(&expected.os, &expected.architecture, expected.variant.as_deref());
+        let got = lint::normalize_platform(&c.os, &c.architecture, c.variant.as_deref());
+        let os_arch = |p: &str| p.split('/').take(2).collect::<Vec<_>>().join("/");
+        if os_arch(&want) == os_arch(&got) {
+            return;
+        }
+        self.warn(
+            &lint::INVALID_BASE_IMAGE_PLATFORM,
+            format!(
+                "Base image {name} was pulled with platform {}, expected {} for current build",
+                crate::parser::gotext::quote(&got),
+                crate::parser::gotext::quote(&want)
+            ),
+            from.span,
+        );
     }
 
     /// The state a named context gives. `as_rootfs`: the context is a stage's base (`FROM
@@ -828,12 +1219,9 @@ impl<'a> Lowerer<'a> {
                 }
                 let config = Self::empty_config(platform);
                 let run_env = env_from_config(&config);
-                Ok(StageState {
-                    fs,
-                    config,
-                    run_env,
-                    args: Vec::new(),
-                })
+                let mut st = StageState::new(fs, config);
+                st.run_env = run_env;
+                Ok(st)
             }
             NamedContext::Git {
                 remote,
@@ -855,12 +1243,9 @@ impl<'a> Lowerer<'a> {
                 );
                 let config = Self::empty_config(platform);
                 let run_env = env_from_config(&config);
-                Ok(StageState {
-                    fs,
-                    config,
-                    run_env,
-                    args: Vec::new(),
-                })
+                let mut st = StageState::new(fs, config);
+                st.run_env = run_env;
+                Ok(st)
             }
             NamedContext::Image { reference } => {
                 let r = self.resolve_image(loc, reference, platform)?;
@@ -873,12 +1258,9 @@ impl<'a> Lowerer<'a> {
                 let mut config = r.config.clone();
                 config.created = None;
                 let run_env = env_from_config(&config);
-                Ok(StageState {
-                    fs,
-                    config,
-                    run_env,
-                    args: Vec::new(),
-                })
+                let mut st = StageState::new(fs, config);
+                st.run_env = run_env;
+                Ok(st)
             }
         }
     }
@@ -955,7 +1337,6 @@ impl<'a> Lowerer<'a> {
         p: &mut Progress,
         loc: &Located,
     ) -> Result<(), FrontendError> {
-        let line = loc.span.start_line;
         match &loc.instruction {
             Instruction::From { .. } => Ok(()),
             Instruction::Env(pairs) => {
@@ -963,10 +1344,14 @@ impl<'a> Lowerer<'a> {
                 // Every pair is expanded before any is set.
                 let mut expanded = Vec::with_capacity(pairs.len());
                 for (k, v) in pairs {
-                    expanded.push((
-                        self.expand(loc, k, &st.run_env)?,
-                        self.expand(loc, v, &st.run_env)?,
-                    ));
+                    expanded.push((self.expand_in(loc, k, st)?, self.expand_in(loc, v, st)?));
+                }
+                let legacy = lint::is_legacy_key_value(&loc.original, self.lexer.escape());
+                for (k, _) in &expanded {
+                    if legacy {
+                        self.warn(&lint::LEGACY_KEY_VALUE_FORMAT, legacy_message("ENV"), loc.span);
+                    }
+                    self.check_secret_key("ENV", k, loc);
                 }
                 let mut msg = String::from("ENV");
                 for (k, v) in expanded {
@@ -984,10 +1369,12 @@ impl<'a> Lowerer<'a> {
                 let mut msg = String::from("LABEL");
                 let mut expanded = Vec::new();
                 for (k, v) in pairs {
-                    expanded.push((
-                        self.expand(loc, k, &st.run_env)?,
-                        self.expand(loc, v, &st.run_env)?,
-                    ));
+                    expanded.push((self.expand_in(loc, k, st)?, self.expand_in(loc, v, st)?));
+                }
+                if lint::is_legacy_key_value(&loc.original, self.lexer.escape()) {
+                    for _ in &expanded {
+                        self.warn(&lint::LEGACY_KEY_VALUE_FORMAT, legacy_message("LABEL"), loc.span);
+                    }
                 }
                 let labels = st.config.config.labels.get_or_insert_with(BTreeMap::new);
                 for (k, v) in expanded {
@@ -999,23 +1386,19 @@ impl<'a> Lowerer<'a> {
             }
             Instruction::Maintainer(m) => {
                 st.config.author = Some(m.clone());
-                self.warn(
-                    "MaintainerDeprecated",
-                    "Maintainer instruction is deprecated in favor of using label".into(),
-                    line,
-                );
                 Self::history(st, format!("MAINTAINER {m}"), false);
                 Ok(())
             }
             Instruction::Cmd(cl) | Instruction::Entrypoint(cl) => {
                 let is_cmd = matches!(loc.instruction, Instruction::Cmd(_));
                 let kw = if is_cmd { "CMD" } else { "ENTRYPOINT" };
-                let already = if is_cmd { p.cmd_set } else { p.entrypoint_set };
-                if already {
+                let previous = if is_cmd { p.cmd_at } else { p.entrypoint_at };
+                if let Some(prev) = previous {
+                    // At the instruction that gets ignored: the earlier one.
                     self.warn(
-                        "MultipleInstructionsDisallowed",
+                        &lint::MULTIPLE_INSTRUCTIONS_DISALLOWED,
                         format!("Multiple {kw} instructions should not be used in the same stage because only the last one will be used"),
-                        line,
+                        prev,
                     );
                 }
                 let args = match cl {
@@ -1023,9 +1406,9 @@ impl<'a> Lowerer<'a> {
                     CommandLine::Shell(t) => {
                         if st.config.config.shell.as_ref().is_none_or(Vec::is_empty) {
                             self.warn(
-                                "JSONArgsRecommended",
+                                &lint::JSON_ARGS_RECOMMENDED,
                                 format!("JSON arguments recommended for {kw} to prevent unintended behavior related to OS signals"),
-                                line,
+                                loc.span,
                             );
                         }
                         Self::with_shell(&st.config, t)
@@ -1035,13 +1418,13 @@ impl<'a> Lowerer<'a> {
                 // An empty list is no command at all: BuildKit's config has `null`, not `[]`.
                 let args = Some(args).filter(|a| !a.is_empty());
                 if is_cmd {
-                    p.cmd_set = true;
+                    p.cmd_at = Some(loc.span);
                     st.config.config.cmd = args;
                     st.config.config.args_escaped = true;
                 } else {
-                    p.entrypoint_set = true;
+                    p.entrypoint_at = Some(loc.span);
                     st.config.config.entrypoint = args;
-                    if !p.cmd_set {
+                    if p.cmd_at.is_none() {
                         st.config.config.cmd = None;
                     }
                 }
@@ -1050,18 +1433,36 @@ impl<'a> Lowerer<'a> {
             }
             Instruction::Expose(ports) => {
                 let mut set = BTreeMap::new();
+                // EXPOSE alone splits a value that expands to several words into several
+                // ports (BuildKit's ProcessWords), so `EXPOSE $PORTS` with `80 443/udp` exposes two.
+                let mut words = Vec::new();
                 for port in ports {
-                    let v = self.expand(loc, port, &st.run_env)?;
-                    let keys = values::parse_ports(&v).map_err(|reason| {
+                    let env = &st.run_env;
+                    let lookup = |k: &str| env_get(env, k).map(str::to_string);
+                    let split = self.lexer.process_words(port, &lookup).map_err(|source| {
                         self.err(
                             loc,
                             Some(port),
+                            LowerError::Expand {
+                                word: port.clone(),
+                                source,
+                            },
+                        )
+                    })?;
+                    words.extend(split);
+                }
+                for v in &words {
+                    let keys = values::parse_ports(v).map_err(|reason| {
+                        self.err(
+                            loc,
+                            Some(v),
                             LowerError::BadPort {
                                 port: v.clone(),
                                 reason,
                             },
                         )
                     })?;
+                    self.check_expose(v, loc);
                     for k in keys {
                         set.insert(k, ());
                     }
@@ -1076,7 +1477,7 @@ impl<'a> Lowerer<'a> {
             Instruction::Volume(vols) => {
                 let mut list = Vec::new();
                 for v in vols {
-                    let e = self.expand(loc, v, &st.run_env)?;
+                    let e = self.expand_in(loc, v, st)?;
                     if e.is_empty() {
                         return Err(self.err(loc, None, LowerError::EmptyVolume));
                     }
@@ -1090,13 +1491,13 @@ impl<'a> Lowerer<'a> {
                 Ok(())
             }
             Instruction::User(u) => {
-                let u = self.expand(loc, u, &st.run_env)?;
+                let u = self.expand_in(loc, u, st)?;
                 st.config.config.user = u.clone();
                 Self::history(st, format!("USER {u}"), false);
                 Ok(())
             }
             Instruction::Stopsignal(s) => {
-                let s = self.expand(loc, s, &st.run_env)?;
+                let s = self.expand_in(loc, s, st)?;
                 if !values::valid_signal(&s) {
                     return Err(self.err(loc, None, LowerError::BadSignal { signal: s }));
                 }
@@ -1118,14 +1519,14 @@ impl<'a> Lowerer<'a> {
                 Ok(())
             }
             Instruction::Healthcheck(h) => {
-                if p.healthcheck_set {
+                if let Some(prev) = p.healthcheck_at {
                     self.warn(
-                        "MultipleInstructionsDisallowed",
+                        &lint::MULTIPLE_INSTRUCTIONS_DISALLOWED,
                         "Multiple HEALTHCHECK instructions should not be used in the same stage because only the last one will be used".into(),
-                        line,
+                        prev,
                     );
                 }
-                p.healthcheck_set = true;
+                p.healthcheck_at = Some(loc.span);
                 let hc = self.healthcheck(loc, h)?;
                 // BuildKit formats the config pointer with `%q`: `&{[...] "5s" ... '\x02'}`. The
                 // reference (Docker 20.10's) has no start interval field; the one newer BuildKit
@@ -1149,23 +1550,67 @@ impl<'a> Lowerer<'a> {
             }
             Instruction::Arg(pairs) => {
                 let mut parts = Vec::new();
+                let description = if p.in_trigger {
+                    Vec::new()
+                } else {
+                    let lines: Vec<&str> = self.source_lines.iter().map(String::as_str).collect();
+                    lint::prev_comments(&lines, loc.span.start_line, 0)
+                };
                 for (key, default) in pairs {
+                    self.check_secret_key("ARG", key, loc);
+                    let from_build_arg = self.opts.build_args.contains_key(key);
                     // Expanded whether or not a --build-arg overrides it, as BuildKit expands
                     // the instruction before dispatching it.
                     let default = match default {
-                        Some(d) => Some(self.expand(loc, d, &st.run_env)?),
+                        Some(d) => {
+                            let env = &st.run_env;
+                            let lookup = |k: &str| env_get(env, k).map(str::to_string);
+                            let ex = self
+                                .lexer
+                                .process_word_with_matches(d, &lookup)
+                                .map_err(|source| {
+                                    self.err(
+                                        loc,
+                                        Some(d),
+                                        LowerError::Expand {
+                                            word: d.clone(),
+                                            source,
+                                        },
+                                    )
+                                })?;
+                            if !from_build_arg {
+                                self.report_undefined(loc, &ex.unmatched, st);
+                            }
+                            Some(ex.result)
+                        }
                         None => None,
                     };
                     let mut value = None;
+                    let mut inherited_global = false;
                     if let Some(v) = self.opts.build_args.get(key) {
                         value = Some(v.clone());
                     } else if let Some(d) = &default {
                         value = Some(d.clone());
                     } else if let Some(v) = env_get(&self.global_args, key) {
                         value = Some(v.to_string());
+                        inherited_global = true;
                     }
                     if let Some(v) = &value {
-                        env_set(&mut st.run_env, key, v);
+                        if !NON_ENV_ARGS.contains(&key.as_str()) {
+                            env_set(&mut st.run_env, key, v);
+                        }
+                    }
+                    st.declared.insert(key.clone());
+                    if inherited_global {
+                        st.outline.globals.insert(key.clone());
+                    } else {
+                        st.outline.args.retain(|a| &a.name != key);
+                        st.outline.args.push(OutlineArg {
+                            name: key.clone(),
+                            value: value.clone().unwrap_or_default(),
+                            description: lint::description_for(&description, key),
+                            line: loc.span.start_line,
+                        });
                     }
                     // The history shows the instruction's own default (expanded), not the value
                     // a --build-arg gave: `ARG B` stays `ARG B`, as in BuildKit.
@@ -1179,18 +1624,18 @@ impl<'a> Lowerer<'a> {
                 Ok(())
             }
             Instruction::Workdir(path) => {
-                let path = self.expand(loc, path, &st.run_env)?;
-                if !p.workdir_set && !path.starts_with('/') {
+                let path = self.expand_in(loc, path, st)?;
+                if !st.workdir_set && !path.starts_with('/') {
                     self.warn(
-                        "WorkdirRelativePath",
+                        &lint::WORKDIR_RELATIVE_PATH,
                         format!(
                             "Relative workdir {} can have unexpected results if the base image changes",
                             values::go_quote(&path)
                         ),
-                        line,
+                        loc.span,
                     );
                 }
-                p.workdir_set = true;
+                st.workdir_set = true;
                 // BuildKit keeps an absolute path as written (`/app/` stays `/app/` in the
                 // config and the history) and joins a relative one onto the current directory,
                 // cleaned. The directory made, and every use of it, is the cleaned path.
@@ -1244,6 +1689,72 @@ impl<'a> Lowerer<'a> {
             ),
             Instruction::Copy(spec) => self.dispatch_copy(stage, st, p, loc, spec, false),
             Instruction::Add(spec) => self.dispatch_copy(stage, st, p, loc, spec, true),
+        }
+    }
+
+    /// SecretsUsedInArgOrEnv on one ARG / ENV key.
+    fn check_secret_key(&mut self, instruction: &str, key: &str, loc: &Located) {
+        if lint::looks_secret(key) {
+            self.warn(
+                &lint::SECRETS_USED_IN_ARG_OR_ENV,
+                format!(
+                    "Do not use ARG or ENV instructions for sensitive data ({instruction} {})",
+                    crate::parser::gotext::quote(key)
+                ),
+                loc.span,
+            );
+        }
+    }
+
+    /// ExposeProtoCasing and ExposeInvalidFormat on one EXPOSE port as expanded.
+    fn check_expose(&mut self, raw: &str, loc: &Located) {
+        let parts: Vec<&str> = raw.split(':').collect();
+        let container = parts.last().copied().unwrap_or_default();
+        let proto = container.split_once('/').map_or("", |(_, p)| p);
+        if proto != proto.to_lowercase() {
+            self.warn(
+                &lint::EXPOSE_PROTO_CASING,
+                format!("Defined protocol '{raw}' in EXPOSE instruction should be lowercase"),
+                loc.span,
+            );
+        }
+        if parts.len() > 1 {
+            self.warn(
+                &lint::EXPOSE_INVALID_FORMAT,
+                format!(
+                    "EXPOSE instruction should not define an IP address or host-port mapping, found '{raw}'"
+                ),
+                loc.span,
+            );
+        }
+    }
+
+    /// CopyIgnoredFile (experimental): a COPY/ADD source from the build context that
+    /// `.dockerignore` excludes. Like BuildKit, not checked when `.dockerignore` re-includes
+    /// anything (`!` patterns).
+    fn check_ignored_source(&mut self, keyword: &str, src: &str, loc: &Located) {
+        if self.opts.dockerignore.is_empty() {
+            return;
+        }
+        let Ok(m) = kiln_patterns::Matcher::new(&self.opts.dockerignore) else {
+            return;
+        };
+        if m.has_exclusions() {
+            return;
+        }
+        let clean = values::clean_path(src);
+        let rel = clean.trim_start_matches('/');
+        let rel = if rel.is_empty() { "." } else { rel };
+        if m.matches(rel).unwrap_or(false) {
+            let cmd = if keyword == "ADD" { "Add" } else { "Copy" };
+            self.warn(
+                &lint::COPY_IGNORED_FILE,
+                format!(
+                    "Attempting to {cmd} file {} that is excluded by .dockerignore",
+                    crate::parser::gotext::quote(&clean)
+                ),
+                loc.span,
+            );
         }
     }
 
@@ -1567,6 +2078,19 @@ impl<'a> Lowerer<'a> {
                 MountKind::Secret { .. } | MountKind::Ssh { .. } => true,
                 _ => m.readonly,
             };
+            match &kind {
+                MountKind::Secret { id, required, .. } => st.outline.secrets.push(OutlineMount {
+                    name: id.clone(),
+                    required: *required,
+                    line: loc.span.start_line,
+                }),
+                MountKind::Ssh { id, required, .. } => st.outline.ssh.push(OutlineMount {
+                    name: id.clone(),
+                    required: *required,
+                    line: loc.span.start_line,
+                }),
+                _ => {}
+            }
             mounts.push(Mount {
                 target,
                 input,
@@ -1630,6 +2154,12 @@ impl<'a> Lowerer<'a> {
             network,
             security,
             mounts,
+            hostname: self
+                .opts
+                .build_args
+                .get(HOSTNAME_ARG)
+                .filter(|h| !h.is_empty())
+                .cloned(),
         });
         let mut name = Self::display_text(loc);
         name.push_str(&name_suffix);
@@ -1649,12 +2179,20 @@ impl<'a> Lowerer<'a> {
         is_add: bool,
     ) -> Result<(), FrontendError> {
         let keyword = if is_add { "ADD" } else { "COPY" };
-        let env = &st.run_env;
+        let chown_expanded = match &spec.chown {
+            Some(c) => Some(self.expand_in(loc, c, st)?),
+            None => None,
+        };
+        let chmod_expanded = match &spec.chmod {
+            Some(c) => Some(self.expand_in(loc, c, st)?),
+            None => None,
+        };
         let mut sources = Vec::new();
         for s in &spec.sources {
-            sources.push(self.expand(loc, s, env)?);
+            sources.push(self.expand_in(loc, s, st)?);
         }
-        let dest_raw = self.expand(loc, &spec.dest, env)?;
+        let dest_raw = self.expand_in(loc, &spec.dest, st)?;
+        let env = &st.run_env;
         let total_sources = sources.len() + spec.heredocs.len();
         if total_sources == 0 {
             return Err(self.err(
@@ -1681,12 +2219,11 @@ impl<'a> Lowerer<'a> {
         if spec.parents {
             history_flags.push("--parents".to_string());
         }
-        let owner = match &spec.chown {
-            Some(c) => {
+        let owner = match chown_expanded {
+            Some(v) => {
                 // Not in the history: the reference BuildKit (Docker 20.10's) writes
                 // `COPY a.txt /o/` for `COPY --chown=1000:1000 a.txt /o/` (newer BuildKit adds
                 // the flag).
-                let v = self.expand(loc, c, env)?;
                 if v.is_empty() {
                     None
                 } else {
@@ -1704,10 +2241,9 @@ impl<'a> Lowerer<'a> {
             }
             None => None,
         };
-        let mode = match &spec.chmod {
-            Some(c) => {
+        let mode = match chmod_expanded {
+            Some(v) => {
                 // Not in the history either, as for --chown.
-                let v = self.expand(loc, c, env)?;
                 Some(values::parse_chmod(&v).ok_or_else(|| {
                     self.err(loc, Some("--chmod"), LowerError::BadChmod { value: v.clone() })
                 })?)
@@ -1817,6 +2353,9 @@ impl<'a> Lowerer<'a> {
                         source_path: src.clone(),
                     },
                 ));
+            }
+            if spec.from.is_none() {
+                self.check_ignored_source(keyword, src, loc);
             }
             let idx = match local_index {
                 Some(i) => i,
@@ -1929,6 +2468,11 @@ impl<'a> Lowerer<'a> {
         }
         Ok(out)
     }
+}
+
+/// LegacyKeyValueFormat's message for `ENV` / `LABEL`.
+fn legacy_message(keyword: &str) -> String {
+    format!("\"{keyword} key=value\" should be used instead of legacy \"{keyword} key value\" format")
 }
 
 /// The first line of a heredoc body (trimmed), with `...` when more lines follow.

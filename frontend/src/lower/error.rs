@@ -88,6 +88,14 @@ pub enum LowerError {
     },
     #[error("{instruction} requires a command")]
     EmptyCommand { instruction: String },
+    #[error("failed to parse {origin}")]
+    CheckOptions {
+        origin: String,
+        #[source]
+        source: crate::lint::CheckConfigError,
+    },
+    #[error("lint violation found for rules: {}", rules.join(", "))]
+    LintViolation { rules: Vec<String> },
 }
 
 fn suggestion_text(s: &Option<String>) -> String {
@@ -109,9 +117,22 @@ pub struct FrontendError {
     pub column: u32,
     /// What went wrong.
     pub kind: Box<LowerError>,
+    /// The checks' warnings found before the error (BuildKit shows them with it).
+    pub warnings: Vec<crate::lint::Warning>,
 }
 
 impl FrontendError {
+    /// An error at `line`:`column` of `file`, with no warnings.
+    pub fn new(file: &str, line: u32, column: u32, kind: LowerError) -> FrontendError {
+        FrontendError {
+            file: file.to_string(),
+            line,
+            column,
+            kind: Box::new(kind),
+            warnings: Vec::new(),
+        }
+    }
+
     /// The compiler-style rendering: `FILE:LINE:COL: message`, then the offending line of
     /// `source` (the Dockerfile bytes that were lowered), then a caret under the column.
     ///
@@ -198,6 +219,7 @@ mod tests {
             line: 2,
             column: 3,
             kind: Box::new(LowerError::EmptyVolume),
+            warnings: Vec::new(),
         };
         assert_eq!(
             e.render(b"FROM a\n\tCOPY a\n"),

@@ -48,6 +48,9 @@ pub struct LowerOptions {
     pub dockerignore: Vec<String>,
     /// `--build-context name=...`: replaces stages and images of that name.
     pub named_contexts: BTreeMap<String, NamedContext>,
+    /// Lower every stage, not only those the target needs (`--check`: BuildKit lints all
+    /// stages when no target is given).
+    pub all_stages: bool,
 }
 
 impl Default for LowerOptions {
@@ -62,6 +65,7 @@ impl Default for LowerOptions {
             no_cache_filter: Vec::new(),
             dockerignore: Vec::new(),
             named_contexts: BTreeMap::new(),
+            all_stages: false,
         }
     }
 }
@@ -100,21 +104,7 @@ pub struct ResolvedImage {
     pub config: ImageConfig,
 }
 
-/// A non-fatal finding (BuildKit's lint rules).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Warning {
-    /// BuildKit's rule name (`JSONArgsRecommended`).
-    pub rule: String,
-    pub message: String,
-    /// 1-based line, 0 when not tied to a line.
-    pub line: u32,
-}
-
-impl std::fmt::Display for Warning {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {} (line {})", self.rule, self.message, self.line)
-    }
-}
+pub use crate::lint::Warning;
 
 /// The result of lowering.
 #[derive(Clone, Debug)]
@@ -133,9 +123,68 @@ pub struct Lowered {
     pub proxy_env: Vec<String>,
     /// The shared build context source vertex, if any step reads the context.
     pub context: Option<Digest>,
+    /// What the target takes: its build arguments, secrets and SSH sockets (`--call=outline`).
+    pub outline: Outline,
 }
 
-/// Parses and lowers a Dockerfile.
+/// BuildKit's outline of a target (`--call=outline`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outline {
+    /// The target stage's name (empty for an unnamed one).
+    pub name: String,
+    /// Its description (the `# name description` comment above its FROM).
+    pub description: String,
+    /// The build arguments the target uses, in Dockerfile order.
+    pub args: Vec<OutlineArg>,
+    /// The secrets its RUN steps mount, in Dockerfile order.
+    pub secrets: Vec<OutlineMount>,
+    /// The SSH sockets its RUN steps mount, in Dockerfile order.
+    pub ssh: Vec<OutlineMount>,
+}
+
+/// A build argument of an [`Outline`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutlineArg {
+    pub name: String,
+    /// Its value for this build (a `--build-arg` or the default); empty when unset.
+    pub value: String,
+    /// The `# NAME description` comment above its ARG.
+    pub description: String,
+    /// 1-based line of its ARG.
+    pub line: u32,
+}
+
+/// A secret or SSH mount of an [`Outline`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutlineMount {
+    pub name: String,
+    pub required: bool,
+    pub line: u32,
+}
+
+/// A stage as `--call=targets` lists it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Target {
+    /// The stage name, as written lowercased (empty for an unnamed stage).
+    pub name: String,
+    /// Its `# name description` comment.
+    pub description: String,
+    /// The last stage: what a build without `--target` builds.
+    pub default: bool,
+    /// The base, as written.
+    pub base: String,
+    /// `FROM --platform`, as written.
+    pub platform: String,
+    /// 1-based line of its FROM.
+    pub line: u32,
+}
+
+/// Parses and lowers a Dockerfile, running BuildKit's checks on the way.
+///
+/// The checks follow the `# check=` directive, or the `BUILDKIT_DOCKERFILE_CHECK` build
+/// argument when given (which replaces the directive, as in BuildKit). With `error=true`, any
+/// check that fires makes lowering fail with BuildKit's `lint violation found for rules: ...`;
+/// every error carries the warnings found before it.
 pub fn lower(
     dockerfile: &[u8],
     opts: &LowerOptions,
@@ -143,19 +192,29 @@ pub fn lower(
 ) -> Result<Lowered, FrontendError> {
     let text = String::from_utf8_lossy(dockerfile);
     if text.trim().is_empty() {
-        return Err(FrontendError {
-            file: opts.dockerfile_name.clone(),
-            line: 0,
-            column: 0,
-            kind: Box::new(LowerError::Empty),
-        });
+        return Err(FrontendError::new(&opts.dockerfile_name, 0, 0, LowerError::Empty));
     }
-    let (escape, located) = parse_source(dockerfile).map_err(|e| FrontendError {
-        file: opts.dockerfile_name.clone(),
-        line: e.line,
-        column: if e.line == 0 { 0 } else { e.column },
-        kind: Box::new(LowerError::Parse { message: e.message }),
+    let mut lint = crate::lint::Linter::new(check_config(dockerfile, opts)?);
+    let (df, located) = parse_source(dockerfile).map_err(|e| {
+        FrontendError::new(
+            &opts.dockerfile_name,
+            e.line,
+            if e.line == 0 { 0 } else { e.column },
+            LowerError::Parse { message: e.message },
+        )
     })?;
+    if let Some(syntax) = crate::parser::detect_syntax(dockerfile) {
+        if !crate::lint::is_dockerfile_frontend(&syntax.value) {
+            lint.notice(Warning::notice(
+                format!(
+                    "syntax directive names the frontend {}, which kiln cannot run: the built-in Dockerfile frontend is used",
+                    crate::parser::gotext::quote(&syntax.value)
+                ),
+                syntax.line,
+            ));
+        }
+    }
+    crate::lint::check_parsed(&df, &text, &mut lint);
     let trigger_parser = |trigger: &str| -> Result<Located, String> {
         let (_, mut located) = parse_source(trigger.as_bytes()).map_err(|e| e.message)?;
         if located.len() != 1 {
@@ -163,8 +222,84 @@ pub fn lower(
         }
         Ok(located.remove(0))
     };
-    let mut cx = dispatch::Lowerer::new(escape, &text, opts, resolver, &trigger_parser);
+    let mut cx = dispatch::Lowerer::new(df.escape, &text, opts, resolver, &trigger_parser, lint);
     cx.run(located)
+}
+
+/// The check configuration of a build: `BUILDKIT_DOCKERFILE_CHECK` when given, else the
+/// `# check=` directive.
+fn check_config(dockerfile: &[u8], opts: &LowerOptions) -> Result<crate::lint::CheckConfig, FrontendError> {
+    if let Some(v) = opts.build_args.get("BUILDKIT_DOCKERFILE_CHECK") {
+        return crate::lint::CheckConfig::parse(v).map_err(|source| {
+            FrontendError::new(
+                &opts.dockerfile_name,
+                0,
+                0,
+                LowerError::CheckOptions {
+                    origin: "BUILDKIT_DOCKERFILE_CHECK".into(),
+                    source,
+                },
+            )
+        });
+    }
+    match crate::parser::parse_directive("check", dockerfile) {
+        None => Ok(crate::lint::CheckConfig::default()),
+        Some(d) => crate::lint::CheckConfig::parse(&d.cmdline).map_err(|source| {
+            FrontendError::new(
+                &opts.dockerfile_name,
+                d.line,
+                1,
+                LowerError::CheckOptions {
+                    origin: "check options".into(),
+                    source,
+                },
+            )
+        }),
+    }
+}
+
+/// The stages of a Dockerfile with their descriptions (`--call=targets`, BuildKit's
+/// `ListTargets`): parsing only, nothing resolved.
+pub fn targets(dockerfile: &[u8], file: &str) -> Result<Vec<Target>, FrontendError> {
+    let (df, located) = parse_source(dockerfile).map_err(|e| {
+        FrontendError::new(
+            file,
+            e.line,
+            if e.line == 0 { 0 } else { e.column },
+            LowerError::Parse { message: e.message },
+        )
+    })?;
+    let text = String::from_utf8_lossy(dockerfile);
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    let mut prev_end = 0;
+    for (node, loc) in df.nodes.iter().zip(&located) {
+        let comments = crate::lint::prev_comments(&lines, node.span.start_line, prev_end);
+        prev_end = node.span.end_line;
+        if let crate::instructions::Instruction::From {
+            image,
+            name,
+            platform,
+        } = &loc.instruction
+        {
+            let name = name.clone().unwrap_or_default();
+            out.push(Target {
+                description: crate::lint::description_for(&comments, &name),
+                name,
+                default: false,
+                base: image.clone(),
+                platform: platform.clone().unwrap_or_default(),
+                line: node.span.start_line,
+            });
+        }
+    }
+    if out.is_empty() {
+        return Err(FrontendError::new(file, 0, 0, LowerError::NoStages));
+    }
+    if let Some(last) = out.last_mut() {
+        last.default = true;
+    }
+    Ok(out)
 }
 
 /// A parser or instruction-typer failure, positioned.
@@ -175,7 +310,7 @@ struct SourceError {
 }
 
 /// Runs the parser and the instruction typer.
-fn parse_source(bytes: &[u8]) -> Result<(char, Vec<Located>), SourceError> {
+fn parse_source(bytes: &[u8]) -> Result<(crate::parser::Dockerfile, Vec<Located>), SourceError> {
     let df = crate::parser::parse(bytes).map_err(|e| SourceError {
         line: e.line,
         column: e.column,
@@ -201,7 +336,7 @@ fn parse_source(bytes: &[u8]) -> Result<(char, Vec<Located>), SourceError> {
             message,
         }
     })?;
-    Ok((df.escape, located))
+    Ok((df, located))
 }
 
 /// The text the caret of an instruction error should point at, when narrower than the line.
@@ -235,7 +370,8 @@ pub fn lower_instructions(
     resolver: &dyn ImageResolver,
     parse_trigger: &dyn Fn(&str) -> Result<Located, String>,
 ) -> Result<Lowered, FrontendError> {
-    let mut cx = dispatch::Lowerer::new(escape, source, opts, resolver, parse_trigger);
+    let lint = crate::lint::Linter::default();
+    let mut cx = dispatch::Lowerer::new(escape, source, opts, resolver, parse_trigger, lint);
     cx.run(instructions.to_vec())
 }
 

@@ -34,6 +34,8 @@ pub struct Stage {
     pub deps: BTreeSet<usize>,
     /// The stage is replaced by the named context of its own name.
     pub replaced: bool,
+    /// Global ARGs its FROM line uses (for the outline).
+    pub from_args: BTreeSet<String>,
 }
 
 impl Stage {
@@ -49,6 +51,7 @@ impl Stage {
             platform: self.platform.clone(),
             deps: self.deps.clone(),
             replaced: self.replaced,
+            from_args: self.from_args.clone(),
         }
     }
 

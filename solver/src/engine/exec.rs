@@ -115,6 +115,7 @@ impl Engine {
         let (out_r, out_w) = std::io::pipe().map_err(ExecError::Pipe)?;
         let (err_r, err_w) = std::io::pipe().map_err(ExecError::Pipe)?;
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let hostname = e.hostname.as_deref().unwrap_or(HOSTNAME);
         let spec = ContainerSpec {
             rootfs: Rootfs::Overlay {
                 lower,
@@ -130,9 +131,9 @@ impl Engine {
                 e.cwd.clone()
             },
             user: e.user.clone(),
-            hostname: HOSTNAME.into(),
+            hostname: hostname.to_string(),
             mounts: specs,
-            etc_files: EtcFiles::for_build(HOSTNAME, &host_resolv, &network),
+            etc_files: EtcFiles::for_build(hostname, &host_resolv, &network),
             network,
             security,
             stdin: None,
