@@ -11,7 +11,19 @@
 //! | domain | the bytes `kiln cache key` and [`KEY_VERSION`] | a change in this layout invalidates every old key instead of silently matching it |
 //! | op | the vertex digest: sha256 of the op's canonical encoding and its inputs' digests ([`kiln_dag::Vertex::encode`]) | the command, env, mounts, copy flags, platform…: anything that changes the result is an op field |
 //! | inputs | the number of key inputs, then each input's cache key, in input order | an input rebuilt to a different result changes every key downstream; order matters (mount 0 vs 1) |
-//! | content | `0`, or `1` and the content key the op computed from the files it reads | COPY/ADD from the context and local sources are keyed by the bytes, modes and owners of the files they select, so touching a file or changing an unrelated one keeps the key |
+//! | content | `0`, or `1` and the content key the op computed from the files it reads | every COPY/ADD is keyed by the bytes, modes and owners of the files it can select, never by the vertex that made them: touching a file or changing an unrelated one keeps the key, and so does a source stage that runs again and gives the same files |
+//!
+//! The content key of a file op (`engine::content_key`): for each copy action, in order, its
+//! source input position and source path, then
+//!
+//! | source | content key material | why |
+//! | --- | --- | --- |
+//! | a local context | the index entries (path, type, mode, owner, link target, blake3 of the content) at and below the source's literal prefix, and below the symlinks met there | the context is read in place; its stat cache makes an unchanged context cost one `lstat` per path |
+//! | a filesystem: another stage, an image, a heredoc, a Git or HTTP source (`engine/contentkey.rs`) | the same, read from the layers' merged view: path below the prefix, type, mode, owner, device, size, symlink target, blake3 of the content; no mtime, like BuildKit's content hash | `COPY --from=stage` after the stage ran again (`--no-cache`, `--no-cache-filter`, a RUN edited to give the same files) keeps its key and everything after it stays cached; a `--no-cache` build's results are found by the next plain build |
+//!
+//! Layers are immutable per diff ID, so the filesystem case is remembered under
+//! `ROOT/cache/selection/<hash of prefix + diff IDs>`: a copy from a cached stage gets its key
+//! without unpacking or reading anything.
 //!
 //! The content key of a remote source (see `engine/remote.rs`):
 //!
@@ -25,6 +37,10 @@
 //!
 //! Inputs the op reads by content (see [`crate::scheduler::Executor::content_inputs`]) are left
 //! out of the `inputs` part: the content key replaces them, which is the point of it.
+//!
+//! A local source (the build context, a local named context) is never looked up: it is read
+//! on every build (BuildKit transfers it on every build), so `[internal] load build context` is
+//! never shown as cached; its content key is what its users see of it.
 //!
 //! Never in a key: an mtime, an absolute host path (the context directory, the store root), an
 //! image tag (only a resolved digest, inside the op), a secret's or SSH agent's value (only the

@@ -473,3 +473,94 @@ fn cached_rebuild_keeps_the_image_id_and_history_times() {
     assert!(h2[4] > h1[4], "the COPY ran again: {h2:?}");
     assert_eq!(h2[6], h2[4]);
 }
+
+/// How many times the RUN steps of a build ran: each appends a line to a file in a cache mount,
+/// which outlives builds (and `--no-cache`) in the store.
+fn runs(env: &Env) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(env.root().join("cache/mounts")).unwrap() {
+        let p = e.unwrap().path().join("runs");
+        if let Ok(text) = std::fs::read_to_string(p) {
+            n += text.lines().count();
+        }
+    }
+    n
+}
+
+const COUNTED: &str = "FROM busybox:local AS src\n\
+ARG V=1\n\
+RUN --mount=type=cache,id=counter,target=/counter echo src >> /counter/runs && echo payload$V > /payload\n\
+FROM busybox:local\n\
+COPY --from=src /payload /payload\n\
+COPY f.txt /f.txt\n\
+RUN --mount=type=cache,id=counter,target=/counter echo final >> /counter/runs && cat /payload /f.txt > /out\n";
+
+/// #17.3 (a): a `--no-cache` build records what it made under the keys a plain build looks up,
+/// so the next plain build runs nothing (a `COPY --from` used to run again).
+#[test]
+fn no_cache_build_records_its_results_for_the_next_build() {
+    let (env, ctx) = setup();
+    write(&ctx, "Dockerfile", COUNTED);
+    write(&ctx, "f.txt", "f\n");
+    build(&env, &ctx, "t/nc", &[]);
+    assert_eq!(runs(&env), 2);
+    build(&env, &ctx, "t/nc", &["--no-cache"]);
+    assert_eq!(runs(&env), 4);
+    let log = build(&env, &ctx, "t/nc", &[]);
+    assert_eq!(
+        runs(&env),
+        4,
+        "the build after --no-cache ran steps again:\n{log}"
+    );
+}
+
+/// #17.3 (b): `COPY --from` is keyed by the content of what it copies: a source stage that runs
+/// again and gives the same files leaves the COPY and every step after it cached; different
+/// files run them again.
+#[test]
+fn copy_from_is_keyed_by_the_files_it_copies() {
+    let (env, ctx) = setup();
+    write(&ctx, "Dockerfile", COUNTED);
+    write(&ctx, "f.txt", "f\n");
+    build(&env, &ctx, "t/cf", &[]);
+    let image = layers(&env, "t/cf");
+    assert_eq!(runs(&env), 2);
+    // The source stage runs again (new layer: new mtimes), giving the same /payload.
+    let log = build(&env, &ctx, "t/cf", &["--no-cache-filter", "src"]);
+    assert_eq!(runs(&env), 3, "only the source stage's RUN may run:\n{log}");
+    assert_eq!(layers(&env, "t/cf"), image, "the image must be the cached one");
+    // The source stage gives another /payload: the COPY and the RUN after it run.
+    build(&env, &ctx, "t/cf", &["--build-arg", "V=2"]);
+    assert_eq!(runs(&env), 5);
+    assert_eq!(run(&env, "t/cf", &["cat", "/out"]), "payload2\nf\n");
+    // Back to V=1: everything is in the cache again.
+    build(&env, &ctx, "t/cf", &["--build-arg", "V=1"]);
+    assert_eq!(runs(&env), 5);
+    assert_eq!(layers(&env, "t/cf"), image);
+}
+
+/// #17.3 (c): the build context is read on every build, so `[internal] load build context` is
+/// never shown as CACHED, least of all when files changed.
+#[test]
+fn load_build_context_is_never_cached() {
+    let (env, ctx) = setup();
+    write(&ctx, "Dockerfile", COUNTED);
+    write(&ctx, "f.txt", "f\n");
+    build(&env, &ctx, "t/lc", &[]);
+    for change in ["f\n", "changed\n"] {
+        write(&ctx, "f.txt", change);
+        let log = build(&env, &ctx, "t/lc", &[]);
+        let num = log
+            .lines()
+            .find_map(|l| l.strip_suffix(" [internal] load build context"))
+            .unwrap_or_else(|| panic!("no load build context step:\n{log}"))
+            .to_string();
+        assert!(!log.lines().any(|l| l == format!("{num} CACHED")), "{log}");
+        assert!(
+            log.lines().any(|l| l.starts_with(&format!("{num} DONE"))),
+            "{log}"
+        );
+    }
+    assert_eq!(run(&env, "t/lc", &["cat", "/out"]), "payload1\nchanged\n");
+    assert_eq!(runs(&env), 3, "only the RUN after the changed COPY runs again");
+}

@@ -11,6 +11,7 @@
 //! ([`kiln_runtime::enter_private_mount_namespace`]), so whatever a killed build leaves mounted
 //! disappears with the process.
 
+mod contentkey;
 mod exec;
 mod export;
 mod file;
@@ -139,6 +140,18 @@ pub enum EngineError {
     },
     #[error("a blocking task failed: {0}")]
     Join(String),
+    #[error("failed to resolve `{path}` to compute the content key")]
+    Selection {
+        path: String,
+        #[source]
+        source: Box<crate::fileop::FileOpError>,
+    },
+    #[error("failed to read `{path}` to compute the content key")]
+    SelectionIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<EngineError> for SolveError {
@@ -150,7 +163,6 @@ impl From<EngineError> for SolveError {
 /// The executor. One per build.
 pub struct Engine {
     store: Arc<Store>,
-    graph: Arc<Graph>,
     opts: EngineOptions,
     snapshots: Snapshots,
     index: CacheIndex,
@@ -188,8 +200,10 @@ fn chain_id(base: &[Layer], diff_id: &Digest) -> Digest {
 }
 
 impl Engine {
-    /// Prepares an engine for one build of `graph`.
+    /// Prepares an engine for one build of `graph` (the ops carry all it needs; the graph
+    /// itself is not kept).
     pub fn new(store: Arc<Store>, graph: Arc<Graph>, opts: EngineOptions) -> Result<Engine, EngineError> {
+        drop(graph);
         let snapshots = Snapshots::open(&store.snapshots_dir()).map_err(EngineError::Snapshots)?;
         let index = CacheIndex::open(&store.cache_dir().join("index")).map_err(EngineError::Index)?;
         let tmp_parent = store.root().join("tmp");
@@ -211,7 +225,6 @@ impl Engine {
         })?;
         Ok(Engine {
             store,
-            graph,
             opts,
             snapshots,
             index,
@@ -463,39 +476,22 @@ impl Engine {
         Ok(out)
     }
 
-    /// The copy actions of a file op keyed by what they read, with the input they read: copies
-    /// from a local context (keyed by the selected files), and copies from a filesystem that is
-    /// built again this time (`--no-cache`, `--no-cache-filter`), whose cache key says nothing
-    /// about its new result (keyed by the result's layers, so a stage that now gives different
-    /// files is copied again, as BuildKit's content-based keys do).
+    /// The copy actions of a file op keyed by what they read, with the input they read: every
+    /// copy. From a local context the key covers the selected files (through the context's
+    /// index); from a filesystem (another stage, an image, a heredoc, a Git or HTTP source) it
+    /// covers the files the copy can select (see `contentkey`), so a source that is built again
+    /// and gives the same files leaves the copy, and everything after it, cached.
     fn content_copies<'a>(&self, v: &'a Vertex) -> Vec<(usize, &'a str)> {
         let Op::File(f) = &v.op else { return Vec::new() };
         f.actions
             .iter()
             .filter_map(|a| match a {
-                FileAction::Copy(c)
-                    if self.is_local(v, c.source_input) || self.is_rebuilt(v, c.source_input) =>
-                {
+                FileAction::Copy(c) if c.source_input < v.inputs.len() => {
                     Some((c.source_input, c.src.as_str()))
                 }
                 _ => None,
             })
             .collect()
-    }
-
-    fn is_local(&self, v: &Vertex, input: usize) -> bool {
-        v.inputs
-            .get(input)
-            .and_then(|d| self.graph.get(d))
-            .is_some_and(|iv| matches!(iv.op, Op::Source(SourceOp::Local(_))))
-    }
-
-    /// Whether input `input` of `v` is an op that ignores the cache (so it runs again).
-    fn is_rebuilt(&self, v: &Vertex, input: usize) -> bool {
-        v.inputs
-            .get(input)
-            .and_then(|d| self.graph.get(d))
-            .is_some_and(|iv| iv.meta.ignore_cache && !matches!(iv.op, Op::Source(_)))
     }
 }
 
@@ -538,12 +534,8 @@ impl Executor for Engine {
                             h.update(&ctx.index.select_digest(src));
                         }
                         Some(Output::Fs(layers)) => {
-                            h.update(b"\0layers\0");
-                            h.update(&(layers.len() as u64).to_le_bytes());
-                            for l in layers.iter() {
-                                h.update(l.diff_id.to_string().as_bytes());
-                                h.update(b"\0");
-                            }
+                            h.update(b"\0tree\0");
+                            h.update(&self.selection_key(layers, src).await?);
                         }
                         None => return Err(EngineError::NotAFilesystem(input).into()),
                     }
@@ -557,9 +549,9 @@ impl Executor for Engine {
     async fn lookup(&self, key: &CacheKey, v: &Vertex) -> Result<Option<Output>, SolveError> {
         match &v.op {
             Op::Source(SourceOp::Scratch) => Ok(Some(Output::Fs(Arc::new(Vec::new())))),
-            Op::Source(SourceOp::Local(l)) => {
-                Ok(Some(Output::Local(self.local_context(&l.name, &l.exclude)?)))
-            }
+            // Never "cached": it is read (and its changes found) on every build, as BuildKit
+            // transfers the context on every build.
+            Op::Source(SourceOp::Local(_)) => Ok(None),
             Op::Source(SourceOp::Image(i)) => Ok(Some(Output::Fs(Arc::new(
                 self.image_layers(&i.reference, i.resolved_digest.as_ref())?,
             )))),

@@ -258,6 +258,19 @@ pub fn apply(
     Ok(())
 }
 
+/// Resolves the container path `path` inside `root`, following every symlink with `root` as its
+/// `/`: the host path and the path relative to `root`.
+pub(crate) fn resolve_in_root(root: &Path, path: &str) -> Result<(PathBuf, String), FileOpError> {
+    let r = resolve::in_root(root, path, true, None)?;
+    Ok((r.host, r.rel))
+}
+
+/// The directory a copy source reads everything from: the source (a `--parents` pivot `/./`
+/// is just a `.` component) up to its first component with a wildcard, cleaned, absolute.
+pub(crate) fn source_prefix(src: &str) -> String {
+    wildcard::split(src).0
+}
+
 fn mkdir(root: &Path, action: &MkdirAction, opts: &FileOpOptions) -> Result<(), FileOpError> {
     let owner = action
         .owner
