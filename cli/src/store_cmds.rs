@@ -492,7 +492,7 @@ fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
             }
             row.push(short(&img.id(), a.no_trunc));
             row.push(human_ago(img.config.created.as_deref()));
-            row.push(human_size(img.size()));
+            row.push(human_size(docker_image_size(store, &img)));
             rows.push((img.config.created.clone(), row, img.id()));
         }
     }
@@ -604,7 +604,21 @@ fn rmi_one(images: &ImageStore, name: &str, force: bool, out: &mut impl Write) -
     Ok(())
 }
 
-fn inspect_json(images: &ImageStore, image: &Image) -> Result<serde_json::Value, ImageError> {
+/// An image's size as Docker shows it (`docker images`, `docker inspect`): the unpacked size
+/// of its layers as Docker's overlay2 counts them (see `kiln_cache::layer::layer_size`), not
+/// the size of their blobs.
+fn docker_image_size(store: &Store, image: &Image) -> u64 {
+    image.layers.iter().map(|l| docker_layer_size(store, l)).sum()
+}
+
+fn docker_layer_size(store: &Store, l: &kiln_cache::images::ImageLayer) -> u64 {
+    kiln_cache::layer::layer_size(store, &l.digest, &l.diff_id).unwrap_or_else(|e| {
+        tracing::debug!(error = %e, layer = %l.digest, "layer size unknown, showing the blob's");
+        l.descriptor.size()
+    })
+}
+
+fn inspect_json(store: &Store, images: &ImageStore, image: &Image) -> Result<serde_json::Value, ImageError> {
     let index = images.index()?;
     let record = index.images.get(&image.manifest_digest).cloned();
     let tags: Vec<String> = index
@@ -636,8 +650,8 @@ fn inspect_json(images: &ImageStore, image: &Image) -> Result<serde_json::Value,
         "Config": c.config,
         "Architecture": c.architecture,
         "Os": c.os,
-        "Size": image.size(),
-        "VirtualSize": image.size(),
+        "Size": docker_image_size(store, image),
+        "VirtualSize": docker_image_size(store, image),
         "RootFS": {
             "Type": c.rootfs.kind,
             "Layers": c.rootfs.diff_ids,
@@ -662,7 +676,10 @@ fn cmd_inspect(store: &Store, a: InspectArgs) -> anyhow::Result<ExitCode> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for name in &a.images {
-        match images.resolve(name).and_then(|img| inspect_json(&images, &img)) {
+        match images
+            .resolve(name)
+            .and_then(|img| inspect_json(store, &images, &img))
+        {
             Ok(v) => out.push(v),
             Err(ImageError::NotFound(n)) => errors.push(format!("Error: No such object: {n}")),
             Err(e) => errors.push(format!("Error: {e}")),
@@ -697,7 +714,7 @@ fn cmd_history(store: &Store, a: HistoryArgs) -> anyhow::Result<ExitCode> {
         let size = if h.empty_layer {
             0
         } else {
-            layers.next().map(|l| l.descriptor.size()).unwrap_or(0)
+            layers.next().map(|l| docker_layer_size(store, l)).unwrap_or(0)
         };
         entries.push((
             h.created.clone(),
@@ -710,7 +727,7 @@ fn cmd_history(store: &Store, a: HistoryArgs) -> anyhow::Result<ExitCode> {
         entries.push((
             image.config.created.clone(),
             String::new(),
-            l.descriptor.size(),
+            docker_layer_size(store, l),
             String::new(),
         ));
     }

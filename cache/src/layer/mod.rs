@@ -23,6 +23,7 @@
 mod apply;
 mod fsutil;
 mod same;
+mod size;
 mod sniff;
 mod splice;
 mod tarfmt;
@@ -36,6 +37,7 @@ use kiln_dag::Digest;
 
 pub use apply::{apply, ApplyError};
 pub use same::{same_tree, same_tree_assuming};
+pub use size::{layer_size, unpacked_size};
 pub use sniff::{decoder, sniff, Compression, Decoder, SniffError, Sniffed};
 pub use splice::{Donor, TarIndex};
 pub use write::{write_diff, write_diff_indexed, write_tree, WriteError};

@@ -685,3 +685,71 @@ fn save_refuses_a_terminal_and_unknown_images() {
     assert!(out.status.success());
     assert!(out.stdout.len() > 1 << 20);
 }
+
+/// #17.3 (d): `kiln images` SIZE (and `inspect` Size, `history` SIZE) is computed as Docker
+/// computes it: the unpacked size of the layers (files once per inode, symlinks by their target,
+/// whiteouts and directories nothing), not the tar blobs' size, which ran 2-6% higher.
+#[test]
+fn image_size_is_dockers() {
+    crate::harness::require_root();
+    let docker = docker();
+    let env = Env::new();
+    env.with_busybox();
+    let ctx = env.path("ctx");
+    fs::create_dir_all(&ctx).unwrap();
+    fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\n\
+         RUN mkdir -p /d && for i in $(seq 1 300); do head -c $((i * 37)) /dev/zero > /d/f$i; done \
+         && ln /d/f7 /d/hard && ln -s /d/f9/with/a/long/target/path /d/sym && mkdir /d/empty && rm /bin/ls\n\
+         COPY big /big\n",
+    )
+    .unwrap();
+    fs::write(ctx.join("big"), vec![7u8; 300_001]).unwrap();
+    let name = unique_name();
+    let _tags = DockerTags(vec![name.clone()]);
+    env.ok(&["build", "-q", "-t", &name, ctx.to_str().unwrap()]);
+    let tar = env.path("img.tar");
+    env.ok(&["save", "-o", tar.to_str().unwrap(), &name]);
+    run(Command::new(docker).args(["load", "-i"]).arg(&tar));
+    let docker_size = run(Command::new(docker).args(["inspect", "--format", "{{.Size}}", &name]));
+    let kiln = env.inspect(&name);
+    assert_eq!(kiln["Size"].to_string(), docker_size.trim(), "inspect Size");
+    let row = |out: String| {
+        out.lines()
+            .find(|l| l.starts_with(&name))
+            .map(|l| l.split_whitespace().last().unwrap_or_default().to_string())
+            .unwrap_or_else(|| panic!("{name} not listed:\n{out}"))
+    };
+    let docker_row = row(run(Command::new(docker).args([
+        "images",
+        "--format",
+        "{{.Repository}} {{.Size}}",
+        &name,
+    ])));
+    let kiln_row = row(stdout(&env.ok(&["images", &name])));
+    assert_eq!(kiln_row, docker_row, "images SIZE");
+    let sizes = |out: String| -> Vec<String> {
+        out.lines()
+            .skip(1)
+            .map(|l| {
+                l.split("  ")
+                    .filter(|c| !c.trim().is_empty())
+                    .nth(3)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            })
+            .collect()
+    };
+    let kiln_history = sizes(stdout(&env.ok(&["history", &name])));
+    assert!(
+        kiln_history.len() == 3 && kiln_history.iter().all(|s| s.ends_with('B')),
+        "{kiln_history:?}"
+    );
+    assert_eq!(
+        kiln_history,
+        sizes(run(Command::new(docker).args(["history", &name]))),
+        "history SIZE"
+    );
+}
