@@ -69,6 +69,12 @@ pub struct BuildArgs {
     /// Additional build context (name=PATH|docker-image://REF|oci-layout://PATH|GIT-URL|URL)
     #[arg(long = "build-context")]
     pub build_contexts: Vec<String>,
+    /// Shorthand for "--call=check"
+    #[arg(long)]
+    pub check: bool,
+    /// Set method for evaluating build ("build", "check", "outline", "targets")
+    #[arg(long = "call", default_value = "build")]
+    pub call: String,
     /// Build context: a directory, `-` (a tar archive or a Dockerfile on stdin), a Git URL or
     /// an http(s) URL (a tarball or a Dockerfile)
     pub context: String,
@@ -255,6 +261,17 @@ fn lower_with(
     store: &kiln_cache::Store,
     extras: &LowerExtras,
 ) -> Result<kiln_frontend::lower::Lowered, String> {
+    lower_checked(inputs, store, extras, false).map_err(|e| e.render(&inputs.dockerfile))
+}
+
+/// Lowers the Dockerfile; `all_stages` lowers (and checks) every stage, as `--check` does
+/// without `--target`.
+fn lower_checked(
+    inputs: &BuildInputs,
+    store: &kiln_cache::Store,
+    extras: &LowerExtras,
+    all_stages: bool,
+) -> Result<kiln_frontend::lower::Lowered, kiln_frontend::lower::FrontendError> {
     let opts = kiln_frontend::lower::LowerOptions {
         dockerfile_name: inputs.dockerfile_name.clone(),
         build_args: inputs.build_args.clone(),
@@ -264,6 +281,7 @@ fn lower_with(
         no_cache_filter: extras.no_cache_filter.clone(),
         dockerignore: inputs.dockerignore.clone(),
         named_contexts: extras.named_contexts.clone(),
+        all_stages,
         ..Default::default()
     };
     kiln_frontend::lower::lower(
@@ -274,7 +292,191 @@ fn lower_with(
             pull: extras.pull,
         },
     )
-    .map_err(|e| e.render(&inputs.dockerfile))
+}
+
+/// What `--call` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Call {
+    Build,
+    Check,
+    Outline,
+    Targets,
+}
+
+/// Parses `--call` (`NAME[,format=text]`; buildx's `--check` is `--call=check`).
+fn parse_call(args: &BuildArgs) -> anyhow::Result<Call> {
+    if args.check {
+        return Ok(Call::Check);
+    }
+    let mut parts = args.call.split(',');
+    let name = parts.next().unwrap_or_default().trim();
+    for opt in parts {
+        match opt.trim().split_once('=') {
+            Some(("format", "text")) => {}
+            Some(("format", f)) => bail!(
+                "invalid --call `{}`: format `{f}` is not supported (kiln prints text)",
+                args.call
+            ),
+            _ => bail!("invalid --call `{}`: unknown option `{opt}`", args.call),
+        }
+    }
+    Ok(match name {
+        "build" | "" => Call::Build,
+        "check" | "lint" => Call::Check,
+        "outline" => Call::Outline,
+        "targets" => Call::Targets,
+        other => bail!("invalid --call `{other}`: expected build, check, outline or targets"),
+    })
+}
+
+/// The short form of a warning, expanded with its description, URL and the Dockerfile lines
+/// when `debug` (buildx's `--debug` output).
+fn warning_text(w: &kiln_frontend::lower::Warning, inputs: &BuildInputs, debug: bool) -> String {
+    if debug && !w.rule.is_empty() {
+        kiln_frontend::lint::expanded_text(w, &inputs.dockerfile_name, &inputs.dockerfile)
+    } else {
+        w.to_string()
+    }
+}
+
+/// `--call=check`: the checks of every stage (or of `--target`'s), printed as buildx prints
+/// them; exit 1 when any warning or error is found.
+fn run_check(
+    inputs: &BuildInputs,
+    store: &kiln_cache::Store,
+    extras: &LowerExtras,
+) -> std::process::ExitCode {
+    let (warnings, error) = match lower_checked(inputs, store, extras, inputs.target.is_none()) {
+        Ok(l) => (l.warnings, None),
+        Err(e) => (e.warnings.clone(), Some(e)),
+    };
+    // Notices (an unsupported `# syntax=`) are no check results.
+    let (mut checks, notices): (Vec<_>, Vec<_>) = warnings.into_iter().partition(|w| !w.rule.is_empty());
+    for n in &notices {
+        eprintln!("WARNING: {n}");
+    }
+    checks.sort_by_key(|w| (w.line == 0, w.line));
+    let mut out = String::new();
+    match checks.len() {
+        0 => {}
+        1 => out.push_str("Check complete, 1 warning has been found!\n"),
+        n => out.push_str(&format!("Check complete, {n} warnings have been found!\n")),
+    }
+    for w in &checks {
+        out.push_str(&kiln_frontend::lint::check_text(
+            w,
+            &inputs.dockerfile_name,
+            &inputs.dockerfile,
+        ));
+    }
+    if checks.is_empty() && error.is_none() {
+        out.push_str("Check complete, no warnings found.\n");
+    }
+    print!("{out}");
+    if let Some(e) = error {
+        if !checks.is_empty() {
+            println!();
+        }
+        eprintln!("ERROR: {}", render_frontend_error(&e, inputs).trim_end());
+        return std::process::ExitCode::from(1);
+    }
+    if checks.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(1)
+    }
+}
+
+/// A frontend error as kiln prints it: lint violations as BuildKit words them, anything else
+/// compiler-style with the Dockerfile line.
+fn render_frontend_error(e: &kiln_frontend::lower::FrontendError, inputs: &BuildInputs) -> String {
+    match &*e.kind {
+        kiln_frontend::lower::LowerError::LintViolation { .. } => e.kind.to_string(),
+        _ => e.render(&inputs.dockerfile),
+    }
+}
+
+/// `--call=outline`: the target's build arguments, secrets and SSH sockets (buildx's text form).
+fn print_outline(o: &kiln_frontend::lower::Outline) {
+    let mut out = String::new();
+    if !o.name.is_empty() || !o.description.is_empty() {
+        let mut rows = vec![vec![
+            "TARGET:".to_string(),
+            if o.name.is_empty() {
+                "(default)".to_string()
+            } else {
+                o.name.clone()
+            },
+        ]];
+        if !o.description.is_empty() {
+            rows.push(vec!["DESCRIPTION:".into(), o.description.clone()]);
+        }
+        out.push_str(&tabwrite(&rows, 1));
+        out.push('\n');
+    }
+    if !o.args.is_empty() {
+        let mut rows = vec![vec!["BUILD ARG".into(), "VALUE".into(), "DESCRIPTION".into()]];
+        rows.extend(
+            o.args
+                .iter()
+                .map(|a| vec![a.name.clone(), a.value.clone(), a.description.clone()]),
+        );
+        out.push_str(&tabwrite(&rows, 3));
+        out.push('\n');
+    }
+    for (title, list) in [("SECRET", &o.secrets), ("SSH", &o.ssh)] {
+        if list.is_empty() {
+            continue;
+        }
+        let mut rows = vec![vec![title.to_string(), "REQUIRED".into()]];
+        rows.extend(list.iter().map(|m| {
+            vec![
+                m.name.clone(),
+                if m.required { "true".into() } else { String::new() },
+            ]
+        }));
+        out.push_str(&tabwrite(&rows, 3));
+        out.push('\n');
+    }
+    print!("{out}");
+}
+
+/// `--call=targets`: the stages with their descriptions, the default one marked.
+fn print_targets(targets: &[kiln_frontend::lower::Target]) {
+    let mut rows = vec![vec!["TARGET".to_string(), "DESCRIPTION".to_string()]];
+    for t in targets {
+        let name = match (t.name.is_empty(), t.default) {
+            (true, true) => "(default)".to_string(),
+            (false, true) => format!("{} (default)", t.name),
+            _ => t.name.clone(),
+        };
+        rows.push(vec![name, t.description.clone()]);
+    }
+    print!("{}", tabwrite(&rows, 1));
+}
+
+/// Go's `text/tabwriter` with minwidth 0, tabwidth 0, pad character ' ' and no flags, for
+/// rows of the same number of cells: every cell but the last of a row padded to its column's
+/// widest cell plus `padding`.
+fn tabwrite(rows: &[Vec<String>], padding: usize) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0usize; cols];
+    for r in rows {
+        for (i, c) in r.iter().enumerate().take(r.len().saturating_sub(1)) {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            out.push_str(c);
+            if i + 1 < r.len() {
+                out.push_str(&" ".repeat(widths[i] - c.chars().count() + padding));
+            }
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// A parsed `-o` value.
@@ -431,6 +633,7 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
         .map(|t| kiln_cache::reference::Reference::parse(t).with_context(|| format!("invalid tag `{t}`")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let labels = parse_kv_args(&args.labels, "label")?;
+    let call = parse_call(&args)?;
     let secrets = parse_secrets(&args.secrets)?;
     let ssh = parse_ssh(&args.ssh)?;
     let progress_mode: crate::progress::ProgressMode = if args.quiet {
@@ -486,10 +689,50 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
         pull: args.pull,
         named_contexts: named.lower.clone(),
     };
-    let lowered = match lower_with(&inputs, &store, &extras) {
+    match call {
+        Call::Build => {}
+        Call::Targets => match kiln_frontend::lower::targets(&inputs.dockerfile, &inputs.dockerfile_name) {
+            Ok(t) => {
+                print_targets(&t);
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(e) => {
+                eprint!("{}", e.render(&inputs.dockerfile));
+                return Ok(ExitCode::from(1));
+            }
+        },
+        Call::Check => return Ok(run_check(&inputs, &store, &extras)),
+        Call::Outline => match lower_checked(&inputs, &store, &extras, false) {
+            Ok(l) => {
+                print_outline(&l.outline);
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(e) => {
+                eprintln!("{}", render_frontend_error(&e, &inputs).trim_end());
+                return Ok(ExitCode::from(1));
+            }
+        },
+    }
+    let lowered = match lower_checked(&inputs, &store, &extras, false) {
         Ok(l) => l,
-        Err(msg) => {
-            eprint!("{msg}");
+        Err(e) => {
+            // The checks' warnings found before the error come first, as buildx shows them.
+            if !e.warnings.is_empty() {
+                let n = e.warnings.len();
+                let mut text = format!(
+                    "\n {n} warning{} found{}:\n",
+                    if n == 1 { "" } else { "s" },
+                    if g.debug { "" } else { " (use --debug to expand)" }
+                );
+                for w in &e.warnings {
+                    text.push_str(&format!(" - {}\n", warning_text(w, &inputs, g.debug)));
+                }
+                eprint!("{text}");
+            }
+            match &*e.kind {
+                kiln_frontend::lower::LowerError::LintViolation { .. } => eprintln!("ERROR: {}", e.kind),
+                _ => eprint!("{}", e.render(&inputs.dockerfile)),
+            }
             return Ok(ExitCode::from(1));
         }
     };
@@ -520,10 +763,15 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
     let debug = g.debug;
     let root = lowered.root;
     let solve_cancel = cancel.clone();
+    let warning_texts: Vec<String> = lowered
+        .warnings
+        .iter()
+        .map(|w| warning_text(w, &inputs, debug))
+        .collect();
     let result = rt.block_on(async move {
         let display = crate::progress::start(progress_mode, debug);
-        for w in &lowered.warnings {
-            display.sink().warn(format!("{} (line {})", w.message, w.line));
+        for w in warning_texts {
+            display.sink().warn(w);
         }
         let solved = kiln_solver::scheduler::solve(
             &graph,

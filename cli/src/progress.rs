@@ -411,19 +411,32 @@ impl Renderer {
                 text.push_str("------\n");
             }
         }
+        if self.mode == ProgressMode::Plain && self.printed_any && !text.is_empty() {
+            text.insert(0, '\n');
+        }
+        // buildx's summary: a blank line, ` N warnings found (use --debug to expand):`, one
+        // ` - ` line each (with --debug, each expanded with its details and a blank line).
         if !self.warnings.is_empty() && self.mode != ProgressMode::Quiet {
             let n = self.warnings.len();
-            text.push_str(&format!("{n} warning{} found:\n", if n == 1 { "" } else { "s" }));
+            text.push_str(&format!(
+                "\n {n} warning{} found{}:\n",
+                if n == 1 { "" } else { "s" },
+                if self.debug {
+                    ""
+                } else {
+                    " (use --debug to expand)"
+                }
+            ));
             for w in &self.warnings {
                 text.push_str(&format!(" - {w}\n"));
+                if self.debug {
+                    text.push('\n');
+                }
             }
         }
         if text.is_empty() {
             let _ = self.out.flush();
             return;
-        }
-        if self.mode == ProgressMode::Plain && self.printed_any {
-            text.insert(0, '\n');
         }
         match &self.bars {
             Some(bars) => bars.suspend(|| {
@@ -668,7 +681,8 @@ mod tests {
  > [3/3] RUN false:
 0.199 oops
 ------
-1 warning found:
+
+ 1 warning found (use --debug to expand):
  - JSONArgsRecommended
 ";
         assert_eq!(render(ProgressMode::Plain, false), expected);

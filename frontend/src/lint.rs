@@ -788,6 +788,71 @@ pub fn is_dockerfile_frontend(syntax: &str) -> bool {
     matches!(repo, "docker/dockerfile" | "docker/dockerfile-upstream")
 }
 
+/// BuildKit's source excerpt (`errdefs.Source.Print`): `FILE:LINE`, a rule of dashes, the lines
+/// `start..=end` marked `>>>` with context around them (four lines for one line, two for more),
+/// and the rule again.
+pub fn source_excerpt(file: &str, source: &[u8], start: u32, end: u32) -> String {
+    let text = String::from_utf8_lossy(source);
+    let lines: Vec<&str> = text.split('\n').collect();
+    let (start, mut end) = (start as usize, end.max(start) as usize);
+    if start < 1 || start > lines.len() {
+        return String::new();
+    }
+    end = end.min(lines.len());
+    let pad = if end == start { 4 } else { 2 };
+    let (mut first, mut last, mut p) = (start, end, 0);
+    while p < pad {
+        if first > 1 {
+            first -= 1;
+            p += 1;
+        }
+        if last != lines.len() {
+            last += 1;
+            p += 1;
+        }
+        p += 1;
+    }
+    let mut out = format!("{file}:{start}\n--------------------\n");
+    for (i, line) in lines.iter().enumerate().take(last).skip(first - 1) {
+        let n = i + 1;
+        let mark = if (start..=end).contains(&n) { ">>>" } else { "   " };
+        out.push_str(&format!(" {n:>3} | {mark} {line}\n"));
+    }
+    out.push_str("--------------------\n");
+    out
+}
+
+/// A warning as `--check` prints it (BuildKit's `lint.Warning.PrintTo`): a blank line,
+/// `WARNING: Rule - URL`, the message, and the source excerpt.
+pub fn check_text(w: &Warning, file: &str, source: &[u8]) -> String {
+    let mut out = format!("\nWARNING: {}", w.rule);
+    if !w.url.is_empty() {
+        out.push_str(&format!(" - {}", w.url));
+    }
+    out.push_str(&format!("\n{}\n", w.message));
+    if w.line > 0 {
+        out.push_str(&source_excerpt(file, source, w.line, w.end_line));
+    }
+    out
+}
+
+/// A warning as a build with `--debug` prints it under the summary (buildx's expanded form):
+/// the short form, the rule's description, `More info: URL`, the source excerpt.
+pub fn expanded_text(w: &Warning, file: &str, source: &[u8]) -> String {
+    let mut out = w.to_string();
+    if !w.description.is_empty() {
+        out.push_str(&format!("\n{}", w.description));
+    }
+    if !w.url.is_empty() {
+        out.push_str(&format!("\nMore info: {}", w.url));
+    }
+    if w.line > 0 {
+        out.push('\n');
+        out.push_str(source_excerpt(file, source, w.line, w.end_line).trim_end());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -875,6 +940,36 @@ mod tests {
         assert!(is_dockerfile_frontend("docker/dockerfile"));
         assert!(!is_dockerfile_frontend("example.com/my/frontend:1"));
         assert!(!is_dockerfile_frontend("tonistiigi/dockerfile:runmount"));
+    }
+
+    #[test]
+    fn excerpts_like_buildkit() {
+        let src = b"# syntax=x\n\nFROM alpine\nCMD echo hi\n";
+        assert_eq!(
+            source_excerpt("Dockerfile", src, 4, 4),
+            "Dockerfile:4\n--------------------\n   2 |     \n   3 |     FROM alpine\n   4 | >>> CMD echo hi\n   5 |     \n--------------------\n"
+        );
+        assert_eq!(
+            source_excerpt("D", b"A\nB\nC\nD\nE\nF\nG", 3, 4),
+            "D:3\n--------------------\n   2 |     B\n   3 | >>> C\n   4 | >>> D\n   5 |     E\n--------------------\n"
+        );
+        let w = Warning {
+            rule: "JSONArgsRecommended".into(),
+            description: JSON_ARGS_RECOMMENDED.description.into(),
+            url: JSON_ARGS_RECOMMENDED.url.into(),
+            message:
+                "JSON arguments recommended for CMD to prevent unintended behavior related to OS signals"
+                    .into(),
+            line: 4,
+            end_line: 4,
+        };
+        assert!(check_text(&w, "Dockerfile", src).starts_with(
+            "\nWARNING: JSONArgsRecommended - https://docs.docker.com/go/dockerfile/rule/json-args-recommended/\nJSON arguments recommended for CMD"
+        ));
+        assert_eq!(
+            w.to_string(),
+            "JSONArgsRecommended: JSON arguments recommended for CMD to prevent unintended behavior related to OS signals (line 4)"
+        );
     }
 
     #[test]

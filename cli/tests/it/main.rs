@@ -4,6 +4,7 @@
 
 mod build;
 mod build_flags;
+mod checks;
 mod container_fs;
 mod containers;
 mod debug;
