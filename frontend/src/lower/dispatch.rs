@@ -1742,10 +1742,10 @@ impl<'a> Lowerer<'a> {
         if m.has_exclusions() {
             return;
         }
-        let clean = values::clean_path(src);
-        let rel = clean.trim_start_matches('/');
-        let rel = if rel.is_empty() { "." } else { rel };
-        if m.matches(rel).unwrap_or(false) {
+        // BuildKit matches, and names, the source as `filepath.Clean` leaves it (so `/a` is
+        // never matched: the patterns have no leading `/`).
+        let clean = values::go_clean(src);
+        if m.matches(&clean).unwrap_or(false) {
             let cmd = if keyword == "ADD" { "Add" } else { "Copy" };
             self.warn(
                 &lint::COPY_IGNORED_FILE,

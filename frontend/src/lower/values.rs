@@ -300,6 +300,32 @@ pub fn clean_path(p: &str) -> String {
     format!("/{}", parts.join("/"))
 }
 
+/// Go's `path.Clean`: the shortest equivalent path, relative paths staying relative (`./a/`
+/// is `a`, `a/../..` is `..`, the empty path is `.`).
+pub fn go_clean(p: &str) -> String {
+    let rooted = p.starts_with('/');
+    let mut parts: Vec<&str> = Vec::new();
+    for comp in p.split('/') {
+        match comp {
+            "" | "." => {}
+            ".." => match parts.last() {
+                Some(&last) if last != ".." => {
+                    parts.pop();
+                }
+                _ if rooted => {}
+                _ => parts.push(".."),
+            },
+            c => parts.push(c),
+        }
+    }
+    let joined = parts.join("/");
+    match (rooted, joined.is_empty()) {
+        (true, _) => format!("/{joined}"),
+        (false, true) => ".".into(),
+        (false, false) => joined,
+    }
+}
+
 /// Resolves `p` against the working directory `dir`, keeping a trailing `/` (or a trailing
 /// `/.`, `.`, empty) as a trailing `/`.
 pub fn resolve_dest(dir: &str, p: &str) -> String {
@@ -368,6 +394,21 @@ pub fn chomp_tabs(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn go_clean_is_gos_path_clean() {
+        for (p, want) in [
+            ("", "."),
+            ("./logs/", "logs"),
+            ("a/../..", ".."),
+            ("../a/./b", "../a/b"),
+            ("/../x/", "/x"),
+            ("secret.txt", "secret.txt"),
+            ("/", "/"),
+        ] {
+            assert_eq!(go_clean(p), want, "{p}");
+        }
+    }
 
     #[test]
     fn durations_round_trip_like_go() {
