@@ -697,7 +697,7 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
                 return Ok(ExitCode::SUCCESS);
             }
             Err(e) => {
-                eprint!("{}", e.render(&inputs.dockerfile));
+                eprintln!("{}", e.render(&inputs.dockerfile).trim_end());
                 return Ok(ExitCode::from(1));
             }
         },
@@ -731,7 +731,7 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
             }
             match &*e.kind {
                 kiln_frontend::lower::LowerError::LintViolation { .. } => eprintln!("ERROR: {}", e.kind),
-                _ => eprint!("{}", e.render(&inputs.dockerfile)),
+                _ => eprintln!("{}", e.render(&inputs.dockerfile).trim_end()),
             }
             return Ok(ExitCode::from(1));
         }
