@@ -386,3 +386,121 @@ fn difftest_lowering_failures() {
         Some("Dockerfile:2:1: unknown instruction: FROBNICATE\nFROBNICATE now\n^")
     );
 }
+
+// ----- checks, outline and targets --------------------------------------------------------
+
+fn rules(warnings: &[kiln_frontend::lower::Warning]) -> Vec<String> {
+    warnings
+        .iter()
+        .map(|w| format!("{}@{}", w.rule, w.line))
+        .collect()
+}
+
+/// `--check` lowers every stage: the checks of a stage the target does not reach are found too;
+/// a build of the target alone does not report them.
+#[test]
+fn checks_cover_every_stage_only_when_asked() {
+    let df = b"FROM busybox:local AS unused\nCMD echo unused\n\nFROM busybox:local AS used\nCMD [\"ok\"]\n";
+    let mut opts = options(&Value::Null);
+    let built = lower(df, &opts, &TestResolver).unwrap_or_else(|e| panic!("{}", e.render(df)));
+    assert!(built.warnings.is_empty(), "{:?}", built.warnings);
+    opts.all_stages = true;
+    let checked = lower(df, &opts, &TestResolver).unwrap_or_else(|e| panic!("{}", e.render(df)));
+    assert_eq!(rules(&checked.warnings), ["JSONArgsRecommended@2"]);
+    let w = &checked.warnings[0];
+    assert_eq!(
+        w.url,
+        "https://docs.docker.com/go/dockerfile/rule/json-args-recommended/"
+    );
+    assert_eq!(
+        w.description,
+        "JSON arguments recommended for ENTRYPOINT/CMD to prevent unintended behavior related to OS signals"
+    );
+}
+
+/// `error=true` fails with the rules found (each once, sorted) and keeps the warnings; a bad
+/// check option is an error of its own.
+#[test]
+fn check_errors_carry_their_warnings() {
+    let df = b"# check=error=true\nFROM busybox:local as a\nFROM busybox:local as b\n";
+    let e = lower(df, &options(&Value::Null), &TestResolver)
+        .err()
+        .unwrap_or_else(|| panic!("error=true must fail"));
+    assert_eq!(e.kind.to_string(), "lint violation found for rules: FromAsCasing");
+    assert_eq!(rules(&e.warnings), ["FromAsCasing@2", "FromAsCasing@3"]);
+
+    let df = b"# check=skip=all;error=maybe\nFROM busybox:local\n";
+    let e = lower(df, &options(&Value::Null), &TestResolver)
+        .err()
+        .unwrap_or_else(|| panic!("a bad check option must fail"));
+    assert!(
+        e.render(df).starts_with(
+            "Dockerfile:1:1: failed to parse check options: failed to parse check option \"error=maybe\""
+        ),
+        "{}",
+        e.render(df)
+    );
+}
+
+/// `--call=outline`: the target's build arguments with their values and descriptions, the
+/// secrets and SSH sockets its RUN steps mount.
+#[test]
+fn outline_of_a_target() {
+    let df = b"ARG BASE=busybox:local\n# build has the tools\nFROM ${BASE} AS build\n\
+# VERSION picks the release\nARG VERSION=1.2\nARG UNSET\n\
+RUN --mount=type=secret,id=token,required=true --mount=type=ssh,id=git true\n\
+FROM build AS release\nRUN --mount=type=secret,id=aws true\n";
+    let mut opts = options(&serde_json::json!({"target": "build", "build_args": {"VERSION": "2"}}));
+    let l = lower(df, &opts, &TestResolver).unwrap_or_else(|e| panic!("{}", e.render(df)));
+    let o = &l.outline;
+    assert_eq!(
+        (o.name.as_str(), o.description.as_str()),
+        ("build", "has the tools")
+    );
+    let args: Vec<_> = o
+        .args
+        .iter()
+        .map(|a| (a.name.as_str(), a.value.as_str(), a.description.as_str()))
+        .collect();
+    assert_eq!(
+        args,
+        [
+            ("BASE", "busybox:local", ""),
+            ("VERSION", "2", "picks the release"),
+            ("UNSET", "", "")
+        ]
+    );
+    let secrets: Vec<_> = o.secrets.iter().map(|s| (s.name.as_str(), s.required)).collect();
+    assert_eq!(secrets, [("token", true)]);
+    let ssh: Vec<_> = o.ssh.iter().map(|s| (s.name.as_str(), s.required)).collect();
+    assert_eq!(ssh, [("git", false)]);
+
+    opts.target = None;
+    let l = lower(df, &opts, &TestResolver).unwrap_or_else(|e| panic!("{}", e.render(df)));
+    let secrets: Vec<_> = l.outline.secrets.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(secrets, ["token", "aws"]);
+    assert_eq!(l.outline.name, "release");
+}
+
+/// `--call=targets`: every stage with the description from the comments right above its FROM
+/// (the first line starting with the stage name, as BuildKit's `getComment`),
+/// the last one the default.
+#[test]
+fn targets_with_descriptions() {
+    let df = b"# syntax=docker/dockerfile:1\n# base is the tools\nFROM busybox:local AS Base\n\n\
+# a loose comment\n\nFROM base AS test\n# release ships\n# it all\nFROM base AS release\nFROM release\n";
+    let t = kiln_frontend::lower::targets(df, "Dockerfile").unwrap_or_else(|e| panic!("{}", e.render(df)));
+    let got: Vec<_> = t
+        .iter()
+        .map(|t| (t.name.as_str(), t.description.as_str(), t.default, t.line))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("base", "is the tools", false, 3),
+            ("test", "", false, 7),
+            ("release", "ships", false, 10),
+            ("", "", true, 11),
+        ]
+    );
+}

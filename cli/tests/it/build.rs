@@ -564,3 +564,39 @@ fn load_build_context_is_never_cached() {
     assert_eq!(run(&env, "t/lc", &["cat", "/out"]), "payload1\nchanged\n");
     assert_eq!(runs(&env), 3, "only the RUN after the changed COPY runs again");
 }
+
+/// #16.11: `COPY --parents` keeps the path after the first `/./` (the pivot may hold
+/// wildcards) and `**` matches any depth; `--chmod` also gives the directories COPY creates
+/// for the destination its mode (as BuildKit does since fsutil's fix), not existing ones.
+#[test]
+fn copy_parents_pivot_double_star_and_chmod_on_created_dirs() {
+    let (env, ctx) = setup();
+    write(&ctx, "x/y/a.txt", "a\n");
+    write(&ctx, "x/y/sub/b.txt", "b\n");
+    write(&ctx, "x/z/c.md", "c\n");
+    write(&ctx, "x/w/d.txt", "d\n");
+    write(
+        &ctx,
+        "Dockerfile",
+        "FROM busybox:local\n\
+         COPY --parents ./x/./y/*.txt /pivot/\n\
+         COPY --parents ./x/./*/*.txt /wild/\n\
+         COPY --parents x/**/*.txt /deep/\n\
+         COPY --chmod=700 x/z/c.md /new/dir/\n\
+         RUN mkdir -m 755 /old\n\
+         COPY --chmod=700 x/z/c.md /old/\n",
+    );
+    build(&env, &ctx, "t/parents", &[]);
+    let found = run(
+        &env,
+        "t/parents",
+        &["sh", "-c", "find /pivot /wild /deep -type f | sort; stat -c '%a %n' /new /new/dir /new/dir/c.md /old /old/c.md"],
+    );
+    assert_eq!(
+        found,
+        "/deep/x/w/d.txt\n/deep/x/y/a.txt\n/deep/x/y/sub/b.txt\n\
+         /pivot/y/a.txt\n\
+         /wild/w/d.txt\n/wild/y/a.txt\n\
+         700 /new\n700 /new/dir\n700 /new/dir/c.md\n755 /old\n700 /old/c.md\n"
+    );
+}
