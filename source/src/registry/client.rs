@@ -378,12 +378,15 @@ impl Client {
     }
 
     /// Answers a `401` challenge: fetches a token, or switches the host to Basic. Returns whether
-    /// a retry can succeed.
+    /// a retry can succeed: for Basic, when the refused request did not carry Basic credentials
+    /// (`sent_basic`) and there are some. Several requests in flight may be refused before the
+    /// first answer switches the host to Basic; each of them retries with the credentials.
     fn authenticate(
         &self,
         host: &str,
         scope: &[String],
         challenges: &[Challenge],
+        sent_basic: bool,
     ) -> Result<bool, ClientError> {
         if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
             let realm = c.param("realm").unwrap_or_default().to_string();
@@ -403,12 +406,10 @@ impl Client {
             return Ok(true);
         }
         if challenges.iter().any(|c| c.scheme == "basic") {
-            let newly = self
-                .basic
-                .lock()
-                .map(|mut b| b.insert(host.to_string()))
-                .unwrap_or(false);
-            return Ok(newly && self.credentials(host)?.is_some());
+            if let Ok(mut b) = self.basic.lock() {
+                b.insert(host.to_string());
+            }
+            return Ok(!sent_basic && self.credentials(host)?.is_some());
         }
         Ok(false)
     }
@@ -613,7 +614,9 @@ impl Client {
         let mut challenged = false;
         loop {
             let mut all: Vec<(&str, String)> = headers.to_vec();
-            if let Some(a) = self.auth_header(&host, scope)? {
+            let auth = self.auth_header(&host, scope)?;
+            let sent_basic = auth.as_deref().is_some_and(|a| a.starts_with("Basic "));
+            if let Some(a) = auth {
                 all.push(("authorization", a));
             }
             let resp = self.send_retrying(method, url, &all, payload)?;
@@ -626,7 +629,7 @@ impl Client {
                     .filter_map(|v| v.to_str().ok())
                     .flat_map(auth::parse_challenges)
                     .collect();
-                if self.authenticate(&host, scope, &challenges)? {
+                if self.authenticate(&host, scope, &challenges, sent_basic)? {
                     continue;
                 }
             }
@@ -739,6 +742,33 @@ mod tests {
             attempts: 2,
             backoff: Duration::from_millis(1),
         })
+    }
+
+    #[test]
+    fn every_request_refused_before_the_switch_to_basic_retries_with_credentials() {
+        let c = client(&[]);
+        c.set_credentials(
+            "reg:5000",
+            Credentials {
+                username: "u".into(),
+                password: "p".into(),
+            },
+        );
+        let basic = auth::parse_challenges("Basic realm=\"r\"");
+        // Two requests sent anonymously, both refused: both retry, with Basic credentials.
+        assert!(c.authenticate("reg:5000", &[], &basic, false).unwrap());
+        assert!(c.authenticate("reg:5000", &[], &basic, false).unwrap());
+        assert!(c
+            .auth_header("reg:5000", &[])
+            .unwrap()
+            .unwrap()
+            .starts_with("Basic "));
+        // Refused with the credentials: no retry.
+        assert!(!c.authenticate("reg:5000", &[], &basic, true).unwrap());
+        // Without credentials there is nothing to retry with.
+        assert!(!client(&[])
+            .authenticate("other:5000", &[], &basic, false)
+            .unwrap());
     }
 
     #[test]
