@@ -3,8 +3,9 @@
 //! - `sources/<hex>`: the repositories (`domain/path`, one a line) a blob was pulled from or
 //!   pushed to, so a push to another repository of the same registry can mount it instead of
 //!   uploading it;
-//! - `gzip/<diff-id hex>`: the gzip-compressed blob (`{"digest","size"}`) a locally stored,
-//!   uncompressed layer was pushed as, so the next push can find it with one `HEAD`.
+//! - `gzip/<diff-id hex>` (and `zstd/<diff-id hex>`): the compressed blob (`{"digest","size"}`) a
+//!   locally stored, uncompressed layer was pushed as, so the next push can find it with one
+//!   `HEAD`.
 //!
 //! Both are hints: a missing or unreadable entry only costs an upload.
 
@@ -90,9 +91,15 @@ impl BlobMeta {
         out
     }
 
-    /// Records the compressed blob an uncompressed layer was pushed as.
-    pub fn record_compressed(&self, diff_id: &Digest, c: &Compressed) -> Result<(), MetaError> {
-        let dir = self.dir.join("gzip");
+    /// Records the compressed blob an uncompressed layer was pushed as; `algorithm` is `gzip`
+    /// or `zstd`.
+    pub fn record_compressed(
+        &self,
+        diff_id: &Digest,
+        algorithm: &str,
+        c: &Compressed,
+    ) -> Result<(), MetaError> {
+        let dir = self.dir.join(algorithm);
         fs::create_dir_all(&dir).map_err(Self::write_err(&dir))?;
         let path = dir.join(diff_id.hex());
         let temp = dir.join(format!("{}.{}.tmp", diff_id.hex(), std::process::id()));
@@ -104,9 +111,9 @@ impl BlobMeta {
         fs::rename(&temp, &path).map_err(Self::write_err(&path))
     }
 
-    /// The compressed blob an uncompressed layer was last pushed as.
-    pub fn compressed(&self, diff_id: &Digest) -> Option<Compressed> {
-        let bytes = fs::read(self.dir.join("gzip").join(diff_id.hex())).ok()?;
+    /// The blob an uncompressed layer was last pushed as, compressed with `algorithm`.
+    pub fn compressed(&self, diff_id: &Digest, algorithm: &str) -> Option<Compressed> {
+        let bytes = fs::read(self.dir.join(algorithm).join(diff_id.hex())).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 }
@@ -126,12 +133,16 @@ mod tests {
         m.record_source(&d, "127.0.0.1:5000/a").unwrap();
         m.record_source(&d, "127.0.0.1:5000/b").unwrap();
         assert_eq!(m.sources(&d), vec!["127.0.0.1:5000/a", "127.0.0.1:5000/b"]);
-        assert!(m.compressed(&d).is_none());
+        assert!(m.compressed(&d, "gzip").is_none());
         let c = Compressed {
             digest: Digest::of(b"gz"),
             size: 2,
         };
-        m.record_compressed(&d, &c).unwrap();
-        assert_eq!(m.compressed(&d), Some(c));
+        m.record_compressed(&d, "gzip", &c).unwrap();
+        assert_eq!(m.compressed(&d, "gzip"), Some(c));
+        assert!(
+            m.compressed(&d, "zstd").is_none(),
+            "each algorithm has its own hints"
+        );
     }
 }

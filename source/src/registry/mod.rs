@@ -27,7 +27,7 @@ use kiln_dag::Digest;
 pub use auth::{Credentials, DockerConfig};
 pub use client::{Client, ClientError, ClientOptions};
 pub use pull::{pull, resolve_remote, PullError, PullOptions, Pulled};
-pub use push::{push, PushError, PushOptions, Pushed};
+pub use push::{push, push_image, Compression, PushError, PushOptions, Pushed};
 
 /// Media types of the distribution API.
 pub mod media {
@@ -47,6 +47,8 @@ pub mod media {
     pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
     /// OCI gzip layer.
     pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+    /// OCI zstd layer.
+    pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
     /// Docker uncompressed layer.
     pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
     /// Docker gzip layer.

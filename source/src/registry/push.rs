@@ -28,6 +28,9 @@ use super::{media, parallel, TransferEvent, TransferProgress};
 /// on the networks builds push over.
 const GZIP_LEVEL: u32 = 1;
 
+/// zstd level for layers compressed on push: BuildKit's default.
+const ZSTD_LEVEL: i32 = 3;
+
 /// A failure of a push; every variant names the reference.
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
@@ -62,6 +65,29 @@ pub enum PushError {
         #[source]
         source: Box<ClientError>,
     },
+    /// A layer's compressor could not be set up.
+    #[error("failed to start {} compression of layer {digest} for `{reference}`", algorithm.name())]
+    Compress {
+        /// The reference.
+        reference: String,
+        /// The layer blob.
+        digest: Digest,
+        /// The compression asked for.
+        algorithm: Compression,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The compression asked for does not fit the image's manifest.
+    #[error("cannot push `{reference}` with {} layers: its manifest is {media_type}, which has no {} layer type", algorithm.name(), algorithm.name())]
+    CompressionMediaType {
+        /// The reference.
+        reference: String,
+        /// The compression asked for.
+        algorithm: Compression,
+        /// The manifest's media type.
+        media_type: String,
+    },
     /// The manifest could not be encoded.
     #[error("failed to encode the manifest for `{reference}`")]
     Encode {
@@ -87,11 +113,40 @@ pub enum PushError {
 pub struct PushOptions {
     /// Blobs transferred at once.
     pub jobs: usize,
+    /// How layers kept uncompressed in the store are sent. Layers stored compressed (pulled
+    /// ones) are sent as they are, as BuildKit does without `force-compression`.
+    pub compression: Compression,
 }
 
 impl Default for PushOptions {
     fn default() -> Self {
-        PushOptions { jobs: 4 }
+        PushOptions {
+            jobs: 4,
+            compression: Compression::Gzip,
+        }
+    }
+}
+
+/// The compression of layers kiln stores uncompressed, on their way to a registry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compression {
+    /// gzip (level 1), Docker's and BuildKit's default.
+    #[default]
+    Gzip,
+    /// zstd (level 3, BuildKit's default level); OCI manifests only.
+    Zstd,
+    /// Sent as stored: the pushed manifest is byte for byte the local one.
+    Uncompressed,
+}
+
+impl Compression {
+    /// The name BuildKit's `compression=` uses, which is also the hint directory.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+            Compression::Uncompressed => "uncompressed",
+        }
     }
 }
 
@@ -104,6 +159,8 @@ pub struct Pushed {
     pub digest: Digest,
     /// Its size in bytes.
     pub size: u64,
+    /// Its media type.
+    pub media_type: String,
 }
 
 /// A layer as it ends up in the pushed manifest.
@@ -111,8 +168,8 @@ pub struct Pushed {
 struct Sent {
     digest: Digest,
     size: u64,
-    /// Compressed on the way (so the descriptor changes).
-    compressed: bool,
+    /// Compressed on the way, and how (so the descriptor changes).
+    compressed: Option<Compression>,
 }
 
 /// Context of one push.
@@ -374,9 +431,15 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Pushes a layer stored uncompressed as gzip; returns the compressed blob.
-    fn push_compressed(&self, blob: &Digest, diff_id: &Digest) -> Result<Compressed, PushError> {
-        if let Some(known) = self.meta.compressed(diff_id) {
+    /// Pushes a layer stored uncompressed, compressed with `algorithm` (gzip or zstd) on the
+    /// way; returns the compressed blob.
+    fn push_compressed(
+        &self,
+        blob: &Digest,
+        diff_id: &Digest,
+        algorithm: Compression,
+    ) -> Result<Compressed, PushError> {
+        if let Some(known) = self.meta.compressed(diff_id, algorithm.name()) {
             if self.exists(&known.digest)? {
                 self.progress.event(TransferEvent::Exists { digest: *blob });
                 return Ok(known);
@@ -388,6 +451,12 @@ impl Ctx<'_> {
             }
         }
         let content = self.store.content();
+        let compress_err = |source: std::io::Error| PushError::Compress {
+            reference: self.r.to_string(),
+            digest: *blob,
+            algorithm,
+            source,
+        };
         let open = || -> Result<Box<dyn Read + Send>, PushError> {
             let f = content.open(blob).map_err(|source| PushError::Read {
                 reference: self.r.to_string(),
@@ -395,14 +464,19 @@ impl Ctx<'_> {
                 source: Box::new(source),
             })?;
             let input = std::io::BufReader::with_capacity(256 * 1024, f);
-            Ok(Box::new(flate2::read::GzEncoder::new(
-                input,
-                flate2::Compression::new(GZIP_LEVEL),
-            )))
+            Ok(match algorithm {
+                Compression::Zstd => {
+                    Box::new(zstd::stream::read::Encoder::new(input, ZSTD_LEVEL).map_err(compress_err)?)
+                }
+                Compression::Gzip | Compression::Uncompressed => Box::new(flate2::read::GzEncoder::new(
+                    input,
+                    flate2::Compression::new(GZIP_LEVEL),
+                )),
+            })
         };
         let (digest, size) = self.upload(blob, None, &open)?;
         let c = Compressed { digest, size };
-        if let Err(e) = self.meta.record_compressed(diff_id, &c) {
+        if let Err(e) = self.meta.record_compressed(diff_id, algorithm.name(), &c) {
             tracing::debug!(error = %e, "could not record a compressed layer");
         }
         self.progress.event(TransferEvent::Done { digest: *blob });
@@ -455,6 +529,31 @@ pub fn push(
             reference: reference.clone(),
             source: Box::new(source),
         })?;
+    push_image(client, store, &image, r, opts, progress)
+}
+
+/// Pushes `image` (from the store) to `r`'s registry and repository, under `r`'s tag (or by
+/// digest for a digest reference), whatever names the image has locally.
+pub fn push_image(
+    client: &Client,
+    store: &Store,
+    image: &Image,
+    r: &Reference,
+    opts: &PushOptions,
+    progress: &dyn TransferProgress,
+) -> Result<Pushed, PushError> {
+    let reference = r.to_string();
+    let docker_manifest = serde_json::from_slice::<Value>(&image.manifest_bytes)
+        .ok()
+        .and_then(|v| v.get("mediaType").and_then(Value::as_str).map(str::to_string))
+        .filter(|m| m == media::DOCKER_MANIFEST);
+    if let (Compression::Zstd, Some(media_type)) = (opts.compression, &docker_manifest) {
+        return Err(PushError::CompressionMediaType {
+            reference,
+            algorithm: opts.compression,
+            media_type: media_type.clone(),
+        });
+    }
     let ctx = Ctx {
         client,
         store,
@@ -464,19 +563,19 @@ pub fn push(
     };
     let sent = parallel(&image.layers, opts.jobs, |l| -> Result<Sent, PushError> {
         let media_type = l.descriptor.media_type().to_string();
-        if is_uncompressed(&media_type) {
-            let c = ctx.push_compressed(&l.digest, &l.diff_id)?;
+        if is_uncompressed(&media_type) && opts.compression != Compression::Uncompressed {
+            let c = ctx.push_compressed(&l.digest, &l.diff_id, opts.compression)?;
             Ok(Sent {
                 digest: c.digest,
                 size: c.size,
-                compressed: true,
+                compressed: Some(opts.compression),
             })
         } else {
             ctx.push_verbatim(&l.digest)?;
             Ok(Sent {
                 digest: l.digest,
                 size: l.descriptor.size(),
-                compressed: false,
+                compressed: None,
             })
         }
     })?;
@@ -488,7 +587,7 @@ pub fn push(
     };
     quiet.push_verbatim(&image.config_digest)?;
 
-    let manifest_bytes = if sent.iter().any(|s| s.compressed) {
+    let manifest_bytes = if sent.iter().any(|s| s.compressed.is_some()) {
         rewrite_manifest(&image.manifest_bytes, &sent).map_err(|source| PushError::Encode {
             reference: reference.clone(),
             source,
@@ -517,7 +616,7 @@ pub fn push(
             &ctx.scope(),
             &Method::PUT,
             &url,
-            &[("content-type", media_type)],
+            &[("content-type", media_type.clone())],
             Payload::Bytes(&manifest_bytes),
         )
         .map_err(manifest_err)?;
@@ -533,6 +632,7 @@ pub fn push(
         reference: r.clone(),
         digest,
         size: manifest_bytes.len() as u64,
+        media_type,
     })
 }
 
@@ -541,10 +641,10 @@ pub fn push(
 fn rewrite_manifest(bytes: &[u8], sent: &[Sent]) -> Result<Vec<u8>, serde_json::Error> {
     let mut v: Value = serde_json::from_slice(bytes)?;
     let docker = v.get("mediaType").and_then(Value::as_str) == Some(media::DOCKER_MANIFEST);
-    let (gzip, config_type) = if docker {
-        (media::DOCKER_LAYER_GZIP, media::DOCKER_CONFIG)
+    let config_type = if docker {
+        media::DOCKER_CONFIG
     } else {
-        (media::OCI_LAYER_GZIP, media::OCI_CONFIG)
+        media::OCI_CONFIG
     };
     if let Some(cfg) = v.get_mut("config").and_then(Value::as_object_mut) {
         let current = cfg.get("mediaType").and_then(Value::as_str).unwrap_or("");
@@ -555,11 +655,16 @@ fn rewrite_manifest(bytes: &[u8], sent: &[Sent]) -> Result<Vec<u8>, serde_json::
     if let Some(layers) = v.get_mut("layers").and_then(Value::as_array_mut) {
         for (l, s) in layers.iter_mut().zip(sent) {
             let Some(obj) = l.as_object_mut() else { continue };
-            if s.compressed {
-                obj.insert("mediaType".into(), Value::String(gzip.into()));
-                obj.insert("digest".into(), Value::String(s.digest.to_string()));
-                obj.insert("size".into(), Value::from(s.size));
-            }
+            let layer_type = match (s.compressed, docker) {
+                (None | Some(Compression::Uncompressed), _) => continue,
+                (Some(Compression::Gzip), true) => media::DOCKER_LAYER_GZIP,
+                (Some(Compression::Gzip), false) => media::OCI_LAYER_GZIP,
+                // `push_image` refuses zstd for Docker manifests.
+                (Some(Compression::Zstd), _) => media::OCI_LAYER_ZSTD,
+            };
+            obj.insert("mediaType".into(), Value::String(layer_type.into()));
+            obj.insert("digest".into(), Value::String(s.digest.to_string()));
+            obj.insert("size".into(), Value::from(s.size));
         }
     }
     serde_json::to_vec(&v)
@@ -588,12 +693,12 @@ mod tests {
                 Sent {
                     digest: gz,
                     size: 3,
-                    compressed: true,
+                    compressed: Some(Compression::Gzip),
                 },
                 Sent {
                     digest: b,
                     size: 5,
-                    compressed: false,
+                    compressed: None,
                 },
             ],
         )
@@ -612,13 +717,26 @@ mod tests {
             &[Sent {
                 digest: gz,
                 size: 3,
-                compressed: true,
+                compressed: Some(Compression::Gzip),
             }],
         )
         .unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["layers"][0]["mediaType"], media::DOCKER_LAYER_GZIP);
         assert_eq!(v["config"]["mediaType"], media::DOCKER_CONFIG);
+        // zstd layers get OCI's zstd type.
+        let out = rewrite_manifest(
+            m.as_bytes(),
+            &[Sent {
+                digest: gz,
+                size: 3,
+                compressed: Some(Compression::Zstd),
+            }],
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["layers"][0]["mediaType"], media::OCI_LAYER_ZSTD);
+        assert_eq!(v["layers"][1]["mediaType"], media::OCI_LAYER_GZIP, "untouched");
         assert!(is_uncompressed(media::DOCKER_LAYER));
         assert!(!is_uncompressed(media::DOCKER_LAYER_GZIP));
     }
