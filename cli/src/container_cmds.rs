@@ -6,7 +6,7 @@ use std::io::{self, BufRead as _, Write as _};
 use std::os::fd::AsFd as _;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
@@ -16,6 +16,7 @@ use kiln_containers::supervisor::{self, Mode, FRAME_EXIT, FRAME_STDERR, FRAME_ST
 use kiln_containers::{ContainerRecord, ContainerState, Containers, RecordError, Status};
 
 use crate::store_cmds::human_ago;
+use crate::supervise::supervisor_command;
 use crate::Globals;
 
 /// Container subcommands (flattened into the top level, as in Docker).
@@ -244,21 +245,6 @@ impl ContainerCmd {
     pub fn needs_private_mounts(&self) -> bool {
         matches!(self, ContainerCmd::Supervise(_))
     }
-}
-
-/// The command that supervises container `id` detached: this binary's `container-supervise`.
-pub fn supervisor_command(g: &Globals, id: &str, wait_attach: bool) -> anyhow::Result<Command> {
-    let exe = std::env::current_exe().context("failed to find the kiln executable")?;
-    let mut c = Command::new(exe);
-    c.arg("--root").arg(&g.root).arg("container-supervise");
-    if g.debug {
-        c.arg("--debug");
-    }
-    if wait_attach {
-        c.arg("--wait-attach");
-    }
-    c.arg(id);
-    Ok(c)
 }
 
 /// Runs a container command.

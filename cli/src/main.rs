@@ -15,6 +15,7 @@ mod registry_cmds;
 mod remote_ctx;
 mod run_cmd;
 mod store_cmds;
+mod supervise;
 
 /// Options every subcommand sees.
 #[derive(Debug, Clone)]

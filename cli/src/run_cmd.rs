@@ -348,10 +348,8 @@ fn run_inner(args: RunArgs, signals: Option<SignalProxy>, g: &Globals) -> anyhow
     let rec = create_inner(&args.flags, g)?;
     let containers = Containers::open(&g.root)?;
     if args.detach {
-        let spawned = lifecycle::start_detached(
-            &rec.id,
-            crate::container_cmds::supervisor_command(g, &rec.id, false)?,
-        )?;
+        let spawned =
+            lifecycle::start_detached(&rec.id, crate::supervise::supervisor_command(g, &rec.id, false)?)?;
         spawned.wait_running()?;
         println!("{}", rec.id);
         return Ok(ExitCode::SUCCESS);
