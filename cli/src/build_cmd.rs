@@ -1,11 +1,13 @@
-//! `kiln build`: Dockerfile → image in the local store (or an archive / directory).
+//! `kiln build`: the flags become a [`kiln_build::BuildRequest`]; the build itself (contexts,
+//! lowering, solve, export, outputs, pushes) is `kiln_build::build`. This file renders its
+//! progress and errors and writes `--iidfile` and `--metadata-file`.
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
 use clap::Args;
+use kiln_build::{BuildError, BuildRequest, BuildResult, ContextSource, Dockerfile, DockerfileSource};
 
 use crate::Globals;
 
@@ -33,7 +35,7 @@ pub struct BuildArgs {
     /// Set metadata for an image (KEY=VALUE)
     #[arg(long = "label")]
     pub labels: Vec<String>,
-    /// Set target platform for build (only the host's platform is supported)
+    /// Set target platform for build (os/arch[/variant]; only the host's platform is supported)
     #[arg(long)]
     pub platform: Option<String>,
     /// Set type of progress output (auto, tty, plain, quiet, rawjson)
@@ -48,9 +50,15 @@ pub struct BuildArgs {
     /// Write build result metadata to the file
     #[arg(long = "metadata-file")]
     pub metadata_file: Option<PathBuf>,
-    /// Output destination (type=image|docker|oci|tar|local,dest=PATH)
+    /// Output destination (type=image|registry|docker|oci|tar|local,dest=PATH,name=REF,push=true)
     #[arg(short = 'o', long = "output")]
     pub outputs: Vec<String>,
+    /// Push the image to its registries (shorthand for `--output=type=image,push=true`)
+    #[arg(long)]
+    pub push: bool,
+    /// Keep the image in the local store (always done; accepted for Docker's muscle memory)
+    #[arg(long)]
+    pub load: bool,
     /// Maximum number of steps run at once (default: 4 per CPU)
     #[arg(long)]
     pub jobs: Option<usize>,
@@ -80,16 +88,6 @@ pub struct BuildArgs {
     pub context: String,
 }
 
-/// What the frontend needs, read from disk and flags.
-pub struct BuildInputs {
-    pub context: PathBuf,
-    pub dockerfile_name: String,
-    pub dockerfile: Vec<u8>,
-    pub dockerignore: Vec<String>,
-    pub build_args: BTreeMap<String, String>,
-    pub target: Option<String>,
-}
-
 /// Parses `KEY=VALUE` (or `KEY`, taking the value from the environment; absent = not set).
 pub fn parse_kv_args(args: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
@@ -107,191 +105,6 @@ pub fn parse_kv_args(args: &[String], what: &str) -> anyhow::Result<BTreeMap<Str
         }
     }
     Ok(out)
-}
-
-impl BuildInputs {
-    /// Reads the Dockerfile and the applicable `.dockerignore` for a context directory.
-    pub fn read(
-        context: &Path,
-        file: Option<&str>,
-        build_args: &[String],
-        target: Option<String>,
-        _g: &Globals,
-    ) -> anyhow::Result<BuildInputs> {
-        let meta = std::fs::metadata(context).with_context(|| {
-            format!(
-                "unable to prepare context: path `{}` not found",
-                context.display()
-            )
-        })?;
-        if !meta.is_dir() {
-            bail!(
-                "unable to prepare context: `{}` is not a directory",
-                context.display()
-            );
-        }
-        let (dockerfile_name, dockerfile, df_path) = match file {
-            Some("-") => {
-                let mut buf = Vec::new();
-                std::io::stdin()
-                    .read_to_end(&mut buf)
-                    .context("failed to read the Dockerfile from stdin")?;
-                ("Dockerfile".to_string(), buf, None)
-            }
-            Some(f) => {
-                let p = PathBuf::from(f);
-                let bytes = std::fs::read(&p).with_context(|| {
-                    format!(
-                        "failed to read dockerfile: open {}: no such file or directory",
-                        p.display()
-                    )
-                })?;
-                let name = p
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| f.to_string());
-                (name, bytes, Some(p))
-            }
-            None => {
-                let p = context.join("Dockerfile");
-                let bytes = std::fs::read(&p).with_context(|| {
-                    format!(
-                        "failed to read dockerfile: open {}: no such file or directory",
-                        p.display()
-                    )
-                })?;
-                ("Dockerfile".to_string(), bytes, Some(p))
-            }
-        };
-        BuildInputs::from_parts(
-            context,
-            dockerfile_name,
-            dockerfile,
-            df_path.as_deref(),
-            build_args,
-            target,
-        )
-    }
-
-    /// Inputs from an already read Dockerfile: `df_path` (where it was read from, if a file)
-    /// locates a `<Dockerfile>.dockerignore`; otherwise the context's `.dockerignore` applies.
-    pub fn from_parts(
-        context: &Path,
-        dockerfile_name: String,
-        dockerfile: Vec<u8>,
-        df_path: Option<&Path>,
-        build_args: &[String],
-        target: Option<String>,
-    ) -> anyhow::Result<BuildInputs> {
-        // `<Dockerfile>.dockerignore` beside the Dockerfile wins over the context's `.dockerignore`.
-        let specific = df_path.map(|p| {
-            let mut s = p.as_os_str().to_owned();
-            s.push(".dockerignore");
-            PathBuf::from(s)
-        });
-        let ignore_file = match specific {
-            Some(s) if s.is_file() => s,
-            _ => context.join(".dockerignore"),
-        };
-        let dockerignore = match std::fs::read(&ignore_file) {
-            Ok(bytes) => kiln_patterns::read_dockerignore(&bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e).with_context(|| format!("failed to read `{}`", ignore_file.display())),
-        };
-        kiln_patterns::Matcher::new(&dockerignore)
-            .with_context(|| format!("invalid pattern in `{}`", ignore_file.display()))?;
-        Ok(BuildInputs {
-            context: context.to_path_buf(),
-            dockerfile_name,
-            dockerfile,
-            dockerignore,
-            build_args: parse_kv_args(build_args, "build argument")?,
-            target,
-        })
-    }
-}
-
-/// Bridges the frontend to the image store.
-struct StoreResolver<'a> {
-    store: &'a kiln_cache::Store,
-    /// `--pull`: re-resolve every tag against its registry.
-    pull: bool,
-}
-
-impl kiln_frontend::lower::ImageResolver for StoreResolver<'_> {
-    fn resolve(
-        &self,
-        reference: &str,
-        platform: &kiln_dag::Platform,
-    ) -> Result<kiln_frontend::lower::ResolvedImage, String> {
-        let reference_norm = kiln_cache::reference::Reference::parse(reference)
-            .map(|r| r.to_string())
-            .unwrap_or_else(|_| reference.to_string());
-        let image = match self.store.images().resolve(reference) {
-            Ok(image) if !self.pull => image,
-            local => crate::registry_cmds::pull_for_build(self.store, reference, platform, local)?,
-        };
-        Ok(kiln_frontend::lower::ResolvedImage {
-            reference: reference_norm,
-            digest: Some(image.manifest_digest),
-            config: image.config,
-        })
-    }
-}
-
-/// Lowers the Dockerfile; the error is the rendered compiler-style message.
-pub fn lower(inputs: &BuildInputs, g: &Globals) -> Result<kiln_frontend::lower::Lowered, String> {
-    let store = kiln_cache::Store::open(&g.root).map_err(|e| format!("error: {e}\n"))?;
-    lower_with(inputs, &store, &LowerExtras::default())
-}
-
-/// Lowering options that only `kiln build` sets.
-#[derive(Default)]
-pub struct LowerExtras {
-    pub labels: BTreeMap<String, String>,
-    pub no_cache: bool,
-    pub no_cache_filter: Vec<String>,
-    pub pull: bool,
-    /// `--build-context` values.
-    pub named_contexts: BTreeMap<String, kiln_frontend::lower::NamedContext>,
-}
-
-fn lower_with(
-    inputs: &BuildInputs,
-    store: &kiln_cache::Store,
-    extras: &LowerExtras,
-) -> Result<kiln_frontend::lower::Lowered, String> {
-    lower_checked(inputs, store, extras, false).map_err(|e| e.render(&inputs.dockerfile))
-}
-
-/// Lowers the Dockerfile; `all_stages` lowers (and checks) every stage, as `--check` does
-/// without `--target`.
-fn lower_checked(
-    inputs: &BuildInputs,
-    store: &kiln_cache::Store,
-    extras: &LowerExtras,
-    all_stages: bool,
-) -> Result<kiln_frontend::lower::Lowered, kiln_frontend::lower::FrontendError> {
-    let opts = kiln_frontend::lower::LowerOptions {
-        dockerfile_name: inputs.dockerfile_name.clone(),
-        build_args: inputs.build_args.clone(),
-        target: inputs.target.clone(),
-        labels: extras.labels.clone(),
-        no_cache: extras.no_cache,
-        no_cache_filter: extras.no_cache_filter.clone(),
-        dockerignore: inputs.dockerignore.clone(),
-        named_contexts: extras.named_contexts.clone(),
-        all_stages,
-        ..Default::default()
-    };
-    kiln_frontend::lower::lower(
-        &inputs.dockerfile,
-        &opts,
-        &StoreResolver {
-            store,
-            pull: extras.pull,
-        },
-    )
 }
 
 /// What `--call` asks for.
@@ -331,23 +144,22 @@ fn parse_call(args: &BuildArgs) -> anyhow::Result<Call> {
 
 /// The short form of a warning, expanded with its description, URL and the Dockerfile lines
 /// when `debug` (buildx's `--debug` output).
-fn warning_text(w: &kiln_frontend::lower::Warning, inputs: &BuildInputs, debug: bool) -> String {
+fn warning_text(w: &kiln_frontend::lower::Warning, dockerfile: &Dockerfile, debug: bool) -> String {
     if debug && !w.rule.is_empty() {
-        kiln_frontend::lint::expanded_text(w, &inputs.dockerfile_name, &inputs.dockerfile)
+        kiln_frontend::lint::expanded_text(w, &dockerfile.name, &dockerfile.bytes)
     } else {
         w.to_string()
     }
 }
 
-/// `--call=check`: the checks of every stage (or of `--target`'s), printed as buildx prints
-/// them; exit 1 when any warning or error is found.
-fn run_check(
-    inputs: &BuildInputs,
-    store: &kiln_cache::Store,
-    extras: &LowerExtras,
+/// `--call=check`: the checks of every stage (or of `--target`'s) as `lowered` found them,
+/// printed as buildx prints them; exit 1 when any warning or error is found.
+fn report_check(
+    lowered: Result<Vec<kiln_frontend::lower::Warning>, Box<kiln_frontend::lower::FrontendError>>,
+    dockerfile: &Dockerfile,
 ) -> std::process::ExitCode {
-    let (warnings, error) = match lower_checked(inputs, store, extras, inputs.target.is_none()) {
-        Ok(l) => (l.warnings, None),
+    let (warnings, error) = match lowered {
+        Ok(w) => (w, None),
         Err(e) => (e.warnings.clone(), Some(e)),
     };
     // Notices (an unsupported `# syntax=`) are no check results.
@@ -365,8 +177,8 @@ fn run_check(
     for w in &checks {
         out.push_str(&kiln_frontend::lint::check_text(
             w,
-            &inputs.dockerfile_name,
-            &inputs.dockerfile,
+            &dockerfile.name,
+            &dockerfile.bytes,
         ));
     }
     if checks.is_empty() && error.is_none() {
@@ -377,7 +189,7 @@ fn run_check(
         if !checks.is_empty() {
             println!();
         }
-        eprintln!("ERROR: {}", render_frontend_error(&e, inputs).trim_end());
+        eprintln!("ERROR: {}", render_frontend_error(&e, dockerfile).trim_end());
         return std::process::ExitCode::from(1);
     }
     if checks.is_empty() {
@@ -389,10 +201,31 @@ fn run_check(
 
 /// A frontend error as kiln prints it: lint violations as BuildKit words them, anything else
 /// compiler-style with the Dockerfile line.
-fn render_frontend_error(e: &kiln_frontend::lower::FrontendError, inputs: &BuildInputs) -> String {
+fn render_frontend_error(e: &kiln_frontend::lower::FrontendError, dockerfile: &Dockerfile) -> String {
     match &*e.kind {
         kiln_frontend::lower::LowerError::LintViolation { .. } => e.kind.to_string(),
-        _ => e.render(&inputs.dockerfile),
+        _ => e.render(&dockerfile.bytes),
+    }
+}
+
+/// A failed lowering of a build: the checks' warnings found before the error first, as buildx
+/// shows them, then the error.
+fn print_lower_failure(e: &kiln_frontend::lower::FrontendError, dockerfile: &Dockerfile, debug: bool) {
+    if !e.warnings.is_empty() {
+        let n = e.warnings.len();
+        let mut text = format!(
+            "\n {n} warning{} found{}:\n",
+            if n == 1 { "" } else { "s" },
+            if debug { "" } else { " (use --debug to expand)" }
+        );
+        for w in &e.warnings {
+            text.push_str(&format!(" - {}\n", warning_text(w, dockerfile, debug)));
+        }
+        eprint!("{text}");
+    }
+    match &*e.kind {
+        kiln_frontend::lower::LowerError::LintViolation { .. } => eprintln!("ERROR: {}", e.kind),
+        _ => eprintln!("{}", e.render(&dockerfile.bytes).trim_end()),
     }
 }
 
@@ -479,54 +312,6 @@ fn tabwrite(rows: &[Vec<String>], padding: usize) -> String {
     out
 }
 
-/// A parsed `-o` value.
-#[derive(Debug, PartialEq, Eq)]
-enum OutputSpec {
-    Image,
-    Docker(Option<PathBuf>),
-    Oci(Option<PathBuf>),
-    Tar(Option<PathBuf>),
-    Local(PathBuf),
-}
-
-fn parse_output(s: &str) -> anyhow::Result<OutputSpec> {
-    // `-o DIR` is `type=local,dest=DIR`; `-o -` is a tar on stdout.
-    if !s.contains('=') {
-        return Ok(if s == "-" {
-            OutputSpec::Tar(None)
-        } else {
-            OutputSpec::Local(PathBuf::from(s))
-        });
-    }
-    let mut kind = None;
-    let mut dest = None;
-    for part in s.split(',') {
-        let (k, v) = part
-            .split_once('=')
-            .with_context(|| format!("invalid output `{s}`: `{part}` is not KEY=VALUE"))?;
-        match k.trim() {
-            "type" => kind = Some(v.trim().to_string()),
-            "dest" => dest = Some(v.trim().to_string()),
-            "name" | "push" | "compression" | "oci-mediatypes" => {}
-            other => bail!("invalid output `{s}`: unknown key `{other}`"),
-        }
-    }
-    let dest_path = dest.filter(|d| d != "-").map(PathBuf::from);
-    match kind.as_deref() {
-        Some("image") | None => Ok(OutputSpec::Image),
-        Some("docker") => Ok(OutputSpec::Docker(dest_path)),
-        Some("oci") => Ok(OutputSpec::Oci(dest_path)),
-        Some("tar") => Ok(OutputSpec::Tar(dest_path)),
-        Some("local") => match dest_path {
-            Some(d) => Ok(OutputSpec::Local(d)),
-            None => bail!("invalid output `{s}`: type=local needs dest=DIR"),
-        },
-        Some(other) => {
-            bail!("invalid output `{s}`: unknown type `{other}` (expected image, docker, oci, tar or local)")
-        }
-    }
-}
-
 fn parse_secrets(specs: &[String]) -> anyhow::Result<BTreeMap<String, kiln_solver::engine::Secret>> {
     let mut out = BTreeMap::new();
     for s in specs {
@@ -601,41 +386,185 @@ fn source_date_epoch(build_args: &BTreeMap<String, String>) -> anyhow::Result<Op
     }
 }
 
-/// `kiln build`.
-pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCode> {
-    use std::process::ExitCode;
+/// Whether an environment variable holds one of BuildKit's truthy spellings.
+fn env_truthy(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "True" | "TRUE"))
+}
 
-    let host = kiln_dag::Platform::host();
-    if let Some(p) = &args.platform {
-        let wanted = kiln_dag::Platform::parse(p)
-            .with_context(|| format!("invalid --platform `{p}`: expected os/arch[/variant]"))?;
-        if wanted.os != host.os || wanted.architecture != host.architecture {
-            bail!("--platform {p} is not supported: kiln builds for the host platform ({host}) only");
+/// The `--build-context name=VALUE` flags as a map; a name may be given once.
+fn parse_build_contexts(specs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for spec in specs {
+        let (name, value) = spec
+            .split_once('=')
+            .filter(|(n, v)| !n.is_empty() && !v.is_empty())
+            .with_context(|| format!("invalid --build-context `{spec}`: expected name=VALUE"))?;
+        let name = name.trim().to_string();
+        if out.contains_key(&name) {
+            bail!("invalid --build-context `{spec}`: `{name}` is given twice");
         }
+        out.insert(name, value.to_string());
     }
-    let mut allow_network_host = false;
-    let mut allow_insecure = false;
+    Ok(out)
+}
+
+/// The flags as a build request.
+fn request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
+    let mut platforms = Vec::new();
+    for p in args.platform.iter().flat_map(|p| p.split(',')) {
+        platforms.push(
+            kiln_dag::Platform::parse(p.trim())
+                .with_context(|| format!("invalid --platform `{p}`: expected os/arch[/variant]"))?,
+        );
+    }
+    let mut entitlements = kiln_build::Entitlements::default();
     for a in args.allow.iter().flat_map(|a| a.split(',')) {
         match a.trim() {
-            "network.host" => allow_network_host = true,
-            "security.insecure" => allow_insecure = true,
+            "network.host" => entitlements.network_host = true,
+            "security.insecure" => entitlements.security_insecure = true,
             other => bail!("invalid --allow `{other}`: expected network.host or security.insecure"),
         }
     }
-    let outputs = args
-        .outputs
-        .iter()
-        .map(|o| parse_output(o))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let outputs = kiln_build::parse_outputs(&args.outputs, args.push)?;
     let tags = args
         .tags
         .iter()
         .map(|t| kiln_cache::reference::Reference::parse(t).with_context(|| format!("invalid tag `{t}`")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let labels = parse_kv_args(&args.labels, "label")?;
+    let build_args = parse_kv_args(&args.build_args, "build argument")?;
+
+    let stdin = || -> Box<dyn std::io::Read + Send> { Box::new(std::io::stdin()) };
+    let context = if args.context == "-" {
+        use std::io::IsTerminal as _;
+        if args.file.as_deref() == Some("-") {
+            bail!("invalid argument: can't use stdin for both the build context and the Dockerfile (`-f -` with context `-`)");
+        }
+        if std::io::stdin().is_terminal() {
+            bail!("the build context is `-` but stdin is a terminal: pipe a tar archive or a Dockerfile into kiln");
+        }
+        ContextSource::Stream(stdin())
+    } else {
+        ContextSource::from_arg(&args.context)
+    };
+    let mut req = BuildRequest::new(context);
+    req.dockerfile = match args.file.as_deref() {
+        None => DockerfileSource::Default,
+        Some("-") => DockerfileSource::Stream(stdin()),
+        Some(f) => DockerfileSource::Path(f.to_string()),
+    };
+    req.named_contexts = parse_build_contexts(&args.build_contexts)?;
+    req.source_date_epoch = source_date_epoch(&build_args)?;
+    req.build_args = build_args;
+    req.target = args.target.clone();
+    req.platforms = platforms;
+    req.labels = parse_kv_args(&args.labels, "label")?;
+    req.no_cache = args.no_cache;
+    req.no_cache_filter = args.no_cache_filter.clone();
+    req.pull = args.pull;
+    req.tags = tags;
+    req.outputs = outputs;
+    req.secrets = parse_secrets(&args.secrets)?;
+    req.ssh = parse_ssh(&args.ssh)?;
+    req.entitlements = entitlements;
+    req.keep_git_dir = env_truthy("BUILDKIT_CONTEXT_KEEP_GIT_DIR");
+    req.jobs = args.jobs;
+    req.registry = kiln_source::registry::ClientOptions::from_env();
+    Ok(req)
+}
+
+/// How a `kiln build` ended without an error to print.
+enum Outcome {
+    Built(Box<BuildResult>),
+    /// `--call` printed its result; the exit code.
+    Called(std::process::ExitCode),
+}
+
+/// Runs a blocking step of the build on tokio's blocking threads.
+async fn blocking<T: Send + 'static>(
+    step: &'static str,
+    f: impl FnOnce() -> Result<T, BuildError> + Send + 'static,
+) -> Result<T, BuildError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| BuildError::Panicked { step })?
+}
+
+/// The build step by step: contexts, then `--call`'s evaluation or the lowering (its warnings
+/// rendered for the progress, expanded with `--debug`), the solve, export, outputs and pushes.
+async fn drive(
+    store: std::sync::Arc<kiln_cache::Store>,
+    req: BuildRequest,
+    call: Call,
+    debug: bool,
+    progress: kiln_build::ProgressSink,
+    cancel: kiln_build::CancelToken,
+) -> Result<Outcome, BuildError> {
+    use std::process::ExitCode;
+    let all_stages = call == Call::Check && req.target.is_none();
+    let prepared = {
+        let (store, progress, cancel) = (store.clone(), progress.clone(), cancel.clone());
+        blocking("context", move || {
+            kiln_build::prepare(&store, req, &progress, &cancel)
+        })
+        .await?
+    };
+    let dockerfile = prepared.inputs().dockerfile.clone();
+    if call == Call::Targets {
+        return Ok(Outcome::Called(
+            match kiln_frontend::lower::targets(&dockerfile.bytes, &dockerfile.name) {
+                Ok(t) => {
+                    print_targets(&t);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}", e.render(&dockerfile.bytes).trim_end());
+                    ExitCode::from(1)
+                }
+            },
+        ));
+    }
+    let lowered = {
+        let store = store.clone();
+        blocking("lowering", move || prepared.lower(&store, all_stages)).await
+    };
+    match call {
+        Call::Check => {
+            let found = match lowered {
+                Ok(p) => Ok(p.lowered().warnings.clone()),
+                Err(BuildError::Lower { error, .. }) => Err(error),
+                Err(e) => return Err(e),
+            };
+            return Ok(Outcome::Called(report_check(found, &dockerfile)));
+        }
+        Call::Outline => {
+            return Ok(Outcome::Called(match lowered {
+                Ok(p) => {
+                    print_outline(&p.lowered().outline);
+                    ExitCode::SUCCESS
+                }
+                Err(BuildError::Lower { error, .. }) => {
+                    eprintln!("{}", render_frontend_error(&error, &dockerfile).trim_end());
+                    ExitCode::from(1)
+                }
+                Err(e) => return Err(e),
+            }));
+        }
+        Call::Build | Call::Targets => {}
+    }
+    let planned = lowered?;
+    for w in &planned.lowered().warnings {
+        progress.warn(warning_text(w, &dockerfile, debug));
+    }
+    let built = planned.build(store, progress, cancel).await?;
+    Ok(Outcome::Built(Box::new(built)))
+}
+
+/// `kiln build`.
+pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+
+    let req = request(&args)?;
     let call = parse_call(&args)?;
-    let secrets = parse_secrets(&args.secrets)?;
-    let ssh = parse_ssh(&args.ssh)?;
     let progress_mode: crate::progress::ProgressMode = if args.quiet {
         crate::progress::ProgressMode::Quiet
     } else {
@@ -648,180 +577,43 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
         .context("failed to start tokio")?;
     // Ctrl-C (or SIGTERM) cancels the build from here on: steps are killed, temporary files
     // and mounts removed, and kiln exits non-zero.
-    let cancel = kiln_solver::scheduler::CancelToken::new();
+    let cancel = kiln_build::CancelToken::new();
     let signals = watch_signals(&rt, &cancel)?;
 
     let store = std::sync::Arc::new(kiln_cache::Store::open(&g.root)?);
-    let _hold = store.hold()?;
-    let stdin_context = if args.context == "-" {
-        Some(StdinContext::read(&rt, &store, &cancel)?)
-    } else {
-        None
-    };
-    let keep_git = crate::remote_ctx::keep_git_dir(&args.build_args);
-    let remote_context = if stdin_context.is_none() && crate::remote_ctx::is_remote(&args.context) {
-        Some(crate::remote_ctx::Fetched::fetch(
-            &args.context,
-            &store,
-            keep_git,
-        )?)
-    } else {
-        None
-    };
-    let named = crate::remote_ctx::NamedContexts::resolve(&args.build_contexts, &store, keep_git)?;
-    let inputs = match (&stdin_context, &remote_context) {
-        (Some(s), _) => s.inputs(args.file.as_deref(), &args.build_args, args.target.clone())?,
-        (None, Some(r)) => r.inputs(args.file.as_deref(), &args.build_args, args.target.clone())?,
-        (None, None) => BuildInputs::read(
-            Path::new(&args.context),
-            args.file.as_deref(),
-            &args.build_args,
-            args.target.clone(),
-            g,
-        )?,
-    };
-    let epoch = source_date_epoch(&inputs.build_args)?;
-
-    let extras = LowerExtras {
-        labels,
-        no_cache: args.no_cache,
-        no_cache_filter: args.no_cache_filter.clone(),
-        pull: args.pull,
-        named_contexts: named.lower.clone(),
-    };
-    match call {
-        Call::Build => {}
-        Call::Targets => match kiln_frontend::lower::targets(&inputs.dockerfile, &inputs.dockerfile_name) {
-            Ok(t) => {
-                print_targets(&t);
-                return Ok(ExitCode::SUCCESS);
-            }
-            Err(e) => {
-                eprintln!("{}", e.render(&inputs.dockerfile).trim_end());
-                return Ok(ExitCode::from(1));
-            }
-        },
-        Call::Check => return Ok(run_check(&inputs, &store, &extras)),
-        Call::Outline => match lower_checked(&inputs, &store, &extras, false) {
-            Ok(l) => {
-                print_outline(&l.outline);
-                return Ok(ExitCode::SUCCESS);
-            }
-            Err(e) => {
-                eprintln!("{}", render_frontend_error(&e, &inputs).trim_end());
-                return Ok(ExitCode::from(1));
-            }
-        },
-    }
-    let lowered = match lower_checked(&inputs, &store, &extras, false) {
-        Ok(l) => l,
-        Err(e) => {
-            // The checks' warnings found before the error come first, as buildx shows them.
-            if !e.warnings.is_empty() {
-                let n = e.warnings.len();
-                let mut text = format!(
-                    "\n {n} warning{} found{}:\n",
-                    if n == 1 { "" } else { "s" },
-                    if g.debug { "" } else { " (use --debug to expand)" }
-                );
-                for w in &e.warnings {
-                    text.push_str(&format!(" - {}\n", warning_text(w, &inputs, g.debug)));
-                }
-                eprint!("{text}");
-            }
-            match &*e.kind {
-                kiln_frontend::lower::LowerError::LintViolation { .. } => eprintln!("ERROR: {}", e.kind),
-                _ => eprintln!("{}", e.render(&inputs.dockerfile).trim_end()),
-            }
-            return Ok(ExitCode::from(1));
-        }
-    };
-
-    let mut contexts = named.dirs.clone();
-    contexts.insert("context".to_string(), inputs.context.clone());
-    let engine_opts = kiln_solver::engine::EngineOptions {
-        contexts,
-        secrets,
-        ssh,
-        allow_network_host,
-        allow_insecure,
-        proxy_env: lowered.proxy_env.clone(),
-        source_date_epoch: epoch,
-    };
-    let graph = std::sync::Arc::new(lowered.graph.clone());
-    let engine = std::sync::Arc::new(kiln_solver::engine::Engine::new(
-        store.clone(),
-        graph.clone(),
-        engine_opts,
-    )?);
-    // Steps mostly wait on processes and disks rather than on CPU (BuildKit sets no limit at all),
-    // so by default several steps per CPU may run at once; file copies share one rayon pool.
-    let jobs = args
-        .jobs
-        .unwrap_or_else(|| 4 * std::thread::available_parallelism().map(usize::from).unwrap_or(1));
-
     let debug = g.debug;
-    let root = lowered.root;
-    let solve_cancel = cancel.clone();
-    let warning_texts: Vec<String> = lowered
-        .warnings
-        .iter()
-        .map(|w| warning_text(w, &inputs, debug))
-        .collect();
-    let result = rt.block_on(async move {
+    let outcome = rt.block_on(async move {
         let display = crate::progress::start(progress_mode, debug);
-        for w in warning_texts {
-            display.sink().warn(w);
-        }
-        let solved = kiln_solver::scheduler::solve(
-            &graph,
-            &[root],
-            engine.clone(),
-            kiln_solver::scheduler::SolveOptions { jobs },
-            display.sink(),
-            solve_cancel,
-        )
-        .await;
-        match &solved {
+        let outcome = drive(store, req, call, debug, display.sink(), cancel).await;
+        match &outcome {
             Ok(_) => display.finish(None).await,
             Err(e) => display.finish(Some(e)).await,
         }
-        solved.map(|mut r| (r.remove(0), lowered))
+        outcome
     });
-    let (resolved, lowered) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("{}", describe_failure(&e, &inputs));
+    let built = match outcome {
+        Ok(Outcome::Built(b)) => b,
+        Ok(Outcome::Called(code)) => return Ok(code),
+        Err(BuildError::Lower { dockerfile, error }) => {
+            print_lower_failure(&error, &dockerfile, debug);
             return Ok(ExitCode::from(1));
         }
+        Err(BuildError::Solve { dockerfile, error }) => {
+            eprintln!("{}", describe_failure(&error, &dockerfile));
+            return Ok(ExitCode::from(1));
+        }
+        Err(BuildError::Cancelled) => {
+            eprintln!("ERROR: failed to solve: cancelled");
+            return Ok(ExitCode::from(1));
+        }
+        Err(e) => return Err(e.into()),
     };
-    if cancel.is_cancelled() {
-        eprintln!("ERROR: failed to solve: cancelled");
-        return Ok(ExitCode::from(1));
-    }
-    let kiln_solver::engine::Output::Fs(layers) = &resolved.output else {
-        bail!("the build result is not a filesystem");
-    };
-    let epoch_time = epoch.map(kiln_cache::images::rfc3339);
-    let exported = kiln_solver::engine::export_image(&store, layers, &lowered.config, epoch_time.as_deref())?;
-    let image = exported.image;
-    for t in &tags {
-        store.images().tag(t, &image.manifest_digest)?;
-    }
-    for o in &outputs {
-        write_output(&store, o, &image, &tags, layers)?;
-    }
-    let id = image.id().to_string();
+    let id = built.image().id().to_string();
     if let Some(p) = &args.iidfile {
         std::fs::write(p, &id).with_context(|| format!("failed to write `{}`", p.display()))?;
     }
     if let Some(p) = &args.metadata_file {
-        let meta = serde_json::json!({
-            "containerimage.config.digest": image.config_digest.to_string(),
-            "containerimage.digest": image.manifest_digest.to_string(),
-            "image.name": tags.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","),
-        });
-        std::fs::write(p, serde_json::to_vec_pretty(&meta)?)
+        std::fs::write(p, serde_json::to_vec_pretty(&built.metadata())?)
             .with_context(|| format!("failed to write `{}`", p.display()))?;
     }
     if args.quiet {
@@ -852,7 +644,7 @@ fn watch_signals(
 }
 
 /// The failure line BuildKit users know: the step, its Dockerfile location, the cause.
-fn describe_failure(e: &kiln_solver::scheduler::SolveError, inputs: &BuildInputs) -> String {
+fn describe_failure(e: &kiln_solver::scheduler::SolveError, dockerfile: &kiln_build::Dockerfile) -> String {
     use std::fmt::Write as _;
     // The outermost error only names the vertex; the causes say what went wrong.
     let mut chain = Vec::new();
@@ -866,252 +658,20 @@ fn describe_failure(e: &kiln_solver::scheduler::SolveError, inputs: &BuildInputs
     };
     let mut out = format!("ERROR: failed to solve: {}: {}", v.name, chain[1..].join(": "));
     if let Some(loc) = &v.location {
-        let lines: Vec<&[u8]> = inputs.dockerfile.split(|b| *b == b'\n').collect();
+        let lines: Vec<&[u8]> = dockerfile.bytes.split(|b| *b == b'\n').collect();
         out.push('\n');
         for n in loc.start_line..=loc.end_line {
             if let Some(l) = lines.get((n as usize).saturating_sub(1)) {
-                let _ = writeln!(
-                    out,
-                    "{}:{}: {}",
-                    inputs.dockerfile_name,
-                    n,
-                    String::from_utf8_lossy(l)
-                );
+                let _ = writeln!(out, "{}:{}: {}", dockerfile.name, n, String::from_utf8_lossy(l));
             }
         }
     }
     out.trim_end().to_string()
 }
 
-fn write_output(
-    store: &kiln_cache::Store,
-    o: &OutputSpec,
-    image: &kiln_cache::images::Image,
-    tags: &[kiln_cache::reference::Reference],
-    layers: &[kiln_cache::buildcache::Layer],
-) -> anyhow::Result<()> {
-    use kiln_cache::archive::save::{save, Format, SaveItem};
-    let open = |dest: &Option<PathBuf>| -> anyhow::Result<Box<dyn std::io::Write + Send>> {
-        Ok(match dest {
-            Some(p) => Box::new(
-                std::fs::File::create(p).with_context(|| format!("failed to create `{}`", p.display()))?,
-            ),
-            None => Box::new(std::io::stdout()),
-        })
-    };
-    match o {
-        OutputSpec::Image => Ok(()),
-        OutputSpec::Docker(dest) | OutputSpec::Oci(dest) => {
-            let format = if matches!(o, OutputSpec::Docker(_)) {
-                Format::Docker
-            } else {
-                Format::Oci
-            };
-            let item = SaveItem {
-                image: image.clone(),
-                tags: tags.to_vec(),
-            };
-            save(store, &[item], format, open(dest)?)?;
-            Ok(())
-        }
-        OutputSpec::Local(dir) => {
-            std::fs::create_dir_all(dir).with_context(|| format!("failed to create `{}`", dir.display()))?;
-            flatten_into(store, layers, dir)
-        }
-        OutputSpec::Tar(dest) => {
-            let tmp = tempfile::Builder::new()
-                .prefix("export-")
-                .tempdir_in(store.root().join("tmp"))?;
-            flatten_into(store, layers, tmp.path())?;
-            let opts = kiln_cache::layer::DiffOptions::default();
-            kiln_cache::layer::write_tree(tmp.path(), open(dest)?, &opts)?;
-            Ok(())
-        }
-    }
-}
-
-/// Applies `layers` in order to `dir`, whiteouts deleting what they hide.
-fn flatten_into(
-    store: &kiln_cache::Store,
-    layers: &[kiln_cache::buildcache::Layer],
-    dir: &Path,
-) -> anyhow::Result<()> {
-    for l in layers {
-        let file = store.content().open(&l.blob)?;
-        let reader = kiln_cache::layer::sniff(file)?;
-        let opts = kiln_cache::layer::ApplyOptions {
-            whiteouts: kiln_cache::layer::WhiteoutMode::Delete,
-            archive_name: l.blob.to_string(),
-            ..Default::default()
-        };
-        kiln_cache::layer::apply(reader, dir, &opts)?;
-    }
-    Ok(())
-}
-
-/// A build context read from stdin (`kiln build -`): a tar archive (plain or compressed)
-/// extracted under the store's `tmp/`, or a lone Dockerfile with an empty context. The
-/// directory is removed when this is dropped, however the build ends.
-struct StdinContext {
-    dir: tempfile::TempDir,
-    /// The Dockerfile itself when stdin was not an archive.
-    dockerfile: Option<Vec<u8>>,
-}
-
-/// A reader that fails once `cancel` fires, so a long copy or extraction stops early.
-struct CancellableReader<R> {
-    inner: R,
-    cancel: kiln_solver::scheduler::CancelToken,
-}
-
-impl<R: Read> Read for CancellableReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.cancel.is_cancelled() {
-            return Err(std::io::Error::other("cancelled"));
-        }
-        self.inner.read(buf)
-    }
-}
-
-impl StdinContext {
-    /// Spools stdin into a fresh directory under `tmp/` of the store and, when it is an archive,
-    /// extracts it as the context. Fails (removing the directory) if `cancel` fires first.
-    fn read(
-        rt: &tokio::runtime::Runtime,
-        store: &kiln_cache::Store,
-        cancel: &kiln_solver::scheduler::CancelToken,
-    ) -> anyhow::Result<StdinContext> {
-        use std::io::IsTerminal as _;
-        if std::io::stdin().is_terminal() {
-            bail!("the build context is `-` but stdin is a terminal: pipe a tar archive or a Dockerfile into kiln");
-        }
-        let tmp_parent = store.root().join("tmp");
-        std::fs::create_dir_all(&tmp_parent)
-            .with_context(|| format!("failed to create `{}`", tmp_parent.display()))?;
-        let dir = tempfile::Builder::new()
-            .prefix("stdin-")
-            .tempdir_in(&tmp_parent)
-            .with_context(|| format!("failed to create a directory in `{}`", tmp_parent.display()))?;
-        let spool_path = dir.path().join("stdin");
-        let spool = std::fs::File::create(&spool_path)
-            .with_context(|| format!("failed to create `{}`", spool_path.display()))?;
-        // The copy runs on a blocking thread so that a cancel can abandon a stalled stdin.
-        let reader_cancel = cancel.clone();
-        let copy = rt.spawn_blocking(move || {
-            let mut reader = CancellableReader {
-                inner: std::io::stdin().lock(),
-                cancel: reader_cancel,
-            };
-            let mut writer = std::io::BufWriter::new(spool);
-            std::io::copy(&mut reader, &mut writer)?;
-            std::io::Write::flush(&mut writer)
-        });
-        let copied = rt.block_on(async {
-            tokio::select! {
-                r = copy => Some(r),
-                _ = cancel.cancelled() => None,
-            }
-        });
-        match copied {
-            None => bail!("cancelled while reading the build context from stdin"),
-            Some(Err(e)) => bail!("failed to read the build context from stdin: {e}"),
-            Some(Ok(r)) => r.context("failed to read the build context from stdin")?,
-        }
-
-        let kind = kiln_source::archive::classify_file(&spool_path)
-            .context("failed to read the build context from stdin")?;
-        let context = dir.path().join("context");
-        std::fs::create_dir(&context).with_context(|| format!("failed to create `{}`", context.display()))?;
-        let dockerfile = match kind {
-            kiln_source::archive::ContextKind::Archive(_) => {
-                let file = std::fs::File::open(&spool_path)
-                    .with_context(|| format!("failed to open `{}`", spool_path.display()))?;
-                let reader = CancellableReader {
-                    inner: file,
-                    cancel: cancel.clone(),
-                };
-                kiln_source::archive::extract(reader, &context, "build context from stdin")
-                    .context("failed to extract the build context from stdin")?;
-                None
-            }
-            kiln_source::archive::ContextKind::Plain => Some(
-                std::fs::read(&spool_path)
-                    .with_context(|| format!("failed to read `{}`", spool_path.display()))?,
-            ),
-        };
-        std::fs::remove_file(&spool_path)
-            .with_context(|| format!("failed to remove `{}`", spool_path.display()))?;
-        Ok(StdinContext { dir, dockerfile })
-    }
-
-    /// The extracted (or empty) context directory.
-    fn context(&self) -> PathBuf {
-        self.dir.path().join("context")
-    }
-
-    /// The frontend inputs: the Dockerfile from stdin, or `file` (default `Dockerfile`) inside
-    /// the extracted archive.
-    fn inputs(
-        &self,
-        file: Option<&str>,
-        build_args: &[String],
-        target: Option<String>,
-    ) -> anyhow::Result<BuildInputs> {
-        let context = self.context();
-        if file == Some("-") {
-            bail!("invalid argument: can't use stdin for both the build context and the Dockerfile (`-f -` with context `-`)");
-        }
-        if let Some(df) = &self.dockerfile {
-            if let Some(f) = file {
-                eprintln!("WARNING: --file {f} is ignored: the Dockerfile was read from stdin");
-            }
-            return BuildInputs::from_parts(
-                &context,
-                "Dockerfile".to_string(),
-                df.clone(),
-                None,
-                build_args,
-                target,
-            );
-        }
-        let rel = file.unwrap_or("Dockerfile");
-        let clean = kiln_solver::context::clean_rel(rel);
-        let path = context.join(&clean);
-        let real_ctx = std::fs::canonicalize(&context)
-            .with_context(|| format!("failed to resolve `{}`", context.display()))?;
-        let bytes = match std::fs::canonicalize(&path) {
-            Ok(real) if real.starts_with(&real_ctx) => std::fs::read(&real)
-                .with_context(|| format!("failed to read dockerfile `{rel}` from the context on stdin"))?,
-            Ok(_) => bail!("failed to read dockerfile: `{rel}` points outside the build context from stdin"),
-            Err(_) => bail!("failed to read dockerfile: `{rel}` not found in the build context from stdin"),
-        };
-        let name = Path::new(rel)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| rel.to_string());
-        BuildInputs::from_parts(&context, name, bytes, Some(&path), build_args, target)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn outputs_parse_like_docker() {
-        assert_eq!(
-            parse_output("type=local,dest=out").unwrap(),
-            OutputSpec::Local("out".into())
-        );
-        assert_eq!(parse_output("out").unwrap(), OutputSpec::Local("out".into()));
-        assert_eq!(parse_output("-").unwrap(), OutputSpec::Tar(None));
-        assert_eq!(
-            parse_output("type=docker,dest=i.tar").unwrap(),
-            OutputSpec::Docker(Some("i.tar".into()))
-        );
-        assert!(parse_output("type=local").is_err());
-        assert!(parse_output("type=registry").is_err());
-    }
 
     #[test]
     fn ssh_needs_a_socket() {

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Subcommand;
 
-use crate::build_cmd::{self, BuildInputs};
+use kiln_build::{BuildError, BuildRequest, CancelToken, ContextSource, DockerfileSource, ProgressSink};
+
 use crate::Globals;
 
 #[derive(Subcommand, Debug)]
@@ -54,14 +55,24 @@ pub fn run(cmd: DebugCmd, g: &Globals) -> anyhow::Result<ExitCode> {
             build_args,
             context,
         } => {
-            let inputs = BuildInputs::read(&context, file.as_deref(), &build_args, target, g)?;
-            let lowered = match build_cmd::lower(&inputs, g) {
-                Ok(l) => l,
-                Err(msg) => {
-                    eprint!("{msg}");
+            let mut req = BuildRequest::new(ContextSource::Dir(context));
+            req.dockerfile = match file.as_deref() {
+                None => DockerfileSource::Default,
+                Some("-") => DockerfileSource::Stream(Box::new(std::io::stdin())),
+                Some(f) => DockerfileSource::Path(f.to_string()),
+            };
+            req.build_args = crate::build_cmd::parse_kv_args(&build_args, "build argument")?;
+            req.target = target;
+            let store = kiln_cache::Store::open(&g.root)?;
+            let planned = match kiln_build::plan(&store, req, &ProgressSink::discard(), &CancelToken::new()) {
+                Ok(p) => p,
+                Err(BuildError::Lower { dockerfile, error }) => {
+                    eprint!("{}", error.render(&dockerfile.bytes));
                     return Ok(ExitCode::from(1));
                 }
+                Err(e) => return Err(e.into()),
             };
+            let lowered = planned.lowered();
             print!("{}", lowered.graph.render(&[lowered.root]));
             Ok(ExitCode::SUCCESS)
         }

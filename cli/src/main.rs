@@ -12,7 +12,6 @@ mod container_fs_cmds;
 mod debug_cmd;
 mod progress;
 mod registry_cmds;
-mod remote_ctx;
 mod run_cmd;
 mod store_cmds;
 mod supervise;

@@ -259,48 +259,6 @@ pub fn push(args: PushArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `FROM` / `COPY --from` resolution for `kiln build`: pulls `reference` (missing locally, or
-/// `--pull`) and returns the image. `local` is the local lookup's result; a local digest
-/// reference is used without asking the registry.
-pub fn pull_for_build(
-    store: &kiln_cache::Store,
-    reference: &str,
-    platform: &Platform,
-    local: Result<kiln_cache::images::Image, kiln_cache::images::ImageError>,
-) -> Result<kiln_cache::images::Image, String> {
-    let r = match Reference::parse(reference) {
-        Ok(r) => r,
-        Err(e) => {
-            return local.map_err(|le| {
-                format!("{reference}: not found in the local store ({le}); not a pullable reference ({e})")
-            })
-        }
-    };
-    if r.digest().is_some() {
-        if let Ok(image) = local {
-            return Ok(image);
-        }
-    }
-    let client = client(&[]);
-    let opts = registry::PullOptions {
-        platform: platform.clone(),
-        jobs: 4,
-    };
-    match registry::pull(&client, store, &r, &opts, &registry::NoProgress) {
-        Ok(p) => store
-            .images()
-            .get(&p.manifest)
-            .map_err(|e| format!("{r}: {:#}", anyhow::Error::from(e))),
-        Err(e) => {
-            let e = anyhow::Error::from(e);
-            Err(match local {
-                Ok(_) => format!("{r}: --pull: {e:#}"),
-                Err(_) => format!("{r}: not found in the local store, and pulling failed: {e:#}"),
-            })
-        }
-    }
-}
-
 fn read_line(prompt: &str) -> anyhow::Result<String> {
     eprint!("{prompt}");
     let mut s = String::new();

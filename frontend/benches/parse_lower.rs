@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 
 use kiln_dag::image::ImageConfig;
 use kiln_dag::Platform;
-use kiln_frontend::lower::{lower, ImageResolver, LowerOptions, ResolvedImage};
+use kiln_frontend::lower::{lower, ImageResolver, LowerOptions, ResolvedImage, ResolverError};
 
 /// Every image resolves to the same small config.
 struct FixedResolver;
 
 impl ImageResolver for FixedResolver {
-    fn resolve(&self, reference: &str, _platform: &Platform) -> Result<ResolvedImage, String> {
+    fn resolve(&self, reference: &str, _platform: &Platform) -> Result<ResolvedImage, ResolverError> {
         let mut config = ImageConfig {
             architecture: "amd64".into(),
             os: "linux".into(),

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use kiln_dag::image::ImageConfig;
 use kiln_dag::{Digest, FileAction, Op, Platform};
-use kiln_frontend::lower::{lower, ImageResolver, LowerOptions, Lowered, ResolvedImage};
+use kiln_frontend::lower::{lower, ImageResolver, LowerOptions, Lowered, ResolvedImage, ResolverError};
 use serde_json::Value;
 
 /// Fixed base images, so the golden output does not depend on any store.
@@ -28,7 +28,7 @@ fn base_config() -> ImageConfig {
 }
 
 impl ImageResolver for TestResolver {
-    fn resolve(&self, reference: &str, _platform: &Platform) -> Result<ResolvedImage, String> {
+    fn resolve(&self, reference: &str, _platform: &Platform) -> Result<ResolvedImage, ResolverError> {
         let mut config = base_config();
         let normalised = match reference {
             // Like the difftest base: a `docker import` of a rootfs, no config at all.
@@ -53,7 +53,12 @@ impl ImageResolver for TestResolver {
                 "docker.io/library/triggers:local"
             }
             "example.com/tools:1" => "example.com/tools:1",
-            other => return Err(format!("image {other} not found in the test resolver")),
+            other => {
+                return Err(ResolverError::NotFound {
+                    reference: other.into(),
+                    place: "the test resolver".into(),
+                })
+            }
         };
         let digest = (reference == "example.com/tools:1").then(|| Digest::of(b"tools manifest"));
         Ok(ResolvedImage {

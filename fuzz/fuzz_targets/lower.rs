@@ -5,16 +5,19 @@
 
 use kiln_dag::image::ImageConfig;
 use kiln_dag::Platform;
-use kiln_frontend::lower::{lower, ImageResolver, LowerOptions, ResolvedImage};
+use kiln_frontend::lower::{lower, ImageResolver, LowerOptions, ResolvedImage, ResolverError};
 use libfuzzer_sys::fuzz_target;
 
 /// Resolves every reference to an empty linux/amd64 config.
 struct EmptyResolver;
 
 impl ImageResolver for EmptyResolver {
-    fn resolve(&self, reference: &str, _platform: &Platform) -> Result<ResolvedImage, String> {
+    fn resolve(&self, reference: &str, _platform: &Platform) -> Result<ResolvedImage, ResolverError> {
         if reference.is_empty() {
-            return Err("empty reference".into());
+            return Err(ResolverError::NotFound {
+                reference: String::new(),
+                place: "the fuzz resolver".into(),
+            });
         }
         Ok(ResolvedImage {
             reference: reference.to_string(),

@@ -10,7 +10,7 @@ use kiln_dag::{
     SourceLocation, SourceOp, Vertex,
 };
 
-use super::error::{suggest, FrontendError, LowerError, ResolverError};
+use super::error::{suggest, FrontendError, LowerError};
 use super::mounts::{parse_mount, MountType};
 use super::stages::{self, Base, Stage};
 use super::values::{self, DEFAULT_PATH};
@@ -365,13 +365,13 @@ impl<'a> Lowerer<'a> {
         if let Some(r) = self.resolved.get(&key) {
             return Ok(r.clone());
         }
-        let r = self.resolver.resolve(reference, platform).map_err(|m| {
+        let r = self.resolver.resolve(reference, platform).map_err(|source| {
             self.err(
                 loc,
                 Some(reference),
                 LowerError::ResolveImage {
                     reference: reference.to_string(),
-                    source: ResolverError(m),
+                    source,
                 },
             )
         })?;

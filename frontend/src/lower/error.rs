@@ -3,10 +3,52 @@
 
 use std::fmt;
 
-/// A failure reported by an [`super::ImageResolver`], kept as the error cause.
+/// A cause an [`super::ImageResolver`] hands through from the layers it calls (the image store,
+/// a registry client): the frontend only displays and chains it.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why an [`super::ImageResolver`] could not produce an image; kept as the cause of
+/// [`LowerError::ResolveImage`]. Every variant names the reference as written.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ResolverError(pub String);
+pub enum ResolverError {
+    /// The resolver knows no image of that name and has nowhere else to look.
+    #[error("image {reference} not found in {place}")]
+    NotFound {
+        reference: String,
+        /// Where the resolver looked (`the local store`).
+        place: String,
+    },
+    /// Not in the local store, and the name is not a reference a registry could serve.
+    #[error("{reference}: not found in the local store ({local}); not a pullable reference ({reason})")]
+    NotPullable {
+        reference: String,
+        /// Why the local lookup failed.
+        local: BoxError,
+        /// Why the name is not a registry reference.
+        reason: BoxError,
+    },
+    /// Not in the local store, and pulling it failed.
+    #[error("{reference}: not found in the local store, and pulling failed")]
+    Pull {
+        reference: String,
+        #[source]
+        source: BoxError,
+    },
+    /// `--pull`: asking the registry again failed (a local image exists).
+    #[error("{reference}: --pull")]
+    Repull {
+        reference: String,
+        #[source]
+        source: BoxError,
+    },
+    /// The image was found or pulled, but could not be read.
+    #[error("{reference}")]
+    Read {
+        reference: String,
+        #[source]
+        source: BoxError,
+    },
+}
 
 /// What went wrong while lowering, without the position (see [`FrontendError`]).
 #[derive(Debug, thiserror::Error)]

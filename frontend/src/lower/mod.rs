@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use kiln_dag::image::ImageConfig;
 use kiln_dag::{Digest, Graph, Platform};
 
-pub use error::{FrontendError, LowerError, ResolverError};
+pub use error::{BoxError, FrontendError, LowerError, ResolverError};
 
 use crate::instructions::Located;
 
@@ -90,8 +90,8 @@ pub enum NamedContext {
 
 /// Looks up base images: the caller's bridge to the image store or a registry.
 pub trait ImageResolver {
-    /// Resolves `reference` for `platform`. `Err` is a human-readable reason.
-    fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String>;
+    /// Resolves `reference` for `platform`.
+    fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, ResolverError>;
 }
 
 /// What an [`ImageResolver`] found.

@@ -12,7 +12,7 @@ use crate::parser::Span;
 struct FakeResolver;
 
 impl ImageResolver for FakeResolver {
-    fn resolve(&self, reference: &str, _platform: &Platform) -> Result<ResolvedImage, String> {
+    fn resolve(&self, reference: &str, _platform: &Platform) -> Result<ResolvedImage, ResolverError> {
         let mut config = ImageConfig {
             architecture: "amd64".into(),
             os: "linux".into(),
@@ -22,7 +22,12 @@ impl ImageResolver for FakeResolver {
             "busybox:local" => {}
             "withcmd" => config.config.cmd = Some(vec!["base-cmd".into()]),
             "withtriggers" => config.config.on_build = Some(vec!["RUN echo from-image".into()]),
-            other => return Err(format!("no such image {other}")),
+            other => {
+                return Err(ResolverError::NotFound {
+                    reference: other.into(),
+                    place: "the fake resolver".into(),
+                })
+            }
         }
         Ok(ResolvedImage {
             reference: format!("docker.io/library/{reference}"),

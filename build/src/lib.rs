@@ -1,0 +1,528 @@
+//! A whole build as one library call: [`build`] takes a [`BuildRequest`] (plain data) and
+//! returns a [`BuildResult`]. The `kiln` binary parses flags into a request and renders the
+//! progress; any other front end (a daemon API, a test) does the same.
+//!
+//! The steps, each in its own module with its own error enum, in the order they run:
+//!
+//! 1. [`request`]: the request is checked (platforms, names, what is pushed) before anything
+//!    is read;
+//! 2. [`context`], [`named`]: the build context (local directory, stream, Git or http(s) URL) and
+//!    the `--build-context` values are resolved, the Dockerfile and `.dockerignore` read;
+//! 3. lowering: `kiln_frontend::lower` with an image resolver over the store that pulls missing
+//!    base images through `kiln_source::registry` (`resolver`);
+//! 4. solving: `kiln_solver::scheduler::solve` with the engine, reporting to the caller's
+//!    [`ProgressSink`] and stopping on its [`CancelToken`];
+//! 5. [`export`]: the image into the store, its local names, archive and directory outputs;
+//! 6. [`push`]: every pushed name to its registry, as `kiln push` does.
+//!
+//! Blocking work (fetches, pulls, layer writes, pushes) runs on tokio's blocking threads.
+//! [`build`] runs every step; a front end that acts between steps (`--call=check|outline|
+//! targets`, `kiln debug graph`, its own rendering of the checks' warnings) goes step by step:
+//! [`prepare`] (1-2), [`Prepared::lower`] (3), [`Planned::build`] (4-6).
+//!
+//! What comes next fits between these steps without changing their shape: a remote cache
+//! import runs between lowering and solving (seeding the engine's lookups) and its export after
+//! step 5, both as new request fields (the request is `#[non_exhaustive]`); several target
+//! platforms give one lowering and one solve per platform (the `platforms` field, the per-
+//! platform [`BuildResult::images`]) and an image index as the [`BuildResult::descriptor`].
+//!
+//! The caller must run this in a private mount namespace
+//! (`kiln_runtime::host::enter_private_mount_namespace`, entered while single-threaded), as the
+//! engine mounts overlays from this process.
+#![forbid(unsafe_code)]
+
+pub mod context;
+pub mod export;
+mod metadata;
+pub mod named;
+pub mod output;
+pub mod push;
+pub mod request;
+mod resolver;
+
+use std::sync::Arc;
+
+use kiln_cache::buildcache::Layer;
+use kiln_cache::images::Image;
+use kiln_cache::reference::Reference;
+use kiln_cache::Store;
+use kiln_dag::Platform;
+use kiln_frontend::lower::{FrontendError, LowerOptions, Lowered};
+use kiln_solver::engine::{Engine, EngineError, EngineOptions};
+use kiln_solver::scheduler::{self, SolveError, SolveOptions};
+use kiln_source::registry::{Client, Pushed};
+
+pub use context::{ContextError, Dockerfile, Inputs};
+pub use export::ExportError;
+pub use kiln_solver::progress::ProgressSink;
+pub use kiln_solver::scheduler::CancelToken;
+pub use metadata::Descriptor;
+pub use named::NamedContextError;
+pub use output::{parse_output, parse_outputs, OutputError, OutputSpec};
+pub use push::PushError;
+pub use request::{BuildRequest, ContextSource, DockerfileSource, Entitlements};
+
+/// A request that cannot be built as asked; found before anything is read.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("--platform {platform} is not supported: kiln builds for the host platform ({host}) only")]
+    Platform {
+        platform: Box<Platform>,
+        host: Box<Platform>,
+    },
+    #[error("building {count} platforms at once is not supported yet: give one --platform")]
+    SeveralPlatforms { count: usize },
+    #[error("an image output has push=true but no name: give -t NAME or name=NAME")]
+    PushWithoutName,
+    #[error("invalid name `{reference}`: a digest reference cannot name a build's image")]
+    DigestName { reference: Box<Reference> },
+}
+
+/// A build failed; the variant says at which step.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error("failed to hold the store for the build")]
+    Store(#[source] kiln_cache::store::StoreError),
+    #[error(transparent)]
+    Context(#[from] ContextError),
+    #[error(transparent)]
+    NamedContext(#[from] NamedContextError),
+    /// Lowering failed; [`FrontendError::render`] over `dockerfile.bytes` shows where.
+    #[error("failed to lower `{}`", dockerfile.name)]
+    Lower {
+        dockerfile: Dockerfile,
+        #[source]
+        error: Box<FrontendError>,
+    },
+    #[error("failed to start the build engine")]
+    Engine(#[source] Box<EngineError>),
+    /// A step failed; the error's vertex has the Dockerfile location, `dockerfile` the text.
+    #[error("failed to solve")]
+    Solve {
+        dockerfile: Dockerfile,
+        #[source]
+        error: SolveError,
+    },
+    /// The cancel token fired after the solve finished.
+    #[error("build cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error(transparent)]
+    Push(#[from] PushError),
+    #[error("the {step} task of the build panicked")]
+    Panicked { step: &'static str },
+}
+
+/// The image built for one target platform.
+#[derive(Clone, Debug)]
+pub struct PlatformImage {
+    pub platform: Platform,
+    /// The image as written to the store.
+    pub image: Image,
+}
+
+/// What a build produced.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct BuildResult {
+    /// A unique ref of this build, in buildx's `builder/node/ref` shape.
+    pub build_ref: String,
+    /// One image per target platform, in the request's order (one today).
+    pub images: Vec<PlatformImage>,
+    /// Every name the image has now: the local names (tags and `type=image` names), then the
+    /// pushed ones, without repeats.
+    pub names: Vec<Reference>,
+    /// Every push, in order.
+    pub pushed: Vec<Pushed>,
+}
+
+impl BuildResult {
+    /// The image of the (single) target platform.
+    pub fn image(&self) -> &Image {
+        // `build` never returns a result without an image.
+        &self.images[0].image
+    }
+
+    /// The result's top descriptor: the pushed manifest after a push (pushed layers may be
+    /// compressed, so its digest differs from the local one), else the local manifest.
+    pub fn descriptor(&self) -> Descriptor {
+        match self.pushed.first() {
+            Some(p) => Descriptor {
+                media_type: p.media_type.clone(),
+                digest: p.digest,
+                size: p.size,
+            },
+            None => {
+                let image = self.image();
+                Descriptor {
+                    media_type: image
+                        .manifest
+                        .media_type()
+                        .as_ref()
+                        .map(|m| m.to_string())
+                        .unwrap_or_else(|| kiln_source::registry::media::OCI_MANIFEST.to_string()),
+                    digest: image.manifest_digest,
+                    size: image.manifest_bytes.len() as u64,
+                }
+            }
+        }
+    }
+
+    /// BuildKit's exporter response, what `--metadata-file` writes (see [`metadata`]).
+    pub fn metadata(&self) -> serde_json::Value {
+        metadata::metadata(self)
+    }
+}
+
+/// The request, checked: who is named and pushed, for which platform.
+struct Plan {
+    platform: Platform,
+    /// Names tagged in the local store.
+    local_names: Vec<Reference>,
+    push_jobs: Vec<push::PushJob>,
+}
+
+fn push_unique<T: PartialEq>(v: &mut Vec<T>, item: T) {
+    if !v.contains(&item) {
+        v.push(item);
+    }
+}
+
+impl Plan {
+    fn of(req: &BuildRequest) -> Result<Plan, RequestError> {
+        let host = Platform::host();
+        if req.platforms.len() > 1 {
+            return Err(RequestError::SeveralPlatforms {
+                count: req.platforms.len(),
+            });
+        }
+        if let Some(p) = req.platforms.first() {
+            if p.os != host.os || p.architecture != host.architecture {
+                return Err(RequestError::Platform {
+                    platform: Box::new(p.clone()),
+                    host: Box::new(host),
+                });
+            }
+        }
+        let mut local_names = Vec::new();
+        let mut push_jobs: Vec<push::PushJob> = Vec::new();
+        for t in &req.tags {
+            push_unique(&mut local_names, t.clone());
+        }
+        for o in &req.outputs {
+            let OutputSpec::Image(i) = o else { continue };
+            let names = if i.names.is_empty() { &req.tags } else { &i.names };
+            if i.tag_locally {
+                for n in names {
+                    push_unique(&mut local_names, n.clone());
+                }
+            }
+            if i.push {
+                if names.is_empty() {
+                    return Err(RequestError::PushWithoutName);
+                }
+                for n in names {
+                    if !push_jobs.iter().any(|j| &j.reference == n) {
+                        push_jobs.push(push::PushJob {
+                            reference: n.clone(),
+                            compression: i.compression.unwrap_or_default(),
+                            insecure: i.insecure,
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(r) = local_names
+            .iter()
+            .chain(push_jobs.iter().map(|j| &j.reference))
+            .find(|r| r.digest().is_some())
+        {
+            return Err(RequestError::DigestName {
+                reference: Box::new(r.clone()),
+            });
+        }
+        Ok(Plan {
+            platform: host,
+            local_names,
+            push_jobs,
+        })
+    }
+}
+
+/// A build after steps 1 and 2: the request checked, the contexts resolved, the Dockerfile and
+/// `.dockerignore` read. Holds the store against garbage collection, and the fetched and
+/// extracted contexts' temp directories, until dropped.
+pub struct Prepared {
+    req: BuildRequest,
+    plan: Plan,
+    main: context::MainContext,
+    named: named::NamedContexts,
+    _hold: kiln_cache::store::Hold,
+}
+
+/// Steps 1 and 2: checks the request and resolves the contexts. Blocking (fetches, stdin).
+/// `--call=targets` needs no more than this.
+pub fn prepare(
+    store: &Store,
+    mut req: BuildRequest,
+    progress: &ProgressSink,
+    cancel: &CancelToken,
+) -> Result<Prepared, BuildError> {
+    let plan = Plan::of(&req)?;
+    let hold = store.hold().map_err(BuildError::Store)?;
+    let keep_git = req.keeps_git_dir();
+    let context = std::mem::replace(&mut req.context, ContextSource::Dir(Default::default()));
+    let dockerfile = std::mem::take(&mut req.dockerfile);
+    let main = context::prepare(context, dockerfile, store, keep_git, progress, cancel)?;
+    let named = named::NamedContexts::resolve(&req.named_contexts, store, keep_git)?;
+    Ok(Prepared {
+        req,
+        plan,
+        main,
+        named,
+        _hold: hold,
+    })
+}
+
+impl Prepared {
+    /// The context directory, the Dockerfile and `.dockerignore` patterns as read.
+    pub fn inputs(&self) -> &Inputs {
+        &self.main.inputs
+    }
+
+    /// Step 3: lowers the Dockerfile, pulling the base images that are missing. Blocking.
+    /// `all_stages` lowers (and checks) every stage, not only those the target needs, as
+    /// `--check` does without `--target`; a build leaves it false.
+    pub fn lower(self, store: &Store, all_stages: bool) -> Result<Planned, BuildError> {
+        let inputs = &self.main.inputs;
+        let req = &self.req;
+        let opts = LowerOptions {
+            dockerfile_name: inputs.dockerfile.name.clone(),
+            build_args: req.build_args.clone(),
+            target: req.target.clone(),
+            platform: self.plan.platform.clone(),
+            labels: req.labels.clone(),
+            no_cache: req.no_cache,
+            no_cache_filter: req.no_cache_filter.clone(),
+            dockerignore: inputs.dockerignore.clone(),
+            named_contexts: self.named.lower.clone(),
+            all_stages,
+        };
+        let client = Client::new(req.registry.clone());
+        let resolver = resolver::StoreResolver {
+            store,
+            client: &client,
+            pull: req.pull,
+        };
+        let lowered =
+            kiln_frontend::lower::lower(&inputs.dockerfile.bytes, &opts, &resolver).map_err(|error| {
+                BuildError::Lower {
+                    dockerfile: inputs.dockerfile.clone(),
+                    error: Box::new(error),
+                }
+            })?;
+        Ok(Planned {
+            prepared: self,
+            lowered,
+        })
+    }
+}
+
+/// A build up to the solve: contexts resolved and the Dockerfile lowered.
+pub struct Planned {
+    prepared: Prepared,
+    lowered: Lowered,
+}
+
+impl Planned {
+    /// The Dockerfile lowered: the graph, its root, the image config, the outline and the
+    /// checks' warnings.
+    pub fn lowered(&self) -> &Lowered {
+        &self.lowered
+    }
+
+    /// The context directory, the Dockerfile and `.dockerignore` patterns as read.
+    pub fn inputs(&self) -> &Inputs {
+        &self.prepared.main.inputs
+    }
+
+    /// Steps 4 to 6: solves with the engine, exports the image into the store, names it, writes
+    /// the outputs and pushes. The lowering warnings are the caller's to report (see
+    /// [`build`]). `cancel` stops the build at the next step, failing with
+    /// [`BuildError::Cancelled`] or the solve's cancellation.
+    pub async fn build(
+        self,
+        store: Arc<Store>,
+        progress: ProgressSink,
+        cancel: CancelToken,
+    ) -> Result<BuildResult, BuildError> {
+        let build_ref = metadata::new_build_ref();
+        let layers = solve(
+            store.clone(),
+            self.solve_input(),
+            progress.clone(),
+            cancel.clone(),
+        )
+        .await?;
+        if cancel.is_cancelled() {
+            return Err(BuildError::Cancelled);
+        }
+        tokio::task::spawn_blocking(move || finish(&store, &self, &layers, build_ref, &progress, &cancel))
+            .await
+            .map_err(|_| BuildError::Panicked { step: "export" })?
+    }
+}
+
+/// Steps 1 to 3 ([`prepare`], then [`Prepared::lower`] for the target). Blocking.
+/// `kiln debug graph` stops here.
+pub fn plan(
+    store: &Store,
+    req: BuildRequest,
+    progress: &ProgressSink,
+    cancel: &CancelToken,
+) -> Result<Planned, BuildError> {
+    prepare(store, req, progress, cancel)?.lower(store, false)
+}
+
+/// Builds: [`plan`] on a blocking thread, the lowering warnings to `progress` in their short
+/// form (`Rule: message (line N)`), then [`Planned::build`].
+pub async fn build(
+    store: Arc<Store>,
+    req: BuildRequest,
+    progress: ProgressSink,
+    cancel: CancelToken,
+) -> Result<BuildResult, BuildError> {
+    let planned = {
+        let (store, progress, cancel) = (store.clone(), progress.clone(), cancel.clone());
+        tokio::task::spawn_blocking(move || plan(&store, req, &progress, &cancel))
+            .await
+            .map_err(|_| BuildError::Panicked { step: "planning" })??
+    };
+    for w in &planned.lowered.warnings {
+        progress.warn(w.to_string());
+    }
+    planned.build(store, progress, cancel).await
+}
+
+/// What the solve needs, owned, so that the build's future holds no borrow across its awaits
+/// (and stays `Send` whatever the request's streams are).
+struct SolveInput {
+    graph: Arc<kiln_dag::Graph>,
+    root: kiln_dag::Digest,
+    engine: EngineOptions,
+    jobs: usize,
+    dockerfile: Dockerfile,
+}
+
+impl Planned {
+    fn solve_input(&self) -> SolveInput {
+        let req = &self.prepared.req;
+        let mut contexts = self.prepared.named.dirs.clone();
+        contexts.insert("context".to_string(), self.prepared.main.inputs.context.clone());
+        SolveInput {
+            graph: Arc::new(self.lowered.graph.clone()),
+            root: self.lowered.root,
+            engine: EngineOptions {
+                contexts,
+                secrets: req.secrets.clone(),
+                ssh: req.ssh.clone(),
+                allow_network_host: req.entitlements.network_host,
+                allow_insecure: req.entitlements.security_insecure,
+                proxy_env: self.lowered.proxy_env.clone(),
+                source_date_epoch: req.source_date_epoch,
+            },
+            // Steps mostly wait on processes and disks rather than on CPU (BuildKit sets no
+            // limit at all), so by default several steps per CPU may run at once.
+            jobs: req
+                .jobs
+                .unwrap_or_else(|| 4 * std::thread::available_parallelism().map(usize::from).unwrap_or(1)),
+            dockerfile: self.prepared.main.inputs.dockerfile.clone(),
+        }
+    }
+}
+
+/// Step 4: runs the graph to the target's root; returns its layers.
+async fn solve(
+    store: Arc<Store>,
+    input: SolveInput,
+    progress: ProgressSink,
+    cancel: CancelToken,
+) -> Result<Arc<Vec<Layer>>, BuildError> {
+    let SolveInput {
+        graph,
+        root,
+        engine,
+        jobs,
+        dockerfile,
+    } = input;
+    let engine =
+        Arc::new(Engine::new(store, graph.clone(), engine).map_err(|e| BuildError::Engine(Box::new(e)))?);
+    let solved = scheduler::solve(&graph, &[root], engine, SolveOptions { jobs }, progress, cancel).await;
+    let mut resolved = solved.map_err(|error| BuildError::Solve { dockerfile, error })?;
+    match resolved.pop().map(|r| r.output) {
+        Some(kiln_solver::engine::Output::Fs(layers)) => Ok(layers),
+        _ => Err(ExportError::NotAFilesystem.into()),
+    }
+}
+
+/// Steps 5 and 6: the image into the store, its names, the outputs, the pushes. Blocking.
+fn finish(
+    store: &Store,
+    planned: &Planned,
+    layers: &[Layer],
+    build_ref: String,
+    progress: &ProgressSink,
+    cancel: &CancelToken,
+) -> Result<BuildResult, BuildError> {
+    let req = &planned.prepared.req;
+    let plan = &planned.prepared.plan;
+    let epoch_time = req.source_date_epoch.map(kiln_cache::images::rfc3339);
+    let image =
+        kiln_solver::engine::export_image(store, layers, &planned.lowered.config, epoch_time.as_deref())
+            .map_err(|e| ExportError::Image(Box::new(e)))?
+            .image;
+    export::tag(store, &image, &plan.local_names)?;
+    for o in &req.outputs {
+        export::write_output(store, o, &image, &req.tags, layers)?;
+    }
+    if cancel.is_cancelled() {
+        return Err(BuildError::Cancelled);
+    }
+    let pushed = push::push_all(
+        store,
+        &image,
+        &plan.push_jobs,
+        &req.registry,
+        progress,
+        &build_ref,
+    )?;
+    let mut names = plan.local_names.clone();
+    for j in &plan.push_jobs {
+        push_unique(&mut names, j.reference.clone());
+    }
+    Ok(BuildResult {
+        build_ref,
+        images: vec![PlatformImage {
+            platform: plan.platform.clone(),
+            image,
+        }],
+        names,
+        pushed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A daemon runs builds on its runtime's tasks: the future must be `Send`.
+    #[allow(dead_code)]
+    fn build_futures_are_send(store: Arc<Store>, req: BuildRequest) {
+        fn is_send<T: Send>(_: &T) {}
+        let f = build(store, req, ProgressSink::discard(), CancelToken::new());
+        is_send(&f);
+    }
+}

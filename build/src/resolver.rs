@@ -1,0 +1,80 @@
+//! Base images for the frontend: `FROM` and `COPY --from` look in the local image store first
+//! and pull what is missing (or everything, with `--pull`) through `kiln_source::registry`.
+
+use kiln_cache::images::{Image, ImageError};
+use kiln_cache::reference::Reference;
+use kiln_cache::Store;
+use kiln_dag::Platform;
+use kiln_frontend::lower::{ImageResolver, ResolvedImage, ResolverError};
+use kiln_source::registry::{self, Client};
+
+/// The frontend's [`ImageResolver`] over the store and a registry client.
+pub(crate) struct StoreResolver<'a> {
+    pub store: &'a Store,
+    pub client: &'a Client,
+    /// `--pull`: re-resolve every tag against its registry.
+    pub pull: bool,
+}
+
+impl ImageResolver for StoreResolver<'_> {
+    fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, ResolverError> {
+        let reference_norm = Reference::parse(reference)
+            .map(|r| r.to_string())
+            .unwrap_or_else(|_| reference.to_string());
+        let image = match self.store.images().resolve(reference) {
+            Ok(image) if !self.pull => image,
+            local => pull_for_build(self.store, self.client, reference, platform, local)?,
+        };
+        Ok(ResolvedImage {
+            reference: reference_norm,
+            digest: Some(image.manifest_digest),
+            config: image.config,
+        })
+    }
+}
+
+/// Pulls `reference` (missing locally, or `--pull`) and returns the image. `local` is the local
+/// lookup's result; a local digest reference is used without asking the registry.
+fn pull_for_build(
+    store: &Store,
+    client: &Client,
+    reference: &str,
+    platform: &Platform,
+    local: Result<Image, ImageError>,
+) -> Result<Image, ResolverError> {
+    let r = match Reference::parse(reference) {
+        Ok(r) => r,
+        Err(e) => {
+            return local.map_err(|le| ResolverError::NotPullable {
+                reference: reference.to_string(),
+                local: Box::new(le),
+                reason: Box::new(e),
+            })
+        }
+    };
+    if r.digest().is_some() {
+        if let Ok(image) = local {
+            return Ok(image);
+        }
+    }
+    let opts = registry::PullOptions {
+        platform: platform.clone(),
+        jobs: 4,
+    };
+    match registry::pull(client, store, &r, &opts, &registry::NoProgress) {
+        Ok(p) => store.images().get(&p.manifest).map_err(|e| ResolverError::Read {
+            reference: r.to_string(),
+            source: Box::new(e),
+        }),
+        Err(e) => Err(match local {
+            Ok(_) => ResolverError::Repull {
+                reference: r.to_string(),
+                source: Box::new(e),
+            },
+            Err(_) => ResolverError::Pull {
+                reference: r.to_string(),
+                source: Box::new(e),
+            },
+        }),
+    }
+}
