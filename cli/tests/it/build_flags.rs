@@ -469,6 +469,111 @@ fn iidfile_and_metadata_file_match_the_image() {
     assert!(repo_digests.contains(digest), "{repo_digests} vs {digest}");
 }
 
+/// JSON's type of a value, for shape comparisons.
+fn json_type(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "bool",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    }
+}
+
+fn is_digest(v: &serde_json::Value) -> bool {
+    v.as_str().is_some_and(|d| {
+        d.len() == 71
+            && d.starts_with("sha256:")
+            && d[7..]
+                .bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    })
+}
+
+#[test]
+fn metadata_file_has_the_keys_and_shapes_buildkit_writes() {
+    let (env, ctx) = setup();
+    write(&ctx, "Dockerfile", "FROM busybox:local\nRUN echo m > /m\n");
+    let meta = env.path("meta.json");
+    build(
+        &env,
+        &ctx,
+        &["-t", "t/meta:1", "-t", "t/meta:2", "--metadata-file", s(&meta)],
+    );
+    let got: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    let reference_path = crate::harness::workspace().join("testdata/buildkit/metadata-file.json");
+    let buildkit: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reference_path).unwrap()).unwrap();
+    // Every key BuildKit writes but provenance (kiln makes no attestations), no other, each of
+    // the same JSON type, nested objects too.
+    let keys = |v: &serde_json::Value| -> Vec<String> { v.as_object().unwrap().keys().cloned().collect() };
+    let mut want = keys(&buildkit);
+    want.retain(|k| k != "buildx.build.provenance");
+    assert_eq!(keys(&got), want, "{got:#}");
+    for k in &want {
+        assert_eq!(json_type(&got[k]), json_type(&buildkit[k]), "{k}: {got:#}");
+    }
+    let (desc, bk_desc) = (
+        &got["containerimage.descriptor"],
+        &buildkit["containerimage.descriptor"],
+    );
+    assert_eq!(keys(desc), keys(bk_desc), "{desc:#}");
+    assert_eq!(
+        keys(&desc["annotations"]),
+        keys(&bk_desc["annotations"]),
+        "{desc:#}"
+    );
+    for k in keys(bk_desc) {
+        assert_eq!(json_type(&desc[&k]), json_type(&bk_desc[&k]), "descriptor {k}");
+    }
+    assert_eq!(desc["mediaType"], bk_desc["mediaType"]);
+    for d in [
+        &got["containerimage.digest"],
+        &got["containerimage.config.digest"],
+        &desc["digest"],
+        &desc["annotations"]["config.digest"],
+    ] {
+        assert!(is_digest(d), "{d} in {got:#}");
+    }
+    assert_eq!(got["containerimage.digest"], desc["digest"]);
+    assert_eq!(
+        got["containerimage.config.digest"],
+        desc["annotations"]["config.digest"]
+    );
+    // The values are the image's: its manifest (size included), its config, its creation time.
+    let info = env.inspect("t/meta:1");
+    assert_eq!(info["Id"], got["containerimage.config.digest"]);
+    assert_eq!(
+        info["Created"],
+        desc["annotations"]["org.opencontainers.image.created"]
+    );
+    let manifest_hex = &desc["digest"].as_str().unwrap()[7..];
+    let manifest_size = std::fs::metadata(env.root().join("blobs/sha256").join(manifest_hex))
+        .unwrap()
+        .len();
+    assert_eq!(desc["size"].as_u64(), Some(manifest_size));
+    assert_eq!(got["image.name"], "docker.io/t/meta:1,docker.io/t/meta:2");
+    // buildx's builder/node/ref, the ref 25 base-36 digits.
+    let build_ref = got["buildx.build.ref"].as_str().unwrap();
+    let parts: Vec<&str> = build_ref.split('/').collect();
+    assert_eq!(parts.len(), 3, "{build_ref}");
+    assert!(
+        parts[2].len() == 25
+            && parts[2]
+                .bytes()
+                .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase()),
+        "{build_ref}"
+    );
+
+    // Without a name BuildKit writes no image.name; a second build has another ref.
+    build(&env, &ctx, &["--metadata-file", s(&meta)]);
+    let unnamed: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    assert!(unnamed.get("image.name").is_none(), "{unnamed:#}");
+    assert_ne!(unnamed["buildx.build.ref"], got["buildx.build.ref"]);
+    assert_eq!(unnamed["containerimage.digest"], got["containerimage.digest"]);
+}
+
 #[test]
 fn docker_and_oci_outputs_load_elsewhere() {
     let (env, ctx) = setup();

@@ -96,6 +96,18 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
+/// The shared folder beside the checkout (`../shared`), or `$KILN_SHARED_DIR`: peers' start
+/// scripts, the base image, the conformance corpus.
+pub fn shared_dir() -> PathBuf {
+    match std::env::var_os("KILN_SHARED_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => workspace()
+            .parent()
+            .expect("the checkout's parent")
+            .join("shared"),
+    }
+}
+
 /// A busybox rootfs tarball made once per test run by testdata/make-busybox-rootfs.sh.
 pub fn busybox_tar() -> PathBuf {
     static TAR: OnceLock<PathBuf> = OnceLock::new();

@@ -1,16 +1,16 @@
 //! `kiln pull/push/login/logout` and `FROM` a registry, against the reference registry
-//! (Debian's docker-registry, via /work/shared/peers/start-registry.sh) on loopback, Docker, and
+//! (Debian's docker-registry, via `../shared/peers/start-registry.sh`) on loopback, Docker, and
 //! a small proxy written here that adds Bearer-token auth or injects faults (corrupt or
 //! truncated blobs, 500s).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::harness::{frame, require_root, workspace, Env};
+use crate::harness::{frame, require_root, shared_dir, Env};
 
 /// A registry process, killed on drop.
 pub(crate) struct Registry {
@@ -21,11 +21,7 @@ pub(crate) struct Registry {
 impl Registry {
     pub(crate) fn start(htpasswd: Option<&str>) -> Registry {
         let port = free_port();
-        let script = workspace()
-            .parent()
-            .map(|p| p.join("shared/peers/start-registry.sh"))
-            .filter(|p| p.exists())
-            .unwrap_or_else(|| PathBuf::from("/work/shared/peers/start-registry.sh"));
+        let script = shared_dir().join("peers/start-registry.sh");
         let mut cmd = Command::new("bash");
         cmd.arg(&script).arg(port.to_string());
         if let Some(h) = htpasswd {
@@ -76,7 +72,7 @@ fn free_port() -> u16 {
 }
 
 /// kiln with DOCKER_CONFIG inside the test's temp dir.
-fn kiln(env: &Env, args: &[&str]) -> Output {
+pub(crate) fn kiln(env: &Env, args: &[&str]) -> Output {
     env.kiln(args)
         .env("DOCKER_CONFIG", env.path("docker-config"))
         .env_remove("KILN_INSECURE_REGISTRIES")
@@ -84,13 +80,13 @@ fn kiln(env: &Env, args: &[&str]) -> Output {
         .expect("spawn kiln")
 }
 
-fn ok(env: &Env, args: &[&str]) -> String {
+pub(crate) fn ok(env: &Env, args: &[&str]) -> String {
     let out = kiln(env, args);
     assert!(out.status.success(), "kiln {args:?} failed\n{}", frame(&out));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn fails(env: &Env, args: &[&str]) -> String {
+pub(crate) fn fails(env: &Env, args: &[&str]) -> String {
     let out = kiln(env, args);
     assert!(
         !out.status.success(),
@@ -100,14 +96,16 @@ fn fails(env: &Env, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn docker() -> String {
+pub(crate) fn docker() -> String {
+    let script = shared_dir().join("peers/start-docker.sh");
     let out = Command::new("bash")
-        .arg("/work/shared/peers/start-docker.sh")
+        .arg(&script)
         .output()
-        .expect("run start-docker.sh");
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
     assert!(
         out.status.success(),
-        "this test needs dockerd: /work/shared/peers/start-docker.sh failed\n{}",
+        "this test needs dockerd: {} failed\n{}",
+        script.display(),
         frame(&out)
     );
     String::from_utf8_lossy(&out.stdout)
@@ -118,7 +116,7 @@ fn docker() -> String {
         .to_string()
 }
 
-fn run_ok(cmd: &mut Command) -> String {
+pub(crate) fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     assert!(out.status.success(), "{cmd:?} failed\n{}", frame(&out));
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -518,7 +516,7 @@ fn docker_pulls_what_kiln_pushed_and_kiln_pulls_what_docker_pushed() {
     assert_eq!(run.trim(), "ok");
 }
 
-fn write_dockerfile(dir: &Path, text: &str) {
+pub(crate) fn write_dockerfile(dir: &Path, text: &str) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("Dockerfile"), text).unwrap();
 }
