@@ -174,6 +174,112 @@ fn csv_fields(spec: &str) -> Result<Vec<String>, OutputError> {
     }
 }
 
+/// The keys of one output (all but `type`), parsed and checked against its type.
+#[derive(Default)]
+struct Attrs {
+    dest: Option<String>,
+    names: Vec<Reference>,
+    push: bool,
+    compression: Option<Compression>,
+    insecure: bool,
+}
+
+impl Attrs {
+    fn parse(spec: &str, kind: &str, pairs: &[(String, String)]) -> Result<Attrs, OutputError> {
+        let allowed = keys_of(kind);
+        let mut a = Attrs {
+            // type=registry always pushes.
+            push: kind == "registry",
+            ..Attrs::default()
+        };
+        for (key, value) in pairs {
+            if !allowed.contains(&key.as_str()) {
+                return Err(if ALL_KEYS.contains(&key.as_str()) {
+                    OutputError::KeyNotForType {
+                        spec: spec.to_string(),
+                        key: key.clone(),
+                        kind: kind.to_string(),
+                    }
+                } else {
+                    OutputError::UnknownKey {
+                        spec: spec.to_string(),
+                        key: key.clone(),
+                    }
+                });
+            }
+            let boolean = || {
+                parse_bool(value).ok_or_else(|| OutputError::NotBool {
+                    spec: spec.to_string(),
+                    key: key.clone(),
+                    value: value.clone(),
+                })
+            };
+            // A boolean key kiln honours only when true.
+            let only_true = |why: &'static str| match boolean()? {
+                true => Ok(()),
+                false => Err(unsupported(spec, key, value, why)),
+            };
+            match key.as_str() {
+                "dest" => a.dest = Some(value.clone()),
+                "name" => {
+                    for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                        let r = Reference::parse(name).map_err(|source| OutputError::Name {
+                            spec: spec.to_string(),
+                            name: name.to_string(),
+                            source,
+                        })?;
+                        if !a.names.contains(&r) {
+                            a.names.push(r);
+                        }
+                    }
+                }
+                "push" => a.push = a.push || boolean()?,
+                "registry.insecure" => a.insecure = boolean()?,
+                "store" => only_true("kiln always keeps the image in its store")?,
+                "oci-mediatypes" => only_true("kiln writes OCI media types only")?,
+                "compression" => a.compression = Some(parse_compression(spec, value)?),
+                _ => {}
+            }
+        }
+        Ok(a)
+    }
+
+    /// `dest` of an archive: a file, or stdout for none or `-`.
+    fn destination(&self) -> Destination {
+        match self.dest.as_deref() {
+            None | Some("-") => Destination::Stdout,
+            Some(d) => Destination::File(PathBuf::from(d)),
+        }
+    }
+}
+
+fn unsupported(spec: &str, key: &str, value: &str, why: &'static str) -> OutputError {
+    OutputError::Unsupported {
+        spec: spec.to_string(),
+        key: key.to_string(),
+        value: value.to_string(),
+        why,
+    }
+}
+
+fn parse_compression(spec: &str, value: &str) -> Result<Compression, OutputError> {
+    match value {
+        "gzip" => Ok(Compression::Gzip),
+        "zstd" => Ok(Compression::Zstd),
+        "uncompressed" => Ok(Compression::Uncompressed),
+        "estargz" => Err(unsupported(
+            spec,
+            "compression",
+            value,
+            "kiln does not write eStargz layers",
+        )),
+        _ => Err(OutputError::UnknownCompression {
+            spec: spec.to_string(),
+            value: value.to_string(),
+        }),
+    }
+}
+
 /// Parses one `-o` value: `DIR` (`type=local,dest=DIR`), `-` (a tar on stdout), or CSV
 /// `key=value` fields.
 pub fn parse_output(spec: &str) -> Result<OutputSpec, OutputError> {
@@ -188,10 +294,9 @@ pub fn parse_output(spec: &str) -> Result<OutputSpec, OutputError> {
             }
         });
     }
-    let fields = csv_fields(spec)?;
     let mut pairs = Vec::new();
     let mut kind = None;
-    for field in &fields {
+    for field in csv_fields(spec)? {
         let (k, v) = field.split_once('=').ok_or_else(|| OutputError::NotKeyValue {
             spec: spec.to_string(),
             field: field.clone(),
@@ -204,115 +309,33 @@ pub fn parse_output(spec: &str) -> Result<OutputSpec, OutputError> {
         }
     }
     let kind = kind.unwrap_or_else(|| "image".to_string());
-    let allowed = keys_of(&kind);
-    if allowed.is_empty() {
+    if keys_of(&kind).is_empty() {
         return Err(OutputError::UnknownType {
             spec: spec.to_string(),
             kind,
         });
     }
-    let err_bool = |key: &str, value: &str| OutputError::NotBool {
-        spec: spec.to_string(),
-        key: key.to_string(),
-        value: value.to_string(),
-    };
-    let unsupported = |key: &str, value: &str, why: &'static str| OutputError::Unsupported {
-        spec: spec.to_string(),
-        key: key.to_string(),
-        value: value.to_string(),
-        why,
-    };
-    // A boolean key kiln honours only when true.
-    let only_true = |key: &str, value: &str, why: &'static str| -> Result<(), OutputError> {
-        match parse_bool(value) {
-            Some(true) => Ok(()),
-            Some(false) => Err(unsupported(key, value, why)),
-            None => Err(err_bool(key, value)),
-        }
-    };
-    let mut dest = None;
-    let mut names = Vec::new();
-    let mut push = kind == "registry";
-    let mut compression = None;
-    let mut insecure = false;
-    for (key, value) in &pairs {
-        if !allowed.contains(&key.as_str()) {
-            return Err(if ALL_KEYS.contains(&key.as_str()) {
-                OutputError::KeyNotForType {
-                    spec: spec.to_string(),
-                    key: key.clone(),
-                    kind: kind.clone(),
-                }
-            } else {
-                OutputError::UnknownKey {
-                    spec: spec.to_string(),
-                    key: key.clone(),
-                }
-            });
-        }
-        match key.as_str() {
-            "dest" => dest = Some(value.clone()),
-            "name" => {
-                for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                    let r = Reference::parse(name).map_err(|source| OutputError::Name {
-                        spec: spec.to_string(),
-                        name: name.to_string(),
-                        source,
-                    })?;
-                    if !names.contains(&r) {
-                        names.push(r);
-                    }
-                }
-            }
-            "push" => {
-                let p = parse_bool(value).ok_or_else(|| err_bool(key, value))?;
-                // type=registry always pushes.
-                push = push || p;
-            }
-            "registry.insecure" => insecure = parse_bool(value).ok_or_else(|| err_bool(key, value))?,
-            "store" => only_true(key, value, "kiln always keeps the image in its store")?,
-            "oci-mediatypes" => only_true(key, value, "kiln writes OCI media types only")?,
-            "compression" => {
-                let c = match value.as_str() {
-                    "gzip" => Compression::Gzip,
-                    "zstd" => Compression::Zstd,
-                    "uncompressed" => Compression::Uncompressed,
-                    "estargz" => return Err(unsupported(key, value, "kiln does not write eStargz layers")),
-                    _ => {
-                        return Err(OutputError::UnknownCompression {
-                            spec: spec.to_string(),
-                            value: value.clone(),
-                        })
-                    }
-                };
-                compression = Some(c);
-            }
-            _ => {}
-        }
-    }
-    let dest_file = || match dest.as_deref() {
-        None | Some("-") => Destination::Stdout,
-        Some(d) => Destination::File(PathBuf::from(d)),
-    };
+    let attrs = Attrs::parse(spec, &kind, &pairs)?;
     match kind.as_str() {
         "image" | "registry" => Ok(OutputSpec::Image(ImageOutput {
-            names,
             tag_locally: kind == "image",
-            push,
-            compression,
-            insecure,
+            push: attrs.push,
+            compression: attrs.compression,
+            insecure: attrs.insecure,
+            names: attrs.names,
         })),
         "docker" | "oci" => {
-            if let Some(c) = compression.filter(|c| *c != Compression::Uncompressed) {
+            if let Some(c) = attrs.compression.filter(|c| *c != Compression::Uncompressed) {
                 return Err(unsupported(
+                    spec,
                     "compression",
                     c.name(),
                     "kiln writes the layers it made into archives uncompressed (compression=uncompressed)",
                 ));
             }
             let out = ArchiveOutput {
-                dest: dest_file(),
-                names,
+                dest: attrs.destination(),
+                names: attrs.names,
             };
             Ok(if kind == "docker" {
                 OutputSpec::Docker(out)
@@ -320,12 +343,12 @@ pub fn parse_output(spec: &str) -> Result<OutputSpec, OutputError> {
                 OutputSpec::Oci(out)
             })
         }
-        "tar" => Ok(OutputSpec::Tar { dest: dest_file() }),
-        _ => match dest.filter(|d| d != "-") {
-            Some(d) => Ok(OutputSpec::Local {
-                dest: PathBuf::from(d),
-            }),
-            None => Err(OutputError::LocalWithoutDest {
+        "tar" => Ok(OutputSpec::Tar {
+            dest: attrs.destination(),
+        }),
+        _ => match attrs.destination() {
+            Destination::File(dest) => Ok(OutputSpec::Local { dest }),
+            Destination::Stdout => Err(OutputError::LocalWithoutDest {
                 spec: spec.to_string(),
             }),
         },

@@ -145,7 +145,8 @@ pub struct BuildRequest {
 
 impl BuildRequest {
     /// A request for `context` with every option at its default: `Dockerfile` in the context,
-    /// the host platform, the local store as the only output.
+    /// the host platform, the local store as the only output, and the registry options of the
+    /// environment (`DOCKER_CONFIG`, `KILN_INSECURE_REGISTRIES`), as `kiln push` uses them.
     pub fn new(context: ContextSource) -> BuildRequest {
         BuildRequest {
             context,
