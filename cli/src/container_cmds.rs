@@ -730,6 +730,7 @@ fn cmd_exec(containers: &Containers, a: ExecArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| rec.config.working_dir.clone()),
         user: a.user.clone().unwrap_or_else(|| rec.config.user.clone()),
         privileged: a.privileged || rec.host.privileged,
+        seccomp: kiln_runtime::seccomp::parse_security_opts(&rec.host.security_opt)?.seccomp,
         controlling_tty: a.tty,
         stdin,
         stdout,

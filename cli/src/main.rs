@@ -43,6 +43,7 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per process; its size does not matter
 enum Cmd {
     #[command(flatten)]
     Store(store_cmds::StoreCmd),

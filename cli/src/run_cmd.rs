@@ -68,6 +68,9 @@ pub struct CreateFlags {
     /// Give extended privileges to this container
     #[arg(long)]
     pub privileged: bool,
+    /// Security options: no-new-privileges[=true|false], seccomp=unconfined|PROFILE.json
+    #[arg(long = "security-opt")]
+    pub security_opt: Vec<String>,
     /// Run an init inside the container that forwards signals and reaps processes
     #[arg(long)]
     pub init: bool,
@@ -209,6 +212,7 @@ pub fn create_request(f: &CreateFlags) -> anyhow::Result<CreateRequest> {
         cap_add: f.cap_add.iter().map(|c| cap_name(c)).collect(),
         cap_drop: f.cap_drop.iter().map(|c| cap_name(c)).collect(),
         privileged: f.privileged,
+        security_opt: security_opts(&f.security_opt)?,
         init: f.init,
         memory: f.memory.as_deref().map(parse_memory).transpose()?,
         cpus: f.cpus,
@@ -236,6 +240,30 @@ pub fn create_request(f: &CreateFlags) -> anyhow::Result<CreateRequest> {
         hostname: f.hostname.clone(),
         host,
     })
+}
+
+/// `--security-opt` values as the record keeps them: a seccomp profile file is read and kept as
+/// its JSON text (the Docker client sends the daemon the same), and every value is checked now,
+/// so that a bad one fails `create` and not the start.
+fn security_opts(values: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for v in values {
+        let file = v
+            .strip_prefix("seccomp=")
+            .or_else(|| v.strip_prefix("seccomp:"))
+            .filter(|f| *f != "unconfined" && !f.trim_start().starts_with('{'));
+        match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("opening seccomp profile ({path}) failed"))?;
+                kiln_runtime::seccomp::Profile::parse(&text, path)?;
+                out.push(format!("seccomp={text}"));
+            }
+            None => out.push(v.clone()),
+        }
+    }
+    kiln_runtime::seccomp::parse_security_opts(&out)?;
+    Ok(out)
 }
 
 fn cap_name(c: &str) -> String {

@@ -181,6 +181,9 @@ pub struct HostConfig {
     pub cap_drop: Vec<String>,
     /// `--privileged`.
     pub privileged: bool,
+    /// `--security-opt` values, a seccomp profile file given as its JSON text (as the Docker
+    /// client sends it); parsed by `kiln_runtime::seccomp::parse_security_opts`.
+    pub security_opt: Vec<String>,
     /// `--init`.
     pub init: bool,
     /// `--memory` in bytes.

@@ -147,6 +147,15 @@ pub enum SupervisorError {
         #[source]
         source: serde_json::Error,
     },
+    /// The container's `--security-opt` values do not parse.
+    #[error("invalid security options of container {id}")]
+    SecurityOpt {
+        /// The container.
+        id: String,
+        /// The cause.
+        #[source]
+        source: kiln_runtime::seccomp::SeccompError,
+    },
     /// Resolving the container's mounts failed.
     #[error("failed to set up the mounts of container {id}")]
     Mounts {
@@ -611,6 +620,12 @@ fn container_spec(
         env.insert(1.min(env.len()), format!("HOSTNAME={hostname}"));
     }
     let h = &record.host;
+    let security = kiln_runtime::seccomp::parse_security_opts(&h.security_opt).map_err(|source| {
+        SupervisorError::SecurityOpt {
+            id: record.id.clone(),
+            source,
+        }
+    })?;
     let cgroup = (h.memory.is_some() || h.cpus.is_some() || h.pids_limit.is_some()).then(|| {
         kiln_runtime::CgroupSpec {
             name: record.id.clone(),
@@ -666,6 +681,8 @@ fn container_spec(
             groups: kiln_runtime::Groups::WithPrimary,
             // A container's changes survive a crash, as docker's do.
             volatile_upper: false,
+            no_new_privileges: security.no_new_privileges,
+            seccomp: security.seccomp,
         },
     })
 }

@@ -1,7 +1,9 @@
 //! Times N sequential `true` runs in full sandboxes (overlay with one lower dir, new mount, pid,
 //! uts, ipc and network namespaces, Docker's default /proc, /dev, /sys, masks and capabilities).
 //!
-//! As root: `CARGO_TARGET_DIR=target-runtime cargo run -p kiln-runtime --example bench -- [N] [none|host]`
+//! As root: `cargo run --release -p kiln-runtime --example bench -- [N] [none|host]`
+//! (`BENCH_SECCOMP=unconfined`: without the seccomp filter; `=compare`: every other run without
+//! it, reported apart; `BENCH_INSECURE=1`: privileged).
 
 use std::error::Error;
 use std::fs;
@@ -48,7 +50,12 @@ fn main() -> Result<(), Box<dyn Error>> {
     fs::create_dir_all(&scratch)?;
     let mut times = Vec::with_capacity(n);
     let mut starts = Vec::with_capacity(n);
+    // BENCH_SECCOMP=compare: every other run unconfined, timed apart, so both see the same load.
+    let compare = std::env::var("BENCH_SECCOMP").as_deref() == Ok("compare");
+    let mut unconfined_times = Vec::new();
     for i in 0..n {
+        let unconfined =
+            std::env::var("BENCH_SECCOMP").as_deref() == Ok("unconfined") || (compare && i % 2 == 1);
         let upper = tmp.path().join(format!("upper{i}"));
         let work = tmp.path().join(format!("work{i}"));
         fs::create_dir_all(&upper)?;
@@ -76,16 +83,39 @@ fn main() -> Result<(), Box<dyn Error>> {
             stdin: None,
             stdout: devnull()?,
             stderr: devnull()?,
-            options: Default::default(),
+            // BENCH_SECCOMP=unconfined: without Docker's filter, to see what it costs a step.
+            options: kiln_runtime::RunOptions {
+                seccomp: if unconfined {
+                    kiln_runtime::seccomp::SeccompPolicy::Unconfined
+                } else {
+                    kiln_runtime::seccomp::SeccompPolicy::Default
+                },
+                ..Default::default()
+            },
         };
         let t = Instant::now();
         let running = start(spec, &scratch)?;
         starts.push(t.elapsed().as_secs_f64() * 1000.0);
         let status = running.wait()?;
-        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        if compare && unconfined {
+            starts.pop();
+            unconfined_times.push(t.elapsed().as_secs_f64() * 1000.0);
+        } else {
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
         if !status.success() {
             return Err(format!("run {i} failed: {status}").into());
         }
+    }
+    if compare {
+        unconfined_times.sort_by(f64::total_cmp);
+        let u = |p: f64| unconfined_times[((unconfined_times.len() - 1) as f64 * p) as usize];
+        println!(
+            "unconfined runs interleaved: median {:.2} ms, p10 {:.2} ms, p90 {:.2} ms",
+            u(0.5),
+            u(0.1),
+            u(0.9)
+        );
     }
     times.sort_by(f64::total_cmp);
     starts.sort_by(f64::total_cmp);

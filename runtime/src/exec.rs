@@ -7,9 +7,10 @@
 //! for it like for a container. The sibling enters the container's root (`/proc/PID/root`), its
 //! working directory, stdio, terminal, capabilities and credentials, and execs.
 //!
-//! The process gets the container's capabilities (its pid 1's bounding set) and `no_new_privs`,
-//! or every capability with `privileged`; its user is resolved in the container's `/etc/passwd`
-//! and `/etc/group`.
+//! The process gets the container's capabilities (its pid 1's bounding set), `no_new_privs` if
+//! pid 1 has it, and the container's seccomp filter if pid 1 runs under one, or every capability
+//! and no filter with `privileged`; its user is resolved in the container's `/etc/passwd` and
+//! `/etc/group`.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -36,6 +37,9 @@ pub struct ExecSpec {
     pub user: String,
     /// Every capability and no `no_new_privs` (`docker exec --privileged`).
     pub privileged: bool,
+    /// The container's seccomp policy: the process gets the container's filter (none when
+    /// `privileged` or the container runs without one).
+    pub seccomp: crate::seccomp::SeccompPolicy,
     /// `stdin` is a pty slave: the process starts a new session with it as controlling terminal.
     pub controlling_tty: bool,
     /// Standard input (`None`: `/dev/null`).
@@ -55,18 +59,22 @@ const NAMESPACES: [(&str, i32); 5] = [
     ("mnt", libc::CLONE_NEWNS),
 ];
 
-/// The values of `CapBnd` and `NoNewPrivs` in a `/proc/PID/status`.
-fn parse_status(text: &str) -> (Option<u64>, bool) {
+/// The values of `CapBnd`, `NoNewPrivs` and whether a seccomp filter is in force (`Seccomp: 2`)
+/// in a `/proc/PID/status`.
+fn parse_status(text: &str) -> (Option<u64>, bool, bool) {
     let mut bounding = None;
     let mut nnp = false;
+    let mut filtered = false;
     for line in text.lines() {
         if let Some(v) = line.strip_prefix("CapBnd:") {
             bounding = caps::parse_mask(v);
         } else if let Some(v) = line.strip_prefix("NoNewPrivs:") {
             nnp = v.trim() == "1";
+        } else if let Some(v) = line.strip_prefix("Seccomp:") {
+            filtered = v.trim() == "2";
         }
     }
-    (bounding, nnp)
+    (bounding, nnp, filtered)
 }
 
 fn open_at(path: PathBuf) -> Result<OwnedFd, RuntimeError> {
@@ -82,7 +90,7 @@ pub fn exec(spec: ExecSpec) -> Result<Running, RuntimeError> {
         path: status_path.clone(),
         source,
     })?;
-    let (bounding, target_nnp) = parse_status(&status);
+    let (bounding, target_nnp, target_seccomp) = parse_status(&status);
     let bounding = bounding.ok_or_else(|| RuntimeError::ExecTarget {
         path: status_path,
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, "no CapBnd line"),
@@ -91,6 +99,11 @@ pub fn exec(spec: ExecSpec) -> Result<Running, RuntimeError> {
         host.all() & host.permitted
     } else {
         bounding & host.permitted & host.all()
+    };
+    let seccomp = if spec.privileged || !target_seccomp {
+        None
+    } else {
+        crate::seccomp::program(&spec.seccomp, caps).map_err(RuntimeError::Seccomp)?
     };
 
     let root = proc_dir.join("root");
@@ -141,6 +154,7 @@ pub fn exec(spec: ExecSpec) -> Result<Running, RuntimeError> {
         caps,
         last_cap: host.last_cap,
         no_new_privs: target_nnp && !spec.privileged,
+        seccomp,
         user,
         cwd: if spec.cwd.is_empty() {
             "/".to_string()
@@ -195,7 +209,7 @@ mod tests {
     #[test]
     fn status_lines_give_bounding_set_and_nnp() {
         let text = "Name:\tsh\nCapEff:\t00000000a80425fb\nCapBnd:\t00000000a80425fb\nNoNewPrivs:\t1\n";
-        assert_eq!(parse_status(text), (Some(0xa80425fb), true));
-        assert_eq!(parse_status("NoNewPrivs:\t0\n"), (None, false));
+        assert_eq!(parse_status(text), (Some(0xa80425fb), true, false));
+        assert_eq!(parse_status("NoNewPrivs:\t0\nSeccomp:\t2\n"), (None, false, true));
     }
 }

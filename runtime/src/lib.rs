@@ -43,6 +43,7 @@ pub mod layers;
 pub mod net;
 pub mod plan;
 pub mod sandbox;
+pub mod seccomp;
 pub mod spec;
 #[allow(unsafe_code)]
 pub mod sys;

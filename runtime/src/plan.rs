@@ -10,7 +10,9 @@ use std::ffi::CString;
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
+use crate::seccomp::Program;
 use crate::spec::Security;
 use crate::sys::{Errno, ExecArgs, FileKind, MsFlags, Sys};
 use crate::users::ResolvedUser;
@@ -204,6 +206,10 @@ pub struct PlanInput {
     pub caps: u64,
     /// Highest capability number of the kernel.
     pub last_cap: u32,
+    /// Set `no_new_privs` (`--security-opt no-new-privileges`; off by default, as in Docker).
+    pub no_new_privs: bool,
+    /// The seccomp filter installed last before the command runs (`None`: unconfined).
+    pub seccomp: Option<Arc<Program>>,
     /// Credentials.
     pub user: ResolvedUser,
     /// Working directory (absolute, inside the container).
@@ -272,6 +278,8 @@ pub struct ExecPlanInput {
     pub last_cap: u32,
     /// Set `no_new_privs`.
     pub no_new_privs: bool,
+    /// The container's seccomp filter (`None`: unconfined).
+    pub seccomp: Option<Arc<Program>>,
     /// Credentials.
     pub user: ResolvedUser,
     /// Working directory (absolute, inside the container; must exist).
@@ -393,6 +401,10 @@ pub enum Op {
     },
     /// `PR_SET_NO_NEW_PRIVS`.
     NoNewPrivs,
+    /// `PR_SET_KEEPCAPS`.
+    KeepCaps,
+    /// Install a seccomp filter.
+    Seccomp(Arc<Program>),
     /// Supplementary groups.
     SetGroups(Vec<u32>),
     /// Group id.
@@ -400,7 +412,12 @@ pub enum Op {
     /// User id.
     SetUid(u32),
     /// Effective and permitted capabilities; inheritable empty.
-    Capset(u64),
+    Capset {
+        /// Effective set.
+        effective: u64,
+        /// Permitted set.
+        permitted: u64,
+    },
     /// Make `from` the descriptor `to`.
     Dup2 {
         /// Source descriptor.
@@ -1044,7 +1061,8 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
             controlling_tty: input.controlling_tty,
             caps: input.caps,
             last_cap: input.last_cap,
-            no_new_privs: !insecure,
+            no_new_privs: input.no_new_privs,
+            seccomp: input.seccomp.clone(),
             init: input.init,
             args: &input.args,
             env: &input.env,
@@ -1074,6 +1092,7 @@ struct Process<'a> {
     caps: u64,
     last_cap: u32,
     no_new_privs: bool,
+    seccomp: Option<Arc<Program>>,
     init: bool,
     args: &'a [String],
     env: &'a [String],
@@ -1141,9 +1160,50 @@ fn process_tail(b: &mut Builder, p: &Process<'_>) -> Result<(), PlanError> {
         format!("setting supplementary groups {:?}", p.user.additional_gids),
     );
     b.push(Op::SetGid(p.user.gid), format!("switching to gid {}", p.user.gid));
+    // The seccomp filter goes in after the credentials and capabilities are set, as the last
+    // privileged step. Without no_new_privs installing it needs CAP_SYS_ADMIN, which a container
+    // rarely keeps: the process holds it (kept across the change of uid) until the filter is
+    // in, then sets its final sets, as runc's order does. Root keeps `caps`; another user
+    // none (the kernel would clear them at the change of uid; here they are cleared by hand).
+    let root = p.user.uid == 0;
+    let final_caps = if root { p.caps } else { 0 };
+    let privileged_filter = p.seccomp.as_ref().filter(|_| !p.no_new_privs);
+    if privileged_filter.is_some() && !root {
+        b.push(Op::KeepCaps, "keeping capabilities across the change of uid");
+    }
     b.push(Op::SetUid(p.user.uid), format!("switching to uid {}", p.user.uid));
-    if p.user.uid == 0 {
-        b.push(Op::Capset(p.caps), "setting capabilities");
+    if let Some(program) = privileged_filter {
+        let admin = 1u64 << crate::seccomp::CAP_SYS_ADMIN;
+        if !root {
+            b.push(
+                Op::Capset {
+                    effective: admin,
+                    permitted: p.caps | admin,
+                },
+                "raising CAP_SYS_ADMIN to install the seccomp filter",
+            );
+        }
+        b.push(Op::Seccomp(program.clone()), "installing the seccomp filter");
+        b.push(
+            Op::Capset {
+                effective: final_caps,
+                permitted: final_caps,
+            },
+            "setting capabilities",
+        );
+    } else {
+        if root {
+            b.push(
+                Op::Capset {
+                    effective: final_caps,
+                    permitted: final_caps,
+                },
+                "setting capabilities",
+            );
+        }
+        if let Some(program) = &p.seccomp {
+            b.push(Op::Seccomp(program.clone()), "installing the seccomp filter");
+        }
     }
     b.push(Op::Umask(0o022), "setting the umask");
     if p.init {
@@ -1220,6 +1280,7 @@ pub fn build_exec(input: &ExecPlanInput) -> Result<Plan, PlanError> {
             caps: input.caps,
             last_cap: input.last_cap,
             no_new_privs: input.no_new_privs,
+            seccomp: input.seccomp.clone(),
             init: false,
             args: &input.args,
             env: &input.env,
@@ -1328,10 +1389,12 @@ fn run_op<S: Sys>(sys: &S, op: &Op) -> Result<(), Errno> {
             Ok(())
         }
         Op::NoNewPrivs => sys.set_no_new_privs(),
+        Op::KeepCaps => sys.set_keep_caps(),
+        Op::Seccomp(program) => sys.seccomp_filter(&program.instructions, program.flags),
         Op::SetGroups(gids) => sys.setgroups(gids),
         Op::SetGid(gid) => sys.setresgid(*gid),
         Op::SetUid(uid) => sys.setresuid(*uid),
-        Op::Capset(caps) => sys.capset(*caps, *caps, 0),
+        Op::Capset { effective, permitted } => sys.capset(*effective, *permitted, 0),
         Op::Dup2 { from, to } => sys.dup2(*from, *to),
         Op::CloexecFrom(first) => sys.cloexec_from(*first),
         Op::JoinCgroup(path) => sys.write_existing(path, b"0"),
@@ -1428,6 +1491,8 @@ mod tests {
             security: Security::Default,
             caps: crate::caps::DOCKER_DEFAULT_MASK,
             last_cap: 40,
+            no_new_privs: false,
+            seccomp: Some(test_program()),
             user: ResolvedUser {
                 uid: 1000,
                 gid: 1000,
@@ -1445,6 +1510,19 @@ mod tests {
             devices: vec![],
             arg_area: None,
         }
+    }
+
+    fn test_program() -> Arc<Program> {
+        let ret_allow = libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x7fff_0000,
+        };
+        Arc::new(Program {
+            instructions: vec![ret_allow; 3],
+            flags: 0,
+        })
     }
 
     fn calls(input: &PlanInput) -> Vec<String> {
@@ -1507,10 +1585,13 @@ mod tests {
             "dup2 10 0",
             "dup2 12 2",
             "capbset_drop 2",
-            "no_new_privs",
             "setgroups [10]",
             "setresgid 1000",
+            "keep_caps",
             "setresuid 1000",
+            "capset eff=0x200000 prm=0xa82425fb inh=0x0",
+            "seccomp 3 instructions flags=0x0",
+            "capset eff=0x0 prm=0x0 inh=0x0",
             "umask 22",
             "cloexec_from 3",
             "execve /usr/bin/sh [\"sh\", \"-c\", \"true\"]",
@@ -1519,8 +1600,8 @@ mod tests {
         for want in order {
             last = index_from(&c, want, last);
         }
-        // Non-root: no capset, the kernel clears the sets on setuid and exec.
-        assert!(!c.iter().any(|l| l.starts_with("capset")));
+        // Docker leaves no_new_privs off: a setuid binary still raises privileges.
+        assert!(!c.iter().any(|l| l == "no_new_privs"));
         // Docker's caps stay in the bounding set.
         for kept in crate::caps::DOCKER_DEFAULT_CAPS {
             assert!(!c.contains(&format!("capbset_drop {kept}")), "dropped {kept}");
@@ -1544,6 +1625,7 @@ mod tests {
             home: "/root".into(),
         };
         i.network = NetPlan::Host;
+        i.seccomp = None;
         let c = calls(&i);
         assert!(!c
             .iter()
@@ -1784,6 +1866,7 @@ mod tests {
             caps: crate::caps::DOCKER_DEFAULT_MASK,
             last_cap: 40,
             no_new_privs: true,
+            seccomp: None,
             user: ResolvedUser {
                 uid: 1000,
                 gid: 1000,
@@ -1829,6 +1912,46 @@ mod tests {
             (plan.steps[i].what.as_str(), e),
             ("joining the container's pid namespace", Errno::EPERM)
         );
+    }
+
+    #[test]
+    fn seccomp_goes_in_last_with_or_without_no_new_privs() {
+        // no_new_privs: no privilege is needed, the filter follows the credentials directly.
+        let mut i = input();
+        i.no_new_privs = true;
+        let c = calls(&i);
+        let tail: Vec<&str> = c
+            .iter()
+            .skip_while(|l| !l.starts_with("capbset_drop"))
+            .filter(|l| !l.starts_with("capbset_drop"))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            tail[..6],
+            [
+                "no_new_privs",
+                "setgroups [10]",
+                "setresgid 1000",
+                "setresuid 1000",
+                "seccomp 3 instructions flags=0x0",
+                "umask 22"
+            ]
+        );
+        // Root keeps its set: the filter goes in with every capability still held.
+        let mut i = input();
+        i.user.uid = 0;
+        let c = calls(&i);
+        let at = |p: &str| index_from(&c, p, 0);
+        assert!(at("setresuid 0") < at("seccomp"));
+        assert!(at("seccomp") < at("capset eff=0xa80425fb prm=0xa80425fb"));
+        assert!(!c.iter().any(|l| l == "keep_caps"));
+        // Unconfined: no filter at all.
+        let mut i = input();
+        i.seccomp = None;
+        let c = calls(&i);
+        assert!(!c
+            .iter()
+            .any(|l| l.starts_with("seccomp") || l == "keep_caps" || l.starts_with("capset")));
     }
 
     #[test]

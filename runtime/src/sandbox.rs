@@ -39,6 +39,9 @@ pub enum RuntimeError {
     /// A `--cap-add`/`--cap-drop` value is not a capability.
     #[error("invalid capability option")]
     Caps(#[source] CapsError),
+    /// The seccomp profile could not be selected or compiled.
+    #[error("failed to prepare the container's seccomp filter")]
+    Seccomp(#[source] crate::seccomp::SeccompError),
     /// Creating the container's cgroup or writing its limits failed.
     #[error("failed to set up the container's cgroup")]
     Cgroup(#[source] CgroupError),
@@ -753,6 +756,11 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
         Security::Insecure => host_devices(Path::new("/dev"))?,
         Security::Default => Vec::new(),
     };
+    // The filter's capability conditions see the container's set, as Docker's do.
+    let seccomp = match spec.security {
+        Security::Insecure => None,
+        Security::Default => crate::seccomp::program(&opts.seccomp, caps).map_err(RuntimeError::Seccomp)?,
+    };
     let console = match &spec.stdin {
         Some(stdin) if opts.controlling_tty => console_for(&[stdin, &spec.stdout, &spec.stderr]),
         _ => None,
@@ -781,6 +789,8 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
         security: spec.security,
         caps,
         last_cap: host.last_cap,
+        no_new_privs: opts.no_new_privileges,
+        seccomp,
         user,
         cwd: absolute(&spec.cwd),
         args: spec.args.clone(),

@@ -81,10 +81,12 @@ pub enum Network {
 /// The security profile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Security {
-    /// Docker's default capabilities, masked and read-only `/proc` paths, read-only `/sys`,
-    /// `no_new_privs`.
+    /// Docker's defaults: its 14 capabilities, its seccomp profile (or the one in
+    /// [`RunOptions::seccomp`]), masked and read-only `/proc` paths, read-only `/sys`, only the
+    /// standard devices. `no_new_privs` stays off unless [`RunOptions::no_new_privileges`].
     Default,
-    /// `--security=insecure`: every capability, nothing masked, `/sys` writable.
+    /// `--privileged` / `RUN --security=insecure`: every capability, no seccomp filter, nothing
+    /// masked, `/sys` writable, the host's devices.
     Insecure,
 }
 
@@ -200,6 +202,11 @@ pub struct RunOptions {
     /// data pending can take hundreds of milliseconds. Off for `kiln run`, whose containers
     /// keep their changes across a crash.
     pub volatile_upper: bool,
+    /// Set `no_new_privs` (`--security-opt no-new-privileges`): setuid binaries and file
+    /// capabilities no longer raise privileges. Off by default, as in Docker and BuildKit.
+    pub no_new_privileges: bool,
+    /// The seccomp filter (`--security-opt seccomp=...`); ignored with [`Security::Insecure`].
+    pub seccomp: crate::seccomp::SeccompPolicy,
 }
 
 /// A cgroup for one container, created before the process runs and removed after it exits.

@@ -128,6 +128,13 @@ pub trait Sys {
     fn capbset_drop(&self, cap: u32) -> Result<(), Errno>;
     /// `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
     fn set_no_new_privs(&self) -> Result<(), Errno>;
+    /// `prctl(PR_SET_KEEPCAPS, 1)`: the permitted set survives the next change of uid away from
+    /// 0 (the kernel clears the flag at `execve`).
+    fn set_keep_caps(&self) -> Result<(), Errno>;
+    /// `seccomp(SECCOMP_SET_MODE_FILTER, flags, program)`: installs a classic BPF filter on the
+    /// calling thread. Without `no_new_privs` the caller needs `CAP_SYS_ADMIN` in its effective
+    /// set.
+    fn seccomp_filter(&self, program: &[libc::sock_filter], flags: u32) -> Result<(), Errno>;
     /// `setgroups(2)`.
     fn setgroups(&self, gids: &[u32]) -> Result<(), Errno>;
     /// `setresgid(2)` with all three ids equal.
@@ -510,6 +517,31 @@ impl Sys for RealSys {
         check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) })
     }
 
+    fn set_keep_caps(&self) -> Result<(), Errno> {
+        // SAFETY: prctl with PR_SET_KEEPCAPS takes plain integers.
+        check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1 as libc::c_ulong, 0, 0, 0) })
+    }
+
+    fn seccomp_filter(&self, program: &[libc::sock_filter], flags: u32) -> Result<(), Errno> {
+        const SECCOMP_SET_MODE_FILTER: libc::c_uint = 1;
+        let len = u16::try_from(program.len()).map_err(|_| Errno::E2BIG)?;
+        let fprog = libc::sock_fprog {
+            len,
+            filter: program.as_ptr().cast_mut(),
+        };
+        // SAFETY: `fprog` points at `program`'s instructions, which outlive the call; the kernel
+        // copies and verifies them and never writes through the pointer.
+        check_long(unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                SECCOMP_SET_MODE_FILTER,
+                flags as libc::c_uint,
+                &fprog as *const libc::sock_fprog,
+            )
+        })
+        .map(|_| ())
+    }
+
     fn setgroups(&self, gids: &[u32]) -> Result<(), Errno> {
         // SAFETY: the pointer and length describe `gids`. The raw syscall, like `setresgid`:
         // glibc's wrapper broadcasts the change to every thread it knows of and waits for them,
@@ -879,6 +911,14 @@ impl Sys for RecordingSys {
 
     fn set_no_new_privs(&self) -> Result<(), Errno> {
         self.record("no_new_privs".to_string())
+    }
+
+    fn set_keep_caps(&self) -> Result<(), Errno> {
+        self.record("keep_caps".to_string())
+    }
+
+    fn seccomp_filter(&self, program: &[libc::sock_filter], flags: u32) -> Result<(), Errno> {
+        self.record(format!("seccomp {} instructions flags={flags:#x}", program.len()))
     }
 
     fn setgroups(&self, gids: &[u32]) -> Result<(), Errno> {

@@ -460,6 +460,7 @@ fn exec_spec(pid: i32, script: &str, stdout: OwnedFd, stderr: OwnedFd) -> ExecSp
         cwd: "/tmp".into(),
         user: String::new(),
         privileged: false,
+        seccomp: Default::default(),
         controlling_tty: false,
         stdin: None,
         stdout,
@@ -502,7 +503,7 @@ fn exec_joins_the_running_container() {
     let (out_r, out_w) = pipe();
     let (err_r, err_w) = pipe();
     let script = "hostname; cat /tmp/from-container; pwd; echo pid $$; \
-                  tr '\\0' ' ' < /proc/1/cmdline; echo; grep -E 'CapEff|NoNewPrivs' /proc/self/status; \
+                  tr '\\0' ' ' < /proc/1/cmdline; echo; grep -E 'CapEff|NoNewPrivs|Seccomp:' /proc/self/status; \
                   ps -o pid,comm | grep -E '^ *1 '; cat /proc/self/cgroup";
     let out = exec_output(exec_spec(pid, script, out_w, err_w), out_r, err_r);
     check(&out);
@@ -519,7 +520,8 @@ fn exec_joins_the_running_container() {
         format!("{:016x}", DOCKER_DEFAULT_MASK & !1),
         "the exec'd process has the container's capabilities"
     );
-    assert!(out.stdout.contains("NoNewPrivs:\t1"), "{}", out.stdout);
+    assert!(out.stdout.contains("NoNewPrivs:\t0"), "{}", out.stdout);
+    assert!(out.stdout.contains("Seccomp:\t2"), "{}", out.stdout);
     assert!(out.stdout.contains(&format!("/kiln/{name}")), "{}", out.stdout);
 
     // A user from the container's /etc/passwd, and a terminal.

@@ -13,6 +13,9 @@ use std::os::unix::fs::{symlink, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::os::unix::fs::PermissionsExt;
+
+use kiln_runtime::seccomp::{Profile, SeccompPolicy};
 use kiln_runtime::{start, ContainerSpec, ExitStatus, MountSpec, Network, Rootfs, RuntimeError, Security};
 
 mod common;
@@ -313,22 +316,141 @@ fn status_field(status: &str, key: &str) -> String {
         .unwrap_or_else(|| panic!("no {key} in {status}"))
 }
 
-#[test]
-fn default_capabilities_and_no_new_privs() {
-    let fx = Fixture::new();
-    let out = run(&fx, &["cat", "/proc/self/status"]);
-    check(&out);
-    for key in ["CapPrm:", "CapEff:", "CapBnd:"] {
-        assert_eq!(status_field(&out.stdout, key), "00000000a80425fb", "{key}");
-    }
-    assert_eq!(status_field(&out.stdout, "CapInh:"), "0000000000000000");
-    assert_eq!(status_field(&out.stdout, "CapAmb:"), "0000000000000000");
-    assert_eq!(status_field(&out.stdout, "NoNewPrivs:"), "1");
+/// What `docker run --rm busybox grep -E 'Cap|NoNewPrivs|Seccomp' /proc/self/status` prints
+/// (Docker 20.10, runc 1.1), as root and as a non-root user (`-u 1000`).
+const DOCKER_STATUS_ROOT: &str = "CapInh:\t0000000000000000\nCapPrm:\t00000000a80425fb\n\
+    CapEff:\t00000000a80425fb\nCapBnd:\t00000000a80425fb\nCapAmb:\t0000000000000000\n\
+    NoNewPrivs:\t0\nSeccomp:\t2\nSeccomp_filters:\t1\n";
+const DOCKER_STATUS_USER: &str = "CapInh:\t0000000000000000\nCapPrm:\t0000000000000000\n\
+    CapEff:\t0000000000000000\nCapBnd:\t00000000a80425fb\nCapAmb:\t0000000000000000\n\
+    NoNewPrivs:\t0\nSeccomp:\t2\nSeccomp_filters:\t1\n";
 
+#[test]
+fn default_capabilities_seccomp_and_no_new_privs_match_docker() {
+    let fx = Fixture::new();
+    let grep = ["grep", "-E", "Cap|NoNewPrivs|Seccomp", "/proc/self/status"];
+    let out = run(&fx, &grep);
+    check(&out);
+    assert_eq!(out.stdout, DOCKER_STATUS_ROOT);
     // A non-root user keeps the bounding set but has no effective capabilities, like Docker.
-    let out = run_with(&fx, &["cat", "/proc/self/status"], |s| s.user = "app".into()).unwrap();
-    assert_eq!(status_field(&out.stdout, "CapEff:"), "0000000000000000");
-    assert_eq!(status_field(&out.stdout, "CapBnd:"), "00000000a80425fb");
+    let out = run_with(&fx, &grep, |s| s.user = "app".into()).unwrap();
+    check(&out);
+    assert_eq!(out.stdout, DOCKER_STATUS_USER);
+    // --security-opt no-new-privileges.
+    let out = run_with(&fx, &grep, |s| {
+        s.user = "app".into();
+        s.options.no_new_privileges = true;
+    })
+    .unwrap();
+    assert_eq!(
+        out.stdout,
+        DOCKER_STATUS_USER.replace("NoNewPrivs:\t0", "NoNewPrivs:\t1")
+    );
+    // --security-opt seccomp=unconfined.
+    let out = run_with(&fx, &grep, |s| s.options.seccomp = SeccompPolicy::Unconfined).unwrap();
+    assert_eq!(
+        out.stdout,
+        DOCKER_STATUS_ROOT.replace(
+            "Seccomp:\t2\nSeccomp_filters:\t1",
+            "Seccomp:\t0\nSeccomp_filters:\t0"
+        )
+    );
+}
+
+/// The fixture with a setuid-root copy of busybox whose `su` lets any user become root without a
+/// password (root's password field is empty): what `sudo` does in a real image.
+fn setuid_fixture() -> Fixture {
+    let fx = Fixture::new();
+    let bin = fx.lower.join("bin");
+    fs::copy(bin.join("busybox"), bin.join("suid-busybox")).unwrap();
+    fs::set_permissions(bin.join("suid-busybox"), fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::remove_file(bin.join("su")).unwrap();
+    symlink("suid-busybox", bin.join("su")).unwrap();
+    fs::write(fx.lower.join("etc/passwd"), PASSWD.replace("root:x:", "root::")).unwrap();
+    fx
+}
+
+#[test]
+fn setuid_binaries_raise_privileges_unless_no_new_privileges() {
+    let fx = setuid_fixture();
+    // By path: busybox's shell runs applets named bare in-process, without an exec.
+    let script = "id -u; /bin/su -c 'id -u; grep -E \"^(Uid|CapEff)\" /proc/self/status'";
+    let out = run_with(&fx, &["sh", "-c", script], |s| s.user = "app".into()).unwrap();
+    check(&out);
+    assert_eq!(
+        out.stdout, "1000\n0\nUid:\t0\t0\t0\t0\nCapEff:\t00000000a80425fb\n",
+        "a setuid-root binary run by uid 1000 runs as root with the bounding set"
+    );
+    let out = run_with(&fx, &["sh", "-c", script], |s| {
+        s.user = "app".into();
+        s.options.no_new_privileges = true;
+    })
+    .unwrap();
+    assert!(
+        !out.status.success(),
+        "su worked under no_new_privs: {}",
+        out.stdout
+    );
+    assert_eq!(out.stdout, "1000\n");
+}
+
+#[test]
+fn seccomp_blocks_unshare_without_sys_admin_as_docker_does() {
+    let fx = Fixture::new();
+    // A user namespace needs no capability, so only the filter stops it.
+    let out = run(&fx, &["unshare", "-U", "true"]);
+    assert_eq!(out.status.code, Some(1));
+    assert_eq!(
+        out.stderr,
+        "unshare: unshare(0x10000000): Operation not permitted\n"
+    );
+    let out = run_with(&fx, &["unshare", "-U", "true"], |s| {
+        s.options.cap_add = vec!["SYS_ADMIN".into()]
+    })
+    .unwrap();
+    check(&out);
+    let out = run_with(&fx, &["unshare", "-U", "true"], |s| {
+        s.options.seccomp = SeccompPolicy::Unconfined
+    })
+    .unwrap();
+    check(&out);
+    // clone3 answers ENOSYS, so a C library falls back to clone; the rest of the denied calls
+    // answer EPERM. A custom profile's rules apply instead of Docker's.
+    let profile = r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":13}]}"#;
+    let out = run_with(
+        &fx,
+        &["sh", "-c", "mkdir /x; unshare -U true && echo unshared"],
+        |s| {
+            s.options.seccomp =
+                SeccompPolicy::Profile(std::sync::Arc::new(Profile::parse(profile, "test").unwrap()))
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        out.stderr,
+        "mkdir: can't create directory '/x': Permission denied\n"
+    );
+    assert_eq!(out.stdout, "unshared\n");
+}
+
+#[test]
+fn init_runs_under_the_filter_and_still_reaps() {
+    let fx = Fixture::new();
+    let out = run_with(
+        &fx,
+        &[
+            "sh",
+            "-c",
+            "sleep 0.1 & grep -E '^Seccomp:' /proc/1/status /proc/self/status; wait",
+        ],
+        |s| s.options.init = true,
+    )
+    .unwrap();
+    check(&out);
+    assert_eq!(
+        out.stdout,
+        "/proc/1/status:Seccomp:\t2\n/proc/self/status:Seccomp:\t2\n"
+    );
 }
 
 #[test]
@@ -347,6 +469,7 @@ fn insecure_gets_all_capabilities_and_nothing_masked() {
         status_field(&host, "CapPrm:")
     );
     assert_eq!(status_field(&out.stdout, "NoNewPrivs:"), "0");
+    assert_eq!(status_field(&out.stdout, "Seccomp:"), "0");
     let timer_lines: u32 = out.stdout.lines().last().unwrap().parse().unwrap();
     assert!(timer_lines > 0, "/proc/timer_list should be readable");
 }

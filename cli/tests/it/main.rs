@@ -14,4 +14,5 @@ mod registry;
 mod remote;
 mod run_flags;
 mod run_options;
+mod security;
 mod store;

@@ -203,6 +203,13 @@ impl Engine {
     /// Prepares an engine for one build of `graph` (the ops carry all it needs; the graph
     /// itself is not kept).
     pub fn new(store: Arc<Store>, graph: Arc<Graph>, opts: EngineOptions) -> Result<Engine, EngineError> {
+        if graph
+            .vertices
+            .values()
+            .any(|v| matches!(v.op, kiln_dag::Op::Exec(_)))
+        {
+            kiln_runtime::seccomp::prewarm_default();
+        }
         drop(graph);
         let snapshots = Snapshots::open(&store.snapshots_dir()).map_err(EngineError::Snapshots)?;
         let index = CacheIndex::open(&store.cache_dir().join("index")).map_err(EngineError::Index)?;

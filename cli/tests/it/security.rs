@@ -1,0 +1,345 @@
+//! Docker's default isolation for RUN steps and `kiln run`: capabilities, seccomp,
+//! `no_new_privs`, masked paths, and the options that change them. Compared with what Docker on
+//! this machine prints for the same image (needs root and dockerd).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::harness::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `../shared` of the checkout, or `$KILN_SHARED_DIR`.
+fn shared_dir() -> PathBuf {
+    std::env::var_os("KILN_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().parent().unwrap().join("shared"))
+}
+
+/// The Docker client, with dockerd started and `busybox:local` imported by the shared script.
+fn docker() -> String {
+    let out = Command::new("bash")
+        .arg(shared_dir().join("peers/start-docker.sh"))
+        .output()
+        .expect("run start-docker.sh");
+    assert!(
+        out.status.success(),
+        "this test needs dockerd: start-docker.sh failed\n{}",
+        frame(&out)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string()
+}
+
+/// `docker run --rm ARGS...`'s stdout.
+fn docker_run(args: &[&str]) -> String {
+    let out = Command::new(docker())
+        .arg("run")
+        .arg("--rm")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "docker run {args:?}\n{}", frame(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn kiln_run(env: &Env, args: &[&str]) -> String {
+    let mut all = vec!["run", "--rm", "--network", "none"];
+    all.extend_from_slice(args);
+    String::from_utf8_lossy(&env.ok(&all).stdout).into_owned()
+}
+
+/// Builds `dockerfile` as `tag` in a fresh context.
+fn build(env: &Env, tag: &str, dockerfile: &str, extra: &[&str]) {
+    let ctx = env.path(&format!("ctx-{tag}"));
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
+    let mut args = vec!["build", "--progress=plain", "-t", tag];
+    args.extend_from_slice(extra);
+    args.push(s(&ctx));
+    env.ok(&args);
+}
+
+const STATUS: &str = "grep -E 'NoNewPrivs|Seccomp|CapEff|CapBnd|CapPrm' /proc/self/status";
+
+#[test]
+fn run_and_build_steps_show_what_docker_shows() {
+    let env = busybox_env();
+    for user in ["0", "1000"] {
+        let want = docker_run(&["-u", user, "busybox:local", "sh", "-c", STATUS]);
+        assert!(
+            want.contains("Seccomp:\t2\n") && want.contains("NoNewPrivs:\t0\n"),
+            "{want}"
+        );
+        assert_eq!(
+            kiln_run(&env, &["-u", user, "busybox:local", "sh", "-c", STATUS]),
+            want,
+            "kiln run -u {user}"
+        );
+        // A RUN step as that user: BuildKit's RUN prints the same as docker run.
+        let tag = format!("status-{user}");
+        build(
+            &env,
+            &tag,
+            &format!("FROM busybox:local\nUSER {user}\nRUN {STATUS} > /tmp/status\n"),
+            &[],
+        );
+        assert_eq!(
+            kiln_run(&env, &[&tag, "cat", "/tmp/status"]),
+            want,
+            "RUN as {user}"
+        );
+    }
+    let want = docker_run(&[
+        "--security-opt",
+        "no-new-privileges",
+        "busybox:local",
+        "sh",
+        "-c",
+        STATUS,
+    ]);
+    assert!(want.contains("NoNewPrivs:\t1\n"), "{want}");
+    assert_eq!(
+        kiln_run(
+            &env,
+            &[
+                "--security-opt",
+                "no-new-privileges=true",
+                "busybox:local",
+                "sh",
+                "-c",
+                STATUS
+            ]
+        ),
+        want
+    );
+    let want = docker_run(&[
+        "--security-opt",
+        "seccomp=unconfined",
+        "busybox:local",
+        "sh",
+        "-c",
+        STATUS,
+    ]);
+    assert!(want.contains("Seccomp:\t0\n"), "{want}");
+    assert_eq!(
+        kiln_run(
+            &env,
+            &[
+                "--security-opt",
+                "seccomp=unconfined",
+                "busybox:local",
+                "sh",
+                "-c",
+                STATUS
+            ]
+        ),
+        want
+    );
+}
+
+/// An image whose `/bin/su` is a setuid-root busybox and whose root needs no password: `su -c`
+/// from any user runs as root, which is what `sudo` does for a user allowed to use it.
+const SUID_IMAGE: &str = "FROM busybox:local\n\
+    RUN cp /bin/busybox /bin/suid-busybox && chmod 4755 /bin/suid-busybox \\\n\
+    && ln -sf suid-busybox /bin/su && sed -i 's/^root:x:/root::/' /etc/passwd\n";
+
+#[test]
+fn setuid_binaries_work_in_run_steps_and_containers_unless_no_new_privileges() {
+    let env = busybox_env();
+    // By path: busybox's shell runs applets named bare in-process, without an exec.
+    build(
+        &env,
+        "suid",
+        &format!("{SUID_IMAGE}USER 1000\nRUN id -u > /tmp/uid && /bin/su -c 'id -u' > /tmp/euid\n"),
+        &[],
+    );
+    assert_eq!(
+        kiln_run(&env, &["suid", "cat", "/tmp/uid", "/tmp/euid"]),
+        "1000\n0\n"
+    );
+    assert_eq!(
+        kiln_run(&env, &["-u", "1000", "suid", "/bin/su", "-c", "id -u"]),
+        "0\n"
+    );
+    let out = env
+        .kiln(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "-u",
+            "1000",
+            "--security-opt",
+            "no-new-privileges",
+            "suid",
+            "/bin/su",
+            "-c",
+            "id -u",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", frame(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("su: must be suid to work properly"),
+        "{}",
+        frame(&out)
+    );
+}
+
+#[test]
+fn seccomp_blocks_unshare_without_sys_admin_as_docker_does() {
+    let env = busybox_env();
+    let unshare = |extra: &[&str]| {
+        let mut args = vec!["run", "--rm", "--network", "none"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["busybox:local", "unshare", "-U", "true"]);
+        env.kiln(&args).output().unwrap()
+    };
+    let docker_out = Command::new(docker())
+        .args(["run", "--rm", "busybox:local", "unshare", "-U", "true"])
+        .output()
+        .unwrap();
+    let out = unshare(&[]);
+    assert_eq!(out.status.code(), docker_out.status.code(), "{}", frame(&out));
+    assert_eq!(out.stderr, docker_out.stderr, "{}", frame(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "unshare: unshare(0x10000000): Operation not permitted\n"
+    );
+    assert!(unshare(&["--cap-add", "SYS_ADMIN"]).status.success());
+    assert!(unshare(&["--security-opt", "seccomp=unconfined"])
+        .status
+        .success());
+    assert!(unshare(&["--privileged"]).status.success());
+    // The same in a RUN step, and with the entitlement for --security=insecure.
+    let ctx = env.path("ctx-unshare");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\nRUN unshare -U true\n",
+    )
+    .unwrap();
+    let err = env.fails(&["build", "--progress=plain", s(&ctx)]);
+    assert!(
+        err.contains("unshare(0x10000000): Operation not permitted"),
+        "{err}"
+    );
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\nRUN --security=insecure unshare -U true && grep -E '^(Seccomp|CapEff):' /proc/self/status > /st\n",
+    )
+    .unwrap();
+    let err = env.fails(&["build", "--progress=plain", s(&ctx)]);
+    assert!(err.contains("security.insecure"), "{err}");
+    env.ok(&[
+        "build",
+        "--progress=plain",
+        "--allow",
+        "security.insecure",
+        "-t",
+        "insecure",
+        s(&ctx),
+    ]);
+    let host = std::fs::read_to_string("/proc/self/status").unwrap();
+    let host_caps = host
+        .lines()
+        .find(|l| l.starts_with("CapPrm:"))
+        .unwrap()
+        .replace("CapPrm", "CapEff");
+    assert_eq!(
+        kiln_run(&env, &["insecure", "cat", "/st"]),
+        format!("{host_caps}\nSeccomp:\t0\n")
+    );
+}
+
+#[test]
+fn custom_seccomp_profiles_and_bad_security_options() {
+    let env = busybox_env();
+    let profile = env.path("no-mkdir.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":13}]}"#,
+    )
+    .unwrap();
+    let opt = format!("seccomp={}", s(&profile));
+    let out = env
+        .kiln(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--security-opt",
+            &opt,
+            "busybox:local",
+            "mkdir",
+            "/x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "mkdir: can't create directory '/x': Permission denied\n",
+        "{}",
+        frame(&out)
+    );
+    // The profile was read at create: the container keeps it when the file goes away.
+    let id = String::from_utf8_lossy(
+        &env.ok(&["create", "--security-opt", &opt, "busybox:local", "mkdir", "/y"])
+            .stdout,
+    )
+    .trim()
+    .to_string();
+    std::fs::remove_file(&profile).unwrap();
+    let out = env.kiln(&["start", "-a", &id]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        frame(&out)
+    );
+
+    let err = env.fails(&["run", "--rm", "--security-opt", &opt, "busybox:local", "true"]);
+    assert!(err.contains("no-mkdir.json"), "{err}");
+    std::fs::write(&profile, "{\"defaultAction\": \"SCMP_ACT_BOGUS\"}").unwrap();
+    let err = env.fails(&["run", "--rm", "--security-opt", &opt, "busybox:local", "true"]);
+    assert!(
+        err.contains("unknown action \"SCMP_ACT_BOGUS\"") && err.contains("no-mkdir.json"),
+        "{err}"
+    );
+    let err = env.fails(&[
+        "run",
+        "--rm",
+        "--security-opt",
+        "apparmor=unconfined",
+        "busybox:local",
+        "true",
+    ]);
+    assert!(
+        err.contains("invalid --security-opt \"apparmor=unconfined\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn masked_and_read_only_paths_in_run_steps_and_containers() {
+    let env = busybox_env();
+    // /proc/keys and /proc/timer_list read as /dev/null, /sys/firmware is an empty read-only
+    // tmpfs, /proc/sys is read-only; the same in a RUN step.
+    let script = "cat /proc/keys /proc/timer_list | wc -c; ls /sys/firmware | wc -l; \
+                  (echo x > /proc/sys/kernel/domainname) 2>&1 | grep -c 'Read-only file system'";
+    let want = docker_run(&["busybox:local", "sh", "-c", script]);
+    assert_eq!(want, "0\n0\n1\n");
+    assert_eq!(kiln_run(&env, &["busybox:local", "sh", "-c", script]), want);
+    build(
+        &env,
+        "masked",
+        &format!("FROM busybox:local\nRUN ({script}) > /masked\n"),
+        &[],
+    );
+    assert_eq!(kiln_run(&env, &["masked", "cat", "/masked"]), want);
+}
