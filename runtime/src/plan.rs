@@ -210,6 +210,9 @@ pub struct PlanInput {
     pub no_new_privs: bool,
     /// The seccomp filter installed last before the command runs (`None`: unconfined).
     pub seccomp: Option<Arc<Program>>,
+    /// A pidfd of the runtime's process: the container's first process is killed when the thread
+    /// that started it dies, and exits at once if the process is already gone.
+    pub parent_pidfd: Option<RawFd>,
     /// Credentials.
     pub user: ResolvedUser,
     /// Working directory (absolute, inside the container).
@@ -403,6 +406,8 @@ pub enum Op {
     NoNewPrivs,
     /// `PR_SET_KEEPCAPS`.
     KeepCaps,
+    /// `PR_SET_PDEATHSIG` with `SIGKILL`, then exit if the process at this pidfd is gone.
+    DieWithParent(RawFd),
     /// Install a seccomp filter.
     Seccomp(Arc<Program>),
     /// Supplementary groups.
@@ -1063,6 +1068,7 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
             last_cap: input.last_cap,
             no_new_privs: input.no_new_privs,
             seccomp: input.seccomp.clone(),
+            parent_pidfd: input.parent_pidfd,
             init: input.init,
             args: &input.args,
             env: &input.env,
@@ -1093,6 +1099,7 @@ struct Process<'a> {
     last_cap: u32,
     no_new_privs: bool,
     seccomp: Option<Arc<Program>>,
+    parent_pidfd: Option<RawFd>,
     init: bool,
     args: &'a [String],
     env: &'a [String],
@@ -1205,6 +1212,10 @@ fn process_tail(b: &mut Builder, p: &Process<'_>) -> Result<(), PlanError> {
             b.push(Op::Seccomp(program.clone()), "installing the seccomp filter");
         }
     }
+    // After the credentials: changing them clears the setting.
+    if let Some(fd) = p.parent_pidfd {
+        b.push(Op::DieWithParent(fd), "arming the parent-death signal");
+    }
     b.push(Op::Umask(0o022), "setting the umask");
     if p.init {
         b.push(
@@ -1281,6 +1292,7 @@ pub fn build_exec(input: &ExecPlanInput) -> Result<Plan, PlanError> {
             last_cap: input.last_cap,
             no_new_privs: input.no_new_privs,
             seccomp: input.seccomp.clone(),
+            parent_pidfd: None,
             init: false,
             args: &input.args,
             env: &input.env,
@@ -1390,6 +1402,7 @@ fn run_op<S: Sys>(sys: &S, op: &Op) -> Result<(), Errno> {
         }
         Op::NoNewPrivs => sys.set_no_new_privs(),
         Op::KeepCaps => sys.set_keep_caps(),
+        Op::DieWithParent(fd) => sys.die_with_parent(*fd),
         Op::Seccomp(program) => sys.seccomp_filter(&program.instructions, program.flags),
         Op::SetGroups(gids) => sys.setgroups(gids),
         Op::SetGid(gid) => sys.setresgid(*gid),
@@ -1493,6 +1506,7 @@ mod tests {
             last_cap: 40,
             no_new_privs: false,
             seccomp: Some(test_program()),
+            parent_pidfd: Some(9),
             user: ResolvedUser {
                 uid: 1000,
                 gid: 1000,
@@ -1592,6 +1606,7 @@ mod tests {
             "capset eff=0x200000 prm=0xa82425fb inh=0x0",
             "seccomp 3 instructions flags=0x0",
             "capset eff=0x0 prm=0x0 inh=0x0",
+            "die_with_parent 9",
             "umask 22",
             "cloexec_from 3",
             "execve /usr/bin/sh [\"sh\", \"-c\", \"true\"]",
@@ -1934,7 +1949,7 @@ mod tests {
                 "setresgid 1000",
                 "setresuid 1000",
                 "seccomp 3 instructions flags=0x0",
-                "umask 22"
+                "die_with_parent 9"
             ]
         );
         // Root keeps its set: the filter goes in with every capability still held.

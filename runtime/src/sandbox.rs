@@ -772,6 +772,13 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
         .transpose()
         .map_err(RuntimeError::Cgroup)?;
     let cgroup_procs = cgroup.as_ref().map(Cgroup::procs_files).unwrap_or_default();
+    // Kernels before 5.3 have no pidfds: the container then only misses the check for a parent
+    // that died before the signal was armed.
+    let parent_pidfd = sys::pidfd_self().ok().map(|fd| {
+        let raw = sys::raw(&fd);
+        keep.push(fd);
+        raw
+    });
     let input = PlanInput {
         run_dir: run_dir.to_path_buf(),
         scratch,
@@ -791,6 +798,7 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
         last_cap: host.last_cap,
         no_new_privs: opts.no_new_privileges,
         seccomp,
+        parent_pidfd,
         user,
         cwd: absolute(&spec.cwd),
         args: spec.args.clone(),
@@ -828,57 +836,105 @@ pub fn start(spec: ContainerSpec, scratch: &Path) -> Result<Running, RuntimeErro
         created_in_dir: Vec::new(),
     };
     let command = spec.args.first().cloned().unwrap_or_default();
-    let mut prepared = prepare(spec, &run_dir)?;
+    let prepared = prepare(spec, &run_dir)?;
     cleanup.created_in_dir = prepared.created_in_dir.clone();
 
     let (status_read, status_write) = sys::pipe_cloexec().map_err(RuntimeError::Pipe)?;
+    // The clone happens on one of the runtime's own threads, which live as long as the process:
+    // the container's first process gets SIGKILL when the thread that cloned it ends (the parent
+    // death signal follows the thread), which must mean that kiln died, not that a pool of the
+    // caller retired an idle thread.
+    let (cloned, mut prepared, status_write) = on_spawner_thread(move || {
+        let cloned = clone_and_run(&prepared, &status_write);
+        (cloned, prepared, status_write)
+    })
+    .ok_or(RuntimeError::Clone(Errno::EAGAIN))?;
+    let pid = cloned.map_err(RuntimeError::Clone)?;
+    drop(status_write);
+    let mut running = Running {
+        pid,
+        created: prepared.created.clone(),
+        cleanup,
+        reaped: false,
+        cgroup: prepared.cgroup.take(),
+    };
+    let mut report = [0u8; 8];
+    let n = match sys::read_full(status_read.as_fd(), &mut report) {
+        Ok(n) => n,
+        Err(e) => return Err(RuntimeError::ReadStatus(e)), // `running` drops: kill, reap, clean
+    };
+    if n == 0 {
+        return Ok(running);
+    }
+    let _ = sys::wait_pid(pid, true);
+    running.reaped = true;
+    let _ = running.cleanup.run();
+    Err(setup_error(&prepared.plan, &report[..n], command))
+}
+
+/// Clones the container's first process, which runs the plan; returns its pid (in the caller).
+fn clone_and_run(prepared: &Prepared, status_write: &OwnedFd) -> Result<i32, Errno> {
     // A plan that goes straight to execve runs in a child sharing this address space
     // (posix_spawn's way): a fork would copy this multithreaded process's page tables only for
     // execve to tear them down, about 0.7 ms of every build step. An init plan forks.
-    let cloned = if prepared.plan.runs_in_shared_memory() {
+    if prepared.plan.runs_in_shared_memory() {
         let plan = &prepared.plan;
-        let status = &status_write;
-        sys::spawn_shared(prepared.namespaces, &mut || {
+        return sys::spawn_shared(prepared.namespaces, &mut || {
             if let Err((index, errno)) = plan::run(&RealSys, plan) {
-                report_failure(status, index, errno);
+                report_failure(status_write, index, errno);
             }
             sys::exit_child(127)
-        })
-        .map(Cloned::Parent)
-    } else {
-        sys::clone_child(prepared.namespaces)
-    };
-    match cloned.map_err(RuntimeError::Clone)? {
+        });
+    }
+    match sys::clone_child(prepared.namespaces)? {
         Cloned::Child => {
             // In the child of a possibly multithreaded process: no allocation from here on.
             if let Err((index, errno)) = plan::run(&RealSys, &prepared.plan) {
-                report_failure(&status_write, index, errno);
+                report_failure(status_write, index, errno);
             }
             sys::exit_child(127)
         }
-        Cloned::Parent(pid) => {
-            drop(status_write);
-            let mut running = Running {
-                pid,
-                created: prepared.created.clone(),
-                cleanup,
-                reaped: false,
-                cgroup: prepared.cgroup.take(),
-            };
-            let mut report = [0u8; 8];
-            let n = match sys::read_full(status_read.as_fd(), &mut report) {
-                Ok(n) => n,
-                Err(e) => return Err(RuntimeError::ReadStatus(e)), // `running` drops: kill, reap, clean
-            };
-            if n == 0 {
-                return Ok(running);
-            }
-            let _ = sys::wait_pid(pid, true);
-            running.reaped = true;
-            let _ = running.cleanup.run();
-            Err(setup_error(&prepared.plan, &report[..n], command))
-        }
+        Cloned::Parent(pid) => Ok(pid),
     }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Runs `f` on one of a few threads that never end, and returns its result (`None` if no such
+/// thread could be started).
+fn on_spawner_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    use std::sync::{mpsc, Mutex, OnceLock};
+    static POOL: OnceLock<Option<Mutex<mpsc::Sender<Job>>>> = OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = std::sync::Arc::new(Mutex::new(rx));
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+        let mut started = 0;
+        for i in 0..threads {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("kiln-spawn-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    };
+                    job();
+                });
+            started += usize::from(spawned.is_ok());
+        }
+        (started > 0).then(|| Mutex::new(tx))
+    });
+    let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+    let job: Job = Box::new(move || {
+        let _ = reply_tx.send(f());
+    });
+    pool.as_ref()?
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(job)
+        .ok()?;
+    reply_rx.recv().ok()
 }
 
 /// Writes a setup failure (step index, errno) to the status pipe. Async-signal-safe.

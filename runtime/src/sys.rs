@@ -36,6 +36,10 @@ impl std::fmt::Debug for ExecArgs {
     }
 }
 
+// SAFETY: the raw pointers point into the heap buffers of `argv` and `envp`, which this value
+// owns and never mutates; moving it to another thread moves those buffers with it.
+unsafe impl Send for ExecArgs {}
+
 impl ExecArgs {
     /// Builds the pointer arrays. The pointers point into the `CString` heap buffers, which do not
     /// move when the `ExecArgs` value moves.
@@ -131,6 +135,11 @@ pub trait Sys {
     /// `prctl(PR_SET_KEEPCAPS, 1)`: the permitted set survives the next change of uid away from
     /// 0 (the kernel clears the flag at `execve`).
     fn set_keep_caps(&self) -> Result<(), Errno>;
+    /// `prctl(PR_SET_PDEATHSIG, SIGKILL)`, then a check that the process whose pidfd is `parent`
+    /// has not already exited (it may have died before the signal was armed): `ESRCH` if it has.
+    /// The kernel clears the setting when the effective or filesystem ids change, so call it
+    /// after the credentials are final.
+    fn die_with_parent(&self, parent: RawFd) -> Result<(), Errno>;
     /// `seccomp(SECCOMP_SET_MODE_FILTER, flags, program)`: installs a classic BPF filter on the
     /// calling thread. Without `no_new_privs` the caller needs `CAP_SYS_ADMIN` in its effective
     /// set.
@@ -520,6 +529,23 @@ impl Sys for RealSys {
     fn set_keep_caps(&self) -> Result<(), Errno> {
         // SAFETY: prctl with PR_SET_KEEPCAPS takes plain integers.
         check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1 as libc::c_ulong, 0, 0, 0) })
+    }
+
+    fn die_with_parent(&self, parent: RawFd) -> Result<(), Errno> {
+        // SAFETY: prctl with PR_SET_PDEATHSIG takes plain integers.
+        check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) })?;
+        let mut fd = libc::pollfd {
+            fd: parent,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no timeout. A pidfd polls readable once its process exited.
+        let n = unsafe { libc::poll(&mut fd, 1, 0) };
+        match n {
+            0 => Ok(()),
+            n if n > 0 => Err(Errno::ESRCH),
+            _ => Err(Errno::last()),
+        }
     }
 
     fn seccomp_filter(&self, program: &[libc::sock_filter], flags: u32) -> Result<(), Errno> {
@@ -921,6 +947,10 @@ impl Sys for RecordingSys {
         self.record(format!("seccomp {} instructions flags={flags:#x}", program.len()))
     }
 
+    fn die_with_parent(&self, parent: RawFd) -> Result<(), Errno> {
+        self.record(format!("die_with_parent {parent}"))
+    }
+
     fn setgroups(&self, gids: &[u32]) -> Result<(), Errno> {
         self.record(format!("setgroups {gids:?}"))
     }
@@ -1219,6 +1249,16 @@ pub fn wait_pid(pid: i32, block: bool) -> Result<Exit, Errno> {
 pub fn kill(pid: i32, sig: i32) -> Result<(), Errno> {
     let signal = nix::sys::signal::Signal::try_from(sig)?;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+}
+
+/// A pidfd of the calling process (`pidfd_open(getpid())`, close-on-exec): it polls readable once
+/// the process has exited.
+pub fn pidfd_self() -> Result<OwnedFd, Errno> {
+    // SAFETY: getpid has no preconditions; pidfd_open takes plain integers and returns a new
+    // descriptor, owned below.
+    let fd = check_long(unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0 as libc::c_uint) })?;
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// The permitted capability set of the calling thread.

@@ -343,3 +343,42 @@ fn masked_and_read_only_paths_in_run_steps_and_containers() {
     );
     assert_eq!(kiln_run(&env, &["masked", "cat", "/masked"]), want);
 }
+
+/// Pids of processes whose command line is exactly `words`.
+fn pids_running(words: &[&str]) -> Vec<i32> {
+    let want: Vec<u8> = words.iter().flat_map(|w| w.bytes().chain([0])).collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+        .collect()
+}
+
+#[test]
+fn killing_kiln_build_kills_the_run_steps_processes() {
+    let env = busybox_env();
+    let ctx = env.path("ctx-orphan");
+    std::fs::create_dir_all(&ctx).unwrap();
+    // Durations unique to this test process name its sleeps among everything on the machine.
+    let bg = format!("{}", 100_000 + std::process::id());
+    let fg = format!("{}", 200_000 + std::process::id());
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM busybox:local\nRUN sleep {bg} & sleep {fg}\n"),
+    )
+    .unwrap();
+    let mut child = env
+        .kiln(&["build", "--progress=plain", s(&ctx)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(30, "the RUN step's two sleeps", || {
+        !pids_running(&["sleep", &bg]).is_empty() && !pids_running(&["sleep", &fg]).is_empty()
+    });
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    eventually(10, "the RUN step's processes to die with kiln", || {
+        pids_running(&["sleep", &bg]).is_empty() && pids_running(&["sleep", &fg]).is_empty()
+    });
+}
