@@ -38,7 +38,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(200);
-    // `host` shares the host's network namespace (BuildKit's `--network=default`); `none` creates one.
+    // `host` shares the host's network namespace (`RUN --network=host`); `none` creates one.
     let network = match std::env::args().nth(2).as_deref() {
         Some("host") => Network::Host,
         _ => Network::None,

@@ -70,7 +70,7 @@ impl MountSpec {
 /// The network namespace of the container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Network {
-    /// Share the host's network namespace (`RUN --network=default` and `host`).
+    /// Share the host's network namespace (`RUN --network=host`, `run --network host`).
     Host,
     /// A new network namespace with only the loopback interface, brought up.
     None,

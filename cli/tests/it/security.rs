@@ -382,3 +382,139 @@ fn killing_kiln_build_kills_the_run_steps_processes() {
         pids_running(&["sleep", &bg]).is_empty() && pids_running(&["sleep", &fg]).is_empty()
     });
 }
+
+/// Answers `body` to every connection on `listener`, on a thread.
+fn serve(listener: std::net::TcpListener, body: &'static str) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            use std::io::Write;
+            let _ = stream.write_all(body.as_bytes());
+        }
+    });
+}
+
+#[test]
+fn run_steps_get_their_own_network_not_the_hosts() {
+    let env = busybox_env();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    serve(listener, "host-loopback");
+    let ctx = env.path("ctx-net");
+    std::fs::create_dir_all(&ctx).unwrap();
+    let fetch = format!(
+        "(echo | nc -w 5 127.0.0.1 {port} || echo unreachable) > /loopback; \
+         ip -o -4 addr show eth0 | awk '{{print $4}}' > /addr; ip route | grep default > /route"
+    );
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM busybox:local\nRUN {fetch}\n"),
+    )
+    .unwrap();
+    env.ok(&["build", "--progress=plain", "-t", "netdefault", s(&ctx)]);
+    assert_eq!(
+        kiln_run(&env, &["netdefault", "cat", "/loopback"]),
+        "unreachable\n"
+    );
+    let addr = kiln_run(&env, &["netdefault", "cat", "/addr"]);
+    assert!(addr.starts_with("10.88.") && addr.ends_with("/16\n"), "{addr}");
+    assert_eq!(
+        kiln_run(&env, &["netdefault", "cat", "/route"]),
+        "default via 10.88.0.1 dev eth0 \n"
+    );
+    // --network=host needs the entitlement, and then sees the host's loopback.
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM busybox:local\nRUN --network=host echo | nc -w 5 127.0.0.1 {port} > /loopback\n"),
+    )
+    .unwrap();
+    let err = env.fails(&["build", "--progress=plain", s(&ctx)]);
+    assert!(err.contains("network.host"), "{err}");
+    env.ok(&[
+        "build",
+        "--progress=plain",
+        "--allow",
+        "network.host",
+        "-t",
+        "nethost",
+        s(&ctx),
+    ]);
+    assert_eq!(kiln_run(&env, &["nethost", "cat", "/loopback"]), "host-loopback");
+}
+
+/// A test host in a network namespace of its own behind a veth pair (`/30`), with nothing but a
+/// route to its own link: it can answer a RUN step only if the step's traffic was forwarded and
+/// NATed to the host's address on that link. Removed on drop.
+struct TestHost {
+    ns: String,
+    host_ip: String,
+    ip: String,
+}
+
+impl TestHost {
+    fn new() -> TestHost {
+        let id = std::process::id();
+        let ns = format!("kiln-it-{id}");
+        let (a, b) = (format!("kt{}a", id % 100_000), format!("kt{}b", id % 100_000));
+        let net = format!("10.204.{}", (id % 64) * 4);
+        let host_ip = format!("{net}.1");
+        let ip = format!("{net}.2");
+        let sh = |cmd: &str| {
+            let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+            assert!(out.status.success(), "{cmd}\n{}", frame(&out));
+        };
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        sh(&format!(
+            "ip netns add {ns} && ip link add {a} type veth peer name {b} && ip link set {b} netns {ns} \
+             && ip addr add {host_ip}/30 dev {a} && ip link set {a} up \
+             && ip -n {ns} addr add {ip}/30 dev {b} && ip -n {ns} link set {b} up && ip -n {ns} link set lo up"
+        ));
+        TestHost { ns, host_ip, ip }
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        // The veth pair goes with the namespace.
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+#[test]
+fn run_steps_reach_outside_through_nat() {
+    let env = busybox_env();
+    let host = TestHost::new();
+    // A server in the test host's namespace, answering with the client's address as the test
+    // host saw it: the host's address on the link, since the step's traffic is NATed.
+    let script = format!(
+        "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{}', 8080))\ns.listen()\nwhile True:\n    c, a = s.accept()\n    c.sendall((a[0] + '\\n').encode())\n    c.close()\n",
+        host.ip
+    );
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &host.ns, "python3", "-c", &script])
+        .spawn()
+        .unwrap();
+    let ctx = env.path("ctx-nat");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM busybox:local\nRUN for i in 1 2 3 4 5 6 7 8 9 10; do \
+             echo | nc -w 2 {} 8080 > /peer && test -s /peer && break; sleep 0.3; done\n",
+            host.ip
+        ),
+    )
+    .unwrap();
+    let built = env
+        .kiln(&["build", "--progress=plain", "-t", "nat", s(&ctx)])
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(built.status.success(), "{}", frame(&built));
+    assert_eq!(
+        kiln_run(&env, &["nat", "cat", "/peer"]),
+        format!("{}\n", host.host_ip)
+    );
+}

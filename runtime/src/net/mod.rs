@@ -289,20 +289,10 @@ pub fn setup(id: &str, request: &NetRequest) -> Result<Endpoint, NetError> {
         (ip, index)
     };
     let endpoint = Endpoint {
-        id: id.to_string(),
-        netns: netns_path.clone(),
-        ip,
-        prefix_len: config.subnet.prefix_len,
-        gateway: config.subnet.gateway(),
-        mac: mac_for(ip)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":"),
         host_veth,
-        config: config.clone(),
+        ..endpoint_for(id, netns_path.clone(), ip, config)
     };
-    let result = connect(&endpoint, bridge_index);
+    let result = connect(&endpoint, bridge_index, None);
     match result {
         Ok(()) => Ok(endpoint),
         Err(e) => {
@@ -316,13 +306,107 @@ pub fn setup(id: &str, request: &NetRequest) -> Result<Endpoint, NetError> {
     }
 }
 
-fn connect(ep: &Endpoint, bridge_index: u32) -> Result<(), NetError> {
+/// An endpoint whose network namespace is held by a descriptor of this process instead of a
+/// file: it vanishes with the process, so a killed build leaves no namespace, veth or mount
+/// behind (only its address, reclaimed when the subnet runs out). For a build's RUN steps.
+#[derive(Debug)]
+pub struct HeldEndpoint {
+    /// The endpoint; its `netns` is `/proc/<pid>/fd/<fd>` of this process.
+    pub endpoint: Endpoint,
+    _ns: std::os::fd::OwnedFd,
+}
+
+impl HeldEndpoint {
+    /// The `Network` to give [`crate::ContainerSpec`].
+    pub fn network(&self) -> Network {
+        self.endpoint.network()
+    }
+}
+
+/// [`setup`] with the namespace held by a descriptor ([`HeldEndpoint`]).
+pub fn setup_held(id: &str, request: &NetRequest) -> Result<HeldEndpoint, NetError> {
+    if !valid_id(id) {
+        return Err(NetError::InvalidId(id.to_string()));
+    }
+    let config = &request.config;
+    let (ns, inner) = netns::create_held(netlink::Netlink::open)?;
+    let netns_path = PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        std::os::fd::AsRawFd::as_raw_fd(&ns)
+    ));
+    let inner = inner.map_err(|source| NetError::Configure {
+        netns: netns_path.clone(),
+        source,
+    })?;
+    let (ip, bridge_index) = {
+        let lock = ipam::lock(&config.state_dir, &config.bridge)?;
+        let index = bridge::ensure_locked(&lock, config)?;
+        let ip = ipam::allocate(
+            &lock,
+            &config.state_dir,
+            &config.bridge,
+            config.subnet,
+            id,
+            &netns_path,
+            request.ip,
+        )?;
+        (ip, index)
+    };
+    let endpoint = endpoint_for(id, netns_path, ip, config);
+    match connect(&endpoint, bridge_index, Some(inner)) {
+        Ok(()) => Ok(HeldEndpoint { endpoint, _ns: ns }),
+        Err(e) => {
+            let _ = teardown_held(HeldEndpoint { endpoint, _ns: ns });
+            Err(e)
+        }
+    }
+}
+
+/// Releases a [`HeldEndpoint`]'s address and closes its namespace (the kernel removes the veth
+/// pair once no process is left in it).
+pub fn teardown_held(held: HeldEndpoint) -> Result<(), NetError> {
+    let config = &held.endpoint.config;
+    let lock = ipam::lock(&config.state_dir, &config.bridge)?;
+    ipam::release(
+        &lock,
+        &config.state_dir,
+        &config.bridge,
+        held.endpoint.ip,
+        &held.endpoint.id,
+    )?;
+    Ok(())
+}
+
+fn endpoint_for(id: &str, netns: PathBuf, ip: Ipv4Addr, config: &NetConfig) -> Endpoint {
+    Endpoint {
+        id: id.to_string(),
+        netns,
+        ip,
+        prefix_len: config.subnet.prefix_len,
+        gateway: config.subnet.gateway(),
+        mac: mac_for(ip)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+        host_veth: host_veth_name(id),
+        config: config.clone(),
+    }
+}
+
+/// Connects the endpoint's namespace to the bridge. `inner` is a netlink socket opened inside
+/// it; without one the namespace is created at the endpoint's file.
+fn connect(ep: &Endpoint, bridge_index: u32, inner: Option<netlink::Netlink>) -> Result<(), NetError> {
     let cfg_err = |source| NetError::Configure {
         netns: ep.netns.clone(),
         source,
     };
     // The socket that configures the inside is opened by the thread that made the namespace.
-    let mut inner = netns::create_with(&ep.netns, netlink::Netlink::open)?.map_err(cfg_err)?;
+    let mut inner = match inner {
+        Some(nl) => nl,
+        None => netns::create_with(&ep.netns, netlink::Netlink::open)?.map_err(cfg_err)?,
+    };
     let ns_file = fs::File::open(&ep.netns).map_err(|source| NetError::OpenNetns {
         path: ep.netns.clone(),
         source,

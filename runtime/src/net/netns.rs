@@ -149,6 +149,32 @@ pub fn create_with<T: Send + 'static>(
     result
 }
 
+/// A new network namespace with its loopback interface up, kept alive only by the returned
+/// descriptor (no file, no mount): it goes away with the descriptor and the processes in it, so a
+/// process that dies leaves nothing behind. `f` runs inside it, as for [`create_with`].
+pub fn create_held<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<(std::os::fd::OwnedFd, T), NetnsError> {
+    let what = PathBuf::from("(anonymous)");
+    let target = what.clone();
+    on_thread(&what, move || {
+        unshare(CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Unshare {
+            path: target.clone(),
+            source,
+        })?;
+        RealSys.loopback_up().map_err(|source| NetnsError::Loopback {
+            path: target.clone(),
+            source,
+        })?;
+        let ns = fs::File::open("/proc/thread-self/ns/net").map_err(|source| NetnsError::Open {
+            path: target.clone(),
+            source,
+        })?;
+        Ok((std::os::fd::OwnedFd::from(ns), f()))
+    })
+    .and_then(|r| r)
+}
+
 /// Unmounts and deletes the namespace file `path`. The namespace itself goes away with the
 /// last process or mount that holds it. Idempotent: a missing or unmounted file is fine.
 pub fn remove(path: &Path) -> Result<(), NetnsError> {

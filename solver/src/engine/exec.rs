@@ -50,6 +50,67 @@ pub enum ExecError {
     },
     #[error("failed to create output pipes")]
     Pipe(#[source] std::io::Error),
+    #[error("failed to set up the network namespace of the RUN step")]
+    Network(#[source] kiln_runtime::net::NetError),
+}
+
+/// The network namespaces a build's RUN steps run in by default: each on the bridge with
+/// outbound NAT (what `docker build` gives), isolated from the host's (its loopback services
+/// included). A step takes one for itself, so steps running at once never share one; a namespace
+/// whose step has ended (and with it every process in it) goes back to the pool for the next
+/// step, so a chain of RUN steps pays for one namespace, not one per step. A step with every
+/// capability (`--security=insecure`) could reconfigure its namespace: its namespace is not
+/// reused. The namespaces are held by descriptors, so they vanish with the build even when it
+/// is killed; the addresses are released when the build ends.
+#[derive(Default)]
+pub(super) struct BuildNetworks {
+    free: std::sync::Mutex<Vec<kiln_runtime::net::HeldEndpoint>>,
+    made: std::sync::atomic::AtomicU64,
+}
+
+impl BuildNetworks {
+    fn take(&self) -> Result<kiln_runtime::net::HeldEndpoint, ExecError> {
+        if let Some(ep) = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(ep);
+        }
+        let n = self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("build-{}-{n}", std::process::id());
+        kiln_runtime::net::setup_held(&id, &kiln_runtime::net::NetRequest::default())
+            .map_err(ExecError::Network)
+    }
+
+    fn give_back(&self, ep: kiln_runtime::net::HeldEndpoint, reusable: bool) {
+        if reusable {
+            self.free.lock().unwrap_or_else(|e| e.into_inner()).push(ep);
+        } else if let Err(e) = kiln_runtime::net::teardown_held(ep) {
+            tracing::warn!("failed to release a RUN step's network: {e}");
+        }
+    }
+}
+
+/// A namespace taken from [`BuildNetworks`] for one step, given back when dropped.
+struct Lease<'a> {
+    pool: &'a BuildNetworks,
+    endpoint: Option<kiln_runtime::net::HeldEndpoint>,
+    reusable: bool,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(ep) = self.endpoint.take() {
+            self.pool.give_back(ep, self.reusable);
+        }
+    }
+}
+
+impl Drop for BuildNetworks {
+    fn drop(&mut self) {
+        for ep in std::mem::take(self.free.get_mut().unwrap_or_else(|e| e.into_inner())) {
+            if let Err(e) = kiln_runtime::net::teardown_held(ep) {
+                tracing::warn!("failed to release a RUN step's network: {e}");
+            }
+        }
+    }
 }
 
 impl From<ExecError> for SolveError {
@@ -74,16 +135,27 @@ impl Engine {
         inputs: &[Resolved<Output>],
         ctx: &ExecCtx,
     ) -> Result<Output, SolveError> {
-        let network = match e.network {
-            NetworkMode::Default => Network::Host,
-            NetworkMode::None => Network::None,
-            NetworkMode::Host if self.opts.allow_network_host => Network::Host,
-            NetworkMode::Host => return Err(ExecError::NetworkHostNotAllowed.into()),
-        };
         let security = match e.security {
             SecurityMode::Sandbox => Security::Default,
             SecurityMode::Insecure if self.opts.allow_insecure => Security::Insecure,
             SecurityMode::Insecure => return Err(ExecError::InsecureNotAllowed.into()),
+        };
+        // Held until the step's processes are gone (it is dropped on every return path).
+        let mut lease = None;
+        let network = match e.network {
+            NetworkMode::Default => {
+                let ep = tokio::task::block_in_place(|| self.networks.take())?;
+                let network = ep.network();
+                lease = Some(Lease {
+                    pool: &self.networks,
+                    endpoint: Some(ep),
+                    reusable: security == Security::Default,
+                });
+                network
+            }
+            NetworkMode::None => Network::None,
+            NetworkMode::Host if self.opts.allow_network_host => Network::Host,
+            NetworkMode::Host => return Err(ExecError::NetworkHostNotAllowed.into()),
         };
         let base = match e.mounts.first().and_then(|m| m.input) {
             Some(i) => Self::fs_input(inputs, i)?,
@@ -186,6 +258,7 @@ impl Engine {
         let _ = out_task.await;
         let _ = err_task.await;
         drop(held);
+        drop(lease);
         let status = match status.map_err(|e| EngineError::Join(e.to_string())) {
             Ok(Ok(s)) => s,
             Ok(Err(err)) => {

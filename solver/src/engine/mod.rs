@@ -181,6 +181,8 @@ pub struct Engine {
     /// Fsyncs layer blobs and writes cache records behind the build (see
     /// [`kiln_cache::durable`]); flushed by [`Executor::finish`], drained on drop.
     durable: kiln_cache::durable::Durable,
+    /// Network namespaces on the bridge for RUN steps, reused from step to step.
+    networks: exec::BuildNetworks,
 }
 
 impl Drop for Engine {
@@ -242,6 +244,7 @@ impl Engine {
             remote: remote::RemoteState::default(),
             removals: Mutex::new(Vec::new()),
             durable: kiln_cache::durable::Durable::new(),
+            networks: exec::BuildNetworks::default(),
         })
     }
 
