@@ -3,8 +3,15 @@
 # image in testdata/demo and runs it. Needs root (namespaces, overlayfs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v busybox >/dev/null 2>&1 && ! ldd "$(command -v busybox)" >/dev/null 2>&1 || {
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >/dev/null; }
+# What kiln needs on Debian (see the README): libseccomp to build, iptables for the bridge
+# network's NAT, a static busybox for the base image.
+need=()
+for pkg in busybox-static libseccomp-dev iptables; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
 cargo build --release -q -p kiln
 kiln=target/release/kiln
 root=${KILN_ROOT:-/var/lib/kiln}

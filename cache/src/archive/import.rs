@@ -2,6 +2,12 @@
 //!
 //! The layer is stored decompressed, so its digest is its diff ID; kiln compresses only when it
 //! pushes.
+//!
+//! The image depends on nothing but the tarball's content and the options: its created time is
+//! the newest modification time among the entries (Docker takes the time of the import), and its
+//! history says `Imported from -` as Docker's does (without the file's name), so importing the
+//! same tarball again, from wherever it lies, gives the same image ID and keeps what was built
+//! on it cached.
 
 use std::fs::File;
 use std::io::Read;
@@ -12,7 +18,7 @@ use oci_spec::image::MediaType;
 
 use crate::archive::decompress;
 use crate::content::ContentError;
-use crate::images::{now_rfc3339, Image, ImageError, LayerRef};
+use crate::images::{rfc3339, Image, ImageError, LayerRef};
 use crate::reference::Reference;
 use crate::store::{Store, StoreError};
 
@@ -123,7 +129,7 @@ pub fn import_rootfs(
             compression: compression.name(),
             source,
         })?;
-    check_tar(staged.temp_path(), staged.size(), source_name)?;
+    let newest = check_tar(staged.temp_path(), staged.size(), source_name)?;
     let size = staged.size();
     let digest = staged.commit().map_err(|source| ImportError::Commit {
         source_name: source_name.to_string(),
@@ -131,7 +137,7 @@ pub fn import_rootfs(
     })?;
 
     let platform = Platform::host();
-    let created = now_rfc3339();
+    let created = rfc3339(newest);
     let config = ImageConfig {
         created: Some(created.clone()),
         architecture: platform.architecture,
@@ -139,11 +145,11 @@ pub fn import_rootfs(
         variant: platform.variant,
         history: vec![History {
             created: Some(created),
-            created_by: Some(format!("kiln import {source_name}")),
+            created_by: None,
             comment: Some(
                 opts.message
                     .clone()
-                    .unwrap_or_else(|| format!("Imported from {source_name}")),
+                    .unwrap_or_else(|| "Imported from -".to_string()),
             ),
             ..Default::default()
         }],
@@ -167,8 +173,9 @@ pub fn import_rootfs(
     Ok(image)
 }
 
-/// Walks the tar headers of the staged layer, failing on garbage or truncation.
-fn check_tar(path: &std::path::Path, len: u64, source_name: &str) -> Result<(), ImportError> {
+/// Walks the tar headers of the staged layer, failing on garbage or truncation; returns the
+/// newest modification time of its entries (seconds since the epoch, 0 for none).
+fn check_tar(path: &std::path::Path, len: u64, source_name: &str) -> Result<i64, ImportError> {
     let not_tar = |after: Option<String>, source| ImportError::NotTar {
         source_name: source_name.to_string(),
         after,
@@ -179,6 +186,7 @@ fn check_tar(path: &std::path::Path, len: u64, source_name: &str) -> Result<(), 
     let mut last: Option<String> = None;
     let mut count = 0u64;
     let mut end = 0u64;
+    let mut newest = 0i64;
     for entry in archive.entries_with_seek().map_err(|e| not_tar(None, e))? {
         let entry = entry.map_err(|e| not_tar(last.clone(), e))?;
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
@@ -194,6 +202,9 @@ fn check_tar(path: &std::path::Path, len: u64, source_name: &str) -> Result<(), 
                 needed,
                 len,
             });
+        }
+        if let Ok(t) = entry.header().mtime() {
+            newest = newest.max(i64::try_from(t).unwrap_or(0));
         }
         end = needed;
         last = Some(name);
@@ -214,7 +225,7 @@ fn check_tar(path: &std::path::Path, len: u64, source_name: &str) -> Result<(), 
             len,
         });
     }
-    Ok(())
+    Ok(newest)
 }
 
 #[cfg(test)]
@@ -242,10 +253,7 @@ mod tests {
         };
         let img = import_rootfs(&store, &tar[..], "t.tar", &opts).unwrap();
         assert_eq!(img.layers[0].diff_id, kiln_dag::Digest::of(&tar));
-        assert_eq!(
-            img.config.history[0].comment.as_deref(),
-            Some("Imported from t.tar")
-        );
+        assert_eq!(img.config.history[0].comment.as_deref(), Some("Imported from -"));
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, &tar).unwrap();
         let img2 = import_rootfs(
@@ -256,6 +264,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(img2.layers[0].digest, img.layers[0].digest);
+        // Same content, same options: the same image, whatever the file is called or how it is
+        // compressed; a message makes another one.
+        assert_eq!(img2.manifest_digest, img.manifest_digest);
+        assert_eq!(img2.config.created.as_deref(), Some("1970-01-01T00:00:00Z"));
+        let msg = ImportOptions {
+            message: Some("base".into()),
+            ..Default::default()
+        };
+        let img3 = import_rootfs(&store, &tar[..], "other.tar", &msg).unwrap();
+        assert_ne!(img3.manifest_digest, img.manifest_digest);
+        assert_eq!(
+            import_rootfs(&store, &tar[..], "t.tar", &msg)
+                .unwrap()
+                .manifest_digest,
+            img3.manifest_digest
+        );
         assert_eq!(
             store.images().resolve("x:1").unwrap().manifest_digest,
             img.manifest_digest

@@ -753,3 +753,22 @@ fn image_size_is_dockers() {
         "history SIZE"
     );
 }
+
+#[test]
+fn importing_the_same_tarball_again_gives_the_same_image() {
+    let env = crate::harness::busybox_env();
+    let first = env.inspect("busybox:local")["Id"].clone();
+    // Another copy, another name: the ID depends on the content and the options only.
+    let copy = env.path("copy-of-base.tar");
+    std::fs::copy(crate::harness::busybox_tar(), &copy).unwrap();
+    env.ok(&["import", copy.to_str().unwrap(), "again:1"]);
+    assert_eq!(env.inspect("again:1")["Id"], first);
+    env.ok(&[
+        "import",
+        "-m",
+        "with a message",
+        copy.to_str().unwrap(),
+        "other:1",
+    ]);
+    assert_ne!(env.inspect("other:1")["Id"], first);
+}

@@ -21,7 +21,7 @@ const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 pub enum BridgeError {
     #[error(transparent)]
     Lock(#[from] IpamError),
-    #[error("failed to set up bridge `{bridge}`: {source}")]
+    #[error("failed to set up bridge `{bridge}`")]
     Netlink {
         bridge: String,
         #[source]
@@ -29,9 +29,14 @@ pub enum BridgeError {
     },
     #[error("bridge `{bridge}` vanished while it was being set up")]
     Vanished { bridge: String },
-    #[error("failed to enable IPv4 forwarding in `{IP_FORWARD}`: {0}")]
+    #[error("failed to enable IPv4 forwarding in `{IP_FORWARD}`")]
     Forwarding(#[source] io::Error),
-    #[error("failed to run `iptables {args}` (is iptables installed?): {source}")]
+    #[error(
+        "the bridge network's NAT needs the program `iptables` (Debian package `iptables`), which is \
+         not installed: install it, or use --network none"
+    )]
+    IptablesMissing,
+    #[error("failed to run `iptables {args}`")]
     IptablesSpawn {
         args: String,
         #[source]
@@ -39,7 +44,7 @@ pub enum BridgeError {
     },
     #[error("`iptables {args}` failed: {stderr}")]
     Iptables { args: String, stderr: String },
-    #[error("failed to write marker `{path}`: {source}")]
+    #[error("failed to write marker `{path}`")]
     Marker {
         path: PathBuf,
         #[source]
@@ -78,14 +83,25 @@ fn rules(config: &NetConfig) -> Vec<(&'static str, &'static str, Vec<String>)> {
 }
 
 fn iptables(args: &[String]) -> Result<bool, BridgeError> {
+    run_iptables("iptables", args)
+}
+
+/// Runs `program -w ARGS` (an iptables); `Ok(false)` when a `-C` check finds no rule.
+fn run_iptables(program: &str, args: &[String]) -> Result<bool, BridgeError> {
     let shown = args.join(" ");
-    let out = Command::new("iptables")
+    let out = Command::new(program)
         .arg("-w")
         .args(args)
         .output()
-        .map_err(|source| BridgeError::IptablesSpawn {
-            args: shown.clone(),
-            source,
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                BridgeError::IptablesMissing
+            } else {
+                BridgeError::IptablesSpawn {
+                    args: shown.clone(),
+                    source,
+                }
+            }
         })?;
     if out.status.success() {
         return Ok(true);
@@ -208,4 +224,21 @@ pub fn remove(config: &NetConfig) -> Result<(), BridgeError> {
         });
     let _ = fs::remove_file(marker_path(config));
     rules_removed.and(link_removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_iptables_is_named_with_its_package_once() {
+        let err = run_iptables("kiln-no-such-iptables", &["-L".to_string()]).unwrap_err();
+        assert!(matches!(err, BridgeError::IptablesMissing), "{err:?}");
+        assert!(std::error::Error::source(&err).is_none());
+        let shown = err.to_string();
+        assert!(
+            shown.contains("`iptables` (Debian package `iptables`)") && shown.contains("--network none"),
+            "{shown}"
+        );
+    }
 }
