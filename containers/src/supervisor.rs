@@ -683,6 +683,7 @@ fn container_spec(
             volatile_upper: false,
             no_new_privileges: security.no_new_privileges,
             seccomp: security.seccomp,
+            mount_points_in_rootfs: false,
         },
     })
 }

@@ -440,12 +440,25 @@ struct Targets<'a> {
     /// Targets mounted so far (relative), to detect nesting.
     mounted: Vec<PathBuf>,
     create: Vec<Create>,
+    /// Directories in `create` that stay in the root filesystem (not reported as created).
+    kept: Vec<PathBuf>,
 }
 
 impl Targets<'_> {
     /// Resolves `target`, arranges for it to exist, and returns the resolved relative path and the
     /// components to create inside an enclosing earlier mount.
     fn place(&mut self, target: &str, is_dir: bool) -> Result<(PathBuf, Vec<PathBuf>), RuntimeError> {
+        self.place_with(target, is_dir, false)
+    }
+
+    /// [`Targets::place`]; with `in_rootfs` missing components are made in the root filesystem
+    /// itself and its directories kept there.
+    fn place_with(
+        &mut self,
+        target: &str,
+        is_dir: bool,
+        in_rootfs: bool,
+    ) -> Result<(PathBuf, Vec<PathBuf>), RuntimeError> {
         let target = absolute(target);
         let resolved = self
             .view
@@ -471,7 +484,7 @@ impl Targets<'_> {
             }
         } else if !resolved.exists() {
             let comps: Vec<_> = rel.components().collect();
-            if self.overlay && resolved.visible_from_below {
+            if self.overlay && resolved.visible_from_below && !in_rootfs {
                 let mut host = self.stub.clone();
                 for (i, c) in comps.iter().enumerate() {
                     host.push(c);
@@ -498,6 +511,9 @@ impl Targets<'_> {
                                 rel: cur.clone(),
                                 dir,
                             });
+                        }
+                        if in_rootfs && dir && !self.kept.contains(&cur) {
+                            self.kept.push(cur.clone());
                         }
                     }
                 }
@@ -630,6 +646,7 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
         stub_entries: Vec::new(),
         mounted: Vec::new(),
         create: Vec::new(),
+        kept: Vec::new(),
     };
     let (proc_dir, _) = targets.place("/proc", true)?;
     let (dev_dir, _) = targets.place("/dev", true)?;
@@ -679,7 +696,8 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
                 true,
             ),
         };
-        let (target, create_first) = targets.place(m.target(), is_dir)?;
+        let (target, create_first) =
+            targets.place_with(m.target(), is_dir, spec.options.mount_points_in_rootfs)?;
         mounts.push(PlannedMount {
             target,
             kind,
@@ -689,6 +707,7 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
     }
     let stub_used = !targets.stub_entries.is_empty();
     let create = targets.create;
+    let targets_kept = targets.kept;
     let lower_empty = matches!(&spec.rootfs, Rootfs::Overlay { lower, .. } if lower.is_empty());
     if stub_used || lower_empty {
         scratch.push(ScratchEntry::Dir(stub.clone()));
@@ -710,7 +729,11 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
         }
         Rootfs::Dir(dir) => RootMount::Bind(dir.clone()),
     };
-    let created: Vec<PathBuf> = create.iter().map(|c| c.rel.clone()).collect();
+    let created: Vec<PathBuf> = create
+        .iter()
+        .filter(|c| !targets_kept.contains(&c.rel))
+        .map(|c| c.rel.clone())
+        .collect();
     let created_in_dir = match &spec.rootfs {
         Rootfs::Dir(dir) => created.iter().map(|rel| dir.join(rel)).collect(),
         Rootfs::Overlay { .. } => Vec::new(),

@@ -207,6 +207,11 @@ pub struct RunOptions {
     pub no_new_privileges: bool,
     /// The seccomp filter (`--security-opt seccomp=...`); ignored with [`Security::Insecure`].
     pub seccomp: crate::seccomp::SeccompPolicy,
+    /// Missing targets of [`ContainerSpec::mounts`] are made in the root filesystem itself, so
+    /// that the directories stay among its changes, as BuildKit's RUN leaves them; file targets
+    /// are still reported by [`crate::Running::created_paths`] for the caller to remove. Off:
+    /// they come from a layer of the runtime's own below the image and leave no trace.
+    pub mount_points_in_rootfs: bool,
 }
 
 /// A cgroup for one container, created before the process runs and removed after it exits.

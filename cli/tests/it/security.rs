@@ -518,3 +518,92 @@ fn run_steps_reach_outside_through_nat() {
         format!("{}\n", host.host_ip)
     );
 }
+
+#[test]
+fn secret_targets_leave_the_layer_as_buildkit_leaves_it() {
+    let env = busybox_env();
+    let ctx = env.path("ctx-secret");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\n\
+         RUN --mount=type=secret,id=s,target=/run/custom/secret cat /run/custom/secret > /s.out\n\
+         RUN --mount=type=secret,id=s cat /run/secrets/s > /s2.out\n\
+         RUN ls -1a /run /run/custom /run/secrets > /listing 2>&1 || true\n",
+    )
+    .unwrap();
+    let secret = env.path("secret");
+    std::fs::write(&secret, "topsecret\n").unwrap();
+    let src = format!("id=s,src={}", s(&secret));
+    let out = env.path("docker-out");
+    let built = Command::new(docker())
+        .args(["build", "-q", "--secret", &src, "-o"])
+        .arg(format!("type=local,dest={}", s(&out)))
+        .arg(&ctx)
+        .env("DOCKER_BUILDKIT", "1")
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", frame(&built));
+    env.ok(&[
+        "build",
+        "--progress=plain",
+        "--secret",
+        &src,
+        "-t",
+        "secrets",
+        s(&ctx),
+    ]);
+    for file in ["listing", "s.out", "s2.out"] {
+        assert_eq!(
+            kiln_run(&env, &["secrets", "cat", &format!("/{file}")]),
+            std::fs::read_to_string(out.join(file)).unwrap(),
+            "/{file}"
+        );
+    }
+}
+
+#[test]
+fn rw_binds_of_one_file_write_to_a_copy_and_run_binds_a_file() {
+    let env = busybox_env();
+    let ctx = env.path("ctx-bindfile");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("in.txt"), "in\n").unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local AS src\nRUN echo fromstage > /s.txt\nFROM busybox:local\n\
+         RUN --mount=type=bind,source=in.txt,target=/x,rw echo changed >> /x && cat /x > /ctx.out\n\
+         RUN --mount=type=bind,from=src,source=/s.txt,target=/y,rw echo changed >> /y && cat /y > /stage.out\n",
+    )
+    .unwrap();
+    env.ok(&["build", "--progress=plain", "-t", "bindfile", s(&ctx)]);
+    assert_eq!(
+        kiln_run(&env, &["bindfile", "cat", "/ctx.out", "/stage.out"]),
+        "in\nchanged\nfromstage\nchanged\n"
+    );
+    // The writes reached neither the context nor the layer.
+    assert_eq!(std::fs::read_to_string(ctx.join("in.txt")).unwrap(), "in\n");
+    let out = env
+        .kiln(&["run", "--rm", "--network", "none", "bindfile", "ls", "/x", "/y"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", frame(&out));
+    // kiln run -v FILE:/target binds one file, writes going through as in Docker.
+    let host_file = env.path("host.txt");
+    std::fs::write(&host_file, "host\n").unwrap();
+    let vol = format!("{}:/etc/host.txt", s(&host_file));
+    assert_eq!(
+        kiln_run(
+            &env,
+            &[
+                "-v",
+                &vol,
+                "busybox:local",
+                "sh",
+                "-c",
+                "cat /etc/host.txt; echo more >> /etc/host.txt"
+            ]
+        ),
+        "host\n"
+    );
+    assert_eq!(std::fs::read_to_string(&host_file).unwrap(), "host\nmore\n");
+}

@@ -215,6 +215,8 @@ impl Engine {
             // build sees to (the blob is fsynced; the snapshot is trusted only within this boot).
             options: kiln_runtime::RunOptions {
                 volatile_upper: true,
+                // BuildKit leaves the directories it made for mount targets in the step's layer.
+                mount_points_in_rootfs: true,
                 ..Default::default()
             },
         };
@@ -283,7 +285,17 @@ impl Engine {
             }
             .into());
         }
-        let exclude = created;
+        // File targets made to mount on are removed again, as BuildKit removes them (their
+        // directories stay); what else the runtime had to make is left out of the layer.
+        let upper = mutable.upper().to_path_buf();
+        let exclude: Vec<PathBuf> = created
+            .into_iter()
+            .filter(|rel| {
+                let path = upper.join(rel);
+                let stub = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0);
+                !(stub && std::fs::remove_file(&path).is_ok())
+            })
+            .collect();
         let this: &Engine = self;
         let layers = tokio::task::block_in_place(|| this.commit_layer(&base, mutable, exclude))?;
         Ok(Output::Fs(Arc::new(layers)))
@@ -335,6 +347,26 @@ impl Engine {
                         source,
                         target,
                         readonly: true,
+                    });
+                } else if !source.is_dir() {
+                    // A file: writes go to a copy of it, dropped after the step (an overlay
+                    // cannot be mounted on a file).
+                    let dir = tempfile::tempdir_in(self.scratch.path()).map_err(|source| {
+                        EngineError::CreateDir {
+                            path: self.scratch.path().into(),
+                            source,
+                        }
+                    })?;
+                    let copy = dir.path().join("file");
+                    held.dirs.push(dir);
+                    copy_file_with_owner(&source, &copy).map_err(|source| EngineError::CreateDir {
+                        path: copy.clone(),
+                        source,
+                    })?;
+                    out.push(MountSpec::Bind {
+                        source: copy,
+                        target,
+                        readonly: false,
                     });
                 } else {
                     // Writes to a bind mount are discarded: give it a throw-away upper dir.
@@ -545,6 +577,15 @@ impl Engine {
 
 /// Kills a container's pid 1 (which ignores signals it has no handler for, but not this one).
 const SIGKILL: i32 = 9;
+
+/// Copies a regular file (following a symlink, as the mount would) with its mode and owner.
+fn copy_file_with_owner(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(from)?;
+    std::fs::copy(from, to)?;
+    std::os::unix::fs::chown(to, Some(md.uid()), Some(md.gid()))?;
+    std::fs::set_permissions(to, md.permissions())
+}
 
 /// Writes a secret file readable only by its owner.
 fn write_private(path: &std::path::Path, data: &[u8], mode: u32, uid: u32, gid: u32) -> std::io::Result<()> {
