@@ -3,7 +3,7 @@
 # servers the tests use. Idempotent: a second run only checks.
 set -euo pipefail
 need=()
-for pkg in busybox-static libseccomp-dev pkg-config docker.io docker-registry skopeo umoci git apache2-utils uidmap iproute2 iptables \
+for pkg in busybox-static sudo libseccomp-dev pkg-config docker.io docker-registry skopeo umoci git apache2-utils uidmap iproute2 iptables \
            bzip2 xz-utils zstd curl python3; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done

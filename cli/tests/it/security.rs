@@ -607,3 +607,73 @@ fn rw_binds_of_one_file_write_to_a_copy_and_run_binds_a_file() {
     );
     assert_eq!(std::fs::read_to_string(&host_file).unwrap(), "host\nmore\n");
 }
+
+#[test]
+fn sudo_in_a_run_step_as_a_user_with_passwordless_sudo() {
+    let env = busybox_env();
+    let tar = env.path("sudo.tar");
+    let made = Command::new("bash")
+        .arg(workspace().join("testdata/make-sudo-rootfs.sh"))
+        .arg(&tar)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "testdata/make-sudo-rootfs.sh (needs the sudo package)\n{}",
+        frame(&made)
+    );
+    env.ok(&["import", s(&tar), "sudo:local"]);
+    build(
+        &env,
+        "withsudo",
+        "FROM sudo:local\nUSER app\nRUN id -u > /tmp/uid && sudo -n id -u > /tmp/euid && sudo -n touch /root-owned\n",
+        &[],
+    );
+    assert_eq!(
+        kiln_run(&env, &["withsudo", "cat", "/tmp/uid", "/tmp/euid"]),
+        "1000\n0\n"
+    );
+    assert_eq!(
+        kiln_run(&env, &["withsudo", "stat", "-c", "%u", "/root-owned"]),
+        "0\n"
+    );
+    // As under Docker: sudo works in a container too, and not under no-new-privileges.
+    let d = docker();
+    let tag = format!("kiln-it-sudo-{}", std::process::id());
+    let imported = Command::new(&d).args(["import", s(&tar), &tag]).output().unwrap();
+    assert!(imported.status.success(), "{}", frame(&imported));
+    let want = Command::new(&d)
+        .args(["run", "--rm", "-u", "app", &tag, "sudo", "-n", "id", "-u"])
+        .output()
+        .unwrap();
+    let _ = Command::new(&d).args(["rmi", &tag]).output();
+    assert_eq!(String::from_utf8_lossy(&want.stdout), "0\n", "{}", frame(&want));
+    assert_eq!(
+        kiln_run(&env, &["-u", "app", "sudo:local", "sudo", "-n", "id", "-u"]),
+        "0\n"
+    );
+    let out = env
+        .kiln(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "-u",
+            "app",
+            "--security-opt",
+            "no-new-privileges",
+            "sudo:local",
+            "sudo",
+            "-n",
+            "id",
+            "-u",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", frame(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no new privileges"),
+        "{}",
+        frame(&out)
+    );
+}
