@@ -11,9 +11,10 @@
 //! libseccomp, the library runc builds Docker's filters with, so the argument comparisons,
 //! per-rule actions (`clone3` answers `ENOSYS`) and the x86/x32 sub-architectures mean exactly
 //! what they mean under Docker. The result is exported as raw BPF once per profile and
-//! capability set ([`program`] caches it for the life of the process): a build runs many steps
-//! with the same set, and the child that installs it only makes one system call
-//! ([`crate::sys::Sys::seccomp_filter`]).
+//! capability set ([`program`] caches it for the life of the process, and in [`DISK_CACHE`] for
+//! the life of the boot, since libseccomp takes 35-50 ms over Docker's profile and `kiln run`
+//! starts one container per process): a build runs many steps with the same set, and the child
+//! that installs it only makes one system call ([`crate::sys::Sys::seccomp_filter`]).
 //!
 //! `seccompiler` (pure Rust) was not taken: a filter of it has one action for every match, so it
 //! cannot express `clone3`'s `ENOSYS` next to the allow-list, nor sub-architectures.
@@ -27,6 +28,11 @@ use serde::Deserialize;
 
 /// moby's `profiles/seccomp/default.json`.
 pub const DEFAULT_PROFILE: &str = include_str!("seccomp/default.json");
+
+/// Compiled programs, one file per profile, capability set, machine and libseccomp version:
+/// `<sha256>.bpf` holding `KSC1`, the filter flags and the instructions. A tmpfs: a new boot
+/// (perhaps a new kernel) compiles again. Root's only, like the rest of `/run/kiln`.
+pub const DISK_CACHE: &str = "/run/kiln/seccomp";
 
 /// `CAP_SYS_ADMIN`: installing a filter without `no_new_privs` needs it.
 pub const CAP_SYS_ADMIN: u32 = 21;
@@ -154,6 +160,8 @@ pub struct Profile {
     /// Where it came from, for messages.
     pub source_name: String,
     digest: u64,
+    /// sha256 of the text, for [`DISK_CACHE`].
+    sha256: [u8; 32],
 }
 
 #[derive(Debug, Deserialize)]
@@ -365,6 +373,11 @@ impl Profile {
             raw,
             source_name: source_name.to_string(),
             digest: h.finish(),
+            sha256: sha2::Digest::finalize(sha2::Digest::chain_update(
+                sha2::Sha256::default(),
+                text.as_bytes(),
+            ))
+            .into(),
         };
         // Everything that does not depend on the container is checked now, so a bad profile
         // fails `kiln create`, not the start.
@@ -643,15 +656,7 @@ pub fn compile(sel: &Selected, source_name: &str) -> Result<Program, SeccompErro
     file.rewind()
         .and_then(|()| file.read_to_end(&mut bytes))
         .map_err(SeccompError::Export)?;
-    let instructions = bytes
-        .chunks_exact(8)
-        .map(|c| libc::sock_filter {
-            code: u16::from_ne_bytes([c[0], c[1]]),
-            jt: c[2],
-            jf: c[3],
-            k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
-        })
-        .collect();
+    let instructions = decode(&bytes);
     Ok(Program {
         instructions,
         flags: sel.flags,
@@ -679,10 +684,99 @@ pub fn program(policy: &SeccompPolicy, caps: u64) -> Result<Option<Arc<Program>>
     if let Some(p) = cache.get(&key) {
         return Ok(Some(p.clone()));
     }
-    let selected = profile.select(caps, &Target::host())?;
-    let program = Arc::new(compile(&selected, &profile.source_name)?);
+    let target = Target::host();
+    let disk = disk_cache_path(std::path::Path::new(DISK_CACHE), &profile, caps, &target);
+    let program = match disk.as_deref().and_then(load_program) {
+        Some(p) => Arc::new(p),
+        None => {
+            let selected = profile.select(caps, &target)?;
+            let p = compile(&selected, &profile.source_name)?;
+            if let Some(path) = &disk {
+                // A cache that cannot be written costs the next process a compilation, no more.
+                let _ = store_program(path, &p);
+            }
+            Arc::new(p)
+        }
+    };
     cache.insert(key, program.clone());
     Ok(Some(program))
+}
+
+const DISK_MAGIC: &[u8; 4] = b"KSC1";
+
+/// The cache file of `profile` for `caps` on `target` with this libseccomp (`None` when its
+/// version is unknown).
+fn disk_cache_path(
+    dir: &std::path::Path,
+    profile: &Profile,
+    caps: u64,
+    target: &Target,
+) -> Option<std::path::PathBuf> {
+    use sha2::Digest as _;
+    let v = libseccomp::ScmpVersion::current().ok()?;
+    let mut h = sha2::Sha256::new();
+    h.update(profile.sha256);
+    h.update(caps.to_le_bytes());
+    h.update(format!(
+        "{}|{}|{}.{}|libseccomp {}.{}.{}|{}",
+        target.arch,
+        target.scmp_arch,
+        target.kernel.0,
+        target.kernel.1,
+        v.major,
+        v.minor,
+        v.micro,
+        DISK_MAGIC[3]
+    ));
+    Some(dir.join(format!("{}.bpf", hex::encode(h.finalize()))))
+}
+
+/// Reads a program [`store_program`] wrote; `None` for a missing or malformed file.
+fn load_program(path: &std::path::Path) -> Option<Program> {
+    let bytes = std::fs::read(path).ok()?;
+    let body = bytes.strip_prefix(DISK_MAGIC.as_slice())?;
+    let (flags, code) = body.split_at_checked(4)?;
+    if code.is_empty() || code.len() % 8 != 0 || code.len() / 8 > usize::from(u16::MAX) {
+        return None;
+    }
+    Some(Program {
+        instructions: decode(code),
+        flags: u32::from_le_bytes(flags.try_into().ok()?),
+    })
+}
+
+/// Writes a program for [`load_program`] (temp file and rename, so readers see all or nothing).
+fn store_program(path: &std::path::Path, p: &Program) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mut bytes = DISK_MAGIC.to_vec();
+    bytes.extend_from_slice(&p.flags.to_le_bytes());
+    for i in &p.instructions {
+        bytes.extend_from_slice(&i.code.to_ne_bytes());
+        bytes.extend_from_slice(&[i.jt, i.jf]);
+        bytes.extend_from_slice(&i.k.to_ne_bytes());
+    }
+    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
+    std::fs::write(&tmp, &bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Native-endian `struct sock_filter`s, as libseccomp exports them.
+fn decode(code: &[u8]) -> Vec<libc::sock_filter> {
+    code.chunks_exact(8)
+        .map(|c| libc::sock_filter {
+            code: u16::from_ne_bytes([c[0], c[1]]),
+            jt: c[2],
+            jf: c[3],
+            k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
+        })
+        .collect()
 }
 
 /// Compiles Docker's default profile for the default capability set on a background thread, so
@@ -790,6 +884,22 @@ mod tests {
             .unwrap();
         assert!(Arc::ptr_eq(&a, &b));
         assert!(program(&SeccompPolicy::Unconfined, 0).unwrap().is_none());
+    }
+
+    #[test]
+    fn compiled_programs_round_trip_through_the_disk_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Profile::docker_default();
+        let path = disk_cache_path(dir.path(), &p, DOCKER_DEFAULT_MASK, &amd64()).unwrap();
+        // Another set, another file.
+        assert_ne!(path, disk_cache_path(dir.path(), &p, 0, &amd64()).unwrap());
+        assert!(load_program(&path).is_none());
+        let prog = compile(&p.select(DOCKER_DEFAULT_MASK, &amd64()).unwrap(), "default").unwrap();
+        store_program(&path, &prog).unwrap();
+        assert_eq!(load_program(&path).unwrap(), prog);
+        // A damaged file is not a program.
+        std::fs::write(&path, b"KSC1\0\0\0\0abc").unwrap();
+        assert!(load_program(&path).is_none());
     }
 
     #[test]
