@@ -378,14 +378,16 @@ fn a_dead_supervisor_is_not_reported_running() {
         .args(["-9", &sup.to_string()])
         .status()
         .unwrap();
-    eventually(5, "the supervisor to die", || {
-        env.inspect("orphan")["State"]["Status"] == "dead"
+    // The container's first process dies with the supervisor that started it
+    // (PR_SET_PDEATHSIG), and the state says so.
+    eventually(5, "the container to die with its supervisor", || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
+    eventually(5, "the state to say exited", || {
+        env.inspect("orphan")["State"]["Status"] == "exited"
     });
     assert!(!stdout(&env.ok(&["ps"])).contains("orphan"));
     env.ok(&["rm", "-f", "orphan"]);
-    eventually(5, "the orphaned process to die", || {
-        !std::path::Path::new(&format!("/proc/{pid}")).exists()
-    });
 }
 
 #[test]
