@@ -1,7 +1,10 @@
 //! `kiln import`: a rootfs tarball (plain, gzip, zstd, bzip2 or xz) becomes a one-layer image.
 //!
 //! The layer is stored decompressed, so its digest is its diff ID; kiln compresses only when it
-//! pushes.
+//! pushes. Before it is stored it is read through [`crate::layer::check`], so a tarball that would
+//! not unpack (names climbing out with `..`, writes through symlinks, hard links to files it does
+//! not hold) is refused here rather than at `kiln run`. Absolute names are fine: they land in the
+//! image, as Docker's import puts them.
 
 use std::fs::File;
 use std::io::Read;
@@ -73,6 +76,15 @@ pub enum ImportError {
         /// The input file name.
         source_name: String,
     },
+    /// The tarball would not unpack as a layer.
+    #[error("`{source_name}` cannot be unpacked as a root filesystem")]
+    Layer {
+        /// The input file name.
+        source_name: String,
+        /// What is wrong with it.
+        #[source]
+        source: Box<crate::layer::ApplyError>,
+    },
     /// Publishing the verified layer failed.
     #[error("failed to store the layer of `{source_name}`")]
     Commit {
@@ -124,6 +136,7 @@ pub fn import_rootfs(
             source,
         })?;
     check_tar(staged.temp_path(), staged.size(), source_name)?;
+    check_layer(staged.temp_path(), source_name)?;
     let size = staged.size();
     let digest = staged.commit().map_err(|source| ImportError::Commit {
         source_name: source_name.to_string(),
@@ -165,6 +178,27 @@ pub fn import_rootfs(
         images.tag(r, &image.manifest_digest).map_err(img_err)?;
     }
     Ok(image)
+}
+
+/// Reads the staged layer through [`crate::layer::check`] as a snapshot unpacks it.
+fn check_layer(path: &std::path::Path, source_name: &str) -> Result<(), ImportError> {
+    let not_tar = |source| ImportError::NotTar {
+        source_name: source_name.to_string(),
+        after: None,
+        source,
+    };
+    let file = File::open(path).map_err(not_tar)?;
+    let opts = crate::layer::ApplyOptions {
+        whiteouts: crate::layer::WhiteoutMode::Overlay,
+        archive_name: source_name.to_string(),
+        ..crate::layer::ApplyOptions::default()
+    };
+    crate::layer::check(file, &opts)
+        .map(|_| ())
+        .map_err(|source| ImportError::Layer {
+            source_name: source_name.to_string(),
+            source: Box::new(source),
+        })
 }
 
 /// Walks the tar headers of the staged layer, failing on garbage or truncation.
