@@ -193,7 +193,8 @@ fn check_layer(path: &std::path::Path, source_name: &str) -> Result<(), ImportEr
         archive_name: source_name.to_string(),
         ..crate::layer::ApplyOptions::default()
     };
-    crate::layer::check(file, &opts)
+    // The staged digest is the diff ID already: no need to hash again.
+    crate::layer::check_unhashed(file, &opts)
         .map(|_| ())
         .map_err(|source| ImportError::Layer {
             source_name: source_name.to_string(),

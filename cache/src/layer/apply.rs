@@ -210,7 +210,7 @@ pub fn apply<R: Read>(reader: R, dest: &Path, opts: &ApplyOptions) -> Result<App
     let mut applier = Applier {
         archive: &opts.archive_name,
         opts,
-        input: Entries::new(reader, &opts.archive_name, opts.max_header_size),
+        input: Entries::new(reader, &opts.archive_name, opts.max_header_size, true),
         root,
         cached: None,
         written: HashSet::new(),
@@ -223,7 +223,8 @@ pub fn apply<R: Read>(reader: R, dest: &Path, opts: &ApplyOptions) -> Result<App
     let entries = applier.input.count;
     let (diff_id, size) = applier.input.finish()?;
     Ok(ApplyStats {
-        diff_id,
+        // Always hashed here.
+        diff_id: diff_id.unwrap_or(kiln_dag::Digest([0; 32])),
         size,
         entries,
     })

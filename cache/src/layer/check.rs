@@ -42,10 +42,30 @@ enum WalkFail {
 /// non-directory, hard links to files the layer does not hold, invalid whiteouts. Nothing is
 /// written. The statistics are those `apply` returns (the diff ID covers the whole stream).
 pub fn check<R: Read>(reader: R, opts: &ApplyOptions) -> Result<ApplyStats, ApplyError> {
+    let (diff_id, size, entries) = run(reader, opts, true)?;
+    Ok(ApplyStats {
+        // Always hashed here.
+        diff_id: diff_id.unwrap_or(kiln_dag::Digest([0; 32])),
+        size,
+        entries,
+    })
+}
+
+/// [`check`] without hashing the stream, for a caller that knows its digest already (an
+/// uncompressed layer's blob digest is its diff ID); returns the number of entries.
+pub fn check_unhashed<R: Read>(reader: R, opts: &ApplyOptions) -> Result<u64, ApplyError> {
+    run(reader, opts, false).map(|(_, _, entries)| entries)
+}
+
+fn run<R: Read>(
+    reader: R,
+    opts: &ApplyOptions,
+    hash: bool,
+) -> Result<(Option<kiln_dag::Digest>, u64, u64), ApplyError> {
     let mut checker = Checker {
         archive: &opts.archive_name,
         whiteouts: opts.whiteouts,
-        input: Entries::new(reader, &opts.archive_name, opts.max_header_size),
+        input: Entries::new(reader, &opts.archive_name, opts.max_header_size, hash),
         nodes: BTreeMap::new(),
         written: HashSet::new(),
         next_ino: 0,
@@ -55,11 +75,7 @@ pub fn check<R: Read>(reader: R, opts: &ApplyOptions) -> Result<ApplyStats, Appl
     }
     let entries = checker.input.count;
     let (diff_id, size) = checker.input.finish()?;
-    Ok(ApplyStats {
-        diff_id,
-        size,
-        entries,
-    })
+    Ok((diff_id, size, entries))
 }
 
 struct Checker<'a, R: Read> {

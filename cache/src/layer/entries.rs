@@ -15,17 +15,19 @@ use sha2::{Digest as _, Sha256};
 use super::apply::ApplyError;
 use super::tarfmt::{self, Kind, BLOCK};
 
-/// A reader that hashes and counts what goes through it.
+/// A reader that counts what goes through it and, unless told not to, hashes it.
 struct HashReader<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     count: u64,
 }
 
 impl<R: Read> Read for HashReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
         self.count += n as u64;
         Ok(n)
     }
@@ -105,7 +107,8 @@ pub(super) struct Entries<'a, R: Read> {
 }
 
 impl<'a, R: Read> Entries<'a, R> {
-    pub fn new(reader: R, archive: &'a str, max_header_size: u64) -> Self {
+    /// Entries of `reader`; with `hash`, [`Entries::finish`] gives the stream's sha256.
+    pub fn new(reader: R, archive: &'a str, max_header_size: u64, hash: bool) -> Self {
         Entries {
             archive,
             max_header_size,
@@ -113,7 +116,7 @@ impl<'a, R: Read> Entries<'a, R> {
                 256 * 1024,
                 HashReader {
                     inner: reader,
-                    hasher: Sha256::new(),
+                    hasher: hash.then(Sha256::new),
                     count: 0,
                 },
             ),
@@ -122,12 +125,12 @@ impl<'a, R: Read> Entries<'a, R> {
     }
 
     /// Reads the rest of the stream (what follows the end-of-archive blocks counts too) and
-    /// returns the sha256 and size of everything read.
-    pub fn finish(mut self) -> Result<(Digest, u64), ApplyError> {
+    /// returns the sha256 (when hashing) and size of everything read.
+    pub fn finish(mut self) -> Result<(Option<Digest>, u64), ApplyError> {
         io::copy(&mut self.input, &mut io::sink())
             .map_err(|source| fail!(Read, (self.archive, "end of archive"), source: source))?;
         let hashed = self.input.into_inner();
-        Ok((Digest(hashed.hasher.finalize().into()), hashed.count))
+        Ok((hashed.hasher.map(|h| Digest(h.finalize().into())), hashed.count))
     }
 
     /// Reads one header block; `false` at a clean end of stream.

@@ -38,7 +38,7 @@ use std::path::PathBuf;
 use kiln_dag::Digest;
 
 pub use apply::{apply, ApplyError};
-pub use check::check;
+pub use check::{check, check_unhashed};
 pub use same::{same_tree, same_tree_assuming};
 pub use size::{layer_size, unpacked_size};
 pub use sniff::{decoder, sniff, Compression, Decoder, SniffError, Sniffed};
