@@ -4,7 +4,8 @@
 //!
 //! Extraction goes through the store's layer applier ([`kiln_cache::layer::apply`]), which
 //! resolves every entry component by component from a descriptor of the destination with
-//! `O_NOFOLLOW`: entries with `..`, absolute names, or a parent that is a symlink (even one the
+//! `O_NOFOLLOW`: names are cleaned as Docker cleans them (an absolute name lands inside, its
+//! leading `/` dropped), entries whose `..` climbs out or whose parent is a symlink (even one the
 //! same archive created) are errors naming the entry, and nothing is written outside the
 //! destination.
 
