@@ -383,8 +383,17 @@ impl Snapshots {
         let fs_dir = tmp.join("fs");
         create_dir(&fs_dir)?;
         let root_owned = fs::metadata(&fs_dir).map(|m| m.uid() == 0).unwrap_or(false);
+        // A bottom layer's whiteouts hide nothing: applied as deletions into the empty dir they
+        // vanish, so a one-layer view read without an overlay shows what the merged view shows
+        // (no 0:0 devices for a COPY --from to trip over). The bottom layer is the one whose
+        // chain ID (the key) is its diff ID; callers do not always name the parent.
+        let whiteouts = if parent.is_none() && diff_id == Some(&key) {
+            WhiteoutMode::Delete
+        } else {
+            WhiteoutMode::Overlay
+        };
         let opts = ApplyOptions {
-            whiteouts: WhiteoutMode::Overlay,
+            whiteouts,
             archive_name: format!("layer {}", diff_id.unwrap_or(&key)),
             same_owner: root_owned,
             ..ApplyOptions::default()
@@ -701,6 +710,27 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    /// A whiteout in a bottom layer (key = diff ID) hides nothing and leaves no 0:0 device; in
+    /// any other layer it stays, for overlayfs.
+    #[test]
+    fn bottom_layer_whiteouts_vanish() {
+        if !fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+            eprintln!("bottom_layer_whiteouts_vanish: needs root (whiteout devices); skipped");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let store = Snapshots::open(&t.path().join("snapshots")).unwrap();
+        let tar = layer_tar(&[("kept", b"k"), (".wh.hidden", b"")]);
+        let id = Digest::of(&tar);
+        let bottom = store.unpack(&id, None, &tar[..], Some(&id)).unwrap();
+        assert!(bottom.path.join("kept").exists());
+        assert!(fs::symlink_metadata(bottom.path.join("hidden")).is_err());
+        let chain = Digest::of(format!("{} {id}", Digest::of(b"below")).as_bytes());
+        let upper = store.unpack(&chain, None, &tar[..], Some(&id)).unwrap();
+        let wh = fs::symlink_metadata(upper.path.join("hidden")).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_char_device(&wh.file_type()));
     }
 
     #[test]

@@ -624,6 +624,59 @@ fn destination_symlinks_resolve_inside_the_destination() {
     assert!(t.keys().all(|k| k.starts_with("rootfs")), "{t:?}");
 }
 
+/// Issue 21.8: a build context's devices and sockets arrive as BuildKit's context transfer
+/// delivers them (empty files with their permission bits), FIFOs are left out, and nothing of a
+/// device is read (a `/dev/zero` node would never end). From a stage they stay what they are.
+#[test]
+fn special_files_from_the_context_arrive_as_buildkit_sends_them() {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    let c = tempfile::tempdir().unwrap();
+    fs::create_dir(c.path().join("d")).unwrap();
+    mknod(
+        &c.path().join("d/zero"),
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(0o640),
+        makedev(1, 5),
+    )
+    .unwrap();
+    mknod(
+        &c.path().join("d/loop"),
+        SFlag::S_IFBLK,
+        Mode::from_bits_truncate(0o600),
+        makedev(7, 200),
+    )
+    .unwrap();
+    nix::unistd::mkfifo(&c.path().join("d/fifo"), Mode::from_bits_truncate(0o644)).unwrap();
+    std::os::unix::net::UnixListener::bind(c.path().join("d/sock")).unwrap();
+    fs::set_permissions(c.path().join("d/sock"), fs::Permissions::from_mode(0o751)).unwrap();
+    let d = base_root();
+    run(
+        d.path(),
+        &ctx(c.path()),
+        vec![cp("/d", "/out"), cp("/d/zero", "/one"), cp("/d/fifo", "/none")],
+    )
+    .unwrap();
+    let t = tree(d.path());
+    let got = format!("{}{}", show(&t, "out"), show(&t, "one"));
+    let want = r##"out: dir 755 0:0
+out/loop: file 600 0:0 ""
+out/sock: file 751 0:0 ""
+out/zero: file 640 0:0 ""
+one: file 640 0:0 ""
+"##;
+    assert_eq!(got, want, "\n--- got ---\n{got}--- want ---\n{want}");
+    assert!(!d.path().join("none").exists());
+    // A stage's filesystem keeps its nodes.
+    let d = base_root();
+    run(
+        d.path(),
+        &[SourceRoot::filesystem(c.path())],
+        vec![cp("/d/zero", "/one")],
+    )
+    .unwrap();
+    assert!(show(&tree(d.path()), "one").starts_with("one: special"));
+}
+
 #[test]
 fn special_files_hardlinks_and_owners_from_a_stage() {
     let stage = tempfile::tempdir().unwrap();

@@ -8,6 +8,11 @@
 //! history says `Imported from -` as Docker's does (without the file's name), so importing the
 //! same tarball again, from wherever it lies, gives the same image ID and keeps what was built
 //! on it cached.
+//!
+//! Before it is stored the layer is read through [`crate::layer::check`], so a tarball that would
+//! not unpack (names climbing out with `..`, writes through symlinks, hard links to files it does
+//! not hold) is refused here rather than at `kiln run`. Absolute names are fine: they land in the
+//! image, as Docker's import puts them.
 
 use std::fs::File;
 use std::io::Read;
@@ -79,6 +84,15 @@ pub enum ImportError {
         /// The input file name.
         source_name: String,
     },
+    /// The tarball would not unpack as a layer.
+    #[error("`{source_name}` cannot be unpacked as a root filesystem")]
+    Layer {
+        /// The input file name.
+        source_name: String,
+        /// What is wrong with it.
+        #[source]
+        source: Box<crate::layer::ApplyError>,
+    },
     /// Publishing the verified layer failed.
     #[error("failed to store the layer of `{source_name}`")]
     Commit {
@@ -130,6 +144,7 @@ pub fn import_rootfs(
             source,
         })?;
     let newest = check_tar(staged.temp_path(), staged.size(), source_name)?;
+    check_layer(staged.temp_path(), source_name)?;
     let size = staged.size();
     let digest = staged.commit().map_err(|source| ImportError::Commit {
         source_name: source_name.to_string(),
@@ -171,6 +186,28 @@ pub fn import_rootfs(
         images.tag(r, &image.manifest_digest).map_err(img_err)?;
     }
     Ok(image)
+}
+
+/// Reads the staged layer through [`crate::layer::check`] as a snapshot unpacks it.
+fn check_layer(path: &std::path::Path, source_name: &str) -> Result<(), ImportError> {
+    let not_tar = |source| ImportError::NotTar {
+        source_name: source_name.to_string(),
+        after: None,
+        source,
+    };
+    let file = File::open(path).map_err(not_tar)?;
+    let opts = crate::layer::ApplyOptions {
+        whiteouts: crate::layer::WhiteoutMode::Overlay,
+        archive_name: source_name.to_string(),
+        ..crate::layer::ApplyOptions::default()
+    };
+    // The staged digest is the diff ID already: no need to hash again.
+    crate::layer::check_unhashed(file, &opts)
+        .map(|_| ())
+        .map_err(|source| ImportError::Layer {
+            source_name: source_name.to_string(),
+            source: Box::new(source),
+        })
 }
 
 /// Walks the tar headers of the staged layer, failing on garbage or truncation; returns the

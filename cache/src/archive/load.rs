@@ -6,6 +6,14 @@
 //! names). Only when the whole archive was read and every image in it checked are the blobs the
 //! images need renamed into place and the tags written, in one update of `images.json`. On any
 //! error the temp files are removed and the store is as it was.
+//!
+//! Checking an image reads each of its layers from this archive once, decompressed, through
+//! [`crate::layer::check`]: its diff ID must be the config's, and it must unpack (no names
+//! climbing out with `..`, no writes through symlinks, no hard links to files it does not hold,
+//! sound headers), so a layer that would fail at `kiln run` fails here. Metadata files
+//! (`manifest.json`, `index.json`, `oci-layout`, `repositories`) may hold up to 20 MiB, the limit
+//! of containerd's importer (moby's own loader has none); JSON blobs the store's
+//! [`MAX_JSON_BYTES`]. A larger one is refused at its tar header, unread.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -20,11 +28,16 @@ use serde::Deserialize;
 use crate::archive::{decompress, Compression, Counting};
 use crate::content::{ContentError, Staged};
 use crate::images::{build_manifest, kiln_digest, oci_digest, ImageError, MAX_JSON_BYTES};
+use crate::layer;
 use crate::reference::Reference;
 use crate::store::{Store, StoreError};
 
 /// Largest extended header (PAX record set or GNU long name) accepted.
 const MAX_EXT_HEADER: u64 = 1 << 20;
+
+/// Largest metadata file (`manifest.json`, `index.json`, ...) accepted: containerd's importer
+/// reads these through a 20 MiB `jsonLimit`.
+const MAX_METADATA_BYTES: u64 = 20 << 20;
 
 /// A failure loading an archive. Every variant names the archive; entry-level ones the entry.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +161,17 @@ pub enum LoadError {
         /// The value.
         value: String,
     },
+    /// A layer would not unpack: a broken tar, or an entry that would leave the destination.
+    #[error("archive `{archive}`: layer `{entry}` cannot be unpacked")]
+    Layer {
+        /// The archive.
+        archive: String,
+        /// The layer entry.
+        entry: String,
+        /// What is wrong with it.
+        #[source]
+        source: Box<crate::layer::ApplyError>,
+    },
     /// A layer's uncompressed digest does not match the config's diff ID.
     #[error(
         "archive `{archive}`: layer `{entry}` has diff ID {actual} but config `{config}` says {expected}"
@@ -256,6 +280,8 @@ struct Loader<'a> {
     needed: BTreeMap<Digest, String>,
     /// Synthesised blobs.
     synthesised: BTreeMap<Digest, Vec<u8>>,
+    /// Layers already checked (by temp file): diff ID and compression.
+    checked: HashMap<std::path::PathBuf, (Digest, Compression)>,
 }
 
 fn normalise(archive: &str, raw: &[u8]) -> Result<String, LoadError> {
@@ -287,6 +313,17 @@ fn is_metadata(path: &str) -> bool {
     )
 }
 
+/// The most bytes a JSON file of the archive may hold (`u64::MAX`: not JSON, any size).
+fn json_limit(path: &str) -> u64 {
+    if is_metadata(path) {
+        MAX_METADATA_BYTES
+    } else if path.ends_with(".json") {
+        MAX_JSON_BYTES
+    } else {
+        u64::MAX
+    }
+}
+
 /// Loads every image in the tar read from `reader` (named `archive` in messages); the tar may
 /// be compressed. Returns the images with their tags.
 pub fn load(store: &Store, reader: impl Read, archive: &str) -> Result<Vec<LoadedImage>, LoadError> {
@@ -298,6 +335,7 @@ pub fn load(store: &Store, reader: impl Read, archive: &str) -> Result<Vec<Loade
         links: HashMap::new(),
         needed: BTreeMap::new(),
         synthesised: BTreeMap::new(),
+        checked: HashMap::new(),
     };
     let tar_err = |after: Option<String>, source| LoadError::Tar {
         archive: archive.to_string(),
@@ -407,12 +445,13 @@ impl Loader<'_> {
                 if !(kind.is_file() || kind.is_contiguous()) {
                     continue;
                 }
-                if (is_metadata(&path) || path.ends_with(".json")) && size > MAX_JSON_BYTES {
+                let limit = json_limit(&path);
+                if size > limit {
                     return Err(LoadError::TooLarge {
                         archive: archive.clone(),
                         entry: path,
                         size,
-                        limit: MAX_JSON_BYTES,
+                        limit,
                     });
                 }
                 let expected = blob_digest_of_path(&path);
@@ -490,12 +529,17 @@ impl Loader<'_> {
                 referrer: referrer.to_string(),
             });
         };
-        if staged.size() > MAX_JSON_BYTES {
+        let limit = if is_metadata(&path) {
+            MAX_METADATA_BYTES
+        } else {
+            MAX_JSON_BYTES
+        };
+        if staged.size() > limit {
             return Err(LoadError::TooLarge {
                 archive: self.archive.clone(),
                 entry: path,
                 size: staged.size(),
-                limit: MAX_JSON_BYTES,
+                limit,
             });
         }
         std::fs::read(staged.temp_path()).map_err(|source| LoadError::Read {
@@ -646,14 +690,25 @@ impl Loader<'_> {
         }
         for (layer, diff) in manifest.layers().iter().zip(&cfg.rootfs.diff_ids) {
             let d = self.need_blob(layer.digest(), Some(layer.size()), &entry)?;
-            // An uncompressed layer's digest is its diff ID.
-            if matches!(layer.media_type(), MediaType::ImageLayer) && d.to_string() != *diff {
+            let layer_entry = format!("blobs/sha256/{}", d.hex());
+            // A layer already in the store was checked when it came in; one from this archive
+            // is checked now, which also gives its diff ID whatever its compression.
+            let staged = self
+                .files
+                .get(&self.resolve_path(&layer_entry))
+                .map(|s| s.temp_path().to_path_buf());
+            let diff_id = match staged {
+                Some(temp) => Some(self.check_layer(&layer_entry, &temp)?.0),
+                None if matches!(layer.media_type(), MediaType::ImageLayer) => Some(d),
+                None => None,
+            };
+            if let Some(actual) = diff_id.filter(|a| a.to_string() != *diff) {
                 return Err(LoadError::DiffId {
                     archive: self.archive.clone(),
-                    entry: format!("blobs/sha256/{}", d.hex()),
+                    entry: layer_entry,
                     config: cfg_entry,
                     expected: diff.clone(),
-                    actual: d.to_string(),
+                    actual: actual.to_string(),
                 });
             }
         }
@@ -771,28 +826,8 @@ impl Loader<'_> {
                     referrer: "manifest.json".into(),
                 });
             };
-            let (digest, size) = (staged.digest(), staged.size());
-            let read_err = |source| LoadError::Read {
-                archive: self.archive.clone(),
-                entry: path.clone(),
-                source,
-            };
-            let file = File::open(staged.temp_path()).map_err(read_err)?;
-            let (compression, mut r) = decompress(file).map_err(read_err)?;
-            let diff_id = if compression == Compression::None {
-                digest
-            } else {
-                let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-                let mut buf = vec![0u8; 1 << 20];
-                loop {
-                    let n = r.read(&mut buf).map_err(read_err)?;
-                    if n == 0 {
-                        break;
-                    }
-                    sha2::Digest::update(&mut hasher, &buf[..n]);
-                }
-                Digest(sha2::Digest::finalize(hasher).into())
-            };
+            let (digest, size, temp) = (staged.digest(), staged.size(), staged.temp_path().to_path_buf());
+            let (diff_id, compression) = self.check_layer(path, &temp)?;
             if diff_id.to_string() != *diff {
                 return Err(LoadError::DiffId {
                     archive: self.archive.clone(),
@@ -831,6 +866,34 @@ impl Loader<'_> {
         let digest = Digest::of(&bytes);
         self.synthesised.insert(digest, bytes);
         Ok(digest)
+    }
+
+    /// Reads the layer `entry` (staged at `temp`) decompressed through [`layer::check`]:
+    /// returns its diff ID and compression, or why it would not unpack.
+    fn check_layer(&mut self, entry: &str, temp: &Path) -> Result<(Digest, Compression), LoadError> {
+        if let Some(done) = self.checked.get(temp) {
+            return Ok(*done);
+        }
+        let read_err = |source| LoadError::Read {
+            archive: self.archive.clone(),
+            entry: entry.to_string(),
+            source,
+        };
+        let file = File::open(temp).map_err(read_err)?;
+        let (compression, reader) = decompress(file).map_err(read_err)?;
+        let opts = layer::ApplyOptions {
+            whiteouts: layer::WhiteoutMode::Overlay,
+            archive_name: entry.to_string(),
+            ..layer::ApplyOptions::default()
+        };
+        let stats = layer::check(reader, &opts).map_err(|source| LoadError::Layer {
+            archive: self.archive.clone(),
+            entry: entry.to_string(),
+            source: Box::new(source),
+        })?;
+        self.checked
+            .insert(temp.to_path_buf(), (stats.diff_id, compression));
+        Ok((stats.diff_id, compression))
     }
 
     /// Publishes the needed blobs and records the images and tags.

@@ -3,18 +3,17 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use kiln_dag::Digest;
 use rustix::fs::{self as rfs, AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid, XattrFlags};
 use rustix::io::Errno;
-use sha2::{Digest as _, Sha256};
 
+use super::entries::{clean_components, fail, join, lossy, Entries, Entry};
 use super::fsutil::{dir_flags, remove_entry};
-use super::tarfmt::{self, Kind, BLOCK};
+use super::tarfmt::Kind;
 use super::{ApplyOptions, ApplyStats, WhiteoutMode};
 
 /// Errors of [`apply`]. Every variant names the archive and the entry involved.
@@ -70,11 +69,8 @@ pub enum ApplyError {
         entry: String,
         typeflag: char,
     },
-    /// The entry name is absolute.
-    #[error("{archive}: entry `{entry}` has an absolute path")]
-    AbsolutePath { archive: String, entry: String },
-    /// The entry name has a `..` component.
-    #[error("{archive}: entry `{entry}` has a `..` component")]
+    /// The entry name climbs out of the destination with `..`.
+    #[error("{archive}: entry `{entry}` climbs out of the destination with `..`")]
     DotDot { archive: String, entry: String },
     /// A parent of the entry is a symlink (following it could leave the destination).
     #[error("{archive}: entry `{entry}` crosses the symlink `{component}`")]
@@ -105,7 +101,7 @@ pub enum ApplyError {
     /// A whiteout entry is malformed (a bare `.wh.`, or `.wh..`).
     #[error("{archive}: entry `{entry}` is an invalid whiteout")]
     InvalidWhiteout { archive: String, entry: String },
-    /// A hardlink's target is absolute, has `..`, or passes a symlink.
+    /// A hardlink's target climbs out with `..`, names the root, or passes a symlink.
     #[error("{archive}: hardlink `{entry}` points outside the destination (`{target}`)")]
     LinkEscapes {
         archive: String,
@@ -181,55 +177,6 @@ pub enum ApplyError {
     },
 }
 
-/// Builds an [`ApplyError`] variant from an `(archive, entry)` context.
-macro_rules! fail {
-    ($variant:ident, $ctx:expr $(, $field:ident : $value:expr)* $(,)?) => {
-        ApplyError::$variant { archive: $ctx.0.to_string(), entry: $ctx.1.to_string() $(, $field: $value)* }
-    };
-}
-
-/// A reader that hashes and counts what goes through it.
-struct HashReader<R> {
-    inner: R,
-    hasher: Sha256,
-    count: u64,
-}
-
-impl<R: Read> Read for HashReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.count += n as u64;
-        Ok(n)
-    }
-}
-
-/// One entry, its headers merged.
-struct Entry {
-    path: Vec<u8>,
-    link: Vec<u8>,
-    kind: Kind,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    size: u64,
-    mtime: (i64, u32),
-    dev: (u32, u32),
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-/// Values from PAX and GNU headers waiting for the entry they describe.
-#[derive(Default)]
-struct Pending {
-    path: Option<Vec<u8>>,
-    link: Option<Vec<u8>>,
-    size: Option<u64>,
-    uid: Option<u64>,
-    gid: Option<u64>,
-    mtime: Option<(i64, u32)>,
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
 /// Why walking to a directory inside the destination failed, with the component's index.
 enum WalkFail {
     Symlink(usize),
@@ -244,9 +191,12 @@ enum WalkFail {
 /// unlinks what is there and recreates it. Owner (when `same_owner`), mode (setuid/setgid/sticky
 /// included, set after the owner), xattrs (overlayfs' own excepted) and mtimes are applied without
 /// following symlinks; directories get their mode and mtime after all their children are written.
-/// Whiteouts follow `opts.whiteouts`. Entries with `..`, absolute names, parents that are symlinks,
-/// or hardlinks leaving the destination are errors, and so are device nodes without privilege.
-/// The returned digest covers every byte of the stream, so it is the layer's diff ID.
+/// Whiteouts follow `opts.whiteouts`. Names are cleaned as Docker cleans them (a leading `/` is
+/// dropped, `..` removes the component before it); names or hardlink targets that climb out with
+/// `..`, entries whose parent is a symlink, and hardlinks through a symlink are errors, and so are
+/// device nodes without privilege. An xattr the filesystem does not support or refuses (ENOTSUP,
+/// EPERM) is skipped, as Docker skips it. The returned digest covers every byte of the stream, so
+/// it is the layer's diff ID. [`super::check`] tells, without writing, whether this succeeds.
 pub fn apply<R: Read>(reader: R, dest: &Path, opts: &ApplyOptions) -> Result<ApplyStats, ApplyError> {
     let root = rfs::open(
         dest,
@@ -260,30 +210,22 @@ pub fn apply<R: Read>(reader: R, dest: &Path, opts: &ApplyOptions) -> Result<App
     let mut applier = Applier {
         archive: &opts.archive_name,
         opts,
-        input: BufReader::with_capacity(
-            256 * 1024,
-            HashReader {
-                inner: reader,
-                hasher: Sha256::new(),
-                count: 0,
-            },
-        ),
+        input: Entries::new(reader, &opts.archive_name, opts.max_header_size, true),
         root,
         cached: None,
         written: HashSet::new(),
         dirs: HashMap::new(),
-        entries: 0,
     };
-    applier.run()?;
+    while let Some((entry, label)) = applier.input.next_entry()? {
+        applier.entry(entry, &label)?;
+    }
     applier.finish_dirs()?;
-    let entries = applier.entries;
-    let mut drain = applier.input;
-    io::copy(&mut drain, &mut io::sink())
-        .map_err(|source| fail!(Read, (&opts.archive_name, "end of archive"), source: source))?;
-    let hashed = drain.into_inner();
+    let entries = applier.input.count;
+    let (diff_id, size) = applier.input.finish()?;
     Ok(ApplyStats {
-        diff_id: Digest(hashed.hasher.finalize().into()),
-        size: hashed.count,
+        // Always hashed here.
+        diff_id: diff_id.unwrap_or(kiln_dag::Digest([0; 32])),
+        size,
         entries,
     })
 }
@@ -291,7 +233,7 @@ pub fn apply<R: Read>(reader: R, dest: &Path, opts: &ApplyOptions) -> Result<App
 struct Applier<'a, R: Read> {
     archive: &'a str,
     opts: &'a ApplyOptions,
-    input: BufReader<HashReader<R>>,
+    input: Entries<'a, R>,
     root: OwnedFd,
     /// The parent directory of the last entry, by its relative path.
     cached: Option<(Vec<u8>, OwnedFd)>,
@@ -299,15 +241,6 @@ struct Applier<'a, R: Read> {
     written: HashSet<Vec<u8>>,
     /// Directory mode and mtime to set once everything is written, by relative path.
     dirs: HashMap<Vec<u8>, (u32, (i64, u32))>,
-    entries: u64,
-}
-
-fn lossy(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn join(parts: &[&[u8]]) -> Vec<u8> {
-    parts.join(&b'/')
 }
 
 fn timestamps(mtime: (i64, u32)) -> Timestamps {
@@ -321,206 +254,16 @@ fn timestamps(mtime: (i64, u32)) -> Timestamps {
     }
 }
 
+/// Whether a failed xattr write is one Docker's applier skips: the filesystem does not support
+/// the attribute, or refuses it (a `user.` attribute on a symlink, a `trusted.` one unprivileged).
+fn xattr_skippable(err: Errno) -> bool {
+    err == Errno::NOTSUP || err == Errno::PERM
+}
+
 impl<R: Read> Applier<'_, R> {
-    /// Reads one header block; `false` at a clean end of stream.
-    fn read_block(&mut self, block: &mut [u8; BLOCK]) -> Result<bool, ApplyError> {
-        let mut have = 0;
-        while have < BLOCK {
-            match self.input.read(&mut block[have..]) {
-                Ok(0) if have == 0 => return Ok(false),
-                Ok(0) => return Err(fail!(UnexpectedEof, (self.archive, "header"))),
-                Ok(n) => have += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => return Err(fail!(Read, (self.archive, "header"), source: source)),
-            }
-        }
-        Ok(true)
-    }
-
-    /// Moves `n` bytes of entry data to `sink` (or drops them).
-    fn pump(&mut self, mut n: u64, mut sink: Option<&mut File>, entry: &str) -> Result<(), ApplyError> {
-        while n > 0 {
-            let buf = match self.input.fill_buf() {
-                Ok(buf) => buf,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(fail!(Read, (self.archive, entry), source: source)),
-            };
-            if buf.is_empty() {
-                return Err(fail!(UnexpectedEof, (self.archive, entry)));
-            }
-            let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-            if let Some(file) = sink.as_mut() {
-                file.write_all(&buf[..take])
-                    .map_err(|source| fail!(WriteData, (self.archive, entry), source: source))?;
-            }
-            self.input.consume(take);
-            n -= take as u64;
-        }
-        Ok(())
-    }
-
-    fn read_vec(&mut self, size: u64, entry: &str) -> Result<Vec<u8>, ApplyError> {
-        let mut data = Vec::with_capacity(size as usize);
-        (&mut self.input)
-            .take(size)
-            .read_to_end(&mut data)
-            .map_err(|source| fail!(Read, (self.archive, entry), source: source))?;
-        if (data.len() as u64) < size {
-            return Err(fail!(UnexpectedEof, (self.archive, entry)));
-        }
-        self.pump(tarfmt::padding(size) as u64, None, entry)?;
-        Ok(data)
-    }
-
-    fn run(&mut self) -> Result<(), ApplyError> {
-        let mut pending = Pending::default();
-        let mut block = [0u8; BLOCK];
-        loop {
-            let offset = self.input.get_ref().count - self.input.buffer().len() as u64;
-            if !self.read_block(&mut block)? || block.iter().all(|&b| b == 0) {
-                return Ok(());
-            }
-            let header_name = tarfmt::header_name(&block);
-            let label = match &pending.path {
-                Some(p) => lossy(p),
-                None if header_name.is_empty() => format!("header at byte {offset}"),
-                None => lossy(&header_name),
-            };
-            let ctx = (self.archive, label.as_str());
-            if !tarfmt::checksum_ok(&block) {
-                return Err(fail!(BadChecksum, ctx));
-            }
-            let number = |range: std::ops::Range<usize>, field: &'static str| {
-                tarfmt::parse_number(&block[range])
-                    .filter(|v| *v >= 0)
-                    .map(|v| v as u64)
-                    .ok_or_else(|| fail!(BadHeaderField, ctx, field: field))
-            };
-            let header_size = number(124..136, "size")?;
-            let flag = block[156];
-            if matches!(flag, b'x' | b'g' | b'L' | b'K') {
-                if header_size > self.opts.max_header_size {
-                    return Err(
-                        fail!(HeaderTooLarge, ctx, size: header_size, limit: self.opts.max_header_size),
-                    );
-                }
-                let data = self.read_vec(header_size, &label)?;
-                match flag {
-                    b'x' => self.pax(&data, &mut pending, &label)?,
-                    b'g' => {
-                        tarfmt::pax_records(&data).map_err(
-                            |reason| fail!(BadPax, (self.archive, label.as_str()), reason: reason),
-                        )?;
-                    }
-                    b'L' => pending.path = Some(tarfmt::cstr(&data).to_vec()),
-                    _ => pending.link = Some(tarfmt::cstr(&data).to_vec()),
-                }
-                continue;
-            }
-            let Some(kind) = Kind::from_flag(flag) else {
-                return Err(fail!(UnsupportedType, ctx, typeflag: char::from(flag)));
-            };
-            let id = |value: u64, field| u32::try_from(value).ok().filter(|v| *v != u32::MAX).ok_or(field);
-            let uid = pending.uid.map_or_else(|| number(108..116, "uid"), Ok)?;
-            let gid = pending.gid.map_or_else(|| number(116..124, "gid"), Ok)?;
-            let (uid, gid) = match (id(uid, "uid"), id(gid, "gid")) {
-                (Ok(u), Ok(g)) => (u, g),
-                (Err(field), _) | (_, Err(field)) => return Err(fail!(BadHeaderField, ctx, field: field)),
-            };
-            let mtime = match pending.mtime {
-                Some(t) => t,
-                None => {
-                    let secs = tarfmt::parse_number(&block[136..148])
-                        .ok_or_else(|| fail!(BadHeaderField, ctx, field: "mtime"))?;
-                    (secs, 0)
-                }
-            };
-            let dev = if matches!(kind, Kind::Char | Kind::Block) {
-                let major = number(329..337, "devmajor")?;
-                let minor = number(337..345, "devminor")?;
-                match (u32::try_from(major), u32::try_from(minor)) {
-                    (Ok(a), Ok(b)) => (a, b),
-                    _ => return Err(fail!(BadHeaderField, ctx, field: "devmajor")),
-                }
-            } else {
-                (0, 0)
-            };
-            let entry = Entry {
-                path: pending.path.take().unwrap_or(header_name),
-                link: pending
-                    .link
-                    .take()
-                    .unwrap_or_else(|| tarfmt::cstr(&block[157..257]).to_vec()),
-                kind,
-                mode: number(100..108, "mode")? as u32,
-                uid,
-                gid,
-                size: pending.size.unwrap_or(header_size),
-                mtime,
-                dev,
-                xattrs: std::mem::take(&mut pending.xattrs),
-            };
-            pending = Pending::default();
-            self.entries += 1;
-            self.entry(entry, &label)?;
-        }
-    }
-
-    fn pax(&mut self, data: &[u8], pending: &mut Pending, label: &str) -> Result<(), ApplyError> {
-        let ctx = (self.archive, label);
-        let records = tarfmt::pax_records(data).map_err(|reason| fail!(BadPax, ctx, reason: reason))?;
-        let int = |value: &[u8], reason| {
-            std::str::from_utf8(value)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or(reason)
-        };
-        for r in records {
-            let res = match r.key {
-                b"path" => {
-                    pending.path = Some(r.value.to_vec());
-                    Ok(())
-                }
-                b"linkpath" => {
-                    pending.link = Some(r.value.to_vec());
-                    Ok(())
-                }
-                b"size" => int(r.value, "bad size").map(|v| pending.size = Some(v)),
-                b"uid" => int(r.value, "bad uid").map(|v| pending.uid = Some(v)),
-                b"gid" => int(r.value, "bad gid").map(|v| pending.gid = Some(v)),
-                b"mtime" => tarfmt::parse_pax_time(r.value)
-                    .map(|t| pending.mtime = Some(t))
-                    .ok_or("bad mtime"),
-                key if key.starts_with(b"GNU.sparse.") => {
-                    return Err(fail!(UnsupportedType, ctx, typeflag: 'S'));
-                }
-                key => {
-                    if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                        pending.xattrs.push((name.to_vec(), r.value.to_vec()));
-                    }
-                    Ok(())
-                }
-            };
-            res.map_err(|reason| fail!(BadPax, ctx, reason: reason))?;
-        }
-        Ok(())
-    }
-
-    /// Splits an entry name into components: `.` and empty ones dropped, `..` and absolute names
-    /// refused.
+    /// Splits an entry name into components, cleaned as Docker does; `..` climbing out refused.
     fn components<'p>(&self, path: &'p [u8], label: &str) -> Result<Vec<&'p [u8]>, ApplyError> {
-        if path.first() == Some(&b'/') {
-            return Err(fail!(AbsolutePath, (self.archive, label)));
-        }
-        let mut out = Vec::new();
-        for c in path.split(|&b| b == b'/') {
-            match c {
-                b"" | b"." => {}
-                b".." => return Err(fail!(DotDot, (self.archive, label))),
-                c => out.push(c),
-            }
-        }
-        Ok(out)
+        clean_components(path).ok_or_else(|| fail!(DotDot, (self.archive, label)))
     }
 
     /// Opens the directory `comps` inside the destination without following any symlink,
@@ -593,9 +336,12 @@ impl<R: Read> Applier<'_, R> {
         }
     }
 
+    fn pump(&mut self, n: u64, sink: Option<&mut File>, label: &str) -> Result<(), ApplyError> {
+        self.input.pump(n, sink, label)
+    }
+
     fn entry(&mut self, e: Entry, label: &str) -> Result<(), ApplyError> {
         let comps = self.components(&e.path, label)?;
-        let data = if e.kind == Kind::Regular { 0 } else { e.size };
         let Some((&name, parents)) = comps.split_last() else {
             if e.kind != Kind::Dir {
                 return Err(fail!(RootNotDirectory, (self.archive, label)));
@@ -604,11 +350,11 @@ impl<R: Read> Applier<'_, R> {
                 .map_err(|err| fail!(Create, (self.archive, label), source: err.into()))?;
             self.owner_and_xattrs(root.as_fd(), None, &e, label)?;
             self.dirs.insert(Vec::new(), (e.mode, e.mtime));
-            return self.pump(data + tarfmt::padding(e.size) as u64, None, label);
+            return self.pump(e.all_data(), None, label);
         };
         if let Some(target) = name.strip_prefix(b".wh.") {
             self.whiteout(parents, target, label)?;
-            return self.pump(e.size + tarfmt::padding(e.size) as u64, None, label);
+            return self.pump(e.all_data(), None, label);
         }
         let (key, parent) = self.parent(parents, label)?;
         let result = self.create(parent.as_fd(), name, &e, label, &comps);
@@ -617,7 +363,7 @@ impl<R: Read> Applier<'_, R> {
         if self.opts.whiteouts == WhiteoutMode::Delete {
             self.written.insert(join(&comps));
         }
-        self.pump(data + tarfmt::padding(e.size) as u64, None, label)
+        self.pump(e.skipped_data(), None, label)
     }
 
     /// Removes whatever is at `name` inside `parent` (a whole tree for a directory).
@@ -733,17 +479,8 @@ impl<R: Read> Applier<'_, R> {
         let ctx = (self.archive, label);
         let escapes = || fail!(LinkEscapes, ctx, target: lossy(&e.link));
         let missing = || fail!(LinkTargetMissing, ctx, target: lossy(&e.link));
-        if e.link.first() == Some(&b'/') {
-            return Err(escapes());
-        }
-        let mut comps = Vec::new();
-        for c in e.link.split(|&b| b == b'/') {
-            match c {
-                b"" | b"." => {}
-                b".." => return Err(escapes()),
-                c => comps.push(c),
-            }
-        }
+        // An absolute target names a path of the image, as an absolute entry name does.
+        let comps = clean_components(&e.link).ok_or_else(escapes)?;
         let Some((&target, target_parents)) = comps.split_last() else {
             return Err(escapes());
         };
@@ -826,7 +563,13 @@ impl<R: Read> Applier<'_, R> {
                     )
                 }
             };
-            set.map_err(|err| fail!(SetXattr, ctx, name: lossy(key), source: err.into()))?;
+            match set {
+                Ok(()) => {}
+                Err(err) if xattr_skippable(err) => {
+                    tracing::debug!(archive = self.archive, entry = label, xattr = %lossy(key), %err, "xattr skipped");
+                }
+                Err(err) => return Err(fail!(SetXattr, ctx, name: lossy(key), source: err.into())),
+            }
         }
         Ok(())
     }
@@ -880,6 +623,8 @@ impl<R: Read> Applier<'_, R> {
                     Err(f) => return Err(self.walk_error(f, parents, label)),
                 };
                 let cname = std::ffi::CString::new(target).map_err(|_| fail!(InvalidWhiteout, ctx))?;
+                // The removed tree may hold the cached parent directory.
+                self.cached = None;
                 remove_entry(parent.as_fd(), &cname, None)
                     .map_err(|source| fail!(Remove, ctx, source: source))
             }

@@ -21,6 +21,8 @@
 //! symlink in the tree (even one the same archive created) is never followed.
 
 mod apply;
+mod check;
+mod entries;
 mod fsutil;
 mod same;
 mod size;
@@ -36,6 +38,7 @@ use std::path::PathBuf;
 use kiln_dag::Digest;
 
 pub use apply::{apply, ApplyError};
+pub use check::{check, check_unhashed};
 pub use same::{same_tree, same_tree_assuming};
 pub use size::{layer_size, unpacked_size};
 pub use sniff::{decoder, sniff, Compression, Decoder, SniffError, Sniffed};

@@ -344,9 +344,9 @@ pub(crate) fn parse_pax_time(value: &[u8]) -> Option<(i64, u32)> {
     for (i, c) in frac.bytes().take(9).enumerate() {
         nanos += u32::from(c - b'0') * 10u32.pow(8 - i as u32);
     }
-    if secs < 0 && nanos > 0 {
-        // -1.5 means 1.5 s before the epoch.
-        return Some((secs - 1, 1_000_000_000 - nanos));
+    if s.starts_with('-') && nanos > 0 {
+        // -1.5 means 1.5 s before the epoch (and -0.5 half a second before it).
+        return Some((secs.checked_sub(1)?, 1_000_000_000 - nanos));
     }
     Some((secs, nanos))
 }
@@ -415,5 +415,7 @@ mod tests {
         assert_eq!(parse_number(&main[116..124]), Some(7));
         assert_eq!(parse_pax_time(b"-1.5"), Some((-2, 500_000_000)));
         assert_eq!(parse_pax_time(b"12.000000001"), Some((12, 1)));
+        assert_eq!(parse_pax_time(b"-0.5"), Some((-1, 500_000_000)));
+        assert_eq!(parse_pax_time(b"-9223372036854775808.5"), None);
     }
 }

@@ -9,6 +9,7 @@ mod container_fs;
 mod containers;
 mod debug;
 mod harness;
+mod hostile;
 mod publish;
 mod registry;
 mod remote;

@@ -328,7 +328,7 @@ impl Engine {
                     Some(i) => match Self::input(inputs, i)? {
                         Output::Local(ctx) => {
                             let view = self.context_view(ctx, held)?;
-                            super::confined(&view, &m.selector)
+                            super::confined(&view, &m.selector)?
                         }
                         Output::Fs(layers) => {
                             let lower = self.lower_dirs(layers).await?;
@@ -338,7 +338,7 @@ impl Engine {
                                 lower
                             };
                             let view = self.writable_or_ro_view(&lower, m.readonly, held)?;
-                            super::confined(&view, &m.selector)
+                            super::confined(&view, &m.selector)?
                         }
                     },
                 };
@@ -551,12 +551,12 @@ impl Engine {
                 let seed = match Self::input(inputs, i)? {
                     Output::Local(ctx) => {
                         let view = self.context_view(ctx, held)?;
-                        super::confined(&view, &m.selector)
+                        super::confined(&view, &m.selector)?
                     }
                     Output::Fs(layers) => {
                         let lower = self.lower_dirs(layers).await?;
                         let view = self.writable_or_ro_view(&lower, true, held)?;
-                        super::confined(&view, &m.selector)
+                        super::confined(&view, &m.selector)?
                     }
                 };
                 super::file::copy_tree_into(&seed, &tmp)?;

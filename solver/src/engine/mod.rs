@@ -138,6 +138,14 @@ pub enum EngineError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("mount source \"{selector}\" not found")]
+    MountSourceMissing { selector: String },
+    #[error("failed to resolve mount source \"{selector}\"")]
+    MountSource {
+        selector: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("a blocking task failed: {0}")]
     Join(String),
     #[error("failed to resolve `{path}` to compute the content key")]
@@ -634,7 +642,40 @@ impl Executor for Engine {
     }
 }
 
-/// `rel` (a mount selector) below `root`, lexically confined to it.
-fn confined(root: &Path, rel: &str) -> PathBuf {
-    root.join(crate::context::clean_rel(rel))
+/// `rel` (a mount's `source` selector) inside `root`, resolved as BuildKit resolves it: `..`
+/// stops at `root` and symlinks are followed with `root` as `/`, so a symlink in a context or an
+/// image (`out -> /etc`) never leads the mount out of it. A selector that does not exist there
+/// is an error naming it. The kernel resolves (`openat2` with `RESOLVE_IN_ROOT`); the path
+/// handed to the mount is the one it found.
+fn confined(root: &Path, rel: &str) -> Result<PathBuf, EngineError> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use std::os::fd::AsRawFd;
+    let clean = crate::context::clean_rel(rel);
+    if clean.is_empty() {
+        return Ok(root.to_path_buf());
+    }
+    let err = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::NotFound => EngineError::MountSourceMissing {
+            selector: format!("/{clean}"),
+        },
+        _ => EngineError::MountSource {
+            selector: format!("/{clean}"),
+            source,
+        },
+    };
+    let dir = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| err(e.into()))?;
+    let found = rustix::fs::openat2(
+        &dir,
+        clean.as_str(),
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| err(e.into()))?;
+    std::fs::read_link(format!("/proc/self/fd/{}", found.as_raw_fd())).map_err(err)
 }

@@ -18,6 +18,7 @@ use super::chmod::ModeSpec;
 use super::link::Linking;
 use super::resolve::{self, Resolved};
 use super::{owner, unpack, wildcard, FileOpError, FileOpOptions, SourceRoot};
+use crate::context::{special_file, SpecialFile};
 
 /// What one copy action applies to every entry it writes.
 struct Config<'a> {
@@ -686,6 +687,16 @@ fn copy_entry(cfg: &Config<'_>, n: &Node, parent_fresh: bool, leader: bool) -> R
             path: n.dst.clone(),
             source,
         })?;
+    } else if let Some(special) = cfg.src.is_build_context().then(|| special_file(ft)).flatten() {
+        match special {
+            SpecialFile::Skip => return Ok(()),
+            SpecialFile::EmptyFile => {
+                File::create_new(&n.dst).map_err(|source| FileOpError::Write {
+                    path: n.dst.clone(),
+                    source,
+                })?;
+            }
+        }
     } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() || ft.is_socket() {
         let kind = SFlag::from_bits_truncate(n.meta.mode() & libc::S_IFMT);
         let perm = Mode::from_bits_truncate(n.meta.mode() & 0o7777);

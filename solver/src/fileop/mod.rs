@@ -60,6 +60,12 @@ impl SourceRoot {
         }
     }
 
+    /// Whether this is a build context (whose devices, sockets and FIFOs a COPY treats as
+    /// BuildKit's context transfer delivers them: [`crate::context::special_file`]).
+    fn is_build_context(&self) -> bool {
+        self.normalize_owner
+    }
+
     /// Whether the context-relative path `rel` is excluded by the filter.
     fn hides(&self, rel: &str) -> Result<bool, FileOpError> {
         match &self.filter {
