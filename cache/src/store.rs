@@ -64,6 +64,15 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A temp file could not be created.
+    #[error("failed to create temp file `{path}`")]
+    Temp {
+        /// The temp file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The garbage-collection lock is held by running builds and the caller chose not to wait.
     #[error("the store `{root}` is in use by running builds (`{path}` is held); try again when they finish")]
     Busy {
@@ -137,10 +146,13 @@ impl Store {
             root: root.to_path_buf(),
             source,
         })?;
-        Ok(Store {
+        let store = Store {
             root: root.to_path_buf(),
             content,
-        })
+        };
+        // What killed kiln processes left behind goes at the next command.
+        crate::temp::clean_stale_once(&store);
+        Ok(store)
     }
 
     /// The store root.
