@@ -652,7 +652,7 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
     let signals = watch_signals(&rt, &cancel)?;
 
     let store = std::sync::Arc::new(kiln_cache::Store::open(&g.root)?);
-    let _hold = store.hold()?;
+    let hold = store.hold()?;
     let stdin_context = if args.context == "-" {
         Some(StdinContext::read(&rt, &store, &cancel)?)
     } else {
@@ -828,6 +828,8 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
         println!("{id}");
     }
     signals.abort();
+    drop(hold);
+    crate::store_cmds::auto_gc(&store);
     Ok(ExitCode::SUCCESS)
 }
 
