@@ -60,9 +60,9 @@ pub enum IndexError {
 /// When a cache record was made and used, from the index's usage log.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
-    /// First use (its creation), seconds since the epoch.
+    /// First use (its creation), milliseconds since the epoch.
     pub first: i64,
-    /// Last use (a lookup that found it, or its creation), seconds since the epoch.
+    /// Last use (a lookup that found it, or its creation), milliseconds since the epoch.
     pub last: i64,
     /// Lookups that found it, its creation included.
     pub count: u64,
@@ -83,7 +83,7 @@ impl Usage {
 /// The on-disk index.
 ///
 /// Next to the records, `.usage` logs every record's creation and every lookup that found it,
-/// one line each (`FIRST LAST COUNT KEY`, appended with `O_APPEND`, so concurrent builds never
+/// one line each (`FIRST LAST COUNT KEY`, times in milliseconds since the epoch, appended with `O_APPEND`, so concurrent builds never
 /// interleave a line): `kiln builder du` reads last-used times and usage counts from it, and
 /// pruning by age or by size removes the least recently used records first. Garbage collection
 /// rewrites it with one line per remaining record. `.tmp/` holds records being written.
@@ -93,10 +93,10 @@ pub struct CacheIndex {
     log: Arc<Mutex<Option<std::fs::File>>>,
 }
 
-fn now_secs() -> i64 {
+fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl CacheIndex {
@@ -137,7 +137,7 @@ impl CacheIndex {
                 .ok();
         }
         if let Some(f) = guard.as_mut() {
-            let now = now_secs();
+            let now = now_ms();
             let _ = f.write_all(format!("{now} {now} 1 {key}\n").as_bytes());
         }
     }

@@ -441,8 +441,8 @@ fn entry_id(hex: &str) -> String {
     hex.chars().take(25).collect()
 }
 
-fn secs(t: i64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64)
+fn millis(t: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(t.max(0) as u64)
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -519,12 +519,12 @@ pub fn build_cache(store: &Store, sizes: bool) -> Result<Vec<CacheEntry>, GcErro
             }
         }
         let created = if info.usage.count > 0 {
-            Some(secs(info.usage.first))
+            Some(millis(info.usage.first))
         } else {
             mtime(&snap_path.join("meta.json")).or_else(|| mtime(&content.path(&info.blob)))
         };
         let last_used = if info.usage.count > 0 {
-            Some(secs(info.usage.last))
+            Some(millis(info.usage.last))
         } else {
             info.record_time.or(created)
         };
@@ -607,7 +607,7 @@ pub fn build_cache(store: &Store, sizes: bool) -> Result<Vec<CacheEntry>, GcErro
     if let Ok(rd) = fs::read_dir(&mounts) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".lock") || !e.path().is_dir() {
+            if name.ends_with(".lock") || name.starts_with('.') || !e.path().is_dir() {
                 continue;
             }
             let in_use = crate::temp::locked(&mounts.join(format!("{name}.lock")));
@@ -641,6 +641,9 @@ pub fn build_cache(store: &Store, sizes: bool) -> Result<Vec<CacheEntry>, GcErro
         };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue; // a temp (see crate::temp)
+            }
             let path = e.path();
             out.push(CacheEntry {
                 id: entry_id(name.trim_end_matches(".json")),
@@ -875,29 +878,93 @@ fn prune_cache_locked(store: &Store, opts: &BuilderPruneOptions) -> Result<Build
         .filter(|e| opts.all || !(e.shared || e.record_type == "internal"))
         .filter(|e| opts.filter.matches(e, now))
         .collect();
+    let index = cache_index(store);
+    let records = index.all();
+    // Which records name each layer: removing a layer entry removes every record naming it.
+    let mut naming: BTreeMap<Digest, Vec<usize>> = BTreeMap::new();
+    for (i, (_, record)) in records.iter().enumerate() {
+        for l in &record.layers {
+            naming.entry(l.snapshot).or_default().push(i);
+        }
+    }
+    let mut doomed = vec![false; records.len()];
+    let mut direct: Vec<&CacheEntry> = Vec::new();
     if let Some(keep) = opts.keep_storage {
-        // Least recently used first, until what is left fits.
-        candidates.sort_by_key(|e| e.last_used);
+        // Least recently used first (a layer below another goes after it: its last use is never
+        // older), until what is left fits. Removing a layer frees it and every layer that only
+        // the records it takes along named.
+        let by_id: BTreeMap<&str, &CacheEntry> = entries.iter().map(|e| (e.id.as_str(), e)).collect();
+        let depth = |e: &CacheEntry| {
+            let mut d = 0usize;
+            let mut cur = e.parent.as_deref();
+            while let Some(p) = cur.and_then(|p| by_id.get(p)) {
+                d += 1;
+                if d > 4096 {
+                    break;
+                }
+                cur = p.parent.as_deref();
+            }
+            d
+        };
+        candidates.sort_by_key(|e| (e.last_used, std::cmp::Reverse(depth(e))));
+        let size_of_layer: BTreeMap<Digest, u64> = entries
+            .iter()
+            .filter_map(|e| match e.kind {
+                EntryKind::Layer { snapshot, .. } => Some((snapshot, e.size)),
+                _ => None,
+            })
+            .collect();
+        let mut freed: BTreeSet<Digest> = BTreeSet::new();
         let mut total: u64 = entries.iter().map(|e| e.size).sum();
-        let mut chosen = Vec::new();
         for e in candidates {
             if total <= keep {
                 break;
             }
-            total = total.saturating_sub(e.size);
-            chosen.push(e);
+            // An entry that frees nothing itself (its data is an image's) would only take the
+            // records above it along.
+            if e.size == 0 {
+                continue;
+            }
+            match &e.kind {
+                EntryKind::Layer { snapshot, .. } => {
+                    if freed.contains(snapshot) {
+                        continue;
+                    }
+                    let mut touched = BTreeSet::new();
+                    for &i in naming.get(snapshot).into_iter().flatten() {
+                        if !doomed[i] {
+                            doomed[i] = true;
+                            touched.extend(records[i].1.layers.iter().map(|l| l.snapshot));
+                        }
+                    }
+                    for l in touched {
+                        let still_named = naming.get(&l).into_iter().flatten().any(|&i| !doomed[i]);
+                        if !still_named && freed.insert(l) {
+                            total = total.saturating_sub(size_of_layer.get(&l).copied().unwrap_or(0));
+                        }
+                    }
+                }
+                _ => {
+                    total = total.saturating_sub(e.size);
+                    direct.push(e);
+                }
+            }
         }
-        candidates = chosen;
+    } else {
+        for e in candidates {
+            match &e.kind {
+                EntryKind::Layer { snapshot, .. } => {
+                    for &i in naming.get(snapshot).into_iter().flatten() {
+                        doomed[i] = true;
+                    }
+                }
+                _ => direct.push(e),
+            }
+        }
     }
     let mut report = BuilderPruneReport::default();
-    let index = cache_index(store);
-    let records = index.all();
-    let mut doomed_snaps = BTreeSet::new();
-    for e in &candidates {
+    for e in direct {
         match &e.kind {
-            EntryKind::Layer { snapshot, .. } => {
-                doomed_snaps.insert(*snapshot);
-            }
             EntryKind::CacheMount(dir) => {
                 let lock_path = dir.with_extension("lock");
                 let lock = fs::File::open(&lock_path).ok();
@@ -918,12 +985,15 @@ fn prune_cache_locked(store: &Store, opts: &BuilderPruneOptions) -> Result<Build
                     source,
                 })?;
             }
-            // Swept below.
-            EntryKind::UnreferencedSnapshot(_) | EntryKind::UnreferencedBlob(_) | EntryKind::Running(_) => {}
+            // Swept below (garbage), or not removable (a running step).
+            EntryKind::Layer { .. }
+            | EntryKind::UnreferencedSnapshot(_)
+            | EntryKind::UnreferencedBlob(_)
+            | EntryKind::Running(_) => {}
         }
     }
-    for (key, record) in &records {
-        if record.layers.iter().any(|l| doomed_snaps.contains(&l.snapshot)) {
+    for (i, (key, _)) in records.iter().enumerate() {
+        if doomed[i] {
             report.reclaimed += fs::symlink_metadata(index.dir().join(format!("{key}.json")))
                 .map(|m| m.blocks() * 512)
                 .unwrap_or(0);
@@ -1193,7 +1263,7 @@ mod tests {
         let index = CacheIndex::at(&store.cache_dir().join("index"));
         let log = index.dir().join(".usage");
         let text = std::fs::read_to_string(&log).unwrap();
-        let two_days = 2 * 86400;
+        let two_days = 2 * 86_400_000;
         let rewritten: String = text
             .lines()
             .map(|l| {

@@ -133,8 +133,17 @@ pub(crate) fn spread_children(dir: &Path) {
 }
 
 impl Store {
-    /// Opens the store at `root`, creating its layout when missing.
+    /// Opens the store at `root`, creating its layout when missing, and removes the temps that
+    /// killed kiln processes left (once per process; see [`crate::temp`]).
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        let store = Store::open_as_is(root)?;
+        // What killed kiln processes left behind goes at the next command.
+        crate::temp::clean_stale_once(&store);
+        Ok(store)
+    }
+
+    /// Opens the store without removing anything (`kiln store verify` reports what it finds).
+    pub fn open_as_is(root: &Path) -> Result<Store, StoreError> {
         for sub in ["", "snapshots", "containers", "cache", "tmp"] {
             let path = root.join(sub);
             fs::create_dir_all(&path).map_err(|source| StoreError::CreateDir { path, source })?;
@@ -146,13 +155,10 @@ impl Store {
             root: root.to_path_buf(),
             source,
         })?;
-        let store = Store {
+        Ok(Store {
             root: root.to_path_buf(),
             content,
-        };
-        // What killed kiln processes left behind goes at the next command.
-        crate::temp::clean_stale_once(&store);
-        Ok(store)
+        })
     }
 
     /// The store root.

@@ -225,24 +225,32 @@ enum Unowned {
     WhenIdle,
     /// Always: every live temp there is locked by its owner.
     Always,
-    /// Never: only the patterns of [`root_temp`] are temps there.
+    /// Never: only the patterns of [`never_dir_temp`] are temps there.
     Never,
 }
 
 /// The directories temps live in.
-fn temp_dirs(root: &Path) -> [(PathBuf, Unowned); 5] {
+fn temp_dirs(root: &Path) -> [(PathBuf, Unowned); 8] {
+    let cache = root.join("cache");
     [
         (root.join("ingest"), Unowned::WhenIdle),
         (root.join("tmp"), Unowned::WhenIdle),
         (root.join("snapshots").join("tmp"), Unowned::Always),
-        (root.join("cache").join("index").join(".tmp"), Unowned::WhenIdle),
+        (cache.join("index").join(".tmp"), Unowned::WhenIdle),
+        // Beside what they replace: only names with an owner are temps there.
+        (cache.join("mounts"), Unowned::Never),
+        (cache.join("context"), Unowned::Never),
+        (cache.join("lineage"), Unowned::Never),
         (root.to_path_buf(), Unowned::Never),
     ]
 }
 
-/// Whether an entry of the store root itself is a temp (the rest is the store's layout).
-fn root_temp(name: &str) -> bool {
-    name.starts_with("images.json.") && name.ends_with(".tmp") || name.starts_with(".trash-")
+/// Whether an entry of a directory with [`Unowned::Never`] is a temp (the rest is the store's
+/// layout, or records).
+fn never_dir_temp(name: &str) -> bool {
+    name.starts_with("images.json.") && name.ends_with(".tmp")
+        || name.starts_with(".trash-")
+        || name.contains(".kiln-")
 }
 
 /// Lists the stale temps of the store. Temps without an owner are listed only when
@@ -251,11 +259,10 @@ pub fn find_stale(root: &Path, store_idle: bool) -> Vec<StaleTemp> {
     let mut out = Vec::new();
     for (dir, policy) in temp_dirs(root) {
         let Ok(rd) = fs::read_dir(&dir) else { continue };
-        let at_root = dir == root;
         for entry in rd.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if at_root && !root_temp(name) {
+            if policy == Unowned::Never && !never_dir_temp(name) {
                 continue;
             }
             if name == "outside" && dir == root.join("tmp") {
@@ -561,12 +568,17 @@ mod tests {
             root.join("tmp").join(format!("{dead}-1-build")),
             root.join("snapshots/tmp").join(format!("{dead}-2")),
             root.join(format!("images.json.{dead}-3.tmp")),
+            root.join("cache/mounts").join(format!(".abc.kiln-{dead}-5.new")),
         ];
         fs::write(&leftovers[0], vec![7u8; 100_000]).unwrap();
         fs::create_dir_all(leftovers[1].join("sub")).unwrap();
         fs::write(leftovers[1].join("sub/f"), b"x").unwrap();
         fs::create_dir_all(leftovers[2].join("work/work")).unwrap();
         fs::write(&leftovers[3], b"{}").unwrap();
+        fs::create_dir_all(leftovers[4].join("seed")).unwrap();
+        // Not temps: a cache mount and its lock.
+        fs::create_dir_all(root.join("cache/mounts/abc")).unwrap();
+        fs::write(root.join("cache/mounts/abc.lock"), b"").unwrap();
         // A dead owner's temp whose lock is held (a process of another PID namespace).
         let held = root.join("ingest").join(format!("{dead}-4.tmp"));
         fs::write(&held, b"held").unwrap();
@@ -591,6 +603,7 @@ mod tests {
             assert!(!p.exists(), "{}", p.display());
         }
         assert!(held.exists() && mine.exists() && scratch.path().is_dir() && unowned.is_dir());
+        assert!(root.join("cache/mounts/abc").is_dir() && root.join("cache/mounts/abc.lock").is_file());
         // Nothing holds the store: the unowned temp goes too.
         drop(hold);
         let cleaned = clean_stale(&store, false);

@@ -294,6 +294,22 @@ pub fn verify_waiting(
         let _hold = store.hold().map_err(VerifyError::Lock)?;
         check_blobs(store, &mut report, &mut found)?;
     }
+    if repair {
+        // Orphaned steps of killed builds go first: they may hold the store (a lock they
+        // inherited) and the temps they run on.
+        for p in leftover_mounts(store.root()) {
+            if let Problem::LeftoverMount {
+                mount_point, pids, ..
+            } = &p
+            {
+                if !pids.is_empty() {
+                    report
+                        .repaired
+                        .extend(release_mount(store.root(), mount_point, pids));
+                }
+            }
+        }
+    }
     // The structural checks under the exclusive lock when it can be had.
     let gc = match store.gc_lock(repair, on_wait) {
         Ok(gc) => Some(gc),
@@ -581,6 +597,13 @@ fn release_mount(root: &Path, mount_point: &Path, pids: &[i32]) -> Option<String
         if let Some(pid) = rustix::process::Pid::from_raw(*p) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         }
+    }
+    // Their locks (on the temps they used) go when they are gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pids.iter().any(|p| Path::new(&format!("/proc/{p}")).exists())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     Some(format!(
         "killed orphaned build step processes {pids:?} holding `{}`",

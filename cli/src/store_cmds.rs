@@ -295,8 +295,13 @@ pub struct PruneArgs {
 
 /// Runs one store command.
 pub fn run(cmd: StoreCmd, g: &Globals) -> anyhow::Result<ExitCode> {
-    let store = Store::open(&g.root)
-        .with_context(|| format!("failed to open the store at `{}`", g.root.display()))?;
+    // `store verify` reports the temps of killed processes instead of removing them on open.
+    let open = match cmd {
+        StoreCmd::StoreGroup(_) => Store::open_as_is,
+        _ => Store::open,
+    };
+    let store =
+        open(&g.root).with_context(|| format!("failed to open the store at `{}`", g.root.display()))?;
     match cmd {
         StoreCmd::Import(a) | StoreCmd::Image(ImageCmd::Import(a)) => cmd_import(&store, a),
         StoreCmd::Load(a) | StoreCmd::Image(ImageCmd::Load(a)) => cmd_load(&store, a),
