@@ -229,19 +229,20 @@ enum Unowned {
     Never,
 }
 
-/// The directories temps live in.
-fn temp_dirs(root: &Path) -> [(PathBuf, Unowned); 8] {
+/// The directories temps live in, and whether each is looked at by the cheap scan every
+/// command makes (the others hold many records and only small temps: GC and verify scan them).
+fn temp_dirs(root: &Path) -> [(PathBuf, Unowned, bool); 8] {
     let cache = root.join("cache");
     [
-        (root.join("ingest"), Unowned::WhenIdle),
-        (root.join("tmp"), Unowned::WhenIdle),
-        (root.join("snapshots").join("tmp"), Unowned::Always),
-        (cache.join("index").join(".tmp"), Unowned::WhenIdle),
+        (root.join("ingest"), Unowned::WhenIdle, true),
+        (root.join("tmp"), Unowned::WhenIdle, true),
+        (root.join("snapshots").join("tmp"), Unowned::Always, true),
+        (cache.join("index").join(".tmp"), Unowned::WhenIdle, true),
         // Beside what they replace: only names with an owner are temps there.
-        (cache.join("mounts"), Unowned::Never),
-        (cache.join("context"), Unowned::Never),
-        (cache.join("lineage"), Unowned::Never),
-        (root.to_path_buf(), Unowned::Never),
+        (cache.join("mounts"), Unowned::Never, true),
+        (cache.join("context"), Unowned::Never, false),
+        (cache.join("lineage"), Unowned::Never, false),
+        (root.to_path_buf(), Unowned::Never, true),
     ]
 }
 
@@ -255,9 +256,21 @@ fn never_dir_temp(name: &str) -> bool {
 
 /// Lists the stale temps of the store. Temps without an owner are listed only when
 /// `store_idle` (the caller holds the garbage-collection lock, or knows nothing holds the store).
-pub fn find_stale(root: &Path, store_idle: bool) -> Vec<StaleTemp> {
+/// `thorough` also looks in the directories of many small records (context stat caches,
+/// lineage), where temps are small.
+pub fn find_stale(root: &Path, store_idle: bool, thorough: bool) -> Vec<StaleTemp> {
+    scan(root, store_idle, thorough).0
+}
+
+/// [`find_stale`], and whether it saw a temp without an owner that it did not list because the
+/// store was not known to be idle.
+fn scan(root: &Path, store_idle: bool, thorough: bool) -> (Vec<StaleTemp>, bool) {
     let mut out = Vec::new();
-    for (dir, policy) in temp_dirs(root) {
+    let mut unowned_seen = false;
+    for (dir, policy, cheap) in temp_dirs(root) {
+        if !cheap && !thorough {
+            continue;
+        }
         let Ok(rd) = fs::read_dir(&dir) else { continue };
         for entry in rd.flatten() {
             let name = entry.file_name();
@@ -274,6 +287,10 @@ pub fn find_stale(root: &Path, store_idle: bool) -> Vec<StaleTemp> {
                 (State::Live, _) => continue,
                 (State::Stale, _) | (State::Unowned, Unowned::Always) => false,
                 (State::Unowned, Unowned::WhenIdle) if store_idle => true,
+                (State::Unowned, Unowned::WhenIdle) => {
+                    unowned_seen = true;
+                    continue;
+                }
                 (State::Unowned, _) => continue,
             };
             out.push(StaleTemp {
@@ -283,36 +300,22 @@ pub fn find_stale(root: &Path, store_idle: bool) -> Vec<StaleTemp> {
             });
         }
     }
-    out
+    (out, unowned_seen)
 }
 
 /// Removes the stale temps of the store at `root` (see the module docs), and the files beside
 /// `save -o` destinations that killed saves left. When `store_idle` is false, temps without an
-/// owner are removed only if the garbage-collection lock can be taken right now.
+/// owner are removed only if the garbage-collection lock can be taken right now; and only the
+/// cheap scan runs (see [`find_stale`]).
 pub fn clean_stale(store: &Store, store_idle: bool) -> Cleaned {
     let root = store.root();
     let mut cleaned = Cleaned::default();
-    let mut stale = find_stale(root, store_idle);
-    if !store_idle {
-        // Only unowned temps need the lock: look for them before taking it.
-        let any_unowned = temp_dirs(root)
-            .iter()
-            .filter(|(_, u)| *u == Unowned::WhenIdle)
-            .any(|(dir, _)| {
-                fs::read_dir(dir).is_ok_and(|rd| {
-                    rd.flatten().any(|e| {
-                        let n = e.file_name();
-                        n.to_str()
-                            .is_some_and(|n| n != "outside" && owner_of(n).is_none())
-                    })
-                })
-            });
-        if any_unowned {
-            if let Ok(_gc) = store.gc_lock(false, || {}) {
-                // Nothing holds the store: every unowned temp is a leftover. The list is taken
-                // under the lock; the removal may follow it.
-                stale = find_stale(root, true);
-            }
+    let (mut stale, unowned_seen) = scan(root, store_idle, store_idle);
+    if unowned_seen {
+        if let Ok(_gc) = store.gc_lock(false, || {}) {
+            // Nothing holds the store: every unowned temp is a leftover. The list is taken under
+            // the lock; the removal may follow it.
+            stale = find_stale(root, true, false);
         }
     }
     for t in stale {
@@ -615,7 +618,7 @@ mod tests {
         drop(holder);
         assert_eq!(clean_stale(&store, true).paths, vec![held]);
         // No claimed (`.trash-`) entries are left anywhere.
-        for (d, _) in temp_dirs(root) {
+        for (d, _, _) in temp_dirs(root) {
             for e in fs::read_dir(d).into_iter().flatten().flatten() {
                 assert!(!e.file_name().to_string_lossy().starts_with(".trash-"));
             }

@@ -459,7 +459,7 @@ fn check_cache(
             found.push(Problem::BrokenSnapshot { key: d.key, error });
         }
     }
-    for t in crate::temp::find_stale(store.root(), idle) {
+    for t in crate::temp::find_stale(store.root(), idle, true) {
         found.push(Problem::StaleTemp {
             path: t.path,
             bytes: t.bytes,
