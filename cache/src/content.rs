@@ -7,7 +7,6 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use kiln_dag::Digest;
 use sha2::{Digest as _, Sha256};
@@ -142,6 +141,8 @@ pub struct Staged {
     digest: Digest,
     size: u64,
     committed: bool,
+    /// The temp file's lock (see [`crate::temp`]), held until it is renamed or removed.
+    _lock: File,
 }
 
 impl Staged {
@@ -337,8 +338,6 @@ pub(crate) fn sync_dir_of(path: &Path) {
     }
 }
 
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
 impl ContentStore {
     /// The content store of the store rooted at `root`, creating its directories.
     pub fn at(root: &Path) -> Result<ContentStore, ContentError> {
@@ -448,6 +447,10 @@ impl ContentStore {
 
     fn new_writer(&self, hashing: bool) -> Result<BlobWriter, ContentError> {
         let (temp, file) = self.create_temp()?;
+        let lock = file.try_clone().map_err(|source| ContentError::CreateTemp {
+            path: temp.clone(),
+            source,
+        })?;
         Ok(BlobWriter {
             staged: Staged {
                 temp,
@@ -455,6 +458,7 @@ impl ContentStore {
                 digest: Digest([0; 32]),
                 size: 0,
                 committed: false,
+                _lock: lock,
             },
             file: std::io::BufWriter::with_capacity(BUF_SIZE, file),
             hasher: hashing.then(Sha256::new),
@@ -489,18 +493,18 @@ impl ContentStore {
         writer.finish(expected)
     }
 
+    /// A new temp file in `ingest/`, named and locked by this process (see [`crate::temp`]).
     fn create_temp(&self) -> Result<(PathBuf, File), ContentError> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
         loop {
-            let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-            let path = self
-                .ingest
-                .join(format!("{}-{nanos:09}-{n}.tmp", std::process::id()));
+            let path = self.ingest.join(crate::temp::name("", ".tmp"));
             match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(f) => return Ok((path, f)),
+                Ok(f) => {
+                    f.lock().map_err(|source| ContentError::CreateTemp {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    return Ok((path, f));
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(source) => return Err(ContentError::CreateTemp { path, source }),
             }

@@ -1,23 +1,45 @@
-//! Garbage collection: `kiln image prune` removes dangling (or, with `all`, unused) image
-//! records, then every blob no remaining image references, and stale temp files.
+//! Garbage collection and the build cache's accounting.
 //!
-//! GC takes `ROOT/gc.lock` exclusively, so it never runs while a build, import or load holds
-//! the store (see [`Store::hold`]): what they wrote but have not yet referenced survives.
+//! What keeps data alive (the roots, read by [`Roots::read`]):
+//!
+//! | root | keeps |
+//! |---|---|
+//! | an image record (`images.json`) | its manifest, config and layer blobs; the snapshots of its chain IDs |
+//! | a container record (`containers/<id>/config.json`) | the snapshots its root filesystem's lower dirs are |
+//! | a build cache record (`cache/index/<key>.json`) | the blobs and snapshots of its layers |
+//! | a committed snapshot kept for any reason | its parents |
+//!
+//! Everything else under the store root is garbage once no process holds the store: blobs and
+//! snapshots nothing names, temps of dead processes ([`crate::temp`]), unpack locks of removed
+//! snapshots, lineage and push hints of removed layers, and retired snapshots.
+//!
+//! The build cache ([`build_cache`]) is what the cache records hold beyond the images and
+//! containers (one entry per distinct layer), the `RUN --mount=type=cache` directories, the
+//! stat caches of build contexts, the validators of `ADD` URLs, and the garbage. `kiln builder
+//! prune` removes entries with Docker's semantics (without `--all`, entries that share data with
+//! an image and internal entries stay), `--filter until=` and `--keep-storage` (least recently
+//! used first). Removing a layer entry removes every record that names the layer.
+//!
+//! Architecture Invariant: GC (every prune, `store verify --repair`, the automatic GC) runs only
+//! under the exclusive `ROOT/gc.lock`, so nothing a running build, import, load, pull, save,
+//! push, commit or container creation holds (they hold the lock shared) is ever removed; and it
+//! never removes what an image, a container or a remaining cache record names.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use kiln_dag::Digest;
 use oci_spec::image::ImageManifest;
 
+use crate::buildcache::{CacheIndex, Record, Usage};
 use crate::content::ContentError;
 use crate::images::{kiln_digest, ImageError, MAX_JSON_BYTES};
 use crate::reference::Reference;
 use crate::snapshot::{SnapshotError, Snapshots};
 use crate::store::{Store, StoreError};
-
-/// Temp files younger than this are left alone, in case a writer does not hold the store.
-const STALE_INGEST: Duration = Duration::from_secs(600);
 
 /// A failure collecting garbage.
 #[derive(Debug, thiserror::Error)]
@@ -34,9 +56,21 @@ pub enum GcError {
     /// Listing or deleting snapshots failed.
     #[error("failed to remove unreferenced snapshots")]
     Snapshots(#[source] SnapshotError),
+    /// A build cache entry could not be removed.
+    #[error("failed to remove `{path}`")]
+    Remove {
+        /// What could not be removed.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The usage log of the build cache could not be rewritten.
+    #[error("failed to rewrite the build cache's usage log")]
+    Index(#[source] crate::buildcache::IndexError),
 }
 
-/// What `prune` should remove.
+/// What image `prune` should remove.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PruneOptions {
     /// Remove every image no container uses, not only untagged ones (`-a`).
@@ -56,38 +90,122 @@ pub struct PruneReport {
     pub deleted_blobs: Vec<Digest>,
     /// Snapshots removed (by key).
     pub deleted_snapshots: Vec<Digest>,
-    /// Bytes freed.
+    /// Bytes freed on disk (garbage and stale temps included).
     pub reclaimed: u64,
 }
 
-/// Every blob reachable from a recorded image: manifest, config, layers. Images whose
-/// manifests are missing or damaged still protect whatever of them can be read.
-pub fn live_blobs(store: &Store) -> Result<BTreeSet<Digest>, ImageError> {
-    let index = store.images().index()?;
-    let mut live = BTreeSet::new();
-    for manifest in index.images.keys() {
-        live.insert(*manifest);
-        let Ok(bytes) = store.content().read_limited(manifest, MAX_JSON_BYTES) else {
-            continue;
-        };
-        let Ok(m) = serde_json::from_slice::<ImageManifest>(&bytes) else {
-            continue;
-        };
-        live.extend(kiln_digest(m.config().digest()));
-        live.extend(m.layers().iter().filter_map(|l| kiln_digest(l.digest())));
-    }
-    // The build cache keeps what its records name until the cache itself is pruned.
-    for (_, record) in build_cache(store).all() {
-        live.extend(record.layers.iter().map(|l| l.blob));
-    }
-    Ok(live)
+/// What keeps blobs and snapshots alive (see the module docs).
+#[derive(Clone, Debug, Default)]
+pub struct Roots {
+    /// Blobs of recorded images (manifests, configs, layers).
+    pub image_blobs: BTreeSet<Digest>,
+    /// Chain IDs of recorded images' layers.
+    pub image_snapshots: BTreeSet<Digest>,
+    /// Snapshots that containers' root filesystems are made of.
+    pub container_snapshots: BTreeSet<Digest>,
+    /// Diff IDs of recorded images' layers.
+    pub image_diff_ids: BTreeSet<Digest>,
+    /// Build cache records.
+    pub records: Vec<(String, Record)>,
+    /// Whether any container record exists.
+    pub any_container: bool,
 }
 
-fn build_cache(store: &Store) -> crate::buildcache::CacheIndex {
-    crate::buildcache::CacheIndex::at(&store.cache_dir().join("index"))
+impl Roots {
+    /// Reads every root. Images whose manifests are missing or damaged still protect whatever
+    /// of them can be read. Taken under the metadata lock, so a concurrent tag is not half seen.
+    pub fn read(store: &Store) -> Result<Roots, ImageError> {
+        let _meta = store.meta_lock().map_err(ImageError::Lock)?;
+        let mut roots = Roots::default();
+        let images = store.images();
+        let index = images.index()?;
+        for manifest in index.images.keys() {
+            roots.image_blobs.insert(*manifest);
+            let Ok(bytes) = store.content().read_limited(manifest, MAX_JSON_BYTES) else {
+                continue;
+            };
+            let Ok(m) = serde_json::from_slice::<ImageManifest>(&bytes) else {
+                continue;
+            };
+            roots.image_blobs.extend(kiln_digest(m.config().digest()));
+            roots
+                .image_blobs
+                .extend(m.layers().iter().filter_map(|l| kiln_digest(l.digest())));
+            if let Ok(img) = images.get(manifest) {
+                roots.image_snapshots.extend(img.chain_ids());
+                roots.image_diff_ids.extend(img.layers.iter().map(|l| l.diff_id));
+            }
+        }
+        let (snaps, any) = container_snapshots(store);
+        roots.container_snapshots = snaps;
+        roots.any_container = any;
+        roots.records = cache_index(store).all();
+        Ok(roots)
+    }
+
+    /// Every blob something needs: the images' and the cache records'.
+    pub fn live_blobs(&self) -> BTreeSet<Digest> {
+        let mut live = self.image_blobs.clone();
+        for (_, r) in &self.records {
+            live.extend(r.layers.iter().map(|l| l.blob));
+        }
+        live
+    }
+
+    /// Every snapshot something needs directly (their parents are needed too).
+    pub fn live_snapshots(&self) -> BTreeSet<Digest> {
+        let mut live = self.image_snapshots.clone();
+        live.extend(self.container_snapshots.iter().copied());
+        for (_, r) in &self.records {
+            live.extend(r.layers.iter().map(|l| l.snapshot));
+        }
+        live
+    }
 }
 
-/// Removes dangling (or unused) image records, then unreferenced blobs and stale temp files.
+/// The snapshot keys named by containers' lower dirs (`Rootfs.Lower`: `.../snapshots/<hex>/fs`),
+/// and whether any container directory exists.
+fn container_snapshots(store: &Store) -> (BTreeSet<Digest>, bool) {
+    let mut out = BTreeSet::new();
+    let Ok(rd) = fs::read_dir(store.containers_dir()) else {
+        return (out, false);
+    };
+    let mut any = false;
+    for entry in rd.flatten() {
+        if !entry.path().is_dir() {
+            continue;
+        }
+        any = true;
+        let Ok(bytes) = fs::read(entry.path().join("config.json")) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            continue;
+        };
+        let lowers = v
+            .get("Rootfs")
+            .and_then(|r| r.get("Lower"))
+            .and_then(|l| l.as_array())
+            .cloned()
+            .unwrap_or_default();
+        for l in lowers {
+            let Some(p) = l.as_str() else { continue };
+            let key = Path::new(p)
+                .parent()
+                .and_then(|d| d.file_name())
+                .and_then(|n| n.to_str())
+                .and_then(|hex| Digest::parse(&format!("sha256:{hex}")).ok());
+            out.extend(key);
+        }
+    }
+    (out, any)
+}
+
+fn cache_index(store: &Store) -> CacheIndex {
+    CacheIndex::at(&store.cache_dir().join("index"))
+}
+
+/// Removes dangling (or unused) image records, then the garbage (see [`sweep`]).
 pub fn prune(store: &Store, opts: PruneOptions, on_wait: impl FnOnce()) -> Result<PruneReport, GcError> {
     let _gc = store.gc_lock(opts.wait, on_wait).map_err(GcError::Lock)?;
     let images = store.images();
@@ -140,12 +258,16 @@ pub struct Swept {
     pub blobs: Vec<Digest>,
     /// Snapshots removed.
     pub snapshots: Vec<Digest>,
-    /// Bytes freed (blob sizes plus snapshot layer sizes).
+    /// Cache records removed because a blob they name is gone.
+    pub records: Vec<String>,
+    /// Stale temps removed.
+    pub temps: Vec<PathBuf>,
+    /// Bytes freed on disk.
     pub bytes: u64,
 }
 
-/// Removes unreferenced blobs and snapshots when no build holds the store; does nothing
-/// (returns `None`) when one does. For commands like `rmi` that must not wait.
+/// Removes the garbage when no build holds the store; does nothing (returns `None`) when one
+/// does. For commands like `rmi` that must not wait.
 pub fn collect_if_idle(store: &Store) -> Result<Option<Swept>, GcError> {
     match store.gc_lock(false, || {}) {
         Ok(_gc) => sweep(store).map(Some),
@@ -154,61 +276,85 @@ pub fn collect_if_idle(store: &Store) -> Result<Option<Swept>, GcError> {
     }
 }
 
-/// Chain IDs of every recorded image's layers: the snapshots images keep alive.
-///
-/// Snapshots under other keys (build results) are unreferenced until the build cache index
-/// registers them here.
-pub fn live_snapshots(store: &Store) -> Result<BTreeSet<Digest>, ImageError> {
-    let images = store.images();
-    let mut live = BTreeSet::new();
-    for manifest in images.index()?.images.keys() {
-        if let Ok(img) = images.get(manifest) {
-            live.extend(img.chain_ids());
-        }
-    }
-    for (_, record) in build_cache(store).all() {
-        live.extend(record.layers.iter().map(|l| l.snapshot));
-    }
-    Ok(live)
+/// Bytes a blob takes on disk (0 when it is gone).
+fn blob_disk(store: &Store, d: &Digest) -> u64 {
+    fs::symlink_metadata(store.content().path(d))
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 /// Removes lineage records (`cache/lineage/<vertex>`: the snapshot a copy last produced) whose
 /// snapshot is gone. Best effort: a stale record only means no files to link.
 fn prune_lineage(store: &Store, snapshots: &Snapshots) {
-    let Ok(dir) = std::fs::read_dir(store.cache_dir().join("lineage")) else {
+    let Ok(dir) = fs::read_dir(store.cache_dir().join("lineage")) else {
         return;
     };
     for entry in dir.flatten() {
-        let live = std::fs::read_to_string(entry.path())
+        let live = fs::read_to_string(entry.path())
             .ok()
             .and_then(|hex| Digest::parse(&format!("sha256:{}", hex.trim())).ok())
             .is_some_and(|key| snapshots.get(&key).is_some());
         if !live {
-            let _ = std::fs::remove_file(entry.path());
+            let _ = fs::remove_file(entry.path());
         }
     }
 }
 
-/// Deletes blobs not in [`live_blobs`], snapshots not in [`live_snapshots`] (nor below one),
-/// and stale temp files. The caller holds the GC lock.
-fn sweep(store: &Store) -> Result<Swept, GcError> {
-    let (live, live_snaps) = {
-        // Read the records under the metadata lock so a concurrent tag is not half seen.
-        let _meta = store.meta_lock().map_err(GcError::Lock)?;
-        (
-            live_blobs(store).map_err(GcError::Images)?,
-            live_snapshots(store).map_err(GcError::Images)?,
-        )
-    };
-    let (blobs, mut bytes) = sweep_blobs(store, &live)?;
+/// Removes push hints (`registry/sources/<blob>`, `registry/gzip/<diff ID>`) of layers that are
+/// gone. Best effort: a missing hint only costs an upload.
+fn prune_registry_hints(store: &Store, live_blobs: &BTreeSet<Digest>, live_diff_ids: &BTreeSet<Digest>) {
+    for (sub, live) in [("sources", live_blobs), ("gzip", live_diff_ids)] {
+        let Ok(rd) = fs::read_dir(store.root().join("registry").join(sub)) else {
+            continue;
+        };
+        for entry in rd.flatten() {
+            let keep = entry
+                .file_name()
+                .to_str()
+                .and_then(|hex| Digest::parse(&format!("sha256:{hex}")).ok())
+                .is_some_and(|d| live.contains(&d));
+            if !keep {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// Deletes everything no root keeps (see the module docs) and returns what it removed. The
+/// caller holds the GC lock.
+pub fn sweep(store: &Store) -> Result<Swept, GcError> {
+    let mut swept = Swept::default();
+    // Temps first: a stale unpack or record write must not be mistaken for anything.
+    let cleaned = crate::temp::clean_stale(store, true);
+    swept.temps = cleaned.paths;
+    swept.bytes += cleaned.bytes;
+
+    let index = cache_index(store);
+    let content = store.content();
+    // Records naming a blob that is gone can never be used again.
+    for (key, record) in index.all() {
+        if record.layers.iter().any(|l| !content.contains(&l.blob)) {
+            index.remove(&key);
+            swept.records.push(key);
+        }
+    }
+    let roots = Roots::read(store).map_err(GcError::Images)?;
+    let live = roots.live_blobs();
+    for d in content.list().map_err(GcError::Content)? {
+        if live.contains(&d) {
+            continue;
+        }
+        swept.bytes += blob_disk(store, &d);
+        content.delete(&d).map_err(GcError::Content)?;
+        swept.blobs.push(d);
+    }
     let snapshots = Snapshots::open(&store.snapshots_dir()).map_err(GcError::Snapshots)?;
-    let all = snapshots.list().map_err(GcError::Snapshots)?;
+    let dirs = snapshots.dirs().map_err(GcError::Snapshots)?;
     // Keep live snapshots and everything below them.
-    let parents: std::collections::BTreeMap<Digest, Option<Digest>> =
-        all.iter().map(|s| (s.key, s.parent)).collect();
+    let parents: BTreeMap<Digest, Option<Digest>> = dirs.iter().map(|s| (s.key, s.parent)).collect();
     let mut keep = BTreeSet::new();
-    for key in &live_snaps {
-        let mut cur = Some(*key);
+    for key in roots.live_snapshots() {
+        let mut cur = Some(key);
         while let Some(k) = cur {
             if !keep.insert(k) {
                 break;
@@ -216,53 +362,692 @@ fn sweep(store: &Store) -> Result<Swept, GcError> {
             cur = parents.get(&k).copied().flatten();
         }
     }
-    let mut removed = Vec::new();
-    for snap in all.iter().filter(|s| !keep.contains(&s.key)) {
+    for snap in dirs.iter().filter(|s| !keep.contains(&s.key)) {
+        let bytes = snapshots.disk_usage(&snap.key);
         if snapshots.remove(&snap.key).map_err(GcError::Snapshots)? {
-            bytes += snap.size;
-            removed.push(snap.key);
+            swept.bytes += bytes;
+            swept.snapshots.push(snap.key);
         }
     }
-    snapshots.cleanup_stale_tmp().map_err(GcError::Snapshots)?;
+    swept.bytes += snapshots
+        .remove_retired(!roots.any_container)
+        .map_err(GcError::Snapshots)?;
+    snapshots.remove_unused_locks();
     prune_lineage(store, &snapshots);
-    Ok(Swept {
-        blobs,
-        snapshots: removed,
-        bytes,
-    })
+    let mut diff_ids = roots.image_diff_ids.clone();
+    for (_, r) in &roots.records {
+        diff_ids.extend(r.layers.iter().map(|l| l.diff_id));
+    }
+    prune_registry_hints(store, &live, &diff_ids);
+    index.compact_usage().map_err(GcError::Index)?;
+    Ok(swept)
 }
 
-fn sweep_blobs(store: &Store, live: &BTreeSet<Digest>) -> Result<(Vec<Digest>, u64), GcError> {
+/// The kind of a build cache entry, with what it is on disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A layer named by cache records: its snapshot and blob.
+    Layer {
+        /// The snapshot key.
+        snapshot: Digest,
+        /// The blob.
+        blob: Digest,
+    },
+    /// A snapshot nothing names.
+    UnreferencedSnapshot(Digest),
+    /// A blob nothing names.
+    UnreferencedBlob(Digest),
+    /// A `RUN --mount=type=cache` directory (`cache/mounts/<name>`).
+    CacheMount(PathBuf),
+    /// A build context's stat cache (`cache/context/<hex>`).
+    ContextCache(PathBuf),
+    /// The validators of an `ADD` URL (`cache/http/<hex>.json`).
+    HttpValidators(PathBuf),
+    /// A step of a running build (`snapshots/tmp/<name>`).
+    Running(PathBuf),
+}
+
+/// One entry of the build cache, as `kiln builder du` lists it.
+#[derive(Clone, Debug)]
+pub struct CacheEntry {
+    /// Its ID (25 hex digits of its key).
+    pub id: String,
+    /// What it is.
+    pub kind: EntryKind,
+    /// BuildKit's record type: `regular`, `exec.cachemount`, `source.local`, `internal`.
+    pub record_type: &'static str,
+    /// What made it (the step's progress name).
+    pub description: String,
+    /// Bytes on disk that removing it frees (parts an image or a container keeps are not
+    /// counted; see `shared`).
+    pub size: u64,
+    /// A running build uses it.
+    pub in_use: bool,
+    /// It is still being written.
+    pub mutable: bool,
+    /// Part of it is also an image's or a container's.
+    pub shared: bool,
+    /// When it was made.
+    pub created: Option<SystemTime>,
+    /// When a build last used it.
+    pub last_used: Option<SystemTime>,
+    /// How many times builds used it (its creation included).
+    pub usage_count: u64,
+    /// The entry below it (for layers: the layer under it in the records naming it).
+    pub parent: Option<String>,
+}
+
+fn entry_id(hex: &str) -> String {
+    hex.chars().take(25).collect()
+}
+
+fn millis(t: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(t.max(0) as u64)
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    fs::symlink_metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Lists the build cache (see the module docs). With `sizes` false, sizes are 0 (cheaper).
+pub fn build_cache(store: &Store, sizes: bool) -> Result<Vec<CacheEntry>, GcError> {
+    let roots = Roots::read(store).map_err(GcError::Images)?;
+    let index = cache_index(store);
+    let usage = index.usage();
+    let snapshots = Snapshots::open(&store.snapshots_dir()).map_err(GcError::Snapshots)?;
     let content = store.content();
-    let mut deleted = Vec::new();
-    let mut bytes = 0;
+    let mut out = Vec::new();
+
+    // Layers named by records: bottom first, so parents come before children.
+    struct LayerInfo {
+        blob: Digest,
+        description: String,
+        parent: Option<Digest>,
+        usage: Usage,
+        record_time: Option<SystemTime>,
+    }
+    let mut layers: BTreeMap<Digest, LayerInfo> = BTreeMap::new();
+    let mut order = Vec::new();
+    for (key, record) in &roots.records {
+        let u = usage.get(key).copied().unwrap_or_default();
+        let record_time = mtime(&index.dir().join(format!("{key}.json")));
+        let n = record.layers.len();
+        for (i, l) in record.layers.iter().enumerate() {
+            let info = layers.entry(l.snapshot).or_insert_with(|| {
+                order.push(l.snapshot);
+                LayerInfo {
+                    blob: l.blob,
+                    description: String::new(),
+                    parent: i.checked_sub(1).map(|p| record.layers[p].snapshot),
+                    usage: Usage::default(),
+                    record_time: None,
+                }
+            });
+            if i + 1 == n && info.description.is_empty() {
+                info.description = record.description.clone();
+            }
+            let mut merged = info.usage;
+            if u.count > 0 {
+                merged = Usage {
+                    first: if merged.count == 0 {
+                        u.first
+                    } else {
+                        merged.first.min(u.first)
+                    },
+                    last: merged.last.max(u.last),
+                    count: merged.count + u.count,
+                };
+            }
+            info.usage = merged;
+            info.record_time = info.record_time.max(record_time);
+        }
+    }
+    let image_or_container =
+        |s: &Digest| roots.image_snapshots.contains(s) || roots.container_snapshots.contains(s);
+    for key in &order {
+        let info = &layers[key];
+        let snap_shared = image_or_container(key);
+        let blob_shared = roots.image_blobs.contains(&info.blob);
+        let snap_path = snapshots.dir().join(key.hex());
+        let mut size = 0;
+        if sizes {
+            if !snap_shared {
+                size += snapshots.disk_usage(key);
+            }
+            if !blob_shared {
+                size += blob_disk(store, &info.blob);
+            }
+        }
+        let created = if info.usage.count > 0 {
+            Some(millis(info.usage.first))
+        } else {
+            mtime(&snap_path.join("meta.json")).or_else(|| mtime(&content.path(&info.blob)))
+        };
+        let last_used = if info.usage.count > 0 {
+            Some(millis(info.usage.last))
+        } else {
+            info.record_time.or(created)
+        };
+        let description = if info.description.is_empty() {
+            format!("layer {}", &info.blob.hex()[..12])
+        } else {
+            info.description.clone()
+        };
+        out.push(CacheEntry {
+            id: entry_id(&key.hex()),
+            kind: EntryKind::Layer {
+                snapshot: *key,
+                blob: info.blob,
+            },
+            record_type: "regular",
+            description,
+            size,
+            in_use: false,
+            mutable: false,
+            shared: snap_shared || blob_shared,
+            created,
+            last_used,
+            usage_count: info.usage.count.max(1),
+            parent: info.parent.map(|p| entry_id(&p.hex())),
+        });
+    }
+
+    // Garbage: snapshots and blobs nothing keeps.
+    let dirs = snapshots.dirs().map_err(GcError::Snapshots)?;
+    let parents: BTreeMap<Digest, Option<Digest>> = dirs.iter().map(|s| (s.key, s.parent)).collect();
+    let mut kept = BTreeSet::new();
+    for key in roots.live_snapshots() {
+        let mut cur = Some(key);
+        while let Some(k) = cur {
+            if !kept.insert(k) {
+                break;
+            }
+            cur = parents.get(&k).copied().flatten();
+        }
+    }
+    for d in dirs.iter().filter(|d| !kept.contains(&d.key)) {
+        out.push(CacheEntry {
+            id: entry_id(&d.key.hex()),
+            kind: EntryKind::UnreferencedSnapshot(d.key),
+            record_type: "regular",
+            description: "unreferenced layer".into(),
+            size: if sizes { snapshots.disk_usage(&d.key) } else { 0 },
+            in_use: false,
+            mutable: false,
+            shared: false,
+            created: mtime(&d.path),
+            last_used: mtime(&d.path),
+            usage_count: 0,
+            parent: d.parent.map(|p| entry_id(&p.hex())),
+        });
+    }
+    let live_blobs = roots.live_blobs();
     for d in content.list().map_err(GcError::Content)? {
-        if live.contains(&d) {
+        if live_blobs.contains(&d) {
             continue;
         }
-        bytes += content.size(&d).unwrap_or(0);
-        content.delete(&d).map_err(GcError::Content)?;
-        deleted.push(d);
+        out.push(CacheEntry {
+            id: entry_id(&d.hex()),
+            kind: EntryKind::UnreferencedBlob(d),
+            record_type: "regular",
+            description: "unreferenced blob".into(),
+            size: if sizes { blob_disk(store, &d) } else { 0 },
+            in_use: false,
+            mutable: false,
+            shared: false,
+            created: mtime(&content.path(&d)),
+            last_used: mtime(&content.path(&d)),
+            usage_count: 0,
+            parent: None,
+        });
     }
-    if let Ok(entries) = std::fs::read_dir(content.ingest_dir()) {
-        let now = SystemTime::now();
-        for entry in entries.flatten() {
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .map(|t| now.duration_since(t).unwrap_or_default() > STALE_INGEST)
-                .unwrap_or(false);
-            if old {
-                let _ = std::fs::remove_file(entry.path());
+
+    // Cache mounts.
+    let mounts = store.cache_dir().join("mounts");
+    if let Ok(rd) = fs::read_dir(&mounts) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".lock") || name.starts_with('.') || !e.path().is_dir() {
+                continue;
+            }
+            let in_use = crate::temp::locked(&mounts.join(format!("{name}.lock")));
+            out.push(CacheEntry {
+                id: entry_id(&name),
+                kind: EntryKind::CacheMount(e.path()),
+                record_type: "exec.cachemount",
+                description: "cache mount (RUN --mount=type=cache)".into(),
+                size: if sizes {
+                    crate::temp::disk_usage(&e.path())
+                } else {
+                    0
+                },
+                in_use,
+                mutable: true,
+                shared: false,
+                created: e.metadata().ok().and_then(|m| m.created().ok()),
+                last_used: mtime(&e.path()),
+                usage_count: 1,
+                parent: None,
+            });
+        }
+    }
+    // Context stat caches and URL validators.
+    for (sub, rtype, what) in [
+        ("context", "source.local", "local context stat cache"),
+        ("http", "internal", "validators of an ADD URL"),
+    ] {
+        let Ok(rd) = fs::read_dir(store.cache_dir().join(sub)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue; // a temp (see crate::temp)
+            }
+            let path = e.path();
+            out.push(CacheEntry {
+                id: entry_id(name.trim_end_matches(".json")),
+                kind: if sub == "context" {
+                    EntryKind::ContextCache(path.clone())
+                } else {
+                    EntryKind::HttpValidators(path.clone())
+                },
+                record_type: rtype,
+                description: what.into(),
+                size: if sizes { crate::temp::disk_usage(&path) } else { 0 },
+                in_use: false,
+                mutable: false,
+                shared: false,
+                created: mtime(&path),
+                last_used: mtime(&path),
+                usage_count: 1,
+                parent: None,
+            });
+        }
+    }
+    // Steps of running builds.
+    if let Ok(rd) = fs::read_dir(snapshots.dir().join("tmp")) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if crate::temp::classify(&e.path(), &name) != crate::temp::State::Live {
+                continue;
+            }
+            out.push(CacheEntry {
+                id: entry_id(&name.replace('-', "")),
+                kind: EntryKind::Running(e.path()),
+                record_type: "regular",
+                description: "a step of a running build".into(),
+                size: if sizes {
+                    crate::temp::disk_usage(&e.path())
+                } else {
+                    0
+                },
+                in_use: true,
+                mutable: true,
+                shared: false,
+                created: mtime(&e.path()),
+                last_used: Some(SystemTime::now()),
+                usage_count: 1,
+                parent: None,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Which entries a build cache prune (or `du`) considers: Docker's `--filter` keys.
+#[derive(Clone, Debug, Default)]
+pub struct CacheFilter {
+    /// `until=DURATION` (also `unused-for`): only entries not used for this long.
+    pub until: Option<Duration>,
+    /// `type=TYPE`.
+    pub types: Vec<String>,
+    /// `id=ID` (a prefix of the ID).
+    pub ids: Vec<String>,
+    /// `description=TEXT` (a part of the description).
+    pub descriptions: Vec<String>,
+    /// `inuse` / `inuse=false`.
+    pub in_use: Option<bool>,
+    /// `shared` / `private`.
+    pub shared: Option<bool>,
+}
+
+impl CacheFilter {
+    /// Parses `--filter` values. Unknown keys are an error naming them.
+    pub fn parse(values: &[String]) -> Result<CacheFilter, String> {
+        let mut f = CacheFilter::default();
+        for v in values {
+            let (k, val) = match v.split_once('=') {
+                Some((k, val)) => (k.trim(), Some(val.trim())),
+                None => (v.trim(), None),
+            };
+            let flag = |val: Option<&str>| match val {
+                None | Some("true" | "1") => Ok(true),
+                Some("false" | "0") => Ok(false),
+                Some(other) => Err(format!("invalid filter `{v}`: `{other}` is not a boolean")),
+            };
+            let need = |val: Option<&str>| {
+                val.filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("invalid filter `{v}`: `{k}` needs a value"))
+            };
+            match k {
+                "until" | "unused-for" | "unused_for" => {
+                    f.until = Some(parse_duration(&need(val)?).map_err(|e| format!("invalid filter `{v}`: {e}"))?)
+                }
+                "type" => f.types.push(need(val)?),
+                "id" => f.ids.push(need(val)?),
+                "description" => f.descriptions.push(need(val)?),
+                "inuse" => f.in_use = Some(flag(val)?),
+                "shared" => f.shared = Some(flag(val)?),
+                "private" => f.shared = Some(!flag(val)?),
+                other => {
+                    return Err(format!(
+                        "invalid filter `{v}`: unknown key `{other}` (expected until, unused-for, type, id, description, inuse, shared or private)"
+                    ))
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    /// Whether the entry passes the filter at `now`.
+    pub fn matches(&self, e: &CacheEntry, now: SystemTime) -> bool {
+        if let Some(until) = self.until {
+            let cutoff = now.checked_sub(until).unwrap_or(SystemTime::UNIX_EPOCH);
+            if e.last_used.is_some_and(|t| t > cutoff) {
+                return false;
+            }
+        }
+        (self.types.is_empty() || self.types.iter().any(|t| t == e.record_type))
+            && (self.ids.is_empty() || self.ids.iter().any(|i| e.id.starts_with(i.as_str())))
+            && (self.descriptions.is_empty()
+                || self
+                    .descriptions
+                    .iter()
+                    .any(|d| e.description.contains(d.as_str())))
+            && self.in_use.is_none_or(|u| u == e.in_use)
+            && self.shared.is_none_or(|s| s == e.shared)
+    }
+}
+
+/// Parses a Go duration (`24h`, `2h30m`, `90s`, `1.5h`, `500ms`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration `{s}` (expected e.g. 24h, 2h30m, 90s)");
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let n: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += n * unit;
+        rest = &rest[unit_len..];
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// Parses a size as Docker's `--keep-storage` does (`RAMInBytes`): a number with an optional
+/// binary unit `b`, `k`, `m`, `g`, `t`, `p` (also `kb`, `kib`, ...; any case).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("invalid size `{s}` (expected e.g. 512mb, 10GB, 1073741824)");
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit
+        .strip_suffix("ib")
+        .or_else(|| unit.strip_suffix('b'))
+        .unwrap_or(&unit);
+    let mult: u64 = match unit {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        "p" => 1 << 50,
+        _ => return Err(bad()),
+    };
+    if n < 0.0 || !n.is_finite() {
+        return Err(bad());
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+/// What `kiln builder prune` should remove.
+#[derive(Clone, Debug, Default)]
+pub struct BuilderPruneOptions {
+    /// Also entries that share data with images, and internal ones (`-a`).
+    pub all: bool,
+    /// `--filter` values.
+    pub filter: CacheFilter,
+    /// `--keep-storage`: stop once the build cache is no larger than this (least recently used
+    /// entries go first).
+    pub keep_storage: Option<u64>,
+    /// Wait for running builds instead of failing.
+    pub wait: bool,
+}
+
+/// What a build cache prune removed.
+#[derive(Clone, Debug, Default)]
+pub struct BuilderPruneReport {
+    /// IDs of the entries removed.
+    pub deleted: Vec<String>,
+    /// Bytes freed on disk (garbage and stale temps included).
+    pub reclaimed: u64,
+}
+
+/// Removes build cache entries (see the module docs), then the garbage.
+pub fn builder_prune(
+    store: &Store,
+    opts: &BuilderPruneOptions,
+    on_wait: impl FnOnce(),
+) -> Result<BuilderPruneReport, GcError> {
+    let _gc = store.gc_lock(opts.wait, on_wait).map_err(GcError::Lock)?;
+    prune_cache_locked(store, opts)
+}
+
+fn prune_cache_locked(store: &Store, opts: &BuilderPruneOptions) -> Result<BuilderPruneReport, GcError> {
+    let now = SystemTime::now();
+    let entries = build_cache(store, true)?;
+    let mut candidates: Vec<&CacheEntry> = entries
+        .iter()
+        .filter(|e| !e.in_use)
+        .filter(|e| opts.all || !(e.shared || e.record_type == "internal"))
+        .filter(|e| opts.filter.matches(e, now))
+        .collect();
+    let index = cache_index(store);
+    let records = index.all();
+    // Which records name each layer: removing a layer entry removes every record naming it.
+    let mut naming: BTreeMap<Digest, Vec<usize>> = BTreeMap::new();
+    for (i, (_, record)) in records.iter().enumerate() {
+        for l in &record.layers {
+            naming.entry(l.snapshot).or_default().push(i);
+        }
+    }
+    let mut doomed = vec![false; records.len()];
+    let mut direct: Vec<&CacheEntry> = Vec::new();
+    if let Some(keep) = opts.keep_storage {
+        // Least recently used first (a layer below another goes after it: its last use is never
+        // older), until what is left fits. Removing a layer frees it and every layer that only
+        // the records it takes along named.
+        let by_id: BTreeMap<&str, &CacheEntry> = entries.iter().map(|e| (e.id.as_str(), e)).collect();
+        let depth = |e: &CacheEntry| {
+            let mut d = 0usize;
+            let mut cur = e.parent.as_deref();
+            while let Some(p) = cur.and_then(|p| by_id.get(p)) {
+                d += 1;
+                if d > 4096 {
+                    break;
+                }
+                cur = p.parent.as_deref();
+            }
+            d
+        };
+        candidates.sort_by_key(|e| (e.last_used, std::cmp::Reverse(depth(e))));
+        let size_of_layer: BTreeMap<Digest, u64> = entries
+            .iter()
+            .filter_map(|e| match e.kind {
+                EntryKind::Layer { snapshot, .. } => Some((snapshot, e.size)),
+                _ => None,
+            })
+            .collect();
+        let mut freed: BTreeSet<Digest> = BTreeSet::new();
+        let mut total: u64 = entries.iter().map(|e| e.size).sum();
+        for e in candidates {
+            if total <= keep {
+                break;
+            }
+            // An entry that frees nothing itself (its data is an image's) would only take the
+            // records above it along.
+            if e.size == 0 {
+                continue;
+            }
+            match &e.kind {
+                EntryKind::Layer { snapshot, .. } => {
+                    if freed.contains(snapshot) {
+                        continue;
+                    }
+                    let mut touched = BTreeSet::new();
+                    for &i in naming.get(snapshot).into_iter().flatten() {
+                        if !doomed[i] {
+                            doomed[i] = true;
+                            touched.extend(records[i].1.layers.iter().map(|l| l.snapshot));
+                        }
+                    }
+                    for l in touched {
+                        let still_named = naming.get(&l).into_iter().flatten().any(|&i| !doomed[i]);
+                        if !still_named && freed.insert(l) {
+                            total = total.saturating_sub(size_of_layer.get(&l).copied().unwrap_or(0));
+                        }
+                    }
+                }
+                _ => {
+                    total = total.saturating_sub(e.size);
+                    direct.push(e);
+                }
+            }
+        }
+    } else {
+        for e in candidates {
+            match &e.kind {
+                EntryKind::Layer { snapshot, .. } => {
+                    for &i in naming.get(snapshot).into_iter().flatten() {
+                        doomed[i] = true;
+                    }
+                }
+                _ => direct.push(e),
             }
         }
     }
-    Ok((deleted, bytes))
+    let mut report = BuilderPruneReport::default();
+    for e in direct {
+        match &e.kind {
+            EntryKind::CacheMount(dir) => {
+                let lock_path = dir.with_extension("lock");
+                let lock = fs::File::open(&lock_path).ok();
+                if lock.as_ref().is_some_and(|l| l.try_lock().is_err()) {
+                    continue; // taken by a build since it was listed
+                }
+                report.reclaimed += crate::temp::disk_usage(dir);
+                crate::temp::remove_any(dir).map_err(|source| GcError::Remove {
+                    path: dir.clone(),
+                    source,
+                })?;
+                let _ = fs::remove_file(&lock_path);
+            }
+            EntryKind::ContextCache(path) | EntryKind::HttpValidators(path) => {
+                report.reclaimed += crate::temp::disk_usage(path);
+                crate::temp::remove_any(path).map_err(|source| GcError::Remove {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            // Swept below (garbage), or not removable (a running step).
+            EntryKind::Layer { .. }
+            | EntryKind::UnreferencedSnapshot(_)
+            | EntryKind::UnreferencedBlob(_)
+            | EntryKind::Running(_) => {}
+        }
+    }
+    for (i, (key, _)) in records.iter().enumerate() {
+        if doomed[i] {
+            report.reclaimed += fs::symlink_metadata(index.dir().join(format!("{key}.json")))
+                .map(|m| m.blocks() * 512)
+                .unwrap_or(0);
+            index.remove(key);
+        }
+    }
+    let swept = sweep(store)?;
+    report.reclaimed += swept.bytes;
+    // Every entry that is no longer there was removed, directly or because what kept it went.
+    let after: BTreeSet<String> = build_cache(store, false)?.into_iter().map(|e| e.id).collect();
+    report.deleted = entries
+        .iter()
+        .filter(|e| !e.in_use && !after.contains(&e.id))
+        .map(|e| e.id.clone())
+        .collect();
+    Ok(report)
+}
+
+/// The build cache budget from `KILN_GC_KEEP_STORAGE` (unset or empty: none).
+pub fn budget_from_env() -> Result<Option<u64>, String> {
+    match std::env::var("KILN_GC_KEEP_STORAGE") {
+        Ok(v) if !v.trim().is_empty() => parse_size(&v)
+            .map(Some)
+            .map_err(|e| format!("KILN_GC_KEEP_STORAGE: {e}")),
+        _ => Ok(None),
+    }
+}
+
+/// The automatic GC: when the build cache takes more than `budget`, removes the least recently
+/// used entries (shared ones too, as `builder prune -a --keep-storage BUDGET` does) until it
+/// fits. Runs only when nothing holds the store (returns `None` otherwise): call it after
+/// dropping the caller's own hold.
+pub fn auto_collect(store: &Store, budget: u64) -> Result<Option<BuilderPruneReport>, GcError> {
+    let _gc = match store.gc_lock(false, || {}) {
+        Ok(gc) => gc,
+        Err(StoreError::Busy { .. }) => return Ok(None),
+        Err(e) => return Err(GcError::Lock(e)),
+    };
+    let total: u64 = build_cache(store, true)?.iter().map(|e| e.size).sum();
+    if total <= budget {
+        return Ok(None);
+    }
+    let opts = BuilderPruneOptions {
+        all: true,
+        keep_storage: Some(budget),
+        ..Default::default()
+    };
+    prune_cache_locked(store, &opts).map(Some)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::buildcache::Layer;
     use crate::images::LayerRef;
     use kiln_dag::image::ImageConfig;
     use oci_spec::image::MediaType;
@@ -353,6 +1138,7 @@ mod tests {
         std::fs::write(lineage.join("c"), "garbage").unwrap();
         let report = prune(&store, PruneOptions::default(), || {}).unwrap();
         assert_eq!(report.deleted_snapshots, vec![orphan]);
+        assert!(report.reclaimed > 0);
         assert!(snaps.get(&chain).is_some());
         assert!(snaps.get(&orphan).is_none());
         let mut left: Vec<_> = std::fs::read_dir(&lineage)
@@ -361,5 +1147,221 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, ["a"], "lineage records of removed snapshots go with them");
+    }
+
+    /// A cache record of one layer (its snapshot committed) on top of `base`.
+    fn record(store: &Store, base: &[Layer], name: &str, data: &[u8]) -> (String, Vec<Layer>) {
+        let blob = store.content().put_bytes(data).unwrap();
+        let snaps = Snapshots::open(&store.snapshots_dir()).unwrap();
+        let key = Digest::of(format!("snap {name}").as_bytes());
+        let m = snaps.prepare(None).unwrap();
+        std::fs::write(m.upper().join("f"), data).unwrap();
+        m.commit(&key, &blob, data.len() as u64).unwrap();
+        let mut layers = base.to_vec();
+        layers.push(Layer {
+            snapshot: key,
+            blob,
+            diff_id: blob,
+            size: data.len() as u64,
+            media_type: crate::images::LAYER_MEDIA_TYPE.into(),
+            created: None,
+        });
+        let index = CacheIndex::open(&store.cache_dir().join("index")).unwrap();
+        let rkey = Digest::of(name.as_bytes()).hex();
+        index
+            .put(
+                &rkey,
+                &Record {
+                    layers: layers.clone(),
+                    description: format!("RUN {name}"),
+                },
+            )
+            .unwrap();
+        (rkey, layers)
+    }
+
+    fn ids_of(store: &Store) -> BTreeSet<String> {
+        build_cache(store, false)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect()
+    }
+
+    #[test]
+    fn builder_prune_all_empties_the_cache_and_keeps_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (_, base) = record(&store, &[], "base", &[1u8; 20_000]);
+        let (_, top) = record(&store, &base, "top", &[2u8; 30_000]);
+        // An image of the top result: its blobs and chain snapshots are the image's.
+        let img_layers: Vec<LayerRef> = top
+            .iter()
+            .map(|l| LayerRef {
+                digest: l.blob,
+                diff_id: l.diff_id,
+                size: l.size,
+                media_type: MediaType::ImageLayer,
+            })
+            .collect();
+        let img = store
+            .images()
+            .create(&ImageConfig::default(), &img_layers)
+            .unwrap();
+        store
+            .images()
+            .tag(&Reference::parse("app").unwrap(), &img.manifest_digest)
+            .unwrap();
+        let mounts = store.cache_dir().join("mounts");
+        std::fs::create_dir_all(mounts.join("m1")).unwrap();
+        std::fs::write(mounts.join("m1/data"), vec![3u8; 40_000]).unwrap();
+        std::fs::write(mounts.join("m1.lock"), b"").unwrap();
+        let entries = build_cache(&store, true).unwrap();
+        assert_eq!(entries.len(), 3, "{entries:#?}");
+        let layer_sizes: Vec<u64> = entries.iter().take(2).map(|e| e.size).collect();
+        assert!(
+            layer_sizes.iter().all(|s| *s > 0),
+            "snapshots are not the image's: {layer_sizes:?}"
+        );
+        assert!(
+            entries.iter().take(2).all(|e| e.shared),
+            "their blobs are the image's"
+        );
+        assert_eq!(entries[1].parent.as_deref(), Some(entries[0].id.as_str()));
+        assert_eq!(entries[1].description, "RUN top");
+
+        // Without -a: the layers share blobs with the image and stay; the mount goes.
+        let report = builder_prune(&store, &BuilderPruneOptions::default(), || {}).unwrap();
+        assert_eq!(report.deleted, vec![entries[2].id.clone()]);
+        assert!(report.reclaimed >= 40_000);
+        assert!(!mounts.join("m1").exists() && !mounts.join("m1.lock").exists());
+        // With -a: everything; the image is whole.
+        let report = builder_prune(
+            &store,
+            &BuilderPruneOptions {
+                all: true,
+                ..Default::default()
+            },
+            || {},
+        )
+        .unwrap();
+        assert_eq!(report.deleted.len(), 2, "{report:?}");
+        assert!(ids_of(&store).is_empty());
+        assert!(crate::verify::verify(&store, false).unwrap().problems.is_empty());
+        for d in img.blobs() {
+            assert!(store.content().contains(&d));
+        }
+    }
+
+    #[test]
+    fn keep_storage_and_until_remove_the_least_recently_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (old_key, _) = record(&store, &[], "old", &[1u8; 50_000]);
+        let (new_key, _) = record(&store, &[], "new", &[2u8; 50_000]);
+        // "old" was last used two days ago.
+        let index = CacheIndex::at(&store.cache_dir().join("index"));
+        let log = index.dir().join(".usage");
+        let text = std::fs::read_to_string(&log).unwrap();
+        let two_days = 2 * 86_400_000;
+        let rewritten: String = text
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                if f[3] == old_key {
+                    let t: i64 = f[0].parse::<i64>().unwrap() - two_days;
+                    format!("{t} {t} 1 {}\n", f[3])
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        std::fs::write(&log, rewritten).unwrap();
+        let entries = build_cache(&store, true).unwrap();
+        let old_id = entries
+            .iter()
+            .find(|e| e.description == "RUN old")
+            .unwrap()
+            .id
+            .clone();
+        // until=24h: only the old one.
+        let report = builder_prune(
+            &store,
+            &BuilderPruneOptions {
+                filter: CacheFilter::parse(&["until=24h".into()]).unwrap(),
+                ..Default::default()
+            },
+            || {},
+        )
+        .unwrap();
+        assert_eq!(report.deleted, vec![old_id]);
+        assert!(index.get(&new_key).is_some() && index.get(&old_key).is_none());
+        // keep-storage larger than what is left: nothing; zero: everything.
+        let report = builder_prune(
+            &store,
+            &BuilderPruneOptions {
+                keep_storage: Some(10 << 20),
+                ..Default::default()
+            },
+            || {},
+        )
+        .unwrap();
+        assert!(report.deleted.is_empty());
+        assert!(auto_collect(&store, 10 << 20).unwrap().is_none(), "under budget");
+        let report = auto_collect(&store, 0).unwrap().unwrap();
+        assert_eq!(report.deleted.len(), 1);
+        assert!(index.all().is_empty());
+    }
+
+    #[test]
+    fn containers_keep_their_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (_, layers) = record(&store, &[], "run", b"x");
+        let snap = layers[0].snapshot;
+        let cdir = store.containers_dir().join("c1");
+        std::fs::create_dir_all(&cdir).unwrap();
+        let lower = store.snapshots_dir().join(snap.hex()).join("fs");
+        std::fs::write(
+            cdir.join("config.json"),
+            serde_json::json!({"Image": "sha256:00", "Rootfs": {"Lower": [lower]}}).to_string(),
+        )
+        .unwrap();
+        builder_prune(
+            &store,
+            &BuilderPruneOptions {
+                all: true,
+                ..Default::default()
+            },
+            || {},
+        )
+        .unwrap();
+        let snaps = Snapshots::open(&store.snapshots_dir()).unwrap();
+        assert!(snaps.get(&snap).is_some(), "a container's lower dir stays");
+        std::fs::remove_dir_all(&cdir).unwrap();
+        collect_if_idle(&store).unwrap();
+        assert!(snaps.get(&snap).is_none());
+    }
+
+    #[test]
+    fn filters_and_sizes_parse_like_docker() {
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("2h30m").unwrap(), Duration::from_secs(9000));
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("10 days").is_err());
+        assert!(parse_duration("").is_err());
+        assert_eq!(parse_size("512mb").unwrap(), 512 << 20);
+        assert_eq!(parse_size("10GB").unwrap(), 10 << 30);
+        assert_eq!(parse_size("1.5k").unwrap(), 1536);
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5x").is_err());
+        let err = CacheFilter::parse(&["label=x".into()]).unwrap_err();
+        assert!(err.contains("unknown key `label`"), "{err}");
+        let f = CacheFilter::parse(&["type=exec.cachemount".into(), "private".into()]).unwrap();
+        assert_eq!(f.types, ["exec.cachemount"]);
+        assert_eq!(f.shared, Some(false));
     }
 }

@@ -365,7 +365,7 @@ impl ImageStore {
         let temp = self
             .store
             .root()
-            .join(format!("images.json.{}.tmp", std::process::id()));
+            .join(format!("images.json.{}", crate::temp::name("", ".tmp")));
         let err = |source| ImageError::WriteIndex {
             path: temp.clone(),
             source,

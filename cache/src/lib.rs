@@ -11,6 +11,7 @@ pub mod layer;
 pub mod reference;
 pub mod snapshot;
 pub mod store;
+pub mod temp;
 pub mod verify;
 
 pub use kiln_dag::Digest;

@@ -29,8 +29,6 @@ use std::fs::{self, File, TryLockError};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
 
 use kiln_dag::Digest;
 use serde::{Deserialize, Serialize};
@@ -163,6 +161,21 @@ fn boot_id() -> Option<&'static str> {
     .as_deref()
 }
 
+/// A snapshot directory as [`Snapshots::dirs`] finds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotDir {
+    /// Its key.
+    pub key: Digest,
+    /// Its parent, as its `meta.json` says.
+    pub parent: Option<Digest>,
+    /// Whether it is a usable snapshot in this boot ([`Snapshots::get`] finds it).
+    pub valid: bool,
+    /// Whether its `meta.json` could be read at all.
+    pub readable: bool,
+    /// `DIR/<hex>`.
+    pub path: PathBuf,
+}
+
 /// A writable snapshot: an overlayfs `upper` and `work` dir over a parent's lower dirs. Dropping
 /// it uncommitted removes it.
 #[derive(Debug)]
@@ -177,17 +190,9 @@ pub struct MutableSnapshot {
     lock: Option<File>,
 }
 
+/// A name for a temp of this process (see [`crate::temp`]).
 fn unique_name() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "{}-{}-{}",
-        std::process::id(),
-        nanos,
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    crate::temp::name("", "")
 }
 
 fn create_dir(path: &Path) -> Result<()> {
@@ -542,6 +547,103 @@ impl Snapshots {
         self.dir.join("retired")
     }
 
+    /// Every snapshot directory `DIR/<hex>`, valid in this boot or not (a snapshot of an
+    /// earlier boot that was never synced still takes space), sorted by key.
+    pub fn dirs(&self) -> Result<Vec<SnapshotDir>> {
+        let read_dir = fs::read_dir(&self.dir).map_err(|source| SnapshotError::ReadDir {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let mut out = Vec::new();
+        for entry in read_dir.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Ok(key) = Digest::parse(&format!("sha256:{name}")) else {
+                continue;
+            };
+            let path = entry.path();
+            let meta: Option<Meta> = fs::read(path.join("meta.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            out.push(SnapshotDir {
+                key,
+                parent: meta.as_ref().and_then(|m| m.parent),
+                valid: meta.as_ref().is_some_and(Meta::valid),
+                readable: meta.is_some(),
+                path,
+            });
+        }
+        out.sort_by_key(|s| s.key);
+        Ok(out)
+    }
+
+    /// Bytes the snapshot `key` takes on disk ([`crate::temp::disk_usage`] of its directory).
+    /// A committed snapshot never changes, so the figure is computed once and kept in
+    /// `DIR/<hex>/du`. 0 when there is no such snapshot.
+    pub fn disk_usage(&self, key: &Digest) -> u64 {
+        let dir = self.snapshot_dir(key);
+        let cached = dir.join("du");
+        if let Some(n) = fs::read_to_string(&cached)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return n;
+        }
+        if !dir.join("meta.json").is_file() {
+            return crate::temp::disk_usage(&dir);
+        }
+        let n = crate::temp::disk_usage(&dir);
+        let tmp = dir.join(format!("du.{}", crate::temp::name("", ".tmp")));
+        if fs::write(&tmp, n.to_string()).is_ok() && fs::rename(&tmp, &cached).is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        n
+    }
+
+    /// Removes the per-key unpack lock files of keys that have no snapshot (the caller holds the
+    /// garbage-collection lock, so no unpack runs). Returns how many.
+    pub fn remove_unused_locks(&self) -> usize {
+        let Ok(rd) = fs::read_dir(self.dir.join("locks")) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in rd.flatten() {
+            let name = entry.file_name();
+            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".lock")) else {
+                continue;
+            };
+            if self.dir.join(hex).exists() {
+                continue;
+            }
+            let Ok(f) = File::open(entry.path()) else { continue };
+            if f.try_lock().is_ok() && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Removes retired snapshots: those of earlier boots, and with `this_boot_too` (no
+    /// container exists that could run on one) those of this boot. Returns the bytes freed.
+    pub fn remove_retired(&self, this_boot_too: bool) -> Result<u64> {
+        let mut bytes = 0;
+        let Ok(read_dir) = fs::read_dir(self.retired()) else {
+            return Ok(0);
+        };
+        let this_boot = boot_id().map(|b| format!("{b}-"));
+        for entry in read_dir.flatten() {
+            let name = entry.file_name();
+            let current = this_boot
+                .as_deref()
+                .is_some_and(|p| name.as_encoded_bytes().starts_with(p.as_bytes()));
+            if !current || this_boot_too {
+                bytes += crate::temp::disk_usage(&entry.path());
+                remove(&entry.path())?;
+            }
+        }
+        Ok(bytes)
+    }
+
     /// Removes temp dirs left behind by killed processes (those whose owner's lock is no longer
     /// held) and the stale snapshots retired in earlier boots. Returns how many were removed.
     pub fn cleanup_stale_tmp(&self) -> Result<usize> {
@@ -570,16 +672,11 @@ impl Snapshots {
                 source,
             })?;
             let path = entry.path();
-            if entry.file_name().as_encoded_bytes().starts_with(b".new-") {
-                // Between its creation and its lock: only an old one is a leftover.
-                let age = entry
-                    .metadata()
-                    .ok()
-                    .and_then(|m| m.modified().ok())
-                    .and_then(|t| t.elapsed().ok());
-                if age.is_none_or(|a| a < Duration::from_secs(600)) {
-                    continue;
-                }
+            let name = entry.file_name();
+            // A live entry is locked by its owner, or (between its creation and its lock) named
+            // after an owner that still runs.
+            if crate::temp::classify(&path, &name.to_string_lossy()) == crate::temp::State::Live {
+                continue;
             }
             let Ok(handle) = File::open(&path) else { continue };
             match handle.try_lock() {
@@ -957,17 +1054,19 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let store = Snapshots::open(t.path()).unwrap();
         let live = store.prepare(None).unwrap();
-        // A killed process's leftovers: a dir nobody holds a lock on, with a mode-000 work dir.
-        let dead = store.tmp().join("12345-1-0");
+        // A killed process's leftovers: a dir nobody holds a lock on, with a mode-000 work dir,
+        // and one it was creating when it died.
+        let dead = store.tmp().join("999999999-1-0");
         fs::create_dir_all(dead.join("work/work")).unwrap();
         fs::set_permissions(dead.join("work/work"), fs::Permissions::from_mode(0o000)).unwrap();
-        // One that is being created right now.
-        fs::create_dir(store.tmp().join(".new-999-1-0")).unwrap();
-        assert_eq!(store.cleanup_stale_tmp().unwrap(), 1);
+        fs::create_dir(store.tmp().join(".new-999999999-1-1")).unwrap();
+        // One this process is creating right now (not locked yet).
+        let creating = format!(".new-{}", crate::temp::name("", ""));
+        fs::create_dir(store.tmp().join(&creating)).unwrap();
+        assert_eq!(store.cleanup_stale_tmp().unwrap(), 2);
         assert!(!dead.exists());
         assert!(live.upper().is_dir());
-        assert!(store.tmp().join(".new-999-1-0").exists());
         drop(live);
-        assert_eq!(tmp_entries(&store), vec![".new-999-1-0".to_string()]);
+        assert_eq!(tmp_entries(&store), vec![creating]);
     }
 }

@@ -64,6 +64,15 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A temp file could not be created.
+    #[error("failed to create temp file `{path}`")]
+    Temp {
+        /// The temp file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The garbage-collection lock is held by running builds and the caller chose not to wait.
     #[error("the store `{root}` is in use by running builds (`{path}` is held); try again when they finish")]
     Busy {
@@ -124,8 +133,17 @@ pub(crate) fn spread_children(dir: &Path) {
 }
 
 impl Store {
-    /// Opens the store at `root`, creating its layout when missing.
+    /// Opens the store at `root`, creating its layout when missing, and removes the temps that
+    /// killed kiln processes left (once per process; see [`crate::temp`]).
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        let store = Store::open_as_is(root)?;
+        // What killed kiln processes left behind goes at the next command.
+        crate::temp::clean_stale_once(&store);
+        Ok(store)
+    }
+
+    /// Opens the store without removing anything (`kiln store verify` reports what it finds).
+    pub fn open_as_is(root: &Path) -> Result<Store, StoreError> {
         for sub in ["", "snapshots", "containers", "cache", "tmp"] {
             let path = root.join(sub);
             fs::create_dir_all(&path).map_err(|source| StoreError::CreateDir { path, source })?;

@@ -582,6 +582,7 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
 
     let store = std::sync::Arc::new(kiln_cache::Store::open(&g.root)?);
     let debug = g.debug;
+    let gc_store = store.clone();
     let outcome = rt.block_on(async move {
         let display = crate::progress::start(progress_mode, debug);
         let outcome = drive(store, req, call, debug, display.sink(), cancel).await;
@@ -620,6 +621,8 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
         println!("{id}");
     }
     signals.abort();
+    // The build's hold on the store ended with it; a prune may take the store now.
+    crate::store_cmds::auto_gc(&gc_store);
     Ok(ExitCode::SUCCESS)
 }
 

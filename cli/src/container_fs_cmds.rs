@@ -453,6 +453,8 @@ fn cp(a: CpArgs, g: &Globals) -> anyhow::Result<ExitCode> {
 fn commit(a: CommitArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     let store = Store::open(&g.root)
         .with_context(|| format!("failed to open the store at `{}`", g.root.display()))?;
+    // Garbage collection waits until the new image is recorded (and tagged).
+    let _hold = store.hold()?;
     let (containers, rec) = lookup(g, &a.container)?;
     let reference = match &a.reference {
         None => None,

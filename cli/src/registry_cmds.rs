@@ -239,6 +239,8 @@ pub fn push(args: PushArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     let r = Reference::parse(&args.reference)
         .with_context(|| format!("invalid reference format `{}`", args.reference))?;
     let store = kiln_cache::Store::open(&g.root)?;
+    // Garbage collection waits until every blob is uploaded.
+    let _hold = store.hold()?;
     let client = client(&args.insecure);
     let display = Display::new(args.quiet, false);
     display.line(format!("The push refers to repository [{}]", r.repository()));

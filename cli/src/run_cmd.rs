@@ -295,6 +295,9 @@ pub fn create(args: CreateArgs, g: &Globals) -> anyhow::Result<ExitCode> {
 fn create_inner(f: &CreateFlags, g: &Globals) -> anyhow::Result<kiln_containers::ContainerRecord> {
     let req = create_request(f)?;
     let store = kiln_cache::Store::open(&g.root)?;
+    // Garbage collection waits until the container's record names its image; the hold ends
+    // before the container starts (its processes must not inherit it).
+    let _hold = store.hold()?;
     let containers = Containers::open(&g.root)?;
     if f.pull == PullPolicy::Always {
         pull_image(&store, &f.image)?;

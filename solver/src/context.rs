@@ -214,7 +214,7 @@ impl StatCache {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let tmp = path.with_file_name(kiln_cache::temp::name(".stat.kiln-", ".tmp"));
         let ok = std::fs::File::create(&tmp)
             .and_then(|mut f| f.write_all(&out))
             .is_ok();

@@ -8,6 +8,7 @@ mod checks;
 mod container_fs;
 mod containers;
 mod debug;
+mod gc;
 mod harness;
 mod hostile;
 mod publish;

@@ -619,7 +619,11 @@ fn prune_df_and_verify() {
     assert_eq!(out, "Total reclaimed space: 0B\n");
 
     let ok = stdout(&env.ok(&["store", "verify"]));
-    assert!(ok.contains("checked 3 blobs, 1 images, 1 tags: ok"), "{ok}");
+    assert!(
+        ok.contains("checked 3 blobs, 1 images, 1 tags, 0 cache records, ")
+            && ok.trim_end().ends_with(": ok"),
+        "{ok}"
+    );
     let inspected = json(&env.ok(&["inspect", "busybox:local"]));
     let layer = inspected[0]["RootFS"]["Layers"][0]
         .as_str()

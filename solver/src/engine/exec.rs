@@ -544,7 +544,8 @@ impl Engine {
             }
         };
         if !dir.exists() {
-            let tmp = base.join(format!(".{name}.{}.new", std::process::id()));
+            // Named after this process: a killed build's is removed by the next command.
+            let tmp = base.join(kiln_cache::temp::name(&format!(".{name}.kiln-"), ".new"));
             let _ = std::fs::remove_dir_all(&tmp);
             std::fs::create_dir_all(&tmp).map_err(err)?;
             if let Some(i) = m.input {

@@ -241,7 +241,7 @@ impl Engine {
             return;
         }
         let path = self.lineage_path(vertex);
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let tmp = path.with_file_name(kiln_cache::temp::name(".lineage.kiln-", ".tmp"));
         let written = path
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)

@@ -174,8 +174,9 @@ pub struct Engine {
     opts: EngineOptions,
     snapshots: Snapshots,
     index: CacheIndex,
-    /// Per-build scratch space (mount points, secret files), removed on drop.
-    scratch: tempfile::TempDir,
+    /// Per-build scratch space (mount points, secret files), removed on drop; named and locked
+    /// by this process, so a killed build's is removed by the next command.
+    scratch: kiln_cache::temp::ScratchDir,
     /// An empty directory (the lower dir of a scratch-based overlay).
     empty: PathBuf,
     contexts: Mutex<HashMap<String, Arc<LocalContext>>>,
@@ -228,10 +229,8 @@ impl Engine {
             path: tmp_parent.clone(),
             source,
         })?;
-        let scratch = tempfile::Builder::new()
-            .prefix("build-")
-            .tempdir_in(&tmp_parent)
-            .map_err(|source| EngineError::CreateDir {
+        let scratch =
+            kiln_cache::temp::ScratchDir::new(&store, "build").map_err(|source| EngineError::CreateDir {
                 path: tmp_parent.clone(),
                 source,
             })?;
