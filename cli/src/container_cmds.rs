@@ -15,6 +15,7 @@ use kiln_containers::logs::{self, Stream};
 use kiln_containers::supervisor::{self, Mode, FRAME_EXIT, FRAME_STDERR, FRAME_STDOUT};
 use kiln_containers::{ContainerRecord, ContainerState, Containers, RecordError, Status};
 
+use crate::gotemplate::Value;
 use crate::store_cmds::human_ago;
 use crate::Globals;
 
@@ -145,6 +146,15 @@ pub struct PsArgs {
     /// Don't truncate output
     #[arg(long = "no-trunc")]
     pub no_trunc: bool,
+    /// Display total file sizes
+    #[arg(short = 's', long)]
+    pub size: bool,
+    /// Filter output based on conditions provided (`key=value`)
+    #[arg(short = 'f', long)]
+    pub filter: Vec<String>,
+    /// Format output using a custom template: 'table', 'table TEMPLATE', 'json', or a Go template
+    #[arg(long)]
+    pub format: Option<String>,
 }
 
 /// `kiln logs`.
@@ -459,7 +469,14 @@ fn human_duration(since: &str) -> String {
 pub fn status_text(st: &ContainerState) -> String {
     match st.status {
         Status::Created => "Created".into(),
-        Status::Running => format!("Up {}", human_duration(&st.started_at)),
+        Status::Running => {
+            let health = match st.health.as_ref().map(|h| h.status) {
+                None => String::new(),
+                Some(kiln_containers::state::HealthStatus::Starting) => " (health: starting)".into(),
+                Some(h) => format!(" ({})", h.as_str()),
+            };
+            format!("Up {}{health}", human_duration(&st.started_at))
+        }
         Status::Restarting => format!(
             "Restarting ({}) {}",
             st.exit_code,
@@ -558,10 +575,145 @@ fn ports_json(rec: &ContainerRecord, st: &ContainerState) -> serde_json::Value {
     serde_json::Value::Object(map)
 }
 
+/// The keys `ps --filter` takes.
+const PS_FILTERS: &[&str] = &[
+    "id", "name", "label", "label!", "exited", "status", "ancestor", "before", "since", "health", "volume",
+    "network",
+];
+
+/// Docker's `ps` column names.
+const PS_HEADERS: &[(&str, &str)] = &[
+    ("ID", "CONTAINER ID"),
+    ("Image", "IMAGE"),
+    ("Command", "COMMAND"),
+    ("CreatedAt", "CREATED AT"),
+    ("RunningFor", "CREATED"),
+    ("Ports", "PORTS"),
+    ("State", "STATE"),
+    ("Status", "STATUS"),
+    ("Size", "SIZE"),
+    ("Names", "NAMES"),
+    ("Labels", "LABELS"),
+    ("Label", "LABEL"),
+    ("Mounts", "MOUNTS"),
+    ("Networks", "NETWORKS"),
+    ("LocalVolumes", "LOCAL VOLUMES"),
+];
+
+/// Docker's `CreatedAt` form: `2006-01-02 15:04:05 -0700 MST` (UTC here).
+pub fn docker_time(rfc3339: &str) -> String {
+    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .and_then(|t| {
+            t.to_offset(time::UtcOffset::UTC)
+                .format(time::macros::format_description!(
+                    "[year]-[month]-[day] [hour]:[minute]:[second] +0000 UTC"
+                ))
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// The name of the network a container is on (`bridge`, `host`, `none`).
+fn network_name(rec: &ContainerRecord) -> String {
+    match rec.host.network_mode.as_str() {
+        "" | "default" => "bridge".into(),
+        m => m.to_string(),
+    }
+}
+
+/// Whether `rec` descends from the image `want` names (a reference or an image ID prefix).
+fn ancestor_matches(rec: &ContainerRecord, want: &str) -> bool {
+    let norm = |s: &str| {
+        kiln_cache::reference::Reference::parse(s)
+            .map(|r| r.to_string())
+            .unwrap_or_else(|_| s.to_string())
+    };
+    if norm(&rec.image_name) == norm(want) {
+        return true;
+    }
+    let hex = want.strip_prefix("sha256:").unwrap_or(want);
+    hex.len() >= 4
+        && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        && (rec.image_id.is_some_and(|d| d.hex().starts_with(hex)) || rec.image.hex().starts_with(hex))
+}
+
+/// Whether a container passes `ps`'s filters.
+fn ps_filter(
+    f: &crate::filters::Filters,
+    rec: &ContainerRecord,
+    st: &ContainerState,
+    before: Option<&str>,
+    since: Option<&str>,
+    mounts: &[serde_json::Value],
+) -> bool {
+    let labels = rec.config.labels.clone().unwrap_or_default();
+    f.any("id", |v| rec.id.starts_with(v))
+        && f.any("name", |v| {
+            regex::Regex::new(v).is_ok_and(|r| r.is_match(&rec.name))
+        })
+        && f.labels_match(&labels)
+        && f.any("exited", |v| {
+            st.status == Status::Exited && v.parse::<i32>().is_ok_and(|c| c == st.exit_code)
+        })
+        && f.any("status", |v| v == st.status.as_str())
+        && f.any("ancestor", |v| ancestor_matches(rec, v))
+        && before.is_none_or(|b| rec.created.as_str() < b)
+        && since.is_none_or(|s| rec.created.as_str() > s)
+        && f.any("health", |v| v == health_word(st))
+        && f.any("network", |v| v == network_name(rec))
+        && f.any("volume", |v| {
+            mounts.iter().any(|m| {
+                m["Name"].as_str() == Some(v)
+                    || m["Source"].as_str() == Some(v)
+                    || m["Destination"].as_str() == Some(v)
+            })
+        })
+}
+
+/// `health=` filter word of a container: `starting`, `healthy`, `unhealthy` or `none`.
+fn health_word(st: &ContainerState) -> &'static str {
+    match &st.health {
+        Some(h) => h.status.as_str(),
+        None => "none",
+    }
+}
+
 fn cmd_ps(containers: &Containers, a: PsArgs) -> anyhow::Result<ExitCode> {
-    let mut rows = Vec::new();
+    let f = crate::filters::Filters::parse(&a.filter, PS_FILTERS)?;
+    f.check_values(
+        "status",
+        &[
+            "created",
+            "restarting",
+            "running",
+            "removing",
+            "paused",
+            "exited",
+            "dead",
+        ],
+    )?;
+    f.check_values("health", &["starting", "healthy", "unhealthy", "none"])?;
+    for v in f.get("exited") {
+        if v.parse::<i32>().is_err() {
+            anyhow::bail!("invalid filter 'exited={v}'");
+        }
+    }
+    let created_of = |name: &str| -> anyhow::Result<String> {
+        containers
+            .lookup(name)
+            .map(|r| r.created)
+            .map_err(|_| anyhow::anyhow!("No such container: {name}"))
+    };
+    let before = f.get("before").first().map(|b| created_of(b)).transpose()?;
+    let since = f.get("since").first().map(|s| created_of(s)).transpose()?;
     let limit = if a.latest { Some(1) } else { a.last };
-    let all = a.all || limit.is_some();
+    let all = a.all || limit.is_some() || f.has("status");
+    let want_size = a.size
+        || a.format
+            .as_deref()
+            .is_some_and(|f| f.contains("Size") || f.contains("json"));
+    let mut rows = Vec::new();
     for rec in containers.list()?.into_iter().take(limit.unwrap_or(usize::MAX)) {
         let st = match containers.state(&rec.id) {
             Ok(s) => s,
@@ -571,39 +723,70 @@ fn cmd_ps(containers: &Containers, a: PsArgs) -> anyhow::Result<ExitCode> {
         if !all && !matches!(st.status, Status::Running | Status::Restarting) {
             continue;
         }
+        let mounts: Vec<serde_json::Value> = kiln_containers::mounts::load(containers.root(), &rec.id)
+            .map(|ms| ms.iter().map(|m| m.inspect_json()).collect())
+            .unwrap_or_default();
+        if !ps_filter(&f, &rec, &st, before.as_deref(), since.as_deref(), &mounts) {
+            continue;
+        }
         let id = if a.no_trunc {
             rec.id.clone()
         } else {
             rec.short_id().to_string()
         };
-        if a.quiet {
-            println!("{id}");
-            continue;
-        }
-        rows.push(vec![
-            id,
-            rec.image_name.clone(),
-            command_text(&rec, a.no_trunc),
-            human_ago(Some(&rec.created)),
-            status_text(&st),
-            ports_text(&st),
-            rec.name.clone(),
-        ]);
-    }
-    if !a.quiet {
-        let head = [
-            "CONTAINER ID",
-            "IMAGE",
-            "COMMAND",
-            "CREATED",
-            "STATUS",
-            "PORTS",
-            "NAMES",
+        let labels = rec.config.labels.clone().unwrap_or_default();
+        let size = if want_size {
+            let upper = dir_size(&rec.rootfs.upper);
+            let virt: u64 = upper + rec.rootfs.lower.iter().map(|l| dir_size(l)).sum::<u64>();
+            format!(
+                "{} (virtual {})",
+                crate::store_cmds::human_size(upper),
+                crate::store_cmds::human_size(virt)
+            )
+        } else {
+            "0B".to_string()
+        };
+        let mount_names: Vec<String> = mounts
+            .iter()
+            .filter_map(|m| m["Name"].as_str().or(m["Source"].as_str()).map(str::to_string))
+            .collect();
+        let local_volumes = mounts.iter().filter(|m| m["Type"] == "volume").count();
+        let mut row = vec![
+            ("ID", Value::Str(id)),
+            ("Image", Value::Str(rec.image_name.clone())),
+            ("Command", Value::Str(command_text(&rec, a.no_trunc))),
+            ("CreatedAt", Value::Str(docker_time(&rec.created))),
+            ("RunningFor", Value::Str(human_ago(Some(&rec.created)))),
+            ("Ports", Value::Str(ports_text(&st))),
+            ("State", Value::Str(st.status.as_str().to_string())),
+            ("Status", Value::Str(status_text(&st))),
+            ("Size", Value::Str(size)),
+            ("Names", Value::Str(rec.name.clone())),
+            ("Labels", Value::Str(crate::format::labels_text(&labels))),
+            ("Mounts", Value::Str(mount_names.join(","))),
+            ("Networks", Value::Str(network_name(&rec))),
+            ("LocalVolumes", Value::Str(local_volumes.to_string())),
         ];
-        rows.insert(0, head.map(String::from).to_vec());
-        crate::store_cmds::print_table(&rows)?;
+        row.push(("Label", crate::format::label_method(labels)));
+        rows.push(Value::context("*formatter.ContainerContext", row));
     }
-    Ok(ExitCode::SUCCESS)
+    let mut default_table =
+        "table {{.ID}}\t{{.Image}}\t{{.Command}}\t{{.RunningFor}}\t{{.Status}}\t{{.Ports}}\t{{.Names}}"
+            .to_string();
+    if a.size {
+        default_table.push_str("\t{{.Size}}");
+    }
+    let format = if a.quiet {
+        "{{.ID}}"
+    } else {
+        a.format.as_deref().unwrap_or("")
+    };
+    crate::format::Listing {
+        format,
+        default_table: &default_table,
+        headers: PS_HEADERS,
+    }
+    .print(&rows)
 }
 
 fn cmd_logs(containers: &Containers, a: LogsArgs) -> anyhow::Result<ExitCode> {
@@ -815,6 +998,61 @@ fn dir_size(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The `Containers` and `Local Volumes` rows of `system df`: type, total, active, size,
+/// reclaimable (with Docker's percentage when the size is not 0).
+pub fn df_rows(root: &Path) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    use crate::store_cmds::human_size;
+    let percent = |part: u64, whole: u64| {
+        (part * 100)
+            .checked_div(whole)
+            .map(|p| format!("{} ({p}%)", human_size(part)))
+            .unwrap_or_else(|| human_size(part))
+    };
+    let containers = Containers::open(root)?;
+    let (mut total, mut active, mut size, mut reclaimable) = (0u64, 0u64, 0u64, 0u64);
+    for rec in containers.list()? {
+        let Ok(st) = containers.state(&rec.id) else {
+            continue;
+        };
+        let s = dir_size(&rec.rootfs.upper);
+        total += 1;
+        size += s;
+        if matches!(st.status, Status::Running | Status::Restarting) {
+            active += 1;
+        } else {
+            reclaimable += s;
+        }
+    }
+    let ctr = vec![
+        "Containers".to_string(),
+        total.to_string(),
+        active.to_string(),
+        human_size(size),
+        percent(reclaimable, size),
+    ];
+    let vols = kiln_containers::volumes::Volumes::open(root)?;
+    let usage = vols.usage()?;
+    let (mut vtotal, mut vactive, mut vsize, mut vfree) = (0u64, 0u64, 0u64, 0u64);
+    for v in vols.list()? {
+        let s = kiln_containers::volumes::dir_size(&v.mountpoint);
+        vtotal += 1;
+        vsize += s;
+        if usage.contains_key(&v.name) {
+            vactive += 1;
+        } else {
+            vfree += s;
+        }
+    }
+    let vol = vec![
+        "Local Volumes".to_string(),
+        vtotal.to_string(),
+        vactive.to_string(),
+        human_size(vsize),
+        percent(vfree, vsize),
+    ];
+    Ok((ctr, vol))
+}
+
 fn cmd_prune(containers: &Containers, a: PruneArgs) -> anyhow::Result<ExitCode> {
     if !a.force {
         eprint!(
@@ -951,33 +1189,104 @@ pub fn inspect_json(containers: &Containers, rec: &ContainerRecord) -> anyhow::R
     }))
 }
 
-/// `kiln inspect NAME...`: containers by name or ID; when no name is a container, the image
-/// inspect handles them all.
-pub fn inspect_or_image(names: Vec<String>, g: &Globals) -> anyhow::Result<ExitCode> {
-    let containers = Containers::open(&g.root)?;
-    let mut found = Vec::new();
-    let mut missing = Vec::new();
-    for n in &names {
-        match containers.lookup(n) {
-            Ok(rec) => found.push(inspect_json(&containers, &rec)?),
-            Err(RecordError::NoSuchContainer(_)) => missing.push(n.clone()),
-            Err(e) => return Err(e.into()),
+/// The data `inspect -f` templates see for a container: its inspect JSON, with the nil
+/// pointers Docker's Go types have where the JSON omits a field (`State.Health`).
+fn container_template_data(mut v: serde_json::Value) -> Value {
+    if let Some(state) = v.get_mut("State").and_then(|s| s.as_object_mut()) {
+        state.entry("Health").or_insert(serde_json::Value::Null);
+    }
+    Value::from_json(&v, &crate::format::is_go_map)
+}
+
+/// `kiln inspect [-f FORMAT] [--type container|image] NAME...` (and `container inspect`, `image
+/// inspect` with `kind`): each name as a container, else as an image, in the order given.
+pub fn inspect_objects(
+    a: crate::store_cmds::InspectArgs,
+    kind: Option<&str>,
+    store: &kiln_cache::Store,
+) -> anyhow::Result<ExitCode> {
+    let kind = kind.or(a.kind.as_deref());
+    if let Some(k) = kind {
+        if !matches!(k, "container" | "image") {
+            eprintln!("\"{k}\" is not a valid value for --type");
+            return Ok(ExitCode::from(1));
         }
     }
-    if found.is_empty() {
-        return crate::store_cmds::run(
-            crate::store_cmds::StoreCmd::Inspect(crate::store_cmds::InspectArgs { images: names }),
-            g,
-        );
+    let containers = Containers::open(store.root())?;
+    let images = store.images();
+    let mut found: Vec<(serde_json::Value, bool)> = Vec::new();
+    let mut errors = Vec::new();
+    for n in &a.images {
+        if kind != Some("image") {
+            match containers.lookup(n) {
+                Ok(rec) => {
+                    found.push((inspect_json(&containers, &rec)?, true));
+                    continue;
+                }
+                Err(RecordError::NoSuchContainer(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if kind != Some("container") {
+            match images
+                .resolve(n)
+                .and_then(|img| crate::store_cmds::inspect_json(store, &images, &img))
+            {
+                Ok(v) => {
+                    found.push((v, false));
+                    continue;
+                }
+                Err(kiln_cache::images::ImageError::NotFound(_)) => {}
+                Err(e) => {
+                    errors.push(format!("Error: {e}"));
+                    continue;
+                }
+            }
+        }
+        errors.push(match kind {
+            Some("container") => format!("Error: No such container: {n}"),
+            Some(_) => format!("Error: No such image: {n}"),
+            None => format!("Error: No such object: {n}"),
+        });
     }
-    println!("{}", serde_json::to_string_pretty(&found)?);
-    for m in &missing {
-        eprintln!("Error: No such object: {m}");
+    let code = match &a.format {
+        None => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&found.into_iter().map(|f| f.0).collect::<Vec<_>>())?
+            );
+            None
+        }
+        Some(f) => {
+            let data: Vec<Value> = found
+                .into_iter()
+                .map(|(v, is_container)| {
+                    if is_container {
+                        container_template_data(v)
+                    } else {
+                        Value::from_json(&v, &crate::format::is_go_map)
+                    }
+                })
+                .collect();
+            match crate::format::inspect(f, &data) {
+                Ok(text) => {
+                    print!("{text}");
+                    None
+                }
+                Err(e) => {
+                    errors.push(e.to_string());
+                    Some(e.exit_code())
+                }
+            }
+        }
+    };
+    for e in &errors {
+        eprintln!("{e}");
     }
-    Ok(if missing.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
+    Ok(match code {
+        Some(c) => c,
+        None if errors.is_empty() => ExitCode::SUCCESS,
+        None => ExitCode::from(1),
     })
 }
 

@@ -10,6 +10,9 @@ mod build_cmd;
 mod container_cmds;
 mod container_fs_cmds;
 mod debug_cmd;
+mod filters;
+mod format;
+mod gotemplate;
 mod progress;
 mod registry_cmds;
 mod remote_ctx;
@@ -117,7 +120,6 @@ fn main() -> ExitCode {
         }
     }
     let result = match cli.cmd {
-        Cmd::Store(store_cmds::StoreCmd::Inspect(a)) => container_cmds::inspect_or_image(a.images, &globals),
         Cmd::Store(c) => store_cmds::run(c, &globals),
         Cmd::Build(a) => build_cmd::run(a, &globals),
         Cmd::Run(a) => run_cmd::run(a, &globals),

@@ -79,7 +79,15 @@ pub enum ImageCmd {
 #[derive(Subcommand, Debug)]
 pub enum SystemCmd {
     /// Show kiln disk usage
-    Df,
+    Df(DfArgs),
+}
+
+/// `kiln system df`.
+#[derive(Args, Debug)]
+pub struct DfArgs {
+    /// Format output using a custom template: 'table', 'table TEMPLATE', 'json', or a Go template
+    #[arg(long)]
+    format: Option<String>,
 }
 
 /// `kiln store ...`.
@@ -150,6 +158,12 @@ pub struct ImagesArgs {
     /// Don't truncate output
     #[arg(long)]
     no_trunc: bool,
+    /// Filter output based on conditions provided (`key=value`)
+    #[arg(short = 'f', long)]
+    filter: Vec<String>,
+    /// Format output using a custom template: 'table', 'table TEMPLATE', 'json', or a Go template
+    #[arg(long)]
+    format: Option<String>,
     /// Only images of this repository (and tag)
     repository: Option<String>,
 }
@@ -177,7 +191,13 @@ pub struct RmiArgs {
 /// `kiln inspect`.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// Images to inspect
+    /// Format output using a Go template
+    #[arg(short = 'f', long)]
+    pub format: Option<String>,
+    /// Return JSON for the specified type (container, image)
+    #[arg(long = "type")]
+    pub kind: Option<String>,
+    /// Containers or images to inspect
     #[arg(required = true)]
     pub images: Vec<String>,
 }
@@ -196,6 +216,9 @@ pub struct HistoryArgs {
     /// Print sizes and dates in human readable format
     #[arg(short = 'H', long, default_value_t = true, action = clap::ArgAction::Set)]
     human: bool,
+    /// Format output using a custom template: 'table', 'table TEMPLATE', 'json', or a Go template
+    #[arg(long)]
+    format: Option<String>,
 }
 
 /// `kiln image prune`.
@@ -210,6 +233,9 @@ pub struct PruneArgs {
     /// Fail instead of waiting when builds hold the store
     #[arg(long)]
     no_wait: bool,
+    /// Provide filter values (`until=TIME|DURATION`, `label=K[=V]`, `label!=K[=V]`)
+    #[arg(long)]
+    filter: Vec<String>,
 }
 
 /// Runs one store command.
@@ -223,10 +249,13 @@ pub fn run(cmd: StoreCmd, g: &Globals) -> anyhow::Result<ExitCode> {
         StoreCmd::Images(a) | StoreCmd::Image(ImageCmd::Ls(a)) => cmd_images(&store, a),
         StoreCmd::Tag(a) | StoreCmd::Image(ImageCmd::Tag(a)) => cmd_tag(&store, a),
         StoreCmd::Rmi(a) | StoreCmd::Image(ImageCmd::Rm(a)) => cmd_rmi(&store, a),
-        StoreCmd::Inspect(a) | StoreCmd::Image(ImageCmd::Inspect(a)) => cmd_inspect(&store, a),
+        StoreCmd::Inspect(a) => crate::container_cmds::inspect_objects(a, None, &store),
+        StoreCmd::Image(ImageCmd::Inspect(a)) => {
+            crate::container_cmds::inspect_objects(a, Some("image"), &store)
+        }
         StoreCmd::History(a) | StoreCmd::Image(ImageCmd::History(a)) => cmd_history(&store, a),
         StoreCmd::Image(ImageCmd::Prune(a)) => cmd_prune(&store, a),
-        StoreCmd::System(SystemCmd::Df) => cmd_df(&store),
+        StoreCmd::System(SystemCmd::Df(a)) => cmd_df(&store, a),
         StoreCmd::StoreGroup(StoreGroupCmd::Verify) => cmd_verify(&store),
     }
 }
@@ -454,14 +483,95 @@ fn short(d: &Digest, no_trunc: bool) -> String {
     }
 }
 
+/// Docker's `images` column names.
+const IMAGE_HEADERS: &[(&str, &str)] = &[
+    ("Repository", "REPOSITORY"),
+    ("Tag", "TAG"),
+    ("Digest", "DIGEST"),
+    ("ID", "IMAGE ID"),
+    ("CreatedSince", "CREATED"),
+    ("CreatedAt", "CREATED AT"),
+    ("Size", "SIZE"),
+    ("Containers", "CONTAINERS"),
+    ("VirtualSize", "VIRTUAL SIZE"),
+    ("SharedSize", "SHARED SIZE"),
+    ("UniqueSize", "UNIQUE SIZE"),
+];
+
+/// Docker's `units.HumanSize`: 4 significant digits.
+fn human_size4(bytes: u64) -> String {
+    const UNITS: [&str; 9] = ["B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < UNITS.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    let digits = if v >= 1000.0 {
+        0
+    } else if v >= 100.0 {
+        1
+    } else if v >= 10.0 {
+        2
+    } else {
+        3
+    };
+    let s = format!("{v:.digits$}");
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    };
+    format!("{s}{}", UNITS[i])
+}
+
+/// Whether a `reference=` pattern matches a tag, as Docker's `FamiliarMatch` does (the familiar
+/// `name:tag`, then the familiar name alone).
+fn reference_matches(pattern: &str, tag: &Reference) -> bool {
+    let full = tag.familiar();
+    crate::filters::glob_match(pattern, &full)
+        || crate::filters::glob_match(pattern, &tag.familiar_repository())
+}
+
 fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
     let _ = a.all;
+    let f = crate::filters::Filters::parse(
+        &a.filter,
+        &[
+            "dangling",
+            "label",
+            "label!",
+            "before",
+            "since",
+            "reference",
+            "until",
+        ],
+    )?;
+    let dangling = f.bool("dangling")?;
     let images = store.images();
-    let filter = match &a.repository {
-        Some(f) => Some((Reference::parse(f)?, names_tag(f))),
+    let created_of = |name: &str| -> anyhow::Result<i64> {
+        let img = images.resolve(name).map_err(|_| {
+            anyhow::anyhow!(
+                "No such image: {}",
+                Reference::parse(name)
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|_| name.to_string())
+            )
+        })?;
+        Ok(crate::filters::unix_time(img.config.created.as_deref()))
+    };
+    let before = f.get("before").first().map(|b| created_of(b)).transpose()?;
+    let since = f.get("since").first().map(|b| created_of(b)).transpose()?;
+    let until = f
+        .get("until")
+        .first()
+        .map(|u| crate::filters::until_cutoff(u))
+        .transpose()?;
+    let repo_filter = match &a.repository {
+        Some(r) => Some((Reference::parse(r)?, names_tag(r))),
         None => None,
     };
-    let mut rows: Vec<(Option<String>, Vec<String>, Digest)> = Vec::new();
+    let mut rows: Vec<(Option<String>, crate::gotemplate::Value, Digest)> = Vec::new();
     for (manifest, _, tags) in images.list()? {
         let img = match images.get(&manifest) {
             Ok(i) => i,
@@ -470,15 +580,31 @@ fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
                 continue;
             }
         };
+        let created = crate::filters::unix_time(img.config.created.as_deref());
+        let labels = img.config.config.labels.clone().unwrap_or_default();
+        if dangling.is_some_and(|d| d != tags.is_empty())
+            || !f.labels_match(&labels)
+            || before.is_some_and(|b| created >= b)
+            || since.is_some_and(|s| created <= s)
+            || until.is_some_and(|u| created >= u)
+        {
+            continue;
+        }
         let entries: Vec<Option<&Reference>> = if tags.is_empty() {
             vec![None]
         } else {
             tags.iter().map(Some).collect()
         };
         for t in entries {
-            if let Some((f, with_tag)) = &filter {
+            if let Some((r, with_tag)) = &repo_filter {
                 let Some(t) = t else { continue };
-                if t.repository() != f.repository() || (*with_tag && t.tag() != f.tag()) {
+                if t.repository() != r.repository() || (*with_tag && t.tag() != r.tag()) {
+                    continue;
+                }
+            }
+            if f.has("reference") {
+                let Some(t) = t else { continue };
+                if !f.get("reference").iter().any(|p| reference_matches(p, t)) {
                     continue;
                 }
             }
@@ -486,18 +612,30 @@ fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
                 Some(t) => (t.familiar_repository(), t.tag().unwrap_or("<none>").to_string()),
                 None => ("<none>".to_string(), "<none>".to_string()),
             };
-            let mut row = vec![repo, tag];
-            if a.digests {
-                row.push(manifest.to_string());
-            }
-            row.push(short(&img.id(), a.no_trunc));
-            row.push(human_ago(img.config.created.as_deref()));
-            row.push(human_size(docker_image_size(store, &img)));
+            let row = crate::format::row(
+                "*formatter.imageContext",
+                vec![
+                    ("Repository", repo),
+                    ("Tag", tag),
+                    ("Digest", manifest.to_string()),
+                    ("ID", short(&img.id(), a.no_trunc)),
+                    ("CreatedSince", human_ago(img.config.created.as_deref())),
+                    (
+                        "CreatedAt",
+                        crate::container_cmds::docker_time(img.config.created.as_deref().unwrap_or("")),
+                    ),
+                    ("Size", human_size(docker_image_size(store, &img))),
+                    ("Containers", "N/A".into()),
+                    ("VirtualSize", human_size4(docker_image_size(store, &img))),
+                    ("SharedSize", "N/A".into()),
+                    ("UniqueSize", "N/A".into()),
+                ],
+            );
             rows.push((img.config.created.clone(), row, img.id()));
         }
     }
     // Newest first, as Docker lists them.
-    rows.sort_by(|x, y| y.0.cmp(&x.0).then_with(|| x.1.cmp(&y.1)));
+    rows.sort_by(|x, y| y.0.cmp(&x.0).then_with(|| x.1.to_text().cmp(&y.1.to_text())));
     if a.quiet {
         let mut seen = BTreeSet::new();
         for (_, _, id) in rows {
@@ -507,15 +645,18 @@ fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut header = vec!["REPOSITORY".to_string(), "TAG".to_string()];
-    if a.digests {
-        header.push("DIGEST".to_string());
+    let default_table = if a.digests {
+        "table {{.Repository}}\t{{.Tag}}\t{{.Digest}}\t{{.ID}}\t{{.CreatedSince}}\t{{.Size}}"
+    } else {
+        "table {{.Repository}}\t{{.Tag}}\t{{.ID}}\t{{.CreatedSince}}\t{{.Size}}"
+    };
+    let rows: Vec<_> = rows.into_iter().map(|r| r.1).collect();
+    crate::format::Listing {
+        format: a.format.as_deref().unwrap_or(""),
+        default_table,
+        headers: IMAGE_HEADERS,
     }
-    header.extend(["IMAGE ID", "CREATED", "SIZE"].map(String::from));
-    let mut table = vec![header];
-    table.extend(rows.into_iter().map(|r| r.1));
-    print_table(&table)?;
-    Ok(ExitCode::SUCCESS)
+    .print(&rows)
 }
 
 fn cmd_tag(store: &Store, a: TagArgs) -> anyhow::Result<ExitCode> {
@@ -618,7 +759,12 @@ fn docker_layer_size(store: &Store, l: &kiln_cache::images::ImageLayer) -> u64 {
     })
 }
 
-fn inspect_json(store: &Store, images: &ImageStore, image: &Image) -> Result<serde_json::Value, ImageError> {
+/// Docker-like `inspect` JSON of one image.
+pub(crate) fn inspect_json(
+    store: &Store,
+    images: &ImageStore,
+    image: &Image,
+) -> Result<serde_json::Value, ImageError> {
     let index = images.index()?;
     let record = index.images.get(&image.manifest_digest).cloned();
     let tags: Vec<String> = index
@@ -671,31 +817,6 @@ fn inspect_json(store: &Store, images: &ImageStore, image: &Image) -> Result<ser
     Ok(v)
 }
 
-fn cmd_inspect(store: &Store, a: InspectArgs) -> anyhow::Result<ExitCode> {
-    let images = store.images();
-    let mut out = Vec::new();
-    let mut errors = Vec::new();
-    for name in &a.images {
-        match images
-            .resolve(name)
-            .and_then(|img| inspect_json(store, &images, &img))
-        {
-            Ok(v) => out.push(v),
-            Err(ImageError::NotFound(n)) => errors.push(format!("Error: No such object: {n}")),
-            Err(e) => errors.push(format!("Error: {e}")),
-        }
-    }
-    println!("{}", serde_json::to_string_pretty(&out)?);
-    for e in &errors {
-        eprintln!("{e}");
-    }
-    Ok(if errors.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
-}
-
 fn ellipsis(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
         return s.to_string();
@@ -739,36 +860,76 @@ fn cmd_history(store: &Store, a: HistoryArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut table = vec![["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]
-        .map(String::from)
-        .to_vec()];
+    let mut rows = Vec::new();
     for (i, (created, by, size, comment)) in entries.into_iter().enumerate() {
         let by = by.replace(['\n', '\t'], " ");
-        table.push(vec![
-            if i == 0 {
-                id.clone()
-            } else {
-                "<missing>".to_string()
-            },
-            if a.human {
-                human_ago(created.as_deref())
-            } else {
-                created.unwrap_or_default()
-            },
-            if a.no_trunc { by } else { ellipsis(&by, 45) },
-            if a.human {
-                human_size(size)
-            } else {
-                size.to_string()
-            },
-            comment,
-        ]);
+        // Docker prints RFC 3339 to the second.
+        let created_at = created
+            .as_deref()
+            .and_then(|c| time::OffsetDateTime::parse(c, &time::format_description::well_known::Rfc3339).ok())
+            .and_then(|t| {
+                t.to_offset(time::UtcOffset::UTC)
+                    .replace_nanosecond(0)
+                    .ok()?
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+        rows.push(crate::format::row(
+            "*formatter.historyContext",
+            vec![
+                (
+                    "ID",
+                    if i == 0 {
+                        id.clone()
+                    } else {
+                        "<missing>".to_string()
+                    },
+                ),
+                (
+                    "CreatedSince",
+                    if a.human {
+                        human_ago(created.as_deref())
+                    } else {
+                        created_at.clone()
+                    },
+                ),
+                ("CreatedAt", created_at),
+                ("CreatedBy", if a.no_trunc { by } else { ellipsis(&by, 45) }),
+                (
+                    "Size",
+                    if a.human {
+                        human_size(size)
+                    } else {
+                        size.to_string()
+                    },
+                ),
+                ("Comment", comment),
+            ],
+        ));
     }
-    print_table(&table)?;
-    Ok(ExitCode::SUCCESS)
+    crate::format::Listing {
+        format: a.format.as_deref().unwrap_or(""),
+        default_table: "table {{.ID}}\t{{.CreatedSince}}\t{{.CreatedBy}}\t{{.Size}}\t{{.Comment}}",
+        headers: &[
+            ("ID", "IMAGE"),
+            ("CreatedSince", "CREATED"),
+            ("CreatedAt", "CREATED AT"),
+            ("CreatedBy", "CREATED BY"),
+            ("Size", "SIZE"),
+            ("Comment", "COMMENT"),
+        ],
+    }
+    .print(&rows)
 }
 
 fn cmd_prune(store: &Store, a: PruneArgs) -> anyhow::Result<ExitCode> {
+    let f = crate::filters::Filters::parse(&a.filter, &["until", "label", "label!"])?;
+    let until = f
+        .get("until")
+        .first()
+        .map(|u| crate::filters::until_cutoff(u))
+        .transpose()?;
     if !a.force {
         let what = if a.all {
             "all images without at least one container associated to them"
@@ -782,7 +943,7 @@ fn cmd_prune(store: &Store, a: PruneArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     }
-    let report = gc::prune(
+    let report = gc::prune_matching(
         store,
         PruneOptions {
             all: a.all,
@@ -790,6 +951,11 @@ fn cmd_prune(store: &Store, a: PruneArgs) -> anyhow::Result<ExitCode> {
         },
         || {
             eprintln!("waiting for running builds to release the store...");
+        },
+        |img| {
+            let created = crate::filters::unix_time(img.config.created.as_deref());
+            until.is_none_or(|u| created < u)
+                && f.labels_match(&img.config.config.labels.clone().unwrap_or_default())
         },
     )?;
     let mut out = io::stdout().lock();
@@ -820,7 +986,7 @@ fn dir_size(path: &Path) -> u64 {
     entries.flatten().map(|e| dir_size(&e.path())).sum()
 }
 
-fn cmd_df(store: &Store) -> anyhow::Result<ExitCode> {
+fn cmd_df(store: &Store, a: DfArgs) -> anyhow::Result<ExitCode> {
     let images = store.images();
     let mut all_blobs: BTreeMap<Digest, u64> = BTreeMap::new();
     let mut active_blobs: BTreeSet<Digest> = BTreeSet::new();
@@ -852,14 +1018,9 @@ fn cmd_df(store: &Store) -> anyhow::Result<ExitCode> {
             .map(|p| format!(" ({p}%)"))
             .unwrap_or_default()
     };
-    let containers = std::fs::read_dir(store.containers_dir())
-        .map(|e| e.flatten().count())
-        .unwrap_or(0);
     let cache = dir_size(&store.cache_dir()) + dir_size(&store.snapshots_dir());
+    let (ctr, vol) = crate::container_cmds::df_rows(store.root())?;
     let table = vec![
-        ["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"]
-            .map(String::from)
-            .to_vec(),
         vec![
             "Images".into(),
             total.to_string(),
@@ -867,20 +1028,8 @@ fn cmd_df(store: &Store) -> anyhow::Result<ExitCode> {
             human_size(size),
             format!("{}{}", human_size(reclaimable), percent(reclaimable, size)),
         ],
-        vec![
-            "Containers".into(),
-            containers.to_string(),
-            "0".into(),
-            human_size(dir_size(&store.containers_dir())),
-            "0B".into(),
-        ],
-        vec![
-            "Local Volumes".into(),
-            "0".into(),
-            "0".into(),
-            "0B".into(),
-            "0B".into(),
-        ],
+        ctr,
+        vol,
         vec![
             "Build Cache".into(),
             "0".into(),
@@ -889,8 +1038,35 @@ fn cmd_df(store: &Store) -> anyhow::Result<ExitCode> {
             human_size(cache),
         ],
     ];
-    print_table(&table)?;
-    Ok(ExitCode::SUCCESS)
+    let rows: Vec<_> = table
+        .into_iter()
+        .map(|r| {
+            let mut r = r.into_iter();
+            let mut next = || r.next().unwrap_or_default();
+            crate::format::row(
+                "*formatter.diskUsageImagesContext",
+                vec![
+                    ("Type", next()),
+                    ("TotalCount", next()),
+                    ("Active", next()),
+                    ("Size", next()),
+                    ("Reclaimable", next()),
+                ],
+            )
+        })
+        .collect();
+    crate::format::Listing {
+        format: a.format.as_deref().unwrap_or(""),
+        default_table: "table {{.Type}}\t{{.TotalCount}}\t{{.Active}}\t{{.Size}}\t{{.Reclaimable}}",
+        headers: &[
+            ("Type", "TYPE"),
+            ("TotalCount", "TOTAL"),
+            ("Active", "ACTIVE"),
+            ("Size", "SIZE"),
+            ("Reclaimable", "RECLAIMABLE"),
+        ],
+    }
+    .print(&rows)
 }
 
 fn cmd_verify(store: &Store) -> anyhow::Result<ExitCode> {

@@ -73,6 +73,62 @@ pub struct ContainerState {
     pub network: Option<serde_json::Value>,
     /// The ports published for the current run (`-p`, `-P`), empty when not running.
     pub ports: Vec<kiln_runtime::net::PublishedPort>,
+    /// The health check's state while a container with a `HEALTHCHECK` runs (Docker's
+    /// `State.Health`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+    /// The start time of `pid` (clock ticks after boot), so a reused pid is never signalled.
+    pub pid_start: u64,
+}
+
+/// Docker's health statuses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    /// Within the start period, or no probe has finished yet.
+    #[default]
+    Starting,
+    /// The last probe passed.
+    Healthy,
+    /// `retries` probes in a row failed.
+    Unhealthy,
+}
+
+impl HealthStatus {
+    /// Docker's word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthStatus::Starting => "starting",
+            HealthStatus::Healthy => "healthy",
+            HealthStatus::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// `State.Health` as Docker shapes it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Health {
+    /// The status.
+    pub status: HealthStatus,
+    /// Failed probes in a row.
+    pub failing_streak: u32,
+    /// The last 5 probes, oldest first.
+    pub log: Vec<HealthLog>,
+}
+
+/// One probe's result.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct HealthLog {
+    /// When it started (RFC 3339, nanoseconds).
+    pub start: String,
+    /// When it ended.
+    pub end: String,
+    /// Its exit code (-1 when it timed out or could not start).
+    pub exit_code: i32,
+    /// Its output (stdout and stderr), at most 4 KiB.
+    pub output: String,
 }
 
 /// A failure reading or writing `state.json`.
