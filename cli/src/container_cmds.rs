@@ -48,6 +48,8 @@ pub enum ContainerCmd {
     Exec(ExecArgs),
     /// List port mappings or a specific mapping for the container
     Port(PortArgs),
+    /// Rename a container
+    Rename(RenameArgs),
     /// Manage containers
     #[command(subcommand)]
     Container(ContainerGroup),
@@ -60,11 +62,62 @@ pub enum ContainerCmd {
     Supervise(SuperviseArgs),
 }
 
-/// `kiln container ...`.
+/// `kiln container ...`: Docker's management group, the same commands as the top level.
 #[derive(Subcommand, Debug)]
 pub enum ContainerGroup {
+    /// Attach local standard input, output, and error streams to a running container
+    Attach(AttachArgs),
+    /// Create a new image from a container's changes
+    Commit(crate::container_fs_cmds::CommitArgs),
+    /// Copy files/folders between a container and the local filesystem
+    Cp(crate::container_fs_cmds::CpArgs),
+    /// Create a new container
+    Create(Box<crate::run_cmd::CreateArgs>),
+    /// Inspect changes to files or directories on a container's filesystem
+    Diff(crate::container_fs_cmds::DiffArgs),
+    /// Execute a command in a running container
+    Exec(ExecArgs),
+    /// Export a container's filesystem as a tar archive
+    Export(crate::container_fs_cmds::ExportArgs),
+    /// Display detailed information on one or more containers
+    Inspect(crate::store_cmds::InspectArgs),
+    /// Kill one or more running containers
+    Kill(KillArgs),
+    /// Fetch the logs of a container
+    Logs(LogsArgs),
+    /// List containers
+    #[command(visible_alias = "ps", alias = "list")]
+    Ls(PsArgs),
+    /// List port mappings or a specific mapping for the container
+    Port(PortArgs),
     /// Remove all stopped containers
     Prune(PruneArgs),
+    /// Rename a container
+    Rename(RenameArgs),
+    /// Restart one or more containers
+    Restart(StopArgs),
+    /// Remove one or more containers
+    #[command(alias = "remove")]
+    Rm(RmArgs),
+    /// Run a command in a new container
+    Run(Box<crate::run_cmd::RunArgs>),
+    /// Start one or more stopped containers
+    Start(StartArgs),
+    /// Stop one or more running containers
+    Stop(StopArgs),
+    /// Display the running processes of a container
+    Top(TopArgs),
+    /// Block until one or more containers stop, then print their exit codes
+    Wait(NamesArgs),
+}
+
+/// `kiln rename`.
+#[derive(Args, Debug)]
+pub struct RenameArgs {
+    /// Container
+    pub container: String,
+    /// New name
+    pub new_name: String,
 }
 
 /// Container names or IDs.
@@ -252,7 +305,13 @@ impl ContainerCmd {
     /// Whether the command mounts filesystems and needs a private mount namespace (entered
     /// while the process is single-threaded).
     pub fn needs_private_mounts(&self) -> bool {
-        matches!(self, ContainerCmd::Supervise(_))
+        matches!(
+            self,
+            ContainerCmd::Supervise(_)
+                | ContainerCmd::Container(
+                    ContainerGroup::Run(_) | ContainerGroup::Cp(_) | ContainerGroup::Export(_)
+                )
+        )
     }
 }
 
@@ -273,6 +332,37 @@ pub fn supervisor_command(g: &Globals, id: &str, wait_attach: bool) -> anyhow::R
 
 /// Runs a container command.
 pub fn run(cmd: ContainerCmd, g: &Globals) -> anyhow::Result<ExitCode> {
+    use crate::container_fs_cmds::{self as fs_cmds, FsCmd};
+    // `container X` is `X`.
+    let cmd = match cmd {
+        ContainerCmd::Container(group) => match group {
+            ContainerGroup::Attach(a) => ContainerCmd::Attach(a),
+            ContainerGroup::Commit(a) => return fs_cmds::run(FsCmd::Commit(a), g),
+            ContainerGroup::Cp(a) => return fs_cmds::run(FsCmd::Cp(a), g),
+            ContainerGroup::Create(a) => ContainerCmd::Create(a),
+            ContainerGroup::Diff(a) => return fs_cmds::run(FsCmd::Diff(a), g),
+            ContainerGroup::Exec(a) => ContainerCmd::Exec(a),
+            ContainerGroup::Export(a) => return fs_cmds::run(FsCmd::Export(a), g),
+            ContainerGroup::Inspect(a) => {
+                let store = kiln_cache::Store::open(&g.root)?;
+                return inspect_objects(a, Some("container"), &store);
+            }
+            ContainerGroup::Kill(a) => ContainerCmd::Kill(a),
+            ContainerGroup::Logs(a) => ContainerCmd::Logs(a),
+            ContainerGroup::Ls(a) => ContainerCmd::Ps(a),
+            ContainerGroup::Port(a) => ContainerCmd::Port(a),
+            ContainerGroup::Prune(a) => ContainerCmd::Container(ContainerGroup::Prune(a)),
+            ContainerGroup::Rename(a) => ContainerCmd::Rename(a),
+            ContainerGroup::Restart(a) => ContainerCmd::Restart(a),
+            ContainerGroup::Rm(a) => ContainerCmd::Rm(a),
+            ContainerGroup::Run(a) => return crate::run_cmd::run(*a, g),
+            ContainerGroup::Start(a) => ContainerCmd::Start(a),
+            ContainerGroup::Stop(a) => ContainerCmd::Stop(a),
+            ContainerGroup::Top(a) => ContainerCmd::Top(a),
+            ContainerGroup::Wait(a) => ContainerCmd::Wait(a),
+        },
+        other => other,
+    };
     if let ContainerCmd::Create(a) = cmd {
         return crate::run_cmd::create(*a, g);
     }
@@ -301,6 +391,12 @@ pub fn run(cmd: ContainerCmd, g: &Globals) -> anyhow::Result<ExitCode> {
         ContainerCmd::Exec(a) => cmd_exec(&containers, a),
         ContainerCmd::Port(a) => cmd_port(&containers, a),
         ContainerCmd::Container(ContainerGroup::Prune(a)) => cmd_prune(&containers, a),
+        ContainerCmd::Container(_) => unreachable_group(),
+        ContainerCmd::Rename(a) => {
+            let rec = containers.lookup(&a.container)?;
+            containers.rename(&rec.id, &a.new_name)?;
+            Ok(ExitCode::SUCCESS)
+        }
         ContainerCmd::Version => cmd_version(),
         ContainerCmd::Info => cmd_info(&containers, g),
         ContainerCmd::Supervise(a) => cmd_supervise(&containers, a),
@@ -312,6 +408,11 @@ pub fn run(cmd: ContainerCmd, g: &Globals) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// The group's other commands were mapped to top-level ones before dispatch.
+fn unreachable_group() -> anyhow::Result<ExitCode> {
+    anyhow::bail!("internal error: an unmapped `container` subcommand")
 }
 
 fn with_signal(rec: &ContainerRecord, signal: Option<&str>) -> ContainerRecord {
@@ -547,6 +648,37 @@ fn cmd_port(containers: &Containers, a: PortArgs) -> anyhow::Result<ExitCode> {
 /// `ip:port` of a published port (`[ip]:port` for IPv6).
 fn host_addr(p: &kiln_runtime::net::PublishedPort) -> String {
     std::net::SocketAddr::new(p.host_ip, p.host_port).to_string()
+}
+
+/// Docker's `HostConfig.PortBindings` of the recorded `-p` specs: `"80/tcp": [{"HostIp": "",
+/// "HostPort": "8080"}]`, one entry per container port of a range.
+fn port_bindings_json(rec: &ContainerRecord) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for spec in &rec.host.port_bindings {
+        let Ok(p) = kiln_runtime::net::PortSpec::parse(spec) else {
+            continue;
+        };
+        let (cs, ce) = (p.container_ports.start, p.container_ports.end);
+        for (i, port) in (cs..=ce).enumerate() {
+            let host_port = match p.host_ports {
+                None => String::new(),
+                Some(h) if cs == ce && h.start != h.end => format!("{}-{}", h.start, h.end),
+                Some(h) => (h.start as usize + i).to_string(),
+            };
+            let entry = serde_json::json!({
+                "HostIp": p.host_ip.map(|i| i.to_string()).unwrap_or_default(),
+                "HostPort": host_port,
+            });
+            let key = format!("{port}/{}", p.protocol);
+            match map.get_mut(&key).and_then(|v| v.as_array_mut()) {
+                Some(list) => list.push(entry),
+                None => {
+                    map.insert(key, serde_json::Value::Array(vec![entry]));
+                }
+            }
+        }
+    }
+    serde_json::Value::Object(map)
 }
 
 /// Docker's `NetworkSettings.Ports`: `"80/tcp": [{"HostIp": .., "HostPort": ".."}]`, with
@@ -1147,6 +1279,10 @@ pub fn inspect_json(containers: &Containers, rec: &ContainerRecord) -> anyhow::R
         "SandboxKey": endpoint.as_ref().map(|e| e.netns.display().to_string()).unwrap_or_default(),
         "Networks": networks,
     });
+    let mut host_config = serde_json::to_value(&rec.host)?;
+    if let Some(h) = host_config.as_object_mut() {
+        h.insert("PortBindings".into(), port_bindings_json(rec));
+    }
     Ok(serde_json::json!({
         "Id": rec.id,
         "Created": rec.created,
@@ -1174,7 +1310,7 @@ pub fn inspect_json(containers: &Containers, rec: &ContainerRecord) -> anyhow::R
         "RestartCount": st.restart_count,
         "Driver": "overlay",
         "Platform": "linux",
-        "HostConfig": rec.host,
+        "HostConfig": host_config,
         "GraphDriver": {
             "Name": "overlay",
             "Data": {
@@ -1268,16 +1404,12 @@ pub fn inspect_objects(
                     }
                 })
                 .collect();
-            match crate::format::inspect(f, &data) {
-                Ok(text) => {
-                    print!("{text}");
-                    None
-                }
-                Err(e) => {
-                    errors.push(e.to_string());
-                    Some(e.exit_code())
-                }
-            }
+            let (text, err) = crate::format::inspect(f, &data);
+            print!("{text}");
+            err.map(|e| {
+                errors.push(e.to_string());
+                e.exit_code()
+            })
         }
     };
     for e in &errors {

@@ -106,15 +106,24 @@ impl Listing<'_> {
     }
 }
 
-/// `inspect -f`: the template run on each object, each followed by a newline.
-pub fn inspect(format: &str, objects: &[Value]) -> Result<String, FormatError> {
-    let tmpl = Template::parse(format).map_err(FormatError::InspectParse)?;
+/// `inspect -f`: the template run on each object, each followed by a newline. Stops at the
+/// first object the template fails on: the text made until then, and the error.
+pub fn inspect(format: &str, objects: &[Value]) -> (String, Option<FormatError>) {
+    let tmpl = match Template::parse(format) {
+        Ok(t) => t,
+        Err(e) => return (String::new(), Some(FormatError::InspectParse(e))),
+    };
     let mut out = String::new();
     for o in objects {
-        out.push_str(&tmpl.execute(o).map_err(FormatError::InspectExec)?);
-        out.push('\n');
+        match tmpl.execute(o) {
+            Ok(text) => {
+                out.push_str(&text);
+                out.push('\n');
+            }
+            Err(e) => return (out, Some(FormatError::InspectExec(e))),
+        }
     }
-    Ok(out)
+    (out, None)
 }
 
 /// The keys of Docker's inspect objects whose values are Go maps (a missing key is

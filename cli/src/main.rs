@@ -109,6 +109,7 @@ fn main() -> ExitCode {
     // process still has one thread.
     let private_mounts = match &cli.cmd {
         Cmd::Build(_) | Cmd::Run(_) => true,
+        Cmd::Store(store_cmds::StoreCmd::Image(store_cmds::ImageCmd::Build(_))) => true,
         Cmd::Containers(c) => c.needs_private_mounts(),
         Cmd::ContainerFs(c) => c.needs_private_mounts(),
         _ => false,

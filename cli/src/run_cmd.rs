@@ -35,6 +35,12 @@ pub struct CreateFlags {
     /// Read in a file of environment variables
     #[arg(long = "env-file")]
     pub env_file: Vec<PathBuf>,
+    /// Set meta data on a container
+    #[arg(short = 'l', long = "label")]
+    pub label: Vec<String>,
+    /// Read in a line delimited file of labels
+    #[arg(long = "label-file")]
+    pub label_file: Vec<PathBuf>,
     /// Working directory inside the container
     #[arg(short = 'w', long = "workdir")]
     pub workdir: Option<String>,
@@ -195,6 +201,11 @@ pub fn create_request(f: &CreateFlags) -> anyhow::Result<CreateRequest> {
         env.extend(read_env_file(file)?);
     }
     env.extend(f.env.iter().cloned());
+    let mut labels = Vec::new();
+    for file in &f.label_file {
+        labels.extend(read_env_file(file)?);
+    }
+    labels.extend(f.label.iter().cloned());
     let mounts = kiln_containers::mounts::parse_flags(&f.volume, &f.mount, &f.tmpfs, &f.volumes_from)?
         .iter()
         .map(kiln_containers::mounts::MountRequest::to_value)
@@ -234,6 +245,7 @@ pub fn create_request(f: &CreateFlags) -> anyhow::Result<CreateRequest> {
         workdir: f.workdir.clone(),
         user: f.user.clone(),
         hostname: f.hostname.clone(),
+        labels,
         host,
     })
 }

@@ -73,6 +73,12 @@ pub enum ImageCmd {
     Load(LoadArgs),
     /// Save one or more images to a tar archive
     Save(SaveArgs),
+    /// Build an image from a Dockerfile
+    Build(Box<crate::build_cmd::BuildArgs>),
+    /// Download an image from a registry
+    Pull(crate::registry_cmds::PullArgs),
+    /// Upload an image to a registry
+    Push(crate::registry_cmds::PushArgs),
 }
 
 /// `kiln system ...`.
@@ -255,6 +261,9 @@ pub fn run(cmd: StoreCmd, g: &Globals) -> anyhow::Result<ExitCode> {
         }
         StoreCmd::History(a) | StoreCmd::Image(ImageCmd::History(a)) => cmd_history(&store, a),
         StoreCmd::Image(ImageCmd::Prune(a)) => cmd_prune(&store, a),
+        StoreCmd::Image(ImageCmd::Build(a)) => crate::build_cmd::run(*a, g),
+        StoreCmd::Image(ImageCmd::Pull(a)) => crate::registry_cmds::pull(a, g),
+        StoreCmd::Image(ImageCmd::Push(a)) => crate::registry_cmds::push(a, g),
         StoreCmd::System(SystemCmd::Df(a)) => cmd_df(&store, a),
         StoreCmd::StoreGroup(StoreGroupCmd::Verify) => cmd_verify(&store),
     }

@@ -130,6 +130,9 @@ pub struct CreateRequest {
     pub user: Option<String>,
     /// `-h`.
     pub hostname: Option<String>,
+    /// `-l/--label` and `--label-file` entries, `KEY=VALUE` or `KEY` (empty value), added to the
+    /// image's labels.
+    pub labels: Vec<String>,
     /// Everything else.
     pub host: HostConfig,
 }
@@ -224,6 +227,13 @@ pub fn create(
     }
     if let Some(u) = &req.user {
         config.user = u.clone();
+    }
+    if !req.labels.is_empty() {
+        let labels = config.labels.get_or_insert_with(Default::default);
+        for l in &req.labels {
+            let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
+            labels.insert(k.to_string(), v.to_string());
+        }
     }
     let lower = image_lower_dirs(store, &image).map_err(|source| LifecycleError::Unpack {
         image: req.image.clone(),

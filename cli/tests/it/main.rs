@@ -8,6 +8,7 @@ mod checks;
 mod container_fs;
 mod containers;
 mod debug;
+mod docker_compat;
 mod harness;
 mod registry;
 mod remote;
