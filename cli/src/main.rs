@@ -50,9 +50,9 @@ enum Cmd {
     #[command(flatten)]
     Store(store_cmds::StoreCmd),
     /// Build an image from a Dockerfile
-    Build(build_cmd::BuildArgs),
+    Build(Box<build_cmd::BuildArgs>),
     /// Run a command in a new container
-    Run(run_cmd::RunArgs),
+    Run(Box<run_cmd::RunArgs>),
     /// Inspect what the frontend makes of a Dockerfile
     #[command(subcommand)]
     Debug(debug_cmd::DebugCmd),
@@ -122,8 +122,8 @@ fn main() -> ExitCode {
     }
     let result = match cli.cmd {
         Cmd::Store(c) => store_cmds::run(c, &globals),
-        Cmd::Build(a) => build_cmd::run(a, &globals),
-        Cmd::Run(a) => run_cmd::run(a, &globals),
+        Cmd::Build(a) => build_cmd::run(*a, &globals),
+        Cmd::Run(a) => run_cmd::run(*a, &globals),
         Cmd::Debug(c) => debug_cmd::run(c, &globals),
         Cmd::Containers(c) => container_cmds::run(c, &globals),
         Cmd::ContainerFs(c) => container_fs_cmds::run(c, &globals),

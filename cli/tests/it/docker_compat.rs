@@ -168,10 +168,9 @@ fn listing_formats_match_docker() {
     // volume ls with a filter and a format.
     let vol = format!("kiln-compat-vol-{}", std::process::id());
     let _ = docker_run(&["volume", "rm", "-f", &vol]);
-    for create in [vec!["volume", "create", "--label", "k=v", &vol]] {
-        assert_eq!(docker_run(&create).0, 0);
-        env.ok(&create);
-    }
+    let create = ["volume", "create", "--label", "k=v", &vol];
+    assert_eq!(docker_run(&create).0, 0);
+    env.ok(&create);
     same_stdout(
         &env,
         &[
