@@ -441,7 +441,11 @@ fn container_root(g: &Globals, name: &str, write: bool) -> anyhow::Result<CtrRoo
     } else {
         None
     };
-    let st = containers.state(&rec.id)?;
+    let st = if lock.is_some() {
+        containers.state_locked(&rec.id)?
+    } else {
+        containers.state(&rec.id)?
+    };
     if st.running && st.pid > 0 {
         let path = PathBuf::from(format!("/proc/{}/root", st.pid));
         return Ok(CtrRoot {

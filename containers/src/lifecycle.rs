@@ -294,7 +294,7 @@ pub fn create(
 /// already.
 pub fn prepare_start(containers: &Containers, id: &str) -> Result<bool, LifecycleError> {
     let _lock = containers.lock(id)?;
-    let st = containers.state(id)?;
+    let st = containers.state_locked(id)?;
     if matches!(st.status, Status::Running | Status::Restarting) {
         return Ok(false);
     }
@@ -417,7 +417,7 @@ fn signal(id: &str, pid: i32, sig: nix::sys::signal::Signal) -> Result<(), Lifec
 /// Marks the container as stopped by the user and returns its pid if it runs.
 fn request_stop(containers: &Containers, id: &str) -> Result<Option<i32>, LifecycleError> {
     let _lock = containers.lock(id)?;
-    let st = containers.state(id)?;
+    let st = containers.state_locked(id)?;
     if !matches!(st.status, Status::Running | Status::Restarting) {
         return Ok(None);
     }
@@ -475,7 +475,13 @@ pub fn kill(containers: &Containers, rec: &ContainerRecord, sig: &str) -> Result
     let Some(pid) = request_stop(containers, &rec.id)? else {
         return Err(LifecycleError::NotRunning(rec.id.clone()));
     };
-    signal(&rec.id, pid, sig)
+    signal(&rec.id, pid, sig)?;
+    // As Docker's: after SIGKILL returns the container is no longer running (`ps` never shows
+    // it `Up`).
+    if sig == nix::sys::signal::Signal::SIGKILL {
+        wait_stopped(containers, &rec.id, Some(Duration::from_secs(10)))?;
+    }
+    Ok(())
 }
 
 /// `kiln rm [-f] [-v]`: a running container needs `force` (then it is killed first); `volumes`

@@ -424,11 +424,24 @@ impl Containers {
         }
     }
 
-    /// The container's current state, with a stale `running` (its supervisor is gone) reported
-    /// as exited or dead.
+    /// The container's current state. A container whose supervisor is gone while it runs is
+    /// adopted and stopped here ([`state::reap_orphan`]), so every command sees, and acts on, a
+    /// state that is true.
     pub fn state(&self, id: &str) -> Result<ContainerState, RecordError> {
-        let st = state::read(&self.dir(id))?;
-        Ok(state::settle(st))
+        let dir = self.dir(id);
+        let st = state::read(&dir)?;
+        if !state::orphaned(&st) {
+            return Ok(st);
+        }
+        let _lock = self.lock(id)?;
+        self.state_locked(id)
+    }
+
+    /// [`Containers::state`] for a caller already holding [`Containers::lock`].
+    pub fn state_locked(&self, id: &str) -> Result<ContainerState, RecordError> {
+        let dir = self.dir(id);
+        let st = state::read(&dir)?;
+        Ok(state::reap_orphan(&dir, st)?)
     }
 
     /// Applies `f` to the stored state under the container's lock and writes it back.

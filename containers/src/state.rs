@@ -224,6 +224,71 @@ pub fn supervisor_alive(st: &ContainerState) -> bool {
     st.supervisor_pid > 0 && process_start(st.supervisor_pid) == Some(st.supervisor_start)
 }
 
+/// Whether `st` says running (or restarting) while its supervisor is gone: a supervisor killed
+/// with SIGKILL (or a foreground `kiln run` killed so) left its container without an owner.
+pub fn orphaned(st: &ContainerState) -> bool {
+    matches!(st.status, Status::Running | Status::Restarting) && !supervisor_alive(st)
+}
+
+/// Whether the container's pid 1 recorded in `st` is still that process.
+fn process_alive(st: &ContainerState) -> bool {
+    match process_start(st.pid) {
+        None => false,
+        Some(start) => st.pid_start == 0 || start == st.pid_start,
+    }
+}
+
+/// Adopts an orphaned container (see [`orphaned`]) and ends it as its supervisor would have:
+/// SIGKILL to its pid 1 (the kernel then kills every process of its pid namespace), a wait until
+/// it is gone, its network namespace file removed (the address is reclaimed with it, the veth
+/// goes with the namespace), and the state written as exited with 137. The caller holds the
+/// container's lock and passes the state read under it.
+pub fn reap_orphan(dir: &Path, mut st: ContainerState) -> Result<ContainerState, StateError> {
+    if !orphaned(&st) {
+        return Ok(st);
+    }
+    let mut killed = false;
+    if st.pid > 0 && process_alive(&st) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(st.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        killed = true;
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while process_alive(&st) && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if process_alive(&st) {
+            // Not ours to kill (another user's, or stuck in the kernel): report it as it is.
+            return Ok(settle(st));
+        }
+    }
+    if let Some(ep) = st
+        .network
+        .take()
+        .and_then(|v| serde_json::from_value::<kiln_runtime::net::Endpoint>(v).ok())
+    {
+        if let Err(e) = kiln_runtime::net::netns::remove(&ep.netns) {
+            tracing::warn!("failed to remove the network namespace of an orphaned container: {e}");
+        }
+    }
+    st.status = Status::Exited;
+    st.running = false;
+    st.pid = 0;
+    st.pid_start = 0;
+    st.supervisor_pid = 0;
+    st.supervisor_start = 0;
+    st.ports.clear();
+    st.health = None;
+    if killed || st.exit_code == 0 {
+        st.exit_code = 137;
+    }
+    st.finished_at = crate::now_rfc3339();
+    st.error = "the container's supervisor was killed; kiln stopped the container".into();
+    write(dir, &st)?;
+    Ok(st)
+}
+
 /// Reports a state whose supervisor is gone as it really is: `exited` when the process is gone
 /// too, `dead` when the process outlived its supervisor. A state that is not running is returned
 /// unchanged.

@@ -504,6 +504,14 @@ fn setup_network(
         config: NetConfig::default(),
         ip: None,
     };
+    // A namespace file of this container left by a supervisor killed before it recorded its
+    // endpoint: this supervisor is the container's only one, so the file is stale.
+    let stale = request.config.netns_dir.join(&record.id);
+    if stale.exists() {
+        if let Err(e) = net::netns::remove(&stale) {
+            tracing::warn!("{}", error_chain(&e));
+        }
+    }
     let endpoint = net::setup(&record.id, &request).map_err(|source| SupervisorError::NetSetup {
         id: record.id.clone(),
         source,
@@ -1004,6 +1012,7 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             st.status = Status::Running;
             st.running = true;
             st.pid = pid;
+            st.pid_start = state::process_start(pid).unwrap_or(0);
             st.started_at = crate::now_rfc3339();
             st.finished_at.clear();
             st.error.clear();

@@ -378,14 +378,16 @@ fn a_dead_supervisor_is_not_reported_running() {
         .args(["-9", &sup.to_string()])
         .status()
         .unwrap();
+    // The next command adopts the orphan and stops it: the state it reports is true.
     eventually(5, "the supervisor to die", || {
-        env.inspect("orphan")["State"]["Status"] == "dead"
+        env.inspect("orphan")["State"]["Status"] == "exited"
     });
+    assert_eq!(env.inspect("orphan")["State"]["ExitCode"], 137);
     assert!(!stdout(&env.ok(&["ps"])).contains("orphan"));
-    env.ok(&["rm", "-f", "orphan"]);
     eventually(5, "the orphaned process to die", || {
         !std::path::Path::new(&format!("/proc/{pid}")).exists()
     });
+    env.ok(&["rm", "-f", "orphan"]);
 }
 
 #[test]

@@ -479,3 +479,46 @@ fn management_groups_are_aliases() {
         }
     }
 }
+
+/// A context of `FROM busybox:local` (one layer) plus `copies` COPY steps.
+fn deep_context(env: &Env, copies: usize) -> std::path::PathBuf {
+    let ctx = env.path(&format!("deep{copies}"));
+    std::fs::create_dir_all(&ctx).unwrap();
+    let mut df = String::from("FROM busybox:local\n");
+    for i in 1..=copies {
+        std::fs::write(ctx.join(format!("f{i}")), format!("x{i}\n")).unwrap();
+        df.push_str(&format!("COPY f{i} /f{i}\n"));
+    }
+    std::fs::write(ctx.join("Dockerfile"), df).unwrap();
+    ctx
+}
+
+/// Docker 20.10's layer store takes chains of at most 125 layers: `docker load` of a deeper
+/// image into a daemon without its layers says "max depth exceeded" (and `docker run` does from
+/// 128 layers on, overlay2's 128 lower dirs with the init layer). kiln refuses to make such an
+/// image, with Docker's words, and the largest one it makes loads and runs in Docker.
+#[test]
+fn more_layers_than_docker_runs_is_refused_at_build() {
+    let env = busybox_env();
+    let too_deep = deep_context(&env, 125);
+    let out = env
+        .kiln(&["build", "-t", "deep:126", too_deep.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("max depth exceeded"),
+        "{err}"
+    );
+    assert!(env.fails(&["inspect", "deep:126"]).contains("No such"));
+    let deepest = deep_context(&env, 124);
+    let tag = format!("kiln-deep-{}:125", std::process::id());
+    env.ok(&["build", "-t", &tag, deepest.to_str().unwrap()]);
+    let tar = env.path("deep.tar");
+    env.ok(&["save", "-o", tar.to_str().unwrap(), &tag]);
+    let (code, _, err) = docker_run(&["load", "-i", tar.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = docker_run(&["run", "--rm", &tag, "cat", "/f124"]);
+    let _ = docker_run(&["rmi", &tag]);
+    assert_eq!((code, out.as_str()), (0, "x124\n"), "{err}");
+}

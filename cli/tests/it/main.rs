@@ -10,6 +10,7 @@ mod containers;
 mod debug;
 mod docker_compat;
 mod harness;
+mod orphans;
 mod registry;
 mod remote;
 mod run_flags;
