@@ -132,10 +132,10 @@ pub struct NamesArgs {
 #[derive(Args, Debug)]
 pub struct StartArgs {
     /// Attach STDOUT/STDERR and forward signals
-    #[arg(short = 'a', long)]
+    #[arg(short = 'a', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub attach: bool,
     /// Attach container's STDIN
-    #[arg(short = 'i', long)]
+    #[arg(short = 'i', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub interactive: bool,
     /// Containers
     #[arg(required = true)]
@@ -171,10 +171,10 @@ pub struct KillArgs {
 #[derive(Args, Debug)]
 pub struct RmArgs {
     /// Force the removal of a running container (uses SIGKILL)
-    #[arg(short = 'f', long)]
+    #[arg(short = 'f', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub force: bool,
     /// Remove anonymous volumes associated with the container
-    #[arg(short = 'v', long)]
+    #[arg(short = 'v', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub volumes: bool,
     /// Containers
     #[arg(required = true)]
@@ -185,22 +185,22 @@ pub struct RmArgs {
 #[derive(Args, Debug)]
 pub struct PsArgs {
     /// Show all containers (default shows just running)
-    #[arg(short = 'a', long)]
+    #[arg(short = 'a', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub all: bool,
     /// Only display container IDs
-    #[arg(short = 'q', long)]
+    #[arg(short = 'q', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub quiet: bool,
     /// Show the latest created container (includes all states)
-    #[arg(short = 'l', long)]
+    #[arg(short = 'l', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub latest: bool,
     /// Show n last created containers (includes all states)
     #[arg(short = 'n', long = "last")]
     pub last: Option<usize>,
     /// Don't truncate output
-    #[arg(long = "no-trunc")]
+    #[arg(long = "no-trunc", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub no_trunc: bool,
     /// Display total file sizes
-    #[arg(short = 's', long)]
+    #[arg(short = 's', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub size: bool,
     /// Filter output based on conditions provided (`key=value`)
     #[arg(short = 'f', long)]
@@ -214,10 +214,10 @@ pub struct PsArgs {
 #[derive(Args, Debug)]
 pub struct LogsArgs {
     /// Follow log output
-    #[arg(short = 'f', long)]
+    #[arg(short = 'f', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub follow: bool,
     /// Show timestamps
-    #[arg(short = 't', long)]
+    #[arg(short = 't', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub timestamps: bool,
     /// Number of lines to show from the end of the logs ("all" for every line)
     #[arg(short = 'n', long, default_value = "all")]
@@ -230,7 +230,7 @@ pub struct LogsArgs {
 #[derive(Args, Debug)]
 pub struct AttachArgs {
     /// Do not attach STDIN
-    #[arg(long = "no-stdin")]
+    #[arg(long = "no-stdin", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub no_stdin: bool,
     /// Container
     pub container: String,
@@ -241,19 +241,22 @@ pub struct AttachArgs {
 pub struct TopArgs {
     /// Container
     pub container: String,
+    /// Options for the host's `ps` (e.g. `aux`, `-o pid,comm`); default: kiln's `-ef` columns
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub ps_args: Vec<String>,
 }
 
 /// `kiln exec`.
 #[derive(Args, Debug)]
 pub struct ExecArgs {
     /// Detached mode: run command in the background
-    #[arg(short = 'd', long)]
+    #[arg(short = 'd', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub detach: bool,
     /// Keep STDIN open even if not attached
-    #[arg(short = 'i', long)]
+    #[arg(short = 'i', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub interactive: bool,
     /// Allocate a pseudo-TTY
-    #[arg(short = 't', long)]
+    #[arg(short = 't', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub tty: bool,
     /// Set environment variables
     #[arg(short = 'e', long = "env")]
@@ -287,7 +290,7 @@ pub struct PortArgs {
 #[derive(Args, Debug)]
 pub struct PruneArgs {
     /// Do not prompt for confirmation
-    #[arg(short = 'f', long)]
+    #[arg(short = 'f', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub force: bool,
 }
 
@@ -969,6 +972,9 @@ fn user_name(uid: u32) -> String {
 fn cmd_top(containers: &Containers, a: TopArgs) -> anyhow::Result<ExitCode> {
     let rec = containers.lookup(&a.container)?;
     let procs = lifecycle::top(containers, &rec)?;
+    if !a.ps_args.is_empty() {
+        return top_with_ps(&a.ps_args, &procs);
+    }
     const HZ: u64 = 100;
     let boot = std::fs::read_to_string("/proc/stat")
         .ok()
@@ -1004,12 +1010,58 @@ fn cmd_top(containers: &Containers, a: TopArgs) -> anyhow::Result<ExitCode> {
             p.cmd,
         ]);
     }
-    crate::store_cmds::print_table(&rows)?;
+    print_top(&rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints `top`'s rows as Docker's CLI does (tabwriter with minimum width 20).
+fn print_top(rows: &[Vec<String>]) {
+    let text: String = rows.iter().map(|r| r.join("\t") + "\n").collect();
+    print!("{}", crate::format::tabwrite_min(&text, 20));
+}
+
+/// `top CONTAINER PS_ARGS...`, as Docker's daemon does it: the host's `ps` with those options,
+/// its `PID` column found in the header, only the container's processes kept.
+fn top_with_ps(ps_args: &[String], procs: &[lifecycle::ProcessInfo]) -> anyhow::Result<ExitCode> {
+    let out = Command::new("ps")
+        .args(ps_args)
+        .output()
+        .context("failed to run `ps` (procps) for `top`")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "ps: {}",
+            String::from_utf8_lossy(&out.stderr).trim().replace('\n', " ")
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let titles: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+    let Some(pid_col) = titles.iter().position(|t| *t == "PID") else {
+        anyhow::bail!("Couldn't find PID field in ps output");
+    };
+    let pids: std::collections::BTreeSet<i32> = procs.iter().map(|p| p.pid).collect();
+    let mut rows = vec![titles.iter().map(|t| t.to_string()).collect::<Vec<_>>()];
+    for l in lines {
+        let fields: Vec<&str> = l.split_whitespace().collect();
+        if fields.len() < titles.len() {
+            continue;
+        }
+        if !fields[pid_col].parse::<i32>().is_ok_and(|p| pids.contains(&p)) {
+            continue;
+        }
+        let mut row: Vec<String> = fields[..titles.len() - 1].iter().map(|f| f.to_string()).collect();
+        row.push(fields[titles.len() - 1..].join(" "));
+        rows.push(row);
+    }
+    print_top(&rows);
     Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_exec(containers: &Containers, a: ExecArgs) -> anyhow::Result<ExitCode> {
     use kiln_runtime::tty;
+    if let Some(code) = crate::run_cmd::refuse_non_tty_input(a.interactive && a.tty && !a.detach) {
+        return Ok(code);
+    }
     let rec = containers.lookup(&a.container)?;
     let st = containers.state(&rec.id)?;
     if st.status != Status::Running || st.pid <= 0 {
@@ -1068,7 +1120,10 @@ fn cmd_exec(containers: &Containers, a: ExecArgs) -> anyhow::Result<ExitCode> {
         Ok(r) => r,
         Err(e) => {
             let code = supervisor::start_failure_code(&e);
-            eprintln!("Error: {}", supervisor::error_chain(&e));
+            match supervisor::docker_exec_message(&e) {
+                Some(m) => eprintln!("{m}"),
+                None => eprintln!("Error: {}", supervisor::error_chain(&e)),
+            }
             return Ok(ExitCode::from(code));
         }
     };

@@ -640,7 +640,8 @@ fn pairs(instr: &str, rest: &str) -> anyhow::Result<Vec<(String, String)>> {
 }
 
 /// Applies one `commit -c` Dockerfile instruction to the config.
-fn apply_change(cfg: &mut ContainerConfig, change: &str) -> anyhow::Result<()> {
+/// Applies one `-c/--change` Dockerfile instruction (`commit -c`, `import -c`).
+pub(crate) fn apply_change(cfg: &mut ContainerConfig, change: &str) -> anyhow::Result<()> {
     let change = change.trim();
     let (instr, rest) = change.split_once(char::is_whitespace).unwrap_or((change, ""));
     let rest = rest.trim();

@@ -151,7 +151,11 @@ pub fn is_go_map(key: &str) -> bool {
 /// padchar ' '`): tab-terminated cells are padded to their column's width within each block of
 /// consecutive lines that have that column; text after the last tab is not padded.
 pub fn tabwrite(text: &str) -> String {
-    const MIN_WIDTH: usize = 10;
+    tabwrite_min(text, 10)
+}
+
+/// [`tabwrite`] with another minimum cell width (`top` uses 20).
+pub fn tabwrite_min(text: &str, min_width: usize) -> String {
     const PADDING: usize = 3;
     let lines: Vec<Vec<&str>> = text.split('\n').map(|l| l.split('\t').collect()).collect();
     // widths[line][col] for every terminated cell.
@@ -170,7 +174,7 @@ pub fn tabwrite(text: &str) -> String {
                 w = w.max(lines[i][col].chars().count() + PADDING);
                 i += 1;
             }
-            let w = w.max(MIN_WIDTH);
+            let w = w.max(min_width);
             for row in widths.iter_mut().take(i).skip(start) {
                 row[col] = w;
             }

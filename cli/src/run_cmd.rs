@@ -18,13 +18,13 @@ use crate::Globals;
 #[derive(Args, Debug, Clone)]
 pub struct CreateFlags {
     /// Keep STDIN open even if not attached
-    #[arg(short = 'i', long)]
+    #[arg(short = 'i', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub interactive: bool,
     /// Allocate a pseudo-TTY
-    #[arg(short = 't', long)]
+    #[arg(short = 't', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub tty: bool,
     /// Automatically remove the container and its associated anonymous volumes when it exits
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub rm: bool,
     /// Assign a name to the container
     #[arg(long)]
@@ -75,7 +75,7 @@ pub struct CreateFlags {
     #[arg(long)]
     pub privileged: bool,
     /// Run an init inside the container that forwards signals and reaps processes
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub init: bool,
     /// Memory limit (e.g. 512m, 1g)
     #[arg(short = 'm', long)]
@@ -87,7 +87,7 @@ pub struct CreateFlags {
     #[arg(long = "pids-limit")]
     pub pids_limit: Option<i64>,
     /// Mount the container's root filesystem as read only
-    #[arg(long = "read-only")]
+    #[arg(long = "read-only", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub read_only: bool,
     /// Bind mount a volume
     #[arg(short = 'v', long = "volume")]
@@ -104,8 +104,11 @@ pub struct CreateFlags {
     /// Publish a container's port(s) to the host
     #[arg(short = 'p', long = "publish")]
     pub publish: Vec<String>,
+    /// Expose a port or a range of ports
+    #[arg(long)]
+    pub expose: Vec<String>,
     /// Publish all exposed ports to random ports
-    #[arg(short = 'P', long = "publish-all")]
+    #[arg(short = 'P', long = "publish-all", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub publish_all: bool,
     /// Add link to another container
     #[arg(long)]
@@ -142,7 +145,7 @@ pub struct RunArgs {
     #[arg(long, action = clap::ArgAction::Help)]
     pub help: Option<bool>,
     /// Run container in background and print container ID
-    #[arg(short = 'd', long)]
+    #[arg(short = 'd', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub detach: bool,
     #[command(flatten)]
     pub flags: CreateFlags,
@@ -246,6 +249,7 @@ pub fn create_request(f: &CreateFlags) -> anyhow::Result<CreateRequest> {
         user: f.user.clone(),
         hostname: f.hostname.clone(),
         labels,
+        expose: f.expose.clone(),
         host,
     })
 }
@@ -253,6 +257,16 @@ pub fn create_request(f: &CreateFlags) -> anyhow::Result<CreateRequest> {
 fn cap_name(c: &str) -> String {
     let up = c.to_ascii_uppercase();
     up.strip_prefix("CAP_").map(str::to_string).unwrap_or(up)
+}
+
+/// `-it` with a standard input that is not a terminal: Docker's refusal (exit 1).
+pub fn refuse_non_tty_input(interactive_tty: bool) -> Option<ExitCode> {
+    use std::io::IsTerminal as _;
+    if interactive_tty && !std::io::stdin().is_terminal() {
+        eprintln!("the input device is not a TTY");
+        return Some(ExitCode::from(1));
+    }
+    None
 }
 
 /// Prints a failure of `run`/`create` as Docker does and returns its exit code.
@@ -340,6 +354,9 @@ impl kiln_source::registry::TransferProgress for StderrProgress {
 
 /// `kiln run`.
 pub fn run(args: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
+    if let Some(code) = refuse_non_tty_input(args.flags.interactive && args.flags.tty && !args.detach) {
+        return Ok(code);
+    }
     // A foreground run forwards the signals it gets to the container: they are blocked before
     // any thread starts, so that only the proxy's thread receives them.
     let signals = if args.detach {

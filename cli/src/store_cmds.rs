@@ -106,8 +106,11 @@ pub enum StoreGroupCmd {
 /// `kiln import`.
 #[derive(Args, Debug)]
 pub struct ImportArgs {
-    /// Rootfs tarball (plain, gzip, zstd, bzip2 or xz), or `-` for STDIN
+    /// Rootfs tarball (plain, gzip, zstd, bzip2 or xz), an http(s) URL, or `-` for STDIN
     file: String,
+    /// Apply Dockerfile instruction to the created image
+    #[arg(short = 'c', long = "change")]
+    change: Vec<String>,
     /// Repository and tag for the image
     reference: Option<String>,
     /// Set commit message for imported image
@@ -271,11 +274,29 @@ pub fn run(cmd: StoreCmd, g: &Globals) -> anyhow::Result<ExitCode> {
 
 fn cmd_import(store: &Store, a: ImportArgs) -> anyhow::Result<ExitCode> {
     let reference = a.reference.as_deref().map(Reference::parse).transpose()?;
+    let mut config = kiln_dag::image::ContainerConfig::default();
+    for c in &a.change {
+        crate::container_fs_cmds::apply_change(&mut config, c)?;
+    }
     let opts = ImportOptions {
         message: a.message,
         reference,
+        config,
     };
-    let image = if a.file == "-" {
+    let image = if a.file.starts_with("http://") || a.file.starts_with("https://") {
+        // A URL: downloaded (with retries) to a temp file in the store, then imported.
+        let client = kiln_source::http::HttpClient::new(kiln_source::http::HttpOptions::default());
+        let tmp = store.root().join("tmp");
+        std::fs::create_dir_all(&tmp).with_context(|| format!("failed to create `{}`", tmp.display()))?;
+        let d = client
+            .download(&a.file, &tmp, None)
+            .with_context(|| format!("failed to download `{}`", a.file))?;
+        let f = d
+            .file
+            .reopen()
+            .with_context(|| format!("failed to read the download of `{}`", a.file))?;
+        import_rootfs(store, f, &a.file, &opts)?
+    } else if a.file == "-" {
         import_rootfs(store, io::stdin().lock(), "-", &opts)?
     } else {
         let f = File::open(&a.file).with_context(|| format!("failed to open `{}`", a.file))?;
@@ -459,29 +480,6 @@ pub fn human_ago(created: Option<&str>) -> String {
         _ => format!("{} years", h / 24 / 365),
     };
     format!("{d} ago")
-}
-
-/// Prints rows as Docker's tabwriter does: columns padded to their widest cell plus 3 spaces.
-pub(crate) fn print_table(rows: &[Vec<String>]) -> io::Result<()> {
-    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let mut widths = vec![0; cols];
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    let mut out = io::stdout().lock();
-    for r in rows {
-        let mut line = String::new();
-        for (i, c) in r.iter().enumerate() {
-            line.push_str(c);
-            if i + 1 < r.len() {
-                line.push_str(&" ".repeat(widths[i] - c.chars().count() + 3));
-            }
-        }
-        writeln!(out, "{}", line.trim_end())?;
-    }
-    Ok(())
 }
 
 fn short(d: &Digest, no_trunc: bool) -> String {

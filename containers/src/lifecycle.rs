@@ -30,6 +30,9 @@ pub enum LifecycleError {
     /// Neither the image nor the command line gives a command.
     #[error("no command specified")]
     NoCommand,
+    /// An `--expose` value that is not a port, a range or a protocol Docker knows.
+    #[error("invalid range format for --expose: {0}")]
+    InvalidExpose(String),
     /// `--rm` together with a restart policy.
     #[error("Conflicting options: --restart and --rm")]
     RestartWithRm,
@@ -133,6 +136,8 @@ pub struct CreateRequest {
     /// `-l/--label` and `--label-file` entries, `KEY=VALUE` or `KEY` (empty value), added to the
     /// image's labels.
     pub labels: Vec<String>,
+    /// `--expose PORT[/PROTO]` (or a range), added to the image's exposed ports.
+    pub expose: Vec<String>,
     /// Everything else.
     pub host: HostConfig,
 }
@@ -227,6 +232,20 @@ pub fn create(
     }
     if let Some(u) = &req.user {
         config.user = u.clone();
+    }
+    for e in &req.expose {
+        let (ports, proto) = e.split_once('/').unwrap_or((e.as_str(), "tcp"));
+        let (start, end) = ports.split_once('-').unwrap_or((ports, ports));
+        let (Ok(start), Ok(end)) = (start.parse::<u16>(), end.parse::<u16>()) else {
+            return Err(LifecycleError::InvalidExpose(e.clone()));
+        };
+        if start == 0 || end < start || !matches!(proto, "tcp" | "udp" | "sctp") {
+            return Err(LifecycleError::InvalidExpose(e.clone()));
+        }
+        let exposed = config.exposed_ports.get_or_insert_with(Default::default);
+        for p in start..=end {
+            exposed.insert(format!("{p}/{proto}"), Default::default());
+        }
     }
     if !req.labels.is_empty() {
         let labels = config.labels.get_or_insert_with(Default::default);

@@ -234,6 +234,25 @@ pub fn start_failure_code(err: &RuntimeError) -> u8 {
     }
 }
 
+/// Docker's words for a command that could not be executed (`exec: "nope": executable file
+/// not found in $PATH`, `exec: "/etc": permission denied`), `None` for other failures.
+pub fn docker_exec_message(err: &RuntimeError) -> Option<String> {
+    use nix::errno::Errno;
+    let RuntimeError::Exec { command, source } = err else {
+        return None;
+    };
+    let why = match *source {
+        Errno::ENOENT if !command.contains('/') => "executable file not found in $PATH",
+        Errno::ENOENT => "no such file or directory",
+        Errno::EACCES | Errno::EPERM | Errno::EISDIR => "permission denied",
+        Errno::ENOEXEC => "exec format error",
+        _ => return None,
+    };
+    Some(format!(
+        "exec failed: unable to start container process: exec: {command:?}: {why}"
+    ))
+}
+
 /// `err` and its causes joined by `: `.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut s = err.to_string();
@@ -447,10 +466,51 @@ fn links_for(
     Ok(out)
 }
 
+/// Docker's legacy link variables for `--link NAME:ALIAS` to a container at `ip` with the
+/// exposed ports and environment of `other`: `ALIAS_NAME=/CHILD/ALIAS`, `ALIAS_PORT`,
+/// `ALIAS_PORT_80_TCP{,_ADDR,_PORT,_PROTO}` and `ALIAS_ENV_K` for its variables but PATH and HOME.
+pub fn link_env(child: &str, alias: &str, ip: Ipv4Addr, other: &ContainerRecord) -> Vec<String> {
+    let prefix: String = alias
+        .chars()
+        .map(|c| if c == '-' { '_' } else { c.to_ascii_uppercase() })
+        .collect();
+    let mut env = vec![format!("{prefix}_NAME=/{child}/{alias}")];
+    let mut ports: Vec<(u16, String)> = other
+        .config
+        .exposed_ports
+        .iter()
+        .flat_map(|m| m.keys())
+        .filter_map(|p| {
+            let (port, proto) = p.split_once('/').unwrap_or((p, "tcp"));
+            Some((port.parse().ok()?, proto.to_string()))
+        })
+        .collect();
+    ports.sort();
+    if let Some((port, proto)) = ports.first() {
+        env.push(format!("{prefix}_PORT={proto}://{ip}:{port}"));
+    }
+    for (port, proto) in &ports {
+        let p = format!("{prefix}_PORT_{port}_{}", proto.to_ascii_uppercase());
+        env.push(format!("{p}={proto}://{ip}:{port}"));
+        env.push(format!("{p}_ADDR={ip}"));
+        env.push(format!("{p}_PORT={port}"));
+        env.push(format!("{p}_PROTO={proto}"));
+    }
+    for kv in other.config.env.iter().flatten() {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        if k != "PATH" && k != "HOME" && !k.is_empty() {
+            env.push(format!("{prefix}_ENV_{k}={v}"));
+        }
+    }
+    env
+}
+
 /// The network of one run of a container and what to undo when the run ends.
 struct RunNet {
     network: kiln_runtime::Network,
     etc_files: kiln_runtime::EtcFiles,
+    /// `--link` variables, set before the container's own.
+    link_env: Vec<String>,
     endpoint: Option<Endpoint>,
     proxy: Option<PortProxy>,
 }
@@ -493,12 +553,19 @@ fn setup_network(
         let network = network_for(record)?;
         return Ok(RunNet {
             etc_files: kiln_runtime::EtcFiles::for_build(hostname, &host_resolv, &network),
+            link_env: Vec::new(),
             network,
             endpoint: None,
             proxy: None,
         });
     }
     let links = links_for(containers, record)?;
+    let mut link_vars = Vec::new();
+    for (name, alias, ip) in &links {
+        if let Ok(other) = containers.lookup(name) {
+            link_vars.extend(link_env(&record.name, alias, *ip, &other));
+        }
+    }
     let specs = port_specs(record)?;
     let request = NetRequest {
         config: NetConfig::default(),
@@ -533,6 +600,7 @@ fn setup_network(
     Ok(RunNet {
         network: endpoint.network(),
         etc_files: net::etc_files(hostname, &endpoint, &links, &host_resolv),
+        link_env: link_vars,
         endpoint: Some(endpoint),
         proxy,
     })
@@ -617,6 +685,13 @@ fn container_spec(
     }
     if !env.iter().any(|e| e.starts_with("HOSTNAME=")) {
         env.insert(1.min(env.len()), format!("HOSTNAME={hostname}"));
+    }
+    // Docker puts the link variables before the container's own (which win).
+    for (i, kv) in net.link_env.iter().enumerate() {
+        let key = kv.split_once('=').map(|(k, _)| k).unwrap_or(kv);
+        if !env.iter().any(|e| e.split_once('=').map(|(k, _)| k) == Some(key)) {
+            env.insert(2.min(env.len()) + i, kv.clone());
+        }
     }
     let h = &record.host;
     let cgroup = (h.memory.is_some() || h.cpus.is_some() || h.pids_limit.is_some()).then(|| {

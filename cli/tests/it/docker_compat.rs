@@ -522,3 +522,265 @@ fn more_layers_than_docker_runs_is_refused_at_build() {
     let _ = docker_run(&["rmi", &tag]);
     assert_eq!((code, out.as_str()), (0, "x124\n"), "{err}");
 }
+
+fn lines_with(text: &str, prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(String::from)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn docker_forms_and_rules() {
+    let env = busybox_env();
+    let p = std::process::id();
+    // Boolean flags take Docker's `=false` / `=true` forms.
+    let keep = format!("kiln-compat-keep-{p}");
+    let _k = DockerContainer(keep.clone());
+    let (d, k) = both(
+        &env,
+        &["run", "--rm=false", "--name", &keep, "busybox:local", "true"],
+    );
+    assert_eq!((d.0, k.0), (0, 0), "docker {d:?} kiln {k:?}");
+    same_stdout(
+        &env,
+        &[
+            "ps",
+            "-a=true",
+            "-f",
+            &format!("name=^{keep}$"),
+            "--format",
+            "{{.Names}}",
+        ],
+    );
+    // `-v` of a missing host directory creates it, in both.
+    let (dd, kd) = (env.path("docker-made"), env.path("kiln-made"));
+    for (dir, code) in [
+        (
+            &dd,
+            docker_run(&[
+                "run",
+                "--rm",
+                "-v",
+                &format!("{}:/x", dd.display()),
+                "busybox:local",
+                "true",
+            ])
+            .0,
+        ),
+        (
+            &kd,
+            env.run(&[
+                "run",
+                "--rm",
+                "-v",
+                &format!("{}:/x", kd.display()),
+                "busybox:local",
+                "true",
+            ])
+            .0,
+        ),
+    ] {
+        assert_eq!(code, 0);
+        assert!(dir.is_dir(), "{} was not created", dir.display());
+    }
+    // `-it` with a stdin that is not a terminal: Docker's refusal.
+    let (d, k) = both(&env, &["run", "-it", "--rm", "busybox:local", "true"]);
+    assert_eq!((k.0, k.2.trim()), (d.0, d.2.trim()));
+    // exec: Docker's messages; 126 for what cannot be executed, 127 for what is not found (as
+    // `docker run` and Docker since 23; this machine's 20.10 `exec` says 126 for both).
+    let ex = format!("kiln-compat-exec-{p}");
+    let _e = twin(&env, &ex, &[]);
+    for (cmd, code) in [("nope", 127), ("/etc/passwd", 126), ("/etc", 126)] {
+        let d = docker_run(&["exec", &ex, cmd]);
+        let k = env.run(&["exec", &ex, cmd]);
+        assert_eq!(k.0, code, "exec {cmd}: {k:?}");
+        // Docker 20.10 prints it on standard output.
+        let said = format!("{}{}", d.1, d.2);
+        let phrase = said
+            .split_once("exec: \"")
+            .map(|(_, rest)| format!("exec: \"{}", rest.trim_end().trim_end_matches(": unknown")))
+            .unwrap_or_else(|| panic!("docker exec {cmd}: {d:?}"));
+        assert!(
+            k.2.contains(&phrase),
+            "exec {cmd}: kiln says {:?}, docker {:?}",
+            k.2,
+            phrase
+        );
+        let echo = std::process::Command::new(crate::harness::docker())
+            .args(["exec", "-it", &ex, "true"])
+            .stdin(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let kecho = env
+            .kiln(&["exec", "-it", &ex, "true"])
+            .stdin(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(
+            (
+                kecho.status.code(),
+                String::from_utf8_lossy(&kecho.stderr).trim().to_string()
+            ),
+            (
+                echo.status.code(),
+                String::from_utf8_lossy(&echo.stderr).trim().to_string()
+            )
+        );
+    }
+    // top with ps options: the same columns.
+    for args in [
+        vec!["top", &ex, "aux"],
+        vec!["top", &ex, "-o", "pid,comm"],
+        vec!["top", &ex],
+    ] {
+        let (d, k) = both(&env, &args);
+        assert_eq!(k.0, 0, "{k:?}");
+        let head = |s: &str| s.lines().next().unwrap_or("").to_string();
+        assert_eq!(head(&k.1), head(&d.1), "{args:?}");
+        assert_eq!(
+            k.1.lines().count(),
+            d.1.lines().count(),
+            "{args:?}: kiln {} docker {}",
+            k.1,
+            d.1
+        );
+        assert!(k.1.contains("sleep"), "{}", k.1);
+    }
+    // Legacy link variables.
+    let db = format!("kiln-compat-db-{p}");
+    let _db = twin(
+        &env,
+        &db,
+        &["-e", "SECRET=s3", "--expose", "5432", "--expose", "53/udp"],
+    );
+    let link = format!("{db}:my-db");
+    let linker = format!("kiln-compat-linker-{p}");
+    let (d, k) = both(
+        &env,
+        &[
+            "run",
+            "--rm",
+            "--name",
+            &linker,
+            "--link",
+            &link,
+            "busybox:local",
+            "env",
+        ],
+    );
+    assert_eq!(k.0, 0, "{k:?}");
+    let ip = regex::Regex::new(r"\d+\.\d+\.\d+\.\d+").unwrap();
+    let strip_ip = |v: Vec<String>| -> Vec<String> {
+        v.into_iter()
+            .map(|l| ip.replace_all(&l, "IP").into_owned())
+            .collect()
+    };
+    let (kl, dl) = (lines_with(&k.1, "MY_DB_"), lines_with(&d.1, "MY_DB_"));
+    assert_eq!(kl.len(), dl.len(), "kiln {kl:?} docker {dl:?}");
+    assert_eq!(strip_ip(kl), strip_ip(dl));
+    // import of a URL with -c changes: the same config as Docker's.
+    let srv = crate::harness::busybox_tar();
+    let dir = srv.parent().unwrap().to_path_buf();
+    let mut http = std::process::Command::new("python3")
+        .args(["-m", "http.server", "0", "--bind", "127.0.0.1"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 for an http server");
+    let port = {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        std::io::BufReader::new(http.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        line.split("port ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let url = format!(
+        "http://127.0.0.1:{port}/{}",
+        srv.file_name().unwrap().to_string_lossy()
+    );
+    let tag = format!("kiln-compat-imp-{p}:1");
+    let import = [
+        "import",
+        "-c",
+        "CMD [\"/bin/sh\", \"-c\", \"echo $A\"]",
+        "-c",
+        "ENV A=from-change",
+        "--change",
+        "WORKDIR /tmp",
+        &url,
+        &tag,
+    ];
+    let (d, k) = both(&env, &import);
+    let _ = http.kill();
+    let _ = http.wait();
+    assert_eq!((d.0, k.0), (0, 0), "docker {d:?} kiln {k:?}");
+    same_stdout(
+        &env,
+        &[
+            "image",
+            "inspect",
+            "-f",
+            "{{json .Config.Cmd}} {{json .Config.Env}} {{.Config.WorkingDir}}",
+            &tag,
+        ],
+    );
+    same_stdout(&env, &["run", "--rm", &tag]);
+    let _ = docker_run(&["rmi", &tag]);
+    // system df: real container and volume figures.
+    env.ok(&["volume", "create", "dfvol"]);
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "dfuser",
+        "-v",
+        "dfvol:/v",
+        "busybox:local",
+        "sh",
+        "-c",
+        "head -c 100000 /dev/zero > /v/f; sleep 60",
+    ]);
+    crate::harness::eventually(10, "the volume's file", || {
+        env.root().join("volumes/dfvol/_data/f").exists()
+    });
+    let out = String::from_utf8_lossy(
+        &env.ok(&[
+            "system",
+            "df",
+            "--format",
+            "{{.Type}}|{{.TotalCount}}|{{.Active}}|{{.Size}}",
+        ])
+        .stdout,
+    )
+    .into_owned();
+    // One volume, in use, holding the 100 kB file (and its directory).
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("Local Volumes|1|1|10") && l.ends_with("kB")),
+        "{out}"
+    );
+    let all = String::from_utf8_lossy(&env.ok(&["ps", "-aq"]).stdout)
+        .lines()
+        .count();
+    let running = String::from_utf8_lossy(&env.ok(&["ps", "-q"]).stdout)
+        .lines()
+        .count();
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&format!("Containers|{all}|{running}|"))),
+        "{out}"
+    );
+    env.ok(&["rm", "-f", "dfuser"]);
+}
