@@ -1334,11 +1334,12 @@ pub fn inspect_json(containers: &Containers, rec: &ContainerRecord) -> anyhow::R
         "SandboxKey": endpoint.as_ref().map(|e| e.netns.display().to_string()).unwrap_or_default(),
         "Networks": networks,
     });
+    let health = st.health.as_ref().map(serde_json::to_value).transpose()?;
     let mut host_config = serde_json::to_value(&rec.host)?;
     if let Some(h) = host_config.as_object_mut() {
         h.insert("PortBindings".into(), port_bindings_json(rec));
     }
-    Ok(serde_json::json!({
+    let mut v = serde_json::json!({
         "Id": rec.id,
         "Created": rec.created,
         "Path": rec.path(),
@@ -1377,7 +1378,11 @@ pub fn inspect_json(containers: &Containers, rec: &ContainerRecord) -> anyhow::R
         "Mounts": mounts,
         "Config": config,
         "NetworkSettings": network_settings,
-    }))
+    });
+    if let (Some(h), Some(state)) = (health, v.get_mut("State").and_then(|s| s.as_object_mut())) {
+        state.insert("Health".into(), h);
+    }
+    Ok(v)
 }
 
 /// The data `inspect -f` templates see for a container: its inspect JSON, with the nil

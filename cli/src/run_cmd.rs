@@ -104,6 +104,24 @@ pub struct CreateFlags {
     /// Publish a container's port(s) to the host
     #[arg(short = 'p', long = "publish")]
     pub publish: Vec<String>,
+    /// Command to run to check health
+    #[arg(long = "health-cmd")]
+    pub health_cmd: Option<String>,
+    /// Time between running the check (ms|s|m|h)
+    #[arg(long = "health-interval")]
+    pub health_interval: Option<String>,
+    /// Maximum time to allow one check to run (ms|s|m|h)
+    #[arg(long = "health-timeout")]
+    pub health_timeout: Option<String>,
+    /// Start period for the container to initialize before starting health-retries countdown (ms|s|m|h)
+    #[arg(long = "health-start-period")]
+    pub health_start_period: Option<String>,
+    /// Consecutive failures needed to report unhealthy
+    #[arg(long = "health-retries")]
+    pub health_retries: Option<i64>,
+    /// Disable any container-specified HEALTHCHECK
+    #[arg(long = "no-healthcheck", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub no_healthcheck: bool,
     /// Expose a port or a range of ports
     #[arg(long)]
     pub expose: Vec<String>,
@@ -185,6 +203,38 @@ pub fn parse_memory(s: &str) -> anyhow::Result<u64> {
     Ok((n * mult as f64) as u64)
 }
 
+/// A Go duration (`1s`, `500ms`, `1m30s`) in nanoseconds, for the `--health-*` flags.
+fn go_duration_nanos(flag: &str, s: &str) -> anyhow::Result<i64> {
+    let bad = || anyhow::anyhow!("invalid argument {s:?} for \"{flag}\" flag: time: invalid duration {s:?}");
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let value: f64 = rest[..n].parse().map_err(|_| bad())?;
+        rest = &rest[n..];
+        let u = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let mult = match &rest[..u] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return Err(bad()),
+        };
+        total += value * mult;
+        rest = &rest[u..];
+    }
+    Ok(total as i64)
+}
+
 /// `--env-file`: `KEY=VALUE` or `KEY` lines; `#` comments and blank lines are skipped.
 fn read_env_file(path: &PathBuf) -> anyhow::Result<Vec<String>> {
     let text = std::fs::read_to_string(path)
@@ -250,6 +300,26 @@ pub fn create_request(f: &CreateFlags) -> anyhow::Result<CreateRequest> {
         hostname: f.hostname.clone(),
         labels,
         expose: f.expose.clone(),
+        health: lifecycle::HealthOverride {
+            cmd: f.health_cmd.clone(),
+            interval: f
+                .health_interval
+                .as_deref()
+                .map(|d| go_duration_nanos("--health-interval", d))
+                .transpose()?,
+            timeout: f
+                .health_timeout
+                .as_deref()
+                .map(|d| go_duration_nanos("--health-timeout", d))
+                .transpose()?,
+            start_period: f
+                .health_start_period
+                .as_deref()
+                .map(|d| go_duration_nanos("--health-start-period", d))
+                .transpose()?,
+            retries: f.health_retries,
+            disable: f.no_healthcheck,
+        },
         host,
     })
 }

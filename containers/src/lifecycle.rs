@@ -30,6 +30,9 @@ pub enum LifecycleError {
     /// Neither the image nor the command line gives a command.
     #[error("no command specified")]
     NoCommand,
+    /// `--no-healthcheck` with `--health-*` flags (Docker's message).
+    #[error("--no-healthcheck conflicts with --health-* options")]
+    HealthConflict,
     /// An `--expose` value that is not a port, a range or a protocol Docker knows.
     #[error("invalid range format for --expose: {0}")]
     InvalidExpose(String),
@@ -113,6 +116,34 @@ pub enum LifecycleError {
     },
 }
 
+/// `--health-*` and `--no-healthcheck`, applied over the image's `HEALTHCHECK`. Durations in
+/// nanoseconds.
+#[derive(Clone, Debug, Default)]
+pub struct HealthOverride {
+    /// `--health-cmd` (run with `/bin/sh -c`).
+    pub cmd: Option<String>,
+    /// `--health-interval`.
+    pub interval: Option<i64>,
+    /// `--health-timeout`.
+    pub timeout: Option<i64>,
+    /// `--health-start-period`.
+    pub start_period: Option<i64>,
+    /// `--health-retries`.
+    pub retries: Option<i64>,
+    /// `--no-healthcheck`.
+    pub disable: bool,
+}
+
+impl HealthOverride {
+    fn any(&self) -> bool {
+        self.cmd.is_some()
+            || self.interval.is_some()
+            || self.timeout.is_some()
+            || self.start_period.is_some()
+            || self.retries.is_some()
+    }
+}
+
 /// What `kiln create` / `kiln run` asked for, before the image is applied.
 #[derive(Clone, Debug, Default)]
 pub struct CreateRequest {
@@ -138,6 +169,8 @@ pub struct CreateRequest {
     pub labels: Vec<String>,
     /// `--expose PORT[/PROTO]` (or a range), added to the image's exposed ports.
     pub expose: Vec<String>,
+    /// The health check flags.
+    pub health: HealthOverride,
     /// Everything else.
     pub host: HostConfig,
 }
@@ -232,6 +265,25 @@ pub fn create(
     }
     if let Some(u) = &req.user {
         config.user = u.clone();
+    }
+    let h = &req.health;
+    if h.disable && h.any() {
+        return Err(LifecycleError::HealthConflict);
+    }
+    if h.disable {
+        config.healthcheck = Some(kiln_dag::image::HealthConfig {
+            test: vec!["NONE".into()],
+            ..Default::default()
+        });
+    } else if h.any() {
+        let hc = config.healthcheck.get_or_insert_with(Default::default);
+        if let Some(c) = &h.cmd {
+            hc.test = vec!["CMD-SHELL".into(), c.clone()];
+        }
+        hc.interval = h.interval.unwrap_or(hc.interval);
+        hc.timeout = h.timeout.unwrap_or(hc.timeout);
+        hc.start_period = h.start_period.unwrap_or(hc.start_period);
+        hc.retries = h.retries.unwrap_or(hc.retries);
     }
     for e in &req.expose {
         let (ports, proto) = e.split_once('/').unwrap_or((e.as_str(), "tcp"));

@@ -1077,6 +1077,7 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             }
         };
         let pid = running.pid();
+        let probe = crate::health::probe_of(record.config.healthcheck.as_ref());
         let (endpoint_state, ports_state) = run_net.state();
         if let Some(p) = signals.as_ref() {
             p.running(pid, pty_master.as_ref().and_then(|m| m.try_clone().ok()));
@@ -1088,6 +1089,7 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             st.running = true;
             st.pid = pid;
             st.pid_start = state::process_start(pid).unwrap_or(0);
+            st.health = probe.as_ref().map(|_| state::Health::default());
             st.started_at = crate::now_rfc3339();
             st.finished_at.clear();
             st.error.clear();
@@ -1097,6 +1099,10 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             st.supervisor_start = me_start;
         })?;
         report(&mut ready, "ok");
+        let probing = Arc::new(AtomicBool::new(false));
+        if let Some(p) = probe {
+            crate::health::spawn(containers.clone(), record.clone(), pid, p, probing.clone());
+        }
         let pumps: Vec<JoinHandle<()>> = outputs
             .into_iter()
             .map(|(stream, fd)| {
@@ -1114,6 +1120,8 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             id: id.to_string(),
             source: Box::new(source),
         });
+        // The prober stops (and records nothing more for this run).
+        probing.store(true, Ordering::SeqCst);
         if let Some(p) = signals.as_ref() {
             p.stopped();
         }

@@ -784,3 +784,124 @@ fn docker_forms_and_rules() {
     );
     env.ok(&["rm", "-f", "dfuser"]);
 }
+
+/// Polls `status` until it holds `want` (or panics after `secs`).
+fn until_status(what: &str, secs: u64, mut status: impl FnMut() -> String, want: &str) {
+    let mut last = String::new();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < end {
+        last = status();
+        if last.contains(want) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("{what}: waited for {want:?}, last status {last:?}");
+}
+
+#[test]
+fn healthchecks_run_as_in_docker() {
+    let env = busybox_env();
+    let name = format!("kiln-compat-health-{}", std::process::id());
+    let _d = twin(
+        &env,
+        &name,
+        &[
+            "--health-cmd",
+            "test -f /tmp/ok && echo fine",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "2",
+            "--health-timeout",
+            "5s",
+        ],
+    );
+    let filter = format!("name=^{name}$");
+    let docker_status = || docker_run(&["ps", "-f", &filter, "--format", "{{.Status}}"]).1;
+    let kiln_status = || env.run(&["ps", "-f", &filter, "--format", "{{.Status}}"]).1;
+    assert!(kiln_status().contains("(health: starting)"), "{}", kiln_status());
+    until_status("docker", 20, docker_status, "(unhealthy)");
+    until_status("kiln", 20, kiln_status, "(unhealthy)");
+    // The health filter sees it.
+    same_stdout(
+        &env,
+        &[
+            "ps",
+            "-f",
+            &filter,
+            "-f",
+            "health=unhealthy",
+            "--format",
+            "{{.Names}}",
+        ],
+    );
+    for side in ["docker", "kiln"] {
+        let args = ["exec", &name, "touch", "/tmp/ok"];
+        assert_eq!(
+            if side == "docker" {
+                docker_run(&args).0
+            } else {
+                env.run(&args).0
+            },
+            0
+        );
+    }
+    until_status("docker", 20, docker_status, "(healthy)");
+    until_status("kiln", 20, kiln_status, "(healthy)");
+    // State.Health as Docker shapes it: the same fields, the last 5 results, the output.
+    let t = "{{.State.Health.Status}} {{.State.Health.FailingStreak}} {{len .State.Health.Log}} {{(index .State.Health.Log 0).ExitCode}}";
+    let (d, k) = both(&env, &["inspect", "-f", t, &name]);
+    assert_eq!(k.1.split(' ').next(), d.1.split(' ').next());
+    let json = |s: &str| -> serde_json::Value { serde_json::from_str(s.trim()).unwrap() };
+    let (d, k) = both(&env, &["inspect", "-f", "{{json .State.Health}}", &name]);
+    let (d, k) = (json(&d.1), json(&k.1));
+    let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&k), keys(&d));
+    assert_eq!(keys(&k["Log"][0]), keys(&d["Log"][0]));
+    assert!(k["Log"].as_array().unwrap().len() <= 5);
+    let last = k["Log"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (last["ExitCode"].as_i64(), last["Output"].as_str()),
+        (Some(0), Some("fine\n"))
+    );
+    // --no-healthcheck over an image's HEALTHCHECK.
+    let ctx = env.path("hc");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\nHEALTHCHECK --interval=1s CMD true\n",
+    )
+    .unwrap();
+    env.ok(&["build", "-t", "hc:1", ctx.to_str().unwrap()]);
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "nohc",
+        "--no-healthcheck",
+        "hc:1",
+        "sleep",
+        "30",
+    ]);
+    env.ok(&["run", "-d", "--name", "withhc", "hc:1", "sleep", "30"]);
+    let out = env.ok(&[
+        "inspect",
+        "-f",
+        "{{json .Config.Healthcheck.Test}} {{.State.Health}}",
+        "nohc",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "[\"NONE\"] <nil>\n");
+    until_status(
+        "image healthcheck",
+        20,
+        || env.run(&["ps", "-f", "name=withhc", "--format", "{{.Status}}"]).1,
+        "(healthy)",
+    );
+    let err = env.fails(&["run", "--no-healthcheck", "--health-retries", "1", "hc:1", "true"]);
+    assert!(
+        err.contains("--no-healthcheck conflicts with --health-* options"),
+        "{err}"
+    );
+    env.ok(&["rm", "-f", "nohc", "withhc"]);
+}
