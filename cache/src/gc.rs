@@ -207,6 +207,16 @@ fn cache_index(store: &Store) -> CacheIndex {
 
 /// Removes dangling (or unused) image records, then the garbage (see [`sweep`]).
 pub fn prune(store: &Store, opts: PruneOptions, on_wait: impl FnOnce()) -> Result<PruneReport, GcError> {
+    prune_matching(store, opts, on_wait, |_| true)
+}
+
+/// [`prune`], removing only the images `matches` accepts (`image prune --filter`).
+pub fn prune_matching(
+    store: &Store,
+    opts: PruneOptions,
+    on_wait: impl FnOnce(),
+    matches: impl Fn(&crate::images::Image) -> bool,
+) -> Result<PruneReport, GcError> {
     let _gc = store.gc_lock(opts.wait, on_wait).map_err(GcError::Lock)?;
     let images = store.images();
     let mut report = PruneReport::default();
@@ -218,7 +228,7 @@ pub fn prune(store: &Store, opts: PruneOptions, on_wait: impl FnOnce()) -> Resul
         }
         let id = match images.get(&manifest) {
             Ok(img) => {
-                if !images.containers_using(&img).map_err(GcError::Images)?.is_empty() {
+                if !matches(&img) || !images.containers_using(&img).map_err(GcError::Images)?.is_empty() {
                     continue;
                 }
                 img.config_digest

@@ -15,6 +15,7 @@ use kiln_containers::logs::{self, Stream};
 use kiln_containers::supervisor::{self, Mode, FRAME_EXIT, FRAME_STDERR, FRAME_STDOUT};
 use kiln_containers::{ContainerRecord, ContainerState, Containers, RecordError, Status};
 
+use crate::gotemplate::Value;
 use crate::store_cmds::human_ago;
 use crate::supervise::supervisor_command;
 use crate::Globals;
@@ -48,6 +49,8 @@ pub enum ContainerCmd {
     Exec(ExecArgs),
     /// List port mappings or a specific mapping for the container
     Port(PortArgs),
+    /// Rename a container
+    Rename(RenameArgs),
     /// Manage containers
     #[command(subcommand)]
     Container(ContainerGroup),
@@ -60,11 +63,62 @@ pub enum ContainerCmd {
     Supervise(SuperviseArgs),
 }
 
-/// `kiln container ...`.
+/// `kiln container ...`: Docker's management group, the same commands as the top level.
 #[derive(Subcommand, Debug)]
 pub enum ContainerGroup {
+    /// Attach local standard input, output, and error streams to a running container
+    Attach(AttachArgs),
+    /// Create a new image from a container's changes
+    Commit(crate::container_fs_cmds::CommitArgs),
+    /// Copy files/folders between a container and the local filesystem
+    Cp(crate::container_fs_cmds::CpArgs),
+    /// Create a new container
+    Create(Box<crate::run_cmd::CreateArgs>),
+    /// Inspect changes to files or directories on a container's filesystem
+    Diff(crate::container_fs_cmds::DiffArgs),
+    /// Execute a command in a running container
+    Exec(ExecArgs),
+    /// Export a container's filesystem as a tar archive
+    Export(crate::container_fs_cmds::ExportArgs),
+    /// Display detailed information on one or more containers
+    Inspect(crate::store_cmds::InspectArgs),
+    /// Kill one or more running containers
+    Kill(KillArgs),
+    /// Fetch the logs of a container
+    Logs(LogsArgs),
+    /// List containers
+    #[command(visible_alias = "ps", alias = "list")]
+    Ls(PsArgs),
+    /// List port mappings or a specific mapping for the container
+    Port(PortArgs),
     /// Remove all stopped containers
     Prune(PruneArgs),
+    /// Rename a container
+    Rename(RenameArgs),
+    /// Restart one or more containers
+    Restart(StopArgs),
+    /// Remove one or more containers
+    #[command(alias = "remove")]
+    Rm(RmArgs),
+    /// Run a command in a new container
+    Run(Box<crate::run_cmd::RunArgs>),
+    /// Start one or more stopped containers
+    Start(StartArgs),
+    /// Stop one or more running containers
+    Stop(StopArgs),
+    /// Display the running processes of a container
+    Top(TopArgs),
+    /// Block until one or more containers stop, then print their exit codes
+    Wait(NamesArgs),
+}
+
+/// `kiln rename`.
+#[derive(Args, Debug)]
+pub struct RenameArgs {
+    /// Container
+    pub container: String,
+    /// New name
+    pub new_name: String,
 }
 
 /// Container names or IDs.
@@ -79,10 +133,10 @@ pub struct NamesArgs {
 #[derive(Args, Debug)]
 pub struct StartArgs {
     /// Attach STDOUT/STDERR and forward signals
-    #[arg(short = 'a', long)]
+    #[arg(short = 'a', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub attach: bool,
     /// Attach container's STDIN
-    #[arg(short = 'i', long)]
+    #[arg(short = 'i', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub interactive: bool,
     /// Containers
     #[arg(required = true)]
@@ -118,10 +172,10 @@ pub struct KillArgs {
 #[derive(Args, Debug)]
 pub struct RmArgs {
     /// Force the removal of a running container (uses SIGKILL)
-    #[arg(short = 'f', long)]
+    #[arg(short = 'f', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub force: bool,
     /// Remove anonymous volumes associated with the container
-    #[arg(short = 'v', long)]
+    #[arg(short = 'v', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub volumes: bool,
     /// Containers
     #[arg(required = true)]
@@ -132,30 +186,39 @@ pub struct RmArgs {
 #[derive(Args, Debug)]
 pub struct PsArgs {
     /// Show all containers (default shows just running)
-    #[arg(short = 'a', long)]
+    #[arg(short = 'a', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub all: bool,
     /// Only display container IDs
-    #[arg(short = 'q', long)]
+    #[arg(short = 'q', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub quiet: bool,
     /// Show the latest created container (includes all states)
-    #[arg(short = 'l', long)]
+    #[arg(short = 'l', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub latest: bool,
     /// Show n last created containers (includes all states)
     #[arg(short = 'n', long = "last")]
     pub last: Option<usize>,
     /// Don't truncate output
-    #[arg(long = "no-trunc")]
+    #[arg(long = "no-trunc", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub no_trunc: bool,
+    /// Display total file sizes
+    #[arg(short = 's', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub size: bool,
+    /// Filter output based on conditions provided (`key=value`)
+    #[arg(short = 'f', long)]
+    pub filter: Vec<String>,
+    /// Format output using a custom template: 'table', 'table TEMPLATE', 'json', or a Go template
+    #[arg(long)]
+    pub format: Option<String>,
 }
 
 /// `kiln logs`.
 #[derive(Args, Debug)]
 pub struct LogsArgs {
     /// Follow log output
-    #[arg(short = 'f', long)]
+    #[arg(short = 'f', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub follow: bool,
     /// Show timestamps
-    #[arg(short = 't', long)]
+    #[arg(short = 't', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub timestamps: bool,
     /// Number of lines to show from the end of the logs ("all" for every line)
     #[arg(short = 'n', long, default_value = "all")]
@@ -168,7 +231,7 @@ pub struct LogsArgs {
 #[derive(Args, Debug)]
 pub struct AttachArgs {
     /// Do not attach STDIN
-    #[arg(long = "no-stdin")]
+    #[arg(long = "no-stdin", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub no_stdin: bool,
     /// Container
     pub container: String,
@@ -179,19 +242,22 @@ pub struct AttachArgs {
 pub struct TopArgs {
     /// Container
     pub container: String,
+    /// Options for the host's `ps` (e.g. `aux`, `-o pid,comm`); default: kiln's `-ef` columns
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub ps_args: Vec<String>,
 }
 
 /// `kiln exec`.
 #[derive(Args, Debug)]
 pub struct ExecArgs {
     /// Detached mode: run command in the background
-    #[arg(short = 'd', long)]
+    #[arg(short = 'd', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub detach: bool,
     /// Keep STDIN open even if not attached
-    #[arg(short = 'i', long)]
+    #[arg(short = 'i', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub interactive: bool,
     /// Allocate a pseudo-TTY
-    #[arg(short = 't', long)]
+    #[arg(short = 't', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub tty: bool,
     /// Set environment variables
     #[arg(short = 'e', long = "env")]
@@ -225,7 +291,7 @@ pub struct PortArgs {
 #[derive(Args, Debug)]
 pub struct PruneArgs {
     /// Do not prompt for confirmation
-    #[arg(short = 'f', long)]
+    #[arg(short = 'f', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub force: bool,
 }
 
@@ -243,12 +309,49 @@ impl ContainerCmd {
     /// Whether the command mounts filesystems and needs a private mount namespace (entered
     /// while the process is single-threaded).
     pub fn needs_private_mounts(&self) -> bool {
-        matches!(self, ContainerCmd::Supervise(_))
+        matches!(
+            self,
+            ContainerCmd::Supervise(_)
+                | ContainerCmd::Container(
+                    ContainerGroup::Run(_) | ContainerGroup::Cp(_) | ContainerGroup::Export(_)
+                )
+        )
     }
 }
 
 /// Runs a container command.
 pub fn run(cmd: ContainerCmd, g: &Globals) -> anyhow::Result<ExitCode> {
+    use crate::container_fs_cmds::{self as fs_cmds, FsCmd};
+    // `container X` is `X`.
+    let cmd = match cmd {
+        ContainerCmd::Container(group) => match group {
+            ContainerGroup::Attach(a) => ContainerCmd::Attach(a),
+            ContainerGroup::Commit(a) => return fs_cmds::run(FsCmd::Commit(a), g),
+            ContainerGroup::Cp(a) => return fs_cmds::run(FsCmd::Cp(a), g),
+            ContainerGroup::Create(a) => ContainerCmd::Create(a),
+            ContainerGroup::Diff(a) => return fs_cmds::run(FsCmd::Diff(a), g),
+            ContainerGroup::Exec(a) => ContainerCmd::Exec(a),
+            ContainerGroup::Export(a) => return fs_cmds::run(FsCmd::Export(a), g),
+            ContainerGroup::Inspect(a) => {
+                let store = kiln_cache::Store::open(&g.root)?;
+                return inspect_objects(a, Some("container"), &store);
+            }
+            ContainerGroup::Kill(a) => ContainerCmd::Kill(a),
+            ContainerGroup::Logs(a) => ContainerCmd::Logs(a),
+            ContainerGroup::Ls(a) => ContainerCmd::Ps(a),
+            ContainerGroup::Port(a) => ContainerCmd::Port(a),
+            ContainerGroup::Prune(a) => ContainerCmd::Container(ContainerGroup::Prune(a)),
+            ContainerGroup::Rename(a) => ContainerCmd::Rename(a),
+            ContainerGroup::Restart(a) => ContainerCmd::Restart(a),
+            ContainerGroup::Rm(a) => ContainerCmd::Rm(a),
+            ContainerGroup::Run(a) => return crate::run_cmd::run(*a, g),
+            ContainerGroup::Start(a) => ContainerCmd::Start(a),
+            ContainerGroup::Stop(a) => ContainerCmd::Stop(a),
+            ContainerGroup::Top(a) => ContainerCmd::Top(a),
+            ContainerGroup::Wait(a) => ContainerCmd::Wait(a),
+        },
+        other => other,
+    };
     if let ContainerCmd::Create(a) = cmd {
         return crate::run_cmd::create(*a, g);
     }
@@ -277,6 +380,12 @@ pub fn run(cmd: ContainerCmd, g: &Globals) -> anyhow::Result<ExitCode> {
         ContainerCmd::Exec(a) => cmd_exec(&containers, a),
         ContainerCmd::Port(a) => cmd_port(&containers, a),
         ContainerCmd::Container(ContainerGroup::Prune(a)) => cmd_prune(&containers, a),
+        ContainerCmd::Container(_) => unreachable_group(),
+        ContainerCmd::Rename(a) => {
+            let rec = containers.lookup(&a.container)?;
+            containers.rename(&rec.id, &a.new_name)?;
+            Ok(ExitCode::SUCCESS)
+        }
         ContainerCmd::Version => cmd_version(),
         ContainerCmd::Info => cmd_info(&containers, g),
         ContainerCmd::Supervise(a) => cmd_supervise(&containers, a),
@@ -288,6 +397,11 @@ pub fn run(cmd: ContainerCmd, g: &Globals) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// The group's other commands were mapped to top-level ones before dispatch.
+fn unreachable_group() -> anyhow::Result<ExitCode> {
+    anyhow::bail!("internal error: an unmapped `container` subcommand")
 }
 
 fn with_signal(rec: &ContainerRecord, signal: Option<&str>) -> ContainerRecord {
@@ -445,7 +559,14 @@ fn human_duration(since: &str) -> String {
 pub fn status_text(st: &ContainerState) -> String {
     match st.status {
         Status::Created => "Created".into(),
-        Status::Running => format!("Up {}", human_duration(&st.started_at)),
+        Status::Running => {
+            let health = match st.health.as_ref().map(|h| h.status) {
+                None => String::new(),
+                Some(kiln_containers::state::HealthStatus::Starting) => " (health: starting)".into(),
+                Some(h) => format!(" ({})", h.as_str()),
+            };
+            format!("Up {}{health}", human_duration(&st.started_at))
+        }
         Status::Restarting => format!(
             "Restarting ({}) {}",
             st.exit_code,
@@ -518,6 +639,37 @@ fn host_addr(p: &kiln_runtime::net::PublishedPort) -> String {
     std::net::SocketAddr::new(p.host_ip, p.host_port).to_string()
 }
 
+/// Docker's `HostConfig.PortBindings` of the recorded `-p` specs: `"80/tcp": [{"HostIp": "",
+/// "HostPort": "8080"}]`, one entry per container port of a range.
+fn port_bindings_json(rec: &ContainerRecord) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for spec in &rec.host.port_bindings {
+        let Ok(p) = kiln_runtime::net::PortSpec::parse(spec) else {
+            continue;
+        };
+        let (cs, ce) = (p.container_ports.start, p.container_ports.end);
+        for (i, port) in (cs..=ce).enumerate() {
+            let host_port = match p.host_ports {
+                None => String::new(),
+                Some(h) if cs == ce && h.start != h.end => format!("{}-{}", h.start, h.end),
+                Some(h) => (h.start as usize + i).to_string(),
+            };
+            let entry = serde_json::json!({
+                "HostIp": p.host_ip.map(|i| i.to_string()).unwrap_or_default(),
+                "HostPort": host_port,
+            });
+            let key = format!("{port}/{}", p.protocol);
+            match map.get_mut(&key).and_then(|v| v.as_array_mut()) {
+                Some(list) => list.push(entry),
+                None => {
+                    map.insert(key, serde_json::Value::Array(vec![entry]));
+                }
+            }
+        }
+    }
+    serde_json::Value::Object(map)
+}
+
 /// Docker's `NetworkSettings.Ports`: `"80/tcp": [{"HostIp": .., "HostPort": ".."}]`, with
 /// the exposed but unpublished ports as `null`.
 fn ports_json(rec: &ContainerRecord, st: &ContainerState) -> serde_json::Value {
@@ -544,10 +696,145 @@ fn ports_json(rec: &ContainerRecord, st: &ContainerState) -> serde_json::Value {
     serde_json::Value::Object(map)
 }
 
+/// The keys `ps --filter` takes.
+const PS_FILTERS: &[&str] = &[
+    "id", "name", "label", "label!", "exited", "status", "ancestor", "before", "since", "health", "volume",
+    "network",
+];
+
+/// Docker's `ps` column names.
+const PS_HEADERS: &[(&str, &str)] = &[
+    ("ID", "CONTAINER ID"),
+    ("Image", "IMAGE"),
+    ("Command", "COMMAND"),
+    ("CreatedAt", "CREATED AT"),
+    ("RunningFor", "CREATED"),
+    ("Ports", "PORTS"),
+    ("State", "STATE"),
+    ("Status", "STATUS"),
+    ("Size", "SIZE"),
+    ("Names", "NAMES"),
+    ("Labels", "LABELS"),
+    ("Label", "LABEL"),
+    ("Mounts", "MOUNTS"),
+    ("Networks", "NETWORKS"),
+    ("LocalVolumes", "LOCAL VOLUMES"),
+];
+
+/// Docker's `CreatedAt` form: `2006-01-02 15:04:05 -0700 MST` (UTC here).
+pub fn docker_time(rfc3339: &str) -> String {
+    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .and_then(|t| {
+            t.to_offset(time::UtcOffset::UTC)
+                .format(time::macros::format_description!(
+                    "[year]-[month]-[day] [hour]:[minute]:[second] +0000 UTC"
+                ))
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// The name of the network a container is on (`bridge`, `host`, `none`).
+fn network_name(rec: &ContainerRecord) -> String {
+    match rec.host.network_mode.as_str() {
+        "" | "default" => "bridge".into(),
+        m => m.to_string(),
+    }
+}
+
+/// Whether `rec` descends from the image `want` names (a reference or an image ID prefix).
+fn ancestor_matches(rec: &ContainerRecord, want: &str) -> bool {
+    let norm = |s: &str| {
+        kiln_cache::reference::Reference::parse(s)
+            .map(|r| r.to_string())
+            .unwrap_or_else(|_| s.to_string())
+    };
+    if norm(&rec.image_name) == norm(want) {
+        return true;
+    }
+    let hex = want.strip_prefix("sha256:").unwrap_or(want);
+    hex.len() >= 4
+        && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        && (rec.image_id.is_some_and(|d| d.hex().starts_with(hex)) || rec.image.hex().starts_with(hex))
+}
+
+/// Whether a container passes `ps`'s filters.
+fn ps_filter(
+    f: &crate::filters::Filters,
+    rec: &ContainerRecord,
+    st: &ContainerState,
+    before: Option<&str>,
+    since: Option<&str>,
+    mounts: &[serde_json::Value],
+) -> bool {
+    let labels = rec.config.labels.clone().unwrap_or_default();
+    f.any("id", |v| rec.id.starts_with(v))
+        && f.any("name", |v| {
+            regex::Regex::new(v).is_ok_and(|r| r.is_match(&rec.name))
+        })
+        && f.labels_match(&labels)
+        && f.any("exited", |v| {
+            st.status == Status::Exited && v.parse::<i32>().is_ok_and(|c| c == st.exit_code)
+        })
+        && f.any("status", |v| v == st.status.as_str())
+        && f.any("ancestor", |v| ancestor_matches(rec, v))
+        && before.is_none_or(|b| rec.created.as_str() < b)
+        && since.is_none_or(|s| rec.created.as_str() > s)
+        && f.any("health", |v| v == health_word(st))
+        && f.any("network", |v| v == network_name(rec))
+        && f.any("volume", |v| {
+            mounts.iter().any(|m| {
+                m["Name"].as_str() == Some(v)
+                    || m["Source"].as_str() == Some(v)
+                    || m["Destination"].as_str() == Some(v)
+            })
+        })
+}
+
+/// `health=` filter word of a container: `starting`, `healthy`, `unhealthy` or `none`.
+fn health_word(st: &ContainerState) -> &'static str {
+    match &st.health {
+        Some(h) => h.status.as_str(),
+        None => "none",
+    }
+}
+
 fn cmd_ps(containers: &Containers, a: PsArgs) -> anyhow::Result<ExitCode> {
-    let mut rows = Vec::new();
+    let f = crate::filters::Filters::parse(&a.filter, PS_FILTERS)?;
+    f.check_values(
+        "status",
+        &[
+            "created",
+            "restarting",
+            "running",
+            "removing",
+            "paused",
+            "exited",
+            "dead",
+        ],
+    )?;
+    f.check_values("health", &["starting", "healthy", "unhealthy", "none"])?;
+    for v in f.get("exited") {
+        if v.parse::<i32>().is_err() {
+            anyhow::bail!("invalid filter 'exited={v}'");
+        }
+    }
+    let created_of = |name: &str| -> anyhow::Result<String> {
+        containers
+            .lookup(name)
+            .map(|r| r.created)
+            .map_err(|_| anyhow::anyhow!("No such container: {name}"))
+    };
+    let before = f.get("before").first().map(|b| created_of(b)).transpose()?;
+    let since = f.get("since").first().map(|s| created_of(s)).transpose()?;
     let limit = if a.latest { Some(1) } else { a.last };
-    let all = a.all || limit.is_some();
+    let all = a.all || limit.is_some() || f.has("status");
+    let want_size = a.size
+        || a.format
+            .as_deref()
+            .is_some_and(|f| f.contains("Size") || f.contains("json"));
+    let mut rows = Vec::new();
     for rec in containers.list()?.into_iter().take(limit.unwrap_or(usize::MAX)) {
         let st = match containers.state(&rec.id) {
             Ok(s) => s,
@@ -557,39 +844,70 @@ fn cmd_ps(containers: &Containers, a: PsArgs) -> anyhow::Result<ExitCode> {
         if !all && !matches!(st.status, Status::Running | Status::Restarting) {
             continue;
         }
+        let mounts: Vec<serde_json::Value> = kiln_containers::mounts::load(containers.root(), &rec.id)
+            .map(|ms| ms.iter().map(|m| m.inspect_json()).collect())
+            .unwrap_or_default();
+        if !ps_filter(&f, &rec, &st, before.as_deref(), since.as_deref(), &mounts) {
+            continue;
+        }
         let id = if a.no_trunc {
             rec.id.clone()
         } else {
             rec.short_id().to_string()
         };
-        if a.quiet {
-            println!("{id}");
-            continue;
-        }
-        rows.push(vec![
-            id,
-            rec.image_name.clone(),
-            command_text(&rec, a.no_trunc),
-            human_ago(Some(&rec.created)),
-            status_text(&st),
-            ports_text(&st),
-            rec.name.clone(),
-        ]);
-    }
-    if !a.quiet {
-        let head = [
-            "CONTAINER ID",
-            "IMAGE",
-            "COMMAND",
-            "CREATED",
-            "STATUS",
-            "PORTS",
-            "NAMES",
+        let labels = rec.config.labels.clone().unwrap_or_default();
+        let size = if want_size {
+            let upper = dir_size(&rec.rootfs.upper);
+            let virt: u64 = upper + rec.rootfs.lower.iter().map(|l| dir_size(l)).sum::<u64>();
+            format!(
+                "{} (virtual {})",
+                crate::store_cmds::human_size(upper),
+                crate::store_cmds::human_size(virt)
+            )
+        } else {
+            "0B".to_string()
+        };
+        let mount_names: Vec<String> = mounts
+            .iter()
+            .filter_map(|m| m["Name"].as_str().or(m["Source"].as_str()).map(str::to_string))
+            .collect();
+        let local_volumes = mounts.iter().filter(|m| m["Type"] == "volume").count();
+        let mut row = vec![
+            ("ID", Value::Str(id)),
+            ("Image", Value::Str(rec.image_name.clone())),
+            ("Command", Value::Str(command_text(&rec, a.no_trunc))),
+            ("CreatedAt", Value::Str(docker_time(&rec.created))),
+            ("RunningFor", Value::Str(human_ago(Some(&rec.created)))),
+            ("Ports", Value::Str(ports_text(&st))),
+            ("State", Value::Str(st.status.as_str().to_string())),
+            ("Status", Value::Str(status_text(&st))),
+            ("Size", Value::Str(size)),
+            ("Names", Value::Str(rec.name.clone())),
+            ("Labels", Value::Str(crate::format::labels_text(&labels))),
+            ("Mounts", Value::Str(mount_names.join(","))),
+            ("Networks", Value::Str(network_name(&rec))),
+            ("LocalVolumes", Value::Str(local_volumes.to_string())),
         ];
-        rows.insert(0, head.map(String::from).to_vec());
-        crate::store_cmds::print_table(&rows)?;
+        row.push(("Label", crate::format::label_method(labels)));
+        rows.push(Value::context("*formatter.ContainerContext", row));
     }
-    Ok(ExitCode::SUCCESS)
+    let mut default_table =
+        "table {{.ID}}\t{{.Image}}\t{{.Command}}\t{{.RunningFor}}\t{{.Status}}\t{{.Ports}}\t{{.Names}}"
+            .to_string();
+    if a.size {
+        default_table.push_str("\t{{.Size}}");
+    }
+    let format = if a.quiet {
+        "{{.ID}}"
+    } else {
+        a.format.as_deref().unwrap_or("")
+    };
+    crate::format::Listing {
+        format,
+        default_table: &default_table,
+        headers: PS_HEADERS,
+    }
+    .print(&rows)
 }
 
 fn cmd_logs(containers: &Containers, a: LogsArgs) -> anyhow::Result<ExitCode> {
@@ -640,6 +958,9 @@ fn user_name(uid: u32) -> String {
 fn cmd_top(containers: &Containers, a: TopArgs) -> anyhow::Result<ExitCode> {
     let rec = containers.lookup(&a.container)?;
     let procs = lifecycle::top(containers, &rec)?;
+    if !a.ps_args.is_empty() {
+        return top_with_ps(&a.ps_args, &procs);
+    }
     const HZ: u64 = 100;
     let boot = std::fs::read_to_string("/proc/stat")
         .ok()
@@ -675,12 +996,58 @@ fn cmd_top(containers: &Containers, a: TopArgs) -> anyhow::Result<ExitCode> {
             p.cmd,
         ]);
     }
-    crate::store_cmds::print_table(&rows)?;
+    print_top(&rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints `top`'s rows as Docker's CLI does (tabwriter with minimum width 20).
+fn print_top(rows: &[Vec<String>]) {
+    let text: String = rows.iter().map(|r| r.join("\t") + "\n").collect();
+    print!("{}", crate::format::tabwrite_min(&text, 20));
+}
+
+/// `top CONTAINER PS_ARGS...`, as Docker's daemon does it: the host's `ps` with those options,
+/// its `PID` column found in the header, only the container's processes kept.
+fn top_with_ps(ps_args: &[String], procs: &[lifecycle::ProcessInfo]) -> anyhow::Result<ExitCode> {
+    let out = Command::new("ps")
+        .args(ps_args)
+        .output()
+        .context("failed to run `ps` (procps) for `top`")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "ps: {}",
+            String::from_utf8_lossy(&out.stderr).trim().replace('\n', " ")
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let titles: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+    let Some(pid_col) = titles.iter().position(|t| *t == "PID") else {
+        anyhow::bail!("Couldn't find PID field in ps output");
+    };
+    let pids: std::collections::BTreeSet<i32> = procs.iter().map(|p| p.pid).collect();
+    let mut rows = vec![titles.iter().map(|t| t.to_string()).collect::<Vec<_>>()];
+    for l in lines {
+        let fields: Vec<&str> = l.split_whitespace().collect();
+        if fields.len() < titles.len() {
+            continue;
+        }
+        if !fields[pid_col].parse::<i32>().is_ok_and(|p| pids.contains(&p)) {
+            continue;
+        }
+        let mut row: Vec<String> = fields[..titles.len() - 1].iter().map(|f| f.to_string()).collect();
+        row.push(fields[titles.len() - 1..].join(" "));
+        rows.push(row);
+    }
+    print_top(&rows);
     Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_exec(containers: &Containers, a: ExecArgs) -> anyhow::Result<ExitCode> {
     use kiln_runtime::tty;
+    if let Some(code) = crate::run_cmd::refuse_non_tty_input(a.interactive && a.tty && !a.detach) {
+        return Ok(code);
+    }
     let rec = containers.lookup(&a.container)?;
     let st = containers.state(&rec.id)?;
     if st.status != Status::Running || st.pid <= 0 {
@@ -740,7 +1107,10 @@ fn cmd_exec(containers: &Containers, a: ExecArgs) -> anyhow::Result<ExitCode> {
         Ok(r) => r,
         Err(e) => {
             let code = supervisor::start_failure_code(&e);
-            eprintln!("Error: {}", supervisor::error_chain(&e));
+            match supervisor::docker_exec_message(&e) {
+                Some(m) => eprintln!("{m}"),
+                None => eprintln!("Error: {}", supervisor::error_chain(&e)),
+            }
             return Ok(ExitCode::from(code));
         }
     };
@@ -800,6 +1170,61 @@ fn dir_size(path: &Path) -> u64 {
     std::fs::read_dir(path)
         .map(|es| es.flatten().map(|e| dir_size(&e.path())).sum())
         .unwrap_or(0)
+}
+
+/// The `Containers` and `Local Volumes` rows of `system df`: type, total, active, size,
+/// reclaimable (with Docker's percentage when the size is not 0).
+pub fn df_rows(root: &Path) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    use crate::store_cmds::human_size;
+    let percent = |part: u64, whole: u64| {
+        (part * 100)
+            .checked_div(whole)
+            .map(|p| format!("{} ({p}%)", human_size(part)))
+            .unwrap_or_else(|| human_size(part))
+    };
+    let containers = Containers::open(root)?;
+    let (mut total, mut active, mut size, mut reclaimable) = (0u64, 0u64, 0u64, 0u64);
+    for rec in containers.list()? {
+        let Ok(st) = containers.state(&rec.id) else {
+            continue;
+        };
+        let s = dir_size(&rec.rootfs.upper);
+        total += 1;
+        size += s;
+        if matches!(st.status, Status::Running | Status::Restarting) {
+            active += 1;
+        } else {
+            reclaimable += s;
+        }
+    }
+    let ctr = vec![
+        "Containers".to_string(),
+        total.to_string(),
+        active.to_string(),
+        human_size(size),
+        percent(reclaimable, size),
+    ];
+    let vols = kiln_containers::volumes::Volumes::open(root)?;
+    let usage = vols.usage()?;
+    let (mut vtotal, mut vactive, mut vsize, mut vfree) = (0u64, 0u64, 0u64, 0u64);
+    for v in vols.list()? {
+        let s = kiln_containers::volumes::dir_size(&v.mountpoint);
+        vtotal += 1;
+        vsize += s;
+        if usage.contains_key(&v.name) {
+            vactive += 1;
+        } else {
+            vfree += s;
+        }
+    }
+    let vol = vec![
+        "Local Volumes".to_string(),
+        vtotal.to_string(),
+        vactive.to_string(),
+        human_size(vsize),
+        percent(vfree, vsize),
+    ];
+    Ok((ctr, vol))
 }
 
 fn cmd_prune(containers: &Containers, a: PruneArgs) -> anyhow::Result<ExitCode> {
@@ -896,7 +1321,12 @@ pub fn inspect_json(containers: &Containers, rec: &ContainerRecord) -> anyhow::R
         "SandboxKey": endpoint.as_ref().map(|e| e.netns.display().to_string()).unwrap_or_default(),
         "Networks": networks,
     });
-    Ok(serde_json::json!({
+    let health = st.health.as_ref().map(serde_json::to_value).transpose()?;
+    let mut host_config = serde_json::to_value(&rec.host)?;
+    if let Some(h) = host_config.as_object_mut() {
+        h.insert("PortBindings".into(), port_bindings_json(rec));
+    }
+    let mut v = serde_json::json!({
         "Id": rec.id,
         "Created": rec.created,
         "Path": rec.path(),
@@ -923,7 +1353,7 @@ pub fn inspect_json(containers: &Containers, rec: &ContainerRecord) -> anyhow::R
         "RestartCount": st.restart_count,
         "Driver": "overlay",
         "Platform": "linux",
-        "HostConfig": rec.host,
+        "HostConfig": host_config,
         "GraphDriver": {
             "Name": "overlay",
             "Data": {
@@ -935,36 +1365,107 @@ pub fn inspect_json(containers: &Containers, rec: &ContainerRecord) -> anyhow::R
         "Mounts": mounts,
         "Config": config,
         "NetworkSettings": network_settings,
-    }))
+    });
+    if let (Some(h), Some(state)) = (health, v.get_mut("State").and_then(|s| s.as_object_mut())) {
+        state.insert("Health".into(), h);
+    }
+    Ok(v)
 }
 
-/// `kiln inspect NAME...`: containers by name or ID; when no name is a container, the image
-/// inspect handles them all.
-pub fn inspect_or_image(names: Vec<String>, g: &Globals) -> anyhow::Result<ExitCode> {
-    let containers = Containers::open(&g.root)?;
-    let mut found = Vec::new();
-    let mut missing = Vec::new();
-    for n in &names {
-        match containers.lookup(n) {
-            Ok(rec) => found.push(inspect_json(&containers, &rec)?),
-            Err(RecordError::NoSuchContainer(_)) => missing.push(n.clone()),
-            Err(e) => return Err(e.into()),
+/// The data `inspect -f` templates see for a container: its inspect JSON, with the nil
+/// pointers Docker's Go types have where the JSON omits a field (`State.Health`).
+fn container_template_data(mut v: serde_json::Value) -> Value {
+    if let Some(state) = v.get_mut("State").and_then(|s| s.as_object_mut()) {
+        state.entry("Health").or_insert(serde_json::Value::Null);
+    }
+    Value::from_json(&v, &crate::format::is_go_map)
+}
+
+/// `kiln inspect [-f FORMAT] [--type container|image] NAME...` (and `container inspect`, `image
+/// inspect` with `kind`): each name as a container, else as an image, in the order given.
+pub fn inspect_objects(
+    a: crate::store_cmds::InspectArgs,
+    kind: Option<&str>,
+    store: &kiln_cache::Store,
+) -> anyhow::Result<ExitCode> {
+    let kind = kind.or(a.kind.as_deref());
+    if let Some(k) = kind {
+        if !matches!(k, "container" | "image") {
+            eprintln!("\"{k}\" is not a valid value for --type");
+            return Ok(ExitCode::from(1));
         }
     }
-    if found.is_empty() {
-        return crate::store_cmds::run(
-            crate::store_cmds::StoreCmd::Inspect(crate::store_cmds::InspectArgs { images: names }),
-            g,
-        );
+    let containers = Containers::open(store.root())?;
+    let images = store.images();
+    let mut found: Vec<(serde_json::Value, bool)> = Vec::new();
+    let mut errors = Vec::new();
+    for n in &a.images {
+        if kind != Some("image") {
+            match containers.lookup(n) {
+                Ok(rec) => {
+                    found.push((inspect_json(&containers, &rec)?, true));
+                    continue;
+                }
+                Err(RecordError::NoSuchContainer(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if kind != Some("container") {
+            match images
+                .resolve(n)
+                .and_then(|img| crate::store_cmds::inspect_json(store, &images, &img))
+            {
+                Ok(v) => {
+                    found.push((v, false));
+                    continue;
+                }
+                Err(kiln_cache::images::ImageError::NotFound(_)) => {}
+                Err(e) => {
+                    errors.push(format!("Error: {e}"));
+                    continue;
+                }
+            }
+        }
+        errors.push(match kind {
+            Some("container") => format!("Error: No such container: {n}"),
+            Some(_) => format!("Error: No such image: {n}"),
+            None => format!("Error: No such object: {n}"),
+        });
     }
-    println!("{}", serde_json::to_string_pretty(&found)?);
-    for m in &missing {
-        eprintln!("Error: No such object: {m}");
+    let code = match &a.format {
+        None => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&found.into_iter().map(|f| f.0).collect::<Vec<_>>())?
+            );
+            None
+        }
+        Some(f) => {
+            let data: Vec<Value> = found
+                .into_iter()
+                .map(|(v, is_container)| {
+                    if is_container {
+                        container_template_data(v)
+                    } else {
+                        Value::from_json(&v, &crate::format::is_go_map)
+                    }
+                })
+                .collect();
+            let (text, err) = crate::format::inspect(f, &data);
+            print!("{text}");
+            err.map(|e| {
+                errors.push(e.to_string());
+                e.exit_code()
+            })
+        }
+    };
+    for e in &errors {
+        eprintln!("{e}");
     }
-    Ok(if missing.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
+    Ok(match code {
+        Some(c) => c,
+        None if errors.is_empty() => ExitCode::SUCCESS,
+        None => ExitCode::from(1),
     })
 }
 

@@ -17,6 +17,7 @@ use kiln_containers::volumes::{VolumeError, Volumes};
 use kiln_containers::{ContainerRecord, Containers};
 use kiln_dag::image::{ContainerConfig, Empty, History, ImageConfig};
 
+use crate::gotemplate::Value;
 use crate::Globals;
 
 /// The volume and container-filesystem commands, flattened into kiln's top level.
@@ -79,6 +80,12 @@ pub struct VolumeLsArgs {
     /// Only display volume names
     #[arg(short, long)]
     pub quiet: bool,
+    /// Provide filter values (e.g. `dangling=true`)
+    #[arg(short = 'f', long)]
+    pub filter: Vec<String>,
+    /// Format output using a custom template: 'table', 'table TEMPLATE', 'json', or a Go template
+    #[arg(long)]
+    pub format: Option<String>,
 }
 
 /// `volume rm`.
@@ -178,6 +185,77 @@ pub fn run(cmd: FsCmd, g: &Globals) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `volume ls [-q] [-f dangling=|name=|label=|driver=] [--format]`.
+fn volume_ls(vols: &Volumes, a: VolumeLsArgs) -> anyhow::Result<ExitCode> {
+    let f = crate::filters::Filters::parse(&a.filter, &["dangling", "name", "label", "label!", "driver"])?;
+    let dangling = f.bool("dangling")?;
+    let usage = if dangling.is_some() || a.format.is_some() {
+        vols.usage()?
+    } else {
+        BTreeMap::new()
+    };
+    let want_size = a
+        .format
+        .as_deref()
+        .is_some_and(|f| f.contains("Size") || f.contains("json"));
+    let mut rows = Vec::new();
+    for v in vols.list()? {
+        let used = usage.contains_key(&v.name);
+        if dangling.is_some_and(|d| d == used)
+            || !f.any("name", |n| v.name.contains(n))
+            || !f.any("driver", |d| d == "local")
+            || !f.labels_match(&v.meta.labels)
+        {
+            continue;
+        }
+        let mut fields = vec![
+            ("Name", Value::Str(v.name.clone())),
+            ("Driver", Value::Str("local".into())),
+            ("Scope", Value::Str("local".into())),
+            ("Mountpoint", Value::Str(v.mountpoint.display().to_string())),
+            ("Labels", Value::Str(crate::format::labels_text(&v.meta.labels))),
+            (
+                "Links",
+                Value::Str(
+                    usage
+                        .get(&v.name)
+                        .map(|u| u.len().to_string())
+                        .unwrap_or_else(|| "N/A".into()),
+                ),
+            ),
+            (
+                "Size",
+                Value::Str(if want_size {
+                    crate::store_cmds::human_size(kiln_containers::volumes::dir_size(&v.mountpoint))
+                } else {
+                    "N/A".into()
+                }),
+            ),
+        ];
+        fields.push(("Label", crate::format::label_method(v.meta.labels.clone())));
+        rows.push(Value::context("*formatter.volumeContext", fields));
+    }
+    let format = if a.quiet {
+        "{{.Name}}"
+    } else {
+        a.format.as_deref().unwrap_or("")
+    };
+    crate::format::Listing {
+        format,
+        default_table: "table {{.Driver}}\t{{.Name}}",
+        headers: &[
+            ("Name", "VOLUME NAME"),
+            ("Driver", "DRIVER"),
+            ("Scope", "SCOPE"),
+            ("Mountpoint", "MOUNTPOINT"),
+            ("Labels", "LABELS"),
+            ("Links", "LINKS"),
+            ("Size", "SIZE"),
+        ],
+    }
+    .print(&rows)
+}
+
 fn volume(cmd: VolumeCmd, g: &Globals) -> anyhow::Result<ExitCode> {
     let vols = Volumes::open(&g.root)?;
     match cmd {
@@ -198,21 +276,7 @@ fn volume(cmd: VolumeCmd, g: &Globals) -> anyhow::Result<ExitCode> {
             println!("{}", v.name);
             Ok(ExitCode::SUCCESS)
         }
-        VolumeCmd::Ls(a) => {
-            let list = vols.list()?;
-            let mut out = io::stdout().lock();
-            if a.quiet {
-                for v in &list {
-                    writeln!(out, "{}", v.name)?;
-                }
-            } else {
-                writeln!(out, "DRIVER    VOLUME NAME")?;
-                for v in &list {
-                    writeln!(out, "local     {}", v.name)?;
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        VolumeCmd::Ls(a) => volume_ls(&vols, a),
         VolumeCmd::Rm(a) => {
             let mut failed = false;
             for name in &a.names {
@@ -377,7 +441,11 @@ fn container_root(g: &Globals, name: &str, write: bool) -> anyhow::Result<CtrRoo
     } else {
         None
     };
-    let st = containers.state(&rec.id)?;
+    let st = if lock.is_some() {
+        containers.state_locked(&rec.id)?
+    } else {
+        containers.state(&rec.id)?
+    };
     if st.running && st.pid > 0 {
         let path = PathBuf::from(format!("/proc/{}/root", st.pid));
         return Ok(CtrRoot {
@@ -574,7 +642,8 @@ fn pairs(instr: &str, rest: &str) -> anyhow::Result<Vec<(String, String)>> {
 }
 
 /// Applies one `commit -c` Dockerfile instruction to the config.
-fn apply_change(cfg: &mut ContainerConfig, change: &str) -> anyhow::Result<()> {
+/// Applies one `-c/--change` Dockerfile instruction (`commit -c`, `import -c`).
+pub(crate) fn apply_change(cfg: &mut ContainerConfig, change: &str) -> anyhow::Result<()> {
     let change = change.trim();
     let (instr, rest) = change.split_once(char::is_whitespace).unwrap_or((change, ""));
     let rest = rest.trim();

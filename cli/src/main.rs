@@ -10,6 +10,9 @@ mod build_cmd;
 mod container_cmds;
 mod container_fs_cmds;
 mod debug_cmd;
+mod filters;
+mod format;
+mod gotemplate;
 mod progress;
 mod registry_cmds;
 mod run_cmd;
@@ -48,9 +51,9 @@ enum Cmd {
     #[command(flatten)]
     Store(store_cmds::StoreCmd),
     /// Build an image from a Dockerfile
-    Build(build_cmd::BuildArgs),
+    Build(Box<build_cmd::BuildArgs>),
     /// Run a command in a new container
-    Run(run_cmd::RunArgs),
+    Run(Box<run_cmd::RunArgs>),
     /// Inspect what the frontend makes of a Dockerfile
     #[command(subcommand)]
     Debug(debug_cmd::DebugCmd),
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
     // process still has one thread.
     let private_mounts = match &cli.cmd {
         Cmd::Build(_) | Cmd::Run(_) => true,
+        Cmd::Store(store_cmds::StoreCmd::Image(store_cmds::ImageCmd::Build(_))) => true,
         Cmd::Containers(c) => c.needs_private_mounts(),
         Cmd::ContainerFs(c) => c.needs_private_mounts(),
         _ => false,
@@ -118,10 +122,9 @@ fn main() -> ExitCode {
         }
     }
     let result = match cli.cmd {
-        Cmd::Store(store_cmds::StoreCmd::Inspect(a)) => container_cmds::inspect_or_image(a.images, &globals),
         Cmd::Store(c) => store_cmds::run(c, &globals),
-        Cmd::Build(a) => build_cmd::run(a, &globals),
-        Cmd::Run(a) => run_cmd::run(a, &globals),
+        Cmd::Build(a) => build_cmd::run(*a, &globals),
+        Cmd::Run(a) => run_cmd::run(*a, &globals),
         Cmd::Debug(c) => debug_cmd::run(c, &globals),
         Cmd::Containers(c) => container_cmds::run(c, &globals),
         Cmd::ContainerFs(c) => container_fs_cmds::run(c, &globals),

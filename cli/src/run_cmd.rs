@@ -18,13 +18,13 @@ use crate::Globals;
 #[derive(Args, Debug, Clone)]
 pub struct CreateFlags {
     /// Keep STDIN open even if not attached
-    #[arg(short = 'i', long)]
+    #[arg(short = 'i', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub interactive: bool,
     /// Allocate a pseudo-TTY
-    #[arg(short = 't', long)]
+    #[arg(short = 't', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub tty: bool,
     /// Automatically remove the container and its associated anonymous volumes when it exits
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub rm: bool,
     /// Assign a name to the container
     #[arg(long)]
@@ -35,6 +35,12 @@ pub struct CreateFlags {
     /// Read in a file of environment variables
     #[arg(long = "env-file")]
     pub env_file: Vec<PathBuf>,
+    /// Set meta data on a container
+    #[arg(short = 'l', long = "label")]
+    pub label: Vec<String>,
+    /// Read in a line delimited file of labels
+    #[arg(long = "label-file")]
+    pub label_file: Vec<PathBuf>,
     /// Working directory inside the container
     #[arg(short = 'w', long = "workdir")]
     pub workdir: Option<String>,
@@ -72,7 +78,7 @@ pub struct CreateFlags {
     #[arg(long = "security-opt")]
     pub security_opt: Vec<String>,
     /// Run an init inside the container that forwards signals and reaps processes
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub init: bool,
     /// Memory limit (e.g. 512m, 1g)
     #[arg(short = 'm', long)]
@@ -84,7 +90,7 @@ pub struct CreateFlags {
     #[arg(long = "pids-limit")]
     pub pids_limit: Option<i64>,
     /// Mount the container's root filesystem as read only
-    #[arg(long = "read-only")]
+    #[arg(long = "read-only", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub read_only: bool,
     /// Bind mount a volume
     #[arg(short = 'v', long = "volume")]
@@ -101,8 +107,29 @@ pub struct CreateFlags {
     /// Publish a container's port(s) to the host
     #[arg(short = 'p', long = "publish")]
     pub publish: Vec<String>,
+    /// Command to run to check health
+    #[arg(long = "health-cmd")]
+    pub health_cmd: Option<String>,
+    /// Time between running the check (ms|s|m|h)
+    #[arg(long = "health-interval")]
+    pub health_interval: Option<String>,
+    /// Maximum time to allow one check to run (ms|s|m|h)
+    #[arg(long = "health-timeout")]
+    pub health_timeout: Option<String>,
+    /// Start period for the container to initialize before starting health-retries countdown (ms|s|m|h)
+    #[arg(long = "health-start-period")]
+    pub health_start_period: Option<String>,
+    /// Consecutive failures needed to report unhealthy
+    #[arg(long = "health-retries")]
+    pub health_retries: Option<i64>,
+    /// Disable any container-specified HEALTHCHECK
+    #[arg(long = "no-healthcheck", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub no_healthcheck: bool,
+    /// Expose a port or a range of ports
+    #[arg(long)]
+    pub expose: Vec<String>,
     /// Publish all exposed ports to random ports
-    #[arg(short = 'P', long = "publish-all")]
+    #[arg(short = 'P', long = "publish-all", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub publish_all: bool,
     /// Add link to another container
     #[arg(long)]
@@ -139,7 +166,7 @@ pub struct RunArgs {
     #[arg(long, action = clap::ArgAction::Help)]
     pub help: Option<bool>,
     /// Run container in background and print container ID
-    #[arg(short = 'd', long)]
+    #[arg(short = 'd', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub detach: bool,
     #[command(flatten)]
     pub flags: CreateFlags,
@@ -179,6 +206,38 @@ pub fn parse_memory(s: &str) -> anyhow::Result<u64> {
     Ok((n * mult as f64) as u64)
 }
 
+/// A Go duration (`1s`, `500ms`, `1m30s`) in nanoseconds, for the `--health-*` flags.
+fn go_duration_nanos(flag: &str, s: &str) -> anyhow::Result<i64> {
+    let bad = || anyhow::anyhow!("invalid argument {s:?} for \"{flag}\" flag: time: invalid duration {s:?}");
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let value: f64 = rest[..n].parse().map_err(|_| bad())?;
+        rest = &rest[n..];
+        let u = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let mult = match &rest[..u] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return Err(bad()),
+        };
+        total += value * mult;
+        rest = &rest[u..];
+    }
+    Ok(total as i64)
+}
+
 /// `--env-file`: `KEY=VALUE` or `KEY` lines; `#` comments and blank lines are skipped.
 fn read_env_file(path: &PathBuf) -> anyhow::Result<Vec<String>> {
     let text = std::fs::read_to_string(path)
@@ -198,6 +257,11 @@ pub fn create_request(f: &CreateFlags) -> anyhow::Result<CreateRequest> {
         env.extend(read_env_file(file)?);
     }
     env.extend(f.env.iter().cloned());
+    let mut labels = Vec::new();
+    for file in &f.label_file {
+        labels.extend(read_env_file(file)?);
+    }
+    labels.extend(f.label.iter().cloned());
     let mounts = kiln_containers::mounts::parse_flags(&f.volume, &f.mount, &f.tmpfs, &f.volumes_from)?
         .iter()
         .map(kiln_containers::mounts::MountRequest::to_value)
@@ -238,6 +302,28 @@ pub fn create_request(f: &CreateFlags) -> anyhow::Result<CreateRequest> {
         workdir: f.workdir.clone(),
         user: f.user.clone(),
         hostname: f.hostname.clone(),
+        labels,
+        expose: f.expose.clone(),
+        health: lifecycle::HealthOverride {
+            cmd: f.health_cmd.clone(),
+            interval: f
+                .health_interval
+                .as_deref()
+                .map(|d| go_duration_nanos("--health-interval", d))
+                .transpose()?,
+            timeout: f
+                .health_timeout
+                .as_deref()
+                .map(|d| go_duration_nanos("--health-timeout", d))
+                .transpose()?,
+            start_period: f
+                .health_start_period
+                .as_deref()
+                .map(|d| go_duration_nanos("--health-start-period", d))
+                .transpose()?,
+            retries: f.health_retries,
+            disable: f.no_healthcheck,
+        },
         host,
     })
 }
@@ -269,6 +355,16 @@ fn security_opts(values: &[String]) -> anyhow::Result<Vec<String>> {
 fn cap_name(c: &str) -> String {
     let up = c.to_ascii_uppercase();
     up.strip_prefix("CAP_").map(str::to_string).unwrap_or(up)
+}
+
+/// `-it` with a standard input that is not a terminal: Docker's refusal (exit 1).
+pub fn refuse_non_tty_input(interactive_tty: bool) -> Option<ExitCode> {
+    use std::io::IsTerminal as _;
+    if interactive_tty && !std::io::stdin().is_terminal() {
+        eprintln!("the input device is not a TTY");
+        return Some(ExitCode::from(1));
+    }
+    None
 }
 
 /// Prints a failure of `run`/`create` as Docker does and returns its exit code.
@@ -359,6 +455,9 @@ impl kiln_source::registry::TransferProgress for StderrProgress {
 
 /// `kiln run`.
 pub fn run(args: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
+    if let Some(code) = refuse_non_tty_input(args.flags.interactive && args.flags.tty && !args.detach) {
+        return Ok(code);
+    }
     // A foreground run forwards the signals it gets to the container: they are blocked before
     // any thread starts, so that only the proxy's thread receives them.
     let signals = if args.detach {

@@ -117,6 +117,12 @@ pub enum ImageCmd {
     Load(LoadArgs),
     /// Save one or more images to a tar archive
     Save(SaveArgs),
+    /// Build an image from a Dockerfile
+    Build(Box<crate::build_cmd::BuildArgs>),
+    /// Download an image from a registry
+    Pull(crate::registry_cmds::PullArgs),
+    /// Upload an image to a registry
+    Push(crate::registry_cmds::PushArgs),
 }
 
 /// `kiln system ...`.
@@ -134,6 +140,9 @@ pub struct DfArgs {
     /// Show detailed information on space usage
     #[arg(short, long)]
     verbose: bool,
+    /// Format output using a custom template: 'table', 'table TEMPLATE', 'json', or a Go template
+    #[arg(long)]
+    format: Option<String>,
 }
 
 /// `kiln system prune`.
@@ -173,8 +182,11 @@ pub struct VerifyArgs {
 /// `kiln import`.
 #[derive(Args, Debug)]
 pub struct ImportArgs {
-    /// Rootfs tarball (plain, gzip, zstd, bzip2 or xz), or `-` for STDIN
+    /// Rootfs tarball (plain, gzip, zstd, bzip2 or xz), an http(s) URL, or `-` for STDIN
     file: String,
+    /// Apply Dockerfile instruction to the created image
+    #[arg(short = 'c', long = "change")]
+    change: Vec<String>,
     /// Repository and tag for the image
     reference: Option<String>,
     /// Set commit message for imported image
@@ -231,6 +243,12 @@ pub struct ImagesArgs {
     /// Don't truncate output
     #[arg(long)]
     no_trunc: bool,
+    /// Filter output based on conditions provided (`key=value`)
+    #[arg(short = 'f', long)]
+    filter: Vec<String>,
+    /// Format output using a custom template: 'table', 'table TEMPLATE', 'json', or a Go template
+    #[arg(long)]
+    format: Option<String>,
     /// Only images of this repository (and tag)
     repository: Option<String>,
 }
@@ -258,7 +276,13 @@ pub struct RmiArgs {
 /// `kiln inspect`.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// Images to inspect
+    /// Format output using a Go template
+    #[arg(short = 'f', long)]
+    pub format: Option<String>,
+    /// Return JSON for the specified type (container, image)
+    #[arg(long = "type")]
+    pub kind: Option<String>,
+    /// Containers or images to inspect
     #[arg(required = true)]
     pub images: Vec<String>,
 }
@@ -277,6 +301,9 @@ pub struct HistoryArgs {
     /// Print sizes and dates in human readable format
     #[arg(short = 'H', long, default_value_t = true, action = clap::ArgAction::Set)]
     human: bool,
+    /// Format output using a custom template: 'table', 'table TEMPLATE', 'json', or a Go template
+    #[arg(long)]
+    format: Option<String>,
 }
 
 /// `kiln image prune`.
@@ -291,6 +318,9 @@ pub struct PruneArgs {
     /// Fail instead of waiting when builds hold the store
     #[arg(long)]
     no_wait: bool,
+    /// Provide filter values (`until=TIME|DURATION`, `label=K[=V]`, `label!=K[=V]`)
+    #[arg(long)]
+    filter: Vec<String>,
 }
 
 /// Runs one store command.
@@ -309,7 +339,10 @@ pub fn run(cmd: StoreCmd, g: &Globals) -> anyhow::Result<ExitCode> {
         StoreCmd::Images(a) | StoreCmd::Image(ImageCmd::Ls(a)) => cmd_images(&store, a),
         StoreCmd::Tag(a) | StoreCmd::Image(ImageCmd::Tag(a)) => cmd_tag(&store, a),
         StoreCmd::Rmi(a) | StoreCmd::Image(ImageCmd::Rm(a)) => cmd_rmi(&store, a),
-        StoreCmd::Inspect(a) | StoreCmd::Image(ImageCmd::Inspect(a)) => cmd_inspect(&store, a),
+        StoreCmd::Inspect(a) => crate::container_cmds::inspect_objects(a, None, &store),
+        StoreCmd::Image(ImageCmd::Inspect(a)) => {
+            crate::container_cmds::inspect_objects(a, Some("image"), &store)
+        }
         StoreCmd::History(a) | StoreCmd::Image(ImageCmd::History(a)) => cmd_history(&store, a),
         StoreCmd::Image(ImageCmd::Prune(a)) => cmd_prune(&store, a),
         StoreCmd::System(SystemCmd::Df(a)) => cmd_df(&store, a),
@@ -317,16 +350,37 @@ pub fn run(cmd: StoreCmd, g: &Globals) -> anyhow::Result<ExitCode> {
         StoreCmd::StoreGroup(StoreGroupCmd::Verify(a)) => cmd_verify(&store, a),
         StoreCmd::Builder(BuilderCmd::Prune(a)) => cmd_builder_prune(&store, a),
         StoreCmd::Builder(BuilderCmd::Du(a)) => cmd_builder_du(&store, a),
+        StoreCmd::Image(ImageCmd::Build(a)) => crate::build_cmd::run(*a, g),
+        StoreCmd::Image(ImageCmd::Pull(a)) => crate::registry_cmds::pull(a, g),
+        StoreCmd::Image(ImageCmd::Push(a)) => crate::registry_cmds::push(a, g),
     }
 }
 
 fn cmd_import(store: &Store, a: ImportArgs) -> anyhow::Result<ExitCode> {
     let reference = a.reference.as_deref().map(Reference::parse).transpose()?;
+    let mut config = kiln_dag::image::ContainerConfig::default();
+    for c in &a.change {
+        crate::container_fs_cmds::apply_change(&mut config, c)?;
+    }
     let opts = ImportOptions {
         message: a.message,
         reference,
+        config,
     };
-    let image = if a.file == "-" {
+    let image = if a.file.starts_with("http://") || a.file.starts_with("https://") {
+        // A URL: downloaded (with retries) to a temp file in the store, then imported.
+        let client = kiln_source::http::HttpClient::new(kiln_source::http::HttpOptions::default());
+        let tmp = store.root().join("tmp");
+        std::fs::create_dir_all(&tmp).with_context(|| format!("failed to create `{}`", tmp.display()))?;
+        let d = client
+            .download(&a.file, &tmp, None)
+            .with_context(|| format!("failed to download `{}`", a.file))?;
+        let f = d
+            .file
+            .reopen()
+            .with_context(|| format!("failed to read the download of `{}`", a.file))?;
+        import_rootfs(store, f, &a.file, &opts)?
+    } else if a.file == "-" {
         import_rootfs(store, io::stdin().lock(), "-", &opts)?
     } else {
         let f = File::open(&a.file).with_context(|| format!("failed to open `{}`", a.file))?;
@@ -503,29 +557,6 @@ pub fn human_ago(created: Option<&str>) -> String {
     format!("{d} ago")
 }
 
-/// Prints rows as Docker's tabwriter does: columns padded to their widest cell plus 3 spaces.
-pub(crate) fn print_table(rows: &[Vec<String>]) -> io::Result<()> {
-    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let mut widths = vec![0; cols];
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    let mut out = io::stdout().lock();
-    for r in rows {
-        let mut line = String::new();
-        for (i, c) in r.iter().enumerate() {
-            line.push_str(c);
-            if i + 1 < r.len() {
-                line.push_str(&" ".repeat(widths[i] - c.chars().count() + 3));
-            }
-        }
-        writeln!(out, "{}", line.trim_end())?;
-    }
-    Ok(())
-}
-
 fn short(d: &Digest, no_trunc: bool) -> String {
     if no_trunc {
         d.to_string()
@@ -534,14 +565,95 @@ fn short(d: &Digest, no_trunc: bool) -> String {
     }
 }
 
+/// Docker's `images` column names.
+const IMAGE_HEADERS: &[(&str, &str)] = &[
+    ("Repository", "REPOSITORY"),
+    ("Tag", "TAG"),
+    ("Digest", "DIGEST"),
+    ("ID", "IMAGE ID"),
+    ("CreatedSince", "CREATED"),
+    ("CreatedAt", "CREATED AT"),
+    ("Size", "SIZE"),
+    ("Containers", "CONTAINERS"),
+    ("VirtualSize", "VIRTUAL SIZE"),
+    ("SharedSize", "SHARED SIZE"),
+    ("UniqueSize", "UNIQUE SIZE"),
+];
+
+/// Docker's `units.HumanSize`: 4 significant digits.
+fn human_size4(bytes: u64) -> String {
+    const UNITS: [&str; 9] = ["B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < UNITS.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    let digits = if v >= 1000.0 {
+        0
+    } else if v >= 100.0 {
+        1
+    } else if v >= 10.0 {
+        2
+    } else {
+        3
+    };
+    let s = format!("{v:.digits$}");
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    };
+    format!("{s}{}", UNITS[i])
+}
+
+/// Whether a `reference=` pattern matches a tag, as Docker's `FamiliarMatch` does (the familiar
+/// `name:tag`, then the familiar name alone).
+fn reference_matches(pattern: &str, tag: &Reference) -> bool {
+    let full = tag.familiar();
+    crate::filters::glob_match(pattern, &full)
+        || crate::filters::glob_match(pattern, &tag.familiar_repository())
+}
+
 fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
     let _ = a.all;
+    let f = crate::filters::Filters::parse(
+        &a.filter,
+        &[
+            "dangling",
+            "label",
+            "label!",
+            "before",
+            "since",
+            "reference",
+            "until",
+        ],
+    )?;
+    let dangling = f.bool("dangling")?;
     let images = store.images();
-    let filter = match &a.repository {
-        Some(f) => Some((Reference::parse(f)?, names_tag(f))),
+    let created_of = |name: &str| -> anyhow::Result<i64> {
+        let img = images.resolve(name).map_err(|_| {
+            anyhow::anyhow!(
+                "No such image: {}",
+                Reference::parse(name)
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|_| name.to_string())
+            )
+        })?;
+        Ok(crate::filters::unix_time(img.config.created.as_deref()))
+    };
+    let before = f.get("before").first().map(|b| created_of(b)).transpose()?;
+    let since = f.get("since").first().map(|b| created_of(b)).transpose()?;
+    let until = f
+        .get("until")
+        .first()
+        .map(|u| crate::filters::until_cutoff(u))
+        .transpose()?;
+    let repo_filter = match &a.repository {
+        Some(r) => Some((Reference::parse(r)?, names_tag(r))),
         None => None,
     };
-    let mut rows: Vec<(Option<String>, Vec<String>, Digest)> = Vec::new();
+    let mut rows: Vec<(Option<String>, crate::gotemplate::Value, Digest)> = Vec::new();
     for (manifest, _, tags) in images.list()? {
         let img = match images.get(&manifest) {
             Ok(i) => i,
@@ -550,15 +662,31 @@ fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
                 continue;
             }
         };
+        let created = crate::filters::unix_time(img.config.created.as_deref());
+        let labels = img.config.config.labels.clone().unwrap_or_default();
+        if dangling.is_some_and(|d| d != tags.is_empty())
+            || !f.labels_match(&labels)
+            || before.is_some_and(|b| created >= b)
+            || since.is_some_and(|s| created <= s)
+            || until.is_some_and(|u| created >= u)
+        {
+            continue;
+        }
         let entries: Vec<Option<&Reference>> = if tags.is_empty() {
             vec![None]
         } else {
             tags.iter().map(Some).collect()
         };
         for t in entries {
-            if let Some((f, with_tag)) = &filter {
+            if let Some((r, with_tag)) = &repo_filter {
                 let Some(t) = t else { continue };
-                if t.repository() != f.repository() || (*with_tag && t.tag() != f.tag()) {
+                if t.repository() != r.repository() || (*with_tag && t.tag() != r.tag()) {
+                    continue;
+                }
+            }
+            if f.has("reference") {
+                let Some(t) = t else { continue };
+                if !f.get("reference").iter().any(|p| reference_matches(p, t)) {
                     continue;
                 }
             }
@@ -566,18 +694,30 @@ fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
                 Some(t) => (t.familiar_repository(), t.tag().unwrap_or("<none>").to_string()),
                 None => ("<none>".to_string(), "<none>".to_string()),
             };
-            let mut row = vec![repo, tag];
-            if a.digests {
-                row.push(manifest.to_string());
-            }
-            row.push(short(&img.id(), a.no_trunc));
-            row.push(human_ago(img.config.created.as_deref()));
-            row.push(human_size(docker_image_size(store, &img)));
+            let row = crate::format::row(
+                "*formatter.imageContext",
+                vec![
+                    ("Repository", repo),
+                    ("Tag", tag),
+                    ("Digest", manifest.to_string()),
+                    ("ID", short(&img.id(), a.no_trunc)),
+                    ("CreatedSince", human_ago(img.config.created.as_deref())),
+                    (
+                        "CreatedAt",
+                        crate::container_cmds::docker_time(img.config.created.as_deref().unwrap_or("")),
+                    ),
+                    ("Size", human_size(docker_image_size(store, &img))),
+                    ("Containers", "N/A".into()),
+                    ("VirtualSize", human_size4(docker_image_size(store, &img))),
+                    ("SharedSize", "N/A".into()),
+                    ("UniqueSize", "N/A".into()),
+                ],
+            );
             rows.push((img.config.created.clone(), row, img.id()));
         }
     }
     // Newest first, as Docker lists them.
-    rows.sort_by(|x, y| y.0.cmp(&x.0).then_with(|| x.1.cmp(&y.1)));
+    rows.sort_by(|x, y| y.0.cmp(&x.0).then_with(|| x.1.to_text().cmp(&y.1.to_text())));
     if a.quiet {
         let mut seen = BTreeSet::new();
         for (_, _, id) in rows {
@@ -587,15 +727,18 @@ fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut header = vec!["REPOSITORY".to_string(), "TAG".to_string()];
-    if a.digests {
-        header.push("DIGEST".to_string());
+    let default_table = if a.digests {
+        "table {{.Repository}}\t{{.Tag}}\t{{.Digest}}\t{{.ID}}\t{{.CreatedSince}}\t{{.Size}}"
+    } else {
+        "table {{.Repository}}\t{{.Tag}}\t{{.ID}}\t{{.CreatedSince}}\t{{.Size}}"
+    };
+    let rows: Vec<_> = rows.into_iter().map(|r| r.1).collect();
+    crate::format::Listing {
+        format: a.format.as_deref().unwrap_or(""),
+        default_table,
+        headers: IMAGE_HEADERS,
     }
-    header.extend(["IMAGE ID", "CREATED", "SIZE"].map(String::from));
-    let mut table = vec![header];
-    table.extend(rows.into_iter().map(|r| r.1));
-    print_table(&table)?;
-    Ok(ExitCode::SUCCESS)
+    .print(&rows)
 }
 
 fn cmd_tag(store: &Store, a: TagArgs) -> anyhow::Result<ExitCode> {
@@ -700,7 +843,12 @@ fn docker_layer_size(store: &Store, l: &kiln_cache::images::ImageLayer) -> u64 {
     })
 }
 
-fn inspect_json(store: &Store, images: &ImageStore, image: &Image) -> Result<serde_json::Value, ImageError> {
+/// Docker-like `inspect` JSON of one image.
+pub(crate) fn inspect_json(
+    store: &Store,
+    images: &ImageStore,
+    image: &Image,
+) -> Result<serde_json::Value, ImageError> {
     let index = images.index()?;
     let record = index.images.get(&image.manifest_digest).cloned();
     let tags: Vec<String> = index
@@ -753,31 +901,6 @@ fn inspect_json(store: &Store, images: &ImageStore, image: &Image) -> Result<ser
     Ok(v)
 }
 
-fn cmd_inspect(store: &Store, a: InspectArgs) -> anyhow::Result<ExitCode> {
-    let images = store.images();
-    let mut out = Vec::new();
-    let mut errors = Vec::new();
-    for name in &a.images {
-        match images
-            .resolve(name)
-            .and_then(|img| inspect_json(store, &images, &img))
-        {
-            Ok(v) => out.push(v),
-            Err(ImageError::NotFound(n)) => errors.push(format!("Error: No such object: {n}")),
-            Err(e) => errors.push(format!("Error: {e}")),
-        }
-    }
-    println!("{}", serde_json::to_string_pretty(&out)?);
-    for e in &errors {
-        eprintln!("{e}");
-    }
-    Ok(if errors.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
-}
-
 fn ellipsis(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
         return s.to_string();
@@ -821,33 +944,67 @@ fn cmd_history(store: &Store, a: HistoryArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut table = vec![["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]
-        .map(String::from)
-        .to_vec()];
+    let mut rows = Vec::new();
     for (i, (created, by, size, comment)) in entries.into_iter().enumerate() {
         let by = by.replace(['\n', '\t'], " ");
-        table.push(vec![
-            if i == 0 {
-                id.clone()
-            } else {
-                "<missing>".to_string()
-            },
-            if a.human {
-                human_ago(created.as_deref())
-            } else {
-                created.unwrap_or_default()
-            },
-            if a.no_trunc { by } else { ellipsis(&by, 45) },
-            if a.human {
-                human_size(size)
-            } else {
-                size.to_string()
-            },
-            comment,
-        ]);
+        // Docker prints RFC 3339 to the second.
+        let created_at = created
+            .as_deref()
+            .and_then(|c| time::OffsetDateTime::parse(c, &time::format_description::well_known::Rfc3339).ok())
+            .and_then(|t| {
+                t.to_offset(time::UtcOffset::UTC)
+                    .replace_nanosecond(0)
+                    .ok()?
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+        rows.push(crate::format::row(
+            "*formatter.historyContext",
+            vec![
+                (
+                    "ID",
+                    if i == 0 {
+                        id.clone()
+                    } else {
+                        "<missing>".to_string()
+                    },
+                ),
+                (
+                    "CreatedSince",
+                    if a.human {
+                        human_ago(created.as_deref())
+                    } else {
+                        created_at.clone()
+                    },
+                ),
+                ("CreatedAt", created_at),
+                ("CreatedBy", if a.no_trunc { by } else { ellipsis(&by, 45) }),
+                (
+                    "Size",
+                    if a.human {
+                        human_size(size)
+                    } else {
+                        size.to_string()
+                    },
+                ),
+                ("Comment", comment),
+            ],
+        ));
     }
-    print_table(&table)?;
-    Ok(ExitCode::SUCCESS)
+    crate::format::Listing {
+        format: a.format.as_deref().unwrap_or(""),
+        default_table: "table {{.ID}}\t{{.CreatedSince}}\t{{.CreatedBy}}\t{{.Size}}\t{{.Comment}}",
+        headers: &[
+            ("ID", "IMAGE"),
+            ("CreatedSince", "CREATED"),
+            ("CreatedAt", "CREATED AT"),
+            ("CreatedBy", "CREATED BY"),
+            ("Size", "SIZE"),
+            ("Comment", "COMMENT"),
+        ],
+    }
+    .print(&rows)
 }
 
 /// The automatic GC after a build (`KILN_GC_KEEP_STORAGE`, see `kiln_cache::gc::auto_collect`).
@@ -900,6 +1057,12 @@ fn images_output(report: &gc::PruneReport) -> String {
 }
 
 fn cmd_prune(store: &Store, a: PruneArgs) -> anyhow::Result<ExitCode> {
+    let f = crate::filters::Filters::parse(&a.filter, &["until", "label", "label!"])?;
+    let until = f
+        .get("until")
+        .first()
+        .map(|u| crate::filters::until_cutoff(u))
+        .transpose()?;
     if !a.force {
         let what = if a.all {
             "all images without at least one container associated to them"
@@ -912,13 +1075,18 @@ fn cmd_prune(store: &Store, a: PruneArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     }
-    let report = gc::prune(
+    let report = gc::prune_matching(
         store,
         PruneOptions {
             all: a.all,
             wait: !a.no_wait,
         },
         waiting,
+        |img| {
+            let created = crate::filters::unix_time(img.config.created.as_deref());
+            until.is_none_or(|u| created < u)
+                && f.labels_match(&img.config.config.labels.clone().unwrap_or_default())
+        },
     )?;
     let mut out = io::stdout().lock();
     let text = images_output(&report);
@@ -1384,9 +1552,6 @@ fn cmd_df(store: &Store, a: DfArgs) -> anyhow::Result<ExitCode> {
     let mut out = io::stdout().lock();
     if !a.verbose {
         let table = vec![
-            ["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"]
-                .map(String::from)
-                .to_vec(),
             vec![
                 "Images".into(),
                 images.total.to_string(),
@@ -1420,8 +1585,11 @@ fn cmd_df(store: &Store, a: DfArgs) -> anyhow::Result<ExitCode> {
                 human_size4(b_reclaimable),
             ],
         ];
-        print_docker_table(&mut out, &table)?;
-        return Ok(ExitCode::SUCCESS);
+        drop(out);
+        return df_summary(table, a.format.as_deref());
+    }
+    if a.format.is_some() {
+        anyhow::bail!("`system df --format` is not supported with --verbose");
     }
     writeln!(out, "Images space usage:\n")?;
     let mut table = vec![[
@@ -1518,6 +1686,39 @@ fn cmd_df(store: &Store, a: DfArgs) -> anyhow::Result<ExitCode> {
     }
     print_docker_table(&mut out, &table)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The summary table of `system df`, through `--format` when one is given.
+fn df_summary(table: Vec<Vec<String>>, format: Option<&str>) -> anyhow::Result<ExitCode> {
+    let rows: Vec<_> = table
+        .into_iter()
+        .map(|r| {
+            let mut r = r.into_iter();
+            let mut next = || r.next().unwrap_or_default();
+            crate::format::row(
+                "*formatter.diskUsageImagesContext",
+                vec![
+                    ("Type", next()),
+                    ("TotalCount", next()),
+                    ("Active", next()),
+                    ("Size", next()),
+                    ("Reclaimable", next()),
+                ],
+            )
+        })
+        .collect();
+    crate::format::Listing {
+        format: format.unwrap_or(""),
+        default_table: "table {{.Type}}\t{{.TotalCount}}\t{{.Active}}\t{{.Size}}\t{{.Reclaimable}}",
+        headers: &[
+            ("Type", "TYPE"),
+            ("TotalCount", "TOTAL"),
+            ("Active", "ACTIVE"),
+            ("Size", "SIZE"),
+            ("Reclaimable", "RECLAIMABLE"),
+        ],
+    }
+    .print(&rows)
 }
 
 fn cmd_verify(store: &Store, a: VerifyArgs) -> anyhow::Result<ExitCode> {

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fs;
+pub mod health;
 pub mod lifecycle;
 pub mod logs;
 pub mod mounts;

@@ -30,6 +30,12 @@ pub enum LifecycleError {
     /// Neither the image nor the command line gives a command.
     #[error("no command specified")]
     NoCommand,
+    /// `--no-healthcheck` with `--health-*` flags (Docker's message).
+    #[error("--no-healthcheck conflicts with --health-* options")]
+    HealthConflict,
+    /// An `--expose` value that is not a port, a range or a protocol Docker knows.
+    #[error("invalid range format for --expose: {0}")]
+    InvalidExpose(String),
     /// `--rm` together with a restart policy.
     #[error("Conflicting options: --restart and --rm")]
     RestartWithRm,
@@ -110,6 +116,34 @@ pub enum LifecycleError {
     },
 }
 
+/// `--health-*` and `--no-healthcheck`, applied over the image's `HEALTHCHECK`. Durations in
+/// nanoseconds.
+#[derive(Clone, Debug, Default)]
+pub struct HealthOverride {
+    /// `--health-cmd` (run with `/bin/sh -c`).
+    pub cmd: Option<String>,
+    /// `--health-interval`.
+    pub interval: Option<i64>,
+    /// `--health-timeout`.
+    pub timeout: Option<i64>,
+    /// `--health-start-period`.
+    pub start_period: Option<i64>,
+    /// `--health-retries`.
+    pub retries: Option<i64>,
+    /// `--no-healthcheck`.
+    pub disable: bool,
+}
+
+impl HealthOverride {
+    fn any(&self) -> bool {
+        self.cmd.is_some()
+            || self.interval.is_some()
+            || self.timeout.is_some()
+            || self.start_period.is_some()
+            || self.retries.is_some()
+    }
+}
+
 /// What `kiln create` / `kiln run` asked for, before the image is applied.
 #[derive(Clone, Debug, Default)]
 pub struct CreateRequest {
@@ -130,6 +164,13 @@ pub struct CreateRequest {
     pub user: Option<String>,
     /// `-h`.
     pub hostname: Option<String>,
+    /// `-l/--label` and `--label-file` entries, `KEY=VALUE` or `KEY` (empty value), added to the
+    /// image's labels.
+    pub labels: Vec<String>,
+    /// `--expose PORT[/PROTO]` (or a range), added to the image's exposed ports.
+    pub expose: Vec<String>,
+    /// The health check flags.
+    pub health: HealthOverride,
     /// Everything else.
     pub host: HostConfig,
 }
@@ -225,6 +266,46 @@ pub fn create(
     if let Some(u) = &req.user {
         config.user = u.clone();
     }
+    let h = &req.health;
+    if h.disable && h.any() {
+        return Err(LifecycleError::HealthConflict);
+    }
+    if h.disable {
+        config.healthcheck = Some(kiln_dag::image::HealthConfig {
+            test: vec!["NONE".into()],
+            ..Default::default()
+        });
+    } else if h.any() {
+        let hc = config.healthcheck.get_or_insert_with(Default::default);
+        if let Some(c) = &h.cmd {
+            hc.test = vec!["CMD-SHELL".into(), c.clone()];
+        }
+        hc.interval = h.interval.unwrap_or(hc.interval);
+        hc.timeout = h.timeout.unwrap_or(hc.timeout);
+        hc.start_period = h.start_period.unwrap_or(hc.start_period);
+        hc.retries = h.retries.unwrap_or(hc.retries);
+    }
+    for e in &req.expose {
+        let (ports, proto) = e.split_once('/').unwrap_or((e.as_str(), "tcp"));
+        let (start, end) = ports.split_once('-').unwrap_or((ports, ports));
+        let (Ok(start), Ok(end)) = (start.parse::<u16>(), end.parse::<u16>()) else {
+            return Err(LifecycleError::InvalidExpose(e.clone()));
+        };
+        if start == 0 || end < start || !matches!(proto, "tcp" | "udp" | "sctp") {
+            return Err(LifecycleError::InvalidExpose(e.clone()));
+        }
+        let exposed = config.exposed_ports.get_or_insert_with(Default::default);
+        for p in start..=end {
+            exposed.insert(format!("{p}/{proto}"), Default::default());
+        }
+    }
+    if !req.labels.is_empty() {
+        let labels = config.labels.get_or_insert_with(Default::default);
+        for l in &req.labels {
+            let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
+            labels.insert(k.to_string(), v.to_string());
+        }
+    }
     let lower = image_lower_dirs(store, &image).map_err(|source| LifecycleError::Unpack {
         image: req.image.clone(),
         source,
@@ -284,7 +365,7 @@ pub fn create(
 /// already.
 pub fn prepare_start(containers: &Containers, id: &str) -> Result<bool, LifecycleError> {
     let _lock = containers.lock(id)?;
-    let st = containers.state(id)?;
+    let st = containers.state_locked(id)?;
     if matches!(st.status, Status::Running | Status::Restarting) {
         return Ok(false);
     }
@@ -407,7 +488,7 @@ fn signal(id: &str, pid: i32, sig: nix::sys::signal::Signal) -> Result<(), Lifec
 /// Marks the container as stopped by the user and returns its pid if it runs.
 fn request_stop(containers: &Containers, id: &str) -> Result<Option<i32>, LifecycleError> {
     let _lock = containers.lock(id)?;
-    let st = containers.state(id)?;
+    let st = containers.state_locked(id)?;
     if !matches!(st.status, Status::Running | Status::Restarting) {
         return Ok(None);
     }
@@ -465,7 +546,13 @@ pub fn kill(containers: &Containers, rec: &ContainerRecord, sig: &str) -> Result
     let Some(pid) = request_stop(containers, &rec.id)? else {
         return Err(LifecycleError::NotRunning(rec.id.clone()));
     };
-    signal(&rec.id, pid, sig)
+    signal(&rec.id, pid, sig)?;
+    // As Docker's: after SIGKILL returns the container is no longer running (`ps` never shows
+    // it `Up`).
+    if sig == nix::sys::signal::Signal::SIGKILL {
+        wait_stopped(containers, &rec.id, Some(Duration::from_secs(10)))?;
+    }
+    Ok(())
 }
 
 /// `kiln rm [-f] [-v]`: a running container needs `force` (then it is killed first); `volumes`

@@ -140,6 +140,9 @@ pub enum MountRequest {
         target: String,
         /// Read-only.
         readonly: bool,
+        /// A missing source is created as a directory (`-v`, as Docker does; `--mount` fails).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        create: bool,
     },
     /// A named (`name: Some`) or anonymous volume.
     Volume {
@@ -333,6 +336,7 @@ pub fn parse_volume_arg(spec: &str) -> Result<MountRequest> {
                 source: PathBuf::from(s),
                 target: clean_target("bind", target)?,
                 readonly,
+                create: true,
             })
         }
         Some(name) => {
@@ -520,6 +524,7 @@ pub fn parse_mount_arg(arg: &str) -> Result<MountRequest> {
                 source: PathBuf::from(src),
                 target,
                 readonly,
+                create: false,
             })
         }
         "tmpfs" => {
@@ -644,6 +649,7 @@ enum Planned {
     Bind {
         source: PathBuf,
         readonly: bool,
+        create: bool,
     },
     Volume {
         name: Option<String>,
@@ -732,9 +738,15 @@ pub fn resolve_mounts(
         }
         seen.push(target);
         let p = match r {
-            MountRequest::Bind { source, readonly, .. } => Planned::Bind {
+            MountRequest::Bind {
+                source,
+                readonly,
+                create,
+                ..
+            } => Planned::Bind {
                 source: source.clone(),
                 readonly: *readonly,
+                create: *create,
             },
             MountRequest::Volume {
                 name,
@@ -757,13 +769,16 @@ pub fn resolve_mounts(
 
     // Binds are checked before anything is created.
     for p in plan.values() {
-        let source = match p {
-            Planned::Bind { source, .. } => source,
-            Planned::Existing(m) if m.kind == Kind::Bind => &m.source,
+        let (source, create) = match p {
+            Planned::Bind { source, create, .. } => (source, *create),
+            Planned::Existing(m) if m.kind == Kind::Bind => (&m.source, false),
             _ => continue,
         };
         if fs::symlink_metadata(source).is_err() {
-            return Err(MountError::BindSourceMissing(source.clone()));
+            // `-v /missing:/x` makes the host directory, as Docker does.
+            if !create || fs::create_dir_all(source).is_err() {
+                return Err(MountError::BindSourceMissing(source.clone()));
+            }
         }
     }
 
@@ -795,7 +810,7 @@ fn materialise(
     for (target, p) in plan {
         let m = match p {
             Planned::Existing(m) => ResolvedMount { target, ..m },
-            Planned::Bind { source, readonly } => ResolvedMount {
+            Planned::Bind { source, readonly, .. } => ResolvedMount {
                 kind: Kind::Bind,
                 name: None,
                 source,
@@ -941,7 +956,8 @@ mod tests {
             MountRequest::Bind {
                 source: "/host".into(),
                 target: "/ctr".into(),
-                readonly: true
+                readonly: true,
+                create: true,
             }
         );
         assert_eq!(
@@ -1001,7 +1017,8 @@ mod tests {
             MountRequest::Bind {
                 source: "/h".into(),
                 target: "/c".into(),
-                readonly: true
+                readonly: true,
+                create: false,
             }
         );
         assert_eq!(
@@ -1178,7 +1195,7 @@ mod tests {
         );
         let missing = [
             parse_volume_arg("fresh:/f").unwrap(),
-            parse_volume_arg("/does/not/exist:/x").unwrap(),
+            parse_mount_arg("type=bind,src=/does/not/exist,dst=/x").unwrap(),
         ];
         assert_eq!(
             resolve(&root, "e", &missing, &[], &[]).unwrap_err().to_string(),

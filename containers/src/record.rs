@@ -1,7 +1,8 @@
 //! The container record (`ROOT/containers/<id>/config.json`) and the container directory store.
 //!
-//! A record is written once, when the container is created, and never changes afterwards; what
-//! changes while the container lives is its [`ContainerState`] in `state.json` next to it.
+//! A record is written when the container is created and rewritten (atomically) only by
+//! `rename`; what changes while the container lives is its [`ContainerState`] in `state.json`
+//! next to it.
 //!
 //! Architecture Invariant: a container directory holds `config.json` only once the record is
 //! complete (it is written to a temp file and renamed), so a reader never sees half a record; a
@@ -426,11 +427,24 @@ impl Containers {
         }
     }
 
-    /// The container's current state, with a stale `running` (its supervisor is gone) reported
-    /// as exited or dead.
+    /// The container's current state. A container whose supervisor is gone while it runs is
+    /// adopted and stopped here ([`state::reap_orphan`]), so every command sees, and acts on, a
+    /// state that is true.
     pub fn state(&self, id: &str) -> Result<ContainerState, RecordError> {
-        let st = state::read(&self.dir(id))?;
-        Ok(state::settle(st))
+        let dir = self.dir(id);
+        let st = state::read(&dir)?;
+        if !state::orphaned(&st) {
+            return Ok(st);
+        }
+        let _lock = self.lock(id)?;
+        self.state_locked(id)
+    }
+
+    /// [`Containers::state`] for a caller already holding [`Containers::lock`].
+    pub fn state_locked(&self, id: &str) -> Result<ContainerState, RecordError> {
+        let dir = self.dir(id);
+        let st = state::read(&dir)?;
+        Ok(state::reap_orphan(&dir, st)?)
     }
 
     /// Applies `f` to the stored state under the container's lock and writes it back.
@@ -523,6 +537,30 @@ impl Containers {
             let _ = remove_tree(&dir);
         }
         result
+    }
+
+    /// Renames container `id` to `new_name` (`kiln rename`): the only rewrite of a record, done
+    /// atomically under the names lock like a create.
+    pub fn rename(&self, id: &str, new_name: &str) -> Result<(), RecordError> {
+        let new_name = new_name.strip_prefix('/').unwrap_or(new_name);
+        if !valid_name(new_name) {
+            return Err(RecordError::InvalidName(new_name.to_string()));
+        }
+        let _names = self.names_lock()?;
+        if let Some(other) = self.list()?.into_iter().find(|r| r.name == new_name) {
+            return Err(RecordError::NameConflict {
+                name: new_name.to_string(),
+                id: other.id,
+            });
+        }
+        let mut record = self.get(id)?;
+        record.name = new_name.to_string();
+        let path = self.dir(id).join("config.json");
+        let bytes = serde_json::to_vec_pretty(&record).map_err(|source| RecordError::Parse {
+            path: path.clone(),
+            source,
+        })?;
+        state::write_atomic(&path, &bytes).map_err(|source| RecordError::Write { path, source })
     }
 
     /// Removes a container's directory (record, state, logs, upper dir).

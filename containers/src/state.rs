@@ -73,6 +73,62 @@ pub struct ContainerState {
     pub network: Option<serde_json::Value>,
     /// The ports published for the current run (`-p`, `-P`), empty when not running.
     pub ports: Vec<kiln_runtime::net::PublishedPort>,
+    /// The health check's state while a container with a `HEALTHCHECK` runs (Docker's
+    /// `State.Health`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+    /// The start time of `pid` (clock ticks after boot), so a reused pid is never signalled.
+    pub pid_start: u64,
+}
+
+/// Docker's health statuses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    /// Within the start period, or no probe has finished yet.
+    #[default]
+    Starting,
+    /// The last probe passed.
+    Healthy,
+    /// `retries` probes in a row failed.
+    Unhealthy,
+}
+
+impl HealthStatus {
+    /// Docker's word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthStatus::Starting => "starting",
+            HealthStatus::Healthy => "healthy",
+            HealthStatus::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// `State.Health` as Docker shapes it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Health {
+    /// The status.
+    pub status: HealthStatus,
+    /// Failed probes in a row.
+    pub failing_streak: u32,
+    /// The last 5 probes, oldest first.
+    pub log: Vec<HealthLog>,
+}
+
+/// One probe's result.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct HealthLog {
+    /// When it started (RFC 3339, nanoseconds).
+    pub start: String,
+    /// When it ended.
+    pub end: String,
+    /// Its exit code (-1 when it timed out or could not start).
+    pub exit_code: i32,
+    /// Its output (stdout and stderr), at most 4 KiB.
+    pub output: String,
 }
 
 /// A failure reading or writing `state.json`.
@@ -166,6 +222,71 @@ pub fn process_start(pid: i32) -> Option<u64> {
 /// Whether the supervisor recorded in `st` is still the live process it was.
 pub fn supervisor_alive(st: &ContainerState) -> bool {
     st.supervisor_pid > 0 && process_start(st.supervisor_pid) == Some(st.supervisor_start)
+}
+
+/// Whether `st` says running (or restarting) while its supervisor is gone: a supervisor killed
+/// with SIGKILL (or a foreground `kiln run` killed so) left its container without an owner.
+pub fn orphaned(st: &ContainerState) -> bool {
+    matches!(st.status, Status::Running | Status::Restarting) && !supervisor_alive(st)
+}
+
+/// Whether the container's pid 1 recorded in `st` is still that process.
+fn process_alive(st: &ContainerState) -> bool {
+    match process_start(st.pid) {
+        None => false,
+        Some(start) => st.pid_start == 0 || start == st.pid_start,
+    }
+}
+
+/// Adopts an orphaned container (see [`orphaned`]) and ends it as its supervisor would have:
+/// SIGKILL to its pid 1 (the kernel then kills every process of its pid namespace), a wait until
+/// it is gone, its network namespace file removed (the address is reclaimed with it, the veth
+/// goes with the namespace), and the state written as exited with 137. The caller holds the
+/// container's lock and passes the state read under it.
+pub fn reap_orphan(dir: &Path, mut st: ContainerState) -> Result<ContainerState, StateError> {
+    if !orphaned(&st) {
+        return Ok(st);
+    }
+    let mut killed = false;
+    if st.pid > 0 && process_alive(&st) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(st.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        killed = true;
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while process_alive(&st) && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if process_alive(&st) {
+            // Not ours to kill (another user's, or stuck in the kernel): report it as it is.
+            return Ok(settle(st));
+        }
+    }
+    if let Some(ep) = st
+        .network
+        .take()
+        .and_then(|v| serde_json::from_value::<kiln_runtime::net::Endpoint>(v).ok())
+    {
+        if let Err(e) = kiln_runtime::net::netns::remove(&ep.netns) {
+            tracing::warn!("failed to remove the network namespace of an orphaned container: {e}");
+        }
+    }
+    st.status = Status::Exited;
+    st.running = false;
+    st.pid = 0;
+    st.pid_start = 0;
+    st.supervisor_pid = 0;
+    st.supervisor_start = 0;
+    st.ports.clear();
+    st.health = None;
+    if killed || st.exit_code == 0 {
+        st.exit_code = 137;
+    }
+    st.finished_at = crate::now_rfc3339();
+    st.error = "the container's supervisor was killed; kiln stopped the container".into();
+    write(dir, &st)?;
+    Ok(st)
 }
 
 /// Reports a state whose supervisor is gone as it really is: `exited` when the process is gone

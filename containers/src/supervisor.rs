@@ -243,6 +243,25 @@ pub fn start_failure_code(err: &RuntimeError) -> u8 {
     }
 }
 
+/// Docker's words for a command that could not be executed (`exec: "nope": executable file
+/// not found in $PATH`, `exec: "/etc": permission denied`), `None` for other failures.
+pub fn docker_exec_message(err: &RuntimeError) -> Option<String> {
+    use nix::errno::Errno;
+    let RuntimeError::Exec { command, source } = err else {
+        return None;
+    };
+    let why = match *source {
+        Errno::ENOENT if !command.contains('/') => "executable file not found in $PATH",
+        Errno::ENOENT => "no such file or directory",
+        Errno::EACCES | Errno::EPERM | Errno::EISDIR => "permission denied",
+        Errno::ENOEXEC => "exec format error",
+        _ => return None,
+    };
+    Some(format!(
+        "exec failed: unable to start container process: exec: {command:?}: {why}"
+    ))
+}
+
 /// `err` and its causes joined by `: `.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut s = err.to_string();
@@ -456,10 +475,51 @@ fn links_for(
     Ok(out)
 }
 
+/// Docker's legacy link variables for `--link NAME:ALIAS` to a container at `ip` with the
+/// exposed ports and environment of `other`: `ALIAS_NAME=/CHILD/ALIAS`, `ALIAS_PORT`,
+/// `ALIAS_PORT_80_TCP{,_ADDR,_PORT,_PROTO}` and `ALIAS_ENV_K` for its variables but PATH and HOME.
+pub fn link_env(child: &str, alias: &str, ip: Ipv4Addr, other: &ContainerRecord) -> Vec<String> {
+    let prefix: String = alias
+        .chars()
+        .map(|c| if c == '-' { '_' } else { c.to_ascii_uppercase() })
+        .collect();
+    let mut env = vec![format!("{prefix}_NAME=/{child}/{alias}")];
+    let mut ports: Vec<(u16, String)> = other
+        .config
+        .exposed_ports
+        .iter()
+        .flat_map(|m| m.keys())
+        .filter_map(|p| {
+            let (port, proto) = p.split_once('/').unwrap_or((p, "tcp"));
+            Some((port.parse().ok()?, proto.to_string()))
+        })
+        .collect();
+    ports.sort();
+    if let Some((port, proto)) = ports.first() {
+        env.push(format!("{prefix}_PORT={proto}://{ip}:{port}"));
+    }
+    for (port, proto) in &ports {
+        let p = format!("{prefix}_PORT_{port}_{}", proto.to_ascii_uppercase());
+        env.push(format!("{p}={proto}://{ip}:{port}"));
+        env.push(format!("{p}_ADDR={ip}"));
+        env.push(format!("{p}_PORT={port}"));
+        env.push(format!("{p}_PROTO={proto}"));
+    }
+    for kv in other.config.env.iter().flatten() {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        if k != "PATH" && k != "HOME" && !k.is_empty() {
+            env.push(format!("{prefix}_ENV_{k}={v}"));
+        }
+    }
+    env
+}
+
 /// The network of one run of a container and what to undo when the run ends.
 struct RunNet {
     network: kiln_runtime::Network,
     etc_files: kiln_runtime::EtcFiles,
+    /// `--link` variables, set before the container's own.
+    link_env: Vec<String>,
     endpoint: Option<Endpoint>,
     proxy: Option<PortProxy>,
 }
@@ -502,17 +562,32 @@ fn setup_network(
         let network = network_for(record)?;
         return Ok(RunNet {
             etc_files: kiln_runtime::EtcFiles::for_build(hostname, &host_resolv, &network),
+            link_env: Vec::new(),
             network,
             endpoint: None,
             proxy: None,
         });
     }
     let links = links_for(containers, record)?;
+    let mut link_vars = Vec::new();
+    for (name, alias, ip) in &links {
+        if let Ok(other) = containers.lookup(name) {
+            link_vars.extend(link_env(&record.name, alias, *ip, &other));
+        }
+    }
     let specs = port_specs(record)?;
     let request = NetRequest {
         config: NetConfig::default(),
         ip: None,
     };
+    // A namespace file of this container left by a supervisor killed before it recorded its
+    // endpoint: this supervisor is the container's only one, so the file is stale.
+    let stale = request.config.netns_dir.join(&record.id);
+    if stale.exists() {
+        if let Err(e) = net::netns::remove(&stale) {
+            tracing::warn!("{}", error_chain(&e));
+        }
+    }
     let endpoint = net::setup(&record.id, &request).map_err(|source| SupervisorError::NetSetup {
         id: record.id.clone(),
         source,
@@ -534,6 +609,7 @@ fn setup_network(
     Ok(RunNet {
         network: endpoint.network(),
         etc_files: net::etc_files(hostname, &endpoint, &links, &host_resolv),
+        link_env: link_vars,
         endpoint: Some(endpoint),
         proxy,
     })
@@ -618,6 +694,13 @@ fn container_spec(
     }
     if !env.iter().any(|e| e.starts_with("HOSTNAME=")) {
         env.insert(1.min(env.len()), format!("HOSTNAME={hostname}"));
+    }
+    // Docker puts the link variables before the container's own (which win).
+    for (i, kv) in net.link_env.iter().enumerate() {
+        let key = kv.split_once('=').map(|(k, _)| k).unwrap_or(kv);
+        if !env.iter().any(|e| e.split_once('=').map(|(k, _)| k) == Some(key)) {
+            env.insert(2.min(env.len()) + i, kv.clone());
+        }
     }
     let h = &record.host;
     let security = kiln_runtime::seccomp::parse_security_opts(&h.security_opt).map_err(|source| {
@@ -1012,6 +1095,7 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             }
         };
         let pid = running.pid();
+        let probe = crate::health::probe_of(record.config.healthcheck.as_ref());
         let (endpoint_state, ports_state) = run_net.state();
         if let Some(p) = signals.as_ref() {
             p.running(pid, pty_master.as_ref().and_then(|m| m.try_clone().ok()));
@@ -1022,6 +1106,8 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             st.status = Status::Running;
             st.running = true;
             st.pid = pid;
+            st.pid_start = state::process_start(pid).unwrap_or(0);
+            st.health = probe.as_ref().map(|_| state::Health::default());
             st.started_at = crate::now_rfc3339();
             st.finished_at.clear();
             st.error.clear();
@@ -1031,6 +1117,10 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             st.supervisor_start = me_start;
         })?;
         report(&mut ready, "ok");
+        let probing = Arc::new(AtomicBool::new(false));
+        if let Some(p) = probe {
+            crate::health::spawn(containers.clone(), record.clone(), pid, p, probing.clone());
+        }
         let pumps: Vec<JoinHandle<()>> = outputs
             .into_iter()
             .map(|(stream, fd)| {
@@ -1048,6 +1138,8 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             id: id.to_string(),
             source: Box::new(source),
         });
+        // The prober stops (and records nothing more for this run).
+        probing.store(true, Ordering::SeqCst);
         if let Some(p) = signals.as_ref() {
             p.stopped();
         }

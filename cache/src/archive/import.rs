@@ -120,6 +120,8 @@ pub struct ImportOptions {
     pub message: Option<String>,
     /// Tag for the new image.
     pub reference: Option<Reference>,
+    /// The image's run config (`docker import -c` changes applied to an empty one).
+    pub config: kiln_dag::image::ContainerConfig,
 }
 
 /// Reads a rootfs tarball from `reader` (named `source_name` in messages and history) and
@@ -158,6 +160,7 @@ pub fn import_rootfs(
         architecture: platform.architecture,
         os: platform.os,
         variant: platform.variant,
+        config: opts.config.clone(),
         history: vec![History {
             created: Some(created),
             created_by: None,

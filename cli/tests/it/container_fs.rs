@@ -359,7 +359,10 @@ fn mounts_seen_inside() {
 
     // A bind source that does not exist: Docker's error, no volume left behind.
     let before = stdout(&env.ok(&["volume", "ls", "-q"]));
-    let bad = [v("fresh:/f"), v("/does/not/exist:/x")];
+    let bad = [
+        v("fresh:/f"),
+        mounts::parse_mount_arg("type=bind,src=/does/not/exist,dst=/x").unwrap(),
+    ];
     let err = mounts::resolve(&env.root(), &"7".repeat(64), &bad, &[], &[]).unwrap_err();
     assert_eq!(
         err.to_string(),

@@ -379,13 +379,14 @@ fn a_dead_supervisor_is_not_reported_running() {
         .status()
         .unwrap();
     // The container's first process dies with the supervisor that started it
-    // (PR_SET_PDEATHSIG), and the state says so.
+    // (PR_SET_PDEATHSIG); the next command adopts the orphan's record and says so.
     eventually(5, "the container to die with its supervisor", || {
         !std::path::Path::new(&format!("/proc/{pid}")).exists()
     });
     eventually(5, "the state to say exited", || {
         env.inspect("orphan")["State"]["Status"] == "exited"
     });
+    assert_eq!(env.inspect("orphan")["State"]["ExitCode"], 137);
     assert!(!stdout(&env.ok(&["ps"])).contains("orphan"));
     env.ok(&["rm", "-f", "orphan"]);
 }

@@ -149,3 +149,68 @@ pub fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// `../shared` beside the checkout, or `$KILN_SHARED_DIR`.
+pub fn shared_dir() -> PathBuf {
+    std::env::var_os("KILN_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().parent().expect("checkout's parent").join("shared"))
+}
+
+/// Starts dockerd (with `busybox:local` imported) through `shared/peers/start-docker.sh` once
+/// per test run and returns the docker client's path.
+pub fn docker() -> String {
+    static DOCKER: OnceLock<String> = OnceLock::new();
+    DOCKER
+        .get_or_init(|| {
+            let script = shared_dir().join("peers/start-docker.sh");
+            let out = Command::new("bash")
+                .arg(&script)
+                .output()
+                .expect("run start-docker.sh");
+            assert!(
+                out.status.success(),
+                "this test needs dockerd: {} failed\n{}",
+                script.display(),
+                frame(&out)
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .unwrap_or("/usr/bin/docker")
+                .trim()
+                .to_string()
+        })
+        .clone()
+}
+
+/// A docker container removed on drop.
+pub struct DockerContainer(pub String);
+
+impl Drop for DockerContainer {
+    fn drop(&mut self) {
+        let _ = Command::new(docker()).args(["rm", "-f", "-v", &self.0]).output();
+    }
+}
+
+/// Runs the docker client; (status code, stdout, stderr).
+pub fn docker_run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(docker()).args(args).output().expect("spawn docker");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+impl Env {
+    /// Runs kiln; (status code, stdout, stderr).
+    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.kiln(args).output().expect("spawn kiln");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}

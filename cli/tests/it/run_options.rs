@@ -149,10 +149,18 @@ fn read_only_bind_refuses_writes_and_rw_bind_writes_through() {
 fn bad_mount_specs_fail_at_create_and_leave_nothing() {
     let env = busybox_env();
     let missing = env.path("no-such-dir");
-    let spec = format!("{}:/x", missing.display());
+    let spec = format!("type=bind,src={},dst=/x", missing.display());
     let out = run_status(
         &env,
-        &["--rm", "-v", "named:/y", "-v", &spec, "busybox:local", "true"],
+        &[
+            "--rm",
+            "-v",
+            "named:/y",
+            "--mount",
+            &spec,
+            "busybox:local",
+            "true",
+        ],
     );
     assert_eq!(out.status.code(), Some(125), "{}", frame(&out));
     let err = String::from_utf8_lossy(&out.stderr);

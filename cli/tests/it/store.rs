@@ -504,7 +504,8 @@ fn images_tag_rmi_inspect_history() {
     let lines: Vec<&str> = listed.lines().collect();
     assert_eq!(lines.len(), 3, "{listed}");
     assert!(
-        lines[0].starts_with("REPOSITORY   TAG     IMAGE ID       CREATED"),
+        // Docker's tabwriter: cells at least 10 wide.
+        lines[0].starts_with("REPOSITORY   TAG       IMAGE ID       CREATED"),
         "{listed}"
     );
     let ids = stdout(&env.ok(&["images", "-q"]));

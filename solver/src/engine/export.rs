@@ -13,7 +13,15 @@ pub enum ExportError {
     MissingBlob(kiln_dag::Digest),
     #[error("failed to write the image")]
     Store(#[source] kiln_cache::images::ImageError),
+    /// More layers than `docker load` takes.
+    #[error("max depth exceeded: the image has {0} layers, Docker loads images of at most {MAX_LAYERS}")]
+    MaxDepth(usize),
 }
+
+/// The most layers an image may have: Docker's layer store refuses a deeper chain ("max depth
+/// exceeded" from `docker load`; `docker run` refuses from 128 layers, overlay2's 128 lower dirs
+/// with the container's init layer).
+pub const MAX_LAYERS: usize = 125;
 
 /// The written image.
 #[derive(Debug)]
@@ -38,6 +46,9 @@ pub fn export_image(
     config: &ImageConfig,
     epoch: Option<&str>,
 ) -> Result<Exported, ExportError> {
+    if layers.len() > MAX_LAYERS {
+        return Err(ExportError::MaxDepth(layers.len()));
+    }
     let now = kiln_cache::images::now_rfc3339();
     let mut config = config.clone();
     config.rootfs.kind = "layers".into();
