@@ -550,6 +550,31 @@ mod tests {
     }
 
     #[test]
+    fn same_size_and_mtime_edit_is_seen_through_ctime() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "f", "aaaa");
+        let mut cache = StatCache::default();
+        let i1 = ContextIndex::scan(d.path(), &[], &mut cache).unwrap();
+        let before = std::fs::metadata(d.path().join("f")).unwrap();
+        // In place (same inode), same size, the old mtime put back: only the ctime tells.
+        std::fs::write(d.path().join("f"), "bbbb").unwrap();
+        let f = std::fs::File::options()
+            .write(true)
+            .open(d.path().join("f"))
+            .unwrap();
+        f.set_modified(before.modified().unwrap()).unwrap();
+        let after = std::fs::metadata(d.path().join("f")).unwrap();
+        assert_eq!(
+            (before.ino(), before.len(), before.mtime_nsec()),
+            (after.ino(), after.len(), after.mtime_nsec())
+        );
+        let i2 = ContextIndex::scan(d.path(), &[], &mut cache).unwrap();
+        assert_ne!(i1.get("f").unwrap().content, i2.get("f").unwrap().content);
+        assert_eq!(i2.get("f").unwrap().content, *blake3::hash(b"bbbb").as_bytes());
+    }
+
+    #[test]
     fn ignored_paths_are_invisible_and_cache_round_trips() {
         let d = tempfile::tempdir().unwrap();
         write(d.path(), "keep", "1");
