@@ -380,7 +380,9 @@ impl ContextIndex {
         hidden.sort_unstable();
         walked.sort_unstable_by(|a, b| a.rel.cmp(&b.rel));
         let cached = &cache.records;
-        let hashed: Vec<Result<(Entry, Option<StatRecord>), ContextError>> = walked
+        // Collected straight into the entries (no second list of results beside them); the
+        // records hashed afresh are found again below by one lookup each.
+        let entries: Vec<Entry> = walked
             .into_par_iter()
             .map(|w| {
                 let link = if w.kind == Kind::Symlink {
@@ -391,27 +393,20 @@ impl ContextIndex {
                 } else {
                     String::new()
                 };
-                let mut fresh = None;
                 let content = if w.kind == Kind::File {
-                    let rec = StatRecord {
-                        ino: w.ino,
-                        size: w.size,
-                        mtime_ns: w.mtime_ns,
-                        ctime_ns: w.ctime_ns,
-                        hash: [0; 32],
-                    };
                     match cached.get(&w.rel) {
-                        Some(c) if StatRecord { hash: c.hash, ..rec } == *c => c.hash,
-                        _ => {
-                            let hash = hash_file(&root.join(&w.rel))?;
-                            fresh = Some(StatRecord { hash, ..rec });
-                            hash
+                        Some(c)
+                            if (c.ino, c.size, c.mtime_ns, c.ctime_ns)
+                                == (w.ino, w.size, w.mtime_ns, w.ctime_ns) =>
+                        {
+                            c.hash
                         }
+                        _ => hash_file(&root.join(&w.rel))?,
                     }
                 } else {
                     [0; 32]
                 };
-                let entry = Entry {
+                Ok(Entry {
                     kind: w.kind,
                     mode: w.mode,
                     uid: w.uid,
@@ -421,18 +416,22 @@ impl ContextIndex {
                     content,
                     validators: (w.ino, w.mtime_ns, w.ctime_ns),
                     path: w.rel,
-                };
-                Ok((entry, fresh))
+                })
             })
-            .collect();
-        let mut entries = Vec::with_capacity(hashed.len());
-        for r in hashed {
-            let (entry, fresh) = r?;
-            if let Some(rec) = fresh {
-                cache.records.insert(entry.path.clone(), rec);
+            .collect::<Result<_, ContextError>>()?;
+        for e in entries.iter().filter(|e| e.kind == Kind::File) {
+            let (ino, mtime_ns, ctime_ns) = e.validators;
+            let rec = StatRecord {
+                ino,
+                size: e.size,
+                mtime_ns,
+                ctime_ns,
+                hash: e.content,
+            };
+            if cache.records.get(&e.path) != Some(&rec) {
+                cache.records.insert(e.path.clone(), rec);
                 cache.dirty = true;
             }
-            entries.push(entry);
         }
         // Records of files no longer in the context go (the entries are sorted by path).
         let before = cache.records.len();
@@ -647,6 +646,11 @@ mod tests {
             write(d.path(), &format!("dir{}/file-with-a-long-name-{i}", i % 7), "x");
         }
         let i = ContextIndex::scan(d.path(), &[], &mut StatCache::default()).unwrap();
+        assert_eq!(i.entries.len(), 2007);
+        assert!(
+            i.entries.windows(2).all(|w| w[0].path < w[1].path),
+            "sorted by path"
+        );
         let mut plain = blake3::Hasher::new();
         plain.update(b"context-all\0");
         for e in &i.entries {
