@@ -141,7 +141,7 @@ impl Donors {
     pub fn new(root: PathBuf, index: FileIndex) -> Donors {
         let mut files = index.0;
         // Stable: within a key, the files stay in path order.
-        files.sort_by(|a, b| a.1.cmp(&b.1));
+        files.sort_by_key(|a| a.1);
         let mut by_key: HashMap<FileKey, (u32, u32, AtomicU32)> = HashMap::with_capacity(files.len());
         let mut paths = Vec::with_capacity(files.len());
         for (path, key) in files {
