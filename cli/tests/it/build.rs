@@ -373,6 +373,54 @@ fn copy_links_unchanged_files_and_writes_the_layer_a_fresh_store_writes() {
     );
 }
 
+/// An edit that keeps a file's size, inode and modification time (`touch -r` restoring the old
+/// time) is still an edit: the stat cache and the linked copy see the changed ctime, hash the
+/// file again, and the image holds the new content, in the layer a fresh store writes.
+#[test]
+fn edit_with_size_and_mtime_kept_reaches_the_image_after_a_linked_copy() {
+    use std::os::unix::fs::MetadataExt;
+    let (env, ctx) = setup();
+    write(&ctx, "Dockerfile", "FROM busybox:local\nCOPY . /ctx/\n");
+    for i in 0..30 {
+        write(&ctx, &format!("src/d{}/f{i}", i % 3), &format!("file {i}"));
+    }
+    write(&ctx, "src/b", "old!");
+    build(&env, &ctx, "t/touch", &[]);
+    assert_eq!(run(&env, "t/touch", &["cat", "/ctx/src/b"]), "old!");
+    let first = layers(&env, "t/touch");
+
+    let b = ctx.join("src/b");
+    let reference = env.path("times-of-b");
+    std::fs::write(&reference, "").unwrap();
+    let touch = |args: &[&Path]| {
+        let st = std::process::Command::new("touch")
+            .arg("-r")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    touch(&[&b, &reference]);
+    let before = std::fs::metadata(&b).unwrap();
+    // Rewritten in place (same inode), same size, then its times put back.
+    std::fs::write(&b, "new!").unwrap();
+    touch(&[&reference, &b]);
+    let after = std::fs::metadata(&b).unwrap();
+    assert_eq!(
+        (before.ino(), before.len(), before.mtime(), before.mtime_nsec()),
+        (after.ino(), after.len(), after.mtime(), after.mtime_nsec())
+    );
+
+    build(&env, &ctx, "t/touch", &[]);
+    assert_eq!(run(&env, "t/touch", &["cat", "/ctx/src/b"]), "new!");
+    let second = layers(&env, "t/touch");
+    assert_ne!(first[1], second[1]);
+    let fresh = Env::new();
+    fresh.with_busybox();
+    build(&fresh, &ctx, "t/touch", &[]);
+    assert_eq!(layers(&fresh, "t/touch")[1], second[1]);
+}
+
 #[test]
 fn copy_link_from_a_stage_links_its_files_unless_it_changes_them() {
     use std::os::unix::fs::MetadataExt;

@@ -148,6 +148,10 @@ impl Engine {
             }
             tracing::debug!(elapsed = ?started.elapsed(), "pending links made");
         }
+        // The donors' lists are done with: free them before the layer write (a 500k-file copy
+        // holds tens of MB in them).
+        drop(opts);
+        drop(linking);
         if let Some((index, _)) = index.as_ref().filter(|(i, _)| !i.0.is_empty()) {
             if let Err(e) = mutable.attach(FILE_INDEX, &index.encode()) {
                 tracing::debug!(error = %e, "file index not stored");

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::fs::Metadata;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Tells a copy what a source file holds without reading it.
@@ -41,7 +41,7 @@ impl KnownContent for crate::context::ContextIndex {
 }
 
 /// Everything that makes two regular files written by a copy interchangeable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FileKey {
     /// blake3 of the content.
     pub content: [u8; 32],
@@ -122,38 +122,63 @@ fn is_relative_normal(path: &str) -> bool {
 }
 
 /// The files of an earlier result that a copy may link, by key; each is handed out once.
+///
+/// The paths are one list grouped by key, and the map holds only where each key's group
+/// starts (a map of per-key path lists cost about twice the memory at 500k files).
 #[derive(Debug)]
 pub struct Donors {
     root: PathBuf,
     /// `root` opened, so links name their source relative to it (shorter path walks).
     root_fd: Option<OwnedFd>,
-    by_key: HashMap<FileKey, (Vec<String>, AtomicUsize)>,
+    /// Relative to `root`, grouped by key (in path order within a key).
+    paths: Vec<String>,
+    /// Key → first path of its group, group size, how many were handed out.
+    by_key: HashMap<FileKey, (u32, u32, AtomicU32)>,
 }
 
 impl Donors {
     /// The files `index` lists below `root` (an immutable snapshot's tree).
     pub fn new(root: PathBuf, index: FileIndex) -> Donors {
-        let mut by_key: HashMap<FileKey, (Vec<String>, AtomicUsize)> = HashMap::with_capacity(index.0.len());
-        for (path, key) in index.0 {
+        let mut files = index.0;
+        // Stable: within a key, the files stay in path order.
+        files.sort_by_key(|a| a.1);
+        let mut by_key: HashMap<FileKey, (u32, u32, AtomicU32)> = HashMap::with_capacity(files.len());
+        let mut paths = Vec::with_capacity(files.len());
+        for (path, key) in files {
+            let Ok(at) = u32::try_from(paths.len()) else {
+                break;
+            };
+            paths.push(path);
             by_key
                 .entry(key)
-                .or_insert_with(|| (Vec::new(), AtomicUsize::new(0)))
-                .0
-                .push(path);
+                .and_modify(|g| g.1 += 1)
+                .or_insert_with(|| (at, 1, AtomicU32::new(0)));
         }
         let root_fd = open_dir(&root);
         Donors {
             root,
             root_fd,
+            paths,
             by_key,
         }
     }
 
-    /// A not yet used donor file with `key`, relative to `root`.
-    fn take(&self, key: &FileKey) -> Option<&str> {
-        let (paths, next) = self.by_key.get(key)?;
+    /// A not yet used donor file with `key`: its number (see [`Donors::path`]).
+    fn take_number(&self, key: &FileKey) -> Option<u32> {
+        let (at, count, next) = self.by_key.get(key)?;
         let i = next.fetch_add(1, Ordering::Relaxed);
-        paths.get(i).map(String::as_str)
+        (i < *count).then(|| at + i)
+    }
+
+    /// The path (relative to `root`) of donor file number `n`.
+    fn path(&self, n: u32) -> &str {
+        self.paths.get(n as usize).map_or("", String::as_str)
+    }
+
+    /// A not yet used donor file with `key`, relative to `root`.
+    #[cfg(test)]
+    fn take(&self, key: &FileKey) -> Option<&str> {
+        self.take_number(key).map(|n| self.path(n))
     }
 }
 
@@ -219,8 +244,8 @@ pub struct Linking {
     linked: AtomicUsize,
     /// Put links off until [`Linking::make_pending`] (see [`Linking::deferring`]).
     defer: bool,
-    /// Links chosen but not made yet: donor path, destination path, key.
-    pending: Mutex<Vec<(String, PathBuf, FileKey)>>,
+    /// Links chosen but not made yet: donor file number, destination path, key.
+    pending: Mutex<Vec<(u32, PathBuf, FileKey)>>,
 }
 
 impl std::fmt::Debug for Linking {
@@ -337,11 +362,14 @@ impl Linking {
     /// destination root): what [`kiln_cache::layer::same_tree_assuming`] may count as present.
     pub fn pending_in_place(&self) -> std::collections::HashSet<Vec<u8>> {
         use std::os::unix::ffi::OsStrExt;
+        let Some(donors) = &self.donors else {
+            return Default::default();
+        };
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|(from, to, _)| Path::new(from) == to.as_path())
+            .filter(|(from, to, _)| Path::new(donors.path(*from)) == to.as_path())
             .map(|(_, to, _)| to.as_os_str().as_bytes().to_vec())
             .collect()
     }
@@ -403,6 +431,7 @@ impl Linking {
             })
             .collect::<Result<_, super::FileOpError>>()?;
         pending.par_iter().try_for_each(|(from, to, key)| {
+            let from = donors.path(*from);
             if self.link_now(donors, from, to).is_ok() {
                 return Ok(());
             }
@@ -471,18 +500,18 @@ impl Linking {
         let Some(donors) = &self.donors else {
             return false;
         };
-        let Some(from) = donors.take(key) else {
+        let Some(from) = donors.take_number(key) else {
             return false;
         };
         if self.defer {
-            self.pending.lock().unwrap_or_else(|e| e.into_inner()).push((
-                from.to_string(),
-                rel.to_path_buf(),
-                *key,
-            ));
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((from, rel.to_path_buf(), *key));
             self.linked.fetch_add(1, Ordering::Relaxed);
             return true;
         }
+        let from = donors.path(from);
         self.counted(self.link_now(donors, from, rel), from)
     }
 
