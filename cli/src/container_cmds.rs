@@ -6,7 +6,7 @@ use std::io::{self, BufRead as _, Write as _};
 use std::os::fd::AsFd as _;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
@@ -1170,61 +1170,6 @@ fn dir_size(path: &Path) -> u64 {
     std::fs::read_dir(path)
         .map(|es| es.flatten().map(|e| dir_size(&e.path())).sum())
         .unwrap_or(0)
-}
-
-/// The `Containers` and `Local Volumes` rows of `system df`: type, total, active, size,
-/// reclaimable (with Docker's percentage when the size is not 0).
-pub fn df_rows(root: &Path) -> anyhow::Result<(Vec<String>, Vec<String>)> {
-    use crate::store_cmds::human_size;
-    let percent = |part: u64, whole: u64| {
-        (part * 100)
-            .checked_div(whole)
-            .map(|p| format!("{} ({p}%)", human_size(part)))
-            .unwrap_or_else(|| human_size(part))
-    };
-    let containers = Containers::open(root)?;
-    let (mut total, mut active, mut size, mut reclaimable) = (0u64, 0u64, 0u64, 0u64);
-    for rec in containers.list()? {
-        let Ok(st) = containers.state(&rec.id) else {
-            continue;
-        };
-        let s = dir_size(&rec.rootfs.upper);
-        total += 1;
-        size += s;
-        if matches!(st.status, Status::Running | Status::Restarting) {
-            active += 1;
-        } else {
-            reclaimable += s;
-        }
-    }
-    let ctr = vec![
-        "Containers".to_string(),
-        total.to_string(),
-        active.to_string(),
-        human_size(size),
-        percent(reclaimable, size),
-    ];
-    let vols = kiln_containers::volumes::Volumes::open(root)?;
-    let usage = vols.usage()?;
-    let (mut vtotal, mut vactive, mut vsize, mut vfree) = (0u64, 0u64, 0u64, 0u64);
-    for v in vols.list()? {
-        let s = kiln_containers::volumes::dir_size(&v.mountpoint);
-        vtotal += 1;
-        vsize += s;
-        if usage.contains_key(&v.name) {
-            vactive += 1;
-        } else {
-            vfree += s;
-        }
-    }
-    let vol = vec![
-        "Local Volumes".to_string(),
-        vtotal.to_string(),
-        vactive.to_string(),
-        human_size(vsize),
-        percent(vfree, vsize),
-    ];
-    Ok((ctr, vol))
 }
 
 fn cmd_prune(containers: &Containers, a: PruneArgs) -> anyhow::Result<ExitCode> {

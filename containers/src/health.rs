@@ -96,8 +96,14 @@ fn run_probe(record: &ContainerRecord, pid: i32, probe: &Probe) -> HealthLog {
         Ok(f) => f,
         Err(e) => return failed(format!("failed to create a pipe for the health check: {e}")),
     };
+    // The probe joins the container as `exec` does: under the container's seccomp policy.
+    let seccomp = match kiln_runtime::seccomp::parse_security_opts(&record.host.security_opt) {
+        Ok(s) => s.seccomp,
+        Err(e) => return failed(format!("the container's seccomp options: {e}")),
+    };
     let spec = kiln_runtime::exec::ExecSpec {
         pid,
+        seccomp,
         args: probe.argv.clone(),
         env: crate::lifecycle::container_env(record.config.env.as_deref().unwrap_or_default(), &[]),
         cwd: record.config.working_dir.clone(),

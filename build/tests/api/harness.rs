@@ -28,6 +28,7 @@ impl Env {
         let opts = kiln_cache::archive::import::ImportOptions {
             message: None,
             reference: Some(kiln_cache::reference::Reference::parse("busybox:local").expect("reference")),
+            config: Default::default(),
         };
         kiln_cache::archive::import::import_rootfs(&store, tar, "busybox", &opts).expect("import busybox");
         Env { dir, store }

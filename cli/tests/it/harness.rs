@@ -150,13 +150,6 @@ pub fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// `../shared` beside the checkout, or `$KILN_SHARED_DIR`.
-pub fn shared_dir() -> PathBuf {
-    std::env::var_os("KILN_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().parent().expect("checkout's parent").join("shared"))
-}
-
 /// Starts dockerd (with `busybox:local` imported) through `shared/peers/start-docker.sh` once
 /// per test run and returns the docker client's path.
 pub fn docker() -> String {
