@@ -783,67 +783,13 @@ impl CacheFilter {
 
 /// Parses a Go duration (`24h`, `2h30m`, `90s`, `1.5h`, `500ms`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration `{s}` (expected e.g. 24h, 2h30m, 90s)");
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        let n: f64 = rest[..num_len].parse().map_err(|_| bad())?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(bad()),
-        };
-        total += n * unit;
-        rest = &rest[unit_len..];
-    }
-    Ok(Duration::from_secs_f64(total))
+    kiln_dag::units::go_duration(s).map_err(|e| format!("{e} (expected e.g. 24h, 2h30m, 90s)"))
 }
 
 /// Parses a size as Docker's `--keep-storage` does (`RAMInBytes`): a number with an optional
 /// binary unit `b`, `k`, `m`, `g`, `t`, `p` (also `kb`, `kib`, ...; any case).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let bad = || format!("invalid size `{s}` (expected e.g. 512mb, 10GB, 1073741824)");
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let unit = unit.trim().to_ascii_lowercase();
-    let unit = unit
-        .strip_suffix("ib")
-        .or_else(|| unit.strip_suffix('b'))
-        .unwrap_or(&unit);
-    let mult: u64 = match unit {
-        "" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        "t" => 1 << 40,
-        "p" => 1 << 50,
-        _ => return Err(bad()),
-    };
-    if n < 0.0 || !n.is_finite() {
-        return Err(bad());
-    }
-    Ok((n * mult as f64) as u64)
+    kiln_dag::units::ram_in_bytes(s).map_err(|e| format!("{e} (expected e.g. 512mb, 10GB, 1073741824)"))
 }
 
 /// What `kiln builder prune` should remove.

@@ -176,34 +176,7 @@ pub fn until_cutoff(value: &str) -> Result<i64, FilterError> {
 
 /// A Go duration (`1h30m`, `90s`, `10m`) in whole seconds.
 pub fn go_duration(s: &str) -> Option<i64> {
-    if s.is_empty() {
-        return None;
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-        if num_len == 0 {
-            return None;
-        }
-        let n: f64 = rest[..num_len].parse().ok()?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let mult = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        total += n * mult;
-        rest = &rest[unit_len..];
-    }
-    Some(total as i64)
+    kiln_dag::units::go_duration(s).ok().map(|d| d.as_secs() as i64)
 }
 
 /// Seconds since the epoch of an RFC 3339 time (0 when it does not parse).

@@ -185,57 +185,15 @@ pub struct CreateArgs {
 
 /// Docker's `RAMInBytes`: a number with an optional b/k/m/g/t/p suffix (binary units).
 pub fn parse_memory(s: &str) -> anyhow::Result<u64> {
-    let lower = s.trim().to_ascii_lowercase();
-    let body = lower
-        .strip_suffix('b')
-        .filter(|b| !b.is_empty())
-        .unwrap_or(&lower);
-    let (num, mult) = match body.chars().last() {
-        Some('k') => (&body[..body.len() - 1], 1u64 << 10),
-        Some('m') => (&body[..body.len() - 1], 1 << 20),
-        Some('g') => (&body[..body.len() - 1], 1 << 30),
-        Some('t') => (&body[..body.len() - 1], 1 << 40),
-        Some('p') => (&body[..body.len() - 1], 1 << 50),
-        _ => (body, 1),
-    };
-    let n: f64 = num
-        .parse()
-        .ok()
-        .filter(|n: &f64| n.is_finite() && *n >= 0.0)
-        .with_context(|| format!("invalid size: '{s}'"))?;
-    Ok((n * mult as f64) as u64)
+    Ok(kiln_dag::units::ram_in_bytes(s)?)
 }
 
 /// A Go duration (`1s`, `500ms`, `1m30s`) in nanoseconds, for the `--health-*` flags.
 fn go_duration_nanos(flag: &str, s: &str) -> anyhow::Result<i64> {
-    let bad = || anyhow::anyhow!("invalid argument {s:?} for \"{flag}\" flag: time: invalid duration {s:?}");
-    let mut total = 0f64;
-    let mut rest = s;
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let n = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        let value: f64 = rest[..n].parse().map_err(|_| bad())?;
-        rest = &rest[n..];
-        let u = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let mult = match &rest[..u] {
-            "ns" => 1.0,
-            "us" | "µs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return Err(bad()),
-        };
-        total += value * mult;
-        rest = &rest[u..];
-    }
-    Ok(total as i64)
+    let d = kiln_dag::units::go_duration(s)
+        .map_err(|e| anyhow::anyhow!("invalid argument {s:?} for \"{flag}\" flag: {e}"))?;
+    i64::try_from(d.as_nanos())
+        .map_err(|_| anyhow::anyhow!("invalid argument {s:?} for \"{flag}\" flag: duration out of range"))
 }
 
 /// `--env-file`: `KEY=VALUE` or `KEY` lines; `#` comments and blank lines are skipped.

@@ -391,30 +391,7 @@ fn parse_bool(key: &'static str, value: &str) -> Result<bool> {
 
 /// Parses a size with an optional binary unit suffix: `1024`, `64k`, `64m`, `1.5g`, `64MiB`.
 pub fn parse_size(s: &str) -> Result<u64> {
-    let bad = || MountError::Size(s.to_string());
-    let t = s.trim();
-    let digits_end = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits_end);
-    let num: f64 = num.parse().map_err(|_| bad())?;
-    let unit = unit.trim_start().to_ascii_lowercase();
-    let unit = unit.strip_suffix('b').unwrap_or(&unit);
-    let unit = unit.strip_suffix('i').unwrap_or(unit);
-    let mult: u64 = match unit {
-        "" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        "t" => 1 << 40,
-        "p" => 1 << 50,
-        _ => return Err(bad()),
-    };
-    let bytes = num * mult as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(bad());
-    }
-    Ok(bytes as u64)
+    kiln_dag::units::ram_in_bytes(s).map_err(|_| MountError::Size(s.to_string()))
 }
 
 fn parse_mode(key: &'static str, s: &str) -> Result<u32> {

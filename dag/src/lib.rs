@@ -11,6 +11,7 @@
 
 pub mod image;
 mod ops;
+pub mod units;
 
 pub use ops::*;
 
