@@ -634,7 +634,20 @@ mod tests {
         std::env::set_var("PATH", &path);
         let cfg = DockerConfig::load(dir.path()).unwrap();
         assert_eq!(cfg.helper_for("anything").as_deref(), Some("kilntest"));
-        let c = cfg.credentials("reg:9").unwrap().unwrap();
+        // Another test thread that forks while the script is still open for writing holds that
+        // descriptor until its child execs: exec then fails with ETXTBSY for a moment.
+        let mut tries = 0;
+        let c = loop {
+            match cfg.credentials("reg:9") {
+                Err(AuthError::HelperSpawn { source, .. })
+                    if source.raw_os_error() == Some(26) && tries < 100 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other.unwrap().unwrap(),
+            }
+        };
         assert_eq!((c.username.as_str(), c.password.as_str()), ("hu", "hs"));
         assert!(cfg.credentials("other:9").unwrap().is_none());
     }
