@@ -2,38 +2,13 @@
 //! `no_new_privs`, masked paths, and the options that change them. Compared with what Docker on
 //! this machine prints for the same image (needs root and dockerd).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use crate::harness::*;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// `../shared` of the checkout, or `$KILN_SHARED_DIR`.
-fn shared_dir() -> PathBuf {
-    std::env::var_os("KILN_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().parent().unwrap().join("shared"))
-}
-
-/// The Docker client, with dockerd started and `busybox:local` imported by the shared script.
-fn docker() -> String {
-    let out = Command::new("bash")
-        .arg(shared_dir().join("peers/start-docker.sh"))
-        .output()
-        .expect("run start-docker.sh");
-    assert!(
-        out.status.success(),
-        "this test needs dockerd: start-docker.sh failed\n{}",
-        frame(&out)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .to_string()
 }
 
 /// `docker run --rm ARGS...`'s stdout.
