@@ -5,7 +5,7 @@
 //! it too.
 
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -17,40 +17,20 @@ use super::copy::{lchown, mkdir_all, remove_all, set_mode, set_times};
 use super::resolve;
 use super::FileOpError;
 
-const GZIP: &[u8] = &[0x1f, 0x8b, 0x08];
-const BZIP2: &[u8] = b"BZh";
-const XZ: &[u8] = &[0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00];
-const ZSTD: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
-
-/// Opens `path` and wraps it in the decompressor its first bytes call for.
+/// Opens `path` and wraps it in the decompressor its first bytes call for (the store's sniffer:
+/// gzip, bzip2, xz, zstd or plain).
 fn open(path: &Path) -> Result<Box<dyn Read>, FileOpError> {
     let err = |source| FileOpError::Archive {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(err)?;
-    let mut magic = [0u8; 6];
-    let mut n = 0;
-    while n < magic.len() {
-        match file.read(&mut magic[n..]).map_err(err)? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    let head = &magic[..n];
     let file = File::open(path).map_err(err)?;
-    let reader = BufReader::new(file);
-    Ok(if head.starts_with(GZIP) {
-        Box::new(flate2::read::MultiGzDecoder::new(reader))
-    } else if head.starts_with(BZIP2) {
-        Box::new(bzip2::read::MultiBzDecoder::new(reader))
-    } else if head.starts_with(XZ) {
-        Box::new(liblzma::read::XzDecoder::new_multi_decoder(reader))
-    } else if head.starts_with(ZSTD) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(reader).map_err(err)?)
-    } else {
-        Box::new(reader)
-    })
+    let (_, reader) = kiln_cache::layer::decoder(file).map_err(|e| {
+        err(match e {
+            kiln_cache::layer::SniffError::ReadMagic(e) | kiln_cache::layer::SniffError::Zstd(e) => e,
+        })
+    })?;
+    Ok(Box::new(reader))
 }
 
 /// Whether the regular file `path` is a tar archive (possibly compressed): its first header
