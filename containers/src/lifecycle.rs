@@ -46,7 +46,7 @@ pub enum LifecycleError {
         image: String,
         /// The cause.
         #[source]
-        source: anyhow::Error,
+        source: Box<UnpackError>,
     },
     /// Spawning the supervisor process failed.
     #[error("failed to start the supervisor of container {id}")]
@@ -215,8 +215,31 @@ pub fn container_env(image_env: &[String], extra: &[String]) -> Vec<String> {
     env
 }
 
+/// Why an image's layers could not be made into snapshots.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    /// The snapshot directory could not be opened, or a layer not unpacked.
+    #[error(transparent)]
+    Snapshot(#[from] kiln_cache::snapshot::SnapshotError),
+    /// A layer blob could not be opened.
+    #[error(transparent)]
+    Content(#[from] kiln_cache::content::ContentError),
+    /// A layer blob's compression could not be read.
+    #[error("layer {layer}")]
+    Sniff {
+        /// The layer blob.
+        layer: kiln_dag::Digest,
+        /// The cause.
+        #[source]
+        source: kiln_cache::layer::SniffError,
+    },
+}
+
 /// Unpacks (if needed) the image's layers and returns their snapshot directories, top first.
-pub fn image_lower_dirs(store: &Store, image: &kiln_cache::images::Image) -> anyhow::Result<Vec<PathBuf>> {
+pub fn image_lower_dirs(
+    store: &Store,
+    image: &kiln_cache::images::Image,
+) -> Result<Vec<PathBuf>, UnpackError> {
     let snapshots = Snapshots::open(&store.snapshots_dir())?;
     let mut dirs = Vec::new();
     for (l, chain) in image.layers.iter().zip(image.chain_ids()) {
@@ -224,7 +247,11 @@ pub fn image_lower_dirs(store: &Store, image: &kiln_cache::images::Image) -> any
             Some(s) => s,
             None => {
                 let file = store.content().open(&l.digest)?;
-                snapshots.unpack(&chain, None, kiln_cache::layer::sniff(file)?, Some(&l.diff_id))?
+                let reader = kiln_cache::layer::sniff(file).map_err(|source| UnpackError::Sniff {
+                    layer: l.digest,
+                    source,
+                })?;
+                snapshots.unpack(&chain, None, reader, Some(&l.diff_id))?
             }
         };
         dirs.push(snap.path);
@@ -308,7 +335,7 @@ pub fn create(
     }
     let lower = image_lower_dirs(store, &image).map_err(|source| LifecycleError::Unpack {
         image: req.image.clone(),
-        source,
+        source: Box::new(source),
     })?;
     let id = record::new_id();
     let dir = containers.dir(&id);
