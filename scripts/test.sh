@@ -11,10 +11,14 @@ export CARGO_TERM_COLOR=never
 step() { echo "==> $*" >&2; }
 step "rustfmt";  cargo fmt --all -- --check
 step "clippy";   cargo clippy --workspace --all-targets --release -- -D warnings
+step "unused dependencies"
+command -v cargo-machete >/dev/null || cargo install -q --locked cargo-machete
+cargo machete
+step "docs";     RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --release -q
 step "build";    cargo build --release -p kiln
 if [ -d "$shared/difftest" ]; then
   step "difftest"; bash scripts/difftest.sh
   step "difftest, every case rebuilt with --no-cache"; KILN=scripts/kiln-rebuild.sh bash scripts/difftest.sh
 fi
 step "fuzz targets compile"; (cd fuzz && cargo check --release -q)
-step "tests";    cargo test --workspace --release
+step "tests";    cargo test --workspace --release --no-fail-fast

@@ -3,7 +3,7 @@
 //! `tmp/`, or a Git / http(s) URL fetched there; then the Dockerfile and the `.dockerignore`
 //! that applies.
 //!
-//! Fetched and extracted contexts live in a temp directory removed when the [`MainContext`]
+//! Fetched and extracted contexts live in a temp directory removed when the `MainContext`
 //! holding it is dropped, however the build ends.
 
 use std::io::{self, Read, Write as _};

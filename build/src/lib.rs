@@ -171,7 +171,7 @@ impl BuildResult {
         }
     }
 
-    /// BuildKit's exporter response, what `--metadata-file` writes (see [`metadata`]).
+    /// BuildKit's exporter response, what `--metadata-file` writes (see the `metadata` module).
     pub fn metadata(&self) -> serde_json::Value {
         metadata::metadata(self)
     }

@@ -1,5 +1,7 @@
 //! `kiln`: build, store and run OCI images without a daemon.
 #![forbid(unsafe_code)]
+// Flag help comes from doc comments (clap): `NAME[:TAG]` there is help text, not a link.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

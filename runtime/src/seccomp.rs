@@ -5,7 +5,7 @@
 //! [`DEFAULT_PROFILE`] is the data of moby's `profiles/seccomp/default.json`, embedded as it is
 //! published: an allow-list whose default action is `EPERM`, with argument filters (`socket`,
 //! `personality`, `clone`) and entries that apply only with or without a capability
-//! (`includes.caps`, `excludes.caps`), an architecture, or a minimum kernel. [`select`] applies
+//! (`includes.caps`, `excludes.caps`), an architecture, or a minimum kernel. [`Profile::select`] applies
 //! those conditions for one container (its capability set, this machine's architecture and
 //! kernel) as Docker does when it creates a container; [`compile`] hands the selected rules to
 //! libseccomp, the library runc builds Docker's filters with, so the argument comparisons,

@@ -8,7 +8,7 @@
 //!
 //! Mounts made in kiln's own process (overlay views for file ops and sub-path binds) need a
 //! private mount namespace: the CLI enters one before starting threads
-//! ([`kiln_runtime::enter_private_mount_namespace`]), so whatever a killed build leaves mounted
+//! ([`kiln_runtime::host::enter_private_mount_namespace`]), so whatever a killed build leaves mounted
 //! disappears with the process.
 
 mod contentkey;

@@ -2,7 +2,7 @@
 //! BuildKit's semantics, applied to directories the build engine has mounted.
 //!
 //! Architecture invariant: every path an action names is resolved inside its root by
-//! [`resolve::in_root`]: symlinks are followed with the root as `/` and `..` stops at the root,
+//! `resolve::in_root`: symlinks are followed with the root as `/` and `..` stops at the root,
 //! so no action reads outside its source root or writes outside `dest_root`. Symlinks found
 //! while walking a copied directory are recreated with their target verbatim, never followed.
 //!
