@@ -10,9 +10,8 @@ use std::time::SystemTime;
 
 use kiln_dag::CopyAction;
 use kiln_patterns::Matcher;
-use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
-use nix::sys::time::TimeSpec;
 use rayon::prelude::*;
+use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps, CWD};
 
 use super::chmod::ModeSpec;
 use super::link::Linking;
@@ -698,9 +697,9 @@ fn copy_entry(cfg: &Config<'_>, n: &Node, parent_fresh: bool, leader: bool) -> R
             }
         }
     } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() || ft.is_socket() {
-        let kind = SFlag::from_bits_truncate(n.meta.mode() & libc::S_IFMT);
-        let perm = Mode::from_bits_truncate(n.meta.mode() & 0o7777);
-        nix::sys::stat::mknod(&n.dst, kind, perm, n.meta.rdev()).map_err(|e| FileOpError::Mknod {
+        let kind = FileType::from_raw_mode(n.meta.mode());
+        let perm = Mode::from_raw_mode(n.meta.mode() & 0o7777);
+        rustix::fs::mknodat(CWD, &n.dst, kind, perm, n.meta.rdev()).map_err(|e| FileOpError::Mknod {
             path: n.dst.clone(),
             source: e.into(),
         })?;
@@ -854,25 +853,31 @@ pub(super) fn set_mode(path: &Path, mode: u32) -> Result<(), FileOpError> {
 
 /// Sets access and modification times without following a symlink at `path`.
 pub(super) fn set_times(path: &Path, atime: SystemTime, mtime: SystemTime) -> Result<(), FileOpError> {
-    let a = timespec(atime);
-    let m = timespec(mtime);
-    nix::sys::stat::utimensat(
-        nix::fcntl::AT_FDCWD,
-        path,
-        &a,
-        &m,
-        UtimensatFlags::NoFollowSymlink,
-    )
-    .map_err(|e| FileOpError::Times {
+    let times = Timestamps {
+        last_access: timespec(atime),
+        last_modification: timespec(mtime),
+    };
+    rustix::fs::utimensat(CWD, path, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| FileOpError::Times {
         path: path.to_path_buf(),
         source: e.into(),
     })
 }
 
-fn timespec(t: SystemTime) -> TimeSpec {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => TimeSpec::from_duration(d),
-        Err(e) => TimeSpec::from_duration(e.duration()) * -1,
+fn timespec(t: SystemTime) -> Timespec {
+    // Times before the epoch count down from it, with the nanoseconds kept non-negative.
+    let (secs, nanos) = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+        Err(e) => {
+            let d = e.duration();
+            match d.subsec_nanos() {
+                0 => (-(d.as_secs() as i64), 0),
+                n => (-(d.as_secs() as i64) - 1, 1_000_000_000 - n),
+            }
+        }
+    };
+    Timespec {
+        tv_sec: secs,
+        tv_nsec: nanos.into(),
     }
 }
 

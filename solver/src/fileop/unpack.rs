@@ -10,7 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use nix::sys::stat::{Mode, SFlag};
+use rustix::fs::{FileType, Mode, CWD};
 use tar::EntryType;
 
 use super::copy::{lchown, mkdir_all, remove_all, set_mode, set_times};
@@ -134,20 +134,20 @@ pub(super) fn unpack(path: &Path, dest: &Path, timestamp: Option<SystemTime>) ->
                 chmod = fs::symlink_metadata(&old).is_ok_and(|m| !m.file_type().is_symlink());
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
-                let sflag = match kind {
-                    EntryType::Char => SFlag::S_IFCHR,
-                    EntryType::Block => SFlag::S_IFBLK,
-                    _ => SFlag::S_IFIFO,
+                let file_type = match kind {
+                    EntryType::Char => FileType::CharacterDevice,
+                    EntryType::Block => FileType::BlockDevice,
+                    _ => FileType::Fifo,
                 };
                 let major = header.device_major().ok().flatten().unwrap_or(0);
                 let minor = header.device_minor().ok().flatten().unwrap_or(0);
-                let dev = nix::sys::stat::makedev(u64::from(major), u64::from(minor));
-                nix::sys::stat::mknod(&target, sflag, Mode::from_bits_truncate(mode), dev).map_err(|e| {
-                    FileOpError::Mknod {
+                let dev = rustix::fs::makedev(major, minor);
+                rustix::fs::mknodat(CWD, &target, file_type, Mode::from_raw_mode(mode), dev).map_err(
+                    |e| FileOpError::Mknod {
                         path: target.clone(),
                         source: e.into(),
-                    }
-                })?;
+                    },
+                )?;
             }
             other => {
                 return Err(FileOpError::ArchiveEntryType {
