@@ -161,6 +161,22 @@ impl Roots {
         }
         live
     }
+
+    /// The snapshots among `dirs` to keep: every live one and the parents below it.
+    pub fn kept_snapshots(&self, dirs: &[crate::snapshot::SnapshotDir]) -> BTreeSet<Digest> {
+        let parents: BTreeMap<Digest, Option<Digest>> = dirs.iter().map(|s| (s.key, s.parent)).collect();
+        let mut keep = BTreeSet::new();
+        for key in self.live_snapshots() {
+            let mut cur = Some(key);
+            while let Some(k) = cur {
+                if !keep.insert(k) {
+                    break;
+                }
+                cur = parents.get(&k).copied().flatten();
+            }
+        }
+        keep
+    }
 }
 
 /// The snapshot keys named by containers' lower dirs (`Rootfs.Lower`: `.../snapshots/<hex>/fs`),
@@ -361,17 +377,7 @@ pub fn sweep(store: &Store) -> Result<Swept, GcError> {
     let snapshots = Snapshots::open(&store.snapshots_dir()).map_err(GcError::Snapshots)?;
     let dirs = snapshots.dirs().map_err(GcError::Snapshots)?;
     // Keep live snapshots and everything below them.
-    let parents: BTreeMap<Digest, Option<Digest>> = dirs.iter().map(|s| (s.key, s.parent)).collect();
-    let mut keep = BTreeSet::new();
-    for key in roots.live_snapshots() {
-        let mut cur = Some(key);
-        while let Some(k) = cur {
-            if !keep.insert(k) {
-                break;
-            }
-            cur = parents.get(&k).copied().flatten();
-        }
-    }
+    let keep = roots.kept_snapshots(&dirs);
     for snap in dirs.iter().filter(|s| !keep.contains(&s.key)) {
         let bytes = snapshots.disk_usage(&snap.key);
         if snapshots.remove(&snap.key).map_err(GcError::Snapshots)? {

@@ -478,17 +478,7 @@ fn check_cache(
             found.push(Problem::UnreferencedBlob { digest: d, bytes });
         }
     }
-    let parents: BTreeMap<Digest, Option<Digest>> = dirs.iter().map(|s| (s.key, s.parent)).collect();
-    let mut keep = BTreeSet::new();
-    for key in roots.live_snapshots() {
-        let mut cur = Some(key);
-        while let Some(k) = cur {
-            if !keep.insert(k) {
-                break;
-            }
-            cur = parents.get(&k).copied().flatten();
-        }
-    }
+    let keep = roots.kept_snapshots(&dirs);
     let broken: BTreeSet<Digest> = found
         .iter()
         .filter_map(|p| match p {

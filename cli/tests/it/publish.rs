@@ -5,8 +5,9 @@
 
 use std::process::Command;
 
+use crate::harness::docker;
 use crate::harness::{busybox_env, require_root, Env};
-use crate::registry::{docker, fails, ok, run_ok, write_dockerfile, Registry};
+use crate::registry::{fails, ok, run_ok, write_dockerfile, Registry};
 
 fn s(p: &std::path::Path) -> &str {
     p.to_str().unwrap()

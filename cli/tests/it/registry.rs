@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::harness::{frame, require_root, shared_dir, Env};
+use crate::harness::{docker, frame, require_root, shared_dir, Env};
 
 /// A registry process, killed on drop.
 pub(crate) struct Registry {
@@ -94,26 +94,6 @@ pub(crate) fn fails(env: &Env, args: &[&str]) -> String {
         frame(&out)
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-pub(crate) fn docker() -> String {
-    let script = shared_dir().join("peers/start-docker.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "this test needs dockerd: {} failed\n{}",
-        script.display(),
-        frame(&out)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or("/usr/bin/docker")
-        .trim()
-        .to_string()
 }
 
 pub(crate) fn run_ok(cmd: &mut Command) -> String {
