@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use kiln_containers::lifecycle::{self, LifecycleError};
 use kiln_containers::logs::{self, Stream};
-use kiln_containers::supervisor::{self, Mode, FRAME_EXIT, FRAME_STDERR, FRAME_STDOUT};
+use kiln_containers::supervisor::{self, Mode, SignalProxy};
 use kiln_containers::{ContainerRecord, ContainerState, Containers, RecordError, Status};
 
 use crate::gotemplate::Value;
@@ -138,6 +138,9 @@ pub struct StartArgs {
     /// Attach container's STDIN
     #[arg(short = 'i', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub interactive: bool,
+    /// Override the key sequence for detaching a container
+    #[arg(long = "detach-keys")]
+    pub detach_keys: Option<String>,
     /// Containers
     #[arg(required = true)]
     pub containers: Vec<String>,
@@ -233,6 +236,12 @@ pub struct AttachArgs {
     /// Do not attach STDIN
     #[arg(long = "no-stdin", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub no_stdin: bool,
+    /// Override the key sequence for detaching a container
+    #[arg(long = "detach-keys")]
+    pub detach_keys: Option<String>,
+    /// Proxy all received signals to the process
+    #[arg(long = "sig-proxy", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub sig_proxy: bool,
     /// Container
     pub container: String,
 }
@@ -458,9 +467,17 @@ fn cmd_start(containers: &Containers, g: &Globals, a: StartArgs) -> anyhow::Resu
     if a.containers.len() > 1 {
         anyhow::bail!("you cannot start and attach multiple containers at once");
     }
+    let keys = crate::attach::parse_detach_keys(
+        a.detach_keys
+            .as_deref()
+            .unwrap_or(crate::attach::DEFAULT_DETACH_KEYS),
+    )?;
+    // `start -a` proxies signals, as Docker's does; blocked before any thread starts.
+    let signals = SignalProxy::block()?;
     let rec = containers.lookup(&a.containers[0])?;
     if !lifecycle::prepare_start(containers, &rec.id)? {
-        return attach_stream(containers, &rec, a.interactive);
+        let end = attach_stream(containers, &rec, a.interactive, keys, Some(signals))?;
+        return Ok(end_code(end, false));
     }
     let mut spawned = lifecycle::start_detached(&rec.id, supervisor_command(g, &rec.id, true)?)?;
     spawned.wait_listening()?;
@@ -475,11 +492,40 @@ fn cmd_start(containers: &Containers, g: &Globals, a: StartArgs) -> anyhow::Resu
         eprintln!("Error: {e}");
         return Ok(ExitCode::from(code));
     }
-    pump_attached(conn, a.interactive && rec.host.open_stdin)
+    signals.forward_to(containers.state(&rec.id)?.pid);
+    let end = crate::attach::attach(
+        conn,
+        crate::attach::Options {
+            stdin: a.interactive && rec.host.open_stdin,
+            tty: rec.host.tty,
+            detach_keys: keys,
+            signals: Some(signals),
+        },
+    )?;
+    Ok(end_code(end, false))
 }
 
-/// Attaches to a running container's socket and streams until it stops.
-fn attach_stream(containers: &Containers, rec: &ContainerRecord, stdin: bool) -> anyhow::Result<ExitCode> {
+/// The exit code of an attached session: the container's, or on detaching 0 (`run`, `start`) or
+/// 1 with Docker's message (`attach`).
+fn end_code(end: crate::attach::End, attach_cmd: bool) -> ExitCode {
+    match end {
+        crate::attach::End::Exited(code) => ExitCode::from((code & 0xff) as u8),
+        crate::attach::End::Detached if attach_cmd => {
+            eprintln!("read escape sequence");
+            ExitCode::from(1)
+        }
+        crate::attach::End::Detached => ExitCode::SUCCESS,
+    }
+}
+
+/// Attaches to a running container's socket and streams until it stops or the user detaches.
+fn attach_stream(
+    containers: &Containers,
+    rec: &ContainerRecord,
+    stdin: bool,
+    detach_keys: Vec<u8>,
+    signals: Option<SignalProxy>,
+) -> anyhow::Result<crate::attach::End> {
     let st = containers.state(&rec.id)?;
     if !matches!(st.status, Status::Running | Status::Restarting) {
         anyhow::bail!("You cannot attach to a stopped container, start it first");
@@ -487,44 +533,35 @@ fn attach_stream(containers: &Containers, rec: &ContainerRecord, stdin: bool) ->
     let (_dir, path) = supervisor::socket_path(&containers.dir(&rec.id))?;
     let conn =
         UnixStream::connect(&path).with_context(|| format!("failed to attach to container {}", rec.id))?;
-    pump_attached(conn, stdin && rec.host.open_stdin)
-}
-
-fn pump_attached(conn: UnixStream, forward_stdin: bool) -> anyhow::Result<ExitCode> {
-    if forward_stdin {
-        let mut w = conn.try_clone()?;
-        std::thread::spawn(move || {
-            let _ = io::copy(&mut io::stdin().lock(), &mut w);
-            let _ = w.shutdown(std::net::Shutdown::Write);
-        });
-    } else {
-        let _ = conn.shutdown(std::net::Shutdown::Write);
+    if let Some(p) = signals.as_ref() {
+        p.forward_to(st.pid);
     }
-    let mut r = io::BufReader::new(conn);
-    let mut code = 0;
-    while let Some((kind, data)) = supervisor::read_frame(&mut r)? {
-        match kind {
-            FRAME_STDOUT => {
-                let mut o = io::stdout().lock();
-                o.write_all(&data)?;
-                o.flush()?;
-            }
-            FRAME_STDERR => io::stderr().lock().write_all(&data)?,
-            FRAME_EXIT => {
-                if let Ok(b) = <[u8; 4]>::try_from(data.as_slice()) {
-                    code = i32::from_be_bytes(b);
-                }
-                break;
-            }
-            _ => {}
-        }
-    }
-    Ok(ExitCode::from((code & 0xff) as u8))
+    crate::attach::attach(
+        conn,
+        crate::attach::Options {
+            stdin: stdin && rec.host.open_stdin,
+            tty: rec.host.tty,
+            detach_keys,
+            signals,
+        },
+    )
 }
 
 fn cmd_attach(containers: &Containers, a: AttachArgs) -> anyhow::Result<ExitCode> {
+    let keys = crate::attach::parse_detach_keys(
+        a.detach_keys
+            .as_deref()
+            .unwrap_or(crate::attach::DEFAULT_DETACH_KEYS),
+    )?;
     let rec = containers.lookup(&a.container)?;
-    attach_stream(containers, &rec, !a.no_stdin)
+    // Docker proxies signals to a container without a tty (with one, keys reach it through it).
+    let signals = if a.sig_proxy && !rec.host.tty {
+        Some(SignalProxy::block()?)
+    } else {
+        None
+    };
+    let end = attach_stream(containers, &rec, !a.no_stdin, keys, signals)?;
+    Ok(end_code(end, true))
 }
 
 fn cmd_wait(containers: &Containers, a: NamesArgs) -> anyhow::Result<ExitCode> {

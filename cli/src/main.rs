@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod attach;
 mod build_cmd;
 mod container_cmds;
 mod container_fs_cmds;

@@ -168,6 +168,12 @@ pub struct RunArgs {
     /// Run container in background and print container ID
     #[arg(short = 'd', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub detach: bool,
+    /// Override the key sequence for detaching a container
+    #[arg(long = "detach-keys")]
+    pub detach_keys: Option<String>,
+    /// Proxy received signals to the process
+    #[arg(long = "sig-proxy", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub sig_proxy: bool,
     #[command(flatten)]
     pub flags: CreateFlags,
 }
@@ -432,7 +438,47 @@ pub fn run(args: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `run` in the foreground through a detached supervisor (see [`run_inner`]).
+fn run_attached(
+    containers: &Containers,
+    rec: &kiln_containers::ContainerRecord,
+    args: &RunArgs,
+    signals: Option<SignalProxy>,
+    detach_keys: Vec<u8>,
+    g: &Globals,
+) -> anyhow::Result<ExitCode> {
+    let mut spawned =
+        lifecycle::start_detached(&rec.id, crate::supervise::supervisor_command(g, &rec.id, true)?)?;
+    spawned.wait_listening()?;
+    let (_dir, path) = supervisor::socket_path(&containers.dir(&rec.id))?;
+    let conn = std::os::unix::net::UnixStream::connect(&path)
+        .with_context(|| format!("failed to attach to container {}", rec.id))?;
+    spawned.wait_running()?;
+    let signals = signals.filter(|_| args.sig_proxy);
+    if let Some(p) = signals.as_ref() {
+        p.forward_to(containers.state(&rec.id)?.pid);
+    }
+    let end = crate::attach::attach(
+        conn,
+        crate::attach::Options {
+            stdin: args.flags.interactive,
+            tty: args.flags.tty,
+            detach_keys,
+            signals,
+        },
+    )?;
+    Ok(match end {
+        crate::attach::End::Exited(code) => ExitCode::from((code & 0xff) as u8),
+        crate::attach::End::Detached => ExitCode::SUCCESS,
+    })
+}
+
 fn run_inner(args: RunArgs, signals: Option<SignalProxy>, g: &Globals) -> anyhow::Result<ExitCode> {
+    let detach_keys = crate::attach::parse_detach_keys(
+        args.detach_keys
+            .as_deref()
+            .unwrap_or(crate::attach::DEFAULT_DETACH_KEYS),
+    )?;
     let rec = create_inner(&args.flags, g)?;
     let containers = Containers::open(&g.root)?;
     if args.detach {
@@ -441,6 +487,12 @@ fn run_inner(args: RunArgs, signals: Option<SignalProxy>, g: &Globals) -> anyhow
         spawned.wait_running()?;
         println!("{}", rec.id);
         return Ok(ExitCode::SUCCESS);
+    }
+    // `-it` can detach and `--sig-proxy=false` leaves the container running when this process
+    // is interrupted: both need a supervisor of its own that outlives this process, which then
+    // attaches to it as `kiln attach` does (Docker's client and daemon).
+    if (args.flags.interactive && args.flags.tty) || !args.sig_proxy {
+        return run_attached(&containers, &rec, &args, signals, detach_keys, g);
     }
     let dup = |fd: std::os::fd::BorrowedFd<'_>| {
         fd.try_clone_to_owned()

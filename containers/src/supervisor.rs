@@ -10,9 +10,13 @@
 //!
 //! Attach protocol on `ROOT/containers/<id>/attach.sock`: the supervisor sends frames
 //! `[kind: u8][len: u32 big endian][data]` with kind 1 = stdout, 2 = stderr, 3 = exit (data: the
-//! exit code as i32 big endian, sent once when the container has finally stopped); bytes the
-//! client sends are written to the container's stdin when it was created with `-i`, and the
-//! client shutting down its writing side closes that stdin.
+//! exit code as i32 big endian, sent once when the container has finally stopped). The client
+//! sends frames of the same shape: kind 4 = stdin data (written to the container's stdin when it
+//! was created with `-i`), 5 = the client's terminal size (rows and columns as u16 big endian,
+//! applied to the container's pty with `-t`), 6 = the end of the client's stdin (closes the
+//! container's stdin). A client that goes away without frame 6 (it detached with the detach
+//! keys) leaves the stdin open for the next one. Every supervisor listens, a foreground `kiln
+//! run` included, so `kiln attach` reaches any running container.
 
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
@@ -40,6 +44,12 @@ pub const FRAME_STDOUT: u8 = 1;
 pub const FRAME_STDERR: u8 = 2;
 /// The final exit code.
 pub const FRAME_EXIT: u8 = 3;
+/// Client to supervisor: data for the container's stdin.
+pub const FRAME_STDIN: u8 = 4;
+/// Client to supervisor: the client's terminal size, rows and columns (u16 big endian each).
+pub const FRAME_RESIZE: u8 = 5;
+/// Client to supervisor: the client's stdin ended.
+pub const FRAME_CLOSE_STDIN: u8 = 6;
 
 /// Docker's exit code when the runtime itself fails.
 pub const EXIT_RUNNER: u8 = 125;
@@ -293,6 +303,9 @@ pub fn write_frame(w: &mut impl io::Write, kind: u8, data: &[u8]) -> io::Result<
     w.flush()
 }
 
+/// The largest attach frame accepted (the supervisor sends at most 32 KiB at a time).
+const MAX_FRAME: usize = 1 << 20;
+
 /// Reads one attach frame; `None` at the end of the stream.
 pub fn read_frame(r: &mut impl io::Read) -> io::Result<Option<(u8, Vec<u8>)>> {
     let mut head = [0u8; 5];
@@ -302,6 +315,12 @@ pub fn read_frame(r: &mut impl io::Read) -> io::Result<Option<(u8, Vec<u8>)>> {
         Err(e) => return Err(e),
     }
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("attach frame of {len} bytes (at most {MAX_FRAME})"),
+        ));
+    }
     let mut data = vec![0u8; len];
     r.read_exact(&mut data)?;
     Ok(Some((head[0], data)))
@@ -312,6 +331,8 @@ pub fn read_frame(r: &mut impl io::Read) -> io::Result<Option<(u8, Vec<u8>)>> {
 struct Hub {
     clients: Mutex<Vec<UnixStream>>,
     stdin: Mutex<Option<File>>,
+    /// The pty master of the current run with `-t`, for clients' window sizes.
+    pty: Mutex<Option<OwnedFd>>,
 }
 
 impl Hub {
@@ -331,6 +352,14 @@ impl Hub {
 
     fn close_stdin(&self) {
         *self.stdin.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn resize(&self, data: &[u8]) {
+        let Ok(b) = <[u8; 4]>::try_from(data) else { return };
+        let (rows, cols) = (u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]]));
+        if let Some(master) = self.pty.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = kiln_runtime::tty::set_winsize(master, rows, cols);
+        }
     }
 }
 
@@ -798,17 +827,27 @@ pub const PROXIED_SIGNALS: [Signal; 6] = [
     Signal::SIGUSR2,
 ];
 
-/// Forwards the signals a foreground `kiln run` receives to its container, and resizes the
-/// container's pty on `SIGWINCH`. [`SignalProxy::block`] must run before the process starts
-/// any thread, so that every thread inherits the blocked mask and only the proxy's thread
-/// (`sigwait`) receives these signals: the CLI is never killed by them, and the container is
-/// never left without its supervisor because of them.
-#[derive(Debug)]
+/// What a [`SignalProxy`] does on `SIGWINCH`.
+pub type WinchHandler = Box<dyn FnMut() + Send>;
+
+/// Forwards the signals a foreground `kiln run` (or an attach client) receives to its container,
+/// and passes `SIGWINCH` to a handler (resizing the container's pty). [`SignalProxy::block`]
+/// must run before the process starts any thread, so that every thread inherits the blocked
+/// mask and only the proxy's thread (`sigwait`) receives these signals: the CLI is never killed
+/// by them, and the container is never left without its supervisor because of them.
 pub struct SignalProxy {
     set: SigSet,
     pid: Arc<AtomicI32>,
     started: Arc<AtomicBool>,
-    pty: Arc<Mutex<Option<OwnedFd>>>,
+    winch: Arc<Mutex<Option<WinchHandler>>>,
+}
+
+impl std::fmt::Debug for SignalProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignalProxy")
+            .field("pid", &self.pid.load(Ordering::SeqCst))
+            .finish_non_exhaustive()
+    }
 }
 
 impl SignalProxy {
@@ -826,17 +865,14 @@ impl SignalProxy {
             set,
             pid: Arc::new(AtomicI32::new(0)),
             started: Arc::new(AtomicBool::new(false)),
-            pty: Arc::new(Mutex::new(None)),
+            winch: Arc::new(Mutex::new(None)),
         };
-        let (set, pid, started, pty) = (set, proxy.pid.clone(), proxy.started.clone(), proxy.pty.clone());
+        let (set, pid, started, winch) = (set, proxy.pid.clone(), proxy.started.clone(), proxy.winch.clone());
         std::thread::spawn(move || loop {
             let Ok(sig) = set.wait() else { continue };
             if sig == Signal::SIGWINCH {
-                let pty = pty.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(master) = pty.as_ref() {
-                    if let Ok((rows, cols)) = kiln_runtime::tty::get_winsize(std::io::stdout()) {
-                        let _ = kiln_runtime::tty::set_winsize(master, rows, cols);
-                    }
+                if let Some(h) = winch.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                    h();
                 }
                 continue;
             }
@@ -855,15 +891,31 @@ impl SignalProxy {
         self.set
     }
 
-    fn running(&self, pid: i32, pty: Option<OwnedFd>) {
+    /// Forwards the signals from now on to `pid` (0: to nobody, without ending this process).
+    pub fn forward_to(&self, pid: i32) {
         self.started.store(true, Ordering::SeqCst);
-        *self.pty.lock().unwrap_or_else(|p| p.into_inner()) = pty;
         self.pid.store(pid, Ordering::SeqCst);
+    }
+
+    /// Runs `handler` on each `SIGWINCH` (replacing the previous one); `None` ignores them.
+    pub fn on_winch(&self, handler: Option<WinchHandler>) {
+        *self.winch.lock().unwrap_or_else(|p| p.into_inner()) = handler;
+    }
+
+    fn running(&self, pid: i32, pty: Option<OwnedFd>) {
+        self.on_winch(pty.map(|master| -> WinchHandler {
+            Box::new(move || {
+                if let Ok((rows, cols)) = kiln_runtime::tty::get_winsize(std::io::stdout()) {
+                    let _ = kiln_runtime::tty::set_winsize(&master, rows, cols);
+                }
+            })
+        }));
+        self.forward_to(pid);
     }
 
     fn stopped(&self) {
         self.pid.store(0, Ordering::SeqCst);
-        *self.pty.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.on_winch(None);
     }
 }
 
@@ -936,20 +988,14 @@ fn spawn_acceptor(listener: UnixListener, hub: Arc<Hub>, open_stdin: bool, first
             let _ = first.send(());
             let hub = hub.clone();
             std::thread::spawn(move || {
-                let mut conn = conn;
-                let mut buf = [0u8; 8192];
-                loop {
-                    match conn.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if open_stdin {
-                                hub.write_stdin(&buf[..n]);
-                            }
-                        }
+                let mut conn = io::BufReader::new(conn);
+                while let Ok(Some((kind, data))) = read_frame(&mut conn) {
+                    match kind {
+                        FRAME_STDIN if open_stdin => hub.write_stdin(&data),
+                        FRAME_RESIZE => hub.resize(&data),
+                        FRAME_CLOSE_STDIN if open_stdin => hub.close_stdin(),
+                        _ => {}
                     }
-                }
-                if open_stdin {
-                    hub.close_stdin();
                 }
             });
         }
@@ -985,10 +1031,8 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
         } => (None, false, Some((stdin, stdout, stderr)), signals),
     };
 
-    // The attach socket (a foreground run is attached already).
-    let mut _dir_fd = None;
-    let mut sock_path = None;
-    if fg.is_none() {
+    // The attach socket: every running container can be attached to, a foreground one too.
+    let (_dir_fd, sock_path) = {
         let (d, path) = socket_path(&dir).map_err(|source| SupervisorError::Listen {
             path: dir.join("attach.sock"),
             source,
@@ -1006,9 +1050,8 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
                 return Err(SupervisorError::AttachTimeout(dir.join("attach.sock")));
             }
         }
-        _dir_fd = Some(d);
-        sock_path = Some(path);
-    }
+        (d, path)
+    };
 
     let me = std::process::id() as i32;
     let me_start = state::process_start(me).unwrap_or(0);
@@ -1036,12 +1079,19 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
         }
         // A foreground run forwards its own stdin into the container's, which sees the end of
         // it when ours ends; a detached one takes input from attach clients.
+        *hub.pty.lock().unwrap_or_else(|p| p.into_inner()) =
+            pty_master.as_ref().and_then(|m| m.try_clone().ok());
         match (stdin_writer, fg.as_mut()) {
             (Some(w), Some((Some(src), _, _))) => {
+                // Attach clients write into the same stdin.
+                *hub.stdin.lock().unwrap_or_else(|p| p.into_inner()) = w.try_clone().ok().map(File::from);
                 let mut dst = File::from(w);
                 let mut src = File::from(src.try_clone().map_err(SupervisorError::Dup)?);
+                let hub = hub.clone();
                 std::thread::spawn(move || {
                     let _ = io::copy(&mut src, &mut dst);
+                    drop(dst);
+                    hub.close_stdin();
                 });
             }
             (w, _) => *hub.stdin.lock().unwrap_or_else(|p| p.into_inner()) = w.map(File::from),
@@ -1148,6 +1198,7 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
         }
         log.flush()?;
         hub.close_stdin();
+        *hub.pty.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let status = status?;
         let oom_killed = status.oom_killed;
         let code = exit_code(status);
@@ -1193,9 +1244,7 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
         hub.broadcast(FRAME_EXIT, &code.to_be_bytes());
     }
     hub.clients.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    if let Some(p) = sock_path {
-        let _ = std::fs::remove_file(p);
-    }
+    let _ = std::fs::remove_file(sock_path);
     if record.host.auto_remove {
         let _lock = containers.lock(id)?;
         release_volumes(containers, id);

@@ -2,6 +2,7 @@
 //! Tests that need root, dockerd, a registry or skopeo say so when those are missing (and fail).
 #![allow(clippy::unwrap_used)]
 
+mod attach;
 mod build;
 mod build_flags;
 mod checks;
