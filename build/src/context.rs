@@ -37,6 +37,8 @@ pub struct Inputs {
     /// The `.dockerignore` patterns that apply (`<Dockerfile>.dockerignore` beside the
     /// Dockerfile wins over the context's own).
     pub dockerignore: Vec<String>,
+    /// The size of the `.dockerignore` file read (0 without one).
+    pub dockerignore_size: u64,
 }
 
 /// Preparing the context or reading the Dockerfile failed.
@@ -263,9 +265,9 @@ fn with_dockerignore(
         Some(s) if s.is_file() => s,
         _ => context.join(".dockerignore"),
     };
-    let dockerignore = match std::fs::read(&ignore_file) {
-        Ok(bytes) => kiln_patterns::read_dockerignore(&bytes),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+    let (dockerignore, dockerignore_size) = match std::fs::read(&ignore_file) {
+        Ok(bytes) => (kiln_patterns::read_dockerignore(&bytes), bytes.len() as u64),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => (Vec::new(), 0),
         Err(e) => return Err(fs_err("read", &ignore_file)(e)),
     };
     kiln_patterns::Matcher::new(&dockerignore).map_err(|source| ContextError::IgnorePattern {
@@ -276,6 +278,7 @@ fn with_dockerignore(
         context: context.to_path_buf(),
         dockerfile,
         dockerignore,
+        dockerignore_size,
     })
 }
 

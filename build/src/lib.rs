@@ -276,7 +276,9 @@ pub fn prepare(
     let keep_git = req.keeps_git_dir();
     let context = std::mem::replace(&mut req.context, ContextSource::Dir(Default::default()));
     let dockerfile = std::mem::take(&mut req.dockerfile);
+    let started = std::time::SystemTime::now();
     let main = context::prepare(context, dockerfile, store, keep_git, progress, cancel)?;
+    internal_steps(progress, &main.inputs, started);
     let named = named::NamedContexts::resolve(&req.named_contexts, store, keep_git)?;
     Ok(Prepared {
         req,
@@ -285,6 +287,43 @@ pub fn prepare(
         named,
         _hold: hold,
     })
+}
+
+/// BuildKit's first steps, as its progress shows them: `[internal] load build definition from
+/// NAME` and `[internal] load .dockerignore`, each with what was read (`transferring dockerfile:
+/// 122B done`). kiln reads both from the context in place, in the time since `started`.
+fn internal_steps(progress: &ProgressSink, inputs: &Inputs, started: std::time::SystemTime) {
+    use kiln_solver::progress::EventKind;
+    let name = std::path::Path::new(&inputs.dockerfile.name)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| n != "-")
+        .unwrap_or_else(|| "Dockerfile".to_string());
+    let steps = [
+        (
+            format!("[internal] load build definition from {name}"),
+            "transferring dockerfile:",
+            inputs.dockerfile.bytes.len() as u64,
+        ),
+        (
+            "[internal] load .dockerignore".to_string(),
+            "transferring context:",
+            inputs.dockerignore_size,
+        ),
+    ];
+    for (step, status, size) in steps {
+        let vertex =
+            kiln_dag::Digest::of(format!("kiln-build {step} {}", inputs.context.display()).as_bytes());
+        progress.send(EventKind::Started {
+            vertex,
+            name: step.clone(),
+        });
+        progress.for_vertex(vertex).status_done(status, size, started);
+        progress.send(EventKind::Completed {
+            vertex,
+            duration: started.elapsed().unwrap_or_default(),
+        });
+    }
 }
 
 impl Prepared {
@@ -297,6 +336,17 @@ impl Prepared {
     /// `all_stages` lowers (and checks) every stage, not only those the target needs, as
     /// `--check` does without `--target`; a build leaves it false.
     pub fn lower(self, store: &Store, all_stages: bool) -> Result<Planned, BuildError> {
+        self.lower_with_progress(store, all_stages, &ProgressSink::discard())
+    }
+
+    /// [`Prepared::lower`], showing each base image's resolution as BuildKit does (`[internal]
+    /// load metadata for docker.io/library/alpine:3.19`).
+    pub fn lower_with_progress(
+        self,
+        store: &Store,
+        all_stages: bool,
+        progress: &ProgressSink,
+    ) -> Result<Planned, BuildError> {
         let inputs = &self.main.inputs;
         let req = &self.req;
         let opts = LowerOptions {
@@ -316,6 +366,8 @@ impl Prepared {
             store,
             client: &client,
             pull: req.pull,
+            progress,
+            shown: Default::default(),
         };
         let lowered =
             kiln_frontend::lower::lower(&inputs.dockerfile.bytes, &opts, &resolver).map_err(|error| {
@@ -384,7 +436,7 @@ pub fn plan(
     progress: &ProgressSink,
     cancel: &CancelToken,
 ) -> Result<Planned, BuildError> {
-    prepare(store, req, progress, cancel)?.lower(store, false)
+    prepare(store, req, progress, cancel)?.lower_with_progress(store, false, progress)
 }
 
 /// Builds: [`plan`] on a blocking thread, the lowering warnings to `progress` in their short
@@ -477,17 +529,58 @@ fn finish(
     progress: &ProgressSink,
     cancel: &CancelToken,
 ) -> Result<BuildResult, BuildError> {
+    use kiln_solver::progress::EventKind;
     let req = &planned.prepared.req;
     let plan = &planned.prepared.plan;
-    let epoch_time = req.source_date_epoch.map(kiln_cache::images::rfc3339);
-    let image =
-        kiln_solver::engine::export_image(store, layers, &planned.lowered.config, epoch_time.as_deref())
-            .map_err(|e| ExportError::Image(Box::new(e)))?
-            .image;
-    export::tag(store, &image, &plan.local_names)?;
-    for o in &req.outputs {
-        export::write_output(store, o, &image, &req.tags, layers)?;
-    }
+    // BuildKit's last step: `exporting to image`, with `exporting layers`, `writing image
+    // sha256:…` and one `naming to NAME` per name.
+    let vertex = kiln_dag::Digest::of(format!("kiln-build exporting to image {build_ref}").as_bytes());
+    progress.send(EventKind::Started {
+        vertex,
+        name: "exporting to image".into(),
+    });
+    let started = std::time::Instant::now();
+    let exported = (|| -> Result<Image, BuildError> {
+        let vp = progress.for_vertex(vertex);
+        let epoch_time = req.source_date_epoch.map(kiln_cache::images::rfc3339);
+        let t = std::time::SystemTime::now();
+        let image =
+            kiln_solver::engine::export_image(store, layers, &planned.lowered.config, epoch_time.as_deref())
+                .map_err(|e| ExportError::Image(Box::new(e)))?
+                .image;
+        vp.status_done("exporting layers", 0, t);
+        vp.status_done(
+            format!("writing image {}", image.config_digest),
+            0,
+            std::time::SystemTime::now(),
+        );
+        let t = std::time::SystemTime::now();
+        export::tag(store, &image, &plan.local_names)?;
+        for name in &plan.local_names {
+            vp.status_done(format!("naming to {name}"), 0, t);
+        }
+        for o in &req.outputs {
+            export::write_output(store, o, &image, &req.tags, layers)?;
+        }
+        Ok(image)
+    })();
+    let image = match exported {
+        Ok(image) => {
+            progress.send(EventKind::Completed {
+                vertex,
+                duration: started.elapsed(),
+            });
+            image
+        }
+        Err(e) => {
+            progress.send(EventKind::Failed {
+                vertex,
+                duration: started.elapsed(),
+                error: kiln_solver::progress::error_chain(&e),
+            });
+            return Err(e);
+        }
+    };
     if cancel.is_cancelled() {
         return Err(BuildError::Cancelled);
     }

@@ -1,11 +1,16 @@
 //! Base images for the frontend: `FROM` and `COPY --from` look in the local image store first
 //! and pull what is missing (or everything, with `--pull`) through `kiln_source::registry`.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Instant;
+
 use kiln_cache::images::{Image, ImageError};
 use kiln_cache::reference::Reference;
 use kiln_cache::Store;
-use kiln_dag::Platform;
+use kiln_dag::{Digest, Platform};
 use kiln_frontend::lower::{ImageResolver, ResolvedImage, ResolverError};
+use kiln_solver::progress::{EventKind, ProgressSink};
 use kiln_source::registry::{self, Client};
 
 /// The frontend's [`ImageResolver`] over the store and a registry client.
@@ -14,6 +19,10 @@ pub(crate) struct StoreResolver<'a> {
     pub client: &'a Client,
     /// `--pull`: re-resolve every tag against its registry.
     pub pull: bool,
+    /// Where each resolution shows as `[internal] load metadata for REF`.
+    pub progress: &'a ProgressSink,
+    /// The references shown already (the frontend may resolve one several times).
+    pub shown: Mutex<HashSet<String>>,
 }
 
 impl ImageResolver for StoreResolver<'_> {
@@ -21,10 +30,37 @@ impl ImageResolver for StoreResolver<'_> {
         let reference_norm = Reference::parse(reference)
             .map(|r| r.to_string())
             .unwrap_or_else(|_| reference.to_string());
+        let vertex = Digest::of(format!("kiln-build load metadata {reference_norm} {platform:?}").as_bytes());
+        let show = self
+            .shown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(reference_norm.clone());
+        let started = Instant::now();
+        if show {
+            self.progress.send(EventKind::Started {
+                vertex,
+                name: format!("[internal] load metadata for {reference_norm}"),
+            });
+        }
         let image = match self.store.images().resolve(reference) {
-            Ok(image) if !self.pull => image,
-            local => pull_for_build(self.store, self.client, reference, platform, local)?,
+            Ok(image) if !self.pull => Ok(image),
+            local => pull_for_build(self.store, self.client, reference, platform, local),
         };
+        if show {
+            self.progress.send(match &image {
+                Ok(_) => EventKind::Completed {
+                    vertex,
+                    duration: started.elapsed(),
+                },
+                Err(e) => EventKind::Failed {
+                    vertex,
+                    duration: started.elapsed(),
+                    error: kiln_solver::progress::error_chain(e),
+                },
+            });
+        }
+        let image = image?;
         Ok(ResolvedImage {
             reference: reference_norm,
             digest: Some(image.manifest_digest),

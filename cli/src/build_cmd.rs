@@ -524,8 +524,11 @@ async fn drive(
         ));
     }
     let lowered = {
-        let store = store.clone();
-        blocking("lowering", move || prepared.lower(&store, all_stages)).await
+        let (store, progress) = (store.clone(), progress.clone());
+        blocking("lowering", move || {
+            prepared.lower_with_progress(&store, all_stages, &progress)
+        })
+        .await
     };
     match call {
         Call::Check => {

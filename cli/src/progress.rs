@@ -5,10 +5,10 @@
 //!
 //! | mode | output (all on stderr) |
 //! | --- | --- |
-//! | `plain` | `#N [stage 2/5] RUN …`, `#N 0.123 output line`, `#N CACHED`, `#N DONE 0.4s`, `#N ERROR: …`, `#N CANCELED` |
-//! | `tty` | one spinner line per step (indicatif); the failed step's output after the build |
+//! | `plain` | `#N [stage 2/5] RUN …`, `#N 0.123 output line`, `#N transferring context: 42B done`, `#N CACHED`, `#N DONE 0.4s`, `#N ERROR: …`, `#N CANCELED` |
+//! | `tty` | a `[+] Building 1.2s (3/7)` header, one spinner line per step (indicatif), a running step's last output lines under it (removed when it ends); the failed step's output after the build |
 //! | `quiet` | only the failed step's output (`-q`) |
-//! | `rawjson` | one JSON object per event |
+//! | `rawjson` | one BuildKit `SolveStatus` JSON object per event, as buildx's `--progress=rawjson` |
 //! | `auto` | `tty` when stderr is a terminal, else `plain` |
 //!
 //! With `debug`, plain and tty also say why each step missed the cache.
@@ -148,6 +148,9 @@ struct Step {
     /// Last output lines, with their offset from the start, for the failure summary.
     tail: VecDeque<String>,
     bar: Option<ProgressBar>,
+    /// tty mode: the last output lines shown under the running step, and where.
+    live: VecDeque<String>,
+    live_bar: Option<ProgressBar>,
 }
 
 /// Turns events into output. Synchronous: [`start`] drives it from a task, tests drive it
@@ -165,6 +168,10 @@ pub struct Renderer {
     /// Step numbers in the order they failed.
     failures: Vec<Digest>,
     bars: Option<MultiProgress>,
+    /// tty mode: `[+] Building 1.2s (3/7)`, first of the bars.
+    header: Option<ProgressBar>,
+    /// rawjson: each vertex's name and start.
+    raw: HashMap<Digest, RawVertex>,
 }
 
 impl Renderer {
@@ -174,6 +181,13 @@ impl Renderer {
         let mode = mode.resolve();
         let bars = (mode == ProgressMode::Tty)
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        let header = bars.as_ref().map(|b| {
+            let h = b.add(ProgressBar::new_spinner());
+            h.set_style(header_style());
+            h.set_message("(0/0)");
+            h.enable_steady_tick(Duration::from_millis(100));
+            h
+        });
         Renderer {
             mode,
             debug,
@@ -185,6 +199,8 @@ impl Renderer {
             warnings: Vec::new(),
             failures: Vec::new(),
             bars,
+            header,
+            raw: HashMap::new(),
         }
     }
 
@@ -192,6 +208,17 @@ impl Renderer {
     fn hide_bars(&mut self) {
         if let Some(b) = &self.bars {
             b.set_draw_target(ProgressDrawTarget::hidden());
+        }
+    }
+
+    /// tty mode: the header's `(done/total)` count of the steps seen so far.
+    fn update_header(&self, finished: Option<&str>) {
+        let Some(h) = &self.header else { return };
+        let done = self.steps.values().filter(|s| s.ended).count();
+        let msg = format!("({done}/{})", self.steps.len());
+        match finished {
+            Some(word) => h.finish_with_message(format!("{msg}{word}")),
+            None => h.set_message(msg),
         }
     }
 
@@ -209,6 +236,8 @@ impl Renderer {
                 partial: [Vec::new(), Vec::new()],
                 tail: VecDeque::new(),
                 bar: None,
+                live: VecDeque::new(),
+                live_bar: None,
             }
         });
         if let Some(n) = name {
@@ -222,11 +251,30 @@ impl Renderer {
     /// Renders one event.
     pub fn handle(&mut self, ev: &Event) {
         if self.mode == ProgressMode::RawJson {
-            let line = raw_json(ev);
+            let line = self.solve_status(ev);
             let _ = writeln!(self.out, "{line}");
             return;
         }
         match &ev.kind {
+            EventKind::Status {
+                vertex,
+                id,
+                current,
+                total,
+                started,
+                completed,
+            } => {
+                self.step(vertex, None);
+                let line = status_line(
+                    id,
+                    *current,
+                    *total,
+                    *started,
+                    completed.unwrap_or(ev.time),
+                    completed.is_some(),
+                );
+                self.plain_line(vertex, &line);
+            }
             EventKind::Cached { vertex, name } => {
                 self.step(vertex, Some(name)).ended = true;
                 self.plain_line(vertex, "CACHED");
@@ -282,6 +330,7 @@ impl Renderer {
                 None => self.warnings.push(message.clone()),
             },
         }
+        self.update_header(None);
     }
 
     /// Plain mode: makes `d` the step being printed, closing the previous block.
@@ -358,6 +407,13 @@ impl Renderer {
             step.tail.pop_front();
         }
         step.tail.push_back(text.clone());
+        if let Some(live) = &step.live_bar {
+            if step.live.len() == LIVE_TAIL_LINES {
+                step.live.pop_front();
+            }
+            step.live.push_back(line.to_string());
+            live.set_message(live_tail(&step.live, term_width()));
+        }
         self.plain_line(d, &text);
     }
 
@@ -369,12 +425,24 @@ impl Renderer {
         bar.set_prefix(format!("#{}", step.num));
         bar.set_message(step.name.clone());
         bar.enable_steady_tick(Duration::from_millis(100));
+        // Below it, the step's last output lines while it runs (BuildKit's tty mode).
+        let live = bars.insert_after(&bar, ProgressBar::new_spinner());
+        live.set_style(
+            ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        step.live_bar = Some(live);
         step.bar = Some(bar);
     }
 
     fn bar_done(&mut self, d: &Digest, status: &str) {
         let Some(bars) = &self.bars else { return };
         let Some(step) = self.steps.get_mut(d) else { return };
+        // The live output collapses when the step ends.
+        if let Some(live) = step.live_bar.take() {
+            live.finish_and_clear();
+            bars.remove(&live);
+        }
+        step.live.clear();
         let bar = match step.bar.take() {
             Some(b) => b,
             None => {
@@ -394,6 +462,7 @@ impl Renderer {
             let _ = self.out.flush();
             return;
         }
+        self.update_header(Some(if error.is_some() { "" } else { " FINISHED" }));
         let failures: Vec<Digest> = self.failures.clone();
         for d in &failures {
             self.flush_partial(d, SystemTime::now());
@@ -462,6 +531,52 @@ fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
 
+/// How many of a running step's last output lines tty mode shows under it.
+const LIVE_TAIL_LINES: usize = 6;
+
+/// The columns of the terminal on stderr (80 when unknown).
+fn term_width() -> usize {
+    kiln_runtime::tty::get_winsize(std::io::stderr())
+        .map(|(_, cols)| usize::from(cols))
+        .ok()
+        .filter(|&c| c > 0)
+        .unwrap_or(80)
+}
+
+/// The live tail under a running step, BuildKit's `=> => # line` lines: control characters
+/// dropped and each line cut to the terminal's width, so that redrawing stays in place.
+fn live_tail(lines: &VecDeque<String>, width: usize) -> String {
+    const PREFIX: &str = " => => # ";
+    let room = width.saturating_sub(PREFIX.len() + 1).max(10);
+    lines
+        .iter()
+        .map(|l| {
+            let clean: String = l
+                .chars()
+                .map(|c| if c == '\t' { ' ' } else { c })
+                .filter(|c| !c.is_control())
+                .take(room)
+                .collect();
+            format!("{PREFIX}{clean}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `[+] Building 1.2s (3/7)`, BuildKit's tty header.
+fn header_style() -> ProgressStyle {
+    ProgressStyle::with_template("[+] Building {secs} {msg}")
+        .map(|s| {
+            s.with_key(
+                "secs",
+                |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.1}s", state.elapsed().as_secs_f64());
+                },
+            )
+        })
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
+}
+
 fn running_style() -> ProgressStyle {
     ProgressStyle::with_template("{spinner} {prefix} {wide_msg} {elapsed}")
         .unwrap_or_else(|_| ProgressStyle::default_spinner())
@@ -471,51 +586,172 @@ fn done_style() -> ProgressStyle {
     ProgressStyle::with_template("  {prefix} {wide_msg}").unwrap_or_else(|_| ProgressStyle::default_spinner())
 }
 
-/// One event as a JSON object: `time` (seconds since the epoch), `event`, and its fields.
-fn raw_json(ev: &Event) -> serde_json::Value {
-    use serde_json::json;
-    let time = ev
-        .time
-        .duration_since(UNIX_EPOCH)
+/// BuildKit's plain status line: `ID[ CURRENT[ / TOTAL]][ 1.2s][ done]`, byte counts as
+/// `tonistiigi/units` prints them with `%.2f` (`42B`, `1.23kB`), the time only above 0.01 s.
+fn status_line(
+    id: &str,
+    current: u64,
+    total: u64,
+    started: SystemTime,
+    end: SystemTime,
+    done: bool,
+) -> String {
+    let mut line = id.to_string();
+    if total != 0 {
+        line.push_str(&format!(" {} / {}", go_bytes(current), go_bytes(total)));
+    } else if current != 0 {
+        line.push_str(&format!(" {}", go_bytes(current)));
+    }
+    let took = end.duration_since(started).unwrap_or_default().as_secs_f64();
+    if took > 0.01 {
+        line.push_str(&format!(" {took:.1}s"));
+    }
+    if done {
+        line.push_str(" done");
+    }
+    line
+}
+
+/// A byte count in decimal units, two decimals from 1 kB on (`units.Bytes` with `%.2f`).
+fn go_bytes(n: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
+    if n < 1000 {
+        return format!("{n}B");
+    }
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < UNITS.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    format!("{v:.2}{}", UNITS[i])
+}
+
+/// Go's `time.Time` in JSON: RFC 3339 with nanoseconds, trailing zeros dropped.
+fn go_time(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    time::OffsetDateTime::from_unix_timestamp_nanos(d.as_nanos() as i128)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_default()
-        .as_secs_f64();
-    let stream_name = |s: &Stream| match s {
-        Stream::Stdout => "stdout",
-        Stream::Stderr => "stderr",
-    };
-    match &ev.kind {
-        EventKind::Cached { vertex, name } => {
-            json!({"time": time, "event": "cached", "vertex": vertex.to_string(), "name": name})
+}
+
+/// What rawjson remembers of a vertex, to send it whole each time (as BuildKit does).
+#[derive(Default)]
+struct RawVertex {
+    name: String,
+    started: Option<SystemTime>,
+}
+
+/// The vertex `d` as rawjson remembers it (named `name` if it had no name yet), and its JSON
+/// object so far (`digest`, `name`).
+fn raw_vertex<'a>(
+    raw: &'a mut HashMap<Digest, RawVertex>,
+    d: &Digest,
+    name: Option<&str>,
+) -> (serde_json::Map<String, serde_json::Value>, &'a mut RawVertex) {
+    let v = raw.entry(*d).or_default();
+    if let Some(n) = name {
+        if v.name.is_empty() {
+            v.name = n.to_string();
         }
-        EventKind::CacheMiss { vertex, name, reason } => json!({
-            "time": time, "event": "cache_miss", "vertex": vertex.to_string(), "name": name,
-            "reason": reason.to_string(),
-        }),
-        EventKind::Started { vertex, name } => {
-            json!({"time": time, "event": "started", "vertex": vertex.to_string(), "name": name})
+    }
+    let mut o = serde_json::Map::new();
+    o.insert("digest".into(), d.to_string().into());
+    if !v.name.is_empty() {
+        o.insert("name".into(), v.name.clone().into());
+    }
+    (o, v)
+}
+
+impl Renderer {
+    /// One event as BuildKit's `SolveStatus` JSON (`client.SolveStatus` as buildx's rawjson
+    /// writes it): `vertexes` with the vertex's state so far, `statuses`, `logs` (data base64,
+    /// stream 1 or 2), `warnings` (level 1, `short` base64).
+    fn solve_status(&mut self, ev: &Event) -> serde_json::Value {
+        use base64::Engine as _;
+        use serde_json::json;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let t = go_time(ev.time);
+        let vertex = raw_vertex;
+        let raw = &mut self.raw;
+        let one = |o: serde_json::Map<String, serde_json::Value>| json!({ "vertexes": [o] });
+        match &ev.kind {
+            EventKind::CacheMiss { vertex: d, name, .. } => one(vertex(raw, d, Some(name)).0),
+            EventKind::Started { vertex: d, name } => {
+                let (mut o, v) = vertex(raw, d, Some(name));
+                v.started = Some(ev.time);
+                o.insert("started".into(), t.into());
+                one(o)
+            }
+            EventKind::Cached { vertex: d, name } => {
+                let (mut o, v) = vertex(raw, d, Some(name));
+                let started = go_time(*v.started.get_or_insert(ev.time));
+                o.insert("started".into(), started.into());
+                o.insert("completed".into(), t.into());
+                o.insert("cached".into(), true.into());
+                one(o)
+            }
+            EventKind::Completed { vertex: d, .. }
+            | EventKind::Failed { vertex: d, .. }
+            | EventKind::Cancelled { vertex: d } => {
+                let (mut o, v) = vertex(raw, d, None);
+                let started = go_time(*v.started.get_or_insert(ev.time));
+                o.insert("started".into(), started.into());
+                o.insert("completed".into(), t.into());
+                match &ev.kind {
+                    EventKind::Failed { error, .. } => {
+                        o.insert("error".into(), error.clone().into());
+                    }
+                    EventKind::Cancelled { .. } => {
+                        o.insert("error".into(), "context canceled".into());
+                    }
+                    _ => {}
+                }
+                one(o)
+            }
+            EventKind::Log {
+                vertex: d,
+                stream,
+                data,
+            } => json!({"logs": [{
+                "vertex": d.to_string(),
+                "stream": match stream { Stream::Stdout => 1, Stream::Stderr => 2 },
+                "data": b64(data),
+                "timestamp": t,
+            }]}),
+            EventKind::Warning { vertex: d, message } => {
+                let mut w = serde_json::Map::new();
+                if let Some(d) = d {
+                    w.insert("vertex".into(), d.to_string().into());
+                }
+                w.insert("level".into(), 1.into());
+                w.insert("short".into(), b64(message.as_bytes()).into());
+                json!({ "warnings": [w] })
+            }
+            EventKind::Status {
+                vertex: d,
+                id,
+                current,
+                total,
+                started,
+                completed,
+            } => {
+                let mut s = serde_json::Map::new();
+                s.insert("id".into(), id.clone().into());
+                s.insert("vertex".into(), d.to_string().into());
+                if *total != 0 {
+                    s.insert("total".into(), (*total).into());
+                }
+                s.insert("current".into(), (*current).into());
+                s.insert("timestamp".into(), t.into());
+                s.insert("started".into(), go_time(*started).into());
+                if let Some(c) = completed {
+                    s.insert("completed".into(), go_time(*c).into());
+                }
+                json!({ "statuses": [s] })
+            }
         }
-        EventKind::Completed { vertex, duration } => json!({
-            "time": time, "event": "completed", "vertex": vertex.to_string(),
-            "duration": duration.as_secs_f64(),
-        }),
-        EventKind::Failed {
-            vertex,
-            duration,
-            error,
-        } => json!({
-            "time": time, "event": "failed", "vertex": vertex.to_string(),
-            "duration": duration.as_secs_f64(), "error": error,
-        }),
-        EventKind::Cancelled { vertex } => {
-            json!({"time": time, "event": "cancelled", "vertex": vertex.to_string()})
-        }
-        EventKind::Log { vertex, stream, data } => json!({
-            "time": time, "event": "log", "vertex": vertex.to_string(), "stream": stream_name(stream),
-            "data": String::from_utf8_lossy(data),
-        }),
-        EventKind::Warning { vertex, message } => json!({
-            "time": time, "event": "warning", "vertex": vertex.map(|v| v.to_string()), "message": message,
-        }),
     }
 }
 
@@ -711,20 +947,98 @@ mod tests {
     }
 
     #[test]
-    fn rawjson_is_one_object_per_event() {
+    fn rawjson_is_buildkits_solve_status() {
         let out = render(ProgressMode::RawJson, false);
         let lines: Vec<serde_json::Value> = out
             .lines()
             .map(|l| serde_json::from_str(l).expect("a JSON object per line"))
             .collect();
         assert_eq!(lines.len(), events().len());
-        assert_eq!(lines[0]["event"], "cached");
-        assert_eq!(lines[3]["event"], "log");
-        assert_eq!(lines[3]["data"], "h");
-        assert_eq!(lines[5]["duration"], 0.398);
+        let cached = &lines[0]["vertexes"][0];
+        assert_eq!(cached["cached"], true);
+        assert_eq!(cached["name"], "[1/3] FROM docker.io/library/busybox");
+        assert_eq!(cached["digest"], d("from").to_string());
+        assert_eq!(lines[2]["vertexes"][0]["started"], "2023-11-14T22:13:20.002Z");
+        let log = &lines[3]["logs"][0];
+        assert_eq!(log["data"], "aA==");
+        assert_eq!(log["stream"], 1);
+        assert_eq!(log["timestamp"], "2023-11-14T22:13:20.125Z");
+        let done = &lines[5]["vertexes"][0];
+        assert_eq!(done["started"], "2023-11-14T22:13:20.002Z");
+        assert_eq!(done["completed"], "2023-11-14T22:13:20.4Z");
+        assert_eq!(done["name"], "[2/3] RUN echo hi");
+        assert_eq!(lines[9]["warnings"][0]["short"], "SlNPTkFyZ3NSZWNvbW1lbmRlZA==");
         assert_eq!(
-            lines[10]["error"],
+            lines[10]["vertexes"][0]["error"],
             "process \"/bin/sh -c false\" did not complete successfully: exit code: 1"
+        );
+        assert_eq!(lines[11]["vertexes"][0]["error"], "context canceled");
+    }
+
+    #[test]
+    fn tty_shows_a_live_tail_that_collapses() {
+        let mut r = Renderer::new(ProgressMode::Tty, false, Box::new(Buf::default()));
+        r.hide_bars();
+        let v = d("run");
+        r.handle(&ev(
+            0,
+            EventKind::Started {
+                vertex: v,
+                name: "[2/2] RUN make".into(),
+            },
+        ));
+        for i in 1..=8 {
+            r.handle(&ev(
+                i,
+                EventKind::Log {
+                    vertex: v,
+                    stream: Stream::Stdout,
+                    data: format!("line {i}\x1b[0m\n").into_bytes(),
+                },
+            ));
+        }
+        let live = r.steps[&v].live_bar.clone().expect("a live tail while running");
+        let shown: Vec<String> = (3..=8).map(|i| format!(" => => # line {i}[0m")).collect();
+        assert_eq!(live.message(), shown.join("\n"));
+        r.handle(&ev(
+            20,
+            EventKind::Completed {
+                vertex: v,
+                duration: Duration::from_millis(20),
+            },
+        ));
+        assert!(r.steps[&v].live_bar.is_none() && live.is_finished());
+        assert_eq!(r.header.as_ref().unwrap().message(), "(1/1)");
+        r.finish(None);
+        assert_eq!(r.header.as_ref().unwrap().message(), "(1/1) FINISHED");
+    }
+
+    #[test]
+    fn live_tail_lines_fit_the_terminal() {
+        let lines: VecDeque<String> = ["a\tb", &"x".repeat(200)].iter().map(|s| s.to_string()).collect();
+        let t = live_tail(&lines, 40);
+        assert_eq!(t.lines().next(), Some(" => => # a b"));
+        assert_eq!(t.lines().nth(1).unwrap().len(), 39);
+    }
+
+    #[test]
+    fn status_lines_are_buildkits() {
+        let t = at(0);
+        assert_eq!(
+            status_line("transferring context:", 42, 0, t, at(5), true),
+            "transferring context: 42B done"
+        );
+        assert_eq!(
+            status_line("transferring context:", 1_234_567, 0, t, at(300), true),
+            "transferring context: 1.23MB 0.3s done"
+        );
+        assert_eq!(
+            status_line("extracting", 1500, 3000, t, at(0), false),
+            "extracting 1.50kB / 3.00kB"
+        );
+        assert_eq!(
+            status_line("naming to x", 0, 0, t, at(0), true),
+            "naming to x done"
         );
     }
 

@@ -64,6 +64,17 @@ pub enum EventKind {
     },
     /// A warning, about one vertex or the whole build.
     Warning { vertex: Option<Digest>, message: String },
+    /// A sub-step of a vertex (BuildKit's `VertexStatus`): `transferring context:`,
+    /// `writing image sha256:…`, with a byte count (`current` of `total`, 0 when unknown).
+    /// Sent when it ends (`completed`); `started` is when it began.
+    Status {
+        vertex: Digest,
+        id: String,
+        current: u64,
+        total: u64,
+        started: SystemTime,
+        completed: Option<SystemTime>,
+    },
 }
 
 impl EventKind {
@@ -76,7 +87,8 @@ impl EventKind {
             | EventKind::Completed { vertex, .. }
             | EventKind::Failed { vertex, .. }
             | EventKind::Cancelled { vertex }
-            | EventKind::Log { vertex, .. } => Some(vertex),
+            | EventKind::Log { vertex, .. }
+            | EventKind::Status { vertex, .. } => Some(vertex),
             EventKind::Warning { vertex, .. } => vertex.as_ref(),
         }
     }
@@ -124,6 +136,18 @@ fn display_name(d: &Digest, name: &str) -> String {
     } else {
         format!("`{name}`")
     }
+}
+
+/// `err` and its causes, `: `-separated (the form [`EventKind::Failed`] carries).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Creates a connected sink and receiver.
@@ -222,6 +246,17 @@ impl VertexProgress {
         self.sink.send(EventKind::Warning {
             vertex: Some(self.vertex),
             message: message.into(),
+        });
+    }
+    /// Sends a finished sub-step `id` that began at `started`, with its byte count (0: none).
+    pub fn status_done(&self, id: impl Into<String>, current: u64, started: SystemTime) {
+        self.sink.send(EventKind::Status {
+            vertex: self.vertex,
+            id: id.into(),
+            current,
+            total: 0,
+            started,
+            completed: Some(SystemTime::now()),
         });
     }
 }

@@ -110,6 +110,7 @@ impl Counts {
             EventKind::Completed { .. } => "completed",
             EventKind::Failed { .. } => "failed",
             EventKind::Cancelled { .. } => "cancelled",
+            EventKind::Status { .. } => "status",
             EventKind::Log { data, .. } => {
                 self.logs.push_str(&String::from_utf8_lossy(data));
                 "log"

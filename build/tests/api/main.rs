@@ -107,7 +107,9 @@ fn a_small_context_builds_with_counted_progress_and_outputs() {
         counts
             .started
             .iter()
-            .all(|name| name.contains("load build context")),
+            // The context is read again; BuildKit's bookkeeping steps (the Dockerfile, the
+            // .dockerignore, the base image's metadata, the export) run on every build.
+            .all(|name| name.starts_with("[internal] load") || name == "exporting to image"),
         "{counts:?}"
     );
     assert!(counts.get("cached") >= 3, "{counts:?}");
@@ -246,6 +248,10 @@ fn a_cancelled_build_stops_at_the_solve() {
         Err(BuildError::Solve { error, .. }) => assert!(error.is_cancelled(), "{error}"),
         other => panic!("expected a cancelled solve, got {other:?}"),
     }
-    assert_eq!(counts.get("completed"), 0, "{counts:?}");
+    // Only the steps before the solve (reading the Dockerfile, .dockerignore, base image) ran.
+    assert!(
+        counts.started.iter().all(|n| n.starts_with("[internal] load")),
+        "{counts:?}"
+    );
     assert!(!counts.logs.contains("never"), "{counts:?}");
 }

@@ -86,7 +86,11 @@ Dockerfile:2
     // --call=check is the same; nothing was built.
     let (code, out2, _) = run(&env, &ctx, &["build", "--call=check"]);
     assert_eq!((code, out2.as_str()), (1, expected));
-    assert!(!err.contains("RUN") && !err.contains("#1"), "{err}");
+    // Only BuildKit's bookkeeping steps (reading the Dockerfile, the base image) show.
+    assert!(
+        !err.contains("RUN") && !err.contains("exporting to image"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -14,6 +14,7 @@ mod gc;
 mod harness;
 mod hostile;
 mod orphans;
+mod progress;
 mod publish;
 mod registry;
 mod remote;

@@ -598,7 +598,22 @@ impl Executor for Engine {
     ) -> Result<Output, SolveError> {
         match &v.op {
             Op::Source(SourceOp::Scratch) => Ok(Output::Fs(Arc::new(Vec::new()))),
-            Op::Source(SourceOp::Local(l)) => Ok(Output::Local(self.local_context(&l.name, &l.exclude)?)),
+            Op::Source(SourceOp::Local(l)) => {
+                let started = std::time::SystemTime::now();
+                let local = self.local_context(&l.name, &l.exclude)?;
+                // BuildKit's `transferring context: N done`: here, the bytes of the files the
+                // context holds (read in place, not sent).
+                let bytes = local
+                    .index
+                    .entries
+                    .iter()
+                    .filter(|e| e.kind == crate::context::Kind::File)
+                    .map(|e| e.size)
+                    .sum();
+                ctx.progress()
+                    .status_done("transferring context:", bytes, started);
+                Ok(Output::Local(local))
+            }
             Op::Source(SourceOp::Image(i)) => Ok(Output::Fs(Arc::new(
                 self.image_layers(&i.reference, i.resolved_digest.as_ref())?,
             ))),
