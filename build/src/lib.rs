@@ -360,6 +360,8 @@ impl Prepared {
             dockerignore: inputs.dockerignore.clone(),
             named_contexts: self.named.lower.clone(),
             all_stages,
+            network: req.network,
+            extra_hosts: req.extra_hosts.clone(),
         };
         let client = Client::new(req.registry.clone());
         let resolver = resolver::StoreResolver {

@@ -138,6 +138,11 @@ pub struct BuildRequest {
     pub keep_git_dir: bool,
     /// Steps run at once; `None` = 4 per CPU.
     pub jobs: Option<usize>,
+    /// `--network`: RUN steps' network unless they say (`Host` needs `entitlements.network_host`,
+    /// which buildx grants with it).
+    pub network: kiln_dag::NetworkMode,
+    /// `--add-host`: (name, address) entries in every RUN step's `/etc/hosts`.
+    pub extra_hosts: Vec<(String, String)>,
     /// The registry client's options, for base images and pushes (credentials directory,
     /// plain-HTTP registries, retries).
     pub registry: ClientOptions,
@@ -167,6 +172,8 @@ impl BuildRequest {
             source_date_epoch: None,
             keep_git_dir: false,
             jobs: None,
+            network: kiln_dag::NetworkMode::Default,
+            extra_hosts: Vec::new(),
             registry: ClientOptions::from_env(),
         }
     }

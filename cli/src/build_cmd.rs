@@ -65,6 +65,12 @@ pub struct BuildArgs {
     /// Allow extra privileged entitlement (network.host, security.insecure)
     #[arg(long = "allow")]
     pub allow: Vec<String>,
+    /// Set the networking mode for the RUN instructions during build (default, none, host)
+    #[arg(long, default_value = "default")]
+    pub network: String,
+    /// Add a custom host-to-IP mapping (format: "host:ip")
+    #[arg(long = "add-host")]
+    pub add_hosts: Vec<String>,
     /// Secret to expose to the build (id=ID,src=FILE or id=ID,env=VAR)
     #[arg(long = "secret")]
     pub secrets: Vec<String>,
@@ -408,6 +414,21 @@ fn parse_build_contexts(specs: &[String]) -> anyhow::Result<BTreeMap<String, Str
     Ok(out)
 }
 
+/// An `--add-host` value as buildx reads it: `host=ip`, else `host:ip` (split at the first
+/// colon, so that an IPv6 address may follow), the address an IP address.
+fn parse_add_host(h: &str) -> anyhow::Result<(String, String)> {
+    let (host, ip) = h
+        .split_once('=')
+        .or_else(|| h.split_once(':'))
+        .filter(|(host, ip)| !host.is_empty() && !ip.is_empty())
+        .with_context(|| format!("invalid host {h}"))?;
+    if ip == "host-gateway" {
+        bail!("invalid host {h}: host-gateway is not supported by kiln (RUN steps reach the host at the kiln0 bridge's gateway, 10.88.0.1)");
+    }
+    let addr: std::net::IpAddr = ip.parse().map_err(|_| anyhow::anyhow!("invalid host {h}"))?;
+    Ok((host.to_string(), addr.to_string()))
+}
+
 /// The flags as a build request.
 fn request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
     let mut platforms = Vec::new();
@@ -425,6 +446,24 @@ fn request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
             other => bail!("invalid --allow `{other}`: expected network.host or security.insecure"),
         }
     }
+    // buildx: `host` also grants the entitlement (asking for it is the permission); `none`
+    // and `default` need none.
+    let network = match args.network.as_str() {
+        "" | "default" => kiln_dag::NetworkMode::Default,
+        "none" => kiln_dag::NetworkMode::None,
+        "host" => {
+            entitlements.network_host = true;
+            kiln_dag::NetworkMode::Host
+        }
+        other => bail!(
+            "network mode {other:?} not supported by buildkit - you can define a custom network for your builder using the network driver-opt in buildx create"
+        ),
+    };
+    let extra_hosts = args
+        .add_hosts
+        .iter()
+        .map(|h| parse_add_host(h))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let outputs = kiln_build::parse_outputs(&args.outputs, args.push)?;
     let tags = args
         .tags
@@ -468,6 +507,8 @@ fn request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
     req.entitlements = entitlements;
     req.keep_git_dir = env_truthy("BUILDKIT_CONTEXT_KEEP_GIT_DIR");
     req.jobs = args.jobs;
+    req.network = network;
+    req.extra_hosts = extra_hosts;
     req.registry = kiln_source::registry::ClientOptions::from_env();
     Ok(req)
 }

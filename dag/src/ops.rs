@@ -53,6 +53,9 @@ impl Op {
                 if let Some(h) = &e.hostname {
                     s.push_str(&format!(" hostname={h}"));
                 }
+                for (host, ip) in &e.extra_hosts {
+                    s.push_str(&format!(" add-host={host}:{ip}"));
+                }
                 for m in &e.mounts {
                     s.push_str(&format!(" mount[{}]", m.summary()));
                 }
@@ -221,6 +224,10 @@ pub struct ExecOp {
     /// `buildkitsandbox`. Left out of the encoding when unset, so existing digests stay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// `--add-host`: extra `/etc/hosts` entries, (name, address), after the default ones (in
+    /// the op, as BuildKit's `ExecOp.Meta.ExtraHosts`). Left out of the encoding when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_hosts: Vec<(String, String)>,
 }
 
 /// A filesystem attached to a RUN step.

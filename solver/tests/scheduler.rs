@@ -187,6 +187,7 @@ fn add_meta(g: &mut Graph, name: &str, inputs: &[Digest], ignore_cache: bool) ->
             security: SecurityMode::Sandbox,
             mounts: vec![],
             hostname: None,
+            extra_hosts: vec![],
         }),
         inputs: inputs.to_vec(),
         meta: Meta {

@@ -802,3 +802,81 @@ fn ctrl_c_stops_the_build_and_cleans_up() {
         "temporary snapshots left: {snap_tmp:?}"
     );
 }
+
+/// The output lines of the build's RUN steps (`#N 0.123 line` without the prefix), in order.
+fn run_output(plain: &str) -> Vec<String> {
+    plain
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix('#')?;
+            let (_, rest) = rest.split_once(' ')?;
+            let (t, line) = rest.split_once(' ')?;
+            (t.contains('.') && t.parse::<f64>().is_ok()).then(|| line.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn network_and_add_host_flags_match_buildkit() {
+    let (env, ctx) = setup();
+    write(
+        &ctx,
+        "Dockerfile",
+        "FROM busybox:local\nRUN cat /etc/hosts && ls /sys/class/net\n",
+    );
+    let flags = ["--no-cache", "--add-host", "foo:1.2.3.4", "--add-host", "six:::1"];
+    let kiln = |net: &str| {
+        let mut a = flags.to_vec();
+        a.push(net);
+        run_output(&build(&env, &ctx, &a))
+    };
+    let docker = crate::harness::docker();
+    let reference = |net: &str| {
+        let out = Command::new(&docker)
+            .args(["build", "--progress=plain"])
+            .args(flags)
+            .arg(net)
+            .arg(&ctx)
+            .env("DOCKER_BUILDKIT", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", frame(&out));
+        run_output(&String::from_utf8_lossy(&out.stderr))
+    };
+    for net in ["--network=none", "--network=default"] {
+        let (k, d) = (kiln(net), reference(net));
+        assert_eq!(
+            k, d,
+            "{net}: kiln's RUN saw other hosts or interfaces than BuildKit's"
+        );
+    }
+    assert!(kiln("--network=none").contains(&"1.2.3.4\tfoo".to_string()));
+    // host: the host's interfaces, without --allow (buildx grants network.host with it).
+    let mut host_ifaces: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    host_ifaces.sort();
+    let seen = kiln("--network=host");
+    assert!(
+        host_ifaces.iter().all(|i| seen.contains(i)),
+        "{seen:?} vs the host's {host_ifaces:?}"
+    );
+    // A RUN's own --network wins over the build's.
+    write(
+        &ctx,
+        "Dockerfile",
+        "FROM busybox:local\nRUN --network=none ls /sys/class/net\n",
+    );
+    assert_eq!(kiln("--network=host"), vec!["lo".to_string()]);
+
+    let err = build_fails(&env, &ctx, &["--network=bridge"]);
+    assert!(
+        err.contains("network mode \"bridge\" not supported by buildkit"),
+        "{err}"
+    );
+    for bad in ["nohost", "foo:notanip", ":1.2.3.4"] {
+        let err = build_fails(&env, &ctx, &["--add-host", bad]);
+        assert!(err.contains(&format!("invalid host {bad}")), "{err}");
+    }
+}

@@ -2100,7 +2100,8 @@ impl<'a> Lowerer<'a> {
             });
         }
         let network = match network.map(str::to_ascii_lowercase).as_deref() {
-            None | Some("default") => NetworkMode::Default,
+            // `--network` of the build, which a RUN's own `--network` overrides.
+            None | Some("default") => self.opts.network,
             Some("none") => NetworkMode::None,
             Some("host") => NetworkMode::Host,
             Some(_) => {
@@ -2160,6 +2161,7 @@ impl<'a> Lowerer<'a> {
                 .get(HOSTNAME_ARG)
                 .filter(|h| !h.is_empty())
                 .cloned(),
+            extra_hosts: self.opts.extra_hosts.clone(),
         });
         let mut name = Self::display_text(loc);
         name.push_str(&name_suffix);

@@ -51,6 +51,11 @@ pub struct LowerOptions {
     /// Lower every stage, not only those the target needs (`--check`: BuildKit lints all
     /// stages when no target is given).
     pub all_stages: bool,
+    /// `--network`: the network of RUN steps without `--network` of their own (BuildKit's
+    /// `force-network-mode`).
+    pub network: kiln_dag::NetworkMode,
+    /// `--add-host`: (name, address) entries every RUN step's `/etc/hosts` gets.
+    pub extra_hosts: Vec<(String, String)>,
 }
 
 impl Default for LowerOptions {
@@ -66,6 +71,8 @@ impl Default for LowerOptions {
             dockerignore: Vec::new(),
             named_contexts: BTreeMap::new(),
             all_stages: false,
+            network: kiln_dag::NetworkMode::Default,
+            extra_hosts: Vec::new(),
         }
     }
 }

@@ -205,7 +205,16 @@ impl Engine {
             user: e.user.clone(),
             hostname: hostname.to_string(),
             mounts: specs,
-            etc_files: EtcFiles::for_build(hostname, &host_resolv, &network),
+            etc_files: {
+                let mut files = EtcFiles::for_build(hostname, &host_resolv, &network);
+                // `--add-host` entries follow the default ones, as BuildKit writes them.
+                if let Some(hosts) = files.hosts.as_mut() {
+                    for (name, ip) in &e.extra_hosts {
+                        hosts.push_str(&format!("{ip}\t{name}\n"));
+                    }
+                }
+                files
+            },
             network,
             security,
             stdin: None,
