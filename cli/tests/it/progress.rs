@@ -42,7 +42,8 @@ fn strip_figures(line: &str) -> String {
 /// BuildKit prints each vertex's digest, newer ones do not) dropped, a status line printed
 /// again with ` done` kept once, a base image's `@sha256:` pin dropped, and its `CACHED` or
 /// `DONE` (BuildKit marks an image source either way, by whether this session resolved it
-/// before) as `RESOLVED`, the image ID as `ID`. `token` becomes `TOKEN`.
+/// before) as `RESOLVED` and its step label (`[base 1/2]`, which BuildKit shares with
+/// concurrent builds of the same image) as `[*]`, the image ID as `ID`. `token` becomes `TOKEN`.
 fn normalise(out: &str, token: &str) -> String {
     let out = out.replace(token, "TOKEN");
     let mut names: BTreeMap<u32, String> = BTreeMap::new();
@@ -56,10 +57,16 @@ fn normalise(out: &str, token: &str) -> String {
         };
         let Ok(num) = num.parse::<u32>() else { continue };
         if let std::collections::btree_map::Entry::Vacant(e) = names.entry(num) {
-            e.insert(match text.split_once("@sha256:") {
+            let mut name = match text.split_once("@sha256:") {
                 Some((a, _)) => a.to_string(),
                 None => text.to_string(),
-            });
+            };
+            // A base image's vertex is shared with any concurrent build of the same daemon,
+            // which may have named it (`[1/3] FROM ...`) first: its step label is not compared.
+            if let Some((_, image)) = name.split_once("] FROM ") {
+                name = format!("[*] FROM {image}");
+            }
+            e.insert(name);
             continue;
         }
         if text.starts_with("sha256:") || text == "..." || text == names[&num] {
