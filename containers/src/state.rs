@@ -219,9 +219,27 @@ pub fn process_start(pid: i32) -> Option<u64> {
     fields.nth(18)?.parse().ok()
 }
 
-/// Whether the supervisor recorded in `st` is still the live process it was.
+/// Whether the supervisor recorded in `st` is still the live process it was. One with SIGKILL
+/// pending counts as gone: `kill -9` returns before the process has exited (a loaded machine
+/// or a thread in the kernel delays it), and what the next command reports must already be true.
 pub fn supervisor_alive(st: &ContainerState) -> bool {
-    st.supervisor_pid > 0 && process_start(st.supervisor_pid) == Some(st.supervisor_start)
+    st.supervisor_pid > 0
+        && process_start(st.supervisor_pid) == Some(st.supervisor_start)
+        && !sigkill_pending(st.supervisor_pid)
+}
+
+/// Whether SIGKILL is pending for `pid` (its main thread's or the process's pending set).
+fn sigkill_pending(pid: i32) -> bool {
+    const SIGKILL_BIT: u64 = 1 << (9 - 1);
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status.lines().any(|l| {
+        let Some(mask) = l.strip_prefix("SigPnd:").or_else(|| l.strip_prefix("ShdPnd:")) else {
+            return false;
+        };
+        u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| m & SIGKILL_BIT != 0)
+    })
 }
 
 /// Whether `st` says running (or restarting) while its supervisor is gone: a supervisor killed
