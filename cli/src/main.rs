@@ -43,6 +43,10 @@ struct Cli {
     /// Log debug information to stderr
     #[arg(long, global = true)]
     debug: bool,
+    /// Run in a user namespace of kiln's own, as a non-root user always does: the caller is root
+    /// there and its /etc/subuid and /etc/subgid ranges are the other ids
+    #[arg(long, global = true, env = "KILN_ROOTLESS", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0, default_missing_value = "true")]
+    rootless: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -94,6 +98,20 @@ fn nix_is_root() -> bool {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The store's default place depends on who started kiln, so it is chosen before rootless mode
+    // makes this process root in a user namespace.
+    let root = cli.root.clone().unwrap_or_else(default_root);
+    // Rootless mode: a user namespace of our own, entered while the process has one thread. Root
+    // already in one (a supervisor kiln started, or kiln as root of a container with a user
+    // namespace) stays where it is.
+    let userns =
+        kiln_runtime::userns::needed() || (cli.rootless && !kiln_runtime::userns::in_user_namespace());
+    if userns {
+        if let Err(e) = kiln_runtime::userns::enter() {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    }
     let filter = if cli.debug { "debug" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -104,7 +122,7 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     let globals = Globals {
-        root: cli.root.unwrap_or_else(default_root),
+        root,
         debug: cli.debug,
     };
     // Builds and containers mount overlays from this process: a mount namespace of our own makes

@@ -103,7 +103,7 @@ pub fn mount_overlay(
                 &t,
                 &lower,
                 uw.as_ref().map(|(u, w)| (u.as_c_str(), w.as_c_str())),
-                volatile,
+                &crate::plan::overlay_flags(uw.is_some(), volatile),
             )
             .map_err(err)
         }

@@ -803,6 +803,7 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
         raw
     });
     let input = PlanInput {
+        userns: crate::userns::in_user_namespace(),
         run_dir: run_dir.to_path_buf(),
         scratch,
         root,
