@@ -16,6 +16,7 @@ mod orphans;
 mod publish;
 mod registry;
 mod remote;
+mod rootless;
 mod run_flags;
 mod run_options;
 mod security;
