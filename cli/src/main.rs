@@ -121,6 +121,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .without_time()
         .init();
+    if kiln_runtime::userns::in_user_namespace() {
+        tracing::debug!(
+            "rootless: in a user namespace (uid 0 is host uid {}); snapshots: kernel overlayfs with userxattr; RUN network: {}",
+            kiln_runtime::userns::host_uid(),
+            match kiln_runtime::net::usermode::find() {
+                Ok((tool, _)) => tool.name().to_owned(),
+                Err(e) => e.to_string(),
+            }
+        );
+    }
     let globals = Globals {
         root,
         debug: cli.debug,

@@ -660,3 +660,50 @@ fn rootless_without_subordinate_ids_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn rootless_info_and_run_report_the_usermode_parts() {
+    let rl = RlEnv::new();
+    rl.with_busybox();
+    let info = String::from_utf8_lossy(&rl.ok(&["info"]).stdout).into_owned();
+    for want in [
+        "Snapshotter: overlayfs (kernel, in a user namespace: userxattr)\n",
+        &format!("Rootless: yes (uid 0 is host uid {})\n", rl.user.uid),
+        "RUN Network: slirp4netns (",
+    ] {
+        assert!(info.contains(want), "missing {want:?} in\n{info}");
+    }
+    let out = rl.rootful_ok(&["info"]);
+    let rootful = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        rootful.contains("Snapshotter: overlayfs (kernel)\nRootless: no\n"),
+        "{rootful}"
+    );
+    // --debug says the same at the start of every command.
+    let out = rl.ok(&["--debug", "images"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("snapshots: kernel overlayfs with userxattr; RUN network: slirp4netns"),
+        "{err}"
+    );
+    // A container's default network is the user-mode one too; publishing ports is refused.
+    let out = rl.ok(&[
+        "run",
+        "--rm",
+        "busybox:local",
+        "sh",
+        "-c",
+        "ip -4 -o addr show eth0 | awk '{print $4}'",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "10.0.2.100/24\n");
+    let out = rl
+        .kiln(&["run", "--rm", "-p", "8080:80", "busybox:local", "true"])
+        .output()
+        .expect("spawn");
+    assert!(!out.status.success(), "{}", frame(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("publishing ports (-p/-P)") && err.contains("not implemented in rootless mode"),
+        "{err}"
+    );
+}
