@@ -143,8 +143,9 @@ pub fn host_uid() -> u32 {
 }
 
 /// The directory for kiln's per-boot state (caches that die with the machine): `/run/kiln`, or in
-/// a user namespace, where `/run` is not ours, `$XDG_RUNTIME_DIR/kiln`, else `/tmp/kiln-UID` (UID
-/// the host uid), used only if it is a directory of ours that no one else may write.
+/// a user namespace, where `/run` is not ours, the first of `$XDG_RUNTIME_DIR/kiln`, `/tmp/kiln-UID`
+/// (UID the host uid) and `$XDG_CACHE_HOME/kiln` (`~/.cache/kiln`) that is a directory of ours
+/// no one else may write.
 pub fn runtime_dir() -> Option<PathBuf> {
     if !in_user_namespace() {
         return Some(PathBuf::from("/run/kiln"));
@@ -154,9 +155,18 @@ pub fn runtime_dir() -> Option<PathBuf> {
         candidates.push(PathBuf::from(d).join("kiln"));
     }
     candidates.push(PathBuf::from(format!("/tmp/kiln-{}", host_uid())));
+    // Where /tmp is not writable for users: the user's cache directory.
+    match std::env::var_os("XDG_CACHE_HOME").filter(|d| Path::new(d).is_absolute()) {
+        Some(d) => candidates.push(PathBuf::from(d).join("kiln")),
+        None => {
+            if let Some(home) = std::env::var_os("HOME").filter(|d| Path::new(d).is_absolute()) {
+                candidates.push(PathBuf::from(home).join(".cache/kiln"));
+            }
+        }
+    }
     candidates.into_iter().find(|dir| {
         use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-        let _ = std::fs::DirBuilder::new().mode(0o700).create(dir);
+        let _ = std::fs::DirBuilder::new().mode(0o700).recursive(true).create(dir);
         std::fs::symlink_metadata(dir)
             .is_ok_and(|m| m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw() && m.mode() & 0o022 == 0)
     })
@@ -280,17 +290,25 @@ fn helper(go: OwnedFd, err: OwnedFd, parent: u32, tools: [(&Path, Vec<String>); 
         return 0; // the parent's unshare failed; it reports that
     }
     let mut err = std::fs::File::from(err);
-    for (tool, args) in tools {
+    // Both at once: each is a setuid program's start, the larger part of rootless start-up.
+    let started: Vec<_> = tools
+        .iter()
+        .map(|(tool, args)| {
+            std::process::Command::new(tool)
+                .arg(parent.to_string())
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+        })
+        .collect();
+    for ((tool, args), child) in tools.iter().zip(started) {
         let name = tool
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let out = std::process::Command::new(tool)
-            .arg(parent.to_string())
-            .args(&args)
-            .stdin(std::process::Stdio::null())
-            .output();
-        let failure = match out {
+        let failure = match child.and_then(|c| c.wait_with_output()) {
             Ok(o) if o.status.success() => continue,
             Ok(o) => format!(
                 "{} (`{} {parent} {}`)",
