@@ -89,6 +89,21 @@ fn default_root() -> PathBuf {
     }
 }
 
+/// The pids of the live supervisors of `root`'s containers (read without opening the store, before
+/// rootless mode is entered).
+fn live_supervisors(root: &std::path::Path) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir(root.join("containers")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let bytes = std::fs::read(e.path().join("state.json")).ok()?;
+            let st: kiln_containers::ContainerState = serde_json::from_slice(&bytes).ok()?;
+            kiln_containers::state::supervisor_alive(&st).then_some(st.supervisor_pid)
+        })
+        .collect()
+}
+
 fn nix_is_root() -> bool {
     // /proc/self is owned by the process's effective uid.
     std::fs::metadata("/proc/self")
@@ -107,9 +122,27 @@ fn main() -> ExitCode {
     let userns =
         kiln_runtime::userns::needed() || (cli.rootless && !kiln_runtime::userns::in_user_namespace());
     if userns {
-        if let Err(e) = kiln_runtime::userns::enter() {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
+        // Containers of this store started in rootless mode live in their supervisor's user
+        // namespace: join the first live one, so that this command's root owns them.
+        let mut joined = false;
+        for pid in live_supervisors(&root) {
+            match kiln_runtime::userns::join(pid) {
+                Ok(true) => {
+                    joined = true;
+                    break;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        if !joined {
+            if let Err(e) = kiln_runtime::userns::enter() {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
         }
     }
     let filter = if cli.debug { "debug" } else { "warn" };

@@ -51,6 +51,12 @@ pub enum UsernsError {
     Unshare(#[source] Errno),
     #[error("failed to wait for the id-mapping helper: {0}")]
     Wait(#[source] Errno),
+    #[error("failed to join the user namespace of process {pid}: {source}")]
+    Join {
+        pid: i32,
+        #[source]
+        source: Errno,
+    },
     #[error("failed to become root in kiln's user namespace: {0}")]
     Become(#[source] Errno),
 }
@@ -280,6 +286,39 @@ pub fn enter() -> Result<(), UsernsError> {
     RealSys.setgroups(&[]).map_err(UsernsError::Become)?;
     STATE.store(NESTED, Ordering::Relaxed);
     Ok(())
+}
+
+/// Joins the user namespace of `pid` (a kiln process of the same user in rootless mode, such as a
+/// container's supervisor) instead of making a new one, so that this process's root is the one
+/// that owns that process's containers: signals, `exec` and their namespaces then work across kiln
+/// commands. `Ok(false)` when `pid` is not in such a namespace (gone, another user's, or one whose
+/// uid 0 is not this user). Must be called while the process has one thread.
+pub fn join(pid: i32) -> Result<bool, UsernsError> {
+    let uid = nix::unistd::getuid().as_raw();
+    let ours = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).is_ok_and(|m| {
+        m.lines().next().is_some_and(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() == 3 && f[0] == "0" && f[1] == uid.to_string()
+        })
+    });
+    if !ours {
+        return Ok(false);
+    }
+    let Ok(ns) = std::fs::File::open(format!("/proc/{pid}/ns/user")) else {
+        return Ok(false);
+    };
+    let n = threads();
+    if n != 1 {
+        return Err(UsernsError::Threaded(n));
+    }
+    RealSys
+        .setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWUSER)
+        .map_err(|source| UsernsError::Join { pid, source })?;
+    RealSys.setresgid(0).map_err(UsernsError::Become)?;
+    RealSys.setresuid(0).map_err(UsernsError::Become)?;
+    RealSys.setgroups(&[]).map_err(UsernsError::Become)?;
+    STATE.store(NESTED, Ordering::Relaxed);
+    Ok(true)
 }
 
 /// The forked helper: waits for the parent to unshare, then runs the two map tools on it. A

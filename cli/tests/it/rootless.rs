@@ -707,3 +707,41 @@ fn rootless_info_and_run_report_the_usermode_parts() {
         "{err}"
     );
 }
+
+#[test]
+fn rootless_detached_container_is_managed_by_later_commands() {
+    let rl = RlEnv::new();
+    rl.with_busybox();
+    // Each command joins the user namespace of the store's live supervisors, so the root of
+    // `stop`, `exec` and `kill` is the one that owns the container.
+    rl.ok(&["run", "-d", "--name", "bg", "busybox:local", "sleep", "300"]);
+    rl.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "user",
+        "--user",
+        "1000:1000",
+        "--network",
+        "none",
+        "busybox:local",
+        "sleep",
+        "300",
+    ]);
+    let out = rl.ok(&[
+        "exec",
+        "bg",
+        "sh",
+        "-c",
+        "id -u; ip -4 -o addr show eth0 | awk '{print $4}'",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n10.0.2.100/24\n");
+    let out = rl.ok(&["exec", "user", "id", "-u"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1000\n");
+    rl.ok(&["kill", "user"]);
+    rl.ok(&["stop", "-t", "1", "bg"]);
+    let out = rl.ok(&["ps", "-a", "--format", "{{.Names}} {{.Status}}"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().all(|l| l.contains(" Exited (137)")), "{text}");
+    rl.ok(&["rm", "bg", "user"]);
+}
