@@ -482,18 +482,55 @@ fn walkdir(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-#[derive(serde::Deserialize, Default)]
+/// What a difftest case's `case.json` asks for (difftest.py's fields).
+#[derive(Default)]
 struct Case {
-    #[serde(default)]
-    build_args: std::collections::BTreeMap<String, String>,
-    #[serde(default)]
+    build_args: Vec<(String, String)>,
     target: Option<String>,
-    #[serde(default)]
     dockerfile: Option<String>,
-    #[serde(default)]
     expect: Option<String>,
-    #[serde(default)]
     run: Vec<Vec<String>>,
+}
+
+impl Case {
+    fn read(dir: &Path) -> Case {
+        let Ok(bytes) = std::fs::read(dir.join("case.json")) else {
+            return Case::default();
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("case.json");
+        let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+        Case {
+            build_args: v
+                .get("build_args")
+                .and_then(|m| m.as_object())
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, x)| (k.clone(), x.as_str().unwrap_or_default().to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            target: text("target"),
+            dockerfile: text("dockerfile"),
+            expect: text("expect"),
+            run: v
+                .get("run")
+                .and_then(|r| r.as_array())
+                .map(|runs| {
+                    runs.iter()
+                        .map(|argv| {
+                            argv.as_array()
+                                .map(|a| {
+                                    a.iter()
+                                        .map(|x| x.as_str().unwrap_or_default().to_owned())
+                                        .collect()
+                                })
+                                .unwrap_or_default()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// Every difftest case (the shared ones and kiln's own), built rootless and rootful: the same
@@ -526,10 +563,7 @@ fn rootless_difftest_cases_have_the_rootful_image_ids() {
     let mut problems = Vec::new();
     for (i, case_dir) in dirs.iter().enumerate() {
         let name = case_dir.file_name().expect("name").to_string_lossy().into_owned();
-        let case: Case = std::fs::read(case_dir.join("case.json"))
-            .ok()
-            .map(|b| serde_json::from_slice(&b).expect("case.json"))
-            .unwrap_or_default();
+        let case = Case::read(case_dir);
         // The context as difftest.py makes it: copied by the test user (so that it can read it),
         // then the case's prepare.sh as root (some make device nodes).
         let ctx = rl.path(&format!("case-{i}"));
