@@ -113,7 +113,7 @@ pub enum SupervisorError {
     /// Ports were to be published in rootless mode, which kiln does not implement.
     #[error(
         "publishing ports (-p/-P) of container {id} is not implemented in rootless mode \
-         (its network is slirp4netns/pasta, reached from the host through no port of its own)"
+         (its network is slirp4netns', reached from the host through no port of its own)"
     )]
     RootlessPorts {
         /// The container.
@@ -583,8 +583,8 @@ fn setup_network(
     }
     let specs = port_specs(record)?;
     if kiln_runtime::userns::in_user_namespace() {
-        // Rootless: no bridge; a namespace held by this supervisor, connected by slirp4netns or
-        // pasta as a build's RUN steps are.
+        // Rootless: no bridge; a namespace held by this supervisor, connected by slirp4netns as
+        // a build's RUN steps are.
         if !specs.is_empty() {
             return Err(SupervisorError::RootlessPorts {
                 id: record.id.clone(),

@@ -394,7 +394,7 @@ fn rootless_run_step_network_goes_through_the_usermode_helper() {
 }
 
 #[test]
-fn rootless_network_without_slirp4netns_or_pasta_is_a_clear_error() {
+fn rootless_network_without_slirp4netns_is_a_clear_error() {
     let rl = RlEnv::new();
     rl.with_busybox();
     // A PATH with the id-mapping tools but neither network tool.
@@ -418,7 +418,7 @@ fn rootless_network_without_slirp4netns_or_pasta_is_a_clear_error() {
     assert!(!out.status.success(), "{}", frame(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("needs `slirp4netns` or `pasta`") && err.contains("--network none"),
+        err.contains("rootless mode needs `slirp4netns`") && err.contains("--network none"),
         "{err}"
     );
     // Without a network nothing is needed.

@@ -1,38 +1,33 @@
 //! User-mode networking for rootless mode: a user namespace cannot make veth pairs on the host
 //! or NAT rules, so a network namespace of its own is connected to the outside by a process on
-//! the host side that carries its packets through ordinary sockets: `slirp4netns`, or `pasta`
-//! (package `passt`), whichever is installed (`KILN_USERMODE_NET=slirp4netns|pasta` picks one).
+//! the host side that carries its packets through ordinary sockets: `slirp4netns`.
 //!
-//! The namespace gets `eth0` with `10.0.2.100/24`, gateway `10.0.2.2` (slirp4netns' defaults;
-//! pasta copies the host's addresses), and no route to the host's loopback services. The helper
-//! ends when the [`UserNet`] is dropped, and with kiln: slirp4netns on the close of its exit
-//! pipe, pasta when the namespace it watches is gone and on its parent-death signal.
+//! `pasta` (package `passt`) is not supported: Debian 12's (2023-03-09) cannot open the
+//! namespace of a process in a nested user namespace ("Couldn't open user namespace ...:
+//! Permission denied"), so it is named in the error only as the alternative kiln does not use.
+//!
+//! The namespace gets `eth0` with `10.0.2.100/24`, gateway `10.0.2.2` (slirp4netns' defaults) and
+//! no route to the host's loopback services. The helper ends when the [`UserNet`] is dropped, and
+//! with kiln, on the close of its exit pipe.
 
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 
 /// The interface name inside the namespace.
 pub const IFNAME: &str = "eth0";
-/// How long a helper may take to configure the namespace.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Connecting a namespace with a user-mode network helper failed.
 #[derive(Debug, thiserror::Error)]
 pub enum UserNetError {
     #[error(
-        "rootless mode needs `slirp4netns` or `pasta` (Debian packages `slirp4netns`, `passt`) for a \
-         RUN step or container with a network; neither is on PATH (or use `--network none`)"
+        "rootless mode needs `slirp4netns` (Debian package `slirp4netns`) for a RUN step or container \
+         with a network, and it is not on PATH (`pasta` is not supported); or use `--network none`"
     )]
     NoTool,
-    #[error("`KILN_USERMODE_NET={0}` names no supported tool (slirp4netns, pasta)")]
-    UnknownTool(String),
-    #[error("`{0}` was asked for by KILN_USERMODE_NET but is not on PATH")]
-    Missing(&'static str),
     #[error("failed to create a pipe for `{tool}`: {source}")]
     Pipe {
         tool: &'static str,
@@ -57,7 +52,6 @@ pub enum UserNetError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tool {
     Slirp4netns,
-    Pasta,
 }
 
 impl Tool {
@@ -65,7 +59,6 @@ impl Tool {
     pub fn name(self) -> &'static str {
         match self {
             Tool::Slirp4netns => "slirp4netns",
-            Tool::Pasta => "pasta",
         }
     }
 }
@@ -77,21 +70,10 @@ fn on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The tool to use: `KILN_USERMODE_NET` if set, else slirp4netns, else pasta.
+/// The tool to use and its path.
 pub fn find() -> Result<(Tool, PathBuf), UserNetError> {
-    if let Ok(choice) = std::env::var("KILN_USERMODE_NET") {
-        let tool = match choice.as_str() {
-            "slirp4netns" => Tool::Slirp4netns,
-            "pasta" => Tool::Pasta,
-            _ => return Err(UserNetError::UnknownTool(choice)),
-        };
-        return on_path(tool.name())
-            .map(|p| (tool, p))
-            .ok_or(UserNetError::Missing(tool.name()));
-    }
-    [Tool::Slirp4netns, Tool::Pasta]
-        .into_iter()
-        .find_map(|t| on_path(t.name()).map(|p| (t, p)))
+    on_path(Tool::Slirp4netns.name())
+        .map(|p| (Tool::Slirp4netns, p))
         .ok_or(UserNetError::NoTool)
 }
 
@@ -185,62 +167,5 @@ pub fn connect(netns: &Path, tool: Tool, exe: &Path) -> Result<UserNet, UserNetE
                 }
             }
         }
-        Tool::Pasta => {
-            let mut child = Command::new(exe)
-                .args([
-                    "--foreground",
-                    "--quiet",
-                    "--config-net",
-                    "--ns-ifname",
-                    IFNAME,
-                    "--netns",
-                ])
-                .arg(netns)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(spawn_err)?;
-            // pasta in the foreground says nothing when it is ready: wait until eth0 has an
-            // address and a default route in the namespace.
-            let start = Instant::now();
-            loop {
-                if let Some(status) = child.try_wait().map_err(spawn_err)? {
-                    let mut err = String::new();
-                    if let Some(mut e) = child.stderr.take() {
-                        let _ = e.read_to_string(&mut err);
-                    }
-                    return Err(failed(format!("exited ({status}): {}", err.trim())));
-                }
-                if configured(netns) {
-                    return Ok(UserNet {
-                        tool,
-                        child,
-                        _exit: None,
-                    });
-                }
-                if start.elapsed() > READY_TIMEOUT {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(failed(format!("not configured after {READY_TIMEOUT:?}")));
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
     }
-}
-
-/// Whether the namespace at `netns` has a default route (pasta sets it last).
-fn configured(netns: &Path) -> bool {
-    let path = netns.to_path_buf();
-    super::netns::run_in(&path, || {
-        std::fs::read_to_string("/proc/thread-self/net/route")
-            .map(|r| {
-                r.lines()
-                    .skip(1)
-                    .any(|l| l.split_whitespace().nth(1) == Some("00000000"))
-            })
-            .unwrap_or(false)
-    })
-    .unwrap_or(false)
 }
