@@ -321,6 +321,7 @@ impl ContainerCmd {
         matches!(
             self,
             ContainerCmd::Supervise(_)
+                | ContainerCmd::Info
                 | ContainerCmd::Container(
                     ContainerGroup::Run(_) | ContainerGroup::Cp(_) | ContainerGroup::Export(_)
                 )
@@ -1504,6 +1505,27 @@ fn cmd_info(containers: &Containers, g: &Globals) -> anyhow::Result<ExitCode> {
     println!("Kernel Version: {}", kernel.trim());
     println!("Architecture: {}", std::env::consts::ARCH);
     println!("Kiln Root Dir: {}", g.root.display());
+    let scratch = g.root.join("tmp");
+    let _ = std::fs::create_dir_all(&scratch);
+    match kiln_runtime::host::probe_snapshotter(&scratch) {
+        Ok(s) => println!("Snapshotter: {s}"),
+        Err(e) => {
+            println!("Snapshotter: none: {e} (fuse-overlayfs and copying snapshots are not implemented)")
+        }
+    }
+    if kiln_runtime::userns::in_user_namespace() {
+        println!(
+            "Rootless: yes (uid 0 is host uid {})",
+            kiln_runtime::userns::host_uid()
+        );
+        match kiln_runtime::net::usermode::find() {
+            Ok((tool, path)) => println!("RUN Network: {} ({})", tool.name(), path.display()),
+            Err(e) => println!("RUN Network: none: {e}"),
+        }
+    } else {
+        println!("Rootless: no");
+        println!("RUN Network: bridge {}", kiln_runtime::net::DEFAULT_BRIDGE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -44,6 +44,10 @@ struct Cli {
     /// Log debug information to stderr
     #[arg(long, global = true)]
     debug: bool,
+    /// Run in a user namespace of kiln's own, as a non-root user always does: the caller is root
+    /// there and its /etc/subuid and /etc/subgid ranges are the other ids
+    #[arg(long, global = true, env = "KILN_ROOTLESS", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0, default_missing_value = "true")]
+    rootless: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -86,6 +90,21 @@ fn default_root() -> PathBuf {
     }
 }
 
+/// The pids of the live supervisors of `root`'s containers (read without opening the store, before
+/// rootless mode is entered).
+fn live_supervisors(root: &std::path::Path) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir(root.join("containers")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let bytes = std::fs::read(e.path().join("state.json")).ok()?;
+            let st: kiln_containers::ContainerState = serde_json::from_slice(&bytes).ok()?;
+            kiln_containers::state::supervisor_alive(&st).then_some(st.supervisor_pid)
+        })
+        .collect()
+}
+
 fn nix_is_root() -> bool {
     // /proc/self is owned by the process's effective uid.
     std::fs::metadata("/proc/self")
@@ -95,6 +114,38 @@ fn nix_is_root() -> bool {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The store's default place depends on who started kiln, so it is chosen before rootless mode
+    // makes this process root in a user namespace.
+    let root = cli.root.clone().unwrap_or_else(default_root);
+    // Rootless mode: a user namespace of our own, entered while the process has one thread. Root
+    // already in one (a supervisor kiln started, or kiln as root of a container with a user
+    // namespace) stays where it is.
+    let userns =
+        kiln_runtime::userns::needed() || (cli.rootless && !kiln_runtime::userns::in_user_namespace());
+    if userns {
+        // Containers of this store started in rootless mode live in their supervisor's user
+        // namespace: join the first live one, so that this command's root owns them.
+        let mut joined = false;
+        for pid in live_supervisors(&root) {
+            match kiln_runtime::userns::join(pid) {
+                Ok(true) => {
+                    joined = true;
+                    break;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        if !joined {
+            if let Err(e) = kiln_runtime::userns::enter() {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
     let filter = if cli.debug { "debug" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -104,8 +155,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .without_time()
         .init();
+    if kiln_runtime::userns::in_user_namespace() {
+        tracing::debug!(
+            "rootless: in a user namespace (uid 0 is host uid {}); snapshots: kernel overlayfs with userxattr; RUN network: {}",
+            kiln_runtime::userns::host_uid(),
+            match kiln_runtime::net::usermode::find() {
+                Ok((tool, _)) => tool.name().to_owned(),
+                Err(e) => e.to_string(),
+            }
+        );
+    }
     let globals = Globals {
-        root: cli.root.unwrap_or_else(default_root),
+        root,
         debug: cli.debug,
     };
     // Builds and containers mount overlays from this process: a mount namespace of our own makes

@@ -120,6 +120,15 @@ pub enum SupervisorError {
         #[source]
         source: net::PortSpecError,
     },
+    /// Ports were to be published in rootless mode, which kiln does not implement.
+    #[error(
+        "publishing ports (-p/-P) of container {id} is not implemented in rootless mode \
+         (its network is slirp4netns', reached from the host through no port of its own)"
+    )]
+    RootlessPorts {
+        /// The container.
+        id: String,
+    },
     /// Publishing the container's ports on the host failed.
     #[error("failed to publish the ports of container {id}")]
     Publish {
@@ -551,6 +560,8 @@ struct RunNet {
     link_env: Vec<String>,
     endpoint: Option<Endpoint>,
     proxy: Option<PortProxy>,
+    /// Rootless mode: the namespace held by this process and its user-mode network helper.
+    held: Option<net::HeldEndpoint>,
 }
 
 impl RunNet {
@@ -568,6 +579,7 @@ impl RunNet {
     /// Stops publishing and disconnects the endpoint (once the container's processes are gone).
     fn finish(self) {
         drop(self.proxy);
+        drop(self.held);
         if let Some(ep) = self.endpoint {
             if let Err(e) = net::teardown(&ep) {
                 tracing::warn!("{}", error_chain(&e));
@@ -595,6 +607,31 @@ fn setup_network(
             network,
             endpoint: None,
             proxy: None,
+            held: None,
+        });
+    }
+    let specs = port_specs(record)?;
+    if kiln_runtime::userns::in_user_namespace() {
+        // Rootless: no bridge; a namespace held by this supervisor, connected by slirp4netns as
+        // a build's RUN steps are.
+        if !specs.is_empty() {
+            return Err(SupervisorError::RootlessPorts {
+                id: record.id.clone(),
+            });
+        }
+        let held = net::setup_held(&record.id, &NetRequest::default()).map_err(|source| {
+            SupervisorError::NetSetup {
+                id: record.id.clone(),
+                source,
+            }
+        })?;
+        return Ok(RunNet {
+            network: held.network(),
+            etc_files: net::etc_files(hostname, &held.endpoint, &[], &host_resolv),
+            link_env: Vec::new(),
+            endpoint: None,
+            proxy: None,
+            held: Some(held),
         });
     }
     let links = links_for(containers, record)?;
@@ -604,7 +641,6 @@ fn setup_network(
             link_vars.extend(link_env(&record.name, alias, *ip, &other));
         }
     }
-    let specs = port_specs(record)?;
     let request = NetRequest {
         config: NetConfig::default(),
         ip: None,
@@ -641,6 +677,7 @@ fn setup_network(
         link_env: link_vars,
         endpoint: Some(endpoint),
         proxy,
+        held: None,
     })
 }
 

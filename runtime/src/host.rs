@@ -103,11 +103,43 @@ pub fn mount_overlay(
                 &t,
                 &lower,
                 uw.as_ref().map(|(u, w)| (u.as_c_str(), w.as_c_str())),
-                volatile,
+                &crate::plan::overlay_flags(uw.is_some(), volatile),
             )
             .map_err(err)
         }
     }
+}
+
+/// How kiln makes snapshots' writable views here, as `kiln info` and `--debug` report it: the
+/// kernel's overlayfs (with `userxattr` in a user namespace, where kiln keeps overlayfs' markers in
+/// `user.overlay.*` attributes), found by mounting a small overlay under `scratch` (in the
+/// caller's private mount namespace). `Err` says why it cannot: kiln has no other snapshotter yet
+/// (fuse-overlayfs and copying are not implemented), so builds cannot run there.
+pub fn probe_snapshotter(scratch: &Path) -> Result<&'static str, String> {
+    let dir = scratch.join(format!("kiln-overlay-probe-{}", std::process::id()));
+    let result = (|| -> Result<(), String> {
+        for d in ["l1", "l2", "u", "w", "m"] {
+            std::fs::create_dir_all(dir.join(d))
+                .map_err(|e| format!("failed to create `{}`: {e}", dir.join(d).display()))?;
+        }
+        let m = dir.join("m");
+        mount_overlay(
+            &m,
+            &[dir.join("l1"), dir.join("l2")],
+            Some((&dir.join("u"), &dir.join("w"))),
+            true,
+        )
+        .map_err(|e| e.to_string())?;
+        let _ = unmount(&m);
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    Ok(if crate::userns::in_user_namespace() {
+        "overlayfs (kernel, in a user namespace: userxattr)"
+    } else {
+        "overlayfs (kernel)"
+    })
 }
 
 /// Detaches the mount at `target` (lazily, so open files do not keep it busy).

@@ -48,6 +48,7 @@ pub mod spec;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod tty;
+pub mod userns;
 pub mod users;
 
 pub use sandbox::{start, ExitStatus, Running, RuntimeError};

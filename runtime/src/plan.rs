@@ -6,7 +6,7 @@
 //! a multithreaded process, and it reports the index of the failing step and its errno so the
 //! parent can name the step.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
@@ -172,6 +172,9 @@ pub enum ScratchEntry {
 /// Everything [`build`] needs, already resolved.
 #[derive(Debug, Clone)]
 pub struct PlanInput {
+    /// kiln runs in a user namespace (rootless mode): device nodes are bind-mounted from the
+    /// host's `/dev` (mknod is refused) and `/sys` of the host's network namespace is a bind.
+    pub userns: bool,
     /// Host path of the runtime's run dir: the child mounts a tmpfs over it (in its private mount
     /// namespace, so nothing is written to the host's disk) and creates `scratch` in it.
     pub run_dir: PathBuf,
@@ -332,8 +335,8 @@ pub enum Op {
         lower: Vec<CString>,
         /// Upper and work dir; none for a read-only overlay.
         upper_work: Option<(CString, CString)>,
-        /// Set overlayfs' `volatile` flag.
-        volatile: bool,
+        /// Overlayfs flags to set (`volatile`, `userxattr`).
+        flags: Vec<&'static CStr>,
     },
     /// Bring up `lo`.
     LoopbackUp,
@@ -529,7 +532,32 @@ fn escape_overlay(path: &Path, out: &mut Vec<u8>) {
 /// The overlay option string for `mount(2)`, or `None` if it exceeds one page. `volatile` (with
 /// an upper dir) adds overlayfs' option of that name: no sync reaches the upper filesystem, not
 /// even at unmount.
+/// In a user namespace ([`crate::userns::in_user_namespace`]) `userxattr` is added: overlayfs
+/// then keeps its markers (opaque directories) in `user.overlay.*` attributes, as snapshots made
+/// there carry them, since `trusted.*` ones need the initial namespace's CAP_SYS_ADMIN.
 pub fn overlay_options(lower: &[PathBuf], upper: Option<(&Path, &Path)>, volatile: bool) -> Option<Vec<u8>> {
+    overlay_options_for(lower, upper, volatile, crate::userns::in_user_namespace())
+}
+
+/// The flags [`overlay_options`] would set, for the new mount API.
+pub fn overlay_flags(upper: bool, volatile: bool) -> Vec<&'static CStr> {
+    let mut flags = Vec::new();
+    if upper && volatile {
+        flags.push(c"volatile");
+    }
+    if crate::userns::in_user_namespace() {
+        flags.push(c"userxattr");
+    }
+    flags
+}
+
+/// [`overlay_options`] with the choice of `userxattr` made by the caller.
+pub fn overlay_options_for(
+    lower: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+    volatile: bool,
+    userxattr: bool,
+) -> Option<Vec<u8>> {
     let mut out = b"lowerdir=".to_vec();
     for (i, l) in lower.iter().enumerate() {
         if i > 0 {
@@ -545,6 +573,9 @@ pub fn overlay_options(lower: &[PathBuf], upper: Option<(&Path, &Path)>, volatil
         if volatile {
             out.extend_from_slice(b",volatile");
         }
+    }
+    if userxattr {
+        out.extend_from_slice(b",userxattr");
     }
     (out.len() <= MAX_MOUNT_DATA).then_some(out)
 }
@@ -615,7 +646,7 @@ impl Builder {
                         Some((u, w)) => Some((cpath(u)?, cpath(w)?)),
                         None => None,
                     },
-                    volatile: volatile && upper.is_some(),
+                    flags: overlay_flags(upper.is_some(), volatile),
                 };
                 self.push(op, what);
                 Ok(())
@@ -805,6 +836,20 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
         format!("mounting tmpfs at `{}`", shown(&input.dev_dir)),
     )?;
     for (name, major, minor) in DEVICES {
+        if input.userns {
+            let target = dev.join(name);
+            b.push(Op::CreateFile(cpath(&target)?), format!("creating `/dev/{name}`"));
+            let host = Path::new("/dev").join(name);
+            b.mount(
+                Some(host.as_os_str().as_bytes()),
+                &target,
+                None,
+                MsFlags::MS_BIND,
+                None,
+                format!("bind-mounting `{}` at `/dev/{name}`", host.display()),
+            )?;
+            continue;
+        }
         b.push(
             Op::Mknod {
                 path: cpath(&dev.join(name))?,
@@ -913,14 +958,37 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
     } else {
         nosuid_noexec_nodev | MsFlags::MS_RDONLY
     };
-    b.mount(
-        Some(b"sysfs"),
-        &at(&input.sys_dir),
-        Some("sysfs"),
-        sys_flags,
-        None,
-        format!("mounting sysfs at `{}`", shown(&input.sys_dir)),
-    )?;
+    if input.userns && input.network == NetPlan::Host {
+        // sysfs may only be mounted by the owner of the network namespace, which the host's is
+        // not: the host's /sys, bound read-only.
+        b.mount(
+            Some(b"/sys"),
+            &at(&input.sys_dir),
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+            format!("bind-mounting `/sys` at `{}`", shown(&input.sys_dir)),
+        )?;
+        if !insecure {
+            b.mount(
+                None,
+                &at(&input.sys_dir),
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | sys_flags,
+                None,
+                format!("making `{}` read-only", shown(&input.sys_dir)),
+            )?;
+        }
+    } else {
+        b.mount(
+            Some(b"sysfs"),
+            &at(&input.sys_dir),
+            Some("sysfs"),
+            sys_flags,
+            None,
+            format!("mounting sysfs at `{}`", shown(&input.sys_dir)),
+        )?;
+    }
 
     // /etc files
     for (source, target) in &input.etc_binds {
@@ -1333,12 +1401,12 @@ fn run_op<S: Sys>(sys: &S, op: &Op) -> Result<(), Errno> {
             target,
             lower,
             upper_work,
-            volatile,
+            flags,
         } => sys.mount_overlay_fsconfig(
             target,
             lower,
             upper_work.as_ref().map(|(u, w)| (u.as_c_str(), w.as_c_str())),
-            *volatile,
+            flags,
         ),
         Op::LoopbackUp => sys.loopback_up(),
         Op::SetHostname(name) => sys.sethostname(name),
@@ -1475,6 +1543,7 @@ mod tests {
 
     fn input() -> PlanInput {
         PlanInput {
+            userns: false,
             run_dir: PathBuf::from("/s"),
             scratch: vec![
                 ScratchEntry::Dir("/s/root".into()),
@@ -1736,6 +1805,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(o, b"lowerdir=/l,upperdir=/u,workdir=/w,volatile");
+        let o = overlay_options_for(&[PathBuf::from("/l")], None, false, true).unwrap();
+        assert_eq!(o, b"lowerdir=/l,userxattr");
     }
 
     #[test]

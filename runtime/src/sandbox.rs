@@ -45,6 +45,12 @@ pub enum RuntimeError {
     /// Creating the container's cgroup or writing its limits failed.
     #[error("failed to set up the container's cgroup")]
     Cgroup(#[source] CgroupError),
+    /// Creating the container's cgroup failed in rootless mode.
+    #[error(
+        "resource limits (--memory, --cpus, --pids-limit) in rootless mode need a cgroup v2 subtree \
+         delegated to the user (systemd's Delegate=yes), which kiln does not use yet"
+    )]
+    RootlessCgroup(#[source] CgroupError),
     /// Listing the host's devices for a privileged container failed.
     #[error("failed to list host devices in `{path}`")]
     HostDevices {
@@ -793,7 +799,10 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
         .as_ref()
         .map(Cgroup::create)
         .transpose()
-        .map_err(RuntimeError::Cgroup)?;
+        .map_err(|e| match crate::userns::in_user_namespace() {
+            true => RuntimeError::RootlessCgroup(e),
+            false => RuntimeError::Cgroup(e),
+        })?;
     let cgroup_procs = cgroup.as_ref().map(Cgroup::procs_files).unwrap_or_default();
     // Kernels before 5.3 have no pidfds: the container then only misses the check for a parent
     // that died before the signal was armed.
@@ -803,6 +812,7 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
         raw
     });
     let input = PlanInput {
+        userns: crate::userns::in_user_namespace(),
         run_dir: run_dir.to_path_buf(),
         scratch,
         root,

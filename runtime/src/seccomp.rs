@@ -685,7 +685,13 @@ pub fn program(policy: &SeccompPolicy, caps: u64) -> Result<Option<Arc<Program>>
         return Ok(Some(p.clone()));
     }
     let target = Target::host();
-    let disk = disk_cache_path(std::path::Path::new(DISK_CACHE), &profile, caps, &target);
+    // In rootless mode the cache is the user's own (`/run/kiln` is not writable there).
+    let dir = if crate::userns::in_user_namespace() {
+        crate::userns::runtime_dir().map(|d| d.join("seccomp"))
+    } else {
+        Some(std::path::PathBuf::from(DISK_CACHE))
+    };
+    let disk = dir.and_then(|dir| disk_cache_path(&dir, &profile, caps, &target));
     let program = match disk.as_deref().and_then(load_program) {
         Some(p) => Arc::new(p),
         None => {

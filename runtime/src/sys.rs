@@ -96,7 +96,7 @@ pub trait Sys {
         target: &CStr,
         lower: &[CString],
         upper_work: Option<(&CStr, &CStr)>,
-        volatile: bool,
+        flags: &[&CStr],
     ) -> Result<(), Errno>;
     /// `umount2(2)`.
     fn umount2(&self, target: &CStr, flags: i32) -> Result<(), Errno>;
@@ -238,6 +238,25 @@ struct CapData {
     inheritable: u32,
 }
 
+/// `fork(2)` of a process that has exactly one thread (the caller checks it): `Ok(None)` in the
+/// child, `Ok(Some(pid))` in the parent. Used only by [`crate::userns::enter`] at start-up, before
+/// any thread exists, so the child may allocate and run anything the parent could.
+pub fn fork_single_threaded() -> Result<Option<libc::pid_t>, Errno> {
+    // SAFETY: the caller has one thread, so no lock can be held by a thread that does not exist
+    // in the child; the child continues with a consistent copy of the whole process.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Child => Ok(None),
+        nix::unistd::ForkResult::Parent { child } => Ok(Some(child.as_raw())),
+    }
+}
+
+/// `_exit(2)`: ends the process at once, without running exit handlers or flushing buffers the
+/// parent's copy will flush (a forked helper's way out).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and touches no memory of the process.
+    unsafe { libc::_exit(code) }
+}
+
 fn close_quietly(fd: libc::c_int) {
     // SAFETY: `fd` is a descriptor this module opened and owns; closing it twice is avoided by
     // every caller.
@@ -262,6 +281,31 @@ impl RealSys {
         })
         .map(|_| ())
     }
+}
+
+/// The flags of the mount at `target` a bind remount must keep (nosuid, nodev, noexec, atime
+/// behaviour), from `statvfs(2)`; none when it fails. Allocates nothing.
+fn bind_remount_flags(target: &CStr) -> MsFlags {
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `target` is NUL-terminated; `st` is a valid out pointer.
+    if unsafe { libc::statvfs(target.as_ptr(), &mut st) } != 0 {
+        return MsFlags::empty();
+    }
+    let mut out = MsFlags::empty();
+    for (st_flag, ms_flag) in [
+        (libc::ST_NOSUID, MsFlags::MS_NOSUID),
+        (libc::ST_NODEV, MsFlags::MS_NODEV),
+        (libc::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (libc::ST_NOATIME, MsFlags::MS_NOATIME),
+        (libc::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (libc::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if st.f_flag & st_flag != 0 {
+            out |= ms_flag;
+        }
+    }
+    out
 }
 
 /// `PR_SET_NAME`, then `PR_SET_MM` of the argument area.
@@ -299,6 +343,12 @@ impl Sys for RealSys {
         flags: MsFlags,
         data: Option<&CStr>,
     ) -> Result<(), Errno> {
+        let mut flags = flags;
+        if flags.contains(MsFlags::MS_REMOUNT | MsFlags::MS_BIND) {
+            // A bind remount must repeat the flags the mount has: in a user namespace those of a
+            // mount inherited from the host are locked, and leaving one out fails with EPERM.
+            flags |= bind_remount_flags(target);
+        }
         // SAFETY: all pointers are NUL-terminated strings or NULL and outlive the call.
         check(unsafe {
             libc::mount(
@@ -316,7 +366,7 @@ impl Sys for RealSys {
         target: &CStr,
         lower: &[CString],
         upper_work: Option<(&CStr, &CStr)>,
-        volatile: bool,
+        flags: &[&CStr],
     ) -> Result<(), Errno> {
         // SAFETY: fsopen reads a NUL-terminated filesystem name.
         let fs = check_long(unsafe { libc::syscall(libc::SYS_fsopen, c"overlay".as_ptr(), FSOPEN_CLOEXEC) })?
@@ -328,19 +378,19 @@ impl Sys for RealSys {
             if let Some((upper, work)) = upper_work {
                 Self::fsconfig_string(fs, c"upperdir", upper)?;
                 Self::fsconfig_string(fs, c"workdir", work)?;
-                if volatile {
-                    // SAFETY: FSCONFIG_SET_FLAG reads one NUL-terminated key; no value.
-                    check_long(unsafe {
-                        libc::syscall(
-                            libc::SYS_fsconfig,
-                            fs,
-                            FSCONFIG_SET_FLAG,
-                            c"volatile".as_ptr(),
-                            std::ptr::null::<c_char>(),
-                            0 as libc::c_int,
-                        )
-                    })?;
-                }
+            }
+            for flag in flags {
+                // SAFETY: FSCONFIG_SET_FLAG reads one NUL-terminated key; no value.
+                check_long(unsafe {
+                    libc::syscall(
+                        libc::SYS_fsconfig,
+                        fs,
+                        FSCONFIG_SET_FLAG,
+                        flag.as_ptr(),
+                        std::ptr::null::<c_char>(),
+                        0 as libc::c_int,
+                    )
+                })?;
             }
             // SAFETY: FSCONFIG_CMD_CREATE takes no key or value pointers.
             check_long(unsafe {
@@ -848,7 +898,7 @@ impl Sys for RecordingSys {
         target: &CStr,
         lower: &[CString],
         upper_work: Option<(&CStr, &CStr)>,
-        volatile: bool,
+        flags: &[&CStr],
     ) -> Result<(), Errno> {
         let (upper, work) =
             upper_work.map_or(("-".to_string(), "-".to_string()), |(u, w)| (show(u), show(w)));
@@ -856,7 +906,7 @@ impl Sys for RecordingSys {
             "fsmount overlay {} lower={} upper={upper} work={work}{}",
             show(target),
             lower.len(),
-            if volatile { " volatile" } else { "" }
+            flags.iter().map(|f| format!(" {}", show(f))).collect::<String>()
         ))
     }
 

@@ -636,9 +636,9 @@ impl<R: Read> Applier<'_, R> {
         let (key, parent) = self.parent(parents, label)?;
         let result = match self.opts.whiteouts {
             WhiteoutMode::Overlay => {
-                rfs::fsetxattr(&parent, "trusted.overlay.opaque", b"y", XattrFlags::empty()).map_err(
-                    |err| fail!(SetXattr, ctx, name: "trusted.overlay.opaque".into(), source: err.into()),
-                )
+                let name = super::opaque_xattr();
+                rfs::fsetxattr(&parent, name, b"y", XattrFlags::empty())
+                    .map_err(|err| fail!(SetXattr, ctx, name: name.into(), source: err.into()))
             }
             WhiteoutMode::Delete => self.clear_unwritten(parent.as_fd(), &key, label),
         };

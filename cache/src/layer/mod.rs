@@ -54,11 +54,29 @@ fn overlay_xattr_key(name: &[u8]) -> Option<&[u8]> {
         .or_else(|| name.strip_prefix(b"user.overlay."))
 }
 
+/// The attribute that marks an opaque directory in a snapshot: `trusted.overlay.opaque`, or in a
+/// user namespace (rootless mode, where `trusted.*` attributes need the initial namespace's
+/// CAP_SYS_ADMIN and the runtime mounts overlays with `userxattr`) `user.overlay.opaque`.
+pub fn opaque_xattr() -> &'static str {
+    static NAME: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        let initial = std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| {
+            let lines: Vec<Vec<&str>> = m.lines().map(|l| l.split_whitespace().collect()).collect();
+            lines.len() == 1 && lines[0] == ["0", "0", "4294967295"]
+        });
+        if initial {
+            "trusted.overlay.opaque"
+        } else {
+            "user.overlay.opaque"
+        }
+    })
+}
+
 /// How whiteouts in a layer tar are applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WhiteoutMode {
     /// The destination is a fresh snapshot that will be an overlayfs lower dir: `.wh.NAME` becomes a
-    /// 0/0 character device `NAME` and `.wh..wh..opq` sets `trusted.overlay.opaque=y` on its dir.
+    /// 0/0 character device `NAME` and `.wh..wh..opq` sets [`opaque_xattr`]`=y` on its dir.
     Overlay,
     /// The destination is a full tree holding the layers below: `.wh.NAME` removes `NAME` and
     /// `.wh..wh..opq` removes the directory's children that this layer did not write.

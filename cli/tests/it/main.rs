@@ -18,6 +18,7 @@ mod progress;
 mod publish;
 mod registry;
 mod remote;
+mod rootless;
 mod run_flags;
 mod run_options;
 mod security;

@@ -26,6 +26,7 @@ pub mod netlink;
 pub mod netns;
 pub mod ports;
 pub mod proxy;
+pub mod usermode;
 
 use std::fmt;
 use std::fs;
@@ -82,6 +83,8 @@ pub enum NetError {
         #[source]
         source: NetlinkError,
     },
+    #[error(transparent)]
+    UserMode(#[from] usermode::UserNetError),
     #[error("failed to delete veth `{name}`: {source}")]
     DeleteVeth {
         name: String,
@@ -313,6 +316,9 @@ pub fn setup(id: &str, request: &NetRequest) -> Result<Endpoint, NetError> {
 pub struct HeldEndpoint {
     /// The endpoint; its `netns` is `/proc/<pid>/fd/<fd>` of this process.
     pub endpoint: Endpoint,
+    /// In a user namespace: the user-mode network helper that connects it (no bridge, no
+    /// address of the bridge's subnet).
+    usermode: Option<usermode::UserNet>,
     _ns: std::os::fd::OwnedFd,
 }
 
@@ -321,12 +327,22 @@ impl HeldEndpoint {
     pub fn network(&self) -> Network {
         self.endpoint.network()
     }
+
+    /// The user-mode network tool connecting it, in rootless mode.
+    pub fn usermode_tool(&self) -> Option<usermode::Tool> {
+        self.usermode.as_ref().map(|u| u.tool())
+    }
 }
 
-/// [`setup`] with the namespace held by a descriptor ([`HeldEndpoint`]).
+/// [`setup`] with the namespace held by a descriptor ([`HeldEndpoint`]). In a user namespace
+/// (rootless mode) the namespace is connected by a user-mode network helper ([`usermode`])
+/// instead of the bridge.
 pub fn setup_held(id: &str, request: &NetRequest) -> Result<HeldEndpoint, NetError> {
     if !valid_id(id) {
         return Err(NetError::InvalidId(id.to_string()));
+    }
+    if crate::userns::in_user_namespace() {
+        return setup_usermode(id);
     }
     let config = &request.config;
     let (ns, inner) = netns::create_held(netlink::Netlink::open)?;
@@ -355,17 +371,58 @@ pub fn setup_held(id: &str, request: &NetRequest) -> Result<HeldEndpoint, NetErr
     };
     let endpoint = endpoint_for(id, netns_path, ip, config);
     match connect(&endpoint, bridge_index, Some(inner)) {
-        Ok(()) => Ok(HeldEndpoint { endpoint, _ns: ns }),
+        Ok(()) => Ok(HeldEndpoint {
+            endpoint,
+            usermode: None,
+            _ns: ns,
+        }),
         Err(e) => {
-            let _ = teardown_held(HeldEndpoint { endpoint, _ns: ns });
+            let _ = teardown_held(HeldEndpoint {
+                endpoint,
+                usermode: None,
+                _ns: ns,
+            });
             Err(e)
         }
     }
 }
 
+/// The address slirp4netns gives the namespace, and its gateway.
+const USERMODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 100);
+const USERMODE_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+
+fn setup_usermode(id: &str) -> Result<HeldEndpoint, NetError> {
+    let (tool, exe) = usermode::find()?;
+    let (ns, ()) = netns::create_held(|| ())?;
+    let netns_path = PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        std::os::fd::AsRawFd::as_raw_fd(&ns)
+    ));
+    let helper = usermode::connect(&netns_path, tool, &exe)?;
+    tracing::debug!("RUN network `{id}`: {}", tool.name());
+    Ok(HeldEndpoint {
+        endpoint: Endpoint {
+            id: id.to_string(),
+            netns: netns_path,
+            ip: USERMODE_IP,
+            prefix_len: 24,
+            gateway: USERMODE_GATEWAY,
+            mac: String::new(),
+            host_veth: String::new(),
+            config: NetConfig::default(),
+        },
+        usermode: Some(helper),
+        _ns: ns,
+    })
+}
+
 /// Releases a [`HeldEndpoint`]'s address and closes its namespace (the kernel removes the veth
 /// pair once no process is left in it).
 pub fn teardown_held(held: HeldEndpoint) -> Result<(), NetError> {
+    if held.usermode.is_some() {
+        return Ok(()); // dropping it stops the helper; no address was allocated
+    }
     let config = &held.endpoint.config;
     let lock = ipam::lock(&config.state_dir, &config.bridge)?;
     ipam::release(

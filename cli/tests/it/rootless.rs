@@ -1,0 +1,781 @@
+//! Rootless mode: kiln run by an unprivileged user (created here with `useradd` and subordinate
+//! id ranges, kiln started through `setpriv`), checked against the same builds as root: the
+//! image IDs must be equal.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use crate::harness::{busybox_tar, frame, require_root, shared_dir, workspace, Env};
+
+/// The test user's name.
+const USER: &str = "kiln-rootless";
+/// A fixed SOURCE_DATE_EPOCH, so that builds at different times give the same image IDs.
+const EPOCH: &str = "SOURCE_DATE_EPOCH=1700000000";
+
+#[derive(Clone, Debug)]
+struct TestUser {
+    uid: u32,
+    gid: u32,
+    home: PathBuf,
+}
+
+/// Held while users and their subordinate ids are changed (shadow's tools fail when another holds
+/// the lock of /etc/passwd).
+static USERADD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn");
+    assert!(out.status.success(), "{cmd:?} failed\n{}", frame(&out));
+    out
+}
+
+/// The end of the highest range in a subuid-format file (the next free id), at least 100000.
+fn next_free_subid(path: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            Some(f.get(1)?.parse::<u64>().ok()? + f.get(2)?.parse::<u64>().ok()?)
+        })
+        .max()
+        .unwrap_or(0)
+        .max(100_000)
+}
+
+/// The unprivileged test user, created once (with 65536 subordinate uids and gids).
+fn test_user() -> TestUser {
+    static USER_INFO: OnceLock<TestUser> = OnceLock::new();
+    USER_INFO
+        .get_or_init(|| {
+            require_root();
+            let _guard = USERADD.lock().unwrap_or_else(|e| e.into_inner());
+            let exists = Command::new("id")
+                .arg(USER)
+                .output()
+                .expect("id")
+                .status
+                .success();
+            if !exists {
+                run(Command::new("useradd").args(["--create-home", "--shell", "/bin/sh", USER]));
+            }
+            for (file, flag) in [("/etc/subuid", "--add-subuids"), ("/etc/subgid", "--add-subgids")] {
+                let listed = std::fs::read_to_string(file)
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{USER}:")));
+                if !listed {
+                    let start = next_free_subid(file);
+                    run(Command::new("usermod").args([flag, &format!("{start}-{}", start + 65535), USER]));
+                }
+            }
+            let id = |flag: &str| -> u32 {
+                let out = run(Command::new("id").args([flag, USER]));
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .expect("numeric id")
+            };
+            // slirp4netns opens /dev/net/tun, which Debian's udev makes 0666; a machine without
+            // udev may leave it 0600.
+            let tun = Path::new("/dev/net/tun");
+            if let Ok(meta) = std::fs::metadata(tun) {
+                use std::os::unix::fs::PermissionsExt;
+                if meta.permissions().mode() & 0o006 != 0o006 {
+                    let _ = std::fs::set_permissions(tun, std::fs::Permissions::from_mode(0o666));
+                }
+            }
+            TestUser {
+                uid: id("-u"),
+                gid: id("-g"),
+                home: PathBuf::from(format!("/home/{USER}")),
+            }
+        })
+        .clone()
+}
+
+/// A temp dir owned by the test user with a store for it (`root`) and, beside it, a store of
+/// root's own (`rootful`) for the same builds.
+struct RlEnv {
+    env: Env,
+    user: TestUser,
+}
+
+impl RlEnv {
+    fn new() -> RlEnv {
+        let user = test_user();
+        let env = Env::new();
+        std::os::unix::fs::chown(env.dir.path(), Some(user.uid), Some(user.gid)).expect("chown temp dir");
+        RlEnv { env, user }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.env.path(rel)
+    }
+
+    /// `setpriv` as the test user, with a clean environment.
+    fn as_user(&self, program: &Path) -> Command {
+        let mut c = Command::new("/usr/bin/setpriv");
+        c.arg(format!("--reuid={}", self.user.uid))
+            .arg(format!("--regid={}", self.user.gid))
+            .arg("--init-groups")
+            .arg("--")
+            .arg(program)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .env("HOME", &self.user.home)
+            .env("USER", USER);
+        c
+    }
+
+    /// `kiln --root DIR/root ARGS` as the test user (rootless).
+    fn kiln(&self, args: &[&str]) -> Command {
+        let mut c = self.as_user(Path::new(env!("CARGO_BIN_EXE_kiln")));
+        c.arg("--root").arg(self.path("root")).args(args);
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> Output {
+        let out = self.kiln(args).output().expect("spawn kiln");
+        assert!(
+            out.status.success(),
+            "rootless kiln {args:?} failed\n{}",
+            frame(&out)
+        );
+        out
+    }
+
+    /// `kiln --root DIR/rootful ARGS` as root.
+    fn rootful(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.arg("--root").arg(self.path("rootful")).args(args);
+        c
+    }
+
+    fn rootful_ok(&self, args: &[&str]) -> Output {
+        let out = self.rootful(args).output().expect("spawn kiln");
+        assert!(
+            out.status.success(),
+            "rootful kiln {args:?} failed\n{}",
+            frame(&out)
+        );
+        out
+    }
+
+    /// Imports the busybox base into both stores.
+    fn with_busybox(&self) {
+        let tar = busybox_tar();
+        let tar = tar.to_str().expect("utf-8");
+        self.ok(&["import", tar, "busybox:local"]);
+        self.rootful_ok(&["import", tar, "busybox:local"]);
+    }
+
+    /// Writes a context directory (as the test user, so that it can read it).
+    fn context(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.path(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        for (rel, data) in files {
+            let p = dir.join(rel);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&p, data).expect("write");
+        }
+        run(Command::new("chown")
+            .arg("-R")
+            .arg(format!("{}:{}", self.user.uid, self.user.gid))
+            .arg(&dir));
+        dir
+    }
+
+    fn image_id(out: &Output) -> String {
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Builds `ctx` rootless and rootful with `args`; returns both image IDs.
+    fn build_both(&self, ctx: &Path, args: &[&str]) -> (String, String) {
+        let ctx = ctx.to_str().expect("utf-8");
+        let mut full = vec!["build", "-q", "--build-arg", EPOCH];
+        full.extend_from_slice(args);
+        full.push(ctx);
+        let rootless = Self::image_id(&self.ok(&full));
+        let rootful = Self::image_id(&self.rootful_ok(&full));
+        (rootless, rootful)
+    }
+}
+
+#[test]
+fn rootless_build_has_the_image_id_of_the_rootful_build() {
+    let rl = RlEnv::new();
+    rl.with_busybox();
+    let ctx = rl.context(
+        "ctx",
+        &[
+            (
+                "Dockerfile",
+                "FROM busybox:local\n\
+                 RUN --network=none mkdir -p /a/b /c && echo x > /a/b/f && echo y > /c/g \
+                   && chown -R 1000:1000 /a && chown 65534:42 /c/g && chmod 4755 /c/g \
+                   && echo bob:x:2000:2000::/home/bob:/bin/sh >> /etc/passwd && echo bob:x:2000: >> /etc/group\n\
+                 RUN --network=none rm -rf /a/b && mkdir /a/b && echo z > /a/b/h && rm /c/g && rm -rf /home/app \
+                   && ln -s /a /link && mknod /p p\n\
+                 COPY --chown=42:43 f.txt /x\n\
+                 USER app\n\
+                 RUN --network=none id -u > /tmp/me && touch /tmp/u\n\
+                 USER bob:bob\n\
+                 WORKDIR /home/bob/w\n\
+                 RUN --network=none touch f && ls -ln . > /tmp/bob\n",
+            ),
+            ("f.txt", "file\n"),
+        ],
+    );
+    let (rootless, rootful) = rl.build_both(&ctx, &["-t", "same"]);
+    assert!(rootless.starts_with("sha256:"), "{rootless}");
+    assert_eq!(rootless, rootful, "rootless and rootful builds differ");
+    // What the steps saw: the container's ids, never the mapped host ids.
+    let out = rl.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "same",
+        "sh",
+        "-c",
+        "cat /tmp/me /tmp/bob; stat -c '%u:%g %n' /a /a/b /x /tmp/u /home/bob/w/f",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("1000\n"), "{text}");
+    assert!(text.contains(" 2000 "), "{text}");
+    for want in [
+        "1000:1000 /a\n",
+        "0:0 /a/b\n",
+        "42:43 /x\n",
+        "1000:1000 /tmp/u\n",
+        "2000:2000 /home/bob/w/f\n",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+}
+
+#[test]
+fn rootless_cache_mounts_and_secrets() {
+    let rl = RlEnv::new();
+    rl.with_busybox();
+    let secret = rl.path("secret.txt");
+    std::fs::write(&secret, "s3cret\n").expect("write");
+    std::os::unix::fs::chown(&secret, Some(rl.user.uid), Some(rl.user.gid)).expect("chown");
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    let ctx = rl.context(
+        "ctx",
+        &[(
+            "Dockerfile",
+            "FROM busybox:local\n\
+             ARG N\n\
+             RUN --network=none --mount=type=cache,target=/cache,uid=1000 \
+               echo \"$N\" >> /cache/runs && cp /cache/runs /runs && stat -c %u /cache > /cache-owner\n\
+             RUN --network=none --mount=type=secret,id=tok,uid=1000,mode=0400 \
+               stat -c '%u %a' /run/secrets/tok > /secret-meta && sha256sum /run/secrets/tok | cut -c1-16 > /secret-sum\n",
+        )],
+    );
+    let secret_arg = format!("id=tok,src={}", secret.display());
+    let ctx_s = ctx.to_str().expect("utf-8");
+    rl.ok(&[
+        "build",
+        "-q",
+        "--secret",
+        &secret_arg,
+        "--build-arg",
+        "N=1",
+        "-t",
+        "c1",
+        ctx_s,
+    ]);
+    rl.ok(&[
+        "build",
+        "-q",
+        "--secret",
+        &secret_arg,
+        "--build-arg",
+        "N=2",
+        "-t",
+        "c2",
+        ctx_s,
+    ]);
+    let out = rl.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "c2",
+        "cat",
+        "/runs",
+        "/cache-owner",
+        "/secret-meta",
+        "/secret-sum",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The cache mount kept the first build's line; it and the secret carry the asked-for owner.
+    assert!(text.starts_with("1\n2\n1000\n1000 400\n"), "{text}");
+    let sum = std::process::Command::new("sha256sum")
+        .arg(&secret)
+        .output()
+        .expect("sha256sum");
+    let sum = String::from_utf8_lossy(&sum.stdout);
+    assert!(text.ends_with(&format!("{}\n", &sum[..16])), "{text}");
+    // The secret is in no layer.
+    let saved = rl.path("c2.tar");
+    rl.ok(&["save", "-o", saved.to_str().expect("utf-8"), "c2"]);
+    let bytes = std::fs::read(&saved).expect("read");
+    assert!(
+        !bytes.windows(6).any(|w| w == b"s3cret"),
+        "the secret leaked into the image"
+    );
+}
+
+/// A host address other than loopback, which the user-mode network reaches through its NAT.
+fn host_address() -> String {
+    let out = run(Command::new("ip").args(["-4", "-o", "addr", "show", "scope", "global"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let i = f.iter().position(|w| *w == "inet")?;
+            Some(f.get(i + 1)?.split('/').next()?.to_owned())
+        })
+        .expect("a global IPv4 address")
+}
+
+#[test]
+fn rootless_run_step_network_goes_through_the_usermode_helper() {
+    let rl = RlEnv::new();
+    rl.with_busybox();
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        use std::io::Write;
+        // One connection: the step's, through slirp4netns from the host's address.
+        let (mut s, _) = listener.accept().expect("accept");
+        let _ = s.write_all(b"hello from the host\n");
+    });
+    let host = host_address();
+    let ctx = rl.context(
+        "ctx",
+        &[(
+            "Dockerfile",
+            &format!(
+                "FROM busybox:local\n\
+                 RUN ip -4 -o addr show eth0 | awk '{{print $4}}' > /addr && ip route | grep default > /route \
+                   && nc -w 5 {host} {port} > /got \
+                   && if nc -w 2 10.0.2.2 {port} </dev/null; then echo reached > /loopback; else echo refused > /loopback; fi\n"
+            ),
+        )],
+    );
+    let out = rl.ok(&["build", "-q", "-t", "net", ctx.to_str().expect("utf-8")]);
+    assert!(!out.stdout.is_empty());
+    server.join().expect("server");
+    let out = rl.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "net",
+        "cat",
+        "/addr",
+        "/route",
+        "/got",
+        "/loopback",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("10.0.2.100/24\ndefault via 10.0.2.2 dev eth0"),
+        "{text}"
+    );
+    // The host's loopback services stay out of reach (--disable-host-loopback).
+    assert!(text.ends_with("hello from the host\nrefused\n"), "{text}");
+}
+
+#[test]
+fn rootless_network_without_slirp4netns_is_a_clear_error() {
+    let rl = RlEnv::new();
+    rl.with_busybox();
+    // A PATH with the id-mapping tools but neither network tool.
+    let bin = rl.path("bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    for tool in ["newuidmap", "newgidmap"] {
+        std::os::unix::fs::symlink(Path::new("/usr/bin").join(tool), bin.join(tool)).expect("symlink");
+    }
+    let ctx = rl.context(
+        "ctx",
+        &[(
+            "Dockerfile",
+            "FROM busybox:local\nRUN true\nRUN --network=none true\n",
+        )],
+    );
+    let out = rl
+        .kiln(&["build", "-q", ctx.to_str().expect("utf-8")])
+        .env("PATH", &bin)
+        .output()
+        .expect("spawn");
+    assert!(!out.status.success(), "{}", frame(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rootless mode needs `slirp4netns`") && err.contains("--network none"),
+        "{err}"
+    );
+    // Without a network nothing is needed.
+    let ctx = rl.context(
+        "ctx2",
+        &[("Dockerfile", "FROM busybox:local\nRUN --network=none true\n")],
+    );
+    let out = rl
+        .kiln(&["build", "-q", ctx.to_str().expect("utf-8")])
+        .env("PATH", &bin)
+        .output()
+        .expect("spawn");
+    assert!(out.status.success(), "{}", frame(&out));
+}
+
+#[test]
+fn rootless_store_files_carry_mapped_ids_on_the_host() {
+    let rl = RlEnv::new();
+    rl.with_busybox();
+    let ctx = rl.context(
+        "ctx",
+        &[(
+            "Dockerfile",
+            "FROM busybox:local\nRUN --network=none touch /mine && chown 1000:1000 /mine\n",
+        )],
+    );
+    rl.ok(&["build", "-q", "-t", "m", ctx.to_str().expect("utf-8")]);
+    // On the host the store belongs to the user and the container's uid 1000 is a subordinate id.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(rl.path("root")).expect("store");
+    assert_eq!(meta.uid(), rl.user.uid);
+    let sub = std::fs::read_to_string("/etc/subuid").expect("subuid");
+    let start: u32 = sub
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{USER}:")))
+        .and_then(|r| r.split(':').next()?.parse().ok())
+        .expect("range");
+    let found = walkdir(&rl.path("root/snapshots"))
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n == "mine"))
+        .expect("the file in a snapshot");
+    assert_eq!(
+        std::fs::symlink_metadata(&found).expect("stat").uid(),
+        start + 999
+    );
+}
+
+fn walkdir(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// What a difftest case's `case.json` asks for (difftest.py's fields).
+#[derive(Default)]
+struct Case {
+    build_args: Vec<(String, String)>,
+    target: Option<String>,
+    dockerfile: Option<String>,
+    expect: Option<String>,
+    run: Vec<Vec<String>>,
+}
+
+impl Case {
+    fn read(dir: &Path) -> Case {
+        let Ok(bytes) = std::fs::read(dir.join("case.json")) else {
+            return Case::default();
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("case.json");
+        let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+        Case {
+            build_args: v
+                .get("build_args")
+                .and_then(|m| m.as_object())
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, x)| (k.clone(), x.as_str().unwrap_or_default().to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            target: text("target"),
+            dockerfile: text("dockerfile"),
+            expect: text("expect"),
+            run: v
+                .get("run")
+                .and_then(|r| r.as_array())
+                .map(|runs| {
+                    runs.iter()
+                        .map(|argv| {
+                            argv.as_array()
+                                .map(|a| {
+                                    a.iter()
+                                        .map(|x| x.as_str().unwrap_or_default().to_owned())
+                                        .collect()
+                                })
+                                .unwrap_or_default()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Every difftest case (the shared ones and kiln's own), built rootless and rootful: the same
+/// image IDs, the same failures, the same output of the cases' `run` commands.
+#[test]
+fn rootless_difftest_cases_have_the_rootful_image_ids() {
+    let rl = RlEnv::new();
+    rl.with_busybox();
+    let mut dirs = Vec::new();
+    for base in [
+        shared_dir().join("difftest/cases"),
+        workspace().join("testdata/difftest/cases"),
+    ] {
+        let Ok(rd) = std::fs::read_dir(&base) else {
+            continue;
+        };
+        let mut names: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        names.sort();
+        dirs.extend(
+            names
+                .into_iter()
+                .filter(|p| p.join("Dockerfile").is_file() || p.join("case.json").is_file()),
+        );
+    }
+    assert!(
+        dirs.len() > 20,
+        "difftest cases not found under {}",
+        shared_dir().display()
+    );
+    let mut problems = Vec::new();
+    for (i, case_dir) in dirs.iter().enumerate() {
+        let name = case_dir.file_name().expect("name").to_string_lossy().into_owned();
+        let case = Case::read(case_dir);
+        // The context as difftest.py makes it: copied by the test user (so that it can read it),
+        // then the case's prepare.sh as root (some make device nodes).
+        let ctx = rl.path(&format!("case-{i}"));
+        let script = format!(
+            "set -e; cp -a '{src}' '{ctx}'; chmod -R u+w '{ctx}'; \
+             rm -f '{ctx}/expected.json' '{ctx}/case.json' '{ctx}/prepare.sh'",
+            src = case_dir.display(),
+            ctx = ctx.display()
+        );
+        run(rl.as_user(Path::new("/bin/sh")).arg("-c").arg(&script));
+        if case_dir.join("prepare.sh").is_file() {
+            run(Command::new("sh")
+                .arg("-e")
+                .arg(case_dir.join("prepare.sh"))
+                .current_dir(&ctx));
+        }
+        let dockerfile = ctx.join(case.dockerfile.as_deref().unwrap_or("Dockerfile"));
+        let tag = format!("case-{i}");
+        let mut args: Vec<String> = vec![
+            "build".into(),
+            "-q".into(),
+            "--build-arg".into(),
+            EPOCH.into(),
+            "-t".into(),
+            tag.clone(),
+        ];
+        for (k, v) in &case.build_args {
+            args.extend(["--build-arg".into(), format!("{k}={v}")]);
+        }
+        if let Some(t) = &case.target {
+            args.extend(["--target".into(), t.clone()]);
+        }
+        args.extend([
+            "-f".into(),
+            dockerfile.display().to_string(),
+            ctx.display().to_string(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let rootless = rl.kiln(&args).output().expect("spawn");
+        let rootful = rl.rootful(&args).output().expect("spawn");
+        if case.expect.as_deref() == Some("fail") {
+            if rootless.status.success() || rootful.status.success() {
+                problems.push(format!(
+                    "{name}: should fail both ways\n{}\n{}",
+                    frame(&rootless),
+                    frame(&rootful)
+                ));
+            }
+            continue;
+        }
+        if !rootless.status.success() || !rootful.status.success() {
+            problems.push(format!(
+                "{name}: build failed\n{}\n{}",
+                frame(&rootless),
+                frame(&rootful)
+            ));
+            continue;
+        }
+        let (a, b) = (RlEnv::image_id(&rootless), RlEnv::image_id(&rootful));
+        if a != b {
+            problems.push(format!("{name}: rootless {a} != rootful {b}"));
+        }
+        for argv in &case.run {
+            let mut run_args = vec!["run", "--rm", "--network", "none", tag.as_str()];
+            run_args.extend(argv.iter().map(String::as_str));
+            let x = rl.kiln(&run_args).output().expect("spawn");
+            let y = rl.rootful(&run_args).output().expect("spawn");
+            if x.status.code() != y.status.code() || x.stdout != y.stdout {
+                problems.push(format!(
+                    "{name}: run {argv:?} differs\n{}\n{}",
+                    frame(&x),
+                    frame(&y)
+                ));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} of {} cases differ:\n{}",
+        problems.len(),
+        dirs.len(),
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn rootless_without_subordinate_ids_is_a_clear_error() {
+    require_root();
+    let name = "kiln-rootless-nosub";
+    let guard = USERADD.lock().unwrap_or_else(|e| e.into_inner());
+    let exists = Command::new("id")
+        .arg(name)
+        .output()
+        .expect("id")
+        .status
+        .success();
+    if !exists {
+        run(Command::new("useradd").args(["--no-create-home", "--shell", "/bin/sh", name]));
+    }
+    // useradd may have given it ranges: take them away.
+    for (file, flag) in [("/etc/subuid", "--del-subuids"), ("/etc/subgid", "--del-subgids")] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for l in text.lines().filter(|l| l.starts_with(&format!("{name}:"))) {
+            let f: Vec<&str> = l.split(':').collect();
+            let start: u64 = f[1].parse().expect("start");
+            let count: u64 = f[2].parse().expect("count");
+            run(Command::new("usermod").args([flag, &format!("{start}-{}", start + count - 1), name]));
+        }
+    }
+    drop(guard);
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={name}"),
+            &format!("--regid={name}"),
+            "--init-groups",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .args(["--root", "/nonexistent/kiln-root", "images"])
+        .output()
+        .expect("spawn");
+    assert!(!out.status.success(), "{}", frame(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "rootless mode needs subordinate ids: `/etc/subuid` has no range for user `kiln-rootless-nosub`"
+        ) && err.contains("usermod --add-subuids"),
+        "{err}"
+    );
+}
+
+#[test]
+fn rootless_info_and_run_report_the_usermode_parts() {
+    let rl = RlEnv::new();
+    rl.with_busybox();
+    let info = String::from_utf8_lossy(&rl.ok(&["info"]).stdout).into_owned();
+    for want in [
+        "Snapshotter: overlayfs (kernel, in a user namespace: userxattr)\n",
+        &format!("Rootless: yes (uid 0 is host uid {})\n", rl.user.uid),
+        "RUN Network: slirp4netns (",
+    ] {
+        assert!(info.contains(want), "missing {want:?} in\n{info}");
+    }
+    let out = rl.rootful_ok(&["info"]);
+    let rootful = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        rootful.contains("Snapshotter: overlayfs (kernel)\nRootless: no\n"),
+        "{rootful}"
+    );
+    // --debug says the same at the start of every command.
+    let out = rl.ok(&["--debug", "images"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("snapshots: kernel overlayfs with userxattr; RUN network: slirp4netns"),
+        "{err}"
+    );
+    // A container's default network is the user-mode one too; publishing ports is refused.
+    let out = rl.ok(&[
+        "run",
+        "--rm",
+        "busybox:local",
+        "sh",
+        "-c",
+        "ip -4 -o addr show eth0 | awk '{print $4}'",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "10.0.2.100/24\n");
+    let out = rl
+        .kiln(&["run", "--rm", "-p", "8080:80", "busybox:local", "true"])
+        .output()
+        .expect("spawn");
+    assert!(!out.status.success(), "{}", frame(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("publishing ports (-p/-P)") && err.contains("not implemented in rootless mode"),
+        "{err}"
+    );
+}
+
+#[test]
+fn rootless_detached_container_is_managed_by_later_commands() {
+    let rl = RlEnv::new();
+    rl.with_busybox();
+    // Each command joins the user namespace of the store's live supervisors, so the root of
+    // `stop`, `exec` and `kill` is the one that owns the container.
+    rl.ok(&["run", "-d", "--name", "bg", "busybox:local", "sleep", "300"]);
+    rl.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "user",
+        "--user",
+        "1000:1000",
+        "--network",
+        "none",
+        "busybox:local",
+        "sleep",
+        "300",
+    ]);
+    let out = rl.ok(&[
+        "exec",
+        "bg",
+        "sh",
+        "-c",
+        "id -u; ip -4 -o addr show eth0 | awk '{print $4}'",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n10.0.2.100/24\n");
+    let out = rl.ok(&["exec", "user", "id", "-u"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1000\n");
+    rl.ok(&["kill", "user"]);
+    rl.ok(&["stop", "-t", "1", "bg"]);
+    let out = rl.ok(&["ps", "-a", "--format", "{{.Names}} {{.Status}}"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().all(|l| l.contains(" Exited (137)")), "{text}");
+    rl.ok(&["rm", "bg", "user"]);
+}
