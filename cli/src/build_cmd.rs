@@ -35,7 +35,7 @@ pub struct BuildArgs {
     /// Set metadata for an image (KEY=VALUE)
     #[arg(long = "label")]
     pub labels: Vec<String>,
-    /// Set target platform for build (os/arch[/variant]; only the host's platform is supported)
+    /// Set target platforms for build: os/arch[/variant], comma-separated (one image per platform; foreign ones run RUN under QEMU emulation)
     #[arg(long)]
     pub platform: Option<String>,
     /// Set type of progress output (auto, tty, plain, quiet, rawjson)
@@ -410,13 +410,10 @@ fn parse_build_contexts(specs: &[String]) -> anyhow::Result<BTreeMap<String, Str
 
 /// The flags as a build request.
 fn request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
-    let mut platforms = Vec::new();
-    for p in args.platform.iter().flat_map(|p| p.split(',')) {
-        platforms.push(
-            kiln_dag::Platform::parse(p.trim())
-                .with_context(|| format!("invalid --platform `{p}`: expected os/arch[/variant]"))?,
-        );
-    }
+    let platforms = match &args.platform {
+        Some(p) => kiln_dag::Platform::parse_list(p).context("invalid --platform")?,
+        None => Vec::new(),
+    };
     let mut entitlements = kiln_build::Entitlements::default();
     for a in args.allow.iter().flat_map(|a| a.split(',')) {
         match a.trim() {
