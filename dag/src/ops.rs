@@ -167,6 +167,11 @@ pub struct ExecOp {
     /// `buildkitsandbox`. Left out of the encoding when unset, so existing digests stay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// The platform the process is built for when it is not the build platform's (a stage of
+    /// another target platform): its programs run under emulation, and its result differs from
+    /// the same command's on the build platform. Left out of the encoding when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
 }
 
 /// A filesystem attached to a RUN step.

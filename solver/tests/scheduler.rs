@@ -187,6 +187,7 @@ fn add_meta(g: &mut Graph, name: &str, inputs: &[Digest], ignore_cache: bool) ->
             security: SecurityMode::Sandbox,
             mounts: vec![],
             hostname: None,
+            platform: None,
         }),
         inputs: inputs.to_vec(),
         meta: Meta {

@@ -2170,6 +2170,11 @@ impl<'a> Lowerer<'a> {
                 .get(HOSTNAME_ARG)
                 .filter(|h| !h.is_empty())
                 .cloned(),
+            platform: {
+                let c = &st.config;
+                let p = Platform::new(&c.os, &c.architecture, c.variant.as_deref());
+                (!c.architecture.is_empty() && p != self.opts.build_platform).then_some(p)
+            },
         });
         let mut name = Self::display_text(loc);
         name.push_str(&name_suffix);
