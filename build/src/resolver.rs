@@ -21,8 +21,17 @@ impl ImageResolver for StoreResolver<'_> {
         let reference_norm = Reference::parse(reference)
             .map(|r| r.to_string())
             .unwrap_or_else(|_| reference.to_string());
-        let image = match self.store.images().resolve(reference) {
+        // An index's image for `platform`; a single-platform image of another platform is the
+        // frontend's warning (InvalidBaseImagePlatform), as in BuildKit.
+        let image = match self.store.images().resolve_for(reference, platform) {
             Ok(image) if !self.pull => image,
+            // A local index without the platform (one built here has no registry to ask).
+            Err(e @ ImageError::NoPlatform { .. }) if !self.pull => {
+                return Err(ResolverError::Read {
+                    reference: reference_norm,
+                    source: Box::new(e),
+                })
+            }
             local => pull_for_build(self.store, self.client, reference, platform, local)?,
         };
         Ok(ResolvedImage {

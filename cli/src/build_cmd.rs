@@ -606,7 +606,11 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
         }
         Err(e) => return Err(e.into()),
     };
-    let id = built.image().id().to_string();
+    // Several platforms: the index's digest is the ID, as buildx writes it.
+    let id = match &built.index {
+        Some(ix) => ix.digest.to_string(),
+        None => built.image().id().to_string(),
+    };
     if let Some(p) = &args.iidfile {
         std::fs::write(p, &id).with_context(|| format!("failed to write `{}`", p.display()))?;
     }
