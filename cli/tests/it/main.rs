@@ -12,6 +12,7 @@ mod docker_compat;
 mod gc;
 mod harness;
 mod hostile;
+mod multiplatform;
 mod orphans;
 mod publish;
 mod registry;
