@@ -6,7 +6,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use kiln_cache::buildcache::Layer;
-use kiln_cache::images::Image;
 use kiln_cache::reference::Reference;
 use kiln_cache::Store;
 
@@ -19,6 +18,8 @@ pub enum ExportError {
     NotAFilesystem,
     #[error(transparent)]
     Image(Box<kiln_solver::engine::ExportError>),
+    #[error("failed to write the image index of the build's platforms")]
+    Index(#[source] Box<kiln_cache::images::ImageError>),
     #[error("failed to name the image `{reference}`")]
     Tag {
         reference: Box<Reference>,
@@ -60,27 +61,32 @@ pub enum ExportError {
     Tar(#[source] Box<kiln_cache::layer::WriteError>),
 }
 
-/// Points `names` at the image, in one order, skipping repeats.
-pub(crate) fn tag(store: &Store, image: &Image, names: &[Reference]) -> Result<(), ExportError> {
+/// Points `names` at the image or index `digest`, in order, skipping repeats.
+pub(crate) fn tag_digest(
+    store: &Store,
+    digest: &kiln_dag::Digest,
+    names: &[Reference],
+) -> Result<(), ExportError> {
     for r in names {
-        store
-            .images()
-            .tag(r, &image.manifest_digest)
-            .map_err(|source| ExportError::Tag {
-                reference: Box::new(r.clone()),
-                source: Box::new(source),
-            })?;
+        store.images().tag(r, digest).map_err(|source| ExportError::Tag {
+            reference: Box::new(r.clone()),
+            source: Box::new(source),
+        })?;
     }
     Ok(())
 }
 
 /// Writes one non-image output. `tags` name the image in archives whose output has no `name=`.
+/// With several platforms (`index` set) an archive holds the index and every platform's image,
+/// and `local` and `tar` hold one directory per platform, named as BuildKit names them
+/// (`linux_amd64`, `linux_arm_v7`).
 pub(crate) fn write_output(
     store: &Store,
     o: &OutputSpec,
-    image: &Image,
+    images: &[crate::PlatformImage],
+    index: Option<&kiln_cache::image_index::IndexImage>,
     tags: &[Reference],
-    layers: &[Layer],
+    layers: &[std::sync::Arc<Vec<Layer>>],
 ) -> Result<(), ExportError> {
     use kiln_cache::archive::save::{save, Format, SaveItem};
     match o {
@@ -91,8 +97,15 @@ pub(crate) fn write_output(
                 _ => (Format::Oci, "oci"),
             };
             let ArchiveOutput { dest, names } = a;
+            // `docker load` takes one image per name: the host's platform, else the first.
+            let host = kiln_dag::Platform::host();
+            let shown = images
+                .iter()
+                .find(|i| host.match_rank(&i.platform).is_some())
+                .unwrap_or(&images[0]);
             let item = SaveItem {
-                image: image.clone(),
+                index: index.cloned(),
+                image: shown.image.clone(),
                 tags: if names.is_empty() {
                     tags.to_vec()
                 } else {
@@ -109,7 +122,19 @@ pub(crate) fn write_output(
                 path: dest.clone(),
                 source,
             })?;
-            flatten_into(store, layers, dest)
+            for (i, layers) in images.iter().zip(layers) {
+                let dir = if index.is_some() {
+                    dest.join(i.platform.dir_name())
+                } else {
+                    dest.clone()
+                };
+                std::fs::create_dir_all(&dir).map_err(|source| ExportError::Create {
+                    path: dir.clone(),
+                    source,
+                })?;
+                flatten_into(store, layers, &dir)?;
+            }
+            Ok(())
         }
         OutputSpec::Tar { dest } => {
             let parent = store.root().join("tmp");
@@ -117,7 +142,18 @@ pub(crate) fn write_output(
                 .prefix("export-")
                 .tempdir_in(&parent)
                 .map_err(|source| ExportError::Create { path: parent, source })?;
-            flatten_into(store, layers, tmp.path())?;
+            for (i, layers) in images.iter().zip(layers) {
+                let dir = if index.is_some() {
+                    tmp.path().join(i.platform.dir_name())
+                } else {
+                    tmp.path().to_path_buf()
+                };
+                std::fs::create_dir_all(&dir).map_err(|source| ExportError::Create {
+                    path: dir.clone(),
+                    source,
+                })?;
+                flatten_into(store, layers, &dir)?;
+            }
             let opts = kiln_cache::layer::DiffOptions::default();
             kiln_cache::layer::write_tree(tmp.path(), open(dest)?, &opts)
                 .map_err(|e| ExportError::Tar(Box::new(e)))?;

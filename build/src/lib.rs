@@ -65,13 +65,11 @@ pub use request::{BuildRequest, ContextSource, DockerfileSource, Entitlements};
 /// A request that cannot be built as asked; found before anything is read.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
-    #[error("--platform {platform} is not supported: kiln builds for the host platform ({host}) only")]
+    #[error("--platform {platform} is not supported: kiln builds {host_os} images only")]
     Platform {
         platform: Box<Platform>,
-        host: Box<Platform>,
+        host_os: String,
     },
-    #[error("building {count} platforms at once is not supported yet: give one --platform")]
-    SeveralPlatforms { count: usize },
     #[error("an image output has push=true but no name: give -t NAME or name=NAME")]
     PushWithoutName,
     #[error("invalid name `{reference}`: a digest reference cannot name a build's image")]
@@ -130,8 +128,10 @@ pub struct PlatformImage {
 pub struct BuildResult {
     /// A unique ref of this build, in buildx's `builder/node/ref` shape.
     pub build_ref: String,
-    /// One image per target platform, in the request's order (one today).
+    /// One image per target platform, in the request's order.
     pub images: Vec<PlatformImage>,
+    /// The image index naming them, when the build had several target platforms.
+    pub index: Option<kiln_cache::image_index::IndexImage>,
     /// Every name the image has now: the local names (tags and `type=image` names), then the
     /// pushed ones, without repeats.
     pub names: Vec<Reference>,
@@ -140,7 +140,7 @@ pub struct BuildResult {
 }
 
 impl BuildResult {
-    /// The image of the (single) target platform.
+    /// The image of the first target platform.
     pub fn image(&self) -> &Image {
         // `build` never returns a result without an image.
         &self.images[0].image
@@ -155,19 +155,28 @@ impl BuildResult {
                 digest: p.digest,
                 size: p.size,
             },
-            None => {
-                let image = self.image();
-                Descriptor {
-                    media_type: image
-                        .manifest
-                        .media_type()
-                        .as_ref()
-                        .map(|m| m.to_string())
-                        .unwrap_or_else(|| kiln_source::registry::media::OCI_MANIFEST.to_string()),
-                    digest: image.manifest_digest,
-                    size: image.manifest_bytes.len() as u64,
-                }
-            }
+            None => match &self.index {
+                Some(i) => Descriptor {
+                    media_type: i.media_type.clone(),
+                    digest: i.digest,
+                    size: i.bytes.len() as u64,
+                },
+                None => self.image_descriptor(),
+            },
+        }
+    }
+
+    fn image_descriptor(&self) -> Descriptor {
+        let image = self.image();
+        Descriptor {
+            media_type: image
+                .manifest
+                .media_type()
+                .as_ref()
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| kiln_source::registry::media::OCI_MANIFEST.to_string()),
+            digest: image.manifest_digest,
+            size: image.manifest_bytes.len() as u64,
         }
     }
 
@@ -177,9 +186,10 @@ impl BuildResult {
     }
 }
 
-/// The request, checked: who is named and pushed, for which platform.
+/// The request, checked: who is named and pushed, for which platforms.
 struct Plan {
-    platform: Platform,
+    /// The target platforms, in the request's order (the host's when none was asked for).
+    platforms: Vec<Platform>,
     /// Names tagged in the local store.
     local_names: Vec<Reference>,
     push_jobs: Vec<push::PushJob>,
@@ -194,18 +204,19 @@ fn push_unique<T: PartialEq>(v: &mut Vec<T>, item: T) {
 impl Plan {
     fn of(req: &BuildRequest) -> Result<Plan, RequestError> {
         let host = Platform::host();
-        if req.platforms.len() > 1 {
-            return Err(RequestError::SeveralPlatforms {
-                count: req.platforms.len(),
-            });
-        }
-        if let Some(p) = req.platforms.first() {
-            if p.os != host.os || p.architecture != host.architecture {
+        let mut platforms: Vec<Platform> = Vec::new();
+        for p in &req.platforms {
+            let p = p.normalized();
+            if p.os != host.os {
                 return Err(RequestError::Platform {
-                    platform: Box::new(p.clone()),
-                    host: Box::new(host),
+                    platform: Box::new(p),
+                    host_os: host.os.clone(),
                 });
             }
+            push_unique(&mut platforms, p);
+        }
+        if platforms.is_empty() {
+            platforms.push(host);
         }
         let mut local_names = Vec::new();
         let mut push_jobs: Vec<push::PushJob> = Vec::new();
@@ -245,7 +256,7 @@ impl Plan {
             });
         }
         Ok(Plan {
-            platform: host,
+            platforms,
             local_names,
             push_jobs,
         })
@@ -335,6 +346,8 @@ impl Prepared {
     /// Step 3: lowers the Dockerfile, pulling the base images that are missing. Blocking.
     /// `all_stages` lowers (and checks) every stage, not only those the target needs, as
     /// `--check` does without `--target`; a build leaves it false.
+    /// With several target platforms the Dockerfile is lowered once per platform; vertices
+    /// with the same inputs (a `FROM --platform=$BUILDPLATFORM` stage) are the same vertex.
     pub fn lower(self, store: &Store, all_stages: bool) -> Result<Planned, BuildError> {
         self.lower_with_progress(store, all_stages, &ProgressSink::discard())
     }
@@ -349,20 +362,6 @@ impl Prepared {
     ) -> Result<Planned, BuildError> {
         let inputs = &self.main.inputs;
         let req = &self.req;
-        let opts = LowerOptions {
-            dockerfile_name: inputs.dockerfile.name.clone(),
-            build_args: req.build_args.clone(),
-            target: req.target.clone(),
-            platform: self.plan.platform.clone(),
-            labels: req.labels.clone(),
-            no_cache: req.no_cache,
-            no_cache_filter: req.no_cache_filter.clone(),
-            dockerignore: inputs.dockerignore.clone(),
-            named_contexts: self.named.lower.clone(),
-            all_stages,
-            network: req.network,
-            extra_hosts: req.extra_hosts.clone(),
-        };
         let client = Client::new(req.registry.clone());
         let resolver = resolver::StoreResolver {
             store,
@@ -371,13 +370,39 @@ impl Prepared {
             progress,
             shown: Default::default(),
         };
-        let lowered =
-            kiln_frontend::lower::lower(&inputs.dockerfile.bytes, &opts, &resolver).map_err(|error| {
-                BuildError::Lower {
-                    dockerfile: inputs.dockerfile.clone(),
-                    error: Box::new(error),
-                }
-            })?;
+        let several = self.plan.platforms.len() > 1;
+        let mut lowered = Vec::with_capacity(self.plan.platforms.len());
+        for platform in &self.plan.platforms {
+            let opts = LowerOptions {
+                dockerfile_name: inputs.dockerfile.name.clone(),
+                build_args: req.build_args.clone(),
+                target: req.target.clone(),
+                platform: platform.clone(),
+                build_platform: Platform::host(),
+                prefix_platform: several,
+                labels: req.labels.clone(),
+                no_cache: req.no_cache,
+                no_cache_filter: req.no_cache_filter.clone(),
+                dockerignore: inputs.dockerignore.clone(),
+                named_contexts: self.named.lower.clone(),
+                all_stages,
+                network: req.network,
+                extra_hosts: req.extra_hosts.clone(),
+            };
+            let mut l =
+                kiln_frontend::lower::lower(&inputs.dockerfile.bytes, &opts, &resolver).map_err(|error| {
+                    BuildError::Lower {
+                        dockerfile: inputs.dockerfile.clone(),
+                        error: Box::new(error),
+                    }
+                })?;
+            if let Some(first) = lowered.first() {
+                // A check's warning is reported once, whatever platforms it came up for.
+                let first: &Lowered = first;
+                l.warnings.retain(|w| !first.warnings.contains(w));
+            }
+            lowered.push(l);
+        }
         Ok(Planned {
             prepared: self,
             lowered,
@@ -385,17 +410,29 @@ impl Prepared {
     }
 }
 
-/// A build up to the solve: contexts resolved and the Dockerfile lowered.
+/// A build up to the solve: contexts resolved and the Dockerfile lowered, once per target
+/// platform.
 pub struct Planned {
     prepared: Prepared,
-    lowered: Lowered,
+    /// One lowering per target platform, in the plan's order (never empty).
+    lowered: Vec<Lowered>,
 }
 
 impl Planned {
-    /// The Dockerfile lowered: the graph, its root, the image config, the outline and the
-    /// checks' warnings.
+    /// The Dockerfile lowered for the first target platform: the graph, its root, the image
+    /// config, the outline and the checks' warnings.
     pub fn lowered(&self) -> &Lowered {
-        &self.lowered
+        &self.lowered[0]
+    }
+
+    /// Every target platform's lowering, in order, with its platform.
+    pub fn lowered_all(&self) -> impl Iterator<Item = (&Platform, &Lowered)> {
+        self.prepared.plan.platforms.iter().zip(&self.lowered)
+    }
+
+    /// Every lowering's warnings, each once.
+    pub fn warnings(&self) -> impl Iterator<Item = &kiln_frontend::lint::Warning> {
+        self.lowered.iter().flat_map(|l| l.warnings.iter())
     }
 
     /// The context directory, the Dockerfile and `.dockerignore` patterns as read.
@@ -455,7 +492,7 @@ pub async fn build(
             .await
             .map_err(|_| BuildError::Panicked { step: "planning" })??
     };
-    for w in &planned.lowered.warnings {
+    for w in planned.warnings() {
         progress.warn(w.to_string());
     }
     planned.build(store, progress, cancel).await
@@ -464,8 +501,10 @@ pub async fn build(
 /// What the solve needs, owned, so that the build's future holds no borrow across its awaits
 /// (and stays `Send` whatever the request's streams are).
 struct SolveInput {
+    /// Every platform's graph in one: a vertex they share is run once.
     graph: Arc<kiln_dag::Graph>,
-    root: kiln_dag::Digest,
+    /// One root per target platform.
+    roots: Vec<kiln_dag::Digest>,
     engine: EngineOptions,
     jobs: usize,
     dockerfile: Dockerfile,
@@ -476,16 +515,27 @@ impl Planned {
         let req = &self.prepared.req;
         let mut contexts = self.prepared.named.dirs.clone();
         contexts.insert("context".to_string(), self.prepared.main.inputs.context.clone());
+        let mut graph = kiln_dag::Graph::default();
+        for l in &self.lowered {
+            for (d, v) in &l.graph.vertices {
+                match graph.vertices.get_mut(d) {
+                    Some(existing) => existing.meta.ignore_cache |= v.meta.ignore_cache,
+                    None => {
+                        graph.vertices.insert(*d, v.clone());
+                    }
+                }
+            }
+        }
         SolveInput {
-            graph: Arc::new(self.lowered.graph.clone()),
-            root: self.lowered.root,
+            graph: Arc::new(graph),
+            roots: self.lowered.iter().map(|l| l.root).collect(),
             engine: EngineOptions {
                 contexts,
                 secrets: req.secrets.clone(),
                 ssh: req.ssh.clone(),
                 allow_network_host: req.entitlements.network_host,
                 allow_insecure: req.entitlements.security_insecure,
-                proxy_env: self.lowered.proxy_env.clone(),
+                proxy_env: self.lowered[0].proxy_env.clone(),
                 source_date_epoch: req.source_date_epoch,
             },
             // Steps mostly wait on processes and disks rather than on CPU (BuildKit sets no
@@ -498,35 +548,40 @@ impl Planned {
     }
 }
 
-/// Step 4: runs the graph to the target's root; returns its layers.
+/// Step 4: runs the graph to every platform's root (independent vertices in parallel, shared
+/// ones once); returns each root's layers, in order.
 async fn solve(
     store: Arc<Store>,
     input: SolveInput,
     progress: ProgressSink,
     cancel: CancelToken,
-) -> Result<Arc<Vec<Layer>>, BuildError> {
+) -> Result<Vec<Arc<Vec<Layer>>>, BuildError> {
     let SolveInput {
         graph,
-        root,
+        roots,
         engine,
         jobs,
         dockerfile,
     } = input;
     let engine =
         Arc::new(Engine::new(store, graph.clone(), engine).map_err(|e| BuildError::Engine(Box::new(e)))?);
-    let solved = scheduler::solve(&graph, &[root], engine, SolveOptions { jobs }, progress, cancel).await;
-    let mut resolved = solved.map_err(|error| BuildError::Solve { dockerfile, error })?;
-    match resolved.pop().map(|r| r.output) {
-        Some(kiln_solver::engine::Output::Fs(layers)) => Ok(layers),
-        _ => Err(ExportError::NotAFilesystem.into()),
-    }
+    let solved = scheduler::solve(&graph, &roots, engine, SolveOptions { jobs }, progress, cancel).await;
+    let resolved = solved.map_err(|error| BuildError::Solve { dockerfile, error })?;
+    resolved
+        .into_iter()
+        .map(|r| match r.output {
+            kiln_solver::engine::Output::Fs(layers) => Ok(layers),
+            _ => Err(ExportError::NotAFilesystem.into()),
+        })
+        .collect()
 }
 
-/// Steps 5 and 6: the image into the store, its names, the outputs, the pushes. Blocking.
+/// Steps 5 and 6: the images into the store (with an index over them for several
+/// platforms), their names, the outputs, the pushes. Blocking.
 fn finish(
     store: &Store,
     planned: &Planned,
-    layers: &[Layer],
+    layers: &[Arc<Vec<Layer>>],
     build_ref: String,
     progress: &ProgressSink,
     cancel: &CancelToken,
@@ -542,37 +597,67 @@ fn finish(
         name: "exporting to image".into(),
     });
     let started = std::time::Instant::now();
-    let exported = (|| -> Result<Image, BuildError> {
-        let vp = progress.for_vertex(vertex);
-        let epoch_time = req.source_date_epoch.map(kiln_cache::images::rfc3339);
-        let t = std::time::SystemTime::now();
-        let image =
-            kiln_solver::engine::export_image(store, layers, &planned.lowered.config, epoch_time.as_deref())
-                .map_err(|e| ExportError::Image(Box::new(e)))?
-                .image;
-        vp.status_done("exporting layers", 0, t);
-        vp.status_done(
-            format!("writing image {}", image.config_digest),
-            0,
-            std::time::SystemTime::now(),
-        );
-        let t = std::time::SystemTime::now();
-        export::tag(store, &image, &plan.local_names)?;
-        for name in &plan.local_names {
-            vp.status_done(format!("naming to {name}"), 0, t);
-        }
-        for o in &req.outputs {
-            export::write_output(store, o, &image, &req.tags, layers)?;
-        }
-        Ok(image)
-    })();
-    let image = match exported {
-        Ok(image) => {
+    let exported =
+        (|| -> Result<(Vec<PlatformImage>, Option<kiln_cache::image_index::IndexImage>), BuildError> {
+            let vp = progress.for_vertex(vertex);
+            let epoch_time = req.source_date_epoch.map(kiln_cache::images::rfc3339);
+            let t = std::time::SystemTime::now();
+            let mut images = Vec::with_capacity(layers.len());
+            for ((platform, lowered), layers) in planned.lowered_all().zip(layers) {
+                let image =
+                    kiln_solver::engine::export_image(store, layers, &lowered.config, epoch_time.as_deref())
+                        .map_err(|e| ExportError::Image(Box::new(e)))?
+                        .image;
+                images.push(PlatformImage {
+                    platform: platform.clone(),
+                    image,
+                });
+            }
+            vp.status_done("exporting layers", 0, t);
+            let index = if images.len() > 1 {
+                let pairs: Vec<(Platform, &Image)> =
+                    images.iter().map(|i| (i.platform.clone(), &i.image)).collect();
+                Some(
+                    store
+                        .images()
+                        .create_index(&pairs)
+                        .map_err(|e| ExportError::Index(Box::new(e)))?,
+                )
+            } else {
+                None
+            };
+            match &index {
+                Some(ix) => vp.status_done(
+                    format!("writing image index {}", ix.digest),
+                    0,
+                    std::time::SystemTime::now(),
+                ),
+                None => vp.status_done(
+                    format!("writing image {}", images[0].image.config_digest),
+                    0,
+                    std::time::SystemTime::now(),
+                ),
+            }
+            let t = std::time::SystemTime::now();
+            match &index {
+                Some(ix) => export::tag_digest(store, &ix.digest, &plan.local_names)?,
+                None => export::tag_digest(store, &images[0].image.manifest_digest, &plan.local_names)?,
+            }
+            for name in &plan.local_names {
+                vp.status_done(format!("naming to {name}"), 0, t);
+            }
+            for o in &req.outputs {
+                export::write_output(store, o, &images, index.as_ref(), &req.tags, layers)?;
+            }
+            Ok((images, index))
+        })();
+    let (images, index) = match exported {
+        Ok(done) => {
             progress.send(EventKind::Completed {
                 vertex,
                 duration: started.elapsed(),
             });
-            image
+            done
         }
         Err(e) => {
             progress.send(EventKind::Failed {
@@ -586,24 +671,25 @@ fn finish(
     if cancel.is_cancelled() {
         return Err(BuildError::Cancelled);
     }
-    let pushed = push::push_all(
-        store,
-        &image,
-        &plan.push_jobs,
-        &req.registry,
-        progress,
-        &build_ref,
-    )?;
+    let pushed = match &index {
+        Some(ix) => push::push_index_all(store, ix, &plan.push_jobs, &req.registry, progress, &build_ref)?,
+        None => push::push_all(
+            store,
+            &images[0].image,
+            &plan.push_jobs,
+            &req.registry,
+            progress,
+            &build_ref,
+        )?,
+    };
     let mut names = plan.local_names.clone();
     for j in &plan.push_jobs {
         push_unique(&mut names, j.reference.clone());
     }
     Ok(BuildResult {
         build_ref,
-        images: vec![PlatformImage {
-            platform: plan.platform.clone(),
-            image,
-        }],
+        images,
+        index,
         names,
         pushed,
     })

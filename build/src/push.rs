@@ -49,15 +49,61 @@ pub(crate) fn push_all(
     let client = Client::new(opts);
     let mut pushed = Vec::with_capacity(jobs.len());
     for job in jobs {
-        pushed.push(push_one(store, &client, image, job, progress, build_ref)?);
+        pushed.push(push_one(
+            store,
+            &client,
+            What::Image(image),
+            job,
+            progress,
+            build_ref,
+        )?);
     }
     Ok(pushed)
+}
+
+/// Pushes the image index `index` (every platform image, then the index) under every job's
+/// name, in order.
+pub(crate) fn push_index_all(
+    store: &Store,
+    index: &kiln_cache::image_index::IndexImage,
+    jobs: &[PushJob],
+    registry_opts: &ClientOptions,
+    progress: &ProgressSink,
+    build_ref: &str,
+) -> Result<Vec<Pushed>, PushError> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut opts = registry_opts.clone();
+    for j in jobs.iter().filter(|j| j.insecure) {
+        opts.insecure_registries.push(j.reference.domain().to_string());
+    }
+    let client = Client::new(opts);
+    let mut pushed = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        pushed.push(push_one(
+            store,
+            &client,
+            What::Index(index),
+            job,
+            progress,
+            build_ref,
+        )?);
+    }
+    Ok(pushed)
+}
+
+/// What a push sends.
+#[derive(Clone, Copy)]
+enum What<'a> {
+    Image(&'a Image),
+    Index(&'a kiln_cache::image_index::IndexImage),
 }
 
 fn push_one(
     store: &Store,
     client: &Client,
-    image: &Image,
+    what: What<'_>,
     job: &PushJob,
     progress: &ProgressSink,
     build_ref: &str,
@@ -74,7 +120,11 @@ fn push_one(
         compression: job.compression,
         ..registry::PushOptions::default()
     };
-    match registry::push_image(client, store, image, &job.reference, &opts, &lines) {
+    let result = match what {
+        What::Image(image) => registry::push_image(client, store, image, &job.reference, &opts, &lines),
+        What::Index(index) => registry::push_index(client, store, index, &job.reference, &opts, &lines),
+    };
+    match result {
         Ok(p) => {
             lines.line(format!(
                 "{}: digest: {} size: {}",

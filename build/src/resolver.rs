@@ -43,8 +43,15 @@ impl ImageResolver for StoreResolver<'_> {
                 name: format!("[internal] load metadata for {reference_norm}"),
             });
         }
-        let image = match self.store.images().resolve(reference) {
+        // An index's image for `platform`; a single-platform image of another platform is the
+        // frontend's warning (InvalidBaseImagePlatform), as in BuildKit.
+        let image = match self.store.images().resolve_for(reference, platform) {
             Ok(image) if !self.pull => Ok(image),
+            // A local index without the platform (one built here has no registry to ask).
+            Err(e @ ImageError::NoPlatform { .. }) if !self.pull => Err(ResolverError::Read {
+                reference: reference_norm.clone(),
+                source: Box::new(e),
+            }),
             local => pull_for_build(self.store, self.client, reference, platform, local),
         };
         if show {

@@ -119,6 +119,8 @@ impl Roots {
         let mut roots = Roots::default();
         let images = store.images();
         let index = images.index()?;
+        // An index keeps its own blob; its platform images are image records of their own.
+        roots.image_blobs.extend(index.indexes.keys().copied());
         for manifest in index.images.keys() {
             roots.image_blobs.insert(*manifest);
             let Ok(bytes) = store.content().read_limited(manifest, MAX_JSON_BYTES) else {
@@ -252,6 +254,27 @@ pub fn prune_matching(
             Err(_) => manifest,
         };
         remove.push((manifest, id, tags));
+    }
+    // Indexes go as images do (dangling ones, or all unused ones with `all`), taking their
+    // platform images with them.
+    for (digest, _, tags) in images.list_indexes().map_err(GcError::Images)? {
+        if !tags.is_empty() && !opts.all {
+            continue;
+        }
+        if let Ok(ix) = images.get_index(&digest) {
+            let mut used = false;
+            for e in ix.entries.iter().filter(|e| e.present) {
+                if let Ok(img) = images.get(&e.manifest) {
+                    used |= !images.containers_using(&img).map_err(GcError::Images)?.is_empty();
+                }
+            }
+            if used {
+                continue;
+            }
+        }
+        images.delete(&digest).map_err(GcError::Images)?;
+        report.untagged.extend(tags);
+        report.deleted_images.push(digest);
     }
     if !remove.is_empty() {
         images

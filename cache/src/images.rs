@@ -25,6 +25,9 @@ use crate::store::{Store, StoreError};
 /// Largest manifest or config kiln reads into memory.
 pub const MAX_JSON_BYTES: u64 = 16 << 20;
 
+/// The OCI image manifest media type.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
 /// The media type kiln gives the layers it creates.
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 
@@ -169,6 +172,26 @@ pub enum ImageError {
     /// A tag must be a reference with a tag, not a digest.
     #[error("cannot tag with `{0}`: a digest reference is not a tag")]
     DigestTag(String),
+    /// The name is an index without a manifest for the platform.
+    #[error("image `{name}` has no manifest for platform {platform} (it has: {available})")]
+    NoPlatform {
+        /// The name.
+        name: String,
+        /// The platform asked for.
+        platform: String,
+        /// The platforms it has.
+        available: String,
+    },
+    /// The index lists the platform, but its manifest was never fetched into this store.
+    #[error("image `{name}` lists platform {platform} ({manifest}), which is not in the local store: pull it with `kiln pull --platform {platform} {name}`")]
+    PlatformNotLocal {
+        /// The name.
+        name: String,
+        /// The platform asked for.
+        platform: String,
+        /// Its manifest in the index.
+        manifest: Digest,
+    },
 }
 
 /// One image's record in `images.json`.
@@ -188,11 +211,37 @@ pub struct ImageIndex {
     pub version: u32,
     /// Image records by manifest digest.
     pub images: BTreeMap<Digest, ImageRecord>,
-    /// Tags: normalised reference -> manifest digest.
+    /// Tags: normalised reference -> manifest or index digest.
     pub tags: BTreeMap<String, Digest>,
+    /// Image indexes (one name, one image per platform) by digest; see [`crate::image_index`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub indexes: BTreeMap<Digest, crate::image_index::IndexRecord>,
 }
 
 impl ImageIndex {
+    /// The manifests the recorded indexes list that are recorded images: shown and pruned as
+    /// part of their index, not alone.
+    pub fn index_children(&self, store: &Store) -> std::collections::BTreeSet<Digest> {
+        let content = store.content();
+        let mut out = std::collections::BTreeSet::new();
+        for d in self.indexes.keys() {
+            let Ok(bytes) = content.read_limited(d, MAX_JSON_BYTES) else {
+                continue;
+            };
+            let Ok(index) = crate::image_index::IndexImage::parse(*d, bytes, |_| true) else {
+                continue;
+            };
+            out.extend(
+                index
+                    .entries
+                    .iter()
+                    .map(|e| e.manifest)
+                    .filter(|m| self.images.contains_key(m)),
+            );
+        }
+        out
+    }
+
     /// The tags pointing at `manifest`, parsed.
     pub fn tags_of(&self, manifest: &Digest) -> Vec<Reference> {
         self.tags
@@ -326,6 +375,10 @@ impl ImageStore {
         ImageStore { store }
     }
 
+    pub(crate) fn content(&self) -> &crate::content::ContentStore {
+        self.store.content()
+    }
+
     fn index_path(&self) -> PathBuf {
         self.store.root().join("images.json")
     }
@@ -455,14 +508,14 @@ impl ImageStore {
         let index = self.index()?;
         // A full digest: image ID (config) or manifest digest.
         if let Ok(d) = Digest::parse(name) {
-            if index.images.contains_key(&d) {
+            if index.images.contains_key(&d) || index.indexes.contains_key(&d) {
                 return Ok(d);
             }
             return self.find_by_id(&index, &d.hex(), name);
         }
         if let Ok(r) = Reference::parse(name) {
             if let Some(d) = r.digest() {
-                if index.images.contains_key(d) {
+                if index.images.contains_key(d) || index.indexes.contains_key(d) {
                     return Ok(*d);
                 }
             } else if let Some(d) = index.tags.get(&r.to_string()) {
@@ -506,10 +559,10 @@ impl ImageStore {
         }
     }
 
-    /// Resolves a name or ID (see [`ImageStore::resolve_digest`]) and reads the image.
+    /// Resolves a name or ID (see [`ImageStore::resolve_digest`]) and reads the image; a name
+    /// of an index gives its image for the host's platform (see [`ImageStore::resolve_for`]).
     pub fn resolve(&self, name: &str) -> Result<Image, ImageError> {
-        let d = self.resolve_digest(name)?;
-        self.get(&d)
+        self.resolve_for(name, &kiln_dag::Platform::host())
     }
 
     /// Writes the config (with `rootfs.diff_ids` set from `layers`) and an OCI manifest, and
@@ -585,11 +638,23 @@ impl ImageStore {
             return Err(ImageError::UnknownImage(*manifest));
         }
         let now = now_rfc3339();
+        let is_index = self.is_index(manifest);
         self.update(|index| {
-            index.images.entry(*manifest).or_insert_with(|| ImageRecord {
-                added: now.clone(),
-                last_tag_time: None,
-            });
+            if is_index {
+                index
+                    .indexes
+                    .entry(*manifest)
+                    .or_insert_with(|| crate::image_index::IndexRecord {
+                        added: now.clone(),
+                        last_tag_time: None,
+                        repository: None,
+                    });
+            } else {
+                index.images.entry(*manifest).or_insert_with(|| ImageRecord {
+                    added: now.clone(),
+                    last_tag_time: None,
+                });
+            }
             set_tag(index, reference, manifest, &now)
         })
     }
@@ -599,21 +664,47 @@ impl ImageStore {
         self.update(|index| Ok(index.tags.remove(&reference.to_string())))
     }
 
-    /// Removes an image record and every tag pointing at it. Its blobs stay until garbage
-    /// collection.
+    /// Removes an image or index record and every tag pointing at it; for an index, also the
+    /// records of its platform images that no other index lists and no tag names. Blobs stay
+    /// until garbage collection.
     pub fn delete(&self, manifest: &Digest) -> Result<(), ImageError> {
+        let store = self.store.clone();
         self.update(|index| {
+            let owned_before = index.index_children(&store);
             index.images.remove(manifest);
             index.tags.retain(|_, d| d != manifest);
+            if index.indexes.remove(manifest).is_some() {
+                let owned_after = index.index_children(&store);
+                for child in owned_before.difference(&owned_after) {
+                    if !index.tags.values().any(|d| d == child) {
+                        index.images.remove(child);
+                    }
+                }
+            }
             Ok(())
         })
     }
 
-    /// Every recorded image with its tags, sorted by manifest digest.
+    /// Every recorded image with its tags, sorted by manifest digest, except the platform
+    /// images of recorded indexes (see [`ImageStore::list_indexes`]).
     pub fn list(&self) -> Result<Vec<(Digest, ImageRecord, Vec<Reference>)>, ImageError> {
         let index = self.index()?;
+        let children = index.index_children(&self.store);
         Ok(index
             .images
+            .iter()
+            .filter(|(d, _)| !children.contains(d))
+            .map(|(d, rec)| (*d, rec.clone(), index.tags_of(d)))
+            .collect())
+    }
+
+    /// Every recorded index with its tags, sorted by digest.
+    pub fn list_indexes(
+        &self,
+    ) -> Result<Vec<(Digest, crate::image_index::IndexRecord, Vec<Reference>)>, ImageError> {
+        let index = self.index()?;
+        Ok(index
+            .indexes
             .iter()
             .map(|(d, rec)| (*d, rec.clone(), index.tags_of(d)))
             .collect())
@@ -657,7 +748,7 @@ impl ImageStore {
     }
 }
 
-fn set_tag(
+pub(crate) fn set_tag(
     index: &mut ImageIndex,
     reference: &Reference,
     manifest: &Digest,
@@ -668,6 +759,9 @@ fn set_tag(
     }
     index.tags.insert(reference.to_string(), *manifest);
     if let Some(rec) = index.images.get_mut(manifest) {
+        rec.last_tag_time = Some(now.to_string());
+    }
+    if let Some(rec) = index.indexes.get_mut(manifest) {
         rec.last_tag_time = Some(now.to_string());
     }
     Ok(())

@@ -6,6 +6,7 @@ pub mod buildcache;
 pub mod content;
 pub mod durable;
 pub mod gc;
+pub mod image_index;
 pub mod images;
 pub mod layer;
 pub mod reference;

@@ -411,7 +411,7 @@ fn check_images(
         }
     }
     for (tag, manifest) in &index.tags {
-        if !index.images.contains_key(manifest) {
+        if !index.images.contains_key(manifest) && !index.indexes.contains_key(manifest) {
             found.push(Problem::DanglingTag {
                 tag: tag.clone(),
                 manifest: *manifest,

@@ -35,7 +35,7 @@ pub struct BuildArgs {
     /// Set metadata for an image (KEY=VALUE)
     #[arg(long = "label")]
     pub labels: Vec<String>,
-    /// Set target platform for build (os/arch[/variant]; only the host's platform is supported)
+    /// Set target platforms for build: os/arch[/variant], comma-separated (one image per platform; foreign ones run RUN under QEMU emulation)
     #[arg(long)]
     pub platform: Option<String>,
     /// Set type of progress output (auto, tty, plain, quiet, rawjson)
@@ -431,13 +431,10 @@ fn parse_add_host(h: &str) -> anyhow::Result<(String, String)> {
 
 /// The flags as a build request.
 fn request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
-    let mut platforms = Vec::new();
-    for p in args.platform.iter().flat_map(|p| p.split(',')) {
-        platforms.push(
-            kiln_dag::Platform::parse(p.trim())
-                .with_context(|| format!("invalid --platform `{p}`: expected os/arch[/variant]"))?,
-        );
-    }
+    let platforms = match &args.platform {
+        Some(p) => kiln_dag::Platform::parse_list(p).context("invalid --platform")?,
+        None => Vec::new(),
+    };
     let mut entitlements = kiln_build::Entitlements::default();
     for a in args.allow.iter().flat_map(|a| a.split(',')) {
         match a.trim() {
@@ -653,7 +650,11 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
         }
         Err(e) => return Err(e.into()),
     };
-    let id = built.image().id().to_string();
+    // Several platforms: the index's digest is the ID, as buildx writes it.
+    let id = match &built.index {
+        Some(ix) => ix.digest.to_string(),
+        None => built.image().id().to_string(),
+    };
     if let Some(p) = &args.iidfile {
         std::fs::write(p, &id).with_context(|| format!("failed to write `{}`", p.display()))?;
     }

@@ -19,6 +19,7 @@ mod gotemplate;
 mod progress;
 mod registry_cmds;
 mod run_cmd;
+mod setup_cmd;
 mod store_cmds;
 mod supervise;
 
@@ -76,6 +77,9 @@ enum Cmd {
     Login(registry_cmds::LoginArgs),
     /// Log out from a registry
     Logout(registry_cmds::LogoutArgs),
+    /// Set up the host (as root): QEMU emulation for other platforms
+    #[command(subcommand)]
+    Setup(setup_cmd::SetupCmd),
 }
 
 fn default_root() -> PathBuf {
@@ -196,6 +200,7 @@ fn main() -> ExitCode {
         Cmd::Push(a) => registry_cmds::push(a, &globals),
         Cmd::Login(a) => registry_cmds::login(a),
         Cmd::Logout(a) => registry_cmds::logout(a),
+        Cmd::Setup(c) => setup_cmd::run(c),
     };
     match result {
         Ok(code) => code,

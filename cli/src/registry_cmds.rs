@@ -202,8 +202,7 @@ pub fn pull(args: PullArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     let r = Reference::parse(&args.reference)
         .with_context(|| format!("invalid reference format `{}`", args.reference))?;
     let platform = match &args.platform {
-        Some(p) => Platform::parse(p)
-            .with_context(|| format!("invalid --platform `{p}`: expected os/arch[/variant]"))?,
+        Some(p) => Platform::parse(p).context("invalid --platform")?,
         None => Platform::host(),
     };
     let store = kiln_cache::Store::open(&g.root)?;

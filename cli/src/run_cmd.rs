@@ -17,6 +17,10 @@ use crate::Globals;
 /// The flags `kiln create` and `kiln run` share (Docker's spelling).
 #[derive(Args, Debug, Clone)]
 pub struct CreateFlags {
+    /// Set platform if server is multi-platform capable (os/arch[/variant]): the image of a
+    /// multi-platform image for it; foreign ones run under QEMU emulation
+    #[arg(long)]
+    pub platform: Option<String>,
     /// Keep STDIN open even if not attached
     #[arg(short = 'i', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub interactive: bool,
@@ -288,6 +292,12 @@ pub fn create_request(f: &CreateFlags) -> anyhow::Result<CreateRequest> {
             retries: f.health_retries,
             disable: f.no_healthcheck,
         },
+        platform: f
+            .platform
+            .as_deref()
+            .map(kiln_dag::Platform::parse)
+            .transpose()
+            .context("invalid --platform")?,
         host,
     })
 }
@@ -360,13 +370,13 @@ fn create_inner(f: &CreateFlags, g: &Globals) -> anyhow::Result<kiln_containers:
     let _hold = store.hold()?;
     let containers = Containers::open(&g.root)?;
     if f.pull == PullPolicy::Always {
-        pull_image(&store, &f.image)?;
+        pull_image(&store, &f.image, req.platform.as_ref())?;
     }
     match lifecycle::create(&containers, &store, req.clone()) {
         // `--pull missing`: Docker's notice, the pull, then the create again.
         Err(LifecycleError::UnknownImage(..)) if f.pull == PullPolicy::Missing => {
             eprintln!("Unable to find image '{}' locally", f.image);
-            pull_image(&store, &f.image)?;
+            pull_image(&store, &f.image, req.platform.as_ref())?;
             Ok(lifecycle::create(&containers, &store, req)?)
         }
         other => Ok(other?),
@@ -374,7 +384,11 @@ fn create_inner(f: &CreateFlags, g: &Globals) -> anyhow::Result<kiln_containers:
 }
 
 /// Pulls `image` for `run`/`create`, with `kiln pull`'s progress lines on standard error.
-fn pull_image(store: &kiln_cache::Store, image: &str) -> anyhow::Result<()> {
+fn pull_image(
+    store: &kiln_cache::Store,
+    image: &str,
+    platform: Option<&kiln_dag::Platform>,
+) -> anyhow::Result<()> {
     use kiln_source::registry;
     let r = kiln_cache::reference::Reference::parse(image)
         .with_context(|| format!("invalid reference format `{image}`"))?;
@@ -386,7 +400,7 @@ fn pull_image(store: &kiln_cache::Store, image: &str) -> anyhow::Result<()> {
     eprintln!("{what}: Pulling from {}", r.path());
     let client = crate::registry_cmds::client(&[]);
     let opts = registry::PullOptions {
-        platform: kiln_dag::Platform::host(),
+        platform: platform.cloned().unwrap_or_else(kiln_dag::Platform::host),
         jobs: 4,
     };
     let pulled = registry::pull(&client, store, &r, &opts, &StderrProgress)

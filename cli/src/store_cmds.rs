@@ -13,6 +13,7 @@ use kiln_cache::archive::import::{import_rootfs, ImportOptions};
 use kiln_cache::archive::load::load;
 use kiln_cache::archive::save::{save, Format, SaveItem};
 use kiln_cache::gc::{self, PruneOptions};
+use kiln_cache::image_index::Target;
 use kiln_cache::images::{Image, ImageError, ImageStore};
 use kiln_cache::reference::Reference;
 use kiln_cache::store::Store;
@@ -192,6 +193,9 @@ pub struct ImportArgs {
     /// Set commit message for imported image
     #[arg(short, long)]
     message: Option<String>,
+    /// Set platform of the imported image (os/arch[/variant]); the host's by default
+    #[arg(long)]
+    platform: Option<String>,
 }
 
 /// `kiln load`.
@@ -223,6 +227,10 @@ pub struct SaveArgs {
     /// Archive format
     #[arg(long, value_enum, default_value = "docker")]
     format: SaveFormat,
+    /// Save only this platform's image of a multi-platform image (os/arch[/variant]); without
+    /// it, an image index is saved whole
+    #[arg(long)]
+    platform: Option<String>,
     /// Images to save
     #[arg(required = true)]
     images: Vec<String>,
@@ -362,10 +370,15 @@ fn cmd_import(store: &Store, a: ImportArgs) -> anyhow::Result<ExitCode> {
     for c in &a.change {
         crate::container_fs_cmds::apply_change(&mut config, c)?;
     }
+    let platform = match &a.platform {
+        Some(p) => Some(kiln_dag::Platform::parse(p).context("invalid --platform")?),
+        None => None,
+    };
     let opts = ImportOptions {
         message: a.message,
         reference,
         config,
+        platform,
     };
     let image = if a.file.starts_with("http://") || a.file.starts_with("https://") {
         // A URL: downloaded (with retries) to a temp file in the store, then imported.
@@ -469,12 +482,44 @@ fn cmd_save(store: &Store, a: SaveArgs) -> anyhow::Result<ExitCode> {
             .filter(|r| r.tag().is_some() && r.digest().is_none() && index.tags.contains_key(&r.to_string()));
         add(m, tag);
     }
+    let platform = match &a.platform {
+        Some(p) => Some(kiln_dag::Platform::parse(p).context("invalid --platform")?),
+        None => None,
+    };
     let mut items = Vec::new();
     for m in order {
-        items.push(SaveItem {
-            image: images.get(&m)?,
-            tags: tags.remove(&m).unwrap_or_default(),
-        });
+        let tags = tags.remove(&m).unwrap_or_default();
+        let item = match (images.get_target(&m)?, &platform) {
+            (Target::Image(image), None) => SaveItem::image(*image, tags),
+            (Target::Image(image), Some(p)) => {
+                let c = &image.config;
+                let got = kiln_dag::Platform::new(&c.os, &c.architecture, c.variant.as_deref());
+                if p.match_rank(&got).is_none() {
+                    bail!("image {} is {got}, not {p}", m);
+                }
+                SaveItem::image(*image, tags)
+            }
+            (Target::Index(index), Some(p)) => {
+                SaveItem::image(images.image_of(&m.to_string(), &index, p)?, tags)
+            }
+            (Target::Index(index), None) => {
+                // `docker load` takes one image per tag: the host's, else the first here.
+                let host = kiln_dag::Platform::host();
+                let image = match images.image_of(&m.to_string(), &index, &host) {
+                    Ok(i) => i,
+                    Err(_) => match index.entries.iter().find(|e| e.present) {
+                        Some(e) => images.get(&e.manifest)?,
+                        None => bail!("no platform of image index {m} is in the local store"),
+                    },
+                };
+                SaveItem {
+                    image,
+                    tags,
+                    index: Some(index),
+                }
+            }
+        };
+        items.push(item);
     }
     let format = match a.format {
         SaveFormat::Docker => Format::Docker,
@@ -627,14 +672,33 @@ fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let mut rows: Vec<(Option<String>, crate::gotemplate::Value, Digest)> = Vec::new();
+    // Images, then indexes, each shown once: an index by its digest (as Docker's containerd
+    // store shows it), with the date and size of its image for this host (else its first).
+    let mut listed: Vec<(Digest, Vec<Reference>, Image, Digest)> = Vec::new();
     for (manifest, _, tags) in images.list()? {
-        let img = match images.get(&manifest) {
-            Ok(i) => i,
-            Err(e) => {
-                eprintln!("warning: skipping image {manifest}: {e}");
-                continue;
+        match images.get(&manifest) {
+            Ok(img) => {
+                let id = img.id();
+                listed.push((manifest, tags, img, id));
             }
-        };
+            Err(e) => eprintln!("warning: skipping image {manifest}: {e}"),
+        }
+    }
+    for (digest, _, tags) in images.list_indexes()? {
+        let shown = images.get_index(&digest).and_then(|index| {
+            let e = index
+                .select(&kiln_dag::Platform::host())
+                .filter(|e| e.present)
+                .or_else(|| index.entries.iter().find(|e| e.present))
+                .ok_or_else(|| ImageError::NotFound(format!("any platform of index {digest}")))?;
+            images.get(&e.manifest)
+        });
+        match shown {
+            Ok(img) => listed.push((digest, tags, img, digest)),
+            Err(e) => eprintln!("warning: skipping image index {digest}: {e}"),
+        }
+    }
+    for (manifest, tags, img, id) in listed {
         let created = crate::filters::unix_time(img.config.created.as_deref());
         let labels = img.config.config.labels.clone().unwrap_or_default();
         if dangling.is_some_and(|d| d != tags.is_empty())
@@ -673,7 +737,7 @@ fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
                     ("Repository", repo),
                     ("Tag", tag),
                     ("Digest", manifest.to_string()),
-                    ("ID", short(&img.id(), a.no_trunc)),
+                    ("ID", short(&id, a.no_trunc)),
                     ("CreatedSince", human_ago(img.config.created.as_deref())),
                     (
                         "CreatedAt",
@@ -686,7 +750,7 @@ fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
                     ("UniqueSize", "N/A".into()),
                 ],
             );
-            rows.push((img.config.created.clone(), row, img.id()));
+            rows.push((img.config.created.clone(), row, id));
         }
     }
     // Newest first, as Docker lists them.
@@ -747,8 +811,55 @@ fn cmd_rmi(store: &Store, a: RmiArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `rmi` of an image index: untag, and delete it (with its platform images) at its last tag,
+/// unless a container uses one of them.
+fn rmi_index(
+    images: &ImageStore,
+    name: &str,
+    index: &kiln_cache::image_index::IndexImage,
+    force: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let tags = images.index()?.tags_of(&index.digest);
+    let by_tag = Reference::parse(name)
+        .ok()
+        .filter(|r| r.digest().is_none() && tags.contains(r));
+    if let Some(r) = &by_tag {
+        if tags.len() > 1 {
+            images.untag(r)?;
+            writeln!(out, "Untagged: {}", r.familiar())?;
+            return Ok(());
+        }
+    } else if tags.len() > 1 && !force {
+        bail!(
+            "conflict: unable to delete {} (must be forced) - image is referenced in multiple repositories",
+            index.short_id()
+        );
+    }
+    for e in index.entries.iter().filter(|e| e.present) {
+        let img = images.get(&e.manifest)?;
+        if let Some(c) = images.containers_using(&img)?.first() {
+            bail!(
+                "conflict: unable to delete {} - its {} image is being used by container {}",
+                index.short_id(),
+                e.platform,
+                &c[..c.len().min(12)]
+            );
+        }
+    }
+    images.delete(&index.digest)?;
+    for t in &tags {
+        writeln!(out, "Untagged: {}", t.familiar())?;
+    }
+    writeln!(out, "Deleted: {}", index.digest)?;
+    Ok(())
+}
+
 fn rmi_one(images: &ImageStore, name: &str, force: bool, out: &mut impl Write) -> anyhow::Result<()> {
     let manifest = images.resolve_digest(name)?;
+    if let Target::Index(index) = images.get_target(&manifest)? {
+        return rmi_index(images, name, &index, force, out);
+    }
     let image = images.get(&manifest)?;
     let index = images.index()?;
     let tags = index.tags_of(&manifest);

@@ -27,6 +27,16 @@ pub enum LifecycleError {
     /// The image is not in the store (Docker's message).
     #[error("Unable to find image '{0}' locally")]
     UnknownImage(String, #[source] Box<kiln_cache::images::ImageError>),
+    /// The image is of another platform than `--platform` asked for (Docker's message).
+    #[error("image with reference {image} was found but its platform ({got}) does not match the specified platform ({platform})")]
+    PlatformMismatch {
+        image: String,
+        platform: String,
+        got: String,
+    },
+    /// A foreign image and no emulation for it.
+    #[error("cannot run a {platform} image on this host: no binfmt_misc handler with the F flag emulates it; install QEMU user emulation (`apt-get install qemu-user-static`) and register it (`kiln setup binfmt`, as root)")]
+    NoEmulation { platform: String },
     /// Neither the image nor the command line gives a command.
     #[error("no command specified")]
     NoCommand,
@@ -171,6 +181,9 @@ pub struct CreateRequest {
     pub expose: Vec<String>,
     /// The health check flags.
     pub health: HealthOverride,
+    /// `--platform`: the image of a multi-platform image for this platform (else the host's),
+    /// which a single-platform image must match.
+    pub platform: Option<kiln_dag::Platform>,
     /// Everything else.
     pub host: HostConfig,
 }
@@ -271,10 +284,33 @@ pub fn create(
     if req.host.auto_remove && !req.host.restart_policy.is_none() {
         return Err(LifecycleError::RestartWithRm);
     }
+    let platform = req.platform.clone().unwrap_or_else(kiln_dag::Platform::host);
     let image = store
         .images()
-        .resolve(&req.image)
+        .resolve_for(&req.image, &platform)
         .map_err(|e| LifecycleError::UnknownImage(req.image.clone(), Box::new(e)))?;
+    let c = &image.config;
+    let got = kiln_dag::Platform::new(&c.os, &c.architecture, c.variant.as_deref());
+    if req.platform.is_some() && platform.match_rank(&got).is_none() {
+        return Err(LifecycleError::PlatformMismatch {
+            image: req.image.clone(),
+            platform: platform.to_string(),
+            got: got.to_string(),
+        });
+    }
+    // A foreign image runs under QEMU through binfmt_misc: fail now, with the fix, when the
+    // host has no handler fit for containers.
+    if !c.architecture.is_empty() && !kiln_runtime::binfmt::is_native(&got.architecture) {
+        use kiln_runtime::binfmt::Support;
+        match kiln_runtime::binfmt::support(&got.architecture) {
+            Ok(Support::Native | Support::Emulated(_)) => {}
+            _ => {
+                return Err(LifecycleError::NoEmulation {
+                    platform: got.to_string(),
+                })
+            }
+        }
+    }
     let mut config = image.config.config.clone();
     let args = command_line(&config, req.entrypoint.as_deref(), &req.cmd);
     if args.is_empty() {

@@ -11,7 +11,9 @@
 
 pub mod image;
 mod ops;
+pub mod platform;
 pub mod units;
+pub use platform::{Platform, PlatformError};
 
 pub use ops::*;
 

@@ -70,61 +70,7 @@ impl Op {
     }
 }
 
-/// An OS/architecture pair in Go's naming (`linux`, `amd64`, variant `v8` on arm64).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Platform {
-    pub os: String,
-    pub architecture: String,
-    pub variant: Option<String>,
-}
-
-impl Platform {
-    /// The platform kiln runs on.
-    pub fn host() -> Platform {
-        let architecture = match std::env::consts::ARCH {
-            "x86_64" => "amd64",
-            "aarch64" => "arm64",
-            "x86" => "386",
-            "arm" => "arm",
-            "powerpc64" => "ppc64le",
-            "s390x" => "s390x",
-            "riscv64" => "riscv64",
-            other => other,
-        };
-        let variant = (architecture == "arm64").then(|| "v8".to_string());
-        Platform {
-            os: "linux".into(),
-            architecture: architecture.into(),
-            variant,
-        }
-    }
-
-    /// Parses `os/arch[/variant]`.
-    pub fn parse(s: &str) -> Option<Platform> {
-        let mut parts = s.split('/');
-        let os = parts.next()?.trim().to_ascii_lowercase();
-        let architecture = parts.next()?.trim().to_ascii_lowercase();
-        let variant = parts.next().map(|v| v.trim().to_ascii_lowercase());
-        if os.is_empty() || architecture.is_empty() || parts.next().is_some() {
-            return None;
-        }
-        Some(Platform {
-            os,
-            architecture,
-            variant,
-        })
-    }
-}
-
-impl std::fmt::Display for Platform {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.os, self.architecture)?;
-        if let Some(v) = &self.variant {
-            write!(f, "/{v}")?;
-        }
-        Ok(())
-    }
-}
+use crate::platform::Platform;
 
 /// Where a source's files come from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +174,11 @@ pub struct ExecOp {
     /// the op, as BuildKit's `ExecOp.Meta.ExtraHosts`). Left out of the encoding when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_hosts: Vec<(String, String)>,
+    /// The platform the process is built for when it is not the build platform's (a stage of
+    /// another target platform): its programs run under emulation, and its result differs from
+    /// the same command's on the build platform. Left out of the encoding when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
 }
 
 /// A filesystem attached to a RUN step.

@@ -34,6 +34,7 @@
 //! `#![deny(unsafe_code)]`.
 #![deny(unsafe_code)]
 
+pub mod binfmt;
 pub mod caps;
 pub mod cgroup;
 pub mod exec;

@@ -188,6 +188,7 @@ fn add_meta(g: &mut Graph, name: &str, inputs: &[Digest], ignore_cache: bool) ->
             mounts: vec![],
             hostname: None,
             extra_hosts: vec![],
+            platform: None,
         }),
         inputs: inputs.to_vec(),
         meta: Meta {

@@ -29,6 +29,7 @@ impl Env {
             message: None,
             reference: Some(kiln_cache::reference::Reference::parse("busybox:local").expect("reference")),
             config: Default::default(),
+            platform: None,
         };
         kiln_cache::archive::import::import_rootfs(&store, tar, "busybox", &opts).expect("import busybox");
         Env { dir, store }

@@ -122,6 +122,8 @@ pub struct ImportOptions {
     pub reference: Option<Reference>,
     /// The image's run config (`docker import -c` changes applied to an empty one).
     pub config: kiln_dag::image::ContainerConfig,
+    /// The image's platform (`docker import --platform`); the host's when unset.
+    pub platform: Option<Platform>,
 }
 
 /// Reads a rootfs tarball from `reader` (named `source_name` in messages and history) and
@@ -153,7 +155,7 @@ pub fn import_rootfs(
         source,
     })?;
 
-    let platform = Platform::host();
+    let platform = opts.platform.clone().unwrap_or_else(Platform::host);
     let created = rfc3339(newest);
     let config = ImageConfig {
         created: Some(created.clone()),

@@ -15,6 +15,7 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::content::ContentError;
+use crate::image_index::IndexImage;
 use crate::images::{oci_digest, Image};
 use crate::reference::Reference;
 use crate::store::Store;
@@ -50,6 +51,27 @@ pub enum SaveError {
         /// What it hashes to.
         actual: Digest,
     },
+    /// A platform image of a saved index is not in the store.
+    #[error("platform {platform} of index {index} is not in the local store ({manifest}): pull it, or save one platform with --platform")]
+    MissingPlatform {
+        /// The index.
+        index: Digest,
+        /// The platform.
+        platform: String,
+        /// Its manifest.
+        manifest: Digest,
+    },
+    /// A platform image of a saved index could not be read.
+    #[error("failed to read platform image {manifest} of index {index}")]
+    PlatformImage {
+        /// The index.
+        index: Digest,
+        /// Its manifest.
+        manifest: Digest,
+        /// The cause.
+        #[source]
+        source: Box<crate::images::ImageError>,
+    },
     /// Encoding a JSON file failed.
     #[error("failed to encode `{entry}`")]
     Encode {
@@ -73,10 +95,24 @@ pub enum Format {
 /// One image to save and the tags to save it under (none: saved by ID only).
 #[derive(Clone, Debug)]
 pub struct SaveItem {
-    /// The image.
+    /// The image; for an index, the platform image `docker load` takes (`manifest.json`).
     pub image: Image,
     /// Its tags in the archive.
     pub tags: Vec<Reference>,
+    /// An image index to save whole: every platform image it lists (all must be in the store)
+    /// is written, and `index.json` names the index rather than `image`.
+    pub index: Option<IndexImage>,
+}
+
+impl SaveItem {
+    /// One image under `tags`.
+    pub fn image(image: Image, tags: Vec<Reference>) -> SaveItem {
+        SaveItem {
+            image,
+            tags,
+            index: None,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -206,15 +242,46 @@ pub fn save(store: &Store, items: &[SaveItem], format: Format, out: impl Write) 
         tar.append_data(&mut h, dir, io::empty())
             .map_err(write_err(dir))?;
     }
-    let mut written = BTreeSet::new();
+    // Every image written: each item's, and every platform image of each index.
+    let mut all: Vec<&Image> = Vec::new();
+    let mut platform_images: Vec<Image> = Vec::new();
+    let mut index_blobs: Vec<Digest> = Vec::new();
     for item in items {
-        let img = &item.image;
-        for d in img
-            .layers
-            .iter()
-            .map(|l| l.digest)
-            .chain([img.config_digest, img.manifest_digest])
-        {
+        let Some(index) = &item.index else { continue };
+        index_blobs.push(index.digest);
+        for e in &index.entries {
+            if !e.present {
+                return Err(SaveError::MissingPlatform {
+                    index: index.digest,
+                    platform: e.platform.to_string(),
+                    manifest: e.manifest,
+                });
+            }
+            let img = store
+                .images()
+                .get(&e.manifest)
+                .map_err(|source| SaveError::PlatformImage {
+                    index: index.digest,
+                    manifest: e.manifest,
+                    source: Box::new(source),
+                })?;
+            platform_images.push(img);
+        }
+    }
+    all.extend(items.iter().map(|i| &i.image));
+    all.extend(platform_images.iter());
+    let mut written = BTreeSet::new();
+    let blobs = all
+        .iter()
+        .flat_map(|img| {
+            img.layers
+                .iter()
+                .map(|l| l.digest)
+                .chain([img.config_digest, img.manifest_digest])
+        })
+        .chain(index_blobs);
+    {
+        for d in blobs {
             if !written.insert(d) {
                 continue;
             }
@@ -256,12 +323,19 @@ pub fn save(store: &Store, items: &[SaveItem], format: Format, out: impl Write) 
     let mut manifests = Vec::new();
     for item in items {
         let img = &item.image;
-        let mut desc = Descriptor::new(
-            MediaType::ImageManifest,
-            img.manifest_bytes.len() as u64,
-            oci_digest(&img.manifest_digest),
-        );
-        if let Some(mt) = img.manifest.media_type() {
+        let mut desc = match &item.index {
+            Some(index) => Descriptor::new(
+                MediaType::from(index.media_type.as_str()),
+                index.bytes.len() as u64,
+                oci_digest(&index.digest),
+            ),
+            None => Descriptor::new(
+                MediaType::ImageManifest,
+                img.manifest_bytes.len() as u64,
+                oci_digest(&img.manifest_digest),
+            ),
+        };
+        if let (Some(mt), None) = (img.manifest.media_type(), &item.index) {
             desc.set_media_type(mt.clone());
         }
         if item.tags.is_empty() {

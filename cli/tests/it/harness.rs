@@ -127,6 +127,34 @@ pub fn busybox_tar() -> PathBuf {
     .clone()
 }
 
+/// An arm64 busybox rootfs tarball, made once per test run by
+/// testdata/make-arm64-busybox-rootfs.sh from Debian's busybox-static:arm64 (the .deb is kept in
+/// the temp dir, so only the first run on a machine downloads it). Registers QEMU's arm64
+/// binfmt_misc handler (`kiln setup binfmt arm64`) too, as the tests that use it run arm64 code.
+pub fn arm64_busybox_tar() -> PathBuf {
+    static TAR: OnceLock<PathBuf> = OnceLock::new();
+    TAR.get_or_init(|| {
+        let out = std::env::temp_dir().join(format!("kiln-it-busybox-arm64-{}.tar", std::process::id()));
+        let status = Command::new("bash")
+            .arg(workspace().join("testdata/make-arm64-busybox-rootfs.sh"))
+            .arg(&out)
+            .env("KILN_ARM64_DEB_CACHE", std::env::temp_dir().join("kiln-it-arm64-deb"))
+            .status()
+            .expect("run make-arm64-busybox-rootfs.sh");
+        assert!(
+            status.success(),
+            "testdata/make-arm64-busybox-rootfs.sh failed (needs dpkg's arm64 architecture and qemu-user-static: scripts/setup.sh)"
+        );
+        let setup = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["setup", "binfmt", "arm64"])
+            .output()
+            .expect("spawn kiln setup");
+        assert!(setup.status.success(), "kiln setup binfmt arm64 failed\n{}", frame(&setup));
+        out
+    })
+    .clone()
+}
+
 /// Panics unless running as root (namespaces, overlayfs, chown need it).
 pub fn require_root() {
     assert!(

@@ -13,6 +13,7 @@ mod docker_compat;
 mod gc;
 mod harness;
 mod hostile;
+mod multiplatform;
 mod orphans;
 mod progress;
 mod publish;

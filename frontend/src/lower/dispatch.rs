@@ -648,10 +648,12 @@ impl<'a> Lowerer<'a> {
 
     /// The automatic global ARGs: the target and build platforms, and TARGETSTAGE.
     fn predefined_args(&self, target_stage: &str) -> Env {
-        let p = &self.opts.platform;
-        let variant = p.variant.clone().unwrap_or_default();
         let mut env = Env::new();
-        for prefix in ["TARGET", "BUILD"] {
+        for (prefix, p) in [
+            ("TARGET", &self.opts.platform),
+            ("BUILD", &self.opts.build_platform),
+        ] {
+            let variant = p.variant.clone().unwrap_or_default();
             env.push((format!("{prefix}PLATFORM"), p.to_string()));
             env.push((format!("{prefix}OS"), p.os.clone()));
             env.push((format!("{prefix}ARCH"), p.architecture.clone()));
@@ -718,8 +720,15 @@ impl<'a> Lowerer<'a> {
                     })?;
                     from_args.extend(m.matched.iter().cloned());
                     let v = m.result;
-                    Some(Platform::parse(&v).ok_or_else(|| {
-                        self.err(&from, Some(p), LowerError::BadPlatform { value: v.clone() })
+                    Some(Platform::parse(&v).map_err(|reason| {
+                        self.err(
+                            &from,
+                            Some(p),
+                            LowerError::BadPlatform {
+                                value: v.clone(),
+                                reason,
+                            },
+                        )
                     })?)
                 }
                 None => None,
@@ -798,7 +807,7 @@ impl<'a> Lowerer<'a> {
         if !m.matched.is_empty() || !m.unmatched.is_empty() {
             return;
         }
-        let Some(p) = Platform::parse(&m.result) else {
+        let Ok(p) = Platform::parse(&m.result) else {
             return;
         };
         if stage_name.contains(&p.os) || stage_name.contains(&p.architecture) {
@@ -1060,10 +1069,11 @@ impl<'a> Lowerer<'a> {
             .count();
         let mut p = Progress {
             display: display.clone(),
-            stage_label: if self.single_stage {
-                String::new()
-            } else {
-                display.clone()
+            stage_label: match (self.opts.prefix_platform, self.single_stage) {
+                (true, true) => self.stage_platform(index).to_string(),
+                (true, false) => format!("{} {display}", self.stage_platform(index)),
+                (false, true) => String::new(),
+                (false, false) => display.clone(),
             },
             total: counted + usize::from(image_step),
             step: 0,
@@ -2162,6 +2172,11 @@ impl<'a> Lowerer<'a> {
                 .filter(|h| !h.is_empty())
                 .cloned(),
             extra_hosts: self.opts.extra_hosts.clone(),
+            platform: {
+                let c = &st.config;
+                let p = Platform::new(&c.os, &c.architecture, c.variant.as_deref());
+                (!c.architecture.is_empty() && p != self.opts.build_platform).then_some(p)
+            },
         });
         let mut name = Self::display_text(loc);
         name.push_str(&name_suffix);

@@ -69,8 +69,11 @@ pub enum LowerError {
     },
     #[error("base name ({image}) should not be blank")]
     BlankBaseName { image: String },
-    #[error("failed to parse platform `{value}`: expected os/arch[/variant]")]
-    BadPlatform { value: String },
+    #[error("{reason}")]
+    BadPlatform {
+        value: String,
+        reason: kiln_dag::PlatformError,
+    },
     #[error("target stage \"{target}\" could not be found{}", suggestion_text(.suggestion))]
     UnknownTarget {
         target: String,

@@ -36,8 +36,15 @@ pub struct LowerOptions {
     pub build_args: BTreeMap<String, String>,
     /// `--target`; `None` = the last stage.
     pub target: Option<String>,
-    /// The target platform (also the build platform for now).
+    /// The target platform: `TARGETPLATFORM` and friends, and the platform of every stage
+    /// without `FROM --platform`.
     pub platform: Platform,
+    /// The platform the build runs on: `BUILDPLATFORM` and friends.
+    pub build_platform: Platform,
+    /// Several target platforms are built together: step names start with the stage's platform
+    /// (`[linux/arm64 build 2/3] RUN ...`), as BuildKit names them, so a step shared by every
+    /// platform (a `FROM --platform=$BUILDPLATFORM` stage) has one name in all of them.
+    pub prefix_platform: bool,
     /// `--label`, added to the final image.
     pub labels: BTreeMap<String, String>,
     /// `--no-cache`: every vertex ignores cached results.
@@ -65,6 +72,8 @@ impl Default for LowerOptions {
             build_args: BTreeMap::new(),
             target: None,
             platform: Platform::host(),
+            build_platform: Platform::host(),
+            prefix_platform: false,
             labels: BTreeMap::new(),
             no_cache: false,
             no_cache_filter: Vec::new(),

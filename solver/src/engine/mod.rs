@@ -148,6 +148,16 @@ pub enum EngineError {
     },
     #[error("a blocking task failed: {0}")]
     Join(String),
+    /// A RUN step of another platform cannot run on this host.
+    #[error(
+        "cannot run RUN steps for {platform} on this {host} host: {reason}; install QEMU user emulation \
+         (`apt-get install qemu-user-static`) and register it (`kiln setup binfmt`, as root)"
+    )]
+    Emulation {
+        platform: Box<kiln_dag::Platform>,
+        host: Box<kiln_dag::Platform>,
+        reason: String,
+    },
     #[error("failed to resolve `{path}` to compute the content key")]
     Selection {
         path: String,
@@ -203,6 +213,60 @@ impl Drop for Engine {
     }
 }
 
+/// Fails, before any step runs, when an exec op of `graph` is for a platform this host can run
+/// neither natively nor through a binfmt_misc handler fit for containers (one with the `F` flag).
+pub fn check_emulation(graph: &Graph) -> Result<(), EngineError> {
+    use kiln_runtime::binfmt::{self, Support};
+    let mut platforms: Vec<&kiln_dag::Platform> = graph
+        .vertices
+        .values()
+        .filter_map(|v| match &v.op {
+            Op::Exec(e) => e.platform.as_ref(),
+            _ => None,
+        })
+        .collect();
+    platforms.sort();
+    platforms.dedup();
+    let host = kiln_dag::Platform::host();
+    for p in platforms {
+        let fail = |reason: String| EngineError::Emulation {
+            platform: Box::new(p.clone()),
+            host: Box::new(host.clone()),
+            reason,
+        };
+        if p.os != host.os {
+            return Err(fail(format!("{} programs cannot run on {}", p.os, host.os)));
+        }
+        let support = binfmt::support(&p.architecture).map_err(|e| fail(e.to_string()))?;
+        match support {
+            Support::Native | Support::Emulated(_) => {}
+            Support::NoBinfmt => {
+                return Err(fail(format!(
+                    "binfmt_misc is not mounted at {}",
+                    binfmt::BINFMT_DIR
+                )))
+            }
+            Support::NotFixed(h) => {
+                return Err(fail(format!(
+                    "the binfmt_misc handler `{}` ({}) lacks the F flag, so containers cannot use it",
+                    h.name,
+                    h.interpreter.display()
+                )))
+            }
+            Support::Missing => {
+                let name = binfmt::machine(&p.architecture)
+                    .map(|m| format!(" (qemu-{})", m.qemu))
+                    .unwrap_or_default();
+                return Err(fail(format!(
+                    "no binfmt_misc handler for {}{name} is registered",
+                    p.architecture
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The chain ID of `diff_id` over the layers `base`: the key of the snapshot holding it.
 fn chain_id(base: &[Layer], diff_id: &Digest) -> Digest {
     let mut ids = base.iter().map(|l| l.diff_id).chain(std::iter::once(*diff_id));
@@ -214,6 +278,7 @@ impl Engine {
     /// Prepares an engine for one build of `graph` (the ops carry all it needs; the graph
     /// itself is not kept).
     pub fn new(store: Arc<Store>, graph: Arc<Graph>, opts: EngineOptions) -> Result<Engine, EngineError> {
+        check_emulation(&graph)?;
         if graph
             .vertices
             .values()

@@ -27,7 +27,7 @@ use kiln_dag::Digest;
 pub use auth::{Credentials, DockerConfig};
 pub use client::{Client, ClientError, ClientOptions};
 pub use pull::{pull, resolve_remote, PullError, PullOptions, Pulled};
-pub use push::{push, push_image, Compression, PushError, PushOptions, Pushed};
+pub use push::{push, push_image, push_index, Compression, PushError, PushOptions, Pushed};
 
 /// Media types of the distribution API.
 pub mod media {

@@ -3,6 +3,7 @@
 use std::io::{Read, Write};
 
 use kiln_cache::content::{ContentError, ContentStore};
+use kiln_cache::image_index::Target;
 use kiln_cache::images::{ImageError, MAX_JSON_BYTES};
 use kiln_cache::reference::Reference;
 use kiln_cache::store::StoreError;
@@ -444,17 +445,26 @@ pub fn pull(
             None => head_digest(client, r),
         };
         if let Some(remote) = remote {
-            if local_matches(store, &remote, &local, &opts.platform) {
-                if let Ok(image) = images.get(&local) {
-                    return Ok(Pulled {
-                        reference: r.clone(),
-                        digest: remote,
-                        manifest: local,
-                        image_id: image.config_digest,
-                        downloaded: false,
-                        up_to_date: true,
-                    });
+            // A local tag names the image, or an index whose image for the platform is here.
+            let here = match images.get_target(&local) {
+                Ok(Target::Index(ix)) if remote == local => ix
+                    .select(&opts.platform)
+                    .filter(|e| e.present)
+                    .and_then(|e| images.get(&e.manifest).ok()),
+                Ok(Target::Image(image)) if local_matches(store, &remote, &local, &opts.platform) => {
+                    Some(*image)
                 }
+                _ => None,
+            };
+            if let Some(image) = here {
+                return Ok(Pulled {
+                    reference: r.clone(),
+                    digest: remote,
+                    manifest: image.manifest_digest,
+                    image_id: image.config_digest,
+                    downloaded: false,
+                    up_to_date: true,
+                });
             }
         }
     }
@@ -518,12 +528,22 @@ pub fn pull(
     } else {
         Vec::new()
     };
-    images
-        .register(&[manifest.digest], &tags)
-        .map_err(|source| PullError::Image {
-            reference: reference.clone(),
-            source: Box::new(source),
-        })?;
+    // From an index: the index is kept (tagged, with the repository its other platforms come
+    // from), so a later build or pull for another platform finds it.
+    let image_err = |source| PullError::Image {
+        reference: reference.clone(),
+        source: Box::new(source),
+    };
+    match &top {
+        Some(t) => {
+            images.register(&[manifest.digest], &[]).map_err(image_err)?;
+            let names: Vec<Reference> = tags.iter().map(|(r, _)| r.clone()).collect();
+            images
+                .register_index(&t.digest, Some(r.repository()), &names)
+                .map_err(image_err)?;
+        }
+        None => images.register(&[manifest.digest], &tags).map_err(image_err)?,
+    }
     let meta = BlobMeta::at(store.root());
     let repository = r.repository();
     for (d, _) in &blobs {
@@ -538,7 +558,7 @@ pub fn pull(
         manifest: manifest.digest,
         image_id: image.config_digest,
         downloaded,
-        up_to_date: local == Some(manifest.digest) && !downloaded,
+        up_to_date: (local == Some(manifest.digest) || local == Some(repo_digest)) && !downloaded,
     })
 }
 
@@ -696,7 +716,8 @@ mod tests {
         assert_eq!(sel("linux/amd64").unwrap().unwrap(), "sha256:cc");
         assert_eq!(sel("linux/arm/v7").unwrap().unwrap(), "sha256:bb");
         assert_eq!(sel("linux/arm/v6").unwrap().unwrap(), "sha256:aa");
-        assert_eq!(sel("linux/arm").unwrap().unwrap(), "sha256:aa");
+        // `linux/arm` is arm/v7, as containerd normalises it.
+        assert_eq!(sel("linux/arm").unwrap().unwrap(), "sha256:bb");
         assert_eq!(sel("linux/arm64/v8").unwrap().unwrap(), "sha256:dd");
         let err = sel("linux/s390x").unwrap_err();
         assert!(

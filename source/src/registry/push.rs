@@ -12,6 +12,7 @@
 use std::io::Read;
 
 use kiln_cache::content::ContentError;
+use kiln_cache::image_index::IndexImage;
 use kiln_cache::images::{Image, ImageError};
 use kiln_cache::reference::Reference;
 use kiln_cache::Store;
@@ -522,14 +523,17 @@ pub fn push(
     progress: &dyn TransferProgress,
 ) -> Result<Pushed, PushError> {
     let reference = r.to_string();
-    let image: Image = store
+    let target = store
         .images()
-        .resolve(&reference)
+        .resolve_target(&reference)
         .map_err(|source| PushError::Image {
             reference: reference.clone(),
             source: Box::new(source),
         })?;
-    push_image(client, store, &image, r, opts, progress)
+    match target {
+        kiln_cache::image_index::Target::Image(image) => push_image(client, store, &image, r, opts, progress),
+        kiln_cache::image_index::Target::Index(index) => push_index(client, store, &index, r, opts, progress),
+    }
 }
 
 /// Pushes `image` (from the store) to `r`'s registry and repository, under `r`'s tag (or by
@@ -541,6 +545,111 @@ pub fn push_image(
     r: &Reference,
     opts: &PushOptions,
     progress: &dyn TransferProgress,
+) -> Result<Pushed, PushError> {
+    push_image_to(client, store, image, r, opts, progress, false)
+}
+
+/// Pushes the image index `index` (from the store) to `r`: every platform image it lists, each
+/// under its pushed digest (blobs the images share are sent once: the second finds them with a
+/// `HEAD`), then the index itself under `r`'s tag. Layers compressed on the way change the
+/// platform manifests' digests, so the pushed index is rewritten with the pushed descriptors
+/// (platforms and annotations kept). Every platform image must be in the store.
+pub fn push_index(
+    client: &Client,
+    store: &Store,
+    index: &IndexImage,
+    r: &Reference,
+    opts: &PushOptions,
+    progress: &dyn TransferProgress,
+) -> Result<Pushed, PushError> {
+    let reference = r.to_string();
+    let mut v: Value = serde_json::from_slice(&index.bytes).map_err(|source| PushError::Encode {
+        reference: reference.clone(),
+        source,
+    })?;
+    let images = store.images();
+    let mut changed = false;
+    if let Some(manifests) = v.get_mut("manifests").and_then(Value::as_array_mut) {
+        for m in manifests.iter_mut() {
+            let d = m.get("digest").and_then(Value::as_str).unwrap_or("");
+            let Ok(digest) = Digest::parse(d) else { continue };
+            let image = images.get(&digest).map_err(|source| PushError::Image {
+                reference: format!("{reference} ({digest}, a platform of index {})", index.digest),
+                source: Box::new(source),
+            })?;
+            let pushed = push_image_to(client, store, &image, r, opts, progress, true)?;
+            changed |= pushed.digest != digest;
+            if let Some(obj) = m.as_object_mut() {
+                obj.insert("digest".into(), Value::String(pushed.digest.to_string()));
+                obj.insert("size".into(), Value::from(pushed.size));
+                obj.insert("mediaType".into(), Value::String(pushed.media_type));
+            }
+        }
+    }
+    let bytes = if !changed {
+        index.bytes.clone()
+    } else {
+        serde_json::to_vec(&v).map_err(|source| PushError::Encode {
+            reference: reference.clone(),
+            source,
+        })?
+    };
+    let media_type = v
+        .get("mediaType")
+        .and_then(Value::as_str)
+        .unwrap_or(media::OCI_INDEX)
+        .to_string();
+    let tag = match (r.digest(), r.tag()) {
+        (Some(d), _) => d.to_string(),
+        (None, Some(t)) => t.to_string(),
+        (None, None) => "latest".to_string(),
+    };
+    put_manifest(client, r, &tag, &media_type, &bytes)?;
+    Ok(Pushed {
+        reference: r.clone(),
+        digest: Digest::of(&bytes),
+        size: bytes.len() as u64,
+        media_type,
+    })
+}
+
+fn put_manifest(
+    client: &Client,
+    r: &Reference,
+    tag: &str,
+    media_type: &str,
+    bytes: &[u8],
+) -> Result<(), PushError> {
+    let url = client.url(r.domain(), r.path(), "manifests", tag);
+    let manifest_err = |source| PushError::Manifest {
+        reference: r.to_string(),
+        source: Box::new(source),
+    };
+    let resp = client
+        .send(
+            r.domain(),
+            &push_scope(r.path(), None),
+            &Method::PUT,
+            &url,
+            &[("content-type", media_type.to_string())],
+            Payload::Bytes(bytes),
+        )
+        .map_err(manifest_err)?;
+    if !resp.status().is_success() {
+        return Err(manifest_err(ClientError::from_response(&Method::PUT, &url, resp)));
+    }
+    Ok(())
+}
+
+/// [`push_image`], under `r`'s tag or, with `by_digest`, under the pushed manifest's digest.
+fn push_image_to(
+    client: &Client,
+    store: &Store,
+    image: &Image,
+    r: &Reference,
+    opts: &PushOptions,
+    progress: &dyn TransferProgress,
+    by_digest: bool,
 ) -> Result<Pushed, PushError> {
     let reference = r.to_string();
     let docker_manifest = serde_json::from_slice::<Value>(&image.manifest_bytes)
@@ -600,29 +709,13 @@ pub fn push_image(
         .ok()
         .and_then(|v| v.get("mediaType").and_then(Value::as_str).map(str::to_string))
         .unwrap_or_else(|| media::OCI_MANIFEST.to_string());
-    let tag = match (r.digest(), r.tag()) {
-        (Some(d), _) => d.to_string(),
-        (None, Some(t)) => t.to_string(),
-        (None, None) => "latest".to_string(),
+    let tag = match (by_digest, r.digest(), r.tag()) {
+        (true, _, _) => digest.to_string(),
+        (false, Some(d), _) => d.to_string(),
+        (false, None, Some(t)) => t.to_string(),
+        (false, None, None) => "latest".to_string(),
     };
-    let url = client.url(r.domain(), r.path(), "manifests", &tag);
-    let manifest_err = |source| PushError::Manifest {
-        reference: reference.clone(),
-        source: Box::new(source),
-    };
-    let resp = client
-        .send(
-            r.domain(),
-            &ctx.scope(),
-            &Method::PUT,
-            &url,
-            &[("content-type", media_type.clone())],
-            Payload::Bytes(&manifest_bytes),
-        )
-        .map_err(manifest_err)?;
-    if !resp.status().is_success() {
-        return Err(manifest_err(ClientError::from_response(&Method::PUT, &url, resp)));
-    }
+    put_manifest(client, r, &tag, &media_type, &manifest_bytes)?;
     let repository = r.repository();
     for s in &sent {
         let _ = ctx.meta.record_source(&s.digest, &repository);
