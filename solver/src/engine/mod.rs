@@ -515,6 +515,27 @@ impl Engine {
 impl Executor for Engine {
     type Output = Output;
 
+    /// An image source is keyed by its platform and its layers' diff IDs, not by its reference
+    /// and manifest digest: a RUN over it sees its filesystem only (env, user, workdir and shell
+    /// are fields of the steps' ops), so the same base image re-imported or pulled under another
+    /// name keeps every key after it, on any machine.
+    fn key_identity(&self, v: &Vertex, digest: &Digest) -> Digest {
+        let Op::Source(SourceOp::Image(i)) = &v.op else {
+            return crate::cachekey::op_identity(v);
+        };
+        match self.image_layers(&i.reference, i.resolved_digest.as_ref()) {
+            Ok(layers) => {
+                let mut text = format!("kiln image source v1\0{}", i.platform);
+                for l in &layers {
+                    text.push('\0');
+                    text.push_str(&l.diff_id.to_string());
+                }
+                Digest::of(text.as_bytes())
+            }
+            Err(_) => *digest,
+        }
+    }
+
     fn content_inputs(&self, v: &Vertex) -> Vec<usize> {
         let mut out: Vec<usize> = self.content_copies(v).into_iter().map(|(i, _)| i).collect();
         out.sort_unstable();
