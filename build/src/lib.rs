@@ -31,6 +31,7 @@
 //! engine mounts overlays from this process.
 #![forbid(unsafe_code)]
 
+pub mod cache_io;
 pub mod context;
 pub mod export;
 mod metadata;
@@ -52,6 +53,8 @@ use kiln_solver::engine::{Engine, EngineError, EngineOptions};
 use kiln_solver::scheduler::{self, SolveError, SolveOptions};
 use kiln_source::registry::{Client, Pushed};
 
+pub use cache_io::spec::{parse_cache_from, parse_cache_to, CacheFrom, CacheSpecError, CacheTo};
+pub use cache_io::CacheError;
 pub use context::{ContextError, Dockerfile, Inputs};
 pub use export::ExportError;
 pub use kiln_solver::progress::ProgressSink;
@@ -112,6 +115,8 @@ pub enum BuildError {
     Export(#[from] ExportError),
     #[error(transparent)]
     Push(#[from] PushError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
     #[error("the {step} task of the build panicked")]
     Panicked { step: &'static str },
 }
@@ -414,19 +419,55 @@ impl Planned {
         cancel: CancelToken,
     ) -> Result<BuildResult, BuildError> {
         let build_ref = metadata::new_build_ref();
-        let layers = solve(
+        let imported = {
+            let (store, from, registry, platform, progress) = (
+                store.clone(),
+                self.prepared.req.cache_from.clone(),
+                self.prepared.req.registry.clone(),
+                self.prepared.plan.platform.clone(),
+                progress.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                cache_io::import_all(&store, &from, &registry, &platform, &progress).map(Arc::new)
+            })
+            .await
+            .map_err(|_| BuildError::Panicked { step: "cache import" })?
+        };
+        let mut input = self.solve_input();
+        input.engine.cache_source = imported
+            .clone()
+            .map(|c| c as Arc<dyn kiln_solver::engine::CacheSource>);
+        let solved = solve(
             store.clone(),
-            self.solve_input(),
+            input,
+            imported.as_deref(),
             progress.clone(),
             cancel.clone(),
         )
         .await?;
+        if let Some(c) = &imported {
+            tracing::info!(
+                records = c.len(),
+                fetched_bytes = c.fetched_bytes(),
+                "imported build cache used"
+            );
+        }
         if cancel.is_cancelled() {
             return Err(BuildError::Cancelled);
         }
-        tokio::task::spawn_blocking(move || finish(&store, &self, &layers, build_ref, &progress, &cancel))
-            .await
-            .map_err(|_| BuildError::Panicked { step: "export" })?
+        tokio::task::spawn_blocking(move || {
+            finish(
+                &store,
+                &self,
+                &solved,
+                imported.as_deref(),
+                build_ref,
+                &progress,
+                &cancel,
+            )
+        })
+        .await
+        .map_err(|_| BuildError::Panicked { step: "export" })?
     }
 }
 
@@ -487,6 +528,7 @@ impl Planned {
                 allow_insecure: req.entitlements.security_insecure,
                 proxy_env: self.lowered.proxy_env.clone(),
                 source_date_epoch: req.source_date_epoch,
+                cache_source: None,
             },
             // Steps mostly wait on processes and disks rather than on CPU (BuildKit sets no
             // limit at all), so by default several steps per CPU may run at once.
@@ -498,13 +540,49 @@ impl Planned {
     }
 }
 
-/// Step 4: runs the graph to the target's root; returns its layers.
+/// What the solve gave: the root's layers and what the cache export needs.
+struct Solved {
+    layers: Arc<Vec<Layer>>,
+    cache: kiln_solver::engine::SolvedCache,
+}
+
+/// How many times a solve starts again after an imported blob failed its digest check.
+const CACHE_RETRIES: usize = 8;
+
+/// The imported blob that made a solve fail its digest check (or its fetch), if that is why.
+fn failed_cache_blob(e: &SolveError) -> Option<kiln_dag::Digest> {
+    match e {
+        SolveError::ContentKey { source, .. }
+        | SolveError::Lookup { source, .. }
+        | SolveError::Execute { source, .. }
+        | SolveError::Record { source, .. } => failed_cache_blob(source),
+        SolveError::Op(inner) => {
+            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
+            while let Some(err) = cur {
+                if let Some(EngineError::CacheBlob { blob, .. }) = err.downcast_ref::<EngineError>() {
+                    return Some(*blob);
+                }
+                if let Some(s) = err.downcast_ref::<SolveError>() {
+                    return failed_cache_blob(s);
+                }
+                cur = err.source();
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+/// Step 4: runs the graph to the target's root; returns its layers. An imported blob that fails
+/// its digest check is rejected (the records naming it stop matching) and the solve runs again,
+/// rerunning those steps: never a wrong result.
 async fn solve(
     store: Arc<Store>,
     input: SolveInput,
+    imported: Option<&cache_io::ImportedCache>,
     progress: ProgressSink,
     cancel: CancelToken,
-) -> Result<Arc<Vec<Layer>>, BuildError> {
+) -> Result<Solved, BuildError> {
     let SolveInput {
         graph,
         root,
@@ -512,13 +590,79 @@ async fn solve(
         jobs,
         dockerfile,
     } = input;
-    let engine =
-        Arc::new(Engine::new(store, graph.clone(), engine).map_err(|e| BuildError::Engine(Box::new(e)))?);
-    let solved = scheduler::solve(&graph, &[root], engine, SolveOptions { jobs }, progress, cancel).await;
-    let mut resolved = solved.map_err(|error| BuildError::Solve { dockerfile, error })?;
-    match resolved.pop().map(|r| r.output) {
-        Some(kiln_solver::engine::Output::Fs(layers)) => Ok(layers),
-        _ => Err(ExportError::NotAFilesystem.into()),
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let engine = Arc::new(
+            Engine::new(store.clone(), graph.clone(), engine.clone())
+                .map_err(|e| BuildError::Engine(Box::new(e)))?,
+        );
+        let solved = scheduler::solve(
+            &graph,
+            &[root],
+            engine.clone(),
+            SolveOptions { jobs },
+            progress.clone(),
+            cancel.clone(),
+        )
+        .await;
+        let mut resolved = match solved {
+            Ok(r) => r,
+            Err(error) => {
+                if let (Some(blob), Some(cache)) = (failed_cache_blob(&error), imported) {
+                    if attempt < CACHE_RETRIES && !cancel.is_cancelled() {
+                        use kiln_solver::engine::CacheSource as _;
+                        cache.reject(&blob);
+                        progress.warn(format!(
+                            "imported cache layer {blob} is unusable ({}); the steps that used it run again",
+                            cache_io::chain(&error)
+                        ));
+                        continue;
+                    }
+                }
+                return Err(BuildError::Solve { dockerfile, error });
+            }
+        };
+        let Some(kiln_solver::engine::Output::Fs(layers)) = resolved.pop().map(|r| r.output) else {
+            return Err(ExportError::NotAFilesystem.into());
+        };
+        // The image's layers found in an imported cache come into the store now (and only
+        // those): one that fails its digest check is rejected like any other, and the steps
+        // that made it run again.
+        if let Some(cache) = imported {
+            let missing: Vec<kiln_dag::Digest> = layers
+                .iter()
+                .map(|l| l.blob)
+                .filter(|b| !store.content().contains(b) && cache.source_of(b).is_some())
+                .collect();
+            let fetched = tokio::task::block_in_place(|| {
+                cache_io::parallel(&missing, 4, |b| {
+                    use kiln_solver::engine::CacheSource as _;
+                    cache.fetch(&store, b).map_err(|e| (*b, e))
+                })
+            });
+            if let Err((blob, source)) = fetched {
+                if attempt < CACHE_RETRIES && !cancel.is_cancelled() {
+                    use kiln_solver::engine::CacheSource as _;
+                    cache.reject(&blob);
+                    progress.warn(format!(
+                        "imported cache layer {blob} is unusable ({}); the steps that made it run again",
+                        cache_io::chain(source.as_ref())
+                    ));
+                    continue;
+                }
+                return Err(CacheError::Fetch {
+                    target: "the local store".into(),
+                    blob,
+                    source,
+                }
+                .into());
+            }
+        }
+        return Ok(Solved {
+            layers,
+            cache: engine.solved_cache(),
+        });
     }
 }
 
@@ -526,7 +670,8 @@ async fn solve(
 fn finish(
     store: &Store,
     planned: &Planned,
-    layers: &[Layer],
+    solved: &Solved,
+    imported: Option<&cache_io::ImportedCache>,
     build_ref: String,
     progress: &ProgressSink,
     cancel: &CancelToken,
@@ -534,6 +679,18 @@ fn finish(
     use kiln_solver::progress::EventKind;
     let req = &planned.prepared.req;
     let plan = &planned.prepared.plan;
+    let layers: &[Layer] = &solved.layers;
+    let cache_to = req.cache_exports();
+    let mut config = planned.lowered.config.clone();
+    // A base image's inline cache describes the base, not this image.
+    config.other.remove(cache_io::format::INLINE_KEY);
+    config.other.remove(cache_io::format::BUILDKIT_INLINE_KEY);
+    if cache_to.contains(&CacheTo::Inline) {
+        config.other.insert(
+            cache_io::format::INLINE_KEY.to_string(),
+            cache_io::inline_config(&solved.cache, layers),
+        );
+    }
     // BuildKit's last step: `exporting to image`, with `exporting layers`, `writing image
     // sha256:…` and one `naming to NAME` per name.
     let vertex = kiln_dag::Digest::of(format!("kiln-build exporting to image {build_ref}").as_bytes());
@@ -546,10 +703,9 @@ fn finish(
         let vp = progress.for_vertex(vertex);
         let epoch_time = req.source_date_epoch.map(kiln_cache::images::rfc3339);
         let t = std::time::SystemTime::now();
-        let image =
-            kiln_solver::engine::export_image(store, layers, &planned.lowered.config, epoch_time.as_deref())
-                .map_err(|e| ExportError::Image(Box::new(e)))?
-                .image;
+        let image = kiln_solver::engine::export_image(store, layers, &config, epoch_time.as_deref())
+            .map_err(|e| ExportError::Image(Box::new(e)))?
+            .image;
         vp.status_done("exporting layers", 0, t);
         vp.status_done(
             format!("writing image {}", image.config_digest),
@@ -593,6 +749,20 @@ fn finish(
         &req.registry,
         progress,
         &build_ref,
+    )?;
+    let secrets: Vec<&[u8]> = req.secrets.values().map(|s| s.data.as_slice()).collect();
+    cache_io::export_all(
+        &cache_to,
+        &cache_io::ExportInput {
+            store,
+            solved: &solved.cache,
+            result: layers,
+            imported,
+            secrets,
+            registry: &req.registry,
+            progress,
+            build_ref: &build_ref,
+        },
     )?;
     let mut names = plan.local_names.clone();
     for j in &plan.push_jobs {
