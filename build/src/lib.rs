@@ -31,6 +31,7 @@
 //! engine mounts overlays from this process.
 #![forbid(unsafe_code)]
 
+pub mod cache_io;
 pub mod context;
 pub mod export;
 mod metadata;
@@ -52,6 +53,8 @@ use kiln_solver::engine::{Engine, EngineError, EngineOptions};
 use kiln_solver::scheduler::{self, SolveError, SolveOptions};
 use kiln_source::registry::{Client, Pushed};
 
+pub use cache_io::spec::{parse_cache_from, parse_cache_to, CacheFrom, CacheSpecError, CacheTo};
+pub use cache_io::CacheError;
 pub use context::{ContextError, Dockerfile, Inputs};
 pub use export::ExportError;
 pub use kiln_solver::progress::ProgressSink;
@@ -110,6 +113,8 @@ pub enum BuildError {
     Export(#[from] ExportError),
     #[error(transparent)]
     Push(#[from] PushError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
     #[error("the {step} task of the build panicked")]
     Panicked { step: &'static str },
 }
@@ -451,19 +456,56 @@ impl Planned {
         cancel: CancelToken,
     ) -> Result<BuildResult, BuildError> {
         let build_ref = metadata::new_build_ref();
-        let layers = solve(
+        let imported = {
+            let (store, from, registry, platform, progress) = (
+                store.clone(),
+                self.prepared.req.cache_from.clone(),
+                self.prepared.req.registry.clone(),
+                // An image with an inline cache that is an index: the first target's image.
+                self.prepared.plan.platforms[0].clone(),
+                progress.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                cache_io::import_all(&store, &from, &registry, &platform, &progress).map(Arc::new)
+            })
+            .await
+            .map_err(|_| BuildError::Panicked { step: "cache import" })?
+        };
+        let mut input = self.solve_input();
+        input.engine.cache_source = imported
+            .clone()
+            .map(|c| c as Arc<dyn kiln_solver::engine::CacheSource>);
+        let solved = solve(
             store.clone(),
-            self.solve_input(),
+            input,
+            imported.as_deref(),
             progress.clone(),
             cancel.clone(),
         )
         .await?;
+        if let Some(c) = &imported {
+            tracing::info!(
+                records = c.len(),
+                fetched_bytes = c.fetched_bytes(),
+                "imported build cache used"
+            );
+        }
         if cancel.is_cancelled() {
             return Err(BuildError::Cancelled);
         }
-        tokio::task::spawn_blocking(move || finish(&store, &self, &layers, build_ref, &progress, &cancel))
-            .await
-            .map_err(|_| BuildError::Panicked { step: "export" })?
+        tokio::task::spawn_blocking(move || {
+            finish(
+                &store,
+                &self,
+                &solved,
+                imported.as_deref(),
+                build_ref,
+                &progress,
+                &cancel,
+            )
+        })
+        .await
+        .map_err(|_| BuildError::Panicked { step: "export" })?
     }
 }
 
@@ -537,6 +579,7 @@ impl Planned {
                 allow_insecure: req.entitlements.security_insecure,
                 proxy_env: self.lowered[0].proxy_env.clone(),
                 source_date_epoch: req.source_date_epoch,
+                cache_source: None,
             },
             // Steps mostly wait on processes and disks rather than on CPU (BuildKit sets no
             // limit at all), so by default several steps per CPU may run at once.
@@ -548,14 +591,51 @@ impl Planned {
     }
 }
 
+/// What the solve gave: each root's layers (one root per target platform) and what the cache
+/// export needs.
+struct Solved {
+    layers: Vec<Arc<Vec<Layer>>>,
+    cache: kiln_solver::engine::SolvedCache,
+}
+
+/// How many times a solve starts again after an imported blob failed its digest check.
+const CACHE_RETRIES: usize = 8;
+
+/// The imported blob that made a solve fail its digest check (or its fetch), if that is why.
+fn failed_cache_blob(e: &SolveError) -> Option<kiln_dag::Digest> {
+    match e {
+        SolveError::ContentKey { source, .. }
+        | SolveError::Lookup { source, .. }
+        | SolveError::Execute { source, .. }
+        | SolveError::Record { source, .. } => failed_cache_blob(source),
+        SolveError::Op(inner) => {
+            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
+            while let Some(err) = cur {
+                if let Some(EngineError::CacheBlob { blob, .. }) = err.downcast_ref::<EngineError>() {
+                    return Some(*blob);
+                }
+                if let Some(s) = err.downcast_ref::<SolveError>() {
+                    return failed_cache_blob(s);
+                }
+                cur = err.source();
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
 /// Step 4: runs the graph to every platform's root (independent vertices in parallel, shared
-/// ones once); returns each root's layers, in order.
+/// ones once); returns each root's layers, in order. An imported blob that fails its digest
+/// check is rejected (the records naming it stop matching) and the solve runs again, rerunning
+/// those steps: never a wrong result.
 async fn solve(
     store: Arc<Store>,
     input: SolveInput,
+    imported: Option<&cache_io::ImportedCache>,
     progress: ProgressSink,
     cancel: CancelToken,
-) -> Result<Vec<Arc<Vec<Layer>>>, BuildError> {
+) -> Result<Solved, BuildError> {
     let SolveInput {
         graph,
         roots,
@@ -563,17 +643,87 @@ async fn solve(
         jobs,
         dockerfile,
     } = input;
-    let engine =
-        Arc::new(Engine::new(store, graph.clone(), engine).map_err(|e| BuildError::Engine(Box::new(e)))?);
-    let solved = scheduler::solve(&graph, &roots, engine, SolveOptions { jobs }, progress, cancel).await;
-    let resolved = solved.map_err(|error| BuildError::Solve { dockerfile, error })?;
-    resolved
-        .into_iter()
-        .map(|r| match r.output {
-            kiln_solver::engine::Output::Fs(layers) => Ok(layers),
-            _ => Err(ExportError::NotAFilesystem.into()),
-        })
-        .collect()
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let engine = Arc::new(
+            Engine::new(store.clone(), graph.clone(), engine.clone())
+                .map_err(|e| BuildError::Engine(Box::new(e)))?,
+        );
+        let solved = scheduler::solve(
+            &graph,
+            &roots,
+            engine.clone(),
+            SolveOptions { jobs },
+            progress.clone(),
+            cancel.clone(),
+        )
+        .await;
+        let resolved = match solved {
+            Ok(r) => r,
+            Err(error) => {
+                if let (Some(blob), Some(cache)) = (failed_cache_blob(&error), imported) {
+                    if attempt < CACHE_RETRIES && !cancel.is_cancelled() {
+                        use kiln_solver::engine::CacheSource as _;
+                        cache.reject(&blob);
+                        progress.warn(format!(
+                            "imported cache layer {blob} is unusable ({}); the steps that used it run again",
+                            cache_io::chain(&error)
+                        ));
+                        continue;
+                    }
+                }
+                return Err(BuildError::Solve { dockerfile, error });
+            }
+        };
+        let layers = resolved
+            .into_iter()
+            .map(|r| match r.output {
+                kiln_solver::engine::Output::Fs(layers) => Ok(layers),
+                _ => Err(BuildError::from(ExportError::NotAFilesystem)),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // The image's layers found in an imported cache come into the store now (and only
+        // those): one that fails its digest check is rejected like any other, and the steps
+        // that made it run again.
+        if let Some(cache) = imported {
+            let mut missing: Vec<kiln_dag::Digest> = layers
+                .iter()
+                .flat_map(|ls| ls.iter())
+                .map(|l| l.blob)
+                .filter(|b| !store.content().contains(b) && cache.source_of(b).is_some())
+                .collect();
+            missing.sort_unstable();
+            missing.dedup();
+            let fetched = tokio::task::block_in_place(|| {
+                cache_io::parallel(&missing, 4, |b| {
+                    use kiln_solver::engine::CacheSource as _;
+                    cache.fetch(&store, b).map_err(|e| (*b, e))
+                })
+            });
+            if let Err((blob, source)) = fetched {
+                if attempt < CACHE_RETRIES && !cancel.is_cancelled() {
+                    use kiln_solver::engine::CacheSource as _;
+                    cache.reject(&blob);
+                    progress.warn(format!(
+                        "imported cache layer {blob} is unusable ({}); the steps that made it run again",
+                        cache_io::chain(source.as_ref())
+                    ));
+                    continue;
+                }
+                return Err(CacheError::Fetch {
+                    target: "the local store".into(),
+                    blob,
+                    source,
+                }
+                .into());
+            }
+        }
+        return Ok(Solved {
+            layers,
+            cache: engine.solved_cache(),
+        });
+    }
 }
 
 /// Steps 5 and 6: the images into the store (with an index over them for several
@@ -581,7 +731,8 @@ async fn solve(
 fn finish(
     store: &Store,
     planned: &Planned,
-    layers: &[Arc<Vec<Layer>>],
+    solved: &Solved,
+    imported: Option<&cache_io::ImportedCache>,
     build_ref: String,
     progress: &ProgressSink,
     cancel: &CancelToken,
@@ -589,6 +740,8 @@ fn finish(
     use kiln_solver::progress::EventKind;
     let req = &planned.prepared.req;
     let plan = &planned.prepared.plan;
+    let layers: &[Arc<Vec<Layer>>] = &solved.layers;
+    let cache_to = req.cache_exports();
     // BuildKit's last step: `exporting to image`, with `exporting layers`, `writing image
     // sha256:…` and one `naming to NAME` per name.
     let vertex = kiln_dag::Digest::of(format!("kiln-build exporting to image {build_ref}").as_bytes());
@@ -604,10 +757,19 @@ fn finish(
             let t = std::time::SystemTime::now();
             let mut images = Vec::with_capacity(layers.len());
             for ((platform, lowered), layers) in planned.lowered_all().zip(layers) {
-                let image =
-                    kiln_solver::engine::export_image(store, layers, &lowered.config, epoch_time.as_deref())
-                        .map_err(|e| ExportError::Image(Box::new(e)))?
-                        .image;
+                let mut config = lowered.config.clone();
+                // A base image's inline cache describes the base, not this image.
+                config.other.remove(cache_io::format::INLINE_KEY);
+                config.other.remove(cache_io::format::BUILDKIT_INLINE_KEY);
+                if cache_to.contains(&CacheTo::Inline) {
+                    config.other.insert(
+                        cache_io::format::INLINE_KEY.to_string(),
+                        cache_io::inline_config(&solved.cache, layers),
+                    );
+                }
+                let image = kiln_solver::engine::export_image(store, layers, &config, epoch_time.as_deref())
+                    .map_err(|e| ExportError::Image(Box::new(e)))?
+                    .image;
                 images.push(PlatformImage {
                     platform: platform.clone(),
                     image,
@@ -682,6 +844,20 @@ fn finish(
             &build_ref,
         )?,
     };
+    let secrets: Vec<&[u8]> = req.secrets.values().map(|s| s.data.as_slice()).collect();
+    cache_io::export_all(
+        &cache_to,
+        &cache_io::ExportInput {
+            store,
+            solved: &solved.cache,
+            results: layers.iter().map(|l| l.as_slice()).collect(),
+            imported,
+            secrets,
+            registry: &req.registry,
+            progress,
+            build_ref: &build_ref,
+        },
+    )?;
     let mut names = plan.local_names.clone();
     for j in &plan.push_jobs {
         push_unique(&mut names, j.reference.clone());

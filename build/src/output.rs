@@ -148,7 +148,7 @@ const ALL_KEYS: &[&str] = &[
 ];
 
 /// Go's `strconv.ParseBool`, which BuildKit uses for its boolean options.
-fn parse_bool(v: &str) -> Option<bool> {
+pub(crate) fn parse_bool(v: &str) -> Option<bool> {
     match v {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
@@ -158,7 +158,7 @@ fn parse_bool(v: &str) -> Option<bool> {
 
 /// Splits one CSV record as Go's encoding/csv (and buildx) read it: quotes group commas
 /// (`"name=a,b"`), `""` inside quotes is a quote.
-fn csv_fields(spec: &str) -> Result<Vec<String>, OutputError> {
+pub(crate) fn csv_fields(spec: &str) -> Result<Vec<String>, OutputError> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)

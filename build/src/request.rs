@@ -11,6 +11,7 @@ use kiln_dag::Platform;
 use kiln_solver::engine::Secret;
 use kiln_source::registry::ClientOptions;
 
+use crate::cache_io::spec::{CacheFrom, CacheTo};
 use crate::output::OutputSpec;
 
 /// Where the build context comes from.
@@ -146,6 +147,11 @@ pub struct BuildRequest {
     /// The registry client's options, for base images and pushes (credentials directory,
     /// plain-HTTP registries, retries).
     pub registry: ClientOptions,
+    /// `--cache-from`: caches whose records the solve may use, in order (the first naming a key
+    /// wins).
+    pub cache_from: Vec<CacheFrom>,
+    /// `--cache-to`: where the build's cache goes after the image is written.
+    pub cache_to: Vec<CacheTo>,
 }
 
 impl BuildRequest {
@@ -175,7 +181,23 @@ impl BuildRequest {
             network: kiln_dag::NetworkMode::Default,
             extra_hosts: Vec::new(),
             registry: ClientOptions::from_env(),
+            cache_from: Vec::new(),
+            cache_to: Vec::new(),
         }
+    }
+
+    /// The `--cache-to` list, with `type=inline` added for the `BUILDKIT_INLINE_CACHE` build
+    /// argument.
+    pub(crate) fn cache_exports(&self) -> Vec<CacheTo> {
+        let mut out = self.cache_to.clone();
+        let inline_arg = self
+            .build_args
+            .get("BUILDKIT_INLINE_CACHE")
+            .is_some_and(|v| is_truthy(v));
+        if inline_arg && !out.contains(&CacheTo::Inline) {
+            out.push(CacheTo::Inline);
+        }
+        out
     }
 
     /// Whether Git contexts keep their `.git`: the request's flag or the

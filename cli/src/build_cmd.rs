@@ -56,6 +56,12 @@ pub struct BuildArgs {
     /// Push the image to its registries (shorthand for `--output=type=image,push=true`)
     #[arg(long)]
     pub push: bool,
+    /// External cache sources (type=registry,ref=REF | type=local,src=DIR | REF); repeatable
+    #[arg(long = "cache-from")]
+    pub cache_from: Vec<String>,
+    /// Cache export destinations (type=registry,ref=REF[,mode=min|max,...] | type=local,dest=DIR | type=inline); repeatable
+    #[arg(long = "cache-to")]
+    pub cache_to: Vec<String>,
     /// Keep the image in the local store (always done; accepted for Docker's muscle memory)
     #[arg(long)]
     pub load: bool,
@@ -507,6 +513,16 @@ fn request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
     req.network = network;
     req.extra_hosts = extra_hosts;
     req.registry = kiln_source::registry::ClientOptions::from_env();
+    req.cache_from = args
+        .cache_from
+        .iter()
+        .map(|s| kiln_build::parse_cache_from(s))
+        .collect::<Result<_, _>>()?;
+    req.cache_to = args
+        .cache_to
+        .iter()
+        .map(|s| kiln_build::parse_cache_to(s))
+        .collect::<Result<_, _>>()?;
     Ok(req)
 }
 

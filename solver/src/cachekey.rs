@@ -9,7 +9,7 @@
 //! | part | what goes in | why |
 //! | --- | --- | --- |
 //! | domain | the bytes `kiln cache key` and [`KEY_VERSION`] | a change in this layout invalidates every old key instead of silently matching it |
-//! | op | the vertex digest: sha256 of the op's canonical encoding and its inputs' digests ([`kiln_dag::Vertex::encode`]) | the command, env, mounts, copy flags, platform…: anything that changes the result is an op field |
+//! | op | [`op_identity`]: sha256 of the op's canonical encoding without its inputs' digests; for an image source, its platform and its layers' diff IDs (`Executor::key_identity`) | the command, env, mounts, copy flags, platform…: anything that changes the result is an op field; inputs count through their keys, so a base image re-imported, pulled under another tag or digest, or mirrored keeps every key after it |
 //! | inputs | the number of key inputs, then each input's cache key, in input order | an input rebuilt to a different result changes every key downstream; order matters (mount 0 vs 1) |
 //! | content | `0`, or `1` and the content key the op computed from the files it reads | every COPY/ADD is keyed by the bytes, modes and owners of the files it can select, never by the vertex that made them: touching a file or changing an unrelated one keeps the key, and so does a source stage that runs again and gives the same files |
 //!
@@ -52,7 +52,7 @@ use std::fmt;
 use kiln_dag::Digest;
 
 /// Bumped whenever the layout in the module table changes.
-pub const KEY_VERSION: u32 = 1;
+pub const KEY_VERSION: u32 = 2;
 
 /// A 32-byte blake3 cache key, displayed as 64 lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -98,6 +98,19 @@ impl fmt::Debug for CacheKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "CacheKey({})", &self.hex()[..12])
     }
+}
+
+/// The op part of a vertex's key: sha256 of the canonical encoding of its op alone, without the
+/// digests of its inputs (which enter the key through their own keys: an input made by other
+/// means, a base image pulled under another name, gives the same key when it gives the same
+/// result).
+pub fn op_identity(v: &kiln_dag::Vertex) -> Digest {
+    kiln_dag::Vertex {
+        op: v.op.clone(),
+        inputs: Vec::new(),
+        meta: kiln_dag::Meta::default(),
+    }
+    .digest()
 }
 
 /// The cache key of a vertex: its op digest, the keys of the inputs it does not read by content,

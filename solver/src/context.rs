@@ -83,14 +83,14 @@ impl Entry {
 }
 
 impl Entry {
-    /// What a cache key sees of this entry: path, type, mode, owner, link target and content.
+    /// What a cache key sees of this entry: path, type, mode, link target and content. Not the
+    /// owner: a copy from the context owns its files by root (or `--chown`), as BuildKit resets
+    /// the context's owners to 0, so a checkout by another user on another runner keeps the keys.
     fn feed(&self, h: &mut Feed) {
         let b = &mut h.buf;
         b.extend_from_slice(self.path.as_bytes());
         b.extend_from_slice(&[0, self.kind as u8]);
         b.extend_from_slice(&self.mode.to_le_bytes());
-        b.extend_from_slice(&self.uid.to_le_bytes());
-        b.extend_from_slice(&self.gid.to_le_bytes());
         b.extend_from_slice(self.link.as_bytes());
         b.push(0);
         b.extend_from_slice(&self.content);
@@ -686,8 +686,6 @@ mod tests {
             plain.update(e.path.as_bytes());
             plain.update(&[0, e.kind as u8]);
             plain.update(&e.mode.to_le_bytes());
-            plain.update(&e.uid.to_le_bytes());
-            plain.update(&e.gid.to_le_bytes());
             plain.update(e.link.as_bytes());
             plain.update(&[0]);
             plain.update(&e.content);

@@ -60,6 +60,13 @@ pub trait Executor: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// The op identity the vertex's cache key starts from: [`cachekey::op_identity`] (the op
+    /// without its inputs' digests), unless the executor knows that part of the op cannot change
+    /// the result (an image source is its filesystem, whatever name it was resolved from).
+    fn key_identity(&self, v: &Vertex, _digest: &Digest) -> Digest {
+        cachekey::op_identity(v)
+    }
+
     /// Extra key material computed from the files the op selects; `None` = the op digest and the
     /// input keys are the whole key. `inputs[i]` is the input at position `content_inputs(v)[i]`
     /// (sorted, without duplicates). Never include an mtime, a host path or a secret.
@@ -654,7 +661,8 @@ impl<E: Executor> Run<E> {
                         _ => None,
                     })
                     .collect();
-                let key = cachekey::compute(&n.digest, &keys, content.as_ref());
+                let identity = self.exec.key_identity(&n.vertex, &n.digest);
+                let key = cachekey::compute(&identity, &keys, content.as_ref());
                 tracing::debug!(vertex = %n.digest, %key, "cache key");
                 self.nodes[i].key = KeyState::Done { key, content };
             }

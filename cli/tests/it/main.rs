@@ -6,6 +6,7 @@ mod attach;
 mod build;
 mod build_flags;
 mod checks;
+mod cicache;
 mod container_fs;
 mod containers;
 mod debug;

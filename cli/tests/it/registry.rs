@@ -122,28 +122,33 @@ fn ingest_files(root: &Path) -> usize {
 
 /// What the proxy does to requests.
 #[derive(Default)]
-struct Faults {
+pub(crate) struct Faults {
     /// Require `Bearer` tokens from our own token endpoint, which checks these Basic creds.
-    bearer: Option<(String, String)>,
+    pub(crate) bearer: Option<(String, String)>,
     /// Serve this blob (`sha256:...`) with one byte flipped.
-    corrupt: Option<String>,
+    pub(crate) corrupt: Option<String>,
     /// Cut this blob off halfway, once.
-    truncate_once: Option<String>,
+    pub(crate) truncate_once: Option<String>,
     /// Answer this many manifest requests with 500 first.
-    fail_manifests: usize,
+    pub(crate) fail_manifests: usize,
     /// Answer this many manifest requests with 429 (Retry-After: 0) first.
-    throttle_manifests: usize,
+    pub(crate) throttle_manifests: usize,
     /// Answer every manifest request with this status line (e.g. `403 Forbidden`).
-    deny_manifests: Option<&'static str>,
+    pub(crate) deny_manifests: Option<&'static str>,
+    /// Answer every blob upload request (`POST/PATCH/PUT .../blobs/uploads/`) with this status
+    /// line.
+    pub(crate) deny_uploads: Option<&'static str>,
 }
 
 /// An HTTP/1.1 proxy in front of a registry, one request per connection.
-struct Proxy {
-    addr: String,
-    faults: Arc<Mutex<Faults>>,
+pub(crate) struct Proxy {
+    pub(crate) addr: String,
+    pub(crate) faults: Arc<Mutex<Faults>>,
     tokens_issued: Arc<AtomicUsize>,
     /// `METHOD PATH` of every request received.
-    log: Arc<Mutex<Vec<String>>>,
+    pub(crate) log: Arc<Mutex<Vec<String>>>,
+    /// `PATH` and response bytes (head and body) of every blob `GET` answered from upstream.
+    pub(crate) blob_gets: Arc<Mutex<Vec<(String, u64)>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -179,20 +184,22 @@ fn read_head(r: &mut BufReader<TcpStream>) -> Option<(String, Vec<(String, Strin
 }
 
 impl Proxy {
-    fn start(upstream: &str, faults: Faults) -> Proxy {
+    pub(crate) fn start(upstream: &str, faults: Faults) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let faults = Arc::new(Mutex::new(faults));
         let tokens = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (f, t, s, up, me, l) = (
+        let gets = Arc::new(Mutex::new(Vec::new()));
+        let (f, t, s, up, me, l, g) = (
             faults.clone(),
             tokens.clone(),
             stop.clone(),
             upstream.to_string(),
             addr.clone(),
             log.clone(),
+            gets.clone(),
         );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -200,8 +207,9 @@ impl Proxy {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (f, t, up, me, l) = (f.clone(), t.clone(), up.clone(), me.clone(), l.clone());
-                std::thread::spawn(move || handle(conn, &up, &me, &f, &t, &l));
+                let (f, t, up, me, l, g) =
+                    (f.clone(), t.clone(), up.clone(), me.clone(), l.clone(), g.clone());
+                std::thread::spawn(move || handle(conn, &up, &me, &f, &t, &l, &g));
             }
         });
         Proxy {
@@ -209,6 +217,7 @@ impl Proxy {
             faults,
             tokens_issued: tokens,
             log,
+            blob_gets: gets,
             stop,
         }
     }
@@ -236,6 +245,7 @@ fn handle(
     faults: &Mutex<Faults>,
     tokens: &AtomicUsize,
     log: &Mutex<Vec<String>>,
+    blob_gets: &Mutex<Vec<(String, u64)>>,
 ) {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let Some((request, headers)) = read_head(&mut reader) else {
@@ -323,6 +333,19 @@ fn handle(
         );
         return;
     }
+    if let Some(status) = f.deny_uploads.filter(|_| path.contains("/blobs/uploads/")) {
+        drop(f);
+        respond(
+            &conn,
+            status,
+            &[
+                ("Content-Type", "application/json".into()),
+                ("Retry-After", "0".into()),
+            ],
+            br#"{"errors":[{"code":"DENIED","message":"injected upload failure"}]}"#,
+        );
+        return;
+    }
     let blob_fault = if method == "GET" {
         if f.corrupt.as_ref().is_some_and(|d| path.ends_with(d.as_str())) {
             Some("corrupt")
@@ -361,7 +384,10 @@ fn handle(
     let mut c = conn.try_clone().unwrap();
     match blob_fault {
         None => {
-            let _ = std::io::copy(&mut up, &mut c);
+            let n = std::io::copy(&mut up, &mut c).unwrap_or(0);
+            if method == "GET" && path.contains("/blobs/") {
+                blob_gets.lock().unwrap().push((path.clone(), n));
+            }
         }
         Some(kind) => {
             let mut all = Vec::new();

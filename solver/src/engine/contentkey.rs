@@ -41,12 +41,16 @@ impl Engine {
             memo.update(l.diff_id.to_string().as_bytes());
             memo.update(&[0]);
         }
-        let memo_path = self
-            .store
-            .cache_dir()
-            .join("selection")
-            .join(memo.finalize().to_hex().as_str());
+        let memo_name = memo.finalize().to_hex().to_string();
+        let memo_path = self.store.cache_dir().join("selection").join(&memo_name);
         if let Some(k) = read_memo(&memo_path) {
+            self.note_selection(&memo_name, k);
+            return Ok(k);
+        }
+        // An imported cache names the key the exporting build computed from the same layers:
+        // the layers stay where they are.
+        if let Some(k) = self.cache_source().and_then(|s| s.selection(&memo_name)) {
+            self.note_selection(&memo_name, k);
             return Ok(k);
         }
         let lower = self.lower_dirs(layers).await?;
@@ -55,6 +59,7 @@ impl Engine {
         let key = tokio::task::block_in_place(|| tree_key(&root, &prefix))?;
         drop(view);
         write_memo(&memo_path, &key);
+        self.note_selection(&memo_name, key);
         Ok(key)
     }
 }

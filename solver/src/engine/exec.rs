@@ -512,9 +512,9 @@ impl Engine {
         inputs: &[Resolved<Output>],
         held: &mut Held,
     ) -> Result<PathBuf, SolveError> {
+        let dir = self.cache_mount_path(id);
         let base = self.store.cache_dir().join("mounts");
         let name = blake3::hash(id.as_bytes()).to_hex().to_string();
-        let dir = base.join(&name);
         let err = |source| ExecError::CacheMount {
             id: id.into(),
             path: base.join(&name),
@@ -557,7 +557,27 @@ impl Engine {
             let tmp = base.join(kiln_cache::temp::name(&format!(".{name}.kiln-"), ".new"));
             let _ = std::fs::remove_dir_all(&tmp);
             std::fs::create_dir_all(&tmp).map_err(err)?;
-            if let Some(i) = m.input {
+            let imported = self.cache_source().and_then(|s| s.mount_seed(id));
+            if let Some(seed) = imported {
+                // Exported with an imported cache (`cache-mounts=`): its contents, as they were
+                // when that build ended, replace the `from=` seed, as a kept mount would.
+                self.fetch_blob(&seed.blob).await?;
+                let file = self
+                    .store
+                    .content()
+                    .open(&seed.blob)
+                    .map_err(|_| super::EngineError::MissingBlob { blob: seed.blob })?;
+                let target = tmp.clone();
+                tokio::task::block_in_place(|| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+                    let reader = kiln_cache::layer::sniff(file)?;
+                    kiln_cache::layer::apply(reader, &target, &Default::default())?;
+                    Ok(())
+                })
+                .map_err(|source| super::EngineError::Unpack {
+                    blob: seed.blob,
+                    source,
+                })?;
+            } else if let Some(i) = m.input {
                 let seed = match Self::input(inputs, i)? {
                     Output::Local(ctx) => {
                         let view = self.context_view(ctx, held)?;
@@ -581,6 +601,7 @@ impl Engine {
                 }
             }
         }
+        self.note_mount(id, &base.join(&name));
         Ok(dir)
     }
 }

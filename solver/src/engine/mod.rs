@@ -15,6 +15,7 @@ mod contentkey;
 mod exec;
 mod export;
 mod file;
+mod imported;
 mod mounts;
 mod remote;
 
@@ -28,6 +29,7 @@ use kiln_cache::Store;
 use kiln_dag::{Digest, FileAction, Graph, Op, SourceOp, Vertex};
 
 pub use export::{export_image, ExportError, Exported};
+pub use imported::{CacheSource, FetchError, MountContents, SolvedCache};
 pub use remote::RemoteError;
 
 use crate::cachekey::CacheKey;
@@ -83,6 +85,8 @@ pub struct EngineOptions {
     pub proxy_env: Vec<String>,
     /// SOURCE_DATE_EPOCH: clamps layer mtimes and the image's created time.
     pub source_date_epoch: Option<i64>,
+    /// An imported build cache (`--cache-from`), asked when the local index misses.
+    pub cache_source: Option<Arc<dyn CacheSource>>,
 }
 
 /// Errors of the concrete ops.
@@ -120,6 +124,12 @@ pub enum EngineError {
     },
     #[error("layer {blob} of the cached result is missing from the store")]
     MissingBlob { blob: Digest },
+    #[error("failed to fetch layer {blob} of an imported cache")]
+    CacheBlob {
+        blob: Digest,
+        #[source]
+        source: FetchError,
+    },
     #[error("input {0} of the op is not a filesystem")]
     NotAFilesystem(usize),
     #[error("input {index} is missing: the vertex has {count} inputs")]
@@ -202,6 +212,8 @@ pub struct Engine {
     durable: kiln_cache::durable::Durable,
     /// Network namespaces on the bridge for RUN steps, reused from step to step.
     networks: exec::BuildNetworks,
+    /// What the solve looked up, recorded and keyed: what a cache export writes.
+    solved: Mutex<SolvedCache>,
 }
 
 impl Drop for Engine {
@@ -317,7 +329,89 @@ impl Engine {
             removals: Mutex::new(Vec::new()),
             durable: kiln_cache::durable::Durable::new(),
             networks: exec::BuildNetworks::default(),
+            solved: Mutex::new(SolvedCache::default()),
         })
+    }
+
+    /// Every record, copy-selection key and cache mount of the solve so far (see
+    /// [`SolvedCache`]).
+    pub fn solved_cache(&self) -> SolvedCache {
+        self.solved.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn note_record(&self, key: &CacheKey, record: &Record) {
+        self.solved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .records
+            .insert(key.hex(), record.clone());
+    }
+
+    pub(crate) fn note_selection(&self, memo: &str, key: [u8; 32]) {
+        self.solved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .selections
+            .insert(memo.to_string(), key);
+    }
+
+    pub(crate) fn note_mount(&self, id: &str, dir: &Path) {
+        self.solved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .mounts
+            .insert(id.to_string(), MountContents::Dir(dir.to_path_buf()));
+    }
+
+    /// The directory of the cache mount `id` in this store (which may not exist yet).
+    pub(crate) fn cache_mount_path(&self, id: &str) -> PathBuf {
+        self.store
+            .cache_dir()
+            .join("mounts")
+            .join(blake3::hash(id.as_bytes()).to_hex().as_str())
+    }
+
+    /// A cached RUN step's cache mounts: exported as they are here, or as imported.
+    fn note_cached_mounts(&self, v: &Vertex) {
+        let Op::Exec(e) = &v.op else { return };
+        for m in &e.mounts {
+            let kiln_dag::MountKind::Cache { id, .. } = &m.kind else {
+                continue;
+            };
+            let dir = self.cache_mount_path(id);
+            let contents = if dir.is_dir() {
+                MountContents::Dir(dir)
+            } else if let Some(l) = self.cache_source().and_then(|s| s.mount_seed(id)) {
+                MountContents::Imported(l)
+            } else {
+                continue;
+            };
+            self.solved
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .mounts
+                .entry(id.clone())
+                .or_insert(contents);
+        }
+    }
+
+    pub(crate) fn cache_source(&self) -> Option<&Arc<dyn CacheSource>> {
+        self.opts.cache_source.as_ref()
+    }
+
+    /// Makes sure `blob` is in the content store, fetching it from the imported cache.
+    pub(crate) async fn fetch_blob(&self, blob: &Digest) -> Result<(), EngineError> {
+        if self.store.content().contains(blob) {
+            return Ok(());
+        }
+        let Some(src) = self.opts.cache_source.clone() else {
+            return Err(EngineError::MissingBlob { blob: *blob });
+        };
+        let (store, d) = (self.store.clone(), *blob);
+        tokio::task::spawn_blocking(move || src.fetch(&store, &d))
+            .await
+            .map_err(|e| EngineError::Join(e.to_string()))?
+            .map_err(|source| EngineError::CacheBlob { blob: *blob, source })
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -405,6 +499,7 @@ impl Engine {
         if let Some(s) = self.snapshots.get(&l.snapshot) {
             return Ok(s.path);
         }
+        self.fetch_blob(&l.blob).await?;
         let file = self
             .store
             .content()
@@ -580,6 +675,27 @@ impl Engine {
 impl Executor for Engine {
     type Output = Output;
 
+    /// An image source is keyed by its platform and its layers' diff IDs, not by its reference
+    /// and manifest digest: a RUN over it sees its filesystem only (env, user, workdir and shell
+    /// are fields of the steps' ops), so the same base image re-imported or pulled under another
+    /// name keeps every key after it, on any machine.
+    fn key_identity(&self, v: &Vertex, digest: &Digest) -> Digest {
+        let Op::Source(SourceOp::Image(i)) = &v.op else {
+            return crate::cachekey::op_identity(v);
+        };
+        match self.image_layers(&i.reference, i.resolved_digest.as_ref()) {
+            Ok(layers) => {
+                let mut text = format!("kiln image source v1\0{}", i.platform);
+                for l in &layers {
+                    text.push('\0');
+                    text.push_str(&l.diff_id.to_string());
+                }
+                Digest::of(text.as_bytes())
+            }
+            Err(_) => *digest,
+        }
+    }
+
     fn content_inputs(&self, v: &Vertex) -> Vec<usize> {
         let mut out: Vec<usize> = self.content_copies(v).into_iter().map(|(i, _)| i).collect();
         out.sort_unstable();
@@ -638,18 +754,24 @@ impl Executor for Engine {
                 self.image_layers(&i.reference, i.resolved_digest.as_ref())?,
             )))),
             _ => {
-                let Some(record) = self.index.get(&key.hex()) else {
-                    return Ok(None);
-                };
                 // A record whose blobs were pruned is a miss; missing snapshots are re-unpacked
                 // from the blobs when needed.
-                if record
-                    .layers
-                    .iter()
-                    .any(|l| !self.store.content().contains(&l.blob))
-                {
-                    return Ok(None);
-                }
+                let local = self.index.get(&key.hex()).filter(|record| {
+                    record
+                        .layers
+                        .iter()
+                        .all(|l| self.store.content().contains(&l.blob))
+                });
+                let record = match local {
+                    Some(r) => r,
+                    // An imported record: its blobs stay remote until a step reads the files.
+                    None => match self.cache_source().and_then(|s| s.record(&key.hex())) {
+                        Some(r) => r,
+                        None => return Ok(None),
+                    },
+                };
+                self.note_record(key, &record);
+                self.note_cached_mounts(v);
                 Ok(Some(Output::Fs(Arc::new(record.layers))))
             }
         }
@@ -710,6 +832,7 @@ impl Executor for Engine {
                     layers: layers.as_ref().clone(),
                     description: v.meta.name.clone(),
                 };
+                self.note_record(key, &record);
                 // After the blobs it names are durable (they were queued before it).
                 let (index, key) = (self.index.clone(), key.hex());
                 self.durable

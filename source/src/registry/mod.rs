@@ -26,8 +26,10 @@ use kiln_dag::Digest;
 
 pub use auth::{Credentials, DockerConfig};
 pub use client::{Client, ClientError, ClientOptions};
-pub use pull::{pull, resolve_remote, PullError, PullOptions, Pulled};
-pub use push::{push, push_image, push_index, Compression, PushError, PushOptions, Pushed};
+pub use pull::{fetch_blob, fetch_manifest_bytes, pull, resolve_remote, PullError, PullOptions, Pulled};
+pub use push::{
+    push, push_image, push_index, BlobSession, Compression, PushError, PushOptions, Pushed, SentBlob,
+};
 
 /// Media types of the distribution API.
 pub mod media {

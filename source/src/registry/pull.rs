@@ -570,8 +570,22 @@ enum Attempt {
     Fatal(PullError),
 }
 
-/// Streams one blob into the content store unless present. Returns whether it was downloaded.
-fn fetch_blob(
+/// A manifest or index as the registry serves it at `reference` (a tag or a digest) of `r`'s
+/// repository: its bytes (verified when `reference` is a digest), digest and media type.
+pub fn fetch_manifest_bytes(
+    client: &Client,
+    r: &Reference,
+    reference: &str,
+) -> Result<(Vec<u8>, Digest, String), PullError> {
+    let expected = Digest::parse(reference).ok();
+    let f = fetch_manifest(client, r, reference, expected.as_ref())?;
+    Ok((f.bytes, f.digest, f.media_type))
+}
+
+/// Streams one blob of `r`'s repository into the content store unless present, verified against
+/// `digest` while it is written (a corrupt or truncated blob is never committed). Returns whether
+/// it was downloaded.
+pub fn fetch_blob(
     client: &Client,
     content: &ContentStore,
     r: &Reference,

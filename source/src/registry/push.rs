@@ -485,6 +485,143 @@ impl Ctx<'_> {
     }
 }
 
+/// A blob as it is in a registry after [`BlobSession::push_layer`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentBlob {
+    /// Its digest there (the compressed one for a layer compressed on the way).
+    pub digest: Digest,
+    /// Its size there.
+    pub size: u64,
+    /// Its media type there.
+    pub media_type: String,
+}
+
+/// Single blobs and a manifest to one repository, with [`push_image`]'s rules (HEAD-skip,
+/// cross-repository mounts from the hints in `ROOT/registry/sources`, compression on the way):
+/// what a build cache export is made of. Blobs first, the manifest last, so a reader never sees
+/// a manifest naming a blob that is not there yet.
+pub struct BlobSession<'a> {
+    ctx: Ctx<'a>,
+}
+
+impl<'a> BlobSession<'a> {
+    /// A session pushing to `r`'s repository.
+    pub fn new(
+        client: &'a Client,
+        store: &'a Store,
+        r: &'a Reference,
+        progress: &'a dyn TransferProgress,
+    ) -> BlobSession<'a> {
+        BlobSession {
+            ctx: Ctx {
+                client,
+                store,
+                r,
+                meta: BlobMeta::at(store.root()),
+                progress,
+            },
+        }
+    }
+
+    /// Whether the repository has `digest`.
+    pub fn exists(&self, digest: &Digest) -> Result<bool, PushError> {
+        self.ctx.exists(digest)
+    }
+
+    /// Pushes a layer: one kept uncompressed in the store is compressed with `compression` on
+    /// the way (gzip or zstd); any other (a pulled or imported layer, or one not in the store but
+    /// known to be in this registry) goes as it is.
+    pub fn push_layer(
+        &self,
+        blob: &Digest,
+        diff_id: &Digest,
+        media_type: &str,
+        size: u64,
+        compression: Compression,
+    ) -> Result<SentBlob, PushError> {
+        let local = self.ctx.store.content().contains(blob);
+        if local && is_uncompressed(media_type) && compression != Compression::Uncompressed {
+            let c = self.ctx.push_compressed(blob, diff_id, compression)?;
+            let media_type = match compression {
+                Compression::Zstd => media::OCI_LAYER_ZSTD,
+                Compression::Gzip | Compression::Uncompressed => media::OCI_LAYER_GZIP,
+            };
+            return Ok(SentBlob {
+                digest: c.digest,
+                size: c.size,
+                media_type: media_type.to_string(),
+            });
+        }
+        self.ctx.push_verbatim(blob)?;
+        Ok(SentBlob {
+            digest: *blob,
+            size,
+            media_type: media_type.to_string(),
+        })
+    }
+
+    /// Pushes `bytes` (a config) as a blob, after storing them in the content store.
+    pub fn push_bytes(&self, bytes: &[u8]) -> Result<Digest, PushError> {
+        let digest = Digest::of(bytes);
+        self.ctx
+            .store
+            .content()
+            .put_bytes(bytes)
+            .map_err(|source| PushError::Read {
+                reference: self.ctx.r.to_string(),
+                digest,
+                source: Box::new(source),
+            })?;
+        let quiet = Ctx {
+            progress: &super::NoProgress,
+            meta: self.ctx.meta.clone(),
+            ..self.ctx
+        };
+        quiet.push_verbatim(&digest)?;
+        Ok(digest)
+    }
+
+    /// Puts `bytes` as the manifest under the reference's tag (or digest), and remembers that
+    /// `blobs` are in this repository (for later mounts). Returns the manifest's digest.
+    pub fn put_manifest(
+        &self,
+        media_type: &str,
+        bytes: &[u8],
+        blobs: &[Digest],
+    ) -> Result<Digest, PushError> {
+        let r = self.ctx.r;
+        let client = self.ctx.client;
+        let tag = match (r.digest(), r.tag()) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(t)) => t.to_string(),
+            (None, None) => "latest".to_string(),
+        };
+        let url = client.url(r.domain(), r.path(), "manifests", &tag);
+        let manifest_err = |source| PushError::Manifest {
+            reference: r.to_string(),
+            source: Box::new(source),
+        };
+        let resp = client
+            .send(
+                r.domain(),
+                &self.ctx.scope(),
+                &Method::PUT,
+                &url,
+                &[("content-type", media_type.to_string())],
+                Payload::Bytes(bytes),
+            )
+            .map_err(manifest_err)?;
+        if !resp.status().is_success() {
+            return Err(manifest_err(ClientError::from_response(&Method::PUT, &url, resp)));
+        }
+        let repository = r.repository();
+        for d in blobs {
+            let _ = self.ctx.meta.record_source(d, &repository);
+        }
+        Ok(Digest::of(bytes))
+    }
+}
+
 /// Counts and hashes what is read through it, reporting progress.
 struct HashingReader<'a> {
     inner: Box<dyn Read + Send>,

@@ -1,0 +1,264 @@
+//! `--cache-from`: each importer's config read (registry manifest, image with an inline cache,
+//! directory), merged into one [`ImportedCache`], the engine's [`CacheSource`]. Blobs stay where
+//! they are; [`ImportedCache::fetch`] brings one into the content store when a step needs it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use kiln_cache::buildcache::{Layer, Record};
+use kiln_cache::reference::Reference;
+use kiln_cache::Store;
+use kiln_dag::Digest;
+use kiln_solver::engine::{CacheSource, FetchError};
+use kiln_source::registry::meta::{BlobMeta, Compressed};
+use kiln_source::registry::{media, Client};
+
+use super::format::{chain_ids, CacheConfig};
+
+/// Where a blob of an imported cache is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum BlobSource {
+    /// In this registry repository (`reference` names the repository; its tag is irrelevant).
+    Registry { reference: Reference },
+    /// In `DIR/blobs/sha256/` of an OCI layout.
+    Dir(PathBuf),
+}
+
+/// One importer's config with where its blobs are, and each layer's descriptor.
+#[derive(Debug)]
+pub(crate) struct Loaded {
+    pub config: CacheConfig,
+    /// For each of `config.layers`: (blob digest, size, media type).
+    pub blobs: Vec<(Digest, u64, String)>,
+    pub source: BlobSource,
+}
+
+/// Every importer's records, merged (the first importer naming a key wins).
+#[derive(Debug, Default)]
+pub struct ImportedCache {
+    records: BTreeMap<String, Record>,
+    selections: BTreeMap<String, [u8; 32]>,
+    mounts: BTreeMap<String, Layer>,
+    sources: HashMap<Digest, BlobSource>,
+    rejected: Mutex<HashSet<Digest>>,
+    client: Option<Client>,
+    /// Bytes fetched from the importers (blobs only).
+    fetched: AtomicU64,
+}
+
+fn parse_key(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl ImportedCache {
+    /// An empty cache that fetches registry blobs with `client`.
+    pub(crate) fn new(client: Option<Client>) -> ImportedCache {
+        ImportedCache {
+            client,
+            ..ImportedCache::default()
+        }
+    }
+
+    /// Adds one importer's config. A layer whose diff ID the content store holds as an
+    /// uncompressed blob (a layer kiln made or imported here) is used from the store.
+    pub(crate) fn add(&mut self, store: &Store, loaded: Loaded) {
+        let Loaded {
+            config,
+            blobs,
+            source,
+        } = loaded;
+        let content = store.content();
+        if let BlobSource::Registry { reference } = &source {
+            // Hints for pushes: the cache's blobs are in its repository (a push to another
+            // repository of the registry mounts them), and a layer held here uncompressed has
+            // the cache's compressed blob as its compressed form (found with one HEAD).
+            let meta = BlobMeta::at(store.root());
+            let repository = reference.repository();
+            for (l, (digest, size, media_type)) in config.layers.iter().zip(&blobs) {
+                let _ = meta.record_source(digest, &repository);
+                let algorithm = match media_type.as_str() {
+                    media::OCI_LAYER_GZIP | media::DOCKER_LAYER_GZIP => "gzip",
+                    media::OCI_LAYER_ZSTD => "zstd",
+                    _ => continue,
+                };
+                if content.contains(&l.diff_id) && meta.compressed(&l.diff_id, algorithm).is_none() {
+                    let _ = meta.record_compressed(
+                        &l.diff_id,
+                        algorithm,
+                        &Compressed {
+                            digest: *digest,
+                            size: *size,
+                        },
+                    );
+                }
+            }
+        }
+        let layers: Vec<(Digest, u64, String, Digest)> = config
+            .layers
+            .iter()
+            .zip(&blobs)
+            .map(|(l, (digest, size, media_type))| {
+                if !content.contains(digest) && content.contains(&l.diff_id) {
+                    let local_size = content.size(&l.diff_id).unwrap_or(*size);
+                    (l.diff_id, local_size, media::OCI_LAYER.to_string(), l.diff_id)
+                } else {
+                    (*digest, *size, media_type.clone(), l.diff_id)
+                }
+            })
+            .collect();
+        for (digest, ..) in &layers {
+            if !content.contains(digest) {
+                self.sources.entry(*digest).or_insert_with(|| source.clone());
+            }
+        }
+        for r in &config.records {
+            if self.records.contains_key(&r.key) {
+                continue;
+            }
+            let chain: Vec<&(Digest, u64, String, Digest)> =
+                r.layers.iter().filter_map(|&i| layers.get(i)).collect();
+            let diff_ids: Vec<Digest> = chain.iter().map(|l| l.3).collect();
+            let snapshots = chain_ids(&diff_ids);
+            let record = Record {
+                layers: chain
+                    .iter()
+                    .zip(snapshots)
+                    .enumerate()
+                    .map(|(i, (l, snapshot))| Layer {
+                        snapshot,
+                        blob: l.0,
+                        diff_id: l.3,
+                        size: l.1,
+                        media_type: l.2.clone(),
+                        created: r.created.get(i).cloned().flatten(),
+                    })
+                    .collect(),
+                description: r.description.clone(),
+            };
+            self.records.insert(r.key.clone(), record);
+        }
+        for (memo, key) in &config.selections {
+            if let Some(k) = parse_key(key) {
+                self.selections.entry(memo.clone()).or_insert(k);
+            }
+        }
+        for m in &config.mounts {
+            let Some(l) = layers.get(m.layer) else { continue };
+            self.mounts.entry(m.id.clone()).or_insert_with(|| Layer {
+                snapshot: l.3,
+                blob: l.0,
+                diff_id: l.3,
+                size: l.1,
+                media_type: l.2.clone(),
+                created: None,
+            });
+        }
+    }
+
+    /// How many records were imported.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether nothing was imported.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.mounts.is_empty()
+    }
+
+    /// Blob bytes fetched so far.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+
+    /// Where `blob` can be fetched from, if it is an imported one.
+    pub(crate) fn source_of(&self, blob: &Digest) -> Option<&BlobSource> {
+        self.sources.get(blob)
+    }
+
+    fn rejected(&self, blob: &Digest) -> bool {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(blob)
+    }
+}
+
+impl CacheSource for ImportedCache {
+    fn record(&self, key: &str) -> Option<Record> {
+        let r = self.records.get(key)?;
+        if r.layers.iter().any(|l| self.rejected(&l.blob)) {
+            return None;
+        }
+        Some(r.clone())
+    }
+
+    fn selection(&self, memo: &str) -> Option<[u8; 32]> {
+        self.selections.get(memo).copied()
+    }
+
+    fn mount_seed(&self, id: &str) -> Option<Layer> {
+        self.mounts.get(id).filter(|l| !self.rejected(&l.blob)).cloned()
+    }
+
+    fn fetch(&self, store: &Store, blob: &Digest) -> Result<(), FetchError> {
+        let content = store.content();
+        if content.contains(blob) {
+            return Ok(());
+        }
+        let source = self
+            .sources
+            .get(blob)
+            .ok_or_else(|| format!("blob {blob} is in none of the imported caches"))?;
+        match source {
+            BlobSource::Registry { reference } => {
+                let client = self
+                    .client
+                    .as_ref()
+                    .ok_or("no registry client for the imported cache")?;
+                let size = self
+                    .records
+                    .values()
+                    .flat_map(|r| r.layers.iter())
+                    .chain(self.mounts.values())
+                    .find(|l| l.blob == *blob)
+                    .map(|l| l.size)
+                    .unwrap_or(0);
+                kiln_source::registry::fetch_blob(
+                    client,
+                    content,
+                    reference,
+                    blob,
+                    size,
+                    &kiln_source::registry::NoProgress,
+                )?;
+                self.fetched.fetch_add(size, Ordering::Relaxed);
+            }
+            BlobSource::Dir(dir) => {
+                let path = super::local::blob_path(dir, blob);
+                let f = std::fs::File::open(&path)
+                    .map_err(|e| format!("failed to open `{}`: {e}", path.display()))?;
+                let staged = content.stage(std::io::BufReader::new(f), Some(blob))?;
+                let size = staged.size();
+                staged.commit()?;
+                self.fetched.fetch_add(size, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    fn reject(&self, blob: &Digest) {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(*blob);
+    }
+}
