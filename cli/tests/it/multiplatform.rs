@@ -540,3 +540,58 @@ fn the_arm64_rootfs_is_buildkits() {
     assert!(differ.is_empty(), "rootfs differs from BuildKit's at {differ:?}");
     let _ = docker_run(&["rmi", "-f", base]);
 }
+
+#[test]
+fn one_cache_serves_every_target_platform_on_a_fresh_store() {
+    let a = env();
+    let ctx = context(&a, "ctx", DOCKERFILE);
+    let cache = a.path("cache");
+    a.ok(&[
+        "build",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "--cache-to",
+        &format!("type=local,dest={},mode=max", s(&cache)),
+        "-t",
+        "multi:1",
+        s(&ctx),
+    ]);
+    // Another store, another checkout: every step of both targets comes from the one cache.
+    let b = env();
+    let ctx_b = context(&b, "elsewhere", DOCKERFILE);
+    let out = b.ok(&[
+        "build",
+        "--progress",
+        "plain",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "--cache-from",
+        &format!("type=local,src={}", s(&cache)),
+        "-t",
+        "multi:1",
+        s(&ctx_b),
+    ]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !log.lines()
+            .any(|l| l.ends_with(" shared-step-ran") && !l.contains("RUN ")),
+        "no RUN step ran again\n{log}"
+    );
+    let runs: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("] RUN "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(runs.len(), 5, "{log}");
+    for n in runs {
+        assert!(log.lines().any(|l| l == format!("{n} CACHED")), "{n} ran\n{log}");
+    }
+    for platform in ["linux/amd64", "linux/arm64"] {
+        assert_eq!(
+            cat(&a, platform, "multi:1", "/arch /stamp /tool"),
+            cat(&b, platform, "multi:1", "/arch /stamp /tool"),
+            "{platform}: the cached results, not new runs"
+        );
+    }
+    assert_eq!(a.inspect("multi:1")["Id"], b.inspect("multi:1")["Id"]);
+}
