@@ -833,17 +833,11 @@ fn finish(
     if cancel.is_cancelled() {
         return Err(BuildError::Cancelled);
     }
-    let pushed = match &index {
-        Some(ix) => push::push_index_all(store, ix, &plan.push_jobs, &req.registry, progress, &build_ref)?,
-        None => push::push_all(
-            store,
-            &images[0].image,
-            &plan.push_jobs,
-            &req.registry,
-            progress,
-            &build_ref,
-        )?,
+    let what = match &index {
+        Some(ix) => push::What::Index(ix),
+        None => push::What::Image(&images[0].image),
     };
+    let pushed = push::push_all(store, what, &plan.push_jobs, &req.registry, progress, &build_ref)?;
     let secrets: Vec<&[u8]> = req.secrets.values().map(|s| s.data.as_slice()).collect();
     cache_io::export_all(
         &cache_to,

@@ -29,11 +29,11 @@ pub enum PushError {
     Registry(#[from] registry::PushError),
 }
 
-/// Pushes `image` under every job's name, in order. `build_ref` makes the progress steps'
-/// identities unique to this build.
+/// Pushes `what` (an image, or an index: every platform image, then the index) under every
+/// job's name, in order. `build_ref` makes the progress steps' identities unique to this build.
 pub(crate) fn push_all(
     store: &Store,
-    image: &Image,
+    what: What<'_>,
     jobs: &[PushJob],
     registry_opts: &ClientOptions,
     progress: &ProgressSink,
@@ -49,53 +49,14 @@ pub(crate) fn push_all(
     let client = Client::new(opts);
     let mut pushed = Vec::with_capacity(jobs.len());
     for job in jobs {
-        pushed.push(push_one(
-            store,
-            &client,
-            What::Image(image),
-            job,
-            progress,
-            build_ref,
-        )?);
-    }
-    Ok(pushed)
-}
-
-/// Pushes the image index `index` (every platform image, then the index) under every job's
-/// name, in order.
-pub(crate) fn push_index_all(
-    store: &Store,
-    index: &kiln_cache::image_index::IndexImage,
-    jobs: &[PushJob],
-    registry_opts: &ClientOptions,
-    progress: &ProgressSink,
-    build_ref: &str,
-) -> Result<Vec<Pushed>, PushError> {
-    if jobs.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut opts = registry_opts.clone();
-    for j in jobs.iter().filter(|j| j.insecure) {
-        opts.insecure_registries.push(j.reference.domain().to_string());
-    }
-    let client = Client::new(opts);
-    let mut pushed = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        pushed.push(push_one(
-            store,
-            &client,
-            What::Index(index),
-            job,
-            progress,
-            build_ref,
-        )?);
+        pushed.push(push_one(store, &client, what, job, progress, build_ref)?);
     }
     Ok(pushed)
 }
 
 /// What a push sends.
 #[derive(Clone, Copy)]
-enum What<'a> {
+pub(crate) enum What<'a> {
     Image(&'a Image),
     Index(&'a kiln_cache::image_index::IndexImage),
 }
