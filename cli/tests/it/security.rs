@@ -470,6 +470,14 @@ fn run_steps_reach_outside_through_nat() {
         .args(["netns", "exec", &host.ns, "python3", "-c", &script])
         .spawn()
         .unwrap();
+    // Python starts slowly on a loaded machine: the build begins once the server listens.
+    eventually(30, "the test host's server to listen", || {
+        std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::new(host.ip.parse().unwrap(), 8080),
+            std::time::Duration::from_millis(500),
+        )
+        .is_ok()
+    });
     let ctx = env.path("ctx-nat");
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::write(
