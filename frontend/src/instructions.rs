@@ -666,296 +666,348 @@ fn copy_spec(node: &Node, instruction: &'static str, flags: &Flags) -> Result<Co
     Ok(spec)
 }
 
-/// Turns one parsed node into a typed instruction, checking its flags and arguments the way
-/// BuildKit does. Words stay unexpanded.
-pub fn parse_instruction(node: &Node) -> Result<Located, InstructionError> {
-    use FlagKind::{Bool, Str, Strs};
-    let line = node.span.start_line;
-    let args_cow = node_args(node);
-    let args: &[String] = &args_cow;
-    let no_flags = || Flags::parse(node, &[]);
-    let exactly_one = |instruction| -> Result<String, InstructionError> {
-        match args {
+/// One instruction's node and arguments while it is typed.
+struct Input<'n> {
+    node: &'n Node,
+    args: &'n [String],
+    line: u32,
+}
+
+impl Input<'_> {
+    /// The instruction takes no flags.
+    fn no_flags(&self) -> Result<(), InstructionError> {
+        Flags::parse(self.node, &[]).map(drop)
+    }
+
+    fn exactly_one(&self, instruction: &'static str) -> Result<String, InstructionError> {
+        match self.args {
             [one] => Ok(one.clone()),
-            _ => Err(count_error(line, instruction, "exactly one argument")),
+            _ => Err(count_error(self.line, instruction, "exactly one argument")),
         }
-    };
-    let at_least_one = |instruction| {
-        if args.is_empty() {
-            Err(count_error(line, instruction, "at least one argument"))
+    }
+
+    fn at_least_one(&self, instruction: &'static str) -> Result<(), InstructionError> {
+        if self.args.is_empty() {
+            Err(count_error(self.line, instruction, "at least one argument"))
         } else {
             Ok(())
         }
+    }
+}
+
+type Typer = fn(&Input) -> Result<Instruction, InstructionError>;
+
+/// The typer of each instruction keyword (lowercase), as BuildKit's `instructions.Parse`
+/// dispatches on the node's value.
+const TYPERS: &[(&str, Typer)] = &[
+    ("from", parse_from),
+    ("run", parse_run),
+    ("cmd", |i| parse_command(i, Instruction::Cmd)),
+    ("entrypoint", |i| parse_command(i, Instruction::Entrypoint)),
+    ("shell", parse_shell),
+    ("label", |i| parse_pairs(i, "LABEL", Instruction::Label)),
+    ("env", |i| parse_pairs(i, "ENV", Instruction::Env)),
+    ("maintainer", |i| {
+        parse_single(i, "MAINTAINER", Instruction::Maintainer)
+    }),
+    ("user", |i| parse_single(i, "USER", Instruction::User)),
+    ("workdir", |i| parse_single(i, "WORKDIR", Instruction::Workdir)),
+    ("stopsignal", |i| {
+        parse_single(i, "STOPSIGNAL", Instruction::Stopsignal)
+    }),
+    ("expose", parse_expose),
+    ("volume", parse_volume),
+    ("arg", parse_arg),
+    ("onbuild", parse_onbuild),
+    ("healthcheck", parse_healthcheck),
+    ("copy", parse_copy),
+    ("add", parse_add),
+];
+
+/// Turns one parsed node into a typed instruction, checking its flags and arguments the way
+/// BuildKit does. Words stay unexpanded.
+pub fn parse_instruction(node: &Node) -> Result<Located, InstructionError> {
+    let args_cow = node_args(node);
+    let input = Input {
+        node,
+        args: &args_cow,
+        line: node.span.start_line,
     };
-    let instruction = match node.keyword.as_str() {
-        "from" => {
-            let name = match args {
-                [_, as_word, name] if as_word.eq_ignore_ascii_case("as") => {
-                    let lower = to_lower(name);
-                    let mut chars = lower.chars();
-                    let valid = chars.next().is_some_and(|c| c.is_ascii_lowercase())
-                        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
-                    if !valid {
-                        return Err(InstructionError::InvalidStageName {
-                            line,
-                            name: name.clone(),
-                        });
-                    }
-                    Some(lower)
-                }
-                [_] => None,
-                _ => return Err(count_error(line, "FROM", "either one or three arguments")),
-            };
-            let flags = Flags::parse(node, &[("platform", Str)])?;
-            Instruction::From {
-                image: args[0].clone(),
-                name,
-                platform: flags.string("platform"),
-            }
-        }
-        "run" => {
-            let flags = Flags::parse(node, &[("mount", Strs), ("network", Str), ("security", Str)])?;
-            let mounts = flags
-                .all("mount")
-                .iter()
-                .map(|m| parse_mount(m, line))
-                .collect::<Result<Vec<_>, _>>()?;
-            Instruction::Run {
-                cmd: command_line(args, node.json),
-                mounts,
-                network: flags.string("network"),
-                security: flags.string("security"),
-                heredocs: node.heredocs.clone(),
-            }
-        }
-        "cmd" => {
-            no_flags()?;
-            Instruction::Cmd(command_line(args, node.json))
-        }
-        "entrypoint" => {
-            no_flags()?;
-            Instruction::Entrypoint(command_line(args, node.json))
-        }
-        "shell" => {
-            no_flags()?;
-            if args.is_empty() {
-                return Err(count_error(line, "SHELL", "at least one argument"));
-            }
-            if !node.json {
-                return Err(InstructionError::ShellNotJson { line });
-            }
-            Instruction::Shell(args.to_vec())
-        }
-        "label" => {
-            no_flags()?;
-            Instruction::Label(key_value_pairs(node, "LABEL")?)
-        }
-        "env" => {
-            no_flags()?;
-            Instruction::Env(key_value_pairs(node, "ENV")?)
-        }
-        "maintainer" => {
-            let who = exactly_one("MAINTAINER")?;
-            no_flags()?;
-            Instruction::Maintainer(who)
-        }
-        "user" => {
-            let user = exactly_one("USER")?;
-            no_flags()?;
-            Instruction::User(user)
-        }
-        "workdir" => {
-            let dir = exactly_one("WORKDIR")?;
-            no_flags()?;
-            Instruction::Workdir(dir)
-        }
-        "stopsignal" => {
-            let signal = exactly_one("STOPSIGNAL")?;
-            no_flags()?;
-            Instruction::Stopsignal(signal)
-        }
-        "expose" => {
-            at_least_one("EXPOSE")?;
-            no_flags()?;
-            let mut ports = args.to_vec();
-            ports.sort();
-            Instruction::Expose(ports)
-        }
-        "volume" => {
-            at_least_one("VOLUME")?;
-            no_flags()?;
-            let mut volumes = Vec::with_capacity(args.len());
-            for v in args {
-                let v = trim_space(v);
-                if v.is_empty() {
-                    return Err(InstructionError::EmptyVolume { line });
-                }
-                volumes.push(v.to_string());
-            }
-            Instruction::Volume(volumes)
-        }
-        "arg" => {
-            at_least_one("ARG")?;
-            no_flags()?;
-            let mut pairs = Vec::with_capacity(args.len());
-            for a in args {
-                match a.split_once('=') {
-                    Some(("", _)) => {
-                        return Err(InstructionError::BlankName {
-                            line,
-                            instruction: "ARG",
-                        })
-                    }
-                    Some((k, v)) => pairs.push((k.to_string(), Some(v.to_string()))),
-                    None => pairs.push((a.clone(), None)),
-                }
-            }
-            Instruction::Arg(pairs)
-        }
-        "onbuild" => {
-            at_least_one("ONBUILD")?;
-            no_flags()?;
-            let trigger = to_upper(trim_space(&args[0]));
-            match trigger.as_str() {
-                "ONBUILD" => return Err(InstructionError::OnbuildChain { line }),
-                "MAINTAINER" | "FROM" => return Err(InstructionError::OnbuildTrigger { line, trigger }),
-                _ => {}
-            }
-            let is_re_space = |c: char| matches!(c, ' ' | '\t' | '\n' | '\u{c}' | '\r');
-            let trimmed = node.original.trim_start_matches(is_re_space);
-            let mut expression = match trimmed.get(..7) {
-                Some(word) if word.eq_ignore_ascii_case("onbuild") => {
-                    trimmed[7..].trim_start_matches(is_re_space).to_string()
-                }
-                _ => node.original.clone(),
-            };
-            for h in &node.heredocs {
-                expression.push('\n');
-                expression.push_str(&h.content);
-                expression.push_str(&h.name);
-            }
-            Instruction::Onbuild(expression)
-        }
-        "healthcheck" => {
-            at_least_one("HEALTHCHECK")?;
-            let kind = to_upper(&args[0]);
-            if kind == "NONE" {
-                // Like BuildKit, flags are not looked at for NONE.
-                if args.len() != 1 {
-                    return Err(InstructionError::HealthcheckNoneArguments { line });
-                }
-                Instruction::Healthcheck(Healthcheck::None)
-            } else {
-                let flags = Flags::parse(
-                    node,
-                    &[
-                        ("interval", Str),
-                        ("timeout", Str),
-                        ("start-period", Str),
-                        ("start-interval", Str),
-                        ("retries", Str),
-                    ],
-                )?;
-                if kind != "CMD" {
-                    return Err(InstructionError::HealthcheckType { line, kind });
-                }
-                if args.len() < 2 {
-                    return Err(InstructionError::HealthcheckNoCommand { line });
-                }
-                let cmd = command_line(&args[1..], node.json);
-                let interval = flags.string("interval");
-                let timeout = flags.string("timeout");
-                let start_period = flags.string("start-period");
-                let start_interval = flags.string("start-interval");
-                check_interval(interval.as_ref(), "interval", line)?;
-                check_interval(timeout.as_ref(), "timeout", line)?;
-                check_interval(start_period.as_ref(), "start-period", line)?;
-                check_interval(start_interval.as_ref(), "start-interval", line)?;
-                let retries = flags.string("retries");
-                if let Some(r) = retries.as_ref().filter(|r| !r.is_empty()) {
-                    if !r.parse::<i32>().is_ok_and(|n| n >= 0) {
-                        return Err(InstructionError::InvalidRetries {
-                            line,
-                            value: r.clone(),
-                        });
-                    }
-                }
-                Instruction::Healthcheck(Healthcheck::Cmd {
-                    cmd,
-                    interval,
-                    timeout,
-                    start_period,
-                    start_interval,
-                    retries,
-                })
-            }
-        }
-        "copy" | "add" => {
-            let (name, accepted): (&'static str, &[(&'static str, FlagKind)]) = if node.keyword == "copy" {
-                (
-                    "COPY",
-                    &[
-                        ("from", Str),
-                        ("chown", Str),
-                        ("chmod", Str),
-                        ("link", Bool),
-                        ("parents", Bool),
-                        ("exclude", Strs),
-                    ],
-                )
-            } else {
-                (
-                    "ADD",
-                    &[
-                        ("chown", Str),
-                        ("chmod", Str),
-                        ("link", Bool),
-                        ("checksum", Str),
-                        ("keep-git-dir", Bool),
-                        ("exclude", Strs),
-                        ("unpack", Bool),
-                    ],
-                )
-            };
-            if args.len() < 2 {
-                return Err(count_error(
-                    line,
-                    name,
-                    "at least two arguments, but only one was provided. destination could not be determined",
-                ));
-            }
-            let flags = Flags::parse(node, accepted)?;
-            let mut spec = copy_spec(node, name, &flags)?;
-            if name == "COPY" {
-                spec.from = flags.string("from");
-                spec.parents = flags.boolean("parents").unwrap_or(false);
-                Instruction::Copy(spec)
-            } else {
-                spec.checksum = flags.string("checksum");
-                spec.keep_git_dir = flags.boolean("keep-git-dir");
-                spec.unpack = flags.boolean("unpack");
-                Instruction::Add(spec)
-            }
-        }
-        _ => {
-            let written = trim_space(&node.original)
-                .split(is_sep)
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            let suggestion = suggest(&written);
-            return Err(InstructionError::UnknownInstruction {
-                line,
-                keyword: written,
-                suggestion,
-            });
-        }
+    let Some((_, typer)) = TYPERS.iter().find(|(k, _)| *k == node.keyword) else {
+        let written = trim_space(&node.original)
+            .split(is_sep)
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let suggestion = suggest(&written);
+        return Err(InstructionError::UnknownInstruction {
+            line: input.line,
+            keyword: written,
+            suggestion,
+        });
     };
     Ok(Located {
-        instruction,
+        instruction: typer(&input)?,
         span: node.span,
         original: node.original.clone(),
     })
+}
+
+fn parse_from(i: &Input) -> Result<Instruction, InstructionError> {
+    let name = match i.args {
+        [_, as_word, name] if as_word.eq_ignore_ascii_case("as") => {
+            let lower = to_lower(name);
+            let mut chars = lower.chars();
+            let valid = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+                && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
+            if !valid {
+                return Err(InstructionError::InvalidStageName {
+                    line: i.line,
+                    name: name.clone(),
+                });
+            }
+            Some(lower)
+        }
+        [_] => None,
+        _ => return Err(count_error(i.line, "FROM", "either one or three arguments")),
+    };
+    let flags = Flags::parse(i.node, &[("platform", FlagKind::Str)])?;
+    Ok(Instruction::From {
+        image: i.args[0].clone(),
+        name,
+        platform: flags.string("platform"),
+    })
+}
+
+fn parse_run(i: &Input) -> Result<Instruction, InstructionError> {
+    use FlagKind::{Str, Strs};
+    let flags = Flags::parse(i.node, &[("mount", Strs), ("network", Str), ("security", Str)])?;
+    let mounts = flags
+        .all("mount")
+        .iter()
+        .map(|m| parse_mount(m, i.line))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Instruction::Run {
+        cmd: command_line(i.args, i.node.json),
+        mounts,
+        network: flags.string("network"),
+        security: flags.string("security"),
+        heredocs: i.node.heredocs.clone(),
+    })
+}
+
+/// CMD and ENTRYPOINT.
+fn parse_command(i: &Input, make: fn(CommandLine) -> Instruction) -> Result<Instruction, InstructionError> {
+    i.no_flags()?;
+    Ok(make(command_line(i.args, i.node.json)))
+}
+
+fn parse_shell(i: &Input) -> Result<Instruction, InstructionError> {
+    i.no_flags()?;
+    if i.args.is_empty() {
+        return Err(count_error(i.line, "SHELL", "at least one argument"));
+    }
+    if !i.node.json {
+        return Err(InstructionError::ShellNotJson { line: i.line });
+    }
+    Ok(Instruction::Shell(i.args.to_vec()))
+}
+
+/// LABEL and ENV.
+fn parse_pairs(
+    i: &Input,
+    instruction: &'static str,
+    make: fn(Pairs) -> Instruction,
+) -> Result<Instruction, InstructionError> {
+    i.no_flags()?;
+    Ok(make(key_value_pairs(i.node, instruction)?))
+}
+
+/// MAINTAINER, USER, WORKDIR and STOPSIGNAL: one argument, no flags.
+fn parse_single(
+    i: &Input,
+    instruction: &'static str,
+    make: fn(String) -> Instruction,
+) -> Result<Instruction, InstructionError> {
+    let value = i.exactly_one(instruction)?;
+    i.no_flags()?;
+    Ok(make(value))
+}
+
+fn parse_expose(i: &Input) -> Result<Instruction, InstructionError> {
+    i.at_least_one("EXPOSE")?;
+    i.no_flags()?;
+    let mut ports = i.args.to_vec();
+    ports.sort();
+    Ok(Instruction::Expose(ports))
+}
+
+fn parse_volume(i: &Input) -> Result<Instruction, InstructionError> {
+    i.at_least_one("VOLUME")?;
+    i.no_flags()?;
+    let mut volumes = Vec::with_capacity(i.args.len());
+    for v in i.args {
+        let v = trim_space(v);
+        if v.is_empty() {
+            return Err(InstructionError::EmptyVolume { line: i.line });
+        }
+        volumes.push(v.to_string());
+    }
+    Ok(Instruction::Volume(volumes))
+}
+
+fn parse_arg(i: &Input) -> Result<Instruction, InstructionError> {
+    i.at_least_one("ARG")?;
+    i.no_flags()?;
+    let mut pairs = Vec::with_capacity(i.args.len());
+    for a in i.args {
+        match a.split_once('=') {
+            Some(("", _)) => {
+                return Err(InstructionError::BlankName {
+                    line: i.line,
+                    instruction: "ARG",
+                })
+            }
+            Some((k, v)) => pairs.push((k.to_string(), Some(v.to_string()))),
+            None => pairs.push((a.clone(), None)),
+        }
+    }
+    Ok(Instruction::Arg(pairs))
+}
+
+fn parse_onbuild(i: &Input) -> Result<Instruction, InstructionError> {
+    i.at_least_one("ONBUILD")?;
+    i.no_flags()?;
+    let line = i.line;
+    let trigger = to_upper(trim_space(&i.args[0]));
+    match trigger.as_str() {
+        "ONBUILD" => return Err(InstructionError::OnbuildChain { line }),
+        "MAINTAINER" | "FROM" => return Err(InstructionError::OnbuildTrigger { line, trigger }),
+        _ => {}
+    }
+    let node = i.node;
+    let is_re_space = |c: char| matches!(c, ' ' | '\t' | '\n' | '\u{c}' | '\r');
+    let trimmed = node.original.trim_start_matches(is_re_space);
+    let mut expression = match trimmed.get(..7) {
+        Some(word) if word.eq_ignore_ascii_case("onbuild") => {
+            trimmed[7..].trim_start_matches(is_re_space).to_string()
+        }
+        _ => node.original.clone(),
+    };
+    for h in &node.heredocs {
+        expression.push('\n');
+        expression.push_str(&h.content);
+        expression.push_str(&h.name);
+    }
+    Ok(Instruction::Onbuild(expression))
+}
+
+fn parse_healthcheck(i: &Input) -> Result<Instruction, InstructionError> {
+    use FlagKind::Str;
+    i.at_least_one("HEALTHCHECK")?;
+    let line = i.line;
+    let kind = to_upper(&i.args[0]);
+    if kind == "NONE" {
+        // Like BuildKit, flags are not looked at for NONE.
+        if i.args.len() != 1 {
+            return Err(InstructionError::HealthcheckNoneArguments { line });
+        }
+        return Ok(Instruction::Healthcheck(Healthcheck::None));
+    }
+    let flags = Flags::parse(
+        i.node,
+        &[
+            ("interval", Str),
+            ("timeout", Str),
+            ("start-period", Str),
+            ("start-interval", Str),
+            ("retries", Str),
+        ],
+    )?;
+    if kind != "CMD" {
+        return Err(InstructionError::HealthcheckType { line, kind });
+    }
+    if i.args.len() < 2 {
+        return Err(InstructionError::HealthcheckNoCommand { line });
+    }
+    let cmd = command_line(&i.args[1..], i.node.json);
+    let interval = flags.string("interval");
+    let timeout = flags.string("timeout");
+    let start_period = flags.string("start-period");
+    let start_interval = flags.string("start-interval");
+    check_interval(interval.as_ref(), "interval", line)?;
+    check_interval(timeout.as_ref(), "timeout", line)?;
+    check_interval(start_period.as_ref(), "start-period", line)?;
+    check_interval(start_interval.as_ref(), "start-interval", line)?;
+    let retries = flags.string("retries");
+    if let Some(r) = retries.as_ref().filter(|r| !r.is_empty()) {
+        if !r.parse::<i32>().is_ok_and(|n| n >= 0) {
+            return Err(InstructionError::InvalidRetries {
+                line,
+                value: r.clone(),
+            });
+        }
+    }
+    Ok(Instruction::Healthcheck(Healthcheck::Cmd {
+        cmd,
+        interval,
+        timeout,
+        start_period,
+        start_interval,
+        retries,
+    }))
+}
+
+/// The flags and arguments COPY and ADD share; returns the flags for the caller's own.
+fn parse_copy_common(
+    i: &Input,
+    name: &'static str,
+    accepted: &[(&'static str, FlagKind)],
+) -> Result<(CopySpec, Flags), InstructionError> {
+    if i.args.len() < 2 {
+        return Err(count_error(
+            i.line,
+            name,
+            "at least two arguments, but only one was provided. destination could not be determined",
+        ));
+    }
+    let flags = Flags::parse(i.node, accepted)?;
+    let spec = copy_spec(i.node, name, &flags)?;
+    Ok((spec, flags))
+}
+
+fn parse_copy(i: &Input) -> Result<Instruction, InstructionError> {
+    use FlagKind::{Bool, Str, Strs};
+    let accepted = [
+        ("from", Str),
+        ("chown", Str),
+        ("chmod", Str),
+        ("link", Bool),
+        ("parents", Bool),
+        ("exclude", Strs),
+    ];
+    let (mut spec, flags) = parse_copy_common(i, "COPY", &accepted)?;
+    spec.from = flags.string("from");
+    spec.parents = flags.boolean("parents").unwrap_or(false);
+    Ok(Instruction::Copy(spec))
+}
+
+fn parse_add(i: &Input) -> Result<Instruction, InstructionError> {
+    use FlagKind::{Bool, Str, Strs};
+    let accepted = [
+        ("chown", Str),
+        ("chmod", Str),
+        ("link", Bool),
+        ("checksum", Str),
+        ("keep-git-dir", Bool),
+        ("exclude", Strs),
+        ("unpack", Bool),
+    ];
+    let (mut spec, flags) = parse_copy_common(i, "ADD", &accepted)?;
+    spec.checksum = flags.string("checksum");
+    spec.keep_git_dir = flags.boolean("keep-git-dir");
+    spec.unpack = flags.boolean("unpack");
+    Ok(Instruction::Add(spec))
 }
 
 /// [`parse_instruction`] for every node, in order; stops at the first error.
