@@ -12,10 +12,17 @@
 //! out of the ops altogether and returned in [`Lowered::proxy_env`] for the solver to add at run
 //! time, so they never change a digest or the history.
 
+mod copy;
 mod dispatch;
 pub mod error;
+mod from;
+mod healthcheck;
+mod meta;
 mod mounts;
+mod plan;
+mod run;
 mod stages;
+mod state;
 pub mod values;
 
 use std::collections::BTreeMap;
