@@ -462,44 +462,9 @@ fn lex_action(src: &str, start: usize) -> Result<(Vec<Token>, usize, bool), Temp
                 i += 1;
             }
             '"' => {
-                let mut s = String::new();
-                let mut j = i + 1;
-                loop {
-                    let Some(ch) = src[j..].chars().next() else {
-                        return Err(perr(src, i, "unterminated quoted string"));
-                    };
-                    match ch {
-                        '"' => break,
-                        '\n' => return Err(perr(src, i, "unterminated quoted string")),
-                        '\\' => {
-                            let Some(e) = src[j + 1..].chars().next() else {
-                                return Err(perr(src, i, "unterminated quoted string"));
-                            };
-                            s.push(match e {
-                                'n' => '\n',
-                                't' => '\t',
-                                'r' => '\r',
-                                '\\' => '\\',
-                                '"' => '"',
-                                '\'' => '\'',
-                                '0' => '\0',
-                                other => {
-                                    return Err(perr(
-                                        src,
-                                        j,
-                                        format!("invalid syntax: unknown escape \\{other}"),
-                                    ))
-                                }
-                            });
-                            j += 1 + e.len_utf8();
-                            continue;
-                        }
-                        ch => s.push(ch),
-                    }
-                    j += ch.len_utf8();
-                }
+                let (s, end) = lex_quoted(src, i)?;
                 push(&mut toks, Tok::Str(s));
-                i = j + 1;
+                i = end;
             }
             '`' => {
                 let Some(end) = src[i + 1..].find('`') else {
@@ -561,6 +526,42 @@ fn lex_action(src: &str, start: usize) -> Result<(Vec<Token>, usize, bool), Temp
             other => return Err(perr(src, i, format!("unexpected {other:?} in command"))),
         }
     }
+}
+
+/// Lexes the interpreted string literal starting at the `"` at `start`; returns its value and
+/// the offset after the closing `"`.
+fn lex_quoted(src: &str, start: usize) -> Result<(String, usize), TemplateError> {
+    let mut s = String::new();
+    let mut j = start + 1;
+    loop {
+        let Some(ch) = src[j..].chars().next() else {
+            return Err(perr(src, start, "unterminated quoted string"));
+        };
+        match ch {
+            '"' => break,
+            '\n' => return Err(perr(src, start, "unterminated quoted string")),
+            '\\' => {
+                let Some(e) = src[j + 1..].chars().next() else {
+                    return Err(perr(src, start, "unterminated quoted string"));
+                };
+                s.push(match e {
+                    'n' => '\n',
+                    't' => '\t',
+                    'r' => '\r',
+                    '\\' => '\\',
+                    '"' => '"',
+                    '\'' => '\'',
+                    '0' => '\0',
+                    other => return Err(perr(src, j, format!("invalid syntax: unknown escape \\{other}"))),
+                });
+                j += 1 + e.len_utf8();
+                continue;
+            }
+            ch => s.push(ch),
+        }
+        j += ch.len_utf8();
+    }
+    Ok((s, j + 1))
 }
 
 const FUNCS: &[&str] = &[
@@ -1246,317 +1247,357 @@ impl State<'_> {
     }
 
     fn call(&self, name: &str, args: &[Value]) -> Result<Value, String> {
-        let want = |n: usize| -> Result<(), String> {
-            if args.len() != n {
-                Err(format!(
-                    "wrong number of args for {name}: want {n} got {}",
-                    args.len()
-                ))
-            } else {
-                Ok(())
-            }
-        };
-        let s = |i: usize| -> Result<String, String> {
-            match &args[i] {
-                Value::Str(s) => Ok(s.clone()),
-                other => Err(format!(
-                    "wrong type for value; expected string; got {}",
-                    other.type_name()
-                )),
-            }
-        };
-        let int = |i: usize| -> Result<i64, String> {
-            match &args[i] {
-                Value::Int(n) => Ok(*n),
-                Value::Float(f) if f.fract() == 0.0 => Ok(*f as i64),
-                other => Err(format!(
-                    "wrong type for value; expected int; got {}",
-                    other.type_name()
-                )),
-            }
-        };
+        let a = Args { name, args };
         if self.header {
             // Docker's header functions: the header text passes through.
-            match name {
-                "json" | "title" | "lower" | "upper" => {
-                    want(1)?;
-                    return Ok(args[0].clone());
-                }
-                "split" | "join" | "truncate" => {
-                    want(2)?;
-                    return Ok(args[0].clone());
-                }
-                "pad" => {
-                    want(3)?;
-                    return Ok(args[0].clone());
-                }
-                _ => {}
+            let arity = match name {
+                "json" | "title" | "lower" | "upper" => Some(1),
+                "split" | "join" | "truncate" => Some(2),
+                "pad" => Some(3),
+                _ => None,
+            };
+            if let Some(n) = arity {
+                a.want(n)?;
+                return Ok(args[0].clone());
             }
         }
-        Ok(match name {
-            "and" => {
-                if args.is_empty() {
-                    return Err("wrong number of args for and: want at least 1 got 0".into());
-                }
-                args.iter()
-                    .find(|a| !a.truthy())
-                    .unwrap_or(&args[args.len() - 1])
-                    .clone()
-            }
-            "or" => {
-                if args.is_empty() {
-                    return Err("wrong number of args for or: want at least 1 got 0".into());
-                }
-                args.iter()
-                    .find(|a| a.truthy())
-                    .unwrap_or(&args[args.len() - 1])
-                    .clone()
-            }
-            "not" => {
-                want(1)?;
-                Value::Bool(!args[0].truthy())
-            }
-            "len" => {
-                want(1)?;
-                Value::Int(match &args[0] {
-                    Value::Str(s) => s.len() as i64,
-                    Value::List(l) => l.len() as i64,
-                    Value::Object(o, _) => o.len() as i64,
-                    other => return Err(format!("len of type {}", other.type_name())),
-                })
-            }
-            "index" => {
-                if args.is_empty() {
-                    return Err("wrong number of args for index: want at least 1 got 0".into());
-                }
-                let mut cur = args[0].clone();
-                for k in &args[1..] {
-                    cur = match (&cur, k) {
-                        (Value::List(l), Value::Int(i)) => l
-                            .get(usize::try_from(*i).map_err(|_| format!("index out of range: {i}"))?)
-                            .cloned()
-                            .ok_or_else(|| format!("index out of range: {i}"))?,
-                        (Value::Str(s), Value::Int(i)) => Value::Int(
-                            *s.as_bytes()
-                                .get(usize::try_from(*i).map_err(|_| format!("index out of range: {i}"))?)
-                                .ok_or_else(|| format!("index out of range: {i}"))?
-                                as i64,
-                        ),
-                        (Value::Object(o, _), Value::Str(key)) => o
-                            .iter()
-                            .find(|(n, _)| n == key)
-                            .map(|(_, v)| v.clone())
-                            .unwrap_or(Value::Str(String::new())),
-                        (Value::Nil | Value::Missing, _) => return Err("index of untyped nil".into()),
-                        (c, k) => {
-                            return Err(format!(
-                                "can't index item of type {} with {}",
-                                c.type_name(),
-                                k.type_name()
-                            ))
-                        }
-                    };
-                }
-                cur
-            }
-            "slice" => {
-                if args.is_empty() {
-                    return Err("wrong number of args for slice: want at least 1 got 0".into());
-                }
-                let idx: Vec<i64> = (1..args.len()).map(int).collect::<Result<_, _>>()?;
-                match &args[0] {
-                    Value::Str(x) => {
-                        let from = *idx.first().unwrap_or(&0) as usize;
-                        let to = idx.get(1).map(|t| *t as usize).unwrap_or(x.len());
-                        Value::Str(
-                            x.get(from..to)
-                                .ok_or_else(|| format!("index out of range: {to}"))?
-                                .to_string(),
-                        )
-                    }
-                    Value::List(l) => {
-                        let from = *idx.first().unwrap_or(&0) as usize;
-                        let to = idx.get(1).map(|t| *t as usize).unwrap_or(l.len());
-                        Value::List(
-                            l.get(from..to)
-                                .ok_or_else(|| format!("index out of range: {to}"))?
-                                .to_vec(),
-                        )
-                    }
-                    other => return Err(format!("can't slice item of type {}", other.type_name())),
-                }
-            }
-            "eq" => {
-                if args.len() < 2 {
-                    return Err("missing argument for comparison".into());
-                }
-                let mut any = false;
-                for b in &args[1..] {
-                    any |= compare(&args[0], b)? == std::cmp::Ordering::Equal;
-                }
-                Value::Bool(any)
-            }
-            "ne" | "lt" | "le" | "gt" | "ge" => {
-                want(2)?;
-                let o = compare(&args[0], &args[1])?;
-                if name != "ne" && !matches!(args[0], Value::Int(_) | Value::Float(_) | Value::Str(_)) {
-                    return Err("invalid type for comparison".into());
-                }
-                use std::cmp::Ordering::*;
-                Value::Bool(match name {
-                    "ne" => o != Equal,
-                    "lt" => o == Less,
-                    "le" => o != Greater,
-                    "gt" => o == Greater,
-                    _ => o != Less,
-                })
-            }
-            "print" => Value::Str(go_sprint(args)),
-            "println" => {
-                let mut s = args.iter().map(Value::to_text).collect::<Vec<_>>().join(" ");
-                s.push('\n');
-                Value::Str(s)
-            }
-            "printf" => {
-                if args.is_empty() {
-                    return Err("wrong number of args for printf: want at least 1 got 0".into());
-                }
-                Value::Str(sprintf(&s(0)?, &args[1..]))
-            }
-            "html" => Value::Str(
-                go_sprint(args)
-                    .replace('&', "&amp;")
-                    .replace('<', "&lt;")
-                    .replace('>', "&gt;")
-                    .replace('"', "&#34;")
-                    .replace('\'', "&#39;"),
-            ),
-            "js" => {
-                let mut out = String::new();
-                for c in go_sprint(args).chars() {
-                    match c {
-                        '\\' => out.push_str("\\\\"),
-                        '\'' => out.push_str("\\'"),
-                        '"' => out.push_str("\\\""),
-                        '<' => out.push_str("\\u003C"),
-                        '>' => out.push_str("\\u003E"),
-                        '&' => out.push_str("\\u0026"),
-                        '=' => out.push_str("\\u003D"),
-                        '\n' => out.push_str("\\n"),
-                        '\r' => out.push_str("\\r"),
-                        '\t' => out.push_str("\\t"),
-                        c => out.push(c),
-                    }
-                }
-                Value::Str(out)
-            }
-            "urlquery" => {
-                let mut out = String::new();
-                for b in go_sprint(args).bytes() {
-                    match b {
-                        b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                            out.push(b as char)
-                        }
-                        b' ' => out.push('+'),
-                        b => {
-                            let _ = write!(out, "%{b:02X}");
-                        }
-                    }
-                }
-                Value::Str(out)
-            }
-            "json" => {
-                want(1)?;
-                let j = args[0].to_json();
-                let mut text = serde_json::to_string(&j).map_err(|e| e.to_string())?;
-                if matches!(args[0], Value::Object(_, Kind::Context(_))) {
-                    // Go's json.Marshal of a formatter context escapes HTML characters.
-                    text = text
-                        .replace('<', "\\u003c")
-                        .replace('>', "\\u003e")
-                        .replace('&', "\\u0026");
-                }
-                Value::Str(text)
-            }
-            "split" => {
-                want(2)?;
-                let (a, sep) = (s(0)?, s(1)?);
-                if sep.is_empty() {
-                    Value::List(a.chars().map(|c| Value::Str(c.to_string())).collect())
-                } else {
-                    Value::List(a.split(sep.as_str()).map(|p| Value::Str(p.to_string())).collect())
-                }
-            }
-            "join" => {
-                want(2)?;
-                let list = match &args[0] {
-                    Value::List(l) => l,
-                    other => {
-                        return Err(format!(
-                            "wrong type for value; expected []string; got {}",
-                            other.type_name()
-                        ))
-                    }
-                };
-                let mut parts = Vec::new();
-                for v in list {
-                    match v {
-                        Value::Str(x) => parts.push(x.clone()),
-                        other => {
-                            return Err(format!(
-                                "wrong type for value; expected []string; got []{}",
-                                other.type_name()
-                            ))
-                        }
-                    }
-                }
-                Value::Str(parts.join(&s(1)?))
-            }
-            "title" => {
-                want(1)?;
-                let mut out = String::new();
-                let mut prev_letter = false;
-                for c in s(0)?.chars() {
-                    if !prev_letter && c.is_alphabetic() {
-                        out.extend(c.to_uppercase());
-                    } else {
-                        out.push(c);
-                    }
-                    prev_letter = c.is_alphanumeric() || c == '_' || c == '\'';
-                }
-                Value::Str(out)
-            }
-            "lower" => {
-                want(1)?;
-                Value::Str(s(0)?.to_lowercase())
-            }
-            "upper" => {
-                want(1)?;
-                Value::Str(s(0)?.to_uppercase())
-            }
-            "pad" => {
-                want(3)?;
-                let x = s(0)?;
-                if x.is_empty() {
-                    Value::Str(x)
-                } else {
-                    let (p, q) = (int(1)?.max(0) as usize, int(2)?.max(0) as usize);
-                    Value::Str(format!("{}{x}{}", " ".repeat(p), " ".repeat(q)))
-                }
-            }
-            "truncate" => {
-                want(2)?;
-                let x = s(0)?;
-                let n = int(1)?.max(0) as usize;
-                if x.len() < n {
-                    Value::Str(x)
-                } else {
-                    Value::Str(String::from_utf8_lossy(&x.as_bytes()[..n]).into_owned())
-                }
-            }
-            other => return Err(format!("function {other:?} not defined")),
-        })
+        match name {
+            "and" | "or" | "not" => call_logic(&a),
+            "len" => call_len(&a),
+            "index" => call_index(&a),
+            "slice" => call_slice(&a),
+            "eq" | "ne" | "lt" | "le" | "gt" | "ge" => call_compare(&a),
+            "print" | "println" | "printf" => call_print(&a),
+            "html" | "js" | "urlquery" => Ok(Value::Str(call_escape(name, &go_sprint(args)))),
+            "json" => call_json(&a),
+            "split" | "join" => call_split_join(&a),
+            "title" | "lower" | "upper" | "pad" | "truncate" => call_text(&a),
+            other => Err(format!("function {other:?} not defined")),
+        }
     }
+}
+
+/// The arguments of one builtin call, with Go's checks of their number and types.
+struct Args<'a> {
+    name: &'a str,
+    args: &'a [Value],
+}
+
+impl Args<'_> {
+    fn want(&self, n: usize) -> Result<(), String> {
+        if self.args.len() != n {
+            Err(format!(
+                "wrong number of args for {}: want {n} got {}",
+                self.name,
+                self.args.len()
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// At least one argument (the variadic builtins).
+    fn want_some(&self) -> Result<(), String> {
+        if self.args.is_empty() {
+            Err(format!(
+                "wrong number of args for {}: want at least 1 got 0",
+                self.name
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn s(&self, i: usize) -> Result<String, String> {
+        match &self.args[i] {
+            Value::Str(s) => Ok(s.clone()),
+            other => Err(format!(
+                "wrong type for value; expected string; got {}",
+                other.type_name()
+            )),
+        }
+    }
+
+    fn int(&self, i: usize) -> Result<i64, String> {
+        match &self.args[i] {
+            Value::Int(n) => Ok(*n),
+            Value::Float(f) if f.fract() == 0.0 => Ok(*f as i64),
+            other => Err(format!(
+                "wrong type for value; expected int; got {}",
+                other.type_name()
+            )),
+        }
+    }
+}
+
+/// `and`, `or`, `not`.
+fn call_logic(a: &Args) -> Result<Value, String> {
+    let args = a.args;
+    if a.name == "not" {
+        a.want(1)?;
+        return Ok(Value::Bool(!args[0].truthy()));
+    }
+    a.want_some()?;
+    let stop = a.name == "or";
+    Ok(args
+        .iter()
+        .find(|v| v.truthy() == stop)
+        .unwrap_or(&args[args.len() - 1])
+        .clone())
+}
+
+fn call_len(a: &Args) -> Result<Value, String> {
+    a.want(1)?;
+    Ok(Value::Int(match &a.args[0] {
+        Value::Str(s) => s.len() as i64,
+        Value::List(l) => l.len() as i64,
+        Value::Object(o, _) => o.len() as i64,
+        other => return Err(format!("len of type {}", other.type_name())),
+    }))
+}
+
+fn call_index(a: &Args) -> Result<Value, String> {
+    a.want_some()?;
+    let mut cur = a.args[0].clone();
+    for k in &a.args[1..] {
+        cur = match (&cur, k) {
+            (Value::List(l), Value::Int(i)) => l
+                .get(usize::try_from(*i).map_err(|_| format!("index out of range: {i}"))?)
+                .cloned()
+                .ok_or_else(|| format!("index out of range: {i}"))?,
+            (Value::Str(s), Value::Int(i)) => Value::Int(
+                *s.as_bytes()
+                    .get(usize::try_from(*i).map_err(|_| format!("index out of range: {i}"))?)
+                    .ok_or_else(|| format!("index out of range: {i}"))? as i64,
+            ),
+            (Value::Object(o, _), Value::Str(key)) => o
+                .iter()
+                .find(|(n, _)| n == key)
+                .map(|(_, v)| v.clone())
+                .unwrap_or(Value::Str(String::new())),
+            (Value::Nil | Value::Missing, _) => return Err("index of untyped nil".into()),
+            (c, k) => {
+                return Err(format!(
+                    "can't index item of type {} with {}",
+                    c.type_name(),
+                    k.type_name()
+                ))
+            }
+        };
+    }
+    Ok(cur)
+}
+
+fn call_slice(a: &Args) -> Result<Value, String> {
+    a.want_some()?;
+    let idx: Vec<i64> = (1..a.args.len()).map(|i| a.int(i)).collect::<Result<_, _>>()?;
+    let from = *idx.first().unwrap_or(&0) as usize;
+    Ok(match &a.args[0] {
+        Value::Str(x) => {
+            let to = idx.get(1).map(|t| *t as usize).unwrap_or(x.len());
+            Value::Str(
+                x.get(from..to)
+                    .ok_or_else(|| format!("index out of range: {to}"))?
+                    .to_string(),
+            )
+        }
+        Value::List(l) => {
+            let to = idx.get(1).map(|t| *t as usize).unwrap_or(l.len());
+            Value::List(
+                l.get(from..to)
+                    .ok_or_else(|| format!("index out of range: {to}"))?
+                    .to_vec(),
+            )
+        }
+        other => return Err(format!("can't slice item of type {}", other.type_name())),
+    })
+}
+
+/// `eq` (any of the others equals the first), `ne`, `lt`, `le`, `gt`, `ge`.
+fn call_compare(a: &Args) -> Result<Value, String> {
+    let args = a.args;
+    if a.name == "eq" {
+        if args.len() < 2 {
+            return Err("missing argument for comparison".into());
+        }
+        let mut any = false;
+        for b in &args[1..] {
+            any |= compare(&args[0], b)? == std::cmp::Ordering::Equal;
+        }
+        return Ok(Value::Bool(any));
+    }
+    a.want(2)?;
+    let o = compare(&args[0], &args[1])?;
+    if a.name != "ne" && !matches!(args[0], Value::Int(_) | Value::Float(_) | Value::Str(_)) {
+        return Err("invalid type for comparison".into());
+    }
+    use std::cmp::Ordering::*;
+    Ok(Value::Bool(match a.name {
+        "ne" => o != Equal,
+        "lt" => o == Less,
+        "le" => o != Greater,
+        "gt" => o == Greater,
+        _ => o != Less,
+    }))
+}
+
+/// `print`, `println`, `printf`.
+fn call_print(a: &Args) -> Result<Value, String> {
+    Ok(Value::Str(match a.name {
+        "print" => go_sprint(a.args),
+        "println" => {
+            let mut s = a.args.iter().map(Value::to_text).collect::<Vec<_>>().join(" ");
+            s.push('\n');
+            s
+        }
+        _ => {
+            a.want_some()?;
+            sprintf(&a.s(0)?, &a.args[1..])
+        }
+    }))
+}
+
+/// `html`, `js`, `urlquery` of the already printed arguments.
+fn call_escape(name: &str, text: &str) -> String {
+    match name {
+        "html" => text
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&#34;")
+            .replace('\'', "&#39;"),
+        "js" => {
+            let mut out = String::new();
+            for c in text.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\'' => out.push_str("\\'"),
+                    '"' => out.push_str("\\\""),
+                    '<' => out.push_str("\\u003C"),
+                    '>' => out.push_str("\\u003E"),
+                    '&' => out.push_str("\\u0026"),
+                    '=' => out.push_str("\\u003D"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    c => out.push(c),
+                }
+            }
+            out
+        }
+        _ => {
+            let mut out = String::new();
+            for b in text.bytes() {
+                match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                        out.push(b as char)
+                    }
+                    b' ' => out.push('+'),
+                    b => {
+                        let _ = write!(out, "%{b:02X}");
+                    }
+                }
+            }
+            out
+        }
+    }
+}
+
+fn call_json(a: &Args) -> Result<Value, String> {
+    a.want(1)?;
+    let j = a.args[0].to_json();
+    let mut text = serde_json::to_string(&j).map_err(|e| e.to_string())?;
+    if matches!(a.args[0], Value::Object(_, Kind::Context(_))) {
+        // Go's json.Marshal of a formatter context escapes HTML characters.
+        text = text
+            .replace('<', "\\u003c")
+            .replace('>', "\\u003e")
+            .replace('&', "\\u0026");
+    }
+    Ok(Value::Str(text))
+}
+
+/// Docker's `split` and `join`.
+fn call_split_join(a: &Args) -> Result<Value, String> {
+    a.want(2)?;
+    if a.name == "split" {
+        let (x, sep) = (a.s(0)?, a.s(1)?);
+        return Ok(if sep.is_empty() {
+            Value::List(x.chars().map(|c| Value::Str(c.to_string())).collect())
+        } else {
+            Value::List(x.split(sep.as_str()).map(|p| Value::Str(p.to_string())).collect())
+        });
+    }
+    let list = match &a.args[0] {
+        Value::List(l) => l,
+        other => {
+            return Err(format!(
+                "wrong type for value; expected []string; got {}",
+                other.type_name()
+            ))
+        }
+    };
+    let mut parts = Vec::new();
+    for v in list {
+        match v {
+            Value::Str(x) => parts.push(x.clone()),
+            other => {
+                return Err(format!(
+                    "wrong type for value; expected []string; got []{}",
+                    other.type_name()
+                ))
+            }
+        }
+    }
+    Ok(Value::Str(parts.join(&a.s(1)?)))
+}
+
+/// Docker's `title`, `lower`, `upper`, `pad` and `truncate`.
+fn call_text(a: &Args) -> Result<Value, String> {
+    Ok(Value::Str(match a.name {
+        "title" => {
+            a.want(1)?;
+            let mut out = String::new();
+            let mut prev_letter = false;
+            for c in a.s(0)?.chars() {
+                if !prev_letter && c.is_alphabetic() {
+                    out.extend(c.to_uppercase());
+                } else {
+                    out.push(c);
+                }
+                prev_letter = c.is_alphanumeric() || c == '_' || c == '\'';
+            }
+            out
+        }
+        "lower" => {
+            a.want(1)?;
+            a.s(0)?.to_lowercase()
+        }
+        "upper" => {
+            a.want(1)?;
+            a.s(0)?.to_uppercase()
+        }
+        "pad" => {
+            a.want(3)?;
+            let x = a.s(0)?;
+            if x.is_empty() {
+                x
+            } else {
+                let (p, q) = (a.int(1)?.max(0) as usize, a.int(2)?.max(0) as usize);
+                format!("{}{x}{}", " ".repeat(p), " ".repeat(q))
+            }
+        }
+        _ => {
+            a.want(2)?;
+            let x = a.s(0)?;
+            let n = a.int(1)?.max(0) as usize;
+            if x.len() < n {
+                x
+            } else {
+                String::from_utf8_lossy(&x.as_bytes()[..n]).into_owned()
+            }
+        }
+    }))
 }
 
 fn compare(a: &Value, b: &Value) -> Result<std::cmp::Ordering, String> {
