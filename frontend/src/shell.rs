@@ -76,7 +76,16 @@ pub enum ShellError {
         /// What followed the `\` (empty at the end of the pattern).
         escaped: String,
     },
+    /// `${` nested more than [`MAX_NESTING`] levels deep.
+    #[error("substitutions nested deeper than {MAX_NESTING} levels in `{word}`")]
+    TooDeep {
+        /// The word being processed.
+        word: String,
+    },
 }
+
+/// Nesting limit for `${...}` inside `${...}`, so that no input can exhaust the stack.
+pub const MAX_NESTING: usize = 200;
 
 /// The result of [`Lexer::process_word_with_matches`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -89,10 +98,16 @@ pub struct Expanded {
     pub unmatched: BTreeSet<String>,
 }
 
-/// BuildKit's shell-word lexer, parameterised by the escape character.
+/// BuildKit's shell-word lexer, parameterised by the escape character and, as BuildKit's `Lex`,
+/// by options that the heredoc scan of the parser uses (`RawQuotes`, `RawEscapes`,
+/// `SkipUnsetEnv`): see [`Lexer::raw_quotes`] & co.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lexer {
     escape: char,
+    raw_quotes: bool,
+    raw_escapes: bool,
+    skip_unset_env: bool,
+    heredoc_markers: bool,
 }
 
 impl Default for Lexer {
@@ -104,7 +119,46 @@ impl Default for Lexer {
 impl Lexer {
     /// A lexer whose escape character is `escape` (`\` by default, `` ` `` with `# escape=``).
     pub fn new(escape: char) -> Lexer {
-        Lexer { escape }
+        Lexer {
+            escape,
+            raw_quotes: false,
+            raw_escapes: false,
+            skip_unset_env: false,
+            heredoc_markers: false,
+        }
+    }
+
+    /// Quotes stay in the result (`'a b'` gives `'a b'`, still one word).
+    pub fn raw_quotes(self, on: bool) -> Lexer {
+        Lexer {
+            raw_quotes: on,
+            ..self
+        }
+    }
+
+    /// Escape characters stay in the result (`a\ b` gives `a\ b`, still one word).
+    pub fn raw_escapes(self, on: bool) -> Lexer {
+        Lexer {
+            raw_escapes: on,
+            ..self
+        }
+    }
+
+    /// An unset variable stays as written (`$A`, `${A:-x}`) instead of expanding.
+    pub fn skip_unset_env(self, on: bool) -> Lexer {
+        Lexer {
+            skip_unset_env: on,
+            ..self
+        }
+    }
+
+    /// `<<` and the blanks after it stay with the word that follows (`<< EOF` is one word), as
+    /// BuildKit's lexer keeps heredoc markers for `heredocsFromLine`.
+    pub fn heredoc_markers(self, on: bool) -> Lexer {
+        Lexer {
+            heredoc_markers: on,
+            ..self
+        }
     }
 
     /// The escape character.
@@ -129,8 +183,8 @@ impl Lexer {
         word: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Expanded, ShellError> {
-        let mut sw = ShellWord::new(self.escape, word, env);
-        let (result, _) = sw.process_stop_on(None, false)?;
+        let mut sw = ShellWord::new(self, word, env);
+        let (result, _) = sw.process_stop_on(None, self.raw_escapes)?;
         Ok(Expanded {
             result,
             matched: sw.matched,
@@ -146,8 +200,8 @@ impl Lexer {
         word: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Vec<String>, ShellError> {
-        let mut sw = ShellWord::new(self.escape, word, env);
-        let (_, words) = sw.process_stop_on(None, false)?;
+        let mut sw = ShellWord::new(self, word, env);
+        let (_, words) = sw.process_stop_on(None, self.raw_escapes)?;
         Ok(words)
     }
 }
@@ -201,6 +255,11 @@ struct ShellWord<'a> {
     pos: usize,
     escape: char,
     raw_escapes: bool,
+    raw_quotes: bool,
+    skip_unset_env: bool,
+    heredoc_markers: bool,
+    /// How many `process_stop_on` calls are open (bounded by [`MAX_NESTING`]).
+    depth: usize,
     env: &'a dyn Fn(&str) -> Option<String>,
     source: &'a str,
     matched: BTreeSet<String>,
@@ -208,7 +267,7 @@ struct ShellWord<'a> {
 }
 
 impl<'a> ShellWord<'a> {
-    fn new(escape: char, source: &'a str, env: &'a dyn Fn(&str) -> Option<String>) -> ShellWord<'a> {
+    fn new(lexer: &Lexer, source: &'a str, env: &'a dyn Fn(&str) -> Option<String>) -> ShellWord<'a> {
         let mut chars: Vec<char> = source.chars().collect();
         // Go's text/scanner, which BuildKit reads words with, skips a leading byte-order mark.
         if chars.first() == Some(&'\u{feff}') {
@@ -217,8 +276,12 @@ impl<'a> ShellWord<'a> {
         ShellWord {
             chars,
             pos: 0,
-            escape,
+            escape: lexer.escape,
             raw_escapes: false,
+            raw_quotes: lexer.raw_quotes,
+            skip_unset_env: lexer.skip_unset_env,
+            heredoc_markers: lexer.heredoc_markers,
+            depth: 0,
             env,
             source,
             matched: BTreeSet::new(),
@@ -259,9 +322,14 @@ impl<'a> ShellWord<'a> {
         stop: Option<char>,
         raw_escapes: bool,
     ) -> Result<(String, Vec<String>), ShellError> {
+        if self.depth >= MAX_NESTING {
+            return Err(ShellError::TooDeep { word: self.word() });
+        }
+        self.depth += 1;
         let saved = std::mem::replace(&mut self.raw_escapes, raw_escapes);
         let out = self.process_stop_on_inner(stop);
         self.raw_escapes = saved;
+        self.depth -= 1;
         out
     }
 
@@ -286,6 +354,11 @@ impl<'a> ShellWord<'a> {
                 }
                 '"' => {
                     let tmp = self.process_double_quote()?;
+                    result.push_str(&tmp);
+                    words.add_raw_string(&tmp);
+                }
+                '<' if self.heredoc_markers => {
+                    let tmp = self.process_possible_heredoc();
                     result.push_str(&tmp);
                     words.add_raw_string(&tmp);
                 }
@@ -314,14 +387,37 @@ impl<'a> ShellWord<'a> {
         }
     }
 
+    /// `<` alone, or `<<` with the blanks after it.
+    fn process_possible_heredoc(&mut self) -> String {
+        self.pos += 1;
+        if self.peek() != Some('<') {
+            return "<".to_string();
+        }
+        self.pos += 1;
+        let mut out = String::from("<<");
+        while let Some(c @ (' ' | '\t')) = self.peek() {
+            out.push(c);
+            self.pos += 1;
+        }
+        out
+    }
+
     /// `'...'`: everything literal up to the next `'`.
     fn process_single_quote(&mut self) -> Result<String, ShellError> {
         self.pos += 1;
         let mut result = String::new();
+        if self.raw_quotes {
+            result.push('\'');
+        }
         loop {
             match self.next() {
                 None => return Err(ShellError::UnterminatedSingleQuote { word: self.word() }),
-                Some('\'') => return Ok(result),
+                Some('\'') => {
+                    if self.raw_quotes {
+                        result.push('\'');
+                    }
+                    return Ok(result);
+                }
                 Some(c) => result.push(c),
             }
         }
@@ -332,11 +428,17 @@ impl<'a> ShellWord<'a> {
     fn process_double_quote(&mut self) -> Result<String, ShellError> {
         self.pos += 1;
         let mut result = String::new();
+        if self.raw_quotes {
+            result.push('"');
+        }
         loop {
             match self.peek() {
                 None => return Err(ShellError::UnterminatedDoubleQuote { word: self.word() }),
                 Some('"') => {
                     self.pos += 1;
+                    if self.raw_quotes {
+                        result.push('"');
+                    }
                     return Ok(result);
                 }
                 Some('$') => {
@@ -399,7 +501,11 @@ impl<'a> ShellWord<'a> {
             if name.is_empty() {
                 return Ok("$".to_string());
             }
-            return Ok(self.get_env(&name).unwrap_or_default());
+            return Ok(match self.get_env(&name) {
+                Some(v) => v,
+                None if self.skip_unset_env => format!("${name}"),
+                None => String::new(),
+            });
         }
         self.pos += 1; // the `{`
         match self.peek() {
@@ -412,7 +518,11 @@ impl<'a> ShellWord<'a> {
             return Err(ShellError::MissingBrace { word: self.word() });
         };
         match first {
-            '}' => Ok(self.get_env(&name).unwrap_or_default()),
+            '}' => Ok(match self.get_env(&name) {
+                Some(v) => v,
+                None if self.skip_unset_env => format!("${{{name}}}"),
+                None => String::new(),
+            }),
             '/' => self.process_replace(&name),
             ':' | '+' | '-' | '?' | '#' | '%' => {
                 let (null_is_unset, op, modifier) = if first == ':' {
@@ -423,7 +533,9 @@ impl<'a> ShellWord<'a> {
                     (false, Some(first), first.to_string())
                 };
                 let raw = matches!(op, Some('#' | '%'));
-                if null_is_unset && raw {
+                let unsupported = null_is_unset && raw;
+                // An unset variable kept as written keeps any modifier, even one not supported.
+                if unsupported && !self.skip_unset_env {
                     return Err(ShellError::UnsupportedModifier {
                         word: self.word(),
                         modifier,
@@ -431,6 +543,15 @@ impl<'a> ShellWord<'a> {
                 }
                 let word = self.process_stop_on_brace(raw)?;
                 let value = self.get_env(&name);
+                if value.is_none() && self.skip_unset_env {
+                    return Ok(format!("${{{name}{modifier}{word}}}"));
+                }
+                if unsupported {
+                    return Err(ShellError::UnsupportedModifier {
+                        word: self.word(),
+                        modifier,
+                    });
+                }
                 self.apply_modifier(&name, op, &modifier, null_is_unset, word, value)
             }
             other => Err(ShellError::UnsupportedModifier {
@@ -444,7 +565,9 @@ impl<'a> ShellWord<'a> {
     fn process_stop_on_brace(&mut self, raw_escapes: bool) -> Result<String, ShellError> {
         match self.process_stop_on(Some('}'), raw_escapes) {
             Ok((word, _)) => Ok(word),
-            Err(_) if self.peek().is_none() => Err(ShellError::MissingBrace { word: self.word() }),
+            Err(e) if self.peek().is_none() && !matches!(e, ShellError::TooDeep { .. }) => {
+                Err(ShellError::MissingBrace { word: self.word() })
+            }
             Err(e) => Err(e),
         }
     }
@@ -519,11 +642,18 @@ impl<'a> ShellWord<'a> {
         }
         let pattern = match self.process_stop_on(Some('/'), true) {
             Ok((p, _)) => p,
-            Err(_) if self.peek().is_none() => return Err(ShellError::MissingSlash { word: self.word() }),
+            Err(e) if self.peek().is_none() && !matches!(e, ShellError::TooDeep { .. }) => {
+                return Err(ShellError::MissingSlash { word: self.word() })
+            }
             Err(e) => return Err(e),
         };
         let replacement = self.process_stop_on_brace(true)?;
-        let value: Vec<char> = self.get_env(name).unwrap_or_default().chars().collect();
+        let value = self.get_env(name);
+        if value.is_none() && self.skip_unset_env {
+            // As BuildKit writes it back: one `/`, whichever was given.
+            return Ok(format!("${{{name}/{pattern}/{replacement}}}"));
+        }
+        let value: Vec<char> = value.unwrap_or_default().chars().collect();
         let tokens = self.shell_pattern(&pattern, true)?;
         if !all {
             let Some((start, end)) = find(&tokens, &value, 0) else {
@@ -887,5 +1017,47 @@ mod tests {
         assert_eq!(word(l, "${K#?}", &vars).unwrap(), "국어");
         assert_eq!(word(l, "${N//*/x}", &vars).unwrap(), "x\nx");
         assert_eq!(word(l, "\u{feff}$K", &vars).unwrap(), "한국어");
+    }
+
+    #[test]
+    fn heredoc_options_keep_what_they_name() {
+        let vars = [("A", "x y")];
+        let words = |l: Lexer, input: &str| l.process_words(input, &env(&vars)).unwrap();
+        let plain = Lexer::default();
+        assert_eq!(words(plain, "'a b' c\\ d"), ["a b", "c d"]);
+        let raw = plain.raw_quotes(true).raw_escapes(true);
+        assert_eq!(words(raw, "'a b' \"$A\" c\\ d"), ["'a b'", "\"x y\"", "c\\ d"]);
+        // Unset variables stay as written, modifiers and all; set ones still expand.
+        let skip = plain.skip_unset_env(true);
+        assert_eq!(
+            word(skip, "$U ${U} ${U:-'d'} ${U/a/b} ${U:#p} $A", &vars).unwrap(),
+            "$U ${U} ${U:-d} ${U/a/b} ${U:#p} x y"
+        );
+        // A supported modifier is still checked on a set variable.
+        assert!(matches!(
+            word(skip, "${A:#p}", &vars),
+            Err(ShellError::UnsupportedModifier { .. })
+        ));
+        // `<<` keeps the blanks after it, with the next word.
+        assert_eq!(words(plain, "cat << EOF"), ["cat", "<<", "EOF"]);
+        assert_eq!(
+            words(plain.heredoc_markers(true), "cat << EOF <x"),
+            ["cat", "<< EOF", "<x"]
+        );
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let deep = format!(
+            "{}x{}",
+            "${U:-".repeat(MAX_NESTING + 5),
+            "}".repeat(MAX_NESTING + 5)
+        );
+        assert!(matches!(
+            word(Lexer::default(), &deep, &[]),
+            Err(ShellError::TooDeep { .. })
+        ));
+        let ok = format!("{}x{}", "${U:-".repeat(50), "}".repeat(50));
+        assert_eq!(word(Lexer::default(), &ok, &[]).unwrap(), "x");
     }
 }
