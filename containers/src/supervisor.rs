@@ -395,7 +395,8 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), SupervisorError> {
 /// stdout and writes it for stdin. Without, one pipe per stream.
 fn open_stdio(tty: bool, open_stdin: bool) -> Result<Io, SupervisorError> {
     if tty {
-        let (master, slave) = kiln_runtime::tty::open_pty().map_err(|e| SupervisorError::Pty(Box::new(e)))?;
+        let (master, slave) = kiln_runtime::tty::open_pty()
+            .map_err(|e| SupervisorError::Pty(Box::new(RuntimeError::Tty(e))))?;
         let dup = |fd: &OwnedFd| fd.try_clone().map_err(SupervisorError::Dup);
         return Ok(Io {
             child_stdin: Some(dup(&slave)?),
