@@ -117,8 +117,8 @@ fn run_probe(record: &ContainerRecord, pid: i32, probe: &Probe) -> HealthLog {
     let running = match kiln_runtime::exec::exec(spec) {
         Ok(r) => r,
         Err(e) => {
-            let msg = crate::supervisor::docker_exec_message(&e)
-                .unwrap_or_else(|| crate::supervisor::error_chain(&e));
+            let msg =
+                crate::messages::docker_exec_message(&e).unwrap_or_else(|| crate::messages::error_chain(&e));
             return failed(msg);
         }
     };

@@ -9,6 +9,8 @@ pub mod fs;
 pub mod health;
 pub mod lifecycle;
 pub mod logs;
+pub mod messages;
+pub mod mount_file;
 pub mod mounts;
 pub mod record;
 pub mod state;

@@ -17,9 +17,9 @@ use std::path::{Component, Path, PathBuf};
 use kiln_runtime::MountSpec;
 use serde::{Deserialize, Serialize};
 
+use crate::mount_file::MOUNTS_FILE;
+pub use crate::mount_file::{load, load_dir, save_dir, Kind, MountFileError, ResolvedMount};
 use crate::volumes::{VolumeError, Volumes};
-
-const MOUNTS_FILE: &str = "mounts.json";
 
 /// Errors of parsing and resolving mounts.
 #[derive(Debug, thiserror::Error)]
@@ -103,27 +103,9 @@ pub enum MountError {
         #[source]
         source: crate::fs::FsError,
     },
-    /// `mounts.json` could not be read.
-    #[error("failed to read `{path}`")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    /// `mounts.json` is not what this module writes.
-    #[error("failed to parse `{path}`")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-    /// `mounts.json` could not be written.
-    #[error("failed to write `{path}`")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    /// `mounts.json` could not be read or written.
+    #[error(transparent)]
+    File(#[from] MountFileError),
 }
 
 type Result<T> = std::result::Result<T, MountError>;
@@ -192,87 +174,6 @@ impl MountRequest {
     /// Reads back [`MountRequest::to_value`]'s form.
     pub fn from_value(v: &serde_json::Value) -> std::result::Result<MountRequest, serde_json::Error> {
         MountRequest::deserialize(v)
-    }
-}
-
-/// What a resolved mount is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    /// A host path.
-    Bind,
-    /// A volume's `_data` dir, bind-mounted.
-    Volume,
-    /// A tmpfs.
-    Tmpfs,
-}
-
-impl Kind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Kind::Bind => "bind",
-            Kind::Volume => "volume",
-            Kind::Tmpfs => "tmpfs",
-        }
-    }
-}
-
-/// A mount of a created container, as saved in `mounts.json`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResolvedMount {
-    /// What it is.
-    pub kind: Kind,
-    /// The volume's name.
-    pub name: Option<String>,
-    /// Host path mounted (empty for tmpfs).
-    pub source: PathBuf,
-    /// Absolute path in the container.
-    pub target: String,
-    /// Read-only.
-    pub readonly: bool,
-    /// An anonymous volume made for this container (removed with `rm -v` / `--rm`).
-    #[serde(default)]
-    pub anonymous: bool,
-    /// tmpfs size in bytes.
-    #[serde(default)]
-    pub tmpfs_size: Option<u64>,
-    /// tmpfs root mode.
-    #[serde(default)]
-    pub tmpfs_mode: Option<u32>,
-}
-
-impl ResolvedMount {
-    /// The runtime's mount.
-    pub fn to_spec(&self) -> MountSpec {
-        match self.kind {
-            Kind::Bind | Kind::Volume => MountSpec::Bind {
-                source: self.source.clone(),
-                target: self.target.clone(),
-                readonly: self.readonly,
-            },
-            Kind::Tmpfs => MountSpec::Tmpfs {
-                target: self.target.clone(),
-                size: self.tmpfs_size,
-                mode: self.tmpfs_mode,
-            },
-        }
-    }
-
-    /// An entry of Docker's `inspect` `Mounts` array.
-    pub fn inspect_json(&self) -> serde_json::Value {
-        let mut v = serde_json::json!({
-            "Type": self.kind.as_str(),
-            "Source": self.source,
-            "Destination": self.target,
-            "Mode": if self.readonly { "ro" } else { "" },
-            "RW": !self.readonly,
-            "Propagation": if self.kind == Kind::Bind { "rprivate" } else { "" },
-        });
-        if let (Some(name), Some(obj)) = (&self.name, v.as_object_mut()) {
-            obj.insert("Name".into(), serde_json::Value::String(name.clone()));
-            obj.insert("Driver".into(), serde_json::Value::String("local".into()));
-        }
-        v
     }
 }
 
@@ -853,38 +754,6 @@ fn materialise(
     Ok(out)
 }
 
-/// Writes `mounts.json` into a container directory (created if missing).
-pub fn save_dir(dir: &Path, mounts: &[ResolvedMount]) -> Result<()> {
-    let path = dir.join(MOUNTS_FILE);
-    fs::create_dir_all(dir).map_err(|source| MountError::Write {
-        path: path.clone(),
-        source,
-    })?;
-    let bytes = serde_json::to_vec_pretty(mounts).map_err(|source| MountError::Parse {
-        path: path.clone(),
-        source,
-    })?;
-    crate::state::write_atomic(&path, &bytes).map_err(|source| MountError::Write { path, source })
-}
-
-/// Reads a container directory's `mounts.json` (empty when the container has none yet).
-pub fn load_dir(dir: &Path) -> Result<Vec<ResolvedMount>> {
-    let path = dir.join(MOUNTS_FILE);
-    let bytes = match fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
-            return Ok(Vec::new())
-        }
-        Err(source) => return Err(MountError::Read { path, source }),
-    };
-    serde_json::from_slice(&bytes).map_err(|source| MountError::Parse { path, source })
-}
-
-/// The resolved mounts of a container (empty if it has none or was never resolved).
-pub fn load(store_root: &Path, container_id: &str) -> Result<Vec<ResolvedMount>> {
-    load_dir(&store_root.join("containers").join(container_id))
-}
-
 /// Drops a container's anonymous volumes (`rm -v`, `--rm`) that no other container uses, and
 /// forgets its mounts. Returns the removed volume names. Call before removing the container's
 /// directory.
@@ -895,7 +764,7 @@ pub fn release(store_root: &Path, container_id: &str) -> Result<Vec<String>> {
     match fs::remove_file(&path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => return Err(MountError::Write { path, source }),
+        Err(source) => return Err(MountFileError::Write { path, source }.into()),
     }
     let volumes = Volumes::open(store_root).map_err(|source| MountError::Volume {
         name: String::new(),

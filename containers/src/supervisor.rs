@@ -34,6 +34,7 @@ use kiln_runtime::{ContainerSpec, RuntimeError};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::logs::{self, LogWriter, Stream};
+pub use crate::messages::{docker_exec_message, error_chain};
 use crate::mounts::{self, MountError, MountRequest};
 use crate::record::{ContainerRecord, Containers, RecordError};
 use crate::state::{self, Status};
@@ -262,37 +263,6 @@ pub fn start_failure_code(err: &RuntimeError) -> u8 {
     }
 }
 
-/// Docker's words for a command that could not be executed (`exec: "nope": executable file
-/// not found in $PATH`, `exec: "/etc": permission denied`), `None` for other failures.
-pub fn docker_exec_message(err: &RuntimeError) -> Option<String> {
-    use nix::errno::Errno;
-    let RuntimeError::Exec { command, source } = err else {
-        return None;
-    };
-    let why = match *source {
-        Errno::ENOENT if !command.contains('/') => "executable file not found in $PATH",
-        Errno::ENOENT => "no such file or directory",
-        Errno::EACCES | Errno::EPERM | Errno::EISDIR => "permission denied",
-        Errno::ENOEXEC => "exec format error",
-        _ => return None,
-    };
-    Some(format!(
-        "exec failed: unable to start container process: exec: {command:?}: {why}"
-    ))
-}
-
-/// `err` and its causes joined by `: `.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// The path a client connects to for the attach socket of `dir`, short enough for `sun_path`
 /// whatever the store root: `/proc/self/fd/N/attach.sock` through an open descriptor of `dir`.
 /// The returned file must stay open while the path is used.
@@ -395,7 +365,8 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), SupervisorError> {
 /// stdout and writes it for stdin. Without, one pipe per stream.
 fn open_stdio(tty: bool, open_stdin: bool) -> Result<Io, SupervisorError> {
     if tty {
-        let (master, slave) = kiln_runtime::tty::open_pty().map_err(|e| SupervisorError::Pty(Box::new(e)))?;
+        let (master, slave) = kiln_runtime::tty::open_pty()
+            .map_err(|e| SupervisorError::Pty(Box::new(RuntimeError::Tty(e))))?;
         let dup = |fd: &OwnedFd| fd.try_clone().map_err(SupervisorError::Dup);
         return Ok(Io {
             child_stdin: Some(dup(&slave)?),
@@ -1058,7 +1029,7 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
     let log = Arc::new(LogWriter::open(&logs::log_path(&dir, id))?);
     let hub = Arc::new(Hub::default());
 
-    let (mut ready, wait_attach, mut fg, signals) = match mode {
+    let (mut ready, wait_attach, fg, signals) = match mode {
         Mode::Detached { ready, wait_attach } => (ready, wait_attach, None, None),
         Mode::Foreground {
             stdin,
@@ -1069,26 +1040,7 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
     };
 
     // The attach socket: every running container can be attached to, a foreground one too.
-    let (_dir_fd, sock_path) = {
-        let (d, path) = socket_path(&dir).map_err(|source| SupervisorError::Listen {
-            path: dir.join("attach.sock"),
-            source,
-        })?;
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).map_err(|source| SupervisorError::Listen {
-            path: dir.join("attach.sock"),
-            source,
-        })?;
-        let (tx, rx) = mpsc::channel();
-        spawn_acceptor(listener, hub.clone(), record.host.open_stdin, tx);
-        if wait_attach {
-            report(&mut ready.as_ref().and_then(|f| f.try_clone().ok()), "listening");
-            if rx.recv_timeout(Duration::from_secs(10)).is_err() {
-                return Err(SupervisorError::AttachTimeout(dir.join("attach.sock")));
-            }
-        }
-        (d, path)
-    };
+    let (_dir_fd, sock_path) = listen(&dir, &hub, &record, wait_attach, ready.as_ref())?;
 
     let me = std::process::id() as i32;
     let me_start = state::process_start(me).unwrap_or(0);
@@ -1104,35 +1056,8 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             stdin_writer,
             pty_master,
         } = io;
-        // A foreground terminal gives the container its size and goes raw while it runs.
-        let mut _raw = None;
-        if let (Some(master), Some((stdin, stdout, _))) = (pty_master.as_ref(), fg.as_ref()) {
-            if let Ok((rows, cols)) = kiln_runtime::tty::get_winsize(stdout) {
-                let _ = kiln_runtime::tty::set_winsize(master, rows, cols);
-            }
-            if let Some(i) = stdin.as_ref().filter(|i| kiln_runtime::tty::is_tty(*i)) {
-                _raw = kiln_runtime::tty::RawMode::enable(i).ok();
-            }
-        }
-        // A foreground run forwards its own stdin into the container's, which sees the end of
-        // it when ours ends; a detached one takes input from attach clients.
-        *hub.pty.lock().unwrap_or_else(|p| p.into_inner()) =
-            pty_master.as_ref().and_then(|m| m.try_clone().ok());
-        match (stdin_writer, fg.as_mut()) {
-            (Some(w), Some((Some(src), _, _))) => {
-                // Attach clients write into the same stdin.
-                *hub.stdin.lock().unwrap_or_else(|p| p.into_inner()) = w.try_clone().ok().map(File::from);
-                let mut dst = File::from(w);
-                let mut src = File::from(src.try_clone().map_err(SupervisorError::Dup)?);
-                let hub = hub.clone();
-                std::thread::spawn(move || {
-                    let _ = io::copy(&mut src, &mut dst);
-                    drop(dst);
-                    hub.close_stdin();
-                });
-            }
-            (w, _) => *hub.stdin.lock().unwrap_or_else(|p| p.into_inner()) = w.map(File::from),
-        }
+        let _raw = foreground_terminal(pty_master.as_ref(), fg.as_ref());
+        connect_stdin(&hub, pty_master.as_ref(), stdin_writer, fg.as_ref())?;
         let stdio = Stdio {
             stdin: child_stdin,
             stdout: child_stdout,
@@ -1140,26 +1065,7 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
             controlling_tty,
         };
         let started = Instant::now();
-        let prepared = mounts_for(containers.root(), &record).and_then(|mounts| {
-            let net = setup_network(containers, &record, &hostname_of(&record))?;
-            match container_spec(&record, mounts, stdio, &net) {
-                Ok(spec) => Ok((spec, net)),
-                Err(e) => {
-                    net.finish();
-                    Err(e)
-                }
-            }
-        });
-        let started_run = prepared
-            .map_err(|e| (start_failure_code_of(&e), error_chain(&e)))
-            .and_then(|(spec, net)| match kiln_runtime::start(spec, &scratch) {
-                Ok(r) => Ok((r, net)),
-                Err(e) => {
-                    net.finish();
-                    Err((start_failure_code(&e), error_chain(&e)))
-                }
-            });
-        let (running, run_net) = match started_run {
+        let (running, run_net) = match start_run(containers, &record, stdio, &scratch) {
             Ok(r) => r,
             Err((code, message)) => {
                 containers.update_state(id, |st| {
@@ -1208,19 +1114,7 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
         if let Some(p) = probe {
             crate::health::spawn(containers.clone(), record.clone(), pid, p, probing.clone());
         }
-        let pumps: Vec<JoinHandle<()>> = outputs
-            .into_iter()
-            .map(|(stream, fd)| {
-                let echo = fg.as_ref().and_then(|(_, out, err)| {
-                    let target = match stream {
-                        Stream::Stdout => out,
-                        Stream::Stderr => err,
-                    };
-                    target.as_fd().try_clone_to_owned().ok()
-                });
-                spawn_pump(stream, fd, log.clone(), hub.clone(), echo)
-            })
-            .collect();
+        let pumps = spawn_pumps(outputs, fg.as_ref(), &log, &hub);
         let status = running.wait().map_err(|source| SupervisorError::Wait {
             id: id.to_string(),
             source: Box::new(source),
@@ -1241,27 +1135,7 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
         let code = exit_code(status);
         let ran_for = started.elapsed();
 
-        let _lock = containers.lock(id)?;
-        let st = containers.update_state_locked(id, |st| {
-            let restart =
-                record
-                    .host
-                    .restart_policy
-                    .should_restart(code, st.restart_count, st.stop_requested);
-            st.running = false;
-            st.pid = 0;
-            st.exit_code = code;
-            st.oom_killed = oom_killed;
-            st.network = None;
-            st.ports.clear();
-            st.finished_at = crate::now_rfc3339();
-            st.status = if restart {
-                Status::Restarting
-            } else {
-                Status::Exited
-            };
-        })?;
-        drop(_lock);
+        let st = record_exit(containers, id, &record, code, oom_killed)?;
         // Every process of the container has exited (its pid namespace died with pid 1): the
         // endpoint goes; a restart sets up a new one.
         run_net.finish();
@@ -1277,6 +1151,179 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
         containers.update_state(id, |st| st.restart_count += 1)?;
     };
 
+    finish(containers, id, &record, &hub, &sock_path, &outcome)?;
+    Ok(outcome)
+}
+
+/// The foreground's stdio as the supervisor's loop holds it: stdin (with `-i`), stdout, stderr.
+type Foreground = (Option<OwnedFd>, OwnedFd, OwnedFd);
+
+/// Binds the attach socket of `dir` and starts accepting clients; with `wait_attach`, writes
+/// `listening` to `ready` and waits (10 s at most) for the first client. Returns the socket's
+/// path and the directory descriptor it goes through, which must stay open.
+fn listen(
+    dir: &Path,
+    hub: &Arc<Hub>,
+    record: &ContainerRecord,
+    wait_attach: bool,
+    ready: Option<&File>,
+) -> Result<(File, PathBuf), SupervisorError> {
+    let (d, path) = socket_path(dir).map_err(|source| SupervisorError::Listen {
+        path: dir.join("attach.sock"),
+        source,
+    })?;
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).map_err(|source| SupervisorError::Listen {
+        path: dir.join("attach.sock"),
+        source,
+    })?;
+    let (tx, rx) = mpsc::channel();
+    spawn_acceptor(listener, hub.clone(), record.host.open_stdin, tx);
+    if wait_attach {
+        report(&mut ready.and_then(|f| f.try_clone().ok()), "listening");
+        if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            return Err(SupervisorError::AttachTimeout(dir.join("attach.sock")));
+        }
+    }
+    Ok((d, path))
+}
+
+/// A foreground terminal gives the container its size and goes raw while it runs (until the
+/// returned guard is dropped).
+fn foreground_terminal(
+    pty_master: Option<&OwnedFd>,
+    fg: Option<&Foreground>,
+) -> Option<kiln_runtime::tty::RawMode> {
+    let (Some(master), Some((stdin, stdout, _))) = (pty_master, fg) else {
+        return None;
+    };
+    if let Ok((rows, cols)) = kiln_runtime::tty::get_winsize(stdout) {
+        let _ = kiln_runtime::tty::set_winsize(master, rows, cols);
+    }
+    let i = stdin.as_ref().filter(|i| kiln_runtime::tty::is_tty(*i))?;
+    kiln_runtime::tty::RawMode::enable(i).ok()
+}
+
+/// A foreground run forwards its own stdin into the container's, which sees the end of it when
+/// ours ends; a detached one takes input from attach clients.
+fn connect_stdin(
+    hub: &Arc<Hub>,
+    pty_master: Option<&OwnedFd>,
+    stdin_writer: Option<OwnedFd>,
+    fg: Option<&Foreground>,
+) -> Result<(), SupervisorError> {
+    *hub.pty.lock().unwrap_or_else(|p| p.into_inner()) = pty_master.and_then(|m| m.try_clone().ok());
+    match (stdin_writer, fg) {
+        (Some(w), Some((Some(src), _, _))) => {
+            // Attach clients write into the same stdin.
+            *hub.stdin.lock().unwrap_or_else(|p| p.into_inner()) = w.try_clone().ok().map(File::from);
+            let mut dst = File::from(w);
+            let mut src = File::from(src.try_clone().map_err(SupervisorError::Dup)?);
+            let hub = hub.clone();
+            std::thread::spawn(move || {
+                let _ = io::copy(&mut src, &mut dst);
+                drop(dst);
+                hub.close_stdin();
+            });
+        }
+        (w, _) => *hub.stdin.lock().unwrap_or_else(|p| p.into_inner()) = w.map(File::from),
+    }
+    Ok(())
+}
+
+/// Resolves the mounts, sets up the network and starts the container's process; on failure,
+/// Docker's exit code and the reason.
+fn start_run(
+    containers: &Containers,
+    record: &ContainerRecord,
+    stdio: Stdio,
+    scratch: &Path,
+) -> Result<(kiln_runtime::Running, RunNet), (u8, String)> {
+    let prepared = mounts_for(containers.root(), record).and_then(|mounts| {
+        let net = setup_network(containers, record, &hostname_of(record))?;
+        match container_spec(record, mounts, stdio, &net) {
+            Ok(spec) => Ok((spec, net)),
+            Err(e) => {
+                net.finish();
+                Err(e)
+            }
+        }
+    });
+    prepared
+        .map_err(|e| (start_failure_code_of(&e), error_chain(&e)))
+        .and_then(|(spec, net)| match kiln_runtime::start(spec, scratch) {
+            Ok(r) => Ok((r, net)),
+            Err(e) => {
+                net.finish();
+                Err((start_failure_code(&e), error_chain(&e)))
+            }
+        })
+}
+
+/// One thread per output stream, copying it to the log, the attach clients and (in the
+/// foreground) our own stdout or stderr.
+fn spawn_pumps(
+    outputs: Vec<(Stream, OwnedFd)>,
+    fg: Option<&Foreground>,
+    log: &Arc<LogWriter>,
+    hub: &Arc<Hub>,
+) -> Vec<JoinHandle<()>> {
+    outputs
+        .into_iter()
+        .map(|(stream, fd)| {
+            let echo = fg.and_then(|(_, out, err)| {
+                let target = match stream {
+                    Stream::Stdout => out,
+                    Stream::Stderr => err,
+                };
+                target.as_fd().try_clone_to_owned().ok()
+            });
+            spawn_pump(stream, fd, log.clone(), hub.clone(), echo)
+        })
+        .collect()
+}
+
+/// Records the exit of the container's process under its lock: exited, or restarting when its
+/// restart policy says so.
+fn record_exit(
+    containers: &Containers,
+    id: &str,
+    record: &ContainerRecord,
+    code: i32,
+    oom_killed: bool,
+) -> Result<state::ContainerState, SupervisorError> {
+    let _lock = containers.lock(id)?;
+    let st = containers.update_state_locked(id, |st| {
+        let restart = record
+            .host
+            .restart_policy
+            .should_restart(code, st.restart_count, st.stop_requested);
+        st.running = false;
+        st.pid = 0;
+        st.exit_code = code;
+        st.oom_killed = oom_killed;
+        st.network = None;
+        st.ports.clear();
+        st.finished_at = crate::now_rfc3339();
+        st.status = if restart {
+            Status::Restarting
+        } else {
+            Status::Exited
+        };
+    })?;
+    Ok(st)
+}
+
+/// Tells attach clients the exit code, closes the attach socket and, with `--rm`, removes the
+/// container and its anonymous volumes.
+fn finish(
+    containers: &Containers,
+    id: &str,
+    record: &ContainerRecord,
+    hub: &Hub,
+    sock_path: &Path,
+    outcome: &Outcome,
+) -> Result<(), SupervisorError> {
     if let Outcome::Exited(code) = outcome {
         hub.broadcast(FRAME_EXIT, &code.to_be_bytes());
     }
@@ -1287,7 +1334,7 @@ pub fn supervise(containers: &Containers, id: &str, mode: Mode) -> Result<Outcom
         release_volumes(containers, id);
         containers.remove_dir(id)?;
     }
-    Ok(outcome)
+    Ok(())
 }
 
 /// Drops the anonymous volumes of container `id` that no other container uses (`--rm`,

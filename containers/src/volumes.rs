@@ -87,7 +87,7 @@ pub enum VolumeError {
     ContainerMounts {
         id: String,
         #[source]
-        source: Box<crate::mounts::MountError>,
+        source: Box<crate::mount_file::MountFileError>,
     },
 }
 
@@ -320,11 +320,12 @@ impl Volumes {
                 source,
             })?;
             let id = entry.file_name().to_string_lossy().into_owned();
-            let mounts =
-                crate::mounts::load_dir(&entry.path()).map_err(|source| VolumeError::ContainerMounts {
+            let mounts = crate::mount_file::load_dir(&entry.path()).map_err(|source| {
+                VolumeError::ContainerMounts {
                     id: id.clone(),
                     source: Box::new(source),
-                })?;
+                }
+            })?;
             for m in mounts {
                 if let Some(name) = m.name {
                     let users = out.entry(name).or_default();

@@ -173,10 +173,16 @@ impl HostCaps {
     /// the runtime itself holds.
     pub fn for_security(&self, security: Security) -> u64 {
         let wanted = match security {
-            Security::Default => DOCKER_DEFAULT_MASK,
+            Security::Default => return self.default_set(),
             Security::Insecure => self.all(),
         };
         wanted & self.permitted & self.all()
+    }
+
+    /// Docker's default set, limited to what the runtime holds: [`HostCaps::for_security`] of
+    /// [`Security::Default`].
+    pub fn default_set(&self) -> u64 {
+        DOCKER_DEFAULT_MASK & self.permitted & self.all()
     }
 
     /// The set a container gets with `--cap-add`/`--cap-drop`, in Docker's order: with `ALL` in

@@ -696,19 +696,55 @@ fn prefixes(path: &str) -> Vec<String> {
     out
 }
 
-/// Builds the setup sequence.
+/// Builds the setup sequence: one step function per stage, in the order the child runs them.
 pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
     if input.args.is_empty() {
         return Err(PlanError::NoArgs);
     }
     let mut b = Builder { steps: Vec::new() };
-    let root = &input.root;
-    let at = |rel: &Path| root.join(rel);
-    let insecure = input.security == Security::Insecure;
-    let nosuid_noexec_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
+    process_head(&mut b, input)?;
+    scratch(&mut b, input)?;
+    rootfs(&mut b, input)?;
+    proc(&mut b, input)?;
+    dev(&mut b, input)?;
+    extra_devices(&mut b, input)?;
+    sys(&mut b, input)?;
+    etc_binds(&mut b, input)?;
+    for m in &input.mounts {
+        extra_mount(&mut b, &input.root, m)?;
+    }
+    masks(&mut b, input)?;
+    pivot(&mut b, &input.root)?;
+    process_tail(
+        &mut b,
+        &Process {
+            user: &input.user,
+            cwd: &input.cwd,
+            create_cwd: true,
+            stdio: input.stdio,
+            console_reopen: input.console.as_ref().map(|c| c.reopen.as_slice()),
+            controlling_tty: input.controlling_tty,
+            caps: input.caps,
+            last_cap: input.last_cap,
+            no_new_privs: input.no_new_privs,
+            seccomp: input.seccomp.clone(),
+            parent_pidfd: input.parent_pidfd,
+            init: input.init,
+            args: &input.args,
+            env: &input.env,
+        },
+    )?;
+    Ok(Plan { steps: b.steps })
+}
 
+fn nosuid_noexec_nodev() -> MsFlags {
+    MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV
+}
+
+/// Signals, cgroups, the init's title, umask, network namespace, private mounts, hostname.
+fn process_head(b: &mut Builder, input: &PlanInput) -> Result<(), PlanError> {
     b.push(Op::ResetSignals, "resetting signal handlers");
-    join_cgroups(&mut b, &input.cgroup_procs)?;
+    join_cgroups(b, &input.cgroup_procs)?;
     if input.init {
         b.push(
             Op::SetTitle {
@@ -754,6 +790,11 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
         Some(b"mode=700,size=1m"),
         format!("mounting tmpfs at `{}`", input.run_dir.display()),
     )?;
+    Ok(())
+}
+
+/// The run dir's scratch files and directories.
+fn scratch(b: &mut Builder, input: &PlanInput) -> Result<(), PlanError> {
     for entry in &input.scratch {
         match entry {
             ScratchEntry::Dir(path) => b.push(
@@ -773,7 +814,13 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
             ),
         }
     }
+    Ok(())
+}
 
+/// The root filesystem (overlay or bind) and the mount points to create in it.
+fn rootfs(b: &mut Builder, input: &PlanInput) -> Result<(), PlanError> {
+    let at = |rel: &Path| input.root.join(rel);
+    let root = &input.root;
     match &input.rootfs {
         RootMount::Overlay {
             lower,
@@ -814,18 +861,26 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
             );
         }
     }
+    Ok(())
+}
 
-    // /proc
+/// `/proc`.
+fn proc(b: &mut Builder, input: &PlanInput) -> Result<(), PlanError> {
+    let at = |rel: &Path| input.root.join(rel);
     b.mount(
         Some(b"proc"),
         &at(&input.proc_dir),
         Some("proc"),
-        nosuid_noexec_nodev,
+        nosuid_noexec_nodev(),
         None,
         format!("mounting proc at `{}`", shown(&input.proc_dir)),
     )?;
+    Ok(())
+}
 
-    // /dev
+/// `/dev`: its tmpfs, Docker's devices and links, devpts, shm and mqueue.
+fn dev(b: &mut Builder, input: &PlanInput) -> Result<(), PlanError> {
+    let at = |rel: &Path| input.root.join(rel);
     let dev = at(&input.dev_dir);
     b.mount(
         Some(b"tmpfs"),
@@ -890,7 +945,7 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
         Some(b"shm"),
         &dev.join("shm"),
         Some("tmpfs"),
-        nosuid_noexec_nodev,
+        nosuid_noexec_nodev(),
         Some(b"mode=1777,size=65536k"),
         "mounting tmpfs at `/dev/shm`".to_string(),
     )?;
@@ -898,10 +953,16 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
         Some(b"mqueue"),
         &dev.join("mqueue"),
         Some("mqueue"),
-        nosuid_noexec_nodev,
+        nosuid_noexec_nodev(),
         None,
         "mounting mqueue at `/dev/mqueue`".to_string(),
     )?;
+    Ok(())
+}
+
+/// `--device`s (or the host's under `--privileged`) and the console.
+fn extra_devices(b: &mut Builder, input: &PlanInput) -> Result<(), PlanError> {
+    let dev = input.root.join(&input.dev_dir);
     for d in &input.devices {
         let mut parent = PathBuf::new();
         let comps: Vec<_> = d.rel.components().collect();
@@ -951,12 +1012,17 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
             format!("bind-mounting `{}` at `/dev/console`", console.source.display()),
         )?;
     }
+    Ok(())
+}
 
-    // /sys
+/// `/sys`: sysfs, or the host's bound read-only when sysfs cannot be mounted.
+fn sys(b: &mut Builder, input: &PlanInput) -> Result<(), PlanError> {
+    let at = |rel: &Path| input.root.join(rel);
+    let insecure = input.security == Security::Insecure;
     let sys_flags = if insecure {
-        nosuid_noexec_nodev
+        nosuid_noexec_nodev()
     } else {
-        nosuid_noexec_nodev | MsFlags::MS_RDONLY
+        nosuid_noexec_nodev() | MsFlags::MS_RDONLY
     };
     if input.userns && input.network == NetPlan::Host {
         // sysfs may only be mounted by the owner of the network namespace, which the host's is
@@ -989,8 +1055,12 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
             format!("mounting sysfs at `{}`", shown(&input.sys_dir)),
         )?;
     }
+    Ok(())
+}
 
-    // /etc files
+/// `/etc/hosts`, `/etc/resolv.conf` and `/etc/hostname`.
+fn etc_binds(b: &mut Builder, input: &PlanInput) -> Result<(), PlanError> {
+    let at = |rel: &Path| input.root.join(rel);
     for (source, target) in &input.etc_binds {
         b.mount(
             Some(source.as_os_str().as_bytes()),
@@ -1001,98 +1071,106 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
             format!("bind-mounting `{}` at `{}`", source.display(), shown(target)),
         )?;
     }
+    Ok(())
+}
 
-    // Extra mounts.
-    for m in &input.mounts {
-        for (i, rel) in m.create_first.iter().enumerate() {
-            let path = cpath(&at(rel))?;
-            let last = i + 1 == m.create_first.len();
-            if last && !m.target_is_dir {
-                b.push(
-                    Op::CreateFile(path),
-                    format!("creating mount point `{}`", shown(rel)),
-                );
-            } else {
-                b.push(
-                    Op::Mkdir {
-                        path,
-                        mode: 0o755,
-                        allow_exists: true,
-                    },
-                    format!("creating mount point `{}`", shown(rel)),
-                );
+/// One extra mount: its missing mount points, then the mount.
+fn extra_mount(b: &mut Builder, root: &Path, m: &PlannedMount) -> Result<(), PlanError> {
+    let at = |rel: &Path| root.join(rel);
+    for (i, rel) in m.create_first.iter().enumerate() {
+        let path = cpath(&at(rel))?;
+        let last = i + 1 == m.create_first.len();
+        if last && !m.target_is_dir {
+            b.push(
+                Op::CreateFile(path),
+                format!("creating mount point `{}`", shown(rel)),
+            );
+        } else {
+            b.push(
+                Op::Mkdir {
+                    path,
+                    mode: 0o755,
+                    allow_exists: true,
+                },
+                format!("creating mount point `{}`", shown(rel)),
+            );
+        }
+    }
+    let target = at(&m.target);
+    let t = shown(&m.target);
+    match &m.kind {
+        MountKind::Bind { source, readonly } => {
+            b.mount(
+                Some(source.as_os_str().as_bytes()),
+                &target,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None,
+                format!("bind-mounting `{}` at `{t}`", source.display()),
+            )?;
+            if *readonly {
+                b.mount(
+                    None,
+                    &target,
+                    None,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                    None,
+                    format!("making `{t}` read-only"),
+                )?;
             }
         }
-        let target = at(&m.target);
-        let t = shown(&m.target);
-        match &m.kind {
-            MountKind::Bind { source, readonly } => {
+        MountKind::Tmpfs { size, mode } => {
+            let mut data = format!("mode={:o}", mode.unwrap_or(0o1777));
+            if let Some(size) = size {
+                data.push_str(&format!(",size={size}"));
+            }
+            b.mount(
+                Some(b"tmpfs"),
+                &target,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_STRICTATIME,
+                Some(data.as_bytes()),
+                format!("mounting tmpfs at `{t}`"),
+            )?;
+        }
+        MountKind::Overlay { lower, upper } => match (lower.as_slice(), upper) {
+            ([only], None) => {
                 b.mount(
-                    Some(source.as_os_str().as_bytes()),
+                    Some(only.as_os_str().as_bytes()),
                     &target,
                     None,
                     MsFlags::MS_BIND | MsFlags::MS_REC,
                     None,
-                    format!("bind-mounting `{}` at `{t}`", source.display()),
+                    format!("bind-mounting `{}` at `{t}`", only.display()),
                 )?;
-                if *readonly {
-                    b.mount(
-                        None,
-                        &target,
-                        None,
-                        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                        None,
-                        format!("making `{t}` read-only"),
-                    )?;
-                }
-            }
-            MountKind::Tmpfs { size, mode } => {
-                let mut data = format!("mode={:o}", mode.unwrap_or(0o1777));
-                if let Some(size) = size {
-                    data.push_str(&format!(",size={size}"));
-                }
                 b.mount(
-                    Some(b"tmpfs"),
+                    None,
                     &target,
-                    Some("tmpfs"),
-                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_STRICTATIME,
-                    Some(data.as_bytes()),
-                    format!("mounting tmpfs at `{t}`"),
+                    None,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                    None,
+                    format!("making `{t}` read-only"),
                 )?;
             }
-            MountKind::Overlay { lower, upper } => match (lower.as_slice(), upper) {
-                ([only], None) => {
-                    b.mount(
-                        Some(only.as_os_str().as_bytes()),
-                        &target,
-                        None,
-                        MsFlags::MS_BIND | MsFlags::MS_REC,
-                        None,
-                        format!("bind-mounting `{}` at `{t}`", only.display()),
-                    )?;
-                    b.mount(
-                        None,
-                        &target,
-                        None,
-                        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                        None,
-                        format!("making `{t}` read-only"),
-                    )?;
-                }
-                (_, upper) => {
-                    let pair = upper.as_ref().map(|(u, w)| (u.as_path(), w.as_path()));
-                    let what = match pair {
-                        Some(_) => format!("mounting overlay at `{t}`"),
-                        None => format!("mounting read-only overlay at `{t}`"),
-                    };
-                    b.overlay(&target, lower, pair, false, what)?;
-                }
-            },
-        }
+            (_, upper) => {
+                let pair = upper.as_ref().map(|(u, w)| (u.as_path(), w.as_path()));
+                let what = match pair {
+                    Some(_) => format!("mounting overlay at `{t}`"),
+                    None => format!("mounting read-only overlay at `{t}`"),
+                };
+                b.overlay(&target, lower, pair, false, what)?;
+            }
+        },
     }
+    Ok(())
+}
 
-    if !insecure {
-        let devnull = cpath(&dev.join("null"))?;
+/// Docker's masked and read-only paths, and a read-only root.
+fn masks(b: &mut Builder, input: &PlanInput) -> Result<(), PlanError> {
+    let root = &input.root;
+    let at = |rel: &Path| root.join(rel);
+    if input.security != Security::Insecure {
+        let devnull = cpath(&at(&input.dev_dir).join("null"))?;
         for p in MASKED_PATHS {
             let rel = Path::new(p.trim_start_matches('/'));
             b.push(
@@ -1118,31 +1196,15 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
             "making `/` read-only".to_string(),
         )?;
     }
+    Ok(())
+}
 
+/// `pivot_root` into the new root.
+fn pivot(b: &mut Builder, root: &Path) -> Result<(), PlanError> {
     b.push(Op::Chdir(cpath(root)?), format!("entering `{}`", root.display()));
     b.push(Op::PivotRoot, "pivoting to the new root");
     b.push(Op::Chdir(c"/".to_owned()), "entering `/`");
-
-    process_tail(
-        &mut b,
-        &Process {
-            user: &input.user,
-            cwd: &input.cwd,
-            create_cwd: true,
-            stdio: input.stdio,
-            console_reopen: input.console.as_ref().map(|c| c.reopen.as_slice()),
-            controlling_tty: input.controlling_tty,
-            caps: input.caps,
-            last_cap: input.last_cap,
-            no_new_privs: input.no_new_privs,
-            seccomp: input.seccomp.clone(),
-            parent_pidfd: input.parent_pidfd,
-            init: input.init,
-            args: &input.args,
-            env: &input.env,
-        },
-    )?;
-    Ok(Plan { steps: b.steps })
+    Ok(())
 }
 
 fn join_cgroups(b: &mut Builder, procs: &[PathBuf]) -> Result<(), PlanError> {

@@ -10,7 +10,7 @@
 //! [`Running`], which kills first) removes the runtime's temporary dir under `scratch`.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -618,46 +618,14 @@ fn console_for(stdio: &[&OwnedFd; 3]) -> Option<Console> {
     Some(Console { source: link, reopen })
 }
 
-fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError> {
-    let host = HostCaps::read().map_err(RuntimeError::HostCaps)?;
-    let root = run_dir.join("root");
-    let stub = run_dir.join("lower");
-    let etc_dir = run_dir.join("etc");
-    let mut scratch = vec![
-        ScratchEntry::Dir(root.clone()),
-        ScratchEntry::Dir(etc_dir.clone()),
-    ];
-    let (view, overlay) = match &spec.rootfs {
-        Rootfs::Overlay { lower, .. } => {
-            if lower.len() + 1 > MAX_LOWER_DIRS {
-                return Err(RuntimeError::TooManyLayers {
-                    count: lower.len() + 1,
-                });
-            }
-            (RootView::Layers(lower.clone()), true)
-        }
-        Rootfs::Dir(dir) => (RootView::Dir(dir.clone()), false),
-    };
-    let user = users::resolve_user_in(&view, &spec.user, spec.options.groups).map_err(|source| {
-        RuntimeError::User {
-            user: spec.user.clone(),
-            source,
-        }
-    })?;
-
-    let mut targets = Targets {
-        view: &view,
-        overlay,
-        stub: stub.clone(),
-        stub_entries: Vec::new(),
-        mounted: Vec::new(),
-        create: Vec::new(),
-        kept: Vec::new(),
-    };
-    let (proc_dir, _) = targets.place("/proc", true)?;
-    let (dev_dir, _) = targets.place("/dev", true)?;
-    let (sys_dir, _) = targets.place("/sys", true)?;
-
+/// Where `/etc/hosts`, `/etc/resolv.conf` and `/etc/hostname` come from (written in the run dir)
+/// and go to.
+fn etc_binds(
+    spec: &ContainerSpec,
+    etc_dir: &Path,
+    targets: &mut Targets<'_>,
+    scratch: &mut Vec<ScratchEntry>,
+) -> Result<Vec<(PathBuf, PathBuf)>, RuntimeError> {
     let mut etc_binds = Vec::new();
     for (name, content) in [
         ("hosts", &spec.etc_files.hosts),
@@ -670,7 +638,14 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
         let (rel, _) = targets.place(&format!("/etc/{name}"), false)?;
         etc_binds.push((host_path, rel));
     }
+    Ok(etc_binds)
+}
 
+/// The spec's extra mounts, their targets placed in the root.
+fn planned_mounts(
+    spec: &ContainerSpec,
+    targets: &mut Targets<'_>,
+) -> Result<Vec<PlannedMount>, RuntimeError> {
     let mut mounts = Vec::new();
     for m in &spec.mounts {
         let (kind, is_dir) = match m {
@@ -711,43 +686,13 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
             create_first,
         });
     }
-    let stub_used = !targets.stub_entries.is_empty();
-    let create = targets.create;
-    let targets_kept = targets.kept;
-    let lower_empty = matches!(&spec.rootfs, Rootfs::Overlay { lower, .. } if lower.is_empty());
-    if stub_used || lower_empty {
-        scratch.push(ScratchEntry::Dir(stub.clone()));
-        scratch.extend(targets.stub_entries);
-    }
+    Ok(mounts)
+}
 
-    let rootfs = match &spec.rootfs {
-        Rootfs::Overlay { lower, upper, work } => {
-            let mut lower = lower.clone();
-            if stub_used || lower_empty {
-                lower.push(stub.clone());
-            }
-            RootMount::Overlay {
-                lower,
-                upper: upper.clone(),
-                work: work.clone(),
-                volatile: spec.options.volatile_upper && crate::host::volatile_overlays_supported(),
-            }
-        }
-        Rootfs::Dir(dir) => RootMount::Bind(dir.clone()),
-    };
-    let created: Vec<PathBuf> = create
-        .iter()
-        .filter(|c| !targets_kept.contains(&c.rel))
-        .map(|c| c.rel.clone())
-        .collect();
-    let created_in_dir = match &spec.rootfs {
-        Rootfs::Dir(dir) => created.iter().map(|rel| dir.join(rel)).collect(),
-        Rootfs::Overlay { .. } => Vec::new(),
-    };
-
-    let mut keep = Vec::new();
+/// The network step and the namespaces to clone; a joined namespace's descriptor goes to `keep`.
+fn network_plan(network: &Network, keep: &mut Vec<OwnedFd>) -> Result<(NetPlan, i32), RuntimeError> {
     let mut namespaces = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
-    let network = match &spec.network {
+    let network = match network {
         Network::Host => NetPlan::Host,
         Network::None => {
             namespaces |= libc::CLONE_NEWNET;
@@ -763,7 +708,11 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
             NetPlan::Join(raw)
         }
     };
+    Ok((network, namespaces))
+}
 
+/// The container's stdin (`/dev/null` if none), stdout and stderr, duplicated into `keep`.
+fn stdio_fds(spec: &ContainerSpec, keep: &mut Vec<OwnedFd>) -> Result<[RawFd; 3], RuntimeError> {
     let stdin = match &spec.stdin {
         Some(fd) => dup_stdio(fd, "stdin")?,
         None => sys::open_cloexec(Path::new("/dev/null")).map_err(RuntimeError::OpenDevNull)?,
@@ -772,6 +721,106 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
     let stderr = dup_stdio(&spec.stderr, "stderr")?;
     let stdio = [sys::raw(&stdin), sys::raw(&stdout), sys::raw(&stderr)];
     keep.extend([stdin, stdout, stderr]);
+    Ok(stdio)
+}
+
+/// The root filesystem's mount: the spec's layers (and the run dir's stub layer `with_stub`) or
+/// a bind of its directory.
+fn root_mount(spec: &ContainerSpec, stub: &Path, with_stub: bool) -> RootMount {
+    match &spec.rootfs {
+        Rootfs::Overlay { lower, upper, work } => {
+            let mut lower = lower.clone();
+            if with_stub {
+                lower.push(stub.to_path_buf());
+            }
+            RootMount::Overlay {
+                lower,
+                upper: upper.clone(),
+                work: work.clone(),
+                volatile: spec.options.volatile_upper && crate::host::volatile_overlays_supported(),
+            }
+        }
+        Rootfs::Dir(dir) => RootMount::Bind(dir.clone()),
+    }
+}
+
+/// The container's cgroup, if it asks for one.
+fn create_cgroup(spec: Option<&crate::spec::CgroupSpec>) -> Result<Option<Cgroup>, RuntimeError> {
+    spec.map(Cgroup::create)
+        .transpose()
+        .map_err(|e| match crate::userns::in_user_namespace() {
+            true => RuntimeError::RootlessCgroup(e),
+            false => RuntimeError::Cgroup(e),
+        })
+}
+
+fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError> {
+    let host = HostCaps::read().map_err(RuntimeError::HostCaps)?;
+    let root = run_dir.join("root");
+    let stub = run_dir.join("lower");
+    let etc_dir = run_dir.join("etc");
+    let mut scratch = vec![
+        ScratchEntry::Dir(root.clone()),
+        ScratchEntry::Dir(etc_dir.clone()),
+    ];
+    let (view, overlay) = match &spec.rootfs {
+        Rootfs::Overlay { lower, .. } => {
+            if lower.len() + 1 > MAX_LOWER_DIRS {
+                return Err(RuntimeError::TooManyLayers {
+                    count: lower.len() + 1,
+                });
+            }
+            (RootView::Layers(lower.clone()), true)
+        }
+        Rootfs::Dir(dir) => (RootView::Dir(dir.clone()), false),
+    };
+    let user = users::resolve_user_in(&view, &spec.user, spec.options.groups).map_err(|source| {
+        RuntimeError::User {
+            user: spec.user.clone(),
+            source,
+        }
+    })?;
+
+    let mut targets = Targets {
+        view: &view,
+        overlay,
+        stub: stub.clone(),
+        stub_entries: Vec::new(),
+        mounted: Vec::new(),
+        create: Vec::new(),
+        kept: Vec::new(),
+    };
+    let (proc_dir, _) = targets.place("/proc", true)?;
+    let (dev_dir, _) = targets.place("/dev", true)?;
+    let (sys_dir, _) = targets.place("/sys", true)?;
+
+    let etc_binds = etc_binds(&spec, &etc_dir, &mut targets, &mut scratch)?;
+
+    let mounts = planned_mounts(&spec, &mut targets)?;
+    let stub_used = !targets.stub_entries.is_empty();
+    let create = targets.create;
+    let targets_kept = targets.kept;
+    let lower_empty = matches!(&spec.rootfs, Rootfs::Overlay { lower, .. } if lower.is_empty());
+    if stub_used || lower_empty {
+        scratch.push(ScratchEntry::Dir(stub.clone()));
+        scratch.extend(targets.stub_entries);
+    }
+
+    let rootfs = root_mount(&spec, &stub, stub_used || lower_empty);
+    let created: Vec<PathBuf> = create
+        .iter()
+        .filter(|c| !targets_kept.contains(&c.rel))
+        .map(|c| c.rel.clone())
+        .collect();
+    let created_in_dir = match &spec.rootfs {
+        Rootfs::Dir(dir) => created.iter().map(|rel| dir.join(rel)).collect(),
+        Rootfs::Overlay { .. } => Vec::new(),
+    };
+
+    let mut keep = Vec::new();
+    let (network, namespaces) = network_plan(&spec.network, &mut keep)?;
+
+    let stdio = stdio_fds(&spec, &mut keep)?;
 
     let mut env = spec.env.clone();
     if !env.iter().any(|e| e.starts_with("HOME=")) {
@@ -794,15 +843,7 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
         Some(stdin) if opts.controlling_tty => console_for(&[stdin, &spec.stdout, &spec.stderr]),
         _ => None,
     };
-    let cgroup = opts
-        .cgroup
-        .as_ref()
-        .map(Cgroup::create)
-        .transpose()
-        .map_err(|e| match crate::userns::in_user_namespace() {
-            true => RuntimeError::RootlessCgroup(e),
-            false => RuntimeError::Cgroup(e),
-        })?;
+    let cgroup = create_cgroup(opts.cgroup.as_ref())?;
     let cgroup_procs = cgroup.as_ref().map(Cgroup::procs_files).unwrap_or_default();
     // Kernels before 5.3 have no pidfds: the container then only misses the check for a parent
     // that died before the signal was armed.

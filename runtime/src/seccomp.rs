@@ -792,7 +792,7 @@ fn decode(code: &[u8]) -> Vec<libc::sock_filter> {
 pub fn prewarm_default() {
     let _ = std::thread::Builder::new().name("kiln-seccomp".into()).spawn(|| {
         if let Ok(host) = crate::caps::HostCaps::read() {
-            let caps = host.for_security(crate::spec::Security::Default);
+            let caps = host.default_set();
             let _ = program(&SeccompPolicy::Default, caps);
         }
     });

@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use nix::fcntl::OFlag;
 use nix::sys::termios::{self, SetArg, Termios};
 
-use crate::sandbox::RuntimeError;
 use crate::sys::{self, Errno};
 
 /// Errors of terminal operations.
@@ -56,21 +55,17 @@ pub enum TtyError {
     Dup(#[source] Errno),
 }
 
-fn tty_err(e: TtyError) -> RuntimeError {
-    RuntimeError::Tty(e)
-}
-
 /// Opens a new pseudo-terminal: (master, slave), both close-on-exec, neither becoming the
 /// caller's controlling terminal.
-pub fn open_pty() -> Result<(OwnedFd, OwnedFd), RuntimeError> {
+pub fn open_pty() -> Result<(OwnedFd, OwnedFd), TtyError> {
     let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
-    let master = nix::pty::posix_openpt(flags).map_err(|e| tty_err(TtyError::Open(e)))?;
-    nix::pty::grantpt(&master).map_err(|e| tty_err(TtyError::Grant(e)))?;
-    nix::pty::unlockpt(&master).map_err(|e| tty_err(TtyError::Unlock(e)))?;
-    let name = nix::pty::ptsname_r(&master).map_err(|e| tty_err(TtyError::Name(e)))?;
+    let master = nix::pty::posix_openpt(flags).map_err(TtyError::Open)?;
+    nix::pty::grantpt(&master).map_err(TtyError::Grant)?;
+    nix::pty::unlockpt(&master).map_err(TtyError::Unlock)?;
+    let name = nix::pty::ptsname_r(&master).map_err(TtyError::Name)?;
     let path = PathBuf::from(name);
     let slave = nix::fcntl::open(&path, flags, nix::sys::stat::Mode::empty())
-        .map_err(|source| tty_err(TtyError::OpenSlave { path, source }))?;
+        .map_err(|source| TtyError::OpenSlave { path, source })?;
     Ok((OwnedFd::from(master), slave))
 }
 
@@ -80,13 +75,13 @@ pub fn is_tty(fd: impl AsFd) -> bool {
 }
 
 /// The window size of the terminal at `fd`: (rows, columns).
-pub fn get_winsize(fd: impl AsFd) -> Result<(u16, u16), RuntimeError> {
-    sys::get_winsize(fd.as_fd()).map_err(|e| tty_err(TtyError::GetWinsize(e)))
+pub fn get_winsize(fd: impl AsFd) -> Result<(u16, u16), TtyError> {
+    sys::get_winsize(fd.as_fd()).map_err(TtyError::GetWinsize)
 }
 
 /// Sets the window size of the terminal at `fd` (usually a pty master).
-pub fn set_winsize(fd: impl AsFd, rows: u16, cols: u16) -> Result<(), RuntimeError> {
-    sys::set_winsize(fd.as_fd(), rows, cols).map_err(|e| tty_err(TtyError::SetWinsize(e)))
+pub fn set_winsize(fd: impl AsFd, rows: u16, cols: u16) -> Result<(), TtyError> {
+    sys::set_winsize(fd.as_fd(), rows, cols).map_err(TtyError::SetWinsize)
 }
 
 /// A terminal in raw mode (`cfmakeraw`): restored to its previous attributes on drop.
@@ -98,18 +93,18 @@ pub struct RawMode {
 
 impl RawMode {
     /// Saves the attributes of the terminal at `fd` and switches it to raw mode.
-    pub fn enable(fd: impl AsFd) -> Result<RawMode, RuntimeError> {
-        let fd = sys::dup_above_stdio(fd.as_fd()).map_err(|e| tty_err(TtyError::Dup(e)))?;
-        let saved = termios::tcgetattr(&fd).map_err(|e| tty_err(TtyError::GetAttr(e)))?;
+    pub fn enable(fd: impl AsFd) -> Result<RawMode, TtyError> {
+        let fd = sys::dup_above_stdio(fd.as_fd()).map_err(TtyError::Dup)?;
+        let saved = termios::tcgetattr(&fd).map_err(TtyError::GetAttr)?;
         let mut raw = saved.clone();
         termios::cfmakeraw(&mut raw);
-        termios::tcsetattr(&fd, SetArg::TCSANOW, &raw).map_err(|e| tty_err(TtyError::SetAttr(e)))?;
+        termios::tcsetattr(&fd, SetArg::TCSANOW, &raw).map_err(TtyError::SetAttr)?;
         Ok(RawMode { fd, saved })
     }
 
     /// Restores the saved attributes now, reporting failure (drop does the same silently).
-    pub fn restore(self) -> Result<(), RuntimeError> {
-        termios::tcsetattr(&self.fd, SetArg::TCSANOW, &self.saved).map_err(|e| tty_err(TtyError::SetAttr(e)))
+    pub fn restore(self) -> Result<(), TtyError> {
+        termios::tcsetattr(&self.fd, SetArg::TCSANOW, &self.saved).map_err(TtyError::SetAttr)
     }
 }
 

@@ -127,6 +127,65 @@ struct Held {
     dirs: Vec<tempfile::TempDir>,
 }
 
+/// The step's environment: its own, then each proxy variable it does not set itself.
+fn with_proxy_env(env: &[String], proxy_env: &[String]) -> Vec<String> {
+    let key = |kv: &str| kv.split_once('=').map(|(k, _)| k).unwrap_or(kv).to_owned();
+    let mut out = env.to_vec();
+    for kv in proxy_env {
+        if !out.iter().any(|x| key(x) == key(kv)) {
+            out.push(kv.clone());
+        }
+    }
+    out
+}
+
+/// `/etc/hosts`, `/etc/resolv.conf` and `/etc/hostname` of a RUN step.
+fn etc_files(
+    hostname: &str,
+    host_resolv: &str,
+    network: &Network,
+    extra_hosts: &[(String, String)],
+) -> EtcFiles {
+    let mut files = EtcFiles::for_build(hostname, host_resolv, network);
+    // `--add-host` entries follow the default ones, as BuildKit writes them.
+    if let Some(hosts) = files.hosts.as_mut() {
+        for (name, ip) in extra_hosts {
+            hosts.push_str(&format!("{ip}\t{name}\n"));
+        }
+    }
+    files
+}
+
+/// Copies the container's output from `reader` to the step's progress log.
+fn forward(ctx: &ExecCtx, reader: std::io::PipeReader, stream: Stream) -> tokio::task::JoinHandle<()> {
+    let progress = ctx.progress().clone();
+    tokio::task::spawn_blocking(move || {
+        let mut reader = reader;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => progress.log(stream, buf[..n].to_vec()),
+            }
+        }
+    })
+}
+
+/// The step's failure if its command did not exit with 0.
+fn succeeded(args: &[String], status: &kiln_runtime::ExitStatus) -> Result<(), ExecError> {
+    let command = args.join(" ");
+    if let Some(signal) = status.signal {
+        return Err(ExecError::Signal { command, signal });
+    }
+    if status.code != Some(0) {
+        return Err(ExecError::ExitCode {
+            command,
+            code: status.code.unwrap_or(-1),
+        });
+    }
+    Ok(())
+}
+
 impl Engine {
     pub(super) async fn exec(
         &self,
@@ -141,22 +200,7 @@ impl Engine {
             SecurityMode::Insecure => return Err(ExecError::InsecureNotAllowed.into()),
         };
         // Held until the step's processes are gone (it is dropped on every return path).
-        let mut lease = None;
-        let network = match e.network {
-            NetworkMode::Default => {
-                let ep = tokio::task::block_in_place(|| self.networks.take())?;
-                let network = ep.network();
-                lease = Some(Lease {
-                    pool: &self.networks,
-                    endpoint: Some(ep),
-                    reusable: security == Security::Default,
-                });
-                network
-            }
-            NetworkMode::None => Network::None,
-            NetworkMode::Host if self.opts.allow_network_host => Network::Host,
-            NetworkMode::Host => return Err(ExecError::NetworkHostNotAllowed.into()),
-        };
+        let (network, lease) = self.step_network(e.network, security)?;
         let base = match e.mounts.first().and_then(|m| m.input) {
             Some(i) => Self::fs_input(inputs, i)?,
             None => Vec::new(),
@@ -167,16 +211,7 @@ impl Engine {
         }
         let mutable = self.snapshots.prepare(None).map_err(EngineError::Snapshots)?;
 
-        let mut env = e.env.clone();
-        for kv in &self.opts.proxy_env {
-            let key = kv.split_once('=').map(|(k, _)| k).unwrap_or(kv);
-            if !env
-                .iter()
-                .any(|x| x.split_once('=').map(|(k, _)| k).unwrap_or(x) == key)
-            {
-                env.push(kv.clone());
-            }
-        }
+        let mut env = with_proxy_env(&e.env, &self.opts.proxy_env);
         let mut held = Held::default();
         let mut specs = Vec::new();
         for m in e.mounts.iter().skip(1) {
@@ -205,16 +240,7 @@ impl Engine {
             user: e.user.clone(),
             hostname: hostname.to_string(),
             mounts: specs,
-            etc_files: {
-                let mut files = EtcFiles::for_build(hostname, &host_resolv, &network);
-                // `--add-host` entries follow the default ones, as BuildKit writes them.
-                if let Some(hosts) = files.hosts.as_mut() {
-                    for (name, ip) in &e.extra_hosts {
-                        hosts.push_str(&format!("{ip}\t{name}\n"));
-                    }
-                }
-                files
-            },
+            etc_files: etc_files(hostname, &host_resolv, &network, &e.extra_hosts),
             network,
             security,
             stdin: None,
@@ -235,21 +261,8 @@ impl Engine {
             .map_err(|e| EngineError::Join(e.to_string()))?
             .map_err(ExecError::Start)?;
 
-        let forward = |reader: std::io::PipeReader, stream: Stream| {
-            let progress = ctx.progress().clone();
-            tokio::task::spawn_blocking(move || {
-                let mut reader = reader;
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    match reader.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => progress.log(stream, buf[..n].to_vec()),
-                    }
-                }
-            })
-        };
-        let out_task = forward(out_r, Stream::Stdout);
-        let err_task = forward(err_r, Stream::Stderr);
+        let out_task = forward(ctx, out_r, Stream::Stdout);
+        let err_task = forward(ctx, err_r, Stream::Stderr);
 
         let pid = running.pid();
         let created = running.created_paths().to_vec();
@@ -281,18 +294,9 @@ impl Engine {
                 return Err(err.into());
             }
         };
-        let command = e.args.join(" ");
-        if let Some(signal) = status.signal {
+        if let Err(err) = succeeded(&e.args, &status) {
             mutable.discard();
-            return Err(ExecError::Signal { command, signal }.into());
-        }
-        if status.code != Some(0) {
-            mutable.discard();
-            return Err(ExecError::ExitCode {
-                command,
-                code: status.code.unwrap_or(-1),
-            }
-            .into());
+            return Err(err.into());
         }
         // File targets made to mount on are removed again, as BuildKit removes them (their
         // directories stay); what else the runtime had to make is left out of the layer.
@@ -310,6 +314,30 @@ impl Engine {
         Ok(Output::Fs(Arc::new(layers)))
     }
 
+    /// The step's network: a namespace leased from the build's pool (held until the step's
+    /// processes are gone), none, or the host's (with the entitlement).
+    fn step_network(
+        &self,
+        mode: NetworkMode,
+        security: Security,
+    ) -> Result<(Network, Option<Lease<'_>>), SolveError> {
+        match mode {
+            NetworkMode::Default => {
+                let ep = tokio::task::block_in_place(|| self.networks.take())?;
+                let network = ep.network();
+                let lease = Lease {
+                    pool: &self.networks,
+                    endpoint: Some(ep),
+                    reusable: security == Security::Default,
+                };
+                Ok((network, Some(lease)))
+            }
+            NetworkMode::None => Ok((Network::None, None)),
+            NetworkMode::Host if self.opts.allow_network_host => Ok((Network::Host, None)),
+            NetworkMode::Host => Err(ExecError::NetworkHostNotAllowed.into()),
+        }
+    }
+
     /// Turns one `RUN --mount` into a runtime mount (and maybe env entries).
     async fn mount_spec(
         &self,
@@ -321,73 +349,7 @@ impl Engine {
     ) -> Result<(), SolveError> {
         let target = m.target.clone();
         match &m.kind {
-            MountKind::Bind => {
-                let source = match m.input {
-                    None => {
-                        let d = tempfile::tempdir_in(self.scratch.path()).map_err(|source| {
-                            EngineError::CreateDir {
-                                path: self.scratch.path().into(),
-                                source,
-                            }
-                        })?;
-                        let p = d.path().to_path_buf();
-                        held.dirs.push(d);
-                        p
-                    }
-                    Some(i) => match Self::input(inputs, i)? {
-                        Output::Local(ctx) => {
-                            let view = self.context_view(ctx, held)?;
-                            super::confined(&view, &m.selector)?
-                        }
-                        Output::Fs(layers) => {
-                            let lower = self.lower_dirs(layers).await?;
-                            let lower = if lower.is_empty() {
-                                vec![self.empty.clone()]
-                            } else {
-                                lower
-                            };
-                            let view = self.writable_or_ro_view(&lower, m.readonly, held)?;
-                            super::confined(&view, &m.selector)?
-                        }
-                    },
-                };
-                if m.readonly {
-                    out.push(MountSpec::Bind {
-                        source,
-                        target,
-                        readonly: true,
-                    });
-                } else if !source.is_dir() {
-                    // A file: writes go to a copy of it, dropped after the step (an overlay
-                    // cannot be mounted on a file).
-                    let dir = tempfile::tempdir_in(self.scratch.path()).map_err(|source| {
-                        EngineError::CreateDir {
-                            path: self.scratch.path().into(),
-                            source,
-                        }
-                    })?;
-                    let copy = dir.path().join("file");
-                    held.dirs.push(dir);
-                    copy_file_with_owner(&source, &copy).map_err(|source| EngineError::CreateDir {
-                        path: copy.clone(),
-                        source,
-                    })?;
-                    out.push(MountSpec::Bind {
-                        source: copy,
-                        target,
-                        readonly: false,
-                    });
-                } else {
-                    // Writes to a bind mount are discarded: give it a throw-away upper dir.
-                    let upper = self.scratch_dir("bind-upper-")?;
-                    let work = self.scratch_dir("bind-work-")?;
-                    out.push(MountSpec::Overlay {
-                        lower: vec![source],
-                        upper: Some((upper, work)),
-                        target,
-                    });
-                }
-            }
+            MountKind::Bind => out.push(self.bind_mount(m, inputs, held).await?),
             MountKind::Cache {
                 id,
                 sharing,
@@ -468,6 +430,79 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// A `RUN --mount=type=bind`: a read-only bind, a writable copy of a file, or an overlay
+    /// whose writes are thrown away.
+    async fn bind_mount(
+        &self,
+        m: &Mount,
+        inputs: &[Resolved<Output>],
+        held: &mut Held,
+    ) -> Result<MountSpec, SolveError> {
+        let target = m.target.clone();
+        let source = match m.input {
+            None => {
+                let d =
+                    tempfile::tempdir_in(self.scratch.path()).map_err(|source| EngineError::CreateDir {
+                        path: self.scratch.path().into(),
+                        source,
+                    })?;
+                let p = d.path().to_path_buf();
+                held.dirs.push(d);
+                p
+            }
+            Some(i) => match Self::input(inputs, i)? {
+                Output::Local(ctx) => {
+                    let view = self.context_view(ctx, held)?;
+                    super::confined(&view, &m.selector)?
+                }
+                Output::Fs(layers) => {
+                    let lower = self.lower_dirs(layers).await?;
+                    let lower = if lower.is_empty() {
+                        vec![self.empty.clone()]
+                    } else {
+                        lower
+                    };
+                    let view = self.writable_or_ro_view(&lower, m.readonly, held)?;
+                    super::confined(&view, &m.selector)?
+                }
+            },
+        };
+        if m.readonly {
+            Ok(MountSpec::Bind {
+                source,
+                target,
+                readonly: true,
+            })
+        } else if !source.is_dir() {
+            // A file: writes go to a copy of it, dropped after the step (an overlay
+            // cannot be mounted on a file).
+            let dir = tempfile::tempdir_in(self.scratch.path()).map_err(|source| EngineError::CreateDir {
+                path: self.scratch.path().into(),
+                source,
+            })?;
+            let copy = dir.path().join("file");
+            held.dirs.push(dir);
+            copy_file_with_owner(&source, &copy).map_err(|source| EngineError::CreateDir {
+                path: copy.clone(),
+                source,
+            })?;
+            Ok(MountSpec::Bind {
+                source: copy,
+                target,
+                readonly: false,
+            })
+        } else {
+            // Writes to a bind mount are discarded: give it a throw-away upper dir.
+            let upper = self.scratch_dir("bind-upper-")?;
+            let work = self.scratch_dir("bind-work-")?;
+            Ok(MountSpec::Overlay {
+                lower: vec![source],
+                upper: Some((upper, work)),
+                target,
+            })
+        }
     }
 
     /// A view of `lower` for a bind mount's selector: the dir itself or an overlay mounted here.

@@ -13,6 +13,7 @@
 
 mod chmod;
 mod copy;
+mod fsops;
 pub mod link;
 mod owner;
 mod resolve;
@@ -286,19 +287,19 @@ fn mkdir(root: &Path, action: &MkdirAction, opts: &FileOpOptions) -> Result<(), 
     let path = resolve::in_root(root, &action.path, true, None)?.host;
     let mode = action.mode & 0o777;
     if action.make_parents {
-        return copy::mkdir_all(root, &path, mode, owner, opts.timestamp).map(|_| ());
+        return fsops::mkdir_all(root, &path, mode, owner, opts.timestamp).map(|_| ());
     }
     match std::fs::create_dir(&path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
         Err(source) => return Err(FileOpError::CreateDir { path, source }),
     }
-    copy::set_mode(&path, mode)?;
+    fsops::set_mode(&path, mode)?;
     if let Some((uid, gid)) = owner {
-        copy::lchown(&path, uid, gid)?;
+        fsops::lchown(&path, uid, gid)?;
     }
     if let Some(t) = opts.timestamp {
-        copy::set_times(&path, t, t)?;
+        fsops::set_times(&path, t, t)?;
     }
     Ok(())
 }
@@ -329,12 +330,12 @@ fn mkfile(root: &Path, action: &MkfileAction, opts: &FileOpOptions) -> Result<()
             path: path.clone(),
             source,
         })?;
-        copy::set_mode(&tmp, action.mode & 0o777)?;
+        fsops::set_mode(&tmp, action.mode & 0o777)?;
         if let Some((uid, gid)) = owner {
-            copy::lchown(&tmp, uid, gid)?;
+            fsops::lchown(&tmp, uid, gid)?;
         }
         if let Some(t) = opts.timestamp {
-            copy::set_times(&tmp, t, t)?;
+            fsops::set_times(&tmp, t, t)?;
         }
         std::fs::rename(&tmp, &path).map_err(|source| FileOpError::Write {
             path: path.clone(),
@@ -378,7 +379,7 @@ fn rm(root: &Path, action: &RmAction) -> Result<(), FileOpError> {
                 path: resolve::clean(&p),
             });
         }
-        copy::remove_all(&target)?;
+        fsops::remove_all(&target)?;
     }
     Ok(())
 }

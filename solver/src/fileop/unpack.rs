@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use rustix::fs::{FileType, Mode, CWD};
 use tar::EntryType;
 
-use super::copy::{lchown, mkdir_all, remove_all, set_mode, set_times};
+use super::fsops::{lchown, mkdir_all, remove_all, set_mode, set_times};
 use super::resolve;
 use super::FileOpError;
 
