@@ -1,5 +1,5 @@
-//! Store subcommands: import, load, save, images, tag, rmi, inspect, history, image prune,
-//! builder prune/du, system df/prune, store verify. Flags and output follow Docker's.
+//! Image commands: import, load, save, images, tag, rmi, history, image prune, and the JSON of
+//! `inspect` for an image. Flags and output follow Docker's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, ValueEnum};
 use kiln_cache::archive::import::{import_rootfs, ImportOptions};
 use kiln_cache::archive::load::load;
 use kiln_cache::archive::save::{save, Format, SaveItem};
@@ -19,166 +19,7 @@ use kiln_cache::reference::Reference;
 use kiln_cache::store::Store;
 use kiln_cache::Digest;
 
-use crate::Globals;
-
-/// The store commands, flattened into kiln's top level.
-#[derive(Subcommand, Debug)]
-pub enum StoreCmd {
-    /// Import the contents from a tarball to create a filesystem image
-    Import(ImportArgs),
-    /// Load an image from a tar archive or STDIN
-    Load(LoadArgs),
-    /// Save one or more images to a tar archive (streamed to STDOUT by default)
-    Save(SaveArgs),
-    /// List images
-    Images(ImagesArgs),
-    /// Create a tag TARGET_IMAGE that refers to SOURCE_IMAGE
-    Tag(TagArgs),
-    /// Remove one or more images
-    Rmi(RmiArgs),
-    /// Return low-level information on images
-    Inspect(InspectArgs),
-    /// Show the history of an image
-    History(HistoryArgs),
-    /// Manage images
-    #[command(subcommand)]
-    Image(ImageCmd),
-    /// Manage kiln
-    #[command(subcommand)]
-    System(SystemCmd),
-    /// Check the store
-    #[command(subcommand, name = "store")]
-    StoreGroup(StoreGroupCmd),
-    /// Manage builds (the build cache)
-    #[command(subcommand)]
-    Builder(BuilderCmd),
-}
-
-/// `kiln builder ...`.
-#[derive(Subcommand, Debug)]
-pub enum BuilderCmd {
-    /// Remove build cache
-    Prune(BuilderPruneArgs),
-    /// Show build cache disk usage
-    Du(BuilderDuArgs),
-}
-
-/// `kiln builder prune`.
-#[derive(Args, Debug)]
-pub struct BuilderPruneArgs {
-    /// Remove all unused build cache, not just dangling ones
-    #[arg(short, long)]
-    all: bool,
-    /// Provide filter values (e.g. `until=24h`; also type=, id=, description=, inuse, shared, private)
-    #[arg(long)]
-    filter: Vec<String>,
-    /// Amount of disk space to keep for cache (e.g. 10GB)
-    #[arg(long = "keep-storage", value_parser = parse_size_arg)]
-    keep_storage: Option<u64>,
-    /// Do not prompt for confirmation
-    #[arg(short, long)]
-    force: bool,
-}
-
-/// `kiln builder du`.
-#[derive(Args, Debug)]
-pub struct BuilderDuArgs {
-    /// Provide filter values (as for `builder prune`)
-    #[arg(long)]
-    filter: Vec<String>,
-    /// Provide a more verbose output
-    #[arg(long)]
-    verbose: bool,
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    gc::parse_size(s)
-}
-
-/// `kiln image ...`.
-#[derive(Subcommand, Debug)]
-pub enum ImageCmd {
-    /// List images
-    #[command(alias = "list")]
-    Ls(ImagesArgs),
-    /// Remove one or more images
-    #[command(alias = "remove")]
-    Rm(RmiArgs),
-    /// Remove unused images
-    Prune(PruneArgs),
-    /// Display detailed information on one or more images
-    Inspect(InspectArgs),
-    /// Show the history of an image
-    History(HistoryArgs),
-    /// Create a tag TARGET_IMAGE that refers to SOURCE_IMAGE
-    Tag(TagArgs),
-    /// Import the contents from a tarball to create a filesystem image
-    Import(ImportArgs),
-    /// Load an image from a tar archive or STDIN
-    Load(LoadArgs),
-    /// Save one or more images to a tar archive
-    Save(SaveArgs),
-    /// Build an image from a Dockerfile
-    Build(Box<crate::build_cmd::BuildArgs>),
-    /// Download an image from a registry
-    Pull(crate::registry_cmds::PullArgs),
-    /// Upload an image to a registry
-    Push(crate::registry_cmds::PushArgs),
-}
-
-/// `kiln system ...`.
-#[derive(Subcommand, Debug)]
-pub enum SystemCmd {
-    /// Show kiln disk usage
-    Df(DfArgs),
-    /// Remove unused data
-    Prune(SystemPruneArgs),
-}
-
-/// `kiln system df`.
-#[derive(Args, Debug)]
-pub struct DfArgs {
-    /// Show detailed information on space usage
-    #[arg(short, long)]
-    verbose: bool,
-    /// Format output using a custom template: 'table', 'table TEMPLATE', 'json', or a Go template
-    #[arg(long)]
-    format: Option<String>,
-}
-
-/// `kiln system prune`.
-#[derive(Args, Debug)]
-pub struct SystemPruneArgs {
-    /// Remove all unused images not just dangling ones (and all build cache)
-    #[arg(short, long)]
-    all: bool,
-    /// Do not prompt for confirmation
-    #[arg(short, long)]
-    force: bool,
-    /// Prune anonymous volumes
-    #[arg(long)]
-    volumes: bool,
-    /// Provide filter values (`until=DURATION`, applied to the build cache)
-    #[arg(long)]
-    filter: Vec<String>,
-}
-
-/// `kiln store ...`.
-#[derive(Subcommand, Debug)]
-pub enum StoreGroupCmd {
-    /// Re-hash every blob and check every image, tag, cache record, snapshot, temp and mount;
-    /// exits 1 on damage
-    Verify(VerifyArgs),
-}
-
-/// `kiln store verify`.
-#[derive(Args, Debug)]
-pub struct VerifyArgs {
-    /// Remove what nothing references (and damaged blobs, dangling tags, stale temps, leftover
-    /// mounts) and report what was removed
-    #[arg(long)]
-    repair: bool,
-}
+use crate::format::{ellipsis, human_ago, human_size, human_size4};
 
 /// `kiln import`.
 #[derive(Args, Debug)]
@@ -281,20 +122,6 @@ pub struct RmiArgs {
     images: Vec<String>,
 }
 
-/// `kiln inspect`.
-#[derive(Args, Debug)]
-pub struct InspectArgs {
-    /// Format output using a Go template
-    #[arg(short = 'f', long)]
-    pub format: Option<String>,
-    /// Return JSON for the specified type (container, image)
-    #[arg(long = "type")]
-    pub kind: Option<String>,
-    /// Containers or images to inspect
-    #[arg(required = true)]
-    pub images: Vec<String>,
-}
-
 /// `kiln history`.
 #[derive(Args, Debug)]
 pub struct HistoryArgs {
@@ -331,44 +158,11 @@ pub struct PruneArgs {
     filter: Vec<String>,
 }
 
-/// Runs one store command.
-pub fn run(cmd: StoreCmd, g: &Globals) -> anyhow::Result<ExitCode> {
-    // `store verify` reports the temps of killed processes instead of removing them on open.
-    let open = match cmd {
-        StoreCmd::StoreGroup(_) => Store::open_as_is,
-        _ => Store::open,
-    };
-    let store =
-        open(&g.root).with_context(|| format!("failed to open the store at `{}`", g.root.display()))?;
-    match cmd {
-        StoreCmd::Import(a) | StoreCmd::Image(ImageCmd::Import(a)) => cmd_import(&store, a),
-        StoreCmd::Load(a) | StoreCmd::Image(ImageCmd::Load(a)) => cmd_load(&store, a),
-        StoreCmd::Save(a) | StoreCmd::Image(ImageCmd::Save(a)) => cmd_save(&store, a),
-        StoreCmd::Images(a) | StoreCmd::Image(ImageCmd::Ls(a)) => cmd_images(&store, a),
-        StoreCmd::Tag(a) | StoreCmd::Image(ImageCmd::Tag(a)) => cmd_tag(&store, a),
-        StoreCmd::Rmi(a) | StoreCmd::Image(ImageCmd::Rm(a)) => cmd_rmi(&store, a),
-        StoreCmd::Inspect(a) => crate::container_cmds::inspect_objects(a, None, &store),
-        StoreCmd::Image(ImageCmd::Inspect(a)) => {
-            crate::container_cmds::inspect_objects(a, Some("image"), &store)
-        }
-        StoreCmd::History(a) | StoreCmd::Image(ImageCmd::History(a)) => cmd_history(&store, a),
-        StoreCmd::Image(ImageCmd::Prune(a)) => cmd_prune(&store, a),
-        StoreCmd::System(SystemCmd::Df(a)) => cmd_df(&store, a),
-        StoreCmd::System(SystemCmd::Prune(a)) => cmd_system_prune(&store, a),
-        StoreCmd::StoreGroup(StoreGroupCmd::Verify(a)) => cmd_verify(&store, a),
-        StoreCmd::Builder(BuilderCmd::Prune(a)) => cmd_builder_prune(&store, a),
-        StoreCmd::Builder(BuilderCmd::Du(a)) => cmd_builder_du(&store, a),
-        StoreCmd::Image(ImageCmd::Build(a)) => crate::build_cmd::run(*a, g),
-        StoreCmd::Image(ImageCmd::Pull(a)) => crate::registry_cmds::pull(a, g),
-        StoreCmd::Image(ImageCmd::Push(a)) => crate::registry_cmds::push(a, g),
-    }
-}
-
-fn cmd_import(store: &Store, a: ImportArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_import(store: &Store, a: ImportArgs) -> anyhow::Result<ExitCode> {
     let reference = a.reference.as_deref().map(Reference::parse).transpose()?;
     let mut config = kiln_dag::image::ContainerConfig::default();
     for c in &a.change {
-        crate::container_fs_cmds::apply_change(&mut config, c)?;
+        super::container_fs::apply_change(&mut config, c)?;
     }
     let platform = match &a.platform {
         Some(p) => Some(kiln_dag::Platform::parse(p).context("invalid --platform")?),
@@ -403,7 +197,7 @@ fn cmd_import(store: &Store, a: ImportArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_load(store: &Store, a: LoadArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_load(store: &Store, a: LoadArgs) -> anyhow::Result<ExitCode> {
     let loaded = match &a.input {
         Some(path) => {
             let f = File::open(path).with_context(|| format!("failed to open `{}`", path.display()))?;
@@ -434,7 +228,7 @@ fn names_tag(input: &str) -> bool {
     last.contains(':') || input.contains('@')
 }
 
-fn cmd_save(store: &Store, a: SaveArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_save(store: &Store, a: SaveArgs) -> anyhow::Result<ExitCode> {
     // Garbage collection waits until the images are written out.
     let _hold = store.hold()?;
     let images = store.images();
@@ -553,55 +347,6 @@ fn cmd_save(store: &Store, a: SaveArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Docker's `units.HumanSizeWithPrecision(size, 3)`: decimal units, 3 significant digits.
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 9] = ["B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB"];
-    let mut v = bytes as f64;
-    let mut i = 0;
-    while v >= 1000.0 && i < UNITS.len() - 1 {
-        v /= 1000.0;
-        i += 1;
-    }
-    let s = if v >= 100.0 {
-        format!("{v:.0}")
-    } else if v >= 10.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-    };
-    let s = if s.contains('.') {
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        s
-    };
-    format!("{s}{}", UNITS[i])
-}
-
-/// Docker's `units.HumanDuration` + " ago".
-pub fn human_ago(created: Option<&str>) -> String {
-    let Some(t) = created
-        .and_then(|c| time::OffsetDateTime::parse(c, &time::format_description::well_known::Rfc3339).ok())
-    else {
-        return "N/A".to_string();
-    };
-    let secs = (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0);
-    let (m, h) = (secs / 60, secs / 3600);
-    let d = match () {
-        _ if secs < 1 => "Less than a second".to_string(),
-        _ if secs == 1 => "1 second".to_string(),
-        _ if secs < 60 => format!("{secs} seconds"),
-        _ if m == 1 => "About a minute".to_string(),
-        _ if m < 60 => format!("{m} minutes"),
-        _ if h == 1 => "About an hour".to_string(),
-        _ if h < 48 => format!("{h} hours"),
-        _ if h < 24 * 7 * 2 => format!("{} days", h / 24),
-        _ if h < 24 * 30 * 2 => format!("{} weeks", h / 24 / 7),
-        _ if h < 24 * 365 * 2 => format!("{} months", h / 24 / 30),
-        _ => format!("{} years", h / 24 / 365),
-    };
-    format!("{d} ago")
-}
-
 fn short(d: &Digest, no_trunc: bool) -> String {
     if no_trunc {
         d.to_string()
@@ -633,7 +378,7 @@ fn reference_matches(pattern: &str, tag: &Reference) -> bool {
         || crate::filters::glob_match(pattern, &tag.familiar_repository())
 }
 
-fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
     let _ = a.all;
     let f = crate::filters::Filters::parse(
         &a.filter,
@@ -741,7 +486,7 @@ fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
                     ("CreatedSince", human_ago(img.config.created.as_deref())),
                     (
                         "CreatedAt",
-                        crate::container_cmds::docker_time(img.config.created.as_deref().unwrap_or("")),
+                        crate::format::docker_time(img.config.created.as_deref().unwrap_or("")),
                     ),
                     ("Size", human_size(docker_image_size(store, &img))),
                     ("Containers", "N/A".into()),
@@ -778,7 +523,7 @@ fn cmd_images(store: &Store, a: ImagesArgs) -> anyhow::Result<ExitCode> {
     .print(&rows)
 }
 
-fn cmd_tag(store: &Store, a: TagArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_tag(store: &Store, a: TagArgs) -> anyhow::Result<ExitCode> {
     // A prune must not remove the image between its lookup and its new tag.
     let _hold = store.hold()?;
     let images = store.images();
@@ -788,7 +533,7 @@ fn cmd_tag(store: &Store, a: TagArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_rmi(store: &Store, a: RmiArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_rmi(store: &Store, a: RmiArgs) -> anyhow::Result<ExitCode> {
     let images = store.images();
     let mut failed = false;
     let mut out = io::stdout().lock();
@@ -985,16 +730,7 @@ pub(crate) fn inspect_json(
     Ok(v)
 }
 
-fn ellipsis(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        return s.to_string();
-    }
-    let mut out: String = s.chars().take(max - 1).collect();
-    out.push('…');
-    out
-}
-
-fn cmd_history(store: &Store, a: HistoryArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_history(store: &Store, a: HistoryArgs) -> anyhow::Result<ExitCode> {
     let image = store.images().resolve(&a.image)?;
     let mut layers = image.layers.iter();
     // (created, created_by, size, comment), oldest first.
@@ -1091,42 +827,20 @@ fn cmd_history(store: &Store, a: HistoryArgs) -> anyhow::Result<ExitCode> {
     .print(&rows)
 }
 
-/// The automatic GC after a build (`KILN_GC_KEEP_STORAGE`, see `kiln_cache::gc::auto_collect`).
-/// The caller no longer holds the store. Failures are warnings: the build itself succeeded.
-pub fn auto_gc(store: &Store) {
-    let budget = match gc::budget_from_env() {
-        Ok(Some(b)) => b,
-        Ok(None) => return,
-        Err(e) => {
-            eprintln!("warning: {e}; no automatic garbage collection");
-            return;
-        }
-    };
-    match gc::auto_collect(store, budget) {
-        Ok(Some(r)) => tracing::debug!(
-            entries = r.deleted.len(),
-            bytes = r.reclaimed,
-            "automatic GC: the build cache exceeded KILN_GC_KEEP_STORAGE"
-        ),
-        Ok(None) => {}
-        Err(e) => eprintln!("warning: automatic garbage collection failed: {e:#}"),
-    }
-}
-
 /// Asks `question` on stderr; true when the answer is yes.
-fn confirm(question: &str) -> anyhow::Result<bool> {
+pub(crate) fn confirm(question: &str) -> anyhow::Result<bool> {
     eprint!("{question} [y/N] ");
     let mut answer = String::new();
     io::stdin().read_line(&mut answer)?;
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
-fn waiting() {
+pub(crate) fn waiting() {
     eprintln!("waiting for running builds to release the store...");
 }
 
 /// The "Deleted Images:" block of `image prune` and `system prune`.
-fn images_output(report: &gc::PruneReport) -> String {
+pub(crate) fn images_output(report: &gc::PruneReport) -> String {
     let mut out = String::new();
     if !report.deleted_images.is_empty() || !report.untagged.is_empty() {
         out.push_str("Deleted Images:\n");
@@ -1140,7 +854,7 @@ fn images_output(report: &gc::PruneReport) -> String {
     out
 }
 
-fn cmd_prune(store: &Store, a: PruneArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_prune(store: &Store, a: PruneArgs) -> anyhow::Result<ExitCode> {
     let f = crate::filters::Filters::parse(&a.filter, &["until", "label", "label!"])?;
     let until = f
         .get("until")
@@ -1179,730 +893,4 @@ fn cmd_prune(store: &Store, a: PruneArgs) -> anyhow::Result<ExitCode> {
     }
     writeln!(out, "Total reclaimed space: {}", human_size4(report.reclaimed))?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// The "Deleted build cache objects:" block.
-fn cache_output(report: &gc::BuilderPruneReport) -> String {
-    let mut out = String::new();
-    if !report.deleted.is_empty() {
-        out.push_str("Deleted build cache objects:\n");
-        for id in &report.deleted {
-            out.push_str(id);
-            out.push('\n');
-        }
-    }
-    out
-}
-
-fn cmd_builder_prune(store: &Store, a: BuilderPruneArgs) -> anyhow::Result<ExitCode> {
-    let filter = gc::CacheFilter::parse(&a.filter).map_err(anyhow::Error::msg)?;
-    if !a.force {
-        let warning = if a.all {
-            "WARNING! This will remove all build cache. Are you sure you want to continue?"
-        } else {
-            "WARNING! This will remove all dangling build cache. Are you sure you want to continue?"
-        };
-        if !confirm(warning)? {
-            bail!("builder prune has been cancelled");
-        }
-    }
-    let opts = gc::BuilderPruneOptions {
-        all: a.all,
-        filter,
-        keep_storage: a.keep_storage,
-        wait: true,
-    };
-    let report = gc::builder_prune(store, &opts, waiting)?;
-    let mut out = io::stdout().lock();
-    let text = cache_output(&report);
-    if !text.is_empty() {
-        writeln!(out, "{text}")?;
-    }
-    writeln!(out, "Total reclaimed space: {}", human_size4(report.reclaimed))?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Docker's `units.HumanDuration(time.Since(t))` + " ago", for a system time.
-fn since(t: Option<std::time::SystemTime>) -> String {
-    match t {
-        Some(t) => {
-            let t: time::OffsetDateTime = t.into();
-            let s = t
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default();
-            human_ago(Some(&s))
-        }
-        None => String::new(),
-    }
-}
-
-/// Writes `lines` (cells separated by `\t`) as Go's `tabwriter.NewWriter(w, 1, 8, 1, '\t', 0)`
-/// does: every column padded with tabs to the same multiple of 8. Empty lines end a block of
-/// aligned lines.
-fn write_tabbed(out: &mut impl Write, lines: &[String]) -> io::Result<()> {
-    for block in lines
-        .split(|l| l.is_empty())
-        .collect::<Vec<_>>()
-        .iter()
-        .enumerate()
-    {
-        let (i, block) = block;
-        if i > 0 {
-            writeln!(out)?;
-        }
-        let rows: Vec<Vec<&str>> = block.iter().map(|l| l.split('\t').collect()).collect();
-        let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-        let mut widths = vec![0usize; cols];
-        for r in &rows {
-            // The last cell of a line is not part of a column.
-            for (c, cell) in r.iter().enumerate().take(r.len().saturating_sub(1)) {
-                widths[c] = widths[c].max(cell.chars().count() + 1);
-            }
-        }
-        for r in &rows {
-            let mut line = String::new();
-            for (c, cell) in r.iter().enumerate() {
-                line.push_str(cell);
-                if c + 1 < r.len() {
-                    let cellw = widths[c].div_ceil(8) * 8;
-                    let n = cellw - cell.chars().count();
-                    line.push_str(&"\t".repeat(n.div_ceil(8)));
-                }
-            }
-            writeln!(out, "{line}")?;
-        }
-    }
-    Ok(())
-}
-
-fn cmd_builder_du(store: &Store, a: BuilderDuArgs) -> anyhow::Result<ExitCode> {
-    let filter = gc::CacheFilter::parse(&a.filter).map_err(anyhow::Error::msg)?;
-    let now = std::time::SystemTime::now();
-    let mut entries: Vec<gc::CacheEntry> = gc::build_cache(store, true)?
-        .into_iter()
-        .filter(|e| filter.matches(e, now))
-        .collect();
-    // Largest first, as BuildKit lists them.
-    entries.sort_by(|x, y| y.size.cmp(&x.size).then_with(|| x.id.cmp(&y.id)));
-    let mut lines = Vec::new();
-    if a.verbose {
-        for e in &entries {
-            lines.push(format!("ID:\t{}", e.id));
-            if let Some(p) = &e.parent {
-                lines.push(format!("Parent:\t{p}"));
-            }
-            let created = e.created.map(|t| {
-                let t: time::OffsetDateTime = t.into();
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default()
-            });
-            lines.push(format!("Created at:\t{}", created.unwrap_or_default()));
-            lines.push(format!("Mutable:\t{}", e.mutable));
-            lines.push(format!("Reclaimable:\t{}", !e.in_use));
-            lines.push(format!("Shared:\t{}", e.shared));
-            lines.push(format!("Size:\t{}", human_size4(e.size)));
-            if !e.description.is_empty() {
-                lines.push(format!("Description:\t{}", e.description));
-            }
-            lines.push(format!("Usage count:\t{}", e.usage_count));
-            if e.last_used.is_some() {
-                lines.push(format!("Last used:\t{}", since(e.last_used)));
-            }
-            lines.push(format!("Type:\t{}", e.record_type));
-            lines.push(String::new());
-        }
-    } else {
-        lines.push("ID\tRECLAIMABLE\tSIZE\tLAST ACCESSED".to_string());
-        for e in &entries {
-            let id = if e.mutable {
-                format!("{}*", e.id)
-            } else {
-                e.id.clone()
-            };
-            let size = if e.shared {
-                format!("{}*", human_size4(e.size))
-            } else {
-                human_size4(e.size)
-            };
-            lines.push(format!(
-                "{id:<40}\t{:<5}\t{size:<10}\t{}",
-                (!e.in_use).to_string(),
-                since(e.last_used)
-            ));
-        }
-    }
-    let mut out = io::stdout().lock();
-    write_tabbed(&mut out, &lines)?;
-    if a.filter.is_empty() {
-        let total: u64 = entries.iter().map(|e| e.size).sum();
-        let reclaimable: u64 = entries.iter().filter(|e| !e.in_use).map(|e| e.size).sum();
-        let shared: u64 = entries.iter().filter(|e| e.shared).map(|e| e.size).sum();
-        let mut summary = Vec::new();
-        if shared > 0 {
-            summary.push(format!("Shared:\t{}", human_size4(shared)));
-            summary.push(format!("Private:\t{}", human_size4(total - shared)));
-        }
-        summary.push(format!("Reclaimable:\t{}", human_size4(reclaimable)));
-        summary.push(format!("Total:\t{}", human_size4(total)));
-        write_tabbed(&mut out, &summary)?;
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn cmd_system_prune(store: &Store, a: SystemPruneArgs) -> anyhow::Result<ExitCode> {
-    let filter = gc::CacheFilter::parse(&a.filter).map_err(anyhow::Error::msg)?;
-    if a.volumes && filter.until.is_some() {
-        bail!("The \"until\" filter is not supported with \"--volumes\"");
-    }
-    if !a.force {
-        let mut warnings = vec!["all stopped containers"];
-        if a.volumes {
-            warnings.push("all anonymous volumes not used by at least one container");
-        }
-        warnings.push(if a.all {
-            "all images without at least one container associated to them"
-        } else {
-            "all dangling images"
-        });
-        warnings.push(if a.all {
-            "all build cache"
-        } else {
-            "unused build cache"
-        });
-        let mut q = "WARNING! This will remove:".to_string();
-        for w in warnings {
-            q.push_str(&format!("\n  - {w}"));
-        }
-        if !a.filter.is_empty() {
-            q.push_str("\n\n  Items to be pruned will be filtered with:");
-            for f in &a.filter {
-                q.push_str(&format!("\n  - {f}"));
-            }
-        }
-        q.push_str("\n\nAre you sure you want to continue?");
-        if !confirm(&q)? {
-            bail!("system prune has been cancelled");
-        }
-    }
-    let mut out = io::stdout().lock();
-    let mut reclaimed = 0u64;
-    // Containers first: the images and volumes they held become unused.
-    let containers = kiln_containers::record::Containers::open(store.root())?;
-    let sizes: BTreeMap<String, u64> = containers
-        .list()?
-        .iter()
-        .map(|r| (r.id.clone(), kiln_cache::temp::disk_usage(&containers.dir(&r.id))))
-        .collect();
-    let removed = kiln_containers::lifecycle::prune(&containers)?;
-    if !removed.is_empty() {
-        writeln!(out, "Deleted Containers:")?;
-        for id in &removed {
-            writeln!(out, "{id}")?;
-            reclaimed += sizes.get(id).copied().unwrap_or(0);
-        }
-        writeln!(out)?;
-    }
-    if a.volumes {
-        let volumes = kiln_containers::volumes::Volumes::open(store.root())?;
-        let (names, bytes) = volumes.prune(false)?;
-        if !names.is_empty() {
-            writeln!(out, "Deleted Volumes:")?;
-            for n in &names {
-                writeln!(out, "{n}")?;
-            }
-            writeln!(out)?;
-        }
-        reclaimed += bytes;
-    }
-    let images = gc::prune(
-        store,
-        PruneOptions {
-            all: a.all,
-            wait: true,
-        },
-        waiting,
-    )?;
-    let text = images_output(&images);
-    if !text.is_empty() {
-        writeln!(out, "{text}")?;
-    }
-    reclaimed += images.reclaimed;
-    let opts = gc::BuilderPruneOptions {
-        all: a.all,
-        filter,
-        keep_storage: None,
-        wait: true,
-    };
-    let cache = gc::builder_prune(store, &opts, waiting)?;
-    let text = cache_output(&cache);
-    if !text.is_empty() {
-        writeln!(out, "{text}")?;
-    }
-    reclaimed += cache.reclaimed;
-    writeln!(out, "Total reclaimed space: {}", human_size4(reclaimed))?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Docker's `units.HumanSize` (4 significant digits): `Total reclaimed space`, `system df`,
-/// `builder du`.
-pub fn human_size4(bytes: u64) -> String {
-    human_size_prec(bytes, 4)
-}
-
-/// `units.HumanSizeWithPrecision(size, prec)`: decimal units, `prec` significant digits, as Go's
-/// `%.*g` prints them.
-fn human_size_prec(bytes: u64, prec: usize) -> String {
-    const UNITS: [&str; 9] = ["B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB"];
-    let mut v = bytes as f64;
-    let mut i = 0;
-    while v >= 1000.0 && i < UNITS.len() - 1 {
-        v /= 1000.0;
-        i += 1;
-    }
-    let digits = if v < 1.0 {
-        1
-    } else {
-        v.log10().floor() as usize + 1
-    };
-    let s = format!("{v:.*}", prec.saturating_sub(digits));
-    let s = if s.contains('.') {
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        s
-    };
-    format!("{s}{}", UNITS[i])
-}
-
-/// Prints rows as docker/cli's table formatter does (`tabwriter.NewWriter(w, 10, 1, 3, ' ', 0)`):
-/// columns padded to their widest cell plus 3 spaces, and at least 10 wide.
-fn print_docker_table(out: &mut impl Write, rows: &[Vec<String>]) -> io::Result<()> {
-    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let mut widths = vec![10; cols];
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count() + 3);
-        }
-    }
-    for r in rows {
-        let mut line = String::new();
-        for (i, c) in r.iter().enumerate() {
-            line.push_str(c);
-            if i + 1 < r.len() {
-                line.push_str(&" ".repeat(widths[i] - c.chars().count()));
-            }
-        }
-        writeln!(out, "{}", line.trim_end())?;
-    }
-    Ok(())
-}
-
-/// One image's row of `system df -v`.
-struct ImageRow {
-    repo: String,
-    tag: String,
-    id: String,
-    created: String,
-    size: u64,
-    shared: u64,
-    containers: usize,
-}
-
-/// What `system df` reports about images.
-struct ImageUsage {
-    rows: Vec<ImageRow>,
-    total: usize,
-    active: usize,
-    size: u64,
-    reclaimable: u64,
-}
-
-fn disk_of_blob(store: &Store, d: &Digest) -> u64 {
-    std::fs::symlink_metadata(store.content().path(d))
-        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
-        .unwrap_or(0)
-}
-
-fn image_usage(store: &Store) -> anyhow::Result<ImageUsage> {
-    let images = store.images();
-    let snapshots = kiln_cache::snapshot::Snapshots::open(&store.snapshots_dir())?;
-    // Disk bytes of an image's part: its blobs, and its unpacked layers (snapshots).
-    let mut part_size: BTreeMap<String, u64> = BTreeMap::new();
-    let mut users: BTreeMap<String, BTreeSet<Digest>> = BTreeMap::new();
-    let mut list = Vec::new();
-    for (manifest, _, tags) in images.list()? {
-        let Ok(img) = images.get(&manifest) else { continue };
-        let containers = images.containers_using(&img)?.len();
-        let mut parts = Vec::new();
-        for d in img.blobs() {
-            let k = format!("b{}", d.hex());
-            part_size
-                .entry(k.clone())
-                .or_insert_with(|| disk_of_blob(store, &d));
-            parts.push(k);
-        }
-        for c in img.chain_ids() {
-            let k = format!("s{}", c.hex());
-            part_size
-                .entry(k.clone())
-                .or_insert_with(|| snapshots.disk_usage(&c));
-            parts.push(k);
-        }
-        for p in &parts {
-            users.entry(p.clone()).or_default().insert(manifest);
-        }
-        list.push((img, tags, containers, parts));
-    }
-    let mut u = ImageUsage {
-        rows: Vec::new(),
-        total: list.len(),
-        active: list.iter().filter(|l| l.2 > 0).count(),
-        size: part_size.values().sum(),
-        reclaimable: 0,
-    };
-    let mut active_parts = BTreeSet::new();
-    for (img, tags, containers, parts) in &list {
-        let size: u64 = parts.iter().map(|p| part_size[p]).sum();
-        let shared: u64 = parts
-            .iter()
-            .filter(|p| users[*p].len() > 1)
-            .map(|p| part_size[p])
-            .sum();
-        if *containers > 0 {
-            active_parts.extend(parts.iter().cloned());
-        }
-        let (repo, tag) = match tags.first() {
-            Some(t) => (t.familiar_repository(), t.tag().unwrap_or("<none>").to_string()),
-            None => ("<none>".to_string(), "<none>".to_string()),
-        };
-        u.rows.push(ImageRow {
-            repo,
-            tag,
-            id: img.id().hex()[..12].to_string(),
-            created: human_ago(img.config.created.as_deref()),
-            size,
-            shared,
-            containers: *containers,
-        });
-    }
-    u.reclaimable = part_size
-        .iter()
-        .filter(|(k, _)| !active_parts.contains(*k))
-        .map(|(_, s)| s)
-        .sum();
-    Ok(u)
-}
-
-fn percent(part: u64, whole: u64) -> String {
-    (part * 100)
-        .checked_div(whole)
-        .map(|p| format!(" ({p}%)"))
-        .unwrap_or_default()
-}
-
-fn cmd_df(store: &Store, a: DfArgs) -> anyhow::Result<ExitCode> {
-    use kiln_containers::state::Status;
-    let images = image_usage(store)?;
-    let containers = kiln_containers::record::Containers::open(store.root())?;
-    let volumes = kiln_containers::volumes::Volumes::open(store.root())?;
-    let volume_users = volumes.usage()?;
-    // (record, state, bytes of its writable layer and records)
-    let mut ctrs = Vec::new();
-    for rec in containers.list()? {
-        let st = containers.state(&rec.id)?;
-        let size = kiln_cache::temp::disk_usage(&containers.dir(&rec.id));
-        ctrs.push((rec, st, size));
-    }
-    let running = |st: &kiln_containers::state::ContainerState| {
-        matches!(st.status, Status::Running | Status::Restarting)
-    };
-    let c_size: u64 = ctrs.iter().map(|c| c.2).sum();
-    let c_active = ctrs.iter().filter(|c| running(&c.1)).count();
-    let c_reclaimable: u64 = ctrs.iter().filter(|c| !running(&c.1)).map(|c| c.2).sum();
-    let vols: Vec<(String, usize, u64)> = volumes
-        .list()?
-        .into_iter()
-        .map(|v| {
-            let links = volume_users.get(&v.name).map_or(0, Vec::len);
-            (v.name.clone(), links, kiln_cache::temp::disk_usage(&v.mountpoint))
-        })
-        .collect();
-    let v_size: u64 = vols.iter().map(|v| v.2).sum();
-    let v_active = vols.iter().filter(|v| v.1 > 0).count();
-    let v_reclaimable: u64 = vols.iter().filter(|v| v.1 == 0).map(|v| v.2).sum();
-    let cache = gc::build_cache(store, true)?;
-    let b_size: u64 = cache.iter().map(|e| e.size).sum();
-    let b_active = cache.iter().filter(|e| e.in_use).count();
-    let b_reclaimable: u64 = cache.iter().filter(|e| !e.in_use).map(|e| e.size).sum();
-    let mut out = io::stdout().lock();
-    if !a.verbose {
-        let table = vec![
-            vec![
-                "Images".into(),
-                images.total.to_string(),
-                images.active.to_string(),
-                human_size4(images.size),
-                format!(
-                    "{}{}",
-                    human_size4(images.reclaimable),
-                    percent(images.reclaimable, images.size)
-                ),
-            ],
-            vec![
-                "Containers".into(),
-                ctrs.len().to_string(),
-                c_active.to_string(),
-                human_size4(c_size),
-                format!("{}{}", human_size4(c_reclaimable), percent(c_reclaimable, c_size)),
-            ],
-            vec![
-                "Local Volumes".into(),
-                vols.len().to_string(),
-                v_active.to_string(),
-                human_size4(v_size),
-                format!("{}{}", human_size4(v_reclaimable), percent(v_reclaimable, v_size)),
-            ],
-            vec![
-                "Build Cache".into(),
-                cache.len().to_string(),
-                b_active.to_string(),
-                human_size4(b_size),
-                human_size4(b_reclaimable),
-            ],
-        ];
-        drop(out);
-        return df_summary(table, a.format.as_deref());
-    }
-    if a.format.is_some() {
-        anyhow::bail!("`system df --format` is not supported with --verbose");
-    }
-    writeln!(out, "Images space usage:\n")?;
-    let mut table = vec![[
-        "REPOSITORY",
-        "TAG",
-        "IMAGE ID",
-        "CREATED",
-        "SIZE",
-        "SHARED SIZE",
-        "UNIQUE SIZE",
-        "CONTAINERS",
-    ]
-    .map(String::from)
-    .to_vec()];
-    for r in images.rows {
-        table.push(vec![
-            r.repo,
-            r.tag,
-            r.id,
-            r.created,
-            human_size(r.size),
-            human_size(r.shared),
-            human_size(r.size - r.shared),
-            r.containers.to_string(),
-        ]);
-    }
-    print_docker_table(&mut out, &table)?;
-    writeln!(out, "\nContainers space usage:\n")?;
-    let mut table = vec![[
-        "CONTAINER ID",
-        "IMAGE",
-        "COMMAND",
-        "LOCAL VOLUMES",
-        "SIZE",
-        "CREATED",
-        "STATUS",
-        "NAMES",
-    ]
-    .map(String::from)
-    .to_vec()];
-    for (rec, st, size) in &ctrs {
-        let cmd = rec.args.join(" ");
-        let cmd = if cmd.chars().count() > 20 {
-            format!("{}…", cmd.chars().take(19).collect::<String>())
-        } else {
-            cmd
-        };
-        let local = kiln_containers::mounts::load(store.root(), &rec.id)
-            .map(|m| m.iter().filter(|m| m.name.is_some()).count())
-            .unwrap_or(0);
-        table.push(vec![
-            rec.short_id().to_string(),
-            rec.image_name.clone(),
-            format!("\"{cmd}\""),
-            local.to_string(),
-            human_size(*size),
-            human_ago(Some(&rec.created)),
-            crate::container_cmds::status_text(st),
-            rec.name.clone(),
-        ]);
-    }
-    print_docker_table(&mut out, &table)?;
-    writeln!(out, "\nLocal Volumes space usage:\n")?;
-    let mut table = vec![["VOLUME NAME", "LINKS", "SIZE"].map(String::from).to_vec()];
-    for (name, links, size) in &vols {
-        table.push(vec![name.clone(), links.to_string(), human_size(*size)]);
-    }
-    print_docker_table(&mut out, &table)?;
-    writeln!(out, "\nBuild cache usage: {}\n", human_size4(b_size))?;
-    let mut table = vec![[
-        "CACHE ID",
-        "CACHE TYPE",
-        "SIZE",
-        "CREATED",
-        "LAST USED",
-        "USAGE",
-        "SHARED",
-    ]
-    .map(String::from)
-    .to_vec()];
-    let mut sorted = cache;
-    // Docker sorts the build cache by last use, then creation, newest first.
-    sorted.sort_by(|x, y| y.last_used.cmp(&x.last_used).then(y.created.cmp(&x.created)));
-    for e in &sorted {
-        table.push(vec![
-            e.id.chars().take(12).collect(),
-            e.record_type.to_string(),
-            human_size(e.size),
-            since(e.created),
-            since(e.last_used),
-            e.usage_count.to_string(),
-            e.shared.to_string(),
-        ]);
-    }
-    print_docker_table(&mut out, &table)?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// The summary table of `system df`, through `--format` when one is given.
-fn df_summary(table: Vec<Vec<String>>, format: Option<&str>) -> anyhow::Result<ExitCode> {
-    let rows: Vec<_> = table
-        .into_iter()
-        .map(|r| {
-            let mut r = r.into_iter();
-            let mut next = || r.next().unwrap_or_default();
-            crate::format::row(
-                "*formatter.diskUsageImagesContext",
-                vec![
-                    ("Type", next()),
-                    ("TotalCount", next()),
-                    ("Active", next()),
-                    ("Size", next()),
-                    ("Reclaimable", next()),
-                ],
-            )
-        })
-        .collect();
-    crate::format::Listing {
-        format: format.unwrap_or(""),
-        default_table: "table {{.Type}}\t{{.TotalCount}}\t{{.Active}}\t{{.Size}}\t{{.Reclaimable}}",
-        headers: &[
-            ("Type", "TYPE"),
-            ("TotalCount", "TOTAL"),
-            ("Active", "ACTIVE"),
-            ("Size", "SIZE"),
-            ("Reclaimable", "RECLAIMABLE"),
-        ],
-    }
-    .print(&rows)
-}
-
-fn cmd_verify(store: &Store, a: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let report = kiln_cache::verify::verify_waiting(store, a.repair, waiting)?;
-    for line in &report.repaired {
-        println!("repaired: {line}");
-    }
-    let (damage, leftovers): (Vec<_>, Vec<_>) = report.problems.iter().partition(|p| p.is_damage());
-    for p in &damage {
-        eprintln!("damaged: {p}");
-    }
-    for p in &leftovers {
-        eprintln!("leftover: {p}");
-    }
-    if !report.checked_references {
-        eprintln!("note: builds hold the store; unreferenced data was not looked for (use --repair to wait for them)");
-    }
-    let mut verdict = if damage.is_empty() {
-        "ok".to_string()
-    } else {
-        format!("{} problems", damage.len())
-    };
-    if !leftovers.is_empty() {
-        verdict.push_str(&format!(
-            ", {} leftovers (removed by the next prune or `kiln store verify --repair`)",
-            leftovers.len()
-        ));
-    }
-    if a.repair {
-        verdict.push_str(&format!(
-            ", {} repairs freeing {}",
-            report.repaired.len(),
-            human_size4(report.freed)
-        ));
-    }
-    println!(
-        "checked {} blobs, {} images, {} tags, {} cache records, {} snapshots: {verdict}",
-        report.blobs, report.images, report.tags, report.records, report.snapshots,
-    );
-    Ok(if damage.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_like_docker() {
-        assert_eq!(human_size(0), "0B");
-        assert_eq!(human_size(512), "512B");
-        assert_eq!(human_size(1234), "1.23kB");
-        assert_eq!(human_size(4_870_000), "4.87MB");
-        assert_eq!(human_size(12_300_000), "12.3MB");
-        assert_eq!(human_size(100_000_000), "100MB");
-    }
-
-    #[test]
-    fn sizes_like_docker_units_human_size() {
-        assert_eq!(human_size4(0), "0B");
-        assert_eq!(human_size4(999), "999B");
-        assert_eq!(human_size4(1234), "1.234kB");
-        assert_eq!(human_size4(1_234_567), "1.235MB");
-        assert_eq!(human_size4(12_300_000), "12.3MB");
-        assert_eq!(human_size4(100_000_000), "100MB");
-        assert_eq!(human_size4(3_400_000_000), "3.4GB");
-    }
-
-    #[test]
-    fn tabbed_like_go_tabwriter() {
-        let mut out = Vec::new();
-        let lines = vec![
-            "ID	RECLAIMABLE	SIZE	LAST ACCESSED".to_string(),
-            format!("{:<40}	{:<5}	{:<10}	{}", "abc", "true", "1.5MB", "2 hours ago"),
-        ];
-        write_tabbed(&mut out, &lines).unwrap();
-        let text = String::from_utf8(out).unwrap();
-        let want = format!(
-            "ID						RECLAIMABLE	SIZE		LAST ACCESSED
-{:<40}	true 		1.5MB     	2 hours ago
-",
-            "abc"
-        );
-        assert_eq!(text, want);
-        let mut out = Vec::new();
-        write_tabbed(&mut out, &["Reclaimable:	1B".into(), "Total:	1B".into()]).unwrap();
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "Reclaimable:	1B
-Total:		1B
-"
-        );
-    }
-
-    #[test]
-    fn ellipsis_truncates() {
-        assert_eq!(ellipsis("abc", 45), "abc");
-        assert_eq!(ellipsis(&"x".repeat(50), 45).chars().count(), 45);
-    }
 }
