@@ -273,14 +273,24 @@ fn each(
     names: &[String],
     mut f: impl FnMut(&ContainerRecord) -> Result<(), LifecycleError>,
 ) -> anyhow::Result<ExitCode> {
+    each_output(containers, names, |name, rec| f(rec).map(|()| name.to_string()))
+}
+
+/// [`each`], printing what `f` gives for each container (given its name as written) instead of
+/// the name.
+fn each_output<T: std::fmt::Display>(
+    containers: &Containers,
+    names: &[String],
+    mut f: impl FnMut(&str, &ContainerRecord) -> Result<T, LifecycleError>,
+) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     for name in names {
         let result = containers
             .lookup(name)
             .map_err(LifecycleError::from)
-            .and_then(|rec| f(&rec));
+            .and_then(|rec| f(name, &rec));
         match result {
-            Ok(()) => println!("{name}"),
+            Ok(out) => println!("{out}"),
             Err(e) => {
                 eprintln!("Error: {}", supervisor::error_chain(&e));
                 failed = true;
@@ -410,24 +420,8 @@ pub fn cmd_attach(containers: &Containers, a: AttachArgs) -> anyhow::Result<Exit
 }
 
 pub fn cmd_wait(containers: &Containers, a: NamesArgs) -> anyhow::Result<ExitCode> {
-    let mut failed = false;
-    for name in &a.containers {
-        match containers
-            .lookup(name)
-            .map_err(LifecycleError::from)
-            .and_then(|rec| lifecycle::wait_exit(containers, &rec))
-        {
-            Ok(code) => println!("{code}"),
-            Err(e) => {
-                eprintln!("Error: {}", supervisor::error_chain(&e));
-                failed = true;
-            }
-        }
-    }
-    Ok(if failed {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
+    each_output(containers, &a.containers, |_, rec| {
+        lifecycle::wait_exit(containers, rec)
     })
 }
 
