@@ -3,7 +3,8 @@
 use std::io;
 use std::path::PathBuf;
 
-/// Errors of [`super::apply`] and [`super::check`]. Every variant names the archive and the entry involved.
+/// Errors of `layer::apply` and `layer::check`. Every variant names the archive and the entry
+/// involved.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// The destination directory could not be opened.
