@@ -30,12 +30,17 @@
 //! (`kiln_runtime::host::enter_private_mount_namespace`, entered while single-threaded), as the
 //! engine mounts overlays from this process.
 #![forbid(unsafe_code)]
+#![cfg_attr(
+    test,
+    allow(clippy::disallowed_methods, reason = "tests write fixtures as they please")
+)]
 
 pub mod cache_io;
 pub mod context;
 pub mod export;
 mod metadata;
 pub mod named;
+mod options;
 pub mod output;
 pub mod push;
 pub mod request;

@@ -145,6 +145,10 @@ impl NamedContexts {
                 if let Some(df) = &fetched.dockerfile {
                     // BuildKit copies a non-archive download into the context as `context`.
                     let file = fetched.context().join("context");
+                    #[allow(
+                        clippy::disallowed_methods,
+                        reason = "a file of a fresh scratch context that lives for this build only"
+                    )]
                     std::fs::write(&file, df)
                         .map_err(|source| NamedContextError::Write { path: file, source })?;
                 }

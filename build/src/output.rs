@@ -15,6 +15,8 @@
 use std::path::PathBuf;
 
 use kiln_cache::reference::Reference;
+
+use crate::options::{self, parse_bool, Options, OptionsError};
 pub use kiln_source::registry::Compression;
 
 /// A parsed output.
@@ -147,33 +149,6 @@ const ALL_KEYS: &[&str] = &[
     "store",
 ];
 
-/// Go's `strconv.ParseBool`, which BuildKit uses for its boolean options.
-pub(crate) fn parse_bool(v: &str) -> Option<bool> {
-    match v {
-        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
-        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
-        _ => None,
-    }
-}
-
-/// Splits one CSV record as Go's encoding/csv (and buildx) read it: quotes group commas
-/// (`"name=a,b"`), `""` inside quotes is a quote.
-pub(crate) fn csv_fields(spec: &str) -> Result<Vec<String>, OutputError> {
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(spec.as_bytes());
-    let mut record = csv::StringRecord::new();
-    match reader.read_record(&mut record) {
-        Ok(true) => Ok(record.iter().map(str::to_string).collect()),
-        Ok(false) => Ok(Vec::new()),
-        Err(e) => Err(OutputError::Csv {
-            spec: spec.to_string(),
-            reason: e.to_string(),
-        }),
-    }
-}
-
 /// The keys of one output (all but `type`), parsed and checked against its type.
 #[derive(Default)]
 struct Attrs {
@@ -294,20 +269,16 @@ pub fn parse_output(spec: &str) -> Result<OutputSpec, OutputError> {
             }
         });
     }
-    let mut pairs = Vec::new();
-    let mut kind = None;
-    for field in csv_fields(spec)? {
-        let (k, v) = field.split_once('=').ok_or_else(|| OutputError::NotKeyValue {
+    let Options { kind, pairs } = options::parse(spec).map_err(|e| match e {
+        OptionsError::Csv(reason) => OutputError::Csv {
             spec: spec.to_string(),
-            field: field.clone(),
-        })?;
-        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
-        if k == "type" {
-            kind = Some(v);
-        } else {
-            pairs.push((k, v));
-        }
-    }
+            reason,
+        },
+        OptionsError::NotKeyValue(field) => OutputError::NotKeyValue {
+            spec: spec.to_string(),
+            field,
+        },
+    })?;
     let kind = kind.unwrap_or_else(|| "image".to_string());
     if keys_of(&kind).is_empty() {
         return Err(OutputError::UnknownType {

@@ -57,6 +57,15 @@ pub enum IndexError {
     },
 }
 
+impl From<crate::paths::PathError> for IndexError {
+    fn from(e: crate::paths::PathError) -> IndexError {
+        IndexError::Write {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 /// When a cache record was made and used, from the index's usage log.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -159,19 +168,8 @@ impl CacheIndex {
             path: tmp_dir.clone(),
             source,
         })?;
-        let tmp = tmp_dir.join(crate::temp::name("", ".tmp"));
         let bytes = serde_json::to_vec(record).unwrap_or_default();
-        std::fs::write(&tmp, bytes).map_err(|source| IndexError::Write {
-            path: tmp.clone(),
-            source,
-        })?;
-        std::fs::rename(&tmp, &path).map_err(|source| {
-            let _ = std::fs::remove_file(&tmp);
-            IndexError::Write {
-                path: path.clone(),
-                source,
-            }
-        })?;
+        crate::paths::write_atomic_via(&tmp_dir, &path, &bytes, false).map_err(IndexError::from)?;
         self.note_use(key);
         Ok(())
     }
@@ -265,15 +263,7 @@ impl CacheIndex {
             path: tmp_dir.clone(),
             source,
         })?;
-        let tmp = tmp_dir.join(crate::temp::name("", ".tmp"));
-        std::fs::write(&tmp, text).map_err(|source| IndexError::Write {
-            path: tmp.clone(),
-            source,
-        })?;
-        std::fs::rename(&tmp, &path).map_err(|source| {
-            let _ = std::fs::remove_file(&tmp);
-            IndexError::Write { path, source }
-        })
+        crate::paths::write_atomic_via(&tmp_dir, &path, text.as_bytes(), false).map_err(IndexError::from)
     }
 
     /// The directory.

@@ -167,7 +167,7 @@ impl Staged {
         let dest = self.dest.clone();
         let (digest, renamed) = self.commit_unsynced_dir()?;
         if renamed {
-            sync_dir_of(&dest);
+            crate::paths::sync_dir_of(&dest);
         }
         Ok(digest)
     }
@@ -180,10 +180,10 @@ impl Staged {
             let _ = fs::remove_file(&self.temp);
             false
         } else {
-            fs::rename(&self.temp, &self.dest).map_err(|source| ContentError::Rename {
+            crate::paths::rename(&self.temp, &self.dest).map_err(|e| ContentError::Rename {
                 from: self.temp.clone(),
                 to: self.dest.clone(),
-                source,
+                source: e.source,
             })?;
             true
         };
@@ -326,16 +326,6 @@ fn sync(file: &File, path: &Path) -> Result<(), ContentError> {
         path: path.to_path_buf(),
         source,
     })
-}
-
-/// Persists renames into `path`'s directory; a failure only weakens crash safety, not
-/// correctness.
-pub(crate) fn sync_dir_of(path: &Path) {
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
 }
 
 impl ContentStore {

@@ -19,7 +19,8 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
-use crate::content::{sync_dir_of, ContentError, Unsynced};
+use crate::content::{ContentError, Unsynced};
+use crate::paths::sync_dir_of;
 
 /// An action that must follow the blobs queued before it.
 type Action = Box<dyn FnOnce() -> Result<(), BoxError> + Send>;

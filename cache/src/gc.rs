@@ -491,13 +491,21 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 /// Lists the build cache (see the module docs). With `sizes` false, sizes are 0 (cheaper).
 pub fn build_cache(store: &Store, sizes: bool) -> Result<Vec<CacheEntry>, GcError> {
     let roots = Roots::read(store).map_err(GcError::Images)?;
+    let snapshots = Snapshots::open(&store.snapshots_dir()).map_err(GcError::Snapshots)?;
+    let mut out = layer_entries(store, &roots, &snapshots, sizes);
+    garbage_entries(store, &roots, &snapshots, sizes, &mut out)?;
+    mount_entries(store, sizes, &mut out);
+    file_cache_entries(store, sizes, &mut out);
+    running_entries(&snapshots, sizes, &mut out);
+    Ok(out)
+}
+
+/// The layers build cache records name, bottom first, so parents come before children.
+fn layer_entries(store: &Store, roots: &Roots, snapshots: &Snapshots, sizes: bool) -> Vec<CacheEntry> {
     let index = cache_index(store);
     let usage = index.usage();
-    let snapshots = Snapshots::open(&store.snapshots_dir()).map_err(GcError::Snapshots)?;
     let content = store.content();
     let mut out = Vec::new();
-
-    // Layers named by records: bottom first, so parents come before children.
     struct LayerInfo {
         blob: Digest,
         description: String,
@@ -591,7 +599,18 @@ pub fn build_cache(store: &Store, sizes: bool) -> Result<Vec<CacheEntry>, GcErro
         });
     }
 
-    // Garbage: snapshots and blobs nothing keeps.
+    out
+}
+
+/// Snapshots and blobs nothing keeps.
+fn garbage_entries(
+    store: &Store,
+    roots: &Roots,
+    snapshots: &Snapshots,
+    sizes: bool,
+    out: &mut Vec<CacheEntry>,
+) -> Result<(), GcError> {
+    let content = store.content();
     let dirs = snapshots.dirs().map_err(GcError::Snapshots)?;
     let parents: BTreeMap<Digest, Option<Digest>> = dirs.iter().map(|s| (s.key, s.parent)).collect();
     let mut kept = BTreeSet::new();
@@ -641,7 +660,11 @@ pub fn build_cache(store: &Store, sizes: bool) -> Result<Vec<CacheEntry>, GcErro
         });
     }
 
-    // Cache mounts.
+    Ok(())
+}
+
+/// Cache mounts (`RUN --mount=type=cache`).
+fn mount_entries(store: &Store, sizes: bool, out: &mut Vec<CacheEntry>) {
     let mounts = store.cache_dir().join("mounts");
     if let Ok(rd) = fs::read_dir(&mounts) {
         for e in rd.flatten() {
@@ -670,7 +693,10 @@ pub fn build_cache(store: &Store, sizes: bool) -> Result<Vec<CacheEntry>, GcErro
             });
         }
     }
-    // Context stat caches and URL validators.
+}
+
+/// Context stat caches and URL validators.
+fn file_cache_entries(store: &Store, sizes: bool, out: &mut Vec<CacheEntry>) {
     for (sub, rtype, what) in [
         ("context", "source.local", "local context stat cache"),
         ("http", "internal", "validators of an ADD URL"),
@@ -704,7 +730,10 @@ pub fn build_cache(store: &Store, sizes: bool) -> Result<Vec<CacheEntry>, GcErro
             });
         }
     }
-    // Steps of running builds.
+}
+
+/// Steps of running builds.
+fn running_entries(snapshots: &Snapshots, sizes: bool, out: &mut Vec<CacheEntry>) {
     if let Ok(rd) = fs::read_dir(snapshots.dir().join("tmp")) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -731,7 +760,6 @@ pub fn build_cache(store: &Store, sizes: bool) -> Result<Vec<CacheEntry>, GcErro
             });
         }
     }
-    Ok(out)
 }
 
 /// Which entries a build cache prune (or `du`) considers: Docker's `--filter` keys.

@@ -9,29 +9,18 @@
 
 use kiln_dag::{Digest, Platform};
 use oci_spec::image::{Descriptor, ImageIndexBuilder, MediaType, PlatformBuilder};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::images::{now_rfc3339, oci_digest, Image, ImageError, ImageStore, MAX_JSON_BYTES};
+use crate::images::{now_rfc3339, oci_digest, Image, ImageError, ImageIndex, ImageStore, MAX_JSON_BYTES};
+use crate::reference::Reference;
+use crate::store::Store;
 
 /// The OCI image index media type.
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// Docker's manifest list media type.
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
-/// One index's record in `images.json`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IndexRecord {
-    /// When the index entered this store (RFC 3339).
-    pub added: String,
-    /// When a tag last pointed at it (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_tag_time: Option<String>,
-    /// The repository it was pulled from (`docker.io/library/alpine`), where the platforms not
-    /// yet in the store are fetched from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repository: Option<String>,
-}
+pub use crate::images::IndexRecord;
 
 /// One platform's manifest in an index.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -278,7 +267,7 @@ impl ImageStore {
         &self,
         digest: &Digest,
         repository: Option<String>,
-        tags: &[crate::reference::Reference],
+        tags: &[Reference],
     ) -> Result<(), ImageError> {
         let now = now_rfc3339();
         self.update(|index| {
@@ -295,6 +284,43 @@ impl ImageStore {
             }
             Ok(())
         })
+    }
+}
+
+impl ImageIndex {
+    /// The manifests the recorded indexes list that are recorded images: shown and pruned as
+    /// part of their index, not alone.
+    pub fn index_children(&self, store: &Store) -> std::collections::BTreeSet<Digest> {
+        let content = store.content();
+        let mut out = std::collections::BTreeSet::new();
+        for d in self.indexes.keys() {
+            let Ok(bytes) = content.read_limited(d, MAX_JSON_BYTES) else {
+                continue;
+            };
+            let Ok(index) = IndexImage::parse(*d, bytes, |_| true) else {
+                continue;
+            };
+            out.extend(
+                index
+                    .entries
+                    .iter()
+                    .map(|e| e.manifest)
+                    .filter(|m| self.images.contains_key(m)),
+            );
+        }
+        out
+    }
+}
+
+impl ImageStore {
+    /// Every recorded index with its tags, sorted by digest.
+    pub fn list_indexes(&self) -> Result<Vec<(Digest, IndexRecord, Vec<Reference>)>, ImageError> {
+        let index = self.index()?;
+        Ok(index
+            .indexes
+            .iter()
+            .map(|(d, rec)| (*d, rec.clone(), index.tags_of(d)))
+            .collect())
     }
 }
 

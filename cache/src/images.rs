@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::PathBuf;
 
 use kiln_dag::image::ImageConfig;
@@ -204,6 +203,20 @@ pub struct ImageRecord {
     pub last_tag_time: Option<String>,
 }
 
+/// One index's record in `images.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexRecord {
+    /// When the index entered this store (RFC 3339).
+    pub added: String,
+    /// When a tag last pointed at it (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_tag_time: Option<String>,
+    /// The repository it was pulled from (`docker.io/library/alpine`), where the platforms not
+    /// yet in the store are fetched from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+}
+
 /// The contents of `images.json`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ImageIndex {
@@ -215,33 +228,10 @@ pub struct ImageIndex {
     pub tags: BTreeMap<String, Digest>,
     /// Image indexes (one name, one image per platform) by digest; see [`crate::image_index`].
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub indexes: BTreeMap<Digest, crate::image_index::IndexRecord>,
+    pub indexes: BTreeMap<Digest, IndexRecord>,
 }
 
 impl ImageIndex {
-    /// The manifests the recorded indexes list that are recorded images: shown and pruned as
-    /// part of their index, not alone.
-    pub fn index_children(&self, store: &Store) -> std::collections::BTreeSet<Digest> {
-        let content = store.content();
-        let mut out = std::collections::BTreeSet::new();
-        for d in self.indexes.keys() {
-            let Ok(bytes) = content.read_limited(d, MAX_JSON_BYTES) else {
-                continue;
-            };
-            let Ok(index) = crate::image_index::IndexImage::parse(*d, bytes, |_| true) else {
-                continue;
-            };
-            out.extend(
-                index
-                    .entries
-                    .iter()
-                    .map(|e| e.manifest)
-                    .filter(|m| self.images.contains_key(m)),
-            );
-        }
-        out
-    }
-
     /// The tags pointing at `manifest`, parsed.
     pub fn tags_of(&self, manifest: &Digest) -> Vec<Reference> {
         self.tags
@@ -370,6 +360,13 @@ pub struct ImageStore {
     store: Store,
 }
 
+impl Store {
+    /// The image store.
+    pub fn images(&self) -> ImageStore {
+        ImageStore::new(self.clone())
+    }
+}
+
 impl ImageStore {
     pub(crate) fn new(store: Store) -> ImageStore {
         ImageStore { store }
@@ -414,28 +411,14 @@ impl ImageStore {
     }
 
     fn write_index(&self, index: &ImageIndex) -> Result<(), ImageError> {
-        let path = self.index_path();
-        let temp = self
-            .store
-            .root()
-            .join(format!("images.json.{}", crate::temp::name("", ".tmp")));
-        let err = |source| ImageError::WriteIndex {
-            path: temp.clone(),
-            source,
-        };
         let bytes = serde_json::to_vec_pretty(index).map_err(|source| ImageError::Encode {
             role: "image index",
             source,
         })?;
-        let mut f = fs::File::create(&temp).map_err(err)?;
-        f.write_all(&bytes).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        fs::rename(&temp, &path).map_err(|source| ImageError::WriteIndex {
-            path: path.clone(),
-            source,
-        })?;
-        crate::content::sync_dir_of(&path);
-        Ok(())
+        crate::paths::write_atomic(&self.index_path(), &bytes, true).map_err(|e| ImageError::WriteIndex {
+            path: e.path,
+            source: e.source,
+        })
     }
 
     /// Reads the image whose manifest is `manifest` from the content store.
@@ -641,14 +624,11 @@ impl ImageStore {
         let is_index = self.is_index(manifest);
         self.update(|index| {
             if is_index {
-                index
-                    .indexes
-                    .entry(*manifest)
-                    .or_insert_with(|| crate::image_index::IndexRecord {
-                        added: now.clone(),
-                        last_tag_time: None,
-                        repository: None,
-                    });
+                index.indexes.entry(*manifest).or_insert_with(|| IndexRecord {
+                    added: now.clone(),
+                    last_tag_time: None,
+                    repository: None,
+                });
             } else {
                 index.images.entry(*manifest).or_insert_with(|| ImageRecord {
                     added: now.clone(),
@@ -694,18 +674,6 @@ impl ImageStore {
             .images
             .iter()
             .filter(|(d, _)| !children.contains(d))
-            .map(|(d, rec)| (*d, rec.clone(), index.tags_of(d)))
-            .collect())
-    }
-
-    /// Every recorded index with its tags, sorted by digest.
-    pub fn list_indexes(
-        &self,
-    ) -> Result<Vec<(Digest, crate::image_index::IndexRecord, Vec<Reference>)>, ImageError> {
-        let index = self.index()?;
-        Ok(index
-            .indexes
-            .iter()
             .map(|(d, rec)| (*d, rec.clone(), index.tags_of(d)))
             .collect())
     }

@@ -1,5 +1,9 @@
 //! The store: content store, snapshots, build cache index, image store, archives, GC.
 #![forbid(unsafe_code)]
+#![cfg_attr(
+    test,
+    allow(clippy::disallowed_methods, reason = "tests write fixtures as they please")
+)]
 
 pub mod archive;
 pub mod buildcache;
@@ -9,6 +13,7 @@ pub mod gc;
 pub mod image_index;
 pub mod images;
 pub mod layer;
+pub mod paths;
 pub mod reference;
 pub mod snapshot;
 pub mod store;

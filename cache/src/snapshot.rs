@@ -218,6 +218,10 @@ fn target_taken(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST))
 }
 
+#[allow(
+    clippy::disallowed_methods,
+    reason = "meta.json of a temp dir that is published whole by a directory rename"
+)]
 fn write_meta(dir: &Path, meta: &Meta) -> Result<()> {
     let path = dir.join("meta.json");
     let bytes = serde_json::to_vec(meta).map_err(|e| SnapshotError::WriteMeta {
@@ -268,6 +272,10 @@ impl Snapshots {
             source,
         })?;
         let path = self.tmp().join(name);
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "a directory moved whole: write_atomic is for files"
+        )]
         fs::rename(&staging, &path).map_err(|source| SnapshotError::Rename {
             from: staging.clone(),
             to: path.clone(),
@@ -429,6 +437,10 @@ impl Snapshots {
         let target = self.snapshot_dir(&key);
         let mut replaced_stale = false;
         loop {
+            #[allow(
+                clippy::disallowed_methods,
+                reason = "a snapshot directory published whole: write_atomic is for files"
+            )]
             match fs::rename(tmp, &target) {
                 Ok(()) => {
                     return Ok(Snapshot {
@@ -454,6 +466,10 @@ impl Snapshots {
                     let retired = self.retired();
                     create_dir(&retired)?;
                     let boot = boot_id().unwrap_or("unknown");
+                    #[allow(
+                        clippy::disallowed_methods,
+                        reason = "an unsynced snapshot directory moved aside whole"
+                    )]
                     let _ = fs::rename(&target, retired.join(format!("{boot}-{}", unique_name())));
                 }
                 Err(source) => {
@@ -528,6 +544,10 @@ impl Snapshots {
             source,
         })?;
         let doomed = self.tmp().join(format!(".rm-{}", unique_name()));
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "a snapshot directory claimed for removal"
+        )]
         match fs::rename(&dir, &doomed) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
@@ -593,10 +613,7 @@ impl Snapshots {
             return crate::temp::disk_usage(&dir);
         }
         let n = crate::temp::disk_usage(&dir);
-        let tmp = dir.join(format!("du.{}", crate::temp::name("", ".tmp")));
-        if fs::write(&tmp, n.to_string()).is_ok() && fs::rename(&tmp, &cached).is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
+        let _ = crate::paths::write_atomic(&cached, n.to_string().as_bytes(), false);
         n
     }
 
@@ -699,6 +716,10 @@ fn valid_attachment_name(name: &str) -> bool {
 
 impl MutableSnapshot {
     /// Stores `bytes` as the attachment `name`, committed (and removed) with the snapshot.
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "an attachment inside a mutable snapshot, committed with it by a directory rename"
+    )]
     pub fn attach(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let path = self.root.join(format!("{name}.att"));
         if !valid_attachment_name(name) {
@@ -736,6 +757,10 @@ impl MutableSnapshot {
     pub fn commit(mut self, key: &Digest, diff_id: &Digest, size: u64) -> Result<Snapshot> {
         let (key, diff_id) = (*key, *diff_id);
         let fs_dir = self.root.join("fs");
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "the upper directory moved whole into the snapshot being committed"
+        )]
         fs::rename(&self.upper, &fs_dir).map_err(|source| SnapshotError::Rename {
             from: self.upper.clone(),
             to: fs_dir.clone(),

@@ -23,7 +23,6 @@ use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 use crate::content::{ContentError, ContentStore};
-use crate::images::ImageStore;
 
 /// A failure opening or locking the store.
 #[derive(Debug, thiserror::Error)]
@@ -133,16 +132,8 @@ pub(crate) fn spread_children(dir: &Path) {
 }
 
 impl Store {
-    /// Opens the store at `root`, creating its layout when missing, and removes the temps that
-    /// killed kiln processes left (once per process; see [`crate::temp`]).
-    pub fn open(root: &Path) -> Result<Store, StoreError> {
-        let store = Store::open_as_is(root)?;
-        // What killed kiln processes left behind goes at the next command.
-        crate::temp::clean_stale_once(&store);
-        Ok(store)
-    }
-
-    /// Opens the store without removing anything (`kiln store verify` reports what it finds).
+    /// Opens the store without removing anything (`kiln store verify` reports what it finds);
+    /// [`Store::open`] (in `temp`, which owns the stale temps) also cleans up.
     pub fn open_as_is(root: &Path) -> Result<Store, StoreError> {
         for sub in ["", "snapshots", "containers", "cache", "tmp"] {
             let path = root.join(sub);
@@ -169,11 +160,6 @@ impl Store {
     /// The content store.
     pub fn content(&self) -> &ContentStore {
         &self.content
-    }
-
-    /// The image store.
-    pub fn images(&self) -> ImageStore {
-        ImageStore::new(self.clone())
     }
 
     /// `ROOT/containers`, where the runner keeps container records.

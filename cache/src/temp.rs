@@ -333,6 +333,10 @@ pub fn clean_stale(store: &Store, store_idle: bool) -> Cleaned {
 fn remove_claimed(path: &Path) -> bool {
     let Some(dir) = path.parent() else { return false };
     let claimed = dir.join(name(".trash-", ""));
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "claiming a stale temp: the rename is the claim, failing it means someone else won"
+    )]
     if fs::rename(path, &claimed).is_err() {
         // Somebody else claimed it (or it went away).
         return false;
@@ -346,8 +350,19 @@ fn remove_claimed(path: &Path) -> bool {
     }
 }
 
+impl Store {
+    /// Opens the store at `root`, creating its layout when missing, and removes the temps that
+    /// killed kiln processes left (once per process; see the module docs).
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        let store = Store::open_as_is(root)?;
+        // What killed kiln processes left behind goes at the next command.
+        clean_stale_once(&store);
+        Ok(store)
+    }
+}
+
 /// Runs [`clean_stale`] once per process and store root; failures only log.
-pub(crate) fn clean_stale_once(store: &Store) {
+fn clean_stale_once(store: &Store) {
     static DONE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
     {
         let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
@@ -402,6 +417,10 @@ impl OutsideTemp {
             source,
         })?;
         let record = reg.join(name("", ""));
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "a registration named after its owner; a torn one names no file of that owner"
+        )]
         fs::write(&record, path.as_os_str().as_encoded_bytes()).map_err(|source| StoreError::Temp {
             path: record.clone(),
             source,
@@ -438,6 +457,10 @@ impl OutsideTemp {
     /// Syncs the file and renames it to `dest`.
     pub fn persist(mut self, dest: &Path) -> io::Result<()> {
         self.file.sync_all()?;
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "the caller's own temp, synced above, renamed over the destination it was made beside"
+        )]
         fs::rename(&self.path, dest)?;
         self.persisted = true;
         let _ = fs::remove_file(&self.record);

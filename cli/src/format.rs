@@ -5,8 +5,10 @@
 //! item, each followed by a newline. `\t` and `\n` written as two characters become a tab and a
 //! newline, as in Docker.
 
-use std::io::Write as _;
+use std::io::{self, Write};
 use std::process::ExitCode;
+
+use kiln_containers::{ContainerState, Status};
 
 use crate::gotemplate::{Kind, Template, TemplateError, Value};
 
@@ -221,6 +223,214 @@ pub fn label_method(labels: std::collections::BTreeMap<String, String>) -> Value
     }))
 }
 
+// Sizes, ages and tables as Docker's CLI prints them.
+
+/// Docker's `units.HumanSizeWithPrecision(size, 3)`: decimal units, 3 significant digits.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 9] = ["B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < UNITS.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    let s = if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    };
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    };
+    format!("{s}{}", UNITS[i])
+}
+
+/// Docker's `units.HumanDuration` + " ago".
+pub fn human_ago(created: Option<&str>) -> String {
+    let Some(t) = created
+        .and_then(|c| time::OffsetDateTime::parse(c, &time::format_description::well_known::Rfc3339).ok())
+    else {
+        return "N/A".to_string();
+    };
+    let secs = (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0);
+    let (m, h) = (secs / 60, secs / 3600);
+    let d = match () {
+        _ if secs < 1 => "Less than a second".to_string(),
+        _ if secs == 1 => "1 second".to_string(),
+        _ if secs < 60 => format!("{secs} seconds"),
+        _ if m == 1 => "About a minute".to_string(),
+        _ if m < 60 => format!("{m} minutes"),
+        _ if h == 1 => "About an hour".to_string(),
+        _ if h < 48 => format!("{h} hours"),
+        _ if h < 24 * 7 * 2 => format!("{} days", h / 24),
+        _ if h < 24 * 30 * 2 => format!("{} weeks", h / 24 / 7),
+        _ if h < 24 * 365 * 2 => format!("{} months", h / 24 / 30),
+        _ => format!("{} years", h / 24 / 365),
+    };
+    format!("{d} ago")
+}
+
+/// Docker's `units.HumanDuration(time.Since(t))` + " ago", for a system time.
+pub fn since(t: Option<std::time::SystemTime>) -> String {
+    match t {
+        Some(t) => {
+            let t: time::OffsetDateTime = t.into();
+            let s = t
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            human_ago(Some(&s))
+        }
+        None => String::new(),
+    }
+}
+
+/// Writes `lines` (cells separated by `\t`) as Go's `tabwriter.NewWriter(w, 1, 8, 1, '\t', 0)`
+/// does: every column padded with tabs to the same multiple of 8. Empty lines end a block of
+/// aligned lines.
+pub fn write_tabbed(out: &mut impl Write, lines: &[String]) -> io::Result<()> {
+    for block in lines
+        .split(|l| l.is_empty())
+        .collect::<Vec<_>>()
+        .iter()
+        .enumerate()
+    {
+        let (i, block) = block;
+        if i > 0 {
+            writeln!(out)?;
+        }
+        let rows: Vec<Vec<&str>> = block.iter().map(|l| l.split('\t').collect()).collect();
+        let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        let mut widths = vec![0usize; cols];
+        for r in &rows {
+            // The last cell of a line is not part of a column.
+            for (c, cell) in r.iter().enumerate().take(r.len().saturating_sub(1)) {
+                widths[c] = widths[c].max(cell.chars().count() + 1);
+            }
+        }
+        for r in &rows {
+            let mut line = String::new();
+            for (c, cell) in r.iter().enumerate() {
+                line.push_str(cell);
+                if c + 1 < r.len() {
+                    let cellw = widths[c].div_ceil(8) * 8;
+                    let n = cellw - cell.chars().count();
+                    line.push_str(&"\t".repeat(n.div_ceil(8)));
+                }
+            }
+            writeln!(out, "{line}")?;
+        }
+    }
+    Ok(())
+}
+
+/// Docker's `units.HumanSize` (4 significant digits): `Total reclaimed space`, `system df`,
+/// `builder du`.
+pub fn human_size4(bytes: u64) -> String {
+    human_size_prec(bytes, 4)
+}
+
+/// `units.HumanSizeWithPrecision(size, prec)`: decimal units, `prec` significant digits, as Go's
+/// `%.*g` prints them.
+pub fn human_size_prec(bytes: u64, prec: usize) -> String {
+    const UNITS: [&str; 9] = ["B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < UNITS.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    let digits = if v < 1.0 {
+        1
+    } else {
+        v.log10().floor() as usize + 1
+    };
+    let s = format!("{v:.*}", prec.saturating_sub(digits));
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    };
+    format!("{s}{}", UNITS[i])
+}
+
+/// Prints rows as docker/cli's table formatter does (`tabwriter.NewWriter(w, 10, 1, 3, ' ', 0)`):
+/// columns padded to their widest cell plus 3 spaces, and at least 10 wide.
+pub fn print_docker_table(out: &mut impl Write, rows: &[Vec<String>]) -> io::Result<()> {
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut widths = vec![10; cols];
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count() + 3);
+        }
+    }
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            line.push_str(c);
+            if i + 1 < r.len() {
+                line.push_str(&" ".repeat(widths[i] - c.chars().count()));
+            }
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+pub fn ellipsis(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max - 1).collect();
+    out.push('…');
+    out
+}
+
+/// Docker's `HumanDuration` (as in "Up 3 seconds").
+pub fn human_duration(since: &str) -> String {
+    let ago = human_ago(Some(since));
+    ago.strip_suffix(" ago").unwrap_or(&ago).to_string()
+}
+
+/// The STATUS column of `ps`.
+pub fn status_text(st: &ContainerState) -> String {
+    match st.status {
+        Status::Created => "Created".into(),
+        Status::Running => {
+            let health = match st.health.as_ref().map(|h| h.status) {
+                None => String::new(),
+                Some(kiln_containers::state::HealthStatus::Starting) => " (health: starting)".into(),
+                Some(h) => format!(" ({})", h.as_str()),
+            };
+            format!("Up {}{health}", human_duration(&st.started_at))
+        }
+        Status::Restarting => format!(
+            "Restarting ({}) {}",
+            st.exit_code,
+            human_ago(Some(&st.finished_at))
+        ),
+        Status::Exited => format!("Exited ({}) {}", st.exit_code, human_ago(Some(&st.finished_at))),
+        Status::Dead => "Dead".into(),
+    }
+}
+
+/// Docker's `CreatedAt` form: `2006-01-02 15:04:05 -0700 MST` (UTC here).
+pub fn docker_time(rfc3339: &str) -> String {
+    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .and_then(|t| {
+            t.to_offset(time::UtcOffset::UTC)
+                .format(time::macros::format_description!(
+                    "[year]-[month]-[day] [hour]:[minute]:[second] +0000 UTC"
+                ))
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,5 +470,58 @@ mod tests {
             "{\"Name\":\"a\\u003cb\",\"Size\":\"1B\"}\n"
         );
         assert!(matches!(l("{{nope}}").render(&rows), Err(FormatError::Parse(_))));
+    }
+
+    #[test]
+    fn sizes_like_docker() {
+        assert_eq!(human_size(0), "0B");
+        assert_eq!(human_size(512), "512B");
+        assert_eq!(human_size(1234), "1.23kB");
+        assert_eq!(human_size(4_870_000), "4.87MB");
+        assert_eq!(human_size(12_300_000), "12.3MB");
+        assert_eq!(human_size(100_000_000), "100MB");
+    }
+
+    #[test]
+    fn sizes_like_docker_units_human_size() {
+        assert_eq!(human_size4(0), "0B");
+        assert_eq!(human_size4(999), "999B");
+        assert_eq!(human_size4(1234), "1.234kB");
+        assert_eq!(human_size4(1_234_567), "1.235MB");
+        assert_eq!(human_size4(12_300_000), "12.3MB");
+        assert_eq!(human_size4(100_000_000), "100MB");
+        assert_eq!(human_size4(3_400_000_000), "3.4GB");
+    }
+
+    #[test]
+    fn tabbed_like_go_tabwriter() {
+        let mut out = Vec::new();
+        let lines = vec![
+            "ID	RECLAIMABLE	SIZE	LAST ACCESSED".to_string(),
+            format!("{:<40}	{:<5}	{:<10}	{}", "abc", "true", "1.5MB", "2 hours ago"),
+        ];
+        write_tabbed(&mut out, &lines).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let want = format!(
+            "ID						RECLAIMABLE	SIZE		LAST ACCESSED
+{:<40}	true 		1.5MB     	2 hours ago
+",
+            "abc"
+        );
+        assert_eq!(text, want);
+        let mut out = Vec::new();
+        write_tabbed(&mut out, &["Reclaimable:	1B".into(), "Total:	1B".into()]).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "Reclaimable:	1B
+Total:		1B
+"
+        );
+    }
+
+    #[test]
+    fn ellipsis_truncates() {
+        assert_eq!(ellipsis("abc", 45), "abc");
+        assert_eq!(ellipsis(&"x".repeat(50), 45).chars().count(), 45);
     }
 }

@@ -1,5 +1,5 @@
 //! How this binary starts a detached container supervisor; shared by `run`/`create`
-//! (`run_cmd.rs`) and the container lifecycle commands (`container_cmds.rs`), so that neither
+//! (`commands/run.rs`) and the container lifecycle commands (`commands/containers.rs`), so that neither
 //! imports the other for it.
 
 use std::process::Command;

@@ -131,7 +131,10 @@ pub fn save_dir(dir: &Path, mounts: &[ResolvedMount]) -> Result<()> {
         path: path.clone(),
         source,
     })?;
-    crate::state::write_atomic(&path, &bytes).map_err(|source| MountFileError::Write { path, source })
+    kiln_cache::paths::write_atomic(&path, &bytes, false).map_err(|e| MountFileError::Write {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// Reads a container directory's `mounts.json` (empty when the container has none yet).

@@ -12,6 +12,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
+use kiln_cache::paths::write_atomic;
 use kiln_dag::image::ContainerConfig;
 use kiln_dag::Digest;
 use serde::{Deserialize, Serialize};
@@ -528,9 +529,9 @@ impl Containers {
                 path: dir.join("config.json"),
                 source,
             })?;
-            state::write_atomic(&dir.join("config.json"), &bytes).map_err(|source| RecordError::Write {
-                path: dir.join("config.json"),
-                source,
+            write_atomic(&dir.join("config.json"), &bytes, false).map_err(|e| RecordError::Write {
+                path: e.path,
+                source: e.source,
             })
         })();
         if result.is_err() {
@@ -560,7 +561,10 @@ impl Containers {
             path: path.clone(),
             source,
         })?;
-        state::write_atomic(&path, &bytes).map_err(|source| RecordError::Write { path, source })
+        write_atomic(&path, &bytes, false).map_err(|e| RecordError::Write {
+            path: e.path,
+            source: e.source,
+        })
     }
 
     /// Removes a container's directory (record, state, logs, upper dir).

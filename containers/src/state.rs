@@ -2,7 +2,7 @@
 //! and the checks that tell a live supervisor from a stale record.
 
 use std::fs;
-use std::io::{self, Write as _};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -181,25 +181,10 @@ pub fn write(dir: &Path, st: &ContainerState) -> Result<(), StateError> {
         path: path.clone(),
         source,
     })?;
-    write_atomic(&path, &bytes).map_err(|source| StateError::Write { path, source })
-}
-
-/// Writes `path` through a temp file in the same directory renamed over it.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    kiln_cache::paths::write_atomic(&path, &bytes, false).map_err(|e| StateError::Write {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// The start time of `pid` in clock ticks after boot, `None` if no such process (or a zombie).

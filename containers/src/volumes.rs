@@ -239,10 +239,10 @@ impl Volumes {
             path: path.clone(),
             source: io::Error::other(e),
         })?;
-        let tmp = vdir.join(format!(".{META_FILE}.tmp{}", std::process::id()));
-        fs::write(&tmp, &bytes)
-            .and_then(|()| fs::rename(&tmp, &path))
-            .map_err(|source| VolumeError::WriteMeta { path, source })?;
+        kiln_cache::paths::write_atomic(&path, &bytes, false).map_err(|e| VolumeError::WriteMeta {
+            path: e.path,
+            source: e.source,
+        })?;
         Ok((
             Volume {
                 mountpoint: data,

@@ -24,9 +24,12 @@
 //! BuildKit's `application/vnd.buildkit.cacheconfig.v0`, are ignored with a warning.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use kiln_dag::Digest;
+use kiln_source::registry::{media, SentBlob};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 /// The media type of the cache config blob.
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.kiln.cache.config.v1+json";
@@ -187,6 +190,58 @@ pub fn chain_ids(diff_ids: &[Digest]) -> Vec<Digest> {
         out.push(next);
     }
     out
+}
+
+/// The path of `digest` in the OCI image layout at `dir` (a `type=local` cache).
+pub(crate) fn blob_path(dir: &Path, digest: &Digest) -> PathBuf {
+    dir.join("blobs").join("sha256").join(digest.hex())
+}
+
+/// What a registry or directory cache holds besides its layers, once they are sent.
+pub(crate) struct Envelope {
+    /// The config, each layer's blob (digest, size, media type) filled in as sent.
+    pub config: Vec<u8>,
+    /// The manifest's media type: an OCI image manifest, or with `image-manifest=false` an index.
+    pub media_type: &'static str,
+    /// The manifest naming the layers and the config.
+    pub manifest: Vec<u8>,
+}
+
+impl Envelope {
+    /// The envelope of `planned` whose layers went out as `sent` (in the config's order). The
+    /// one manifest writer of both a registry and a directory cache.
+    pub(crate) fn of(planned: &CacheConfig, sent: &[SentBlob], image_manifest: bool) -> Envelope {
+        let mut config = planned.clone();
+        for (cl, s) in config.layers.iter_mut().zip(sent) {
+            cl.digest = Some(s.digest);
+            cl.size = Some(s.size);
+            cl.media_type = Some(s.media_type.clone());
+        }
+        let config = config.to_bytes();
+        let layer_descs: Vec<Value> = sent
+            .iter()
+            .map(|s| json!({"mediaType": s.media_type, "digest": s.digest.to_string(), "size": s.size}))
+            .collect();
+        let config_desc = json!({"mediaType": CONFIG_MEDIA_TYPE, "digest": Digest::of(&config).to_string(), "size": config.len()});
+        let (media_type, manifest) = if image_manifest {
+            (
+                media::OCI_MANIFEST,
+                json!({"schemaVersion": 2, "mediaType": media::OCI_MANIFEST, "config": config_desc, "layers": layer_descs}),
+            )
+        } else {
+            let mut all = layer_descs;
+            all.push(config_desc);
+            (
+                media::OCI_INDEX,
+                json!({"schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": all}),
+            )
+        };
+        Envelope {
+            config,
+            media_type,
+            manifest: serde_json::to_vec(&manifest).unwrap_or_default(),
+        }
+    }
 }
 
 #[cfg(test)]

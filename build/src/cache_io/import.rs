@@ -35,6 +35,31 @@ pub(crate) struct Loaded {
     pub source: BlobSource,
 }
 
+impl Loaded {
+    /// `config` with its layers' descriptors as the config names them (a layer without a
+    /// digest is uncompressed: its diff ID is its blob).
+    pub(crate) fn with_blobs(config: CacheConfig, source: BlobSource) -> Loaded {
+        let blobs = config
+            .layers
+            .iter()
+            .map(|l| {
+                (
+                    l.digest.unwrap_or(l.diff_id),
+                    l.size.unwrap_or(0),
+                    l.media_type
+                        .clone()
+                        .unwrap_or_else(|| media::OCI_LAYER.to_string()),
+                )
+            })
+            .collect();
+        Loaded {
+            config,
+            blobs,
+            source,
+        }
+    }
+}
+
 /// Every importer's records, merged (the first importer naming a key wins).
 #[derive(Debug, Default)]
 pub struct ImportedCache {
@@ -243,7 +268,7 @@ impl CacheSource for ImportedCache {
                 self.fetched.fetch_add(size, Ordering::Relaxed);
             }
             BlobSource::Dir(dir) => {
-                let path = super::local::blob_path(dir, blob);
+                let path = super::format::blob_path(dir, blob);
                 let f = std::fs::File::open(&path)
                     .map_err(|e| format!("failed to open `{}`: {e}", path.display()))?;
                 let staged = content.stage(std::io::BufReader::new(f), Some(blob))?;

@@ -9,24 +9,20 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use kiln_cache::images::MAX_JSON_BYTES;
-use kiln_cache::Store;
+use kiln_cache::paths::{write_atomic, PathError};
+use kiln_cache::{temp, Store};
 use kiln_dag::Digest;
 use kiln_source::registry::meta::{BlobMeta, Compressed};
-use kiln_source::registry::{media, Compression};
+use kiln_source::registry::{media, Compression, SentBlob};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
-use super::format::{CacheConfig, CONFIG_MEDIA_TYPE};
+use super::format::{blob_path, CacheConfig, Envelope, CONFIG_MEDIA_TYPE};
 use super::import::{BlobSource, ImportedCache, Loaded};
 use super::{CacheError, ImportError, Planned};
-
-/// The path of `digest` in the layout at `dir`.
-pub(crate) fn blob_path(dir: &Path, digest: &Digest) -> PathBuf {
-    dir.join("blobs").join("sha256").join(digest.hex())
-}
 
 fn read_verified(dir: &Path, digest: &Digest) -> Result<Vec<u8>, ImportError> {
     let path = blob_path(dir, digest);
@@ -75,24 +71,7 @@ pub(crate) fn load(dir: &Path) -> Result<Loaded, ImportError> {
         .and_then(|d| Digest::parse(d).ok())
         .ok_or(ImportError::NoCache)?;
     let config = CacheConfig::parse(&read_verified(dir, &digest)?).map_err(ImportError::Format)?;
-    let blobs = config
-        .layers
-        .iter()
-        .map(|l| {
-            (
-                l.digest.unwrap_or(l.diff_id),
-                l.size.unwrap_or(0),
-                l.media_type
-                    .clone()
-                    .unwrap_or_else(|| media::OCI_LAYER.to_string()),
-            )
-        })
-        .collect();
-    Ok(Loaded {
-        config,
-        blobs,
-        source: BlobSource::Dir(dir.to_path_buf()),
-    })
+    Ok(Loaded::with_blobs(config, BlobSource::Dir(dir.to_path_buf())))
 }
 
 fn io_err<'a>(target: &str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CacheError + 'a {
@@ -120,6 +99,22 @@ impl<W: Write> Write for HashWriter<W> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+fn path_err(target: &str) -> impl FnOnce(PathError) -> CacheError + '_ {
+    move |e| CacheError::Local {
+        target: target.to_string(),
+        path: e.path,
+        source: e.source,
+    }
+}
+
+fn sent_blob(digest: Digest, size: u64, media_type: &str) -> SentBlob {
+    SentBlob {
+        digest,
+        size,
+        media_type: media_type.to_string(),
     }
 }
 
@@ -167,78 +162,57 @@ pub(crate) fn export(
     std::fs::create_dir_all(&blobs_dir).map_err(io_err(&target, &blobs_dir))?;
     let meta = BlobMeta::at(store.root());
     let content = store.content();
-    let sent = super::parallel(
-        &planned.layers,
-        2,
-        |l| -> Result<(Digest, u64, String), CacheError> {
-            let uncompressed = l.media_type == media::OCI_LAYER || l.media_type == media::DOCKER_LAYER;
-            let compress = uncompressed && planned.compression != Compression::Uncompressed;
-            let (algorithm, media_type) = match planned.compression {
-                Compression::Zstd => ("zstd", media::OCI_LAYER_ZSTD),
-                _ => ("gzip", media::OCI_LAYER_GZIP),
-            };
-            if compress {
-                if let Some(known) = meta.compressed(&l.diff_id, algorithm) {
-                    if blob_path(dir, &known.digest).exists() {
-                        return Ok((known.digest, known.size, media_type.to_string()));
-                    }
+    let sent = super::parallel(&planned.layers, 2, |l| -> Result<SentBlob, CacheError> {
+        let uncompressed = l.media_type == media::OCI_LAYER || l.media_type == media::DOCKER_LAYER;
+        let compress = uncompressed && planned.compression != Compression::Uncompressed;
+        let (algorithm, media_type) = match planned.compression {
+            Compression::Zstd => ("zstd", media::OCI_LAYER_ZSTD),
+            _ => ("gzip", media::OCI_LAYER_GZIP),
+        };
+        if compress {
+            if let Some(known) = meta.compressed(&l.diff_id, algorithm) {
+                if blob_path(dir, &known.digest).exists() {
+                    return Ok(sent_blob(known.digest, known.size, media_type));
                 }
-            } else if blob_path(dir, &l.blob).exists() {
-                return Ok((l.blob, l.size, l.media_type.clone()));
             }
-            super::fetch_for_export(store, imported, &l.blob, &target)?;
-            let src = content.path(&l.blob);
-            let open = || File::open(&src).map(|f| BufReader::with_capacity(256 * 1024, f));
-            if !compress {
-                let (digest, size) = write_blob(dir, &target, |w| {
-                    std::io::copy(&mut open()?, w)?;
-                    Ok(())
-                })?;
-                return Ok((digest, size, l.media_type.clone()));
-            }
+        } else if blob_path(dir, &l.blob).exists() {
+            return Ok(sent_blob(l.blob, l.size, &l.media_type));
+        }
+        super::fetch_for_export(store, imported, &l.blob, &target)?;
+        let src = content.path(&l.blob);
+        let open = || File::open(&src).map(|f| BufReader::with_capacity(256 * 1024, f));
+        if !compress {
             let (digest, size) = write_blob(dir, &target, |w| {
-                let mut input = open()?;
-                match planned.compression {
-                    Compression::Zstd => {
-                        let mut enc = zstd::stream::write::Encoder::new(w, 3)?;
-                        std::io::copy(&mut input, &mut enc)?;
-                        enc.finish()?;
-                    }
-                    _ => {
-                        let mut enc = flate2::write::GzEncoder::new(w, flate2::Compression::new(1));
-                        std::io::copy(&mut input, &mut enc)?;
-                        enc.finish()?;
-                    }
-                }
+                std::io::copy(&mut open()?, w)?;
                 Ok(())
             })?;
-            let _ = meta.record_compressed(&l.diff_id, algorithm, &Compressed { digest, size });
-            Ok((digest, size, media_type.to_string()))
-        },
-    )?;
-    let mut config = planned.config.clone();
-    for (cl, s) in config.layers.iter_mut().zip(&sent) {
-        cl.digest = Some(s.0);
-        cl.size = Some(s.1);
-        cl.media_type = Some(s.2.clone());
-    }
-    let config_bytes = config.to_bytes();
-    let (config_digest, _) = write_blob(dir, &target, |w| w.write_all(&config_bytes))?;
-    let layers: Vec<Value> = sent
-        .iter()
-        .map(|s| json!({"mediaType": s.2, "digest": s.0.to_string(), "size": s.1}))
-        .collect();
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": media::OCI_MANIFEST,
-        "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest.to_string(), "size": config_bytes.len()},
-        "layers": layers,
-    });
-    let manifest_bytes = serde_json::to_vec(&manifest).unwrap_or_default();
-    let (manifest_digest, manifest_size) = write_blob(dir, &target, |w| w.write_all(&manifest_bytes))?;
+            return Ok(sent_blob(digest, size, &l.media_type));
+        }
+        let (digest, size) = write_blob(dir, &target, |w| {
+            let mut input = open()?;
+            match planned.compression {
+                Compression::Zstd => {
+                    let mut enc = zstd::stream::write::Encoder::new(w, 3)?;
+                    std::io::copy(&mut input, &mut enc)?;
+                    enc.finish()?;
+                }
+                _ => {
+                    let mut enc = flate2::write::GzEncoder::new(w, flate2::Compression::new(1));
+                    std::io::copy(&mut input, &mut enc)?;
+                    enc.finish()?;
+                }
+            }
+            Ok(())
+        })?;
+        let _ = meta.record_compressed(&l.diff_id, algorithm, &Compressed { digest, size });
+        Ok(sent_blob(digest, size, media_type))
+    })?;
+    let envelope = Envelope::of(&planned.config, &sent, true);
+    let (config_digest, _) = write_blob(dir, &target, |w| w.write_all(&envelope.config))?;
+    let (manifest_digest, manifest_size) = write_blob(dir, &target, |w| w.write_all(&envelope.manifest))?;
     let layout = dir.join("oci-layout");
     if !layout.exists() {
-        std::fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io_err(&target, &layout))?;
+        write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#, true).map_err(path_err(&target))?;
     }
     // Every blob is durable: make their names durable, then switch index.json.
     File::open(&blobs_dir)
@@ -254,25 +228,10 @@ pub(crate) fn export(
             "annotations": {"org.opencontainers.image.ref.name": "latest"},
         }],
     });
-    let index_path = dir.join("index.json");
-    let tmp = tempfile::Builder::new()
-        .prefix(".index-")
-        .tempfile_in(dir)
-        .map_err(io_err(&target, dir))?;
-    tmp.as_file()
-        .write_all(&serde_json::to_vec(&index).unwrap_or_default())
-        .and_then(|()| tmp.as_file().sync_all())
-        .map_err(io_err(&target, tmp.path()))?;
-    tmp.persist(&index_path).map_err(|e| CacheError::Local {
-        target: target.clone(),
-        path: index_path.clone(),
-        source: e.error,
-    })?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(&target, dir))?;
+    let index_bytes = serde_json::to_vec(&index).unwrap_or_default();
+    write_atomic(&dir.join("index.json"), &index_bytes, true).map_err(path_err(&target))?;
     // Only now: drop what the new index does not reach (and temp files of killed exports).
-    let mut keep: HashSet<String> = sent.iter().map(|s| s.0.hex()).collect();
+    let mut keep: HashSet<String> = sent.iter().map(|s| s.digest.hex()).collect();
     keep.insert(config_digest.hex());
     keep.insert(manifest_digest.hex());
     if let Ok(rd) = std::fs::read_dir(&blobs_dir) {
@@ -285,7 +244,11 @@ pub(crate) fn export(
     }
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with(".index-") {
+            let name = e.file_name().to_string_lossy().into_owned();
+            // A killed export's temp (`.index-` from kiln before `write_atomic`).
+            let stale = name.starts_with(".index-")
+                || name.starts_with(".index.json.kiln-") && temp::owner_of(&name).is_some_and(|o| !o.alive());
+            if stale {
                 let _ = std::fs::remove_file(e.path());
             }
         }

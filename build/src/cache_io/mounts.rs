@@ -214,12 +214,11 @@ fn one(
         diff_id: stats.diff_id,
         size,
     };
-    let tmp = state_path.with_extension(format!("export.{}", std::process::id()));
-    if std::fs::write(&tmp, serde_json::to_vec(&state).unwrap_or_default())
-        .and_then(|()| std::fs::rename(&tmp, &state_path))
-        .is_err()
-    {
-        let _ = std::fs::remove_file(&tmp);
-    }
+    // Best effort: the state only saves the next export a pass over the mount.
+    let _ = kiln_cache::paths::write_atomic(
+        &state_path,
+        &serde_json::to_vec(&state).unwrap_or_default(),
+        false,
+    );
     Ok(Some(layer(stats.diff_id, size)))
 }

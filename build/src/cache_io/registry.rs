@@ -7,10 +7,10 @@ use kiln_cache::reference::Reference;
 use kiln_cache::Store;
 use kiln_dag::{Digest, Platform};
 use kiln_source::registry::{self, media, BlobSession, Client, PushError, TransferProgress};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::format::{
-    CacheConfig, BUILDKIT_CONFIG_MEDIA_TYPE, BUILDKIT_INLINE_KEY, CONFIG_MEDIA_TYPE, INLINE_KEY,
+    CacheConfig, Envelope, BUILDKIT_CONFIG_MEDIA_TYPE, BUILDKIT_INLINE_KEY, CONFIG_MEDIA_TYPE, INLINE_KEY,
 };
 use super::import::{BlobSource, ImportedCache, Loaded};
 use super::{CacheError, ImportError, Planned};
@@ -74,7 +74,7 @@ pub(crate) fn load(
             let cfg = descriptor(cfg).ok_or(ImportError::NoCache)?;
             let config =
                 CacheConfig::parse(&small_blob(client, store, r, &cfg)?).map_err(ImportError::Format)?;
-            return Ok(with_blobs(config, source));
+            return Ok(Loaded::with_blobs(config, source));
         }
         if entries.iter().any(|m| kind(m) == BUILDKIT_CONFIG_MEDIA_TYPE) {
             return Err(ImportError::Foreign("BuildKit's cache manifest"));
@@ -93,7 +93,7 @@ pub(crate) fn load(
         .ok_or(ImportError::NoCache)?;
     if cfg.2 == CONFIG_MEDIA_TYPE {
         let config = CacheConfig::parse(&small_blob(client, store, r, &cfg)?).map_err(ImportError::Format)?;
-        return Ok(with_blobs(config, source));
+        return Ok(Loaded::with_blobs(config, source));
     }
     if cfg.2 == BUILDKIT_CONFIG_MEDIA_TYPE {
         return Err(ImportError::Foreign("BuildKit's cache manifest"));
@@ -153,27 +153,6 @@ pub(crate) fn inline(
     })
 }
 
-fn with_blobs(config: CacheConfig, source: BlobSource) -> Loaded {
-    let blobs = config
-        .layers
-        .iter()
-        .map(|l| {
-            (
-                l.digest.unwrap_or(l.diff_id),
-                l.size.unwrap_or(0),
-                l.media_type
-                    .clone()
-                    .unwrap_or_else(|| media::OCI_LAYER.to_string()),
-            )
-        })
-        .collect();
-    Loaded {
-        config,
-        blobs,
-        source,
-    }
-}
-
 /// Writes `planned` to `r`: layers (compressed as asked, HEAD-skipped, mounted, fetched from an
 /// imported cache only when the registry has no copy to mount), then the config, then the
 /// manifest (or index).
@@ -205,38 +184,12 @@ pub(crate) fn export(
             other => other.map_err(push_err),
         }
     })?;
-    let mut config = planned.config.clone();
-    for (cl, s) in config.layers.iter_mut().zip(&sent) {
-        cl.digest = Some(s.digest);
-        cl.size = Some(s.size);
-        cl.media_type = Some(s.media_type.clone());
-    }
-    let bytes = config.to_bytes();
-    let config_digest = session.push_bytes(&bytes).map_err(push_err)?;
-    let layer_descs: Vec<Value> = sent
-        .iter()
-        .map(|s| json!({"mediaType": s.media_type, "digest": s.digest.to_string(), "size": s.size}))
-        .collect();
-    let config_desc =
-        json!({"mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest.to_string(), "size": bytes.len()});
-    let (media_type, manifest) = if image_manifest {
-        (
-            media::OCI_MANIFEST,
-            json!({"schemaVersion": 2, "mediaType": media::OCI_MANIFEST, "config": config_desc, "layers": layer_descs}),
-        )
-    } else {
-        let mut all = layer_descs;
-        all.push(config_desc);
-        (
-            media::OCI_INDEX,
-            json!({"schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": all}),
-        )
-    };
-    let manifest_bytes = serde_json::to_vec(&manifest).unwrap_or_default();
+    let envelope = Envelope::of(&planned.config, &sent, image_manifest);
+    let config_digest = session.push_bytes(&envelope.config).map_err(push_err)?;
     let mut blobs: Vec<Digest> = sent.iter().map(|s| s.digest).collect();
     blobs.push(config_digest);
     session
-        .put_manifest(media_type, &manifest_bytes, &blobs)
+        .put_manifest(envelope.media_type, &envelope.manifest, &blobs)
         .map_err(push_err)?;
     Ok(())
 }
@@ -245,6 +198,7 @@ pub(crate) fn export(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn inline_caches_foreign_missing_and_dangling() {

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use kiln_cache::reference::Reference;
 use kiln_source::registry::Compression;
 
-use crate::output::{csv_fields, parse_bool};
+use crate::options::{self, parse_bool, Options, OptionsError};
 
 /// `mode=`: which steps' results are exported.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -185,26 +185,18 @@ fn fields(flag: &'static str, spec: &str) -> Result<(String, Vec<(String, String
     if !spec.contains('=') {
         return Ok(("registry".into(), vec![("ref".into(), spec.trim().to_string())]));
     }
-    let list = csv_fields(spec).map_err(|e| CacheSpecError::Csv {
-        flag,
-        spec: spec.to_string(),
-        reason: e.to_string(),
-    })?;
-    let mut kind = None;
-    let mut pairs = Vec::new();
-    for field in list {
-        let (k, v) = field.split_once('=').ok_or_else(|| CacheSpecError::NotKeyValue {
+    let Options { kind, pairs } = options::parse(spec).map_err(|e| match e {
+        OptionsError::Csv(reason) => CacheSpecError::Csv {
             flag,
             spec: spec.to_string(),
-            field: field.clone(),
-        })?;
-        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
-        if k == "type" {
-            kind = Some(v);
-        } else {
-            pairs.push((k, v));
-        }
-    }
+            reason,
+        },
+        OptionsError::NotKeyValue(field) => CacheSpecError::NotKeyValue {
+            flag,
+            spec: spec.to_string(),
+            field,
+        },
+    })?;
     // buildx: a value with a ref= but no type= is a registry cache.
     let kind = kind.unwrap_or_else(|| "registry".to_string());
     match kind.as_str() {

@@ -1,6 +1,7 @@
 //! `kiln_build::build` through its API: real builds (namespaces, overlayfs; needs root) of small
 //! contexts, counted progress, outputs, typed errors.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::disallowed_methods, reason = "tests write fixtures as they please")]
 
 mod harness;
 

@@ -320,6 +320,20 @@ pub fn save(store: &Store, items: &[SaveItem], format: Format, out: impl Write) 
     };
     add_json(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
 
+    add_json(&mut tar, "index.json", &index_json(items)?)?;
+
+    if format == Format::Docker {
+        for (name, bytes) in docker_files(items)? {
+            add_json(&mut tar, name, &bytes)?;
+        }
+    }
+    let mut inner = tar.into_inner().map_err(write_err("end of archive"))?;
+    inner.flush().map_err(write_err("end of archive"))?;
+    Ok(())
+}
+
+/// `index.json`: every item's manifest (or index), once per tag.
+fn index_json(items: &[SaveItem]) -> Result<Vec<u8>, SaveError> {
     let mut manifests = Vec::new();
     for item in items {
         let img = &item.image;
@@ -359,45 +373,43 @@ pub fn save(store: &Store, items: &[SaveItem], format: Format, out: impl Write) 
         "mediaType": "application/vnd.oci.image.index.v1+json",
         "manifests": manifests,
     });
-    let bytes = serde_json::to_vec(&index).map_err(|source| SaveError::Encode {
+    serde_json::to_vec(&index).map_err(|source| SaveError::Encode {
         entry: "index.json".into(),
         source,
-    })?;
-    add_json(&mut tar, "index.json", &bytes)?;
+    })
+}
 
-    if format == Format::Docker {
-        let mut entries = Vec::new();
-        let mut repositories: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-        for item in items {
-            let img = &item.image;
-            entries.push(DockerManifestEntry {
-                config: blob_path(&img.config_digest),
-                repo_tags: item.tags.iter().map(|t| t.familiar()).collect(),
-                layers: img.layers.iter().map(|l| blob_path(&l.digest)).collect(),
-            });
-            for t in &item.tags {
-                if let Some(tag) = t.tag() {
-                    repositories
-                        .entry(t.familiar_repository())
-                        .or_default()
-                        .insert(tag.to_string(), img.config_digest.hex());
-                }
+/// Docker's `manifest.json` and, when any item is tagged, `repositories`.
+fn docker_files(items: &[SaveItem]) -> Result<Vec<(&'static str, Vec<u8>)>, SaveError> {
+    let mut entries = Vec::new();
+    let mut repositories: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for item in items {
+        let img = &item.image;
+        entries.push(DockerManifestEntry {
+            config: blob_path(&img.config_digest),
+            repo_tags: item.tags.iter().map(|t| t.familiar()).collect(),
+            layers: img.layers.iter().map(|l| blob_path(&l.digest)).collect(),
+        });
+        for t in &item.tags {
+            if let Some(tag) = t.tag() {
+                repositories
+                    .entry(t.familiar_repository())
+                    .or_default()
+                    .insert(tag.to_string(), img.config_digest.hex());
             }
         }
-        let bytes = serde_json::to_vec(&entries).map_err(|source| SaveError::Encode {
-            entry: "manifest.json".into(),
+    }
+    let bytes = serde_json::to_vec(&entries).map_err(|source| SaveError::Encode {
+        entry: "manifest.json".into(),
+        source,
+    })?;
+    let mut files = vec![("manifest.json", bytes)];
+    if !repositories.is_empty() {
+        let bytes = serde_json::to_vec(&repositories).map_err(|source| SaveError::Encode {
+            entry: "repositories".into(),
             source,
         })?;
-        add_json(&mut tar, "manifest.json", &bytes)?;
-        if !repositories.is_empty() {
-            let bytes = serde_json::to_vec(&repositories).map_err(|source| SaveError::Encode {
-                entry: "repositories".into(),
-                source,
-            })?;
-            add_json(&mut tar, "repositories", &bytes)?;
-        }
+        files.push(("repositories", bytes));
     }
-    let mut inner = tar.into_inner().map_err(write_err("end of archive"))?;
-    inner.flush().map_err(write_err("end of archive"))?;
-    Ok(())
+    Ok(files)
 }

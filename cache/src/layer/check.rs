@@ -13,8 +13,8 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::{self, Read};
 
-use super::apply::ApplyError;
-use super::entries::{clean_components, fail, join, lossy, Entries, Entry};
+use super::entries::{clean_components, fail, join, join_child, lossy, Entries, Entry, Whiteout};
+use super::error::ApplyError;
 use super::tarfmt::Kind;
 use super::{ApplyOptions, ApplyStats, WhiteoutMode};
 
@@ -297,23 +297,18 @@ impl<R: Read> Checker<'_, R> {
 
     fn whiteout(&mut self, parents: &[&[u8]], target: &[u8], label: &str) -> Result<(), ApplyError> {
         let ctx = (self.archive, label);
-        if target == b".wh..opq" {
+        let target = match Whiteout::of(target, ctx)? {
             // Overlay: an xattr on the parent. Delete: the parent's children this layer did not
             // write go, and in an empty destination it wrote all of them.
-            return self.parent(parents, label);
-        }
-        if target.starts_with(b".wh.") {
-            return Ok(());
-        }
-        if target.is_empty() || target == b"." || target == b".." {
-            return Err(fail!(InvalidWhiteout, ctx));
-        }
+            Whiteout::Opaque => return self.parent(parents, label),
+            Whiteout::Aufs => return Ok(()),
+            Whiteout::Remove(target) => target,
+        };
+        let rel = join_child(parents, target);
         match self.whiteouts {
             WhiteoutMode::Overlay => {
                 self.parent(parents, label)?;
-                let mut comps = parents.to_vec();
-                comps.push(target);
-                let path = join(&comps);
+                let path = rel;
                 if !self.nodes.contains_key(&path) {
                     if !valid_name(target) {
                         return Err(fail!(Create, ctx, source: io::ErrorKind::InvalidInput.into()));
@@ -324,9 +319,6 @@ impl<R: Read> Checker<'_, R> {
                 Ok(())
             }
             WhiteoutMode::Delete => {
-                let mut comps = parents.to_vec();
-                comps.push(target);
-                let rel = join(&comps);
                 if self.written.contains(&rel) {
                     return Ok(());
                 }

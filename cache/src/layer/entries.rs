@@ -12,7 +12,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use kiln_dag::Digest;
 use sha2::{Digest as _, Sha256};
 
-use super::apply::ApplyError;
+use super::error::ApplyError;
 use super::tarfmt::{self, Kind, BLOCK};
 
 /// A reader that counts what goes through it and, unless told not to, hashes it.
@@ -91,6 +91,43 @@ pub(super) use fail;
 
 pub(super) fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// What a whiteout entry `.wh.TARGET` asks for, by Docker's rules; shared by [`super::apply`]
+/// and [`super::check`], so both accept and refuse the same whiteouts.
+pub(super) enum Whiteout<'a> {
+    /// `.wh..wh..opq`: the parent directory is opaque.
+    Opaque,
+    /// Other AUFS metadata (`.wh..wh.plnk`, `.wh..wh.aufs`): nothing to apply.
+    Aufs,
+    /// `.wh.NAME`: NAME is removed (hidden from lower layers).
+    Remove(&'a [u8]),
+}
+
+impl Whiteout<'_> {
+    /// Classifies `target` (the entry name after `.wh.`); a bare `.wh.`, `.wh..` or `.wh...` is
+    /// an invalid whiteout of the entry `ctx` names (archive, entry).
+    pub(super) fn of<'a>(target: &'a [u8], ctx: (&str, &str)) -> Result<Whiteout<'a>, ApplyError> {
+        if target == b".wh..opq" {
+            Ok(Whiteout::Opaque)
+        } else if target.starts_with(b".wh.") {
+            Ok(Whiteout::Aufs)
+        } else if target.is_empty() || target == b"." || target == b".." {
+            Err(fail!(InvalidWhiteout, ctx))
+        } else {
+            Ok(Whiteout::Remove(target))
+        }
+    }
+}
+
+/// The relative path of `name` inside the directory `parents`.
+pub(super) fn join_child(parents: &[&[u8]], name: &[u8]) -> Vec<u8> {
+    let mut rel = join(parents);
+    if !rel.is_empty() {
+        rel.push(b'/');
+    }
+    rel.extend_from_slice(name);
+    rel
 }
 
 pub(super) fn join(parts: &[&[u8]]) -> Vec<u8> {

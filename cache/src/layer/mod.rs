@@ -23,6 +23,7 @@
 mod apply;
 mod check;
 mod entries;
+mod error;
 mod fsutil;
 mod same;
 mod size;
@@ -37,8 +38,9 @@ use std::path::PathBuf;
 
 use kiln_dag::Digest;
 
-pub use apply::{apply, ApplyError};
+pub use apply::apply;
 pub use check::{check, check_unhashed};
+pub use error::ApplyError;
 pub use same::{same_tree, same_tree_assuming};
 pub use size::{layer_size, unpacked_size};
 pub use sniff::{decoder, sniff, Compression, Decoder, SniffError, Sniffed};

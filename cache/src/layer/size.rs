@@ -58,12 +58,8 @@ pub fn layer_size(store: &Store, blob: &Digest, diff_id: &Digest) -> io::Result<
     let size = unpacked_size(reader)?;
     // Best effort: the record only saves the next reader a pass over the blob.
     if let Some(dir) = memo.parent() {
-        let tmp = memo.with_extension(format!("tmp{}", std::process::id()));
-        let written = std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::write(&tmp, size.to_string()))
-            .and_then(|()| std::fs::rename(&tmp, &memo));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+        if std::fs::create_dir_all(dir).is_ok() {
+            let _ = crate::paths::write_atomic(&memo, size.to_string().as_bytes(), false);
         }
     }
     Ok(size)

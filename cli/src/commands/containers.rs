@@ -9,108 +9,16 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 
 use anyhow::Context as _;
-use clap::{Args, Subcommand};
+use clap::Args;
 use kiln_containers::lifecycle::{self, LifecycleError};
 use kiln_containers::logs::{self, Stream};
 use kiln_containers::supervisor::{self, Mode, SignalProxy};
 use kiln_containers::{ContainerRecord, ContainerState, Containers, RecordError, Status};
 
+use crate::format::{docker_time, human_ago, status_text};
 use crate::gotemplate::Value;
-use crate::store_cmds::human_ago;
 use crate::supervise::supervisor_command;
 use crate::Globals;
-
-/// Container subcommands (flattened into the top level, as in Docker).
-#[derive(Subcommand, Debug)]
-pub enum ContainerCmd {
-    /// Create a new container
-    Create(Box<crate::run_cmd::CreateArgs>),
-    /// Start one or more stopped containers
-    Start(StartArgs),
-    /// Stop one or more running containers
-    Stop(StopArgs),
-    /// Kill one or more running containers
-    Kill(KillArgs),
-    /// Restart one or more containers
-    Restart(StopArgs),
-    /// Remove one or more containers
-    Rm(RmArgs),
-    /// List containers
-    Ps(PsArgs),
-    /// Fetch the logs of a container
-    Logs(LogsArgs),
-    /// Attach local standard input, output, and error streams to a running container
-    Attach(AttachArgs),
-    /// Block until one or more containers stop, then print their exit codes
-    Wait(NamesArgs),
-    /// Display the running processes of a container
-    Top(TopArgs),
-    /// Execute a command in a running container
-    Exec(ExecArgs),
-    /// List port mappings or a specific mapping for the container
-    Port(PortArgs),
-    /// Rename a container
-    Rename(RenameArgs),
-    /// Manage containers
-    #[command(subcommand)]
-    Container(ContainerGroup),
-    /// Show the kiln version information
-    Version,
-    /// Display system-wide information
-    Info,
-    /// Run a container under this process as its supervisor (started by `run -d` and `start`)
-    #[command(name = "container-supervise", hide = true)]
-    Supervise(SuperviseArgs),
-}
-
-/// `kiln container ...`: Docker's management group, the same commands as the top level.
-#[derive(Subcommand, Debug)]
-pub enum ContainerGroup {
-    /// Attach local standard input, output, and error streams to a running container
-    Attach(AttachArgs),
-    /// Create a new image from a container's changes
-    Commit(crate::container_fs_cmds::CommitArgs),
-    /// Copy files/folders between a container and the local filesystem
-    Cp(crate::container_fs_cmds::CpArgs),
-    /// Create a new container
-    Create(Box<crate::run_cmd::CreateArgs>),
-    /// Inspect changes to files or directories on a container's filesystem
-    Diff(crate::container_fs_cmds::DiffArgs),
-    /// Execute a command in a running container
-    Exec(ExecArgs),
-    /// Export a container's filesystem as a tar archive
-    Export(crate::container_fs_cmds::ExportArgs),
-    /// Display detailed information on one or more containers
-    Inspect(crate::store_cmds::InspectArgs),
-    /// Kill one or more running containers
-    Kill(KillArgs),
-    /// Fetch the logs of a container
-    Logs(LogsArgs),
-    /// List containers
-    #[command(visible_alias = "ps", alias = "list")]
-    Ls(PsArgs),
-    /// List port mappings or a specific mapping for the container
-    Port(PortArgs),
-    /// Remove all stopped containers
-    Prune(PruneArgs),
-    /// Rename a container
-    Rename(RenameArgs),
-    /// Restart one or more containers
-    Restart(StopArgs),
-    /// Remove one or more containers
-    #[command(alias = "remove")]
-    Rm(RmArgs),
-    /// Run a command in a new container
-    Run(Box<crate::run_cmd::RunArgs>),
-    /// Start one or more stopped containers
-    Start(StartArgs),
-    /// Stop one or more running containers
-    Stop(StopArgs),
-    /// Display the running processes of a container
-    Top(TopArgs),
-    /// Block until one or more containers stop, then print their exit codes
-    Wait(NamesArgs),
-}
 
 /// `kiln rename`.
 #[derive(Args, Debug)]
@@ -314,104 +222,40 @@ pub struct SuperviseArgs {
     pub id: String,
 }
 
-impl ContainerCmd {
-    /// Whether the command mounts filesystems and needs a private mount namespace (entered
-    /// while the process is single-threaded).
-    pub fn needs_private_mounts(&self) -> bool {
-        matches!(
-            self,
-            ContainerCmd::Supervise(_)
-                | ContainerCmd::Info
-                | ContainerCmd::Container(
-                    ContainerGroup::Run(_) | ContainerGroup::Cp(_) | ContainerGroup::Export(_)
-                )
-        )
-    }
+/// `stop [-s SIGNAL] [-t SECONDS] CONTAINER...`.
+pub fn cmd_stop(containers: &Containers, a: StopArgs) -> anyhow::Result<ExitCode> {
+    each(containers, &a.containers, |rec| {
+        lifecycle::stop(containers, &with_signal(rec, a.signal.as_deref()), a.time)
+    })
 }
 
-/// Runs a container command.
-pub fn run(cmd: ContainerCmd, g: &Globals) -> anyhow::Result<ExitCode> {
-    use crate::container_fs_cmds::{self as fs_cmds, FsCmd};
-    // `container X` is `X`.
-    let cmd = match cmd {
-        ContainerCmd::Container(group) => match group {
-            ContainerGroup::Attach(a) => ContainerCmd::Attach(a),
-            ContainerGroup::Commit(a) => return fs_cmds::run(FsCmd::Commit(a), g),
-            ContainerGroup::Cp(a) => return fs_cmds::run(FsCmd::Cp(a), g),
-            ContainerGroup::Create(a) => ContainerCmd::Create(a),
-            ContainerGroup::Diff(a) => return fs_cmds::run(FsCmd::Diff(a), g),
-            ContainerGroup::Exec(a) => ContainerCmd::Exec(a),
-            ContainerGroup::Export(a) => return fs_cmds::run(FsCmd::Export(a), g),
-            ContainerGroup::Inspect(a) => {
-                let store = kiln_cache::Store::open(&g.root)?;
-                return inspect_objects(a, Some("container"), &store);
-            }
-            ContainerGroup::Kill(a) => ContainerCmd::Kill(a),
-            ContainerGroup::Logs(a) => ContainerCmd::Logs(a),
-            ContainerGroup::Ls(a) => ContainerCmd::Ps(a),
-            ContainerGroup::Port(a) => ContainerCmd::Port(a),
-            ContainerGroup::Prune(a) => ContainerCmd::Container(ContainerGroup::Prune(a)),
-            ContainerGroup::Rename(a) => ContainerCmd::Rename(a),
-            ContainerGroup::Restart(a) => ContainerCmd::Restart(a),
-            ContainerGroup::Rm(a) => ContainerCmd::Rm(a),
-            ContainerGroup::Run(a) => return crate::run_cmd::run(*a, g),
-            ContainerGroup::Start(a) => ContainerCmd::Start(a),
-            ContainerGroup::Stop(a) => ContainerCmd::Stop(a),
-            ContainerGroup::Top(a) => ContainerCmd::Top(a),
-            ContainerGroup::Wait(a) => ContainerCmd::Wait(a),
-        },
-        other => other,
-    };
-    if let ContainerCmd::Create(a) = cmd {
-        return crate::run_cmd::create(*a, g);
-    }
-    let containers = Containers::open(&g.root)?;
-    let result = match cmd {
-        ContainerCmd::Create(_) => Ok(ExitCode::SUCCESS),
-        ContainerCmd::Start(a) => cmd_start(&containers, g, a),
-        ContainerCmd::Stop(a) => each(&containers, &a.containers, |rec| {
-            lifecycle::stop(&containers, &with_signal(rec, a.signal.as_deref()), a.time)
-        }),
-        ContainerCmd::Restart(a) => each(&containers, &a.containers, |rec| {
-            lifecycle::stop(&containers, &with_signal(rec, a.signal.as_deref()), a.time)?;
-            start_one(&containers, g, rec)
-        }),
-        ContainerCmd::Kill(a) => each(&containers, &a.containers, |rec| {
-            lifecycle::kill(&containers, rec, &a.signal)
-        }),
-        ContainerCmd::Rm(a) => each(&containers, &a.containers, |rec| {
-            lifecycle::remove(&containers, rec, a.force, a.volumes)
-        }),
-        ContainerCmd::Ps(a) => cmd_ps(&containers, a),
-        ContainerCmd::Logs(a) => cmd_logs(&containers, a),
-        ContainerCmd::Attach(a) => cmd_attach(&containers, a),
-        ContainerCmd::Wait(a) => cmd_wait(&containers, a),
-        ContainerCmd::Top(a) => cmd_top(&containers, a),
-        ContainerCmd::Exec(a) => cmd_exec(&containers, a),
-        ContainerCmd::Port(a) => cmd_port(&containers, a),
-        ContainerCmd::Container(ContainerGroup::Prune(a)) => cmd_prune(&containers, a),
-        ContainerCmd::Container(_) => unreachable_group(),
-        ContainerCmd::Rename(a) => {
-            let rec = containers.lookup(&a.container)?;
-            containers.rename(&rec.id, &a.new_name)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        ContainerCmd::Version => cmd_version(),
-        ContainerCmd::Info => cmd_info(&containers, g),
-        ContainerCmd::Supervise(a) => cmd_supervise(&containers, a),
-    };
-    match result {
-        Ok(code) => Ok(code),
-        Err(e) => {
-            eprintln!("Error: {e:#}");
-            Ok(ExitCode::from(1))
-        }
-    }
+/// `restart [-s SIGNAL] [-t SECONDS] CONTAINER...`.
+pub fn cmd_restart(containers: &Containers, g: &Globals, a: StopArgs) -> anyhow::Result<ExitCode> {
+    each(containers, &a.containers, |rec| {
+        lifecycle::stop(containers, &with_signal(rec, a.signal.as_deref()), a.time)?;
+        start_one(containers, g, rec)
+    })
 }
 
-/// The group's other commands were mapped to top-level ones before dispatch.
-fn unreachable_group() -> anyhow::Result<ExitCode> {
-    anyhow::bail!("internal error: an unmapped `container` subcommand")
+/// `kill [-s SIGNAL] CONTAINER...`.
+pub fn cmd_kill(containers: &Containers, a: KillArgs) -> anyhow::Result<ExitCode> {
+    each(containers, &a.containers, |rec| {
+        lifecycle::kill(containers, rec, &a.signal)
+    })
+}
+
+/// `rm [-f] [-v] CONTAINER...`.
+pub fn cmd_rm(containers: &Containers, a: RmArgs) -> anyhow::Result<ExitCode> {
+    each(containers, &a.containers, |rec| {
+        lifecycle::remove(containers, rec, a.force, a.volumes)
+    })
+}
+
+/// `rename CONTAINER NEW_NAME`.
+pub fn cmd_rename(containers: &Containers, a: RenameArgs) -> anyhow::Result<ExitCode> {
+    let rec = containers.lookup(&a.container)?;
+    containers.rename(&rec.id, &a.new_name)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn with_signal(rec: &ContainerRecord, signal: Option<&str>) -> ContainerRecord {
@@ -429,14 +273,24 @@ fn each(
     names: &[String],
     mut f: impl FnMut(&ContainerRecord) -> Result<(), LifecycleError>,
 ) -> anyhow::Result<ExitCode> {
+    each_output(containers, names, |name, rec| f(rec).map(|()| name.to_string()))
+}
+
+/// [`each`], printing what `f` gives for each container (given its name as written) instead of
+/// the name.
+fn each_output<T: std::fmt::Display>(
+    containers: &Containers,
+    names: &[String],
+    mut f: impl FnMut(&str, &ContainerRecord) -> Result<T, LifecycleError>,
+) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     for name in names {
         let result = containers
             .lookup(name)
             .map_err(LifecycleError::from)
-            .and_then(|rec| f(&rec));
+            .and_then(|rec| f(name, &rec));
         match result {
-            Ok(()) => println!("{name}"),
+            Ok(out) => println!("{out}"),
             Err(e) => {
                 eprintln!("Error: {}", supervisor::error_chain(&e));
                 failed = true;
@@ -461,7 +315,7 @@ fn start_one(containers: &Containers, g: &Globals, rec: &ContainerRecord) -> Res
     lifecycle::start_detached(&rec.id, cmd)?.wait_running()
 }
 
-fn cmd_start(containers: &Containers, g: &Globals, a: StartArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_start(containers: &Containers, g: &Globals, a: StartArgs) -> anyhow::Result<ExitCode> {
     if !a.attach && !a.interactive {
         return each(containers, &a.containers, |rec| start_one(containers, g, rec));
     }
@@ -548,7 +402,7 @@ fn attach_stream(
     )
 }
 
-fn cmd_attach(containers: &Containers, a: AttachArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_attach(containers: &Containers, a: AttachArgs) -> anyhow::Result<ExitCode> {
     let keys = crate::attach::parse_detach_keys(
         a.detach_keys
             .as_deref()
@@ -565,54 +419,10 @@ fn cmd_attach(containers: &Containers, a: AttachArgs) -> anyhow::Result<ExitCode
     Ok(end_code(end, true))
 }
 
-fn cmd_wait(containers: &Containers, a: NamesArgs) -> anyhow::Result<ExitCode> {
-    let mut failed = false;
-    for name in &a.containers {
-        match containers
-            .lookup(name)
-            .map_err(LifecycleError::from)
-            .and_then(|rec| lifecycle::wait_exit(containers, &rec))
-        {
-            Ok(code) => println!("{code}"),
-            Err(e) => {
-                eprintln!("Error: {}", supervisor::error_chain(&e));
-                failed = true;
-            }
-        }
-    }
-    Ok(if failed {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
+pub fn cmd_wait(containers: &Containers, a: NamesArgs) -> anyhow::Result<ExitCode> {
+    each_output(containers, &a.containers, |_, rec| {
+        lifecycle::wait_exit(containers, rec)
     })
-}
-
-/// Docker's `HumanDuration` (as in "Up 3 seconds").
-fn human_duration(since: &str) -> String {
-    let ago = human_ago(Some(since));
-    ago.strip_suffix(" ago").unwrap_or(&ago).to_string()
-}
-
-/// The STATUS column of `ps`.
-pub fn status_text(st: &ContainerState) -> String {
-    match st.status {
-        Status::Created => "Created".into(),
-        Status::Running => {
-            let health = match st.health.as_ref().map(|h| h.status) {
-                None => String::new(),
-                Some(kiln_containers::state::HealthStatus::Starting) => " (health: starting)".into(),
-                Some(h) => format!(" ({})", h.as_str()),
-            };
-            format!("Up {}{health}", human_duration(&st.started_at))
-        }
-        Status::Restarting => format!(
-            "Restarting ({}) {}",
-            st.exit_code,
-            human_ago(Some(&st.finished_at))
-        ),
-        Status::Exited => format!("Exited ({}) {}", st.exit_code, human_ago(Some(&st.finished_at))),
-        Status::Dead => "Dead".into(),
-    }
 }
 
 /// The COMMAND column: the argv joined, cut to 20 characters with `…`, quoted.
@@ -638,7 +448,7 @@ fn ports_text(st: &ContainerState) -> String {
 
 /// `kiln port CONTAINER [PRIVATE_PORT[/PROTO]]`: Docker's `80/tcp -> 0.0.0.0:8080` lines, or
 /// only the host addresses of one private port.
-fn cmd_port(containers: &Containers, a: PortArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_port(containers: &Containers, a: PortArgs) -> anyhow::Result<ExitCode> {
     let rec = containers.lookup(&a.container)?;
     let st = containers.state(&rec.id)?;
     if st.status != Status::Running {
@@ -759,20 +569,6 @@ const PS_HEADERS: &[(&str, &str)] = &[
     ("LocalVolumes", "LOCAL VOLUMES"),
 ];
 
-/// Docker's `CreatedAt` form: `2006-01-02 15:04:05 -0700 MST` (UTC here).
-pub fn docker_time(rfc3339: &str) -> String {
-    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
-        .ok()
-        .and_then(|t| {
-            t.to_offset(time::UtcOffset::UTC)
-                .format(time::macros::format_description!(
-                    "[year]-[month]-[day] [hour]:[minute]:[second] +0000 UTC"
-                ))
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
 /// The name of the network a container is on (`bridge`, `host`, `none`).
 fn network_name(rec: &ContainerRecord) -> String {
     match rec.host.network_mode.as_str() {
@@ -838,7 +634,7 @@ fn health_word(st: &ContainerState) -> &'static str {
     }
 }
 
-fn cmd_ps(containers: &Containers, a: PsArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_ps(containers: &Containers, a: PsArgs) -> anyhow::Result<ExitCode> {
     let f = crate::filters::Filters::parse(&a.filter, PS_FILTERS)?;
     f.check_values(
         "status",
@@ -899,8 +695,8 @@ fn cmd_ps(containers: &Containers, a: PsArgs) -> anyhow::Result<ExitCode> {
             let virt: u64 = upper + rec.rootfs.lower.iter().map(|l| dir_size(l)).sum::<u64>();
             format!(
                 "{} (virtual {})",
-                crate::store_cmds::human_size(upper),
-                crate::store_cmds::human_size(virt)
+                crate::format::human_size(upper),
+                crate::format::human_size(virt)
             )
         } else {
             "0B".to_string()
@@ -948,7 +744,7 @@ fn cmd_ps(containers: &Containers, a: PsArgs) -> anyhow::Result<ExitCode> {
     .print(&rows)
 }
 
-fn cmd_logs(containers: &Containers, a: LogsArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_logs(containers: &Containers, a: LogsArgs) -> anyhow::Result<ExitCode> {
     let rec = containers.lookup(&a.container)?;
     let tail = match a.tail.as_str() {
         "all" | "-1" => None,
@@ -993,7 +789,7 @@ fn user_name(uid: u32) -> String {
         .unwrap_or_else(|| uid.to_string())
 }
 
-fn cmd_top(containers: &Containers, a: TopArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_top(containers: &Containers, a: TopArgs) -> anyhow::Result<ExitCode> {
     let rec = containers.lookup(&a.container)?;
     let procs = lifecycle::top(containers, &rec)?;
     if !a.ps_args.is_empty() {
@@ -1081,9 +877,9 @@ fn top_with_ps(ps_args: &[String], procs: &[lifecycle::ProcessInfo]) -> anyhow::
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_exec(containers: &Containers, a: ExecArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_exec(containers: &Containers, a: ExecArgs) -> anyhow::Result<ExitCode> {
     use kiln_runtime::tty;
-    if let Some(code) = crate::run_cmd::refuse_non_tty_input(a.interactive && a.tty && !a.detach) {
+    if let Some(code) = super::run::refuse_non_tty_input(a.interactive && a.tty && !a.detach) {
         return Ok(code);
     }
     let rec = containers.lookup(&a.container)?;
@@ -1210,7 +1006,7 @@ fn dir_size(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn cmd_prune(containers: &Containers, a: PruneArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_prune(containers: &Containers, a: PruneArgs) -> anyhow::Result<ExitCode> {
     if !a.force {
         eprint!(
             "WARNING! This will remove all stopped containers.\nAre you sure you want to continue? [y/N] "
@@ -1239,7 +1035,7 @@ fn cmd_prune(containers: &Containers, a: PruneArgs) -> anyhow::Result<ExitCode> 
         .filter(|(id, _)| removed.contains(id))
         .map(|(_, s)| s)
         .sum();
-    println!("Total reclaimed space: {}", crate::store_cmds::human_size(total));
+    println!("Total reclaimed space: {}", crate::format::human_size(total));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1364,10 +1160,24 @@ fn container_template_data(mut v: serde_json::Value) -> Value {
     Value::from_json(&v, &crate::format::is_go_map)
 }
 
+/// `kiln inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Format output using a Go template
+    #[arg(short = 'f', long)]
+    pub format: Option<String>,
+    /// Return JSON for the specified type (container, image)
+    #[arg(long = "type")]
+    pub kind: Option<String>,
+    /// Containers or images to inspect
+    #[arg(required = true)]
+    pub images: Vec<String>,
+}
+
 /// `kiln inspect [-f FORMAT] [--type container|image] NAME...` (and `container inspect`, `image
 /// inspect` with `kind`): each name as a container, else as an image, in the order given.
 pub fn inspect_objects(
-    a: crate::store_cmds::InspectArgs,
+    a: InspectArgs,
     kind: Option<&str>,
     store: &kiln_cache::Store,
 ) -> anyhow::Result<ExitCode> {
@@ -1396,7 +1206,7 @@ pub fn inspect_objects(
         if kind != Some("container") {
             match images
                 .resolve(n)
-                .and_then(|img| crate::store_cmds::inspect_json(store, &images, &img))
+                .and_then(|img| super::images::inspect_json(store, &images, &img))
             {
                 Ok(v) => {
                     found.push((v, false));
@@ -1452,92 +1262,7 @@ pub fn inspect_objects(
     })
 }
 
-fn cmd_version() -> anyhow::Result<ExitCode> {
-    println!("Client:");
-    println!(" Version:           {}", env!("CARGO_PKG_VERSION"));
-    println!(" OS/Arch:           linux/{}", docker_arch());
-    println!(" Daemon:            none (kiln is daemonless)");
-    Ok(ExitCode::SUCCESS)
-}
-
-fn docker_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
-}
-
-fn cmd_info(containers: &Containers, g: &Globals) -> anyhow::Result<ExitCode> {
-    let (mut running, mut stopped, mut total) = (0, 0, 0);
-    for rec in containers.list()? {
-        total += 1;
-        match containers.state(&rec.id).map(|s| s.status) {
-            Ok(Status::Running | Status::Restarting) => running += 1,
-            _ => stopped += 1,
-        }
-    }
-    let store = kiln_cache::Store::open(&g.root)?;
-    let images = store.images().index().map(|i| i.images.len()).unwrap_or(0);
-    let overlay = std::fs::read_to_string("/proc/filesystems")
-        .map(|f| f.lines().any(|l| l.split_whitespace().last() == Some("overlay")))
-        .unwrap_or(false);
-    let cgroup = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        "2"
-    } else if Path::new("/sys/fs/cgroup").exists() {
-        "1"
-    } else {
-        "none"
-    };
-    let userns = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .is_some_and(|n| n > 0);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    println!("Containers: {total}");
-    println!(" Running: {running}");
-    println!(" Paused: 0");
-    println!(" Stopped: {stopped}");
-    println!("Images: {images}");
-    println!("Storage Driver: overlay (supported: {})", yes_no(overlay));
-    println!("Cgroup Version: {cgroup}");
-    println!("User Namespaces: {}", yes_no(userns));
-    println!("Kernel Version: {}", kernel.trim());
-    println!("Architecture: {}", std::env::consts::ARCH);
-    println!("Kiln Root Dir: {}", g.root.display());
-    let scratch = g.root.join("tmp");
-    let _ = std::fs::create_dir_all(&scratch);
-    match kiln_runtime::host::probe_snapshotter(&scratch) {
-        Ok(s) => println!("Snapshotter: {s}"),
-        Err(e) => {
-            println!("Snapshotter: none: {e} (fuse-overlayfs and copying snapshots are not implemented)")
-        }
-    }
-    if kiln_runtime::userns::in_user_namespace() {
-        println!(
-            "Rootless: yes (uid 0 is host uid {})",
-            kiln_runtime::userns::host_uid()
-        );
-        match kiln_runtime::net::usermode::find() {
-            Ok((tool, path)) => println!("RUN Network: {} ({})", tool.name(), path.display()),
-            Err(e) => println!("RUN Network: none: {e}"),
-        }
-    } else {
-        println!("Rootless: no");
-        println!("RUN Network: bridge {}", kiln_runtime::net::DEFAULT_BRIDGE);
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn yes_no(b: bool) -> &'static str {
-    if b {
-        "yes"
-    } else {
-        "no"
-    }
-}
-
-fn cmd_supervise(containers: &Containers, a: SuperviseArgs) -> anyhow::Result<ExitCode> {
+pub fn cmd_supervise(containers: &Containers, a: SuperviseArgs) -> anyhow::Result<ExitCode> {
     // A session of our own: the supervisor survives the CLI and its terminal.
     let _ = nix::unistd::setsid();
     // Standard output is the readiness pipe to the starting CLI: keep it as `ready` only, so the

@@ -398,7 +398,7 @@ fn pull_image(
         (None, None) => "latest".into(),
     };
     eprintln!("{what}: Pulling from {}", r.path());
-    let client = crate::registry_cmds::client(&[]);
+    let client = super::registry::client(&[]);
     let opts = registry::PullOptions {
         platform: platform.cloned().unwrap_or_else(kiln_dag::Platform::host),
         jobs: 4,

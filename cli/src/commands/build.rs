@@ -683,7 +683,7 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
     }
     signals.abort();
     // The build's hold on the store ended with it; a prune may take the store now.
-    crate::store_cmds::auto_gc(&gc_store);
+    super::system::auto_gc(&gc_store);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -61,7 +61,7 @@ pub fn run(cmd: DebugCmd, g: &Globals) -> anyhow::Result<ExitCode> {
                 Some("-") => DockerfileSource::Stream(Box::new(std::io::stdin())),
                 Some(f) => DockerfileSource::Path(f.to_string()),
             };
-            req.build_args = crate::build_cmd::parse_kv_args(&build_args, "build argument")?;
+            req.build_args = super::build::parse_kv_args(&build_args, "build argument")?;
             req.target = target;
             let store = kiln_cache::Store::open(&g.root)?;
             let planned = match kiln_build::plan(&store, req, &ProgressSink::discard(), &CancelToken::new()) {

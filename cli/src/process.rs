@@ -1,0 +1,93 @@
+//! What a kiln process sets up before its command runs: the store's default place, rootless
+//! mode's user namespace (entered while the process has one thread), logging, and the private
+//! mount namespace of the commands that mount.
+
+use std::path::{Path, PathBuf};
+
+/// The store root when neither `--root` nor `$KILN_ROOT` names one.
+pub fn default_root() -> PathBuf {
+    if nix_is_root() {
+        return PathBuf::from("/var/lib/kiln");
+    }
+    match std::env::var_os("XDG_DATA_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("kiln"),
+        _ => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".local/share/kiln"))
+            .unwrap_or_else(|| PathBuf::from("/var/lib/kiln")),
+    }
+}
+
+/// The pids of the live supervisors of `root`'s containers (read without opening the store, before
+/// rootless mode is entered).
+fn live_supervisors(root: &Path) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir(root.join("containers")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let bytes = std::fs::read(e.path().join("state.json")).ok()?;
+            let st: kiln_containers::ContainerState = serde_json::from_slice(&bytes).ok()?;
+            kiln_containers::state::supervisor_alive(&st).then_some(st.supervisor_pid)
+        })
+        .collect()
+}
+
+fn nix_is_root() -> bool {
+    // /proc/self is owned by the process's effective uid.
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+/// Enters rootless mode's user namespace when needed or asked (`rootless`), then starts logging
+/// (`debug`: at debug level). Errors are printed by the caller.
+pub fn enter(root: &Path, rootless: bool, debug: bool) -> Result<(), String> {
+    // Rootless mode: a user namespace of our own, entered while the process has one thread. Root
+    // already in one (a supervisor kiln started, or kiln as root of a container with a user
+    // namespace) stays where it is.
+    let userns = kiln_runtime::userns::needed() || (rootless && !kiln_runtime::userns::in_user_namespace());
+    if userns {
+        // Containers of this store started in rootless mode live in their supervisor's user
+        // namespace: join the first live one, so that this command's root owns them.
+        let mut joined = false;
+        for pid in live_supervisors(root) {
+            match kiln_runtime::userns::join(pid) {
+                Ok(true) => {
+                    joined = true;
+                    break;
+                }
+                Ok(false) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if !joined {
+            kiln_runtime::userns::enter().map_err(|e| e.to_string())?;
+        }
+    }
+    let filter = if debug { "debug" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    if kiln_runtime::userns::in_user_namespace() {
+        tracing::debug!(
+            "rootless: in a user namespace (uid 0 is host uid {}); snapshots: kernel overlayfs with userxattr; RUN network: {}",
+            kiln_runtime::userns::host_uid(),
+            match kiln_runtime::net::usermode::find() {
+                Ok((tool, _)) => tool.name().to_owned(),
+                Err(e) => e.to_string(),
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Enters a mount namespace of this process's own, so every overlay a build or container mounts
+/// vanishes with the process, however it ends. Must be called while single-threaded.
+pub fn private_mounts() -> Result<(), String> {
+    kiln_runtime::host::enter_private_mount_namespace().map_err(|e| e.to_string())
+}
