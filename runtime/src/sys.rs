@@ -112,6 +112,9 @@ pub trait Sys {
     fn mkdir(&self, path: &CStr, mode: u32) -> Result<(), Errno>;
     /// `mknod(2)`.
     fn mknod(&self, path: &CStr, mode: u32, dev: u64) -> Result<(), Errno>;
+    /// `prlimit(0, resource, {soft, hard})`: sets a resource limit of the calling process
+    /// (`u64::MAX` = `RLIM_INFINITY`).
+    fn setrlimit(&self, resource: i32, soft: u64, hard: u64) -> Result<(), Errno>;
     /// `symlink(2)`.
     fn symlink(&self, target: &CStr, link: &CStr) -> Result<(), Errno>;
     /// Creates an empty regular file, failing with `EEXIST` if anything is there.
@@ -478,6 +481,25 @@ impl Sys for RealSys {
     fn mknod(&self, path: &CStr, mode: u32, dev: u64) -> Result<(), Errno> {
         // SAFETY: `path` is NUL-terminated.
         check(unsafe { libc::mknod(path.as_ptr(), mode, dev) })
+    }
+
+    fn setrlimit(&self, resource: i32, soft: u64, hard: u64) -> Result<(), Errno> {
+        let limit = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        // SAFETY: `limit` lives across the call and the old-limit pointer is null (not
+        // wanted). The raw syscall touches only this process's limits.
+        check_long(unsafe {
+            libc::syscall(
+                libc::SYS_prlimit64,
+                0,
+                resource,
+                &limit as *const libc::rlimit,
+                std::ptr::null_mut::<libc::rlimit>(),
+            )
+        })
+        .map(|_| ())
     }
 
     fn symlink(&self, target: &CStr, link: &CStr) -> Result<(), Errno> {
@@ -936,6 +958,10 @@ impl Sys for RecordingSys {
 
     fn mknod(&self, path: &CStr, mode: u32, dev: u64) -> Result<(), Errno> {
         self.record(format!("mknod {} {mode:o} {dev:#x}", show(path)))
+    }
+
+    fn setrlimit(&self, resource: i32, soft: u64, hard: u64) -> Result<(), Errno> {
+        self.record(format!("setrlimit {resource} {soft} {hard}"))
     }
 
     fn symlink(&self, target: &CStr, link: &CStr) -> Result<(), Errno> {
