@@ -76,7 +76,8 @@ pub(crate) fn tag_digest(
     Ok(())
 }
 
-/// Writes one non-image output. `tags` name the image in archives whose output has no `name=`.
+/// Writes one non-image output. `tags` name the image in archives whose output has no `name=`;
+/// `entry_annotations` go on the archive's `index.json` entry (`--annotation *-descriptor:`).
 /// With several platforms (`index` set) an archive holds the index and every platform's image,
 /// and `local` and `tar` hold one directory per platform, named as BuildKit names them
 /// (`linux_amd64`, `linux_arm_v7`).
@@ -87,8 +88,9 @@ pub(crate) fn write_output(
     index: Option<&kiln_cache::image_index::IndexImage>,
     tags: &[Reference],
     layers: &[std::sync::Arc<Vec<Layer>>],
+    entry_annotations: &std::collections::BTreeMap<String, String>,
 ) -> Result<(), ExportError> {
-    use kiln_cache::archive::save::{save, Format, SaveItem};
+    use kiln_cache::archive::save::{save_annotated, Format, SaveItem};
     match o {
         OutputSpec::Image(_) => Ok(()),
         OutputSpec::Docker(a) | OutputSpec::Oci(a) => {
@@ -112,7 +114,8 @@ pub(crate) fn write_output(
                     names.clone()
                 },
             };
-            save(store, &[item], format, open(dest)?).map_err(|source| ExportError::Save {
+            let entry = [entry_annotations.clone()];
+            save_annotated(store, &[item], &entry, format, open(dest)?).map_err(|source| ExportError::Save {
                 format: name,
                 source: Box::new(source),
             })

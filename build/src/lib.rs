@@ -35,6 +35,7 @@
     allow(clippy::disallowed_methods, reason = "tests write fixtures as they please")
 )]
 
+pub mod annotations;
 pub mod cache_io;
 pub mod context;
 pub mod export;
@@ -58,6 +59,7 @@ use kiln_solver::engine::{Engine, EngineError, EngineOptions};
 use kiln_solver::scheduler::{self, SolveError, SolveOptions};
 use kiln_source::registry::{Client, Pushed};
 
+pub use annotations::{parse_annotation, Annotation, AnnotationError, AnnotationLevel};
 pub use cache_io::spec::{parse_cache_from, parse_cache_to, CacheFrom, CacheSpecError, CacheTo};
 pub use cache_io::CacheError;
 pub use context::{ContextError, Dockerfile, Inputs};
@@ -82,6 +84,8 @@ pub enum RequestError {
     PushWithoutName,
     #[error("invalid name `{reference}`: a digest reference cannot name a build's image")]
     DigestName { reference: Box<Reference> },
+    #[error(transparent)]
+    Annotation(#[from] annotations::AnnotationError),
 }
 
 /// A build failed; the variant says at which step.
@@ -203,6 +207,8 @@ struct Plan {
     /// Names tagged in the local store.
     local_names: Vec<Reference>,
     push_jobs: Vec<push::PushJob>,
+    /// `--annotation`s by where they land.
+    annotations: annotations::Placed,
 }
 
 fn push_unique<T: PartialEq>(v: &mut Vec<T>, item: T) {
@@ -265,10 +271,16 @@ impl Plan {
                 reference: Box::new(r.clone()),
             });
         }
+        let archive = req
+            .outputs
+            .iter()
+            .any(|o| matches!(o, OutputSpec::Docker(_) | OutputSpec::Oci(_)));
+        let annotations = annotations::Placed::of(&req.annotations, &platforms, archive)?;
         Ok(Plan {
             platforms,
             local_names,
             push_jobs,
+            annotations,
         })
     }
 }
@@ -398,6 +410,8 @@ impl Prepared {
                 all_stages,
                 network: req.network,
                 extra_hosts: req.extra_hosts.clone(),
+                shm_size: req.shm_size,
+                ulimits: req.ulimits.clone(),
             };
             let mut l =
                 kiln_frontend::lower::lower(&inputs.dockerfile.bytes, &opts, &resolver).map_err(|error| {
@@ -772,9 +786,16 @@ fn finish(
                         cache_io::inline_config(&solved.cache, layers),
                     );
                 }
-                let image = kiln_solver::engine::export_image(store, layers, &config, epoch_time.as_deref())
-                    .map_err(|e| ExportError::Image(Box::new(e)))?
-                    .image;
+                let annotations = &plan.annotations.manifest[images.len()];
+                let image = kiln_solver::engine::export_image(
+                    store,
+                    layers,
+                    &config,
+                    epoch_time.as_deref(),
+                    annotations,
+                )
+                .map_err(|e| ExportError::Image(Box::new(e)))?
+                .image;
                 images.push(PlatformImage {
                     platform: platform.clone(),
                     image,
@@ -787,7 +808,11 @@ fn finish(
                 Some(
                     store
                         .images()
-                        .create_index(&pairs)
+                        .create_index_annotated(
+                            &pairs,
+                            &plan.annotations.index,
+                            &plan.annotations.manifest_descriptor,
+                        )
                         .map_err(|e| ExportError::Index(Box::new(e)))?,
                 )
             } else {
@@ -814,7 +839,8 @@ fn finish(
                 vp.status_done(format!("naming to {name}"), 0, t);
             }
             for o in &req.outputs {
-                export::write_output(store, o, &images, index.as_ref(), &req.tags, layers)?;
+                let entry = plan.annotations.archive_entry(index.is_some());
+                export::write_output(store, o, &images, index.as_ref(), &req.tags, layers, &entry)?;
             }
             Ok((images, index))
         })();

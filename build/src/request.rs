@@ -144,6 +144,13 @@ pub struct BuildRequest {
     pub network: kiln_dag::NetworkMode,
     /// `--add-host`: (name, address) entries in every RUN step's `/etc/hosts`.
     pub extra_hosts: Vec<(String, String)>,
+    /// `--shm-size`: the size of every RUN step's `/dev/shm` in bytes; `None` = 64 MiB.
+    pub shm_size: Option<u64>,
+    /// `--ulimit`: resource limits of every RUN step; the others are inherited.
+    pub ulimits: Vec<kiln_dag::Ulimit>,
+    /// `--annotation`: annotations of the manifests, the index and their descriptors (see
+    /// [`crate::annotations`]).
+    pub annotations: Vec<crate::annotations::Annotation>,
     /// The registry client's options, for base images and pushes (credentials directory,
     /// plain-HTTP registries, retries).
     pub registry: ClientOptions,
@@ -180,6 +187,9 @@ impl BuildRequest {
             jobs: None,
             network: kiln_dag::NetworkMode::Default,
             extra_hosts: Vec::new(),
+            shm_size: None,
+            ulimits: Vec::new(),
+            annotations: Vec::new(),
             registry: ClientOptions::from_env(),
             cache_from: Vec::new(),
             cache_to: Vec::new(),

@@ -7,13 +7,27 @@
 //! treat them as images), but `kiln images` shows them once, as the index. A pulled index may
 //! list platforms whose manifests were never fetched: [`IndexEntry::present`] says which are here.
 
+use std::collections::BTreeMap;
+
 use kiln_dag::{Digest, Platform};
 use oci_spec::image::{Descriptor, ImageIndexBuilder, MediaType, PlatformBuilder};
 use serde_json::Value;
 
-use crate::images::{now_rfc3339, oci_digest, Image, ImageError, ImageIndex, ImageStore, MAX_JSON_BYTES};
+use crate::images::{
+    now_rfc3339, oci_digest, Annotated, Image, ImageError, ImageIndex, ImageStore, MAX_JSON_BYTES,
+};
 use crate::reference::Reference;
 use crate::store::Store;
+use serde::Serialize;
+
+/// An OCI index's fields before its annotations, as oci-spec writes them.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IndexFields<'a> {
+    schema_version: u32,
+    media_type: &'static str,
+    manifests: Vec<Annotated<'a, Descriptor>>,
+}
 
 /// The OCI image index media type.
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -217,6 +231,18 @@ impl ImageStore {
     /// Writes an OCI image index of `images` (one per platform, in order) and records it,
     /// untagged. Every image must be in the store.
     pub fn create_index(&self, images: &[(Platform, &Image)]) -> Result<IndexImage, ImageError> {
+        self.create_index_annotated(images, &BTreeMap::new(), &vec![BTreeMap::new(); images.len()])
+    }
+
+    /// [`ImageStore::create_index`] with `annotations` on the index and `entry_annotations[i]`
+    /// on the descriptor of `images[i]` (`--annotation index:` and `manifest-descriptor:`),
+    /// each written after the other fields, in key order.
+    pub fn create_index_annotated(
+        &self,
+        images: &[(Platform, &Image)],
+        annotations: &BTreeMap<String, String>,
+        entry_annotations: &[BTreeMap<String, String>],
+    ) -> Result<IndexImage, ImageError> {
         let mut manifests = Vec::with_capacity(images.len());
         for (p, image) in images {
             let mut platform = PlatformBuilder::default();
@@ -246,7 +272,30 @@ impl ImageStore {
             .manifests(manifests)
             .build()
             .map_err(|source| ImageError::BuildManifest { source })?;
-        let bytes = serde_json::to_vec(&index).map_err(|source| ImageError::Encode {
+        let plain = annotations.is_empty() && entry_annotations.iter().all(BTreeMap::is_empty);
+        let bytes = if plain {
+            serde_json::to_vec(&index)
+        } else {
+            // The same fields in the same order, each entry's annotations and the index's last.
+            let entries: Vec<Annotated<'_, Descriptor>> = index
+                .manifests()
+                .iter()
+                .zip(entry_annotations)
+                .map(|(d, a)| Annotated {
+                    inner: d,
+                    annotations: a,
+                })
+                .collect();
+            serde_json::to_vec(&Annotated {
+                inner: &IndexFields {
+                    schema_version: 2,
+                    media_type: OCI_INDEX,
+                    manifests: entries,
+                },
+                annotations,
+            })
+        }
+        .map_err(|source| ImageError::Encode {
             role: "index",
             source,
         })?;

@@ -551,6 +551,17 @@ impl ImageStore {
     /// Writes the config (with `rootfs.diff_ids` set from `layers`) and an OCI manifest, and
     /// records the new image, untagged. Every layer blob must already be in the store.
     pub fn create(&self, config: &ImageConfig, layers: &[LayerRef]) -> Result<Image, ImageError> {
+        self.create_annotated(config, layers, &BTreeMap::new())
+    }
+
+    /// [`ImageStore::create`] with `annotations` in the manifest (`--annotation manifest:K=V`),
+    /// written after its other fields, in key order.
+    pub fn create_annotated(
+        &self,
+        config: &ImageConfig,
+        layers: &[LayerRef],
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<Image, ImageError> {
         let content = self.store.content();
         for l in layers {
             if !content.contains(&l.digest) {
@@ -582,7 +593,11 @@ impl ImageStore {
                 .collect(),
         )
         .map_err(|source| ImageError::BuildManifest { source })?;
-        let manifest_bytes = serde_json::to_vec(&manifest).map_err(|source| ImageError::Encode {
+        let manifest_bytes = serde_json::to_vec(&Annotated {
+            inner: &manifest,
+            annotations,
+        })
+        .map_err(|source| ImageError::Encode {
             role: "manifest",
             source,
         })?;
@@ -733,6 +748,17 @@ pub(crate) fn set_tag(
         rec.last_tag_time = Some(now.to_string());
     }
     Ok(())
+}
+
+/// A manifest, index or descriptor (without annotations of its own) followed by `annotations`
+/// when there are any: oci-spec keeps annotations in a `HashMap`, whose order would change the
+/// digest from one run to the next.
+#[derive(Serialize)]
+pub(crate) struct Annotated<'a, T: Serialize> {
+    #[serde(flatten)]
+    pub inner: &'a T,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: &'a BTreeMap<String, String>,
 }
 
 /// An OCI image manifest with the given config and layers.

@@ -804,6 +804,9 @@ fn container_spec(
             no_new_privileges: security.no_new_privileges,
             seccomp: security.seccomp,
             mount_points_in_rootfs: false,
+            // Docker's 64 MiB /dev/shm and the supervisor's own limits.
+            shm_size: None,
+            rlimits: Vec::new(),
         },
     })
 }

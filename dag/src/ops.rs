@@ -56,6 +56,12 @@ impl Op {
                 for (host, ip) in &e.extra_hosts {
                     s.push_str(&format!(" add-host={host}:{ip}"));
                 }
+                if let Some(size) = e.shm_size {
+                    s.push_str(&format!(" shm-size={size}"));
+                }
+                for u in &e.ulimits {
+                    s.push_str(&format!(" ulimit={}={}:{}", u.name, u.soft, u.hard));
+                }
                 for m in &e.mounts {
                     s.push_str(&format!(" mount[{}]", m.summary()));
                 }
@@ -174,11 +180,30 @@ pub struct ExecOp {
     /// the op, as BuildKit's `ExecOp.Meta.ExtraHosts`). Left out of the encoding when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_hosts: Vec<(String, String)>,
+    /// `--shm-size`: the size of `/dev/shm` in bytes; `None` = the runtime's 64 MiB. In the op
+    /// (as BuildKit puts it, a tmpfs mount of that size, into the `ExecOp`), so it is in the
+    /// digest and the cache key. Left out of the encoding when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_size: Option<u64>,
+    /// `--ulimit`: resource limits set before the process runs, in the order given (BuildKit's
+    /// `ExecOp.Meta.Ulimit`, in its cache key too). Limits not listed are inherited. Left out of
+    /// the encoding when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ulimits: Vec<Ulimit>,
     /// The platform the process is built for when it is not the build platform's (a stage of
     /// another target platform): its programs run under emulation, and its result differs from
     /// the same command's on the build platform. Left out of the encoding when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
+}
+
+/// One `--ulimit`: a resource by Docker's name (`nofile`, `nproc`, ...) and its limits, `-1`
+/// meaning unlimited.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ulimit {
+    pub name: String,
+    pub soft: i64,
+    pub hard: i64,
 }
 
 /// A filesystem attached to a RUN step.

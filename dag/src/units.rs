@@ -1,7 +1,7 @@
 //! The two unit syntaxes Docker users type in flags and filters, parsed once for every command:
 //! sizes as `docker/go-units` `RAMInBytes` reads them (`--memory`, `--shm-size`, `--keep-storage`,
 //! `tmpfs` sizes) and durations as Go's `time.ParseDuration` does (`--health-interval`,
-//! `--filter until=`).
+//! `--filter until=`); and `--ulimit` values as `docker/go-units` `ParseUlimit` reads them.
 
 use std::time::Duration;
 
@@ -12,6 +12,76 @@ pub enum UnitError {
     Size(String),
     #[error("time: invalid duration \"{0}\"")]
     Duration(String),
+    #[error("invalid ulimit argument: {0}")]
+    UlimitArgument(String),
+    #[error("invalid ulimit type: {0}")]
+    UlimitType(String),
+    #[error("invalid ulimit value `{value}` in `{arg}`: expected an integer or `infinity`")]
+    UlimitValue { arg: String, value: String },
+    #[error("too many limit value arguments - {0}, can only have up to two, `soft[:hard]`")]
+    UlimitTooMany(String),
+    #[error("ulimit soft limit must be less than or equal to hard limit: {0}")]
+    UlimitOrder(String),
+}
+
+/// The resource names `--ulimit` takes (go-units' table; `as` is left out there too).
+pub const ULIMIT_NAMES: [&str; 15] = [
+    "core",
+    "cpu",
+    "data",
+    "fsize",
+    "locks",
+    "memlock",
+    "msgqueue",
+    "nice",
+    "nofile",
+    "nproc",
+    "rss",
+    "rtprio",
+    "rttime",
+    "sigpending",
+    "stack",
+];
+
+/// `ParseUlimit`: `NAME=SOFT[:HARD]`, a name of [`ULIMIT_NAMES`], integers or `infinity` (`-1`,
+/// unlimited); the hard limit defaults to the soft one and may not be below it.
+pub fn parse_ulimit(arg: &str) -> Result<crate::Ulimit, UnitError> {
+    let (name, values) = arg
+        .split_once('=')
+        .ok_or_else(|| UnitError::UlimitArgument(arg.to_string()))?;
+    if !ULIMIT_NAMES.contains(&name) {
+        return Err(UnitError::UlimitType(name.to_string()));
+    }
+    let value = |v: &str| -> Result<i64, UnitError> {
+        if v == "infinity" {
+            return Ok(-1);
+        }
+        v.parse::<i64>().map_err(|_| UnitError::UlimitValue {
+            arg: arg.to_string(),
+            value: v.to_string(),
+        })
+    };
+    let parts: Vec<&str> = values.split(':').collect();
+    let (soft, hard) = match parts.as_slice() {
+        [soft] => (value(soft)?, value(soft)?),
+        [soft, hard] => (value(soft)?, value(hard)?),
+        _ => return Err(UnitError::UlimitTooMany(values.to_string())),
+    };
+    if hard != -1 {
+        if soft == -1 {
+            return Err(UnitError::UlimitOrder(format!(
+                "soft: -1 (unlimited), hard: {hard}"
+            )));
+        }
+        if soft > hard {
+            return Err(UnitError::UlimitOrder(format!("{soft} > {hard}")));
+        }
+    }
+    Ok(crate::Ulimit {
+        name: name.to_string(),
+        soft,
+        hard,
+    })
 }
 
 /// `RAMInBytes`: a decimal number, an optional space, an optional binary unit `k m g t p` (any
@@ -99,6 +169,34 @@ pub fn go_duration(s: &str) -> Result<Duration, UnitError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ulimits_as_go_units_reads_them() {
+        let u = |n: &str, soft, hard| crate::Ulimit {
+            name: n.into(),
+            soft,
+            hard,
+        };
+        assert_eq!(parse_ulimit("nofile=1024"), Ok(u("nofile", 1024, 1024)));
+        assert_eq!(parse_ulimit("nofile=1000:2000"), Ok(u("nofile", 1000, 2000)));
+        assert_eq!(parse_ulimit("core=0:-1"), Ok(u("core", 0, -1)));
+        assert_eq!(parse_ulimit("stack=infinity"), Ok(u("stack", -1, -1)));
+        for (bad, msg) in [
+            ("nofile", "invalid ulimit argument: nofile"),
+            ("files=1", "invalid ulimit type: files"),
+            ("as=1", "invalid ulimit type: as"),
+            ("nofile=x", "invalid ulimit value `x` in `nofile=x`"),
+            ("nofile=1:2:3", "too many limit value arguments - 1:2:3"),
+            (
+                "nofile=3:2",
+                "ulimit soft limit must be less than or equal to hard limit: 3 > 2",
+            ),
+            ("nofile=-1:2", "soft: -1 (unlimited), hard: 2"),
+        ] {
+            let e = parse_ulimit(bad).unwrap_err().to_string();
+            assert!(e.contains(msg), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn sizes_as_ram_in_bytes_reads_them() {

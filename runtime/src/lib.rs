@@ -53,5 +53,7 @@ pub mod userns;
 pub mod users;
 
 pub use sandbox::{start, ExitStatus, Running, RuntimeError};
-pub use spec::{CgroupSpec, ContainerSpec, EtcFiles, MountSpec, Network, Rootfs, RunOptions, Security};
+pub use spec::{
+    CgroupSpec, ContainerSpec, EtcFiles, MountSpec, Network, Rlimit, Rootfs, RunOptions, Security,
+};
 pub use users::{lookup_group, lookup_user, resolve_user, Groups, ResolvedUser, UserError};

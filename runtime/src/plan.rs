@@ -80,6 +80,9 @@ pub enum PlanError {
     /// No command was given.
     #[error("the container has no command to run")]
     NoArgs,
+    /// A resource limit names no resource Docker knows.
+    #[error("invalid ulimit type: {0}")]
+    UlimitType(String),
 }
 
 /// How the root filesystem is mounted.
@@ -239,6 +242,10 @@ pub struct PlanInput {
     /// The runtime's own argument area, overwritten to name the init when `PR_SET_MM` is not
     /// permitted.
     pub arg_area: Option<crate::init::ArgArea>,
+    /// The size of `/dev/shm` in bytes; `None` = 64 MiB.
+    pub shm_size: Option<u64>,
+    /// Resource limits to set (`--ulimit`).
+    pub rlimits: Vec<crate::spec::Rlimit>,
 }
 
 /// The terminal of a container with a controlling tty, as Docker shows it: bind-mounted at
@@ -368,6 +375,15 @@ pub enum Op {
         path: CString,
         /// Content.
         data: Vec<u8>,
+    },
+    /// `setrlimit(2)`.
+    SetRlimit {
+        /// `RLIMIT_*`.
+        resource: i32,
+        /// Soft limit.
+        soft: u64,
+        /// Hard limit.
+        hard: u64,
     },
     /// Create a character device.
     Mknod {
@@ -714,6 +730,8 @@ pub fn build(input: &PlanInput) -> Result<Plan, PlanError> {
         extra_mount(&mut b, &input.root, m)?;
     }
     masks(&mut b, input)?;
+    // While the process still has CAP_SYS_RESOURCE, so that a hard limit may be raised.
+    set_rlimits(&mut b, &input.rlimits)?;
     pivot(&mut b, &input.root)?;
     process_tail(
         &mut b,
@@ -941,12 +959,17 @@ fn dev(b: &mut Builder, input: &PlanInput) -> Result<(), PlanError> {
         Some(b"newinstance,ptmxmode=0666,mode=0620,gid=5"),
         "mounting devpts at `/dev/pts`".to_string(),
     )?;
+    // Docker's 64 MiB, or `--shm-size` (in bytes; the kernel rounds it up to pages).
+    let shm_data = match input.shm_size {
+        None => "mode=1777,size=65536k".to_string(),
+        Some(size) => format!("mode=1777,size={size}"),
+    };
     b.mount(
         Some(b"shm"),
         &dev.join("shm"),
         Some("tmpfs"),
         nosuid_noexec_nodev(),
-        Some(b"mode=1777,size=65536k"),
+        Some(shm_data.as_bytes()),
         "mounting tmpfs at `/dev/shm`".to_string(),
     )?;
     b.mount(
@@ -1204,6 +1227,22 @@ fn pivot(b: &mut Builder, root: &Path) -> Result<(), PlanError> {
     b.push(Op::Chdir(cpath(root)?), format!("entering `{}`", root.display()));
     b.push(Op::PivotRoot, "pivoting to the new root");
     b.push(Op::Chdir(c"/".to_owned()), "entering `/`");
+    Ok(())
+}
+
+fn set_rlimits(b: &mut Builder, rlimits: &[crate::spec::Rlimit]) -> Result<(), PlanError> {
+    for r in rlimits {
+        let resource =
+            crate::spec::Rlimit::resource(&r.name).ok_or_else(|| PlanError::UlimitType(r.name.clone()))?;
+        b.push(
+            Op::SetRlimit {
+                resource,
+                soft: r.soft,
+                hard: r.hard,
+            },
+            format!("setting ulimit {}", r.name),
+        );
+    }
     Ok(())
 }
 
@@ -1492,6 +1531,7 @@ fn run_op<S: Sys>(sys: &S, op: &Op) -> Result<(), Errno> {
         Op::CreateFile(path) => tolerate(sys.create_file(path, 0o644), Errno::EEXIST),
         Op::WriteFile { path, data } => sys.write_file(path, data, 0o644),
         Op::Mknod { path, mode, dev } => sys.mknod(path, *mode, *dev),
+        Op::SetRlimit { resource, soft, hard } => sys.setrlimit(*resource, *soft, *hard),
         Op::Symlink { target, link } => sys.symlink(target, link),
         Op::Mask { path, devnull } => match sys.stat_kind(path) {
             Err(Errno::ENOENT) => Ok(()),
@@ -1654,6 +1694,8 @@ mod tests {
             init: false,
             devices: vec![],
             arg_area: None,
+            shm_size: None,
+            rlimits: Vec::new(),
         }
     }
 
@@ -1684,6 +1726,38 @@ mod tests {
             .position(|c| c.starts_with(prefix))
             .map(|i| i + from)
             .unwrap_or_else(|| panic!("no call `{prefix}` after {from} in {calls:#?}"))
+    }
+
+    #[test]
+    fn shm_size_and_rlimits_are_set_before_the_credentials_change() {
+        let mut i = input();
+        i.shm_size = Some(128 << 20);
+        i.rlimits = vec![
+            crate::spec::Rlimit {
+                name: "nofile".into(),
+                soft: 1000,
+                hard: 2000,
+            },
+            crate::spec::Rlimit {
+                name: "core".into(),
+                soft: 0,
+                hard: u64::MAX,
+            },
+        ];
+        let c = calls(&i);
+        assert!(
+            c.contains(
+                &"mount shm /s/root/dev/shm tmpfs MS_NOSUID|MS_NODEV|MS_NOEXEC mode=1777,size=134217728"
+                    .to_string()
+            ),
+            "{c:#?}"
+        );
+        let nofile = index_from(&c, &format!("setrlimit {} 1000 2000", libc::RLIMIT_NOFILE), 0);
+        let core = index_from(&c, &format!("setrlimit {} 0 {}", libc::RLIMIT_CORE, u64::MAX), 0);
+        let uid = index_from(&c, "setresuid", 0);
+        assert!(nofile < core && core < uid, "{c:#?}");
+        i.rlimits[0].name = "as".into();
+        assert!(matches!(build(&i), Err(PlanError::UlimitType(n)) if n == "as"));
     }
 
     #[test]

@@ -888,6 +888,8 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
         } else {
             None
         },
+        shm_size: opts.shm_size,
+        rlimits: opts.rlimits.clone(),
     };
     let plan = plan::build(&input).map_err(RuntimeError::Plan)?;
     Ok(Prepared {

@@ -212,6 +212,48 @@ pub struct RunOptions {
     /// are still reported by [`crate::Running::created_paths`] for the caller to remove. Off:
     /// they come from a layer of the runtime's own below the image and leave no trace.
     pub mount_points_in_rootfs: bool,
+    /// The size of the tmpfs at `/dev/shm` in bytes (`--shm-size`); `None` = Docker's 64 MiB.
+    pub shm_size: Option<u64>,
+    /// Resource limits set with `setrlimit` before the process runs (`--ulimit`), while the
+    /// process still has `CAP_SYS_RESOURCE` (so a hard limit may be raised); the others are
+    /// inherited from the runtime's process, as runc leaves them.
+    pub rlimits: Vec<Rlimit>,
+}
+
+/// One resource limit: a resource by Docker's `--ulimit` name (`nofile`, `nproc`, `core`,
+/// `memlock`, `stack`, ...) and its soft and hard limits (`u64::MAX` = unlimited).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rlimit {
+    /// The resource's name.
+    pub name: String,
+    /// Soft limit.
+    pub soft: u64,
+    /// Hard limit.
+    pub hard: u64,
+}
+
+impl Rlimit {
+    /// The `RLIMIT_*` number of a resource name, `None` for a name Docker does not take.
+    pub fn resource(name: &str) -> Option<i32> {
+        Some(match name {
+            "core" => libc::RLIMIT_CORE,
+            "cpu" => libc::RLIMIT_CPU,
+            "data" => libc::RLIMIT_DATA,
+            "fsize" => libc::RLIMIT_FSIZE,
+            "locks" => libc::RLIMIT_LOCKS,
+            "memlock" => libc::RLIMIT_MEMLOCK,
+            "msgqueue" => libc::RLIMIT_MSGQUEUE,
+            "nice" => libc::RLIMIT_NICE,
+            "nofile" => libc::RLIMIT_NOFILE,
+            "nproc" => libc::RLIMIT_NPROC,
+            "rss" => libc::RLIMIT_RSS,
+            "rtprio" => libc::RLIMIT_RTPRIO,
+            "rttime" => libc::RLIMIT_RTTIME,
+            "sigpending" => libc::RLIMIT_SIGPENDING,
+            "stack" => libc::RLIMIT_STACK,
+            _ => return None,
+        } as i32)
+    }
 }
 
 /// A cgroup for one container, created before the process runs and removed after it exits.

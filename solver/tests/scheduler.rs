@@ -188,6 +188,8 @@ fn add_meta(g: &mut Graph, name: &str, inputs: &[Digest], ignore_cache: bool) ->
             mounts: vec![],
             hostname: None,
             extra_hosts: vec![],
+            shm_size: None,
+            ulimits: vec![],
             platform: None,
         }),
         inputs: inputs.to_vec(),

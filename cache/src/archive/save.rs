@@ -232,6 +232,19 @@ impl Read for PipedBlob<'_> {
 
 /// Writes `items` as a tar archive in `format` to `out`, streaming blobs from the store.
 pub fn save(store: &Store, items: &[SaveItem], format: Format, out: impl Write) -> Result<(), SaveError> {
+    save_annotated(store, items, &[], format, out)
+}
+
+/// [`save`] with `descriptor_annotations[i]` on the `index.json` descriptors of `items[i]`
+/// (`--annotation manifest-descriptor:` or `index-descriptor:` of a build's archive output),
+/// before the name annotations; missing maps are empty.
+pub fn save_annotated(
+    store: &Store,
+    items: &[SaveItem],
+    descriptor_annotations: &[BTreeMap<String, String>],
+    format: Format,
+    out: impl Write,
+) -> Result<(), SaveError> {
     let mut tar = tar::Builder::new(io::BufWriter::with_capacity(1 << 20, out));
     let write_err = |entry: &str| {
         let entry = entry.to_string();
@@ -320,7 +333,11 @@ pub fn save(store: &Store, items: &[SaveItem], format: Format, out: impl Write) 
     };
     add_json(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
 
-    add_json(&mut tar, "index.json", &index_json(items)?)?;
+    add_json(
+        &mut tar,
+        "index.json",
+        &index_json(items, descriptor_annotations)?,
+    )?;
 
     if format == Format::Docker {
         for (name, bytes) in docker_files(items)? {
@@ -333,10 +350,14 @@ pub fn save(store: &Store, items: &[SaveItem], format: Format, out: impl Write) 
 }
 
 /// `index.json`: every item's manifest (or index), once per tag.
-fn index_json(items: &[SaveItem]) -> Result<Vec<u8>, SaveError> {
+fn index_json(
+    items: &[SaveItem],
+    descriptor_annotations: &[BTreeMap<String, String>],
+) -> Result<Vec<u8>, SaveError> {
     let mut manifests = Vec::new();
-    for item in items {
+    for (n, item) in items.iter().enumerate() {
         let img = &item.image;
+        let extra = descriptor_annotations.get(n).filter(|a| !a.is_empty());
         let mut desc = match &item.index {
             Some(index) => Descriptor::new(
                 MediaType::from(index.media_type.as_str()),
@@ -352,13 +373,17 @@ fn index_json(items: &[SaveItem]) -> Result<Vec<u8>, SaveError> {
         if let (Some(mt), None) = (img.manifest.media_type(), &item.index) {
             desc.set_media_type(mt.clone());
         }
+        if let Some(extra) = extra {
+            desc.set_annotations(Some(extra.clone().into_iter().collect()));
+        }
         if item.tags.is_empty() {
             manifests.push(desc);
             continue;
         }
         for t in &item.tags {
             let mut d = desc.clone();
-            let mut ann = std::collections::HashMap::new();
+            let mut ann: std::collections::HashMap<String, String> =
+                extra.cloned().unwrap_or_default().into_iter().collect();
             ann.insert("io.containerd.image.name".to_string(), t.to_string());
             ann.insert(
                 "org.opencontainers.image.ref.name".to_string(),

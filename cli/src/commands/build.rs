@@ -77,6 +77,15 @@ pub struct BuildArgs {
     /// Add a custom host-to-IP mapping (format: "host:ip")
     #[arg(long = "add-host")]
     pub add_hosts: Vec<String>,
+    /// Shared memory size for build containers (/dev/shm of RUN steps: 64m, 1g, bytes)
+    #[arg(long = "shm-size")]
+    pub shm_size: Option<String>,
+    /// Ulimit options for RUN steps (TYPE=SOFT[:HARD], e.g. nofile=1024:2048); repeatable
+    #[arg(long = "ulimit")]
+    pub ulimits: Vec<String>,
+    /// Add annotation to the image ([TYPE[,TYPE...]:]KEY=VALUE; TYPE: manifest, index, manifest-descriptor, index-descriptor, with an optional [os/arch] qualifier); repeatable
+    #[arg(long = "annotation")]
+    pub annotations: Vec<String>,
     /// Secret to expose to the build (id=ID,src=FILE or id=ID,env=VAR)
     #[arg(long = "secret")]
     pub secrets: Vec<String>,
@@ -512,6 +521,22 @@ fn request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
     req.jobs = args.jobs;
     req.network = network;
     req.extra_hosts = extra_hosts;
+    // buildx: `--shm-size` in Docker's size syntax; 0 (or none) keeps the 64 MiB default.
+    req.shm_size = match args.shm_size.as_deref() {
+        None => None,
+        Some(s) => {
+            Some(kiln_dag::units::ram_in_bytes(s).with_context(|| format!("invalid --shm-size `{s}`"))?)
+                .filter(|n| *n > 0)
+        }
+    };
+    for a in &args.annotations {
+        req.annotations.extend(kiln_build::parse_annotation(a)?);
+    }
+    req.ulimits = args
+        .ulimits
+        .iter()
+        .map(|u| kiln_dag::units::parse_ulimit(u).with_context(|| format!("invalid --ulimit `{u}`")))
+        .collect::<anyhow::Result<_>>()?;
     req.registry = kiln_source::registry::ClientOptions::from_env();
     req.cache_from = args
         .cache_from

@@ -5,6 +5,7 @@
 mod attach;
 mod build;
 mod build_flags;
+mod build_limits;
 mod checks;
 mod cicache;
 mod container_fs;

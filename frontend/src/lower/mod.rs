@@ -70,6 +70,10 @@ pub struct LowerOptions {
     pub network: kiln_dag::NetworkMode,
     /// `--add-host`: (name, address) entries every RUN step's `/etc/hosts` gets.
     pub extra_hosts: Vec<(String, String)>,
+    /// `--shm-size`: the size of every RUN step's `/dev/shm` in bytes (BuildKit's `shm-size`).
+    pub shm_size: Option<u64>,
+    /// `--ulimit`: resource limits of every RUN step (BuildKit's `ulimit`).
+    pub ulimits: Vec<kiln_dag::Ulimit>,
 }
 
 impl Default for LowerOptions {
@@ -89,6 +93,8 @@ impl Default for LowerOptions {
             all_stages: false,
             network: kiln_dag::NetworkMode::Default,
             extra_hosts: Vec::new(),
+            shm_size: None,
+            ulimits: Vec::new(),
         }
     }
 }

@@ -76,6 +76,8 @@ impl Lowerer<'_> {
                 .filter(|h| !h.is_empty())
                 .cloned(),
             extra_hosts: self.opts.extra_hosts.clone(),
+            shm_size: self.opts.shm_size,
+            ulimits: self.opts.ulimits.clone(),
             platform: {
                 let c = &st.config;
                 let p = Platform::new(&c.os, &c.architecture, c.variant.as_deref());

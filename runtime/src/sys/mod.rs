@@ -123,6 +123,9 @@ pub trait Sys {
     fn mkdir(&self, path: &CStr, mode: u32) -> Result<(), Errno>;
     /// `mknod(2)`.
     fn mknod(&self, path: &CStr, mode: u32, dev: u64) -> Result<(), Errno>;
+    /// `prlimit(0, resource, {soft, hard})`: sets a resource limit of the calling process
+    /// (`u64::MAX` = `RLIM_INFINITY`).
+    fn setrlimit(&self, resource: i32, soft: u64, hard: u64) -> Result<(), Errno>;
     /// `symlink(2)`.
     fn symlink(&self, target: &CStr, link: &CStr) -> Result<(), Errno>;
     /// Creates an empty regular file, failing with `EEXIST` if anything is there.

@@ -221,6 +221,25 @@ impl Sys for RealSys {
         check(unsafe { libc::mknod(path.as_ptr(), mode, dev) })
     }
 
+    fn setrlimit(&self, resource: i32, soft: u64, hard: u64) -> Result<(), Errno> {
+        let limit = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        // SAFETY: `limit` lives across the call and the old-limit pointer is null (not
+        // wanted). The raw syscall touches only this process's limits.
+        check_long(unsafe {
+            libc::syscall(
+                libc::SYS_prlimit64,
+                0,
+                resource,
+                &limit as *const libc::rlimit,
+                std::ptr::null_mut::<libc::rlimit>(),
+            )
+        })
+        .map(|_| ())
+    }
+
     fn symlink(&self, target: &CStr, link: &CStr) -> Result<(), Errno> {
         // SAFETY: both strings are NUL-terminated.
         check(unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) })

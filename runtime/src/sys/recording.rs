@@ -127,6 +127,10 @@ impl Sys for RecordingSys {
         self.record(format!("mknod {} {mode:o} {dev:#x}", show(path)))
     }
 
+    fn setrlimit(&self, resource: i32, soft: u64, hard: u64) -> Result<(), Errno> {
+        self.record(format!("setrlimit {resource} {soft} {hard}"))
+    }
+
     fn symlink(&self, target: &CStr, link: &CStr) -> Result<(), Errno> {
         self.record(format!("symlink {} {}", show(target), show(link)))
     }

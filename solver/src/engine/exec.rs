@@ -252,6 +252,8 @@ impl Engine {
                 volatile_upper: true,
                 // BuildKit leaves the directories it made for mount targets in the step's layer.
                 mount_points_in_rootfs: true,
+                shm_size: e.shm_size,
+                rlimits: rlimits(&e.ulimits),
                 ..Default::default()
             },
         };
@@ -666,4 +668,15 @@ fn write_private(path: &std::path::Path, data: &[u8], mode: u32, uid: u32, gid: 
     std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
     f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
     Ok(())
+}
+/// `--ulimit`s as the runtime sets them (`-1`, unlimited, is `RLIM_INFINITY`).
+fn rlimits(ulimits: &[kiln_dag::Ulimit]) -> Vec<kiln_runtime::Rlimit> {
+    ulimits
+        .iter()
+        .map(|u| kiln_runtime::Rlimit {
+            name: u.name.clone(),
+            soft: u.soft as u64,
+            hard: u.hard as u64,
+        })
+        .collect()
 }

@@ -40,11 +40,14 @@ pub struct Exported {
 /// that layer's time and later ones the time of the layer before them (with no new layer, the
 /// base's last time); the image gets the last entry's time. So a fully cached rebuild gives the
 /// same image ID, as BuildKit's does.
+///
+/// `annotations` go into the manifest (`--annotation manifest:K=V`).
 pub fn export_image(
     store: &Store,
     layers: &[Layer],
     config: &ImageConfig,
     epoch: Option<&str>,
+    annotations: &std::collections::BTreeMap<String, String>,
 ) -> Result<Exported, ExportError> {
     if layers.len() > MAX_LAYERS {
         return Err(ExportError::MaxDepth(layers.len()));
@@ -112,7 +115,7 @@ pub fn export_image(
     }
     let image = store
         .images()
-        .create(&config, &refs)
+        .create_annotated(&config, &refs, annotations)
         .map_err(ExportError::Store)?;
     Ok(Exported { image })
 }
