@@ -159,9 +159,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .without_time()
         .init();
+    if let Err(e) = kiln_runtime::snapshotter::check_env() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    kiln_runtime::snapshotter::set_scratch(&root.join("tmp"));
     if kiln_runtime::userns::in_user_namespace() {
         tracing::debug!(
-            "rootless: in a user namespace (uid 0 is host uid {}); snapshots: kernel overlayfs with userxattr; RUN network: {}",
+            "rootless: in a user namespace (uid 0 is host uid {}); RUN network: {}",
             kiln_runtime::userns::host_uid(),
             match kiln_runtime::net::usermode::find() {
                 Ok((tool, _)) => tool.name().to_owned(),
@@ -187,6 +192,14 @@ fn main() -> ExitCode {
         if let Err(e) = kiln_runtime::host::enter_private_mount_namespace() {
             eprintln!("error: {e}");
             return ExitCode::from(1);
+        }
+        // Only commands that mount choose a snapshotter (in a user namespace, by a test mount in
+        // the mount namespace of their own).
+        if globals.debug {
+            match kiln_runtime::snapshotter::choice() {
+                Ok(c) => tracing::debug!("snapshotter: {}", c.reason),
+                Err(e) => tracing::debug!("snapshotter: none: {e}"),
+            }
         }
     }
     let result = match cli.cmd {

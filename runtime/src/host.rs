@@ -24,6 +24,12 @@ pub enum HostError {
         #[source]
         source: Errno,
     },
+    #[error("failed to make or release a snapshot view at `{path}`")]
+    Snapshotter {
+        path: PathBuf,
+        #[source]
+        source: Box<crate::snapshotter::SnapshotterError>,
+    },
     #[error("failed to unmount `{path}`: {source}")]
     Unmount {
         path: PathBuf,
@@ -68,7 +74,27 @@ pub fn volatile_overlays_supported() -> bool {
 /// `volatile` mounts a writable overlay with overlayfs' `volatile` option where the kernel has
 /// it: no sync reaches the upper filesystem, not even the one the unmount would make of that
 /// whole filesystem. Only for an upper dir whose durability the caller handles itself.
+/// Made by the process's snapshotter ([`crate::snapshotter::current`]): with fuse-overlayfs or
+/// copies, the upper dir holds the changes only once [`unmount`] released the view.
 pub fn mount_overlay(
+    target: &Path,
+    lower: &[PathBuf],
+    upper_work: Option<(&Path, &Path)>,
+    volatile: bool,
+) -> Result<(), HostError> {
+    match crate::snapshotter::current() {
+        crate::snapshotter::Snapshotter::Overlay => mount_kernel_overlay(target, lower, upper_work, volatile),
+        other => crate::snapshotter::mount(other, target, lower, upper_work, &[]).map_err(|source| {
+            HostError::Snapshotter {
+                path: target.to_path_buf(),
+                source: Box::new(source),
+            }
+        }),
+    }
+}
+
+/// [`mount_overlay`] with the kernel's overlayfs, whatever the snapshotter.
+pub fn mount_kernel_overlay(
     target: &Path,
     lower: &[PathBuf],
     upper_work: Option<(&Path, &Path)>,
@@ -110,40 +136,20 @@ pub fn mount_overlay(
     }
 }
 
-/// How kiln makes snapshots' writable views here, as `kiln info` and `--debug` report it: the
-/// kernel's overlayfs (with `userxattr` in a user namespace, where kiln keeps overlayfs' markers in
-/// `user.overlay.*` attributes), found by mounting a small overlay under `scratch` (in the
-/// caller's private mount namespace). `Err` says why it cannot: kiln has no other snapshotter yet
-/// (fuse-overlayfs and copying are not implemented), so builds cannot run there.
-pub fn probe_snapshotter(scratch: &Path) -> Result<&'static str, String> {
-    let dir = scratch.join(format!("kiln-overlay-probe-{}", std::process::id()));
-    let result = (|| -> Result<(), String> {
-        for d in ["l1", "l2", "u", "w", "m"] {
-            std::fs::create_dir_all(dir.join(d))
-                .map_err(|e| format!("failed to create `{}`: {e}", dir.join(d).display()))?;
-        }
-        let m = dir.join("m");
-        mount_overlay(
-            &m,
-            &[dir.join("l1"), dir.join("l2")],
-            Some((&dir.join("u"), &dir.join("w"))),
-            true,
-        )
-        .map_err(|e| e.to_string())?;
-        let _ = unmount(&m);
-        Ok(())
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    result?;
-    Ok(if crate::userns::in_user_namespace() {
-        "overlayfs (kernel, in a user namespace: userxattr)"
-    } else {
-        "overlayfs (kernel)"
-    })
+/// Detaches the mount at `target` (lazily, so open files do not keep it busy), or releases the
+/// snapshotter's view there (a writable one's changes then are in its upper dir).
+pub fn unmount(target: &Path) -> Result<(), HostError> {
+    if let Some(released) = crate::snapshotter::release(target) {
+        return released.map_err(|source| HostError::Snapshotter {
+            path: target.to_path_buf(),
+            source: Box::new(source),
+        });
+    }
+    unmount_kernel(target)
 }
 
-/// Detaches the mount at `target` (lazily, so open files do not keep it busy).
-pub fn unmount(target: &Path) -> Result<(), HostError> {
+/// Detaches a kernel mount at `target`.
+pub fn unmount_kernel(target: &Path) -> Result<(), HostError> {
     let t = cpath(target)?;
     RealSys
         .umount2(&t, libc::MNT_DETACH)

@@ -45,6 +45,7 @@ pub mod net;
 pub mod plan;
 pub mod sandbox;
 pub mod seccomp;
+pub mod snapshotter;
 pub mod spec;
 #[allow(unsafe_code)]
 pub mod sys;

@@ -1401,6 +1401,22 @@ pub fn is_overlay_opaque(path: &Path) -> bool {
 }
 
 /// The raw number of a descriptor, for recording in plans.
+/// Makes the process `cmd` spawns get SIGKILL when the thread that spawned it ends (a helper
+/// daemon that must not outlive kiln, such as fuse-overlayfs).
+pub fn kill_with_spawning_thread(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl, which is
+    // async-signal-safe; it allocates nothing and touches no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 pub fn raw(fd: &OwnedFd) -> RawFd {
     fd.as_raw_fd()
 }
