@@ -39,6 +39,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod exec;
 pub mod host;
+pub mod hostmount;
 pub mod init;
 pub mod layers;
 pub mod net;

@@ -135,7 +135,7 @@ impl FuseView {
     /// Unmounts, waits for the daemon to end (every write has then reached the upper dir) and
     /// puts the upper dir in the kernel's format.
     pub(crate) fn release(mut self, target: &Path) -> Result<(), SnapshotterError> {
-        let unmounted = crate::host::unmount_kernel(target);
+        let unmounted = crate::hostmount::unmount_kernel(target);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match self.child.try_wait() {
@@ -149,7 +149,7 @@ impl FuseView {
             }
         }
         self.remove_scratch();
-        if let Err(crate::host::HostError::Unmount { path, source }) = unmounted {
+        if let Err(crate::hostmount::HostError::Unmount { path, source }) = unmounted {
             return Err(SnapshotterError::Unmount { path, source });
         }
         match &self.upper {

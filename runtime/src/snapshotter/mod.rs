@@ -210,14 +210,14 @@ fn probe_kernel(scratch: &Path) -> Result<(), String> {
                 .map_err(|e| format!("failed to create `{}`: {e}", dir.join(d).display()))?;
         }
         let m = dir.join("m");
-        crate::host::mount_kernel_overlay(
+        crate::hostmount::mount_kernel_overlay(
             &m,
             &[dir.join("l1"), dir.join("l2")],
             Some((&dir.join("u"), &dir.join("w"))),
             true,
         )
         .map_err(|e| e.to_string())?;
-        let _ = crate::host::unmount_kernel(&m);
+        let _ = crate::hostmount::unmount_kernel(&m);
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&dir);
