@@ -3,7 +3,7 @@
 # servers the tests use. Idempotent: a second run only checks.
 set -euo pipefail
 need=()
-for pkg in busybox-static sudo libseccomp-dev pkg-config docker.io docker-registry skopeo umoci git apache2-utils uidmap slirp4netns iproute2 iptables \
+for pkg in busybox-static sudo libseccomp-dev pkg-config docker.io docker-registry skopeo umoci git apache2-utils uidmap slirp4netns fuse-overlayfs iproute2 iptables \
            bzip2 xz-utils zstd curl python3 time qemu-user-static; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -15,6 +15,8 @@ fi
 # Rootless mode's RUN network: slirp4netns opens /dev/net/tun, which Debian's udev makes 0666
 # (a machine without udev may leave it 0600).
 if [ -c /dev/net/tun ] && [ "$(stat -c %a /dev/net/tun)" != 666 ]; then chmod 0666 /dev/net/tun; fi
+# Rootless mode's fuse-overlayfs snapshotter opens /dev/fuse, likewise 0666 under Debian's udev.
+if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then chmod 0666 /dev/fuse; fi
 # The multi-platform tests build arm64 images from Debian's arm64 busybox-static
 # (testdata/make-arm64-busybox-rootfs.sh downloads it): dpkg needs the architecture.
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then

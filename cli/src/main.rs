@@ -54,7 +54,7 @@ fn main() -> ExitCode {
     let root = cli.root.clone().unwrap_or_else(process::default_root);
     let mut setup = process::enter(&root, cli.rootless, cli.debug);
     if setup.is_ok() && cli.cmd.needs_private_mounts() {
-        setup = process::private_mounts();
+        setup = process::private_mounts(cli.debug);
     }
     if let Err(e) = setup {
         eprintln!("error: {e}");

@@ -73,9 +73,11 @@ pub fn enter(root: &Path, rootless: bool, debug: bool) -> Result<(), String> {
         .with_writer(std::io::stderr)
         .without_time()
         .init();
+    kiln_runtime::snapshotter::check_env().map_err(|e| e.to_string())?;
+    kiln_runtime::snapshotter::set_scratch(&root.join("tmp"));
     if kiln_runtime::userns::in_user_namespace() {
         tracing::debug!(
-            "rootless: in a user namespace (uid 0 is host uid {}); snapshots: kernel overlayfs with userxattr; RUN network: {}",
+            "rootless: in a user namespace (uid 0 is host uid {}); RUN network: {}",
             kiln_runtime::userns::host_uid(),
             match kiln_runtime::net::usermode::find() {
                 Ok((tool, _)) => tool.name().to_owned(),
@@ -88,6 +90,15 @@ pub fn enter(root: &Path, rootless: bool, debug: bool) -> Result<(), String> {
 
 /// Enters a mount namespace of this process's own, so every overlay a build or container mounts
 /// vanishes with the process, however it ends. Must be called while single-threaded.
-pub fn private_mounts() -> Result<(), String> {
-    kiln_runtime::host::enter_private_mount_namespace().map_err(|e| e.to_string())
+/// Only commands that mount choose a snapshotter (in a user namespace, by a test mount in the
+/// mount namespace of their own); `debug` logs the choice.
+pub fn private_mounts(debug: bool) -> Result<(), String> {
+    kiln_runtime::host::enter_private_mount_namespace().map_err(|e| e.to_string())?;
+    if debug {
+        match kiln_runtime::snapshotter::choice() {
+            Ok(c) => tracing::debug!("snapshotter: {}", c.reason),
+            Err(e) => tracing::debug!("snapshotter: none: {e}"),
+        }
+    }
+    Ok(())
 }

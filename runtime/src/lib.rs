@@ -39,12 +39,14 @@ pub mod caps;
 pub mod cgroup;
 pub mod exec;
 pub mod host;
+pub mod hostmount;
 pub mod init;
 pub mod layers;
 pub mod net;
 pub mod plan;
 pub mod sandbox;
 pub mod seccomp;
+pub mod snapshotter;
 pub mod spec;
 #[allow(unsafe_code)]
 pub mod sys;

@@ -33,6 +33,9 @@ pub const MAX_LOWER_DIRS: usize = 500;
 /// Errors of starting, waiting for and killing containers.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
+    /// A snapshotter other than the kernel's overlayfs failed to make or release a view.
+    #[error("snapshot view")]
+    Snapshot(#[source] crate::snapshotter::SnapshotterError),
     /// Reading the runtime's own capabilities failed.
     #[error("failed to read the host's capabilities")]
     HostCaps(#[source] CapsError),
@@ -248,6 +251,8 @@ struct Cleanup {
     run_dir: PathBuf,
     /// Paths created inside a `Rootfs::Dir` root, removed again (deepest first).
     created_in_dir: Vec<PathBuf>,
+    /// Views made by a snapshotter other than the kernel's, released after the container.
+    views: Option<crate::snapshotter::ContainerViews>,
 }
 
 impl Cleanup {
@@ -267,6 +272,9 @@ impl Cleanup {
                     });
                 }
             }
+        }
+        if let Some(mut views) = self.views.take() {
+            views.release().map_err(RuntimeError::Snapshot)?;
         }
         let dir = std::mem::take(&mut self.run_dir);
         if dir.as_os_str().is_empty() {
@@ -333,6 +341,7 @@ impl Running {
             cleanup: Cleanup {
                 run_dir: PathBuf::new(),
                 created_in_dir: Vec::new(),
+                views: None,
             },
             reaped: false,
             cgroup: None,
@@ -905,12 +914,15 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
 /// Starts `spec`'s command in a new container. `scratch` is a directory for the runtime's
 /// temporary files: the runtime makes its own subdirectory there and removes it when the container
 /// is waited for (or on any error).
-pub fn start(spec: ContainerSpec, scratch: &Path) -> Result<Running, RuntimeError> {
+pub fn start(mut spec: ContainerSpec, scratch: &Path) -> Result<Running, RuntimeError> {
     let run_dir = create_run_dir(scratch)?;
     let mut cleanup = Cleanup {
         run_dir: run_dir.clone(),
         created_in_dir: Vec::new(),
+        views: None,
     };
+    cleanup.views =
+        crate::snapshotter::ContainerViews::make(&mut spec, &run_dir).map_err(RuntimeError::Snapshot)?;
     let command = spec.args.first().cloned().unwrap_or_default();
     let prepared = prepare(spec, &run_dir)?;
     cleanup.created_in_dir = prepared.created_in_dir.clone();
@@ -978,7 +990,7 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// Runs `f` on one of a few threads that never end, and returns its result (`None` if no such
 /// thread could be started).
-fn on_spawner_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+pub(crate) fn on_spawner_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     use std::sync::{mpsc, Mutex, OnceLock};
     static POOL: OnceLock<Option<Mutex<mpsc::Sender<Job>>>> = OnceLock::new();
     let pool = POOL.get_or_init(|| {

@@ -764,11 +764,10 @@ pub fn cmd_info(containers: &Containers, g: &Globals) -> anyhow::Result<ExitCode
     println!("Kiln Root Dir: {}", g.root.display());
     let scratch = g.root.join("tmp");
     let _ = std::fs::create_dir_all(&scratch);
-    match kiln_runtime::host::probe_snapshotter(&scratch) {
-        Ok(s) => println!("Snapshotter: {s}"),
-        Err(e) => {
-            println!("Snapshotter: none: {e} (fuse-overlayfs and copying snapshots are not implemented)")
-        }
+    kiln_runtime::snapshotter::set_scratch(&scratch);
+    match kiln_runtime::snapshotter::choice() {
+        Ok(c) => println!("Snapshotter: {}", c.reason),
+        Err(e) => println!("Snapshotter: none: {e}"),
     }
     if kiln_runtime::userns::in_user_namespace() {
         println!(

@@ -79,6 +79,15 @@ fn test_user() -> TestUser {
             };
             // slirp4netns opens /dev/net/tun, which Debian's udev makes 0666; a machine without
             // udev may leave it 0600.
+            // fuse-overlayfs opens /dev/fuse, which Debian's udev makes 0666 as well.
+            for dev in ["/dev/fuse"] {
+                if let Ok(meta) = std::fs::metadata(dev) {
+                    use std::os::unix::fs::PermissionsExt;
+                    if meta.permissions().mode() & 0o006 != 0o006 {
+                        let _ = std::fs::set_permissions(dev, std::fs::Permissions::from_mode(0o666));
+                    }
+                }
+            }
             let tun = Path::new("/dev/net/tun");
             if let Ok(meta) = std::fs::metadata(tun) {
                 use std::os::unix::fs::PermissionsExt;
@@ -713,11 +722,22 @@ fn rootless_info_and_run_report_the_usermode_parts() {
         rootful.contains("Snapshotter: overlayfs (kernel)\nRootless: no\n"),
         "{rootful}"
     );
-    // --debug says the same at the start of every command.
+    // --debug says the same at the start of every command (the snapshotter: of those that mount).
     let out = rl.ok(&["--debug", "images"]);
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("RUN network: slirp4netns"), "{err}");
+    let out = rl.ok(&[
+        "--debug",
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "busybox:local",
+        "true",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("snapshots: kernel overlayfs with userxattr; RUN network: slirp4netns"),
+        err.contains("snapshotter: overlayfs (kernel, in a user namespace: userxattr)\n"),
         "{err}"
     );
     // A container's default network is the user-mode one too; publishing ports is refused.
@@ -778,4 +798,96 @@ fn rootless_detached_container_is_managed_by_later_commands() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().all(|l| l.contains(" Exited (137)")), "{text}");
     rl.ok(&["rm", "bg", "user"]);
+}
+
+/// Each snapshotter, forced with `KILN_SNAPSHOTTER` in rootless mode (kernel overlayfs with
+/// userxattr, fuse-overlayfs, copies), gives the image ID of the rootful kernel-overlay build:
+/// COPY, RUN with owner changes, whiteouts of lower files, a directory removed and made anew
+/// (opaque), a RUN bind mount from another stage, a USER step.
+#[test]
+fn rootless_each_snapshotter_has_the_rootful_image_id() {
+    let rl = RlEnv::new();
+    rl.with_busybox();
+    let ctx = rl.context(
+        "ctx",
+        &[
+            (
+                "Dockerfile",
+                "FROM busybox:local AS other\n\
+                 RUN --network=none mkdir /data && echo data > /data/d\n\
+                 FROM busybox:local\n\
+                 COPY --chown=42:43 f.txt /x\n\
+                 COPY dir/ /copied/\n\
+                 RUN --network=none mkdir -p /a/b /c && echo x > /a/b/f && echo y > /c/g \
+                   && chown -R 1000:1000 /a && chown 65534:42 /c/g && chmod 4755 /c/g \
+                   && echo bob:x:2000:2000::/home/bob:/bin/sh >> /etc/passwd\n\
+                 RUN --network=none rm /bin/wget /copied/one && rm -rf /a/b && mkdir /a/b \
+                   && echo z > /a/b/h && rm /c/g && ln -s /a /link && mknod /p p && chmod 700 /etc\n\
+                 RUN --network=none --mount=type=bind,from=other,source=/data,target=/mnt cp /mnt/d /from-other\n\
+                 USER bob\n\
+                 RUN --network=none id -u > /tmp/me\n",
+            ),
+            ("f.txt", "file\n"),
+            ("dir/one", "1\n"),
+            ("dir/sub/two", "2\n"),
+        ],
+    );
+    let ctx_s = ctx.to_str().expect("utf-8");
+    let args = ["build", "-q", "--build-arg", EPOCH, ctx_s];
+    let rootful = RlEnv::image_id(&rl.rootful_ok(&args));
+    assert!(rootful.starts_with("sha256:"), "{rootful}");
+    for snap in ["overlayfs", "fuse-overlayfs", "native"] {
+        let root = rl.path(&format!("root-{snap}"));
+        let run = |extra: &[&str]| {
+            let mut c = rl.as_user(Path::new(env!("CARGO_BIN_EXE_kiln")));
+            c.env("KILN_SNAPSHOTTER", snap)
+                .arg("--root")
+                .arg(&root)
+                .args(extra);
+            let out = c.output().expect("spawn kiln");
+            assert!(
+                out.status.success(),
+                "{snap}: kiln {extra:?} failed\n{}",
+                frame(&out)
+            );
+            out
+        };
+        let tar = busybox_tar();
+        run(&["import", tar.to_str().expect("utf-8"), "busybox:local"]);
+        let info = String::from_utf8_lossy(&run(&["info"]).stdout).into_owned();
+        assert!(
+            info.contains(&format!("Snapshotter: {snap}")) && info.contains("forced by KILN_SNAPSHOTTER"),
+            "{snap}: {info}"
+        );
+        let out = run(&["--debug", "build", "-q", "--build-arg", EPOCH, ctx_s]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("snapshotter: {snap}")), "{snap}: {err}");
+        let id = RlEnv::image_id(&out);
+        assert_eq!(
+            id, rootful,
+            "{snap}: rootless image differs from the rootful one\n{err}"
+        );
+        // Nothing of the views is left behind in the store's temp dir.
+        let left: Vec<PathBuf> = walkdir(&root.join("tmp"))
+            .into_iter()
+            .filter(|p| {
+                let name = p.file_name().unwrap_or_default().to_string_lossy();
+                name.ends_with(".views") || name.starts_with("mnt-") || name.starts_with("run-")
+            })
+            .collect();
+        assert!(left.is_empty(), "{snap}: left in tmp: {left:?}");
+    }
+    let out = rl
+        .kiln(&["info"])
+        .env("KILN_SNAPSHOTTER", "zfs")
+        .output()
+        .expect("spawn");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(
+            "KILN_SNAPSHOTTER=`zfs` is not a snapshotter: expected overlayfs, fuse-overlayfs or native"
+        ),
+        "{}",
+        frame(&out)
+    );
 }

@@ -346,6 +346,22 @@ pub fn raw(fd: &OwnedFd) -> RawFd {
     fd.as_raw_fd()
 }
 
+/// Makes the process `cmd` spawns get SIGKILL when the thread that spawned it ends (a helper
+/// daemon that must not outlive kiln, such as fuse-overlayfs).
+pub fn kill_with_spawning_thread(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl, which is
+    // async-signal-safe; it allocates nothing and touches no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

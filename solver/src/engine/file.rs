@@ -185,6 +185,10 @@ impl Engine {
         layer_dirs: &[Vec<PathBuf>],
         upper: &Path,
     ) -> Option<(Arc<Linking>, Option<Snapshot>)> {
+        // Linking writes the upper dir beside the mounted view: only the kernel's overlay shows it.
+        if !kiln_runtime::snapshotter::current().upper_is_live() {
+            return None;
+        }
         let [FileAction::Copy(c)] = f.actions.as_slice() else {
             return None;
         };
