@@ -14,6 +14,7 @@ step "clippy";   cargo clippy --workspace --all-targets --release -- -D warnings
 step "unused dependencies"
 command -v cargo-machete >/dev/null || cargo install -q --locked cargo-machete
 cargo machete
+step "structure"; python3 scripts/structure.py
 step "docs";     RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --release -q
 step "build";    cargo build --release -p kiln
 if [ -d "$shared/difftest" ]; then
