@@ -243,26 +243,10 @@ pub(crate) fn normalize(upper: &Path, rel: &Path, lower: &[PathBuf]) -> Result<(
         Some(m) if !entries_changed && !opaque && !rel.as_os_str().is_empty() => m,
         _ => before,
     };
-    let times = rustix::fs::Timestamps {
-        last_access: rustix::fs::Timespec {
-            tv_sec: before.atime(),
-            tv_nsec: before.atime_nsec(),
-        },
-        last_modification: rustix::fs::Timespec {
-            tv_sec: before.mtime(),
-            tv_nsec: before.mtime_nsec(),
-        },
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        dir,
-        &times,
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .map_err(|e| SnapshotterError::Io {
+    super::set_times(dir, &before).map_err(|source| SnapshotterError::Io {
         what: "failed to set the times of",
         path: dir.clone(),
-        source: e.into(),
+        source,
     })?;
     if opaque && !rel.as_os_str().is_empty() && in_lower(lower, rel) {
         rustix::fs::lsetxattr(dir, super::opaque_xattr(), b"y", rustix::fs::XattrFlags::empty()).map_err(

@@ -436,3 +436,24 @@ impl Drop for ContainerViews {
         let _ = self.release();
     }
 }
+
+/// Sets `path`'s access and modification times to those of `md`.
+pub(crate) fn set_times(path: &Path, md: &std::fs::Metadata) -> std::io::Result<()> {
+    let times = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: std::os::unix::fs::MetadataExt::atime(md),
+            tv_nsec: std::os::unix::fs::MetadataExt::atime_nsec(md),
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: std::os::unix::fs::MetadataExt::mtime(md),
+            tv_nsec: std::os::unix::fs::MetadataExt::mtime_nsec(md),
+        },
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        path,
+        &times,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(std::io::Error::from)
+}

@@ -108,7 +108,7 @@ pub(crate) fn mount(
         };
         made.map_err(io_err("failed to create", &path))?;
         // The stub is no change of its directory: the directory keeps the layer's times.
-        set_times(&parent, &before).map_err(io_err("failed to set the times of", &parent))?;
+        super::set_times(&parent, &before).map_err(io_err("failed to set the times of", &parent))?;
     }
     // Stamps are taken after the stubs so that their parent dirs' new change times count too.
     let mut max_ctime = (0, 0);
@@ -246,7 +246,7 @@ impl NativeView {
                     copy_meta(&path, &dst, true)
                         .map_err(io_err("failed to copy the attributes of", &path))?;
                     // The times the step left, not those of moving its changes out.
-                    set_times(&dst, &md).map_err(io_err("failed to set the times of", &dst))?;
+                    super::set_times(&dst, &md).map_err(io_err("failed to set the times of", &dst))?;
                     changed = true;
                 } else if made {
                     std::fs::remove_dir(&dst).map_err(io_err("failed to remove", &dst))?;
@@ -390,26 +390,5 @@ fn copy_meta(src: &Path, dst: &Path, dir: bool) -> io::Result<()> {
         std::fs::set_permissions(dst, std::fs::Permissions::from_mode(md.mode() & 0o7777))?;
     }
     let _ = dir;
-    set_times(dst, &md)
-}
-
-/// Sets `path`'s access and modification times to those of `md`.
-fn set_times(path: &Path, md: &std::fs::Metadata) -> io::Result<()> {
-    let times = rustix::fs::Timestamps {
-        last_access: rustix::fs::Timespec {
-            tv_sec: md.atime(),
-            tv_nsec: md.atime_nsec(),
-        },
-        last_modification: rustix::fs::Timespec {
-            tv_sec: md.mtime(),
-            tv_nsec: md.mtime_nsec(),
-        },
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        path,
-        &times,
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .map_err(io::Error::from)
+    super::set_times(dst, &md)
 }
