@@ -21,12 +21,12 @@ fn setup() -> (Env, PathBuf) {
     (env, ctx)
 }
 
-fn s(p: &Path) -> &str {
+pub(crate) fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
 /// `kiln build --progress=plain EXTRA... CTX`; returns stderr (the progress log).
-fn build(env: &Env, ctx: &Path, extra: &[&str]) -> String {
+pub(crate) fn build(env: &Env, ctx: &Path, extra: &[&str]) -> String {
     let mut args = vec!["build", "--progress=plain"];
     args.extend_from_slice(extra);
     args.push(s(ctx));
@@ -34,7 +34,7 @@ fn build(env: &Env, ctx: &Path, extra: &[&str]) -> String {
 }
 
 /// `kiln build ...` expected to fail; returns stderr.
-fn build_fails(env: &Env, ctx: &Path, extra: &[&str]) -> String {
+pub(crate) fn build_fails(env: &Env, ctx: &Path, extra: &[&str]) -> String {
     let mut args = vec!["build", "--progress=plain"];
     args.extend_from_slice(extra);
     args.push(s(ctx));
@@ -804,7 +804,7 @@ fn ctrl_c_stops_the_build_and_cleans_up() {
 }
 
 /// The output lines of the build's RUN steps (`#N 0.123 line` without the prefix), in order.
-fn run_output(plain: &str) -> Vec<String> {
+pub(crate) fn run_output(plain: &str) -> Vec<String> {
     plain
         .lines()
         .filter_map(|l| {

@@ -8,12 +8,9 @@
 use std::path::Path;
 use std::process::Command;
 
+use crate::build_flags::{build, build_fails, run_output, s};
 use crate::harness::{busybox_env, docker, frame, require_root, Env};
 use crate::registry::{run_ok, Registry};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn context(env: &Env, dockerfile: &str) -> std::path::PathBuf {
     let ctx = env.path("ctx");
@@ -21,34 +18,6 @@ fn context(env: &Env, dockerfile: &str) -> std::path::PathBuf {
     std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
     std::fs::write(ctx.join("f"), "file\n").unwrap();
     ctx
-}
-
-/// `kiln build --progress=plain EXTRA... CTX`'s stderr.
-fn build(env: &Env, ctx: &Path, extra: &[&str]) -> String {
-    let mut args = vec!["build", "--progress=plain"];
-    args.extend_from_slice(extra);
-    args.push(s(ctx));
-    String::from_utf8_lossy(&env.ok(&args).stderr).into_owned()
-}
-
-fn build_fails(env: &Env, ctx: &Path, extra: &[&str]) -> String {
-    let mut args = vec!["build", "--progress=plain"];
-    args.extend_from_slice(extra);
-    args.push(s(ctx));
-    env.fails(&args)
-}
-
-/// The output lines of plain progress's RUN steps (`#N 0.123 line` without the prefix).
-fn run_output(plain: &str) -> Vec<String> {
-    plain
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix('#')?;
-            let (_, rest) = rest.split_once(' ')?;
-            let (t, line) = rest.split_once(' ')?;
-            (t.contains('.') && t.parse::<f64>().is_ok()).then(|| line.to_string())
-        })
-        .collect()
 }
 
 /// The RUN output of Docker's classic builder: the lines between `---> Running in` and the
