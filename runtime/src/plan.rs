@@ -630,6 +630,30 @@ impl Builder {
         Ok(())
     }
 
+    /// A recursive bind of `source` at `target` (`shown`: the target as the step names it), made
+    /// read-only by a remount when asked.
+    fn bind(&mut self, source: &Path, target: &Path, shown: &str, readonly: bool) -> Result<(), PlanError> {
+        self.mount(
+            Some(source.as_os_str().as_bytes()),
+            target,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+            format!("bind-mounting `{}` at `{shown}`", source.display()),
+        )?;
+        if readonly {
+            self.mount(
+                None,
+                target,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None,
+                format!("making `{shown}` read-only"),
+            )?;
+        }
+        Ok(())
+    }
+
     fn overlay(
         &mut self,
         target: &Path,
@@ -1122,26 +1146,7 @@ fn extra_mount(b: &mut Builder, root: &Path, m: &PlannedMount) -> Result<(), Pla
     let target = at(&m.target);
     let t = shown(&m.target);
     match &m.kind {
-        MountKind::Bind { source, readonly } => {
-            b.mount(
-                Some(source.as_os_str().as_bytes()),
-                &target,
-                None,
-                MsFlags::MS_BIND | MsFlags::MS_REC,
-                None,
-                format!("bind-mounting `{}` at `{t}`", source.display()),
-            )?;
-            if *readonly {
-                b.mount(
-                    None,
-                    &target,
-                    None,
-                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                    None,
-                    format!("making `{t}` read-only"),
-                )?;
-            }
-        }
+        MountKind::Bind { source, readonly } => b.bind(source, &target, &t, *readonly)?,
         MountKind::Tmpfs { size, mode } => {
             let mut data = format!("mode={:o}", mode.unwrap_or(0o1777));
             if let Some(size) = size {
@@ -1157,24 +1162,7 @@ fn extra_mount(b: &mut Builder, root: &Path, m: &PlannedMount) -> Result<(), Pla
             )?;
         }
         MountKind::Overlay { lower, upper } => match (lower.as_slice(), upper) {
-            ([only], None) => {
-                b.mount(
-                    Some(only.as_os_str().as_bytes()),
-                    &target,
-                    None,
-                    MsFlags::MS_BIND | MsFlags::MS_REC,
-                    None,
-                    format!("bind-mounting `{}` at `{t}`", only.display()),
-                )?;
-                b.mount(
-                    None,
-                    &target,
-                    None,
-                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                    None,
-                    format!("making `{t}` read-only"),
-                )?;
-            }
+            ([only], None) => b.bind(only, &target, &t, true)?,
             (_, upper) => {
                 let pair = upper.as_ref().map(|(u, w)| (u.as_path(), w.as_path()));
                 let what = match pair {
