@@ -764,7 +764,6 @@ pub fn cmd_info(containers: &Containers, g: &Globals) -> anyhow::Result<ExitCode
     println!("Kiln Root Dir: {}", g.root.display());
     let scratch = g.root.join("tmp");
     let _ = std::fs::create_dir_all(&scratch);
-    kiln_runtime::snapshotter::set_scratch(&scratch);
     match kiln_runtime::snapshotter::choice() {
         Ok(c) => println!("Snapshotter: {}", c.reason),
         Err(e) => println!("Snapshotter: none: {e}"),
