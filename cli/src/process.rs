@@ -75,6 +75,7 @@ pub fn enter(root: &Path, rootless: bool, debug: bool) -> Result<(), String> {
         .init();
     kiln_runtime::snapshotter::check_env().map_err(|e| e.to_string())?;
     kiln_runtime::snapshotter::set_scratch(&root.join("tmp"));
+    kiln_runtime::userns::set_fallback_runtime_dir(root.join("cache").join("run"));
     if kiln_runtime::userns::in_user_namespace() {
         tracing::debug!(
             "rootless: in a user namespace (uid 0 is host uid {}); RUN network: {}",

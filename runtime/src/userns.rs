@@ -104,6 +104,14 @@ pub fn map_args(own: u32, ranges: &[IdRange]) -> Vec<String> {
 const UNKNOWN: u8 = 0;
 const INITIAL: u8 = 1;
 const NESTED: u8 = 2;
+static FALLBACK_RUNTIME_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// The last candidate of [`runtime_dir`] in a user namespace: a directory under kiln's store,
+/// which the user always owns. Set once, before the first use; later calls change nothing.
+pub fn set_fallback_runtime_dir(dir: PathBuf) {
+    let _ = FALLBACK_RUNTIME_DIR.set(dir);
+}
+
 static STATE: AtomicU8 = AtomicU8::new(UNKNOWN);
 
 /// Whether `uid_map` text is the initial user namespace's identity map.
@@ -150,8 +158,8 @@ pub fn host_uid() -> u32 {
 
 /// The directory for kiln's per-boot state (caches that die with the machine): `/run/kiln`, or in
 /// a user namespace, where `/run` is not ours, the first of `$XDG_RUNTIME_DIR/kiln`, `/tmp/kiln-UID`
-/// (UID the host uid) and `$XDG_CACHE_HOME/kiln` (`~/.cache/kiln`) that is a directory of ours
-/// no one else may write.
+/// (UID the host uid), `$XDG_CACHE_HOME/kiln` (`~/.cache/kiln`) and the directory given to
+/// [`set_fallback_runtime_dir`] (the store's) that is a directory of ours no one else may write.
 pub fn runtime_dir() -> Option<PathBuf> {
     if !in_user_namespace() {
         return Some(PathBuf::from("/run/kiln"));
@@ -170,6 +178,8 @@ pub fn runtime_dir() -> Option<PathBuf> {
             }
         }
     }
+    // Where none of those is ours (no /tmp for users, HOME another user's, as under `setpriv`).
+    candidates.extend(FALLBACK_RUNTIME_DIR.get().cloned());
     candidates.into_iter().find(|dir| {
         use std::os::unix::fs::{DirBuilderExt, MetadataExt};
         let _ = std::fs::DirBuilder::new().mode(0o700).recursive(true).create(dir);
