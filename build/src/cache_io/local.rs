@@ -192,12 +192,16 @@ pub(crate) fn export(
             let mut input = open()?;
             match planned.compression {
                 Compression::Zstd => {
-                    let mut enc = zstd::stream::write::Encoder::new(w, 3)?;
+                    let mut enc =
+                        zstd::stream::write::Encoder::new(w, kiln_source::registry::push::ZSTD_LEVEL)?;
                     std::io::copy(&mut input, &mut enc)?;
                     enc.finish()?;
                 }
                 _ => {
-                    let mut enc = flate2::write::GzEncoder::new(w, flate2::Compression::new(1));
+                    let mut enc = flate2::write::GzEncoder::new(
+                        w,
+                        flate2::Compression::new(kiln_source::registry::push::GZIP_LEVEL),
+                    );
                     std::io::copy(&mut input, &mut enc)?;
                     enc.finish()?;
                 }

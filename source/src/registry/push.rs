@@ -25,12 +25,16 @@ use super::client::{push_scope, Client, ClientError, Payload};
 use super::meta::{BlobMeta, Compressed};
 use super::{media, parallel, TransferEvent, TransferProgress};
 
-/// gzip level for layers compressed on push: fastest, as the transfer, not the size, dominates
-/// on the networks builds push over.
-const GZIP_LEVEL: u32 = 1;
+/// gzip level for layers kiln compresses (push, cache export): 2, the fastest level of zlib-rs
+/// that still stores a block it cannot shrink. Level 1 is zlib-rs's "quick" mode, which codes
+/// every block with the fixed Huffman table: already-compressed data (archives, images, random
+/// bytes) grows by 5.5% and inflates at 160 MB/s instead of being copied at 1.1 GB/s (measured on
+/// 16 MiB of random bytes); on `/usr/bin` as a tar level 2 is 17% smaller and half as fast to
+/// compress (73 against 134 MB/s), still faster than Go's default level BuildKit uses.
+pub const GZIP_LEVEL: u32 = 2;
 
 /// zstd level for layers compressed on push: BuildKit's default.
-const ZSTD_LEVEL: i32 = 3;
+pub const ZSTD_LEVEL: i32 = 3;
 
 /// A failure of a push; every variant names the reference.
 #[derive(Debug, thiserror::Error)]
