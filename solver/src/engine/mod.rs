@@ -200,8 +200,9 @@ pub struct Engine {
     /// An empty directory (the lower dir of a scratch-based overlay).
     empty: PathBuf,
     contexts: Mutex<HashMap<String, Arc<LocalContext>>>,
-    /// Serialises unpacking per snapshot key within this process.
-    unpack_lock: tokio::sync::Mutex<()>,
+    /// Serialises unpacking per snapshot key within this process (one download and one unpack
+    /// of a layer however many steps want it; different layers proceed side by side).
+    unpack_locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     /// Git and HTTP sources: resolved commits and downloads made for keys.
     remote: remote::RemoteState,
     /// Removals of duplicate results running beside the build; joined when the engine is
@@ -324,7 +325,7 @@ impl Engine {
             scratch,
             empty,
             contexts: Mutex::new(HashMap::new()),
-            unpack_lock: tokio::sync::Mutex::new(()),
+            unpack_locks: Mutex::default(),
             remote: remote::RemoteState::default(),
             removals: Mutex::new(Vec::new()),
             durable: kiln_cache::durable::Durable::new(),
@@ -484,18 +485,24 @@ impl Engine {
     /// Makes sure every layer of `layers` is unpacked and returns their directories, TOP FIRST
     /// (overlay's lowerdir order).
     async fn lower_dirs(&self, layers: &[Layer]) -> Result<Vec<PathBuf>, EngineError> {
-        let mut out = Vec::with_capacity(layers.len());
-        for l in layers.iter().rev() {
-            out.push(self.ensure_unpacked(l).await?);
-        }
-        Ok(out)
+        // All layers at once: each is a download and a directory of its own, and the work runs
+        // on blocking threads, so a fresh runner's imported cache or a new base image is fetched
+        // and unpacked on every core instead of one layer after another.
+        futures_util::future::try_join_all(layers.iter().rev().map(|l| self.ensure_unpacked(l))).await
     }
 
     async fn ensure_unpacked(&self, l: &Layer) -> Result<PathBuf, EngineError> {
         if let Some(s) = self.snapshots.get(&l.snapshot) {
             return Ok(s.path);
         }
-        let _guard = self.unpack_lock.lock().await;
+        let lock = self
+            .unpack_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(l.snapshot)
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
         if let Some(s) = self.snapshots.get(&l.snapshot) {
             return Ok(s.path);
         }
