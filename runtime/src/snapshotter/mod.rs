@@ -174,7 +174,7 @@ fn choose() -> Result<Choice, String> {
         });
     }
     let scratch = SCRATCH.get().cloned().unwrap_or_else(std::env::temp_dir);
-    let refused = match probe_kernel(&scratch) {
+    let refused = match probe_kernel_remembered(&scratch) {
         Ok(()) => {
             return Ok(Choice {
                 kind: Snapshotter::Overlay,
@@ -199,6 +199,34 @@ fn choose() -> Result<Choice, String> {
             ),
         }),
     }
+}
+
+/// [`probe_kernel`], remembered for the boot when it succeeds: its mount, unmount and the removal
+/// of overlay's work directories cost several milliseconds of every rootless command (more than
+/// the rest of a cached rebuild). The mark's name holds the boot, the kernel release and the
+/// scratch directory's filesystem type, the three things the answer depends on; a refusal is not
+/// remembered (the fallbacks are taken, and the next process asks again).
+fn probe_kernel_remembered(scratch: &Path) -> Result<(), String> {
+    let mark = crate::userns::runtime_dir().and_then(|dir| probe_mark(&dir, scratch));
+    if mark.as_ref().is_some_and(|m| m.is_file()) {
+        return Ok(());
+    }
+    probe_kernel(scratch)?;
+    if let Some(m) = mark {
+        // A mark that cannot be written costs the next process a probe, no more.
+        let _ = m.parent().map(std::fs::create_dir_all);
+        let _ = std::fs::File::create(&m);
+    }
+    Ok(())
+}
+
+fn probe_mark(dir: &Path, scratch: &Path) -> Option<PathBuf> {
+    use sha2::Digest as _;
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let fs = nix::sys::statfs::statfs(scratch).ok()?.filesystem_type();
+    let key = sha2::Sha256::digest(format!("{}|{}|{:x}", boot.trim(), release.trim(), fs.0));
+    Some(dir.join("overlay-probe").join(hex::encode(&key[..16])))
 }
 
 /// Mounts a small kernel overlay under `scratch` to see whether the kernel allows it here.
