@@ -33,6 +33,7 @@ use std::fs;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
 use crate::spec::{EtcFiles, Network};
 
@@ -316,9 +317,25 @@ pub fn setup(id: &str, request: &NetRequest) -> Result<Endpoint, NetError> {
 pub struct HeldEndpoint {
     /// The endpoint; its `netns` is `/proc/<pid>/fd/<fd>` of this process.
     pub endpoint: Endpoint,
-    /// In a user namespace: the user-mode network helper that connects it (no bridge, no
-    /// address of the bridge's subnet).
-    usermode: Option<usermode::UserNet>,
+    /// The namespace: this endpoint's own, or in a user namespace the process's shared one.
+    ns: HeldNs,
+}
+
+#[derive(Debug)]
+enum HeldNs {
+    /// On the bridge: the namespace's descriptor.
+    Own { _ns: std::os::fd::OwnedFd },
+    /// In a user namespace (rootless mode): the namespace every RUN step of this process
+    /// shares, connected by one user-mode network helper ([`usermode`]).
+    Shared(Arc<SharedUserNet>),
+}
+
+/// A network namespace connected by a user-mode helper, which stops when this is dropped or the
+/// process ends (it watches a pipe of ours).
+#[derive(Debug)]
+struct SharedUserNet {
+    net: usermode::UserNet,
+    path: PathBuf,
     _ns: std::os::fd::OwnedFd,
 }
 
@@ -330,7 +347,10 @@ impl HeldEndpoint {
 
     /// The user-mode network tool connecting it, in rootless mode.
     pub fn usermode_tool(&self) -> Option<usermode::Tool> {
-        self.usermode.as_ref().map(|u| u.tool())
+        match &self.ns {
+            HeldNs::Shared(s) => Some(s.net.tool()),
+            HeldNs::Own { .. } => None,
+        }
     }
 }
 
@@ -373,14 +393,12 @@ pub fn setup_held(id: &str, request: &NetRequest) -> Result<HeldEndpoint, NetErr
     match connect(&endpoint, bridge_index, Some(inner)) {
         Ok(()) => Ok(HeldEndpoint {
             endpoint,
-            usermode: None,
-            _ns: ns,
+            ns: HeldNs::Own { _ns: ns },
         }),
         Err(e) => {
             let _ = teardown_held(HeldEndpoint {
                 endpoint,
-                usermode: None,
-                _ns: ns,
+                ns: HeldNs::Own { _ns: ns },
             });
             Err(e)
         }
@@ -391,20 +409,39 @@ pub fn setup_held(id: &str, request: &NetRequest) -> Result<HeldEndpoint, NetErr
 const USERMODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 100);
 const USERMODE_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 
+/// The user-mode network of this process's RUN steps: made by the first step that wants a
+/// network and kept until the process ends (the helper then sees its exit pipe close), or made
+/// again should the helper have died. All steps of a build share it, as BuildKit's rootless
+/// worker runs its steps in the network namespace of rootlesskit: starting slirp4netns (its
+/// sandbox, seccomp filter and configuration) for every step cost 16 ms of each networked RUN.
+/// The steps get Docker's default capabilities, without `CAP_NET_ADMIN`, so none can change
+/// the namespace's addresses, routes or firewall for the next.
 fn setup_usermode(id: &str) -> Result<HeldEndpoint, NetError> {
-    let (tool, exe) = usermode::find()?;
-    let (ns, ()) = netns::create_held(|| ())?;
-    let netns_path = PathBuf::from(format!(
-        "/proc/{}/fd/{}",
-        std::process::id(),
-        std::os::fd::AsRawFd::as_raw_fd(&ns)
-    ));
-    let helper = usermode::connect(&netns_path, tool, &exe)?;
-    tracing::debug!("RUN network `{id}`: {}", tool.name());
+    static SHARED: Mutex<Option<Arc<SharedUserNet>>> = Mutex::new(None);
+    let shared = {
+        let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref().filter(|s| s.net.is_running()) {
+            Some(s) => s.clone(),
+            None => {
+                let (tool, exe) = usermode::find()?;
+                let (ns, ()) = netns::create_held(|| ())?;
+                let path = PathBuf::from(format!(
+                    "/proc/{}/fd/{}",
+                    std::process::id(),
+                    std::os::fd::AsRawFd::as_raw_fd(&ns)
+                ));
+                let net = usermode::connect(&path, tool, &exe)?;
+                let s = Arc::new(SharedUserNet { net, path, _ns: ns });
+                *slot = Some(s.clone());
+                s
+            }
+        }
+    };
+    tracing::debug!("RUN network `{id}`: {}", shared.net.tool().name());
     Ok(HeldEndpoint {
         endpoint: Endpoint {
             id: id.to_string(),
-            netns: netns_path,
+            netns: shared.path.clone(),
             ip: USERMODE_IP,
             prefix_len: 24,
             gateway: USERMODE_GATEWAY,
@@ -412,16 +449,15 @@ fn setup_usermode(id: &str) -> Result<HeldEndpoint, NetError> {
             host_veth: String::new(),
             config: NetConfig::default(),
         },
-        usermode: Some(helper),
-        _ns: ns,
+        ns: HeldNs::Shared(shared),
     })
 }
 
 /// Releases a [`HeldEndpoint`]'s address and closes its namespace (the kernel removes the veth
 /// pair once no process is left in it).
 pub fn teardown_held(held: HeldEndpoint) -> Result<(), NetError> {
-    if held.usermode.is_some() {
-        return Ok(()); // dropping it stops the helper; no address was allocated
+    if matches!(held.ns, HeldNs::Shared(_)) {
+        return Ok(()); // the last holder's drop stops the helper; no address was allocated
     }
     let config = &held.endpoint.config;
     let lock = ipam::lock(&config.state_dir, &config.bridge)?;

@@ -91,6 +91,19 @@ impl UserNet {
     pub fn tool(&self) -> Tool {
         self.tool
     }
+
+    /// Whether the helper still runs (has not exited; its exit is left to be reaped on drop).
+    pub fn is_running(&self) -> bool {
+        use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        matches!(
+            waitid(
+                Id::Pid(pid),
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT
+            ),
+            Ok(WaitStatus::StillAlive)
+        )
+    }
 }
 
 impl Drop for UserNet {
