@@ -599,6 +599,7 @@ impl Planned {
                 proxy_env: self.lowered[0].proxy_env.clone(),
                 source_date_epoch: req.source_date_epoch,
                 cache_source: None,
+                isolation: req.isolation,
             },
             // Steps mostly wait on processes and disks rather than on CPU (BuildKit sets no
             // limit at all), so by default several steps per CPU may run at once.

@@ -142,6 +142,9 @@ pub struct BuildRequest {
     /// `--network`: RUN steps' network unless they say (`Host` needs `entitlements.network_host`,
     /// which buildx grants with it).
     pub network: kiln_dag::NetworkMode,
+    /// `--isolation`: how RUN steps are set apart from kiln's own environment (chroot: inside
+    /// an unprivileged container). Never part of a cache key: the result is the same.
+    pub isolation: kiln_solver::Isolation,
     /// `--add-host`: (name, address) entries in every RUN step's `/etc/hosts`.
     pub extra_hosts: Vec<(String, String)>,
     /// `--shm-size`: the size of every RUN step's `/dev/shm` in bytes; `None` = 64 MiB.
@@ -186,6 +189,7 @@ impl BuildRequest {
             keep_git_dir: false,
             jobs: None,
             network: kiln_dag::NetworkMode::Default,
+            isolation: kiln_solver::Isolation::Default,
             extra_hosts: Vec::new(),
             shm_size: None,
             ulimits: Vec::new(),

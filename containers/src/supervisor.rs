@@ -807,6 +807,8 @@ fn container_spec(
             // Docker's 64 MiB /dev/shm and the supervisor's own limits.
             shm_size: None,
             rlimits: Vec::new(),
+            // `kiln run` has no chroot isolation (yet): a container gets its own pid namespace.
+            isolation: kiln_runtime::Isolation::Default,
         },
     })
 }

@@ -41,6 +41,7 @@ pub mod exec;
 pub mod host;
 pub mod hostmount;
 pub mod init;
+pub mod isolation;
 pub mod layers;
 pub mod net;
 pub mod plan;
@@ -56,6 +57,6 @@ pub mod users;
 
 pub use sandbox::{start, ExitStatus, Running, RuntimeError};
 pub use spec::{
-    CgroupSpec, ContainerSpec, EtcFiles, MountSpec, Network, Rlimit, Rootfs, RunOptions, Security,
+    CgroupSpec, ContainerSpec, EtcFiles, Isolation, MountSpec, Network, Rlimit, Rootfs, RunOptions, Security,
 };
 pub use users::{lookup_group, lookup_user, resolve_user, Groups, ResolvedUser, UserError};

@@ -178,6 +178,9 @@ pub struct PlanInput {
     /// kiln runs in a user namespace (rootless mode): device nodes are bind-mounted from the
     /// host's `/dev` (mknod is refused) and `/sys` of the host's network namespace is a bind.
     pub userns: bool,
+    /// `/proc` is the runtime's own, bound recursively (chroot isolation: no pid namespace of
+    /// its own, so no procfs of its own) instead of a fresh procfs.
+    pub bind_proc: bool,
     /// Host path of the runtime's run dir: the child mounts a tmpfs over it (in its private mount
     /// namespace, so nothing is written to the host's disk) and creates `scratch` in it.
     pub run_dir: PathBuf,
@@ -909,6 +912,16 @@ fn rootfs(b: &mut Builder, input: &PlanInput) -> Result<(), PlanError> {
 /// `/proc`.
 fn proc(b: &mut Builder, input: &PlanInput) -> Result<(), PlanError> {
     let at = |rel: &Path| input.root.join(rel);
+    if input.bind_proc {
+        return b.mount(
+            Some(b"/proc"),
+            &at(&input.proc_dir),
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+            format!("bind-mounting `/proc` at `{}`", shown(&input.proc_dir)),
+        );
+    }
     b.mount(
         Some(b"proc"),
         &at(&input.proc_dir),
@@ -1071,9 +1084,10 @@ fn sys(b: &mut Builder, input: &PlanInput) -> Result<(), PlanError> {
     } else {
         nosuid_noexec_nodev() | MsFlags::MS_RDONLY
     };
-    if input.userns && input.network == NetPlan::Host {
+    if input.userns && (input.network == NetPlan::Host || input.bind_proc) {
         // sysfs may only be mounted by the owner of the network namespace, which the host's is
-        // not: the host's /sys, bound read-only.
+        // not, and (chroot isolation) not where the runtime's own /sys is partly masked: the
+        // host's /sys, bound read-only.
         b.mount(
             Some(b"/sys"),
             &at(&input.sys_dir),
@@ -1634,6 +1648,7 @@ mod tests {
     fn input() -> PlanInput {
         PlanInput {
             userns: false,
+            bind_proc: false,
             run_dir: PathBuf::from("/s"),
             scratch: vec![
                 ScratchEntry::Dir("/s/root".into()),

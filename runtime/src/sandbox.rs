@@ -177,6 +177,21 @@ pub enum RuntimeError {
         #[source]
         source: Errno,
     },
+    /// A setup step the kernel refuses inside an unprivileged container (a fresh procfs where
+    /// the runtime's own `/proc` is partly masked).
+    #[error(
+        "failed to set up the container: {step}, which the kernel refuses inside an unprivileged \
+         container whose /proc is masked (a process there cannot have a pid namespace of its own): \
+         build with `kiln build --isolation=chroot` (`KILN_ISOLATION=chroot`), whose RUN steps do \
+         without one (`kiln run` has no such mode)"
+    )]
+    NeedsChroot {
+        /// The step, naming its path.
+        step: String,
+        /// The errno.
+        #[source]
+        source: Errno,
+    },
     /// The command could not be executed (not found in `PATH`, not executable, ...).
     #[error("failed to execute `{command}` in the container")]
     Exec {
@@ -699,8 +714,17 @@ fn planned_mounts(
 }
 
 /// The network step and the namespaces to clone; a joined namespace's descriptor goes to `keep`.
-fn network_plan(network: &Network, keep: &mut Vec<OwnedFd>) -> Result<(NetPlan, i32), RuntimeError> {
-    let mut namespaces = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+fn network_plan(
+    network: &Network,
+    isolation: crate::spec::Isolation,
+    keep: &mut Vec<OwnedFd>,
+) -> Result<(NetPlan, i32), RuntimeError> {
+    let mut namespaces = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    if isolation == crate::spec::Isolation::Default {
+        // Chroot isolation stays in the runtime's pid namespace: a new one needs a fresh procfs,
+        // which the kernel refuses where the runtime's own /proc is partly masked.
+        namespaces |= libc::CLONE_NEWPID;
+    }
     let network = match network {
         Network::Host => NetPlan::Host,
         Network::None => {
@@ -827,7 +851,7 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
     };
 
     let mut keep = Vec::new();
-    let (network, namespaces) = network_plan(&spec.network, &mut keep)?;
+    let (network, namespaces) = network_plan(&spec.network, spec.options.isolation, &mut keep)?;
 
     let stdio = stdio_fds(&spec, &mut keep)?;
 
@@ -863,6 +887,7 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
     });
     let input = PlanInput {
         userns: crate::userns::in_user_namespace(),
+        bind_proc: spec.options.isolation == crate::spec::Isolation::Chroot,
         run_dir: run_dir.to_path_buf(),
         scratch,
         root,
@@ -1050,6 +1075,9 @@ pub(crate) fn setup_error(plan: &Plan, report: &[u8], command: String) -> Runtim
             command,
             source: errno,
         };
+    }
+    if crate::isolation::refused_by_outer_container(&step, errno) {
+        return RuntimeError::NeedsChroot { step, source: errno };
     }
     RuntimeError::Setup { step, source: errno }
 }

@@ -218,6 +218,22 @@ pub struct RunOptions {
     /// process still has `CAP_SYS_RESOURCE` (so a hard limit may be raised); the others are
     /// inherited from the runtime's process, as runc leaves them.
     pub rlimits: Vec<Rlimit>,
+    /// How the process is set apart from the environment the runtime runs in.
+    pub isolation: Isolation,
+}
+
+/// How a container is set apart from the environment the runtime itself runs in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Isolation {
+    /// Namespaces of its own for mounts, pids, hostname, IPC (and the network the spec asks
+    /// for), a fresh `/proc`.
+    #[default]
+    Default,
+    /// For a runtime that itself runs in an unprivileged container (no `CAP_SYS_ADMIN` outside
+    /// its user namespace, `/proc` partly masked, so that the kernel refuses a fresh procfs): own
+    /// mount, hostname and IPC namespaces and its own root, but the runtime's pid namespace and
+    /// its `/proc` and `/sys` bound in (see [`crate::isolation`]).
+    Chroot,
 }
 
 /// One resource limit: a resource by Docker's `--ulimit` name (`nofile`, `nproc`, `core`,

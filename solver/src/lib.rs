@@ -9,6 +9,8 @@
 pub mod cachekey;
 pub mod context;
 pub mod engine;
+/// How RUN steps are set apart from kiln's own environment ([`engine::EngineOptions::isolation`]).
+pub use kiln_runtime::Isolation;
 pub mod fileop;
 pub mod progress;
 pub mod scheduler;

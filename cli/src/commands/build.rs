@@ -74,6 +74,9 @@ pub struct BuildArgs {
     /// Set the networking mode for the RUN instructions during build (default, none, host)
     #[arg(long, default_value = "default")]
     pub network: String,
+    /// How RUN steps are isolated: default, or chroot for kiln inside an unprivileged container (no pid namespace; the container's network where no other can be made)
+    #[arg(long, env = "KILN_ISOLATION", default_value = "default")]
+    pub isolation: String,
     /// Add a custom host-to-IP mapping (format: "host:ip")
     #[arg(long = "add-host")]
     pub add_hosts: Vec<String>,
@@ -444,6 +447,24 @@ fn parse_add_host(h: &str) -> anyhow::Result<(String, String)> {
     Ok((host.to_string(), addr.to_string()))
 }
 
+/// Parses `--isolation` (or `KILN_ISOLATION`).
+pub fn parse_isolation(s: &str) -> anyhow::Result<kiln_runtime::Isolation> {
+    kiln_runtime::Isolation::parse(s).ok_or_else(|| {
+        anyhow::anyhow!("invalid --isolation (or KILN_ISOLATION) `{s}`: expected default or chroot")
+    })
+}
+
+/// The warning a build with chroot isolation starts with: what its RUN steps lack.
+fn warn_isolation(isolation: kiln_runtime::Isolation) {
+    if isolation == kiln_runtime::Isolation::Chroot {
+        let lost = kiln_runtime::isolation::chroot_losses(kiln_runtime::isolation::own_network());
+        eprintln!(
+            "WARNING: --isolation=chroot: RUN steps lack, compared with the default isolation: {}",
+            lost.join("; ")
+        );
+    }
+}
+
 /// The flags as a build request.
 fn request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
     let platforms = match &args.platform {
@@ -520,6 +541,7 @@ fn request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
     req.keep_git_dir = env_truthy("BUILDKIT_CONTEXT_KEEP_GIT_DIR");
     req.jobs = args.jobs;
     req.network = network;
+    req.isolation = parse_isolation(&args.isolation)?;
     req.extra_hosts = extra_hosts;
     // buildx: `--shm-size` in Docker's size syntax; 0 (or none) keeps the 64 MiB default.
     req.shm_size = match args.shm_size.as_deref() {
@@ -647,6 +669,7 @@ pub fn run(args: BuildArgs, g: &Globals) -> anyhow::Result<std::process::ExitCod
 
     let req = request(&args)?;
     let call = parse_call(&args)?;
+    warn_isolation(req.isolation);
     let progress_mode: crate::progress::ProgressMode = if args.quiet {
         crate::progress::ProgressMode::Quiet
     } else {

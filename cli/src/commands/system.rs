@@ -781,6 +781,14 @@ pub fn cmd_info(containers: &Containers, g: &Globals) -> anyhow::Result<ExitCode
         println!("Rootless: no");
         println!("RUN Network: bridge {}", kiln_runtime::net::DEFAULT_BRIDGE);
     }
+    let isolation = std::env::var("KILN_ISOLATION").unwrap_or_default();
+    let isolation = match isolation.as_str() {
+        "" => kiln_runtime::Isolation::Default,
+        s => super::build::parse_isolation(s)?,
+    };
+    println!("Isolation: {}", isolation.name());
+    let lost = kiln_runtime::isolation::chroot_losses(kiln_runtime::isolation::own_network());
+    println!("Chroot Isolation Lacks: {}", lost.join("; "));
     Ok(ExitCode::SUCCESS)
 }
 

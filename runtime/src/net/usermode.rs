@@ -28,6 +28,12 @@ pub enum UserNetError {
          with a network, and it is not on PATH (`pasta` is not supported); or use `--network none`"
     )]
     NoTool,
+    #[error(
+        "a RUN step or container with a network needs `/dev/net/tun` for `slirp4netns` in rootless \
+         mode, and it cannot be opened ({0}); inside an unprivileged container build with \
+         `--isolation=chroot` (RUN steps then use the container's network), or use `--network none`"
+    )]
+    NoTun(#[source] std::io::Error),
     #[error("failed to create a pipe for `{tool}`: {source}")]
     Pipe {
         tool: &'static str,
@@ -72,9 +78,15 @@ fn on_path(name: &str) -> Option<PathBuf> {
 
 /// The tool to use and its path.
 pub fn find() -> Result<(Tool, PathBuf), UserNetError> {
-    on_path(Tool::Slirp4netns.name())
+    let found = on_path(Tool::Slirp4netns.name())
         .map(|p| (Tool::Slirp4netns, p))
-        .ok_or(UserNetError::NoTool)
+        .ok_or(UserNetError::NoTool)?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(UserNetError::NoTun)?;
+    Ok(found)
 }
 
 /// A running helper that connects one network namespace; stops it when dropped.

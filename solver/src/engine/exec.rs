@@ -254,6 +254,7 @@ impl Engine {
                 mount_points_in_rootfs: true,
                 shm_size: e.shm_size,
                 rlimits: rlimits(&e.ulimits),
+                isolation: self.opts.isolation,
                 ..Default::default()
             },
         };
@@ -324,6 +325,14 @@ impl Engine {
         security: Security,
     ) -> Result<(Network, Option<Lease<'_>>), SolveError> {
         match mode {
+            // Chroot isolation where no namespace can be connected (an unprivileged container
+            // without /dev/net/tun): the container's own network, as the build's start said.
+            NetworkMode::Default
+                if self.opts.isolation == kiln_runtime::Isolation::Chroot
+                    && !kiln_runtime::isolation::own_network() =>
+            {
+                Ok((Network::Host, None))
+            }
             NetworkMode::Default => {
                 let ep = tokio::task::block_in_place(|| self.networks.take())?;
                 let network = ep.network();

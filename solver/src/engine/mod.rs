@@ -87,6 +87,8 @@ pub struct EngineOptions {
     pub source_date_epoch: Option<i64>,
     /// An imported build cache (`--cache-from`), asked when the local index misses.
     pub cache_source: Option<Arc<dyn CacheSource>>,
+    /// How RUN steps are set apart from kiln's own environment (`--isolation`).
+    pub isolation: kiln_runtime::Isolation,
 }
 
 /// Errors of the concrete ops.
