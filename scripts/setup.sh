@@ -4,7 +4,7 @@
 set -euo pipefail
 need=()
 for pkg in busybox-static sudo libseccomp-dev pkg-config docker.io docker-registry skopeo umoci git apache2-utils uidmap slirp4netns fuse-overlayfs iproute2 iptables \
-           bzip2 xz-utils zstd curl python3 time qemu-user-static; do
+           bzip2 xz-utils zstd curl python3 time qemu-user-static debootstrap; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

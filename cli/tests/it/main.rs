@@ -16,6 +16,7 @@ mod gc;
 mod harness;
 mod hostile;
 mod multiplatform;
+mod nested;
 mod orphans;
 mod progress;
 mod publish;
