@@ -11,13 +11,15 @@
 //! reason, and usually has no `/dev/net/tun` for a user-mode network. Chroot isolation gives each
 //! RUN step what is left: its own mount namespace and root (overlayfs or the copying
 //! snapshotter), hostname and IPC namespaces, Docker's capabilities, seccomp filter and masked
-//! paths, with the runtime's `/proc` and `/sys` bound in and the container's network when
+//! paths, with the runtime's `/sys` bound in, its `/proc` too and no pid namespace when
+//! [`own_pid_namespace`] finds a procfs refused, and the container's network when
 //! [`own_network`] says no user-mode network can be made. Buildah calls the same trade
 //! `--isolation=chroot`; BuildKit's is `--oci-worker-no-process-sandbox`.
 
 use nix::errno::Errno;
 
 use crate::spec::Isolation;
+use crate::sys::Sys as _;
 
 impl Isolation {
     /// The name `--isolation` takes.
@@ -44,14 +46,52 @@ pub fn own_network() -> bool {
     !crate::userns::in_user_namespace() || crate::net::usermode::find().is_ok()
 }
 
+/// Whether a process here may have a pid namespace and a procfs of its own: a child cloned into
+/// new pid and mount namespaces mounts a procfs over `/proc` (in its private mount namespace,
+/// so nothing stays). As root, or where the container's `/proc` is unmasked (Kubernetes'
+/// `procMount: Unmasked`, Docker's `systempaths=unconfined`), it may; where parts of it are
+/// masked the kernel refuses. Asked once per process.
+pub fn own_pid_namespace() -> bool {
+    static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| {
+        if !crate::userns::in_user_namespace() {
+            return true;
+        }
+        match crate::sys::clone_child(libc::CLONE_NEWPID | libc::CLONE_NEWNS) {
+            Ok(crate::sys::Cloned::Child) => {
+                // In the child of a possibly multithreaded process: system calls only.
+                let sys = crate::sys::RealSys;
+                let private = nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE;
+                let fresh = nix::mount::MsFlags::MS_NOSUID
+                    | nix::mount::MsFlags::MS_NODEV
+                    | nix::mount::MsFlags::MS_NOEXEC;
+                let ok = sys.mount(None, c"/", None, private, None).is_ok()
+                    && sys
+                        .mount(Some(c"proc"), c"/proc", Some(c"proc"), fresh, None)
+                        .is_ok();
+                crate::sys::exit_child(if ok { 0 } else { 1 })
+            }
+            Ok(crate::sys::Cloned::Parent(pid)) => {
+                matches!(crate::sys::wait_pid(pid, true), Ok(crate::sys::Exit::Code(0)))
+            }
+            Err(_) => false,
+        }
+    })
+}
+
 /// What a process started with chroot isolation lacks compared with the default isolation, one
-/// phrase each; `own_network` as [`own_network`] says.
-pub fn chroot_losses(own_network: bool) -> Vec<&'static str> {
-    let mut lost = vec![
-        "no pid namespace: a step sees the build's processes and may signal or trace kiln's own, \
-         and what it leaves running in the background is not ended with it",
-        "/proc and /sys are kiln's, bound in (Docker's masked paths masked again)",
-    ];
+/// phrase each; `own_network` and `own_pids` as [`own_network`] and [`own_pid_namespace`] say.
+pub fn chroot_losses(own_network: bool, own_pids: bool) -> Vec<&'static str> {
+    let mut lost = Vec::new();
+    if !own_pids {
+        lost.push(
+            "no pid namespace: a step sees the build's processes and may signal or trace kiln's \
+             own, and what it leaves running in the background is not ended with it",
+        );
+        lost.push("/proc and /sys are kiln's, bound in (Docker's masked paths masked again)");
+    } else {
+        lost.push("/sys is kiln's, bound in");
+    }
     if !own_network {
         lost.push(
             "no network namespace: steps use the container's network, including services on its \
@@ -83,8 +123,10 @@ mod tests {
     }
 
     #[test]
-    fn the_network_loss_is_stated_only_without_a_network_of_its_own() {
-        assert_eq!(chroot_losses(true).len(), 2);
-        assert!(chroot_losses(false)[2].contains("container's network"));
+    fn losses_are_stated_only_for_what_is_missing() {
+        assert_eq!(chroot_losses(true, false).len(), 2);
+        assert!(chroot_losses(false, false)[2].contains("container's network"));
+        let with_pids = chroot_losses(true, true).join("; ");
+        assert!(!with_pids.contains("pid namespace"), "{with_pids}");
     }
 }

@@ -181,6 +181,9 @@ pub struct PlanInput {
     /// `/proc` is the runtime's own, bound recursively (chroot isolation: no pid namespace of
     /// its own, so no procfs of its own) instead of a fresh procfs.
     pub bind_proc: bool,
+    /// `/sys` is the runtime's own, bound recursively and read-only (chroot isolation: where the
+    /// runtime's `/sys` is partly masked the kernel refuses a fresh sysfs).
+    pub bind_sys: bool,
     /// Host path of the runtime's run dir: the child mounts a tmpfs over it (in its private mount
     /// namespace, so nothing is written to the host's disk) and creates `scratch` in it.
     pub run_dir: PathBuf,
@@ -1084,7 +1087,7 @@ fn sys(b: &mut Builder, input: &PlanInput) -> Result<(), PlanError> {
     } else {
         nosuid_noexec_nodev() | MsFlags::MS_RDONLY
     };
-    if input.userns && (input.network == NetPlan::Host || input.bind_proc) {
+    if input.bind_sys || (input.userns && input.network == NetPlan::Host) {
         // sysfs may only be mounted by the owner of the network namespace, which the host's is
         // not, and (chroot isolation) not where the runtime's own /sys is partly masked: the
         // host's /sys, bound read-only.
@@ -1649,6 +1652,7 @@ mod tests {
         PlanInput {
             userns: false,
             bind_proc: false,
+            bind_sys: false,
             run_dir: PathBuf::from("/s"),
             scratch: vec![
                 ScratchEntry::Dir("/s/root".into()),

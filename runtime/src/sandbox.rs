@@ -720,7 +720,7 @@ fn network_plan(
     keep: &mut Vec<OwnedFd>,
 ) -> Result<(NetPlan, i32), RuntimeError> {
     let mut namespaces = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
-    if isolation == crate::spec::Isolation::Default {
+    if isolation == crate::spec::Isolation::Default || crate::isolation::own_pid_namespace() {
         // Chroot isolation stays in the runtime's pid namespace: a new one needs a fresh procfs,
         // which the kernel refuses where the runtime's own /proc is partly masked.
         namespaces |= libc::CLONE_NEWPID;
@@ -887,7 +887,9 @@ fn prepare(spec: ContainerSpec, run_dir: &Path) -> Result<Prepared, RuntimeError
     });
     let input = PlanInput {
         userns: crate::userns::in_user_namespace(),
-        bind_proc: spec.options.isolation == crate::spec::Isolation::Chroot,
+        bind_proc: spec.options.isolation == crate::spec::Isolation::Chroot
+            && !crate::isolation::own_pid_namespace(),
+        bind_sys: spec.options.isolation == crate::spec::Isolation::Chroot,
         run_dir: run_dir.to_path_buf(),
         scratch,
         root,

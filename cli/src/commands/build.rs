@@ -457,7 +457,10 @@ pub fn parse_isolation(s: &str) -> anyhow::Result<kiln_runtime::Isolation> {
 /// The warning a build with chroot isolation starts with: what its RUN steps lack.
 fn warn_isolation(isolation: kiln_runtime::Isolation) {
     if isolation == kiln_runtime::Isolation::Chroot {
-        let lost = kiln_runtime::isolation::chroot_losses(kiln_runtime::isolation::own_network());
+        let lost = kiln_runtime::isolation::chroot_losses(
+            kiln_runtime::isolation::own_network(),
+            kiln_runtime::isolation::own_pid_namespace(),
+        );
         eprintln!(
             "WARNING: --isolation=chroot: RUN steps lack, compared with the default isolation: {}",
             lost.join("; ")

@@ -787,7 +787,10 @@ pub fn cmd_info(containers: &Containers, g: &Globals) -> anyhow::Result<ExitCode
         s => super::build::parse_isolation(s)?,
     };
     println!("Isolation: {}", isolation.name());
-    let lost = kiln_runtime::isolation::chroot_losses(kiln_runtime::isolation::own_network());
+    let lost = kiln_runtime::isolation::chroot_losses(
+        kiln_runtime::isolation::own_network(),
+        kiln_runtime::isolation::own_pid_namespace(),
+    );
     println!("Chroot Isolation Lacks: {}", lost.join("; "));
     Ok(ExitCode::SUCCESS)
 }

@@ -112,6 +112,11 @@ fn kiln_image() -> &'static str {
 /// Runs `script` in kiln's image as uid 1000, unprivileged (seccomp unconfined, every capability
 /// but SETUID and SETGID dropped), with the cases and the busybox tar at `/in`; returns the output.
 fn in_container(cases: &Path, script: &str) -> std::process::Output {
+    in_container_with(cases, &[], script)
+}
+
+/// [`in_container`] with extra `docker run` options.
+fn in_container_with(cases: &Path, options: &[&str], script: &str) -> std::process::Output {
     let image = kiln_image();
     let bb = busybox_tar();
     Command::new(docker())
@@ -133,6 +138,7 @@ fn in_container(cases: &Path, script: &str) -> std::process::Output {
         .arg(format!("{}:/in/cases:ro", cases.display()))
         .arg("-v")
         .arg(format!("{}:/in/busybox.tar:ro", bb.display()))
+        .args(options)
         .args([image, "sh", "-c", script])
         .output()
         .expect("spawn docker run")
@@ -233,4 +239,57 @@ fn nested_unprivileged_container_without_chroot_isolation_fails_naming_it() {
     assert!(stderr.contains("mounting proc"), "{stderr}");
     assert!(stderr.contains("--isolation=chroot"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn nested_chroot_isolation_keeps_a_pid_namespace_where_proc_is_unmasked() {
+    let host = Env::new();
+    host.with_busybox();
+    let cases = cases_dir(host.dir.path());
+    // A step that records its own pid and how many processes it sees.
+    let ps = cases.join("ps");
+    std::fs::create_dir_all(&ps).expect("mkdir");
+    std::fs::write(
+        ps.join("Dockerfile"),
+        "FROM busybox:local\nRUN echo $$ > /pid && ls /proc | grep -c '^[0-9]' > /procs\n",
+    )
+    .expect("write");
+    sh(Command::new("chmod").arg("-R").arg("a+rX").arg(&ps));
+    // Docker's `systempaths=unconfined` (Kubernetes' `procMount: Unmasked`): a fresh procfs is
+    // allowed, so steps keep a pid namespace; the network is still the container's.
+    let out = in_container_with(
+        &cases,
+        &["--security-opt", "systempaths=unconfined"],
+        &format!(
+            "{} id=$(kiln build -q --isolation=chroot /in/cases/ps); \
+             kiln run --rm --network none $id cat /pid /procs",
+            build_script("", "--isolation=chroot")
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "kiln in the container failed\n{}",
+        frame(&out)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("WARNING: --isolation=chroot"), "{stderr}");
+    assert!(!stderr.contains("no pid namespace"), "{stderr}");
+    assert!(stderr.contains("no network namespace"), "{stderr}");
+    let ids: Vec<&str> = stdout.lines().filter(|l| l.starts_with("sha256:")).collect();
+    assert_eq!(ids.len(), CASES.len(), "{stdout}");
+    for (case, id) in CASES.iter().zip(&ids) {
+        let dir = cases.join(case);
+        let rootful = host.ok(&["build", "-q", "--build-arg", EPOCH, dir.to_str().expect("utf-8")]);
+        assert_eq!(
+            *id,
+            String::from_utf8_lossy(&rootful.stdout).trim(),
+            "case {case}"
+        );
+    }
+    // The step was pid 1 of a namespace of its own, seeing only its shell, `ls` and `grep`.
+    let seen: Vec<&str> = stdout.lines().filter(|l| !l.starts_with("sha256:")).collect();
+    assert_eq!(seen.first().copied(), Some("1"), "{stdout}");
+    let procs: u32 = seen.get(1).and_then(|n| n.parse().ok()).unwrap_or(u32::MAX);
+    assert!(procs <= 3, "the step saw {procs} processes\n{stdout}");
 }
