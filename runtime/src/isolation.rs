@@ -40,6 +40,19 @@ impl Isolation {
     }
 }
 
+/// An `--isolation` (or `KILN_ISOLATION`) value that names no isolation.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --isolation (or KILN_ISOLATION) `{0}`: expected default or chroot")]
+pub struct BadIsolation(pub String);
+
+impl std::str::FromStr for Isolation {
+    type Err = BadIsolation;
+
+    fn from_str(s: &str) -> Result<Isolation, BadIsolation> {
+        Isolation::parse(s).ok_or_else(|| BadIsolation(s.to_owned()))
+    }
+}
+
 /// Whether RUN steps with a network can have a network namespace of their own here: as root, a
 /// bridge; in a user namespace, `slirp4netns` with `/dev/net/tun` open to kiln.
 pub fn own_network() -> bool {

@@ -447,13 +447,6 @@ fn parse_add_host(h: &str) -> anyhow::Result<(String, String)> {
     Ok((host.to_string(), addr.to_string()))
 }
 
-/// Parses `--isolation` (or `KILN_ISOLATION`).
-pub fn parse_isolation(s: &str) -> anyhow::Result<kiln_runtime::Isolation> {
-    kiln_runtime::Isolation::parse(s).ok_or_else(|| {
-        anyhow::anyhow!("invalid --isolation (or KILN_ISOLATION) `{s}`: expected default or chroot")
-    })
-}
-
 /// The warning a build with chroot isolation starts with: what its RUN steps lack.
 fn warn_isolation(isolation: kiln_runtime::Isolation) {
     if isolation == kiln_runtime::Isolation::Chroot {
@@ -544,7 +537,7 @@ fn request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
     req.keep_git_dir = env_truthy("BUILDKIT_CONTEXT_KEEP_GIT_DIR");
     req.jobs = args.jobs;
     req.network = network;
-    req.isolation = parse_isolation(&args.isolation)?;
+    req.isolation = args.isolation.parse()?;
     req.extra_hosts = extra_hosts;
     // buildx: `--shm-size` in Docker's size syntax; 0 (or none) keeps the 64 MiB default.
     req.shm_size = match args.shm_size.as_deref() {

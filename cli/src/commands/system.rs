@@ -784,7 +784,7 @@ pub fn cmd_info(containers: &Containers, g: &Globals) -> anyhow::Result<ExitCode
     let isolation = std::env::var("KILN_ISOLATION").unwrap_or_default();
     let isolation = match isolation.as_str() {
         "" => kiln_runtime::Isolation::Default,
-        s => super::build::parse_isolation(s)?,
+        s => s.parse()?,
     };
     println!("Isolation: {}", isolation.name());
     let lost = kiln_runtime::isolation::chroot_losses(

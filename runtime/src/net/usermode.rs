@@ -25,7 +25,9 @@ pub const IFNAME: &str = "eth0";
 pub enum UserNetError {
     #[error(
         "rootless mode needs `slirp4netns` (Debian package `slirp4netns`) for a RUN step or container \
-         with a network, and it is not on PATH (`pasta` is not supported); or use `--network none`"
+         with a network, and it is not on PATH (`pasta` is not supported); or use `--network none`, \
+         or inside an unprivileged container build with `--isolation=chroot` (RUN steps then use \
+         the container's network)"
     )]
     NoTool,
     #[error(
