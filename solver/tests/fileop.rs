@@ -629,24 +629,15 @@ fn destination_symlinks_resolve_inside_the_destination() {
 /// device is read (a `/dev/zero` node would never end). From a stage they stay what they are.
 #[test]
 fn special_files_from_the_context_arrive_as_buildkit_sends_them() {
-    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    use rustix::fs::{makedev, mknodat, FileType, Mode, CWD};
     let c = tempfile::tempdir().unwrap();
     fs::create_dir(c.path().join("d")).unwrap();
-    mknod(
-        &c.path().join("d/zero"),
-        SFlag::S_IFCHR,
-        Mode::from_bits_truncate(0o640),
-        makedev(1, 5),
-    )
-    .unwrap();
-    mknod(
-        &c.path().join("d/loop"),
-        SFlag::S_IFBLK,
-        Mode::from_bits_truncate(0o600),
-        makedev(7, 200),
-    )
-    .unwrap();
-    nix::unistd::mkfifo(&c.path().join("d/fifo"), Mode::from_bits_truncate(0o644)).unwrap();
+    let node = |name: &str, kind: FileType, mode: u32, dev: u64| {
+        mknodat(CWD, c.path().join(name), kind, Mode::from_raw_mode(mode), dev).unwrap();
+    };
+    node("d/zero", FileType::CharacterDevice, 0o640, makedev(1, 5));
+    node("d/loop", FileType::BlockDevice, 0o600, makedev(7, 200));
+    node("d/fifo", FileType::Fifo, 0o644, 0);
     std::os::unix::net::UnixListener::bind(c.path().join("d/sock")).unwrap();
     fs::set_permissions(c.path().join("d/sock"), fs::Permissions::from_mode(0o751)).unwrap();
     let d = base_root();
@@ -685,9 +676,12 @@ fn special_files_hardlinks_and_owners_from_a_stage() {
     fs::set_permissions(stage.path().join("s/a"), fs::Permissions::from_mode(0o4755)).unwrap();
     std::os::unix::fs::chown(stage.path().join("s/a"), Some(7), Some(8)).unwrap();
     fs::set_permissions(stage.path().join("s/a"), fs::Permissions::from_mode(0o4755)).unwrap();
-    nix::unistd::mkfifo(
-        &stage.path().join("s/fifo"),
-        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        stage.path().join("s/fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
     )
     .unwrap();
     mkdir(stage.path(), "s/sticky", 0o2750);

@@ -400,10 +400,11 @@ fn copies_from_stacked_layers_link_what_the_merged_view_shows() {
     write(&low, "data/g", "only below");
     write(&low, "data/w", "deleted above");
     write(&top, "data/f", "new");
-    nix::sys::stat::mknod(
-        &top.join("data/w"),
-        nix::sys::stat::SFlag::S_IFCHR,
-        nix::sys::stat::Mode::empty(),
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        top.join("data/w"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::empty(),
         0,
     )
     .unwrap();
