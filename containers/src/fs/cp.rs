@@ -14,9 +14,9 @@ pub struct CopyRoot {
 impl CopyRoot {
     /// Opens `path` as the root for `place`.
     pub fn open(path: &Path, place: Place) -> Result<CopyRoot> {
-        let fd = rustix::fs::open(
+        let fd = nix::fcntl::open(
             path,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
         .map_err(|e| FsError::OpenRoot {
@@ -81,7 +81,7 @@ struct Node {
     parent: OwnedFd,
     name: CString,
     /// `lstat` of the node, `None` if it does not exist.
-    stat: Option<rustix::fs::Stat>,
+    stat: Option<FileStat>,
     /// Its path inside the root (for the basename).
     parts: Vec<String>,
 }
@@ -94,8 +94,9 @@ fn cstring(s: &[u8], place: &Place, shown: &str) -> Result<CString> {
     })
 }
 
-fn ftype(st: &rustix::fs::Stat) -> FileType {
-    FileType::from_raw_mode(st.st_mode)
+/// The type bits of a node's mode (`S_IFDIR`, `S_IFREG`, ...).
+fn ftype(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
 }
 
 /// Resolves `parts` in `root`: every component but the last is followed inside the root; the
@@ -117,21 +118,18 @@ fn resolve(root: &CopyRoot, parts: &[String], follow: bool, shown: &str) -> Resu
         } else {
             parent_parts.join("/")
         };
-        let parent = match rustix::fs::openat2(
-            &root.fd,
-            parent_path.as_str(),
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-        ) {
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let parent = match nix::fcntl::openat2(&root.fd, parent_path.as_str(), how) {
             Ok(fd) => fd,
-            Err(rustix::io::Errno::NOENT) => {
+            Err(Errno::ENOENT) => {
                 return Err(FsError::NotFound {
                     place: root.place.clone(),
                     path: shown.to_string(),
                 })
             }
-            Err(rustix::io::Errno::NOTDIR) => {
+            Err(Errno::ENOTDIR) => {
                 return Err(FsError::NotADirectory {
                     path: shown.to_string(),
                 })
@@ -139,14 +137,13 @@ fn resolve(root: &CopyRoot, parts: &[String], follow: bool, shown: &str) -> Resu
             Err(e) => return Err(rerr(rio(e))),
         };
         let name = cstring(last.as_bytes(), &root.place, shown)?;
-        let stat = match rustix::fs::statat(&parent, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        let stat = match fstatat(&parent, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => Some(st),
-            Err(rustix::io::Errno::NOENT) => None,
+            Err(Errno::ENOENT) => None,
             Err(e) => return Err(rerr(rio(e))),
         };
-        if follow && stat.as_ref().is_some_and(|s| ftype(s) == FileType::Symlink) {
-            let target =
-                rustix::fs::readlinkat(&parent, name.as_c_str(), Vec::new()).map_err(|e| rerr(rio(e)))?;
+        if follow && stat.as_ref().is_some_and(|s| ftype(s) == SFlag::S_IFLNK) {
+            let target = nix::fcntl::readlinkat(&parent, name.as_c_str()).map_err(|e| rerr(rio(e)))?;
             let target = target.to_string_lossy().into_owned();
             let mut next: Vec<String> = if target.starts_with('/') {
                 Vec::new()
@@ -185,7 +182,8 @@ enum EntryKind {
     File,
     Symlink(Vec<u8>),
     Hardlink(PathBuf),
-    Device(FileType, u64),
+    /// A character or block device or a FIFO (its type bits) and its device number.
+    Device(SFlag, u64),
 }
 
 /// An entry being copied: its metadata (mode is the permission bits).
@@ -203,7 +201,7 @@ trait Sink {
     fn finish(&mut self) -> Result<()>;
 }
 
-fn entry_of(st: &rustix::fs::Stat, kind: EntryKind) -> Entry {
+fn entry_of(st: &FileStat, kind: EntryKind) -> Entry {
     Entry {
         kind,
         mode: st.st_mode & 0o7777,
@@ -228,22 +226,21 @@ fn walk(
         path: shown.display().to_string(),
         source,
     };
-    let st = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| rerr(rio(e)))?;
+    let st = fstatat(parent, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| rerr(rio(e)))?;
     match ftype(&st) {
-        FileType::Directory => {
+        SFlag::S_IFDIR => {
             if !out.as_os_str().is_empty() {
                 sink.put(out, &entry_of(&st, EntryKind::Dir), &mut io::empty())?;
             }
-            let dfd = rustix::fs::openat(
+            let mut dir = nix::dir::Dir::openat(
                 parent,
                 name,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
                 Mode::empty(),
             )
             .map_err(|e| rerr(rio(e)))?;
             let mut names: Vec<CString> = Vec::new();
-            let dir = rustix::fs::Dir::read_from(&dfd).map_err(|e| rerr(rio(e)))?;
-            for ent in dir {
+            for ent in dir.iter() {
                 let ent = ent.map_err(|e| rerr(rio(e)))?;
                 let n = ent.file_name();
                 if n.to_bytes() != b"." && n.to_bytes() != b".." {
@@ -253,28 +250,28 @@ fn walk(
             names.sort();
             for n in names {
                 let os = OsStr::from_bytes(n.to_bytes());
-                walk(place, dfd.as_fd(), &n, &out.join(os), &shown.join(os), sink)?;
+                walk(place, dir.as_fd(), &n, &out.join(os), &shown.join(os), sink)?;
             }
             Ok(())
         }
-        FileType::RegularFile => {
-            let fd = rustix::fs::openat(
+        SFlag::S_IFREG => {
+            let fd = nix::fcntl::openat(
                 parent,
                 name,
-                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
+                OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
                 Mode::empty(),
             )
             .map_err(|e| rerr(rio(e)))?;
             let mut file = fs::File::from(fd).take(st.st_size.max(0) as u64);
             sink.put(out, &entry_of(&st, EntryKind::File), &mut file)
         }
-        FileType::Symlink => {
-            let target = rustix::fs::readlinkat(parent, name, Vec::new()).map_err(|e| rerr(rio(e)))?;
-            let mut e = entry_of(&st, EntryKind::Symlink(target.into_bytes()));
+        SFlag::S_IFLNK => {
+            let target = nix::fcntl::readlinkat(parent, name).map_err(|e| rerr(rio(e)))?;
+            let mut e = entry_of(&st, EntryKind::Symlink(target.into_vec()));
             e.size = 0;
             sink.put(out, &e, &mut io::empty())
         }
-        t @ (FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo) => {
+        t @ (SFlag::S_IFCHR | SFlag::S_IFBLK | SFlag::S_IFIFO) => {
             let mut e = entry_of(&st, EntryKind::Device(t, st.st_rdev));
             e.size = 0;
             sink.put(out, &e, &mut io::empty())
@@ -315,18 +312,18 @@ impl FsSink {
         let Some((last, dirs)) = comps.split_last() else {
             return Err(FsError::BadEntryName(rel.display().to_string()));
         };
-        let mut fd = rustix::fs::openat(
+        let mut fd = nix::fcntl::openat(
             &self.base,
             c".",
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
         .map_err(|e| self.werr(rel, rio(e)))?;
         for d in dirs {
-            fd = rustix::fs::openat(
+            fd = nix::fcntl::openat(
                 &fd,
                 *d,
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
                 Mode::empty(),
             )
             .map_err(|e| self.werr(rel, rio(e)))?;
@@ -336,49 +333,44 @@ impl FsSink {
         Ok((fd, name))
     }
 
-    fn owner_of(&self, e: &Entry) -> Option<(rustix::fs::Uid, rustix::fs::Gid)> {
+    fn owner_of(&self, e: &Entry) -> Option<(Uid, Gid)> {
         let (u, g) = match self.owner {
             Owner::Keep => (e.uid, e.gid),
             Owner::Fixed(u, g) => (u, g),
             Owner::Caller => return None,
         };
-        Some((rustix::fs::Uid::from_raw(u), rustix::fs::Gid::from_raw(g)))
+        Some((Uid::from_raw(u), Gid::from_raw(g)))
     }
 
     /// Removes a non-directory at `name`; refuses to replace a directory with a non-directory.
     fn clear(&self, rel: &Path, dir: &OwnedFd, name: &CStr) -> Result<()> {
-        match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) if ftype(&st) == FileType::Directory => Err(FsError::FileOntoDir {
+        match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) if ftype(&st) == SFlag::S_IFDIR => Err(FsError::FileOntoDir {
                 path: rel.display().to_string(),
             }),
-            Ok(_) => rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(|e| self.werr(rel, rio(e))),
-            Err(rustix::io::Errno::NOENT) => Ok(()),
+            Ok(_) => nix::unistd::unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)
+                .map_err(|e| self.werr(rel, rio(e))),
+            Err(Errno::ENOENT) => Ok(()),
             Err(e) => Err(self.werr(rel, rio(e))),
         }
     }
 
-    fn times(e: &Entry) -> Timestamps {
-        let t = Timespec {
-            tv_sec: e.mtime,
-            tv_nsec: 0,
-        };
-        Timestamps {
-            last_access: t,
-            last_modification: t,
-        }
+    /// The access and modification time an entry gets: its mtime.
+    fn time(e: &Entry) -> TimeSpec {
+        TimeSpec::new(e.mtime, 0)
     }
 
     fn finish_at(&self, rel: &Path, dir: &OwnedFd, name: &CStr, e: &Entry, symlink: bool) -> Result<()> {
         if let Some((u, g)) = self.owner_of(e) {
-            rustix::fs::chownat(dir, name, Some(u), Some(g), AtFlags::SYMLINK_NOFOLLOW)
+            nix::unistd::fchownat(dir, name, Some(u), Some(g), AtFlags::AT_SYMLINK_NOFOLLOW)
                 .map_err(|err| self.werr(rel, rio(err)))?;
         }
         if !symlink {
-            rustix::fs::chmodat(dir, name, Mode::from_raw_mode(e.mode), AtFlags::empty())
+            nix::sys::stat::fchmodat(dir, name, mode(e.mode), FchmodatFlags::FollowSymlink)
                 .map_err(|err| self.werr(rel, rio(err)))?;
         }
-        rustix::fs::utimensat(dir, name, &Self::times(e), AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|err| self.werr(rel, rio(err)))
+        let t = Self::time(e);
+        utimensat(dir, name, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(|err| self.werr(rel, rio(err)))
     }
 }
 
@@ -387,15 +379,15 @@ impl Sink for FsSink {
         let (dir, name) = self.parent_of(rel)?;
         match &e.kind {
             EntryKind::Dir => {
-                match rustix::fs::statat(&dir, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) {
-                    Ok(st) if ftype(&st) == FileType::Directory => {}
+                match fstatat(&dir, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+                    Ok(st) if ftype(&st) == SFlag::S_IFDIR => {}
                     Ok(_) => {
                         return Err(FsError::DirOntoFile {
                             path: rel.display().to_string(),
                         })
                     }
-                    Err(rustix::io::Errno::NOENT) => {
-                        rustix::fs::mkdirat(&dir, name.as_c_str(), Mode::from_raw_mode(0o700))
+                    Err(Errno::ENOENT) => {
+                        nix::sys::stat::mkdirat(&dir, name.as_c_str(), mode(0o700))
                             .map_err(|err| self.werr(rel, rio(err)))?;
                     }
                     Err(err) => return Err(self.werr(rel, rio(err))),
@@ -411,39 +403,39 @@ impl Sink for FsSink {
             }
             EntryKind::File => {
                 self.clear(rel, &dir, &name)?;
-                let fd = rustix::fs::openat(
+                let fd = nix::fcntl::openat(
                     &dir,
                     name.as_c_str(),
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
+                    OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    mode(0o600),
                 )
                 .map_err(|err| self.werr(rel, rio(err)))?;
                 let mut f = fs::File::from(fd);
                 io::copy(data, &mut f).map_err(|err| self.werr(rel, err))?;
                 if let Some((u, g)) = self.owner_of(e) {
-                    rustix::fs::fchown(&f, Some(u), Some(g)).map_err(|err| self.werr(rel, rio(err)))?;
+                    nix::unistd::fchown(&f, Some(u), Some(g)).map_err(|err| self.werr(rel, rio(err)))?;
                 }
-                rustix::fs::fchmod(&f, Mode::from_raw_mode(e.mode))
-                    .map_err(|err| self.werr(rel, rio(err)))?;
-                rustix::fs::futimens(&f, &Self::times(e)).map_err(|err| self.werr(rel, rio(err)))
+                nix::sys::stat::fchmod(&f, mode(e.mode)).map_err(|err| self.werr(rel, rio(err)))?;
+                let t = Self::time(e);
+                nix::sys::stat::futimens(&f, &t, &t).map_err(|err| self.werr(rel, rio(err)))
             }
             EntryKind::Symlink(target) => {
                 self.clear(rel, &dir, &name)?;
                 let target = CString::new(target.clone())
                     .map_err(|_| FsError::BadEntryName(rel.display().to_string()))?;
-                rustix::fs::symlinkat(target.as_c_str(), &dir, name.as_c_str())
+                nix::unistd::symlinkat(target.as_c_str(), &dir, name.as_c_str())
                     .map_err(|err| self.werr(rel, rio(err)))?;
                 self.finish_at(rel, &dir, &name, e, true)
             }
             EntryKind::Hardlink(to) => {
                 self.clear(rel, &dir, &name)?;
                 let (tdir, tname) = self.parent_of(to)?;
-                rustix::fs::linkat(&tdir, tname.as_c_str(), &dir, name.as_c_str(), AtFlags::empty())
+                nix::unistd::linkat(&tdir, tname.as_c_str(), &dir, name.as_c_str(), AtFlags::empty())
                     .map_err(|err| self.werr(rel, rio(err)))
             }
             EntryKind::Device(t, rdev) => {
                 self.clear(rel, &dir, &name)?;
-                rustix::fs::mknodat(&dir, name.as_c_str(), *t, Mode::from_raw_mode(0o600), *rdev)
+                mknodat(&dir, name.as_c_str(), *t, mode(0o600), *rdev)
                     .map_err(|err| self.werr(rel, rio(err)))?;
                 self.finish_at(rel, &dir, &name, e, false)
             }
@@ -492,13 +484,14 @@ impl<W: Write> Sink for TarSink<W> {
                 self.b.append_link(&mut h, rel, to)
             }
             EntryKind::Device(t, rdev) => {
-                h.set_entry_type(match t {
-                    FileType::CharacterDevice => tar::EntryType::Char,
-                    FileType::BlockDevice => tar::EntryType::Block,
+                h.set_entry_type(match *t {
+                    SFlag::S_IFCHR => tar::EntryType::Char,
+                    SFlag::S_IFBLK => tar::EntryType::Block,
                     _ => tar::EntryType::Fifo,
                 });
-                let _ = h.set_device_major(rustix::fs::major(*rdev));
-                let _ = h.set_device_minor(rustix::fs::minor(*rdev));
+                // Both fit in 32 bits (Linux's `dev_t` layout).
+                let _ = h.set_device_major(nix::sys::stat::major(*rdev) as u32);
+                let _ = h.set_device_minor(nix::sys::stat::minor(*rdev) as u32);
                 self.b.append_data(&mut h, rel, io::empty())
             }
         };
@@ -545,11 +538,11 @@ fn read_tar(input: &mut dyn Read, sink: &mut dyn Sink) -> Result<()> {
                 let major = h.device_major().ok().flatten().unwrap_or(0);
                 let minor = h.device_minor().ok().flatten().unwrap_or(0);
                 let ft = match t {
-                    tar::EntryType::Char => FileType::CharacterDevice,
-                    tar::EntryType::Block => FileType::BlockDevice,
-                    _ => FileType::Fifo,
+                    tar::EntryType::Char => SFlag::S_IFCHR,
+                    tar::EntryType::Block => SFlag::S_IFBLK,
+                    _ => SFlag::S_IFIFO,
                 };
-                EntryKind::Device(ft, rustix::fs::makedev(major, minor))
+                EntryKind::Device(ft, nix::sys::stat::makedev(major.into(), minor.into()))
             }
             // PAX/GNU headers are consumed by the reader; other kinds are skipped.
             _ => continue,
@@ -582,7 +575,7 @@ enum Target {
 /// A resolved source.
 struct Source {
     node: Node,
-    stat: rustix::fs::Stat,
+    stat: FileStat,
     contents: bool,
 }
 
@@ -595,7 +588,7 @@ fn resolve_source(root: &CopyRoot, src: &str, follow: bool) -> Result<Source> {
             path: arg.shown,
         });
     };
-    let is_dir = ftype(&stat) == FileType::Directory;
+    let is_dir = ftype(&stat) == SFlag::S_IFDIR;
     if arg.dir && !is_dir {
         return Err(FsError::NotADirectory { path: arg.shown });
     }
@@ -620,10 +613,10 @@ fn resolve_dest(
         other => other,
     })?;
     let open_dir = |n: &Node| {
-        rustix::fs::openat(
+        nix::fcntl::openat(
             &n.parent,
             n.name.as_c_str(),
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
         .map_err(|e| FsError::WriteDest {
@@ -633,7 +626,7 @@ fn resolve_dest(
         })
     };
     match node.stat {
-        Some(st) if ftype(&st) == FileType::Directory => {
+        Some(st) if ftype(&st) == SFlag::S_IFDIR => {
             let dir = open_dir(&node)?;
             if src_contents {
                 Ok((dir, Target::Contents))
@@ -666,7 +659,7 @@ fn resolve_dest(
 /// is copied into it, or only its contents with `SRC/.`.
 pub fn copy(from: &CopyRoot, src: &str, to: &CopyRoot, dst: &str, opts: CopyOptions) -> Result<()> {
     let s = resolve_source(from, src, opts.follow_link)?;
-    let is_dir = ftype(&s.stat) == FileType::Directory;
+    let is_dir = ftype(&s.stat) == SFlag::S_IFDIR;
     let base = s.node.parts.last().map(String::as_str).unwrap_or(".");
     let base = cstring(base.as_bytes(), &from.place, src)?;
     let (dir, target) = resolve_dest(to, dst, is_dir, s.contents, &base)?;
@@ -730,14 +723,14 @@ pub fn copy_from_tar<R: Read>(input: R, to: &CopyRoot, dst: &str, owner: Owner) 
     let arg = PathArg::parse(dst);
     let node = resolve(to, &arg.parts, true, &arg.shown)?;
     match node.stat {
-        Some(st) if ftype(&st) == FileType::Directory => {}
+        Some(st) if ftype(&st) == SFlag::S_IFDIR => {}
         Some(_) => return Err(FsError::NotADirectory { path: arg.shown }),
         None => return Err(FsError::NoSuchDirectory { path: arg.shown }),
     }
-    let dir = rustix::fs::openat(
+    let dir = nix::fcntl::openat(
         &node.parent,
         node.name.as_c_str(),
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
     .map_err(|e| FsError::WriteDest {

@@ -38,7 +38,11 @@ use kiln_cache::images::{Image, LayerRef};
 use kiln_cache::layer::{self, DiffOptions, LayerStats};
 use kiln_cache::oci_spec;
 use kiln_dag::image::ImageConfig;
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, AT_FDCWD};
+use nix::sys::stat::{fstatat, mknodat, utimensat, FchmodatFlags, FileStat, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
 use crate::record::RootfsPaths;
 
@@ -193,8 +197,13 @@ fn not_found_message(place: &Place, path: &str) -> String {
 
 type Result<T> = std::result::Result<T, FsError>;
 
-fn rio(e: rustix::io::Errno) -> io::Error {
+fn rio(e: Errno) -> io::Error {
     io::Error::from(e)
+}
+
+/// Permission bits as a [`Mode`].
+fn mode(bits: u32) -> Mode {
+    Mode::from_bits_truncate(bits)
 }
 
 fn is_whiteout(meta: &fs::Metadata) -> bool {
@@ -202,10 +211,9 @@ fn is_whiteout(meta: &fs::Metadata) -> bool {
 }
 
 fn is_opaque(path: &Path) -> bool {
-    let mut buf = [0u8; 4];
     OPAQUE_XATTRS
         .iter()
-        .any(|name| matches!(rustix::fs::lgetxattr(path, *name, &mut buf[..]), Ok(1) if buf[0] == b'y'))
+        .any(|name| matches!(xattr::get(path, name), Ok(Some(v)) if v == b"y"))
 }
 
 fn lstat(path: &Path) -> Option<fs::Metadata> {
@@ -355,20 +363,13 @@ fn copy_merged(stack: &Stack<'_>, rel: &Path, dest: &Path) -> Result<()> {
             fs::copy(&src, &to).map_err(err)?;
         } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
             let kind = if ft.is_char_device() {
-                FileType::CharacterDevice
+                SFlag::S_IFCHR
             } else if ft.is_block_device() {
-                FileType::BlockDevice
+                SFlag::S_IFBLK
             } else {
-                FileType::Fifo
+                SFlag::S_IFIFO
             };
-            rustix::fs::mknodat(
-                rustix::fs::CWD,
-                &to,
-                kind,
-                Mode::from_raw_mode(meta.mode() & 0o7777),
-                meta.rdev(),
-            )
-            .map_err(|e| err(rio(e)))?;
+            mknodat(AT_FDCWD, &to, kind, mode(meta.mode() & 0o7777), meta.rdev()).map_err(|e| err(rio(e)))?;
         } else {
             // Sockets are not copied.
             continue;
@@ -385,35 +386,26 @@ fn apply_meta(from: &Path, to: &Path, meta: &fs::Metadata) -> Result<()> {
         to: to.to_path_buf(),
         source,
     };
-    let cwd = rustix::fs::CWD;
-    rustix::fs::chownat(
-        cwd,
+    nix::unistd::fchownat(
+        AT_FDCWD,
         to,
-        Some(rustix::fs::Uid::from_raw(meta.uid())),
-        Some(rustix::fs::Gid::from_raw(meta.gid())),
-        AtFlags::SYMLINK_NOFOLLOW,
+        Some(Uid::from_raw(meta.uid())),
+        Some(Gid::from_raw(meta.gid())),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
     )
     .map_err(|e| err(rio(e)))?;
     if !meta.file_type().is_symlink() {
-        rustix::fs::chmodat(
-            cwd,
+        nix::sys::stat::fchmodat(
+            AT_FDCWD,
             to,
-            Mode::from_raw_mode(meta.mode() & 0o7777),
-            AtFlags::empty(),
+            mode(meta.mode() & 0o7777),
+            FchmodatFlags::FollowSymlink,
         )
         .map_err(|e| err(rio(e)))?;
     }
-    let ts = Timestamps {
-        last_access: Timespec {
-            tv_sec: meta.atime(),
-            tv_nsec: meta.atime_nsec(),
-        },
-        last_modification: Timespec {
-            tv_sec: meta.mtime(),
-            tv_nsec: meta.mtime_nsec(),
-        },
-    };
-    rustix::fs::utimensat(cwd, to, &ts, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| err(rio(e)))
+    let atime = TimeSpec::new(meta.atime(), meta.atime_nsec());
+    let mtime = TimeSpec::new(meta.mtime(), meta.mtime_nsec());
+    utimensat(AT_FDCWD, to, &atime, &mtime, UtimensatFlags::NoFollowSymlink).map_err(|e| err(rio(e)))
 }
 
 #[cfg(test)]
@@ -422,14 +414,7 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     fn whiteout(path: &Path) {
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            path,
-            FileType::CharacterDevice,
-            Mode::from_raw_mode(0),
-            0,
-        )
-        .unwrap();
+        mknodat(AT_FDCWD, path, SFlag::S_IFCHR, Mode::empty(), 0).unwrap();
     }
 
     fn is_root() -> bool {
@@ -453,13 +438,7 @@ mod tests {
         fs::create_dir_all(top.join("o")).unwrap();
         whiteout(&top.join("d/a"));
         fs::write(top.join("d/c"), "c").unwrap();
-        rustix::fs::lsetxattr(
-            top.join("o"),
-            "trusted.overlay.opaque",
-            b"y",
-            rustix::fs::XattrFlags::empty(),
-        )
-        .unwrap();
+        xattr::set(top.join("o"), "trusted.overlay.opaque", b"y").unwrap();
         fs::write(top.join("o/new"), "n").unwrap();
         let layers = [top.clone(), bottom.clone()];
         let s = Stack { layers: &layers };
