@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::fcntl::AT_FDCWD;
+use nix::sys::stat::{mknodat, Mode, SFlag};
+
 use super::{io_err, SnapshotterError};
 
 /// A mounted fuse-overlayfs view.
@@ -184,7 +187,7 @@ pub(crate) fn normalize(upper: &Path, rel: &Path, lower: &[PathBuf]) -> Result<(
         let b = x.as_bytes();
         if b.starts_with(FUSE_XATTR_PREFIX) || b == b"trusted.overlay.opaque" || b == b"user.overlay.opaque" {
             opaque |= b.ends_with(b".opaque");
-            let _ = rustix::fs::lremovexattr(dir, x.as_os_str());
+            let _ = xattr::remove(dir, &x);
         }
     }
     // Whether the step changed which entries the directory holds (a whiteout, an entry no lower
@@ -205,14 +208,7 @@ pub(crate) fn normalize(upper: &Path, rel: &Path, lower: &[PathBuf]) -> Result<(
             entries_changed = true;
             std::fs::remove_file(&path).map_err(io_err("failed to remove", &path))?;
             let wh = dir.join(OsStr::from_bytes(hidden));
-            rustix::fs::mknodat(
-                rustix::fs::CWD,
-                &wh,
-                rustix::fs::FileType::CharacterDevice,
-                rustix::fs::Mode::empty(),
-                0,
-            )
-            .map_err(|e| SnapshotterError::Io {
+            mknodat(AT_FDCWD, &wh, SFlag::S_IFCHR, Mode::empty(), 0).map_err(|e| SnapshotterError::Io {
                 what: "failed to make a whiteout",
                 path: wh.clone(),
                 source: e.into(),
@@ -228,7 +224,7 @@ pub(crate) fn normalize(upper: &Path, rel: &Path, lower: &[PathBuf]) -> Result<(
         if !md.is_dir() && !md.file_type().is_symlink() {
             for x in list_xattrs(&path) {
                 if x.as_bytes().starts_with(FUSE_XATTR_PREFIX) {
-                    let _ = rustix::fs::lremovexattr(&path, x.as_os_str());
+                    let _ = xattr::remove(&path, &x);
                 }
             }
         }
@@ -249,50 +245,25 @@ pub(crate) fn normalize(upper: &Path, rel: &Path, lower: &[PathBuf]) -> Result<(
         source,
     })?;
     if opaque && !rel.as_os_str().is_empty() && in_lower(lower, rel) {
-        rustix::fs::lsetxattr(dir, super::opaque_xattr(), b"y", rustix::fs::XattrFlags::empty()).map_err(
-            |e| SnapshotterError::Io {
-                what: "failed to mark opaque",
-                path: dir.to_path_buf(),
-                source: e.into(),
-            },
-        )?;
+        xattr::set(dir, super::opaque_xattr(), b"y").map_err(|source| SnapshotterError::Io {
+            what: "failed to mark opaque",
+            path: dir.to_path_buf(),
+            source,
+        })?;
     }
     Ok(())
 }
 
 /// The names of `path`'s extended attributes (none where they cannot be listed).
 pub(crate) fn list_xattrs(path: &Path) -> Vec<std::ffi::OsString> {
-    let Ok(n) = rustix::fs::llistxattr_query(path) else {
+    let Ok(names) = xattr::list(path) else {
         return Vec::new();
     };
-    if n == 0 {
-        return Vec::new();
-    }
-    let mut buf = vec![0u8; n];
-    let Ok(n) = rustix::fs::llistxattr(path, &mut buf[..]) else {
-        return Vec::new();
-    };
-    buf[..n]
-        .split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| OsStr::from_bytes(s).to_os_string())
-        .collect()
+    names.filter(|s| !s.is_empty()).collect()
 }
 
 /// The value of `path`'s attribute `name`.
 pub(crate) fn get_xattr(path: &Path, name: &OsStr) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; 256];
-    loop {
-        match rustix::fs::lgetxattr(path, name, &mut buf[..]) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf);
-            }
-            Err(e) if e == rustix::io::Errno::RANGE && buf.len() < 1 << 20 => {
-                let len = buf.len() * 4;
-                buf.resize(len, 0);
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    // A missing attribute is an error here, as `lgetxattr`'s ENODATA.
+    xattr::get(path, name)?.ok_or_else(|| nix::errno::Errno::ENODATA.into())
 }

@@ -467,21 +467,14 @@ impl Drop for ContainerViews {
 
 /// Sets `path`'s access and modification times to those of `md`.
 pub(crate) fn set_times(path: &Path, md: &std::fs::Metadata) -> std::io::Result<()> {
-    let times = rustix::fs::Timestamps {
-        last_access: rustix::fs::Timespec {
-            tv_sec: std::os::unix::fs::MetadataExt::atime(md),
-            tv_nsec: std::os::unix::fs::MetadataExt::atime_nsec(md),
-        },
-        last_modification: rustix::fs::Timespec {
-            tv_sec: std::os::unix::fs::MetadataExt::mtime(md),
-            tv_nsec: std::os::unix::fs::MetadataExt::mtime_nsec(md),
-        },
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
+    use nix::sys::time::TimeSpec;
+    use std::os::unix::fs::MetadataExt as _;
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
         path,
-        &times,
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        &TimeSpec::new(md.atime(), md.atime_nsec()),
+        &TimeSpec::new(md.mtime(), md.mtime_nsec()),
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
     )
     .map_err(std::io::Error::from)
 }

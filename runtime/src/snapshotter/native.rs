@@ -10,9 +10,13 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::AsFd as _;
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
+
+use nix::fcntl::AT_FDCWD;
+use nix::sys::stat::{mknodat, Mode, SFlag};
 
 use super::{io_err, SnapshotterError};
 
@@ -48,29 +52,32 @@ fn is_whiteout(md: &std::fs::Metadata) -> bool {
 fn is_opaque(dir: &Path) -> bool {
     ["trusted.overlay.opaque", "user.overlay.opaque"]
         .iter()
-        .any(|name| {
-            let mut v = [0u8; 4];
-            matches!(rustix::fs::lgetxattr(dir, *name, &mut v[..]), Ok(1) if v[0] == b'y')
-        })
+        .any(|name| matches!(xattr::get(dir, name), Ok(Some(v)) if v == b"y"))
 }
 
-/// The birth time of `path` ((0, 0) where the filesystem keeps none).
-fn born(path: &Path) -> (i64, u32) {
-    rustix::fs::statx(
-        rustix::fs::CWD,
-        path,
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-        rustix::fs::StatxFlags::BTIME,
-    )
-    .ok()
-    .filter(|st| st.stx_mask & rustix::fs::StatxFlags::BTIME.bits() != 0)
-    .map_or((0, 0), |st| (st.stx_btime.tv_sec, st.stx_btime.tv_nsec))
+/// The birth time in `md` (from `statx`, which std uses on Linux) as (seconds, nanoseconds);
+/// (0, 0) where the filesystem keeps none.
+fn born(md: &std::fs::Metadata) -> (i64, u32) {
+    let Ok(t) = md.created() else {
+        return (0, 0);
+    };
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+        // Before 1970: the kernel's (negative seconds, nanoseconds forward from them).
+        Err(e) => {
+            let d = e.duration();
+            match d.subsec_nanos() {
+                0 => (-(d.as_secs() as i64), 0),
+                n => (-(d.as_secs() as i64) - 1, 1_000_000_000 - n),
+            }
+        }
+    }
 }
 
-fn stamp(path: &Path, md: &std::fs::Metadata, lower: bool) -> Stamp {
+fn stamp(md: &std::fs::Metadata, lower: bool) -> Stamp {
     Stamp {
         ino: md.ino(),
-        born: born(path),
+        born: born(md),
         ctime: (md.ctime(), md.ctime_nsec()),
         lower,
         dir: md.is_dir(),
@@ -115,7 +122,7 @@ pub(crate) fn mount(
     let mut refresh = |rel: &Path, lower: bool, stamps: &mut HashMap<PathBuf, Stamp>| {
         let path = target.join(rel);
         if let Ok(md) = std::fs::symlink_metadata(&path) {
-            let s = stamp(&path, &md, lower);
+            let s = stamp(&md, lower);
             max_ctime = max_ctime.max(s.ctime);
             stamps.insert(rel.to_path_buf(), s);
         }
@@ -132,8 +139,9 @@ pub(crate) fn mount(
     }
     // A change in the same tick of the coarse clock would keep the change time: wait it out.
     loop {
-        let t = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
-        let now = (t.tv_sec, t.tv_nsec);
+        let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME_COARSE)
+            .map_err(|e| io_err("failed to read the coarse clock for", target)(e.into()))?;
+        let now = (t.tv_sec(), t.tv_nsec());
         if now > max_ctime {
             break;
         }
@@ -233,7 +241,7 @@ impl NativeView {
             present.insert(name.clone());
             let was = self.stamps.get(&child_rel);
             let same_inode =
-                was.is_some_and(|s| s.ino == md.ino() && s.dir == md.is_dir() && s.born == born(&path));
+                was.is_some_and(|s| s.ino == md.ino() && s.dir == md.is_dir() && s.born == born(&md));
             if md.is_dir() && same_inode {
                 let dst = out.join(&name);
                 let made = !dst.exists();
@@ -263,12 +271,11 @@ impl NativeView {
             }
             move_entry(&path, &dst).map_err(io_err("failed to move", &path))?;
             if md.is_dir() && was.is_some_and(|s| s.lower) {
-                rustix::fs::lsetxattr(&dst, super::opaque_xattr(), b"y", rustix::fs::XattrFlags::empty())
-                    .map_err(|e| SnapshotterError::Io {
-                        what: "failed to mark opaque",
-                        path: dst.clone(),
-                        source: e.into(),
-                    })?;
+                xattr::set(&dst, super::opaque_xattr(), b"y").map_err(|source| SnapshotterError::Io {
+                    what: "failed to mark opaque",
+                    path: dst.clone(),
+                    source,
+                })?;
             }
             changed = true;
         }
@@ -277,14 +284,7 @@ impl NativeView {
                 continue;
             }
             let wh = out.join(name);
-            rustix::fs::mknodat(
-                rustix::fs::CWD,
-                &wh,
-                rustix::fs::FileType::CharacterDevice,
-                rustix::fs::Mode::empty(),
-                0,
-            )
-            .map_err(|e| SnapshotterError::Io {
+            mknodat(AT_FDCWD, &wh, SFlag::S_IFCHR, Mode::empty(), 0).map_err(|e| SnapshotterError::Io {
                 what: "failed to make a whiteout",
                 path: wh.clone(),
                 source: e.into(),
@@ -341,7 +341,7 @@ fn copy_entry(src: &Path, dst: &Path, md: &std::fs::Metadata) -> io::Result<()> 
             .create_new(true)
             .mode(0o600)
             .open(dst)?;
-        if md.len() > 0 && rustix::fs::ioctl_ficlone(&to, &from).is_err() {
+        if md.len() > 0 && crate::sys::ficlone(to.as_fd(), from.as_fd()).is_err() {
             let mut from = from;
             let mut to = &to;
             io::copy(&mut from, &mut to)?;
@@ -351,19 +351,19 @@ fn copy_entry(src: &Path, dst: &Path, md: &std::fs::Metadata) -> io::Result<()> 
         std::os::unix::fs::symlink(std::fs::read_link(src)?, dst)?;
     } else {
         let kind = if ft.is_char_device() {
-            rustix::fs::FileType::CharacterDevice
+            SFlag::S_IFCHR
         } else if ft.is_block_device() {
-            rustix::fs::FileType::BlockDevice
+            SFlag::S_IFBLK
         } else if ft.is_fifo() {
-            rustix::fs::FileType::Fifo
+            SFlag::S_IFIFO
         } else {
-            rustix::fs::FileType::Socket
+            SFlag::S_IFSOCK
         };
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
+        mknodat(
+            AT_FDCWD,
             dst,
             kind,
-            rustix::fs::Mode::from_raw_mode(md.mode() & 0o7777),
+            Mode::from_bits_truncate(md.mode() & 0o7777),
             md.rdev(),
         )?;
     }
@@ -383,7 +383,7 @@ fn copy_meta(src: &Path, dst: &Path, dir: bool) -> io::Result<()> {
             continue;
         }
         let v = super::fuse::get_xattr(src, name.as_os_str())?;
-        rustix::fs::lsetxattr(dst, name.as_os_str(), &v, rustix::fs::XattrFlags::empty())?;
+        xattr::set(dst, &name, &v)?;
     }
     if !symlink {
         // After the chown, which clears set-id bits.
@@ -391,4 +391,37 @@ fn copy_meta(src: &Path, dst: &Path, dir: bool) -> io::Result<()> {
     }
     let _ = dir;
     super::set_times(dst, &md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What coreutils' `stat` reads with `statx` as the birth time, as (seconds, nanoseconds).
+    fn stat_birth(path: &Path) -> (i64, u32) {
+        let out = std::process::Command::new("stat")
+            .args(["-c", "%.9W"])
+            .arg(path)
+            .output()
+            .unwrap_or_else(|e| panic!("stat: {e}"));
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let (secs, nanos) = s.split_once('.').unwrap_or((&s, "0"));
+        (
+            secs.parse().unwrap_or_else(|e| panic!("{s}: {e}")),
+            nanos.parse().unwrap_or_else(|e| panic!("{s}: {e}")),
+        )
+    }
+
+    #[test]
+    fn born_is_the_statx_birth_time_or_zero_without_one() {
+        let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let f = t.path().join("f");
+        std::fs::write(&f, "x").unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::symlink("f", t.path().join("l")).unwrap_or_else(|e| panic!("{e}"));
+        // procfs keeps no birth time: `stat` shows 0 and so must `born`.
+        for p in [f, t.path().join("l"), PathBuf::from("/proc/self")] {
+            let md = std::fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(born(&md), stat_birth(&p), "{}", p.display());
+        }
+    }
 }

@@ -3,7 +3,7 @@
 //! [`RealSys`] (`real.rs`) issues the system calls; [`RecordingSys`] (`recording.rs`) records them
 //! as text so that the order of mounts, credential changes and the final exec can be unit-tested
 //! without root. `process.rs` holds the calls the runtime makes around the child (clone, wait,
-//! pipes, signals, terminals) and `reaper.rs` the fork and wait loop of `kiln run --init`'s pid 1.
+//! pipes, signals, terminals) and the few file calls no safe wrapper offers (`FICLONE`) and `reaper.rs` the fork and wait loop of `kiln run --init`'s pid 1.
 //!
 //! Architecture Invariant: this is the only module of the workspace that contains `unsafe`.
 //! Every `unsafe` block carries a `// SAFETY:` comment.

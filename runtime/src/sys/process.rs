@@ -341,6 +341,13 @@ pub fn is_overlay_opaque(path: &Path) -> bool {
         })
 }
 
+/// `FICLONE`: makes `dst` share `src`'s data extents (a reflink), where the filesystem can.
+pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: FICLONE takes the source descriptor as a plain integer argument; both descriptors
+    // are borrowed and stay open for the call.
+    check(unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) })
+}
+
 /// The raw number of a descriptor, for recording in plans.
 pub fn raw(fd: &OwnedFd) -> RawFd {
     fd.as_raw_fd()
