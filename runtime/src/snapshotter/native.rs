@@ -412,6 +412,34 @@ mod tests {
         )
     }
 
+    /// `FICLONE` either shares the data (XFS, btrfs) or fails with what a filesystem without
+    /// reflinks says (ext4, tmpfs), never with ENOTTY (a wrong request number).
+    #[test]
+    fn ficlone_clones_or_says_the_filesystem_cannot() {
+        use std::os::fd::AsFd as _;
+        let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let data = "0123456789abcdef".repeat(1024);
+        std::fs::write(t.path().join("src"), &data).unwrap_or_else(|e| panic!("{e}"));
+        let src = std::fs::File::open(t.path().join("src")).unwrap_or_else(|e| panic!("{e}"));
+        let dst = std::fs::File::create(t.path().join("dst")).unwrap_or_else(|e| panic!("{e}"));
+        match crate::sys::ficlone(dst.as_fd(), src.as_fd()) {
+            Ok(()) => {
+                let got = std::fs::read_to_string(t.path().join("dst")).unwrap_or_else(|e| panic!("{e}"));
+                assert!(got == data, "the clone has other data");
+            }
+            Err(e) => {
+                eprintln!("no reflinks in {}: {e}", t.path().display());
+                assert!(
+                    matches!(
+                        e,
+                        nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::EXDEV | nix::errno::Errno::EINVAL
+                    ),
+                    "{e}"
+                )
+            }
+        }
+    }
+
     #[test]
     fn born_is_the_statx_birth_time_or_zero_without_one() {
         let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
