@@ -108,7 +108,9 @@ fn killed_supervisor_leaves_nothing_running_and_every_command_works() {
     let st = state(&env, &id);
     let pid3 = st["Pid"].as_i64().unwrap();
     kill9(st["SupervisorPid"].as_i64().unwrap());
-    assert!(alive(pid3));
+    // The container's first process gets the parent-death signal with its supervisor, so it may
+    // be alive or already dying here (asserting either races the kernel); `stop` must leave it
+    // gone either way and exit 0.
     env.ok(&["stop", "orphan"]);
     assert!(!alive(pid3), "stop exited 0 without stopping the container");
     // And `rm -f` of an orphan leaks neither its processes nor its namespace.
