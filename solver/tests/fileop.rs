@@ -1,5 +1,5 @@
 //! File operations against temp directories (run as root: ownership is checked).
-//! The expected outcomes of the difftest cases (`/work/shared/difftest/cases/*/expected.json`,
+//! The expected outcomes of the difftest cases (`../shared/difftest/cases/*/expected.json`,
 //! recorded with BuildKit) are rebuilt here by hand as actions.
 
 // Helpers of this test binary panic on setup failures, like the tests themselves.

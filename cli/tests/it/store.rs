@@ -34,7 +34,7 @@ fn docker() -> &'static str {
         .is_ok_and(|s| s.success());
     assert!(
         ok,
-        "this test needs dockerd: run `bash /work/shared/peers/start-docker.sh` first ({DOCKER} info failed)"
+        "this test needs dockerd: run `bash ../shared/peers/start-docker.sh` first ({DOCKER} info failed)"
     );
     DOCKER
 }
