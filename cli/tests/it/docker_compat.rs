@@ -752,8 +752,9 @@ fn docker_forms_and_rules() {
         "-c",
         "head -c 100000 /dev/zero > /v/f; sleep 60",
     ]);
+    // The file exists as soon as the shell opens it: wait for all of its 100 000 bytes.
     crate::harness::eventually(10, "the volume's file", || {
-        env.root().join("volumes/dfvol/_data/f").exists()
+        std::fs::metadata(env.root().join("volumes/dfvol/_data/f")).is_ok_and(|m| m.len() == 100_000)
     });
     let out = String::from_utf8_lossy(
         &env.ok(&[
