@@ -618,12 +618,12 @@ impl<'a> ShellWord<'a> {
                 let value: Vec<char> = value.unwrap_or_default().chars().collect();
                 if op == '#' {
                     let tokens = self.shell_pattern(&pattern, greedy)?;
-                    let cut = match_at(&tokens, &value, 0).unwrap_or(0);
+                    let cut = Matcher::new(&tokens, &value).match_at(0).unwrap_or(0);
                     Ok(value[cut..].iter().collect())
                 } else {
                     let tokens = self.shell_pattern(&reverse_pattern(&pattern), greedy)?;
                     let reversed: Vec<char> = value.iter().rev().copied().collect();
-                    let cut = match_at(&tokens, &reversed, 0).unwrap_or(0);
+                    let cut = Matcher::new(&tokens, &reversed).match_at(0).unwrap_or(0);
                     Ok(reversed[cut..].iter().rev().collect())
                 }
             }
@@ -655,8 +655,9 @@ impl<'a> ShellWord<'a> {
         }
         let value: Vec<char> = value.unwrap_or_default().chars().collect();
         let tokens = self.shell_pattern(&pattern, true)?;
+        let mut matcher = Matcher::new(&tokens, &value);
         if !all {
-            let Some((start, end)) = find(&tokens, &value, 0) else {
+            let Some((start, end)) = matcher.find(0) else {
                 return Ok(value.iter().collect());
             };
             let mut out: String = value[..start].iter().collect();
@@ -668,7 +669,7 @@ impl<'a> ShellWord<'a> {
         let mut out = String::new();
         let (mut last_end, mut search) = (0usize, 0usize);
         while search <= value.len() {
-            let Some((start, end)) = find(&tokens, &value, search) else {
+            let Some((start, end)) = matcher.find(search) else {
                 break;
             };
             out.extend(&value[last_end..start]);
@@ -740,52 +741,68 @@ enum Pat {
     },
 }
 
-/// Leftmost-first (Perl/Go regexp) match of `tokens` starting exactly at `start`; returns the
-/// end of the first match in priority order. Memoised, so at most tokens × text steps.
-fn match_at(tokens: &[Pat], text: &[char], start: usize) -> Option<usize> {
-    let width = text.len() + 1;
-    let mut failed = vec![false; (tokens.len() + 1) * width];
-    fn go(tokens: &[Pat], text: &[char], ti: usize, pos: usize, failed: &mut [bool]) -> Option<usize> {
-        let width = text.len() + 1;
-        if failed[ti * width + pos] {
+/// Leftmost-first (Perl/Go regexp) matching of one pattern against one text. Whether the
+/// pattern's tail from token `ti` fails at `pos` does not depend on where the match started, so
+/// one memo serves every start of a search and every search of a `//` replacement: at most
+/// tokens × text entries computed once, where a memo per start cleared (tokens × text) bytes at
+/// each of the text's positions (a 3 KB Dockerfile's `${A//*x*/y}` then took minutes).
+struct Matcher<'a> {
+    tokens: &'a [Pat],
+    text: &'a [char],
+    failed: Vec<bool>,
+}
+
+impl<'a> Matcher<'a> {
+    fn new(tokens: &'a [Pat], text: &'a [char]) -> Matcher<'a> {
+        Matcher {
+            tokens,
+            text,
+            failed: vec![false; (tokens.len() + 1) * (text.len() + 1)],
+        }
+    }
+
+    /// The end of the first match in priority order starting exactly at `start`.
+    fn match_at(&mut self, start: usize) -> Option<usize> {
+        if start > self.text.len() {
             return None;
         }
-        let found = match tokens.get(ti) {
+        self.go(0, start)
+    }
+
+    fn go(&mut self, ti: usize, pos: usize) -> Option<usize> {
+        let slot = ti * (self.text.len() + 1) + pos;
+        if self.failed[slot] {
+            return None;
+        }
+        let found = match self.tokens.get(ti) {
             None => Some(pos),
-            Some(Pat::Lit(l)) => match text.get(pos) {
-                Some(c) if c == l => go(tokens, text, ti + 1, pos + 1, failed),
+            Some(Pat::Lit(l)) => match self.text.get(pos) {
+                Some(c) if c == l => self.go(ti + 1, pos + 1),
                 _ => None,
             },
-            Some(Pat::Any) => match text.get(pos) {
-                Some(&c) if c != '\n' => go(tokens, text, ti + 1, pos + 1, failed),
+            Some(Pat::Any) => match self.text.get(pos) {
+                Some(&c) if c != '\n' => self.go(ti + 1, pos + 1),
                 _ => None,
             },
-            Some(Pat::Star { greedy }) => {
-                let run = text[pos..].iter().take_while(|&&c| c != '\n').count();
-                if *greedy {
-                    (0..=run)
-                        .rev()
-                        .find_map(|n| go(tokens, text, ti + 1, pos + n, failed))
+            Some(&Pat::Star { greedy }) => {
+                let run = self.text[pos..].iter().take_while(|&&c| c != '\n').count();
+                if greedy {
+                    (0..=run).rev().find_map(|n| self.go(ti + 1, pos + n))
                 } else {
-                    (0..=run).find_map(|n| go(tokens, text, ti + 1, pos + n, failed))
+                    (0..=run).find_map(|n| self.go(ti + 1, pos + n))
                 }
             }
         };
         if found.is_none() {
-            failed[ti * width + pos] = true;
+            self.failed[slot] = true;
         }
         found
     }
-    if start > text.len() {
-        return None;
-    }
-    debug_assert_eq!(failed.len(), (tokens.len() + 1) * width);
-    go(tokens, text, 0, start, &mut failed)
-}
 
-/// The leftmost match starting at or after `from`, as (start, end).
-fn find(tokens: &[Pat], text: &[char], from: usize) -> Option<(usize, usize)> {
-    (from..=text.len()).find_map(|s| match_at(tokens, text, s).map(|e| (s, e)))
+    /// The leftmost match starting at or after `from`, as (start, end).
+    fn find(&mut self, from: usize) -> Option<(usize, usize)> {
+        (from..=self.text.len()).find_map(|s| self.match_at(s).map(|e| (s, e)))
+    }
 }
 
 /// Reverses a pattern for suffix matching, keeping each `\x` escape pair in order.
@@ -860,6 +877,26 @@ mod tests {
 
     fn word(lexer: Lexer, input: &str, vars: &[(&str, &str)]) -> Result<String, ShellError> {
         lexer.process_word(input, &env(vars))
+    }
+
+    #[test]
+    fn replace_all_over_a_long_value_matches_at_every_position() {
+        // One memo for the whole search: each start reuses what earlier starts learnt (a 3 KB
+        // fuzz input with such a value took minutes when every start cleared a memo of its own).
+        let value = "xa".repeat(2000);
+        let vars = [("A", value.as_str())];
+        assert_eq!(
+            word(Lexer::default(), "${A//a/-}", &vars).unwrap(),
+            "x-".repeat(2000)
+        );
+        assert_eq!(word(Lexer::default(), "${A//x*a/y}", &vars).unwrap(), "y");
+        assert_eq!(
+            word(Lexer::default(), "${A/a?a/_}", &vars).unwrap(),
+            format!("x_{}", "xa".repeat(1998))
+        );
+        assert_eq!(word(Lexer::default(), "${A//q*/z}", &vars).unwrap(), value);
+        assert_eq!(word(Lexer::default(), "${A##*x}", &vars).unwrap(), "a");
+        assert_eq!(word(Lexer::default(), "${A%%a*}", &vars).unwrap(), "x");
     }
 
     #[test]
