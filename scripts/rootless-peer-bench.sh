@@ -31,16 +31,17 @@ cp "$kiln" "$work/kiln"
 chmod 0755 "$work/kiln"
 trap 'rm -rf "$work"' EXIT
 
-wrapper() { # $1: the user kiln runs as
+wrapper() { # $1: the user kiln runs as; its home is looked up here, not in every timed call
+  local home
+  home=$(getent passwd "$1" | cut -d: -f6)
   cat >"$work/kiln-as-$1" <<EOF
 #!/bin/sh
 u=$1
 if [ "\$1" = --root ]; then
-  top=\$(dirname "\$2")
+  top=\${2%/*}
   [ "\$u" = root ] || { chmod 0777 "\$top"; [ -d "\$2" ] || { mkdir -p "\$2"; chown "\$u:" "\$2"; }; }
 fi
-home=\$(getent passwd "\$u" | cut -d: -f6)
-exec setpriv --reuid="\$u" --regid="\$u" --init-groups -- env HOME="\$home" "$work/kiln" "\$@"
+exec setpriv --reuid="\$u" --regid="\$u" --init-groups -- env HOME="$home" "$work/kiln" "\$@"
 EOF
   chmod 0755 "$work/kiln-as-$1"
 }
