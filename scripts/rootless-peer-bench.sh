@@ -31,17 +31,23 @@ cp "$kiln" "$work/kiln"
 chmod 0755 "$work/kiln"
 trap 'rm -rf "$work"' EXIT
 
-wrapper() { # $1: the user kiln runs as; its home is looked up here, not in every timed call
-  local home
+wrapper() { # $1: the user kiln runs as
+  # Its home and ids are looked up here, not in every timed call: by name, setpriv would ask NSS
+  # (systemd's userdb walk among it) for the user and its groups in each one, for the
+  # unprivileged user only.
+  local home uid gid
   home=$(getent passwd "$1" | cut -d: -f6)
+  uid=$(id -u "$1")
+  gid=$(id -g "$1")
   cat >"$work/kiln-as-$1" <<EOF
 #!/bin/sh
 u=$1
 if [ "\$1" = --root ]; then
   top=\${2%/*}
-  [ "\$u" = root ] || { chmod 0777 "\$top"; [ -d "\$2" ] || { mkdir -p "\$2"; chown "\$u:" "\$2"; }; }
+  # Only where the store is new: chmod, mkdir and chown are programs, a fork and exec each.
+  [ "\$u" = root ] || [ -d "\$2" ] || { chmod 0777 "\$top"; mkdir -p "\$2"; chown "\$u:" "\$2"; }
 fi
-exec setpriv --reuid="\$u" --regid="\$u" --init-groups -- env HOME="$home" "$work/kiln" "\$@"
+exec setpriv --reuid=$uid --regid=$gid --clear-groups -- env HOME="$home" "$work/kiln" "\$@"
 EOF
   chmod 0755 "$work/kiln-as-$1"
 }

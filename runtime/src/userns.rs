@@ -248,48 +248,67 @@ pub fn enter() -> Result<(), UsernsError> {
     if n != 1 {
         return Err(UsernsError::Threaded(n));
     }
-    let (go_r, go_w) = nix::unistd::pipe().map_err(UsernsError::Pipe)?;
-    let (err_r, err_w) = nix::unistd::pipe().map_err(UsernsError::Pipe)?;
-    let parent = std::process::id();
-    match sys::fork_single_threaded().map_err(UsernsError::Fork)? {
-        None => {
-            drop(go_w);
-            drop(err_r);
-            let code = helper(
-                go_r,
-                err_w,
-                parent,
-                [
-                    (newuidmap.as_path(), map_args(uid, &uid_ranges)),
-                    (newgidmap.as_path(), map_args(gid, &gid_ranges)),
-                ],
-            );
-            sys::exit_now(code)
-        }
-        Some(child) => {
-            drop(go_r);
-            drop(err_w);
-            let unshared = RealSys.unshare(libc::CLONE_NEWUSER);
-            let mut go = std::fs::File::from(go_w);
-            if unshared.is_ok() {
-                // The helper maps on this byte; on a failed unshare it sees the pipe close.
-                let _ = go.write_all(b"1");
+    // One child per map tool, forked before the unshare (the tools must run in this, the parent,
+    // namespace) and waiting for a byte each on `go`; then each execs its tool at once. Both tools
+    // are setuid programs whose start is most of rootless mode's cost, so they run side by side
+    // and no helper process stands between them and kiln.
+    let tools = [
+        MapTool::new("newuidmap", &newuidmap, map_args(uid, &uid_ranges))?,
+        MapTool::new("newgidmap", &newgidmap, map_args(gid, &gid_ranges))?,
+    ];
+    let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(UsernsError::Pipe)?;
+    let mut started: Vec<(&MapTool, i32, OwnedFd)> = Vec::with_capacity(2);
+    for tool in &tools {
+        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(UsernsError::Pipe)?;
+        let forked = sys::fork_single_threaded();
+        match forked {
+            Ok(None) => {
+                drop(go_w);
+                drop(err_r);
+                tool.run_on_go(go_r, err_w)
             }
-            drop(go);
-            let mut message = String::new();
-            let _ = std::fs::File::from(err_r).read_to_string(&mut message);
-            let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None)
-                .map_err(UsernsError::Wait)?;
-            unshared.map_err(UsernsError::Unshare)?;
-            if !message.is_empty() || !matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0)) {
-                let (tool, message) = match message.split_once('\n') {
-                    Some(("newgidmap", m)) => ("newgidmap", m.trim().to_owned()),
-                    Some((_, m)) => ("newuidmap", m.trim().to_owned()),
-                    None => ("newuidmap", format!("helper ended with {status:?}")),
-                };
-                return Err(UsernsError::Map { tool, message });
+            Ok(Some(child)) => started.push((tool, child, err_r)),
+            Err(e) => {
+                // The children started so far see `go` close and end without mapping.
+                drop(go_w);
+                for (_, child, _) in started {
+                    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
+                }
+                return Err(UsernsError::Fork(e));
             }
         }
+    }
+    drop(go_r);
+    let unshared = RealSys.unshare(libc::CLONE_NEWUSER);
+    let mut go = std::fs::File::from(go_w);
+    if unshared.is_ok() {
+        // One byte for each child; on a failed unshare they see the pipe close and end.
+        let _ = go.write_all(&[1u8; 2][..started.len()]);
+    }
+    drop(go);
+    let mut failure = None;
+    for (tool, child, err_r) in started {
+        let mut message = String::new();
+        let _ = std::fs::File::from(err_r).read_to_string(&mut message);
+        let status =
+            nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None).map_err(UsernsError::Wait)?;
+        if unshared.is_ok()
+            && failure.is_none()
+            && !matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0))
+        {
+            let message = match message.trim() {
+                "" => format!("it ended with {status:?}"),
+                m => m.to_owned(),
+            };
+            failure = Some(UsernsError::Map {
+                tool: tool.name,
+                message: format!("{message} (`{}`)", tool.command_line()),
+            });
+        }
+    }
+    unshared.map_err(UsernsError::Unshare)?;
+    if let Some(e) = failure {
+        return Err(e);
     }
     RealSys.setresgid(0).map_err(UsernsError::Become)?;
     RealSys.setresuid(0).map_err(UsernsError::Become)?;
@@ -331,46 +350,70 @@ pub fn join(pid: i32) -> Result<bool, UsernsError> {
     Ok(true)
 }
 
-/// The forked helper: waits for the parent to unshare, then runs the two map tools on it. A
-/// failure is written to `err` as the tool's name, a newline and its message.
-fn helper(go: OwnedFd, err: OwnedFd, parent: u32, tools: [(&Path, Vec<String>); 2]) -> i32 {
-    let mut byte = [0u8; 1];
-    if !matches!(std::fs::File::from(go).read(&mut byte), Ok(1)) {
-        return 0; // the parent's unshare failed; it reports that
-    }
-    let mut err = std::fs::File::from(err);
-    // Both at once: each is a setuid program's start, the larger part of rootless start-up.
-    let started: Vec<_> = tools
-        .iter()
-        .map(|(tool, args)| {
-            std::process::Command::new(tool)
-                .arg(parent.to_string())
-                .args(args)
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-        })
-        .collect();
-    for ((tool, args), child) in tools.iter().zip(started) {
-        let name = tool
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let failure = match child.and_then(|c| c.wait_with_output()) {
-            Ok(o) if o.status.success() => continue,
-            Ok(o) => format!(
-                "{} (`{} {parent} {}`)",
-                String::from_utf8_lossy(&o.stderr).trim(),
-                tool.display(),
-                args.join(" ")
-            ),
-            Err(e) => format!("failed to run `{}`: {e}", tool.display()),
+/// One id-map tool (`newuidmap` or `newgidmap`) and its arguments after the pid, made ready
+/// before the fork so the child only reads, duplicates descriptors and execs.
+struct MapTool {
+    name: &'static str,
+    path: std::ffi::CString,
+    argv: Vec<std::ffi::CString>,
+}
+
+impl MapTool {
+    fn new(name: &'static str, path: &Path, args: Vec<String>) -> Result<MapTool, UsernsError> {
+        use std::os::unix::ffi::OsStrExt;
+        let cstring = |b: &[u8]| {
+            std::ffi::CString::new(b).map_err(|_| UsernsError::Map {
+                tool: name,
+                message: format!("a NUL byte in `{}`", String::from_utf8_lossy(b)),
+            })
         };
-        let _ = write!(err, "{name}\n{failure}");
-        return 1;
+        let mut argv = vec![cstring(path.as_os_str().as_bytes())?];
+        argv.push(cstring(std::process::id().to_string().as_bytes())?);
+        for a in &args {
+            argv.push(cstring(a.as_bytes())?);
+        }
+        Ok(MapTool {
+            name,
+            path: cstring(path.as_os_str().as_bytes())?,
+            argv,
+        })
     }
-    0
+
+    fn command_line(&self) -> String {
+        self.argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// In the forked child: waits for the parent's byte on `go` (the pipe closing means its
+    /// unshare failed, which it reports), then execs the tool with stdin and stdout on /dev/null
+    /// and stderr on `err`. Never returns.
+    fn run_on_go(&self, go: OwnedFd, err: OwnedFd) -> ! {
+        use std::os::fd::AsRawFd;
+        let mut byte = [0u8; 1];
+        if !matches!(nix::unistd::read(&go, &mut byte), Ok(1)) {
+            sys::exit_now(0);
+        }
+        let null = nix::fcntl::open(
+            "/dev/null",
+            nix::fcntl::OFlag::O_RDWR,
+            nix::sys::stat::Mode::empty(),
+        );
+        let redirected = null.and_then(|null| {
+            RealSys.dup2(null.as_raw_fd(), 0)?;
+            RealSys.dup2(null.as_raw_fd(), 1)?;
+            RealSys.dup2(err.as_raw_fd(), 2)
+        });
+        let e = match redirected {
+            Ok(_) => nix::unistd::execv(&self.path, &self.argv).unwrap_err(),
+            Err(e) => e,
+        };
+        let mut err = std::fs::File::from(err);
+        let _ = write!(err, "failed to run `{}`: {e}", self.path.to_string_lossy());
+        sys::exit_now(127)
+    }
 }
 
 #[cfg(test)]

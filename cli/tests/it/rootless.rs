@@ -444,6 +444,39 @@ fn rootless_network_without_slirp4netns_is_a_clear_error() {
 }
 
 #[test]
+fn a_failing_id_map_tool_is_named_with_its_message_and_the_store_kept() {
+    let rl = RlEnv::new();
+    rl.with_busybox();
+    let images = rl.ok(&["images"]).stdout;
+    // The real newuidmap beside a newgidmap that refuses, as one would for a missing range.
+    let bin = rl.path("bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    std::os::unix::fs::symlink("/usr/bin/newuidmap", bin.join("newuidmap")).expect("symlink");
+    let fake = bin.join("newgidmap");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho \"newgidmap: gid range [1-65537) -> [165536-231073) not allowed\" >&2\nexit 1\n",
+    )
+    .expect("write");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let out = rl
+        .kiln(&["images"])
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+        .output()
+        .expect("spawn");
+    assert!(!out.status.success(), "{}", frame(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`newgidmap` failed to write the id map")
+            && err.contains("not allowed")
+            && err.contains(&format!("{} ", fake.display())),
+        "{err}"
+    );
+    // Nothing half-entered: the next command, with the real tools, sees the same store.
+    assert_eq!(rl.ok(&["images"]).stdout, images);
+}
+
+#[test]
 fn rootless_store_files_carry_mapped_ids_on_the_host() {
     let rl = RlEnv::new();
     rl.with_busybox();
