@@ -42,14 +42,12 @@ pub enum SpecialFile {
 
 /// How a COPY from a build context treats a path of type `ft`; `None` for files, directories
 /// and symlinks.
-pub fn special_file(ft: std::fs::FileType) -> Option<SpecialFile> {
-    use std::os::unix::fs::FileTypeExt;
-    if ft.is_char_device() || ft.is_block_device() || ft.is_socket() {
-        Some(SpecialFile::EmptyFile)
-    } else if ft.is_fifo() {
-        Some(SpecialFile::Skip)
-    } else {
-        None
+pub fn special_file(ft: rustix::fs::FileType) -> Option<SpecialFile> {
+    use rustix::fs::FileType;
+    match ft {
+        FileType::CharacterDevice | FileType::BlockDevice | FileType::Socket => Some(SpecialFile::EmptyFile),
+        FileType::Fifo => Some(SpecialFile::Skip),
+        _ => None,
     }
 }
 
@@ -73,12 +71,10 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Whether `meta` (an `lstat` of this entry's path) still shows the file `content` describes.
-    pub fn still_matches(&self, meta: &std::fs::Metadata) -> bool {
-        self.kind == Kind::File
-            && meta.is_file()
-            && meta.len() == self.size
-            && self.validators == (meta.ino(), mtime_ns(meta), ctime_ns(meta))
+    /// Whether a regular file's `lstat` now, given as its size and validators (inode, mtime and
+    /// ctime in nanoseconds), still shows the file `content` describes.
+    pub fn still_matches(&self, size: u64, validators: (u64, i64, i64)) -> bool {
+        self.kind == Kind::File && size == self.size && self.validators == validators
     }
 }
 

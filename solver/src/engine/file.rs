@@ -269,7 +269,7 @@ const FILE_INDEX: &str = "files";
 struct LocalContextContent(Arc<super::LocalContext>);
 
 impl fileop::link::KnownContent for LocalContextContent {
-    fn content(&self, rel: &str, meta: &std::fs::Metadata) -> Option<[u8; 32]> {
+    fn content(&self, rel: &str, meta: &fileop::Meta) -> Option<[u8; 32]> {
         self.0.index.content(rel, meta)
     }
 }

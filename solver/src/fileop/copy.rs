@@ -2,9 +2,10 @@
 //! the tree copy itself (directories first, then files in parallel, then directory metadata).
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::{self, File, FileTimes, Metadata, OpenOptions, Permissions};
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -16,6 +17,7 @@ use rustix::fs::{FileType, Mode, CWD};
 use super::chmod::ModeSpec;
 use super::fsops::{lchown, mkdir_all, set_mode, set_times};
 use super::link::Linking;
+use super::meta::Meta;
 use super::resolve::{self, Resolved};
 use super::{owner, unpack, wildcard, FileOpError, FileOpOptions, SourceRoot};
 use crate::context::{special_file, SpecialFile};
@@ -64,11 +66,11 @@ impl Config<'_> {
         }
     }
 
-    fn owner_of(&self, meta: &Metadata) -> (u32, u32) {
+    fn owner_of(&self, meta: &Meta) -> (u32, u32) {
         match self.chown {
             Some(o) => o,
             None if self.src.normalize_owner => (0, 0),
-            None => (meta.uid(), meta.gid()),
+            None => (meta.uid, meta.gid),
         }
     }
 }
@@ -169,7 +171,7 @@ pub(super) fn copy_action(
         let (target, created) = prepare_target(&cfg, &meta, &source, target, action.dir_contents_only)?;
         // Whether the copy's top directory is one this action just made (and so empty).
         let fresh = created || (ensured && target == ensure);
-        copy_tree(&cfg, &resolved, meta, &target, false, fresh)?;
+        copy_tree(&cfg, &resolved, &meta, &target, false, fresh)?;
     }
     Ok(())
 }
@@ -349,7 +351,7 @@ fn copy_parents(
         // Only the first pivot lands in a directory nothing was written to yet.
         let fresh = created || (ensured && target == ensure);
         ensured = false;
-        copy_tree(&cfg, &resolved, meta, &target, false, fresh)?;
+        copy_tree(&cfg, &resolved, &meta, &target, false, fresh)?;
     }
     Ok(())
 }
@@ -362,12 +364,13 @@ fn join_rel(a: &str, b: &str) -> String {
     }
 }
 
-/// One entry of a planned tree copy.
-#[derive(Clone)]
+/// One entry of a planned tree copy. Paths are not kept: a node names itself and its parent,
+/// and [`Plan::src`]/[`Plan::dst`] rebuild a path when it is written (a context of 500k files
+/// is planned whole before the first is written).
 struct Node {
-    src: PathBuf,
-    dst: PathBuf,
-    meta: Metadata,
+    name: Box<OsStr>,
+    meta: Meta,
+    /// `None` for the copy's top (node 0).
     parent: Option<usize>,
     /// False for a directory excluded by a filter but walked because something below it may
     /// be included; it is created only when something is.
@@ -376,13 +379,61 @@ struct Node {
     link_to: Option<usize>,
 }
 
+/// A planned tree copy: node 0 is the copied entry itself, at `src` and to be written at `dst`;
+/// every other node follows its parent.
+struct Plan {
+    src: PathBuf,
+    dst: PathBuf,
+    nodes: Vec<Node>,
+}
+
+impl Plan {
+    fn path(&self, top: &Path, i: usize) -> PathBuf {
+        let mut names = Vec::new();
+        let mut at = i;
+        while let Some(p) = self.nodes[at].parent {
+            names.push(&*self.nodes[at].name);
+            at = p;
+        }
+        let mut path = top.to_path_buf();
+        for name in names.iter().rev() {
+            path.push(name);
+        }
+        path
+    }
+
+    fn src(&self, i: usize) -> PathBuf {
+        self.path(&self.src, i)
+    }
+
+    fn dst(&self, i: usize) -> PathBuf {
+        self.path(&self.dst, i)
+    }
+
+    /// Node `i` with its paths, for writing it.
+    fn item(&self, i: usize) -> Item {
+        Item {
+            src: self.src(i),
+            dst: self.dst(i),
+            meta: self.nodes[i].meta,
+        }
+    }
+}
+
+/// One entry about to be written: where from, where to, and the source's `lstat`.
+struct Item {
+    src: PathBuf,
+    dst: PathBuf,
+    meta: Meta,
+}
+
 /// Copies the entry `src` (already resolved, `meta` its `lstat`) to `target` with BuildKit's
 /// rules: an existing directory is merged (its metadata replaced only when
 /// `overwrite_metadata`), anything else is replaced, a file never replaces a directory.
 fn copy_tree(
     cfg: &Config<'_>,
     src: &Resolved,
-    meta: Metadata,
+    meta: &Metadata,
     target: &Path,
     overwrite_metadata: bool,
     target_fresh: bool,
@@ -394,18 +445,25 @@ fn copy_tree(
         (Some(l), true) => l.in_upper(target, cfg.dest_root),
         _ => target.to_path_buf(),
     };
-    let mut nodes = vec![Node {
+    let mut plan = Plan {
         src: src.host.clone(),
         dst: target,
-        meta,
-        parent: None,
-        included: true,
-        link_to: None,
-    }];
-    if nodes[0].meta.is_dir() {
-        plan(cfg, &src.rel, &mut nodes)?;
+        nodes: vec![Node {
+            name: OsStr::new("").into(),
+            meta: Meta::from(meta),
+            parent: None,
+            included: true,
+            link_to: None,
+        }],
+    };
+    if plan.nodes[0].meta.is_dir() {
+        let below = subtree(cfg, &src.rel, &plan.src, String::new(), 0)?;
+        plan.nodes.reserve_exact(below.len());
+        plan.nodes.extend(below);
+        link_names(&mut plan.nodes);
     }
-    let keep = prune(&nodes);
+    let keep = prune(&plan.nodes);
+    let nodes = &plan.nodes;
 
     // Directories, parents first. `fresh[i]`: created by this copy, so nothing is inside yet.
     let mut fresh = vec![false; nodes.len()];
@@ -414,14 +472,12 @@ fn copy_tree(
         if !keep[i] || !node.meta.is_dir() {
             continue;
         }
+        let dst = plan.dst(i);
         let created = if node.parent.is_some_and(|p| fresh[p]) {
-            fs::create_dir(&node.dst).map_err(|source| FileOpError::CreateDir {
-                path: node.dst.clone(),
-                source,
-            })?;
+            fs::create_dir(&dst).map_err(|source| FileOpError::CreateDir { path: dst, source })?;
             true
         } else {
-            create_dir_like(&node.dst, &node.meta, i > 0 || overwrite_metadata)?
+            create_dir_like(&dst, &node.meta, i > 0 || overwrite_metadata)?
         };
         fresh[i] = created || (i == 0 && target_fresh);
         info[i] = if i == 0 {
@@ -440,32 +496,34 @@ fn copy_tree(
         .par_iter()
         .enumerate()
         .filter(|(i, n)| keep[*i] && !n.meta.is_dir() && n.link_to.is_none())
-        .try_for_each(|(i, n)| copy_entry(cfg, n, parent_fresh(n), leaders.contains(&i)))?;
+        .try_for_each(|(i, n)| copy_entry(cfg, &plan.item(i), parent_fresh(n), leaders.contains(&i)))?;
     for (i, n) in nodes.iter().enumerate() {
         if let (true, Some(leader)) = (keep[i], n.link_to) {
+            let dst = plan.dst(i);
             if !parent_fresh(n) {
-                ensure_empty_file_target(&n.dst)?;
+                ensure_empty_file_target(&dst)?;
             }
-            fs::hard_link(&nodes[leader].dst, &n.dst).map_err(|source| FileOpError::HardLink {
-                path: n.dst.clone(),
-                target: nodes[leader].dst.clone(),
+            let target = plan.dst(leader);
+            fs::hard_link(&target, &dst).map_err(|source| FileOpError::HardLink {
+                path: dst.clone(),
+                target,
                 source,
             })?;
-            apply_info(cfg, &n.meta, &n.dst)?;
+            apply_info(cfg, &n.meta, &dst)?;
         }
     }
 
     // Directory metadata last, children before parents, so their times stick.
     for (i, n) in nodes.iter().enumerate().rev() {
         if keep[i] && info[i] && n.meta.is_dir() {
-            apply_info(cfg, &n.meta, &n.dst)?;
+            apply_info(cfg, &n.meta, &plan.dst(i))?;
         }
     }
     // An existing top directory keeps its owner and mode but takes the source's times
     // (BuildKit's `restoreFileTimestamp`).
     if nodes[0].meta.is_dir() && !info[0] {
         let (atime, mtime) = times_of(cfg, &nodes[0].meta);
-        set_times(&nodes[0].dst, atime, mtime)?;
+        set_times(&plan.dst, atime, mtime)?;
     }
     Ok(())
 }
@@ -474,16 +532,12 @@ fn copy_tree(
 /// deeper ones are walked with an explicit stack, so a deep context never deepens recursion.
 const PARALLEL_LEVELS: usize = 4;
 
-/// Walks the directory `nodes[0]` in name order, appending its entries in pre-order: a
-/// directory's entries, then each subdirectory's in turn (what the later phases rely on is that
-/// every node follows its parent, and that the first name of a hard-linked file comes first).
-fn plan(cfg: &Config<'_>, root_rel: &str, nodes: &mut Vec<Node>) -> Result<(), FileOpError> {
-    let below = subtree(cfg, root_rel, nodes[0].clone(), String::new(), 0)?;
-    nodes.extend(below);
+/// Points each later name of a hard-linked file (`link_to`) at its first name in the plan.
+fn link_names(nodes: &mut [Node]) {
     let mut inodes: HashMap<(u64, u64), usize> = HashMap::new();
     for (i, node) in nodes.iter_mut().enumerate().skip(1) {
-        if node.meta.is_file() && node.meta.nlink() > 1 {
-            match inodes.entry((node.meta.dev(), node.meta.ino())) {
+        if node.meta.is_file() && node.meta.nlink > 1 {
+            match inodes.entry((node.meta.dev, node.meta.ino)) {
                 std::collections::hash_map::Entry::Occupied(leader) => node.link_to = Some(*leader.get()),
                 std::collections::hash_map::Entry::Vacant(first) => {
                     first.insert(i);
@@ -491,36 +545,49 @@ fn plan(cfg: &Config<'_>, root_rel: &str, nodes: &mut Vec<Node>) -> Result<(), F
             }
         }
     }
-    Ok(())
 }
 
-/// The nodes below the directory `root` (source-relative `rel`), in plan order, numbered as if
-/// `root` were node 0 and they followed it.
+/// The nodes below the directory at `dir` (source-relative `rel`), in name order and pre-order
+/// (a directory's entries, then each subdirectory's in turn: every node follows its parent, and
+/// the first name of a hard-linked file comes first), numbered as if that directory were node 0
+/// and they followed it.
 fn subtree(
     cfg: &Config<'_>,
     root_rel: &str,
-    root: Node,
+    dir: &Path,
     rel: String,
     depth: usize,
 ) -> Result<Vec<Node>, FileOpError> {
-    let mut nodes = vec![root];
+    // A stand-in for the directory itself while its entries are listed; removed at the end.
+    let mut nodes = vec![Node {
+        name: OsStr::new("").into(),
+        meta: Meta::default(),
+        parent: None,
+        included: true,
+        link_to: None,
+    }];
     if depth >= PARALLEL_LEVELS {
-        let mut stack: Vec<(usize, String)> = vec![(0, rel)];
-        while let Some((dir, rel)) = stack.pop() {
-            let subdirs = list_children(cfg, root_rel, &mut nodes, dir, &rel)?;
+        let mut stack: Vec<(usize, String, PathBuf)> = vec![(0, rel, dir.to_path_buf())];
+        while let Some((at, rel, path)) = stack.pop() {
+            let subdirs = list_children(cfg, root_rel, &mut nodes, at, &rel, &path)?;
             // Reversed so the stack pops them in name order.
-            stack.extend(subdirs.into_iter().rev());
+            stack.extend(subdirs.into_iter().rev().map(|(i, rel)| {
+                let sub = path.join(&*nodes[i].name);
+                (i, rel, sub)
+            }));
         }
     } else {
-        let subdirs = list_children(cfg, root_rel, &mut nodes, 0, &rel)?;
+        let subdirs = list_children(cfg, root_rel, &mut nodes, 0, &rel, dir)?;
         let below: Vec<Result<Vec<Node>, FileOpError>> = subdirs
             .par_iter()
-            .map(|(i, rel)| subtree(cfg, root_rel, nodes[*i].clone(), rel.clone(), depth + 1))
+            .map(|(i, rel)| subtree(cfg, root_rel, &dir.join(&*nodes[*i].name), rel.clone(), depth + 1))
             .collect();
-        for ((dir, _), sub) in subdirs.iter().zip(below) {
+        let mut below = below.into_iter().collect::<Result<Vec<_>, _>>()?;
+        nodes.reserve_exact(below.iter().map(Vec::len).sum());
+        for ((at, _), sub) in subdirs.iter().zip(below.iter_mut()) {
             let base = nodes.len();
-            nodes.extend(sub?.into_iter().map(|mut n| {
-                n.parent = n.parent.map(|p| if p == 0 { *dir } else { p - 1 + base });
+            nodes.extend(std::mem::take(sub).into_iter().map(|mut n| {
+                n.parent = n.parent.map(|p| if p == 0 { *at } else { p - 1 + base });
                 n
             }));
         }
@@ -529,23 +596,24 @@ fn subtree(
     Ok(nodes)
 }
 
-/// Lists the directory `nodes[dir]` (source-relative `rel`) in name order, appending the
-/// entries the copy takes; returns the subdirectories appended, with their relative paths.
+/// Lists the directory `nodes[at]` (at `path`, source-relative `rel`) in name order, appending
+/// the entries the copy takes; returns the subdirectories appended, with their relative paths.
 fn list_children(
     cfg: &Config<'_>,
     root_rel: &str,
     nodes: &mut Vec<Node>,
-    dir: usize,
+    at: usize,
     rel: &str,
+    path: &Path,
 ) -> Result<Vec<(usize, String)>, FileOpError> {
-    let rd = fs::read_dir(&nodes[dir].src).map_err(|source| FileOpError::ReadDir {
-        path: nodes[dir].src.clone(),
+    let rd = fs::read_dir(path).map_err(|source| FileOpError::ReadDir {
+        path: path.to_path_buf(),
         source,
     })?;
     let mut entries = Vec::new();
     for e in rd {
         let e = e.map_err(|source| FileOpError::ReadDir {
-            path: nodes[dir].src.clone(),
+            path: path.to_path_buf(),
             source,
         })?;
         entries.push(e);
@@ -596,10 +664,9 @@ fn list_children(
         }
         let idx = nodes.len();
         nodes.push(Node {
-            src: nodes[dir].src.join(&name),
-            dst: nodes[dir].dst.join(&name),
-            meta,
-            parent: Some(dir),
+            name: name.into_boxed_os_str(),
+            meta: Meta::from(&meta),
+            parent: Some(at),
             included,
             link_to: None,
         });
@@ -626,7 +693,7 @@ fn prune(nodes: &[Node]) -> Vec<bool> {
 
 /// BuildKit's `copyDirectoryOnly`: creates `dst` if missing (returns true), refuses a
 /// non-directory, and on an existing directory copies the source's mode when `overwrite`.
-fn create_dir_like(dst: &Path, meta: &Metadata, overwrite: bool) -> Result<bool, FileOpError> {
+fn create_dir_like(dst: &Path, meta: &Meta, overwrite: bool) -> Result<bool, FileOpError> {
     match fs::symlink_metadata(dst) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             fs::create_dir(dst).map_err(|source| FileOpError::CreateDir {
@@ -644,7 +711,7 @@ fn create_dir_like(dst: &Path, meta: &Metadata, overwrite: bool) -> Result<bool,
         }),
         Ok(_) => {
             if overwrite {
-                set_mode(dst, meta.mode() & 0o7777)?;
+                set_mode(dst, meta.mode & 0o7777)?;
             }
             Ok(false)
         }
@@ -670,15 +737,15 @@ fn ensure_empty_file_target(dst: &Path) -> Result<(), FileOpError> {
 }
 
 /// Writes one non-directory entry and its metadata.
-fn copy_entry(cfg: &Config<'_>, n: &Node, parent_fresh: bool, leader: bool) -> Result<(), FileOpError> {
+fn copy_entry(cfg: &Config<'_>, n: &Item, parent_fresh: bool, leader: bool) -> Result<(), FileOpError> {
     if !parent_fresh {
         ensure_empty_file_target(&n.dst)?;
     }
     let ft = n.meta.file_type();
-    if ft.is_file() {
+    if ft == FileType::RegularFile {
         return copy_file(cfg, n, parent_fresh, leader);
     }
-    if ft.is_symlink() {
+    if ft == FileType::Symlink {
         let link = fs::read_link(&n.src).map_err(|source| FileOpError::ReadLink {
             path: n.src.clone(),
             source,
@@ -697,10 +764,12 @@ fn copy_entry(cfg: &Config<'_>, n: &Node, parent_fresh: bool, leader: bool) -> R
                 })?;
             }
         }
-    } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() || ft.is_socket() {
-        let kind = FileType::from_raw_mode(n.meta.mode());
-        let perm = Mode::from_raw_mode(n.meta.mode() & 0o7777);
-        rustix::fs::mknodat(CWD, &n.dst, kind, perm, n.meta.rdev()).map_err(|e| FileOpError::Mknod {
+    } else if matches!(
+        ft,
+        FileType::Fifo | FileType::CharacterDevice | FileType::BlockDevice | FileType::Socket
+    ) {
+        let perm = Mode::from_raw_mode(n.meta.mode & 0o7777);
+        rustix::fs::mknodat(CWD, &n.dst, ft, perm, n.meta.rdev).map_err(|e| FileOpError::Mknod {
             path: n.dst.clone(),
             source: e.into(),
         })?;
@@ -710,7 +779,7 @@ fn copy_entry(cfg: &Config<'_>, n: &Node, parent_fresh: bool, leader: bool) -> R
 
 /// Writes a regular file: a link to a donor's identical file when there is one (only into a
 /// directory this copy created), else a copy. Keyed files are recorded for the result's index.
-fn copy_file(cfg: &Config<'_>, n: &Node, parent_fresh: bool, leader: bool) -> Result<(), FileOpError> {
+fn copy_file(cfg: &Config<'_>, n: &Item, parent_fresh: bool, leader: bool) -> Result<(), FileOpError> {
     // From an image's or a stage's layers: the very file, when the copy keeps its metadata.
     if let Some(l) = cfg.linking.filter(|l| l.reads_layers()) {
         let keeps_metadata =
@@ -733,7 +802,7 @@ fn copy_file(cfg: &Config<'_>, n: &Node, parent_fresh: bool, leader: bool) -> Re
     // A hard-linked source keeps its links within the copy (`link_to`); its first name is
     // written, never shared with a donor, so the later names' metadata writes touch only it.
     let keyed = match cfg.linking {
-        Some(l) if parent_fresh && n.meta.nlink() == 1 => n
+        Some(l) if parent_fresh && n.meta.nlink == 1 => n
             .src
             .strip_prefix(&cfg.src.path)
             .ok()
@@ -771,7 +840,7 @@ fn nanos(t: SystemTime) -> i64 {
 
 /// Copies a regular file's content (`copy_file_range` where the kernel can) and sets its
 /// owner, mode and times through the open descriptor.
-fn write_file(cfg: &Config<'_>, n: &Node) -> Result<(), FileOpError> {
+fn write_file(cfg: &Config<'_>, n: &Item) -> Result<(), FileOpError> {
     let err = |source| FileOpError::CopyFile {
         from: n.src.clone(),
         to: n.dst.clone(),
@@ -807,26 +876,25 @@ fn write_file(cfg: &Config<'_>, n: &Node) -> Result<(), FileOpError> {
         })
 }
 
-fn target_mode(cfg: &Config<'_>, meta: &Metadata) -> u32 {
+fn target_mode(cfg: &Config<'_>, meta: &Meta) -> u32 {
     match &cfg.mode {
-        Some(spec) => spec.apply(meta.mode(), meta.is_dir()),
-        None => meta.mode() & 0o7777,
+        Some(spec) => spec.apply(meta.mode, meta.is_dir()),
+        None => meta.mode & 0o7777,
     }
 }
 
-fn times_of(cfg: &Config<'_>, meta: &Metadata) -> (SystemTime, SystemTime) {
-    if let Some(t) = cfg.timestamp {
-        return (t, t);
+fn times_of(cfg: &Config<'_>, meta: &Meta) -> (SystemTime, SystemTime) {
+    match cfg.timestamp {
+        Some(t) => (t, t),
+        None => (meta.accessed(), meta.modified()),
     }
-    let m = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-    (meta.accessed().unwrap_or(m), m)
 }
 
 /// BuildKit's `copyFileInfo`: owner, mode (not on symlinks) and times of a written entry.
-fn apply_info(cfg: &Config<'_>, meta: &Metadata, path: &Path) -> Result<(), FileOpError> {
+fn apply_info(cfg: &Config<'_>, meta: &Meta, path: &Path) -> Result<(), FileOpError> {
     let (uid, gid) = cfg.owner_of(meta);
     lchown(path, uid, gid)?;
-    if !meta.file_type().is_symlink() {
+    if !meta.is_symlink() {
         set_mode(path, target_mode(cfg, meta))?;
     }
     let (atime, mtime) = times_of(cfg, meta);

@@ -20,8 +20,8 @@
 //!   are keyed (the stat cache's trust model). Anything else is copied as before.
 //! - Atime is not part of the key (layer tars carry no atime).
 
+use super::meta::Meta;
 use std::collections::HashMap;
-use std::fs::Metadata;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -31,12 +31,18 @@ use std::sync::{Arc, Mutex};
 pub trait KnownContent: Send + Sync {
     /// The content hash of the source-root-relative `rel`, when `meta` (its `lstat` now) shows
     /// the file unchanged since it was hashed.
-    fn content(&self, rel: &str, meta: &Metadata) -> Option<[u8; 32]>;
+    fn content(&self, rel: &str, meta: &Meta) -> Option<[u8; 32]>;
 }
 
 impl KnownContent for crate::context::ContextIndex {
-    fn content(&self, rel: &str, meta: &Metadata) -> Option<[u8; 32]> {
-        self.get(rel).filter(|e| e.still_matches(meta)).map(|e| e.content)
+    fn content(&self, rel: &str, meta: &Meta) -> Option<[u8; 32]> {
+        if !meta.is_file() {
+            return None;
+        }
+        let validators = (meta.ino, meta.mtime_ns(), meta.ctime_ns());
+        self.get(rel)
+            .filter(|e| e.still_matches(meta.size, validators))
+            .map(|e| e.content)
     }
 }
 
@@ -311,9 +317,8 @@ impl Linking {
     /// it with `src_meta`) at `rel` of the destination. False (nothing done) unless the
     /// topmost layer holding that path holds that very inode, reached without a symlink, with
     /// no extended attributes (a copy does not carry them).
-    pub(super) fn link_from_layers(&self, src_rel: &str, src_meta: &Metadata, rel: &Path) -> bool {
+    pub(super) fn link_from_layers(&self, src_rel: &str, src_meta: &Meta, rel: &Path) -> bool {
         use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
-        use std::os::unix::fs::MetadataExt;
         let Some(upper) = &self.upper_fd else {
             return false;
         };
@@ -330,8 +335,8 @@ impl Linking {
             };
             let same = rustix::fs::fstat(&found).is_ok_and(|st| {
                 FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
-                    && st.st_ino == src_meta.ino()
-                    && st.st_size as u64 == src_meta.len()
+                    && st.st_ino == src_meta.ino
+                    && st.st_size as u64 == src_meta.size
             });
             if !same {
                 return false;
@@ -477,7 +482,7 @@ impl Linking {
     pub(super) fn key(
         &self,
         src_rel: &str,
-        src_meta: &Metadata,
+        src_meta: &Meta,
         mode: u32,
         owner: (u32, u32),
         mtime_ns: i64,
@@ -485,7 +490,7 @@ impl Linking {
         let content = self.known.as_ref()?.content(src_rel, src_meta)?;
         Some(FileKey {
             content,
-            size: src_meta.len(),
+            size: src_meta.size,
             mode: mode & 0o7777,
             uid: owner.0,
             gid: owner.1,

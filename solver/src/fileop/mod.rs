@@ -14,6 +14,8 @@
 mod chmod;
 mod copy;
 mod fsops;
+mod meta;
+pub use meta::Meta;
 pub mod link;
 mod owner;
 mod resolve;
