@@ -6,7 +6,6 @@
 //! mtime is only ever a cache *validator*: it never enters a key, so touching a file or cloning
 //! the repository again yields the same keys.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -180,14 +179,19 @@ struct StatRecord {
     hash: [u8; 32],
 }
 
-/// Persistent stat cache for one context directory.
+/// Persistent stat cache for one context directory: records sorted by path, as the index's
+/// entries are (a sorted list, not a hash map: at 500k files the map's buckets and its growth by
+/// doubling cost twice the memory, and a scan of an unchanged context finds each record at the
+/// position of its entry).
 #[derive(Debug, Default)]
 pub struct StatCache {
-    records: HashMap<String, StatRecord>,
+    records: Vec<(Box<str>, StatRecord)>,
     dirty: bool,
 }
 
 const STAT_MAGIC: &[u8; 8] = b"KILNSC01";
+/// The fixed part of a record after its path: four u64 validators and the hash.
+const STAT_FIXED: usize = 32 + 32;
 
 impl StatCache {
     /// Loads the cache file; a missing or unreadable file gives an empty cache (it is only a cache).
@@ -207,15 +211,24 @@ impl StatCache {
             *rest = b;
             Some(a)
         }
-        let mut rest = bytes.strip_prefix(STAT_MAGIC.as_slice())?;
-        let mut records = HashMap::new();
+        let body = bytes.strip_prefix(STAT_MAGIC.as_slice())?;
+        // Counted first, so the list is allocated once at its size.
+        let mut count = 0usize;
+        let mut rest = body;
         while !rest.is_empty() {
             let len = u32::from_le_bytes(take(4, &mut rest)?.try_into().ok()?) as usize;
-            let path = std::str::from_utf8(take(len, &mut rest)?).ok()?.to_owned();
+            take(len.checked_add(STAT_FIXED)?, &mut rest)?;
+            count += 1;
+        }
+        let mut records = Vec::with_capacity(count);
+        let mut rest = body;
+        while !rest.is_empty() {
+            let len = u32::from_le_bytes(take(4, &mut rest)?.try_into().ok()?) as usize;
+            let path: Box<str> = std::str::from_utf8(take(len, &mut rest)?).ok()?.into();
             let nums = take(32, &mut rest)?;
             let n = |i: usize| u64::from_le_bytes(nums[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
             let hash: [u8; 32] = take(32, &mut rest)?.try_into().ok()?;
-            records.insert(
+            records.push((
                 path,
                 StatRecord {
                     ino: n(0),
@@ -224,7 +237,12 @@ impl StatCache {
                     ctime_ns: n(3) as i64,
                     hash,
                 },
-            );
+            ));
+        }
+        // Files written before the list was kept sorted are in any order.
+        if !records.windows(2).all(|w| w[0].0 < w[1].0) {
+            records.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            records.dedup_by(|a, b| a.0 == b.0);
         }
         Some(StatCache {
             records,
@@ -232,29 +250,76 @@ impl StatCache {
         })
     }
 
+    /// The record of `path`, looked for first at `hint` (its position when the context is
+    /// unchanged).
+    fn get(&self, path: &str, hint: usize) -> Option<&StatRecord> {
+        match self.records.get(hint) {
+            Some((p, r)) if &**p == path => Some(r),
+            _ => self
+                .records
+                .binary_search_by(|(p, _)| (**p).cmp(path))
+                .ok()
+                .map(|i| &self.records[i].1),
+        }
+    }
+
+    /// Makes the records those of `entries`' regular files (sorted by path), in place when the
+    /// paths are the same ones.
+    fn update(&mut self, entries: &[Entry]) {
+        let record = |e: &Entry| {
+            let (ino, mtime_ns, ctime_ns) = e.validators;
+            StatRecord {
+                ino,
+                size: e.size,
+                mtime_ns,
+                ctime_ns,
+                hash: e.content,
+            }
+        };
+        let files = || entries.iter().filter(|e| e.kind == Kind::File);
+        let same_paths = self.records.len() == files().count()
+            && self.records.iter().zip(files()).all(|((p, _), e)| **p == *e.path);
+        if same_paths {
+            for ((_, r), e) in self.records.iter_mut().zip(files()) {
+                let now = record(e);
+                if *r != now {
+                    *r = now;
+                    self.dirty = true;
+                }
+            }
+        } else {
+            self.records = Vec::new();
+            self.records.reserve_exact(files().count());
+            self.records
+                .extend(files().map(|e| (e.path.as_str().into(), record(e))));
+            self.dirty = true;
+        }
+    }
+
     /// Writes the cache atomically if it changed. Failures are ignored: the cache is an optimisation.
     pub fn save(&self, path: &Path) {
         if !self.dirty {
             return;
         }
-        let mut out = Vec::with_capacity(self.records.len() * 100);
-        out.extend_from_slice(STAT_MAGIC);
-        for (p, r) in &self.records {
-            out.extend_from_slice(&(p.len() as u32).to_le_bytes());
-            out.extend_from_slice(p.as_bytes());
-            for v in [r.ino, r.size, r.mtime_ns as u64, r.ctime_ns as u64] {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-            out.extend_from_slice(&r.hash);
-        }
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
         let tmp = path.with_file_name(kiln_cache::temp::name(".stat.kiln-", ".tmp"));
-        let ok = std::fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(&out))
-            .is_ok();
-        if ok {
+        let written = std::fs::File::create(&tmp).and_then(|f| {
+            // Streamed: a list of 500k records is 50 MB as one buffer.
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
+            out.write_all(STAT_MAGIC)?;
+            for (p, r) in &self.records {
+                out.write_all(&(p.len() as u32).to_le_bytes())?;
+                out.write_all(p.as_bytes())?;
+                for v in [r.ino, r.size, r.mtime_ns as u64, r.ctime_ns as u64] {
+                    out.write_all(&v.to_le_bytes())?;
+                }
+                out.write_all(&r.hash)?;
+            }
+            out.flush()
+        });
+        if written.is_ok() {
             let _ = std::fs::rename(&tmp, path);
         } else {
             let _ = std::fs::remove_file(&tmp);
@@ -404,12 +469,13 @@ impl ContextIndex {
         });
         hidden.sort_unstable();
         walked.sort_unstable_by(|a, b| a.rel.cmp(&b.rel));
-        let cached = &cache.records;
+        let cached = &*cache;
         // Collected straight into the entries (no second list of results beside them); the
         // records hashed afresh are found again below by one lookup each.
         let entries: Vec<Entry> = walked
             .into_par_iter()
-            .map(|w| {
+            .enumerate()
+            .map(|(i, w)| {
                 let link = if w.kind == Kind::Symlink {
                     let abs = root.join(&w.rel);
                     let t = std::fs::read_link(&abs)
@@ -419,7 +485,9 @@ impl ContextIndex {
                     String::new()
                 };
                 let content = if w.kind == Kind::File {
-                    match cached.get(&w.rel) {
+                    // Entry i is file record i when the context is unchanged; the directories
+                    // before it make the hint a lower bound, and a miss searches.
+                    match cached.get(&w.rel, i.min(cached.records.len().saturating_sub(1))) {
                         Some(c)
                             if (c.ino, c.size, c.mtime_ns, c.ctime_ns)
                                 == (w.ino, w.size, w.mtime_ns, w.ctime_ns) =>
@@ -444,28 +512,7 @@ impl ContextIndex {
                 })
             })
             .collect::<Result<_, ContextError>>()?;
-        for e in entries.iter().filter(|e| e.kind == Kind::File) {
-            let (ino, mtime_ns, ctime_ns) = e.validators;
-            let rec = StatRecord {
-                ino,
-                size: e.size,
-                mtime_ns,
-                ctime_ns,
-                hash: e.content,
-            };
-            if cache.records.get(&e.path) != Some(&rec) {
-                cache.records.insert(e.path.clone(), rec);
-                cache.dirty = true;
-            }
-        }
-        // Records of files no longer in the context go (the entries are sorted by path).
-        let before = cache.records.len();
-        cache.records.retain(|p, _| {
-            entries
-                .binary_search_by(|e| e.path.as_str().cmp(p))
-                .is_ok_and(|i| entries[i].kind == Kind::File)
-        });
-        cache.dirty |= cache.records.len() != before;
+        cache.update(&entries);
         Ok(ContextIndex {
             root: root.to_path_buf(),
             entries,
@@ -647,6 +694,50 @@ mod tests {
         let i2 = ContextIndex::scan(d.path(), &[], &mut cache).unwrap();
         assert_ne!(i1.get("f").unwrap().content, i2.get("f").unwrap().content);
         assert_eq!(i2.get("f").unwrap().content, *blake3::hash(b"bbbb").as_bytes());
+    }
+
+    #[test]
+    fn stat_cache_follows_the_context_and_reads_unsorted_files() {
+        let d = tempfile::tempdir().unwrap();
+        let ctx = d.path().join("ctx");
+        write(&ctx, "a", "1");
+        write(&ctx, "b/c", "2");
+        write(&ctx, "d", "3");
+        let paths = |c: &StatCache| c.records.iter().map(|(p, _)| p.to_string()).collect::<Vec<_>>();
+        let mut cache = StatCache::default();
+        ContextIndex::scan(&ctx, &[], &mut cache).unwrap();
+        assert_eq!(paths(&cache), ["a", "b/c", "d"]);
+        assert!(cache.dirty);
+        let file = d.path().join("cache.bin");
+        cache.save(&file);
+        let mut loaded = StatCache::load(&file);
+        assert_eq!(loaded.records, cache.records);
+        // Unchanged: nothing to write.
+        ContextIndex::scan(&ctx, &[], &mut loaded).unwrap();
+        assert!(!loaded.dirty);
+        // An edit updates its record in place.
+        write(&ctx, "b/c", "two, longer");
+        let i = ContextIndex::scan(&ctx, &[], &mut loaded).unwrap();
+        assert!(loaded.dirty);
+        let rec = loaded.get("b/c", 0).unwrap();
+        assert_eq!(rec.hash, i.get("b/c").unwrap().content);
+        assert_eq!(rec.size, 11);
+        // A file gone and one new: the records are the context's files again.
+        std::fs::remove_file(ctx.join("a")).unwrap();
+        write(&ctx, "e", "5");
+        let mut c = StatCache::load(&file);
+        ContextIndex::scan(&ctx, &[], &mut c).unwrap();
+        assert_eq!(paths(&c), ["b/c", "d", "e"]);
+        assert!(c.dirty);
+        // A file whose records are not in path order (as hash-map order wrote them) reads sorted.
+        let mut reversed = StatCache {
+            records: c.records.iter().rev().cloned().collect(),
+            dirty: true,
+        };
+        reversed.save(&file);
+        reversed = StatCache::load(&file);
+        assert_eq!(paths(&reversed), ["b/c", "d", "e"]);
+        assert!(reversed.get("d", 0).is_some() && reversed.get("a", 0).is_none());
     }
 
     #[test]
