@@ -66,8 +66,6 @@ pub enum UsernsError {
     /// failure reads as it does without a keeper).
     #[error("{0}")]
     Keeper(String),
-    #[error("kiln's user-namespace keeper {0} reported success but cannot be joined")]
-    KeeperLost(i32),
     #[error("`KILN_USERNS_KEEPER_IDLE_SECS` must be a whole number of seconds, not `{0}`")]
     KeeperIdle(String),
 }
@@ -530,7 +528,10 @@ pub fn enter_kept(dir: &Path, supervisors: &dyn Fn() -> Vec<i32>) -> Result<Ente
     let pid = start_keeper(dir, &plan, &tools, idle, &supervisors())?;
     match join_keeper(dir, &plan, &tools)? {
         Some(joined) if joined == pid => Ok(Entered::Started(pid)),
-        _ => Err(UsernsError::KeeperLost(pid)),
+        Some(joined) => Ok(Entered::Joined(joined)),
+        // Where this process cannot check its keeper (a `/proc` it may not read), it goes on as
+        // without keepers; the keeper no one joins ends when idle.
+        None => unkept(format!("keeper {pid} started but does not pass the checks")),
     }
 }
 
@@ -612,18 +613,24 @@ fn verified_keeper_ns(pid: i32, plan: &Plan) -> Option<OwnedFd> {
 
 /// Whether the uid and gid maps of `pid`'s user namespace are exactly those of `plan`.
 fn maps_are(pid: i32, plan: &Plan) -> bool {
-    let read = |name: &str| -> Option<Vec<Vec<u64>>> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/{name}")).ok()?;
-        text.lines()
-            .map(|l| l.split_whitespace().map(|f| f.parse().ok()).collect())
-            .collect()
+    let is = |name: &str, args: &[String]| {
+        std::fs::read_to_string(format!("/proc/{pid}/{name}")).is_ok_and(|text| map_is(&text, args))
     };
-    let want = |args: &[String]| -> Vec<Vec<u64>> {
-        args.chunks(3)
-            .map(|c| c.iter().filter_map(|f| f.parse().ok()).collect())
-            .collect()
-    };
-    read("uid_map") == Some(want(&plan.uid_args)) && read("gid_map") == Some(want(&plan.gid_args))
+    is("uid_map", &plan.uid_args) && is("gid_map", &plan.gid_args)
+}
+
+/// Whether `uid_map`-format `text` (the kernel pads its fields) maps exactly what the map-tool
+/// arguments `args` ([`map_args`]) ask for, line for line.
+fn map_is(text: &str, args: &[String]) -> bool {
+    let have: Option<Vec<Vec<u64>>> = text
+        .lines()
+        .map(|l| l.split_whitespace().map(|f| f.parse().ok()).collect())
+        .collect();
+    let want: Option<Vec<Vec<u64>>> = args
+        .chunks(3)
+        .map(|c| c.iter().map(|f| f.parse().ok()).collect())
+        .collect();
+    have.is_some() && have == want
 }
 
 /// Whether the process of `pidfd` has not ended.
@@ -911,6 +918,25 @@ mod tests {
             map_args(1001, &ranges).join(" "),
             "0 1001 1 1 200000 1000 1001 300000 10"
         );
+    }
+
+    #[test]
+    fn a_keeper_map_must_be_exactly_the_one_asked_for() {
+        let args: Vec<String> = ["0", "1002", "1", "1", "165536", "65536"]
+            .map(String::from)
+            .to_vec();
+        let kernel = "         0       1002          1\n         1     165536      65536\n";
+        assert!(map_is(kernel, &args));
+        assert!(!map_is("         0       1002          1\n", &args));
+        assert!(!map_is(
+            "         0       1002          1\n         1     165536      65535\n",
+            &args
+        ));
+        assert!(!map_is(
+            &format!("{kernel}     65537     300000         10\n"),
+            &args
+        ));
+        assert!(!map_is("         0          0 4294967295\n", &args));
     }
 
     #[test]

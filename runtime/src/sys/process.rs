@@ -4,7 +4,7 @@
 use super::*;
 
 /// `fork(2)` of a process that has exactly one thread (the caller checks it): `Ok(None)` in the
-/// child, `Ok(Some(pid))` in the parent. Used only by [`crate::userns::enter`] at start-up, before
+/// child, `Ok(Some(pid))` in the parent. Used only by [`crate::userns`] at start-up, before
 /// any thread exists, so the child may allocate and run anything the parent could.
 pub fn fork_single_threaded() -> Result<Option<libc::pid_t>, Errno> {
     // SAFETY: the caller has one thread, so no lock can be held by a thread that does not exist
