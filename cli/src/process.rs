@@ -46,23 +46,16 @@ pub fn enter(root: &Path, rootless: bool, debug: bool) -> Result<(), String> {
     // already in one (a supervisor kiln started, or kiln as root of a container with a user
     // namespace) stays where it is.
     let userns = kiln_runtime::userns::needed() || (rootless && !kiln_runtime::userns::in_user_namespace());
+    let mut entered = None;
     if userns {
-        // Containers of this store started in rootless mode live in their supervisor's user
-        // namespace: join the first live one, so that this command's root owns them.
-        let mut joined = false;
-        for pid in live_supervisors(root) {
-            match kiln_runtime::userns::join(pid) {
-                Ok(true) => {
-                    joined = true;
-                    break;
-                }
-                Ok(false) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        if !joined {
-            kiln_runtime::userns::enter().map_err(|e| e.to_string())?;
-        }
+        // Through the store's keeper, which holds a user namespace for its commands (and those of
+        // its detached containers, whose supervisors live in it): joining it costs a setns, making
+        // a namespace the start of two setuid tools.
+        let dir = std::path::absolute(root.join("cache").join("run"))
+            .unwrap_or_else(|_| root.join("cache").join("run"));
+        let how =
+            kiln_runtime::userns::enter_kept(&dir, &|| live_supervisors(root)).map_err(|e| e.to_string())?;
+        entered = Some(how);
     }
     let filter = if debug { "debug" } else { "warn" };
     tracing_subscriber::fmt()
@@ -76,6 +69,9 @@ pub fn enter(root: &Path, rootless: bool, debug: bool) -> Result<(), String> {
     kiln_runtime::snapshotter::check_env().map_err(|e| e.to_string())?;
     kiln_runtime::snapshotter::set_scratch(&root.join("tmp"));
     kiln_runtime::userns::set_fallback_runtime_dir(root.join("cache").join("run"));
+    if let Some(how) = entered {
+        tracing::debug!("rootless: {how}");
+    }
     if kiln_runtime::userns::in_user_namespace() {
         tracing::debug!(
             "rootless: in a user namespace (uid 0 is host uid {}); RUN network: {}",

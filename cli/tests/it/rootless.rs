@@ -448,6 +448,7 @@ fn a_failing_id_map_tool_is_named_with_its_message_and_the_store_kept() {
     let rl = RlEnv::new();
     rl.with_busybox();
     let images = rl.ok(&["images"]).stdout;
+    let keeper = keeper_pid(&rl).expect("a keeper");
     // The real newuidmap beside a newgidmap that refuses, as one would for a missing range.
     let bin = rl.path("bin");
     std::fs::create_dir(&bin).expect("mkdir");
@@ -472,8 +473,12 @@ fn a_failing_id_map_tool_is_named_with_its_message_and_the_store_kept() {
             && err.contains(&format!("{} ", fake.display())),
         "{err}"
     );
-    // Nothing half-entered: the next command, with the real tools, sees the same store.
-    assert_eq!(rl.ok(&["images"]).stdout, images);
+    // Nothing half-entered: the keeper the fake tools could not map wrote no pid file, and the
+    // next command, with the real tools, joins the first keeper and sees the same store.
+    assert_eq!(keeper_pid(&rl), Some(keeper));
+    let out = rl.ok(&["--debug", "images"]);
+    assert_eq!(keeper_in_debug(&out), (keeper, false));
+    assert_eq!(out.stdout, images);
 }
 
 #[test]
@@ -799,8 +804,8 @@ fn rootless_info_and_run_report_the_usermode_parts() {
 fn rootless_detached_container_is_managed_by_later_commands() {
     let rl = RlEnv::new();
     rl.with_busybox();
-    // Each command joins the user namespace of the store's live supervisors, so the root of
-    // `stop`, `exec` and `kill` is the one that owns the container.
+    // Each command joins the user namespace of the store's keeper, where the supervisors live, so
+    // the root of `stop`, `exec` and `kill` is the one that owns the container.
     rl.ok(&["run", "-d", "--name", "bg", "busybox:local", "sleep", "300"]);
     rl.ok(&[
         "run",
@@ -815,6 +820,13 @@ fn rootless_detached_container_is_managed_by_later_commands() {
         "sleep",
         "300",
     ]);
+    // Were the keeper killed, the next one adopts the namespace of the containers' supervisors.
+    let keeper = keeper_pid(&rl).expect("a keeper");
+    run(Command::new("kill").args(["-KILL", &keeper.to_string()]));
+    assert!(eventually(10, || !alive(keeper)));
+    let out = rl.ok(&["--debug", "ps"]);
+    let (adopting, started) = keeper_in_debug(&out);
+    assert!(started && adopting != keeper, "{}", frame(&out));
     let out = rl.ok(&[
         "exec",
         "bg",
@@ -923,4 +935,229 @@ fn rootless_each_snapshotter_has_the_rootful_image_id() {
         "{}",
         frame(&out)
     );
+}
+
+/// The pid in the store's keeper pid file, if there is one.
+fn keeper_pid(rl: &RlEnv) -> Option<i32> {
+    std::fs::read_to_string(rl.path("root/cache/run/userns.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The keeper pid a `--debug` command's stderr names, and whether it started that keeper.
+fn keeper_in_debug(out: &Output) -> (i32, bool) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    for (prefix, started) in [
+        ("rootless: started keeper ", true),
+        ("rootless: joined the user namespace of keeper ", false),
+    ] {
+        if let Some(rest) = err.split(prefix).nth(1) {
+            let pid = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("a pid after the keeper message");
+            return (pid, started);
+        }
+    }
+    panic!("no keeper in the debug output\n{}", frame(out));
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie has no exe link; a keeper is nobody's child, so it never lingers as one.
+    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok()
+}
+
+fn user_ns(pid: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/user"))
+        .expect("readlink ns/user")
+        .display()
+        .to_string()
+}
+
+/// Waits up to `secs` seconds for `cond`.
+fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    cond()
+}
+
+/// Rootless commands of one store share the user namespace of its keeper: the first starts it,
+/// the next join it (their containers are in it too), racing first commands make one keeper, and
+/// the keeper holds nothing of the commands (no pipe, so `output()` returns at once; no mount).
+#[test]
+fn rootless_commands_share_the_keepers_user_namespace() {
+    let rl = RlEnv::new();
+    // Four first commands at once: one starts the keeper, the others join it.
+    let racing: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = rl.kiln(&["--debug", "images"]);
+            c.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            c.spawn().expect("spawn kiln")
+        })
+        .collect();
+    let outs: Vec<Output> = racing
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("wait"))
+        .collect();
+    for out in &outs {
+        assert!(out.status.success(), "{}", frame(out));
+    }
+    let seen: Vec<(i32, bool)> = outs.iter().map(keeper_in_debug).collect();
+    let pid = seen[0].0;
+    assert!(seen.iter().all(|(p, _)| *p == pid), "{seen:?}");
+    assert_eq!(seen.iter().filter(|(_, started)| *started).count(), 1, "{seen:?}");
+    assert_eq!(keeper_pid(&rl), Some(pid));
+    assert!(alive(pid));
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).expect("comm"),
+        "kiln-userns\n"
+    );
+    // Detached: its descriptors are /dev/null only, its directory is /, its mounts the host's.
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .flatten()
+    {
+        assert_eq!(
+            std::fs::read_link(fd.path()).expect("fd link"),
+            Path::new("/dev/null")
+        );
+    }
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd")).expect("cwd"),
+        Path::new("/")
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt")).expect("mnt"),
+        std::fs::read_link("/proc/self/ns/mnt").expect("mnt")
+    );
+    // The next commands join it; a container's processes are in its namespace.
+    let out = rl.ok(&[
+        "--debug",
+        "import",
+        busybox_tar().to_str().expect("utf-8"),
+        "busybox:local",
+    ]);
+    assert_eq!(keeper_in_debug(&out), (pid, false));
+    let out = rl.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "busybox:local",
+        "readlink",
+        "/proc/self/ns/user",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        user_ns(&pid.to_string())
+    );
+    assert_ne!(user_ns(&pid.to_string()), user_ns("self"));
+}
+
+/// A keeper pid file that names anything but a keeper of this user with the expected maps is not
+/// followed: a process of the user's that is no keeper, a dead pid, root's init. The command makes
+/// a keeper of its own and works.
+#[test]
+fn a_forged_keeper_pid_file_is_not_joined() {
+    let rl = RlEnv::new();
+    rl.ok(&["images"]);
+    let first = keeper_pid(&rl).expect("a keeper");
+    let mut sleeper = rl
+        .as_user(Path::new("/bin/sleep"))
+        .arg("300")
+        .spawn()
+        .expect("spawn sleep");
+    let mut dead = rl.as_user(Path::new("/bin/true")).spawn().expect("spawn true");
+    let dead_pid = dead.id() as i32;
+    dead.wait().expect("wait");
+    let sleeper_pid = sleeper.id() as i32;
+    // `setpriv` execs its program, so the sleeper's pid is the sleep's.
+    assert!(eventually(5, || std::fs::read_to_string(format!(
+        "/proc/{sleeper_pid}/comm"
+    ))
+    .is_ok_and(|c| c == "sleep\n")));
+    let mut last = first;
+    for forged in [sleeper_pid, dead_pid, 1] {
+        let file = rl.path("root/cache/run/userns.pid");
+        std::fs::write(
+            &file,
+            format!("{forged}\n/usr/bin/newuidmap\n/usr/bin/newgidmap\n"),
+        )
+        .expect("write");
+        std::os::unix::fs::chown(&file, Some(rl.user.uid), Some(rl.user.gid)).expect("chown");
+        let out = rl.ok(&["--debug", "images"]);
+        let (pid, started) = keeper_in_debug(&out);
+        assert!(
+            started && pid != forged && pid != last,
+            "forged {forged}: {}",
+            frame(&out)
+        );
+        assert_eq!(keeper_pid(&rl), Some(pid));
+        assert!(user_ns(&pid.to_string()) != user_ns(&sleeper_pid.to_string()));
+        last = pid;
+    }
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    // The keepers no pid file names end on their next look at it.
+    assert!(eventually(30, || !alive(first)), "keeper {first} still alive");
+}
+
+/// A keeper with no other process in its namespace for its idle time
+/// (`KILN_USERNS_KEEPER_IDLE_SECS`) ends and removes its pid file; a detached container (its
+/// supervisor is in the namespace) keeps it; a bad idle value is a clear error.
+#[test]
+fn an_idle_keeper_ends_and_a_detached_container_keeps_it() {
+    let rl = RlEnv::new();
+    let out = rl
+        .kiln(&["images"])
+        .env("KILN_USERNS_KEEPER_IDLE_SECS", "soon")
+        .output()
+        .expect("spawn");
+    assert!(!out.status.success(), "{}", frame(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`KILN_USERNS_KEEPER_IDLE_SECS` must be a whole number of seconds, not `soon`"),
+        "{err}"
+    );
+    let idle = |args: &[&str]| {
+        let out = rl
+            .kiln(args)
+            .env("KILN_USERNS_KEEPER_IDLE_SECS", "1")
+            .output()
+            .expect("spawn");
+        assert!(out.status.success(), "{}", frame(&out));
+    };
+    idle(&["import", busybox_tar().to_str().expect("utf-8"), "busybox:local"]);
+    let pid = keeper_pid(&rl).expect("a keeper");
+    assert!(eventually(20, || !alive(pid)), "keeper {pid} still alive");
+    assert_eq!(keeper_pid(&rl), None);
+    assert!(!rl.path("root/cache/run/userns.pid").exists());
+    // A detached container's supervisor lives in the namespace: the keeper stays while it runs.
+    idle(&[
+        "run",
+        "-d",
+        "--name",
+        "bg",
+        "--network",
+        "none",
+        "busybox:local",
+        "sleep",
+        "300",
+    ]);
+    let pid = keeper_pid(&rl).expect("a keeper");
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert!(alive(pid), "keeper {pid} ended beside a live container");
+    idle(&["rm", "-f", "bg"]);
+    assert!(eventually(20, || !alive(pid)), "keeper {pid} still alive");
+    assert_eq!(keeper_pid(&rl), None);
 }

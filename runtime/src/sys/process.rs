@@ -4,7 +4,7 @@
 use super::*;
 
 /// `fork(2)` of a process that has exactly one thread (the caller checks it): `Ok(None)` in the
-/// child, `Ok(Some(pid))` in the parent. Used only by [`crate::userns::enter`] at start-up, before
+/// child, `Ok(Some(pid))` in the parent. Used only by [`crate::userns`] at start-up, before
 /// any thread exists, so the child may allocate and run anything the parent could.
 pub fn fork_single_threaded() -> Result<Option<libc::pid_t>, Errno> {
     // SAFETY: the caller has one thread, so no lock can be held by a thread that does not exist
@@ -250,6 +250,52 @@ pub fn pidfd_self() -> Result<OwnedFd, Errno> {
     let fd = check_long(unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0 as libc::c_uint) })?;
     // SAFETY: a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A pidfd of process `pid` (`pidfd_open(pid)`, close-on-exec): it polls readable once that
+/// process has exited, so a pid checked while the pidfd is open and still unreadable afterwards
+/// named the same process all along (no reuse in between).
+pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_open takes plain integers and returns a new descriptor, owned below.
+    let fd = check_long(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) })?;
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Cuts a freshly forked process loose from what it inherited, keeping only `keep`: the working
+/// directory becomes `/`, stdin, stdout and stderr `/dev/null`, `keep` moves to descriptor 3
+/// (close-on-exec) and every other descriptor is closed. A process that outlives its parent (the
+/// rootless user-namespace keeper) must hold no pipe of the parent's caller, which would otherwise
+/// wait for their end. Call in a single-threaded child that owns all its descriptors.
+pub fn detach_keeping(keep: OwnedFd) -> Result<OwnedFd, Errno> {
+    use std::os::fd::IntoRawFd;
+    nix::unistd::chdir("/")?;
+    let kept = nix::fcntl::fcntl(&keep, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))?;
+    let null = nix::fcntl::open(
+        "/dev/null",
+        nix::fcntl::OFlag::O_RDWR,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    // From here on descriptors are closed by number; the owned ones must not be closed again.
+    let (_, null) = (keep.into_raw_fd(), null.into_raw_fd());
+    for fd in 0..3 {
+        if fd != null {
+            // SAFETY: dup2 takes plain descriptor numbers; it replaces whatever was at `fd`.
+            check(unsafe { libc::dup2(null, fd) })?;
+        }
+    }
+    if kept != 3 {
+        // SAFETY: as above; `kept` is open, 3 is replaced.
+        check(unsafe { libc::dup2(kept, 3) })?;
+    }
+    close_from(4);
+    nix::fcntl::fcntl(
+        // SAFETY: descriptor 3 is open (made above) for the duration of this call.
+        unsafe { BorrowedFd::borrow_raw(3) },
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    // SAFETY: descriptor 3 is open and, every other copy being closed, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(3) })
 }
 
 /// The permitted capability set of the calling thread.
