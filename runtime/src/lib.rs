@@ -52,6 +52,7 @@ pub mod spec;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod tty;
+pub mod unixtime;
 pub mod userns;
 pub mod users;
 

@@ -371,15 +371,11 @@ impl Walked {
 }
 
 fn mtime_ns(m: &std::fs::Metadata) -> i64 {
-    m.mtime()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(m.mtime_nsec())
+    kiln_runtime::unixtime::nanos((m.mtime(), m.mtime_nsec() as u32))
 }
 
 fn ctime_ns(m: &std::fs::Metadata) -> i64 {
-    m.ctime()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(m.ctime_nsec())
+    kiln_runtime::unixtime::nanos((m.ctime(), m.ctime_nsec() as u32))
 }
 
 /// Lists `dir` (context-relative `rel`) and recurses in parallel, skipping ignored paths.

@@ -58,20 +58,7 @@ fn is_opaque(dir: &Path) -> bool {
 /// The birth time in `md` (from `statx`, which std uses on Linux) as (seconds, nanoseconds);
 /// (0, 0) where the filesystem keeps none.
 fn born(md: &std::fs::Metadata) -> (i64, u32) {
-    let Ok(t) = md.created() else {
-        return (0, 0);
-    };
-    match t.duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
-        // Before 1970: the kernel's (negative seconds, nanoseconds forward from them).
-        Err(e) => {
-            let d = e.duration();
-            match d.subsec_nanos() {
-                0 => (-(d.as_secs() as i64), 0),
-                n => (-(d.as_secs() as i64) - 1, 1_000_000_000 - n),
-            }
-        }
-    }
+    md.created().map_or((0, 0), crate::unixtime::split)
 }
 
 fn stamp(md: &std::fs::Metadata, lower: bool) -> Stamp {

@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, UNIX_EPOCH};
 
 use kiln_dag::{Digest, GitSource, HttpSource};
 use kiln_source::git::{Git, GitError, Resolved};
@@ -297,11 +296,7 @@ fn place(d: Download, path: &Path, h: &HttpSource) -> Result<(), RemoteError> {
         }
     }
     if let Some(t) = mtime {
-        let when = if t >= 0 {
-            UNIX_EPOCH + Duration::from_secs(t as u64)
-        } else {
-            UNIX_EPOCH - Duration::from_secs(t.unsigned_abs())
-        };
+        let when = kiln_runtime::unixtime::join((t, 0));
         let f = std::fs::OpenOptions::new().write(true).open(path).map_err(werr)?;
         f.set_modified(when).map_err(werr)?;
     }

@@ -43,17 +43,7 @@ pub(super) fn set_times(path: &Path, atime: SystemTime, mtime: SystemTime) -> Re
 }
 
 fn timespec(t: SystemTime) -> Timespec {
-    // Times before the epoch count down from it, with the nanoseconds kept non-negative.
-    let (secs, nanos) = match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
-        Err(e) => {
-            let d = e.duration();
-            match d.subsec_nanos() {
-                0 => (-(d.as_secs() as i64), 0),
-                n => (-(d.as_secs() as i64) - 1, 1_000_000_000 - n),
-            }
-        }
-    };
+    let (secs, nanos) = kiln_runtime::unixtime::split(t);
     Timespec {
         tv_sec: secs,
         tv_nsec: nanos.into(),

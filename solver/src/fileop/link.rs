@@ -212,11 +212,7 @@ fn copy_donor_file(from: &Path, to: &Path, key: &FileKey) -> Result<(), super::F
     std::os::unix::fs::fchown(&dst, Some(key.uid), Some(key.gid)).map_err(err)?;
     dst.set_permissions(std::fs::Permissions::from_mode(key.mode))
         .map_err(err)?;
-    let mtime = if key.mtime_ns >= 0 {
-        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(key.mtime_ns as u64)
-    } else {
-        std::time::UNIX_EPOCH - std::time::Duration::from_nanos(key.mtime_ns.unsigned_abs())
-    };
+    let mtime = kiln_runtime::unixtime::join(kiln_runtime::unixtime::from_nanos(key.mtime_ns));
     dst.set_times(std::fs::FileTimes::new().set_accessed(mtime).set_modified(mtime))
         .map_err(err)
 }

@@ -3,8 +3,9 @@
 //! context).
 
 use std::os::unix::fs::MetadataExt;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
+use kiln_runtime::unixtime;
 use rustix::fs::FileType;
 
 /// A source entry's `lstat`, as a copy uses it.
@@ -62,40 +63,26 @@ impl Meta {
     }
 
     pub fn modified(&self) -> SystemTime {
-        to_system_time(self.mtime)
+        unixtime::join(self.mtime)
     }
 
     pub fn accessed(&self) -> SystemTime {
-        to_system_time(self.atime)
+        unixtime::join(self.atime)
     }
 
     pub fn mtime_ns(&self) -> i64 {
-        ns(self.mtime)
+        unixtime::nanos(self.mtime)
     }
 
     pub fn ctime_ns(&self) -> i64 {
-        ns(self.ctime)
-    }
-}
-
-fn ns((sec, nsec): (i64, u32)) -> i64 {
-    sec.saturating_mul(1_000_000_000).saturating_add(i64::from(nsec))
-}
-
-/// `(seconds, nanoseconds)` since the epoch as a `SystemTime` (before it when negative, as
-/// `st_mtime` counts).
-fn to_system_time((sec, nsec): (i64, u32)) -> SystemTime {
-    let nanos = Duration::from_nanos(u64::from(nsec));
-    if sec >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(sec.unsigned_abs()) + nanos
-    } else {
-        SystemTime::UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + nanos
+        unixtime::nanos(self.ctime)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn meta_keeps_what_metadata_says() {
