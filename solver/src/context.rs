@@ -277,8 +277,9 @@ impl StatCache {
             }
         };
         let files = || entries.iter().filter(|e| e.kind == Kind::File);
-        let same_paths = self.records.len() == files().count()
-            && self.records.iter().zip(files()).all(|((p, _), e)| **p == *e.path);
+        let count = files().count();
+        let same_paths =
+            self.records.len() == count && self.records.iter().zip(files()).all(|((p, _), e)| **p == *e.path);
         if same_paths {
             for ((_, r), e) in self.records.iter_mut().zip(files()) {
                 let now = record(e);
@@ -289,7 +290,7 @@ impl StatCache {
             }
         } else {
             self.records = Vec::new();
-            self.records.reserve_exact(files().count());
+            self.records.reserve_exact(count);
             self.records
                 .extend(files().map(|e| (e.path.as_str().into(), record(e))));
             self.dirty = true;
@@ -466,6 +467,17 @@ impl ContextIndex {
         hidden.sort_unstable();
         walked.sort_unstable_by(|a, b| a.rel.cmp(&b.rel));
         let cached = &*cache;
+        // An unchanged context's k-th file has record k: each file's rank among the files is
+        // where its record is looked for first (a miss searches).
+        let mut files_before = 0usize;
+        let ranks: Vec<usize> = walked
+            .iter()
+            .map(|w| {
+                let rank = files_before;
+                files_before += usize::from(w.kind == Kind::File);
+                rank
+            })
+            .collect();
         // Collected straight into the entries (no second list of results beside them); the
         // records hashed afresh are found again below by one lookup each.
         let entries: Vec<Entry> = walked
@@ -481,9 +493,7 @@ impl ContextIndex {
                     String::new()
                 };
                 let content = if w.kind == Kind::File {
-                    // Entry i is file record i when the context is unchanged; the directories
-                    // before it make the hint a lower bound, and a miss searches.
-                    match cached.get(&w.rel, i.min(cached.records.len().saturating_sub(1))) {
+                    match cached.get(&w.rel, ranks[i]) {
                         Some(c)
                             if (c.ino, c.size, c.mtime_ns, c.ctime_ns)
                                 == (w.ino, w.size, w.mtime_ns, w.ctime_ns) =>
