@@ -46,13 +46,14 @@ pub fn enter(root: &Path, rootless: bool, debug: bool) -> Result<(), String> {
     // already in one (a supervisor kiln started, or kiln as root of a container with a user
     // namespace) stays where it is.
     let userns = kiln_runtime::userns::needed() || (rootless && !kiln_runtime::userns::in_user_namespace());
+    // The store's directory for per-boot state: the keeper's files, and the last place for caches.
+    let run_dir = root.join("cache").join("run");
     let mut entered = None;
     if userns {
         // Through the store's keeper, which holds a user namespace for its commands (and those of
         // its detached containers, whose supervisors live in it): joining it costs a setns, making
         // a namespace the start of two setuid tools.
-        let dir = std::path::absolute(root.join("cache").join("run"))
-            .unwrap_or_else(|_| root.join("cache").join("run"));
+        let dir = std::path::absolute(&run_dir).unwrap_or_else(|_| run_dir.clone());
         let how =
             kiln_runtime::userns::enter_kept(&dir, &|| live_supervisors(root)).map_err(|e| e.to_string())?;
         entered = Some(how);
@@ -68,7 +69,7 @@ pub fn enter(root: &Path, rootless: bool, debug: bool) -> Result<(), String> {
         .init();
     kiln_runtime::snapshotter::check_env().map_err(|e| e.to_string())?;
     kiln_runtime::snapshotter::set_scratch(&root.join("tmp"));
-    kiln_runtime::userns::set_fallback_runtime_dir(root.join("cache").join("run"));
+    kiln_runtime::userns::set_fallback_runtime_dir(run_dir);
     if let Some(how) = entered {
         tracing::debug!("rootless: {how}");
     }

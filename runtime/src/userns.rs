@@ -133,7 +133,7 @@ fn is_initial_map(uid_map: &str) -> bool {
     lines.len() == 1 && lines[0] == ["0", "0", "4294967295"]
 }
 
-/// Whether kiln runs in a user namespace other than the initial one: after [`enter`], or when
+/// Whether kiln runs in a user namespace other than the initial one: after [`enter_kept`], or when
 /// started inside a container with a user namespace of its own. Such a namespace cannot create
 /// bridges or veth pairs on the host, set `trusted.*` attributes or make device nodes, so kiln
 /// uses overlayfs' `userxattr`, bind-mounted devices and a user-mode network stack there.
@@ -279,17 +279,6 @@ fn single_threaded() -> Result<(), UsernsError> {
         1 => Ok(()),
         n => Err(UsernsError::Threaded(n)),
     }
-}
-
-/// Moves the calling process into a new user namespace where its uid and gid are 0 and its
-/// subordinate ranges follow, and makes it root there (all capabilities in the namespace). Must
-/// be called while the process has one thread.
-pub fn enter() -> Result<(), UsernsError> {
-    let plan = plan()?;
-    let tools = tools()?;
-    single_threaded()?;
-    unshare_and_map(&plan, &tools)?;
-    become_root()
 }
 
 /// Setuid and setgid to 0 in the namespace just entered, no supplementary groups.
@@ -469,7 +458,7 @@ fn keeper_idle() -> Result<Duration, UsernsError> {
 /// time. A new keeper adopts the namespace of the first live supervisor in `supervisors` (the
 /// store's detached containers) whose maps are the expected ones, so every command of a store
 /// meets its containers. Where `dir` cannot hold a keeper, joins such a supervisor or makes a
-/// namespace of this process's own, as [`join`] and [`enter`] do. Must be called while the
+/// namespace of this process's own, as kiln did before keepers. Must be called while the
 /// process has one thread.
 pub fn enter_kept(dir: &Path, supervisors: &dyn Fn() -> Vec<i32>) -> Result<Entered, UsernsError> {
     use nix::fcntl::{Flock, FlockArg};
