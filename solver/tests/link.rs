@@ -43,7 +43,7 @@ fn copy_indexed(
     donor: Option<(&Path, &FileIndex)>,
 ) -> (FileIndex, usize) {
     fs::create_dir_all(dest).unwrap();
-    let donors = donor.map(|(root, idx)| Donors::new(root.to_path_buf(), idx.clone()));
+    let donors = donor.map(|(root, idx)| Donors::new(root.to_path_buf(), &idx.encode()).unwrap());
     let linking = Arc::new(Linking::new(0, Arc::new(index), dest.to_path_buf(), donors));
     let opts = FileOpOptions {
         linking: Some(linking.clone()),
@@ -56,7 +56,10 @@ fn copy_indexed(
         &opts,
     )
     .unwrap();
-    (linking.take_index(), linking.linked())
+    (
+        FileIndex::decode(linking.take_index().bytes()).unwrap(),
+        linking.linked(),
+    )
 }
 
 fn ino(p: PathBuf) -> u64 {
@@ -254,7 +257,7 @@ fn deferred_links_wait_for_make_pending_and_keep_directory_times() {
     let deferred = |dest: &Path| {
         fs::create_dir_all(dest).unwrap();
         let index = ContextIndex::scan(&ctx, &[], &mut StatCache::default()).unwrap();
-        let donors = Donors::new(first.clone(), idx1.clone());
+        let donors = Donors::new(first.clone(), &idx1.encode()).unwrap();
         let linking =
             Arc::new(Linking::new(0, Arc::new(index), dest.to_path_buf(), Some(donors)).deferring());
         let opts = FileOpOptions {
@@ -307,6 +310,52 @@ fn deferred_links_wait_for_make_pending_and_keep_directory_times() {
     fs::remove_file(first.join("x/top")).unwrap();
     let err = linking.make_pending().unwrap_err().to_string();
     assert!(err.contains("top"), "{err}");
+}
+
+#[test]
+fn a_moved_file_is_linked_from_its_old_path_and_indexed_in_path_order() {
+    let t = tempfile::tempdir().unwrap();
+    let ctx = t.path().join("ctx");
+    write(&ctx, "d/one", "1");
+    write(&ctx, "d/e/two", "2");
+    write(&ctx, "top", "t");
+    let first = t.path().join("first");
+    let (idx1, _) = copy_with(&ctx, &first, copy(".", "/x/"), None);
+    // Renamed: same content and mtime, so the same key at another path.
+    fs::rename(ctx.join("top"), ctx.join("d/f")).unwrap();
+
+    let second = t.path().join("second");
+    fs::create_dir_all(&second).unwrap();
+    let index = ContextIndex::scan(&ctx, &[], &mut StatCache::default()).unwrap();
+    let donors = Donors::new(first.clone(), &idx1.encode()).unwrap();
+    let linking = Arc::new(Linking::new(0, Arc::new(index), second.clone(), Some(donors)).deferring());
+    let opts = FileOpOptions {
+        linking: Some(linking.clone()),
+        ..FileOpOptions::default()
+    };
+    apply(
+        &second,
+        &[SourceRoot::context(&ctx, None)],
+        &[FileAction::Copy(copy(".", "/x/"))],
+        &opts,
+    )
+    .unwrap();
+    assert_eq!((linking.linked(), linking.files()), (3, 3));
+    let pending = linking.pending_in_place();
+    assert!(pending.contains(b"x/d/one"));
+    assert!(!pending.contains(b"x/d/f"), "moved, so not in place");
+    linking.make_pending().unwrap();
+    drop(pending);
+    assert_eq!(ino(first.join("x/top")), ino(second.join("x/d/f")));
+    assert_eq!(ino(first.join("x/d/one")), ino(second.join("x/d/one")));
+    // The index merges files linked in place and elsewhere in one path order.
+    let idx2 = FileIndex::decode(linking.take_index().bytes()).unwrap();
+    let paths: Vec<&str> = idx2.0.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(paths, ["x/d/e/two", "x/d/f", "x/d/one"]);
+    let keys = |i: &FileIndex, p: &str| i.0.iter().find(|e| e.0 == p).unwrap().1;
+    assert_eq!(keys(&idx2, "x/d/f"), keys(&idx1, "x/top"));
+    // A second call finds the records handed over.
+    assert_eq!(linking.take_index().files(), 0);
 }
 
 #[test]

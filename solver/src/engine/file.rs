@@ -10,7 +10,7 @@ use kiln_dag::{CopyAction, Digest, FileAction, FileOp, Vertex};
 
 use super::mounts::{self, View};
 use super::{Engine, EngineError, Output};
-use crate::fileop::link::{Donors, FileIndex, Linking};
+use crate::fileop::link::{Donors, Linking};
 use crate::fileop::{self, FileOpOptions, SourceRoot};
 use crate::scheduler::{ExecCtx, Resolved, SolveError};
 
@@ -104,24 +104,24 @@ impl Engine {
             return Err(e.into());
         }
         let this: &Engine = self;
-        let index = linking.as_ref().map(|l| {
-            tracing::debug!(linked = l.linked(), "files linked from an earlier result");
-            (l.take_index(), l.linked())
-        });
         // With SOURCE_DATE_EPOCH the tar clamps times, so a result's diff ID depends on more
         // than its tree: such results neither record an index nor reuse a donor's diff ID.
-        let index = index.filter(|_| self.opts.source_date_epoch.is_none());
-        if let (Some((index, linked)), Some(donor)) = (&index, &donor) {
+        let keyed = linking.as_ref().filter(|_| self.opts.source_date_epoch.is_none());
+        if let Some(l) = &linking {
+            tracing::debug!(linked = l.linked(), "files linked from an earlier result");
+        }
+        if let (Some(l), Some(donor)) = (keyed, &donor) {
             let started = std::time::Instant::now();
-            let same = *linked == index.0.len()
-                && !index.0.is_empty()
+            let (linked, files) = (l.linked(), l.files());
+            let same = linked == files
+                && files > 0
                 && super::chain_id(&base, &donor.diff_id) == donor.key
                 && self.store.content().contains(&donor.diff_id)
                 && tokio::task::block_in_place(|| {
-                    let pending = linking.as_ref().map(|l| l.pending_in_place()).unwrap_or_default();
+                    let pending = l.pending_in_place();
                     layer::same_tree_assuming(mutable.upper(), &donor.path, &|rel| pending.contains(rel))
                 });
-            tracing::debug!(same, linked, files = index.0.len(), elapsed = ?started.elapsed(), "result compared with the earlier one");
+            tracing::debug!(same, linked, files, elapsed = ?started.elapsed(), "result compared with the earlier one");
             if same {
                 // The same tree over the same base: the earlier snapshot and layer are this
                 // result (what writing the tar would have found, by its diff ID).
@@ -148,25 +148,27 @@ impl Engine {
             }
             tracing::debug!(elapsed = ?started.elapsed(), "pending links made");
         }
+        let keyed = keyed.is_some();
+        if let Some(l) = linking.as_ref().filter(|_| keyed) {
+            let index = l.take_index();
+            if index.files() > 0 {
+                if let Err(e) = mutable.attach(FILE_INDEX, index.bytes()) {
+                    tracing::debug!(error = %e, "file index not stored");
+                }
+            }
+        }
         // The donors' lists are done with: free them before the layer write (a 500k-file copy
         // holds tens of MB in them).
         drop(opts);
         drop(linking);
-        if let Some((index, _)) = index.as_ref().filter(|(i, _)| !i.0.is_empty()) {
-            if let Err(e) = mutable.attach(FILE_INDEX, &index.encode()) {
-                tracing::debug!(error = %e, "file index not stored");
-            }
-        }
         // A linked copy's tar records where its files' entries sit; the files it linked from
         // the last result are copied from that result's tar rather than read again.
-        let indexed = index
-            .as_ref()
-            .map(|_| donor.as_ref().and_then(|d| self.tar_donor(d)));
+        let indexed = keyed.then(|| donor.as_ref().and_then(|d| self.tar_donor(d)));
         let started = std::time::Instant::now();
         let layers =
             tokio::task::block_in_place(|| this.commit_layer_with(&base, mutable, Vec::new(), indexed))?;
         tracing::debug!(elapsed = ?started.elapsed(), "file op layer committed");
-        if let (Some(_), Some(top)) = (&index, layers.last()) {
+        if let (true, Some(top)) = (keyed, layers.last()) {
             self.set_lineage(&digest, &top.snapshot);
         }
         Ok(Output::Fs(Arc::new(layers)))
@@ -206,11 +208,11 @@ impl Engine {
         };
         let donor = self.lineage(vertex).and_then(|key| {
             let snap = self.snapshots.get(&key)?;
-            let index = FileIndex::decode(&self.snapshots.attachment(&key, FILE_INDEX)?)?;
-            Some((snap, index))
+            let donors = Donors::new(snap.path.clone(), &self.snapshots.attachment(&key, FILE_INDEX)?)?;
+            Some((snap, donors))
         });
         let (donors, donor) = match donor {
-            Some((snap, index)) => (Some(Donors::new(snap.path.clone(), index)), Some(snap)),
+            Some((snap, donors)) => (Some(donors), Some(snap)),
             None => (None, None),
         };
         let known: Arc<LocalContextContent> = Arc::new(LocalContextContent(ctx.clone()));
@@ -262,7 +264,7 @@ impl Engine {
     }
 }
 
-/// The attachment name of a copy result's [`FileIndex`].
+/// The attachment name of a copy result's [`FileIndex`](crate::fileop::link::FileIndex).
 const FILE_INDEX: &str = "files";
 
 /// A local context's index as the copy's content oracle.

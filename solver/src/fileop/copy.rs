@@ -457,9 +457,7 @@ fn copy_tree(
         }],
     };
     if plan.nodes[0].meta.is_dir() {
-        let below = subtree(cfg, &src.rel, &plan.src, String::new(), 0)?;
-        plan.nodes.reserve_exact(below.len());
-        plan.nodes.extend(below);
+        subtree(cfg, &src.rel, &mut plan.nodes, 0, &plan.src, String::new(), 0)?;
         link_names(&mut plan.nodes);
     }
     let keep = prune(&plan.nodes);
@@ -547,53 +545,80 @@ fn link_names(nodes: &mut [Node]) {
     }
 }
 
-/// The nodes below the directory at `dir` (source-relative `rel`), in name order and pre-order
-/// (a directory's entries, then each subdirectory's in turn: every node follows its parent, and
-/// the first name of a hard-linked file comes first), numbered as if that directory were node 0
-/// and they followed it.
+/// Appends to `nodes` the nodes below its node `at`, the directory at `dir` (source-relative
+/// `rel`), in name order and pre-order (a directory's entries, then each subdirectory's in
+/// turn: every node follows its parent, and the first name of a hard-linked file comes first).
+///
+/// The first subdirectory's nodes go straight into `nodes` while the others are listed into
+/// lists of their own at the same time, each appended and freed in turn: the plan is never
+/// held twice (a context whose files sit under one directory would otherwise copy them all
+/// from that directory's list into its parent's, doubling the plan's memory at 500k files).
 fn subtree(
     cfg: &Config<'_>,
     root_rel: &str,
+    nodes: &mut Vec<Node>,
+    at: usize,
     dir: &Path,
     rel: String,
     depth: usize,
-) -> Result<Vec<Node>, FileOpError> {
-    // A stand-in for the directory itself while its entries are listed; removed at the end.
-    let mut nodes = vec![Node {
-        name: OsStr::new("").into(),
-        meta: Meta::default(),
-        parent: None,
-        included: true,
-        link_to: None,
-    }];
+) -> Result<(), FileOpError> {
     if depth >= PARALLEL_LEVELS {
-        let mut stack: Vec<(usize, String, PathBuf)> = vec![(0, rel, dir.to_path_buf())];
+        let mut stack: Vec<(usize, String, PathBuf)> = vec![(at, rel, dir.to_path_buf())];
         while let Some((at, rel, path)) = stack.pop() {
-            let subdirs = list_children(cfg, root_rel, &mut nodes, at, &rel, &path)?;
+            let subdirs = list_children(cfg, root_rel, nodes, at, &rel, &path)?;
             // Reversed so the stack pops them in name order.
             stack.extend(subdirs.into_iter().rev().map(|(i, rel)| {
                 let sub = path.join(&*nodes[i].name);
                 (i, rel, sub)
             }));
         }
-    } else {
-        let subdirs = list_children(cfg, root_rel, &mut nodes, 0, &rel, dir)?;
-        let below: Vec<Result<Vec<Node>, FileOpError>> = subdirs
-            .par_iter()
-            .map(|(i, rel)| subtree(cfg, root_rel, &dir.join(&*nodes[*i].name), rel.clone(), depth + 1))
-            .collect();
-        let mut below = below.into_iter().collect::<Result<Vec<_>, _>>()?;
-        nodes.reserve_exact(below.iter().map(Vec::len).sum());
-        for ((at, _), sub) in subdirs.iter().zip(below.iter_mut()) {
-            let base = nodes.len();
-            nodes.extend(std::mem::take(sub).into_iter().map(|mut n| {
-                n.parent = n.parent.map(|p| if p == 0 { *at } else { p - 1 + base });
-                n
-            }));
-        }
+        return Ok(());
     }
-    nodes.remove(0);
-    Ok(nodes)
+    let subdirs = list_children(cfg, root_rel, nodes, at, &rel, dir)?;
+    let paths: Vec<PathBuf> = subdirs.iter().map(|(i, _)| dir.join(&*nodes[*i].name)).collect();
+    let Some(((first, first_rel), rest)) = subdirs.split_first() else {
+        return Ok(());
+    };
+    let (done, below) = rayon::join(
+        || {
+            subtree(
+                cfg,
+                root_rel,
+                nodes,
+                *first,
+                &paths[0],
+                first_rel.clone(),
+                depth + 1,
+            )
+        },
+        || {
+            rest.par_iter()
+                .zip(&paths[1..])
+                .map(|((_, rel), path)| {
+                    // Node 0 stands for the subdirectory itself (it is already in `nodes`).
+                    let mut own = vec![Node {
+                        name: OsStr::new("").into(),
+                        meta: Meta::default(),
+                        parent: None,
+                        included: true,
+                        link_to: None,
+                    }];
+                    subtree(cfg, root_rel, &mut own, 0, path, rel.clone(), depth + 1).map(|()| own)
+                })
+                .collect::<Vec<Result<Vec<Node>, FileOpError>>>()
+        },
+    );
+    done?;
+    let mut below = below.into_iter().collect::<Result<Vec<_>, _>>()?;
+    nodes.reserve_exact(below.iter().map(|b| b.len() - 1).sum());
+    for ((at, _), sub) in rest.iter().zip(below.iter_mut()) {
+        let base = nodes.len();
+        nodes.extend(std::mem::take(sub).into_iter().skip(1).map(|mut n| {
+            n.parent = n.parent.map(|p| if p == 0 { *at } else { p - 1 + base });
+            n
+        }));
+    }
+    Ok(())
 }
 
 /// Lists the directory `nodes[at]` (at `path`, source-relative `rel`) in name order, appending
@@ -822,10 +847,11 @@ fn copy_file(cfg: &Config<'_>, n: &Item, parent_fresh: bool, leader: bool) -> Re
         _ => None,
     };
     if let Some((l, key, rel)) = keyed {
-        if !l.try_link(&key, rel) {
+        let donor = l.try_link(&key, rel);
+        if donor.is_none() {
             write_file(cfg, n)?;
         }
-        l.record(rel, key);
+        l.record(rel, key, donor);
         return Ok(());
     }
     write_file(cfg, n)

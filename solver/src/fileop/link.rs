@@ -21,7 +21,6 @@
 //! - Atime is not part of the key (layer tars carry no atime).
 
 use super::meta::Meta;
-use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -71,14 +70,7 @@ impl FileIndex {
         let mut out = Vec::with_capacity(MAGIC.len() + self.0.len() * 128);
         out.extend_from_slice(MAGIC);
         for (path, k) in &self.0 {
-            out.extend_from_slice(&(path.len() as u32).to_le_bytes());
-            out.extend_from_slice(path.as_bytes());
-            out.extend_from_slice(&k.content);
-            out.extend_from_slice(&k.size.to_le_bytes());
-            out.extend_from_slice(&k.mode.to_le_bytes());
-            out.extend_from_slice(&k.uid.to_le_bytes());
-            out.extend_from_slice(&k.gid.to_le_bytes());
-            out.extend_from_slice(&k.mtime_ns.to_le_bytes());
+            encode_record(&mut out, path, k);
         }
         out
     }
@@ -86,36 +78,76 @@ impl FileIndex {
     /// Reads [`FileIndex::encode`]'s bytes; anything malformed is `None` (the index is only an
     /// optimisation: without it, files are copied).
     pub fn decode(bytes: &[u8]) -> Option<FileIndex> {
-        fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-            if rest.len() < n {
-                return None;
-            }
-            let (a, b) = rest.split_at(n);
-            *rest = b;
-            Some(a)
-        }
-        fn array<const N: usize>(rest: &mut &[u8]) -> Option<[u8; N]> {
-            take(rest, N)?.try_into().ok()
-        }
-        let mut rest = bytes.strip_prefix(MAGIC.as_slice())?;
         let mut out = Vec::new();
-        while !rest.is_empty() {
-            let len = u32::from_le_bytes(array(&mut rest)?) as usize;
-            let path = std::str::from_utf8(take(&mut rest, len)?).ok()?;
-            if !is_relative_normal(path) {
-                return None;
-            }
-            let key = FileKey {
-                content: array(&mut rest)?,
-                size: u64::from_le_bytes(array(&mut rest)?),
-                mode: u32::from_le_bytes(array(&mut rest)?),
-                uid: u32::from_le_bytes(array(&mut rest)?),
-                gid: u32::from_le_bytes(array(&mut rest)?),
-                mtime_ns: i64::from_le_bytes(array(&mut rest)?),
-            };
+        for_each_record(bytes, |path, key| {
             out.push((path.to_string(), key));
-        }
+            Some(())
+        })?;
         Some(FileIndex(out))
+    }
+}
+
+/// Appends one record of the index's format.
+fn encode_record(out: &mut Vec<u8>, path: &str, k: &FileKey) {
+    out.extend_from_slice(&(path.len() as u32).to_le_bytes());
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(&k.content);
+    out.extend_from_slice(&k.size.to_le_bytes());
+    out.extend_from_slice(&k.mode.to_le_bytes());
+    out.extend_from_slice(&k.uid.to_le_bytes());
+    out.extend_from_slice(&k.gid.to_le_bytes());
+    out.extend_from_slice(&k.mtime_ns.to_le_bytes());
+}
+
+/// Calls `each` with every record of an encoded index, in order; `None` when the bytes are
+/// malformed, a path is not [`is_relative_normal`], or `each` says `None`.
+fn for_each_record(bytes: &[u8], mut each: impl FnMut(&str, FileKey) -> Option<()>) -> Option<()> {
+    fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if rest.len() < n {
+            return None;
+        }
+        let (a, b) = rest.split_at(n);
+        *rest = b;
+        Some(a)
+    }
+    fn array<const N: usize>(rest: &mut &[u8]) -> Option<[u8; N]> {
+        take(rest, N)?.try_into().ok()
+    }
+    let mut rest = bytes.strip_prefix(MAGIC.as_slice())?;
+    while !rest.is_empty() {
+        let len = u32::from_le_bytes(array(&mut rest)?) as usize;
+        let path = std::str::from_utf8(take(&mut rest, len)?).ok()?;
+        if !is_relative_normal(path) {
+            return None;
+        }
+        let key = FileKey {
+            content: array(&mut rest)?,
+            size: u64::from_le_bytes(array(&mut rest)?),
+            mode: u32::from_le_bytes(array(&mut rest)?),
+            uid: u32::from_le_bytes(array(&mut rest)?),
+            gid: u32::from_le_bytes(array(&mut rest)?),
+            mtime_ns: i64::from_le_bytes(array(&mut rest)?),
+        };
+        each(path, key)?;
+    }
+    Some(())
+}
+
+/// An encoded index ([`Linking::take_index`]): what a result stores, and how many files it lists.
+#[derive(Debug)]
+pub struct EncodedIndex {
+    bytes: Vec<u8>,
+    files: usize,
+}
+
+impl EncodedIndex {
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// How many files it lists.
+    pub fn files(&self) -> usize {
+        self.files
     }
 }
 
@@ -129,56 +161,90 @@ fn is_relative_normal(path: &str) -> bool {
 
 /// The files of an earlier result that a copy may link, by key; each is handed out once.
 ///
-/// The paths are one list grouped by key, and the map holds only where each key's group
-/// starts (a map of per-key path lists cost about twice the memory at 500k files).
+/// Read straight from the encoded index into flat lists (at 500k files a map from key to path
+/// list, or even a map from key to group, cost over 100 MB): donor file `n` is the index's
+/// `n`th record, so numbers follow the paths' order, and `by_key` orders the numbers by key
+/// for binary searches.
 #[derive(Debug)]
 pub struct Donors {
     root: PathBuf,
     /// `root` opened, so links name their source relative to it (shorter path walks).
     root_fd: Option<OwnedFd>,
-    /// Relative to `root`, grouped by key (in path order within a key).
-    paths: Vec<String>,
-    /// Key → first path of its group, group size, how many were handed out.
-    by_key: HashMap<FileKey, (u32, u32, AtomicU32)>,
+    /// Every path (relative to `root`) one after another; file `n` ends at `ends[n]`.
+    names: String,
+    ends: Vec<u32>,
+    keys: Vec<FileKey>,
+    /// File numbers ordered by key, then by number.
+    by_key: Vec<u32>,
+    /// At the first position of each key's run in `by_key`: how many were handed out.
+    taken: Vec<AtomicU32>,
 }
 
 impl Donors {
-    /// The files `index` lists below `root` (an immutable snapshot's tree).
-    pub fn new(root: PathBuf, index: FileIndex) -> Donors {
-        let mut files = index.0;
-        // Stable: within a key, the files stay in path order.
-        files.sort_by_key(|a| a.1);
-        let mut by_key: HashMap<FileKey, (u32, u32, AtomicU32)> = HashMap::with_capacity(files.len());
-        let mut paths = Vec::with_capacity(files.len());
-        for (path, key) in files {
-            let Ok(at) = u32::try_from(paths.len()) else {
-                break;
-            };
-            paths.push(path);
-            by_key
-                .entry(key)
-                .and_modify(|g| g.1 += 1)
-                .or_insert_with(|| (at, 1, AtomicU32::new(0)));
-        }
+    /// The files the encoded index `bytes` ([`Linking::take_index`]) lists below `root` (an
+    /// immutable snapshot's tree). `None` when the index is malformed or its paths are not
+    /// strictly in order (an index never names a path twice; the copy then writes every file).
+    pub fn new(root: PathBuf, bytes: &[u8]) -> Option<Donors> {
+        let mut names = String::new();
+        let mut ends = Vec::new();
+        let mut keys = Vec::new();
+        let mut last: Option<std::ops::Range<usize>> = None;
+        for_each_record(bytes, |path, key| {
+            if last.as_ref().is_some_and(|r| names[r.clone()] >= *path) {
+                return None;
+            }
+            let at = names.len();
+            names.push_str(path);
+            ends.push(u32::try_from(names.len()).ok()?);
+            keys.push(key);
+            last = Some(at..names.len());
+            Some(())
+        })?;
+        let count = u32::try_from(keys.len()).ok().filter(|c| *c < NO_DONOR)?;
+        let mut by_key: Vec<u32> = (0..count).collect();
+        by_key.sort_unstable_by(|a, b| keys[*a as usize].cmp(&keys[*b as usize]).then(a.cmp(b)));
+        let taken = (0..keys.len()).map(|_| AtomicU32::new(0)).collect();
         let root_fd = open_dir(&root);
-        Donors {
+        Some(Donors {
             root,
             root_fd,
-            paths,
+            names,
+            ends,
+            keys,
             by_key,
-        }
+            taken,
+        })
     }
 
     /// A not yet used donor file with `key`: its number (see [`Donors::path`]).
     fn take_number(&self, key: &FileKey) -> Option<u32> {
-        let (at, count, next) = self.by_key.get(key)?;
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        (i < *count).then(|| at + i)
+        let first = self.by_key.partition_point(|n| self.keys[*n as usize] < *key);
+        // The counter is the run's own only when the run is this key's.
+        let head = *self.by_key.get(first)?;
+        if self.keys[head as usize] != *key {
+            return None;
+        }
+        let next = self.taken.get(first)?.fetch_add(1, Ordering::Relaxed) as usize;
+        let n = *self.by_key.get(first.checked_add(next)?)?;
+        (self.keys[n as usize] == *key).then_some(n)
     }
 
     /// The path (relative to `root`) of donor file number `n`.
     fn path(&self, n: u32) -> &str {
-        self.paths.get(n as usize).map_or("", String::as_str)
+        let n = n as usize;
+        let start = match n.checked_sub(1) {
+            Some(p) => self.ends.get(p).map_or(0, |e| *e as usize),
+            None => 0,
+        };
+        self.ends
+            .get(n)
+            .and_then(|end| self.names.get(start..*end as usize))
+            .unwrap_or("")
+    }
+
+    /// The key of donor file number `n`.
+    fn key(&self, n: u32) -> Option<&FileKey> {
+        self.keys.get(n as usize)
     }
 
     /// A not yet used donor file with `key`, relative to `root`.
@@ -242,13 +308,28 @@ pub struct Linking {
     upper: PathBuf,
     upper_fd: Option<OwnedFd>,
     donors: Option<Donors>,
-    written: Mutex<Vec<(String, FileKey)>>,
+    written: Mutex<Written>,
     linked: AtomicUsize,
-    /// Put links off until [`Linking::make_pending`] (see [`Linking::deferring`]).
+    /// Put links off until [`Linking::make_pending`] (see [`Linking::deferring`]): every
+    /// donor recorded in `written` is then a link still to make.
     defer: bool,
-    /// Links chosen but not made yet: donor file number, destination path, key.
-    pending: Mutex<Vec<(u32, PathBuf, FileKey)>>,
+    /// Whether [`Linking::make_pending`] ran.
+    made: std::sync::atomic::AtomicBool,
 }
+
+/// The keyed files a copy wrote or linked, compactly: at 500k files a path and key per file
+/// cost about 130 bytes each, and nearly every file of an edited context is a donor's file at
+/// the donor's own path, known by its number alone.
+#[derive(Debug, Default)]
+struct Written {
+    /// Donor files linked at the path they have in the donor (same path, same key).
+    same: Vec<u32>,
+    /// The others: path, key, and the donor file linked there ([`NO_DONOR`] when written).
+    own: Vec<(Box<str>, FileKey, u32)>,
+}
+
+/// In [`Written::own`]: the file was written, not linked.
+const NO_DONOR: u32 = u32::MAX;
 
 impl std::fmt::Debug for Linking {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -277,10 +358,10 @@ impl Linking {
             upper_fd: open_dir(&upper),
             upper,
             donors,
-            written: Mutex::new(Vec::new()),
+            written: Mutex::new(Written::default()),
             linked: AtomicUsize::new(0),
             defer: false,
-            pending: Mutex::new(Vec::new()),
+            made: Default::default(),
         }
     }
 
@@ -297,10 +378,10 @@ impl Linking {
             upper_fd: open_dir(&upper),
             upper,
             donors: None,
-            written: Mutex::new(Vec::new()),
+            written: Mutex::new(Written::default()),
             linked: AtomicUsize::new(0),
             defer: false,
-            pending: Mutex::new(Vec::new()),
+            made: Default::default(),
         })
     }
 
@@ -359,20 +440,24 @@ impl Linking {
         self
     }
 
-    /// Whether a link to the donor file at the same path is pending at `rel` (relative to the
-    /// destination root): what [`kiln_cache::layer::same_tree_assuming`] may count as present.
-    pub fn pending_in_place(&self) -> std::collections::HashSet<Vec<u8>> {
-        use std::os::unix::ffi::OsStrExt;
-        let Some(donors) = &self.donors else {
-            return Default::default();
+    /// The paths (relative to the destination root) where a link to the donor file at the
+    /// same path is pending: what [`kiln_cache::layer::same_tree_assuming`] may count as present.
+    pub fn pending_in_place(&self) -> InPlace<'_> {
+        let donors = self
+            .donors
+            .as_ref()
+            .filter(|_| self.defer && !self.made.load(Ordering::Relaxed));
+        let mut numbers = match donors {
+            Some(_) => self
+                .written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .same
+                .clone(),
+            None => Vec::new(),
         };
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|(from, to, _)| Path::new(donors.path(*from)) == to.as_path())
-            .map(|(_, to, _)| to.as_os_str().as_bytes().to_vec())
-            .collect()
+        numbers.sort_unstable();
+        InPlace { donors, numbers }
     }
 
     /// Makes the pending links. A link that fails (an inode linked too often, a donor removed
@@ -381,22 +466,32 @@ impl Linking {
     pub fn make_pending(&self) -> Result<(), super::FileOpError> {
         use rayon::prelude::*;
         use rustix::fs::{AtFlags, Timestamps};
-        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let Some(donors) = &self.donors else {
+        let (Some(donors), true) = (&self.donors, self.defer) else {
             return Ok(());
         };
-        let mut dirs: Vec<&Path> = pending
-            .iter()
-            .map(|(_, to, _)| {
-                to.parent()
+        if self.made.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let same = written.same.par_iter().map(|n| (*n, donors.path(*n)));
+        let moved = written
+            .own
+            .par_iter()
+            .filter(|o| o.2 != NO_DONOR)
+            .map(|o| (o.2, &*o.0));
+        let pending = || same.clone().chain(moved.clone());
+        if pending().count() == 0 {
+            return Ok(());
+        }
+        let mut dirs: Vec<&Path> = pending()
+            .map(|(_, to)| {
+                Path::new(to)
+                    .parent()
                     .filter(|p| !p.as_os_str().is_empty())
                     .unwrap_or(Path::new("."))
             })
             .collect();
-        dirs.sort_unstable();
+        dirs.par_sort_unstable();
         dirs.dedup();
         let opened;
         let upper = match &self.upper_fd {
@@ -431,11 +526,16 @@ impl Linking {
                 ))
             })
             .collect::<Result<_, super::FileOpError>>()?;
-        pending.par_iter().try_for_each(|(from, to, key)| {
-            let from = donors.path(*from);
-            if self.link_now(donors, from, to).is_ok() {
+        drop(dirs);
+        pending().try_for_each(|(n, to)| {
+            let from = donors.path(n);
+            if self.link_now(donors, from, Path::new(to)).is_ok() {
                 return Ok(());
             }
+            let key = donors.key(n).ok_or_else(|| super::FileOpError::Stat {
+                path: donors.root.join(from),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            })?;
             copy_donor_file(&donors.root.join(from), &self.upper.join(to), key)
         })?;
         for (dir, ts) in times {
@@ -495,25 +595,20 @@ impl Linking {
     }
 
     /// Links a donor file with `key` at `rel` (relative to the destination root, in a
-    /// directory this copy created). False when there is none or linking failed (then the
-    /// caller copies; the failed attempt left nothing behind).
-    pub(super) fn try_link(&self, key: &FileKey, rel: &Path) -> bool {
-        let Some(donors) = &self.donors else {
-            return false;
-        };
-        let Some(from) = donors.take_number(key) else {
-            return false;
-        };
+    /// directory this copy created): the donor file's number, to [`Linking::record`]. `None`
+    /// when there is none or linking failed (then the caller copies; the failed attempt left
+    /// nothing behind).
+    pub(super) fn try_link(&self, key: &FileKey, rel: &Path) -> Option<u32> {
+        let donors = self.donors.as_ref()?;
+        // Only a path the index can record is linked (a deferred link is made from the record).
+        rel.to_str().filter(|r| is_relative_normal(r))?;
+        let from = donors.take_number(key)?;
         if self.defer {
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((from, rel.to_path_buf(), *key));
             self.linked.fetch_add(1, Ordering::Relaxed);
-            return true;
+            return Some(from);
         }
-        let from = donors.path(from);
-        self.counted(self.link_now(donors, from, rel), from)
+        self.counted(self.link_now(donors, donors.path(from), rel), donors.path(from))
+            .then_some(from)
     }
 
     /// Counts a link made from `from`; a failed one is logged and false, and the caller writes
@@ -532,13 +627,16 @@ impl Linking {
         }
     }
 
-    /// Records that the file `rel` (relative to the destination root) was written with `key`.
-    pub(super) fn record(&self, rel: &Path, key: FileKey) {
-        if let Some(rel) = rel.to_str().filter(|r| is_relative_normal(r)) {
-            self.written
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((rel.to_string(), key));
+    /// Records that the file `rel` (relative to the destination root) was written with `key`,
+    /// or linked from donor file `donor` ([`Linking::try_link`]'s number).
+    pub(super) fn record(&self, rel: &Path, key: FileKey, donor: Option<u32>) {
+        let Some(rel) = rel.to_str().filter(|r| is_relative_normal(r)) else {
+            return;
+        };
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        match (donor, &self.donors) {
+            (Some(n), Some(d)) if d.path(n) == rel => written.same.push(n),
+            (donor, _) => written.own.push((rel.into(), key, donor.unwrap_or(NO_DONOR))),
         }
     }
 
@@ -547,11 +645,59 @@ impl Linking {
         self.linked.load(Ordering::Relaxed)
     }
 
-    /// The index of every keyed file written, sorted by path.
-    pub fn take_index(&self) -> FileIndex {
-        let mut v = std::mem::take(&mut *self.written.lock().unwrap_or_else(|e| e.into_inner()));
-        v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        FileIndex(v)
+    /// How many keyed files were recorded.
+    pub fn files(&self) -> usize {
+        let w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        w.same.len() + w.own.len()
+    }
+
+    /// The encoded index ([`FileIndex`]'s format) of every keyed file written, sorted by path;
+    /// the records are handed over (a second call finds none).
+    pub fn take_index(&self) -> EncodedIndex {
+        let Written { mut same, mut own } =
+            std::mem::take(&mut *self.written.lock().unwrap_or_else(|e| e.into_inner()));
+        // Donor numbers follow the donor's paths, which are strictly in order.
+        same.sort_unstable();
+        own.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let files = same.len() + own.len();
+        let mut bytes = Vec::with_capacity(MAGIC.len() + files * 96);
+        bytes.extend_from_slice(MAGIC);
+        let mut own = own.iter().peekable();
+        if let Some(donors) = &self.donors {
+            for n in same {
+                let (path, Some(key)) = (donors.path(n), donors.key(n)) else {
+                    continue;
+                };
+                while let Some(o) = own.next_if(|o| &*o.0 < path) {
+                    encode_record(&mut bytes, &o.0, &o.1);
+                }
+                encode_record(&mut bytes, path, key);
+            }
+        }
+        for o in own {
+            encode_record(&mut bytes, &o.0, &o.1);
+        }
+        EncodedIndex { bytes, files }
+    }
+}
+
+/// Where links to donor files at their own paths are pending ([`Linking::pending_in_place`]).
+#[derive(Debug)]
+pub struct InPlace<'a> {
+    donors: Option<&'a Donors>,
+    /// Donor file numbers, sorted (so in path order).
+    numbers: Vec<u32>,
+}
+
+impl InPlace<'_> {
+    /// Whether a link to the donor's file at `rel` is pending at `rel`.
+    pub fn contains(&self, rel: &[u8]) -> bool {
+        let Some(d) = self.donors else {
+            return false;
+        };
+        self.numbers
+            .binary_search_by(|n| d.path(*n).as_bytes().cmp(rel))
+            .is_ok()
     }
 }
 
@@ -586,18 +732,35 @@ mod tests {
 
     #[test]
     fn donors_hand_out_each_file_once() {
-        let d = Donors::new(
-            PathBuf::from("/d"),
-            FileIndex(vec![
-                ("x".into(), key(1)),
-                ("y".into(), key(1)),
-                ("z".into(), key(2)),
-            ]),
-        );
+        let index = FileIndex(vec![
+            ("w".into(), key(3)),
+            ("x".into(), key(1)),
+            ("y".into(), key(1)),
+            ("z".into(), key(2)),
+        ]);
+        let d = Donors::new(PathBuf::from("/d"), &index.encode()).unwrap();
+        assert_eq!(d.take(&key(0)), None);
         assert_eq!(d.take(&key(1)), Some("x"));
         assert_eq!(d.take(&key(1)), Some("y"));
         assert_eq!(d.take(&key(1)), None);
+        // Asking for a missing key between others takes nothing from the next key's files.
         assert_eq!(d.take(&key(2)), Some("z"));
-        assert_eq!(d.take(&key(3)), None);
+        assert_eq!(d.take(&key(2)), None);
+        assert_eq!(d.take(&key(3)), Some("w"));
+        assert_eq!(d.take(&key(4)), None);
+        assert_eq!((d.path(0), d.path(3), d.path(9)), ("w", "z", ""));
+        assert_eq!(d.key(1), Some(&key(1)));
+    }
+
+    #[test]
+    fn donors_refuse_an_index_out_of_order() {
+        for paths in [["b", "a"], ["a", "a"]] {
+            let index = FileIndex(paths.iter().map(|p| (p.to_string(), key(1))).collect());
+            assert!(
+                Donors::new(PathBuf::from("/d"), &index.encode()).is_none(),
+                "{paths:?}"
+            );
+        }
+        assert!(Donors::new(PathBuf::from("/d"), b"KILNFI01\x01").is_none());
     }
 }
