@@ -48,6 +48,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    kiln_runtime::sys::return_large_blocks_promptly();
     let cli = Cli::parse();
     // The store's default place depends on who started kiln, so it is chosen before rootless mode
     // makes this process root in a user namespace.

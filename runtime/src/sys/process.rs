@@ -415,6 +415,21 @@ pub fn kill_with_spawning_thread(cmd: &mut std::process::Command) {
     }
 }
 
+/// Has the C allocator give large blocks back to the kernel as soon as they are freed: blocks
+/// of 128 KiB and more get mappings of their own, however large the blocks freed before them.
+/// glibc otherwise raises that threshold to the size of each mapped block freed (up to 32 MiB),
+/// so the large lists a build makes and frees one after another (a 500k-file copy's plan, its
+/// donors, a layer's index) come from heaps that keep their pages, and the process holds
+/// 100 MB more than it uses. Call once, early, before threads start. No effect on other C
+/// libraries.
+pub fn return_large_blocks_promptly() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a tunable of the allocator; called before other threads run.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
