@@ -111,18 +111,7 @@ impl Engine {
             tracing::debug!(linked = l.linked(), "files linked from an earlier result");
         }
         if let (Some(l), Some(donor)) = (keyed, &donor) {
-            let started = std::time::Instant::now();
-            let (linked, files) = (l.linked(), l.files());
-            let same = linked == files
-                && files > 0
-                && super::chain_id(&base, &donor.diff_id) == donor.key
-                && self.store.content().contains(&donor.diff_id)
-                && tokio::task::block_in_place(|| {
-                    let pending = l.pending_in_place();
-                    layer::same_tree_assuming(mutable.upper(), &donor.path, &|rel| pending.contains(rel))
-                });
-            tracing::debug!(same, linked, files, elapsed = ?started.elapsed(), "result compared with the earlier one");
-            if same {
+            if self.is_donors_tree(l, donor, &base, mutable.upper()) {
                 // The same tree over the same base: the earlier snapshot and layer are this
                 // result (what writing the tar would have found, by its diff ID).
                 self.discard_beside(mutable);
@@ -172,6 +161,23 @@ impl Engine {
             self.set_lineage(&digest, &top.snapshot);
         }
         Ok(Output::Fs(Arc::new(layers)))
+    }
+
+    /// Whether a linking copy's result (written into `upper` over `base`, its links still
+    /// pending) is the tree of `donor`, the earlier result it linked from, over the same base.
+    fn is_donors_tree(&self, l: &Linking, donor: &Snapshot, base: &[Layer], upper: &Path) -> bool {
+        let started = std::time::Instant::now();
+        let (linked, files) = (l.linked(), l.files());
+        let same = linked == files
+            && files > 0
+            && super::chain_id(base, &donor.diff_id) == donor.key
+            && self.store.content().contains(&donor.diff_id)
+            && tokio::task::block_in_place(|| {
+                let pending = l.pending_in_place();
+                layer::same_tree_assuming(upper, &donor.path, &|rel| pending.contains(rel))
+            });
+        tracing::debug!(same, linked, files, elapsed = ?started.elapsed(), "result compared with the earlier one");
+        same
     }
 
     /// Linking for a file op (vertex digest `vertex`) that is one copy. From a local context,
