@@ -151,7 +151,8 @@ impl Snapshots {
         else {
             return false;
         };
-        meta.boot.as_deref() == boot_id() && boot_id().is_some()
+        // Without a boot ID (no procfs) views are valid until GC, as unsynced snapshots are.
+        meta.boot.as_deref() == boot_id()
     }
 
     fn make_flat(&self, tmp: &Path, sources: &[PathBuf], keys: &[Digest]) -> Result<()> {
@@ -415,4 +416,319 @@ fn xattr_names(fd: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
         .filter(|s| !s.is_empty())
         .filter_map(|s| CString::new(s).ok())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+
+    enum E<'a> {
+        Dir(&'a str, u32, u64),
+        File(&'a str, &'a str),
+        Link(&'a str, &'a str),
+        Sym(&'a str, &'a str),
+        Chr(&'a str, u32, u32),
+        Xattr(&'a str, &'a str, &'a [u8]),
+    }
+
+    fn tar_of(entries: &[E<'_>]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for e in entries {
+            let mut h = tar::Header::new_ustar();
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1000);
+            match e {
+                E::Dir(p, mode, mtime) => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(*mode);
+                    h.set_mtime(*mtime);
+                    h.set_size(0);
+                    b.append_data(&mut h, p, &[][..]).unwrap();
+                }
+                E::File(p, data) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_mode(0o644);
+                    h.set_size(data.len() as u64);
+                    b.append_data(&mut h, p, data.as_bytes()).unwrap();
+                }
+                E::Link(p, target) | E::Sym(p, target) => {
+                    h.set_entry_type(if matches!(e, E::Link(..)) {
+                        tar::EntryType::Link
+                    } else {
+                        tar::EntryType::Symlink
+                    });
+                    h.set_mode(0o777);
+                    h.set_size(0);
+                    b.append_link(&mut h, p, target).unwrap();
+                }
+                E::Chr(p, major, minor) => {
+                    h.set_entry_type(tar::EntryType::Char);
+                    h.set_mode(0o600);
+                    h.set_size(0);
+                    h.set_device_major(*major).unwrap();
+                    h.set_device_minor(*minor).unwrap();
+                    b.append_data(&mut h, p, &[][..]).unwrap();
+                }
+                E::Xattr(p, name, value) => {
+                    let key = format!("SCHILY.xattr.{name}");
+                    b.append_pax_extensions([(key.as_str(), *value)]).unwrap();
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(0o751);
+                    h.set_mtime(4242);
+                    h.set_size(0);
+                    b.append_data(&mut h, p, &[][..]).unwrap();
+                }
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn layers() -> Vec<Vec<E<'static>>> {
+        vec![
+            vec![
+                E::Dir("a", 0o755, 100),
+                E::Dir("a/b", 0o755, 100),
+                E::File("a/b/f", "one"),
+                E::Dir("d", 0o755, 100),
+                E::File("d/x", "x"),
+                E::Dir("d/sub", 0o755, 100),
+                E::File("d/sub/y", "y"),
+                E::Dir("e", 0o755, 100),
+                E::File("e/in", "in"),
+                E::File("h1", "h"),
+                E::Link("h2", "h1"),
+                E::Sym("sym", "a/b/f"),
+                E::Chr("cdev", 1, 3),
+                E::File("keep", "k"),
+                E::File("two", "2"),
+                E::Xattr("xat", "user.test", b"1"),
+            ],
+            vec![
+                E::File(".wh.keep", ""),
+                E::Dir("d", 0o700, 200),
+                E::File("d/.wh..wh..opq", ""),
+                E::File("d/new", "new"),
+                E::File("e", "now a file"),
+            ],
+            vec![
+                E::Dir("two", 0o750, 300),
+                E::File("two/in", "inner"),
+                E::Dir("a", 0o700, 300),
+                E::File("a/c", "c"),
+                E::Dir("xat", 0o755, 300),
+                E::Xattr("kept", "user.k", b"v"),
+            ],
+            vec![
+                E::File(".wh.sym", ""),
+                E::Dir("a", 0o711, 400),
+                E::Dir("a/b", 0o755, 400),
+                E::File("a/b/.wh.f", ""),
+                E::Dir("e2", 0o755, 400),
+                E::File("e2/z", "z"),
+            ],
+            vec![
+                E::Dir("d", 0o755, 500),
+                E::File("d/.wh..wh..opq", ""),
+                E::File("d/again", "again"),
+                E::File(".wh.cdev", ""),
+                E::Sym("sym", "/d"),
+                E::File(".wh.e2", ""),
+            ],
+        ]
+    }
+
+    /// Everything a lookup shows of the tree at `root`, but link counts and change times.
+    fn describe(root: &Path) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let mut inodes: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for e in fs::read_dir(&dir).unwrap() {
+                let e = e.unwrap();
+                let p = e.path();
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                let md = fs::symlink_metadata(&p).unwrap();
+                let ft = md.file_type();
+                let extra = if ft.is_dir() {
+                    stack.push(p.clone());
+                    String::new()
+                } else if ft.is_symlink() {
+                    fs::read_link(&p).unwrap().to_string_lossy().into_owned()
+                } else if ft.is_file() {
+                    inodes.entry(md.ino()).or_default().push(rel.clone());
+                    fs::read_to_string(&p).unwrap()
+                } else if ft.is_char_device() {
+                    format!("rdev {}", md.rdev())
+                } else {
+                    String::new()
+                };
+                let mut xattrs: Vec<String> = Vec::new();
+                let mut buf = vec![0u8; 4096];
+                if let Ok(n) = rfs::llistxattr(&p, &mut buf[..]) {
+                    for name in buf[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
+                        let name = String::from_utf8_lossy(name).into_owned();
+                        let mut v = vec![0u8; 256];
+                        let len = rfs::lgetxattr(&p, name.as_str(), &mut v[..]).unwrap();
+                        xattrs.push(format!("{name}={}", String::from_utf8_lossy(&v[..len])));
+                    }
+                }
+                out.insert(
+                    rel,
+                    format!(
+                        "{:o} {}:{} size {} mtime {}.{} {extra} {xattrs:?}",
+                        md.mode(),
+                        md.uid(),
+                        md.gid(),
+                        if ft.is_dir() { 0 } else { md.size() },
+                        md.mtime(),
+                        md.mtime_nsec(),
+                    ),
+                );
+            }
+        }
+        for (_, mut names) in inodes.into_iter().filter(|(_, n)| n.len() > 1) {
+            names.sort();
+            out.insert(format!("links {names:?}"), String::new());
+        }
+        out
+    }
+
+    fn is_root() -> bool {
+        rustix::process::geteuid().is_root() && layer::opaque_xattr() == "trusted.overlay.opaque"
+    }
+
+    fn store_with_layers() -> (tempfile::TempDir, Snapshots, Vec<Digest>) {
+        let t = tempfile::tempdir().unwrap();
+        let store = Snapshots::open(&t.path().join("snapshots")).unwrap();
+        let mut keys: Vec<Digest> = Vec::new();
+        for (i, l) in layers().iter().enumerate() {
+            let key = Digest::of(format!("layer {i}").as_bytes());
+            store
+                .unpack(&key, keys.last(), io::Cursor::new(tar_of(l)), None)
+                .unwrap();
+            keys.push(key);
+        }
+        (t, store, keys)
+    }
+
+    #[test]
+    fn a_view_shows_what_the_kernel_overlay_of_its_layers_shows() {
+        if !is_root() {
+            eprintln!("skipped: needs root (a kernel overlay mount)");
+            return;
+        }
+        let (t, store, keys) = store_with_layers();
+        // Made in steps of 2: the view of 5 layers is made from the view of 3, made from 1.
+        let flat = store.flattened(&keys, 2).unwrap();
+        assert_eq!(store.flat_views().len(), 3);
+        let mut lower: Vec<String> = keys
+            .iter()
+            .rev()
+            .map(|k| store.get(k).unwrap().path.display().to_string())
+            .collect();
+        let target = t.path().join("mnt");
+        fs::create_dir(&target).unwrap();
+        let mount = |lower: &str, upper: Option<(&Path, &Path)>| {
+            let data = match upper {
+                Some((u, w)) => format!(
+                    "lowerdir={lower},upperdir={},workdir={}",
+                    u.display(),
+                    w.display()
+                ),
+                None => format!("lowerdir={lower}"),
+            };
+            let data = CString::new(data).unwrap();
+            rustix::mount::mount(
+                "overlay",
+                &target,
+                "overlay",
+                rustix::mount::MountFlags::empty(),
+                Some(data.as_c_str()),
+            )
+            .unwrap();
+        };
+        let unmount = || rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH).unwrap();
+        mount(&lower.join(":"), None);
+        let stacked = describe(&target);
+        unmount();
+        // The view alone (plus an empty dir: a read-only overlay needs two lower dirs).
+        let empty = t.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        fs::set_permissions(&empty, fs::Permissions::from_mode(0o755)).unwrap();
+        mount(&format!("{}:{}", flat.display(), empty.display()), None);
+        let through_view = describe(&target);
+        unmount();
+        assert_eq!(through_view, stacked);
+        assert!(
+            stacked.contains_key("d/again") && !stacked.contains_key("d/x"),
+            "{stacked:?}"
+        );
+        assert!(stacked["xat"].contains("mtime 300.0"), "{stacked:?}");
+        assert!(stacked.contains_key("links [\"h1\", \"h2\"]"), "{stacked:?}");
+        assert!(stacked["kept"].contains("user.k=v"), "{stacked:?}");
+        // The view itself is plain: no whiteout, no opaque marker.
+        assert_eq!(describe(&flat), stacked);
+
+        // Half the stack as a view under the other half (as a step mounts it).
+        let half = store.flattened(&keys[..2], 2).unwrap();
+        lower.truncate(3);
+        lower.push(half.display().to_string());
+        mount(&lower.join(":"), None);
+        assert_eq!(describe(&target), stacked);
+        unmount();
+
+        // A write through an overlay over the view copies the file up: neither the view's file
+        // nor the snapshot's (the same inode) changes.
+        let upper = t.path().join("upper");
+        let work = t.path().join("work");
+        fs::create_dir(&upper).unwrap();
+        fs::create_dir(&work).unwrap();
+        mount(
+            &format!("{}:{}", flat.display(), empty.display()),
+            Some((&upper, &work)),
+        );
+        fs::OpenOptions::new()
+            .append(true)
+            .open(target.join("h2"))
+            .and_then(|mut f| io::Write::write_all(&mut f, b"more"))
+            .unwrap();
+        assert_eq!(fs::read_to_string(target.join("h2")).unwrap(), "hmore");
+        unmount();
+        let first = store.get(&keys[0]).unwrap().path;
+        assert_eq!(fs::read_to_string(first.join("h1")).unwrap(), "h");
+        assert_eq!(fs::read_to_string(first.join("h2")).unwrap(), "h");
+        assert_eq!(fs::read_to_string(flat.join("h2")).unwrap(), "h");
+    }
+
+    #[test]
+    fn views_go_with_the_snapshots_they_cover() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let (_t, store, keys) = store_with_layers();
+        store.flattened(&keys[..4], 2).unwrap();
+        assert_eq!(store.flat_views().len(), 2);
+        assert_eq!(store.sweep_flats().unwrap().0, 0, "every covered snapshot exists");
+        assert!(store.flat_if_present(&keys[..4]).is_some());
+        // The view of 4 covers layer 3; the view of 2 does not.
+        store.remove(&keys[3]).unwrap();
+        assert_eq!(store.sweep_flats().unwrap().0, 1);
+        assert!(store.flat_if_present(&keys[..4]).is_none());
+        assert!(store.flat_if_present(&keys[..2]).is_some());
+        // A view another boot made counts as absent and goes.
+        let dir = store.flat_views()[0].clone();
+        let mut meta: FlatMeta = serde_json::from_slice(&fs::read(dir.join("meta.json")).unwrap()).unwrap();
+        meta.boot = Some("another-boot".into());
+        fs::write(dir.join("meta.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
+        assert!(store.flat_if_present(&keys[..2]).is_none());
+        assert_eq!(store.sweep_flats().unwrap().0, 1);
+        assert!(store.flat_views().is_empty());
+        // A killed maker's temp is an ordinary stale temp of `DIR/tmp`; nothing under `flat`.
+        let entries: Vec<_> = fs::read_dir(store.tmp()).unwrap().flatten().collect();
+        assert!(entries.is_empty(), "{entries:?}");
+    }
 }

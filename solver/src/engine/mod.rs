@@ -531,13 +531,23 @@ impl Engine {
                 // The layers it covers are made (unpacked) first: a view is made from them.
                 self.layer_dirs(&layers[..cut]).await?;
                 let snapshots = self.snapshots.clone();
-                tokio::task::spawn_blocking(move || snapshots.flattened(&keys, k))
+                let made = tokio::task::spawn_blocking(move || snapshots.flattened(&keys, k))
                     .await
-                    .map_err(|e| EngineError::Join(e.to_string()))?
-                    .map_err(|source| EngineError::Flatten {
-                        count: cut,
-                        source: Box::new(source),
-                    })?
+                    .map_err(|e| EngineError::Join(e.to_string()))?;
+                match made {
+                    Ok(flat) => flat,
+                    // A view only saves time: below the kernel's limit the stack itself works.
+                    Err(source) if layers.len() < kiln_runtime::sandbox::MAX_LOWER_DIRS => {
+                        tracing::warn!(error = %source, layers = layers.len(), "mounting the layers without a flattened view");
+                        return self.layer_dirs(layers).await;
+                    }
+                    Err(source) => {
+                        return Err(EngineError::Flatten {
+                            count: cut,
+                            source: Box::new(source),
+                        })
+                    }
+                }
             }
         };
         let mut dirs = self.layer_dirs(&layers[cut..]).await?;
