@@ -411,6 +411,9 @@ pub fn sweep(store: &Store) -> Result<Swept, GcError> {
     swept.bytes += snapshots
         .remove_retired(!roots.any_container)
         .map_err(GcError::Snapshots)?;
+    // Flattened views of stacks whose snapshots are gone (their files are links: only their
+    // directories take space).
+    swept.bytes += snapshots.sweep_flats().map_err(GcError::Snapshots)?.1;
     snapshots.remove_unused_locks();
     prune_lineage(store, &snapshots);
     let mut diff_ids = roots.image_diff_ids.clone();

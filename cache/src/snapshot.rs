@@ -10,6 +10,7 @@
 //! | `DIR/tmp/<name>` | work in progress: an unpack, or a mutable snapshot's `upper` and `work` |
 //! | `DIR/locks/<hex>.lock` | per-key lock serialising unpacks of the same key |
 //! | `DIR/retired/<boot>-<name>` | a stale snapshot replaced in boot `<boot>` |
+//! | `DIR/flat/<hex>/` | a flattened view of a stack of snapshots (see `flat`: one lower dir in place of many) |
 //!
 //! `<hex>` is the key's sha256 hex: a chain ID for image layers, or any key the build engine
 //! chooses for its results.
@@ -34,6 +35,9 @@ use kiln_dag::Digest;
 use serde::{Deserialize, Serialize};
 
 use crate::layer::{self, ApplyError, ApplyOptions, WhiteoutMode};
+
+mod flat;
+pub use flat::{flatten_after_from_env, DEFAULT_FLATTEN_AFTER};
 
 /// Errors of the snapshot store.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +102,13 @@ pub enum SnapshotError {
     /// A snapshot (or a parent in its chain) does not exist.
     #[error("snapshot {key} does not exist")]
     Missing { key: Digest },
+    /// Making a flattened view failed.
+    #[error("failed to flatten layers at `{path}`")]
+    Flatten {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// The parent chain is longer than any overlay stack can be (or loops).
     #[error("snapshot {key}: parent chain is longer than {limit}")]
     ChainTooDeep { key: Digest, limit: usize },
@@ -259,7 +270,7 @@ impl Snapshots {
 
     /// Creates a locked directory under `DIR/tmp`. It is created under a `.new-` name, locked, then
     /// renamed, so [`Snapshots::cleanup_stale_tmp`] never sees it unlocked.
-    fn new_temp(&self) -> Result<(PathBuf, File)> {
+    pub(crate) fn new_temp(&self) -> Result<(PathBuf, File)> {
         let name = unique_name();
         let staging = self.tmp().join(format!(".new-{name}"));
         create_dir(&staging)?;

@@ -24,7 +24,7 @@ mod apply;
 mod check;
 mod entries;
 mod error;
-mod fsutil;
+pub(crate) mod fsutil;
 mod same;
 mod size;
 mod sniff;

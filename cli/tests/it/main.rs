@@ -12,6 +12,7 @@ mod container_fs;
 mod containers;
 mod debug;
 mod docker_compat;
+mod flatten;
 mod gc;
 mod harness;
 mod hostile;

@@ -1161,3 +1161,65 @@ fn an_idle_keeper_ends_and_a_detached_container_keeps_it() {
     assert!(eventually(20, || !alive(pid)), "keeper {pid} still alive");
     assert_eq!(keeper_pid(&rl), None);
 }
+
+#[test]
+fn rootless_flattened_views_give_the_rootful_image_with_each_snapshotter() {
+    // Every RUN past the second layer mounts a flattened view (KILN_FLATTEN_AFTER=2) made by
+    // the user namespace's root (mapped owners, `user.overlay.opaque`); the image must be the
+    // one a rootful build without views makes.
+    let rl = RlEnv::new();
+    rl.with_busybox();
+    let ctx = rl.context(
+        "ctx",
+        &[(
+            "Dockerfile",
+            "FROM busybox:local AS other\n\
+             RUN --network=none mkdir /data && echo data > /data/d\n\
+             RUN --network=none echo more > /data/e\n\
+             RUN --network=none rm /data/d\n\
+             FROM busybox:local\n\
+             RUN --network=none mkdir -p /a/b /c /d/sub && echo x > /a/b/f && echo y > /c/g && echo s > /d/sub/s\n\
+             RUN --network=none chown -R 1000:1000 /a && chown 65534:42 /c/g && chmod 4755 /c/g\n\
+             RUN --network=none rm -rf /d && mkdir /d && echo new > /d/n\n\
+             RUN --network=none rm /bin/wget && rm -rf /a/b && mkdir /a/b && echo z > /a/b/h\n\
+             RUN --network=none rm /c/g && ln -s /a /link && mknod /p p && chmod 700 /etc\n\
+             RUN --network=none rm -rf /d && echo file > /d && ln /a/b/h /hard\n\
+             RUN --network=none --mount=type=bind,from=other,source=/data,target=/mnt cp /mnt/e /from-other\n",
+        )],
+    );
+    let ctx_s = ctx.to_str().expect("utf-8");
+    let args = ["build", "-q", "--build-arg", EPOCH, ctx_s];
+    let rootful = rl
+        .rootful(&args)
+        .env("KILN_FLATTEN_AFTER", "1000")
+        .output()
+        .expect("spawn kiln");
+    assert!(rootful.status.success(), "{}", frame(&rootful));
+    let rootful = RlEnv::image_id(&rootful);
+    for snap in ["overlayfs", "fuse-overlayfs", "native"] {
+        let root = rl.path(&format!("root-flat-{snap}"));
+        let run = |extra: &[&str]| {
+            let mut c = rl.as_user(Path::new(env!("CARGO_BIN_EXE_kiln")));
+            c.env("KILN_SNAPSHOTTER", snap)
+                .env("KILN_FLATTEN_AFTER", "2")
+                .arg("--root")
+                .arg(&root)
+                .args(extra);
+            let out = c.output().expect("spawn kiln");
+            assert!(
+                out.status.success(),
+                "{snap}: kiln {extra:?} failed\n{}",
+                frame(&out)
+            );
+            out
+        };
+        let tar = busybox_tar();
+        run(&["import", tar.to_str().expect("utf-8"), "busybox:local"]);
+        let id = RlEnv::image_id(&run(&args));
+        let views = std::fs::read_dir(root.join("snapshots/flat"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert!(views > 0, "{snap}: no flattened view was made");
+        assert_eq!(id, rootful, "{snap}: the image over flattened views differs");
+    }
+}

@@ -104,6 +104,14 @@ pub enum EngineError {
     },
     #[error("failed to open the snapshot store")]
     Snapshots(#[source] kiln_cache::snapshot::SnapshotError),
+    #[error("{0}")]
+    FlattenAfter(String),
+    #[error("failed to flatten the {count} layers below a step")]
+    Flatten {
+        count: usize,
+        #[source]
+        source: Box<kiln_cache::snapshot::SnapshotError>,
+    },
     #[error("failed to read the build context `{name}`")]
     Context {
         name: String,
@@ -217,6 +225,13 @@ pub struct Engine {
     networks: exec::BuildNetworks,
     /// What the solve looked up, recorded and keyed: what a cache export writes.
     solved: Mutex<SolvedCache>,
+    /// How many layers a RUN's root overlay stacks before the layers below the last multiple
+    /// of this number are mounted as one flattened view (`KILN_FLATTEN_AFTER`).
+    flatten_after: usize,
+    /// Snapshots this build found or made, by key: their paths stay valid for the whole build
+    /// (it holds the GC lock, and a snapshot valid in this boot is never replaced), so a step
+    /// over `n` layers does not read `n` records again.
+    unpacked: Mutex<HashMap<Digest, PathBuf>>,
 }
 
 impl Drop for Engine {
@@ -302,6 +317,8 @@ impl Engine {
             kiln_runtime::seccomp::prewarm_default();
         }
         drop(graph);
+        let flatten_after =
+            kiln_cache::snapshot::flatten_after_from_env().map_err(EngineError::FlattenAfter)?;
         let snapshots = Snapshots::open(&store.snapshots_dir()).map_err(EngineError::Snapshots)?;
         let index = CacheIndex::open(&store.cache_dir().join("index")).map_err(EngineError::Index)?;
         let tmp_parent = store.root().join("tmp");
@@ -333,6 +350,8 @@ impl Engine {
             durable: kiln_cache::durable::Durable::new(),
             networks: exec::BuildNetworks::default(),
             solved: Mutex::new(SolvedCache::default()),
+            flatten_after,
+            unpacked: Mutex::default(),
         })
     }
 
@@ -485,15 +504,75 @@ impl Engine {
     }
 
     /// Makes sure every layer of `layers` is unpacked and returns their directories, TOP FIRST
-    /// (overlay's lowerdir order).
-    async fn lower_dirs(&self, layers: &[Layer]) -> Result<Vec<PathBuf>, EngineError> {
+    /// (overlay's lowerdir order): one per layer, for reading the layers themselves.
+    async fn layer_dirs(&self, layers: &[Layer]) -> Result<Vec<PathBuf>, EngineError> {
         // All layers at once: each is a download and a directory of its own, and the work runs
         // on blocking threads, so a fresh runner's imported cache or a new base image is fetched
         // and unpacked on every core instead of one layer after another.
         futures_util::future::try_join_all(layers.iter().rev().map(|l| self.ensure_unpacked(l))).await
     }
 
+    /// The lower dirs to mount `layers` with, TOP FIRST: [`Engine::layer_dirs`] up to
+    /// `flatten_after` layers; past that, the layers below the last multiple of `flatten_after`
+    /// are one flattened view (`kiln_cache::snapshot::Snapshots::flattened`, kept for the next
+    /// steps and builds), so a RUN's root, a RUN mount or a file op's view mounts at most
+    /// `flatten_after` lower dirs however long its chain is. The view's files are the layers'
+    /// own inodes, so linking from the view's dirs links the layers' files.
+    async fn lower_dirs(&self, layers: &[Layer]) -> Result<Vec<PathBuf>, EngineError> {
+        let k = self.flatten_after;
+        if layers.len() <= k {
+            return self.layer_dirs(layers).await;
+        }
+        let cut = layers.len() / k * k;
+        let keys: Vec<Digest> = layers[..cut].iter().map(|l| l.snapshot).collect();
+        let flat = match self.snapshots.flat_if_present(&keys) {
+            Some(flat) => flat,
+            None => {
+                // The layers it covers are made (unpacked) first: a view is made from them.
+                self.layer_dirs(&layers[..cut]).await?;
+                let snapshots = self.snapshots.clone();
+                let made = tokio::task::spawn_blocking(move || snapshots.flattened(&keys, k))
+                    .await
+                    .map_err(|e| EngineError::Join(e.to_string()))?;
+                match made {
+                    Ok(flat) => flat,
+                    // A view only saves time: below the kernel's limit the stack itself works.
+                    Err(source) if layers.len() < kiln_runtime::sandbox::MAX_LOWER_DIRS => {
+                        tracing::warn!(error = %source, layers = layers.len(), "mounting the layers without a flattened view");
+                        return self.layer_dirs(layers).await;
+                    }
+                    Err(source) => {
+                        return Err(EngineError::Flatten {
+                            count: cut,
+                            source: Box::new(source),
+                        })
+                    }
+                }
+            }
+        };
+        let mut dirs = self.layer_dirs(&layers[cut..]).await?;
+        dirs.push(flat);
+        Ok(dirs)
+    }
+
     async fn ensure_unpacked(&self, l: &Layer) -> Result<PathBuf, EngineError> {
+        if let Some(path) = self
+            .unpacked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&l.snapshot)
+        {
+            return Ok(path.clone());
+        }
+        let path = self.ensure_unpacked_uncached(l).await?;
+        self.unpacked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(l.snapshot, path.clone());
+        Ok(path)
+    }
+
+    async fn ensure_unpacked_uncached(&self, l: &Layer) -> Result<PathBuf, EngineError> {
         if let Some(s) = self.snapshots.get(&l.snapshot) {
             return Ok(s.path);
         }
