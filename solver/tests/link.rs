@@ -62,6 +62,27 @@ fn copy_indexed(
     )
 }
 
+/// `COPY . /x/` of `ctx` into a fresh `dest`, linking from the earlier result `donor` (tree and
+/// index) with its links put off until `make_pending`.
+fn deferred_copy(ctx: &Path, dest: &Path, donor: &Path, index: &FileIndex) -> Arc<Linking> {
+    fs::create_dir_all(dest).unwrap();
+    let known = ContextIndex::scan(ctx, &[], &mut StatCache::default()).unwrap();
+    let donors = Donors::new(donor.to_path_buf(), &index.encode()).unwrap();
+    let linking = Arc::new(Linking::new(0, Arc::new(known), dest.to_path_buf(), Some(donors)).deferring());
+    let opts = FileOpOptions {
+        linking: Some(linking.clone()),
+        ..FileOpOptions::default()
+    };
+    apply(
+        dest,
+        &[SourceRoot::context(ctx, None)],
+        &[FileAction::Copy(copy(".", "/x/"))],
+        &opts,
+    )
+    .unwrap();
+    linking
+}
+
 fn ino(p: PathBuf) -> u64 {
     fs::symlink_metadata(p).unwrap().ino()
 }
@@ -254,25 +275,7 @@ fn deferred_links_wait_for_make_pending_and_keep_directory_times() {
     let first = t.path().join("first");
     let (idx1, _) = copy_with(&ctx, &first, copy(".", "/x/"), None);
 
-    let deferred = |dest: &Path| {
-        fs::create_dir_all(dest).unwrap();
-        let index = ContextIndex::scan(&ctx, &[], &mut StatCache::default()).unwrap();
-        let donors = Donors::new(first.clone(), &idx1.encode()).unwrap();
-        let linking =
-            Arc::new(Linking::new(0, Arc::new(index), dest.to_path_buf(), Some(donors)).deferring());
-        let opts = FileOpOptions {
-            linking: Some(linking.clone()),
-            ..FileOpOptions::default()
-        };
-        apply(
-            dest,
-            &[SourceRoot::context(&ctx, None)],
-            &[FileAction::Copy(copy(".", "/x/"))],
-            &opts,
-        )
-        .unwrap();
-        linking
-    };
+    let deferred = |dest: &Path| deferred_copy(&ctx, dest, &first, &idx1);
 
     // Unchanged: nothing is linked yet, and the tree is the donor's once the links count.
     let second = t.path().join("second");
@@ -325,21 +328,7 @@ fn a_moved_file_is_linked_from_its_old_path_and_indexed_in_path_order() {
     fs::rename(ctx.join("top"), ctx.join("d/f")).unwrap();
 
     let second = t.path().join("second");
-    fs::create_dir_all(&second).unwrap();
-    let index = ContextIndex::scan(&ctx, &[], &mut StatCache::default()).unwrap();
-    let donors = Donors::new(first.clone(), &idx1.encode()).unwrap();
-    let linking = Arc::new(Linking::new(0, Arc::new(index), second.clone(), Some(donors)).deferring());
-    let opts = FileOpOptions {
-        linking: Some(linking.clone()),
-        ..FileOpOptions::default()
-    };
-    apply(
-        &second,
-        &[SourceRoot::context(&ctx, None)],
-        &[FileAction::Copy(copy(".", "/x/"))],
-        &opts,
-    )
-    .unwrap();
+    let linking = deferred_copy(&ctx, &second, &first, &idx1);
     assert_eq!((linking.linked(), linking.files()), (3, 3));
     let pending = linking.pending_in_place();
     assert!(pending.contains(b"x/d/one"));

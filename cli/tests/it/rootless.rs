@@ -155,6 +155,24 @@ impl RlEnv {
         out
     }
 
+    /// `kiln --root ROOT ARGS` as the test user with the snapshotter `snap` and `env`; must
+    /// succeed.
+    fn with_snapshotter_ok(&self, snap: &str, root: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+        let mut c = self.as_user(Path::new(env!("CARGO_BIN_EXE_kiln")));
+        c.env("KILN_SNAPSHOTTER", snap)
+            .envs(env.iter().copied())
+            .arg("--root")
+            .arg(root)
+            .args(args);
+        let out = c.output().expect("spawn kiln");
+        assert!(
+            out.status.success(),
+            "{snap}: kiln {args:?} failed\n{}",
+            frame(&out)
+        );
+        out
+    }
+
     /// `kiln --root DIR/rootful ARGS` as root.
     fn rootful(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
@@ -883,20 +901,7 @@ fn rootless_each_snapshotter_has_the_rootful_image_id() {
     assert!(rootful.starts_with("sha256:"), "{rootful}");
     for snap in ["overlayfs", "fuse-overlayfs", "native"] {
         let root = rl.path(&format!("root-{snap}"));
-        let run = |extra: &[&str]| {
-            let mut c = rl.as_user(Path::new(env!("CARGO_BIN_EXE_kiln")));
-            c.env("KILN_SNAPSHOTTER", snap)
-                .arg("--root")
-                .arg(&root)
-                .args(extra);
-            let out = c.output().expect("spawn kiln");
-            assert!(
-                out.status.success(),
-                "{snap}: kiln {extra:?} failed\n{}",
-                frame(&out)
-            );
-            out
-        };
+        let run = |extra: &[&str]| rl.with_snapshotter_ok(snap, &root, &[], extra);
         let tar = busybox_tar();
         run(&["import", tar.to_str().expect("utf-8"), "busybox:local"]);
         let info = String::from_utf8_lossy(&run(&["info"]).stdout).into_owned();
@@ -1198,21 +1203,7 @@ fn rootless_flattened_views_give_the_rootful_image_with_each_snapshotter() {
     let rootful = RlEnv::image_id(&rootful);
     for snap in ["overlayfs", "fuse-overlayfs", "native"] {
         let root = rl.path(&format!("root-flat-{snap}"));
-        let run = |extra: &[&str]| {
-            let mut c = rl.as_user(Path::new(env!("CARGO_BIN_EXE_kiln")));
-            c.env("KILN_SNAPSHOTTER", snap)
-                .env("KILN_FLATTEN_AFTER", "2")
-                .arg("--root")
-                .arg(&root)
-                .args(extra);
-            let out = c.output().expect("spawn kiln");
-            assert!(
-                out.status.success(),
-                "{snap}: kiln {extra:?} failed\n{}",
-                frame(&out)
-            );
-            out
-        };
+        let run = |extra: &[&str]| rl.with_snapshotter_ok(snap, &root, &[("KILN_FLATTEN_AFTER", "2")], extra);
         let tar = busybox_tar();
         run(&["import", tar.to_str().expect("utf-8"), "busybox:local"]);
         let id = RlEnv::image_id(&run(&args));
