@@ -245,11 +245,7 @@ pub fn kill(pid: i32, sig: i32) -> Result<(), Errno> {
 /// A pidfd of the calling process (`pidfd_open(getpid())`, close-on-exec): it polls readable once
 /// the process has exited.
 pub fn pidfd_self() -> Result<OwnedFd, Errno> {
-    // SAFETY: getpid has no preconditions; pidfd_open takes plain integers and returns a new
-    // descriptor, owned below.
-    let fd = check_long(unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0 as libc::c_uint) })?;
-    // SAFETY: a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    pidfd_open(nix::unistd::getpid().as_raw())
 }
 
 /// A pidfd of process `pid` (`pidfd_open(pid)`, close-on-exec): it polls readable once that

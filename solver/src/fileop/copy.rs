@@ -11,6 +11,7 @@ use std::time::SystemTime;
 
 use kiln_dag::CopyAction;
 use kiln_patterns::Matcher;
+use kiln_runtime::unixtime;
 use rayon::prelude::*;
 use rustix::fs::{FileType, Mode, CWD};
 
@@ -840,7 +841,7 @@ fn copy_file(cfg: &Config<'_>, n: &Item, parent_fresh: bool, leader: bool) -> Re
                     &n.meta,
                     target_mode(cfg, &n.meta),
                     cfg.owner_of(&n.meta),
-                    nanos(mtime),
+                    unixtime::nanos(unixtime::split(mtime)),
                 )?;
                 Some((l, key, dst_rel))
             }),
@@ -855,13 +856,6 @@ fn copy_file(cfg: &Config<'_>, n: &Item, parent_fresh: bool, leader: bool) -> Re
         return Ok(());
     }
     write_file(cfg, n)
-}
-
-fn nanos(t: SystemTime) -> i64 {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
-    }
 }
 
 /// Copies a regular file's content (`copy_file_range` where the kernel can) and sets its
