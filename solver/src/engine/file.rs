@@ -137,8 +137,7 @@ impl Engine {
             }
             tracing::debug!(elapsed = ?started.elapsed(), "pending links made");
         }
-        let keyed = keyed.is_some();
-        if let Some(l) = linking.as_ref().filter(|_| keyed) {
+        if let Some(l) = keyed {
             let index = l.take_index();
             if index.files() > 0 {
                 if let Err(e) = mutable.attach(FILE_INDEX, index.bytes()) {
@@ -146,6 +145,7 @@ impl Engine {
                 }
             }
         }
+        let keyed = keyed.is_some();
         // The donors' lists are done with: free them before the layer write (a 500k-file copy
         // holds tens of MB in them).
         drop(opts);

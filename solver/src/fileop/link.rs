@@ -480,9 +480,6 @@ impl Linking {
             .filter(|o| o.2 != NO_DONOR)
             .map(|o| (o.2, &*o.0));
         let pending = || same.clone().chain(moved.clone());
-        if pending().count() == 0 {
-            return Ok(());
-        }
         let mut dirs: Vec<&Path> = pending()
             .map(|(_, to)| {
                 Path::new(to)
@@ -491,6 +488,9 @@ impl Linking {
                     .unwrap_or(Path::new("."))
             })
             .collect();
+        if dirs.is_empty() {
+            return Ok(());
+        }
         dirs.par_sort_unstable();
         dirs.dedup();
         let opened;
