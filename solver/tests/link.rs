@@ -62,6 +62,18 @@ fn copy_indexed(
     )
 }
 
+/// A context of three files below `dir`, copied once (`COPY . /x/`, nothing to link from):
+/// the context, the result's tree and its index.
+fn copied_once(dir: &Path) -> (PathBuf, PathBuf, FileIndex) {
+    let ctx = dir.join("ctx");
+    write(&ctx, "d/one", "1");
+    write(&ctx, "d/e/two", "2");
+    write(&ctx, "top", "t");
+    let first = dir.join("first");
+    let (index, _) = copy_with(&ctx, &first, copy(".", "/x/"), None);
+    (ctx, first, index)
+}
+
 /// `COPY . /x/` of `ctx` into a fresh `dest`, linking from the earlier result `donor` (tree and
 /// index) with its links put off until `make_pending`.
 fn deferred_copy(ctx: &Path, dest: &Path, donor: &Path, index: &FileIndex) -> Arc<Linking> {
@@ -268,12 +280,7 @@ fn several_sources_are_copied_not_linked() {
 fn deferred_links_wait_for_make_pending_and_keep_directory_times() {
     use kiln_cache::layer::{same_tree, same_tree_assuming};
     let t = tempfile::tempdir().unwrap();
-    let ctx = t.path().join("ctx");
-    write(&ctx, "d/one", "1");
-    write(&ctx, "d/e/two", "2");
-    write(&ctx, "top", "t");
-    let first = t.path().join("first");
-    let (idx1, _) = copy_with(&ctx, &first, copy(".", "/x/"), None);
+    let (ctx, first, idx1) = copied_once(t.path());
 
     let deferred = |dest: &Path| deferred_copy(&ctx, dest, &first, &idx1);
 
@@ -318,12 +325,7 @@ fn deferred_links_wait_for_make_pending_and_keep_directory_times() {
 #[test]
 fn a_moved_file_is_linked_from_its_old_path_and_indexed_in_path_order() {
     let t = tempfile::tempdir().unwrap();
-    let ctx = t.path().join("ctx");
-    write(&ctx, "d/one", "1");
-    write(&ctx, "d/e/two", "2");
-    write(&ctx, "top", "t");
-    let first = t.path().join("first");
-    let (idx1, _) = copy_with(&ctx, &first, copy(".", "/x/"), None);
+    let (ctx, first, idx1) = copied_once(t.path());
     // Renamed: same content and mtime, so the same key at another path.
     fs::rename(ctx.join("top"), ctx.join("d/f")).unwrap();
 
