@@ -42,20 +42,13 @@ fn copy_indexed(
     action: CopyAction,
     donor: Option<(&Path, &FileIndex)>,
 ) -> (FileIndex, usize) {
-    fs::create_dir_all(dest).unwrap();
     let donors = donor.map(|(root, idx)| Donors::new(root.to_path_buf(), &idx.encode()).unwrap());
-    let linking = Arc::new(Linking::new(0, Arc::new(index), dest.to_path_buf(), donors));
-    let opts = FileOpOptions {
-        linking: Some(linking.clone()),
-        ..FileOpOptions::default()
-    };
-    apply(
+    let linking = run_copy(
+        Linking::new(0, Arc::new(index), dest.to_path_buf(), donors),
+        ctx,
         dest,
-        &[SourceRoot::context(ctx, None)],
-        &[FileAction::Copy(action)],
-        &opts,
-    )
-    .unwrap();
+        action,
+    );
     (
         FileIndex::decode(linking.take_index().bytes()).unwrap(),
         linking.linked(),
@@ -77,10 +70,16 @@ fn copied_once(dir: &Path) -> (PathBuf, PathBuf, FileIndex) {
 /// `COPY . /x/` of `ctx` into a fresh `dest`, linking from the earlier result `donor` (tree and
 /// index) with its links put off until `make_pending`.
 fn deferred_copy(ctx: &Path, dest: &Path, donor: &Path, index: &FileIndex) -> Arc<Linking> {
-    fs::create_dir_all(dest).unwrap();
     let known = ContextIndex::scan(ctx, &[], &mut StatCache::default()).unwrap();
     let donors = Donors::new(donor.to_path_buf(), &index.encode()).unwrap();
-    let linking = Arc::new(Linking::new(0, Arc::new(known), dest.to_path_buf(), Some(donors)).deferring());
+    let linking = Linking::new(0, Arc::new(known), dest.to_path_buf(), Some(donors)).deferring();
+    run_copy(linking, ctx, dest, copy(".", "/x/"))
+}
+
+/// Applies `action` (a copy from the context `ctx`) onto a fresh `dest` with `linking`.
+fn run_copy(linking: Linking, ctx: &Path, dest: &Path, action: CopyAction) -> Arc<Linking> {
+    fs::create_dir_all(dest).unwrap();
+    let linking = Arc::new(linking);
     let opts = FileOpOptions {
         linking: Some(linking.clone()),
         ..FileOpOptions::default()
@@ -88,7 +87,7 @@ fn deferred_copy(ctx: &Path, dest: &Path, donor: &Path, index: &FileIndex) -> Ar
     apply(
         dest,
         &[SourceRoot::context(ctx, None)],
-        &[FileAction::Copy(copy(".", "/x/"))],
+        &[FileAction::Copy(action)],
         &opts,
     )
     .unwrap();
