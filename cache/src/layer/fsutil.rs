@@ -24,6 +24,10 @@ fn open_dir_forcibly(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd>
     }
 }
 
+/// Subdirectories of one directory from which its removal goes to the thread pool when not
+/// already in it.
+const PARALLEL_REMOVE_MIN_DIRS: usize = 8;
+
 /// Removes the directory entries of `dir`, recursively, never following symlinks.
 pub(crate) fn remove_contents(dir: BorrowedFd<'_>) -> io::Result<()> {
     let mut children = Vec::new();
@@ -37,12 +41,15 @@ pub(crate) fn remove_contents(dir: BorrowedFd<'_>) -> io::Result<()> {
         children.push((name.to_owned(), entry.file_type()));
     }
     // Subdirectories go in parallel (a large tree's unlinks are most of a removal's time),
-    // everything else in order.
+    // everything else in order. Not for a few directories from outside the thread pool: handing
+    // them to the pool wakes its threads, which then spin a while for more work, on a small
+    // machine taking the CPU from the build (a step's overlay work dir is two directories).
     let (dirs, others): (Vec<_>, Vec<_>) = children.into_iter().partition(|(_, t)| *t == FileType::Directory);
     for (name, file_type) in others {
         remove_entry(dir, &name, Some(file_type))?;
     }
-    if dirs.len() > 1 {
+    let in_pool = rayon::current_thread_index().is_some();
+    if dirs.len() >= PARALLEL_REMOVE_MIN_DIRS || (in_pool && dirs.len() > 1) {
         use rayon::prelude::*;
         dirs.par_iter()
             .try_for_each(|(name, file_type)| remove_entry(dir, name, Some(*file_type)))
