@@ -224,6 +224,11 @@ fn remove(path: &Path) -> Result<()> {
     })
 }
 
+/// Removes a directory [`MutableSnapshot::commit_leaving_work`] moved aside.
+pub fn remove_leftover(path: &Path) -> Result<()> {
+    remove(path)
+}
+
 /// Whether a rename failed because the target directory already exists (someone else committed).
 fn target_taken(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST))
@@ -765,7 +770,23 @@ impl MutableSnapshot {
     /// Commits the upper dir as the immutable snapshot `key` (`diff_id` and `size` describe the
     /// layer tar the caller wrote from it). The overlay must be unmounted. If `key` was committed
     /// meanwhile by someone else, this one is discarded and theirs returned.
-    pub fn commit(mut self, key: &Digest, diff_id: &Digest, size: u64) -> Result<Snapshot> {
+    pub fn commit(self, key: &Digest, diff_id: &Digest, size: u64) -> Result<Snapshot> {
+        let (snapshot, work) = self.commit_leaving_work(key, diff_id, size)?;
+        remove_leftover(&work)?;
+        Ok(snapshot)
+    }
+
+    /// [`MutableSnapshot::commit`], but the overlay's work dir is moved aside instead of
+    /// removed, and its new path returned for [`remove_leftover`] when it suits the caller (on
+    /// another thread: its few directories can take milliseconds each to remove on a
+    /// filesystem mounted with `discard`). A process killed before leaves it as a stale temp
+    /// of its own, which the next command removes.
+    pub fn commit_leaving_work(
+        mut self,
+        key: &Digest,
+        diff_id: &Digest,
+        size: u64,
+    ) -> Result<(Snapshot, PathBuf)> {
         let (key, diff_id) = (*key, *diff_id);
         let fs_dir = self.root.join("fs");
         #[allow(
@@ -777,23 +798,37 @@ impl MutableSnapshot {
             to: fs_dir.clone(),
             source,
         })?;
-        remove(&self.work)?;
+        let store = Snapshots {
+            dir: self.store.clone(),
+        };
+        let aside = store.tmp().join(crate::temp::name(".rm-", ""));
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "a directory moved whole out of the snapshot, to be removed"
+        )]
+        fs::rename(&self.work, &aside).map_err(|source| SnapshotError::Rename {
+            from: self.work.clone(),
+            to: aside.clone(),
+            source,
+        })?;
         let meta = Meta {
             parent: self.parent,
             diff_id,
             size,
             unsynced_boot: boot_id().map(str::to_string),
         };
-        write_meta(&self.root, &meta)?;
-        let store = Snapshots {
-            dir: self.store.clone(),
-        };
-        let result = store.publish(&self.root, key, meta);
-        if result.is_ok() && !self.root.exists() {
+        let published = write_meta(&self.root, &meta).and_then(|()| store.publish(&self.root, key, meta));
+        if published.is_ok() && !self.root.exists() {
             self.lock = None;
         }
         // Drop removes `root` if it is still there (lost the race, or failed).
-        result
+        match published {
+            Ok(snapshot) => Ok((snapshot, aside)),
+            Err(e) => {
+                let _ = remove(&aside);
+                Err(e)
+            }
+        }
     }
 
     /// Removes the mutable snapshot (a failure is logged: what is left is a stale temp dir that
@@ -1039,6 +1074,34 @@ mod tests {
         fs::rename(retired[0].path(), &from_earlier_boot).unwrap();
         assert_eq!(store.cleanup_stale_tmp().unwrap(), 1);
         assert!(!from_earlier_boot.exists());
+    }
+
+    #[test]
+    fn a_commit_can_leave_its_work_dir_aside_for_later() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Snapshots::open(t.path()).unwrap();
+        let m = store.prepare(None).unwrap();
+        fs::write(m.upper().join("b"), b"b").unwrap();
+        fs::create_dir(m.work().join("work")).unwrap();
+        fs::set_permissions(m.work().join("work"), fs::Permissions::from_mode(0o000)).unwrap();
+        let key = Digest::of(b"step");
+        let (committed, aside) = m.commit_leaving_work(&key, &Digest::of(b"diff"), 1).unwrap();
+        assert_eq!(fs::read(committed.path.join("b")).unwrap(), b"b");
+        assert_eq!(store.get(&key), Some(committed.clone()));
+        assert!(!committed.path.parent().unwrap().join("work").exists());
+        assert_eq!(aside.parent(), Some(&*store.tmp()));
+        assert!(aside.join("work").is_dir());
+        // This process's own while it lives: not a killed process's leftover.
+        assert_eq!(store.cleanup_stale_tmp().unwrap(), 0);
+        assert!(aside.exists());
+        remove_leftover(&aside).unwrap();
+        assert!(tmp_entries(&store).is_empty());
+        // One a killed process left aside is removed by the next cleanup.
+        let dead = store.tmp().join(".rm-999999999-1-0");
+        fs::create_dir_all(dead.join("work")).unwrap();
+        fs::set_permissions(dead.join("work"), fs::Permissions::from_mode(0o000)).unwrap();
+        assert_eq!(store.cleanup_stale_tmp().unwrap(), 1);
+        assert!(tmp_entries(&store).is_empty());
     }
 
     #[test]

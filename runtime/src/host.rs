@@ -5,7 +5,9 @@
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
-pub use crate::hostmount::{mount_kernel_overlay, unmount_kernel, volatile_overlays_supported, HostError};
+pub use crate::hostmount::{
+    mount_kernel_overlay, mount_private_tmpfs, unmount_kernel, volatile_overlays_supported, HostError,
+};
 use crate::sys::{MsFlags, RealSys, Sys};
 
 /// Moves the calling process into a new mount namespace whose mounts do not propagate back to
@@ -53,4 +55,13 @@ pub fn unmount(target: &Path) -> Result<(), HostError> {
         });
     }
     unmount_kernel(target)
+}
+
+/// Whether a view of the current snapshotter is kept in memory-light form at its mount point
+/// (a kernel or FUSE mount): not so for `native`, whose views are copies written into it.
+pub fn views_are_mounts() -> bool {
+    !matches!(
+        crate::snapshotter::current(),
+        crate::snapshotter::Snapshotter::Native
+    )
 }

@@ -29,6 +29,12 @@ pub enum HostError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("failed to mount a tmpfs at `{path}`: {source}")]
+    Tmpfs {
+        path: PathBuf,
+        #[source]
+        source: Errno,
+    },
     #[error("failed to unmount `{path}`: {source}")]
     Unmount {
         path: PathBuf,
@@ -98,6 +104,28 @@ pub fn mount_kernel_overlay(
             .map_err(err)
         }
     }
+}
+
+/// Mounts a tmpfs (mode 0700, at most `size_mib` MiB) at `target`: a place for mount points
+/// and small files that costs no disk writes. Mounted in kiln's private mount namespace, it
+/// goes away with the process however it ends.
+pub fn mount_private_tmpfs(target: &Path, size_mib: u32) -> Result<(), HostError> {
+    let t = cpath(target)?;
+    let tmpfs = CString::from(c"tmpfs");
+    let data = CString::new(format!("mode=0700,size={size_mib}m"))
+        .map_err(|_| HostError::Nul(target.to_path_buf()))?;
+    RealSys
+        .mount(
+            Some(&tmpfs),
+            &t,
+            Some(&tmpfs),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(&data),
+        )
+        .map_err(|source| HostError::Tmpfs {
+            path: target.to_path_buf(),
+            source,
+        })
 }
 
 /// Detaches a kernel mount at `target`.

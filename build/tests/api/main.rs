@@ -5,6 +5,9 @@
 
 mod harness;
 
+use std::path::Path;
+use std::sync::Arc;
+
 use harness::{request, Env};
 use kiln_build::output::{ArchiveOutput, Destination, ImageOutput};
 use kiln_build::{BuildError, CancelToken, ContextSource, DockerfileSource, OutputSpec, RequestError};
@@ -29,6 +32,10 @@ fn main() {
         (
             "a_cancelled_build_stops_at_the_solve",
             a_cancelled_build_stops_at_the_solve,
+        ),
+        (
+            "a_builds_mount_points_are_on_a_tmpfs_of_its_own",
+            a_builds_mount_points_are_on_a_tmpfs_of_its_own,
         ),
     ]);
 }
@@ -251,4 +258,74 @@ fn a_cancelled_build_stops_at_the_solve() {
         "{counts:?}"
     );
     assert!(!counts.logs.contains("never"), "{counts:?}");
+}
+
+/// Mount points and file systems from `/proc/self/mountinfo`, for mount points under `under`.
+fn mounts_under(under: &Path) -> Vec<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    info.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let point = left.split(' ').nth(4)?.to_string();
+            let fstype = right.split(' ').next()?.to_string();
+            point
+                .starts_with(&*under.to_string_lossy())
+                .then_some((point, fstype))
+        })
+        .collect()
+}
+
+/// The engine's mount points (here a stage's view bound into a RUN) are on a tmpfs of the
+/// build's own, in the store's temp dir, and nothing stays mounted after the build.
+fn a_builds_mount_points_are_on_a_tmpfs_of_its_own() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = Env::new();
+    let ctx = env.context(
+        "ctx",
+        &[(
+            "Dockerfile",
+            "FROM busybox:local AS a\nRUN echo a > /a\n\
+             FROM busybox:local\nRUN --mount=type=bind,from=a,target=/m sleep 1 && cat /m/a > /b\n",
+        )],
+    );
+    let tmp = env.path("root/tmp");
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (tmp, done) = (tmp.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                let mounts = mounts_under(&tmp);
+                let area = mounts.iter().find(|(p, t)| t == "tmpfs" && p.ends_with("/m"));
+                if let Some((area, _)) = area {
+                    let below = format!("{area}/");
+                    if mounts
+                        .iter()
+                        .any(|(p, t)| t == "overlay" && p.starts_with(&below))
+                    {
+                        return mounts;
+                    }
+                    seen = mounts;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            seen
+        })
+    };
+    let (built, counts) = env.build(request(&ctx));
+    done.store(true, Ordering::Relaxed);
+    built.expect("the build");
+    assert_eq!(counts.get("failed"), 0, "{counts:?}");
+    let seen = watcher.join().expect("the watcher");
+    let area = seen.iter().find(|(p, t)| t == "tmpfs" && p.ends_with("/m"));
+    assert!(
+        area.is_some(),
+        "no tmpfs mount area under {}: {seen:?}",
+        tmp.display()
+    );
+    assert!(
+        seen.iter().any(|(_, t)| t == "overlay"),
+        "no view mounted in the area: {seen:?}"
+    );
+    assert_eq!(mounts_under(&tmp), Vec::new(), "left mounted after the build");
 }

@@ -54,7 +54,7 @@ impl Engine {
             return Ok(k);
         }
         let lower = self.lower_dirs(layers).await?;
-        let view = mounts::read_only_view(self.scratch.path(), &self.empty, &lower)?;
+        let view = mounts::read_only_view(self.mount_area.path(), &self.empty, &lower)?;
         let root = view.path().to_path_buf();
         let key = tokio::task::block_in_place(|| tree_key(&root, &prefix))?;
         drop(view);

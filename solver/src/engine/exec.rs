@@ -258,7 +258,7 @@ impl Engine {
                 ..Default::default()
             },
         };
-        let scratch = self.scratch_dir("run-")?;
+        let scratch = self.mount_dir("run-")?;
         let running = tokio::task::spawn_blocking(move || kiln_runtime::start(spec, &scratch))
             .await
             .map_err(|e| EngineError::Join(e.to_string()))?
@@ -403,7 +403,7 @@ impl Engine {
                     env.push(format!("{var}={}", String::from_utf8_lossy(&secret.data)));
                 }
                 if !target.is_empty() {
-                    let d = tempfile::tempdir_in(self.scratch.path()).map_err(|source| {
+                    let d = tempfile::tempdir_in(self.mount_area.path()).map_err(|source| {
                         ExecError::SecretFile {
                             id: id.clone(),
                             source,
@@ -519,7 +519,7 @@ impl Engine {
     /// A view of `lower` for a bind mount's selector: the dir itself or an overlay mounted here.
     /// The context as BuildKit would have transferred it: `.dockerignore`d paths hidden.
     fn context_view(&self, ctx: &super::LocalContext, held: &mut Held) -> Result<PathBuf, SolveError> {
-        match mounts::context_view(self.scratch.path(), &ctx.root, &ctx.index.hidden)? {
+        match mounts::context_view(self.mount_area.path(), &ctx.root, &ctx.index.hidden)? {
             mounts::View::Dir(p) => Ok(p),
             mounts::View::Mounted(m) => {
                 let p = m.path.clone();
@@ -535,7 +535,7 @@ impl Engine {
         _readonly: bool,
         held: &mut Held,
     ) -> Result<PathBuf, SolveError> {
-        match mounts::read_only_view(self.scratch.path(), &self.empty, lower)? {
+        match mounts::read_only_view(self.mount_area.path(), &self.empty, lower)? {
             mounts::View::Dir(p) => Ok(p),
             mounts::View::Mounted(m) => {
                 let p = m.path.clone();

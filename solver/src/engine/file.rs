@@ -39,7 +39,7 @@ impl Engine {
             None
         } else {
             Some(mounts::overlay(
-                self.scratch.path(),
+                self.mount_area.path(),
                 &lower,
                 Some((mutable.upper(), mutable.work())),
             )?)
@@ -69,7 +69,7 @@ impl Engine {
                 }
                 (Output::Fs(layers), true) => {
                     let lower = self.lower_dirs(layers).await?;
-                    let view = mounts::read_only_view(self.scratch.path(), &self.empty, &lower)?;
+                    let view = mounts::read_only_view(self.mount_area.path(), &self.empty, &lower)?;
                     let root = SourceRoot::filesystem(view.path().to_path_buf());
                     views.push(view);
                     layer_dirs[i] = lower;

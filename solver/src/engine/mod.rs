@@ -204,8 +204,11 @@ pub struct Engine {
     opts: EngineOptions,
     snapshots: Snapshots,
     index: CacheIndex,
-    /// Per-build scratch space (mount points, secret files), removed on drop; named and locked
-    /// by this process, so a killed build's is removed by the next command.
+    /// Mount points, RUN steps' run dirs, secret files and the empty dir, inside `scratch`
+    /// (declared first: dropped, so unmounted, before `scratch` is removed).
+    mount_area: mounts::MountArea,
+    /// Per-build scratch space, removed on drop; named and locked by this process, so a killed
+    /// build's is removed by the next command.
     scratch: kiln_cache::temp::ScratchDir,
     /// An empty directory (the lower dir of a scratch-based overlay).
     empty: PathBuf,
@@ -241,6 +244,17 @@ impl Drop for Engine {
             let _ = h.join();
         }
     }
+}
+
+fn fresh_dir(parent: &Path, prefix: &str) -> Result<PathBuf, EngineError> {
+    let d = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(parent)
+        .map_err(|source| EngineError::CreateDir {
+            path: parent.into(),
+            source,
+        })?;
+    Ok(d.keep())
 }
 
 /// Fails, before any step runs, when an exec op of `graph` is for a platform this host can run
@@ -331,7 +345,8 @@ impl Engine {
                 path: tmp_parent.clone(),
                 source,
             })?;
-        let empty = scratch.path().join("empty");
+        let mount_area = mounts::MountArea::new(scratch.path())?;
+        let empty = mount_area.path().join("empty");
         std::fs::create_dir_all(&empty).map_err(|source| EngineError::CreateDir {
             path: empty.clone(),
             source,
@@ -341,6 +356,7 @@ impl Engine {
             opts,
             snapshots,
             index,
+            mount_area,
             scratch,
             empty,
             contexts: Mutex::new(HashMap::new()),
@@ -454,16 +470,35 @@ impl Engine {
         }
     }
 
+    /// Removes a committed step's leftover work dir on a thread of its own, as
+    /// [`Engine::discard_beside`] does a duplicate.
+    fn remove_beside(&self, dir: PathBuf) {
+        let remove = |dir: &Path| {
+            if let Err(e) = kiln_cache::snapshot::remove_leftover(dir) {
+                tracing::warn!(error = %e, "failed to remove a work dir");
+            }
+        };
+        let moved = dir.clone();
+        match std::thread::Builder::new()
+            .name("kiln-discard".into())
+            .spawn(move || remove(&moved))
+        {
+            Ok(h) => self.removals.lock().unwrap_or_else(|e| e.into_inner()).push(h),
+            Err(e) => {
+                tracing::debug!(error = %e, "removal thread not started");
+                remove(&dir);
+            }
+        }
+    }
+
     /// A fresh directory under the build's scratch space.
     fn scratch_dir(&self, prefix: &str) -> Result<PathBuf, EngineError> {
-        let d = tempfile::Builder::new()
-            .prefix(prefix)
-            .tempdir_in(self.scratch.path())
-            .map_err(|source| EngineError::CreateDir {
-                path: self.scratch.path().into(),
-                source,
-            })?;
-        Ok(d.keep())
+        fresh_dir(self.scratch.path(), prefix)
+    }
+
+    /// A fresh directory in the build's mount area (for mount points and small files).
+    fn mount_dir(&self, prefix: &str) -> Result<PathBuf, EngineError> {
+        fresh_dir(self.mount_area.path(), prefix)
     }
 
     /// Scans (once per build) the local context `name`.
@@ -723,10 +758,11 @@ impl Engine {
                 chain
             }
             None => {
-                mutable
-                    .commit(&chain, &stats.diff_id, size)
-                    .map_err(EngineError::Commit)?
-                    .key
+                let (committed, work) = mutable
+                    .commit_leaving_work(&chain, &stats.diff_id, size)
+                    .map_err(EngineError::Commit)?;
+                self.remove_beside(work);
+                committed.key
             }
         };
         let mut out = base.to_vec();
