@@ -161,6 +161,11 @@ impl Staged {
         &self.temp
     }
 
+    /// Where the blob will live once committed.
+    pub(crate) fn dest(&self) -> &Path {
+        &self.dest
+    }
+
     /// Makes the blob visible under its digest (an existing blob with that digest is kept) and
     /// persists the rename.
     pub fn commit(self) -> Result<Digest, ContentError> {
@@ -321,6 +326,47 @@ impl Unsynced {
     }
 }
 
+/// Fsyncs `blobs` each on a thread of its own (the first on the caller's), results in order.
+/// A blob whose thread did not start is synced on the caller's.
+pub(crate) fn sync_side_by_side(blobs: Vec<Unsynced>) -> Vec<Result<Staged, ContentError>> {
+    if blobs.len() < 2 {
+        return blobs.into_iter().map(Unsynced::sync).collect();
+    }
+    let temps: Vec<PathBuf> = blobs.iter().map(|b| b.staged.temp.clone()).collect();
+    let slots: Vec<std::sync::Mutex<Option<Unsynced>>> = blobs
+        .into_iter()
+        .map(|b| std::sync::Mutex::new(Some(b)))
+        .collect();
+    let take = |i: usize| slots[i].lock().unwrap_or_else(|e| e.into_inner()).take();
+    let mut out: Vec<Option<Result<Staged, ContentError>>> = std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..slots.len())
+            .map(|i| {
+                std::thread::Builder::new()
+                    .name("kiln-fsync".into())
+                    .spawn_scoped(s, move || take(i).map(Unsynced::sync))
+            })
+            .collect();
+        let mut out = vec![take(0).map(Unsynced::sync)];
+        for h in helpers {
+            out.push(h.ok().and_then(|h| h.join().ok().flatten()));
+        }
+        out
+    });
+    out.iter_mut()
+        .enumerate()
+        .map(|(i, r)| {
+            r.take()
+                .or_else(|| take(i).map(Unsynced::sync))
+                .unwrap_or_else(|| {
+                    Err(ContentError::Write {
+                        path: temps[i].clone(),
+                        source: std::io::Error::other("the fsync's thread failed"),
+                    })
+                })
+        })
+        .collect()
+}
+
 fn sync(file: &File, path: &Path) -> Result<(), ContentError> {
     file.sync_all().map_err(|source| ContentError::Write {
         path: path.to_path_buf(),
@@ -406,6 +452,39 @@ impl ContentStore {
             return Ok(digest);
         }
         self.write_blob(bytes, Some(&digest)).map(|(d, _)| d)
+    }
+
+    /// [`ContentStore::put_bytes`] for several blobs (an image's config and manifest): all are
+    /// written, fsynced side by side (the file system commits them together rather than one
+    /// after the other), renamed into place in the given order and the directory synced once.
+    pub fn put_all(&self, blobs: &[&[u8]]) -> Result<Vec<Digest>, ContentError> {
+        let mut digests = Vec::with_capacity(blobs.len());
+        let mut unsynced = Vec::new();
+        for bytes in blobs {
+            let digest = Digest::of(bytes);
+            digests.push(digest);
+            if self.contains(&digest) || unsynced.iter().any(|u: &Unsynced| u.digest() == digest) {
+                continue;
+            }
+            let mut writer = self.writer()?;
+            writer.write_all(bytes).map_err(|source| ContentError::Write {
+                path: writer.staged.temp.clone(),
+                source,
+            })?;
+            unsynced.push(writer.finish_unsynced(Some(&digest))?);
+        }
+        let mut renamed = None;
+        for staged in sync_side_by_side(unsynced) {
+            let staged = staged?;
+            let dest = staged.dest.clone();
+            if staged.commit_unsynced_dir()?.1 {
+                renamed = Some(dest);
+            }
+        }
+        if let Some(dest) = renamed {
+            crate::paths::sync_dir_of(&dest);
+        }
+        Ok(digests)
     }
 
     /// Streams `reader` into the store: through sha256 into a temp file, fsync, verify against
@@ -611,6 +690,30 @@ mod tests {
         );
         assert!(cs.list().unwrap().is_empty());
         assert_eq!(fs::read_dir(cs.ingest_dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn put_all_stores_each_blob_once_and_returns_the_digests_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::at(dir.path()).unwrap();
+        let already = store.put_bytes(b"already").unwrap();
+        let got = store
+            .put_all(&[b"config", b"manifest", b"config", b"already"])
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Digest::of(b"config"),
+                Digest::of(b"manifest"),
+                Digest::of(b"config"),
+                already
+            ]
+        );
+        for (d, bytes) in [(got[0], &b"config"[..]), (got[1], &b"manifest"[..])] {
+            assert_eq!(fs::read(store.path(&d)).unwrap(), bytes);
+        }
+        // No temp file is left behind.
+        assert_eq!(fs::read_dir(store.ingest_dir()).unwrap().count(), 0);
     }
 
     #[test]

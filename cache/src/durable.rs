@@ -156,28 +156,29 @@ impl State {
     fn run(&mut self, batch: Vec<Job>) {
         let mut renamed: Option<PathBuf> = None;
         let mut rest = Vec::new();
+        let mut blobs = Vec::new();
         for job in batch {
             match job {
-                Job::Blob(blob) => {
-                    if self.poisoned {
-                        continue; // dropped: its temp file is removed
-                    }
-                    let dest = blob.dest().to_path_buf();
-                    let committed = if blob.already_stored() {
-                        // The same content is durable already: nothing to sync.
-                        drop(blob);
-                        Ok(false)
-                    } else {
-                        blob.sync()
-                            .and_then(|staged| staged.commit_unsynced_dir().map(|(_, r)| r))
-                    };
-                    match committed {
-                        Ok(true) => renamed = Some(dest),
-                        Ok(false) => {}
-                        Err(e) => self.fail(DurableError::Blob(e)),
-                    }
-                }
+                // Dropped when poisoned: its temp file is removed. The same content durable
+                // already: nothing to sync.
+                Job::Blob(blob) if self.poisoned || blob.already_stored() => drop(blob),
+                Job::Blob(blob) => blobs.push(blob),
                 other => rest.push(other),
+            }
+        }
+        // The batch's blobs are fsynced side by side, then renamed in queue order.
+        for synced in crate::content::sync_side_by_side(blobs) {
+            if self.poisoned {
+                continue;
+            }
+            let committed = synced.and_then(|staged| {
+                let dest = staged.dest().to_path_buf();
+                staged.commit_unsynced_dir().map(|(_, r)| r.then_some(dest))
+            });
+            match committed {
+                Ok(Some(dest)) => renamed = Some(dest),
+                Ok(None) => {}
+                Err(e) => self.fail(DurableError::Blob(e)),
             }
         }
         if let Some(dest) = renamed {

@@ -575,12 +575,7 @@ impl ImageStore {
             role: "config",
             source,
         })?;
-        let config_digest = content
-            .put_bytes(&config_bytes)
-            .map_err(|source| ImageError::WriteBlob {
-                role: "config",
-                source: Box::new(source),
-            })?;
+        let config_digest = Digest::of(&config_bytes);
         let manifest = build_manifest(
             Descriptor::new(
                 MediaType::ImageConfig,
@@ -601,10 +596,12 @@ impl ImageStore {
             role: "manifest",
             source,
         })?;
-        let manifest_digest = content
-            .put_bytes(&manifest_bytes)
+        // Both at once: the manifest is visible only after the config it names.
+        let manifest_digest = Digest::of(&manifest_bytes);
+        content
+            .put_all(&[&config_bytes, &manifest_bytes])
             .map_err(|source| ImageError::WriteBlob {
-                role: "manifest",
+                role: "config and manifest",
                 source: Box::new(source),
             })?;
         self.register(&[manifest_digest], &[])?;
