@@ -316,8 +316,12 @@ impl Unsynced {
 
     /// Fsyncs the temp file.
     pub fn sync(self) -> Result<Staged, ContentError> {
-        sync(&self.file, &self.staged.temp)?;
+        self.fsync()?;
         Ok(self.staged)
+    }
+
+    fn fsync(&self) -> Result<(), ContentError> {
+        sync(&self.file, &self.staged.temp)
     }
 
     /// Where the blob will live once committed.
@@ -326,44 +330,33 @@ impl Unsynced {
     }
 }
 
-/// Fsyncs `blobs` each on a thread of its own (the first on the caller's), results in order.
-/// A blob whose thread did not start is synced on the caller's.
+/// Fsyncs `blobs` each on a thread of its own (the first on the caller's, as is one whose
+/// thread did not start), results in order.
 pub(crate) fn sync_side_by_side(blobs: Vec<Unsynced>) -> Vec<Result<Staged, ContentError>> {
-    if blobs.len() < 2 {
-        return blobs.into_iter().map(Unsynced::sync).collect();
-    }
-    let temps: Vec<PathBuf> = blobs.iter().map(|b| b.staged.temp.clone()).collect();
-    let slots: Vec<std::sync::Mutex<Option<Unsynced>>> = blobs
-        .into_iter()
-        .map(|b| std::sync::Mutex::new(Some(b)))
-        .collect();
-    let take = |i: usize| slots[i].lock().unwrap_or_else(|e| e.into_inner()).take();
-    let mut out: Vec<Option<Result<Staged, ContentError>>> = std::thread::scope(|s| {
-        let helpers: Vec<_> = (1..slots.len())
-            .map(|i| {
-                std::thread::Builder::new()
+    let synced: Vec<Result<(), ContentError>> = std::thread::scope(|s| {
+        let helpers: Vec<_> = blobs
+            .iter()
+            .skip(1)
+            .map(|b| {
+                let thread = std::thread::Builder::new()
                     .name("kiln-fsync".into())
-                    .spawn_scoped(s, move || take(i).map(Unsynced::sync))
+                    .spawn_scoped(s, move || b.fsync());
+                (b, thread)
             })
             .collect();
-        let mut out = vec![take(0).map(Unsynced::sync)];
-        for h in helpers {
-            out.push(h.ok().and_then(|h| h.join().ok().flatten()));
-        }
-        out
+        let first = blobs.first().map(Unsynced::fsync);
+        first
+            .into_iter()
+            .chain(helpers.into_iter().map(|(b, thread)| match thread {
+                Ok(h) => h.join().unwrap_or_else(|_| b.fsync()),
+                Err(_) => b.fsync(),
+            }))
+            .collect()
     });
-    out.iter_mut()
-        .enumerate()
-        .map(|(i, r)| {
-            r.take()
-                .or_else(|| take(i).map(Unsynced::sync))
-                .unwrap_or_else(|| {
-                    Err(ContentError::Write {
-                        path: temps[i].clone(),
-                        source: std::io::Error::other("the fsync's thread failed"),
-                    })
-                })
-        })
+    blobs
+        .into_iter()
+        .zip(synced)
+        .map(|(b, r)| r.map(|()| b.staged))
         .collect()
 }
 

@@ -224,9 +224,44 @@ fn remove(path: &Path) -> Result<()> {
     })
 }
 
-/// Removes a directory [`MutableSnapshot::commit_leaving_work`] moved aside.
-pub fn remove_leftover(path: &Path) -> Result<()> {
-    remove(path)
+/// Moves the directory `from` whole to `to` (a rename on one file system).
+fn move_dir(from: &Path, to: &Path) -> Result<()> {
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "a directory moved whole: write_atomic is for files"
+    )]
+    fs::rename(from, to).map_err(|source| SnapshotError::Rename {
+        from: from.to_path_buf(),
+        to: to.to_path_buf(),
+        source,
+    })
+}
+
+/// A directory [`MutableSnapshot::commit_leaving_work`] moved aside: removed by
+/// [`Leftover::remove`], or when dropped (a failure then only logged).
+#[derive(Debug)]
+pub struct Leftover(PathBuf);
+
+impl Leftover {
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Removes it now.
+    pub fn remove(mut self) -> Result<()> {
+        remove(&std::mem::take(&mut self.0))
+    }
+}
+
+impl Drop for Leftover {
+    fn drop(&mut self) {
+        if !self.0.as_os_str().is_empty() {
+            if let Err(e) = remove(&self.0) {
+                tracing::warn!(error = %e, "failed to remove a leftover work dir");
+            }
+        }
+    }
 }
 
 /// Whether a rename failed because the target directory already exists (someone else committed).
@@ -288,15 +323,7 @@ impl Snapshots {
             source,
         })?;
         let path = self.tmp().join(name);
-        #[allow(
-            clippy::disallowed_methods,
-            reason = "a directory moved whole: write_atomic is for files"
-        )]
-        fs::rename(&staging, &path).map_err(|source| SnapshotError::Rename {
-            from: staging.clone(),
-            to: path.clone(),
-            source,
-        })?;
+        move_dir(&staging, &path)?;
         Ok((path, lock))
     }
 
@@ -772,45 +799,29 @@ impl MutableSnapshot {
     /// meanwhile by someone else, this one is discarded and theirs returned.
     pub fn commit(self, key: &Digest, diff_id: &Digest, size: u64) -> Result<Snapshot> {
         let (snapshot, work) = self.commit_leaving_work(key, diff_id, size)?;
-        remove_leftover(&work)?;
+        work.remove()?;
         Ok(snapshot)
     }
 
     /// [`MutableSnapshot::commit`], but the overlay's work dir is moved aside instead of
-    /// removed, and its new path returned for [`remove_leftover`] when it suits the caller (on
-    /// another thread: its few directories can take milliseconds each to remove on a
-    /// filesystem mounted with `discard`). A process killed before leaves it as a stale temp
+    /// removed, and returned for the caller to remove when it suits (on another thread: its
+    /// few directories can take milliseconds each to remove on a filesystem mounted with
+    /// `discard`). A process killed before leaves it as a stale temp
     /// of its own, which the next command removes.
     pub fn commit_leaving_work(
         mut self,
         key: &Digest,
         diff_id: &Digest,
         size: u64,
-    ) -> Result<(Snapshot, PathBuf)> {
+    ) -> Result<(Snapshot, Leftover)> {
         let (key, diff_id) = (*key, *diff_id);
-        let fs_dir = self.root.join("fs");
-        #[allow(
-            clippy::disallowed_methods,
-            reason = "the upper directory moved whole into the snapshot being committed"
-        )]
-        fs::rename(&self.upper, &fs_dir).map_err(|source| SnapshotError::Rename {
-            from: self.upper.clone(),
-            to: fs_dir.clone(),
-            source,
-        })?;
+        move_dir(&self.upper, &self.root.join("fs"))?;
         let store = Snapshots {
             dir: self.store.clone(),
         };
         let aside = store.tmp().join(crate::temp::name(".rm-", ""));
-        #[allow(
-            clippy::disallowed_methods,
-            reason = "a directory moved whole out of the snapshot, to be removed"
-        )]
-        fs::rename(&self.work, &aside).map_err(|source| SnapshotError::Rename {
-            from: self.work.clone(),
-            to: aside.clone(),
-            source,
-        })?;
+        move_dir(&self.work, &aside)?;
+        let aside = Leftover(aside);
         let meta = Meta {
             parent: self.parent,
             diff_id,
@@ -822,13 +833,8 @@ impl MutableSnapshot {
             self.lock = None;
         }
         // Drop removes `root` if it is still there (lost the race, or failed).
-        match published {
-            Ok(snapshot) => Ok((snapshot, aside)),
-            Err(e) => {
-                let _ = remove(&aside);
-                Err(e)
-            }
-        }
+        // A failure drops (removes) the work dir moved aside.
+        published.map(|snapshot| (snapshot, aside))
     }
 
     /// Removes the mutable snapshot (a failure is logged: what is left is a stale temp dir that
@@ -1089,12 +1095,12 @@ mod tests {
         assert_eq!(fs::read(committed.path.join("b")).unwrap(), b"b");
         assert_eq!(store.get(&key), Some(committed.clone()));
         assert!(!committed.path.parent().unwrap().join("work").exists());
-        assert_eq!(aside.parent(), Some(&*store.tmp()));
-        assert!(aside.join("work").is_dir());
+        assert_eq!(aside.path().parent(), Some(&*store.tmp()));
+        assert!(aside.path().join("work").is_dir());
         // This process's own while it lives: not a killed process's leftover.
         assert_eq!(store.cleanup_stale_tmp().unwrap(), 0);
-        assert!(aside.exists());
-        remove_leftover(&aside).unwrap();
+        assert!(aside.path().exists());
+        aside.remove().unwrap();
         assert!(tmp_entries(&store).is_empty());
         // One a killed process left aside is removed by the next cleanup.
         let dead = store.tmp().join(".rm-999999999-1-0");

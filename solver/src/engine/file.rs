@@ -114,7 +114,7 @@ impl Engine {
             if self.is_donors_tree(l, donor, &base, mutable.upper()) {
                 // The same tree over the same base: the earlier snapshot and layer are this
                 // result (what writing the tar would have found, by its diff ID).
-                self.discard_beside(mutable);
+                self.drop_beside(mutable);
                 let mut layers = base.clone();
                 layers.push(Layer {
                     snapshot: donor.key,

@@ -456,38 +456,18 @@ impl Engine {
         &self.store
     }
 
-    /// Removes a mutable snapshot whose result turned out to exist already, on a thread of its
-    /// own: the steps after it need not wait for its unlinks (a large tree takes a while). The
+    /// Drops `doomed` (a mutable snapshot whose result turned out to exist already, or a
+    /// committed step's work dir moved aside: dropping either removes it) on a thread of its own:
+    /// the steps after it need not wait for its unlinks (a large tree takes a while). The
     /// engine's drop waits for it.
-    fn discard_beside(&self, mutable: kiln_cache::snapshot::MutableSnapshot) {
+    fn drop_beside(&self, doomed: impl Send + 'static) {
         match std::thread::Builder::new()
             .name("kiln-discard".into())
-            .spawn(move || mutable.discard())
+            .spawn(move || drop(doomed))
         {
             Ok(h) => self.removals.lock().unwrap_or_else(|e| e.into_inner()).push(h),
-            // No thread: the closure (and the snapshot) was dropped, which removed it inline.
+            // No thread: the closure (and what it held) was dropped, which removed it inline.
             Err(e) => tracing::debug!(error = %e, "removal thread not started"),
-        }
-    }
-
-    /// Removes a committed step's leftover work dir on a thread of its own, as
-    /// [`Engine::discard_beside`] does a duplicate.
-    fn remove_beside(&self, dir: PathBuf) {
-        let remove = |dir: &Path| {
-            if let Err(e) = kiln_cache::snapshot::remove_leftover(dir) {
-                tracing::warn!(error = %e, "failed to remove a work dir");
-            }
-        };
-        let moved = dir.clone();
-        match std::thread::Builder::new()
-            .name("kiln-discard".into())
-            .spawn(move || remove(&moved))
-        {
-            Ok(h) => self.removals.lock().unwrap_or_else(|e| e.into_inner()).push(h),
-            Err(e) => {
-                tracing::debug!(error = %e, "removal thread not started");
-                remove(&dir);
-            }
         }
     }
 
@@ -754,14 +734,14 @@ impl Engine {
         let chain = chain_id(base, &stats.diff_id);
         let snapshot = match self.snapshots.get(&chain) {
             Some(_) => {
-                self.discard_beside(mutable);
+                self.drop_beside(mutable);
                 chain
             }
             None => {
                 let (committed, work) = mutable
                     .commit_leaving_work(&chain, &stats.diff_id, size)
                     .map_err(EngineError::Commit)?;
-                self.remove_beside(work);
+                self.drop_beside(work);
                 committed.key
             }
         };
