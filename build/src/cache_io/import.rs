@@ -3,11 +3,13 @@
 //! they are; [`ImportedCache::fetch`] brings one into the content store when a step needs it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use kiln_cache::buildcache::{Layer, Record};
+use kiln_cache::content::Unsynced;
 use kiln_cache::reference::Reference;
 use kiln_cache::Store;
 use kiln_dag::Digest;
@@ -209,6 +211,17 @@ impl ImportedCache {
         self.sources.get(blob)
     }
 
+    /// The size the imported records give `blob` (0, unchecked, when none does).
+    fn size_of(&self, blob: &Digest) -> u64 {
+        self.records
+            .values()
+            .flat_map(|r| r.layers.iter())
+            .chain(self.mounts.values())
+            .find(|l| l.blob == *blob)
+            .map(|l| l.size)
+            .unwrap_or(0)
+    }
+
     fn rejected(&self, blob: &Digest) -> bool {
         self.rejected
             .lock()
@@ -249,14 +262,7 @@ impl CacheSource for ImportedCache {
                     .client
                     .as_ref()
                     .ok_or("no registry client for the imported cache")?;
-                let size = self
-                    .records
-                    .values()
-                    .flat_map(|r| r.layers.iter())
-                    .chain(self.mounts.values())
-                    .find(|l| l.blob == *blob)
-                    .map(|l| l.size)
-                    .unwrap_or(0);
+                let size = self.size_of(blob);
                 kiln_source::registry::fetch_blob(
                     client,
                     content,
@@ -278,6 +284,66 @@ impl CacheSource for ImportedCache {
             }
         }
         Ok(())
+    }
+
+    fn streams(&self, blob: &Digest) -> bool {
+        match self.sources.get(blob) {
+            Some(BlobSource::Registry { .. }) => self.client.is_some(),
+            Some(BlobSource::Dir(_)) => true,
+            None => false,
+        }
+    }
+
+    fn fetch_streaming(
+        &self,
+        store: &Store,
+        blob: &Digest,
+        sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<Unsynced, FetchError> {
+        let content = store.content();
+        let source = self
+            .sources
+            .get(blob)
+            .ok_or_else(|| format!("blob {blob} is in none of the imported caches"))?;
+        let unsynced = match source {
+            BlobSource::Registry { reference } => {
+                let client = self
+                    .client
+                    .as_ref()
+                    .ok_or("no registry client for the imported cache")?;
+                kiln_source::registry::fetch_blob_streaming(
+                    client,
+                    content,
+                    reference,
+                    blob,
+                    self.size_of(blob),
+                    sink,
+                )?
+            }
+            BlobSource::Dir(dir) => {
+                let path = super::format::blob_path(dir, blob);
+                let read_err = |e: std::io::Error| format!("failed to read `{}`: {e}", path.display());
+                let mut file = std::fs::File::open(&path).map_err(read_err)?;
+                let mut writer = content.writer()?;
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut sinking = true;
+                loop {
+                    let n = match file.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(read_err(e).into()),
+                    };
+                    writer.write_all(&buf[..n]).map_err(|e| {
+                        format!("failed to write to `{}`: {e}", content.ingest_dir().display())
+                    })?;
+                    sinking = sinking && sink(&buf[..n]).is_ok();
+                }
+                writer.finish_unsynced(Some(blob))?
+            }
+        };
+        self.fetched.fetch_add(unsynced.size(), Ordering::Relaxed);
+        Ok(unsynced)
     }
 
     fn reject(&self, blob: &Digest) {

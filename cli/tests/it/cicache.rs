@@ -1084,3 +1084,93 @@ fn foreign_and_other_version_caches_are_ignored_with_a_warning() {
         );
     }
 }
+
+/// `kiln --debug build --progress=rawjson ARGS` on `env`, which must succeed: the build and its
+/// debug log (plain lines among the JSON ones).
+fn build_debug(env: &Env, args: &[&str]) -> Built {
+    let mut all = vec!["--debug", "build", "--progress=rawjson"];
+    all.extend_from_slice(args);
+    let out = kiln(env, &all);
+    assert!(out.status.success(), "kiln {all:?} failed\n{}", frame(&out));
+    rawjson(&String::from_utf8_lossy(&out.stderr))
+}
+
+/// How many blob GETs the proxy answered (from upstream, or faulted) for the blob `digest`.
+fn gets_of(proxy: &Proxy, digest: &str) -> usize {
+    let log = proxy.log.lock().unwrap().clone();
+    log.iter()
+        .filter(|l| l.starts_with("GET ") && l.contains("/blobs/") && l.ends_with(digest))
+        .count()
+}
+
+/// A step that reruns on a fresh store needs the cached layers under it. Each is unpacked as it
+/// downloads (one GET, the layer's bytes read once) and lands in the content store; a download
+/// cut off or corrupted on the way falls back to the checked, retried fetch and never gives a
+/// wrong result.
+#[test]
+fn layers_under_a_rerun_step_unpack_as_they_download_and_survive_faults() {
+    let reg = Registry::start(None);
+    let a = busybox_env();
+    let ctx_a = checkout(&a.path("src"), "v1");
+    let cache = format!("type=registry,ref={}/ci/stream:c,mode=max", reg.addr);
+    build(&a, &["-t", "app", "--cache-to", &cache, s(&ctx_a)]);
+    let (_, config) = cache_config(&reg.addr, "ci/stream", "c");
+    let tools = top_layer_of(&config, "COPY --from=tools");
+    let tools_hex = tools.trim_start_matches("sha256:").to_string();
+    let sums = |env: &Env| {
+        let out = env.ok(&["run", "--rm", "app", "md5sum", "/opt/tools.bin", "/opt/deps.txt"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let want = sums(&a);
+    let proxy = Proxy::start(&reg.addr, Faults::default());
+    let via = format!("type=registry,ref={}/ci/stream:c", proxy.addr);
+
+    // Unfaulted: streamed, one GET, the blob committed by the end of the build.
+    let b = twin(&a);
+    let ctx_b = checkout(&b.path("src"), "v2");
+    let plain = build_debug(&b, &["-t", "app", "--cache-from", &via, s(&ctx_b)]);
+    assert_eq!(plain.markers, ["RAN-final"], "{}", plain.stderr);
+    assert!(
+        plain
+            .stderr
+            .lines()
+            .any(|l| l.contains("layer unpacked as it downloaded") && l.contains(&tools)),
+        "{}",
+        plain.stderr
+    );
+    assert_eq!(gets_of(&proxy, &tools), 1, "{:#?}", proxy.log.lock().unwrap());
+    assert!(b.root().join("blobs/sha256").join(&tools_hex).is_file());
+    assert!(std::fs::read_dir(b.root().join("ingest"))
+        .unwrap()
+        .next()
+        .is_none());
+    assert_eq!(sums(&b), want);
+
+    // Cut off halfway once: the streamed attempt fails, the ordinary fetch retries; nothing
+    // but the final step runs.
+    proxy.faults.lock().unwrap().truncate_once = Some(tools.clone());
+    proxy.log.lock().unwrap().clear();
+    let c = twin(&a);
+    let ctx_c = checkout(&c.path("src"), "v2");
+    let cut = build_debug(&c, &["-t", "app", "--cache-from", &via, s(&ctx_c)]);
+    assert_eq!(cut.markers, ["RAN-final"], "{}", cut.stderr);
+    assert!(cut.stderr.contains("the ordinary path follows"), "{}", cut.stderr);
+    assert_eq!(gets_of(&proxy, &tools), 2, "{:#?}", proxy.log.lock().unwrap());
+    assert!(c.root().join("blobs/sha256").join(&tools_hex).is_file());
+    assert_eq!(sums(&c), want);
+
+    // Corrupt on every download: the blob is rejected by its digest and the steps whose records
+    // name it run again, from the stage's cached layer, to the same files.
+    proxy.faults.lock().unwrap().corrupt = Some(tools.clone());
+    let d = twin(&a);
+    let ctx_d = checkout(&d.path("src"), "v2");
+    let bad = build_debug(&d, &["-t", "app", "--cache-from", &via, s(&ctx_d)]);
+    assert_eq!(bad.markers, ["RAN-final"], "{}", bad.stderr);
+    assert!(
+        bad.warnings.iter().any(|w| w.contains("unusable")),
+        "{}",
+        bad.stderr
+    );
+    assert!(!d.root().join("blobs/sha256").join(&tools_hex).exists());
+    assert_eq!(sums(&d), want);
+}

@@ -16,6 +16,7 @@
 use std::fmt;
 
 use kiln_cache::buildcache::{Layer, Record};
+use kiln_cache::content::Unsynced;
 use kiln_cache::Store;
 use kiln_dag::Digest;
 
@@ -37,6 +38,24 @@ pub trait CacheSource: Send + Sync + fmt::Debug {
 
     /// Fetches `blob` into `store`'s content store, verified against its digest.
     fn fetch(&self, store: &Store, blob: &Digest) -> Result<(), FetchError>;
+
+    /// Whether [`CacheSource::fetch_streaming`] can fetch `blob`.
+    fn streams(&self, _blob: &Digest) -> bool {
+        false
+    }
+
+    /// Fetches `blob` in one attempt, handing each chunk to `sink` as it arrives (an error of
+    /// `sink` stops nothing), into `store`'s ingest dir: verified against its digest, not yet
+    /// fsynced nor visible (the caller commits it). For sources that [`CacheSource::streams`];
+    /// [`CacheSource::fetch`] (with its retries) is the way for everything else.
+    fn fetch_streaming(
+        &self,
+        _store: &Store,
+        blob: &Digest,
+        _sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<Unsynced, FetchError> {
+        Err(format!("blob {blob} cannot be streamed from this cache").into())
+    }
 
     /// Marks `blob` bad (it failed its digest check): records naming it stop matching.
     fn reject(&self, blob: &Digest);

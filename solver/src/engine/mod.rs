@@ -18,6 +18,7 @@ mod file;
 mod imported;
 mod mounts;
 mod remote;
+mod stream;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -601,6 +602,14 @@ impl Engine {
         let _guard = lock.lock().await;
         if let Some(s) = self.snapshots.get(&l.snapshot) {
             return Ok(s.path);
+        }
+        if !self.store.content().contains(&l.blob) {
+            if let Some(path) = self.fetch_unpacking(l).await {
+                return Ok(path);
+            }
+            if let Some(s) = self.snapshots.get(&l.snapshot) {
+                return Ok(s.path);
+            }
         }
         self.fetch_blob(&l.blob).await?;
         let file = self

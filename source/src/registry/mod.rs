@@ -26,7 +26,10 @@ use kiln_dag::Digest;
 
 pub use auth::{Credentials, DockerConfig};
 pub use client::{Client, ClientError, ClientOptions};
-pub use pull::{fetch_blob, fetch_manifest_bytes, pull, resolve_remote, PullError, PullOptions, Pulled};
+pub use pull::{
+    fetch_blob, fetch_blob_streaming, fetch_manifest_bytes, pull, resolve_remote, PullError, PullOptions,
+    Pulled,
+};
 pub use push::{
     push, push_image, push_index, BlobSession, Compression, PushError, PushOptions, Pushed, SentBlob,
 };

@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 
-use kiln_cache::content::{ContentError, ContentStore};
+use kiln_cache::content::{ContentError, ContentStore, Unsynced};
 use kiln_cache::image_index::Target;
 use kiln_cache::images::{ImageError, MAX_JSON_BYTES};
 use kiln_cache::reference::Reference;
@@ -605,7 +605,9 @@ pub fn fetch_blob(
             digest: *digest,
             size: Some(size),
         });
-        match fetch_once(client, content, r, digest, size, progress) {
+        let fetched = fetch_once(client, content, r, digest, size, progress, &mut |_| Ok(()))
+            .and_then(|unsynced| commit(unsynced, r, digest).map_err(Attempt::Fatal));
+        match fetched {
             Ok(()) => {
                 progress.event(TransferEvent::Done { digest: *digest });
                 return Ok(true);
@@ -622,6 +624,36 @@ pub fn fetch_blob(
     }
 }
 
+/// [`fetch_blob`]'s download in one attempt, without its retries, its fsync and its commit:
+/// each chunk of the blob goes to `sink` as it arrives (to unpack a layer while it downloads;
+/// an error of `sink` stops nothing), and the blob is returned written to the content store's
+/// ingest dir and verified against `digest`, for the caller to fsync and commit (or hand to a
+/// [`kiln_cache::durable::Durable`] writer). Downloads even when the store holds the blob.
+pub fn fetch_blob_streaming(
+    client: &Client,
+    content: &ContentStore,
+    r: &Reference,
+    digest: &Digest,
+    size: u64,
+    sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<Unsynced, PullError> {
+    fetch_once(client, content, r, digest, size, &super::NoProgress, sink)
+        .map_err(|(Attempt::Transient(e) | Attempt::Fatal(e))| e)
+}
+
+fn commit(unsynced: Unsynced, r: &Reference, digest: &Digest) -> Result<(), PullError> {
+    let store_err = |source| PullError::Store {
+        reference: r.to_string(),
+        digest: *digest,
+        source: Box::new(source),
+    };
+    unsynced
+        .sync()
+        .and_then(|staged| staged.commit())
+        .map(drop)
+        .map_err(store_err)
+}
+
 fn fetch_once(
     client: &Client,
     content: &ContentStore,
@@ -629,7 +661,8 @@ fn fetch_once(
     digest: &Digest,
     size: u64,
     progress: &dyn TransferProgress,
-) -> Result<(), Attempt> {
+    sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<Unsynced, Attempt> {
     let url = client.url(r.domain(), r.path(), "blobs", &digest.to_string());
     let blob_err = |source| PullError::Blob {
         reference: r.to_string(),
@@ -662,6 +695,7 @@ fn fetch_once(
     let mut writer = content.writer().map_err(|e| Attempt::Fatal(store_err(e)))?;
     let mut buf = vec![0u8; CHUNK];
     let mut got: u64 = 0;
+    let mut sinking = true;
     loop {
         let n = match reader.read(&mut buf) {
             Ok(0) => break,
@@ -692,6 +726,9 @@ fn fetch_once(
             digest: *digest,
             n: n as u64,
         });
+        if sinking && sink(&buf[..n]).is_err() {
+            sinking = false;
+        }
     }
     if got < size {
         return Err(Attempt::Transient(PullError::Truncated {
@@ -701,11 +738,9 @@ fn fetch_once(
             got,
         }));
     }
-    let staged = writer
-        .finish(Some(digest))
-        .map_err(|e| Attempt::Fatal(store_err(e)))?;
-    staged.commit().map_err(|e| Attempt::Fatal(store_err(e)))?;
-    Ok(())
+    writer
+        .finish_unsynced(Some(digest))
+        .map_err(|e| Attempt::Fatal(store_err(e)))
 }
 
 #[cfg(test)]
