@@ -25,6 +25,7 @@ mod check;
 mod entries;
 mod error;
 pub(crate) mod fsutil;
+pub mod pipe;
 mod same;
 mod size;
 mod sniff;

@@ -110,7 +110,13 @@ pub fn decoder<R: Read>(mut reader: R) -> Result<(Compression, Decoder<Sniffed<R
 
 /// Detects gzip, zstd, bzip2, xz or an uncompressed stream by its magic bytes and returns a reader
 /// of the decompressed bytes.
+/// A compressed stream is inflated on a thread of its own, ahead of the caller
+/// ([`super::pipe::read_ahead`]): unpacking a layer then inflates on one core while it hashes and
+/// writes on another.
 pub fn sniff<R: Read + Send + 'static>(reader: R) -> Result<Box<dyn Read + Send>, SniffError> {
-    let (_, d) = decoder(reader)?;
-    Ok(Box::new(d))
+    let (kind, d) = decoder(reader)?;
+    Ok(match kind {
+        Compression::None => Box::new(d),
+        _ => super::pipe::read_ahead(d),
+    })
 }
