@@ -1030,6 +1030,49 @@ fn sniff_detects_every_compression() {
     assert_eq!(out, b"ab");
 }
 
+/// Records the thread of each read of the stream it wraps.
+struct WhoReads<R> {
+    inner: R,
+    readers: std::sync::Arc<std::sync::Mutex<Vec<std::thread::ThreadId>>>,
+}
+
+impl<R: Read> Read for WhoReads<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.readers.lock().unwrap().push(std::thread::current().id());
+        self.inner.read(buf)
+    }
+}
+
+#[test]
+fn sniff_inflates_a_compressed_stream_on_a_thread_of_its_own() {
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 97) as u8).collect();
+    let gz = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&data).unwrap();
+        e.finish().unwrap()
+    };
+    let me = std::thread::current().id();
+    for (blob, inflated_here) in [(gz, false), (data.clone(), true)] {
+        let readers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stream = WhoReads {
+            inner: std::io::Cursor::new(blob),
+            readers: readers.clone(),
+        };
+        let mut out = Vec::new();
+        sniff(stream).unwrap().read_to_end(&mut out).unwrap();
+        assert!(out == data);
+        let readers = readers.lock().unwrap();
+        // The magic bytes are read here; the rest of a compressed stream on the read-ahead thread.
+        assert_eq!(readers[0], me);
+        assert_eq!(
+            readers[1..].iter().all(|t| *t == me),
+            inflated_here,
+            "{} reads, inflated here: {inflated_here}",
+            readers.len()
+        );
+    }
+}
+
 /// Timings (printed; run with `--nocapture`): the diff of a small upper dir, and applying a
 /// 20k-file layer.
 #[test]
