@@ -46,6 +46,7 @@ pub mod output;
 pub mod push;
 pub mod request;
 mod resolver;
+mod unpack_tap;
 
 use std::sync::Arc;
 

@@ -103,6 +103,8 @@ fn pull_for_build(
     let opts = registry::PullOptions {
         platform: platform.clone(),
         jobs: 4,
+        tap: crate::unpack_tap::UnpackTap::at(&store.snapshots_dir())
+            .map(|t| std::sync::Arc::new(t) as std::sync::Arc<dyn registry::LayerTap>),
     };
     match registry::pull(client, store, &r, &opts, &registry::NoProgress) {
         Ok(p) => store.images().get(&p.manifest).map_err(|e| ResolverError::Read {

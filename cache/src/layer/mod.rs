@@ -44,7 +44,9 @@ pub use check::{check, check_unhashed};
 pub use error::ApplyError;
 pub use same::{same_tree, same_tree_assuming};
 pub use size::{layer_size, unpacked_size};
-pub use sniff::{decoder, sniff, Compression, Decoder, SniffError, Sniffed};
+pub use sniff::{
+    decoder, sniff, sniff_downloading, Compression, Decoder, SniffError, Sniffed, READ_AHEAD_DOWNLOADING_MIN,
+};
 pub use splice::{Donor, TarIndex};
 pub use write::{write_diff, write_diff_indexed, write_tree, WriteError};
 

@@ -110,6 +110,26 @@ pub fn decoder<R: Read>(mut reader: R) -> Result<(Compression, Decoder<Sniffed<R
 
 /// Detects gzip, zstd, bzip2, xz or an uncompressed stream by its magic bytes and returns a reader
 /// of the decompressed bytes.
+/// A compressed layer arriving over the network from this many bytes up is inflated ahead (see
+/// [`sniff_downloading`]).
+pub const READ_AHEAD_DOWNLOADING_MIN: u64 = 32 << 20;
+
+/// [`sniff`] for a layer of `size` compressed bytes read as it downloads, with the download on
+/// another thread: it reads ahead only from [`READ_AHEAD_DOWNLOADING_MIN`] bytes. Measured on two
+/// cores: for a 65 MB layer the unpack outlasts the download by far, and inflating beside it
+/// took a build on a pulled image 0.655 -> 0.59 s; for 5-16 MB layers a third thread gained
+/// nothing (compressible layers) or cost ~10 ms (incompressible ones) beside the downloads.
+pub fn sniff_downloading<R: Read + Send + 'static>(
+    reader: R,
+    size: u64,
+) -> Result<Box<dyn Read + Send>, SniffError> {
+    if size >= READ_AHEAD_DOWNLOADING_MIN {
+        return sniff(reader);
+    }
+    let (_, d) = decoder(reader)?;
+    Ok(Box::new(d))
+}
+
 /// A compressed stream is inflated on a thread of its own, ahead of the caller
 /// ([`super::pipe::read_ahead`]): unpacking a layer then inflates on one core while it hashes and
 /// writes on another.

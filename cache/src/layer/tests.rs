@@ -1073,6 +1073,32 @@ fn sniff_inflates_a_compressed_stream_on_a_thread_of_its_own() {
     }
 }
 
+#[test]
+fn a_downloading_layer_is_read_ahead_only_when_large() {
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 89) as u8).collect();
+    let gz = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&data).unwrap();
+        e.finish().unwrap()
+    };
+    let me = std::thread::current().id();
+    for (size, ahead) in [(gz.len() as u64, false), (READ_AHEAD_DOWNLOADING_MIN, true)] {
+        let readers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stream = WhoReads {
+            inner: std::io::Cursor::new(gz.clone()),
+            readers: readers.clone(),
+        };
+        let mut out = Vec::new();
+        sniff_downloading(stream, size)
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        assert!(out == data);
+        let elsewhere = readers.lock().unwrap().iter().any(|t| *t != me);
+        assert_eq!(elsewhere, ahead, "size {size}");
+    }
+}
+
 /// Timings (printed; run with `--nocapture`): the diff of a small upper dir, and applying a
 /// 20k-file layer.
 #[test]

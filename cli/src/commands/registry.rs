@@ -216,7 +216,11 @@ pub fn pull(args: PullArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         };
         display.line(format!("{what}: Pulling from {}", r.path()));
     }
-    let opts = registry::PullOptions { platform, jobs: 4 };
+    let opts = registry::PullOptions {
+        platform,
+        jobs: 4,
+        tap: None,
+    };
     let pulled = registry::pull(&client, &store, &r, &opts, &display)?;
     if let Some(m) = &display.multi {
         let _ = m.clear();

@@ -402,6 +402,7 @@ fn pull_image(
     let opts = registry::PullOptions {
         platform: platform.cloned().unwrap_or_else(kiln_dag::Platform::host),
         jobs: 4,
+        tap: None,
     };
     let pulled = registry::pull(&client, store, &r, &opts, &StderrProgress)
         .map_err(anyhow::Error::from)

@@ -573,6 +573,89 @@ fn from_a_registry_pulls_on_demand_and_pull_flag_sees_a_new_tag() {
     assert_eq!(requests, vec!["HEAD /v2/kiln/base/manifests/latest".to_string()]);
 }
 
+/// A build's base image pulled into an empty store is unpacked as it downloads: every layer
+/// once, its snapshot the one the steps mount. A layer cut off halfway unpacks nothing from the
+/// cut attempt; its retry streams again, and the build's result is the same.
+#[test]
+fn a_pulled_base_is_unpacked_as_it_downloads_even_when_cut_off_once() {
+    require_root();
+    let reg = Registry::start(None);
+    let proxy = Proxy::start(&reg.addr, Faults::default());
+    let a = Env::new();
+    a.with_busybox();
+    let base = format!("{}/kiln/streamed", proxy.addr);
+    let ctx1 = a.path("ctx1");
+    write_dockerfile(
+        &ctx1,
+        "FROM busybox:local\nRUN seq 1 300000 > /numbers && echo one > /marker\n",
+    );
+    ok(&a, &["build", "-q", "-t", &base, ctx1.to_str().unwrap()]);
+    ok(&a, &["push", &base]);
+    let manifest: serde_json::Value = serde_json::from_str(&run_ok(Command::new("curl").args([
+        "-sf",
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        &format!("http://{}/v2/kiln/streamed/manifests/latest", reg.addr),
+    ])))
+    .unwrap();
+    let layers: Vec<String> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(layers.len(), 2, "{manifest}");
+    let top = layers[1].clone();
+    let gets_of_top = || {
+        proxy
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("GET ") && l.ends_with(&top))
+            .count()
+    };
+
+    let build = |env: &Env| {
+        let ctx = env.path("ctx");
+        write_dockerfile(
+            &ctx,
+            &format!("FROM {base}\nRUN wc -l < /numbers > /count && cat /marker >> /count\n"),
+        );
+        let out = env
+            .kiln(&["--debug", "build", "-q", "-t", "app", ctx.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", frame(&out));
+        let count = ok(env, &["run", "--rm", "app", "cat", "/count"]);
+        assert_eq!(count.split_whitespace().collect::<Vec<_>>(), ["300000", "one"]);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let streamed = |log: &str, digest: &str| {
+        log.lines()
+            .filter(|l| l.contains("pulled layer unpacked as it downloaded") && l.contains(digest))
+            .count()
+    };
+
+    let b = Env::new();
+    let log = build(&b);
+    for l in &layers {
+        assert_eq!(streamed(&log, l), 1, "{l} not streamed once:\n{log}");
+    }
+    assert_eq!(gets_of_top(), 1);
+
+    proxy.faults.lock().unwrap().truncate_once = Some(top.clone());
+    let c = Env::new();
+    let log = build(&c);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("not unpacked while downloading") && l.contains(&top)),
+        "{log}"
+    );
+    assert_eq!(streamed(&log, &top), 1, "the retry streams:\n{log}");
+    assert_eq!(gets_of_top(), 3, "one GET for b, two for c");
+}
+
 #[test]
 fn basic_auth_login_logout() {
     require_root();

@@ -31,11 +31,9 @@ impl Engine {
         }
         let (writer, reader) = pipe();
         let snapshots = self.snapshots.clone();
-        let (key, diff_id) = (l.snapshot, l.diff_id);
+        let (key, diff_id, size) = (l.snapshot, l.diff_id, l.size);
         let unpack = tokio::task::spawn_blocking(move || {
-            // Inflated here, not read ahead on a third thread (`layer::sniff`): the download
-            // already runs beside this one, and a third thread cost ci-edit ~10 ms on two cores.
-            let (_, reader) = layer::decoder(reader).map_err(|e| e.to_string())?;
+            let reader = layer::sniff_downloading(reader, size).map_err(|e| e.to_string())?;
             snapshots
                 .unpack(&key, None, reader, Some(&diff_id))
                 .map(|s| s.path)

@@ -27,8 +27,8 @@ use kiln_dag::Digest;
 pub use auth::{Credentials, DockerConfig};
 pub use client::{Client, ClientError, ClientOptions};
 pub use pull::{
-    fetch_blob, fetch_blob_streaming, fetch_manifest_bytes, pull, resolve_remote, PullError, PullOptions,
-    Pulled,
+    fetch_blob, fetch_blob_streaming, fetch_manifest_bytes, pull, resolve_remote, LayerSink, LayerTap,
+    PullError, PullOptions, Pulled,
 };
 pub use push::{
     push, push_image, push_index, BlobSession, Compression, PushError, PushOptions, Pushed, SentBlob,

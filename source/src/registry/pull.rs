@@ -140,6 +140,8 @@ pub struct PullOptions {
     pub platform: Platform,
     /// Blobs transferred at once.
     pub jobs: usize,
+    /// What else to do with each layer as it downloads (a build unpacks it).
+    pub tap: Option<std::sync::Arc<dyn LayerTap>>,
 }
 
 impl Default for PullOptions {
@@ -147,8 +149,27 @@ impl Default for PullOptions {
         PullOptions {
             platform: Platform::host(),
             jobs: 4,
+            tap: None,
         }
     }
+}
+
+/// Something done with a pulled image's layers while they download, beside storing them: a
+/// builder unpacks each as its bytes arrive instead of reading the stored blob back afterwards.
+pub trait LayerTap: Send + Sync + std::fmt::Debug {
+    /// A sink for one download attempt of layer `index` (blob `blob` of `size` bytes, as the
+    /// manifest says) of an image whose config lists `diff_ids`; `None` to only store it.
+    fn open(&self, index: usize, blob: &Digest, size: u64, diff_ids: &[Digest])
+        -> Option<Box<dyn LayerSink>>;
+}
+
+/// The bytes of one download attempt of a layer, as they arrive.
+pub trait LayerSink: Send {
+    /// The next chunk. An error stops the sink, not the download.
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    /// The attempt is over: `complete` when the blob arrived whole, matched its digest and was
+    /// stored. Returns once the sink is done with it.
+    fn finish(self: Box<Self>, complete: bool);
 }
 
 /// The result of a pull.
@@ -504,9 +525,7 @@ pub fn pull(
     {
         blobs.push(descriptor(l)?);
     }
-    let fetched = parallel(&blobs[1..], opts.jobs, |(digest, size)| {
-        fetch_blob(client, content, r, digest, *size, progress)
-    })?;
+    let fetched = fetch_layers(client, content, r, opts, &config.0, &blobs[1..], progress)?;
     let new_manifest = !content.contains(&manifest.digest);
     let store_err = |digest, source| PullError::Store {
         reference: reference.clone(),
@@ -593,6 +612,20 @@ pub fn fetch_blob(
     size: u64,
     progress: &dyn TransferProgress,
 ) -> Result<bool, PullError> {
+    fetch_blob_tapped(client, content, r, digest, size, progress, &|| None)
+}
+
+/// [`fetch_blob`], each attempt's bytes also going to a sink from `open_sink` (when it gives
+/// one), which is finished after the attempt.
+fn fetch_blob_tapped(
+    client: &Client,
+    content: &ContentStore,
+    r: &Reference,
+    digest: &Digest,
+    size: u64,
+    progress: &dyn TransferProgress,
+    open_sink: &dyn Fn() -> Option<Box<dyn LayerSink>>,
+) -> Result<bool, PullError> {
     if content.contains(digest) {
         progress.event(TransferEvent::Exists { digest: *digest });
         return Ok(false);
@@ -605,8 +638,14 @@ pub fn fetch_blob(
             digest: *digest,
             size: Some(size),
         });
-        let fetched = fetch_once(client, content, r, digest, size, progress, &mut |_| Ok(()))
-            .and_then(|unsynced| commit(unsynced, r, digest).map_err(Attempt::Fatal));
+        let mut sink = open_sink();
+        let fetched = fetch_once(client, content, r, digest, size, progress, &mut |bytes| {
+            sink.as_mut().map_or(Ok(()), |s| s.write(bytes))
+        })
+        .and_then(|unsynced| commit(unsynced, r, digest).map_err(Attempt::Fatal));
+        if let Some(sink) = sink {
+            sink.finish(fetched.is_ok());
+        }
         match fetched {
             Ok(()) => {
                 progress.event(TransferEvent::Done { digest: *digest });
@@ -622,6 +661,50 @@ pub fn fetch_blob(
             Err(Attempt::Transient(e)) | Err(Attempt::Fatal(e)) => return Err(e),
         }
     }
+}
+
+/// Fetches an image's `layers` (`opts.jobs` at once), each also to `opts.tap` when the image's
+/// config (in the store) names a diff ID for each. Whether each was downloaded.
+fn fetch_layers(
+    client: &Client,
+    content: &ContentStore,
+    r: &Reference,
+    opts: &PullOptions,
+    config: &Digest,
+    layers: &[(Digest, u64)],
+    progress: &dyn TransferProgress,
+) -> Result<Vec<bool>, PullError> {
+    let diff_ids = match &opts.tap {
+        Some(_) => config_diff_ids(content, config),
+        None => Vec::new(),
+    };
+    let numbered: Vec<(usize, &(Digest, u64))> = layers.iter().enumerate().collect();
+    parallel(&numbered, opts.jobs, |(index, (digest, size))| {
+        let open_sink = || match &opts.tap {
+            Some(tap) if diff_ids.len() == layers.len() => tap.open(*index, digest, *size, &diff_ids),
+            _ => None,
+        };
+        fetch_blob_tapped(client, content, r, digest, *size, progress, &open_sink)
+    })
+}
+
+/// The diff IDs an image config in the store lists (none when it cannot be read).
+fn config_diff_ids(content: &ContentStore, config: &Digest) -> Vec<Digest> {
+    let Ok(bytes) = content.read_limited(config, MAX_JSON_BYTES) else {
+        return Vec::new();
+    };
+    let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {
+        return Vec::new();
+    };
+    v.pointer("/rootfs/diff_ids")
+        .and_then(Value::as_array)
+        .map(|ids| {
+            ids.iter()
+                .map(|d| d.as_str().and_then(|d| Digest::parse(d).ok()))
+                .collect::<Option<Vec<Digest>>>()
+                .unwrap_or_default()
+        })
+        .unwrap_or_default()
 }
 
 /// [`fetch_blob`]'s download in one attempt, without its retries, its fsync and its commit:
