@@ -530,7 +530,17 @@ impl ContentStore {
 
     /// Like [`ContentStore::write_blob`] but leaves the verified blob in `ingest/` until
     /// [`Staged::commit`], so a multi-blob operation can verify everything before publishing.
-    pub fn stage(&self, mut reader: impl Read, expected: Option<&Digest>) -> Result<Staged, ContentError> {
+    pub fn stage(&self, reader: impl Read, expected: Option<&Digest>) -> Result<Staged, ContentError> {
+        self.stage_unsynced(reader, expected)?.sync()
+    }
+
+    /// [`ContentStore::stage`] without the fsync, which the caller does (or hands to a
+    /// [`crate::durable::Durable`] writer).
+    pub fn stage_unsynced(
+        &self,
+        mut reader: impl Read,
+        expected: Option<&Digest>,
+    ) -> Result<Unsynced, ContentError> {
         let mut writer = self.writer()?;
         let mut buf = vec![0u8; BUF_SIZE];
         loop {
@@ -552,7 +562,7 @@ impl ContentStore {
                     source,
                 })?;
         }
-        writer.finish(expected)
+        writer.finish_unsynced(expected)
     }
 
     /// A new temp file in `ingest/`, named and locked by this process (see [`crate::temp`]).

@@ -3,7 +3,7 @@
 //! they are; [`ImportedCache::fetch`] brings one into the content store when a step needs it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -230,6 +230,22 @@ impl ImportedCache {
     }
 }
 
+/// Reads `inner`, handing what it reads to `sink` too (whose errors stop nothing).
+struct Tee<'a, R> {
+    inner: R,
+    sink: &'a mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            let _ = (self.sink)(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
 impl CacheSource for ImportedCache {
     fn record(&self, key: &str) -> Option<Record> {
         let r = self.records.get(key)?;
@@ -322,24 +338,9 @@ impl CacheSource for ImportedCache {
             }
             BlobSource::Dir(dir) => {
                 let path = super::format::blob_path(dir, blob);
-                let read_err = |e: std::io::Error| format!("failed to read `{}`: {e}", path.display());
-                let mut file = std::fs::File::open(&path).map_err(read_err)?;
-                let mut writer = content.writer()?;
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut sinking = true;
-                loop {
-                    let n = match file.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(read_err(e).into()),
-                    };
-                    writer.write_all(&buf[..n]).map_err(|e| {
-                        format!("failed to write to `{}`: {e}", content.ingest_dir().display())
-                    })?;
-                    sinking = sinking && sink(&buf[..n]).is_ok();
-                }
-                writer.finish_unsynced(Some(blob))?
+                let file = std::fs::File::open(&path)
+                    .map_err(|e| format!("failed to open `{}`: {e}", path.display()))?;
+                content.stage_unsynced(Tee { inner: file, sink }, Some(blob))?
             }
         };
         self.fetched.fetch_add(unsynced.size(), Ordering::Relaxed);

@@ -1174,3 +1174,31 @@ fn layers_under_a_rerun_step_unpack_as_they_download_and_survive_faults() {
     assert!(!d.root().join("blobs/sha256").join(&tools_hex).exists());
     assert_eq!(sums(&d), want);
 }
+
+/// The same from a local cache directory: the layers under the rerun step are unpacked as they
+/// are read from the directory, and the result is the exporting store's.
+#[test]
+fn layers_from_a_cache_dir_unpack_as_they_are_read() {
+    let a = busybox_env();
+    let ctx_a = checkout(&a.path("src"), "v1");
+    let dir = a.path("cache-dir");
+    let to = format!("type=local,dest={},mode=max", s(&dir));
+    build(&a, &["-t", "app", "--cache-to", &to, s(&ctx_a)]);
+    let b = twin(&a);
+    let ctx_b = checkout(&b.path("src"), "v2");
+    let from = format!("type=local,src={}", s(&dir));
+    let built = build_debug(&b, &["-t", "app", "--cache-from", &from, s(&ctx_b)]);
+    assert_eq!(built.markers, ["RAN-final"], "{}", built.stderr);
+    let streamed = built
+        .stderr
+        .lines()
+        .filter(|l| l.contains("layer unpacked as it downloaded"))
+        .count();
+    // The two copied stages' layers under `COPY app/` (busybox is the store's own).
+    assert_eq!(streamed, 2, "{}", built.stderr);
+    let sums = |env: &Env| {
+        env.ok(&["run", "--rm", "app", "md5sum", "/opt/tools.bin", "/opt/deps.txt"])
+            .stdout
+    };
+    assert_eq!(sums(&b), sums(&a));
+}
