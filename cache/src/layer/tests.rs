@@ -1030,6 +1030,12 @@ fn sniff_detects_every_compression() {
     assert_eq!(out, b"ab");
 }
 
+fn gzipped(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
 /// Records the thread of each read of the stream it wraps.
 struct WhoReads<R> {
     inner: R,
@@ -1046,11 +1052,7 @@ impl<R: Read> Read for WhoReads<R> {
 #[test]
 fn sniff_inflates_a_compressed_stream_on_a_thread_of_its_own() {
     let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 97) as u8).collect();
-    let gz = {
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        e.write_all(&data).unwrap();
-        e.finish().unwrap()
-    };
+    let gz = gzipped(&data);
     let me = std::thread::current().id();
     for (blob, inflated_here) in [(gz, false), (data.clone(), true)] {
         let readers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -1076,11 +1078,7 @@ fn sniff_inflates_a_compressed_stream_on_a_thread_of_its_own() {
 #[test]
 fn a_downloading_layer_is_read_ahead_only_when_large() {
     let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 89) as u8).collect();
-    let gz = {
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        e.write_all(&data).unwrap();
-        e.finish().unwrap()
-    };
+    let gz = gzipped(&data);
     let me = std::thread::current().id();
     for (size, ahead) in [(gz.len() as u64, false), (READ_AHEAD_DOWNLOADING_MIN, true)] {
         let readers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
