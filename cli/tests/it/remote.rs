@@ -104,7 +104,8 @@ fn wait_for_port(port: u16, what: &str) {
     }
 }
 
-/// A `git daemon` on loopback, killed on drop.
+/// A `git daemon` on loopback, killed on drop. Started as `git-daemon` itself from git's exec
+/// path: `git daemon` runs it as a child, which killing `git` would leave behind.
 struct Daemon {
     child: Child,
     port: u16,
@@ -113,8 +114,12 @@ struct Daemon {
 impl Daemon {
     fn start(base: &Path) -> Daemon {
         let port = free_port();
-        let child = Command::new("git")
-            .arg("daemon")
+        let exec_path = Command::new("git")
+            .arg("--exec-path")
+            .output()
+            .expect("git --exec-path");
+        let exec_path = String::from_utf8_lossy(&exec_path.stdout).trim().to_string();
+        let child = Command::new(Path::new(&exec_path).join("git-daemon"))
             .arg("--reuseaddr")
             .arg("--export-all")
             .arg("--listen=127.0.0.1")
