@@ -36,7 +36,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::layer::{self, ApplyError, ApplyOptions, WhiteoutMode};
 
+mod arriving;
 mod flat;
+pub use arriving::ArrivingLayer;
 pub use flat::{flatten_after_from_env, DEFAULT_FLATTEN_AFTER};
 
 /// Errors of the snapshot store.

@@ -108,8 +108,6 @@ pub fn decoder<R: Read>(mut reader: R) -> Result<(Compression, Decoder<Sniffed<R
     Ok((kind, decoder))
 }
 
-/// Detects gzip, zstd, bzip2, xz or an uncompressed stream by its magic bytes and returns a reader
-/// of the decompressed bytes.
 /// A compressed layer arriving over the network from this many bytes up is inflated ahead (see
 /// [`sniff_downloading`]).
 pub const READ_AHEAD_DOWNLOADING_MIN: u64 = 32 << 20;
@@ -130,6 +128,9 @@ pub fn sniff_downloading<R: Read + Send + 'static>(
     Ok(Box::new(d))
 }
 
+/// Detects gzip, zstd, bzip2, xz or an uncompressed stream by its magic bytes and returns a reader
+/// of the decompressed bytes.
+///
 /// A compressed stream is inflated on a thread of its own, ahead of the caller
 /// ([`super::pipe::read_ahead`]): unpacking a layer then inflates on one core while it hashes and
 /// writes on another.

@@ -15,8 +15,6 @@
 use std::path::PathBuf;
 
 use kiln_cache::buildcache::Layer;
-use kiln_cache::layer;
-use kiln_cache::layer::pipe::pipe;
 
 use super::Engine;
 
@@ -29,34 +27,32 @@ impl Engine {
         if !src.streams(&l.blob) {
             return None;
         }
-        let (writer, reader) = pipe();
-        let snapshots = self.snapshots.clone();
-        let (key, diff_id, size) = (l.snapshot, l.diff_id, l.size);
-        let unpack = tokio::task::spawn_blocking(move || {
-            let reader = layer::sniff_downloading(reader, size).map_err(|e| e.to_string())?;
-            snapshots
-                .unpack(&key, None, reader, Some(&diff_id))
-                .map(|s| s.path)
-                .map_err(|e| e.to_string())
-        });
-        let (store, blob) = (self.store.clone(), l.blob);
-        let fetch = tokio::task::spawn_blocking(move || {
-            let fetched = src.fetch_streaming(&store, &blob, &mut |bytes| writer.send(bytes));
-            if fetched.is_ok() {
-                writer.end();
+        let arriving = match self.snapshots.unpack_arriving(l.snapshot, l.diff_id, l.size) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(error = %e, "no unpack thread; the ordinary path follows");
+                return None;
             }
-            fetched
-        });
-        let (fetched, unpacked) = tokio::join!(fetch, unpack);
-        let fetched = fetched
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        let unpacked = unpacked.map_err(|e| e.to_string()).and_then(|r| r);
+        };
+        let (store, blob) = (self.store.clone(), l.blob);
+        let joined = tokio::task::spawn_blocking(move || {
+            let fetched = src.fetch_streaming(&store, &blob, &mut |bytes| arriving.write(bytes));
+            let unpacked = arriving.finish(fetched.is_ok());
+            (fetched, unpacked)
+        })
+        .await;
+        let (fetched, unpacked) = match joined {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::debug!(error = %e, "streamed fetch stopped; the ordinary path follows");
+                return None;
+            }
+        };
         match (fetched, unpacked) {
-            (Ok(blob), Ok(path)) => {
+            (Ok(blob), Ok(snapshot)) => {
                 tracing::debug!(blob = %l.blob, "layer unpacked as it downloaded");
                 self.durable.commit(blob);
-                Some(path)
+                Some(snapshot.path)
             }
             (fetched, unpacked) => {
                 let fetch_error = match fetched {
@@ -66,12 +62,12 @@ impl Engine {
                         .and_then(|staged| staged.commit())
                         .err()
                         .map(|e| e.to_string()),
-                    Err(e) => Some(e),
+                    Err(e) => Some(e.to_string()),
                 };
                 tracing::debug!(
                     blob = %l.blob,
                     fetch = ?fetch_error,
-                    unpack = ?unpacked.err(),
+                    unpack = ?unpacked.err().map(|e| e.to_string()),
                     "streamed fetch and unpack failed; the ordinary path follows"
                 );
                 None
