@@ -211,6 +211,31 @@ impl ImportedCache {
         self.sources.get(blob)
     }
 
+    /// Where `blob` comes from, ready to read: the registry client and repository, or the
+    /// cache directory's file.
+    fn open_source(&self, blob: &Digest) -> Result<Opened<'_>, FetchError> {
+        let source = self
+            .sources
+            .get(blob)
+            .ok_or_else(|| format!("blob {blob} is in none of the imported caches"))?;
+        Ok(match source {
+            BlobSource::Registry { reference } => Opened::Registry {
+                client: self
+                    .client
+                    .as_ref()
+                    .ok_or("no registry client for the imported cache")?,
+                reference,
+            },
+            BlobSource::Dir(dir) => {
+                let path = super::format::blob_path(dir, blob);
+                Opened::Dir(
+                    std::fs::File::open(&path)
+                        .map_err(|e| format!("failed to open `{}`: {e}", path.display()))?,
+                )
+            }
+        })
+    }
+
     /// The size the imported records give `blob` (0, unchecked, when none does).
     fn size_of(&self, blob: &Digest) -> u64 {
         self.records
@@ -228,6 +253,15 @@ impl ImportedCache {
             .unwrap_or_else(|e| e.into_inner())
             .contains(blob)
     }
+}
+
+/// An imported blob's source, opened: see [`ImportedCache::open_source`].
+enum Opened<'a> {
+    Registry {
+        client: &'a Client,
+        reference: &'a Reference,
+    },
+    Dir(std::fs::File),
 }
 
 /// Reads `inner`, handing what it reads to `sink` too (whose errors stop nothing).
@@ -268,16 +302,8 @@ impl CacheSource for ImportedCache {
         if content.contains(blob) {
             return Ok(());
         }
-        let source = self
-            .sources
-            .get(blob)
-            .ok_or_else(|| format!("blob {blob} is in none of the imported caches"))?;
-        match source {
-            BlobSource::Registry { reference } => {
-                let client = self
-                    .client
-                    .as_ref()
-                    .ok_or("no registry client for the imported cache")?;
+        match self.open_source(blob)? {
+            Opened::Registry { client, reference } => {
                 let size = self.size_of(blob);
                 kiln_source::registry::fetch_blob(
                     client,
@@ -289,10 +315,7 @@ impl CacheSource for ImportedCache {
                 )?;
                 self.fetched.fetch_add(size, Ordering::Relaxed);
             }
-            BlobSource::Dir(dir) => {
-                let path = super::format::blob_path(dir, blob);
-                let f = std::fs::File::open(&path)
-                    .map_err(|e| format!("failed to open `{}`: {e}", path.display()))?;
+            Opened::Dir(f) => {
                 let staged = content.stage(std::io::BufReader::new(f), Some(blob))?;
                 let size = staged.size();
                 staged.commit()?;
@@ -317,31 +340,16 @@ impl CacheSource for ImportedCache {
         sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<Unsynced, FetchError> {
         let content = store.content();
-        let source = self
-            .sources
-            .get(blob)
-            .ok_or_else(|| format!("blob {blob} is in none of the imported caches"))?;
-        let unsynced = match source {
-            BlobSource::Registry { reference } => {
-                let client = self
-                    .client
-                    .as_ref()
-                    .ok_or("no registry client for the imported cache")?;
-                kiln_source::registry::fetch_blob_streaming(
-                    client,
-                    content,
-                    reference,
-                    blob,
-                    self.size_of(blob),
-                    sink,
-                )?
-            }
-            BlobSource::Dir(dir) => {
-                let path = super::format::blob_path(dir, blob);
-                let file = std::fs::File::open(&path)
-                    .map_err(|e| format!("failed to open `{}`: {e}", path.display()))?;
-                content.stage_unsynced(Tee { inner: file, sink }, Some(blob))?
-            }
+        let unsynced = match self.open_source(blob)? {
+            Opened::Registry { client, reference } => kiln_source::registry::fetch_blob_streaming(
+                client,
+                content,
+                reference,
+                blob,
+                self.size_of(blob),
+                sink,
+            )?,
+            Opened::Dir(file) => content.stage_unsynced(Tee { inner: file, sink }, Some(blob))?,
         };
         self.fetched.fetch_add(unsynced.size(), Ordering::Relaxed);
         Ok(unsynced)
