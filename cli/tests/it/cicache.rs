@@ -95,7 +95,14 @@ fn rawjson(stderr: &str) -> Built {
 
 /// `kiln build --progress=rawjson ARGS`, which must succeed.
 fn build(env: &Env, args: &[&str]) -> Built {
-    let mut all = vec!["build", "--progress=rawjson"];
+    build_as(env, &["build"], args)
+}
+
+/// `kiln COMMAND --progress=rawjson ARGS` (`COMMAND` being `build` with any global flags before
+/// it), which must succeed.
+fn build_as(env: &Env, command: &[&str], args: &[&str]) -> Built {
+    let mut all = command.to_vec();
+    all.push("--progress=rawjson");
     all.extend_from_slice(args);
     let out = kiln(env, &all);
     assert!(out.status.success(), "kiln {all:?} failed\n{}", frame(&out));
@@ -1088,19 +1095,7 @@ fn foreign_and_other_version_caches_are_ignored_with_a_warning() {
 /// `kiln --debug build --progress=rawjson ARGS` on `env`, which must succeed: the build and its
 /// debug log (plain lines among the JSON ones).
 fn build_debug(env: &Env, args: &[&str]) -> Built {
-    let mut all = vec!["--debug", "build", "--progress=rawjson"];
-    all.extend_from_slice(args);
-    let out = kiln(env, &all);
-    assert!(out.status.success(), "kiln {all:?} failed\n{}", frame(&out));
-    rawjson(&String::from_utf8_lossy(&out.stderr))
-}
-
-/// How many blob GETs the proxy answered (from upstream, or faulted) for the blob `digest`.
-fn gets_of(proxy: &Proxy, digest: &str) -> usize {
-    let log = proxy.log.lock().unwrap().clone();
-    log.iter()
-        .filter(|l| l.starts_with("GET ") && l.contains("/blobs/") && l.ends_with(digest))
-        .count()
+    build_as(env, &["--debug", "build"], args)
 }
 
 /// A step that reruns on a fresh store needs the cached layers under it. Each is unpacked as it
@@ -1138,7 +1133,7 @@ fn layers_under_a_rerun_step_unpack_as_they_download_and_survive_faults() {
         "{}",
         plain.stderr
     );
-    assert_eq!(gets_of(&proxy, &tools), 1, "{:#?}", proxy.log.lock().unwrap());
+    assert_eq!(proxy.blob_gets_of(&tools), 1, "{:#?}", proxy.log.lock().unwrap());
     assert!(b.root().join("blobs/sha256").join(&tools_hex).is_file());
     assert!(std::fs::read_dir(b.root().join("ingest"))
         .unwrap()
@@ -1155,7 +1150,7 @@ fn layers_under_a_rerun_step_unpack_as_they_download_and_survive_faults() {
     let cut = build_debug(&c, &["-t", "app", "--cache-from", &via, s(&ctx_c)]);
     assert_eq!(cut.markers, ["RAN-final"], "{}", cut.stderr);
     assert!(cut.stderr.contains("the ordinary path follows"), "{}", cut.stderr);
-    assert_eq!(gets_of(&proxy, &tools), 2, "{:#?}", proxy.log.lock().unwrap());
+    assert_eq!(proxy.blob_gets_of(&tools), 2, "{:#?}", proxy.log.lock().unwrap());
     assert!(c.root().join("blobs/sha256").join(&tools_hex).is_file());
     assert_eq!(sums(&c), want);
 

@@ -184,6 +184,16 @@ fn read_head(r: &mut BufReader<TcpStream>) -> Option<(String, Vec<(String, Strin
 }
 
 impl Proxy {
+    /// How many blob GETs of `digest` the proxy answered (from upstream, or faulted).
+    pub(crate) fn blob_gets_of(&self, digest: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("GET ") && l.contains("/blobs/") && l.ends_with(digest))
+            .count()
+    }
+
     pub(crate) fn start(upstream: &str, faults: Faults) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
@@ -606,15 +616,6 @@ fn a_pulled_base_is_unpacked_as_it_downloads_even_when_cut_off_once() {
         .collect();
     assert_eq!(layers.len(), 2, "{manifest}");
     let top = layers[1].clone();
-    let gets_of_top = || {
-        proxy
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.starts_with("GET ") && l.ends_with(&top))
-            .count()
-    };
 
     let build = |env: &Env| {
         let ctx = env.path("ctx");
@@ -642,7 +643,7 @@ fn a_pulled_base_is_unpacked_as_it_downloads_even_when_cut_off_once() {
     for l in &layers {
         assert_eq!(streamed(&log, l), 1, "{l} not streamed once:\n{log}");
     }
-    assert_eq!(gets_of_top(), 1);
+    assert_eq!(proxy.blob_gets_of(&top), 1);
 
     proxy.faults.lock().unwrap().truncate_once = Some(top.clone());
     let c = Env::new();
@@ -653,7 +654,7 @@ fn a_pulled_base_is_unpacked_as_it_downloads_even_when_cut_off_once() {
         "{log}"
     );
     assert_eq!(streamed(&log, &top), 1, "the retry streams:\n{log}");
-    assert_eq!(gets_of_top(), 3, "one GET for b, two for c");
+    assert_eq!(proxy.blob_gets_of(&top), 3, "one GET for b, two for c");
 }
 
 #[test]
