@@ -528,10 +528,11 @@ impl ContextIndex {
 
     /// The entry at the context-relative path `rel`, if the index has one.
     pub fn get(&self, rel: &str) -> Option<&Entry> {
-        self.entries
-            .binary_search_by(|e| e.path.as_str().cmp(rel))
-            .ok()
-            .map(|i| &self.entries[i])
+        thread_local! {
+            static NEXT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        }
+        let at = crate::sorted::find(self.entries.len(), |i| self.entries[i].path.as_str(), rel, &NEXT)?;
+        Some(&self.entries[at])
     }
 
     /// Key material for the whole context.

@@ -14,3 +14,4 @@ pub use kiln_runtime::Isolation;
 pub mod fileop;
 pub mod progress;
 pub mod scheduler;
+mod sorted;
