@@ -1176,8 +1176,9 @@ fn large_files_cross_chunks_and_write_failures_surface() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("tree");
     fs::create_dir(&dir).unwrap();
-    // Sizes around the 1 MiB hand-off to the hashing thread, one odd-sized.
-    let big: Vec<u8> = (0..(3 << 20) + 777).map(|i: u32| (i % 251) as u8).collect();
+    // Sizes around the 1 MiB hand-off to the hashing thread, one odd-sized, one past the
+    // 8 MiB after which writes move to a thread of their own.
+    let big: Vec<u8> = (0..(9 << 20) + 777).map(|i: u32| (i % 251) as u8).collect();
     file(&dir.join("a"), &big[..(1 << 20) - 100], 0o644);
     file(&dir.join("b"), &big, 0o644);
     file(&dir.join("c"), b"small", 0o600);
@@ -1225,7 +1226,33 @@ fn large_files_cross_chunks_and_write_failures_surface() {
             Ok(())
         }
     }
-    for left in [0, 100, 2 << 20] {
+    // The first 8 MiB are written by the hashing thread, the rest beside it.
+    struct Threads(Vec<(usize, String)>);
+    impl Write for Threads {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            self.0.push((buf.len(), name));
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut threads = Threads(Vec::new());
+    let same = write_tree(&dir, &mut threads, &DiffOptions::default()).unwrap();
+    assert_eq!(same.diff_id, stats.diff_id);
+    let mut at = 0;
+    for (len, name) in &threads.0 {
+        let expected = if at < 8 << 20 {
+            "kiln-layer-hash"
+        } else {
+            "kiln-layer-write"
+        };
+        assert_eq!(name, expected, "the write at {at}");
+        at += len;
+    }
+    assert_eq!(at as u64, stats.size);
+    for left in [0, 100, 2 << 20, 9 << 20] {
         let err = write_tree(&dir, Failing { left }, &DiffOptions::default()).unwrap_err();
         assert!(
             matches!(&err, WriteError::Write { source, .. } if source.to_string() == "disk full"),
