@@ -348,6 +348,36 @@ fn open_dir(dir: &Path) -> Option<OwnedFd> {
     .ok()
 }
 
+/// The directory `rel` below `root` (itself when `rel` is empty), opened for `*at` calls without
+/// following a symlink anywhere on the way.
+fn open_below(root: &OwnedFd, rel: &str) -> Option<OwnedFd> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let rel = if rel.is_empty() { "." } else { rel };
+    rustix::fs::openat2(
+        root,
+        rel,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .ok()
+}
+
+/// The runs of `numbers` (donor files, sorted) that share a parent directory.
+fn runs_by_parent(numbers: &[u32], donors: &Donors) -> Vec<std::ops::Range<usize>> {
+    let parent = |n: u32| donors.path(n).rsplit_once('/').map_or("", |(p, _)| p);
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..=numbers.len() {
+        if i == numbers.len() || parent(numbers[i]) != parent(numbers[start]) {
+            runs.push(start..i);
+            start = i;
+        }
+    }
+    runs.retain(|r| !r.is_empty());
+    runs
+}
+
 /// Linking state of one file op: where its writes land, what it may link, what it wrote.
 pub struct Linking {
     /// The input position whose copies are keyed (the build context).
@@ -525,7 +555,10 @@ impl Linking {
         if self.made.swap(true, Ordering::Relaxed) {
             return Ok(());
         }
-        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        // In path order, so that each directory's files are runs (see `link_run`).
+        guard.same.par_sort_unstable();
+        let written = &*guard;
         let same = written.same.par_iter().map(|n| (*n, donors.path(*n)));
         let moved = written
             .own
@@ -580,17 +613,10 @@ impl Linking {
             })
             .collect::<Result<_, super::FileOpError>>()?;
         drop(dirs);
-        pending().try_for_each(|(n, to)| {
-            let from = donors.path(n);
-            if self.link_now(donors, from, Path::new(to)).is_ok() {
-                return Ok(());
-            }
-            let key = donors.key(n).ok_or_else(|| super::FileOpError::Stat {
-                path: donors.root.join(from),
-                source: std::io::Error::from(std::io::ErrorKind::NotFound),
-            })?;
-            copy_donor_file(&donors.root.join(from), &self.upper.join(to), key)
-        })?;
+        let runs = runs_by_parent(&written.same, donors);
+        runs.par_iter()
+            .try_for_each(|run| self.link_run(donors, upper, &written.same[run.clone()]))?;
+        moved.try_for_each(|(n, to)| self.link_one(donors, n, to))?;
         for (dir, ts) in times {
             rustix::fs::utimensat(upper, dir, &ts, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
                 super::FileOpError::Times {
@@ -600,6 +626,49 @@ impl Linking {
             })?;
         }
         Ok(())
+    }
+
+    /// Links donor files `numbers` (one directory's, in order) at their own paths: both
+    /// directories are opened once and each file linked by its name, instead of two path walks
+    /// per file. A directory that cannot be opened, or a link that fails, falls back to
+    /// [`Linking::link_one`].
+    fn link_run(&self, donors: &Donors, upper: &OwnedFd, numbers: &[u32]) -> Result<(), super::FileOpError> {
+        let Some(first) = numbers.first() else {
+            return Ok(());
+        };
+        let parent = match donors.path(*first).rsplit_once('/') {
+            Some((parent, _)) => parent,
+            None => "",
+        };
+        let dirs = donors
+            .root_fd
+            .as_ref()
+            .and_then(|root| Some((open_below(root, parent)?, open_below(upper, parent)?)));
+        for n in numbers {
+            let path = donors.path(*n);
+            let name = path.rsplit_once('/').map_or(path, |(_, name)| name);
+            let linked = dirs.as_ref().is_some_and(|(from, to)| {
+                rustix::fs::linkat(from, name, to, name, rustix::fs::AtFlags::empty()).is_ok()
+            });
+            if !linked {
+                self.link_one(donors, *n, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Links donor file `n` at `to` (relative to the destination root), or writes it as a copy
+    /// of the donor's file with the key's owner, mode and times when the link fails.
+    fn link_one(&self, donors: &Donors, n: u32, to: &str) -> Result<(), super::FileOpError> {
+        let from = donors.path(n);
+        if self.link_now(donors, from, Path::new(to)).is_ok() {
+            return Ok(());
+        }
+        let key = donors.key(n).ok_or_else(|| super::FileOpError::Stat {
+            path: donors.root.join(from),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })?;
+        copy_donor_file(&donors.root.join(from), &self.upper.join(to), key)
     }
 
     fn link_now(&self, donors: &Donors, from: &str, rel: &Path) -> std::io::Result<()> {
