@@ -165,7 +165,7 @@ fn is_relative_normal(path: &str) -> bool {
 /// list, or even a map from key to group, cost over 100 MB): donor file `n` is the index's
 /// `n`th record, so numbers follow the paths' order.
 ///
-/// A copy asks first for the donor file at the very path it writes ([`Donors::take_at`]): a
+/// A copy asks first for the donor file at the very path it writes (`Donors::take_at`): a
 /// copy walks each directory in name order, so the next file is nearly always the donor file
 /// after the last one found, and one comparison finds it. Only a file that is not where it was
 /// (moved, or a new copy of other content) is looked up by key, in a list of the numbers
