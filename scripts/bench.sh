@@ -7,6 +7,10 @@
 # Rows (each kiln's wall-clock time and peak RSS, BuildKit's time, medians of --runs):
 #   noop-20k  noop-100k  noop-500k    rebuild of an unchanged context of that many files
 #   edit-20k  edit-100k  edit-500k    one file of that context changed, then rebuilt
+#   noop-500k-wide  edit-500k-wide    the same at 500k files in 5x the directories, so that each
+#                                     holds as many files as at 100k (the rows above keep 1261
+#                                     directories at every size: ext4's cost per insert grows
+#                                     with the directory, and this separates the two)
 #   chain-100  chain-200              that many RUN steps in one stage, --no-cache (the final image
 #                                     copies the last step's file: an image of 200 layers is past
 #                                     what Docker loads, and kiln refuses to export one)
@@ -39,6 +43,7 @@ shared = os.environ["KILN_BENCH_SHARED"]
 DOCKER = "/usr/bin/docker"
 DENV = dict(os.environ, DOCKER_BUILDKIT="1")
 ROWS = ["noop-20k", "edit-20k", "noop-100k", "edit-100k", "noop-500k", "edit-500k",
+        "noop-500k-wide", "edit-500k-wide",
         "chain-100", "chain-200", "fan-64", "big-file", "ctx-2g"]
 
 ap = argparse.ArgumentParser()
@@ -95,10 +100,12 @@ def write(path, text):
         f.write(text)
 
 
-def files_context(d, n):
+def files_context(d, n, wide=False):
     rnd = random.Random(n)
+    # 97 x 13 directories; wide: 97 x 13 per 100k files (97 * 5 = 485 is prime to 13).
+    across = 97 * (n // 100000 if wide else 1)
     for i in range(n):
-        sub = os.path.join(d, f"src/m{i % 97}/p{i % 13}")
+        sub = os.path.join(d, f"src/m{i % across}/p{i % 13}")
         os.makedirs(sub, exist_ok=True)
         with open(os.path.join(sub, f"f{i}.dat"), "wb") as f:
             f.write(rnd.randbytes(rnd.choice([100, 500, 1000, 4000])))
@@ -131,11 +138,12 @@ for row in rows:
     kind, _, size = row.partition("-")
     before = None
     if kind in ("noop", "edit"):
-        n = {"20k": 20000, "100k": 100000, "500k": 500000}[size]
+        count, _, wide = size.partition("-")
+        n = {"20k": 20000, "100k": 100000, "500k": 500000}[count]
         # One context per size, shared by its noop and edit rows.
         ctx = os.path.join(top, f"ctx-files-{size}")
         if not os.path.isdir(ctx):
-            files_context(ctx, n)
+            files_context(ctx, n, wide == "wide")
         kb = K("build", "-q", "-t", tag, ctx)
         db = [DOCKER, "build", "-q", "-t", tag, ctx]
         sh(kb)
