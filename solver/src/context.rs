@@ -253,14 +253,8 @@ impl StatCache {
     /// The record of `path`, looked for first at `hint` (its position when the context is
     /// unchanged).
     fn get(&self, path: &str, hint: usize) -> Option<&StatRecord> {
-        match self.records.get(hint) {
-            Some((p, r)) if &**p == path => Some(r),
-            _ => self
-                .records
-                .binary_search_by(|(p, _)| (**p).cmp(path))
-                .ok()
-                .map(|i| &self.records[i].1),
-        }
+        let at = crate::sorted::find_from(self.records.len(), |i| &self.records[i].0, path, hint)?;
+        Some(&self.records[at].1)
     }
 
     /// Makes the records those of `entries`' regular files (sorted by path), in place when the

@@ -17,25 +17,32 @@ pub(crate) fn find<'a>(
     target: &str,
     next: &'static LocalKey<Cell<usize>>,
 ) -> Option<usize> {
-    let guess = next.get();
-    let at = if guess < len && key_of(guess) == target {
-        guess
-    } else {
-        let (mut lo, mut hi) = (0usize, len);
-        loop {
-            if lo >= hi {
-                return None;
-            }
-            let mid = lo + (hi - lo) / 2;
-            match key_of(mid).cmp(target) {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => break mid,
-            }
-        }
-    };
+    let at = find_from(len, key_of, target, next.get())?;
     next.set(at + 1);
     Some(at)
+}
+
+/// The position of `target` in a list of `len` items sorted by `key_of` (strictly), looked for
+/// first at `guess`, then by binary search.
+pub(crate) fn find_from<'a>(
+    len: usize,
+    key_of: impl Fn(usize) -> &'a str,
+    target: &str,
+    guess: usize,
+) -> Option<usize> {
+    if guess < len && key_of(guess) == target {
+        return Some(guess);
+    }
+    let (mut lo, mut hi) = (0usize, len);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match key_of(mid).cmp(target) {
+            std::cmp::Ordering::Less => lo = mid + 1,
+            std::cmp::Ordering::Greater => hi = mid,
+            std::cmp::Ordering::Equal => return Some(mid),
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -181,7 +181,8 @@ pub struct Donors {
     names: String,
     ends: Vec<u32>,
     keys: Vec<FileKey>,
-    /// File numbers ordered by key, then by number: made on the first lookup by key.
+    /// File numbers ordered by key, then by number: made when the lookups by key outnumber
+    /// [`READS_BEFORE_SORT`].
     by_key: std::sync::OnceLock<ByKey>,
     /// One bit per file: handed out.
     taken: Vec<AtomicU64>,
@@ -375,19 +376,9 @@ fn open_below(root: &OwnedFd, rel: &str) -> Option<OwnedFd> {
     .ok()
 }
 
-/// The runs of `numbers` (donor files, sorted) that share a parent directory.
-fn runs_by_parent(numbers: &[u32], donors: &Donors) -> Vec<std::ops::Range<usize>> {
-    let parent = |n: u32| donors.path(n).rsplit_once('/').map_or("", |(p, _)| p);
-    let mut runs = Vec::new();
-    let mut start = 0;
-    for i in 1..=numbers.len() {
-        if i == numbers.len() || parent(numbers[i]) != parent(numbers[start]) {
-            runs.push(start..i);
-            start = i;
-        }
-    }
-    runs.retain(|r| !r.is_empty());
-    runs
+/// A relative path's parent directory (empty at the top) and its last component.
+fn split_parent(path: &str) -> (&str, &str) {
+    path.rsplit_once('/').unwrap_or(("", path))
 }
 
 /// Linking state of one file op: where its writes land, what it may link, what it wrote.
@@ -625,9 +616,12 @@ impl Linking {
             })
             .collect::<Result<_, super::FileOpError>>()?;
         drop(dirs);
-        let runs = runs_by_parent(&written.same, donors);
+        let runs: Vec<&[u32]> = written
+            .same
+            .chunk_by(|a, b| split_parent(donors.path(*a)).0 == split_parent(donors.path(*b)).0)
+            .collect();
         runs.par_iter()
-            .try_for_each(|run| self.link_run(donors, upper, &written.same[run.clone()]))?;
+            .try_for_each(|run| self.link_run(donors, upper, run))?;
         moved.try_for_each(|(n, to)| self.link_one(donors, n, to))?;
         for (dir, ts) in times {
             rustix::fs::utimensat(upper, dir, &ts, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
@@ -648,17 +642,14 @@ impl Linking {
         let Some(first) = numbers.first() else {
             return Ok(());
         };
-        let parent = match donors.path(*first).rsplit_once('/') {
-            Some((parent, _)) => parent,
-            None => "",
-        };
+        let (parent, _) = split_parent(donors.path(*first));
         let dirs = donors
             .root_fd
             .as_ref()
             .and_then(|root| Some((open_below(root, parent)?, open_below(upper, parent)?)));
         for n in numbers {
             let path = donors.path(*n);
-            let name = path.rsplit_once('/').map_or(path, |(_, name)| name);
+            let (_, name) = split_parent(path);
             let linked = dirs.as_ref().is_some_and(|(from, to)| {
                 rustix::fs::linkat(from, name, to, name, rustix::fs::AtFlags::empty()).is_ok()
             });
