@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kiln_cache::layer::{self, DiffOptions, Donor};
+use kiln_cache::recipe::BlobSource;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -14,8 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut opts = DiffOptions::default();
     if let (Some(out), Some("--reuse")) = (args.get(2), args.get(3).map(String::as_str)) {
-        let (_, index) = layer::write_diff_indexed(dir, std::fs::File::create(out)?, &opts)?;
-        opts.donor = Some(Arc::new(Donor::new(std::fs::File::open(out)?, index)?));
+        let first = layer::write_diff_indexed(dir, std::fs::File::create(out)?, &opts)?;
+        let blob = BlobSource::plain(first.stats.diff_id, std::fs::File::open(out)?)?;
+        opts.donor = Some(Arc::new(Donor::new(blob, first.index)));
         for _ in 0..3 {
             let t = Instant::now();
             let f = std::fs::File::create(format!("{out}.again"))?;

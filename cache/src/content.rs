@@ -3,6 +3,12 @@
 //! Architecture invariant: a blob is visible under its digest only after it was fully written to
 //! a temp file in `ROOT/ingest/`, fsynced, verified against the expected digest and renamed into
 //! place. A crash leaves at most a temp file in `ingest/`, never a partial blob under a real name.
+//!
+//! A blob can also be lazy: kept as a [`Recipe`] at `ROOT/recipes/sha256/<hex>` (the byte ranges
+//! of other blobs it is made of, see [`crate::recipe`]). It counts as stored ([`ContentStore::contains`],
+//! [`ContentStore::size`], [`ContentStore::list`]); [`ContentStore::source`] reads it where its
+//! bytes are, and [`ContentStore::open`], for callers that need the file, writes it as a plain
+//! blob first (verified against its digest like any other) and drops the recipe.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -10,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 use kiln_dag::Digest;
 use sha2::{Digest as _, Sha256};
+
+use crate::recipe::{BlobSource, Recipe};
 
 /// Size of the copy buffer used when streaming blobs.
 const BUF_SIZE: usize = 1 << 20;
@@ -94,6 +102,19 @@ pub enum ContentError {
         #[source]
         source: std::io::Error,
     },
+    /// A lazy blob's recipe is malformed or does not match the blobs it names.
+    #[error("the recipe of blob {digest} at `{path}` is damaged: {reason}")]
+    Recipe {
+        /// The lazy blob's digest.
+        digest: Digest,
+        /// The recipe's path.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A recipe could not be stored.
+    #[error(transparent)]
+    StoreRecipe(#[from] crate::paths::PathError),
     /// A blob could not be removed.
     #[error("failed to delete `{path}`")]
     Delete {
@@ -128,6 +149,7 @@ pub enum ContentError {
 #[derive(Clone, Debug)]
 pub struct ContentStore {
     blobs: PathBuf,
+    recipes: PathBuf,
     ingest: PathBuf,
 }
 
@@ -371,14 +393,19 @@ impl ContentStore {
     /// The content store of the store rooted at `root`, creating its directories.
     pub fn at(root: &Path) -> Result<ContentStore, ContentError> {
         let blobs = root.join("blobs").join("sha256");
+        let recipes = root.join("recipes").join("sha256");
         let ingest = root.join("ingest");
-        for dir in [&blobs, &ingest] {
+        for dir in [&blobs, &recipes, &ingest] {
             fs::create_dir_all(dir).map_err(|source| ContentError::CreateDir {
                 path: dir.clone(),
                 source,
             })?;
         }
-        Ok(ContentStore { blobs, ingest })
+        Ok(ContentStore {
+            blobs,
+            recipes,
+            ingest,
+        })
     }
 
     /// Where the blob `digest` lives (whether or not it exists).
@@ -391,31 +418,187 @@ impl ContentStore {
         &self.ingest
     }
 
-    /// Whether the blob exists.
+    /// Where the recipe of the lazy blob `digest` lives (whether or not it exists).
+    pub fn recipe_path(&self, digest: &Digest) -> PathBuf {
+        self.recipes.join(digest.hex())
+    }
+
+    /// Whether the blob exists, plain or lazy.
     pub fn contains(&self, digest: &Digest) -> bool {
-        self.path(digest).is_file()
+        self.path(digest).is_file() || self.recipe_path(digest).is_file()
+    }
+
+    /// Whether the blob is stored as a recipe only (no plain file yet).
+    pub fn is_lazy(&self, digest: &Digest) -> bool {
+        !self.path(digest).is_file() && self.recipe_path(digest).is_file()
+    }
+
+    /// The file that stands for the blob on disk: the blob, or the recipe of a lazy one (for
+    /// its times). `None` when neither exists.
+    pub fn file_of(&self, digest: &Digest) -> Option<PathBuf> {
+        [self.path(digest), self.recipe_path(digest)]
+            .into_iter()
+            .find(|p| p.is_file())
+    }
+
+    /// Bytes the blob takes on disk: the file's blocks, or for a lazy blob its recipe's and
+    /// its own fragment's (0 when it is gone).
+    pub fn disk_usage(&self, digest: &Digest) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let blocks = |p: &Path| fs::symlink_metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
+        let path = self.path(digest);
+        if path.is_file() {
+            return blocks(&path);
+        }
+        let recipe_path = self.recipe_path(digest);
+        let own = match self.recipe(digest) {
+            Ok(Some(r)) if r.own_first => r.sources.first().map_or(0, |f| blocks(&self.path(f))),
+            _ => 0,
+        };
+        blocks(&recipe_path) + own
+    }
+
+    /// The recipe of the lazy blob `digest`; `None` when it has none.
+    pub fn recipe(&self, digest: &Digest) -> Result<Option<Recipe>, ContentError> {
+        let path = self.recipe_path(digest);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(ContentError::Open {
+                    digest: *digest,
+                    path,
+                    source,
+                })
+            }
+        };
+        match Recipe::decode(&bytes) {
+            Some(r) => Ok(Some(r)),
+            None => Err(ContentError::Recipe {
+                digest: *digest,
+                path,
+                reason: "not a recipe kiln wrote".into(),
+            }),
+        }
+    }
+
+    /// Stores `recipe` as the lazy blob `digest`, durably; nothing when the blob is already
+    /// stored plainly. The caller has made its sources durable first and vouches that their
+    /// ranges hash to `digest` (a layer writer hashed them as it streamed them); every reader
+    /// that writes the blob out checks it again.
+    pub fn put_recipe(&self, digest: &Digest, recipe: &Recipe) -> Result<(), ContentError> {
+        if self.path(digest).is_file() {
+            return Ok(());
+        }
+        crate::paths::write_atomic_via(&self.ingest, &self.recipe_path(digest), &recipe.encode(), true)?;
+        Ok(())
+    }
+
+    /// Adds to `live` the sources of every lazy blob in it: what a kept recipe keeps.
+    pub fn add_recipe_sources(&self, live: &mut std::collections::BTreeSet<Digest>) {
+        let lazy: Vec<Digest> = live.iter().filter(|d| self.is_lazy(d)).copied().collect();
+        for d in lazy {
+            if let Ok(Some(r)) = self.recipe(&d) {
+                live.extend(r.sources);
+            }
+        }
+    }
+
+    /// The blob's bytes where they are stored: its file, or a lazy blob's sources (nothing is
+    /// written).
+    pub fn source(&self, digest: &Digest) -> Result<BlobSource, ContentError> {
+        let path = self.path(digest);
+        let open_err = |path: PathBuf| {
+            move |source| ContentError::Open {
+                digest: *digest,
+                path,
+                source,
+            }
+        };
+        match File::open(&path) {
+            Ok(f) => return BlobSource::plain(*digest, f).map_err(open_err(path)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ContentError::Open {
+                    digest: *digest,
+                    path,
+                    source,
+                })
+            }
+        }
+        let Some(recipe) = self.recipe(digest)? else {
+            return Err(ContentError::Open {
+                digest: *digest,
+                path,
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        };
+        let damaged = |reason: String| ContentError::Recipe {
+            digest: *digest,
+            path: self.recipe_path(digest),
+            reason,
+        };
+        let mut files = Vec::with_capacity(recipe.sources.len());
+        for s in &recipe.sources {
+            let f = File::open(self.path(s)).map_err(|e| damaged(format!("its source blob {s}: {e}")))?;
+            files.push((*s, f));
+        }
+        BlobSource::of_recipe(&recipe, files).map_err(|e| damaged(e.to_string()))
+    }
+
+    /// Writes the lazy blob `digest` out as a plain blob (checked against its digest) and drops
+    /// its recipe; nothing for a plain blob. Returns the blob's path.
+    pub fn materialize(&self, digest: &Digest) -> Result<PathBuf, ContentError> {
+        let path = self.path(digest);
+        if path.is_file() {
+            return Ok(path);
+        }
+        let source = self.source(digest)?;
+        self.write_blob(source.reader(), Some(digest))?;
+        drop(source);
+        let recipe = self.recipe_path(digest);
+        if let Err(e) = fs::remove_file(&recipe) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::debug!(path = %recipe.display(), error = %e, "recipe of a written blob not removed");
+            }
+        }
+        Ok(path)
     }
 
     /// The blob's size in bytes.
     pub fn size(&self, digest: &Digest) -> Result<u64, ContentError> {
         let path = self.path(digest);
-        fs::metadata(&path)
-            .map(|m| m.len())
-            .map_err(|source| ContentError::Open {
+        match fs::metadata(&path) {
+            Ok(m) => Ok(m.len()),
+            Err(source) => match self.recipe(digest) {
+                Ok(Some(r)) => Ok(r.size()),
+                _ => Err(ContentError::Open {
+                    digest: *digest,
+                    path,
+                    source,
+                }),
+            },
+        }
+    }
+
+    /// Opens the blob for reading; a lazy blob is written out first ([`ContentStore::materialize`]).
+    pub fn open(&self, digest: &Digest) -> Result<File, ContentError> {
+        let path = self.path(digest);
+        match File::open(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.recipe_path(digest).is_file() => {
+                let path = self.materialize(digest)?;
+                File::open(&path).map_err(|source| ContentError::Open {
+                    digest: *digest,
+                    path,
+                    source,
+                })
+            }
+            r => r.map_err(|source| ContentError::Open {
                 digest: *digest,
                 path,
                 source,
-            })
-    }
-
-    /// Opens the blob for reading.
-    pub fn open(&self, digest: &Digest) -> Result<File, ContentError> {
-        let path = self.path(digest);
-        File::open(&path).map_err(|source| ContentError::Open {
-            digest: *digest,
-            path,
-            source,
-        })
+            }),
+        }
     }
 
     /// Reads a whole blob into memory, refusing blobs larger than `limit` bytes.
@@ -583,39 +766,50 @@ impl ContentStore {
         }
     }
 
-    /// Every blob in the store, sorted. Files whose names are not sha256 hex are skipped (and
-    /// reported by `verify`).
+    /// Every blob in the store, plain or lazy, sorted. Files whose names are not sha256 hex
+    /// are skipped (and reported by `verify`).
     pub fn list(&self) -> Result<Vec<Digest>, ContentError> {
         let mut out = Vec::new();
-        let entries = fs::read_dir(&self.blobs).map_err(|source| ContentError::List {
-            path: self.blobs.clone(),
-            source,
-        })?;
-        for entry in entries {
-            let entry = entry.map_err(|source| ContentError::List {
-                path: self.blobs.clone(),
-                source,
-            })?;
-            let name = entry.file_name();
-            if let Some(d) = name
-                .to_str()
-                .and_then(|n| Digest::parse(&format!("sha256:{n}")).ok())
-            {
-                out.push(d);
+        for dir in [&self.blobs, &self.recipes] {
+            let entries = match fs::read_dir(dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir == &self.recipes => continue,
+                Err(source) => {
+                    return Err(ContentError::List {
+                        path: dir.clone(),
+                        source,
+                    })
+                }
+            };
+            for entry in entries {
+                let entry = entry.map_err(|source| ContentError::List {
+                    path: dir.clone(),
+                    source,
+                })?;
+                let name = entry.file_name();
+                if let Some(d) = name
+                    .to_str()
+                    .and_then(|n| Digest::parse(&format!("sha256:{n}")).ok())
+                {
+                    out.push(d);
+                }
             }
         }
         out.sort();
+        out.dedup();
         Ok(out)
     }
 
-    /// Removes a blob; removing a missing blob is not an error.
+    /// Removes a blob, and its recipe if it has one; removing a missing blob is not an error.
     pub fn delete(&self, digest: &Digest) -> Result<(), ContentError> {
-        let path = self.path(digest);
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(ContentError::Delete { path, source }),
+        for path in [self.path(digest), self.recipe_path(digest)] {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(ContentError::Delete { path, source }),
+            }
         }
+        Ok(())
     }
 }
 
@@ -693,6 +887,77 @@ mod tests {
         );
         assert!(cs.list().unwrap().is_empty());
         assert_eq!(fs::read_dir(cs.ingest_dir()).unwrap().count(), 0);
+    }
+
+    /// "ab" + base[3..7] + "c": a lazy blob over a fragment and a base blob.
+    fn lazy_blob(cs: &ContentStore) -> (Digest, Digest, Digest) {
+        let base = cs.put_bytes(b"0123456789").unwrap();
+        let fragment = cs.put_bytes(b"abc").unwrap();
+        let mut recipe = Recipe {
+            sources: vec![fragment],
+            own_first: true,
+            ..Default::default()
+        };
+        recipe.push(fragment, 0, 2);
+        recipe.push(base, 3, 4);
+        recipe.push(fragment, 2, 1);
+        let digest = Digest::of(b"ab3456c");
+        cs.put_recipe(&digest, &recipe).unwrap();
+        (digest, fragment, base)
+    }
+
+    #[test]
+    fn a_lazy_blob_is_stored_read_in_place_and_written_out_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = ContentStore::at(dir.path()).unwrap();
+        let (d, fragment, base) = lazy_blob(&cs);
+        assert!(cs.contains(&d) && cs.is_lazy(&d));
+        assert_eq!(cs.size(&d).unwrap(), 7);
+        assert_eq!(cs.list().unwrap().len(), 3);
+        assert_eq!(cs.file_of(&d), Some(cs.recipe_path(&d)));
+        let mut bytes = Vec::new();
+        cs.source(&d).unwrap().reader().read_to_end(&mut bytes).unwrap();
+        assert_eq!(bytes, b"ab3456c");
+        assert!(!cs.path(&d).exists(), "reading in place writes nothing");
+        // What keeps it keeps its sources.
+        let mut live: std::collections::BTreeSet<Digest> = [d].into();
+        cs.add_recipe_sources(&mut live);
+        assert_eq!(live, [d, fragment, base].into());
+        assert!(cs.disk_usage(&d) > 0);
+        // Opening it writes it out, checked, and drops the recipe.
+        assert_eq!(cs.read_limited(&d, 100).unwrap(), b"ab3456c");
+        assert!(cs.path(&d).is_file() && !cs.is_lazy(&d) && !cs.recipe_path(&d).exists());
+        assert_eq!(cs.list().unwrap().len(), 3);
+        // A recipe for a blob stored plainly is not kept.
+        let (again, _, _) = lazy_blob(&cs);
+        assert_eq!(again, d);
+        assert!(!cs.recipe_path(&d).exists());
+    }
+
+    #[test]
+    fn a_damaged_recipe_fails_with_its_name_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = ContentStore::at(dir.path()).unwrap();
+        // Bytes that do not hash to the name: refused when written out, the store untouched.
+        let (d, _, base) = lazy_blob(&cs);
+        let wrong = Digest::of(b"not these bytes");
+        fs::rename(cs.recipe_path(&d), cs.recipe_path(&wrong)).unwrap();
+        let err = cs.open(&wrong).unwrap_err().to_string();
+        assert!(err.contains(&wrong.to_string()), "{err}");
+        assert!(!cs.path(&wrong).exists() && cs.is_lazy(&wrong));
+        assert_eq!(fs::read_dir(cs.ingest_dir()).unwrap().count(), 0);
+        // A source gone: the error names the recipe and the source.
+        cs.delete(&base).unwrap();
+        let err = cs.source(&wrong).unwrap_err().to_string();
+        assert!(err.contains("recipe") && err.contains(&base.to_string()), "{err}");
+        // Not a recipe at all.
+        fs::write(cs.recipe_path(&wrong), b"garbage").unwrap();
+        let err = cs.size(&wrong).unwrap_err().to_string();
+        assert!(err.contains(&wrong.to_string()), "{err}");
+        assert!(cs.recipe(&wrong).unwrap_err().to_string().contains("damaged"));
+        // Deleting removes the recipe.
+        cs.delete(&wrong).unwrap();
+        assert!(!cs.contains(&wrong));
     }
 
     #[test]

@@ -327,9 +327,7 @@ pub fn collect_if_idle(store: &Store) -> Result<Option<Swept>, GcError> {
 
 /// Bytes a blob takes on disk (0 when it is gone).
 fn blob_disk(store: &Store, d: &Digest) -> u64 {
-    fs::symlink_metadata(store.content().path(d))
-        .map(|m| m.blocks() * 512)
-        .unwrap_or(0)
+    store.content().disk_usage(d)
 }
 
 /// Removes lineage records (`cache/lineage/<vertex>`: the snapshot a copy last produced) whose
@@ -388,7 +386,8 @@ pub fn sweep(store: &Store) -> Result<Swept, GcError> {
         }
     }
     let roots = Roots::read(store).map_err(GcError::Images)?;
-    let live = roots.live_blobs();
+    let mut live = roots.live_blobs();
+    content.add_recipe_sources(&mut live);
     for d in content.list().map_err(GcError::Content)? {
         if live.contains(&d) {
             continue;
@@ -571,7 +570,8 @@ fn layer_entries(store: &Store, roots: &Roots, snapshots: &Snapshots, sizes: boo
         let created = if info.usage.count > 0 {
             Some(millis(info.usage.first))
         } else {
-            mtime(&snap_path.join("meta.json")).or_else(|| mtime(&content.path(&info.blob)))
+            mtime(&snap_path.join("meta.json"))
+                .or_else(|| content.file_of(&info.blob).and_then(|p| mtime(&p)))
         };
         let last_used = if info.usage.count > 0 {
             Some(millis(info.usage.last))
@@ -642,7 +642,8 @@ fn garbage_entries(
             parent: d.parent.map(|p| entry_id(&p.hex())),
         });
     }
-    let live_blobs = roots.live_blobs();
+    let mut live_blobs = roots.live_blobs();
+    content.add_recipe_sources(&mut live_blobs);
     for d in content.list().map_err(GcError::Content)? {
         if live_blobs.contains(&d) {
             continue;
@@ -656,8 +657,8 @@ fn garbage_entries(
             in_use: false,
             mutable: false,
             shared: false,
-            created: mtime(&content.path(&d)),
-            last_used: mtime(&content.path(&d)),
+            created: content.file_of(&d).and_then(|p| mtime(&p)),
+            last_used: content.file_of(&d).and_then(|p| mtime(&p)),
             usage_count: 0,
             parent: None,
         });

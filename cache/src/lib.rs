@@ -14,6 +14,7 @@ pub mod image_index;
 pub mod images;
 pub mod layer;
 pub mod paths;
+pub mod recipe;
 pub mod reference;
 pub mod snapshot;
 pub mod store;

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! ROOT/blobs/sha256/<hex>   content store (see `content`)
+//! ROOT/recipes/sha256/<hex> lazy blobs: the ranges of other blobs they are made of (see `recipe`)
 //! ROOT/ingest/              temp files, same filesystem as blobs
 //! ROOT/images.json          image records and tags (see `images`), rewritten atomically
 //! ROOT/lock                 exclusive flock held while images.json is read-modified-written
@@ -241,7 +242,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("r");
         let store = Store::open(&root).unwrap();
-        for sub in ["blobs/sha256", "ingest", "snapshots", "containers", "cache"] {
+        for sub in [
+            "blobs/sha256",
+            "recipes/sha256",
+            "ingest",
+            "snapshots",
+            "containers",
+            "cache",
+        ] {
             assert!(root.join(sub).is_dir(), "{sub}");
         }
         assert_eq!(store.root(), root);

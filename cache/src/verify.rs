@@ -2,7 +2,7 @@
 //!
 //! | check | finding | `--repair` |
 //! |---|---|---|
-//! | every blob re-hashed | corrupt or unreadable blob (damage) | removes it (an image needing it stays damaged: pull or build it again) |
+//! | every blob re-hashed (a lazy one from its recipe's sources) | corrupt or unreadable blob (damage) | removes it (an image needing it stays damaged: pull or build it again) |
 //! | names in `blobs/sha256` | a file not named by a digest (damage) | removes it |
 //! | every image record: manifest, config, layers | broken image, missing blob (damage) | reported only: the image must be pulled or built again |
 //! | every tag | a tag naming no image (damage) | removes the tag |
@@ -22,7 +22,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use kiln_dag::Digest;
@@ -253,7 +252,9 @@ impl VerifyReport {
 }
 
 fn hash_file(store: &Store, d: &Digest) -> Result<Digest, String> {
-    let mut f = store.content().open(d).map_err(|e| error_chain(&e))?;
+    // A lazy blob is hashed from its recipe's sources: checking it writes nothing.
+    let source = store.content().source(d).map_err(|e| error_chain(&e))?;
+    let mut f = source.reader();
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -469,12 +470,11 @@ fn check_cache(
         return Ok(());
     }
     let roots = Roots::read(store).map_err(VerifyError::Images)?;
-    let live = roots.live_blobs();
+    let mut live = roots.live_blobs();
+    store.content().add_recipe_sources(&mut live);
     for d in store.content().list().map_err(VerifyError::List)? {
         if !live.contains(&d) {
-            let bytes = fs::metadata(store.content().path(&d))
-                .map(|m| m.blocks() * 512)
-                .unwrap_or(0);
+            let bytes = store.content().disk_usage(&d);
             found.push(Problem::UnreferencedBlob { digest: d, bytes });
         }
     }
@@ -507,9 +507,7 @@ fn repair(store: &Store, found: Vec<Problem>, report: &mut VerifyReport) -> Vec<
     for p in found {
         let fixed: Option<String> = match &p {
             Problem::Corrupt { digest, .. } | Problem::Unreadable { digest, .. } => {
-                let bytes = fs::metadata(content.path(digest))
-                    .map(|m| m.blocks() * 512)
-                    .unwrap_or(0);
+                let bytes = content.disk_usage(digest);
                 content.delete(digest).ok().map(|()| {
                     report.freed += bytes;
                     format!("removed damaged blob {digest}")

@@ -179,7 +179,10 @@ pub(crate) fn export(
             return Ok(sent_blob(l.blob, l.size, &l.media_type));
         }
         super::fetch_for_export(store, imported, &l.blob, &target)?;
-        let src = content.path(&l.blob);
+        let src = content
+            .materialize(&l.blob)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .map_err(io_err(&target, &content.path(&l.blob)))?;
         let open = || File::open(&src).map(|f| BufReader::with_capacity(256 * 1024, f));
         if !compress {
             let (digest, size) = write_blob(dir, &target, |w| {

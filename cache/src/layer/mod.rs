@@ -48,7 +48,7 @@ pub use sniff::{
     decoder, sniff, sniff_downloading, Compression, Decoder, SniffError, Sniffed, READ_AHEAD_DOWNLOADING_MIN,
 };
 pub use splice::{Donor, TarIndex};
-pub use write::{write_diff, write_diff_indexed, write_tree, WriteError};
+pub use write::{write_diff, write_diff_indexed, write_tree, IndexedLayer, WriteError};
 
 pub(crate) use fsutil::remove_tree;
 

@@ -50,12 +50,17 @@ pub fn layer_size(store: &Store, blob: &Digest, diff_id: &Digest) -> io::Result<
     {
         return Ok(n);
     }
-    let file = store
-        .content()
-        .open(blob)
-        .map_err(|e| io::Error::new(io::ErrorKind::NotFound, e))?;
-    let reader = super::sniff(file).map_err(io::Error::other)?;
-    let size = unpacked_size(reader)?;
+    let content = store.content();
+    let not_found = |e| io::Error::new(io::ErrorKind::NotFound, e);
+    // A lazy blob (always an uncompressed tar kiln wrote) is read where its bytes are, not
+    // written out for this.
+    let size = if content.is_lazy(blob) {
+        let source = content.source(blob).map_err(not_found)?;
+        unpacked_size(io::BufReader::with_capacity(1 << 20, source.reader()))?
+    } else {
+        let file = content.open(blob).map_err(not_found)?;
+        unpacked_size(super::sniff(file).map_err(io::Error::other)?)?
+    };
     // Best effort: the record only saves the next reader a pass over the blob.
     if let Some(dir) = memo.parent() {
         if std::fs::create_dir_all(dir).is_ok() {

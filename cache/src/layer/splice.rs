@@ -11,7 +11,8 @@
 //! it was written from; a [`Donor`] pairs one with its blob.
 
 use std::fmt;
-use std::fs::File;
+
+use crate::recipe::BlobSource;
 
 /// Where one regular file's entry sits in a layer tar, and the inode it was written from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,20 +182,21 @@ impl TarIndex {
     }
 }
 
-/// An earlier layer tar (uncompressed, as the store keeps locally built layers) with its index:
-/// the entries a new write copies for files it shares with the earlier tree by inode.
+/// An earlier layer tar (uncompressed, as the store keeps locally built layers; plain or lazy)
+/// with its index: the entries a new write copies for files it shares with the earlier tree by
+/// inode.
 pub struct Donor {
-    pub(super) blob: File,
+    pub(super) blob: BlobSource,
     pub(super) index: TarIndex,
 }
 
 impl Donor {
     /// Pairs `index` with the `blob` it describes. Entries reaching past the blob's end are
     /// dropped (a blob that does not match its index is never read past its end).
-    pub fn new(blob: File, mut index: TarIndex) -> std::io::Result<Donor> {
-        let size = blob.metadata()?.len();
+    pub fn new(blob: BlobSource, mut index: TarIndex) -> Donor {
+        let size = blob.size();
         index.retain(|s| s.offset.checked_add(s.len).is_some_and(|end| end <= size));
-        Ok(Donor { blob, index })
+        Donor { blob, index }
     }
 
     /// The entry to copy for the regular file at tar path `path` with inode `ino` on device

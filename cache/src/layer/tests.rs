@@ -1,7 +1,7 @@
 //! Tests of layer tars: round trips, overlay diffs on a real mount, determinism, hardlinks,
 //! special files, hostile archives, and timings. Tests that mount need root and say so.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{Read, Write};
@@ -17,6 +17,7 @@ use rustix::fs::{self as rfs, AtFlags, FileType, Gid, Mode, Timespec, Timestamps
 
 use super::tarfmt::{self, Kind, Spec};
 use super::*;
+use crate::recipe::{BlobSource, Recipe};
 
 fn is_root() -> bool {
     fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
@@ -1272,9 +1273,15 @@ fn entries_of_shared_inodes_are_copied_from_the_donor_tar() {
     fs::create_dir(&a).unwrap();
     sample_tree(&a);
     let blob_path = top.path().join("a.tar");
-    let (a_stats, a_index) =
+    let a_written =
         write_diff_indexed(&a, fs::File::create(&blob_path).unwrap(), &DiffOptions::default()).unwrap();
+    let (a_stats, a_index) = (a_written.stats, a_written.index);
     assert_eq!(a_stats.reused, 0);
+    assert!(
+        a_written.recipe.is_none(),
+        "without a donor the whole tar is written"
+    );
+    assert_eq!(a_written.written, a_stats.diff_id);
     assert!(
         a_index.get(b"etc/hard2").is_some(),
         "the first name of a link pair"
@@ -1291,18 +1298,80 @@ fn entries_of_shared_inodes_are_copied_from_the_donor_tar() {
     fs::rename(b.join("big"), b.join("big2")).unwrap();
     file(&b.join("added"), b"new", 0o600);
 
-    let donor = Donor::new(fs::File::open(&blob_path).unwrap(), a_index.clone()).unwrap();
+    let plain = BlobSource::plain(a_stats.diff_id, fs::File::open(&blob_path).unwrap()).unwrap();
+    let donor = Donor::new(plain, a_index.clone());
     let with_donor = DiffOptions {
         donor: Some(std::sync::Arc::new(donor)),
         ..Default::default()
     };
-    let mut reused_tar = Vec::new();
-    let (stats, index) = write_diff_indexed(&b, &mut reused_tar, &with_donor).unwrap();
+    let mut fragment = Vec::new();
+    let lazy = write_diff_indexed(&b, &mut fragment, &with_donor).unwrap();
+    let (stats, index) = (lazy.stats, lazy.index.clone());
     let mut fresh_tar = Vec::new();
-    let (fresh_stats, fresh_index) = write_diff_indexed(&b, &mut fresh_tar, &DiffOptions::default()).unwrap();
-    assert!(reused_tar == fresh_tar, "copying entries changed the tar");
+    let fresh = write_diff_indexed(&b, &mut fresh_tar, &DiffOptions::default()).unwrap();
+    let (fresh_stats, fresh_index) = (fresh.stats, fresh.index);
+    // Only the new bytes were written; the recipe gives the very tar a full write gives.
+    let recipe = lazy.recipe.expect("a write reusing entries is lazy");
+    assert_eq!(lazy.written, Digest::of(&fragment));
+    assert_eq!(recipe.sources, vec![lazy.written, a_stats.diff_id]);
+    let donor_bytes: u64 = recipe
+        .pieces
+        .iter()
+        .filter(|p| p.source != 0)
+        .map(|p| p.len)
+        .sum();
+    assert!(donor_bytes > 0);
+    assert_eq!(
+        fragment.len() as u64 + donor_bytes,
+        fresh_tar.len() as u64,
+        "a byte written twice"
+    );
+    let mut blobs = HashMap::new();
+    blobs.insert(lazy.written, fragment.clone());
+    blobs.insert(a_stats.diff_id, fs::read(&blob_path).unwrap());
+    assert!(
+        assemble(&recipe, &blobs) == fresh_tar,
+        "copying entries changed the tar"
+    );
+    assert_eq!(stats.size, fresh_tar.len() as u64);
     assert_eq!(stats.diff_id, fresh_stats.diff_id);
     assert_eq!(index, fresh_index, "the index of a tar written with reuse");
+
+    // A third tree linked from B (a lazy blob) with one more change: its recipe reads only plain
+    // blobs (B's fragment and A's blob, never B itself) and gives C's full tar.
+    let c = top.path().join("c");
+    let status = Command::new("cp").arg("-al").arg(&b).arg(&c).status().unwrap();
+    assert!(status.success());
+    fs::remove_file(c.join("added")).unwrap();
+    file(&c.join("added"), b"newer", 0o600);
+    let b_source = BlobSource::of_recipe(
+        &recipe,
+        vec![
+            (lazy.written, tempfile_with(&fragment)),
+            (a_stats.diff_id, fs::File::open(&blob_path).unwrap()),
+        ],
+    )
+    .unwrap();
+    let c_donor = DiffOptions {
+        donor: Some(std::sync::Arc::new(Donor::new(b_source, lazy.index))),
+        ..Default::default()
+    };
+    let mut c_fragment = Vec::new();
+    let c_lazy = write_diff_indexed(&c, &mut c_fragment, &c_donor).unwrap();
+    let c_recipe = c_lazy.recipe.expect("lazy again");
+    assert!(
+        !c_recipe.sources.contains(&stats.diff_id),
+        "{:?}",
+        c_recipe.sources
+    );
+    blobs.insert(c_lazy.written, c_fragment);
+    let c_fresh = tar_of(&c, &DiffOptions::default()).0;
+    assert!(
+        assemble(&c_recipe, &blobs) == c_fresh,
+        "a recipe over a lazy donor"
+    );
+    assert_eq!(c_lazy.stats.diff_id, Digest::of(&c_fresh));
+    assert!(c_lazy.stats.reused > 0);
 
     // Reused: every indexed file of A still at its path with its inode.
     let same = a_index
@@ -1336,12 +1405,14 @@ fn a_donor_blob_shorter_than_its_index_is_never_read_past_its_end() {
     file(&a.join("one"), &[1u8; 3000], 0o644);
     file(&a.join("two"), &[2u8; 10], 0o644);
     let blob_path = top.path().join("a.tar");
-    let (_, index) =
+    let written =
         write_diff_indexed(&a, fs::File::create(&blob_path).unwrap(), &DiffOptions::default()).unwrap();
+    let index = written.index;
     // Cut the blob inside `two`'s entry: only `one` stays reusable.
     let blob = fs::OpenOptions::new().write(true).open(&blob_path).unwrap();
     blob.set_len(index.get(b"two").unwrap().offset + 512).unwrap();
-    let donor = Donor::new(fs::File::open(&blob_path).unwrap(), index).unwrap();
+    let plain = BlobSource::plain(written.stats.diff_id, fs::File::open(&blob_path).unwrap()).unwrap();
+    let donor = Donor::new(plain, index);
     let opts = DiffOptions {
         donor: Some(std::sync::Arc::new(donor)),
         ..Default::default()
@@ -1350,6 +1421,22 @@ fn a_donor_blob_shorter_than_its_index_is_never_read_past_its_end() {
     let stats = write_diff(&a, &mut out, &opts).unwrap();
     assert_eq!(stats.reused, 1);
     assert_eq!(out, tar_of(&a, &DiffOptions::default()).0);
+}
+
+/// The bytes `recipe` stands for, from `blobs`.
+fn assemble(recipe: &Recipe, blobs: &HashMap<Digest, Vec<u8>>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in &recipe.pieces {
+        let src = &blobs[&recipe.sources[p.source as usize]];
+        out.extend_from_slice(&src[p.offset as usize..(p.offset + p.len) as usize]);
+    }
+    out
+}
+
+fn tempfile_with(bytes: &[u8]) -> fs::File {
+    let mut f = tempfile::tempfile().unwrap();
+    f.write_all(bytes).unwrap();
+    f
 }
 
 /// `check` fails exactly where `apply` into an empty directory fails, in both whiteout modes,

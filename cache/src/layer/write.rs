@@ -7,13 +7,15 @@
 //!
 //! With a [`Donor`](super::Donor) (the earlier result of the same step), a regular file that is
 //! the very inode the donor's tar wrote at the same path is not opened, read or even stat'ed: its
-//! entry is copied from the donor's blob (see [`super::splice`]).
+//! entry is copied from the donor's blob (see [`super::splice`]). [`write_diff_indexed`] then
+//! writes only the bytes that are new (the fragment) and returns a [`Recipe`] for the whole tar:
+//! the donor's bytes are hashed into the diff ID but not written again.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirEntryExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirEntryExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::mpsc;
 
@@ -23,6 +25,7 @@ use sha2::{Digest as _, Sha256};
 use super::splice::{Donor, Span, TarIndex};
 use super::tarfmt::{self, Kind, Spec};
 use super::{DiffOptions, LayerStats};
+use crate::recipe::{BlobSource, Recipe};
 
 /// Errors of [`write_diff`] and [`write_tree`].
 #[derive(Debug, thiserror::Error)]
@@ -116,24 +119,68 @@ const CHUNK: usize = 1 << 20;
 /// A chunk is always `CHUNK` bytes long and `fill` says how much of it holds output: reads go
 /// straight into it, and a chunk coming back for reuse is not zeroed again (a 120 MB layer
 /// would otherwise cost as many bytes of memset).
+///
+/// Lazy (a write with a donor, see [`write_diff_indexed`]), a chunk holds either new bytes or
+/// the donor's, never both: the hashing thread hashes every chunk and writes only the new ones,
+/// and the pipe records the tar as parts (new bytes, donor ranges) for its recipe.
 struct Pipe {
     buf: Vec<u8>,
     fill: usize,
     /// Bytes handed to the hashing thread so far.
     sent: u64,
-    full: mpsc::SyncSender<(Vec<u8>, usize)>,
+    full: mpsc::SyncSender<Chunk>,
     /// Chunks the hashing thread is done with, for reuse.
     empty: mpsc::Receiver<Vec<u8>>,
+    /// The tar so far as parts, when lazy.
+    parts: Option<Vec<Part>>,
+    /// Whether the bytes in `buf` are the donor's (lazy only).
+    donor_bytes: bool,
+}
+
+/// A chunk for the hashing thread: its buffer, how much of it is output, and whether to write
+/// it (lazy writes skip the donor's bytes).
+type Chunk = (Vec<u8>, usize, bool);
+
+/// A part of a lazily written tar: new bytes (in the fragment, in order), or a range of a plain
+/// blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    New(u64),
+    Blob(Digest, u64, u64),
 }
 
 impl Pipe {
-    fn new(full: mpsc::SyncSender<(Vec<u8>, usize)>, empty: mpsc::Receiver<Vec<u8>>) -> Pipe {
+    fn new(full: mpsc::SyncSender<Chunk>, empty: mpsc::Receiver<Vec<u8>>, lazy: bool) -> Pipe {
         Pipe {
             buf: vec![0; CHUNK],
             fill: 0,
             sent: 0,
             full,
             empty,
+            parts: lazy.then(Vec::new),
+            donor_bytes: false,
+        }
+    }
+
+    /// Makes room for new bytes: a chunk of the donor's bytes is sent first (lazy only).
+    fn new_bytes(&mut self) -> io::Result<()> {
+        let Some(parts) = &mut self.parts else {
+            return Ok(());
+        };
+        if !matches!(parts.last(), Some(Part::New(_))) {
+            parts.push(Part::New(0));
+        }
+        if self.donor_bytes {
+            self.send()?;
+            self.donor_bytes = false;
+        }
+        Ok(())
+    }
+
+    /// Counts `n` new bytes just put into the chunk (lazy only).
+    fn count_new(&mut self, n: usize) {
+        if let Some(Part::New(len)) = self.parts.as_mut().and_then(|p| p.last_mut()) {
+            *len += n as u64;
         }
     }
 
@@ -151,8 +198,9 @@ impl Pipe {
         let chunk = std::mem::replace(&mut self.buf, next);
         let fill = std::mem::take(&mut self.fill);
         self.sent += fill as u64;
+        let write = !self.donor_bytes || self.parts.is_none();
         self.full
-            .send((chunk, fill))
+            .send((chunk, fill, write))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the layer hashing thread stopped"))
     }
 
@@ -161,10 +209,30 @@ impl Pipe {
         self.sent + self.fill as u64
     }
 
-    /// Copies `len` bytes of `file` from `offset` straight into the chunks; a file ending early
-    /// is an error.
-    fn copy_range(&mut self, file: &File, mut offset: u64, len: u64) -> io::Result<()> {
+    /// Copies `len` bytes of the donor's blob from `offset` straight into the chunks; a blob
+    /// ending early is an error. Lazy, they are recorded as the plain-blob ranges they come from
+    /// and kept out of the chunks of new bytes.
+    fn copy_range(&mut self, blob: &BlobSource, mut offset: u64, len: u64) -> io::Result<()> {
         let end = offset + len;
+        if let Some(parts) = &mut self.parts {
+            let before = parts.len();
+            let mut resolved = 0;
+            blob.resolve(offset, len, |d, off, n| {
+                resolved += n;
+                match parts.last_mut() {
+                    Some(Part::Blob(last, at, run)) if *last == d && *at + *run == off => *run += n,
+                    _ => parts.push(Part::Blob(d, off, n)),
+                }
+            });
+            if resolved != len {
+                parts.truncate(before);
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            if !self.donor_bytes {
+                self.send()?;
+                self.donor_bytes = true;
+            }
+        }
         while offset < end {
             if self.fill >= CHUNK {
                 self.send()?;
@@ -173,7 +241,7 @@ impl Pipe {
             let want = usize::try_from(end - offset)
                 .unwrap_or(usize::MAX)
                 .min(CHUNK - start);
-            match file.read_at(&mut self.buf[start..start + want], offset) {
+            match blob.read_at(&mut self.buf[start..start + want], offset) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => {
                     self.fill += n;
@@ -190,6 +258,7 @@ impl Pipe {
     /// (fewer only at end of file).
     fn read_from(&mut self, r: &mut impl Read, limit: u64) -> io::Result<u64> {
         let mut total = 0u64;
+        self.new_bytes()?;
         while total < limit {
             if self.fill >= CHUNK {
                 self.send()?;
@@ -203,6 +272,7 @@ impl Pipe {
                 Ok(n) => {
                     self.fill += n;
                     total += n as u64;
+                    self.count_new(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -214,12 +284,14 @@ impl Pipe {
 
 impl Write for Pipe {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.new_bytes()?;
         if self.fill >= CHUNK {
             self.send()?;
         }
         let n = data.len().min(CHUNK - self.fill);
         self.buf[self.fill..self.fill + n].copy_from_slice(&data[..n]);
         self.fill += n;
+        self.count_new(n);
         Ok(n)
     }
 
@@ -232,44 +304,76 @@ impl Write for Pipe {
 /// [`hash_and_write`]).
 const WRITE_BESIDE_FROM: u64 = 8 << 20;
 
-/// The hashing thread: hashes, counts and writes every chunk, in order.
+/// What the hashing thread computed: the hash of every byte (the diff ID), their count, and,
+/// once a chunk was not written, the hash of the bytes that were (the fragment's digest; until
+/// then the two are the same bytes).
+struct Hashed {
+    all: Sha256,
+    size: u64,
+    written: Option<Sha256>,
+}
+
+/// The hashing thread: hashes and counts every chunk, in order, and writes those marked so.
 ///
 /// Writing into the page cache costs more than hashing (a 1 GB layer of an edited 500k-file
-/// copy: ~2.2 s of `write` against ~0.5 s of SHA-256 here), so once a layer is past
-/// [`WRITE_BESIDE_FROM`] the writes go to a third thread and the two overlap; a small layer
-/// never pays for the thread.
+/// copy: ~2.2 s of `write` against ~0.5 s of SHA-256 here), so once a layer has written
+/// [`WRITE_BESIDE_FROM`] bytes the writes go to a third thread and the two overlap; a small
+/// layer never pays for the thread.
 fn hash_and_write<W: Write + Send>(
     mut out: W,
-    full: mpsc::Receiver<(Vec<u8>, usize)>,
+    full: mpsc::Receiver<Chunk>,
     empty: mpsc::Sender<Vec<u8>>,
-) -> io::Result<(Sha256, u64)> {
-    let mut hasher = Sha256::new();
-    let mut count = 0u64;
-    while count < WRITE_BESIDE_FROM {
-        let Ok((chunk, fill)) = full.recv() else {
+) -> io::Result<Hashed> {
+    let mut h = Hashed {
+        all: Sha256::new(),
+        size: 0,
+        written: None,
+    };
+    let mut written = 0u64;
+    // Hashes one chunk; whether to write it.
+    let absorb = |h: &mut Hashed, data: &[u8], write: bool| {
+        if !write && h.written.is_none() {
+            h.written = Some(h.all.clone());
+        }
+        h.all.update(data);
+        h.size += data.len() as u64;
+        if write {
+            if let Some(w) = &mut h.written {
+                w.update(data);
+            }
+        }
+    };
+    while written < WRITE_BESIDE_FROM {
+        let Ok((chunk, fill, write)) = full.recv() else {
             out.flush()?;
-            return Ok((hasher, count));
+            return Ok(h);
         };
         let data = &chunk[..fill];
-        hasher.update(data);
-        out.write_all(data)?;
-        count += fill as u64;
+        absorb(&mut h, data, write);
+        if write {
+            out.write_all(data)?;
+            written += fill as u64;
+        }
         let _ = empty.send(chunk);
     }
     std::thread::scope(|scope| {
-        let (to_write, written) = mpsc::sync_channel::<(Vec<u8>, usize)>(4);
+        let (to_write, to_writer) = mpsc::sync_channel::<(Vec<u8>, usize)>(4);
+        let recycle = empty.clone();
         let writer = std::thread::Builder::new()
             .name("kiln-layer-write".into())
             .spawn_scoped(scope, move || -> io::Result<()> {
-                for (chunk, fill) in written {
+                for (chunk, fill) in to_writer {
                     out.write_all(&chunk[..fill])?;
-                    let _ = empty.send(chunk);
+                    let _ = recycle.send(chunk);
                 }
                 out.flush()
             })?;
-        for (chunk, fill) in full {
-            hasher.update(&chunk[..fill]);
-            count += fill as u64;
+        for (chunk, fill, write) in full {
+            absorb(&mut h, &chunk[..fill], write);
+            if !write {
+                let _ = empty.send(chunk);
+                continue;
+            }
             // A failed write ends the writer: stop, and report its error below.
             if to_write.send((chunk, fill)).is_err() {
                 break;
@@ -279,7 +383,7 @@ fn hash_and_write<W: Write + Send>(
         writer
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the layer writing thread panicked")))?;
-        Ok((hasher, count))
+        Ok(h)
     })
 }
 
@@ -291,11 +395,30 @@ pub fn write_diff<W: Write + Send>(
     out: W,
     opts: &DiffOptions,
 ) -> Result<LayerStats, WriteError> {
-    run(upper, out, opts, true, false).map(|(stats, _)| stats)
+    run(upper, out, opts, true, false).map(|w| w.stats)
+}
+
+/// What [`write_diff_indexed`] wrote.
+#[derive(Debug)]
+pub struct IndexedLayer {
+    /// The whole tar's diff ID, size and entries.
+    pub stats: LayerStats,
+    /// Where each regular file's entry sits in the tar.
+    pub index: TarIndex,
+    /// sha256 of the bytes written to the output: the diff ID, or with a [`recipe`](Self::recipe),
+    /// the fragment's digest.
+    pub written: Digest,
+    /// When entries were reused from a donor: the tar as the ranges of the fragment (the bytes
+    /// written, `sources[0]`) and of the plain blobs the donor's bytes are in. The donor's
+    /// bytes were hashed into the diff ID but not written.
+    pub recipe: Option<Recipe>,
 }
 
 /// [`write_diff`], also returning where each regular file's entry sits in the tar: the index a
 /// later write of a tree sharing these files (as a [`Donor`]) copies entries by.
+///
+/// With a donor, the entries it holds are not written to `out` again: `out` gets the new bytes
+/// only (the fragment) and the result a [`Recipe`] for the whole tar.
 ///
 /// `upper` must be a plain directory on one filesystem (an overlayfs upper dir, not a merged
 /// view), because reused entries are matched by the inode numbers its listing reports.
@@ -303,14 +426,51 @@ pub fn write_diff_indexed<W: Write + Send>(
     upper: &Path,
     out: W,
     opts: &DiffOptions,
-) -> Result<(LayerStats, TarIndex), WriteError> {
-    run(upper, out, opts, true, true).map(|(stats, index)| (stats, index.unwrap_or_default()))
+) -> Result<IndexedLayer, WriteError> {
+    let written = run(upper, out, opts, true, true)?;
+    let recipe = match (written.parts, written.fragment) {
+        (Some(parts), Some(fragment)) => {
+            let mut recipe = Recipe {
+                sources: vec![fragment],
+                own_first: true,
+                ..Default::default()
+            };
+            let mut at = 0;
+            for part in parts {
+                match part {
+                    Part::New(n) => {
+                        recipe.push(fragment, at, n);
+                        at += n;
+                    }
+                    Part::Blob(d, offset, n) => recipe.push(d, offset, n),
+                }
+            }
+            Some(recipe)
+        }
+        _ => None,
+    };
+    Ok(IndexedLayer {
+        stats: written.stats,
+        index: written.index.unwrap_or_default(),
+        written: written.fragment.unwrap_or(written.stats.diff_id),
+        recipe,
+    })
 }
 
 /// Writes a plain directory as a layer tar in the same format as [`write_diff`], without
 /// interpreting whiteouts (a 0/0 character device is written as a device).
 pub fn write_tree<W: Write + Send>(dir: &Path, out: W, opts: &DiffOptions) -> Result<LayerStats, WriteError> {
-    run(dir, out, opts, false, false).map(|(stats, _)| stats)
+    run(dir, out, opts, false, false).map(|w| w.stats)
+}
+
+/// What [`run`] produced.
+struct Written {
+    stats: LayerStats,
+    index: Option<TarIndex>,
+    /// The tar as parts, when donor bytes were kept out of the output.
+    parts: Option<Vec<Part>>,
+    /// The digest of the bytes written, when some were not.
+    fragment: Option<Digest>,
 }
 
 fn run<W: Write + Send>(
@@ -319,7 +479,7 @@ fn run<W: Write + Send>(
     opts: &DiffOptions,
     overlay: bool,
     index: bool,
-) -> Result<(LayerStats, Option<TarIndex>), WriteError> {
+) -> Result<Written, WriteError> {
     let meta = fs::metadata(root).map_err(|source| WriteError::Stat {
         path: root.to_path_buf(),
         source,
@@ -334,7 +494,7 @@ fn run<W: Write + Send>(
         path: root.to_path_buf(),
         source,
     };
-    let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(4);
+    let (full_tx, full_rx) = mpsc::sync_channel::<Chunk>(4);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|scope| {
         let hashing = std::thread::Builder::new()
@@ -358,7 +518,7 @@ fn run<W: Write + Send>(
             source_date_epoch: opts.source_date_epoch,
             exclude,
             links: HashMap::new(),
-            out: Pipe::new(full_tx, empty_rx),
+            out: Pipe::new(full_tx, empty_rx, index && donor.is_some()),
             entries: 0,
             header: Vec::with_capacity(2048),
             list: vec![0u8; 1024],
@@ -377,6 +537,7 @@ fn run<W: Write + Send>(
             i
         });
         let reused = walker.reused;
+        let parts = walker.out.parts.take();
         // Closes the channel: the hashing thread finishes what it has and returns.
         drop(walker);
         let hashed = hashing
@@ -387,15 +548,20 @@ fn run<W: Write + Send>(
             // pipe: the write error is the cause.
             (_, Err(e)) => Err(write_err(e)),
             (Err(e), Ok(_)) => Err(e),
-            (Ok(()), Ok((hasher, size))) => Ok((
-                LayerStats {
-                    diff_id: Digest(hasher.finalize().into()),
-                    size,
-                    entries,
-                    reused,
-                },
-                index,
-            )),
+            (Ok(()), Ok(hashed)) => {
+                let fragment = hashed.written.map(|w| Digest(w.finalize().into()));
+                Ok(Written {
+                    stats: LayerStats {
+                        diff_id: Digest(hashed.all.finalize().into()),
+                        size: hashed.size,
+                        entries,
+                        reused,
+                    },
+                    index,
+                    parts: parts.filter(|_| fragment.is_some()),
+                    fragment,
+                })
+            }
         }
     })
 }

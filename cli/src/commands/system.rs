@@ -365,9 +365,7 @@ struct ImageUsage {
 }
 
 fn disk_of_blob(store: &Store, d: &Digest) -> u64 {
-    std::fs::symlink_metadata(store.content().path(d))
-        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
-        .unwrap_or(0)
+    store.content().disk_usage(d)
 }
 
 fn image_usage(store: &Store) -> anyhow::Result<ImageUsage> {

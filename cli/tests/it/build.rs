@@ -421,6 +421,97 @@ fn edit_with_size_and_mtime_kept_reaches_the_image_after_a_linked_copy() {
     assert_eq!(layers(&fresh, "t/touch")[1], second[1]);
 }
 
+/// An edited COPY writes only its new bytes: its layer is kept as a recipe (ranges of the last
+/// result's blob and a fragment) until something needs the tar (a save, a cache export), which
+/// then writes it, checked against its diff ID: the tar a fresh store writes.
+#[test]
+fn an_edited_copys_layer_is_a_recipe_until_its_bytes_are_needed() {
+    let (env, ctx) = setup();
+    write(&ctx, "Dockerfile", "FROM busybox:local\nCOPY . /ctx/\n");
+    for i in 0..200 {
+        write(&ctx, &format!("src/d{}/f{i}", i % 7), &"x".repeat(3000 + i));
+    }
+    let hex = |diff: &str| diff.trim_start_matches("sha256:").to_string();
+    let lazy = |diff: &str| env.root().join("recipes/sha256").join(hex(diff)).is_file();
+    let plain = |diff: &str| env.root().join("blobs/sha256").join(hex(diff)).is_file();
+    build(&env, &ctx, "t/lazy", &[]);
+    let first = layers(&env, "t/lazy");
+    assert!(
+        plain(&first[1]) && !lazy(&first[1]),
+        "nothing to reuse: the tar is written"
+    );
+
+    write(&ctx, "src/d3/f10", "edited");
+    build(&env, &ctx, "t/lazy", &[]);
+    let second = layers(&env, "t/lazy");
+    assert_ne!(second[1], first[1]);
+    assert!(
+        lazy(&second[1]) && !plain(&second[1]),
+        "an edit reusing entries writes no tar"
+    );
+    // Docker's sizes (inspect, images, history) read it in place.
+    let size = |image: &str| env.inspect(image)["Size"].as_u64().unwrap();
+    assert!(size("t/lazy") > 200 * 3000, "{}", size("t/lazy"));
+    assert!(lazy(&second[1]));
+    env.ok(&["tag", "t/lazy", "t/second"]);
+    assert_eq!(run(&env, "t/lazy", &["cat", "/ctx/src/d3/f10"]), "edited");
+    // verify hashes the recipe's bytes without writing them.
+    let out = env.ok(&["store", "verify"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"), "{out:?}");
+    assert!(lazy(&second[1]));
+
+    // Again, from a lazy last result: the recipe reads the plain blobs, never the lazy one.
+    write(&ctx, "src/d5/f12", "edited too");
+    build(&env, &ctx, "t/lazy", &[]);
+    let third = layers(&env, "t/lazy");
+    assert!(lazy(&third[1]) && !plain(&third[1]));
+    let recipe = std::fs::read(env.root().join("recipes/sha256").join(hex(&third[1]))).unwrap();
+    let raw: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&hex(&second[1])[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    assert!(
+        !recipe.windows(32).any(|w| w == raw),
+        "a recipe names a lazy blob"
+    );
+    let fresh = Env::new();
+    fresh.with_busybox();
+    build(&fresh, &ctx, "t/lazy", &[]);
+    assert_eq!(
+        layers(&fresh, "t/lazy")[1],
+        third[1],
+        "not the layer a fresh store writes"
+    );
+
+    // A save needs the bytes: written, checked, and loadable elsewhere.
+    let saved = env.path("second.tar");
+    env.ok(&["save", "-o", saved.to_str().unwrap(), "t/second"]);
+    assert!(plain(&second[1]) && !lazy(&second[1]));
+    let other = Env::new();
+    other.ok(&["load", "-i", saved.to_str().unwrap()]);
+    assert_eq!(layers(&other, "t/second"), second);
+    // The second's fragment is now named by the third's recipe only: a prune keeps it.
+    env.ok(&["image", "prune", "-f"]);
+    // So does a cache export.
+    let cache = env.path("cache");
+    let dest = format!("type=local,dest={},compression=uncompressed", cache.display());
+    build(&env, &ctx, "t/lazy", &["--cache-to", &dest]);
+    assert!(plain(&third[1]) && !lazy(&third[1]));
+    assert!(cache.join("blobs/sha256").join(hex(&third[1])).is_file());
+    env.ok(&["store", "verify"]);
+
+    // Nothing kept: nothing left, recipes and fragments included.
+    env.ok(&["rmi", "t/lazy", "t/second"]);
+    env.ok(&["image", "prune", "-a", "-f"]);
+    env.ok(&["builder", "prune", "-a", "-f"]);
+    for dir in ["blobs/sha256", "recipes/sha256"] {
+        let left: Vec<_> = std::fs::read_dir(env.root().join(dir))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(left.is_empty(), "{dir}: {left:?}");
+    }
+}
+
 #[test]
 fn copy_link_from_a_stage_links_its_files_unless_it_changes_them() {
     use std::os::unix::fs::MetadataExt;

@@ -235,8 +235,8 @@ impl Engine {
     /// in the store.
     fn tar_donor(&self, donor: &Snapshot) -> Option<Arc<layer::Donor>> {
         let index = layer::TarIndex::decode(&self.snapshots.attachment(&donor.key, super::TAR_INDEX)?)?;
-        let blob = self.store.content().open(&donor.diff_id).ok()?;
-        layer::Donor::new(blob, index).ok().map(Arc::new)
+        let blob = self.store.content().source(&donor.diff_id).ok()?;
+        Some(Arc::new(layer::Donor::new(blob, index)))
     }
 
     fn lineage_path(&self, vertex: &Digest) -> PathBuf {

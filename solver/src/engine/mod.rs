@@ -709,37 +709,46 @@ impl Engine {
         // The tar goes straight into the content store (named by the diff ID the writer
         // computed over the bytes it wrote): one pass over the data, no temp copy, one hash. Its
         // fsync and rename into place run behind the build; the next step needs only the
-        // snapshot.
+        // snapshot. A linked copy's tar reuses the last result's entries: only its new bytes
+        // are written (a fragment blob) and the layer is kept as a recipe over the fragment and
+        // the earlier blob, stored once the fragment is durable.
         let mut writer = self
             .store
             .content()
             .prehashed_writer()
             .map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
-        let stats = match indexed {
-            None => layer::write_diff(mutable.upper(), &mut writer, &opts),
-            Some(_) => {
-                layer::write_diff_indexed(mutable.upper(), &mut writer, &opts).map(|(stats, index)| {
-                    if let Err(e) = mutable.attach(TAR_INDEX, &index.encode()) {
-                        tracing::debug!(error = %e, "tar index not stored");
-                    }
-                    stats
-                })
-            }
+        let (stats, written, recipe) = match indexed {
+            None => layer::write_diff(mutable.upper(), &mut writer, &opts).map(|s| (s, s.diff_id, None)),
+            Some(_) => layer::write_diff_indexed(mutable.upper(), &mut writer, &opts).map(|l| {
+                if let Err(e) = mutable.attach(TAR_INDEX, &l.index.encode()) {
+                    tracing::debug!(error = %e, "tar index not stored");
+                }
+                (l.stats, l.written, l.recipe)
+            }),
         }
         .map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
         if opts.donor.is_some() {
             tracing::debug!(
                 reused = stats.reused,
                 entries = stats.entries,
+                lazy = recipe.is_some(),
                 "entries copied from the earlier tar"
             );
         }
         let unsynced = writer
-            .finish_unsynced(Some(&stats.diff_id))
+            .finish_unsynced(Some(&written))
             .map_err(|e| EngineError::WriteLayer(Box::new(e)))?;
-        let size = unsynced.size();
-        let blob = unsynced.digest();
         self.durable.commit(unsynced);
+        let size = stats.size;
+        let blob = stats.diff_id;
+        if let Some(recipe) = recipe {
+            let content = self.store.content().clone();
+            self.durable.then(move || {
+                content
+                    .put_recipe(&blob, &recipe)
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            });
+        }
         let chain = chain_id(base, &stats.diff_id);
         let snapshot = match self.snapshots.get(&chain) {
             Some(_) => {
