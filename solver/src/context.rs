@@ -472,12 +472,15 @@ impl ContextIndex {
                 rank
             })
             .collect();
-        // Collected straight into the entries (no second list of results beside them); the
-        // records hashed afresh are found again below by one lookup each.
-        let entries: Vec<Entry> = walked
+        // Collected straight into the entries, in place (`collect_into_vec` on the indexed
+        // iterator: collecting a `Result` would gather chunks in a list and copy them, twice
+        // the entries for a moment, ~60 MB at 500k files); the first error is kept beside.
+        let failed: std::sync::Mutex<Option<ContextError>> = std::sync::Mutex::new(None);
+        let mut slots: Vec<Option<Entry>> = Vec::new();
+        walked
             .into_par_iter()
             .enumerate()
-            .map(|(i, w)| {
+            .map(|(i, w)| -> Result<Entry, ContextError> {
                 let link = if w.kind == Kind::Symlink {
                     let abs = root.join(&w.rel);
                     let t = std::fs::read_link(&abs)
@@ -511,7 +514,24 @@ impl ContextIndex {
                     path: w.rel,
                 })
             })
-            .collect::<Result<_, ContextError>>()?;
+            .map(|r| match r {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    let mut first = failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    first.get_or_insert(e);
+                    None
+                }
+            })
+            .collect_into_vec(&mut slots);
+        if let Some(e) = failed
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            return Err(e);
+        }
+        // Every slot is filled (no error); `Option<Entry>` is an `Entry` in size, so this
+        // reuses the allocation.
+        let entries: Vec<Entry> = slots.into_iter().flatten().collect();
         cache.update(&entries);
         Ok(ContextIndex {
             root: root.to_path_buf(),
