@@ -192,23 +192,7 @@ pub(crate) fn export(
             return Ok(sent_blob(digest, size, &l.media_type));
         }
         let (digest, size) = write_blob(dir, &target, |w| {
-            let mut input = open()?;
-            match planned.compression {
-                Compression::Zstd => {
-                    let mut enc =
-                        zstd::stream::write::Encoder::new(w, kiln_source::registry::push::ZSTD_LEVEL)?;
-                    std::io::copy(&mut input, &mut enc)?;
-                    enc.finish()?;
-                }
-                _ => {
-                    let mut enc = flate2::write::GzEncoder::new(
-                        w,
-                        flate2::Compression::new(kiln_source::registry::push::GZIP_LEVEL),
-                    );
-                    std::io::copy(&mut input, &mut enc)?;
-                    enc.finish()?;
-                }
-            }
+            kiln_source::registry::compress::compress_into(File::open(&src)?, planned.compression, w)?;
             Ok(())
         })?;
         let _ = meta.record_compressed(&l.diff_id, algorithm, &Compressed { digest, size });

@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod compress;
 pub mod meta;
 pub mod pull;
 pub mod push;

@@ -468,16 +468,7 @@ impl Ctx<'_> {
                 digest: *blob,
                 source: Box::new(source),
             })?;
-            let input = std::io::BufReader::with_capacity(256 * 1024, f);
-            Ok(match algorithm {
-                Compression::Zstd => {
-                    Box::new(zstd::stream::read::Encoder::new(input, ZSTD_LEVEL).map_err(compress_err)?)
-                }
-                Compression::Gzip | Compression::Uncompressed => Box::new(flate2::read::GzEncoder::new(
-                    input,
-                    flate2::Compression::new(GZIP_LEVEL),
-                )),
-            })
+            super::compress::compressing_reader(f, algorithm).map_err(compress_err)
         };
         let (digest, size) = self.upload(blob, None, &open)?;
         let c = Compressed { digest, size };
