@@ -546,6 +546,31 @@ impl ContentStore {
         BlobSource::of_recipe(&recipe, files).map_err(|e| damaged(e.to_string()))
     }
 
+    /// The blob's size and a reader of its bytes: its file, or for a lazy blob its recipe's
+    /// sources, checked against the digest at the end (nothing is written; a push or a cache
+    /// export streams a lazy layer through this).
+    pub fn reader(&self, digest: &Digest) -> Result<(u64, Box<dyn Read + Send>), ContentError> {
+        let path = self.path(digest);
+        let open_err = |path: PathBuf| {
+            move |source| ContentError::Open {
+                digest: *digest,
+                path,
+                source,
+            }
+        };
+        match File::open(&path) {
+            Ok(f) => {
+                let size = f.metadata().map_err(open_err(path))?.len();
+                Ok((size, Box::new(std::io::BufReader::with_capacity(BUF_SIZE, f))))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let source = self.source(digest)?;
+                Ok((source.size(), Box::new(source.into_checked_reader(*digest))))
+            }
+            Err(source) => Err(open_err(path)(source)),
+        }
+    }
+
     /// Writes the lazy blob `digest` out as a plain blob (checked against its digest) and drops
     /// its recipe; nothing for a plain blob. Returns the blob's path.
     pub fn materialize(&self, digest: &Digest) -> Result<PathBuf, ContentError> {

@@ -16,6 +16,7 @@
 //! - a recipe is stored only after its sources are durable, and a kept recipe keeps its sources
 //!   (GC marks them through [`ContentStore::add_recipe_sources`](crate::content::ContentStore::add_recipe_sources)).
 
+use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
@@ -274,6 +275,57 @@ impl BlobSource {
     }
 }
 
+/// [`BlobSource::into_checked_reader`].
+pub struct CheckedReader {
+    source: BlobSource,
+    at: u64,
+    hasher: sha2::Sha256,
+    expected: Digest,
+}
+
+impl BlobSource {
+    /// A reader of the whole blob that owns the source and, at the end, fails unless the bytes
+    /// hash to `expected`: what a push or an export streams a lazy blob through, so a recipe
+    /// that does not give its blob never leaves the store as that blob.
+    pub fn into_checked_reader(self, expected: Digest) -> CheckedReader {
+        use sha2::Digest as _;
+        CheckedReader {
+            source: self,
+            at: 0,
+            hasher: sha2::Sha256::new(),
+            expected,
+        }
+    }
+}
+
+impl Read for CheckedReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use sha2::Digest as _;
+        let n = self.source.read_at(buf, self.at)?;
+        self.at += n as u64;
+        self.hasher.update(&buf[..n]);
+        if n == 0 && !buf.is_empty() {
+            let actual = Digest(self.hasher.clone().finalize().into());
+            if actual != self.expected {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("blob {} read from its recipe has digest {actual}", self.expected),
+                ));
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl fmt::Debug for CheckedReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CheckedReader")
+            .field("expected", &self.expected)
+            .field("at", &self.at)
+            .finish_non_exhaustive()
+    }
+}
+
 /// [`BlobSource::reader`].
 #[derive(Debug)]
 pub struct SourceReader<'a> {
@@ -350,6 +402,19 @@ mod tests {
         assert_eq!(got, vec![(b, 3, 2), (a, 0, 3)]);
         let mut buf = [0u8; 8];
         assert_eq!(src.read_at(&mut buf, 8).unwrap(), 0);
+        // Read whole and checked: the right digest passes, another fails at the end.
+        let mut out = Vec::new();
+        src.into_checked_reader(Digest::of(b"CDE0123A"))
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out, b"CDE0123A");
+        let src =
+            BlobSource::of_recipe(&r, vec![(b, file_with(b"ABCDEFG")), (a, file_with(b"0123"))]).unwrap();
+        let err = src
+            .into_checked_reader(Digest::of(b"other"))
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert!(err.to_string().contains("read from its recipe"), "{err}");
         // A piece past its source's end is refused when the source is opened.
         let short = BlobSource::of_recipe(&r, vec![(b, file_with(b"ABC")), (a, file_with(b"0123"))]);
         assert!(short.unwrap_err().to_string().contains("past the end"));

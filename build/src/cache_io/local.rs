@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
 
 use kiln_cache::images::MAX_JSON_BYTES;
@@ -179,11 +179,13 @@ pub(crate) fn export(
             return Ok(sent_blob(l.blob, l.size, &l.media_type));
         }
         super::fetch_for_export(store, imported, &l.blob, &target)?;
-        let src = content
-            .materialize(&l.blob)
-            .map_err(|e| std::io::Error::other(e.to_string()))
-            .map_err(io_err(&target, &content.path(&l.blob)))?;
-        let open = || File::open(&src).map(|f| BufReader::with_capacity(256 * 1024, f));
+        // Read where the bytes are (a lazy layer from its recipe, checked), not written out.
+        let open = || {
+            content
+                .reader(&l.blob)
+                .map(|(_, r)| r)
+                .map_err(std::io::Error::other)
+        };
         if !compress {
             let (digest, size) = write_blob(dir, &target, |w| {
                 std::io::copy(&mut open()?, w)?;
@@ -192,7 +194,7 @@ pub(crate) fn export(
             return Ok(sent_blob(digest, size, &l.media_type));
         }
         let (digest, size) = write_blob(dir, &target, |w| {
-            kiln_source::registry::compress::compress_into(File::open(&src)?, planned.compression, w)?;
+            kiln_source::registry::compress::compress_into(open()?, planned.compression, w)?;
             Ok(())
         })?;
         let _ = meta.record_compressed(&l.diff_id, algorithm, &Compressed { digest, size });

@@ -422,8 +422,8 @@ fn edit_with_size_and_mtime_kept_reaches_the_image_after_a_linked_copy() {
 }
 
 /// An edited COPY writes only its new bytes: its layer is kept as a recipe (ranges of the last
-/// result's blob and a fragment) until something needs the tar (a save, a cache export), which
-/// then writes it, checked against its diff ID: the tar a fresh store writes.
+/// result's blob and a fragment). Verify, inspect, a cache export read it in place; a save
+/// writes it out, checked against its diff ID: the tar a fresh store writes.
 #[test]
 fn an_edited_copys_layer_is_a_recipe_until_its_bytes_are_needed() {
     let (env, ctx) = setup();
@@ -491,12 +491,27 @@ fn an_edited_copys_layer_is_a_recipe_until_its_bytes_are_needed() {
     assert_eq!(layers(&other, "t/second"), second);
     // The second's fragment is now named by the third's recipe only: a prune keeps it.
     env.ok(&["image", "prune", "-f"]);
-    // So does a cache export.
-    let cache = env.path("cache");
-    let dest = format!("type=local,dest={},compression=uncompressed", cache.display());
-    build(&env, &ctx, "t/lazy", &["--cache-to", &dest]);
-    assert!(plain(&third[1]) && !lazy(&third[1]));
-    assert!(cache.join("blobs/sha256").join(hex(&third[1])).is_file());
+    // A cache export streams it from its recipe (checked against its digest), uncompressed
+    // or compressed, and leaves it lazy.
+    for (name, compression) in [("plain", "uncompressed"), ("gz", "gzip"), ("zst", "zstd")] {
+        let cache = env.path(&format!("cache-{name}"));
+        let dest = format!(
+            "type=local,dest={},compression={compression},mode=max",
+            cache.display()
+        );
+        build(&env, &ctx, "t/lazy", &["--cache-to", &dest]);
+        assert!(lazy(&third[1]) && !plain(&third[1]));
+        // Imported into a fresh store, the cache gives the layer (its diff ID checked there).
+        let other = Env::new();
+        other.with_busybox();
+        let src = format!("type=local,src={}", cache.display());
+        let out = build(&other, &ctx, "t/lazy", &["--cache-from", &src]);
+        assert!(out.contains("CACHED"), "{out}");
+        assert_eq!(layers(&other, "t/lazy")[1], third[1]);
+        if compression == "uncompressed" {
+            assert!(cache.join("blobs/sha256").join(hex(&third[1])).is_file());
+        }
+    }
     env.ok(&["store", "verify"]);
 
     // Nothing kept: nothing left, recipes and fragments included.

@@ -866,3 +866,44 @@ fn forbidden_throttled_and_unreachable_registries() {
     assert_eq!(err.trim().lines().count(), 1, "one error line: {err}");
     ok(&c, &["store", "verify"]);
 }
+
+/// An edited COPY's layer is lazy (a recipe over earlier blobs): a push streams it from the
+/// recipe, compressed (gzip, zstd) or as stored, without writing the tar into the store, and a
+/// fresh store pulls the very layer a fresh build writes.
+#[test]
+fn a_lazy_layer_is_pushed_from_its_recipe() {
+    require_root();
+    let reg = Registry::start(None);
+    let a = Env::new();
+    a.with_busybox();
+    let ctx = a.path("ctx");
+    for i in 0..100 {
+        let p = ctx.join(format!("d{}/f{i}", i % 5));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, format!("{i}").repeat(2000)).unwrap();
+    }
+    std::fs::write(ctx.join("Dockerfile"), "FROM busybox:local\nCOPY . /ctx/\n").unwrap();
+    let c = ctx.to_str().unwrap();
+    ok(&a, &["build", "-q", "-t", "lazy", c]);
+    std::fs::write(ctx.join("d2/f7"), "edited").unwrap();
+    ok(&a, &["build", "-q", "-t", "lazy", c]);
+    let layers = layer_digests(&a, "lazy");
+    let hex = layers[1].trim_start_matches("sha256:");
+    let recipe = a.root().join("recipes/sha256").join(hex);
+    let blob = a.root().join("blobs/sha256").join(hex);
+    assert!(recipe.is_file() && !blob.exists(), "the edit's layer is not lazy");
+    for (tag, output) in [
+        ("gz", "type=image,name={image},push=true"),
+        ("zst", "type=image,name={image},push=true,compression=zstd,oci-mediatypes=true"),
+        ("raw", "type=image,name={image},push=true,compression=uncompressed"),
+    ] {
+        let image = format!("{}/kiln/lazy:{tag}", reg.addr);
+        ok(&a, &["build", "-q", "-o", &output.replace("{image}", &image), c]);
+        assert!(recipe.is_file() && !blob.exists(), "{tag}: the push wrote the tar");
+        let b = Env::new();
+        ok(&b, &["pull", &image]);
+        assert_eq!(layer_digests(&b, &image), layers, "{tag}");
+        let run = ok(&b, &["run", "--rm", &image, "cat", "/ctx/d2/f7"]);
+        assert_eq!(run, "edited", "{tag}");
+    }
+}

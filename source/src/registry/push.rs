@@ -417,8 +417,7 @@ impl Ctx<'_> {
         };
         let size = content.size(digest).map_err(read_err)?;
         let open = || -> Result<Box<dyn Read + Send>, PushError> {
-            let f = content.open(digest).map_err(read_err)?;
-            Ok(Box::new(std::io::BufReader::with_capacity(256 * 1024, f)))
+            content.reader(digest).map(|(_, r)| r).map_err(read_err)
         };
         let (sent, _) = self.upload(digest, Some(size), &open)?;
         if sent != *digest {
@@ -463,12 +462,12 @@ impl Ctx<'_> {
             source,
         };
         let open = || -> Result<Box<dyn Read + Send>, PushError> {
-            let f = content.open(blob).map_err(|source| PushError::Read {
+            let (_, input) = content.reader(blob).map_err(|source| PushError::Read {
                 reference: self.r.to_string(),
                 digest: *blob,
                 source: Box::new(source),
             })?;
-            super::compress::compressing_reader(f, algorithm).map_err(compress_err)
+            super::compress::compressing_reader(input, algorithm).map_err(compress_err)
         };
         let (digest, size) = self.upload(blob, None, &open)?;
         let c = Compressed { digest, size };
