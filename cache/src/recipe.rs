@@ -228,6 +228,11 @@ impl BlobSource {
         self.size
     }
 
+    /// How many plain blobs its bytes are in (1 for a plain blob).
+    pub fn source_count(&self) -> usize {
+        self.files.len()
+    }
+
     fn piece_at(&self, offset: u64) -> Option<&Located> {
         let k = self.pieces.partition_point(|p| p.start + p.len <= offset);
         self.pieces

@@ -530,8 +530,13 @@ impl ContextIndex {
             return Err(e);
         }
         // Every slot is filled (no error); `Option<Entry>` is an `Entry` in size, so this
-        // reuses the allocation.
-        let entries: Vec<Entry> = slots.into_iter().flatten().collect();
+        // reuses the allocation (`filter_map` is collected in place, `flatten` is not: checked
+        // on rustc 1.95).
+        #[allow(
+            clippy::filter_map_identity,
+            reason = "flatten would allocate a second vector of every entry"
+        )]
+        let entries: Vec<Entry> = slots.into_iter().filter_map(|e| e).collect();
         cache.update(&entries);
         Ok(ContextIndex {
             root: root.to_path_buf(),

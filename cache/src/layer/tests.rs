@@ -1397,6 +1397,56 @@ fn entries_of_shared_inodes_are_copied_from_the_donor_tar() {
     assert_eq!(write_diff(&b, std::io::sink(), &clamped).unwrap().reused, 0);
 }
 
+/// A donor whose bytes are spread over 8 blobs (a chain of lazy edits) gives a plain write: the
+/// chain is cut, so old fragments stop being kept; below 8 the write stays lazy.
+#[test]
+fn a_donor_over_eight_blobs_ends_the_chain_with_a_plain_write() {
+    let top = tempfile::tempdir().unwrap();
+    let (a, b) = (top.path().join("a"), top.path().join("b"));
+    for i in 0..40 {
+        fs::create_dir_all(a.join(format!("d{}", i % 4))).unwrap();
+        file(
+            &a.join(format!("d{}/f{i}", i % 4)),
+            &vec![i as u8; 700 + i],
+            0o644,
+        );
+    }
+    let mut a_tar = Vec::new();
+    let written = write_diff_indexed(&a, &mut a_tar, &DiffOptions::default()).unwrap();
+    let status = Command::new("cp").arg("-al").arg(&a).arg(&b).status().unwrap();
+    assert!(status.success());
+    fs::remove_file(b.join("d1/f5")).unwrap();
+    file(&b.join("d1/f5"), b"edited", 0o644);
+    let fresh = tar_of(&b, &DiffOptions::default()).0;
+    for (sources, lazy) in [(7, true), (8, false)] {
+        // A's tar cut into `sources` blobs, as a recipe.
+        let mut recipe = Recipe::default();
+        let mut files = Vec::new();
+        let step = a_tar.len().div_ceil(sources);
+        for (k, part) in a_tar.chunks(step).enumerate() {
+            let d = Digest::of(format!("part {k}").as_bytes());
+            recipe.push(d, 0, part.len() as u64);
+            files.push((d, tempfile_with(part)));
+        }
+        assert_eq!(files.len(), sources);
+        let source = BlobSource::of_recipe(&recipe, files).unwrap();
+        assert_eq!(source.source_count(), sources);
+        let opts = DiffOptions {
+            donor: Some(std::sync::Arc::new(Donor::new(source, written.index.clone()))),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        let w = write_diff_indexed(&b, &mut out, &opts).unwrap();
+        assert!(w.stats.reused > 30, "{sources}: {}", w.stats.reused);
+        assert_eq!(w.stats.diff_id, Digest::of(&fresh));
+        assert_eq!(w.recipe.is_some(), lazy, "{sources} sources");
+        if !lazy {
+            assert!(out == fresh, "a plain write is the whole tar");
+            assert_eq!(w.written, w.stats.diff_id);
+        }
+    }
+}
+
 #[test]
 fn a_donor_blob_shorter_than_its_index_is_never_read_past_its_end() {
     let top = tempfile::tempdir().unwrap();

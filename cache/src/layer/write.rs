@@ -300,6 +300,14 @@ impl Write for Pipe {
     }
 }
 
+/// A lazy write over a donor that reads this many blobs or more writes its whole tar instead.
+///
+/// Each lazy edit adds its fragment to the blobs the next one reads, and a fragment stays alive
+/// while any of its entries is still reused, though most of it (the directory entries, written
+/// anew by each edit) is not: a chain of edits each changing another file would keep every
+/// fragment. Cutting the chain at 8 bounds that to 7 fragments, for one full write in 8 edits.
+pub(super) const LAZY_MAX_SOURCES: usize = 8;
+
 /// Bytes of a layer after which its writes move to a thread of their own (see
 /// [`hash_and_write`]).
 const WRITE_BESIDE_FROM: u64 = 8 << 20;
@@ -418,7 +426,8 @@ pub struct IndexedLayer {
 /// later write of a tree sharing these files (as a [`Donor`]) copies entries by.
 ///
 /// With a donor, the entries it holds are not written to `out` again: `out` gets the new bytes
-/// only (the fragment) and the result a [`Recipe`] for the whole tar.
+/// only (the fragment) and the result a [`Recipe`] for the whole tar; unless the donor's bytes
+/// are already in 8 blobs or more, which gives a plain write (no recipe): see `LAZY_MAX_SOURCES`.
 ///
 /// `upper` must be a plain directory on one filesystem (an overlayfs upper dir, not a merged
 /// view), because reused entries are matched by the inode numbers its listing reports.
@@ -518,7 +527,11 @@ fn run<W: Write + Send>(
             source_date_epoch: opts.source_date_epoch,
             exclude,
             links: HashMap::new(),
-            out: Pipe::new(full_tx, empty_rx, index && donor.is_some()),
+            out: Pipe::new(
+                full_tx,
+                empty_rx,
+                index && donor.is_some_and(|d| d.blob.source_count() < LAZY_MAX_SOURCES),
+            ),
             entries: 0,
             header: Vec::with_capacity(2048),
             list: vec![0u8; 1024],
