@@ -94,6 +94,11 @@ impl TarIndex {
         self.names.extend_from_slice(path);
     }
 
+    /// The path of the `k`th entry pushed (before [`TarIndex::seal`] reorders them).
+    pub(super) fn pushed_name(&self, k: usize) -> Option<&[u8]> {
+        self.items.get(k).map(|i| self.name(i))
+    }
+
     /// Sorts the entries by path for lookups; a path recorded twice keeps its last entry.
     pub(super) fn seal(&mut self) {
         let names = &self.names;

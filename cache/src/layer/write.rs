@@ -527,6 +527,7 @@ fn run<W: Write + Send>(
             source_date_epoch: opts.source_date_epoch,
             exclude,
             links: HashMap::new(),
+            link_names: Vec::new(),
             out: Pipe::new(
                 full_tx,
                 empty_rx,
@@ -628,14 +629,34 @@ struct Walker<'a> {
     source_date_epoch: Option<i64>,
     exclude: HashSet<Vec<u8>>,
     /// (dev, inode) of every multiply-linked non-directory already written, to its tar name.
-    links: HashMap<(u64, u64), Vec<u8>>,
+    /// Values: the entry's position in `index` (as pushed), or with [`OWN_NAME`] set, in
+    /// `link_names`.
+    links: HashMap<(u64, u64), u32>,
+    link_names: Vec<Vec<u8>>,
     out: Pipe,
     entries: u64,
     header: Vec<u8>,
     list: Vec<u8>,
 }
 
+/// Marks a [`Walker::links`] value as an index into `link_names` rather than into the index.
+const OWN_NAME: u32 = 1 << 31;
+
 impl Walker<'_> {
+    /// The tar name a [`Walker::links`] value stands for.
+    fn link_name(&self, value: u32) -> &[u8] {
+        if value & OWN_NAME != 0 {
+            return self
+                .link_names
+                .get((value & !OWN_NAME) as usize)
+                .map_or(&[][..], Vec::as_slice);
+        }
+        self.index
+            .as_ref()
+            .and_then(|i| i.pushed_name(value as usize))
+            .unwrap_or(&[])
+    }
+
     fn mtime(&self, meta: &Metadata) -> i64 {
         match self.source_date_epoch {
             Some(epoch) => meta.mtime().min(epoch),
@@ -741,7 +762,15 @@ impl Walker<'_> {
             // Linked from the donor, so multiply linked: a later name of it is a hardlink entry.
             // A second name seen first was written in full; this one then links to it.
             if let std::collections::hash_map::Entry::Vacant(first) = self.links.entry((self.dev, ino)) {
-                first.insert(rel.clone());
+                // The name is the one `reuse` records in the index next (no copy of it here:
+                // at 500k reused files that is ~30 MB).
+                first.insert(match &self.index {
+                    Some(index) if index.len() < OWN_NAME as usize => index.len() as u32,
+                    _ => {
+                        self.link_names.push(rel.clone());
+                        OWN_NAME | (self.link_names.len() - 1) as u32
+                    }
+                });
                 return self.reuse(rel, ino, span);
             }
         }
@@ -792,14 +821,16 @@ impl Walker<'_> {
         let is_whiteout_device = file_type.is_char_device() && meta.rdev() == 0;
         if meta.nlink() > 1 && !is_whiteout_device {
             let key = (meta.dev(), meta.ino());
-            if let Some(first) = self.links.get(&key) {
-                let first = first.clone();
+            if let Some(&first) = self.links.get(&key) {
+                let first = self.link_name(first).to_vec();
                 spec.kind = Kind::Hardlink;
                 spec.link = &first;
                 spec.xattrs = &[];
                 return self.emit(&spec);
             }
-            self.links.insert(key, rel.clone());
+            self.link_names.push(rel.clone());
+            self.links
+                .insert(key, OWN_NAME | (self.link_names.len() - 1) as u32);
         }
         if file_type.is_file() {
             spec.size = meta.len();

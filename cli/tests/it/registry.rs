@@ -894,12 +894,21 @@ fn a_lazy_layer_is_pushed_from_its_recipe() {
     assert!(recipe.is_file() && !blob.exists(), "the edit's layer is not lazy");
     for (tag, output) in [
         ("gz", "type=image,name={image},push=true"),
-        ("zst", "type=image,name={image},push=true,compression=zstd,oci-mediatypes=true"),
-        ("raw", "type=image,name={image},push=true,compression=uncompressed"),
+        (
+            "zst",
+            "type=image,name={image},push=true,compression=zstd,oci-mediatypes=true",
+        ),
+        (
+            "raw",
+            "type=image,name={image},push=true,compression=uncompressed",
+        ),
     ] {
         let image = format!("{}/kiln/lazy:{tag}", reg.addr);
         ok(&a, &["build", "-q", "-o", &output.replace("{image}", &image), c]);
-        assert!(recipe.is_file() && !blob.exists(), "{tag}: the push wrote the tar");
+        assert!(
+            recipe.is_file() && !blob.exists(),
+            "{tag}: the push wrote the tar"
+        );
         let b = Env::new();
         ok(&b, &["pull", &image]);
         assert_eq!(layer_digests(&b, &image), layers, "{tag}");
