@@ -17,6 +17,7 @@ pub mod paths;
 pub mod recipe;
 pub mod reference;
 pub mod snapshot;
+pub mod sorted;
 pub mod store;
 pub mod temp;
 pub mod verify;

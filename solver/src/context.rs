@@ -253,7 +253,7 @@ impl StatCache {
     /// The record of `path`, looked for first at `hint` (its position when the context is
     /// unchanged).
     fn get(&self, path: &str, hint: usize) -> Option<&StatRecord> {
-        let at = crate::sorted::find_from(self.records.len(), |i| &self.records[i].0, path, hint)?;
+        let at = kiln_cache::sorted::find_from(self.records.len(), |i| &self.records[i].0, path, hint)?;
         Some(&self.records[at].1)
     }
 
@@ -550,7 +550,7 @@ impl ContextIndex {
         thread_local! {
             static NEXT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
         }
-        let at = crate::sorted::find(self.entries.len(), |i| self.entries[i].path.as_str(), rel, &NEXT)?;
+        let at = kiln_cache::sorted::find(self.entries.len(), |i| self.entries[i].path.as_str(), rel, &NEXT)?;
         Some(&self.entries[at])
     }
 

@@ -14,4 +14,3 @@ pub use kiln_runtime::Isolation;
 pub mod fileop;
 pub mod progress;
 pub mod scheduler;
-mod sorted;

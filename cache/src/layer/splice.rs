@@ -121,11 +121,14 @@ impl TarIndex {
     }
 
     /// The entry of `path`, if recorded.
+    #[cfg(test)]
     pub(super) fn get(&self, path: &[u8]) -> Option<Span> {
-        self.items
-            .binary_search_by(|i| self.name(i).cmp(path))
-            .ok()
-            .map(|k| self.items[k].span)
+        self.find_from(path, 0).map(|k| self.items[k].span)
+    }
+
+    /// The position of `path`'s entry (sealed), looked for at `guess` first.
+    fn find_from(&self, path: &[u8], guess: usize) -> Option<usize> {
+        crate::sorted::find_from(self.items.len(), |k| self.name(&self.items[k]), path, guess)
     }
 
     /// Keeps only the entries `keep` accepts.
@@ -193,6 +196,9 @@ impl TarIndex {
 pub struct Donor {
     pub(super) blob: BlobSource,
     pub(super) index: TarIndex,
+    /// Where the next lookup looks first: the entry after the last one found (a write walks
+    /// each directory in name order, the index is sorted by path).
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl Donor {
@@ -201,7 +207,11 @@ impl Donor {
     pub fn new(blob: BlobSource, mut index: TarIndex) -> Donor {
         let size = blob.size();
         index.retain(|s| s.offset.checked_add(s.len).is_some_and(|end| end <= size));
-        Donor { blob, index }
+        Donor {
+            blob,
+            index,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
     }
 
     /// The entry to copy for the regular file at tar path `path` with inode `ino` on device
@@ -210,7 +220,10 @@ impl Donor {
         if dev != self.index.dev {
             return None;
         }
-        self.index.get(path).filter(|s| s.ino == ino)
+        use std::sync::atomic::Ordering::Relaxed;
+        let at = self.index.find_from(path, self.next.load(Relaxed))?;
+        self.next.store(at + 1, Relaxed);
+        Some(self.index.items[at].span).filter(|s| s.ino == ino)
     }
 }
 

@@ -252,7 +252,7 @@ impl Donors {
 
     /// The donor file at `rel` itself, when it has `key` and was not handed out: its number.
     fn take_at(&self, rel: &str, key: &FileKey) -> Option<u32> {
-        let n = crate::sorted::find(self.keys.len(), |i| self.path(i as u32), rel, &NEXT_AT)? as u32;
+        let n = kiln_cache::sorted::find(self.keys.len(), |i| self.path(i as u32), rel, &NEXT_AT)? as u32;
         (self.keys[n as usize] == *key && self.claim(n)).then_some(n)
     }
 

@@ -2,7 +2,8 @@
 //!
 //! A copy lists each directory in name order, and the lists it looks its files up in (the
 //! context's index, an earlier result's file index) are sorted by path: the next file is
-//! nearly always the entry after the last one found. A binary search for each of 500k files
+//! nearly always the entry after the last one found. So does a layer write over a donor's tar
+//! index (`layer::Donor`). A binary search for each of 500k files
 //! costs ~19 probes, each a cache miss once the list outgrows the CPU's caches, so the lookup
 //! first tries the entry after the last one this thread found.
 
@@ -11,10 +12,10 @@ use std::thread::LocalKey;
 
 /// The position of `target` in a list of `len` items sorted by `key_of` (strictly, so at most
 /// one matches); `next` is this thread's guess (the position after its last find), updated.
-pub(crate) fn find<'a>(
+pub fn find<'a, K: Ord + ?Sized + 'a>(
     len: usize,
-    key_of: impl Fn(usize) -> &'a str,
-    target: &str,
+    key_of: impl Fn(usize) -> &'a K,
+    target: &K,
     next: &'static LocalKey<Cell<usize>>,
 ) -> Option<usize> {
     let at = find_from(len, key_of, target, next.get())?;
@@ -24,10 +25,10 @@ pub(crate) fn find<'a>(
 
 /// The position of `target` in a list of `len` items sorted by `key_of` (strictly), looked for
 /// first at `guess`, then by binary search.
-pub(crate) fn find_from<'a>(
+pub fn find_from<'a, K: Ord + ?Sized + 'a>(
     len: usize,
-    key_of: impl Fn(usize) -> &'a str,
-    target: &str,
+    key_of: impl Fn(usize) -> &'a K,
+    target: &K,
     guess: usize,
 ) -> Option<usize> {
     if guess < len && key_of(guess) == target {
