@@ -16,7 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut opts = DiffOptions::default();
     if let (Some(out), Some("--reuse")) = (args.get(2), args.get(3).map(String::as_str)) {
         let first = layer::write_diff_indexed(dir, std::fs::File::create(out)?, &opts)?;
-        let blob = BlobSource::plain(first.stats.diff_id, std::fs::File::open(out)?)?;
+        let blob = BlobSource::plain(first.stats.diff_id, std::fs::File::open(out)?, first.stats.size);
         opts.donor = Some(Arc::new(Donor::new(blob, first.index)));
         for _ in 0..3 {
             let t = Instant::now();

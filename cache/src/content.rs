@@ -504,32 +504,34 @@ impl ContentStore {
         }
     }
 
+    /// The plain blob's file, open; `None` when there is none (the blob is lazy or missing).
+    fn open_plain(&self, digest: &Digest) -> Result<Option<(File, u64)>, ContentError> {
+        let path = self.path(digest);
+        let err = |source| ContentError::Open {
+            digest: *digest,
+            path: path.clone(),
+            source,
+        };
+        match File::open(&path) {
+            Ok(f) => {
+                let size = f.metadata().map_err(err)?.len();
+                Ok(Some((f, size)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(err(source)),
+        }
+    }
+
     /// The blob's bytes where they are stored: its file, or a lazy blob's sources (nothing is
     /// written).
     pub fn source(&self, digest: &Digest) -> Result<BlobSource, ContentError> {
-        let path = self.path(digest);
-        let open_err = |path: PathBuf| {
-            move |source| ContentError::Open {
-                digest: *digest,
-                path,
-                source,
-            }
-        };
-        match File::open(&path) {
-            Ok(f) => return BlobSource::plain(*digest, f).map_err(open_err(path)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(ContentError::Open {
-                    digest: *digest,
-                    path,
-                    source,
-                })
-            }
+        if let Some((f, size)) = self.open_plain(digest)? {
+            return Ok(BlobSource::plain(*digest, f, size));
         }
         let Some(recipe) = self.recipe(digest)? else {
             return Err(ContentError::Open {
                 digest: *digest,
-                path,
+                path: self.path(digest),
                 source: std::io::ErrorKind::NotFound.into(),
             });
         };
@@ -550,25 +552,11 @@ impl ContentStore {
     /// sources, checked against the digest at the end (nothing is written; a push or a cache
     /// export streams a lazy layer through this).
     pub fn reader(&self, digest: &Digest) -> Result<(u64, Box<dyn Read + Send>), ContentError> {
-        let path = self.path(digest);
-        let open_err = |path: PathBuf| {
-            move |source| ContentError::Open {
-                digest: *digest,
-                path,
-                source,
-            }
-        };
-        match File::open(&path) {
-            Ok(f) => {
-                let size = f.metadata().map_err(open_err(path))?.len();
-                Ok((size, Box::new(std::io::BufReader::with_capacity(BUF_SIZE, f))))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let source = self.source(digest)?;
-                Ok((source.size(), Box::new(source.into_checked_reader(*digest))))
-            }
-            Err(source) => Err(open_err(path)(source)),
+        if let Some((f, size)) = self.open_plain(digest)? {
+            return Ok((size, Box::new(std::io::BufReader::with_capacity(BUF_SIZE, f))));
         }
+        let source = self.source(digest)?;
+        Ok((source.size(), Box::new(source.into_checked_reader(*digest))))
     }
 
     /// Writes the lazy blob `digest` out as a plain blob (checked against its digest) and drops

@@ -7,6 +7,7 @@
 
 pub mod archive;
 pub mod buildcache;
+mod bytes;
 pub mod content;
 pub mod durable;
 pub mod gc;

@@ -102,39 +102,25 @@ impl Recipe {
     /// Reads [`Recipe::encode`]'s bytes; anything malformed (a piece naming no source, an empty
     /// piece, no piece at all, trailing bytes) is `None`.
     pub fn decode(bytes: &[u8]) -> Option<Recipe> {
-        fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-            if rest.len() < n {
-                return None;
-            }
-            let (a, b) = rest.split_at(n);
-            *rest = b;
-            Some(a)
-        }
-        fn u32_of(rest: &mut &[u8]) -> Option<u32> {
-            Some(u32::from_le_bytes(take(rest, 4)?.try_into().ok()?))
-        }
-        fn u64_of(rest: &mut &[u8]) -> Option<u64> {
-            Some(u64::from_le_bytes(take(rest, 8)?.try_into().ok()?))
-        }
-        let mut rest = bytes.strip_prefix(MAGIC.as_slice())?;
-        let own_first = match take(&mut rest, 1)? {
+        let mut rest = crate::bytes::Take(bytes.strip_prefix(MAGIC.as_slice())?);
+        let own_first = match rest.bytes(1)? {
             [0] => false,
             [1] => true,
             _ => return None,
         };
-        let n = u32_of(&mut rest)? as usize;
-        let mut sources = Vec::with_capacity(n.min(rest.len() / 32));
+        let n = rest.u32()? as usize;
+        let mut sources = Vec::with_capacity(n.min(rest.0.len() / 32));
         for _ in 0..n {
-            sources.push(Digest(take(&mut rest, 32)?.try_into().ok()?));
+            sources.push(Digest(rest.bytes(32)?.try_into().ok()?));
         }
-        let n = u32_of(&mut rest)? as usize;
-        let mut pieces = Vec::with_capacity(n.min(rest.len() / 20));
+        let n = rest.u32()? as usize;
+        let mut pieces = Vec::with_capacity(n.min(rest.0.len() / 20));
         let mut size = 0u64;
         for _ in 0..n {
             let p = Piece {
-                source: u32_of(&mut rest)?,
-                offset: u64_of(&mut rest)?,
-                len: u64_of(&mut rest)?,
+                source: rest.u32()?,
+                offset: rest.u64()?,
+                len: rest.u64()?,
             };
             if p.source as usize >= sources.len() || p.len == 0 || p.offset.checked_add(p.len).is_none() {
                 return None;
@@ -170,10 +156,9 @@ struct Located {
 }
 
 impl BlobSource {
-    /// The plain blob `digest`, open as `file`.
-    pub fn plain(digest: Digest, file: File) -> io::Result<BlobSource> {
-        let size = file.metadata()?.len();
-        Ok(BlobSource {
+    /// The plain blob `digest` of `size` bytes, open as `file`.
+    pub fn plain(digest: Digest, file: File, size: u64) -> BlobSource {
+        BlobSource {
             size,
             pieces: vec![Located {
                 start: 0,
@@ -182,7 +167,7 @@ impl BlobSource {
                 len: size,
             }],
             files: vec![(digest, file)],
-        })
+        }
     }
 
     /// `recipe` over its sources, open as `files` (in the order of `recipe.sources`). A piece

@@ -154,26 +154,15 @@ impl TarIndex {
     /// Reads [`TarIndex::encode`]'s bytes; anything malformed (a path twice included) is
     /// `None` (the index only saves work: without it, files are read again).
     pub fn decode(bytes: &[u8]) -> Option<TarIndex> {
-        fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-            if rest.len() < n {
-                return None;
-            }
-            let (a, b) = rest.split_at(n);
-            *rest = b;
-            Some(a)
-        }
-        fn u64_of(rest: &mut &[u8]) -> Option<u64> {
-            Some(u64::from_le_bytes(take(rest, 8)?.try_into().ok()?))
-        }
-        let mut rest = bytes.strip_prefix(MAGIC.as_slice())?;
-        let mut index = TarIndex::on_device(u64_of(&mut rest)?);
+        let mut rest = crate::bytes::Take(bytes.strip_prefix(MAGIC.as_slice())?);
+        let mut index = TarIndex::on_device(rest.u64()?);
         while !rest.is_empty() {
-            let len = u32::from_le_bytes(take(&mut rest, 4)?.try_into().ok()?) as usize;
-            let path = take(&mut rest, len)?;
+            let len = rest.u32()? as usize;
+            let path = rest.bytes(len)?;
             let span = Span {
-                ino: u64_of(&mut rest)?,
-                offset: u64_of(&mut rest)?,
-                len: u64_of(&mut rest)?,
+                ino: rest.u64()?,
+                offset: rest.u64()?,
+                len: rest.u64()?,
             };
             if path.is_empty()
                 || !span.offset.is_multiple_of(512)

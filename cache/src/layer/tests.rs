@@ -1298,7 +1298,8 @@ fn entries_of_shared_inodes_are_copied_from_the_donor_tar() {
     fs::rename(b.join("big"), b.join("big2")).unwrap();
     file(&b.join("added"), b"new", 0o600);
 
-    let plain = BlobSource::plain(a_stats.diff_id, fs::File::open(&blob_path).unwrap()).unwrap();
+    let size = fs::metadata(&blob_path).unwrap().len();
+    let plain = BlobSource::plain(a_stats.diff_id, fs::File::open(&blob_path).unwrap(), size);
     let donor = Donor::new(plain, a_index.clone());
     let with_donor = DiffOptions {
         donor: Some(std::sync::Arc::new(donor)),
@@ -1461,7 +1462,8 @@ fn a_donor_blob_shorter_than_its_index_is_never_read_past_its_end() {
     // Cut the blob inside `two`'s entry: only `one` stays reusable.
     let blob = fs::OpenOptions::new().write(true).open(&blob_path).unwrap();
     blob.set_len(index.get(b"two").unwrap().offset + 512).unwrap();
-    let plain = BlobSource::plain(written.stats.diff_id, fs::File::open(&blob_path).unwrap()).unwrap();
+    let size = fs::metadata(&blob_path).unwrap().len();
+    let plain = BlobSource::plain(written.stats.diff_id, fs::File::open(&blob_path).unwrap(), size);
     let donor = Donor::new(plain, index);
     let opts = DiffOptions {
         donor: Some(std::sync::Arc::new(donor)),
