@@ -122,7 +122,8 @@ const CHUNK: usize = 1 << 20;
 ///
 /// Lazy (a write with a donor, see [`write_diff_indexed`]), a chunk holds either new bytes or
 /// the donor's, never both: the hashing thread hashes every chunk and writes only the new ones,
-/// and the pipe records the tar as parts (new bytes, donor ranges) for its recipe.
+/// and the pipe records the tar as its recipe (new bytes as ranges of the fragment, named
+/// [`FRAGMENT`] until its digest is known; the donor's as ranges of the blobs they are in).
 struct Pipe {
     buf: Vec<u8>,
     fill: usize,
@@ -131,23 +132,20 @@ struct Pipe {
     full: mpsc::SyncSender<Chunk>,
     /// Chunks the hashing thread is done with, for reuse.
     empty: mpsc::Receiver<Vec<u8>>,
-    /// The tar so far as parts, when lazy.
-    parts: Option<Vec<Part>>,
+    /// The tar so far, when lazy.
+    recipe: Option<Recipe>,
+    /// New bytes so far (the fragment's length).
+    new_at: u64,
     /// Whether the bytes in `buf` are the donor's (lazy only).
     donor_bytes: bool,
 }
 
+/// The fragment in a recipe being recorded, until the hashing thread gives its digest.
+const FRAGMENT: Digest = Digest([0; 32]);
+
 /// A chunk for the hashing thread: its buffer, how much of it is output, and whether to write
 /// it (lazy writes skip the donor's bytes).
 type Chunk = (Vec<u8>, usize, bool);
-
-/// A part of a lazily written tar: new bytes (in the fragment, in order), or a range of a plain
-/// blob.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Part {
-    New(u64),
-    Blob(Digest, u64, u64),
-}
 
 impl Pipe {
     fn new(full: mpsc::SyncSender<Chunk>, empty: mpsc::Receiver<Vec<u8>>, lazy: bool) -> Pipe {
@@ -157,19 +155,18 @@ impl Pipe {
             sent: 0,
             full,
             empty,
-            parts: lazy.then(Vec::new),
+            recipe: lazy.then(|| Recipe {
+                sources: vec![FRAGMENT],
+                own_first: true,
+                ..Default::default()
+            }),
+            new_at: 0,
             donor_bytes: false,
         }
     }
 
     /// Makes room for new bytes: a chunk of the donor's bytes is sent first (lazy only).
     fn new_bytes(&mut self) -> io::Result<()> {
-        let Some(parts) = &mut self.parts else {
-            return Ok(());
-        };
-        if !matches!(parts.last(), Some(Part::New(_))) {
-            parts.push(Part::New(0));
-        }
         if self.donor_bytes {
             self.send()?;
             self.donor_bytes = false;
@@ -177,10 +174,11 @@ impl Pipe {
         Ok(())
     }
 
-    /// Counts `n` new bytes just put into the chunk (lazy only).
+    /// Records `n` new bytes just put into the chunk (lazy only).
     fn count_new(&mut self, n: usize) {
-        if let Some(Part::New(len)) = self.parts.as_mut().and_then(|p| p.last_mut()) {
-            *len += n as u64;
+        if let Some(recipe) = &mut self.recipe {
+            recipe.push(FRAGMENT, self.new_at, n as u64);
+            self.new_at += n as u64;
         }
     }
 
@@ -198,9 +196,8 @@ impl Pipe {
         let chunk = std::mem::replace(&mut self.buf, next);
         let fill = std::mem::take(&mut self.fill);
         self.sent += fill as u64;
-        let write = !self.donor_bytes || self.parts.is_none();
         self.full
-            .send((chunk, fill, write))
+            .send((chunk, fill, !self.donor_bytes))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the layer hashing thread stopped"))
     }
 
@@ -214,18 +211,13 @@ impl Pipe {
     /// and kept out of the chunks of new bytes.
     fn copy_range(&mut self, blob: &BlobSource, mut offset: u64, len: u64) -> io::Result<()> {
         let end = offset + len;
-        if let Some(parts) = &mut self.parts {
-            let before = parts.len();
+        if let Some(recipe) = &mut self.recipe {
             let mut resolved = 0;
             blob.resolve(offset, len, |d, off, n| {
                 resolved += n;
-                match parts.last_mut() {
-                    Some(Part::Blob(last, at, run)) if *last == d && *at + *run == off => *run += n,
-                    _ => parts.push(Part::Blob(d, off, n)),
-                }
+                recipe.push(d, off, n);
             });
             if resolved != len {
-                parts.truncate(before);
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             if !self.donor_bytes {
@@ -437,32 +429,11 @@ pub fn write_diff_indexed<W: Write + Send>(
     opts: &DiffOptions,
 ) -> Result<IndexedLayer, WriteError> {
     let written = run(upper, out, opts, true, true)?;
-    let recipe = match (written.parts, written.fragment) {
-        (Some(parts), Some(fragment)) => {
-            let mut recipe = Recipe {
-                sources: vec![fragment],
-                own_first: true,
-                ..Default::default()
-            };
-            let mut at = 0;
-            for part in parts {
-                match part {
-                    Part::New(n) => {
-                        recipe.push(fragment, at, n);
-                        at += n;
-                    }
-                    Part::Blob(d, offset, n) => recipe.push(d, offset, n),
-                }
-            }
-            Some(recipe)
-        }
-        _ => None,
-    };
     Ok(IndexedLayer {
         stats: written.stats,
         index: written.index.unwrap_or_default(),
         written: written.fragment.unwrap_or(written.stats.diff_id),
-        recipe,
+        recipe: written.recipe,
     })
 }
 
@@ -476,8 +447,8 @@ pub fn write_tree<W: Write + Send>(dir: &Path, out: W, opts: &DiffOptions) -> Re
 struct Written {
     stats: LayerStats,
     index: Option<TarIndex>,
-    /// The tar as parts, when donor bytes were kept out of the output.
-    parts: Option<Vec<Part>>,
+    /// The tar's recipe, when donor bytes were kept out of the output.
+    recipe: Option<Recipe>,
     /// The digest of the bytes written, when some were not.
     fragment: Option<Digest>,
 }
@@ -551,7 +522,7 @@ fn run<W: Write + Send>(
             i
         });
         let reused = walker.reused;
-        let parts = walker.out.parts.take();
+        let recipe = walker.out.recipe.take();
         // Closes the channel: the hashing thread finishes what it has and returns.
         drop(walker);
         let hashed = hashing
@@ -572,7 +543,10 @@ fn run<W: Write + Send>(
                         reused,
                     },
                     index,
-                    parts: parts.filter(|_| fragment.is_some()),
+                    recipe: recipe.zip(fragment).map(|(mut recipe, fragment)| {
+                        recipe.sources[0] = fragment;
+                        recipe
+                    }),
                     fragment,
                 })
             }
