@@ -548,15 +548,14 @@ impl ContentStore {
         BlobSource::of_recipe(&recipe, files).map_err(|e| damaged(e.to_string()))
     }
 
-    /// The blob's size and a reader of its bytes: its file, or for a lazy blob its recipe's
-    /// sources, checked against the digest at the end (nothing is written; a push or a cache
-    /// export streams a lazy layer through this).
-    pub fn reader(&self, digest: &Digest) -> Result<(u64, Box<dyn Read + Send>), ContentError> {
-        if let Some((f, size)) = self.open_plain(digest)? {
-            return Ok((size, Box::new(std::io::BufReader::with_capacity(BUF_SIZE, f))));
+    /// A reader of the blob's bytes: its file, or for a lazy blob its recipe's sources, checked
+    /// against the digest at the end (nothing is written; a push or a cache export streams a
+    /// lazy layer through this).
+    pub fn reader(&self, digest: &Digest) -> Result<Box<dyn Read + Send>, ContentError> {
+        if let Some((f, _)) = self.open_plain(digest)? {
+            return Ok(Box::new(std::io::BufReader::with_capacity(BUF_SIZE, f)));
         }
-        let source = self.source(digest)?;
-        Ok((source.size(), Box::new(source.into_checked_reader(*digest))))
+        Ok(Box::new(self.source(digest)?.into_checked_reader(*digest)))
     }
 
     /// Writes the lazy blob `digest` out as a plain blob (checked against its digest) and drops

@@ -180,12 +180,7 @@ pub(crate) fn export(
         }
         super::fetch_for_export(store, imported, &l.blob, &target)?;
         // Read where the bytes are (a lazy layer from its recipe, checked), not written out.
-        let open = || {
-            content
-                .reader(&l.blob)
-                .map(|(_, r)| r)
-                .map_err(std::io::Error::other)
-        };
+        let open = || content.reader(&l.blob).map_err(std::io::Error::other);
         if !compress {
             let (digest, size) = write_blob(dir, &target, |w| {
                 std::io::copy(&mut open()?, w)?;

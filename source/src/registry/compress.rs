@@ -27,7 +27,7 @@ pub const ZSTD_LEVEL: i32 = 3;
 /// The compression of layers kiln stores uncompressed, on their way to a registry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Compression {
-    /// gzip (level 1), Docker's and BuildKit's default.
+    /// gzip (level [`GZIP_LEVEL`]), Docker's and BuildKit's default.
     #[default]
     Gzip,
     /// zstd (level 3, BuildKit's default level); OCI manifests only.
@@ -62,7 +62,15 @@ pub fn compressing_reader(
 ) -> io::Result<Box<dyn Read + Send>> {
     // Threaded even on one core: the output of either depends on the worker count only
     // between none and some, so a layer gets one digest on every machine.
-    let threads = threads();
+    compressing_reader_on(input, algorithm, threads())
+}
+
+/// [`compressing_reader`] on `threads` threads (at least 1).
+fn compressing_reader_on(
+    input: impl Read + Send + 'static,
+    algorithm: Compression,
+    threads: usize,
+) -> io::Result<Box<dyn Read + Send>> {
     let input = io::BufReader::with_capacity(1 << 20, input);
     match algorithm {
         Compression::Zstd => {
@@ -152,19 +160,10 @@ mod tests {
         let data = sample();
         let run = |algorithm, threads: usize| {
             let mut out = Vec::new();
-            match algorithm {
-                Compression::Zstd => {
-                    let mut enc = zstd::stream::read::Encoder::new(&data[..], ZSTD_LEVEL).unwrap();
-                    enc.multithread(threads as u32).unwrap();
-                    enc.read_to_end(&mut out).unwrap();
-                }
-                _ => {
-                    ParallelGzip::start(io::Cursor::new(data.clone()), threads)
-                        .unwrap()
-                        .read_to_end(&mut out)
-                        .unwrap();
-                }
-            }
+            compressing_reader_on(io::Cursor::new(data.clone()), algorithm, threads)
+                .unwrap()
+                .read_to_end(&mut out)
+                .unwrap();
             out
         };
         let (g1, g2, g4) = (
@@ -195,7 +194,7 @@ mod tests {
         assert_eq!(z1, z4, "zstd bytes depend on the worker count");
         assert_eq!(z2, z4);
         assert!(zstd::stream::decode_all(&z2[..]).unwrap() == data);
-        // The entry point gives the same bytes as the writers above.
+        // The entry point (this machine's thread count) gives the same bytes.
         let mut via = Vec::new();
         compressing_reader(io::Cursor::new(data.clone()), Compression::Zstd)
             .unwrap()

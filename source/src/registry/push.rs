@@ -384,9 +384,7 @@ impl Ctx<'_> {
             source: Box::new(source),
         };
         let size = content.size(digest).map_err(read_err)?;
-        let open = || -> Result<Box<dyn Read + Send>, PushError> {
-            content.reader(digest).map(|(_, r)| r).map_err(read_err)
-        };
+        let open = || -> Result<Box<dyn Read + Send>, PushError> { content.reader(digest).map_err(read_err) };
         let (sent, _) = self.upload(digest, Some(size), &open)?;
         if sent != *digest {
             return Err(PushError::Read {
@@ -430,7 +428,7 @@ impl Ctx<'_> {
             source,
         };
         let open = || -> Result<Box<dyn Read + Send>, PushError> {
-            let (_, input) = content.reader(blob).map_err(|source| PushError::Read {
+            let input = content.reader(blob).map_err(|source| PushError::Read {
                 reference: self.r.to_string(),
                 digest: *blob,
                 source: Box::new(source),
