@@ -15,6 +15,10 @@
 //! `<hex>` is the key's sha256 hex: a chain ID for image layers, or any key the build engine
 //! chooses for its results.
 //!
+//! A snapshot with a `parent` is its tree over the parent's, as overlayfs stacks them
+//! ([`Snapshots::lower_dirs`]: its `fs` first). Image layers are unpacked without one; the
+//! build engine stacks an edited copy's result (its changed files) on the earlier result.
+//!
 //! Architecture invariant: a committed snapshot appears by one `rename(2)` of a complete directory,
 //! so `DIR/<hex>` either does not exist or is whole; a committed snapshot is never modified. A
 //! committed mutable snapshot (a build step's result, whose overlay was mounted `volatile`) was
@@ -333,14 +337,30 @@ impl Snapshots {
         self.dir.join(key.hex())
     }
 
-    /// The committed snapshot `key`, if there is one.
-    pub fn get(&self, key: &Digest) -> Option<Snapshot> {
-        let dir = self.snapshot_dir(key);
-        let bytes = fs::read(dir.join("meta.json")).ok()?;
+    /// The `meta.json` of snapshot `key`, if it is readable and valid in this boot.
+    fn meta(&self, key: &Digest) -> Option<Meta> {
+        let bytes = fs::read(self.snapshot_dir(key).join("meta.json")).ok()?;
         let meta: Meta = serde_json::from_slice(&bytes).ok()?;
-        if !meta.valid() {
-            return None;
+        meta.valid().then_some(meta)
+    }
+
+    /// The committed snapshot `key`, if there is one.
+    ///
+    /// A snapshot whose parent chain is broken (a parent gone, or not valid in this boot)
+    /// counts as absent: its tree is not whole without them, and [`Snapshots::unpack`] makes
+    /// it again from its layer.
+    pub fn get(&self, key: &Digest) -> Option<Snapshot> {
+        let meta = self.meta(key)?;
+        let mut next = meta.parent;
+        let mut depth = 0;
+        while let Some(p) = next {
+            depth += 1;
+            if depth > MAX_CHAIN {
+                return None;
+            }
+            next = self.meta(&p)?.parent;
         }
+        let dir = self.snapshot_dir(key);
         Some(Snapshot {
             key: *key,
             path: dir.join("fs"),
@@ -796,6 +816,19 @@ impl MutableSnapshot {
         &self.lowers
     }
 
+    /// Commits this snapshot over `parent` rather than the parent it was prepared with: its
+    /// upper dir then holds what the tree adds to `parent`'s (the build engine's edited copy:
+    /// the changed files over the earlier result, see [`Snapshots::lower_dirs`]). Fails when
+    /// `parent` (or a snapshot below it) is missing.
+    pub fn stack_on(&mut self, parent: &Digest) -> Result<()> {
+        let store = Snapshots {
+            dir: self.store.clone(),
+        };
+        self.lowers = store.lower_dirs(parent)?;
+        self.parent = Some(*parent);
+        Ok(())
+    }
+
     /// Commits the upper dir as the immutable snapshot `key` (`diff_id` and `size` describe the
     /// layer tar the caller wrote from it). The overlay must be unmounted. If `key` was committed
     /// meanwhile by someone else, this one is discarded and theirs returned.
@@ -1020,6 +1053,41 @@ mod tests {
             store.prepare(Some(&Digest::of(b"absent"))),
             Err(SnapshotError::Missing { .. })
         ));
+    }
+
+    #[test]
+    fn a_snapshot_stacked_on_another_needs_it_and_is_unpacked_again_without_it() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Snapshots::open(t.path()).unwrap();
+        let bottom = store.prepare(None).unwrap();
+        fs::write(bottom.upper().join("kept"), b"k").unwrap();
+        let bottom = bottom
+            .commit(&Digest::of(b"bottom"), &Digest::of(b"b"), 1)
+            .unwrap();
+        let mut edited = store.prepare(None).unwrap();
+        assert!(edited.stack_on(&Digest::of(b"absent")).is_err());
+        fs::write(edited.upper().join("changed"), b"c").unwrap();
+        edited.stack_on(&bottom.key).unwrap();
+        assert_eq!(edited.lower_dirs(), &[bottom.path.clone()][..]);
+        // Its layer as a tar: what a full write of the union gives.
+        let tar = layer_tar(&[("changed", b"c"), ("kept", b"k")]);
+        let key = Digest::of(b"edited");
+        let top = edited.commit(&key, &Digest::of(&tar), tar.len() as u64).unwrap();
+        assert_eq!(top.parent, Some(bottom.key));
+        assert_eq!(
+            store.lower_dirs(&key).unwrap(),
+            vec![top.path.clone(), bottom.path.clone()]
+        );
+
+        // Without the tree below, the one above is not whole: absent, and made again whole.
+        assert!(store.remove(&bottom.key).unwrap());
+        assert!(store.get(&key).is_none());
+        let again = store
+            .unpack(&key, None, &tar[..], Some(&Digest::of(&tar)))
+            .unwrap();
+        assert_eq!(again.parent, None);
+        assert!(again.path.join("kept").is_file() && again.path.join("changed").is_file());
+        assert_eq!(store.lower_dirs(&key).unwrap(), vec![again.path]);
     }
 
     #[test]

@@ -256,18 +256,19 @@ pub fn image_lower_dirs(
     let snapshots = Snapshots::open(&store.snapshots_dir())?;
     let mut dirs = Vec::new();
     for (l, chain) in image.layers.iter().zip(image.chain_ids()) {
-        let snap = match snapshots.get(&chain) {
-            Some(s) => s,
+        // A layer's tree: its snapshot's, over the snapshots it is stacked on (top first).
+        let trees = match snapshots.get(&chain) {
+            Some(_) => snapshots.lower_dirs(&chain)?,
             None => {
                 let file = store.content().open(&l.digest)?;
                 let reader = kiln_cache::layer::sniff(file).map_err(|source| UnpackError::Sniff {
                     layer: l.digest,
                     source,
                 })?;
-                snapshots.unpack(&chain, None, reader, Some(&l.diff_id))?
+                vec![snapshots.unpack(&chain, None, reader, Some(&l.diff_id))?.path]
             }
         };
-        dirs.push(snap.path);
+        dirs.extend(trees.into_iter().rev());
     }
     dirs.reverse();
     Ok(dirs)

@@ -42,7 +42,7 @@ fn copy_indexed(
     action: CopyAction,
     donor: Option<(&Path, &FileIndex)>,
 ) -> (FileIndex, usize) {
-    let donors = donor.map(|(root, idx)| Donors::new(root.to_path_buf(), &idx.encode()).unwrap());
+    let donors = donor.map(|(root, idx)| Donors::new(vec![root.to_path_buf()], &idx.encode()).unwrap());
     let linking = run_copy(
         Linking::new(0, Arc::new(index), dest.to_path_buf(), donors),
         ctx,
@@ -71,7 +71,7 @@ fn copied_once(dir: &Path) -> (PathBuf, PathBuf, FileIndex) {
 /// index) with its links put off until `make_pending`.
 fn deferred_copy(ctx: &Path, dest: &Path, donor: &Path, index: &FileIndex) -> Arc<Linking> {
     let known = ContextIndex::scan(ctx, &[], &mut StatCache::default()).unwrap();
-    let donors = Donors::new(donor.to_path_buf(), &index.encode()).unwrap();
+    let donors = Donors::new(vec![donor.to_path_buf()], &index.encode()).unwrap();
     let linking = Linking::new(0, Arc::new(known), dest.to_path_buf(), Some(donors)).deferring();
     run_copy(linking, ctx, dest, copy(".", "/x/"))
 }

@@ -99,6 +99,11 @@ pub struct DiffOptions {
     /// An earlier layer tar whose entries [`write_diff`] copies for the files the tree shares
     /// with it by inode (ignored by [`write_tree`] and with `source_date_epoch`).
     pub donor: Option<std::sync::Arc<Donor>>,
+    /// Trees the walked dir lies over as one layer (a snapshot's parents, top first): the
+    /// layer is their union as overlayfs shows it, an entry of an upper tree hiding a
+    /// lower tree's entry of that name, directories merged. [`write_diff`] and
+    /// [`write_diff_indexed`] refuse a whiteout or an opaque directory in such a walk.
+    pub below: Vec<PathBuf>,
 }
 
 /// What [`write_diff`] and [`write_tree`] wrote.

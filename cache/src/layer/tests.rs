@@ -1642,3 +1642,100 @@ fn check_agrees_with_apply() {
         }
     }
 }
+
+/// A walk over trees below (a snapshot stacked on another) writes the tar of the union the
+/// kernel's overlay shows, with or without the lower tree's tar as a donor, and refuses what the
+/// union cannot express. Needs root (mounts the overlay the result is compared with).
+#[test]
+fn a_tree_over_trees_below_is_written_as_their_union() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let top = tempfile::tempdir().unwrap();
+    let (lower, upper, merged) = (top.path().join("d"), top.path().join("u"), top.path().join("m"));
+    for d in [&lower, &upper, &merged] {
+        fs::create_dir(d).unwrap();
+    }
+    sample_tree(&lower);
+    mkdir(&lower.join("emptied"), 0o755);
+    set_mtime(&lower.join("emptied"), 1_600_000_000);
+    // The upper: one of the lower's directories with other attributes, a changed file, a new
+    // one, a file where the lower has an empty directory, a subtree of its own.
+    mkdir(&upper.join("etc"), 0o750);
+    file(&upper.join("etc/passwd"), b"root:x:0:0::/root:/bin/ash\n", 0o600);
+    file(&upper.join("etc/new"), b"new", 0o644);
+    file(&upper.join("emptied"), b"a file now", 0o644);
+    mkdir(&upper.join("own/sub"), 0o700);
+    file(&upper.join("own/sub/f"), b"own", 0o644);
+    set_all_mtimes(&upper, 1_700_000_000);
+
+    let (want, want_stats) = {
+        let _m = mount_overlay_ro(&[&upper, &lower], &merged);
+        tar_of(&merged, &DiffOptions::default())
+    };
+    let layered = DiffOptions {
+        below: vec![lower.clone()],
+        ..Default::default()
+    };
+    let mut got = Vec::new();
+    let got_stats = write_diff(&upper, &mut got, &layered).unwrap();
+    assert_eq!(listing(&got), listing(&want));
+    assert!(got == want, "the union's tar differs");
+    assert_eq!(got_stats.diff_id, want_stats.diff_id);
+
+    // With the lower tree's tar as the donor, its files' entries are copied: the same tar.
+    let mut lower_tar = Vec::new();
+    let lower_written = write_diff_indexed(&lower, &mut lower_tar, &DiffOptions::default()).unwrap();
+    let source = BlobSource::plain(
+        lower_written.stats.diff_id,
+        tempfile_with(&lower_tar),
+        lower_tar.len() as u64,
+    );
+    let with_donor = DiffOptions {
+        donor: Some(std::sync::Arc::new(Donor::new(source, lower_written.index))),
+        below: vec![lower.clone()],
+        ..Default::default()
+    };
+    let mut fragment = Vec::new();
+    let lazy = write_diff_indexed(&upper, &mut fragment, &with_donor).unwrap();
+    assert_eq!(lazy.stats.diff_id, want_stats.diff_id);
+    assert!(lazy.stats.reused >= 5, "{:?}", lazy.stats);
+    let recipe = lazy.recipe.expect("lazy");
+    let mut blobs = HashMap::new();
+    blobs.insert(lazy.written, fragment);
+    blobs.insert(lower_written.stats.diff_id, lower_tar);
+    assert!(assemble(&recipe, &blobs) == want);
+
+    // A whiteout where the trees merge would hide the lower entry: refused, as is an opaque
+    // directory over a lower one. Inside the upper's own subtree both mean what they say.
+    rfs::mknodat(
+        CWD,
+        upper.join("bin"),
+        FileType::CharacterDevice,
+        Mode::empty(),
+        0,
+    )
+    .unwrap();
+    let refused = write_diff(&upper, Vec::new(), &layered).unwrap_err();
+    assert!(matches!(refused, WriteError::LayeredWhiteout { .. }), "{refused}");
+    fs::remove_file(upper.join("bin")).unwrap();
+    rfs::lsetxattr(upper.join("etc"), opaque_xattr(), b"y", XattrFlags::empty()).unwrap();
+    let refused = write_diff(&upper, Vec::new(), &layered).unwrap_err();
+    assert!(matches!(refused, WriteError::LayeredWhiteout { .. }), "{refused}");
+    rfs::lremovexattr(upper.join("etc"), opaque_xattr()).unwrap();
+    rfs::lsetxattr(upper.join("own"), opaque_xattr(), b"y", XattrFlags::empty()).unwrap();
+    rfs::mknodat(
+        CWD,
+        upper.join("own/gone"),
+        FileType::CharacterDevice,
+        Mode::empty(),
+        0,
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    write_diff(&upper, &mut out, &layered).unwrap();
+    let names: Vec<String> = listing(&out).into_iter().map(|e| e.0).collect();
+    assert!(names.iter().any(|n| n == "own/.wh..wh..opq"), "{names:?}");
+    assert!(names.iter().any(|n| n == "own/.wh.gone"), "{names:?}");
+}

@@ -94,6 +94,10 @@ pub enum WriteError {
         expected: u64,
         actual: u64,
     },
+    /// A walk over trees below ([`DiffOptions::below`]) met a whiteout or an opaque directory,
+    /// which the union of the trees cannot express.
+    #[error("`{path}` is a whiteout or an opaque directory in a layered tree")]
+    LayeredWhiteout { path: PathBuf },
     /// The earlier layer tar whose entries are reused could not be read.
     #[error("failed to read the earlier layer tar reused for `{path}`")]
     ReadDonor {
@@ -421,8 +425,9 @@ pub struct IndexedLayer {
 /// only (the fragment) and the result a [`Recipe`] for the whole tar; unless the donor's bytes
 /// are already in 8 blobs or more, which gives a plain write (no recipe): see `LAZY_MAX_SOURCES`.
 ///
-/// `upper` must be a plain directory on one filesystem (an overlayfs upper dir, not a merged
-/// view), because reused entries are matched by the inode numbers its listing reports.
+/// `upper` (and the trees of [`DiffOptions::below`]) must be plain directories on one
+/// filesystem (overlayfs upper dirs or snapshots, not a merged view), because reused entries
+/// are matched by the inode numbers their listings report.
 pub fn write_diff_indexed<W: Write + Send>(
     upper: &Path,
     out: W,
@@ -508,7 +513,8 @@ fn run<W: Write + Send>(
             header: Vec::with_capacity(2048),
             list: vec![0u8; 1024],
         };
-        let walked = walker.walk_dir(root, Vec::new()).and_then(|()| {
+        let below = if overlay { opts.below.clone() } else { Vec::new() };
+        let walked = walker.walk_dir(root, Vec::new(), below).and_then(|()| {
             walker.flush_donor()?;
             walker
                 .out
@@ -581,6 +587,13 @@ struct Child {
     /// The donor's entry for this very inode at this path.
     reuse: Option<(u64, Span)>,
     whiteout: bool,
+    /// Which of the walked directories it is in: 0 for the top one, `i` for the `i`th below.
+    layer: usize,
+    /// For a directory: the same directory in the trees below the one it is in, top first (a
+    /// lower entry that is not a directory ends the list, as in overlayfs).
+    below: Vec<PathBuf>,
+    /// Whether `below` may still grow.
+    merging: bool,
 }
 
 struct Xattrs {
@@ -669,65 +682,102 @@ impl Walker<'_> {
         })
     }
 
-    fn walk_dir(&mut self, abs: &Path, prefix: Vec<u8>) -> Result<(), WriteError> {
-        let read_dir = fs::read_dir(abs).map_err(|source| WriteError::ReadDir {
-            path: abs.to_path_buf(),
-            source,
-        })?;
-        let mut children = Vec::new();
-        for entry in read_dir {
-            let entry = entry.map_err(|source| WriteError::ReadDir {
-                path: abs.to_path_buf(),
+    /// Writes the entries of directory `abs` (at tar path `prefix`), merged with the same
+    /// directory in the trees `below` it (top first).
+    fn walk_dir(&mut self, abs: &Path, prefix: Vec<u8>, below: Vec<PathBuf>) -> Result<(), WriteError> {
+        let mut children: Vec<Child> = Vec::new();
+        // In a layered walk, the names of the trees above the one being read, to their child.
+        let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
+        let layers = std::iter::once(abs).chain(below.iter().map(PathBuf::as_path));
+        let count = below.len() + 1;
+        for (layer, dir) in layers.enumerate() {
+            let read_dir = fs::read_dir(dir).map_err(|source| WriteError::ReadDir {
+                path: dir.to_path_buf(),
                 source,
             })?;
-            let name = entry.file_name().as_bytes().to_vec();
-            if !self.exclude.is_empty() {
-                let mut rel = prefix.clone();
-                rel.extend_from_slice(&name);
-                if self.exclude.contains(&rel) {
-                    continue;
-                }
-            }
-            let reuse = match self.donor {
-                Some(donor) if entry.file_type().is_ok_and(|t| t.is_file()) => {
+            for entry in read_dir {
+                let entry = entry.map_err(|source| WriteError::ReadDir {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+                let name = entry.file_name().as_bytes().to_vec();
+                if !self.exclude.is_empty() {
                     let mut rel = prefix.clone();
                     rel.extend_from_slice(&name);
-                    donor
-                        .entry(self.dev, &rel, entry.ino())
-                        .map(|span| (entry.ino(), span))
+                    if self.exclude.contains(&rel) {
+                        continue;
+                    }
                 }
-                _ => None,
-            };
-            let meta = match reuse {
-                Some(_) => None,
-                None => Some(entry.metadata().map_err(|source| WriteError::Stat {
+                let file_type = entry.file_type().map_err(|source| WriteError::Stat {
                     path: entry.path(),
                     source,
-                })?),
-            };
-            let whiteout = meta
-                .as_ref()
-                .is_some_and(|m| self.overlay && m.file_type().is_char_device() && m.rdev() == 0);
-            let tar_name = if whiteout {
-                [&b".wh."[..], &name].concat()
-            } else {
-                name.clone()
-            };
-            children.push(Child {
-                name,
-                tar_name,
-                meta,
-                reuse,
-                whiteout,
-            });
+                })?;
+                if let Some(&above) = seen.get(&name) {
+                    // Hidden by the entry of an upper tree; a directory under a directory merges.
+                    let child = &mut children[above];
+                    if child.merging && file_type.is_dir() {
+                        child.below.push(entry.path());
+                    } else {
+                        child.merging = false;
+                    }
+                    continue;
+                }
+                let reuse = match self.donor {
+                    Some(donor) if file_type.is_file() => {
+                        let mut rel = prefix.clone();
+                        rel.extend_from_slice(&name);
+                        donor
+                            .entry(self.dev, &rel, entry.ino())
+                            .map(|span| (entry.ino(), span))
+                    }
+                    _ => None,
+                };
+                let meta = match reuse {
+                    Some(_) => None,
+                    None => Some(entry.metadata().map_err(|source| WriteError::Stat {
+                        path: entry.path(),
+                        source,
+                    })?),
+                };
+                let whiteout = meta
+                    .as_ref()
+                    .is_some_and(|m| self.overlay && m.file_type().is_char_device() && m.rdev() == 0);
+                if whiteout && count > 1 {
+                    return Err(WriteError::LayeredWhiteout { path: entry.path() });
+                }
+                let tar_name = if whiteout {
+                    [&b".wh."[..], &name].concat()
+                } else {
+                    name.clone()
+                };
+                if layer + 1 < count {
+                    seen.insert(name.clone(), children.len());
+                }
+                children.push(Child {
+                    name,
+                    tar_name,
+                    meta,
+                    reuse,
+                    whiteout,
+                    layer,
+                    below: Vec::new(),
+                    merging: file_type.is_dir(),
+                });
+            }
         }
+        drop(seen);
         children.sort_by(|a, b| a.tar_name.cmp(&b.tar_name));
         for child in children {
-            self.entry(abs, &prefix, child)?;
+            let dir = match child.layer {
+                0 => abs,
+                i => below[i - 1].as_path(),
+            };
+            self.entry(dir, &prefix, child)?;
         }
         Ok(())
     }
 
+    /// Writes `child` of `dir` (at tar path `prefix`).
     fn entry(&mut self, dir: &Path, prefix: &[u8], child: Child) -> Result<(), WriteError> {
         let abs = dir.join(std::ffi::OsStr::from_bytes(&child.name));
         let mut rel = prefix.to_vec();
@@ -785,12 +835,16 @@ impl Walker<'_> {
             spec.path = &path;
             spec.kind = Kind::Dir;
             self.emit(&spec)?;
+            // Opaque over trees below, it would hide what they hold for this layer too.
+            if xattrs.opaque && !child.below.is_empty() {
+                return Err(WriteError::LayeredWhiteout { path: abs });
+            }
             if xattrs.opaque {
                 let mut marker = path.clone();
                 marker.extend_from_slice(b".wh..wh..opq");
                 self.emit_marker(&marker, mtime)?;
             }
-            return self.walk_dir(&abs, path);
+            return self.walk_dir(&abs, path, child.below);
         }
         let is_whiteout_device = file_type.is_char_device() && meta.rdev() == 0;
         if meta.nlink() > 1 && !is_whiteout_device {

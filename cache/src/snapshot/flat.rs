@@ -111,8 +111,8 @@ impl Snapshots {
             sources.push(b);
         }
         for k in layers {
-            let snap = self.get(k).ok_or(SnapshotError::Missing { key: *k })?;
-            sources.push(snap.path);
+            // A snapshot stacked on another is its own tree over that one's: bottom first too.
+            sources.extend(self.lower_dirs(k)?.into_iter().rev());
         }
         super::create_dir(&self.flat_dir())?;
         let (tmp, lock) = self.new_temp()?;

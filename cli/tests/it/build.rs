@@ -317,7 +317,10 @@ fn copy_links_unchanged_files_and_writes_the_layer_a_fresh_store_writes() {
     write(&ctx, "src/dup2", "same");
     build(&env, &ctx, "t/l", &[]);
     let first = layers(&env, "t/l");
+    // An edit and a deleted file: a result that cannot be stacked on the first (see
+    // `an_edited_copy_is_kept_as_its_changes_over_the_earlier_result`) links its files.
     write(&ctx, "src/b", "B");
+    std::fs::remove_file(ctx.join("src/d3/f3")).unwrap();
     build(&env, &ctx, "t/l", &[]);
     let second = layers(&env, "t/l");
     assert_ne!(first[1], second[1]);
@@ -525,6 +528,136 @@ fn an_edited_copys_layer_is_a_recipe_until_its_bytes_are_needed() {
             .collect();
         assert!(left.is_empty(), "{dir}: {left:?}");
     }
+}
+
+/// The parent recorded for the build snapshot holding layer `diff` (`None` for one that stands
+/// alone); panics when there is no such snapshot.
+fn snapshot_parent(env: &Env, diff: &str) -> Option<String> {
+    for e in std::fs::read_dir(env.root().join("snapshots")).unwrap().flatten() {
+        let Ok(bytes) = std::fs::read(e.path().join("meta.json")) else {
+            continue;
+        };
+        let meta: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        if meta["diff_id"] == diff {
+            return meta["parent"].as_str().map(str::to_string);
+        }
+    }
+    panic!("no snapshot holds {diff}");
+}
+
+/// The key of the snapshot holding layer `diff`.
+fn snapshot_key(env: &Env, diff: &str) -> String {
+    for e in std::fs::read_dir(env.root().join("snapshots")).unwrap().flatten() {
+        let Ok(bytes) = std::fs::read(e.path().join("meta.json")) else {
+            continue;
+        };
+        let meta: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        if meta["diff_id"] == diff {
+            return format!("sha256:{}", e.file_name().to_str().unwrap());
+        }
+    }
+    panic!("no snapshot holds {diff}");
+}
+
+#[test]
+fn an_edited_copy_is_kept_as_its_changes_over_the_earlier_result() {
+    let (env, ctx) = setup();
+    write(
+        &ctx,
+        "Dockerfile",
+        "FROM busybox:local AS app
+         COPY . /ctx/
+         RUN find /ctx | sort > /list && cat /ctx/src/d3/f10 /ctx/src/d5/f12 > /seen
+         FROM busybox:local
+         COPY --from=app /ctx/src /src
+",
+    );
+    for i in 0..200 {
+        write(&ctx, &format!("src/d{}/f{i}", i % 7), &format!("{i}").repeat(50));
+    }
+    std::fs::create_dir_all(ctx.join("empty")).unwrap();
+    std::os::unix::fs::symlink("d1/f1", ctx.join("src/link")).unwrap();
+    // The copy's layer, the app stage's result and the final image, against a fresh store's.
+    let check = |what: &str| -> Vec<String> {
+        build(&env, &ctx, "t/app", &["--target", "app"]);
+        build(&env, &ctx, "t/final", &[]);
+        let fresh = Env::new();
+        fresh.with_busybox();
+        build(&fresh, &ctx, "t/app", &["--target", "app"]);
+        build(&fresh, &ctx, "t/final", &[]);
+        let ours = layers(&env, "t/app");
+        assert_eq!(
+            ours[1],
+            layers(&fresh, "t/app")[1],
+            "{what}: not a fresh store's layer"
+        );
+        assert_eq!(layers(&env, "t/final"), layers(&fresh, "t/final"), "{what}");
+        assert_eq!(
+            run(&env, "t/app", &["cat", "/list"]),
+            run(&fresh, "t/app", &["cat", "/list"]),
+            "{what}: a RUN over the copy sees another tree"
+        );
+        assert_eq!(
+            run(&env, "t/app", &["cat", "/seen"]),
+            run(&fresh, "t/app", &["cat", "/seen"]),
+            "{what}"
+        );
+        ours
+    };
+    let first = check("first build");
+    assert_eq!(snapshot_parent(&env, &first[1]), None);
+    let bottom = snapshot_key(&env, &first[1]);
+
+    write(&ctx, "src/d3/f10", "edited");
+    let second = check("an edit");
+    assert_eq!(
+        snapshot_parent(&env, &second[1]).as_deref(),
+        Some(bottom.as_str()),
+        "an edit is kept over the earlier result"
+    );
+    assert_eq!(run(&env, "t/final", &["cat", "/src/d3/f10"]), "edited");
+
+    // A second edit and a new file: still over the first result, not over the second.
+    write(&ctx, "src/d5/f12", "edited too");
+    write(&ctx, "src/d9/new", "new");
+    let third = check("a second edit");
+    assert_eq!(snapshot_parent(&env, &third[1]).as_deref(), Some(bottom.as_str()));
+    assert_eq!(
+        run(
+            &env,
+            "t/app",
+            &["cat", "/ctx/src/d3/f10", "/ctx/src/d5/f12", "/ctx/src/d9/new"]
+        ),
+        "editededited toonew"
+    );
+
+    // Nothing names the first result now but the one kept over it: prunes keep it.
+    env.ok(&["image", "prune", "-f"]);
+    env.ok(&["builder", "prune", "-a", "-f"]);
+    assert!(env.root().join("snapshots").join(&bottom[7..]).is_dir());
+    assert_eq!(run(&env, "t/app", &["cat", "/ctx/src/d1/f1"]), "1".repeat(50));
+    let out = env.ok(&["store", "verify"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"), "{out:?}");
+
+    // A deleted file cannot be expressed over the earlier tree: the result stands alone.
+    std::fs::remove_file(ctx.join("src/d2/f2")).unwrap();
+    let fourth = check("a deletion");
+    assert_eq!(snapshot_parent(&env, &fourth[1]), None);
+    // And the next edit is kept over that one.
+    write(&ctx, "src/d4/f4", "again");
+    let fifth = check("an edit after a deletion");
+    assert_eq!(
+        snapshot_parent(&env, &fifth[1]),
+        Some(snapshot_key(&env, &fourth[1]))
+    );
+
+    // A bottom tree gone (a repair, a crash) leaves the result above it absent: it is unpacked
+    // again from its layer, whole.
+    let bottom = snapshot_key(&env, &fourth[1]);
+    std::fs::remove_dir_all(env.root().join("snapshots").join(&bottom[7..])).unwrap();
+    assert_eq!(run(&env, "t/app", &["cat", "/ctx/src/d4/f4"]), "again");
+    assert_eq!(snapshot_parent(&env, &fifth[1]), None);
+    check("after the bottom tree was lost");
 }
 
 #[test]

@@ -16,6 +16,7 @@ pub fn commit(
         source_date_epoch: None,
         exclude: created_mount_points(rootfs, mount_targets),
         donor: None,
+        below: Vec::new(),
     };
     let mut writer = store
         .content()

@@ -128,14 +128,15 @@ impl Engine {
                 return Ok(Output::Fs(Arc::new(layers)));
             }
         }
-        // Not the earlier tree: make the links the copy put off.
+        // Not the earlier tree: keep the result stacked on the earlier one, or make the links
+        // the copy put off.
+        let mut mutable = mutable;
         if let Some(l) = &linking {
-            let started = std::time::Instant::now();
-            if let Err(e) = tokio::task::block_in_place(|| l.make_pending()) {
+            let over = keyed.and(donor.as_ref());
+            if let Err(e) = tokio::task::block_in_place(|| self.finish_links(l, over, &base, &mut mutable)) {
                 mutable.discard();
-                return Err(e.into());
+                return Err(e);
             }
-            tracing::debug!(elapsed = ?started.elapsed(), "pending links made");
         }
         if let Some(l) = keyed {
             let index = l.take_index();
@@ -163,13 +164,61 @@ impl Engine {
         Ok(Output::Fs(Arc::new(layers)))
     }
 
+    /// Completes a deferring copy's result in `mutable`: stacked on the bottom tree of `donor`
+    /// (when keyed, see [`Engine::stack_base`]) if that pair shows it, with only the links the
+    /// pair lacks made; otherwise with every link the copy put off made.
+    fn finish_links(
+        &self,
+        l: &Linking,
+        donor: Option<&Snapshot>,
+        base: &[Layer],
+        mutable: &mut kiln_cache::snapshot::MutableSnapshot,
+    ) -> Result<(), SolveError> {
+        let started = std::time::Instant::now();
+        let bottom = donor.and_then(|d| self.stack_base(l, d, base));
+        let stacked = bottom.filter(|_| l.fits_over());
+        match &stacked {
+            Some(bottom) => {
+                l.make_pending_over()?;
+                mutable.stack_on(bottom).map_err(EngineError::Snapshots)?;
+            }
+            None => l.make_pending()?,
+        }
+        tracing::debug!(elapsed = ?started.elapsed(), stacked = stacked.is_some(), "pending links made");
+        Ok(())
+    }
+
+    /// The snapshot an edited copy's result may be stacked on (see [`Linking::fits_over`]):
+    /// the bottom of `donor`'s trees (the donor itself, or the one it is stacked on), when the
+    /// donor is this copy's earlier result over the same `base`, the bottom stands alone, and
+    /// the copy wrote no more than half its files (a result that rewrote most of them stands
+    /// alone, so the earlier tree can go).
+    fn stack_base(&self, l: &Linking, donor: &Snapshot, base: &[Layer]) -> Option<Digest> {
+        if super::chain_id(base, &donor.diff_id) != donor.key {
+            return None;
+        }
+        let written = l.files().saturating_sub(l.linked());
+        if l.files() == 0 || written > l.files() / 2 {
+            return None;
+        }
+        let bottom = match donor.parent {
+            None => donor.key,
+            Some(p) => p,
+        };
+        let snap = self.snapshots.get(&bottom)?;
+        snap.parent.is_none().then_some(bottom)
+    }
+
     /// Whether a linking copy's result (written into `upper` over `base`, its links still
     /// pending) is the tree of `donor`, the earlier result it linked from, over the same base.
     fn is_donors_tree(&self, l: &Linking, donor: &Snapshot, base: &[Layer], upper: &Path) -> bool {
         let started = std::time::Instant::now();
         let (linked, files) = (l.linked(), l.files());
+        // A stacked donor's path is its changed files only: such a result is written, and
+        // found to be the donor's by its diff ID.
         let same = linked == files
             && files > 0
+            && donor.parent.is_none()
             && super::chain_id(base, &donor.diff_id) == donor.key
             && self.store.content().contains(&donor.diff_id)
             && tokio::task::block_in_place(|| {
@@ -214,7 +263,8 @@ impl Engine {
         };
         let donor = self.lineage(vertex).and_then(|key| {
             let snap = self.snapshots.get(&key)?;
-            let donors = Donors::new(snap.path.clone(), &self.snapshots.attachment(&key, FILE_INDEX)?)?;
+            let trees = self.snapshots.lower_dirs(&key).ok()?;
+            let donors = Donors::new(trees, &self.snapshots.attachment(&key, FILE_INDEX)?)?;
             Some((snap, donors))
         });
         let (donors, donor) = match donor {

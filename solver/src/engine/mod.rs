@@ -235,7 +235,7 @@ pub struct Engine {
     /// Snapshots this build found or made, by key: their paths stay valid for the whole build
     /// (it holds the GC lock, and a snapshot valid in this boot is never replaced), so a step
     /// over `n` layers does not read `n` records again.
-    unpacked: Mutex<HashMap<Digest, PathBuf>>,
+    unpacked: Mutex<HashMap<Digest, Vec<PathBuf>>>,
 }
 
 impl Drop for Engine {
@@ -525,7 +525,9 @@ impl Engine {
         // All layers at once: each is a download and a directory of its own, and the work runs
         // on blocking threads, so a fresh runner's imported cache or a new base image is fetched
         // and unpacked on every core instead of one layer after another.
-        futures_util::future::try_join_all(layers.iter().rev().map(|l| self.ensure_unpacked(l))).await
+        let trees =
+            futures_util::future::try_join_all(layers.iter().rev().map(|l| self.ensure_unpacked(l))).await?;
+        Ok(trees.into_iter().flatten().collect())
     }
 
     /// The lower dirs to mount `layers` with, TOP FIRST: [`Engine::layer_dirs`] up to
@@ -571,7 +573,9 @@ impl Engine {
         Ok(dirs)
     }
 
-    async fn ensure_unpacked(&self, l: &Layer) -> Result<PathBuf, EngineError> {
+    /// The trees of layer `l`, top first (unpacked if needed): its snapshot's, and those of the
+    /// snapshots it is stacked on (an edited copy's result: its changed files over the last one).
+    async fn ensure_unpacked(&self, l: &Layer) -> Result<Vec<PathBuf>, EngineError> {
         if let Some(path) = self
             .unpacked
             .lock()
@@ -588,9 +592,9 @@ impl Engine {
         Ok(path)
     }
 
-    async fn ensure_unpacked_uncached(&self, l: &Layer) -> Result<PathBuf, EngineError> {
-        if let Some(s) = self.snapshots.get(&l.snapshot) {
-            return Ok(s.path);
+    async fn ensure_unpacked_uncached(&self, l: &Layer) -> Result<Vec<PathBuf>, EngineError> {
+        if let Some(trees) = self.present(&l.snapshot) {
+            return Ok(trees);
         }
         let lock = self
             .unpack_locks
@@ -600,15 +604,15 @@ impl Engine {
             .or_default()
             .clone();
         let _guard = lock.lock().await;
-        if let Some(s) = self.snapshots.get(&l.snapshot) {
-            return Ok(s.path);
+        if let Some(trees) = self.present(&l.snapshot) {
+            return Ok(trees);
         }
         if !self.store.content().contains(&l.blob) {
             if let Some(path) = self.fetch_unpacking(l).await {
-                return Ok(path);
+                return Ok(vec![path]);
             }
-            if let Some(s) = self.snapshots.get(&l.snapshot) {
-                return Ok(s.path);
+            if let Some(trees) = self.present(&l.snapshot) {
+                return Ok(trees);
             }
         }
         self.fetch_blob(&l.blob).await?;
@@ -626,7 +630,7 @@ impl Engine {
             })?;
             snapshots
                 .unpack(&key, None, reader, Some(&diff_id))
-                .map(|s| s.path)
+                .map(|s| vec![s.path])
                 .map_err(|e| EngineError::Unpack {
                     blob,
                     source: Box::new(e),
@@ -634,6 +638,12 @@ impl Engine {
         })
         .await
         .map_err(|e| EngineError::Join(e.to_string()))?
+    }
+
+    /// The trees of snapshot `key`, top first, when it and the snapshots below it are present.
+    fn present(&self, key: &Digest) -> Option<Vec<PathBuf>> {
+        self.snapshots.get(key)?;
+        self.snapshots.lower_dirs(key).ok()
     }
 
     /// The layers of an image in the store, without unpacking anything.
@@ -705,6 +715,8 @@ impl Engine {
             source_date_epoch: self.opts.source_date_epoch,
             exclude,
             donor: indexed.clone().flatten(),
+            // A result stacked on an earlier one is the union of both trees.
+            below: mutable.lower_dirs().to_vec(),
         };
         // The tar goes straight into the content store (named by the diff ID the writer
         // computed over the bytes it wrote): one pass over the data, no temp copy, one hash. Its

@@ -19,6 +19,10 @@
 //! - Only files whose content hash was computed under the stat validators the copy still sees
 //!   are keyed (the stat cache's trust model). Anything else is copied as before.
 //! - Atime is not part of the key (layer tars carry no atime).
+//!
+//! An edited result may be kept as the copy's upper dir stacked on the donor's bottom tree
+//! instead of linking every unchanged file (see `fileop::over`); a stacked donor is then two
+//! trees, and a file is in the first that has it.
 
 use super::meta::Meta;
 use std::os::fd::OwnedFd;
@@ -174,9 +178,12 @@ fn is_relative_normal(path: &str) -> bool {
 /// a third of an edited copy's CPU time.)
 #[derive(Debug)]
 pub struct Donors {
-    root: PathBuf,
-    /// `root` opened, so links name their source relative to it (shorter path walks).
-    root_fd: Option<OwnedFd>,
+    /// The donor's trees, top first: its snapshot's, then those it is stacked on (an edited
+    /// copy's result: its changed files over the earlier result). A file is in the first that
+    /// has it.
+    roots: Vec<PathBuf>,
+    /// `roots` opened, so links name their source relative to them (shorter path walks).
+    root_fds: Vec<Option<OwnedFd>>,
     /// Every path (relative to `root`) one after another; file `n` ends at `ends[n]`.
     names: String,
     ends: Vec<u32>,
@@ -203,15 +210,21 @@ struct ByKey {
 }
 
 thread_local! {
+    /// The donor file after the last one [`Linking::fits_over`]'s walk found on this thread.
+    static NEXT_KEPT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// The donor file after the last one [`Donors::take_at`] found on this thread.
     static NEXT_AT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 impl Donors {
-    /// The files the encoded index `bytes` ([`Linking::take_index`]) lists below `root` (an
-    /// immutable snapshot's tree). `None` when the index is malformed or its paths are not
-    /// strictly in order (an index never names a path twice; the copy then writes every file).
-    pub fn new(root: PathBuf, bytes: &[u8]) -> Option<Donors> {
+    /// The files the encoded index `bytes` ([`Linking::take_index`]) lists below `roots` (an
+    /// immutable snapshot's trees, top first). `None` when there is no root, or the index is
+    /// malformed or its paths are not strictly in order (an index never names a path twice;
+    /// the copy then writes every file).
+    pub fn new(roots: Vec<PathBuf>, bytes: &[u8]) -> Option<Donors> {
+        if roots.is_empty() {
+            return None;
+        }
         let mut names = String::new();
         let mut ends = Vec::new();
         let mut keys = Vec::new();
@@ -229,10 +242,10 @@ impl Donors {
         })?;
         u32::try_from(keys.len()).ok().filter(|c| *c < NO_DONOR)?;
         let taken = (0..keys.len().div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        let root_fd = open_dir(&root);
+        let root_fds = roots.iter().map(|r| open_dir(r)).collect();
         Some(Donors {
-            root,
-            root_fd,
+            roots,
+            root_fds,
             names,
             ends,
             keys,
@@ -290,8 +303,8 @@ impl Donors {
         None
     }
 
-    /// The path (relative to `root`) of donor file number `n`.
-    fn path(&self, n: u32) -> &str {
+    /// The path (relative to the roots) of donor file number `n`.
+    pub(super) fn path(&self, n: u32) -> &str {
         let n = n as usize;
         let start = match n.checked_sub(1) {
             Some(p) => self.ends.get(p).map_or(0, |e| *e as usize),
@@ -308,8 +321,21 @@ impl Donors {
         self.keys.get(n as usize)
     }
 
+    /// The root holding the file at `rel` (the first that has it), as a full path.
+    fn holder(&self, rel: &str) -> Option<PathBuf> {
+        self.roots
+            .iter()
+            .map(|r| r.join(rel))
+            .find(|p| p.symlink_metadata().is_ok())
+    }
+
+    /// The bottom tree (the one the others are stacked on, or the only one).
+    pub fn bottom(&self) -> &Path {
+        self.roots.last().map_or(Path::new(""), PathBuf::as_path)
+    }
+
     /// How many files it lists.
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.keys.len()
     }
 
@@ -374,6 +400,29 @@ fn open_below(root: &OwnedFd, rel: &str) -> Option<OwnedFd> {
         ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
     )
     .ok()
+}
+
+/// The names in directory `rel` below `root`, sorted; `None` when it cannot be read.
+fn list_dir(root: &OwnedFd, rel: &str) -> Option<Vec<Vec<u8>>> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let dir = rustix::fs::openat2(
+        root,
+        if rel.is_empty() { "." } else { rel },
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .ok()?;
+    let mut reader = rustix::fs::Dir::read_from(&dir).ok()?;
+    let mut names = Vec::new();
+    while let Some(entry) = reader.read() {
+        let name = entry.ok()?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            names.push(name);
+        }
+    }
+    names.sort_unstable();
+    Some(names)
 }
 
 /// A relative path's parent directory (empty at the top) and its last component.
@@ -550,6 +599,49 @@ impl Linking {
     /// meanwhile) is written as a copy of the donor's file with the key's owner, mode and
     /// times. The directories linked into keep the times the copy gave them.
     pub fn make_pending(&self) -> Result<(), super::FileOpError> {
+        self.make(false)
+    }
+
+    /// Whether the upper dir, stacked on the donor's bottom tree ([`Donors::bottom`]), shows
+    /// this copy's tree once [`Linking::make_pending_over`] ran (see `fileop::over`). False
+    /// without a deferring donor, or once the links were made.
+    pub fn fits_over(&self) -> bool {
+        let (Some(donors), true) = (&self.donors, self.defer) else {
+            return false;
+        };
+        if self.made.load(Ordering::Relaxed) {
+            return false;
+        }
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let mut same = vec![0u64; donors.len().div_ceil(64)];
+        for n in &written.same {
+            if let Some(w) = same.get_mut(*n as usize / 64) {
+                *w |= 1 << (n % 64);
+            }
+        }
+        let mut moved: Vec<&str> = written
+            .own
+            .iter()
+            .filter(|o| o.2 != NO_DONOR)
+            .map(|o| &*o.0)
+            .collect();
+        moved.sort_unstable();
+        let keeps = |path: &str| {
+            let same = kiln_cache::sorted::find(donors.len(), |i| donors.path(i as u32), path, &NEXT_KEPT)
+                .is_some_and(|n| same.get(n / 64).is_some_and(|w| w & (1 << (n % 64)) != 0));
+            same || moved.binary_search(&path).is_ok()
+        };
+        super::over::fits(&keeps, &self.upper, donors.bottom())
+    }
+
+    /// [`Linking::make_pending`] for a result kept as the upper dir over the donor's bottom
+    /// tree: a donor file at its own path that the bottom tree holds is not linked (the tree
+    /// shows it), the others are.
+    pub fn make_pending_over(&self) -> Result<(), super::FileOpError> {
+        self.make(true)
+    }
+
+    fn make(&self, over: bool) -> Result<(), super::FileOpError> {
         use rayon::prelude::*;
         use rustix::fs::{AtFlags, Timestamps};
         let (Some(donors), true) = (&self.donors, self.defer) else {
@@ -621,7 +713,7 @@ impl Linking {
             .chunk_by(|a, b| split_parent(donors.path(*a)).0 == split_parent(donors.path(*b)).0)
             .collect();
         runs.par_iter()
-            .try_for_each(|run| self.link_run(donors, upper, run))?;
+            .try_for_each(|run| self.link_run(donors, upper, run, over))?;
         moved.try_for_each(|(n, to)| self.link_one(donors, n, to))?;
         for (dir, ts) in times {
             rustix::fs::utimensat(upper, dir, &ts, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
@@ -634,25 +726,54 @@ impl Linking {
         Ok(())
     }
 
-    /// Links donor files `numbers` (one directory's, in order) at their own paths: both
+    /// Links donor files `numbers` (one directory's, in order) at their own paths: the
     /// directories are opened once and each file linked by its name, instead of two path walks
-    /// per file. A directory that cannot be opened, or a link that fails, falls back to
-    /// [`Linking::link_one`].
-    fn link_run(&self, donors: &Donors, upper: &OwnedFd, numbers: &[u32]) -> Result<(), super::FileOpError> {
+    /// per file. With several donor trees, the directory's listing in each upper one tells which
+    /// holds a file (a stacked donor's own files are few). `over`: files the bottom tree holds
+    /// are left (the result is stacked on it). A directory that cannot be opened, or a link that
+    /// fails, falls back to [`Linking::link_one`].
+    fn link_run(
+        &self,
+        donors: &Donors,
+        upper: &OwnedFd,
+        numbers: &[u32],
+        over: bool,
+    ) -> Result<(), super::FileOpError> {
         let Some(first) = numbers.first() else {
             return Ok(());
         };
         let (parent, _) = split_parent(donors.path(*first));
-        let dirs = donors
-            .root_fd
-            .as_ref()
-            .and_then(|root| Some((open_below(root, parent)?, open_below(upper, parent)?)));
+        let bottom = donors.roots.len() - 1;
+        let listed: Vec<Vec<Vec<u8>>> = donors.root_fds[..bottom]
+            .iter()
+            .map(|fd| {
+                fd.as_ref()
+                    .and_then(|fd| list_dir(fd, parent))
+                    .unwrap_or_default()
+            })
+            .collect();
+        let to = open_below(upper, parent);
+        let froms: Vec<Option<OwnedFd>> = donors
+            .root_fds
+            .iter()
+            .map(|fd| fd.as_ref().and_then(|fd| open_below(fd, parent)))
+            .collect();
         for n in numbers {
             let path = donors.path(*n);
             let (_, name) = split_parent(path);
-            let linked = dirs.as_ref().is_some_and(|(from, to)| {
-                rustix::fs::linkat(from, name, to, name, rustix::fs::AtFlags::empty()).is_ok()
-            });
+            let holder = listed
+                .iter()
+                .position(|l| l.binary_search_by(|e| e.as_slice().cmp(name.as_bytes())).is_ok())
+                .unwrap_or(bottom);
+            if over && holder == bottom {
+                continue;
+            }
+            let linked = match (&froms[holder], &to) {
+                (Some(from), Some(to)) => {
+                    rustix::fs::linkat(from, name, to, name, rustix::fs::AtFlags::empty()).is_ok()
+                }
+                _ => false,
+            };
             if !linked {
                 self.link_one(donors, *n, path)?;
             }
@@ -667,19 +788,33 @@ impl Linking {
         if self.link_now(donors, from, Path::new(to)).is_ok() {
             return Ok(());
         }
-        let key = donors.key(n).ok_or_else(|| super::FileOpError::Stat {
-            path: donors.root.join(from),
+        let missing = || super::FileOpError::Stat {
+            path: donors.bottom().join(from),
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        })?;
-        copy_donor_file(&donors.root.join(from), &self.upper.join(to), key)
+        };
+        let key = donors.key(n).ok_or_else(missing)?;
+        let held = donors.holder(from).ok_or_else(missing)?;
+        copy_donor_file(&held, &self.upper.join(to), key)
     }
 
+    /// Links the donor file `from` (from the first donor tree that has it) at `rel`.
     fn link_now(&self, donors: &Donors, from: &str, rel: &Path) -> std::io::Result<()> {
-        match (&donors.root_fd, &self.upper_fd) {
-            (Some(src), Some(dst)) => rustix::fs::linkat(src, from, dst, rel, rustix::fs::AtFlags::empty())
-                .map_err(std::io::Error::from),
-            _ => std::fs::hard_link(donors.root.join(from), self.upper.join(rel)),
+        let mut last = std::io::Error::from(std::io::ErrorKind::NotFound);
+        for (root, fd) in donors.roots.iter().zip(&donors.root_fds) {
+            let made = match (fd, &self.upper_fd) {
+                (Some(src), Some(dst)) => {
+                    rustix::fs::linkat(src, from, dst, rel, rustix::fs::AtFlags::empty())
+                        .map_err(std::io::Error::from)
+                }
+                _ => std::fs::hard_link(root.join(from), self.upper.join(rel)),
+            };
+            match made {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => last = e,
+                Err(e) => return Err(e),
+            }
         }
+        Err(last)
     }
 
     /// Where `path` (below the destination root `dest_root`, as the copy resolved it) is in the
@@ -863,7 +998,7 @@ mod tests {
             ("y".into(), key(1)),
             ("z".into(), key(2)),
         ]);
-        let d = Donors::new(PathBuf::from("/d"), &index.encode()).unwrap();
+        let d = Donors::new(vec![PathBuf::from("/d")], &index.encode()).unwrap();
         assert_eq!(d.take(&key(0)), None);
         assert_eq!(d.take(&key(1)), Some("x"));
         assert_eq!(d.take(&key(1)), Some("y"));
@@ -885,7 +1020,7 @@ mod tests {
             ("c".into(), key(2)),
             ("d/e".into(), key(1)),
         ]);
-        let d = Donors::new(PathBuf::from("/d"), &index.encode()).unwrap();
+        let d = Donors::new(vec![PathBuf::from("/d")], &index.encode()).unwrap();
         // In order, each found where it is (the hint), whatever the key order says.
         assert_eq!(d.take_at("b", &key(1)).map(|n| d.path(n)), Some("b"));
         assert_eq!(d.take_at("c", &key(2)).map(|n| d.path(n)), Some("c"));
@@ -911,10 +1046,10 @@ mod tests {
         for paths in [["b", "a"], ["a", "a"]] {
             let index = FileIndex(paths.iter().map(|p| (p.to_string(), key(1))).collect());
             assert!(
-                Donors::new(PathBuf::from("/d"), &index.encode()).is_none(),
+                Donors::new(vec![PathBuf::from("/d")], &index.encode()).is_none(),
                 "{paths:?}"
             );
         }
-        assert!(Donors::new(PathBuf::from("/d"), b"KILNFI01\x01").is_none());
+        assert!(Donors::new(vec![PathBuf::from("/d")], b"KILNFI01\x01").is_none());
     }
 }

@@ -17,6 +17,7 @@ mod fsops;
 mod meta;
 pub use meta::Meta;
 pub mod link;
+mod over;
 mod owner;
 mod resolve;
 mod unpack;
