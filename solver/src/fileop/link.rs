@@ -404,23 +404,8 @@ fn open_below(root: &OwnedFd, rel: &str) -> Option<OwnedFd> {
 
 /// The names in directory `rel` below `root`, sorted; `None` when it cannot be read.
 fn list_dir(root: &OwnedFd, rel: &str) -> Option<Vec<Vec<u8>>> {
-    use rustix::fs::{Mode, OFlags, ResolveFlags};
-    let dir = rustix::fs::openat2(
-        root,
-        if rel.is_empty() { "." } else { rel },
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-    )
-    .ok()?;
-    let mut reader = rustix::fs::Dir::read_from(&dir).ok()?;
-    let mut names = Vec::new();
-    while let Some(entry) = reader.read() {
-        let name = entry.ok()?.file_name().to_bytes().to_vec();
-        if name != b"." && name != b".." {
-            names.push(name);
-        }
-    }
+    let dir = super::over::open(Some(root), Path::new(if rel.is_empty() { "." } else { rel }))?;
+    let mut names: Vec<Vec<u8>> = super::over::entries(&dir)?.into_iter().map(|(n, _)| n).collect();
     names.sort_unstable();
     Some(names)
 }

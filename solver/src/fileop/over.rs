@@ -91,7 +91,7 @@ fn dir(kept: Keeps<'_>, upper: &OwnedFd, bottom: &OwnedFd, rel: &str, opaque: &s
 }
 
 /// The directory `path` (below `at` when given), opened for reading, never through a symlink.
-fn open(at: Option<&OwnedFd>, path: &Path) -> Option<OwnedFd> {
+pub(super) fn open(at: Option<&OwnedFd>, path: &Path) -> Option<OwnedFd> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     match at {
         Some(at) => rustix::fs::openat2(
@@ -108,7 +108,7 @@ fn open(at: Option<&OwnedFd>, path: &Path) -> Option<OwnedFd> {
 
 /// The names and types of a directory's entries (`.` and `..` left out); `None` when it cannot
 /// be read.
-fn entries(dir: &OwnedFd) -> Option<Vec<(Vec<u8>, FileType)>> {
+pub(super) fn entries(dir: &OwnedFd) -> Option<Vec<(Vec<u8>, FileType)>> {
     let mut reader = rustix::fs::Dir::read_from(dir).ok()?;
     let mut out = Vec::new();
     while let Some(entry) = reader.read() {
