@@ -351,14 +351,8 @@ impl Snapshots {
     /// it again from its layer.
     pub fn get(&self, key: &Digest) -> Option<Snapshot> {
         let meta = self.meta(key)?;
-        let mut next = meta.parent;
-        let mut depth = 0;
-        while let Some(p) = next {
-            depth += 1;
-            if depth > MAX_CHAIN {
-                return None;
-            }
-            next = self.meta(&p)?.parent;
+        if let Some(p) = &meta.parent {
+            self.lower_dirs(p).ok()?;
         }
         let dir = self.snapshot_dir(key);
         Some(Snapshot {
@@ -395,9 +389,11 @@ impl Snapshots {
                     limit: MAX_CHAIN,
                 });
             }
-            let snap = self.get(&k).ok_or(SnapshotError::Missing { key: k })?;
-            out.push(snap.path);
-            next = snap.parent;
+            // Each level's record read once: a present, valid meta at every level is what
+            // `get` asks of a chain too.
+            let meta = self.meta(&k).ok_or(SnapshotError::Missing { key: k })?;
+            out.push(self.snapshot_dir(&k).join("fs"));
+            next = meta.parent;
         }
         Ok(out)
     }

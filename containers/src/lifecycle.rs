@@ -257,9 +257,10 @@ pub fn image_lower_dirs(
     let mut dirs = Vec::new();
     for (l, chain) in image.layers.iter().zip(image.chain_ids()) {
         // A layer's tree: its snapshot's, over the snapshots it is stacked on (top first).
-        let trees = match snapshots.get(&chain) {
-            Some(_) => snapshots.lower_dirs(&chain)?,
-            None => {
+        let trees = match snapshots.lower_dirs(&chain) {
+            Ok(trees) => trees,
+            // Absent, or not whole (what `get` calls absent too): unpacked from the layer.
+            Err(_) => {
                 let file = store.content().open(&l.digest)?;
                 let reader = kiln_cache::layer::sniff(file).map_err(|source| UnpackError::Sniff {
                     layer: l.digest,

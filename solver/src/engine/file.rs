@@ -201,12 +201,10 @@ impl Engine {
         if l.files() == 0 || written > l.files() / 2 {
             return None;
         }
-        let bottom = match donor.parent {
-            None => donor.key,
-            Some(p) => p,
-        };
-        let snap = self.snapshots.get(&bottom)?;
-        snap.parent.is_none().then_some(bottom)
+        match donor.parent {
+            None => Some(donor.key),
+            Some(p) => self.snapshots.get(&p)?.parent.is_none().then_some(p),
+        }
     }
 
     /// Whether a linking copy's result (written into `upper` over `base`, its links still

@@ -738,10 +738,16 @@ impl Linking {
             })
             .collect();
         let to = open_below(upper, parent);
+        // Stacked on the bottom tree, nothing is linked from it: it is not opened.
         let froms: Vec<Option<OwnedFd>> = donors
             .root_fds
             .iter()
-            .map(|fd| fd.as_ref().and_then(|fd| open_below(fd, parent)))
+            .enumerate()
+            .map(|(i, fd)| {
+                fd.as_ref()
+                    .filter(|_| !(over && i == bottom))
+                    .and_then(|fd| open_below(fd, parent))
+            })
             .collect();
         for n in numbers {
             let path = donors.path(*n);
