@@ -504,6 +504,22 @@ impl ContentStore {
         }
     }
 
+    /// The blobs the lazy blob `digest` reads from other than its own fragment: kept for it,
+    /// counted elsewhere ([`ContentStore::disk_usage`] counts the fragment). Empty for a plain
+    /// or missing blob.
+    pub fn recipe_sources(&self, digest: &Digest) -> Vec<Digest> {
+        if !self.is_lazy(digest) {
+            return Vec::new();
+        }
+        match self.recipe(digest) {
+            Ok(Some(r)) => {
+                let skip = usize::from(r.own_first);
+                r.sources.into_iter().skip(skip).filter(|s| s != digest).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// The plain blob's file, open; `None` when there is none (the blob is lazy or missing).
     fn open_plain(&self, digest: &Digest) -> Result<Option<(File, u64)>, ContentError> {
         let path = self.path(digest);

@@ -18,7 +18,10 @@
 //! stat caches of build contexts, the validators of `ADD` URLs, and the garbage. `kiln builder
 //! prune` removes entries with Docker's semantics (without `--all`, entries that share data with
 //! an image and internal entries stay), `--filter until=` and `--keep-storage` (least recently
-//! used first). Removing a layer entry removes every record that names the layer.
+//! used first). Removing a layer entry removes every record that names the layer. A layer
+//! entry's size counts what it keeps beyond its snapshot and blob when nothing else lists or
+//! owns it (the snapshots below a stacked one, the blobs a lazy blob's recipe reads), and an
+//! image's snapshots and blobs are owned with those parts (so shared, not the cache's).
 //!
 //! Architecture Invariant: GC (every prune, `store verify --repair`, the automatic GC) runs only
 //! under the exclusive `ROOT/gc.lock`, so nothing a running build, import, load, pull, save,
@@ -551,12 +554,12 @@ fn layer_entries(store: &Store, roots: &Roots, snapshots: &Snapshots, sizes: boo
             info.record_time = info.record_time.max(record_time);
         }
     }
-    let image_or_container =
-        |s: &Digest| roots.image_snapshots.contains(s) || roots.container_snapshots.contains(s);
-    for key in &order {
+    let blobs = layers.iter().map(|(k, i)| (*k, i.blob)).collect();
+    let below = Below::find(&order, &blobs, roots, snapshots, content);
+    for (n, key) in order.iter().enumerate() {
         let info = &layers[key];
-        let snap_shared = image_or_container(key);
-        let blob_shared = roots.image_blobs.contains(&info.blob);
+        let snap_shared = below.owned_snaps.contains(key);
+        let blob_shared = below.owned_blobs.contains(&info.blob);
         let snap_path = snapshots.dir().join(key.hex());
         let mut size = 0;
         if sizes {
@@ -566,6 +569,7 @@ fn layer_entries(store: &Store, roots: &Roots, snapshots: &Snapshots, sizes: boo
             if !blob_shared {
                 size += blob_disk(store, &info.blob);
             }
+            size += below.size(n, store, snapshots);
         }
         let created = if info.usage.count > 0 {
             Some(millis(info.usage.first))
@@ -594,7 +598,7 @@ fn layer_entries(store: &Store, roots: &Roots, snapshots: &Snapshots, sizes: boo
             size,
             in_use: false,
             mutable: false,
-            shared: snap_shared || blob_shared,
+            shared: snap_shared || blob_shared || below.shares(n),
             created,
             last_used,
             usage_count: info.usage.count.max(1),
@@ -603,6 +607,97 @@ fn layer_entries(store: &Store, roots: &Roots, snapshots: &Snapshots, sizes: boo
     }
 
     out
+}
+
+/// What layer entries keep beyond their own snapshot and blob: the snapshots below a stacked
+/// snapshot and the blobs a lazy blob's recipe reads, where no entry lists them and no image or
+/// container owns them (an edited copy's result stacked on the earlier one outlives the
+/// earlier one's record). Such a part is freed with the entries that keep it, so it is counted
+/// in the first of them (in listing order); every entry that keeps one another entry keeps too
+/// is marked shared.
+struct Below {
+    /// The snapshots images and containers own: theirs and every one below them.
+    owned_snaps: BTreeSet<Digest>,
+    /// The blobs images own: theirs and the ones their lazy blobs' recipes read.
+    owned_blobs: BTreeSet<Digest>,
+    /// Per entry (by position in the listing): the snapshots and blobs it keeps beyond its own.
+    parts: Vec<Vec<Part>>,
+    /// Per part, the entries keeping it.
+    keepers: BTreeMap<Part, Vec<usize>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Part {
+    Snapshot(Digest),
+    Blob(Digest),
+}
+
+impl Below {
+    fn find(
+        order: &[Digest],
+        blobs: &BTreeMap<Digest, Digest>,
+        roots: &Roots,
+        snapshots: &Snapshots,
+        content: &crate::content::ContentStore,
+    ) -> Below {
+        // Owned by images and containers: their snapshots with everything below, their blobs
+        // with the recipes' sources.
+        let mut owned_snaps: BTreeSet<Digest> = BTreeSet::new();
+        for s in roots.image_snapshots.iter().chain(&roots.container_snapshots) {
+            owned_snaps.insert(*s);
+            owned_snaps.extend(snapshots.parents(s));
+        }
+        let mut owned_blobs = roots.image_blobs.clone();
+        content.add_recipe_sources(&mut owned_blobs);
+        let listed_blobs: BTreeSet<Digest> = blobs.values().copied().collect();
+        let mut below = Below {
+            owned_snaps,
+            owned_blobs,
+            parts: Vec::with_capacity(order.len()),
+            keepers: BTreeMap::new(),
+        };
+        for (n, key) in order.iter().enumerate() {
+            let mut parts = Vec::new();
+            if !below.owned_snaps.contains(key) {
+                for p in snapshots.parents(key) {
+                    if blobs.contains_key(&p) || below.owned_snaps.contains(&p) {
+                        break; // counted by its own entry, or an image's
+                    }
+                    parts.push(Part::Snapshot(p));
+                }
+            }
+            let blob = blobs[key];
+            if !below.owned_blobs.contains(&blob) {
+                for s in content.recipe_sources(&blob) {
+                    if !listed_blobs.contains(&s) && !below.owned_blobs.contains(&s) {
+                        parts.push(Part::Blob(s));
+                    }
+                }
+            }
+            for p in &parts {
+                below.keepers.entry(*p).or_default().push(n);
+            }
+            below.parts.push(parts);
+        }
+        below
+    }
+
+    /// The disk use of the parts entry `n` is the first to keep.
+    fn size(&self, n: usize, store: &Store, snapshots: &Snapshots) -> u64 {
+        self.parts[n]
+            .iter()
+            .filter(|p| self.keepers[*p].first() == Some(&n))
+            .map(|p| match p {
+                Part::Snapshot(d) => snapshots.disk_usage(d),
+                Part::Blob(d) => blob_disk(store, d),
+            })
+            .sum()
+    }
+
+    /// Whether entry `n` keeps a part with another entry.
+    fn shares(&self, n: usize) -> bool {
+        self.parts[n].iter().any(|p| self.keepers[p].len() > 1)
+    }
 }
 
 /// Snapshots and blobs nothing keeps.

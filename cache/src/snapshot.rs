@@ -378,6 +378,21 @@ impl Snapshots {
         (valid_attachment_name(name) && path.is_file()).then_some(path)
     }
 
+    /// The snapshots below `key`, nearest first, as far as their records can be read (a stacked
+    /// snapshot's tree is its own over these: whatever keeps or counts it keeps or counts them).
+    pub fn parents(&self, key: &Digest) -> Vec<Digest> {
+        let mut out: Vec<Digest> = Vec::new();
+        let mut next = self.meta(key).and_then(|m| m.parent);
+        while let Some(k) = next {
+            if out.len() >= MAX_CHAIN || out.contains(&k) {
+                break;
+            }
+            out.push(k);
+            next = self.meta(&k).and_then(|m| m.parent);
+        }
+        out
+    }
+
     /// The fs dirs of `key` and all its ancestors, top first (the order of overlayfs' `lowerdir`).
     pub fn lower_dirs(&self, key: &Digest) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();

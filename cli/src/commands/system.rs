@@ -379,19 +379,33 @@ fn image_usage(store: &Store) -> anyhow::Result<ImageUsage> {
         let Ok(img) = images.get(&manifest) else { continue };
         let containers = images.containers_using(&img)?.len();
         let mut parts = Vec::new();
-        for d in img.blobs() {
+        // A lazy layer blob keeps the blobs its recipe reads, a stacked layer's snapshot the
+        // ones below it: the image's too, shared with any other image that has them.
+        let blobs = img.blobs().into_iter().flat_map(|d| {
+            let sources = store.content().recipe_sources(&d);
+            std::iter::once(d).chain(sources)
+        });
+        for d in blobs {
             let k = format!("b{}", d.hex());
             part_size
                 .entry(k.clone())
                 .or_insert_with(|| disk_of_blob(store, &d));
-            parts.push(k);
+            if !parts.contains(&k) {
+                parts.push(k);
+            }
         }
-        for c in img.chain_ids() {
+        for c in img
+            .chain_ids()
+            .into_iter()
+            .flat_map(|c| std::iter::once(c).chain(snapshots.parents(&c)))
+        {
             let k = format!("s{}", c.hex());
             part_size
                 .entry(k.clone())
                 .or_insert_with(|| snapshots.disk_usage(&c));
-            parts.push(k);
+            if !parts.contains(&k) {
+                parts.push(k);
+            }
         }
         for p in &parts {
             users.entry(p.clone()).or_default().insert(manifest);

@@ -34,7 +34,7 @@ fn run(env: &Env, image: &str, args: &[&str]) -> String {
 }
 
 /// The image's layer diff IDs.
-fn layers(env: &Env, image: &str) -> Vec<String> {
+pub(crate) fn layers(env: &Env, image: &str) -> Vec<String> {
     let out = env.ok(&["inspect", image]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v[0]["RootFS"]["Layers"]
@@ -532,7 +532,7 @@ fn an_edited_copys_layer_is_a_recipe_until_its_bytes_are_needed() {
 
 /// The parent recorded for the build snapshot holding layer `diff` (`None` for one that stands
 /// alone); panics when there is no such snapshot.
-fn snapshot_parent(env: &Env, diff: &str) -> Option<String> {
+pub(crate) fn snapshot_parent(env: &Env, diff: &str) -> Option<String> {
     for e in std::fs::read_dir(env.root().join("snapshots")).unwrap().flatten() {
         let Ok(bytes) = std::fs::read(e.path().join("meta.json")) else {
             continue;
@@ -546,7 +546,7 @@ fn snapshot_parent(env: &Env, diff: &str) -> Option<String> {
 }
 
 /// The key of the snapshot holding layer `diff`.
-fn snapshot_key(env: &Env, diff: &str) -> String {
+pub(crate) fn snapshot_key(env: &Env, diff: &str) -> String {
     for e in std::fs::read_dir(env.root().join("snapshots")).unwrap().flatten() {
         let Ok(bytes) = std::fs::read(e.path().join("meta.json")) else {
             continue;

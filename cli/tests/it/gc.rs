@@ -807,3 +807,81 @@ fn verify_lists_and_repair_removes_what_a_killed_build_left() {
     let out = env.ok(&["store", "verify"]);
     assert!(String::from_utf8_lossy(&out.stderr).is_empty(), "{}", frame(&out));
 }
+
+/// An edited copy's result is stacked on the earlier one (its tree the changes, its layer blob
+/// a recipe over the earlier blob); once the earlier result's record is pruned, what it kept is
+/// kept by the result above it, and is counted there: in `system df`'s image size while an image
+/// uses it, in `builder du`'s entry once only the build cache does, and freed with that entry.
+#[test]
+fn a_stacked_result_counts_the_tree_below_it() {
+    use crate::build::{layers, snapshot_key, snapshot_parent};
+    let env = busybox_env();
+    let ctx = env.path("ctx");
+    fs::create_dir_all(ctx.join("src")).unwrap();
+    fs::write(ctx.join("Dockerfile"), "FROM busybox:local\nCOPY . /ctx/\n").unwrap();
+    // 6 MB that does not compress (an xorshift stream), and small files to edit.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let big: Vec<u8> = (0..6 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    fs::write(ctx.join("big.bin"), &big).unwrap();
+    for i in 0..20 {
+        fs::write(ctx.join(format!("src/f{i}")), format!("{i}")).unwrap();
+    }
+    let c = ctx.to_str().unwrap();
+    env.ok(&["build", "-q", "-t", "t/app", c]);
+    let bottom = snapshot_key(&env, &layers(&env, "t/app")[1]);
+    fs::write(ctx.join("src/f3"), "edited").unwrap();
+    env.ok(&["build", "-q", "-t", "t/app", c]);
+    let top = layers(&env, "t/app")[1].clone();
+    assert_eq!(
+        snapshot_parent(&env, &top).as_deref(),
+        Some(bottom.as_str()),
+        "the edit is not stacked: the test measures nothing"
+    );
+    // The first build's image (untagged by the second) and record go; its tree stays under
+    // the second's.
+    env.ok(&["image", "prune", "-f"]);
+    let bottom_id: String = bottom.trim_start_matches("sha256:").chars().take(25).collect();
+    let (rows, text) = du_rows(&env);
+    assert!(rows.iter().any(|r| r[0] == bottom_id), "{text}");
+    env.ok(&["builder", "prune", "-af", "--filter", &format!("id={bottom_id}")]);
+    let (rows, text) = du_rows(&env);
+    assert!(!rows.iter().any(|r| r[0] == bottom_id), "not pruned: {text}");
+    let bottom_dir = env
+        .root()
+        .join("snapshots")
+        .join(bottom.trim_start_matches("sha256:"));
+    assert!(bottom_dir.is_dir(), "the tree below the image's layer is gone");
+    // The image counts it (and the blob the second layer's recipe reads): 6 MB twice over.
+    let images = parse_human(&df_row(&env, "Images")[2]);
+    assert!(
+        images > 12e6,
+        "system df's images leave out the tree below: {images}"
+    );
+    // Untagged, only the build cache keeps the pair: its entry counts both, df agrees.
+    env.ok(&["rmi", "t/app"]);
+    let (_, text) = du_rows(&env);
+    let total = parse_human(&cache_total(&env));
+    assert!(
+        total > 12e6,
+        "builder du leaves out what the stacked entry keeps: {text}"
+    );
+    let df = parse_human(&df_row(&env, "Build Cache")[2]);
+    assert!((df - total).abs() < 1e5, "df {df} and du {total} disagree");
+    // And it is freed with that entry.
+    env.ok(&["builder", "prune", "-af"]);
+    assert!(
+        !bottom_dir.exists(),
+        "the tree below outlived the entry that kept it"
+    );
+    let total = parse_human(&cache_total(&env));
+    assert!(total < 1e6, "left after prune -a: {total}");
+    let out = env.ok(&["store", "verify"]);
+    assert!(stdout(&out).contains(": ok"), "{}", frame(&out));
+}
