@@ -67,6 +67,9 @@ pub struct Entry {
     /// The stat validators `content` was computed (or confirmed) under: inode, mtime and ctime
     /// in nanoseconds. A reader that sees the same values (and size) may trust `content`.
     pub validators: (u64, i64, i64),
+    /// A file that is its inode's only name, on the context root's device: its `lstat` is
+    /// this entry with `nlink` 1 and the root's `dev` (a copy need not take it again).
+    pub single: bool,
 }
 
 impl Entry {
@@ -167,6 +170,8 @@ pub struct ContextIndex {
     /// Paths `.dockerignore` excludes (files, and directories below which nothing is
     /// re-included), sorted; a view of the context hides them.
     pub hidden: Vec<String>,
+    /// The device of `root` (the device of every [`Entry::single`] file).
+    pub dev: u64,
 }
 
 /// A stat-cache record: validators plus the content hash they vouch for.
@@ -336,10 +341,12 @@ struct Walked {
     ctime_ns: i64,
     /// Excluded by `.dockerignore` (and, for a directory, nothing below can be re-included).
     hidden: bool,
+    /// See [`Entry::single`].
+    single: bool,
 }
 
 impl Walked {
-    fn new(rel: String, meta: &std::fs::Metadata, hidden: bool) -> Walked {
+    fn new(rel: String, meta: &std::fs::Metadata, hidden: bool, dev: u64) -> Walked {
         let ft = meta.file_type();
         let kind = if ft.is_file() {
             Kind::File
@@ -361,6 +368,7 @@ impl Walked {
             mtime_ns: mtime_ns(meta),
             ctime_ns: ctime_ns(meta),
             hidden,
+            single: kind == Kind::File && meta.nlink() == 1 && meta.dev() == dev,
         }
     }
 }
@@ -374,7 +382,13 @@ fn ctime_ns(m: &std::fs::Metadata) -> i64 {
 }
 
 /// Lists `dir` (context-relative `rel`) and recurses in parallel, skipping ignored paths.
-fn walk(dir: &Path, rel: &str, matcher: &Matcher, out: &mut Vec<Walked>) -> Result<(), ContextError> {
+fn walk(
+    dir: &Path,
+    rel: &str,
+    matcher: &Matcher,
+    dev: u64,
+    out: &mut Vec<Walked>,
+) -> Result<(), ContextError> {
     let rd = std::fs::read_dir(dir).map_err(|source| ContextError::ReadDir {
         path: dir.into(),
         source,
@@ -400,22 +414,22 @@ fn walk(dir: &Path, rel: &str, matcher: &Matcher, out: &mut Vec<Walked>) -> Resu
         let excluded = !matcher.is_empty() && matcher.matches(&child_rel).map_err(ContextError::Pattern)?;
         if meta.is_dir() {
             if excluded && !matcher.may_reinclude_below(&child_rel) {
-                out.push(Walked::new(child_rel, &meta, true));
+                out.push(Walked::new(child_rel, &meta, true, dev));
                 continue;
             }
             subdirs.push((ent.path(), child_rel.clone()));
             if !excluded {
-                out.push(Walked::new(child_rel, &meta, false));
+                out.push(Walked::new(child_rel, &meta, false, dev));
             }
         } else {
-            out.push(Walked::new(child_rel, &meta, excluded));
+            out.push(Walked::new(child_rel, &meta, excluded, dev));
         }
     }
     let nested: Vec<Result<Vec<Walked>, ContextError>> = subdirs
         .par_iter()
         .map(|(abs, rel)| {
             let mut v = Vec::new();
-            walk(abs, rel, matcher, &mut v).map(|_| v)
+            walk(abs, rel, matcher, dev, &mut v).map(|_| v)
         })
         .collect();
     for n in nested {
@@ -449,8 +463,14 @@ impl ContextIndex {
     /// every file whose stat validators changed since `cache` saw it.
     pub fn scan(root: &Path, ignore: &[String], cache: &mut StatCache) -> Result<ContextIndex, ContextError> {
         let matcher = Matcher::new(ignore).map_err(ContextError::Pattern)?;
+        let dev = std::fs::metadata(root)
+            .map_err(|source| ContextError::Stat {
+                path: root.into(),
+                source,
+            })?
+            .dev();
         let mut walked = Vec::new();
-        walk(root, "", &matcher, &mut walked)?;
+        walk(root, "", &matcher, dev, &mut walked)?;
         let mut hidden: Vec<String> = Vec::new();
         walked.retain(|w| {
             if w.hidden {
@@ -511,6 +531,7 @@ impl ContextIndex {
                     link,
                     content,
                     validators: (w.ino, w.mtime_ns, w.ctime_ns),
+                    single: w.single,
                     path: w.rel,
                 })
             })
@@ -542,6 +563,7 @@ impl ContextIndex {
             root: root.to_path_buf(),
             entries,
             hidden,
+            dev,
         })
     }
 

@@ -246,15 +246,24 @@ fn only_fresh_directories_and_validated_sources_are_linked() {
     );
     assert_eq!(ino(first.join("x/sub/g")), ino(second.join("x/sub/g")));
 
-    // A source that changes after the context was indexed is copied as it is now, unkeyed.
+    // Sources that change after the context was indexed (the copy takes the scan's `lstat` of
+    // a file, as BuildKit keys and copies the context it was sent): one the donor holds as the
+    // scan saw it is kept from the donor, keyed; one written is copied as it is now, with its
+    // metadata now, unkeyed (its key is the scan's content, which it no longer holds).
+    write(&ctx, "sub/h", "h");
     let index = ContextIndex::scan(&ctx, &[], &mut StatCache::default()).unwrap();
     write(&ctx, "sub/g", "G");
+    write(&ctx, "sub/h", "HH");
+    fs::set_permissions(ctx.join("sub/h"), fs::Permissions::from_mode(0o640)).unwrap();
     let third = t.path().join("third");
     let (idx3, _) = copy_indexed(index, &ctx, &third, copy(".", "/x/"), Some((&first, &idx1)));
-    assert_eq!(fs::read_to_string(third.join("x/sub/g")).unwrap(), "G");
+    assert_eq!(fs::read_to_string(third.join("x/sub/g")).unwrap(), "g");
+    assert_eq!(ino(first.join("x/sub/g")), ino(third.join("x/sub/g")));
+    assert_eq!(fs::read_to_string(third.join("x/sub/h")).unwrap(), "HH");
+    assert_eq!(fs::metadata(third.join("x/sub/h")).unwrap().mode() & 0o777, 0o640);
     assert_eq!(
         idx3.0.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
-        ["x/f"]
+        ["x/f", "x/sub/g"]
     );
     assert_eq!(ino(first.join("x/f")), ino(third.join("x/f")));
 }

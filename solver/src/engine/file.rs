@@ -328,6 +328,10 @@ impl fileop::link::KnownContent for LocalContextContent {
     fn content(&self, rel: &str, meta: &fileop::Meta) -> Option<[u8; 32]> {
         self.0.index.content(rel, meta)
     }
+
+    fn scanned(&self, rel: &str) -> Option<fileop::Meta> {
+        self.0.index.scanned(rel)
+    }
 }
 
 /// Copies the contents of `src` into the directory `dest` (seeding a cache mount).

@@ -35,6 +35,12 @@ pub trait KnownContent: Send + Sync {
     /// The content hash of the source-root-relative `rel`, when `meta` (its `lstat` now) shows
     /// the file unchanged since it was hashed.
     fn content(&self, rel: &str, meta: &Meta) -> Option<[u8; 32]>;
+
+    /// The `lstat` of the regular file `rel` as the scan that hashed it took it, when that is
+    /// enough for a copy: the file is its inode's only name (no hard links to keep). Its
+    /// `atime` is not the file's (the scan keeps none; it is the `mtime`): a copy that writes
+    /// the file takes it from the file it opens.
+    fn scanned(&self, rel: &str) -> Option<Meta>;
 }
 
 impl KnownContent for crate::context::ContextIndex {
@@ -46,6 +52,27 @@ impl KnownContent for crate::context::ContextIndex {
         self.get(rel)
             .filter(|e| e.still_matches(meta.size, validators))
             .map(|e| e.content)
+    }
+
+    fn scanned(&self, rel: &str) -> Option<Meta> {
+        let e = self
+            .get(rel)
+            .filter(|e| e.kind == crate::context::Kind::File && e.single)?;
+        let (ino, mtime, ctime) = e.validators;
+        let split = |ns: i64| (ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000) as u32);
+        Some(Meta {
+            mode: rustix::fs::FileType::RegularFile.as_raw_mode() | e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            nlink: 1,
+            dev: self.dev,
+            ino,
+            rdev: 0,
+            size: e.size,
+            atime: split(mtime),
+            mtime: split(mtime),
+            ctime: split(ctime),
+        })
     }
 }
 
@@ -823,6 +850,12 @@ impl Linking {
         path.strip_prefix(&self.upper)
             .or_else(|_| path.strip_prefix(dest_root))
             .ok()
+    }
+
+    /// The scan's `lstat` of the source file `src_rel`, when it stands for one
+    /// ([`KnownContent::scanned`]).
+    pub(super) fn scanned(&self, src_rel: &str) -> Option<Meta> {
+        self.known.as_ref()?.scanned(src_rel)
     }
 
     /// The key of a file the copy is about to write, when its content is known.
