@@ -41,7 +41,7 @@ use crate::buildcache::{CacheIndex, Record, Usage};
 use crate::content::ContentError;
 use crate::images::{kiln_digest, ImageError, MAX_JSON_BYTES};
 use crate::reference::Reference;
-use crate::snapshot::{SnapshotError, Snapshots};
+use crate::snapshot::{SnapshotDir, SnapshotError, Snapshots};
 use crate::store::{Store, StoreError};
 
 /// A failure collecting garbage.
@@ -168,20 +168,31 @@ impl Roots {
     }
 
     /// The snapshots among `dirs` to keep: every live one and the parents below it.
-    pub fn kept_snapshots(&self, dirs: &[crate::snapshot::SnapshotDir]) -> BTreeSet<Digest> {
-        let parents: BTreeMap<Digest, Option<Digest>> = dirs.iter().map(|s| (s.key, s.parent)).collect();
-        let mut keep = BTreeSet::new();
-        for key in self.live_snapshots() {
-            let mut cur = Some(key);
-            while let Some(k) = cur {
-                if !keep.insert(k) {
-                    break;
-                }
-                cur = parents.get(&k).copied().flatten();
-            }
-        }
-        keep
+    pub fn kept_snapshots(&self, dirs: &[SnapshotDir]) -> BTreeSet<Digest> {
+        with_parents(self.live_snapshots(), &parent_map(dirs))
     }
+}
+
+/// Each snapshot's parent, as its record says.
+type Parents = BTreeMap<Digest, Option<Digest>>;
+
+fn parent_map(dirs: &[SnapshotDir]) -> Parents {
+    dirs.iter().map(|s| (s.key, s.parent)).collect()
+}
+
+/// `start` and every snapshot below one of them.
+fn with_parents(start: impl IntoIterator<Item = Digest>, parents: &Parents) -> BTreeSet<Digest> {
+    let mut out = BTreeSet::new();
+    for key in start {
+        let mut cur = Some(key);
+        while let Some(k) = cur {
+            if !out.insert(k) {
+                break;
+            }
+            cur = parents.get(&k).copied().flatten();
+        }
+    }
+    out
 }
 
 /// The snapshot keys named by containers' lower dirs (`Rootfs.Lower`: `.../snapshots/<hex>/fs`),
@@ -497,8 +508,9 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 pub fn build_cache(store: &Store, sizes: bool) -> Result<Vec<CacheEntry>, GcError> {
     let roots = Roots::read(store).map_err(GcError::Images)?;
     let snapshots = Snapshots::open(&store.snapshots_dir()).map_err(GcError::Snapshots)?;
-    let mut out = layer_entries(store, &roots, &snapshots, sizes);
-    garbage_entries(store, &roots, &snapshots, sizes, &mut out)?;
+    let dirs = snapshots.dirs().map_err(GcError::Snapshots)?;
+    let mut out = layer_entries(store, &roots, &snapshots, &dirs, sizes);
+    garbage_entries(store, &roots, &snapshots, &dirs, sizes, &mut out)?;
     mount_entries(store, sizes, &mut out);
     file_cache_entries(store, sizes, &mut out);
     running_entries(&snapshots, sizes, &mut out);
@@ -506,7 +518,13 @@ pub fn build_cache(store: &Store, sizes: bool) -> Result<Vec<CacheEntry>, GcErro
 }
 
 /// The layers build cache records name, bottom first, so parents come before children.
-fn layer_entries(store: &Store, roots: &Roots, snapshots: &Snapshots, sizes: bool) -> Vec<CacheEntry> {
+fn layer_entries(
+    store: &Store,
+    roots: &Roots,
+    snapshots: &Snapshots,
+    dirs: &[SnapshotDir],
+    sizes: bool,
+) -> Vec<CacheEntry> {
     let index = cache_index(store);
     let usage = index.usage();
     let content = store.content();
@@ -555,7 +573,7 @@ fn layer_entries(store: &Store, roots: &Roots, snapshots: &Snapshots, sizes: boo
         }
     }
     let blobs = layers.iter().map(|(k, i)| (*k, i.blob)).collect();
-    let below = Below::find(&order, &blobs, roots, snapshots, content);
+    let below = Below::find(&order, &blobs, roots, &parent_map(dirs), content);
     for (n, key) in order.iter().enumerate() {
         let info = &layers[key];
         let snap_shared = below.owned_snaps.contains(key);
@@ -637,16 +655,13 @@ impl Below {
         order: &[Digest],
         blobs: &BTreeMap<Digest, Digest>,
         roots: &Roots,
-        snapshots: &Snapshots,
+        parents: &Parents,
         content: &crate::content::ContentStore,
     ) -> Below {
         // Owned by images and containers: their snapshots with everything below, their blobs
         // with the recipes' sources.
-        let mut owned_snaps: BTreeSet<Digest> = BTreeSet::new();
-        for s in roots.image_snapshots.iter().chain(&roots.container_snapshots) {
-            owned_snaps.insert(*s);
-            owned_snaps.extend(snapshots.parents(s));
-        }
+        let owned = roots.image_snapshots.iter().chain(&roots.container_snapshots);
+        let owned_snaps = with_parents(owned.copied(), parents);
         let mut owned_blobs = roots.image_blobs.clone();
         content.add_recipe_sources(&mut owned_blobs);
         let listed_blobs: BTreeSet<Digest> = blobs.values().copied().collect();
@@ -659,11 +674,18 @@ impl Below {
         for (n, key) in order.iter().enumerate() {
             let mut parts = Vec::new();
             if !below.owned_snaps.contains(key) {
-                for p in snapshots.parents(key) {
-                    if blobs.contains_key(&p) || below.owned_snaps.contains(&p) {
-                        break; // counted by its own entry, or an image's
+                let mut next = parents.get(key).copied().flatten();
+                while let Some(p) = next {
+                    // Counted by its own entry, or an image's (a loop in damaged records ends
+                    // at a part already taken).
+                    if blobs.contains_key(&p)
+                        || below.owned_snaps.contains(&p)
+                        || parts.contains(&Part::Snapshot(p))
+                    {
+                        break;
                     }
                     parts.push(Part::Snapshot(p));
+                    next = parents.get(&p).copied().flatten();
                 }
             }
             let blob = blobs[key];
@@ -705,22 +727,12 @@ fn garbage_entries(
     store: &Store,
     roots: &Roots,
     snapshots: &Snapshots,
+    dirs: &[SnapshotDir],
     sizes: bool,
     out: &mut Vec<CacheEntry>,
 ) -> Result<(), GcError> {
     let content = store.content();
-    let dirs = snapshots.dirs().map_err(GcError::Snapshots)?;
-    let parents: BTreeMap<Digest, Option<Digest>> = dirs.iter().map(|s| (s.key, s.parent)).collect();
-    let mut kept = BTreeSet::new();
-    for key in roots.live_snapshots() {
-        let mut cur = Some(key);
-        while let Some(k) = cur {
-            if !kept.insert(k) {
-                break;
-            }
-            cur = parents.get(&k).copied().flatten();
-        }
-    }
+    let kept = roots.kept_snapshots(dirs);
     for d in dirs.iter().filter(|d| !kept.contains(&d.key)) {
         out.push(CacheEntry {
             id: entry_id(&d.key.hex()),

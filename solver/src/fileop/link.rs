@@ -59,7 +59,7 @@ impl KnownContent for crate::context::ContextIndex {
             .get(rel)
             .filter(|e| e.kind == crate::context::Kind::File && e.single)?;
         let (ino, mtime, ctime) = e.validators;
-        let split = |ns: i64| (ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000) as u32);
+        let split = kiln_runtime::unixtime::from_nanos;
         Some(Meta {
             mode: rustix::fs::FileType::RegularFile.as_raw_mode() | e.mode,
             uid: e.uid,
